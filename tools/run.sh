@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian 12 machine (as root, no venv needed):
+#   bash tools/run.sh demo   set everything up, then run the demo
+#   bash tools/run.sh test   set everything up, then lint, type-check and test
+# Set-up: the Debian packages the oracle tests use (installed when missing),
+# a .venv made from Debian's python3 (with system site-packages, so the
+# python3-libnbd bindings are importable), and this project with its test
+# and dev extras (refreshed when pyproject.toml changes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS="python3-venv python3-dev qemu-utils libvhdi-utils libnbd-bin nbdkit fio python3-libnbd"
+missing=()
+for p in $APT_PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+want=$(sha256sum pyproject.toml | cut -c1-16)
+if [ "$(cat .venv/.diskstamp-installed 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing diskstamp and its test tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import vhd, pyvhdi, pytest, hypothesis" 
+  echo "$want" > .venv/.diskstamp-installed
+fi
+
+what="${1:-}"; shift || true
+case "$what" in
+  demo)
+    exec .venv/bin/python tools/demo.py "$@" ;;
+  test)
+    echo "== ruff"; .venv/bin/ruff check vhd stamp hostcache tests tools
+    echo "== mypy"; .venv/bin/mypy
+    echo "== pytest"; exec .venv/bin/python -m pytest "$@" ;;
+  *)
+    echo "usage: bash tools/run.sh demo|test [args for the demo or pytest]" >&2; exit 2 ;;
+esac

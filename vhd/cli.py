@@ -1,0 +1,276 @@
+"""The `vhd` command (also `python -m vhd`).
+
+Exit codes: 0 ok, 1 a problem was found (bad image, failed check, missing
+parent), 2 a usage error. Errors are one line on stderr, never a traceback.
+Commands that scripts read print JSON (info, map, and --json elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import dynamic_header as dh
+from .check import check
+from .errors import UsageError, VhdError
+from .image import create_differencing, create_dynamic, create_fixed, open_image
+from .ops import compact, convert, info, merge, open_device, parse_size, resize
+
+EPILOG = """examples:
+  vhd create disk.vhd --size 64M                  dynamic, 2 MiB blocks
+  vhd create disk.vhd --size 1G --type fixed      what a managed disk page blob holds
+  vhd create child.vhd --parent base.vhd          differencing over base.vhd
+  vhd write disk.vhd --offset 1M --pattern 0xab --length 4K
+  vhd read disk.vhd --offset 1M --length 4K | xxd | head
+  vhd info child.vhd                              JSON: type, sizes, chain
+  vhd map child.vhd                               JSON: data and zero ranges
+  vhd check disk.vhd --azure                      can it be uploaded as a managed disk?
+  vhd convert child.vhd flat.vhd --to fixed       flattens the chain
+  vhd merge child.vhd                             child's sectors into its parent
+
+Parents of differencing images are searched only in the folder of the image
+you name; add others with --allow-dir. Exit status: 0 ok, 1 problem found,
+2 usage error."""
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _offset(text: str) -> int:
+    if text.strip() in ("0", "0B"):
+        return 0
+    return _size(text)
+
+
+def _chain_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-dir", action="append", default=None, metavar="DIR",
+                   help="a folder parent images may be found in (repeatable; "
+                        "default: the folder of the image)")
+    p.add_argument("--ignore-parent-timestamp", action="store_true",
+                   help="accept a parent whose timestamp differs from the one the child recorded")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vhd", description="Create, inspect, check, convert and edit VHD images "
+                                  "(fixed, dynamic, differencing), byte-exact with the Microsoft specification.",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("create", help="create an image", description="Create a VHD. Without --parent: "
+                       "dynamic unless --type fixed. With --parent: a differencing image of the parent's size.")
+    p.add_argument("path")
+    p.add_argument("--size", type=_size, help="virtual size: 64M, 10G, ... (a multiple of 512; "
+                   "keep it a multiple of 1M for Azure)")
+    p.add_argument("--type", choices=["fixed", "dynamic", "differencing"])
+    p.add_argument("--block-size", type=_size, default=dh.DEFAULT_BLOCK_SIZE,
+                   help="dynamic/differencing block size (power of two, default 2M)")
+    p.add_argument("--parent", help="parent image: makes a differencing image")
+    _chain_opts(p)
+
+    p = sub.add_parser("info", help="describe an image as JSON")
+    p.add_argument("path")
+    _chain_opts(p)
+
+    p = sub.add_parser("check", help="verify every structure; --repair, --azure",
+                       description="Walk footer, mirror, header, BAT, locators and the parent chain. "
+                       "Exit 1 if any error is found.")
+    p.add_argument("path")
+    p.add_argument("--repair", action="store_true",
+                   help="fix what is safe: bad checksums, a bad footer mirror or end footer")
+    p.add_argument("--azure", action="store_true",
+                   help="also apply the rules for uploading as a managed disk")
+    p.add_argument("--json", action="store_true")
+    _chain_opts(p)
+
+    p = sub.add_parser("convert", help="copy to raw, fixed or dynamic (flattens chains)")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--to", required=True, choices=["raw", "fixed", "dynamic"])
+    p.add_argument("--source-format", default="auto", choices=["auto", "raw", "vhd"])
+    p.add_argument("--block-size", type=_size, default=dh.DEFAULT_BLOCK_SIZE)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+    _chain_opts(p)
+
+    p = sub.add_parser("merge", help="merge a differencing image into its parent")
+    p.add_argument("path")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _chain_opts(p)
+
+    p = sub.add_parser("compact", help="drop empty blocks and unused space (dynamic, differencing)")
+    p.add_argument("path")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _chain_opts(p)
+
+    p = sub.add_parser("resize", help="grow an image")
+    p.add_argument("path")
+    p.add_argument("--size", type=_size, required=True)
+    _chain_opts(p)
+
+    p = sub.add_parser("map", help="allocation map as JSON (data / zero ranges)")
+    p.add_argument("path")
+    _chain_opts(p)
+
+    p = sub.add_parser("read", help="write a range of the virtual disk to stdout or a file")
+    p.add_argument("path")
+    p.add_argument("--offset", type=_offset, default=0)
+    p.add_argument("--length", type=_size, help="default: to the end of the disk")
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    _chain_opts(p)
+
+    p = sub.add_parser("write", help="write stdin, a file or a pattern into the virtual disk")
+    p.add_argument("path")
+    p.add_argument("--offset", type=_offset, default=0)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-i", "--input", help="file to read (default: stdin)")
+    src.add_argument("--pattern", type=lambda t: int(t, 0), help="a byte value to repeat, e.g. 0xab")
+    p.add_argument("--length", type=_size, help="bytes to write (with --pattern)")
+    _chain_opts(p)
+    return top
+
+
+def _chain_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return {"allow_dirs": a.allow_dir, "ignore_timestamp": a.ignore_parent_timestamp}
+
+
+def _print(obj: object) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    kind = a.type or ("differencing" if a.parent else "dynamic")
+    if kind == "differencing":
+        if not a.parent:
+            raise UsageError("--type differencing needs --parent")
+        if a.size is not None:
+            raise UsageError("a differencing image takes its parent's size: drop --size")
+        img: Any = create_differencing(a.path, a.parent, block_size=a.block_size, allow_dirs=a.allow_dir)
+    elif a.parent:
+        raise UsageError(f"--parent makes a differencing image, not {kind}")
+    elif a.size is None:
+        raise UsageError("--size is required")
+    elif kind == "fixed":
+        img = create_fixed(a.path, a.size)
+    else:
+        img = create_dynamic(a.path, a.size, block_size=a.block_size)
+    try:
+        _print(info(img))
+    finally:
+        img.close()
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    with open_image(a.path, **_chain_kw(a)) as img:
+        _print(info(img))
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    report = check(a.path, repair=a.repair, azure=a.azure, **_chain_kw(a))
+    if a.json:
+        _print(report.to_json())
+    else:
+        for line in report.repaired:
+            print(f"repaired: {line}")
+        for p in report.problems:
+            print(p)
+        print(f"{a.path}: {'ok' if report.ok else 'PROBLEMS FOUND'}")
+    return 0 if report.ok else 1
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    _print(convert(a.source, a.target, a.to, block_size=a.block_size, src_format=a.source_format,
+                   show_progress=a.progress, **_chain_kw(a)))
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    _print(merge(a.path, show_progress=a.progress, **_chain_kw(a)))
+    return 0
+
+
+def cmd_compact(a: argparse.Namespace) -> int:
+    _print(compact(a.path, allow_dirs=a.allow_dir, show_progress=a.progress))
+    return 0
+
+
+def cmd_resize(a: argparse.Namespace) -> int:
+    _print(resize(a.path, a.size, allow_dirs=a.allow_dir))
+    return 0
+
+
+def cmd_map(a: argparse.Namespace) -> int:
+    with open_device(a.path, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+        _print([e.to_json() for e in dev.allocation(0, dev.size)])
+    return 0
+
+
+def cmd_read(a: argparse.Namespace) -> int:
+    with open_device(a.path, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+        length = dev.size - a.offset if a.length is None else a.length
+        out = open(a.output, "wb") if a.output else sys.stdout.buffer
+        try:
+            pos = a.offset
+            while pos < a.offset + length:
+                n = min(4 << 20, a.offset + length - pos)
+                out.write(dev.read(pos, n))
+                pos += n
+        finally:
+            if a.output:
+                out.close()
+    return 0
+
+
+def cmd_write(a: argparse.Namespace) -> int:
+    if a.pattern is not None:
+        if a.length is None:
+            raise UsageError("--pattern needs --length")
+        if not 0 <= a.pattern <= 255:
+            raise UsageError("--pattern is one byte: 0 to 255")
+        data = bytes([a.pattern]) * a.length
+    else:
+        with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
+            data = f.read()
+    with open_device(a.path, writable=True, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+        dev.write(a.offset, data)
+        dev.flush()
+    return 0
+
+
+COMMANDS = {"create": cmd_create, "info": cmd_info, "check": cmd_check, "convert": cmd_convert,
+            "merge": cmd_merge, "compact": cmd_compact, "resize": cmd_resize, "map": cmd_map,
+            "read": cmd_read, "write": cmd_write}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except UsageError as e:
+        print(f"vhd {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except VhdError as e:
+        print(f"vhd {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"vhd {args.cmd}:{where} {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vhd {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

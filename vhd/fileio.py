@@ -1,0 +1,169 @@
+"""The one interface through which vhd touches bytes: RawFile.
+
+A RawFile is a flat, growable byte store with positional I/O and a barrier
+(`sync`). Images are written against it, so the same VHD code runs over a
+local file (OsFile), memory (MemFile), a fault-injecting file in the tests, or
+a stamp page blob later. Rules kept here:
+- positional I/O only (os.pread/os.pwrite), no shared seek position;
+- reads past the end return the bytes that exist (short), never raise;
+- `sync` is the only durability barrier: nothing written before it may be
+  lost after it returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from typing import Protocol, runtime_checkable
+
+from .errors import BusyError, VhdError
+
+
+@runtime_checkable
+class RawFile(Protocol):
+    """Positional byte store with a durability barrier."""
+
+    name: str
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+
+    def size(self) -> int: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) pieces of [offset, offset+length) that may hold data."""
+        ...
+
+
+class OsFile:
+    """A local file, accessed with os.pread/os.pwrite and locked with flock."""
+
+    def __init__(self, path: str, writable: bool = False, create: bool = False,
+                 lock: bool = True) -> None:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileExistsError:
+            raise VhdError(f"{path}: already exists (refusing to overwrite)") from None
+        except FileNotFoundError:
+            raise VhdError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise VhdError(f"{path}: is a directory") from None
+        except PermissionError:
+            raise VhdError(f"{path}: permission denied") from None
+        self.name = path
+        self.writable = writable
+        if lock:
+            self._lock(writable)
+
+    def _lock(self, exclusive: bool) -> None:
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                how = "for writing" if exclusive else "for reading"
+                raise BusyError(f"{self.name}: in use by another process; cannot open {how}") from None
+            raise
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) == length or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length:
+            more = os.pread(self.fd, length - got, offset + got)
+            if not more:
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Ask the filesystem where holes are (SEEK_DATA/SEEK_HOLE)."""
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:
+                        break
+                    raise
+                if start >= end:
+                    break
+                stop = min(os.lseek(self.fd, start, os.SEEK_HOLE), end)
+                out.append((start, stop - start))
+                pos = stop
+        except OSError:
+            return [(offset, length)]
+        return out
+
+
+class MemFile:
+    """A RawFile in memory: for tests, and for images that never touch disk."""
+
+    def __init__(self, data: bytes = b"", name: str = "<memory>") -> None:
+        self.buf = bytearray(data)
+        self.name = name
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.buf[offset:offset + length])
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        end = offset + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        self.buf[offset:end] = data
+
+    def size(self) -> int:
+        return len(self.buf)
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.buf):
+            del self.buf[size:]
+        else:
+            self.buf.extend(bytes(size - len(self.buf)))
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(offset, length)]

@@ -1,0 +1,722 @@
+"""VHD images as block devices: fixed, dynamic and differencing.
+
+FixedImage is data then footer. SparseImage covers dynamic and differencing
+images: mirror footer, dynamic header, BAT, (parent locator data), blocks of
+[sector bitmap | data], footer. A differencing image is a SparseImage with a
+parent block device: clear bitmap bits read through to it.
+
+Write order (docs/formats/vhd.md, "Crash safety"), which keeps the file a
+valid VHD at every instant and loses nothing flushed:
+  allocating a block at the current footer position P:
+    1. write the footer at P + bitmap + block_size, sync   (file is valid,
+       with two footers; the last one wins)
+    2. write the block's bitmap at P (overwrites the old footer), then data
+  flush():
+    3. sync                          (data, new bitmaps durable)
+    4. write changed bitmaps of blocks the on-disk BAT already points to,
+       and the changed BAT sectors
+    5. sync                          (pointers durable)
+Until step 5 the on-disk BAT does not point at new blocks, so a crash loses
+exactly the unflushed writes and leaves at most unreferenced space.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from array import array
+from collections.abc import Sequence
+
+from . import bat as batlib
+from . import dynamic_header as dh
+from . import footer as ft
+from .blockdev import Alloc, BlockDevice, Extent, check_range, merge_extents, ranges_to_extents, write_zeros
+from .chain import Candidate, Resolver, candidates, check_allowed
+from .errors import (
+    FormatError,
+    ParentLoopError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    ReadOnlyError,
+    UsageError,
+    VhdError,
+)
+from .fileio import OsFile, RawFile
+from .geometry import chs_for_size
+
+SECTOR = 512
+MAX_CHAIN_DEPTH = 256
+# Dynamic images address blocks by a u32 sector number: the file stays
+# below 2 TiB. The spec's limit on virtual size for dynamic disks is 2040 GiB.
+MAX_DYNAMIC_SIZE = 2040 * 1024 ** 3
+MAX_FIXED_SIZE = 64 * 1024 ** 4  # the largest managed disk (Ultra, PremiumV2)
+
+_UNKNOWN, _FULL, _PARTIAL = 0, 1, 2
+
+
+class FixedImage:
+    """A fixed VHD: the disk's bytes, then the footer."""
+
+    def __init__(self, file: RawFile, footer: ft.Footer, readonly: bool, path: str | None) -> None:
+        self.file, self.footer, self.readonly, self.path = file, footer, readonly, path
+        self.size = footer.current_size
+        self.parent: BlockDevice | None = None
+        self.footer_damaged = False
+
+    @property
+    def disk_type(self) -> ft.DiskType:
+        return ft.DiskType.FIXED
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            check_range(self.size, offset, length)
+        data = self.file.pread(length, offset)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.file.name}: opened read-only")
+        check_range(self.size, offset, len(data))
+        self.file.pwrite(data, offset)
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self.file.sync()
+
+    def discard(self, offset: int, length: int) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.file.name}: opened read-only")
+        check_range(self.size, offset, length)
+        write_zeros(self, offset, length)
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        check_range(self.size, offset, length)
+        return ranges_to_extents(offset, length, self.file.data_ranges(offset, length))
+
+    def chain(self) -> list[BlockDevice]:
+        return [self]
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.flush()
+            finally:
+                self.file.close()
+
+    def __enter__(self) -> FixedImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SparseImage:
+    """A dynamic or differencing VHD (see the module comment for the rules)."""
+
+    def __init__(self, file: RawFile, footer: ft.Footer, header: dh.DynamicHeader,
+                 table: array[int], readonly: bool, path: str | None,
+                 parent: BlockDevice | None = None, durable: bool = True) -> None:
+        self.file, self.footer, self.header, self.bat = file, footer, header, table
+        self.readonly, self.path, self.parent, self.durable = readonly, path, parent, durable
+        self.size = footer.current_size
+        self.block_size = header.block_size
+        self.sectors_per_block = self.block_size // SECTOR
+        self.bitmap_size = batlib.bitmap_bytes(self.block_size)
+        self.footer_damaged = False
+        self._footer_raw = footer.pack()
+        self._data_end = file.size() - ft.SIZE  # where the footer sits; next block goes here
+        self._state = bytearray(len(table))  # per block: _UNKNOWN, _FULL or _PARTIAL
+        self._bitmaps: dict[int, bytearray] = {}
+        self._dirty_bat: set[int] = set()
+        self._dirty_bitmaps: set[int] = set()
+        self._uncommitted: set[int] = set()
+        self._unsynced = False
+        self._zeros = bytes(self.block_size)
+
+    @property
+    def disk_type(self) -> ft.DiskType:
+        return self.footer.disk_type
+
+    # -- bitmaps -----------------------------------------------------------
+
+    def _block_state(self, b: int) -> int:
+        st = self._state[b]
+        if st == _UNKNOWN:
+            raw = self.file.pread(self.bitmap_size, self.bat[b] * SECTOR)
+            bm = bytearray(raw.ljust(self.bitmap_size, b"\0"))
+            if batlib.all_set(bm, self.sectors_per_block):
+                st = _FULL
+            else:
+                st = _PARTIAL
+                self._bitmaps[b] = bm
+            self._state[b] = st
+        return st
+
+    def _bitmap(self, b: int) -> bytearray:
+        if self._block_state(b) == _FULL:
+            return bytearray(b"\xff" * self.bitmap_size)
+        return self._bitmaps[b]
+
+    def block_bitmap(self, b: int) -> bytes:
+        """The sector bitmap of allocated block b, as it reads now."""
+        return bytes(self._bitmap(b))
+
+    # -- reads -------------------------------------------------------------
+
+    def _parent_read(self, offset: int, length: int) -> bytes:
+        if self.parent is None or offset >= self.parent.size:
+            return bytes(length)
+        n = min(length, self.parent.size - offset)
+        data = self.parent.read(offset, n)
+        return data if n == length else data + bytes(length - n)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            check_range(self.size, offset, length)
+        bs = self.block_size
+        b, inb = divmod(offset, bs)
+        if inb + length <= bs:  # one block: the common case, kept short
+            entry = self.bat[b]
+            if entry != batlib.UNALLOCATED and self._block_state(b) == _FULL:
+                data = self.file.pread(length, entry * SECTOR + self.bitmap_size + inb)
+                return data if len(data) == length else data.ljust(length, b"\0")
+        parts: list[bytes] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            b, inb = divmod(pos, bs)
+            n = min(bs - inb, end - pos)
+            parts.extend(self._read_block(b, inb, n))
+            pos += n
+        return b"".join(parts)
+
+    def _read_block(self, b: int, inb: int, n: int) -> list[bytes]:
+        entry = self.bat[b]
+        vbase = b * self.block_size
+        if entry == batlib.UNALLOCATED:
+            return [self._parent_read(vbase + inb, n)]
+        fbase = entry * SECTOR + self.bitmap_size
+        if self._block_state(b) == _FULL:
+            return [self.file.pread(n, fbase + inb).ljust(n, b"\0")]
+        out: list[bytes] = []
+        first, last = inb // SECTOR, (inb + n - 1) // SECTOR
+        for present, s, count in batlib.runs(self._bitmaps[b], first, last - first + 1):
+            lo = max(s * SECTOR, inb)
+            hi = min((s + count) * SECTOR, inb + n)
+            if present:
+                out.append(self.file.pread(hi - lo, fbase + lo).ljust(hi - lo, b"\0"))
+            else:
+                out.append(self._parent_read(vbase + lo, hi - lo))
+        return out
+
+    # -- writes ------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"{self.file.name}: opened read-only")
+        length = len(data)
+        check_range(self.size, offset, length)
+        if offset % SECTOR or length % SECTOR:  # read-modify-write whole sectors
+            lo = offset - offset % SECTOR
+            hi = -(-(offset + length) // SECTOR) * SECTOR
+            buf = bytearray(self.read(lo, hi - lo))
+            buf[offset - lo:offset - lo + length] = data
+            data, offset, length = buf, lo, hi - lo
+        view = memoryview(data)
+        bs = self.block_size
+        pos = 0
+        while pos < length:
+            b, inb = divmod(offset + pos, bs)
+            n = min(bs - inb, length - pos)
+            self._write_block(b, inb, view[pos:pos + n])
+            pos += n
+
+    def _write_block(self, b: int, inb: int, chunk: memoryview) -> None:
+        entry = self.bat[b]
+        if entry == batlib.UNALLOCATED:
+            if self.parent is None and chunk == memoryview(self._zeros)[:len(chunk)]:
+                return  # zeros into an unallocated dynamic block: already reads as zeros
+            entry = self._allocate(b)
+        self.file.pwrite(chunk, entry * SECTOR + self.bitmap_size + inb)
+        self._unsynced = True
+        if self._block_state(b) == _PARTIAL:
+            bm = self._bitmaps[b]
+            if batlib.set_bits(bm, inb // SECTOR, len(chunk) // SECTOR):
+                self._bitmap_changed(b)
+
+    def _bitmap_changed(self, b: int) -> None:
+        bm = self._bitmaps[b]
+        if batlib.all_set(bm, self.sectors_per_block):
+            self._state[b] = _FULL
+            del self._bitmaps[b]
+            bm = bytearray(b"\xff" * self.bitmap_size)
+        if b in self._uncommitted:  # no on-disk pointer to it yet: write now
+            self.file.pwrite(bm, self.bat[b] * SECTOR)
+        else:
+            self._dirty_bitmaps.add(b)
+
+    def _allocate(self, b: int) -> int:
+        """Steps 1 and 2 of the write order: a new block at the footer's place."""
+        at = self._data_end
+        new_end = at + self.bitmap_size + self.block_size
+        if new_end // SECTOR > batlib.UNALLOCATED - 1:
+            raise VhdError(f"{self.file.name}: file would pass the 2 TiB a dynamic VHD can address")
+        self.file.pwrite(self._footer_raw, new_end)
+        if self.durable:
+            self.file.sync()
+        if self.parent is None:
+            self.file.pwrite(b"\xff" * self.bitmap_size, at)
+            self._state[b] = _FULL
+        else:
+            self.file.pwrite(bytes(self.bitmap_size), at)
+            self._state[b] = _PARTIAL
+            self._bitmaps[b] = bytearray(self.bitmap_size)
+        self._data_end = new_end
+        self.bat[b] = at // SECTOR
+        self._dirty_bat.add(b)
+        self._uncommitted.add(b)
+        self._unsynced = True
+        return self.bat[b]
+
+    def flush(self) -> None:
+        """Steps 3 to 5 of the write order."""
+        if self.readonly:
+            return
+        if not (self._dirty_bat or self._dirty_bitmaps):
+            if self._unsynced:
+                self.file.sync()
+                self._unsynced = False
+            return
+        if self.durable:
+            self.file.sync()
+        for b in sorted(self._dirty_bitmaps):
+            if self.bat[b] != batlib.UNALLOCATED:
+                self.file.pwrite(self._bitmap(b), self.bat[b] * SECTOR)
+        per_sector = SECTOR // 4
+        for sector in sorted({b // per_sector for b in self._dirty_bat}):
+            first = sector * per_sector
+            count = min(per_sector, len(self.bat) - first)
+            self.file.pwrite(batlib.pack_entries(self.bat, first, count),
+                             self.header.table_offset + sector * SECTOR)
+        self.file.sync()
+        self._dirty_bat.clear()
+        self._dirty_bitmaps.clear()
+        self._uncommitted.clear()
+        self._unsynced = False
+
+    def discard(self, offset: int, length: int) -> None:
+        """Afterwards the range reads as zeros. Dynamic: whole blocks are
+        unallocated (their space is reclaimed by compact); differencing:
+        zeros are written, since a clear bit would show the parent."""
+        if self.readonly:
+            raise ReadOnlyError(f"{self.file.name}: opened read-only")
+        check_range(self.size, offset, length)
+        if self.parent is not None:
+            write_zeros(self, offset, length)
+            return
+        bs = self.block_size
+        pos, end = offset, offset + length
+        while pos < end:
+            b, inb = divmod(pos, bs)
+            n = min(bs - inb, end - pos)
+            if self.bat[b] != batlib.UNALLOCATED:
+                if n == bs or (inb == 0 and b == len(self.bat) - 1 and pos + n == self.size):
+                    self._unallocate(b)
+                else:
+                    write_zeros(self, pos, n)
+            pos += n
+
+    def _unallocate(self, b: int) -> None:
+        self.bat[b] = batlib.UNALLOCATED
+        self._state[b] = _UNKNOWN
+        self._bitmaps.pop(b, None)
+        self._dirty_bitmaps.discard(b)
+        self._uncommitted.discard(b)
+        self._dirty_bat.add(b)
+
+    def copy_block_from(self, src: SparseImage, b: int, bitmap: bytes) -> None:
+        """Give this image a copy of src's block b (bitmap and data); used by
+        rewrites. All-zero pieces of the data are left as holes."""
+        entry = self._allocate(b)
+        at = entry * SECTOR
+        self.file.pwrite(bitmap, at)
+        piece = 64 * 1024
+        zeros = self._zeros[:piece]
+        src_at = src.bat[b] * SECTOR + src.bitmap_size
+        for off in range(0, self.block_size, piece):
+            data = src.file.pread(piece, src_at + off)
+            if data and data != zeros[:len(data)]:
+                self.file.pwrite(data, at + self.bitmap_size + off)
+        self._state[b] = _UNKNOWN
+        self._bitmaps.pop(b, None)
+
+    def reload(self) -> None:
+        """Forget cached bitmaps and positions after the file was rewritten
+        underneath (merge's emptying); nothing may be dirty."""
+        assert not (self._dirty_bat or self._dirty_bitmaps), "reload with unflushed metadata"
+        self._data_end = self.file.size() - ft.SIZE
+        self._state = bytearray(len(self.bat))
+        self._bitmaps.clear()
+        self._uncommitted.clear()
+
+    # -- allocation map ----------------------------------------------------
+
+    def _parent_allocation(self, offset: int, length: int) -> list[Extent]:
+        if self.parent is None or offset >= self.parent.size:
+            return [Extent(offset, length, Alloc.ZERO)]
+        n = min(length, self.parent.size - offset)
+        out = list(self.parent.allocation(offset, n))
+        if n < length:
+            out.append(Extent(offset + n, length - n, Alloc.ZERO))
+        return out
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        check_range(self.size, offset, length)
+        out: list[Extent] = []
+        bs = self.block_size
+        pos, end = offset, offset + length
+        while pos < end:
+            b, inb = divmod(pos, bs)
+            n = min(bs - inb, end - pos)
+            vbase = b * bs
+            if self.bat[b] == batlib.UNALLOCATED:
+                out.extend(self._parent_allocation(pos, n))
+            elif self._block_state(b) == _FULL:
+                out.append(Extent(pos, n, Alloc.DATA))
+            else:
+                first, last = inb // SECTOR, (inb + n - 1) // SECTOR
+                for present, s, count in batlib.runs(self._bitmaps[b], first, last - first + 1):
+                    lo = max(s * SECTOR, inb)
+                    hi = min((s + count) * SECTOR, inb + n)
+                    if present:
+                        out.append(Extent(vbase + lo, hi - lo, Alloc.DATA))
+                    else:
+                        out.extend(self._parent_allocation(vbase + lo, hi - lo))
+            pos += n
+        return merge_extents(out)
+
+    def allocated_blocks(self) -> list[int]:
+        return [b for b, e in enumerate(self.bat) if e != batlib.UNALLOCATED]
+
+    def chain(self) -> list[BlockDevice]:
+        members: list[BlockDevice] = [self]
+        parent = self.parent
+        while parent is not None:
+            members.append(parent)
+            parent = getattr(parent, "parent", None)
+        return members
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self.file.close()
+            if self.parent is not None:
+                self.parent.close()
+
+    def __enter__(self) -> SparseImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Image = FixedImage | SparseImage
+
+
+# -- opening ---------------------------------------------------------------
+
+def read_footer(file: RawFile) -> tuple[ft.Footer, bool]:
+    """The footer at the end, or the mirror at offset 0 when the end one is
+    damaged (returned flag True). Raises FormatError if neither is valid."""
+    size = file.size()
+    if size < ft.SIZE:
+        raise FormatError("file", "length", 0, f"{size} bytes is shorter than a VHD footer")
+    at = size - ft.SIZE
+    try:
+        return ft.Footer.unpack(file.pread(ft.SIZE, at), at), False
+    except FormatError as end_error:
+        if size >= 3 * ft.SIZE:
+            try:
+                mirror = ft.Footer.unpack(file.pread(ft.SIZE, 0), 0)
+            except FormatError:
+                raise end_error from None
+            if mirror.disk_type is not ft.DiskType.FIXED:
+                return mirror, True
+        raise
+
+
+def is_vhd(file: RawFile) -> bool:
+    """True if the file ends (or, for a dynamic image, starts) with a footer cookie."""
+    size = file.size()
+    if size < ft.SIZE:
+        return False
+    return (file.pread(8, size - ft.SIZE) == ft.COOKIE
+            or (size >= 3 * ft.SIZE and file.pread(8, 0) == ft.COOKIE))
+
+
+def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHeader, array[int]]:
+    size = file.size()
+    end = size - ft.SIZE
+    hoff = footer.data_offset
+    if hoff < ft.SIZE or hoff + dh.SIZE > end:
+        raise FormatError("footer", "data offset", end + 16, f"{hoff} puts the dynamic header outside the file")
+    header = dh.DynamicHeader.unpack(file.pread(dh.SIZE, hoff), hoff)
+    needed = -(-footer.current_size // header.block_size)
+    if header.max_table_entries < needed:
+        raise FormatError("dynamic header", "max table entries", hoff + 28,
+                          f"{header.max_table_entries} blocks cannot hold {footer.current_size} bytes")
+    tbytes = batlib.table_bytes(header.max_table_entries)
+    if header.table_offset < ft.SIZE or header.table_offset + header.max_table_entries * 4 > end:
+        raise FormatError("dynamic header", "table offset", hoff + 16,
+                          f"BAT of {tbytes} bytes at {header.table_offset} does not fit in the file")
+    table = batlib.unpack_table(file.pread(header.max_table_entries * 4, header.table_offset),
+                                header.max_table_entries)
+    _validate_table(table, header, end)
+    return header, table
+
+
+def _validate_table(table: array[int], header: dh.DynamicHeader, end: int) -> None:
+    """Every allocated block lies in the file, after the BAT, and no two overlap."""
+    span = batlib.bitmap_bytes(header.block_size) + header.block_size
+    first_data = header.table_offset + batlib.table_bytes(header.max_table_entries)
+    used = sorted((e * SECTOR, b) for b, e in enumerate(table) if e != batlib.UNALLOCATED)
+    prev_end, prev_b = 0, -1
+    for start, b in used:
+        at = header.table_offset + 4 * b
+        if start + span > end:
+            raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
+        if start < first_data and start < header.table_offset + header.max_table_entries * 4:
+            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps the headers or the BAT")
+        if start < prev_end:
+            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps block {prev_b}")
+        prev_end, prev_b = start + span, b
+
+
+def open_image(target: str | os.PathLike[str] | RawFile, *, writable: bool = False,
+               allow_dirs: Sequence[str] | None = None, resolver: Resolver | None = None,
+               ignore_timestamp: bool = False, parent_writable: bool = False,
+               durable: bool = True) -> Image:
+    """Open a VHD of any type; a differencing image opens with its whole chain.
+
+    `allow_dirs`: folders parents may live in (default: the folder of
+    `target`). `resolver`: tried before the locators (see chain.Resolver).
+    """
+    member: str | RawFile = target if isinstance(target, RawFile) else os.fspath(target)
+    if allow_dirs is None:
+        allow_dirs = [os.path.dirname(os.path.abspath(member))] if isinstance(member, str) else []
+    seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]] = []
+    return _open_member(member, writable, list(allow_dirs), resolver, ignore_timestamp,
+                        parent_writable, durable, seen)
+
+
+def _identity(file: RawFile) -> tuple[int, int] | None:
+    fd = getattr(file, "fd", None)
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _open_member(target: str | RawFile, writable: bool, allow_dirs: list[str],
+                 resolver: Resolver | None, ignore_timestamp: bool, parent_writable: bool,
+                 durable: bool, seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]]) -> Image:
+    file = OsFile(target, writable=writable) if isinstance(target, str) else target
+    path = target if isinstance(target, str) else None
+    try:
+        footer, damaged = read_footer(file)
+        ident = _identity(file)
+        for other_ident, other_uuid in seen:
+            if (ident is not None and ident == other_ident) or footer.unique_id == other_uuid:
+                raise ParentLoopError(f"{file.name}: parent chain loops back to an image already in it")
+        if len(seen) >= MAX_CHAIN_DEPTH:
+            raise ParentLoopError(f"{file.name}: parent chain deeper than {MAX_CHAIN_DEPTH}")
+        seen.append((ident, footer.unique_id))
+        if damaged and writable:
+            raise FormatError("footer", "cookie", file.size() - ft.SIZE,
+                              "the footer at the end is damaged (the copy at offset 0 is good); "
+                              f"run: vhd check --repair {file.name}")
+        if footer.disk_type is ft.DiskType.FIXED:
+            if file.size() != footer.current_size + ft.SIZE:
+                raise FormatError("footer", "current size", file.size() - ft.SIZE + 48,
+                                  f"{footer.current_size} but the file holds {file.size() - ft.SIZE} bytes of data")
+            return FixedImage(file, footer, not writable, path)
+        header, table = _read_sparse_layout(file, footer)
+        if (file.size() - ft.SIZE) % SECTOR:
+            raise FormatError("file", "length", file.size(), "not a whole number of sectors")
+        parent = None
+        if footer.disk_type is ft.DiskType.DIFFERENCING:
+            parent = _open_parent(path, file, header, allow_dirs, resolver, ignore_timestamp,
+                                  parent_writable, durable, seen)
+        img = SparseImage(file, footer, header, table, not writable, path, parent, durable)
+        img.footer_damaged = damaged
+        return img
+    except BaseException:
+        file.close()
+        raise
+
+
+def _open_parent(path: str | None, file: RawFile, header: dh.DynamicHeader, allow_dirs: list[str],
+                 resolver: Resolver | None, ignore_timestamp: bool, parent_writable: bool,
+                 durable: bool, seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]]) -> BlockDevice:
+    tried: list[str] = []
+    mismatch: VhdError | None = None
+    found: list[Candidate] = []
+    if resolver is not None:
+        got = resolver(path, header)
+        if isinstance(got, (str, os.PathLike)):
+            found.append(Candidate("resolver", os.fspath(got)))
+        elif got is not None:
+            dev = got
+            pf = getattr(dev, "footer", None)
+            if pf is not None:
+                _check_parent_identity(file.name, "resolver", header, pf, ignore_timestamp)
+            return dev  # type: ignore[return-value]
+    notes: list[str] = []
+    if path is not None:
+        more, notes = candidates(path, file, header)
+        found.extend(more)
+    for cand in found:
+        if not os.path.exists(cand.path):
+            tried.append(f"{cand.how}: {cand.path} (missing)")
+            continue
+        if cand.how != "resolver":
+            check_allowed(cand.path, allow_dirs)
+        parent = _open_member(cand.path, parent_writable, allow_dirs, resolver, ignore_timestamp,
+                              False, durable, seen)
+        try:
+            _check_parent_identity(file.name, f"{cand.how} {cand.path}", header,
+                                   parent.footer, ignore_timestamp)
+        except ParentMismatchError as e:
+            parent.close()
+            seen.pop()
+            mismatch = mismatch or e
+            tried.append(f"{cand.how}: {cand.path} (wrong UUID or timestamp)")
+            continue
+        return parent
+    if mismatch is not None:
+        raise mismatch
+    detail = "; ".join(tried + notes) or "no locator, parent name or resolver"
+    raise ParentNotFoundError(f"{file.name}: parent {header.parent_name or '?'} "
+                              f"({header.parent_uuid}) not found: tried {detail}")
+
+
+def _check_parent_identity(child: str, where: str, header: dh.DynamicHeader,
+                           parent: ft.Footer, ignore_timestamp: bool) -> None:
+    if parent.unique_id != header.parent_uuid:
+        raise ParentMismatchError(f"{child}: parent found by {where} has UUID {parent.unique_id}, "
+                                  f"the child expects {header.parent_uuid}")
+    if not ignore_timestamp and parent.timestamp != header.parent_timestamp:
+        raise ParentMismatchError(
+            f"{child}: parent found by {where} has timestamp {parent.timestamp}, the child recorded "
+            f"{header.parent_timestamp} (the parent changed?); pass --ignore-parent-timestamp to accept it")
+
+
+# -- creating --------------------------------------------------------------
+
+def _check_size(size: int, limit: int) -> None:
+    if size <= 0 or size % SECTOR:
+        raise UsageError(f"size {size} must be a positive multiple of 512 bytes")
+    if size > limit:
+        raise UsageError(f"size {size} is larger than this image type allows ({limit} bytes)")
+
+
+def new_footer(disk_type: ft.DiskType, size: int, data_offset: int = ft.FIXED_DATA_OFFSET,
+               unique_id: uuidlib.UUID | None = None, timestamp: int | None = None) -> ft.Footer:
+    return ft.Footer(disk_type, size, size, chs_for_size(size), unique_id or uuidlib.uuid4(),
+                     ft.vhd_timestamp() if timestamp is None else timestamp, data_offset)
+
+
+def _target_file(target: str | os.PathLike[str] | RawFile) -> tuple[RawFile, str | None]:
+    if isinstance(target, RawFile):
+        return target, None
+    path = os.fspath(target)
+    return OsFile(path, writable=True, create=True), path
+
+
+def create_fixed(target: str | os.PathLike[str] | RawFile, size: int, *,
+                 unique_id: uuidlib.UUID | None = None) -> FixedImage:
+    """A fixed VHD of `size` bytes (sparse on disk until written)."""
+    _check_size(size, MAX_FIXED_SIZE)
+    file, path = _target_file(target)
+    footer = new_footer(ft.DiskType.FIXED, size, unique_id=unique_id)
+    file.truncate(size)
+    file.pwrite(footer.pack(), size)
+    file.sync()
+    return FixedImage(file, footer, False, path)
+
+
+def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
+                   block_size: int = dh.DEFAULT_BLOCK_SIZE, durable: bool = True,
+                   unique_id: uuidlib.UUID | None = None) -> SparseImage:
+    """An empty dynamic VHD: mirror footer, header, BAT, footer."""
+    _check_size(size, MAX_DYNAMIC_SIZE)
+    _check_block_size(block_size)
+    file, path = _target_file(target)
+    return _write_sparse(file, path, ft.DiskType.DYNAMIC, size, block_size, None, [], durable, unique_id)
+
+
+def create_differencing(target: str | os.PathLike[str], parent_path: str | os.PathLike[str], *,
+                        block_size: int = dh.DEFAULT_BLOCK_SIZE, durable: bool = True,
+                        allow_dirs: Sequence[str] | None = None) -> SparseImage:
+    """A differencing VHD over `parent_path`, with W2ru and W2ku locators."""
+    _check_block_size(block_size)
+    path, ppath = os.fspath(target), os.path.abspath(os.fspath(parent_path))
+    parent = open_image(ppath, allow_dirs=allow_dirs)
+    try:
+        rel = os.path.relpath(ppath, os.path.dirname(os.path.abspath(path)))
+        locators = [(dh.W2RU, (".\\" + rel.replace("/", "\\")) if not rel.startswith("..") else rel.replace("/", "\\")),
+                    (dh.W2KU, ppath)]
+        parent_info = (parent.footer.unique_id, parent.footer.timestamp, os.path.basename(ppath))
+        size = parent.size
+    except BaseException:
+        parent.close()
+        raise
+    file = OsFile(path, writable=True, create=True)
+    try:
+        img = _write_sparse(file, path, ft.DiskType.DIFFERENCING, size, block_size, parent_info,
+                            locators, durable, None)
+    except BaseException:
+        parent.close()
+        file.close()
+        raise
+    img.parent = parent
+    return img
+
+
+def _check_block_size(block_size: int) -> None:
+    if block_size & (block_size - 1) or not dh.MIN_BLOCK_SIZE <= block_size <= dh.MAX_BLOCK_SIZE:
+        raise UsageError(f"block size {block_size} must be a power of two from "
+                         f"{dh.MIN_BLOCK_SIZE} to {dh.MAX_BLOCK_SIZE} bytes")
+
+
+def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size: int,
+                  block_size: int, parent: tuple[uuidlib.UUID, int, str] | None,
+                  locators: list[tuple[int, str]], durable: bool,
+                  unique_id: uuidlib.UUID | None) -> SparseImage:
+    """Lay out a new sparse image; the footer goes last, after a sync."""
+    entries = -(-size // block_size)
+    table_offset = ft.SIZE + dh.SIZE
+    pos = table_offset + batlib.table_bytes(entries)
+    locs: list[dh.ParentLocator] = []
+    payloads: list[tuple[int, bytes]] = []
+    for code, text in locators:
+        raw = text.encode("utf-16-le")
+        space = -(-len(raw) // SECTOR) * SECTOR
+        locs.append(dh.ParentLocator(code, space, len(raw), pos))
+        payloads.append((pos, raw.ljust(space, b"\0")))
+        pos += space
+    locs += [dh.EMPTY_LOCATOR] * (dh.LOCATOR_COUNT - len(locs))
+    puuid, pts, pname = parent if parent else (uuidlib.UUID(int=0), 0, "")
+    header = dh.DynamicHeader(table_offset, entries, block_size, puuid, pts, pname, tuple(locs))
+    footer = new_footer(disk_type, size, ft.SIZE, unique_id)
+    table = array("I", [batlib.UNALLOCATED]) * entries
+    file.truncate(0)
+    file.pwrite(footer.pack() + header.pack() + batlib.pack_table(table), 0)
+    for at, raw in payloads:
+        file.pwrite(raw, at)
+    file.sync()
+    file.pwrite(footer.pack(), pos)
+    file.sync()
+    return SparseImage(file, footer, header, table, False, path, None, durable)

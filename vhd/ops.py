@@ -1,0 +1,359 @@
+"""Whole-image operations: info, convert, merge, compact, resize.
+
+Each works on paths and leaves the image valid if interrupted:
+- convert writes a new file (never over an existing one) and removes it on
+  failure; the result is synced before convert returns;
+- merge writes the child's sectors into its parent and syncs the parent
+  before it empties the child, so the chain reads the same at every instant;
+- compact and a resize that needs a bigger BAT build a new file beside the
+  old one, sync it, and rename it into place;
+- an in-place resize writes the new footer before removing the old one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from . import bat as batlib
+from . import dynamic_header as dh
+from . import footer as ft
+from .blockdev import Alloc, BlockDevice, FileDevice
+from .chain import read_locator
+from .errors import UsageError, VhdError
+from .fileio import OsFile
+from .geometry import chs_for_size
+from .image import FixedImage, Image, SparseImage, _write_sparse, create_dynamic, create_fixed, is_vhd, open_image
+from .progress import Progress
+
+COPY_CHUNK = 2 * 1024 * 1024
+FORMATS = ("raw", "fixed", "dynamic")
+
+
+def open_device(path: str, *, writable: bool = False, fmt: str = "auto",
+                allow_dirs: Sequence[str] | None = None, ignore_timestamp: bool = False) -> BlockDevice:
+    """A VHD (any type, with its chain) or a raw file, as a block device."""
+    if fmt not in ("auto", "raw", "vhd"):
+        raise UsageError(f"unknown source format {fmt!r}: use auto, raw or vhd")
+    if fmt == "auto":
+        probe = OsFile(path, lock=False)
+        try:
+            fmt = "vhd" if is_vhd(probe) else "raw"
+        finally:
+            probe.close()
+    if fmt == "raw":
+        return FileDevice.open(path, readonly=not writable)
+    return open_image(path, writable=writable, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+
+
+def info(img: BlockDevice) -> dict[str, Any]:
+    """What `vhd info` prints: type, sizes, fields, allocation, chain."""
+    if not isinstance(img, (FixedImage, SparseImage)):
+        return {"format": "raw", "virtual_size": img.size}
+    file_size = img.file.size()
+    out: dict[str, Any] = {
+        "path": img.path, "format": "vhd", "type": img.disk_type.name.lower(),
+        "virtual_size": img.size, "file_size": file_size,
+        "footer": img.footer.to_json(),
+    }
+    if isinstance(img, SparseImage):
+        blocks = img.allocated_blocks()
+        out["block_size"] = img.block_size
+        out["allocated_blocks"] = len(blocks)
+        out["dynamic_header"] = img.header.to_json()
+        out["footer_damaged"] = img.footer_damaged
+    out["chain"] = [{"path": getattr(m, "path", None),
+                     "type": m.disk_type.name.lower() if hasattr(m, "disk_type") else "device",
+                     "unique_id": str(m.footer.unique_id) if hasattr(m, "footer") else None}
+                    for m in img.chain()]
+    return out
+
+
+def data_extents(dev: BlockDevice, chunk: int = COPY_CHUNK) -> list[tuple[int, int]]:
+    """The DATA parts of the allocation map, split into chunks of at most `chunk`."""
+    pieces: list[tuple[int, int]] = []
+    for e in dev.allocation(0, dev.size):
+        if e.state is not Alloc.DATA:
+            continue
+        pos, end = e.offset, e.offset + e.length
+        while pos < end:
+            n = min(chunk - pos % chunk, end - pos)
+            pieces.append((pos, n))
+            pos += n
+    return pieces
+
+
+def copy_data(src: BlockDevice, dst: BlockDevice, progress: Progress | None = None,
+              chunk: int = COPY_CHUNK) -> int:
+    """Copy every DATA range of src that is not all zeros; returns bytes written."""
+    zeros = bytes(chunk)
+    written = 0
+    for off, n in data_extents(src, chunk):
+        data = src.read(off, n)
+        if data != zeros[:n]:
+            dst.write(off, data)
+            written += n
+        if progress:
+            progress.advance(n)
+    return written
+
+
+def convert(src_path: str, dst_path: str, to: str, *, block_size: int = dh.DEFAULT_BLOCK_SIZE,
+            src_format: str = "auto", allow_dirs: Sequence[str] | None = None,
+            ignore_timestamp: bool = False, show_progress: bool | None = None) -> dict[str, Any]:
+    """Copy a raw file or a VHD (a differencing chain is flattened) to a new
+    raw, fixed or dynamic file; all-zero ranges stay sparse."""
+    if to not in FORMATS:
+        raise UsageError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}")
+    if os.path.exists(dst_path):
+        raise UsageError(f"{dst_path} already exists (refusing to overwrite)")
+    src = open_device(src_path, fmt=src_format, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+    try:
+        dst = _create_target(dst_path, to, src.size, block_size)
+        try:
+            progress = Progress(f"convert {os.path.basename(src_path)}", _data_bytes(src), show_progress)
+            written = copy_data(src, dst, progress)
+            dst.flush()
+            progress.close()
+        except BaseException:
+            dst.close()
+            os.unlink(dst_path)
+            raise
+        dst.close()
+    finally:
+        src.close()
+    return {"source": src_path, "target": dst_path, "format": to, "virtual_size": src.size,
+            "data_written": written, "file_size": os.stat(dst_path).st_size}
+
+
+def _data_bytes(dev: BlockDevice) -> int:
+    return sum(e.length for e in dev.allocation(0, dev.size) if e.state is Alloc.DATA)
+
+
+def _create_target(path: str, to: str, size: int, block_size: int) -> BlockDevice:
+    if to == "fixed":
+        return create_fixed(path, size)
+    if to == "dynamic":
+        return create_dynamic(path, size, block_size=block_size, durable=False)
+    if size % 512:
+        raise UsageError(f"size {size} is not a multiple of 512")
+    file = OsFile(path, writable=True, create=True)
+    file.truncate(size)
+    return FileDevice(file, readonly=False)
+
+
+def merge(child_path: str, *, allow_dirs: Sequence[str] | None = None, ignore_timestamp: bool = False,
+          show_progress: bool | None = None) -> dict[str, Any]:
+    """Write a differencing image's own sectors into its parent, then empty it."""
+    child = open_image(child_path, writable=True, parent_writable=True, allow_dirs=allow_dirs,
+                       ignore_timestamp=ignore_timestamp)
+    try:
+        if not isinstance(child, SparseImage) or child.parent is None:
+            raise UsageError(f"{child_path} is not a differencing image: nothing to merge")
+        parent = child.parent
+        runs = _own_runs(child)
+        total = sum(n for _, n in runs)
+        progress = Progress(f"merge {os.path.basename(child_path)}", total, show_progress)
+        for off, n in runs:
+            pos = off
+            while pos < off + n:
+                m = min(COPY_CHUNK, off + n - pos)
+                parent.write(pos, child.read(pos, m))
+                progress.advance(m)
+                pos += m
+        parent.flush()  # the parent holds everything before the child lets go of it
+        progress.close()
+        _empty(child)
+        return {"child": child_path, "parent": getattr(parent, "path", None), "merged_bytes": total}
+    finally:
+        child.close()
+
+
+def _own_runs(img: SparseImage) -> list[tuple[int, int]]:
+    """Byte ranges whose sectors are present in this image itself."""
+    out: list[tuple[int, int]] = []
+    for b in img.allocated_blocks():
+        bm = img.block_bitmap(b)
+        base = b * img.block_size
+        for present, s, n in batlib.runs(bm, 0, img.sectors_per_block):
+            if present:
+                lo = base + s * 512
+                hi = min(lo + n * 512, img.size)
+                if hi > lo:
+                    out.append((lo, hi - lo))
+    return out
+
+
+def _empty(img: SparseImage) -> None:
+    """Unallocate every block, then move the footer down and cut the file."""
+    img.flush()
+    for b in img.allocated_blocks():
+        img.bat[b] = batlib.UNALLOCATED
+    img.file.pwrite(batlib.pack_table(img.bat), img.header.table_offset)
+    img.file.sync()  # BAT empty: the chain now reads from the parent alone
+    end = _metadata_end(img.header)
+    img.file.pwrite(img.footer.pack(), end)
+    img.file.sync()
+    img.file.truncate(end + ft.SIZE)
+    img.file.sync()
+    img.reload()
+
+
+def _metadata_end(h: dh.DynamicHeader) -> int:
+    end = h.table_offset + batlib.table_bytes(h.max_table_entries)
+    for loc in h.locators:
+        if loc.platform != dh.PLATFORM_NONE:
+            end = max(end, loc.data_offset + loc.space_bytes)
+    return end
+
+
+def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
+            show_progress: bool | None = None) -> dict[str, Any]:
+    """Rebuild a dynamic or differencing image without all-zero (dynamic) or
+    empty (differencing) blocks and without unreferenced space."""
+    img = open_image(path, writable=True, allow_dirs=allow_dirs, ignore_timestamp=True)
+    try:
+        if not isinstance(img, SparseImage):
+            raise UsageError(f"{path} is a fixed image: compact works on dynamic and differencing images")
+        before = img.file.size()
+        kept = _rewrite(img, img.size, drop_empty=True, show_progress=show_progress)
+    finally:
+        img.close()
+    return {"path": path, "blocks_kept": kept, "size_before": before, "size_after": os.stat(path).st_size}
+
+
+def _rewrite(img: SparseImage, size: int, drop_empty: bool,
+             show_progress: bool | None = None) -> int:
+    """Write the image anew beside itself (same identity, new size), sync, rename over."""
+    tmp = f"{img.path}.rewrite-{os.getpid()}"
+    blocks = img.allocated_blocks()
+    progress = Progress(f"rewrite {os.path.basename(img.path or '')}", len(blocks) * img.block_size, show_progress)
+    out = OsFile(tmp, writable=True, create=True)
+    try:
+        locators = [(loc.platform, _locator_text(img, i)) for i, loc in enumerate(img.header.locators)
+                    if loc.platform != dh.PLATFORM_NONE]
+        parent_info = (img.header.parent_uuid, img.header.parent_timestamp, img.header.parent_name) \
+            if img.parent is not None else None
+        new = _write_sparse(out, tmp, img.disk_type, size, img.block_size, parent_info, locators,
+                            False, img.footer.unique_id)
+        new.footer = img.footer.with_size(size, chs_for_size(size))
+        new._footer_raw = new.footer.pack()
+        kept = 0
+        for b in blocks:
+            progress.advance(img.block_size)
+            bm = img.block_bitmap(b)
+            if drop_empty and _block_is_empty(img, b, bm):
+                continue
+            new.copy_block_from(img, b, bm)
+            kept += 1
+        new.flush()
+        out.pwrite(new._footer_raw, 0)
+        out.pwrite(new._footer_raw, out.size() - ft.SIZE)
+        out.sync()
+        progress.close()
+        os.replace(tmp, img.path or "")
+        _sync_dir(os.path.dirname(os.path.abspath(img.path or ".")))
+    except BaseException:
+        out.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    out.close()
+    return kept
+
+
+def _block_is_empty(img: SparseImage, b: int, bm: bytes) -> bool:
+    if img.parent is not None:
+        return batlib.none_set(bm, img.sectors_per_block)
+    base = b * img.block_size
+    n = min(img.block_size, img.size - base)
+    return n <= 0 or img.read(base, n) == bytes(n)
+
+
+def _locator_text(img: SparseImage, i: int) -> str:
+    return read_locator(img.file, img.header, i)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resize(path: str, new_size: int, *, allow_dirs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Grow an image to `new_size` bytes (shrinking would drop data: refused)."""
+    img = open_image(path, writable=True, allow_dirs=allow_dirs, ignore_timestamp=True)
+    try:
+        old = img.size
+        if new_size < old:
+            raise UsageError(f"{path}: {new_size} is smaller than {old}; shrinking would lose data")
+        if new_size % 512:
+            raise UsageError(f"size {new_size} must be a multiple of 512")
+        if new_size == old:
+            return {"path": path, "old_size": old, "new_size": new_size, "how": "unchanged"}
+        if isinstance(img, FixedImage):
+            how = _grow_fixed(img, new_size)
+        else:
+            how = _grow_sparse(img, new_size)
+    finally:
+        img.close()
+    return {"path": path, "old_size": old, "new_size": new_size, "how": how}
+
+
+def _grow_fixed(img: FixedImage, new_size: int) -> str:
+    footer = img.footer.with_size(new_size, chs_for_size(new_size))
+    img.file.pwrite(footer.pack(), new_size)
+    img.file.sync()  # the new footer is the last one: the old one is now just data
+    img.file.pwrite(bytes(ft.SIZE), img.size)
+    img.file.sync()
+    img.footer, img.size = footer, new_size
+    return "in place"
+
+
+def _grow_sparse(img: SparseImage, new_size: int) -> str:
+    if new_size > 2040 * 1024 ** 3:
+        raise UsageError(f"{new_size} is beyond the 2040 GiB a dynamic VHD may hold")
+    entries = -(-new_size // img.block_size)
+    h = img.header
+    first_used = min([e * 512 for e in img.bat if e != batlib.UNALLOCATED] + [img.file.size() - ft.SIZE]
+                     + [loc.data_offset for loc in h.locators if loc.platform != dh.PLATFORM_NONE])
+    if h.table_offset + entries * 4 > first_used:
+        _rewrite(img, new_size, drop_empty=False)  # img now holds the replaced, unlinked file
+        return "rewritten with a larger BAT"
+    if entries > h.max_table_entries:
+        extra = b"\xff\xff\xff\xff" * (entries - h.max_table_entries)
+        img.file.pwrite(extra, h.table_offset + 4 * h.max_table_entries)
+        img.file.sync()
+        img.header = replace(h, max_table_entries=entries)
+        img.file.pwrite(img.header.pack(), img.footer.data_offset)
+        img.file.sync()
+    footer = img.footer.with_size(new_size, chs_for_size(new_size))
+    img.file.pwrite(footer.pack(), img.file.size() - ft.SIZE)
+    img.file.pwrite(footer.pack(), 0)
+    img.file.sync()
+    return "in place"
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+    t = text.strip().upper().replace("IB", "").rstrip("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+    mult = 1
+    if t and t[-1] in units:
+        mult, t = units[t[-1]], t[:-1]
+    try:
+        value = float(t) if "." in t else int(t)
+    except ValueError:
+        raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T") from None
+    size = int(value * mult)
+    if size <= 0:
+        raise UsageError(f"size {text!r} must be positive")
+    return size
+
+
+__all__ = ["open_device", "info", "convert", "merge", "compact", "resize", "parse_size", "copy_data",
+           "Image", "VhdError"]
