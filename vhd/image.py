@@ -62,6 +62,7 @@ class FixedImage:
         self.size = footer.current_size
         self.parent: BlockDevice | None = None
         self.footer_damaged = False
+        self.closed = False
 
     @property
     def disk_type(self) -> ft.DiskType:
@@ -97,11 +98,13 @@ class FixedImage:
         return [self]
 
     def close(self) -> None:
-        if self.file is not None:
-            try:
-                self.flush()
-            finally:
-                self.file.close()
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.flush()
+        finally:
+            self.file.close()
 
     def __enter__(self) -> FixedImage:
         return self
@@ -123,6 +126,7 @@ class SparseImage:
         self.sectors_per_block = self.block_size // SECTOR
         self.bitmap_size = batlib.bitmap_bytes(self.block_size)
         self.footer_damaged = False
+        self.closed = False
         self._footer_raw = footer.pack()
         self._data_end = file.size() - ft.SIZE  # where the footer sits; next block goes here
         self._state = bytearray(len(table))  # per block: _UNKNOWN, _FULL or _PARTIAL
@@ -406,8 +410,9 @@ class SparseImage:
         return members
 
     def close(self) -> None:
-        if self.file is None:
+        if self.closed:
             return
+        self.closed = True
         try:
             self.flush()
         finally:
