@@ -90,6 +90,19 @@ def ranges_to_extents(offset: int, length: int, data: list[tuple[int, int]]) -> 
 
 
 ZERO_CHUNK = 1 << 20
+_ZEROS = bytes(4 << 20)
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """True if every byte is zero. bytes and bytearray compare with memcmp;
+    a memoryview compares element by element (about 100x slower), so it is
+    copied to bytes first."""
+    if isinstance(data, memoryview):
+        data = data.tobytes()
+    n = len(data)
+    if n <= len(_ZEROS):
+        return data == (_ZEROS if n == len(_ZEROS) else _ZEROS[:n])
+    return data.count(0) == n
 
 
 def write_zeros(dev: BlockDevice, offset: int, length: int) -> None:

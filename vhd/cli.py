@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_size, default=dh.DEFAULT_BLOCK_SIZE)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--no-sync", action="store_true",
+                   help="do not fsync the result (qemu-img's default): faster, but a power cut "
+                        "soon after may leave it incomplete")
     _chain_opts(p)
 
     p = sub.add_parser("merge", help="merge a differencing image into its parent")
@@ -189,7 +192,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def cmd_convert(a: argparse.Namespace) -> int:
     _print(convert(a.source, a.target, a.to, block_size=a.block_size, src_format=a.source_format,
-                   show_progress=a.progress, **_chain_kw(a)))
+                   show_progress=a.progress, sync=not a.no_sync, **_chain_kw(a)))
     return 0
 
 

@@ -22,15 +22,16 @@ exactly the unflushed writes and leaves at most unreferenced space.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid as uuidlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import bat as batlib
 from . import dynamic_header as dh
 from . import footer as ft
-from .blockdev import Alloc, BlockDevice, Extent, check_range, merge_extents, ranges_to_extents, write_zeros
+from .blockdev import Alloc, BlockDevice, Extent, check_range, is_zero, merge_extents, ranges_to_extents, write_zeros
 from .chain import Candidate, Resolver, candidates, check_allowed
 from .errors import (
     FormatError,
@@ -54,6 +55,26 @@ MAX_FIXED_SIZE = 64 * 1024 ** 4  # the largest managed disk (Ultra, PremiumV2)
 _UNKNOWN, _FULL, _PARTIAL = 0, 1, 2
 
 
+def fast_pread(file: RawFile) -> Callable[[int, int], bytes]:
+    """os.pread bound to the file's descriptor when it has one: no Python
+    frame per call on the hot path. Callers handle short reads."""
+    if isinstance(file, OsFile) and type(file).pread is OsFile.pread:
+        return functools.partial(os.pread, file.fd)
+    return file.pread
+
+
+def fast_pwrite(file: RawFile) -> Callable[[bytes | bytearray | memoryview, int], int]:
+    """os.pwrite bound to the descriptor (returns the count written), or a
+    wrapper that writes everything and returns the length."""
+    if isinstance(file, OsFile) and type(file).pwrite is OsFile.pwrite:
+        return functools.partial(os.pwrite, file.fd)
+
+    def write_all(data: bytes | bytearray | memoryview, offset: int) -> int:
+        file.pwrite(data, offset)
+        return len(data)
+    return write_all
+
+
 class FixedImage:
     """A fixed VHD: the disk's bytes, then the footer."""
 
@@ -63,6 +84,8 @@ class FixedImage:
         self.parent: BlockDevice | None = None
         self.footer_damaged = False
         self.closed = False
+        self.sync_on_close = True
+        self._pread = fast_pread(file)
 
     @property
     def disk_type(self) -> ft.DiskType:
@@ -71,8 +94,8 @@ class FixedImage:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self.size, offset, length)
-        data = self.file.pread(length, offset)
-        return data if len(data) == length else data + bytes(length - len(data))
+        data = self._pread(length, offset)
+        return data if len(data) == length else self.file.pread(length, offset).ljust(length, b"\0")
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.readonly:
@@ -102,7 +125,8 @@ class FixedImage:
             return
         self.closed = True
         try:
-            self.flush()
+            if self.sync_on_close:
+                self.flush()
         finally:
             self.file.close()
 
@@ -127,15 +151,21 @@ class SparseImage:
         self.bitmap_size = batlib.bitmap_bytes(self.block_size)
         self.footer_damaged = False
         self.closed = False
+        self.sync_on_close = True  # False: close() writes metadata but never syncs
+        self._shift = self.block_size.bit_length() - 1
+        self._mask = self.block_size - 1
         self._footer_raw = footer.pack()
         self._data_end = file.size() - ft.SIZE  # where the footer sits; next block goes here
         self._state = bytearray(len(table))  # per block: _UNKNOWN, _FULL or _PARTIAL
+        # per block: file offset of the data of a _FULL block, else -1 (the read fast path)
+        self._fast = array("q", [-1]) * len(table)
+        self._pread = fast_pread(file)
+        self._pwrite = fast_pwrite(file)
         self._bitmaps: dict[int, bytearray] = {}
         self._dirty_bat: set[int] = set()
         self._dirty_bitmaps: set[int] = set()
         self._uncommitted: set[int] = set()
         self._unsynced = False
-        self._zeros = bytes(self.block_size)
 
     @property
     def disk_type(self) -> ft.DiskType:
@@ -150,6 +180,7 @@ class SparseImage:
             bm = bytearray(raw.ljust(self.bitmap_size, b"\0"))
             if batlib.all_set(bm, self.sectors_per_block):
                 st = _FULL
+                self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
             else:
                 st = _PARTIAL
                 self._bitmaps[b] = bm
@@ -177,13 +208,14 @@ class SparseImage:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             check_range(self.size, offset, length)
+        inb = offset & self._mask
+        if inb + length <= self.block_size:  # inside one fully present block: the common case, kept short
+            at = self._fast[offset >> self._shift]
+            if at >= 0:
+                data = self._pread(length, at + inb)
+                if len(data) == length:
+                    return data
         bs = self.block_size
-        b, inb = divmod(offset, bs)
-        if inb + length <= bs:  # one block: the common case, kept short
-            entry = self.bat[b]
-            if entry != batlib.UNALLOCATED and self._block_state(b) == _FULL:
-                data = self.file.pread(length, entry * SECTOR + self.bitmap_size + inb)
-                return data if len(data) == length else data.ljust(length, b"\0")
         parts: list[bytes] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -218,7 +250,17 @@ class SparseImage:
         if self.readonly:
             raise ReadOnlyError(f"{self.file.name}: opened read-only")
         length = len(data)
-        check_range(self.size, offset, length)
+        if offset < 0 or offset + length > self.size:
+            check_range(self.size, offset, length)
+        inb = offset & self._mask
+        if not (offset | length) & 511 and inb + length <= self.block_size:
+            at = self._fast[offset >> self._shift]
+            if at >= 0:  # sectors of a fully present block: one pwrite, no metadata
+                done = self._pwrite(data, at + inb)
+                if done < length:
+                    self.file.pwrite(memoryview(data)[done:], at + inb + done)
+                self._unsynced = True
+                return
         if offset % SECTOR or length % SECTOR:  # read-modify-write whole sectors
             lo = offset - offset % SECTOR
             hi = -(-(offset + length) // SECTOR) * SECTOR
@@ -237,7 +279,7 @@ class SparseImage:
     def _write_block(self, b: int, inb: int, chunk: memoryview) -> None:
         entry = self.bat[b]
         if entry == batlib.UNALLOCATED:
-            if self.parent is None and chunk == memoryview(self._zeros)[:len(chunk)]:
+            if self.parent is None and is_zero(chunk):
                 return  # zeros into an unallocated dynamic block: already reads as zeros
             entry = self._allocate(b)
         self.file.pwrite(chunk, entry * SECTOR + self.bitmap_size + inb)
@@ -251,6 +293,7 @@ class SparseImage:
         bm = self._bitmaps[b]
         if batlib.all_set(bm, self.sectors_per_block):
             self._state[b] = _FULL
+            self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
             del self._bitmaps[b]
             bm = bytearray(b"\xff" * self.bitmap_size)
         if b in self._uncommitted:  # no on-disk pointer to it yet: write now
@@ -270,6 +313,7 @@ class SparseImage:
         if self.parent is None:
             self.file.pwrite(b"\xff" * self.bitmap_size, at)
             self._state[b] = _FULL
+            self._fast[b] = at + self.bitmap_size
         else:
             self.file.pwrite(bytes(self.bitmap_size), at)
             self._state[b] = _PARTIAL
@@ -282,16 +326,24 @@ class SparseImage:
         return self.bat[b]
 
     def flush(self) -> None:
-        """Steps 3 to 5 of the write order."""
+        """Steps 3 to 5 of the write order: afterwards every write is durable."""
+        self._commit(sync=True)
+
+    def write_metadata(self) -> None:
+        """Write pending BAT entries and bitmaps without any sync: for files
+        whose durability the caller does not need (convert --no-sync)."""
+        self._commit(sync=False)
+
+    def _commit(self, sync: bool) -> None:
         if self.readonly:
             return
         if not (self._dirty_bat or self._dirty_bitmaps):
-            if self._unsynced:
+            if self._unsynced and sync:
                 self.file.sync()
                 self._unsynced = False
             return
-        if self.durable:
-            self.file.sync()
+        if sync and self.durable:
+            self.file.sync()  # 3. data and new blocks' bitmaps before any pointer to them
         for b in sorted(self._dirty_bitmaps):
             if self.bat[b] != batlib.UNALLOCATED:
                 self.file.pwrite(self._bitmap(b), self.bat[b] * SECTOR)
@@ -301,11 +353,12 @@ class SparseImage:
             count = min(per_sector, len(self.bat) - first)
             self.file.pwrite(batlib.pack_entries(self.bat, first, count),
                              self.header.table_offset + sector * SECTOR)
-        self.file.sync()
+        if sync:
+            self.file.sync()  # 5. pointers durable
         self._dirty_bat.clear()
         self._dirty_bitmaps.clear()
         self._uncommitted.clear()
-        self._unsynced = False
+        self._unsynced = not sync
 
     def discard(self, offset: int, length: int) -> None:
         """Afterwards the range reads as zeros. Dynamic: whole blocks are
@@ -332,6 +385,7 @@ class SparseImage:
     def _unallocate(self, b: int) -> None:
         self.bat[b] = batlib.UNALLOCATED
         self._state[b] = _UNKNOWN
+        self._fast[b] = -1
         self._bitmaps.pop(b, None)
         self._dirty_bitmaps.discard(b)
         self._uncommitted.discard(b)
@@ -344,13 +398,13 @@ class SparseImage:
         at = entry * SECTOR
         self.file.pwrite(bitmap, at)
         piece = 64 * 1024
-        zeros = self._zeros[:piece]
         src_at = src.bat[b] * SECTOR + src.bitmap_size
         for off in range(0, self.block_size, piece):
             data = src.file.pread(piece, src_at + off)
-            if data and data != zeros[:len(data)]:
+            if data and not is_zero(data):
                 self.file.pwrite(data, at + self.bitmap_size + off)
         self._state[b] = _UNKNOWN
+        self._fast[b] = -1
         self._bitmaps.pop(b, None)
 
     def reload(self) -> None:
@@ -359,6 +413,7 @@ class SparseImage:
         assert not (self._dirty_bat or self._dirty_bitmaps), "reload with unflushed metadata"
         self._data_end = self.file.size() - ft.SIZE
         self._state = bytearray(len(self.bat))
+        self._fast = array("q", [-1]) * len(self.bat)
         self._bitmaps.clear()
         self._uncommitted.clear()
 
@@ -414,7 +469,10 @@ class SparseImage:
             return
         self.closed = True
         try:
-            self.flush()
+            if self.sync_on_close:
+                self.flush()
+            else:
+                self.write_metadata()
         finally:
             self.file.close()
             if self.parent is not None:
@@ -717,7 +775,8 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     header = dh.DynamicHeader(table_offset, entries, block_size, puuid, pts, pname, tuple(locs))
     footer = new_footer(disk_type, size, ft.SIZE, unique_id)
     table = array("I", [batlib.UNALLOCATED]) * entries
-    file.truncate(0)
+    if file.size():
+        file.truncate(0)  # only when reusing a file: on ext4 a truncate to 0 makes close() flush
     file.pwrite(footer.pack() + header.pack() + batlib.pack_table(table), 0)
     for at, raw in payloads:
         file.pwrite(raw, at)

@@ -97,11 +97,11 @@ class ImageMachine(RuleBasedStateMachine):
         self.img = vhd.open(self.top, writable=True)
         assert self.img.allocated_blocks() == []
 
-    @rule(to=st.sampled_from(["raw", "fixed", "dynamic"]))
-    def convert(self, to):
+    @rule(to=st.sampled_from(["raw", "fixed", "dynamic"]), sync=st.booleans())
+    def convert(self, to, sync):
         self.img.close()
         out = os.path.join(self.dir, f"out.{to}")
-        vhd.convert(self.top, out, to, block_size=BS, show_progress=False)
+        vhd.convert(self.top, out, to, block_size=BS, show_progress=False, sync=sync)
         with vhd.open_device(out, fmt="raw" if to == "raw" else "vhd") as dev:  # type: ignore[attr-defined]
             assert dev.read(0, SIZE) == bytes(self.model)
         os.unlink(out)
