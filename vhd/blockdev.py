@@ -98,6 +98,8 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
     a memoryview compares element by element (about 100x slower), so it is
     copied to bytes first."""
     if isinstance(data, memoryview):
+        if data[:16].tobytes() != _ZEROS[:min(16, len(data))]:
+            return False  # real data usually shows itself at once: no copy
         data = data.tobytes()
     n = len(data)
     if n <= len(_ZEROS):

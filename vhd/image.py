@@ -699,14 +699,16 @@ def _target_file(target: str | os.PathLike[str] | RawFile) -> tuple[RawFile, str
 
 
 def create_fixed(target: str | os.PathLike[str] | RawFile, size: int, *,
-                 unique_id: uuidlib.UUID | None = None) -> FixedImage:
-    """A fixed VHD of `size` bytes (sparse on disk until written)."""
+                 unique_id: uuidlib.UUID | None = None, durable: bool = True) -> FixedImage:
+    """A fixed VHD of `size` bytes (sparse on disk until written).
+    durable=False: not synced here (the caller syncs, e.g. convert)."""
     _check_size(size, MAX_FIXED_SIZE)
     file, path = _target_file(target)
     footer = new_footer(ft.DiskType.FIXED, size, unique_id=unique_id)
     file.truncate(size)
     file.pwrite(footer.pack(), size)
-    file.sync()
+    if durable:
+        file.sync()
     return FixedImage(file, footer, False, path)
 
 
@@ -780,7 +782,9 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     file.pwrite(footer.pack() + header.pack() + batlib.pack_table(table), 0)
     for at, raw in payloads:
         file.pwrite(raw, at)
-    file.sync()
+    if durable:
+        file.sync()  # headers and BAT before the footer that makes the file a VHD
     file.pwrite(footer.pack(), pos)
-    file.sync()
+    if durable:
+        file.sync()
     return SparseImage(file, footer, header, table, False, path, None, durable)

@@ -176,3 +176,28 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, args, code, words):
 def test_footer_timestamp_is_seconds_since_2000():
     assert ft.vhd_timestamp(ft.EPOCH_2000 + 5) == 5
     assert ft.vhd_timestamp(0) == 0
+
+
+def test_a_failed_convert_stops_its_reader_and_leaves_no_file(tmp_path, monkeypatch):
+    import threading
+
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(os.urandom(16 * MIB))
+    calls = {"n": 0}
+    real_write = vhd.SparseImage.write
+
+    def failing_write(self, offset, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        real_write(self, offset, data)
+
+    monkeypatch.setattr(vhd.SparseImage, "write", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        vhd.convert(str(raw), str(tmp_path / "a.vhd"), "dynamic", show_progress=False)
+    assert not (tmp_path / "a.vhd").exists()
+    assert not [t for t in threading.enumerate() if t.name == "copy-reader"]
+    r = cli("convert", str(raw), str(tmp_path / "b.vhd"), "--to", "dynamic", "--no-sync")
+    assert r.returncode == 0
+    with vhd.open(tmp_path / "b.vhd") as img:
+        assert img.read(0, img.size) == raw.read_bytes()
