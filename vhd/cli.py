@@ -264,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VhdError as e:
         print(f"vhd {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         print(f"vhd {args.cmd}:{where} {e.strerror or e}", file=sys.stderr)
@@ -271,8 +275,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vhd {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os._exit(1)
 
 
 if __name__ == "__main__":
