@@ -17,6 +17,7 @@ import struct
 import uuid
 from dataclasses import dataclass, field
 
+from .checksum import ones_complement
 from .errors import ChecksumError, FormatError
 
 SIZE = 1024
@@ -46,8 +47,7 @@ _CHECKSUM_AT = 36
 
 
 def checksum(raw: bytes | bytearray) -> int:
-    total = sum(raw) - sum(raw[_CHECKSUM_AT:_CHECKSUM_AT + 4])
-    return ~total & 0xFFFFFFFF
+    return ones_complement(raw, _CHECKSUM_AT)
 
 
 def platform_name(code: int) -> str:

@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 
+from .checksum import ones_complement
 from .errors import ChecksumError, FormatError
 from .geometry import Geometry
 
@@ -46,9 +47,7 @@ class DiskType(enum.IntEnum):
 
 
 def checksum(raw: bytes | bytearray) -> int:
-    """One's complement of the byte sum, with bytes 64..67 counted as zero."""
-    total = sum(raw) - sum(raw[_CHECKSUM_AT:_CHECKSUM_AT + 4])
-    return ~total & 0xFFFFFFFF
+    return ones_complement(raw, _CHECKSUM_AT)
 
 
 def vhd_timestamp(unix: float | None = None) -> int:

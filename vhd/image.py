@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from . import bat as batlib
 from . import dynamic_header as dh
 from . import footer as ft
-from .blockdev import Alloc, BlockDevice, Extent, check_range, is_zero, merge_extents, ranges_to_extents, write_zeros
+from .blockdev import Alloc, BlockDevice, Extent, FileDevice, check_range, is_zero, merge_extents, write_zeros
 from .chain import Candidate, Resolver, candidates, check_allowed
 from .errors import (
     FormatError,
@@ -75,12 +75,13 @@ def fast_pwrite(file: RawFile) -> Callable[[bytes | bytearray | memoryview, int]
     return write_all
 
 
-class FixedImage:
-    """A fixed VHD: the disk's bytes, then the footer."""
+class FixedImage(FileDevice):
+    """A fixed VHD: the disk's bytes, then the footer. Writes, flush, discard
+    and the allocation map are those of a raw device of the same size."""
 
     def __init__(self, file: RawFile, footer: ft.Footer, readonly: bool, path: str | None) -> None:
-        self.file, self.footer, self.readonly, self.path = file, footer, readonly, path
-        self.size = footer.current_size
+        super().__init__(file, readonly, footer.current_size)
+        self.footer, self.path = footer, path
         self.parent: BlockDevice | None = None
         self.footer_damaged = False
         self.closed = False
@@ -97,26 +98,6 @@ class FixedImage:
         data = self._pread(length, offset)
         return data if len(data) == length else self.file.pread(length, offset).ljust(length, b"\0")
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.readonly:
-            raise ReadOnlyError(f"{self.file.name}: opened read-only")
-        check_range(self.size, offset, len(data))
-        self.file.pwrite(data, offset)
-
-    def flush(self) -> None:
-        if not self.readonly:
-            self.file.sync()
-
-    def discard(self, offset: int, length: int) -> None:
-        if self.readonly:
-            raise ReadOnlyError(f"{self.file.name}: opened read-only")
-        check_range(self.size, offset, length)
-        write_zeros(self, offset, length)
-
-    def allocation(self, offset: int, length: int) -> list[Extent]:
-        check_range(self.size, offset, length)
-        return ranges_to_extents(offset, length, self.file.data_ranges(offset, length))
-
     def chain(self) -> list[BlockDevice]:
         return [self]
 
@@ -132,9 +113,6 @@ class FixedImage:
 
     def __enter__(self) -> FixedImage:
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class SparseImage:

@@ -133,8 +133,9 @@ class ImageMachine(RuleBasedStateMachine):
 def machine(kind: str, depth: int):
     cls = type(f"Machine_{kind}_{depth}", (ImageMachine,), {"kind": kind, "depth": depth})
     case = cls.TestCase
-    case.settings = settings(max_examples=int(os.environ.get("VHD_MODEL_EXAMPLES", 15)),
-                             stateful_step_count=25, deadline=None)
+    slow = bool(os.environ.get("DISKSTAMP_SLOW"))  # long runs: DISKSTAMP_SLOW=1
+    case.settings = settings(max_examples=300 if slow else 15, stateful_step_count=40 if slow else 25,
+                             deadline=None)
     return case
 
 
