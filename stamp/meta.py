@@ -1,0 +1,101 @@
+"""The stamp's metadata: one LMDB environment, its tables and their encodings.
+
+Every table is declared here with its key and value layout, so the stream and
+partition layers share one definition. Rules:
+- a write transaction starts and commits in one function, on one thread;
+- keys are big-endian so LMDB's byte order is numeric order;
+- durability mode "fsync" syncs every commit; "os" leaves that to the kernel
+  (safe against process crashes, not against power loss).
+
+Tables
+  nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
+  extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner}
+  counters   name                   -> u64
+  blobs      name (utf-8)           -> JSON {id, created, properties...}
+  blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease)
+  snaps      u64 blob id, u32 epoch -> JSON {snapshot, epoch, time, size, metadata}
+  snapnames  u64 blob id, snapshot id (utf-8) -> the same JSON
+  pages      u64 blob id, u64 page  -> PIECE (the live index)
+  frozen     u64 blob id, u32 epoch, u64 page -> PIECE (kept for snapshot `epoch`)
+  changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lmdb
+
+TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
+          "changes")
+MAP_SIZE = 1 << 38  # address space only: the file grows with use
+
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+BLOB_PAGE = struct.Struct(">QQ")
+BLOB_EPOCH = struct.Struct(">QI")
+BLOB_EPOCH_PAGE = struct.Struct(">QIQ")
+# end page, extent id, record offset, record length, inner byte offset, generation
+PIECE = struct.Struct("<QQQIII")
+# epoch, latest surviving snapshot epoch (-1: none), size, lease id (16 bytes), lease expiry (0: never)
+STATE = struct.Struct("<IiQ16sd")
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def loads(raw: bytes) -> Any:
+    return json.loads(raw)
+
+
+class Meta:
+    """The LMDB environment of one stamp folder."""
+
+    def __init__(self, path: str, sync: bool) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.env = lmdb.open(path, max_dbs=len(TABLES) + 2, map_size=MAP_SIZE, sync=sync,
+                             metasync=sync, max_readers=512, readahead=False)
+        self.db = {name: self.env.open_db(name.encode()) for name in TABLES}
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin(write=False)
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        with self.env.begin(write=True) as txn:
+            yield txn
+
+    def next_id(self, txn: lmdb.Transaction, name: str) -> int:
+        key = name.encode()
+        raw = txn.get(key, db=self.db["counters"])
+        value = (U64.unpack(raw)[0] if raw else 0) + 1
+        txn.put(key, U64.pack(value), db=self.db["counters"])
+        return value
+
+    def get_json(self, txn: lmdb.Transaction, table: str, key: bytes) -> Any:
+        raw = txn.get(key, db=self.db[table])
+        return None if raw is None else loads(bytes(raw))
+
+    def put_json(self, txn: lmdb.Transaction, table: str, key: bytes, value: Any) -> None:
+        txn.put(key, dumps(value), db=self.db[table])
+
+    def items(self, txn: lmdb.Transaction, table: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        cur = txn.cursor(db=self.db[table])
+        if not cur.set_range(prefix):
+            return
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()

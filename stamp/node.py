@@ -1,0 +1,106 @@
+"""Extent nodes: one folder each, with a fault domain, holding extent replicas.
+
+A node's health and injected faults live in the metadata (table `nodes`), so
+a fault injected from the CLI reaches a server using the same stamp. States:
+  up    serves reads and appends
+  down  refuses every operation (its files are intact; it may come back)
+  lost  its folder is gone for good; replicas on it must be re-made
+Injected on an up node: `slow_ms` (each operation waits), `full` (appends
+fail with ENOSPC). Bit flips are made in the replica file itself.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+
+
+class NodeState(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    LOST = "lost"
+
+
+class NodeDown(OSError):
+    """The node cannot be reached (down or lost)."""
+
+
+@dataclass
+class Node:
+    id: int
+    name: str
+    fault_domain: int
+    folder: str
+    state: NodeState = NodeState.UP
+    slow_ms: float = 0.0
+    full: bool = False
+    _fds: dict[int, int] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, node_id: int, root: str, obj: dict[str, object]) -> Node:
+        name = str(obj["name"])
+        return cls(node_id, name, int(obj["fault_domain"]), os.path.join(root, "nodes", name),  # type: ignore[call-overload]
+                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)),  # type: ignore[arg-type]
+                   bool(obj.get("full", False)))
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "fault_domain": self.fault_domain, "state": self.state.value,
+                "slow_ms": self.slow_ms, "full": self.full}
+
+    @property
+    def healthy(self) -> bool:
+        return self.state is NodeState.UP
+
+    def extent_path(self, extent_id: int) -> str:
+        return os.path.join(self.folder, "extents", f"{extent_id:016x}.ext")
+
+    def _gate(self) -> None:
+        if self.state is not NodeState.UP:
+            raise NodeDown(errno.EHOSTDOWN, f"node {self.name} is {self.state.value}")
+        if self.slow_ms:
+            time.sleep(self.slow_ms / 1000)
+
+    def fd(self, extent_id: int, create: bool = False) -> int:
+        self._gate()
+        fd = self._fds.get(extent_id)
+        if fd is None:
+            flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+            fd = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
+            self._fds[extent_id] = fd
+        return fd
+
+    def append(self, extent_id: int, data: bytes, offset: int) -> None:
+        fd = self.fd(extent_id)
+        if self.full:
+            raise OSError(errno.ENOSPC, f"node {self.name}: no space left (injected)")
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def read(self, extent_id: int, length: int, offset: int) -> bytes:
+        return os.pread(self.fd(extent_id), length, offset)
+
+    def sync(self, extent_id: int) -> None:
+        os.fdatasync(self.fd(extent_id))
+
+    def size(self, extent_id: int) -> int:
+        return os.fstat(self.fd(extent_id)).st_size
+
+    def drop(self, extent_id: int) -> None:
+        """Forget (close) and delete a replica file."""
+        fd = self._fds.pop(extent_id, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.extent_path(extent_id))
+        except FileNotFoundError:
+            pass
+
+    def forget(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

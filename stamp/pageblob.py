@@ -1,0 +1,510 @@
+"""Page blobs: the partition layer's index over the stream layer.
+
+A page blob is a sparse array of 512-byte pages. Its live index maps page
+ranges to record bytes in extents ("pieces"); never-written and cleared pages
+have no piece and read as zeros. Metadata grows with data written, not size.
+
+Snapshots cost O(1): a snapshot records the blob's epoch E and the blob moves
+to epoch E+1. Every piece carries the epoch it was written in (its gen). When
+a write or clear covers a piece that the latest surviving snapshot L can see
+(gen <= L), the covered part moves to the frozen table of L instead of being
+dropped. Reading snapshot k takes, page by page, the first of frozen(j) for
+surviving snapshots j >= k in ascending order, then the live index. Live
+reads and writes never look at snapshots, so they cost the same with 500.
+
+While a blob has snapshots, every write and clear adds its range to the
+change log of the current epoch (a union of ranges). The diff from snapshot k
+to a target (a later snapshot m, or live) is the union of the change logs of
+epochs k+1..m, split by the target's state into written and cleared ranges:
+cost proportional to what changed.
+
+Deleting snapshot k moves each piece of frozen(k) that the previous surviving
+snapshot k' can see (gen <= k') to frozen(k') and drops the rest.
+
+Write order: data is appended to 3 replicas (stream layer) before the index
+transaction that points at it commits; a crash in between leaves only
+unreferenced record bytes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lmdb
+
+from . import ranges as rg
+from .errors import (
+    BlobAlreadyExists,
+    BlobNotFound,
+    CorruptStamp,
+    InvalidHeaderValue,
+    InvalidPageRange,
+    LeaseAlreadyPresent,
+    LeaseIdMismatch,
+    LeaseIdMissing,
+    RequestBodyTooLarge,
+    SnapshotNotFound,
+)
+from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
+from .stream import StreamLayer
+
+PAGE = 512
+MAX_WRITE = 4 * 1024 * 1024
+MAX_BLOB = 8 * 1024 ** 4  # page blobs; managed disks go beyond with several (later)
+NO_LEASE = bytes(16)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Pages [start, end) are record bytes from `inner` on."""
+
+    start: int
+    end: int
+    extent: int
+    rec_off: int
+    rec_len: int
+    inner: int
+    gen: int
+
+    def cut(self, s: int, e: int) -> Piece:
+        s, e = max(s, self.start), min(e, self.end)
+        return replace(self, start=s, end=e, inner=self.inner + (s - self.start) * PAGE)
+
+    def pack(self) -> bytes:
+        return PIECE.pack(self.end, self.extent, self.rec_off, self.rec_len, self.inner, self.gen)
+
+    @classmethod
+    def unpack(cls, start: int, raw: bytes) -> Piece:
+        end, extent, off, length, inner, gen = PIECE.unpack(raw)
+        return cls(start, end, extent, off, length, inner, gen)
+
+
+@dataclass
+class BlobState:
+    epoch: int
+    latest: int  # epoch of the latest surviving snapshot, -1 if none
+    size: int
+    lease: bytes
+    lease_expiry: float
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> BlobState:
+        return cls(*STATE.unpack(raw))
+
+    def pack(self) -> bytes:
+        return STATE.pack(self.epoch, self.latest, self.size, self.lease, self.lease_expiry)
+
+    def lease_held(self, now: float) -> bool:
+        return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    blob: str
+    id: str  # Azure-style timestamp, unique per blob
+    epoch: int
+    time: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"blob": self.blob, "snapshot": self.id, "time": self.time}
+
+
+@dataclass(frozen=True)
+class Diff:
+    written: list[tuple[int, int]]  # byte ranges (offset, length)
+    cleared: list[tuple[int, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"written": [{"offset": o, "length": n} for o, n in self.written],
+                "cleared": [{"offset": o, "length": n} for o, n in self.cleared]}
+
+
+def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(s * PAGE, (e - s) * PAGE) for s, e in ranges]
+
+
+def check_pages(offset: int, length: int, size: int, limit: int | None = MAX_WRITE) -> None:
+    """The Azure rules for a page range; violations raise their error code."""
+    if offset % PAGE or length % PAGE:
+        raise InvalidPageRange(f"offset {offset} and length {length} must be multiples of 512")
+    if length <= 0 and limit is not None:
+        raise InvalidPageRange("empty page range")
+    if limit is not None and length > limit:
+        raise RequestBodyTooLarge(f"{length} bytes in one write; the limit is {limit}")
+    if offset < 0 or offset + length > size:
+        raise InvalidPageRange(f"range {offset}+{length} is outside the blob (size {size})")
+
+
+def snapshot_id(now: float) -> str:
+    t = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}0Z"
+
+
+class PageBlobs:
+    """All page blobs of one stamp."""
+
+    def __init__(self, meta: Meta, stream: StreamLayer) -> None:
+        self.meta, self.stream = meta, stream
+        self.db = meta.db
+
+    # -- blob records -------------------------------------------------------------
+
+    def _blob(self, txn: lmdb.Transaction, name: str) -> tuple[int, dict[str, Any], BlobState]:
+        obj = self.meta.get_json(txn, "blobs", name.encode())
+        if obj is None:
+            raise BlobNotFound(f"blob {name!r} does not exist")
+        raw = txn.get(U64.pack(obj["id"]), db=self.db["blobstate"])
+        if raw is None:
+            raise CorruptStamp(f"blob {name!r} has no state record")
+        return obj["id"], obj, BlobState.unpack(bytes(raw))
+
+    def create(self, name: str, size: int, properties: dict[str, Any] | None = None) -> None:
+        if not name or len(name.encode()) > 1024 or "\0" in name:
+            raise InvalidHeaderValue(f"blob name {name!r} is not valid")
+        self._check_size(size)
+        with self.meta.write() as txn:
+            if txn.get(name.encode(), db=self.db["blobs"]) is not None:
+                raise BlobAlreadyExists(f"blob {name!r} already exists")
+            blob_id = self.meta.next_id(txn, "blob")
+            self.meta.put_json(txn, "blobs", name.encode(),
+                               {"id": blob_id, "created": time.time(), "properties": properties or {}})
+            txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
+
+    @staticmethod
+    def _check_size(size: int) -> None:
+        if size < 0 or size % PAGE or size > MAX_BLOB:
+            raise InvalidHeaderValue(f"page blob size {size} must be a multiple of 512 up to 8 TiB")
+
+    def exists(self, name: str) -> bool:
+        with self.meta.read() as txn:
+            return txn.get(name.encode(), db=self.db["blobs"]) is not None
+
+    def names(self) -> list[str]:
+        with self.meta.read() as txn:
+            return [bytes(k).decode() for k, _ in self.meta.items(txn, "blobs")]
+
+    def properties(self, name: str) -> dict[str, Any]:
+        with self.meta.read() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            snaps = len(list(self.meta.items(txn, "snaps", U64.pack(blob_id))))
+        return {"name": name, "size": st.size, "created": obj["created"], "snapshots": snaps,
+                "leased": st.lease_held(time.time()), **obj.get("properties", {})}
+
+    def set_properties(self, name: str, **props: Any) -> None:
+        with self.meta.write() as txn:
+            _, obj, _ = self._blob(txn, name)
+            obj.setdefault("properties", {}).update(props)
+            self.meta.put_json(txn, "blobs", name.encode(), obj)
+
+    def size(self, name: str) -> int:
+        with self.meta.read() as txn:
+            return self._blob(txn, name)[2].size
+
+    def delete(self, name: str, lease: str | None = None) -> None:
+        """Delete a blob and all its snapshots (their space is reclaimed by gc)."""
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            self._check_lease(st, lease)
+            prefix = U64.pack(blob_id)
+            for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
+                rg.delete_prefix(txn, self.db[table], prefix)
+            txn.delete(prefix, db=self.db["blobstate"])
+            txn.delete(name.encode(), db=self.db["blobs"])
+
+    # -- leases --------------------------------------------------------------------
+
+    @staticmethod
+    def _check_lease(st: BlobState, lease: str | None) -> None:
+        if not st.lease_held(time.time()):
+            return
+        if lease is None:
+            raise LeaseIdMissing("the blob is leased; the request named no lease")
+        if uuid.UUID(lease).bytes != st.lease:
+            raise LeaseIdMismatch("the lease named is not the blob's lease")
+
+    def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
+        """Take the blob's lease (for `duration` seconds, -1 forever); returns its id."""
+        if duration != -1 and not 15 <= duration <= 60:
+            raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
+        new = uuid.UUID(lease) if lease else uuid.uuid4()
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            if st.lease_held(now) and st.lease != new.bytes:
+                raise LeaseAlreadyPresent(f"blob {name!r} is leased by someone else")
+            st.lease, st.lease_expiry = new.bytes, 0 if duration == -1 else now + duration
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        return str(new)
+
+    def release_lease(self, name: str, lease: str) -> None:
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            if st.lease != uuid.UUID(lease).bytes:
+                raise LeaseIdMismatch("the lease named is not the blob's lease")
+            st.lease, st.lease_expiry = NO_LEASE, 0
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def break_lease(self, name: str) -> None:
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            st.lease, st.lease_expiry = NO_LEASE, 0
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def lease_of(self, name: str) -> str | None:
+        with self.meta.read() as txn:
+            st = self._blob(txn, name)[2]
+        return str(uuid.UUID(bytes=st.lease)) if st.lease_held(time.time()) else None
+
+    # -- writes ----------------------------------------------------------------------
+
+    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
+        """Put pages: offset and length multiples of 512, at most 4 MiB."""
+        with self.meta.read() as txn:
+            st = self._blob(txn, name)[2]
+        check_pages(offset, len(data), st.size)
+        loc = self.stream.append(data)  # data on 3 replicas before the index points at it
+        s = offset // PAGE
+        piece = Piece(s, s + len(data) // PAGE, loc.extent, loc.offset, loc.length, 0, 0)
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            self._check_lease(st, lease)
+            check_pages(offset, len(data), st.size)  # the blob may have shrunk meanwhile
+            self._replace(txn, blob_id, st, piece.start, piece.end, replace(piece, gen=st.epoch))
+
+    def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
+        """Clear pages: afterwards they read as zeros and hold no data."""
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            self._check_lease(st, lease)
+            check_pages(offset, length, st.size, limit=None)
+            if length:
+                self._replace(txn, blob_id, st, offset // PAGE, (offset + length) // PAGE, None)
+
+    def resize(self, name: str, size: int, lease: str | None = None) -> None:
+        """Grow or shrink; pages cut off are cleared (snapshots keep theirs)."""
+        self._check_size(size)
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            self._check_lease(st, lease)
+            if size < st.size:
+                self._replace(txn, blob_id, st, size // PAGE, st.size // PAGE, None)
+            st.size = size
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def _replace(self, txn: lmdb.Transaction, blob_id: int, st: BlobState, s: int, e: int,
+                 new: Piece | None) -> None:
+        """Make pages [s, e) map to `new` (or to nothing), keeping what the
+        latest snapshot can see in its frozen table."""
+        prefix = U64.pack(blob_id)
+        pages = self.db["pages"]
+        for ps, pe, raw in rg.overlapping(txn, pages, prefix, s, e):
+            old = Piece.unpack(ps, raw)
+            txn.delete(prefix + U64.pack(ps), db=pages)
+            if ps < s:
+                left = old.cut(ps, s)
+                txn.put(prefix + U64.pack(ps), left.pack(), db=pages)
+            if pe > e:
+                right = old.cut(e, pe)
+                txn.put(prefix + U64.pack(e), right.pack(), db=pages)
+            middle = old.cut(s, e)
+            if st.latest >= 0 and middle.gen <= st.latest:
+                txn.put(BLOB_EPOCH.pack(blob_id, st.latest) + U64.pack(middle.start), middle.pack(),
+                        db=self.db["frozen"])
+        if new is not None:
+            txn.put(prefix + U64.pack(s), new.pack(), db=pages)
+        if st.latest >= 0:
+            rg.add_union(txn, self.db["changes"], BLOB_EPOCH.pack(blob_id, st.epoch), s, e)
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _sources(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None) -> list[tuple[Any, bytes]]:
+        """Tables to resolve pages from, first wins: frozen(j) for snapshots j >= epoch, then live."""
+        out: list[tuple[Any, bytes]] = []
+        if epoch is not None:
+            for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id)):
+                j = BLOB_EPOCH.unpack(key)[1]
+                if j >= epoch:
+                    out.append((self.db["frozen"], BLOB_EPOCH.pack(blob_id, j)))
+        out.append((self.db["pages"], U64.pack(blob_id)))
+        return out
+
+    def _resolve(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int) -> list[Piece]:
+        """The pieces that hold pages [s, e) at snapshot `epoch` (None: live), sorted.
+
+        For a snapshot, the first source holding a page decides it; a piece
+        written after the snapshot (gen > epoch) means the page was empty then:
+        had it held data, the write or clear that replaced it would have kept
+        that data in an earlier frozen table."""
+        sources = self._sources(txn, blob_id, epoch)
+        if len(sources) == 1 and epoch is None:
+            db, prefix = sources[0]
+            return [Piece.unpack(ps, raw).cut(s, e) for ps, _, raw in rg.overlapping(txn, db, prefix, s, e)]
+        found: list[Piece] = []
+        gaps = [(s, e)]
+        for db, prefix in sources:
+            taken: list[tuple[int, int]] = []
+            for gs, ge in gaps:
+                for ps, _, raw in rg.overlapping(txn, db, prefix, gs, ge):
+                    piece = Piece.unpack(ps, raw).cut(gs, ge)
+                    taken.append((piece.start, piece.end))
+                    if epoch is None or piece.gen <= epoch:
+                        found.append(piece)
+            gaps = rg.subtract(gaps, rg.merge_ranges(taken))
+            if not gaps:
+                break
+        return sorted(found, key=lambda p: p.start)
+
+    def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
+        if snapshot is None:
+            return None
+        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        if raw is None:
+            raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
+        return int(loads(bytes(raw))["epoch"])
+
+    def read(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
+        """Pages [offset, offset+length): multiples of 512; zeros where nothing is written."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+            check_pages(offset, length, size, limit=None)
+            pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, (offset + length) // PAGE)
+        return self._assemble(pieces, offset, length)
+
+    def _snapshot_size(self, txn: lmdb.Transaction, blob_id: int, snapshot: str, st: BlobState) -> int:
+        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        return int(loads(bytes(raw))["size"]) if raw else st.size
+
+    def _assemble(self, pieces: list[Piece], offset: int, length: int) -> bytes:
+        if len(pieces) == 1 and pieces[0].start * PAGE == offset and pieces[0].end * PAGE == offset + length:
+            p = pieces[0]
+            return self.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, length)
+        out = bytearray(length)
+        for p in pieces:
+            at = p.start * PAGE - offset
+            n = (p.end - p.start) * PAGE
+            out[at:at + n] = self.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, n)
+        return bytes(out)
+
+    def page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
+                    length: int | None = None) -> list[tuple[int, int]]:
+        """(offset, length) byte ranges that hold data, merged."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+            end = size if length is None else min(offset + length, size)
+            pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE))
+        return _bytes(rg.merge_ranges([(p.start, p.end) for p in pieces]))
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot(self, name: str, metadata: dict[str, Any] | None = None) -> Snapshot:
+        """Freeze the blob as it is now: O(1) whatever its size."""
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            now = time.time()
+            sid = snapshot_id(now)
+            while txn.get(U64.pack(blob_id) + sid.encode(), db=self.db["snapnames"]) is not None:
+                now += 1e-6
+                sid = snapshot_id(now)
+            info = {"snapshot": sid, "epoch": st.epoch, "time": now, "size": st.size, "metadata": metadata or {}}
+            txn.put(BLOB_EPOCH.pack(blob_id, st.epoch), dumps(info), db=self.db["snaps"])
+            txn.put(U64.pack(blob_id) + sid.encode(), dumps(info), db=self.db["snapnames"])
+            snap = Snapshot(name, sid, st.epoch, now)
+            st.latest, st.epoch = st.epoch, st.epoch + 1
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        return snap
+
+    def snapshots(self, name: str) -> list[Snapshot]:
+        with self.meta.read() as txn:
+            blob_id = self._blob(txn, name)[0]
+            out = []
+            for _, raw in self.meta.items(txn, "snaps", U64.pack(blob_id)):
+                info = loads(raw)
+                out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"]))
+        return out
+
+    def snapshot_metadata(self, name: str, snapshot: str) -> dict[str, Any]:
+        with self.meta.read() as txn:
+            blob_id = self._blob(txn, name)[0]
+            raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        if raw is None:
+            raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
+        return dict(loads(bytes(raw)))
+
+    def delete_snapshot(self, name: str, snapshot: str) -> None:
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            k = self._snapshot_epoch(txn, blob_id, name, snapshot)
+            assert k is not None
+            epochs = [BLOB_EPOCH.unpack(key)[1] for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id))]
+            older = [j for j in epochs if j < k]
+            prev = max(older) if older else -1
+            frozen = self.db["frozen"]
+            for ps, _, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
+                piece = Piece.unpack(ps, raw)
+                if prev >= 0 and piece.gen <= prev:
+                    txn.put(BLOB_EPOCH.pack(blob_id, prev) + U64.pack(ps), raw, db=frozen)
+            rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
+            txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
+            txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+            if st.latest == k:
+                st.latest = prev
+                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            oldest = min([j for j in epochs if j != k], default=None)
+            self._prune_changes(txn, blob_id, oldest)
+
+    def _prune_changes(self, txn: lmdb.Transaction, blob_id: int, oldest: int | None) -> None:
+        """Change logs of epochs no diff can start before are not needed."""
+        changes = self.db["changes"]
+        cur = txn.cursor(db=changes)
+        prefix = U64.pack(blob_id)
+        if not cur.set_range(prefix):
+            return
+        while True:
+            key = bytes(cur.key())
+            if not key.startswith(prefix):
+                return
+            epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])[1]
+            if oldest is not None and epoch > oldest:
+                return
+            if not cur.delete() or not cur.key():
+                return
+
+    def diff(self, name: str, base: str, target: str | None = None) -> Diff:
+        """Ranges written and cleared between snapshot `base` and `target`
+        (a later snapshot, or the live blob when None)."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            k = self._snapshot_epoch(txn, blob_id, name, base)
+            m = self._snapshot_epoch(txn, blob_id, name, target)
+            last = st.epoch if m is None else m
+            assert k is not None
+            if last < k:
+                raise InvalidHeaderValue(f"snapshot {target} is older than {base}")
+            changed: list[tuple[int, int]] = []
+            cur = txn.cursor(db=self.db["changes"])
+            start = BLOB_EPOCH.pack(blob_id, k + 1)
+            if cur.set_range(start):
+                for key, raw in cur:
+                    key = bytes(key)
+                    b, epoch, page = BLOB_EPOCH_PAGE.unpack(key)
+                    if b != blob_id or epoch > last:
+                        break
+                    changed.append((page, rg.END.unpack(bytes(raw))[0]))
+            changed = rg.merge_ranges(changed)
+            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+            pages = size // PAGE
+            changed = [(s, min(e, pages)) for s, e in changed if s < pages]
+            written: list[tuple[int, int]] = []
+            for s, e in changed:
+                written += [(p.start, p.end) for p in self._resolve(txn, blob_id, m, s, e)]
+            written = rg.merge_ranges(written)
+            cleared = rg.subtract(changed, written)
+        return Diff(_bytes(written), _bytes(cleared))

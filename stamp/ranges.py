@@ -1,0 +1,120 @@
+"""Range tables in LMDB: non-overlapping [start, end) page ranges under a key
+prefix, found by cursor. Pure of policy: pageblob decides what ranges mean.
+
+A key is prefix + u64 big-endian start page; the value starts with the u64
+(little-endian) end page. Invariant: ranges under one prefix never overlap.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import lmdb
+
+U64 = struct.Struct(">Q")
+END = struct.Struct("<Q")
+
+
+def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int,
+                touching: bool = False) -> list[tuple[int, int, bytes]]:
+    """(start, end, value) of every range under `prefix` overlapping [start, end)
+    (or also adjacent to it, with touching=True), in order."""
+    out: list[tuple[int, int, bytes]] = []
+    plen = len(prefix)
+    key = prefix + U64.pack(start)
+    cur = txn.cursor(db=db)
+    lo = start - 1 if touching else start
+    if cur.set_range(key):
+        if bytes(cur.key()) != key and cur.prev():
+            k = bytes(cur.key())
+            if k[:plen] == prefix:
+                v = bytes(cur.value())
+                if END.unpack_from(v)[0] > lo:
+                    out.append((U64.unpack(k[plen:])[0], END.unpack_from(v)[0], v))
+        if not cur.set_range(key):
+            return out
+    else:
+        if cur.last():
+            k = bytes(cur.key())
+            if k[:plen] == prefix:
+                v = bytes(cur.value())
+                if END.unpack_from(v)[0] > lo:
+                    out.append((U64.unpack(k[plen:])[0], END.unpack_from(v)[0], v))
+        return out
+    hi = end + 1 if touching else end
+    for raw_key, raw_value in cur:
+        k = bytes(raw_key)
+        if k[:plen] != prefix:
+            break
+        s = U64.unpack(k[plen:])[0]
+        if s >= hi:
+            break
+        v = bytes(raw_value)
+        out.append((s, END.unpack_from(v)[0], v))
+    return out
+
+
+def all_ranges(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> list[tuple[int, int, bytes]]:
+    out: list[tuple[int, int, bytes]] = []
+    plen = len(prefix)
+    cur = txn.cursor(db=db)
+    if not cur.set_range(prefix):
+        return out
+    for raw_key, raw_value in cur:
+        k = bytes(raw_key)
+        if k[:plen] != prefix:
+            break
+        v = bytes(raw_value)
+        out.append((U64.unpack(k[plen:])[0], END.unpack_from(v)[0], v))
+    return out
+
+
+def add_union(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int) -> None:
+    """Record [start, end) in a table of plain ranges, merging with overlapping
+    and adjacent ones (the table holds the union)."""
+    for s, e, _ in overlapping(txn, db, prefix, start, end, touching=True):
+        txn.delete(prefix + U64.pack(s), db=db)
+        start, end = min(start, s), max(end, e)
+    txn.put(prefix + U64.pack(start), END.pack(end), db=db)
+
+
+def delete_prefix(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> int:
+    cur = txn.cursor(db=db)
+    n = 0
+    if not cur.set_range(prefix):
+        return 0
+    while bytes(cur.key()).startswith(prefix):
+        cur.delete()
+        n += 1
+        if not cur.key():
+            break
+    return n
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
+
+
+def subtract(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Parts of sorted disjoint `ranges` not covered by sorted disjoint `taken`."""
+    out = []
+    j = 0
+    for s, e in ranges:
+        pos = s
+        while j < len(taken) and taken[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(taken) and taken[k][0] < e:
+            if taken[k][0] > pos:
+                out.append((pos, taken[k][0]))
+            pos = max(pos, taken[k][1])
+            k += 1
+        if pos < e:
+            out.append((pos, e))
+    return out

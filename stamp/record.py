@@ -1,0 +1,150 @@
+"""The extent file format (docs/formats/extent.md): pure pack/unpack.
+
+An extent replica is a file: a 4 KiB header, then records appended one after
+another. A record holds the bytes of one append (at most 4 MiB):
+
+    record header  16 B: magic "DSR1", u32 data length, u64 header check
+    then per 4 KiB chunk of the data (the last may be shorter):
+                    8 B: xxh3_64 of the chunk, seeded with (record offset, index)
+                    the chunk's bytes
+
+All integers are little-endian. The header check is xxh3_64 of the first 8
+bytes seeded with the record's offset, and chunk checksums are seeded with the
+offset and chunk index, so a record read from the wrong place never verifies.
+A 4 KiB read touches one chunk: one pread and one checksum.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+
+import xxhash
+
+FILE_MAGIC = b"DSEXTNT1"
+FILE_HEADER = 4096
+RECORD_MAGIC = b"DSR1"
+RECORD_HEADER = 16
+CHUNK = 4096
+CHECK = 8
+MAX_RECORD = 4 * 1024 * 1024
+
+_HDR = struct.Struct("<4sIQ")
+_FILE = struct.Struct("<8sII16sQ")  # magic, version, header size, extent uuid, header check
+assert _HDR.size == RECORD_HEADER
+
+
+class RecordError(Exception):
+    """Bytes that are not a valid record here (torn, corrupt, misplaced)."""
+
+
+def _seed(offset: int, index: int) -> int:
+    return ((offset << 12) ^ index) & 0xFFFFFFFFFFFFFFFF
+
+
+def record_size(length: int) -> int:
+    """Bytes a record of `length` data bytes takes in the file."""
+    chunks = -(-length // CHUNK)
+    return RECORD_HEADER + chunks * CHECK + length
+
+
+def pack_record(data: bytes | memoryview, offset: int) -> bytes:
+    """The bytes to append at `offset` for `data`."""
+    n = len(data)
+    if not 0 < n <= MAX_RECORD:
+        raise ValueError(f"record of {n} bytes")
+    head = RECORD_MAGIC + n.to_bytes(4, "little")
+    parts = [head, xxhash.xxh3_64_intdigest(head, seed=offset).to_bytes(8, "little")]
+    view = memoryview(data)
+    h = xxhash.xxh3_64_intdigest
+    for i in range(0, n, CHUNK):
+        chunk = view[i:i + CHUNK]
+        parts.append(h(chunk, seed=_seed(offset, i // CHUNK)).to_bytes(8, "little"))
+        parts.append(chunk.tobytes() if n > CHUNK else bytes(chunk))
+    return b"".join(parts)
+
+
+def parse_header(raw: bytes, offset: int) -> int:
+    """The data length of the record whose 16 header bytes are `raw`."""
+    if len(raw) < RECORD_HEADER:
+        raise RecordError(f"record at {offset}: truncated header")
+    magic, length, check = _HDR.unpack_from(raw)
+    if magic != RECORD_MAGIC or xxhash.xxh3_64_intdigest(raw[:8], seed=offset) != check:
+        raise RecordError(f"record at {offset}: bad header")
+    if not 0 < length <= MAX_RECORD:
+        raise RecordError(f"record at {offset}: bad length {length}")
+    return length
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where the chunks covering data[inner:inner+length] of a record lie."""
+
+    file_offset: int  # of the first covered chunk's checksum
+    file_length: int
+    first_chunk: int
+    skip: int  # bytes of the first chunk before the wanted data
+
+
+def span(rec_offset: int, rec_length: int, inner: int, length: int) -> Span:
+    first = inner // CHUNK
+    last = (inner + length - 1) // CHUNK
+    start = rec_offset + RECORD_HEADER + first * (CHUNK + CHECK)
+    end_data = min((last + 1) * CHUNK, rec_length)
+    size = (last - first) * (CHUNK + CHECK) + CHECK + (end_data - last * CHUNK)
+    return Span(start, size, first, inner - first * CHUNK)
+
+
+def verify_span(raw: bytes, rec_offset: int, sp: Span, length: int) -> bytes:
+    """Check every chunk in `raw` (read at sp.file_offset) and return the wanted bytes."""
+    if len(raw) != sp.file_length:
+        raise RecordError(f"record at {rec_offset}: short read")
+    out = []
+    pos, index = 0, sp.first_chunk
+    h = xxhash.xxh3_64_intdigest
+    while pos < len(raw):
+        check = int.from_bytes(raw[pos:pos + CHECK], "little")
+        chunk = raw[pos + CHECK:pos + CHECK + CHUNK]
+        if h(chunk, seed=_seed(rec_offset, index)) != check:
+            raise RecordError(f"record at {rec_offset}: chunk {index} fails its checksum")
+        out.append(chunk)
+        pos += CHECK + len(chunk)
+        index += 1
+    data = b"".join(out) if len(out) > 1 else out[0]
+    return data[sp.skip:sp.skip + length]
+
+
+def pack_file_header(extent_id: uuid.UUID) -> bytes:
+    raw = _FILE.pack(FILE_MAGIC, 1, FILE_HEADER, extent_id.bytes, 0)
+    check = xxhash.xxh3_64_intdigest(raw[:-8])
+    return _FILE.pack(FILE_MAGIC, 1, FILE_HEADER, extent_id.bytes, check).ljust(FILE_HEADER, b"\0")
+
+
+def parse_file_header(raw: bytes) -> uuid.UUID:
+    if len(raw) < _FILE.size:
+        raise RecordError("extent file: truncated header")
+    magic, version, size, uid, check = _FILE.unpack_from(raw)
+    if magic != FILE_MAGIC or version != 1 or size != FILE_HEADER:
+        raise RecordError("extent file: bad header")
+    if xxhash.xxh3_64_intdigest(raw[:_FILE.size - 8]) != check:
+        raise RecordError("extent file: header checksum")
+    return uuid.UUID(bytes=uid)
+
+
+def scan(read: object, start: int, end: int) -> int:
+    """Walk records from `start` while they verify; return where valid data ends.
+    `read(n, offset) -> bytes`. Used to find a replica's commit length."""
+    pos = start
+    while pos + RECORD_HEADER <= end:
+        try:
+            length = parse_header(read(RECORD_HEADER, pos), pos)  # type: ignore[operator]
+            size = record_size(length)
+            if pos + size > end:
+                break
+            raw = read(size - RECORD_HEADER, pos + RECORD_HEADER)  # type: ignore[operator]
+            verify_span(raw, pos, span(pos, length, 0, length), length)
+        except RecordError:
+            break
+        pos += size
+    return pos

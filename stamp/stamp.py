@@ -1,0 +1,333 @@
+"""A storage stamp in one folder: extent nodes, metadata, page blobs.
+
+    STAMP/stamp.json        configuration (nodes, fault domains, durability)
+    STAMP/meta/             LMDB: the stream manager's and partition layer's tables
+    STAMP/nodes/node-NN/    one extent node each: node.json and extents/
+
+`Stamp.create` lays a folder out; `Stamp.open` opens it (several processes may
+open one stamp; each appends only to extents it created, and on open seals
+extents left open by processes that died). `check()` walks everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from vhd.blockdev import Alloc, Extent, check_range, ranges_to_extents
+
+from . import record as rec
+from .errors import LeaseAlreadyPresent, StampError
+from .meta import PIECE, U32, U64, Meta
+from .node import NodeState
+from .pageblob import PAGE, BlobState, PageBlobs
+from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, pid_alive
+
+DURABILITY = ("os", "fsync")
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "problems": self.problems, "stats": self.stats}
+
+
+class Stamp:
+    def __init__(self, path: str, config: dict[str, Any]) -> None:
+        self.path, self.config = path, config
+        self.fsync = config["durability"] == "fsync"
+        self.meta = Meta(os.path.join(path, "meta"), sync=self.fsync)
+        self.stream = StreamLayer(path, self.meta, self.fsync, config.get("extent_size", DEFAULT_EXTENT_SIZE))
+        self.blobs = PageBlobs(self.meta, self.stream)
+        self.stream.recover()
+
+    @classmethod
+    def create(cls, path: str, *, nodes: int = 6, fault_domains: int = 3, durability: str = "os",
+               extent_size: int = DEFAULT_EXTENT_SIZE) -> Stamp:
+        if durability not in DURABILITY:
+            raise StampError(f"durability must be one of {', '.join(DURABILITY)}")
+        if fault_domains < REPLICAS or nodes < fault_domains:
+            raise StampError(f"a stamp needs at least {REPLICAS} fault domains and a node in each "
+                             f"(asked: {nodes} nodes in {fault_domains} fault domains)")
+        if extent_size < 1 << 20:
+            raise StampError("extent size must be at least 1 MiB")
+        if os.path.exists(os.path.join(path, "stamp.json")):
+            raise StampError(f"{path} already holds a stamp")
+        os.makedirs(path, exist_ok=True)
+        config = {"version": 1, "durability": durability, "extent_size": extent_size,
+                  "nodes": nodes, "fault_domains": fault_domains}
+        meta = Meta(os.path.join(path, "meta"), sync=True)
+        with meta.write() as txn:
+            for i in range(nodes):
+                name = f"node-{i:02d}"
+                folder = os.path.join(path, "nodes", name)
+                os.makedirs(os.path.join(folder, "extents"), exist_ok=True)
+                info = {"name": name, "fault_domain": i % fault_domains}
+                with open(os.path.join(folder, "node.json"), "w") as f:
+                    json.dump(info, f)
+                meta.put_json(txn, "nodes", U32.pack(i), {**info, "state": "up", "slow_ms": 0, "full": False})
+        meta.close()
+        tmp = os.path.join(path, "stamp.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, "stamp.json"))  # the folder is a stamp from here on
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: str) -> Stamp:
+        try:
+            with open(os.path.join(path, "stamp.json")) as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise StampError(f"{path} is not a stamp (no stamp.json); create one with `stamp init {path}`") from None
+        except (json.JSONDecodeError, OSError) as e:
+            raise StampError(f"{path}/stamp.json: {e}") from None
+        return cls(path, config)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.meta.close()
+
+    def __enter__(self) -> Stamp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- page blobs as block devices -------------------------------------------------
+
+    def blob(self, name: str, writable: bool = False) -> BlobDevice:
+        """A page blob as a block device; a writable one holds the blob's lease
+        (one writer per blob, across processes)."""
+        return BlobDevice(self, name, writable)
+
+    def flush(self) -> None:
+        """Make everything acknowledged durable against power loss too."""
+        e = self.stream._current
+        if e is not None:
+            for n in e.nodes:
+                self.stream.nodes[n].sync(e.id)
+        self.meta.sync()
+
+    # -- faults ------------------------------------------------------------------------
+
+    def node_id(self, name_or_id: str | int) -> int:
+        for node in self.stream.nodes.values():
+            if str(name_or_id) in (node.name, str(node.id)):
+                return node.id
+        raise StampError(f"no extent node {name_or_id!r}; nodes: {', '.join(n.name for n in self.nodes())}")
+
+    def nodes(self) -> list[Any]:
+        self.stream.refresh_nodes()
+        return sorted(self.stream.nodes.values(), key=lambda n: n.id)
+
+    def inject(self, fault: str, node: str | int | None = None, **kw: Any) -> dict[str, Any]:
+        """Inject a fault: node-down, node-up, node-lost, slow (ms=), full (on=), bitflip
+        (extent=, offset=). Returns what was done."""
+        if fault == "bitflip":
+            return self._bitflip(int(kw["extent"]), node, kw.get("offset"))
+        if node is None:
+            raise StampError(f"fault {fault} needs a node")
+        n = self.node_id(node)
+        if fault == "node-down":
+            self.stream.set_node(n, state="down")
+        elif fault == "node-up":
+            self.stream.set_node(n, state="up", slow_ms=0, full=False)
+        elif fault == "node-lost":
+            folder = self.stream.nodes[n].folder
+            self.stream.nodes[n].forget()
+            self.stream.set_node(n, state="lost")
+            for entry in os.listdir(os.path.join(folder, "extents")):
+                os.unlink(os.path.join(folder, "extents", entry))
+        elif fault == "node-replaced":  # a lost node comes back empty
+            self.stream.set_node(n, state="up", slow_ms=0, full=False)
+        elif fault == "slow":
+            self.stream.set_node(n, slow_ms=float(kw.get("ms", 50)))
+        elif fault == "full":
+            self.stream.set_node(n, full=bool(kw.get("on", True)))
+        else:
+            raise StampError(f"unknown fault {fault!r}: node-down, node-up, node-lost, node-replaced, "
+                             "slow, full, bitflip")
+        return {"fault": fault, "node": self.stream.nodes[n].name}
+
+    def _bitflip(self, extent_id: int, node: str | int | None, offset: int | None) -> dict[str, Any]:
+        e = self.stream.extent(extent_id, refresh=True)
+        n = self.node_id(node) if node is not None else e.nodes[0]
+        if n not in e.nodes:
+            raise StampError(f"extent {extent_id} has no replica on node {node}")
+        path = self.stream.nodes[n].extent_path(extent_id)
+        size = os.path.getsize(path)
+        if size <= rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK:
+            raise StampError(f"extent {extent_id} holds no data to corrupt")
+        at = offset if offset is not None else rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK + 1
+        with open(path, "r+b") as f:
+            f.seek(at)
+            b = f.read(1)
+            f.seek(at)
+            f.write(bytes([b[0] ^ 0x40]))
+        return {"fault": "bitflip", "extent": extent_id, "node": self.stream.nodes[n].name, "offset": at}
+
+    # -- check ---------------------------------------------------------------------------
+
+    def check(self, deep: bool = True) -> CheckReport:
+        """Walk the stamp: placement, extents, index vs extents, snapshot tables,
+        and (deep) every record of every replica."""
+        report = CheckReport()
+        self.stream.refresh_nodes()
+        extents = {e.id: e for e in self.stream.all_extents()}
+        nodes = self.stream.nodes
+        for e in extents.values():
+            domains = {nodes[n].fault_domain for n in e.nodes if n in nodes}
+            if len(e.nodes) != REPLICAS or len(set(e.nodes)) != REPLICAS:
+                report.problems.append(f"extent {e.id}: {len(set(e.nodes))} distinct replicas, not {REPLICAS}")
+            elif len(domains) != REPLICAS:
+                report.problems.append(f"extent {e.id}: replicas share a fault domain")
+            for n in e.nodes:
+                node = nodes.get(n)
+                if node is None or node.state is NodeState.LOST:
+                    continue
+                path = node.extent_path(e.id)
+                if node.state is NodeState.UP and not os.path.exists(path):
+                    report.problems.append(f"extent {e.id}: replica on {node.name} is missing (rereplicate)")
+                elif node.state is NodeState.UP and os.path.getsize(path) < e.length and e.state == "sealed":
+                    report.problems.append(f"extent {e.id}: replica on {node.name} is shorter than its sealed "
+                                           "length")
+        pieces = 0
+        with self.meta.read() as txn:
+            for table in ("pages", "frozen"):
+                for key, raw in self.meta.items(txn, table):
+                    pieces += 1
+                    end, ext, off, length, inner, gen = PIECE.unpack(raw)
+                    start = U64.unpack(key[-8:])[0]
+                    where = f"{table} blob {U64.unpack(key[:8])[0]} page {start}"
+                    owner = extents.get(ext)
+                    if owner is None:
+                        report.problems.append(f"{where}: points at missing extent {ext}")
+                        continue
+                    e = owner
+                    if end <= start or inner + (end - start) * PAGE > length:
+                        report.problems.append(f"{where}: range outside its record")
+                    if off + rec.record_size(length) > e.length and not (e.state == "open" and e.owner != os.getpid()
+                                                                          and pid_alive(e.owner)):
+                        if not (self.stream._current is not None and self.stream._current.id == ext
+                                and off + rec.record_size(length) <= self.stream._current.length):
+                            report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
+            blobs = len(list(self.meta.items(txn, "blobs")))
+            for key, raw in self.meta.items(txn, "blobstate"):
+                st = BlobState.unpack(raw)
+                snaps = [U32.unpack(k[8:12])[0] for k, _ in self.meta.items(txn, "snaps", key)]
+                if st.latest != (max(snaps) if snaps else -1):
+                    report.problems.append(f"blob {U64.unpack(key)[0]}: latest snapshot epoch {st.latest} "
+                                           f"but snapshots are {snaps}")
+        if deep:
+            scrub = self.stream.scrub(heal=False)
+            report.problems += scrub.problems
+            report.stats.update(records=scrub.records, bad_copies=scrub.bad)
+        report.stats.update({"extents": len(extents), "index_pieces": pieces, "blobs": blobs})
+        return report
+
+
+class BlobDevice:
+    """A page blob as a block device (vhd.BlockDevice): any offset, with
+    read-modify-write for partial pages; writes split at 4 MiB; discard clears."""
+
+    def __init__(self, stamp: Stamp, name: str, writable: bool) -> None:
+        self.stamp, self.name, self.readonly = stamp, name, not writable
+        self.blobs = stamp.blobs
+        self.size = self.blobs.size(name)
+        self.lease: str | None = None
+        if writable:
+            self._take_lease()
+
+    def _take_lease(self) -> None:
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        try:
+            self.lease = self.blobs.acquire_lease(self.name)
+        except LeaseAlreadyPresent:
+            props = self.blobs.properties(self.name)
+            other = props.get("lease_holder", "another holder")
+            pid = props.get("lease_pid", 0)
+            if props.get("lease_host") == socket.gethostname() and pid and not pid_alive(int(pid)):
+                self.blobs.break_lease(self.name)  # its holder died: the lease is stale
+                self.lease = self.blobs.acquire_lease(self.name)
+            else:
+                raise LeaseAlreadyPresent(f"blob {self.name!r} is open for writing by {other}") from None
+        self.blobs.set_properties(self.name, lease_holder=holder, lease_pid=os.getpid(),
+                                  lease_host=socket.gethostname())
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self.size, offset, length)
+        lo = offset - offset % PAGE
+        hi = -(-(offset + length) // PAGE) * PAGE
+        out = bytearray()
+        pos = lo
+        while pos < hi:
+            n = min(hi - pos, 4 * 1024 * 1024)
+            out += self.blobs.read(self.name, pos, n)
+            pos += n
+        return bytes(out[offset - lo:offset - lo + length])
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.readonly:
+            raise StampError(f"blob {self.name!r} is open read-only")
+        length = len(data)
+        check_range(self.size, offset, length)
+        if offset % PAGE or length % PAGE:
+            lo = offset - offset % PAGE
+            hi = -(-(offset + length) // PAGE) * PAGE
+            buf = bytearray(self.read(lo, hi - lo))
+            buf[offset - lo:offset - lo + length] = data
+            data, offset, length = buf, lo, hi - lo
+        view = memoryview(data)
+        for pos in range(0, length, 4 * 1024 * 1024):
+            chunk = view[pos:pos + 4 * 1024 * 1024]
+            self.blobs.write(self.name, offset + pos, chunk, lease=self.lease)
+
+    def flush(self) -> None:
+        self.stamp.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        check_range(self.size, offset, length)
+        lo = -(-offset // PAGE) * PAGE
+        hi = (offset + length) // PAGE * PAGE
+        if hi > lo:
+            self.blobs.clear(self.name, lo, hi - lo, lease=self.lease)
+        for a, b in ((offset, min(lo, offset + length)), (max(hi, offset), offset + length)):
+            if b > a:
+                self.write(a, bytes(b - a))
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        check_range(self.size, offset, length)
+        ranges = self.blobs.page_ranges(self.name, offset=offset - offset % PAGE,
+                                        length=-(-(offset + length) // PAGE) * PAGE - (offset - offset % PAGE))
+        clipped = [(max(o, offset), min(o + n, offset + length) - max(o, offset)) for o, n in ranges]
+        return ranges_to_extents(offset, length, [(o, n) for o, n in clipped if n > 0])
+
+    def close(self) -> None:
+        if self.lease is not None:
+            try:
+                self.blobs.release_lease(self.name, self.lease)
+            except StampError:
+                pass
+            self.lease = None
+
+    def __enter__(self) -> BlobDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["Stamp", "BlobDevice", "CheckReport", "Alloc"]

@@ -1,0 +1,430 @@
+"""The stream layer: append-only extents, each replicated on 3 nodes.
+
+Rules (WAS stream layer, simplified to one data stream):
+- An extent is appended to by the one process that opened it (its owner).
+  A record is acknowledged only after every replica holds it (and, in fsync
+  mode, after every replica is synced; concurrent appenders share fsyncs:
+  group commit).
+- If a replica fails during an append, the extent is sealed at the length
+  all replicas held before that record, and the append is retried on a new
+  extent on healthy nodes; the caller never sees the failure. With fewer than
+  3 healthy nodes in distinct fault domains, NotEnoughNodes is raised and
+  nothing was acknowledged.
+- Extents are sealed when they reach the target size, on failure, or when
+  their owner is found dead (at the length of the longest prefix of records
+  that verifies on every reachable replica).
+- Every read verifies its chunks' checksums; a replica that fails is skipped
+  and, if its node is up, healed with the bytes of a good replica.
+Location of data: (extent id, record offset, record length); the partition
+layer keeps these in its index.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import record as rec
+from .errors import CorruptStamp, DataLost, NotEnoughNodes
+from .meta import U32, U64, Meta, loads
+from .node import Node, NodeDown, NodeState
+
+REPLICAS = 3
+DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
+
+
+@dataclass
+class ScrubReport:
+    records: int = 0
+    bad: int = 0
+    healed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"records": self.records, "bad_copies": self.bad, "healed": self.healed, "problems": self.problems}
+
+
+@dataclass(frozen=True)
+class Location:
+    extent: int
+    offset: int  # of the record in the extent
+    length: int  # data bytes in the record
+
+
+@dataclass
+class Extent:
+    id: int
+    nodes: list[int]
+    state: str  # "open" or "sealed"
+    length: int  # bytes in the file, header included (sealed: final)
+    owner: int  # pid of the appender while open
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner}
+
+    @classmethod
+    def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
+        return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)))
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StreamLayer:
+    def __init__(self, root: str, meta: Meta, fsync: bool, extent_size: int = DEFAULT_EXTENT_SIZE) -> None:
+        self.root, self.meta, self.fsync, self.extent_size = root, meta, fsync, extent_size
+        self.nodes: dict[int, Node] = {}
+        self._extents: dict[int, Extent] = {}
+        self._current: Extent | None = None
+        self._lock = threading.Lock()  # appends: offsets and pwrites in order
+        self._sync_lock = threading.Lock()  # group commit
+        self._synced: dict[int, int] = {}
+        self.refresh_nodes()
+
+    # -- nodes ---------------------------------------------------------------
+
+    def refresh_nodes(self) -> None:
+        """Reload node states (faults may be injected by another process)."""
+        with self.meta.read() as txn:
+            for key, raw in self.meta.items(txn, "nodes"):
+                node_id = U32.unpack(key)[0]
+                fresh = Node.from_json(node_id, self.root, loads(raw))
+                old = self.nodes.get(node_id)
+                if old is None:
+                    self.nodes[node_id] = fresh
+                else:
+                    old.state, old.slow_ms, old.full = fresh.state, fresh.slow_ms, fresh.full
+
+    def set_node(self, node_id: int, **changes: Any) -> Node:
+        """Change a node's state or injected faults, durably, for every process."""
+        with self.meta.write() as txn:
+            obj = self.meta.get_json(txn, "nodes", U32.pack(node_id))
+            if obj is None:
+                raise CorruptStamp(f"no node {node_id}")
+            obj.update(changes)
+            self.meta.put_json(txn, "nodes", U32.pack(node_id), obj)
+        self.refresh_nodes()
+        return self.nodes[node_id]
+
+    def place(self, exclude: set[int] = frozenset(), count: int = REPLICAS,  # type: ignore[assignment]
+              avoid_domains: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+        """`count` healthy nodes in distinct fault domains, least loaded first."""
+        load: dict[int, int] = {n: 0 for n in self.nodes}
+        for e in self._extents.values():
+            for n in e.nodes:
+                load[n] = load.get(n, 0) + 1
+        chosen: list[int] = []
+        domains = set(avoid_domains)
+        for node in sorted(self.nodes.values(), key=lambda n: (load.get(n.id, 0), n.id)):
+            if node.healthy and not node.full and node.id not in exclude and node.fault_domain not in domains:
+                chosen.append(node.id)
+                domains.add(node.fault_domain)
+                if len(chosen) == count:
+                    return chosen
+        healthy = sorted({n.fault_domain for n in self.nodes.values() if n.healthy and not n.full})
+        raise NotEnoughNodes(f"need {count} healthy extent nodes in distinct fault domains; "
+                             f"healthy fault domains: {healthy or 'none'}")
+
+    # -- extents ---------------------------------------------------------------
+
+    def extent(self, extent_id: int, refresh: bool = False) -> Extent:
+        e = self._extents.get(extent_id)
+        if e is None or refresh or e.state == "open" and e is not self._current:
+            with self.meta.read() as txn:
+                obj = self.meta.get_json(txn, "extents", U64.pack(extent_id))
+            if obj is None:
+                raise CorruptStamp(f"extent {extent_id} is not in the metadata")
+            e = Extent.from_json(extent_id, obj)
+            if self._current is not None and self._current.id == extent_id:
+                return self._current
+            self._extents[extent_id] = e
+        return e
+
+    def _new_extent(self) -> Extent:
+        self.refresh_nodes()
+        for _ in range(len(self.nodes) + 1):
+            nodes = self.place()
+            with self.meta.write() as txn:
+                extent_id = self.meta.next_id(txn, "extent")
+                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid())
+                self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
+            header = rec.pack_file_header(uuid.UUID(int=extent_id))
+            try:
+                for n in nodes:
+                    self.nodes[n].fd(extent_id, create=True)
+                    self.nodes[n].append(extent_id, header, 0)
+                    if self.fsync:
+                        self.nodes[n].sync(extent_id)
+            except OSError:
+                self._seal(e, rec.FILE_HEADER)  # an empty sealed extent; try other nodes
+                continue
+            self._extents[extent_id] = e
+            return e
+        raise NotEnoughNodes("could not create an extent on any healthy set of nodes")
+
+    def _seal(self, e: Extent, length: int) -> None:
+        e.state, e.length = "sealed", length
+        with self.meta.write() as txn:
+            self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+        if self._current is e:
+            self._current = None
+
+    def append(self, data: bytes | memoryview) -> Location:
+        """Append one record (1 byte to 4 MiB) to 3 replicas; returns where it is.
+        Returns only when every replica holds it (and has synced it, in fsync mode)."""
+        for _ in range(2 * len(self.nodes) + 2):
+            loc, e, end = self._append_locked(data)
+            if not self.fsync or self._group_sync(e, end):
+                return loc
+        raise NotEnoughNodes("appends keep failing on every extent")
+
+    def _append_locked(self, data: bytes | memoryview) -> tuple[Location, Extent, int]:
+        with self._lock:
+            for _ in range(2 * len(self.nodes) + 2):
+                e = self._current
+                if e is None or e.state != "open":
+                    e = self._current = self._new_extent()
+                offset = e.length
+                raw = rec.pack_record(data, offset)
+                try:
+                    for n in e.nodes:
+                        self.nodes[n].append(e.id, raw, offset)
+                except OSError:
+                    self.refresh_nodes()
+                    self._seal(e, offset)  # every replica held everything before this record
+                    continue
+                e.length = end = offset + len(raw)
+                if e.length >= self.extent_size:
+                    self._seal(e, e.length)
+                return Location(e.id, offset, len(data)), e, end
+        raise NotEnoughNodes("appends keep failing on every extent")
+
+    def _group_sync(self, e: Extent, end: int) -> bool:
+        """fsync every replica up to `end`, sharing the fsync with concurrent
+        appenders (group commit). False if a replica failed to sync: the extent
+        is then sealed at what was synced and the caller appends again."""
+        with self._sync_lock:
+            if self._synced.get(e.id, 0) >= end:
+                return True
+            if e.state == "sealed" and e.length < end:
+                return False  # sealed before this record by a failed sync
+            with self._lock:
+                target = e.length  # written before this fsync starts, so covered by it
+            try:
+                for n in e.nodes:
+                    self.nodes[n].sync(e.id)
+            except OSError:
+                with self._lock:
+                    self.refresh_nodes()
+                    self._seal(e, self._synced.get(e.id, rec.FILE_HEADER))
+                return False
+            self._synced[e.id] = target
+            return True
+
+    # -- reads -----------------------------------------------------------------
+
+    def read(self, loc_extent: int, rec_offset: int, rec_length: int, inner: int, length: int) -> bytes:
+        """`length` bytes at `inner` in a record, verified; heals bad replicas."""
+        sp = rec.span(rec_offset, rec_length, inner, length)
+        for attempt in range(2):
+            e = self.extent(loc_extent, refresh=attempt > 0)
+            bad: list[int] = []
+            for n in e.nodes:
+                node = self.nodes.get(n)
+                if node is None or not node.healthy:
+                    continue
+                try:
+                    raw = node.read(e.id, sp.file_length, sp.file_offset)
+                    data = rec.verify_span(raw, rec_offset, sp, length)
+                except (rec.RecordError, OSError):
+                    bad.append(n)
+                    continue
+                for b in bad:
+                    self._heal(e.id, b, raw, sp.file_offset)
+                return data
+            self.refresh_nodes()
+        raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}")
+
+    def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> None:
+        node = self.nodes[node_id]
+        try:
+            if not os.path.exists(node.extent_path(extent_id)):
+                return  # a missing replica is re-made whole by rereplicate()
+            node.append(extent_id, raw, offset)
+            if self.fsync:
+                node.sync(extent_id)
+        except OSError:
+            pass  # still bad: the scrubber and re-replication deal with it
+
+    # -- recovery and maintenance ---------------------------------------------------
+
+    def recover(self) -> list[int]:
+        """Seal extents whose owner process is gone, at the length every
+        reachable replica holds valid records to. Returns the sealed ids."""
+        sealed = []
+        with self.meta.read() as txn:
+            orphans = [Extent.from_json(U64.unpack(k)[0], loads(v))
+                       for k, v in self.meta.items(txn, "extents")]
+        for e in orphans:
+            if e.state != "open" or pid_alive(e.owner) and e.owner != os.getpid():
+                continue
+            if self._current is not None and e.id == self._current.id:
+                continue
+            lengths = []
+            for n in e.nodes:
+                node = self.nodes[n]
+                if not node.healthy:
+                    continue
+                try:
+                    size = node.size(e.id)
+                    lengths.append(rec.scan(lambda k, o, node=node, e=e: node.read(e.id, k, o),
+                                            rec.FILE_HEADER, size))
+                except OSError:
+                    continue
+            self._seal(e, min(lengths) if lengths else rec.FILE_HEADER)
+            self._extents[e.id] = e
+            sealed.append(e.id)
+        return sealed
+
+    def all_extents(self) -> list[Extent]:
+        with self.meta.read() as txn:
+            return [Extent.from_json(U64.unpack(k)[0], loads(v))
+                    for k, v in self.meta.items(txn, "extents")]
+
+    def rereplicate(self) -> list[tuple[int, int, int]]:
+        """Give every sealed extent 3 good replicas again: copy from a good
+        replica to a healthy node in a fault domain the extent is not on.
+        Returns (extent, lost node, new node) for each copy made."""
+        self.refresh_nodes()
+        made = []
+        for e in self.all_extents():
+            if e.state != "sealed":
+                continue
+            for n in list(e.nodes):
+                if self._replica_ok(e, n):
+                    continue
+                source = next((m for m in e.nodes if m != n and self._replica_ok(e, m)), None)
+                if source is None:
+                    continue
+                domains = {self.nodes[m].fault_domain for m in e.nodes if m != n}
+                try:
+                    target = self.place(exclude=set(e.nodes), count=1, avoid_domains=domains)[0]
+                except NotEnoughNodes:
+                    continue
+                self._copy_replica(e, source, target)
+                e.nodes = [target if m == n else m for m in e.nodes]
+                with self.meta.write() as txn:
+                    self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                self._extents[e.id] = e
+                if self.nodes[n].state is NodeState.UP:
+                    self.nodes[n].drop(e.id)
+                made.append((e.id, n, target))
+        return made
+
+    def _replica_ok(self, e: Extent, n: int) -> bool:
+        node = self.nodes.get(n)
+        if node is None or not node.healthy or not os.path.exists(node.extent_path(e.id)):
+            return False
+        try:
+            return node.size(e.id) >= e.length
+        except OSError:
+            return False
+
+    def _copy_replica(self, e: Extent, source: int, target: int) -> None:
+        src, dst = self.nodes[source], self.nodes[target]
+        dst.drop(e.id)
+        dst.fd(e.id, create=True)
+        pos, step = 0, 4 * 1024 * 1024
+        while pos < e.length:
+            chunk = src.read(e.id, min(step, e.length - pos), pos)
+            dst.append(e.id, chunk, pos)
+            pos += len(chunk)
+        dst.sync(e.id)
+        if rec.scan(lambda k, o: dst.read(e.id, k, o), rec.FILE_HEADER, e.length) != e.length:
+            raise DataLost(f"copy of extent {e.id} to node {target} does not verify")
+
+    def scrub(self, heal: bool = True) -> ScrubReport:
+        """Verify every record on every reachable replica; with heal, rewrite
+        bad copies from a good replica."""
+        self.refresh_nodes()
+        report = ScrubReport()
+        for e in self.all_extents():
+            end = e.length
+            if self._current is not None and self._current.id == e.id:
+                end = self._current.length
+            elif e.state == "open":
+                continue  # another live process is appending to it
+            pos = rec.FILE_HEADER
+            while pos < end:
+                length, size = self._record_at(e, pos)
+                if length is None:
+                    report.problems.append(f"extent {e.id}: no replica has a valid record at {pos}")
+                    break
+                report.records += 1
+                sp = rec.span(pos, length, 0, length)
+                good_raw, bad = None, []
+                for n in e.nodes:
+                    node = self.nodes[n]
+                    if not node.healthy or not os.path.exists(node.extent_path(e.id)):
+                        continue
+                    try:
+                        raw = node.read(e.id, sp.file_length, sp.file_offset)
+                        rec.verify_span(raw, pos, sp, length)
+                        good_raw = raw
+                    except (rec.RecordError, OSError):
+                        bad.append(n)
+                report.bad += len(bad)
+                if good_raw is None:
+                    report.problems.append(f"extent {e.id}: record at {pos} has no good copy (data lost)")
+                for b in bad:
+                    if heal and good_raw is not None:
+                        self._heal(e.id, b, good_raw, sp.file_offset)
+                        report.healed += 1
+                    else:
+                        report.problems.append(f"extent {e.id}: record at {pos} is corrupt on node "
+                                               f"{self.nodes[b].name}")
+                pos += size
+        return report
+
+    def _record_at(self, e: Extent, pos: int) -> tuple[int | None, int]:
+        for n in e.nodes:
+            node = self.nodes[n]
+            if not node.healthy or not os.path.exists(node.extent_path(e.id)):
+                continue
+            try:
+                length = rec.parse_header(node.read(e.id, rec.RECORD_HEADER, pos), pos)
+                return length, rec.record_size(length)
+            except (rec.RecordError, OSError):
+                continue
+        return None, 0
+
+    def delete_extent(self, extent_id: int) -> None:
+        e = self.extent(extent_id, refresh=True)
+        for n in e.nodes:
+            node = self.nodes.get(n)
+            if node is not None and node.state is not NodeState.LOST:
+                node.drop(extent_id)
+        with self.meta.write() as txn:
+            txn.delete(U64.pack(extent_id), db=self.meta.db["extents"])
+        self._extents.pop(extent_id, None)
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._seal(self._current, self._current.length)
+        for node in self.nodes.values():
+            node.forget()
+
+
+__all__ = ["StreamLayer", "Location", "Extent", "NodeDown", "REPLICAS"]
