@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,14 +55,27 @@ def loads(raw: bytes) -> Any:
     return json.loads(raw)
 
 
+# LMDB allows one environment per file per process: Stamp objects on the same
+# folder in one process share it (counted, closed with the last one).
+_OPEN: dict[str, tuple[lmdb.Environment, int]] = {}
+_OPEN_LOCK = threading.Lock()
+
+
 class Meta:
     """The LMDB environment of one stamp folder."""
 
     def __init__(self, path: str, sync: bool) -> None:
         os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(path, max_dbs=len(TABLES) + 2, map_size=MAP_SIZE, sync=sync,
-                             metasync=sync, max_readers=512, readahead=False)
+        self.key = os.path.realpath(path)
+        with _OPEN_LOCK:
+            env, count = _OPEN.get(self.key, (None, 0))
+            if env is None:
+                env = lmdb.open(path, max_dbs=len(TABLES) + 2, map_size=MAP_SIZE, sync=sync,
+                                metasync=sync, max_readers=512, readahead=False)
+            _OPEN[self.key] = (env, count + 1)
+        self.env = env
         self.db = {name: self.env.open_db(name.encode()) for name in TABLES}
+        self.closed = False
 
     def read(self) -> lmdb.Transaction:
         return self.env.begin(write=False)
@@ -98,4 +112,13 @@ class Meta:
         self.env.sync(True)
 
     def close(self) -> None:
-        self.env.close()
+        if self.closed:
+            return
+        self.closed = True
+        with _OPEN_LOCK:
+            env, count = _OPEN[self.key]
+            if count == 1:
+                del _OPEN[self.key]
+                env.close()
+            else:
+                _OPEN[self.key] = (env, count - 1)

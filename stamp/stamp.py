@@ -24,7 +24,7 @@ from .errors import LeaseAlreadyPresent, StampError
 from .meta import PIECE, U32, U64, Meta
 from .node import NodeState
 from .pageblob import PAGE, BlobState, PageBlobs
-from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, pid_alive
+from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, owner_alive, pid_alive
 
 DURABILITY = ("os", "fsync")
 
@@ -219,8 +219,7 @@ class Stamp:
                     e = owner
                     if end <= start or inner + (end - start) * PAGE > length:
                         report.problems.append(f"{where}: range outside its record")
-                    if off + rec.record_size(length) > e.length and not (e.state == "open" and e.owner != os.getpid()
-                                                                          and pid_alive(e.owner)):
+                    if off + rec.record_size(length) > e.length and not (e.state == "open" and owner_alive(e)):
                         if not (self.stream._current is not None and self.stream._current.id == ext
                                 and off + rec.record_size(length) <= self.stream._current.length):
                             report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")

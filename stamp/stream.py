@@ -61,13 +61,26 @@ class Extent:
     state: str  # "open" or "sealed"
     length: int  # bytes in the file, header included (sealed: final)
     owner: int  # pid of the appender while open
+    token: str = ""  # which StreamLayer in that process
 
     def to_json(self) -> dict[str, Any]:
-        return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner}
+        return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
+                "token": self.token}
 
     @classmethod
     def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
-        return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)))
+        return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)),
+                   str(obj.get("token", "")))
+
+
+_LIVE_TOKENS: set[str] = set()  # StreamLayers open in this process
+
+
+def owner_alive(e: Extent) -> bool:
+    """Is the process (and, in this process, the StreamLayer) appending to e alive?"""
+    if e.owner == os.getpid():
+        return e.token in _LIVE_TOKENS
+    return pid_alive(e.owner)
 
 
 def pid_alive(pid: int) -> bool:
@@ -91,6 +104,8 @@ class StreamLayer:
         self._lock = threading.Lock()  # appends: offsets and pwrites in order
         self._sync_lock = threading.Lock()  # group commit
         self._synced: dict[int, int] = {}
+        self.token = uuid.uuid4().hex
+        _LIVE_TOKENS.add(self.token)
         self.refresh_nodes()
 
     # -- nodes ---------------------------------------------------------------
@@ -158,7 +173,7 @@ class StreamLayer:
             nodes = self.place()
             with self.meta.write() as txn:
                 extent_id = self.meta.next_id(txn, "extent")
-                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid())
+                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token)
                 self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
             header = rec.pack_file_header(uuid.UUID(int=extent_id))
             try:
@@ -278,9 +293,7 @@ class StreamLayer:
             orphans = [Extent.from_json(U64.unpack(k)[0], loads(v))
                        for k, v in self.meta.items(txn, "extents")]
         for e in orphans:
-            if e.state != "open" or pid_alive(e.owner) and e.owner != os.getpid():
-                continue
-            if self._current is not None and e.id == self._current.id:
+            if e.state != "open" or owner_alive(e):
                 continue
             lengths = []
             for n in e.nodes:
@@ -308,6 +321,10 @@ class StreamLayer:
         replica to a healthy node in a fault domain the extent is not on.
         Returns (extent, lost node, new node) for each copy made."""
         self.refresh_nodes()
+        with self._lock:
+            cur = self._current
+            if cur is not None and not all(self._replica_ok(cur, n) for n in cur.nodes):
+                self._seal(cur, cur.length)  # every replica held all of it; re-made below
         made = []
         for e in self.all_extents():
             if e.state != "sealed":
@@ -423,6 +440,7 @@ class StreamLayer:
     def close(self) -> None:
         if self._current is not None:
             self._seal(self._current, self._current.length)
+        _LIVE_TOKENS.discard(self.token)
         for node in self.nodes.values():
             node.forget()
 

@@ -1,0 +1,124 @@
+"""Every fault kind: I/O goes on while one good replica remains, and heal,
+re-replication and scrub bring back 3 good replicas."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import stamp
+from stamp import Stamp
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def st(tmp_path):
+    s = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    s.blobs.create("d", 16 * MIB)
+    yield s
+    s.close()
+
+
+def fill(s: Stamp, n: int = 40, seed: int = 0) -> dict[int, bytes]:
+    model = {}
+    for i in range(n):
+        data = os.urandom(64 * 1024)
+        off = ((i * 7 + seed) % 200) * 64 * 1024
+        s.blobs.write("d", off, data)
+        model[off] = data
+    return model
+
+
+def verify(s: Stamp, model: dict[int, bytes]) -> None:
+    for off, data in model.items():
+        assert s.blobs.read("d", off, len(data)) == data
+
+
+def replicas_healthy(s: Stamp) -> bool:
+    report = s.check(deep=True)
+    return report.ok and report.stats["bad_copies"] == 0
+
+
+def test_node_down_writes_and_reads_go_on(st):
+    model = fill(st)
+    st.inject("node-down", "node-00")
+    model.update(fill(st, seed=3))
+    verify(st, model)
+    used = {n for e in st.stream.all_extents() if e.state == "open" for n in e.nodes}
+    assert 0 not in used  # new extents avoid the down node
+    st.inject("node-up", "node-00")
+    verify(st, model)
+    assert replicas_healthy(st)
+
+
+def test_node_lost_then_rereplicated(st):
+    model = fill(st)
+    st.inject("node-lost", "node-01")
+    verify(st, model)  # every record still has two good copies
+    made = st.stream.rereplicate()
+    assert made and all(lost == 1 for _, lost, _ in made)
+    for e in st.stream.all_extents():
+        assert 1 not in e.nodes or e.state == "open"
+    st.inject("node-replaced", "node-01")
+    verify(st, model)
+    assert replicas_healthy(st)
+
+
+def test_bitflip_is_healed_by_read_and_by_scrub(st):
+    model = fill(st, n=4)
+    e = st.stream.all_extents()[0]
+    node = e.nodes[0]
+    st.inject("bitflip", node, extent=e.id)
+    path = st.stream.nodes[node].extent_path(e.id)
+    before = open(path, "rb").read()
+    assert not st.check(deep=True).ok  # check sees it and does not touch it
+    assert open(path, "rb").read() == before
+    verify(st, model)  # served from a good replica, and the bad chunk healed
+    assert replicas_healthy(st)
+    st.inject("bitflip", e.nodes[1], extent=e.id, offset=4096 + 16 + 8 + 4096 + 100)
+    report = st.stream.scrub()
+    assert report.healed == 1 and not report.problems
+    assert replicas_healthy(st)
+
+
+def test_slow_node_still_serves(st):
+    st.inject("slow", "node-02", ms=2)
+    model = fill(st, n=5)
+    verify(st, model)
+    st.inject("node-up", "node-02")
+
+
+def test_disk_full_moves_appends_elsewhere(st):
+    model = fill(st, n=3)
+    first = {e.id for e in st.stream.all_extents()}
+    st.inject("full", "node-00", on=True)  # fault domain 0
+    st.inject("full", "node-04", on=True)  # fault domain 1: each domain keeps one node
+    model.update(fill(st, n=10, seed=5))
+    verify(st, model)
+    for e in st.stream.all_extents():
+        if e.id not in first:
+            assert not {0, 4} & set(e.nodes)
+
+
+def test_fewer_healthy_fault_domains_than_replicas_is_a_clear_error(st):
+    model = fill(st, n=3)
+    for node in ("node-00", "node-03"):  # fault domain 0 entirely
+        st.inject("node-down", node)
+    st.stream.close()  # no open extent left to append to
+    with pytest.raises(stamp.NotEnoughNodes, match="distinct fault domains"):
+        st.blobs.write("d", 0, b"x" * 4096)
+    verify(st, model)  # nothing half-written became visible
+    for node in ("node-00", "node-03"):
+        st.inject("node-up", node)
+    st.blobs.write("d", 0, b"y" * 4096)
+    assert st.blobs.read("d", 0, 4096) == b"y" * 4096
+
+
+def test_node_faults_reach_other_processes(tmp_path, st):
+    other = Stamp.open(st.path)
+    st.inject("node-down", "node-04")
+    other.stream.refresh_nodes()
+    assert not other.stream.nodes[4].healthy
+    other.close()

@@ -1,0 +1,143 @@
+"""Page blob rules with their Azure error codes, leases, 500 snapshots,
+several processes on one stamp, and the block device view."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import stamp
+from stamp import Stamp
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def st(tmp_path):
+    s = Stamp.create(str(tmp_path / "st"), extent_size=4 * MIB)
+    s.blobs.create("d", 64 * MIB)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("call,error", [
+    (lambda b: b.write("d", 100, b"x" * 512), stamp.InvalidPageRange),
+    (lambda b: b.write("d", 0, b"x" * 100), stamp.InvalidPageRange),
+    (lambda b: b.write("d", 64 * MIB, b"x" * 512), stamp.InvalidPageRange),
+    (lambda b: b.write("d", 0, b"x" * (4 * MIB + 512)), stamp.RequestBodyTooLarge),
+    (lambda b: b.read("d", 0, 100), stamp.InvalidPageRange),
+    (lambda b: b.clear("d", 512, 1000), stamp.InvalidPageRange),
+    (lambda b: b.read("nope", 0, 512), stamp.BlobNotFound),
+    (lambda b: b.create("d", 512), stamp.BlobAlreadyExists),
+    (lambda b: b.create("e", 1000), stamp.InvalidHeaderValue),
+    (lambda b: b.create("e", 9 * 1024 ** 4), stamp.InvalidHeaderValue),
+    (lambda b: b.read("d", 0, 512, snapshot="2000-01-01T00:00:00.0000000Z"), stamp.SnapshotNotFound),
+])
+def test_violations_raise_their_azure_code(st, call, error):
+    with pytest.raises(error) as e:
+        call(st.blobs)
+    assert str(e.value).startswith(error.code)
+
+
+def test_never_written_and_cleared_pages_read_as_zeros(st):
+    assert st.blobs.read("d", 0, 4096) == bytes(4096)
+    st.blobs.write("d", 0, b"\xff" * 8192)
+    st.blobs.clear("d", 512, 1024)
+    assert st.blobs.read("d", 0, 2048) == b"\xff" * 512 + bytes(1024) + b"\xff" * 512
+    assert st.blobs.page_ranges("d") == [(0, 512), (1536, 8192 - 1536)]
+
+
+def test_a_sparse_32_tib_class_blob_costs_almost_nothing(st, tmp_path):
+    st.blobs.create("huge", 8 * 1024 ** 4)
+    st.blobs.write("huge", 8 * 1024 ** 4 - 4096, b"z" * 4096)
+    assert st.blobs.read("huge", 8 * 1024 ** 4 - 4096, 4096) == b"z" * 4096
+    assert st.check(deep=False).stats["index_pieces"] < 5
+
+
+def test_leases_guard_writes(st):
+    lease = st.blobs.acquire_lease("d")
+    with pytest.raises(stamp.LeaseIdMissing):
+        st.blobs.write("d", 0, b"x" * 512)
+    with pytest.raises(stamp.LeaseIdMismatch):
+        st.blobs.write("d", 0, b"x" * 512, lease="00000000-0000-0000-0000-000000000001")
+    with pytest.raises(stamp.LeaseAlreadyPresent):
+        st.blobs.acquire_lease("d")
+    st.blobs.write("d", 0, b"x" * 512, lease=lease)
+    st.blobs.release_lease("d", lease)
+    st.blobs.write("d", 0, b"y" * 512)
+    assert st.blobs.read("d", 0, 512) == b"y" * 512
+
+
+def test_500_snapshots_and_adjacent_diffs(st):
+    written = {}
+    snaps = []
+    for i in range(500):
+        off = (i * 37 % 1000) * 4096
+        data = bytes([i % 251 + 1]) * 4096
+        st.blobs.write("d", off, data)
+        written[off] = data
+        snaps.append((st.blobs.snapshot("d"), off))
+    for off, data in list(written.items())[:50]:
+        assert st.blobs.read("d", off, 4096) == data
+    for (a, _), (b, off) in zip(snaps[200:230], snaps[201:231], strict=True):
+        assert st.blobs.diff("d", a.id, b.id) == stamp.Diff([(off, 4096)], [])
+    first, off0 = snaps[0]
+    assert st.blobs.read("d", off0, 4096, snapshot=first.id) == bytes([1]) * 4096
+    for s, _ in snaps[::2]:
+        st.blobs.delete_snapshot("d", s.id)
+    assert st.blobs.read("d", snaps[1][1], 4096, snapshot=snaps[1][0].id) == bytes([2]) * 4096
+    assert st.check(deep=False).ok
+
+
+def test_block_device_view_any_offset(st):
+    with st.blob("d", writable=True) as dev:
+        dev.write(1000, b"hello")
+        dev.write(4 * MIB - 100, b"a" * (5 * MIB))  # crosses the 4 MiB write limit
+        assert dev.read(998, 9) == b"\0\0hello\0\0"
+        assert dev.read(4 * MIB - 100, 5 * MIB) == b"a" * (5 * MIB)
+        dev.discard(4 * MIB, MIB + 7)
+        assert dev.read(4 * MIB - 2, 4) == b"aa\0\0"
+        assert dev.read(5 * MIB + 7, 1) == b"a"
+        got = [(e.offset, e.length, e.state.value) for e in dev.allocation(0, 16 * MIB)]
+        assert got == [(0, 512, "zero"), (512, 512, "data"), (1024, 4 * MIB - 1536, "zero"),
+                       (4 * MIB - 512, 512, "data"), (4 * MIB, MIB, "zero"), (5 * MIB, 4 * MIB, "data"),
+                       (9 * MIB, 7 * MIB, "zero")]
+        dev.flush()
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from stamp import Stamp
+    st = Stamp.open(sys.argv[1])
+    dev = st.blob("d", writable=True)
+    dev.write(0, b"child" * 100 + b"\\0" * 12)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_two_processes_one_writer_clear_errors(st):
+    child = subprocess.Popen([sys.executable, "-c", HOLDER, st.path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(stamp.LeaseAlreadyPresent, match=f"pid {child.pid}"):
+            st.blob("d", writable=True)
+        # meanwhile this process can still read, snapshot and diff the blob
+        assert st.blobs.read("d", 0, 512).startswith(b"child")
+        snap = st.blobs.snapshot("d")
+        assert st.blobs.diff("d", snap.id).written == []
+    finally:
+        child.kill()
+        child.wait()
+    t = time.monotonic()
+    with st.blob("d", writable=True) as dev:  # the holder died: its lease is stale and broken
+        dev.write(0, b"parent".ljust(512, b"\0"))
+    assert time.monotonic() - t < 5
+    other = Stamp.open(st.path)  # and the dead process's open extent got sealed
+    assert all(e.state == "sealed" or e.owner in (os.getpid(),) for e in other.stream.all_extents())
+    other.close()
