@@ -18,6 +18,7 @@ Tables
   pages      u64 blob id, u64 page  -> PIECE (the live index)
   frozen     u64 blob id, u32 epoch, u64 page -> PIECE (kept for snapshot `epoch`)
   changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
+  resources  "disk/NAME", "image/NAME", "snapshot/NAME" -> JSON (managed disks, images, snapshots)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import lmdb
 
 TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
+          "resources",
           "changes")
 MAP_SIZE = 1 << 38  # address space only: the file grows with use
 

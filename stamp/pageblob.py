@@ -54,7 +54,8 @@ from .stream import StreamLayer
 
 PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
-MAX_BLOB = 8 * 1024 ** 4  # page blobs; managed disks go beyond with several (later)
+MAX_BLOB = 8 * 1024 ** 4  # the page blob API's limit
+MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of data and the VHD footer
 NO_LEASE = bytes(16)
 
 
@@ -162,10 +163,13 @@ class PageBlobs:
             raise CorruptStamp(f"blob {name!r} has no state record")
         return obj["id"], obj, BlobState.unpack(bytes(raw))
 
-    def create(self, name: str, size: int, properties: dict[str, Any] | None = None) -> None:
+    def create(self, name: str, size: int, properties: dict[str, Any] | None = None,
+               limit: int = MAX_BLOB) -> None:
+        """A new page blob of `size` bytes (a multiple of 512; up to 8 TiB,
+        or `limit` for the blobs of managed disks)."""
         if not name or len(name.encode()) > 1024 or "\0" in name:
             raise InvalidHeaderValue(f"blob name {name!r} is not valid")
-        self._check_size(size)
+        self._check_size(size, limit)
         with self.meta.write() as txn:
             if txn.get(name.encode(), db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {name!r} already exists")
@@ -175,9 +179,9 @@ class PageBlobs:
             txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
 
     @staticmethod
-    def _check_size(size: int) -> None:
-        if size < 0 or size % PAGE or size > MAX_BLOB:
-            raise InvalidHeaderValue(f"page blob size {size} must be a multiple of 512 up to 8 TiB")
+    def _check_size(size: int, limit: int = MAX_BLOB) -> None:
+        if size < 0 or size % PAGE or size > limit:
+            raise InvalidHeaderValue(f"page blob size {size} must be a multiple of 512 up to {limit} bytes")
 
     def exists(self, name: str) -> bool:
         with self.meta.read() as txn:
@@ -286,7 +290,7 @@ class PageBlobs:
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
         """Grow or shrink; pages cut off are cleared (snapshots keep theirs)."""
-        self._check_size(size)
+        self._check_size(size, MAX_DISK_BLOB)
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
             self._check_lease(st, lease)
@@ -401,6 +405,30 @@ class PageBlobs:
             end = size if length is None else min(offset + length, size)
             pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE))
         return _bytes(rg.merge_ranges([(p.start, p.end) for p in pieces]))
+
+    def copy(self, source: str, target: str, snapshot: str | None = None,
+             properties: dict[str, Any] | None = None) -> None:
+        """Make `target` a new blob with the content of `source` (or of one of
+        its snapshots). Extents are immutable, so the copy shares them: it
+        costs index entries, not data."""
+        with self.meta.write() as txn:
+            blob_id, _, st = self._blob(txn, source)
+            epoch = self._snapshot_epoch(txn, blob_id, source, snapshot)
+            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+            pieces = self._resolve(txn, blob_id, epoch, 0, size // PAGE)
+            if txn.get(target.encode(), db=self.db["blobs"]) is not None:
+                raise BlobAlreadyExists(f"blob {target!r} already exists")
+            new_id = self.meta.next_id(txn, "blob")
+            self.meta.put_json(txn, "blobs", target.encode(),
+                               {"id": new_id, "created": time.time(), "properties": properties or {},
+                                "copied_from": source, "copied_snapshot": snapshot})
+            txn.put(U64.pack(new_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
+            prefix = U64.pack(new_id)
+            for p in pieces:
+                txn.put(prefix + U64.pack(p.start), replace(p, gen=0).pack(), db=self.db["pages"])
+
+    def used_bytes(self, name: str, snapshot: str | None = None) -> int:
+        return sum(n for _, n in self.page_ranges(name, snapshot=snapshot))
 
     # -- snapshots ------------------------------------------------------------------------
 

@@ -40,7 +40,7 @@ from .fileio import MemFile, OsFile, RawFile
 from .footer import DiskType, Footer
 from .geometry import Geometry, chs_for_size
 from .image import FixedImage, Image, SparseImage, create_differencing, create_dynamic, create_fixed, open_image
-from .ops import compact, convert, info, merge, open_device, parse_size, resize
+from .ops import compact, convert, convert_device, copy_data, info, merge, open_device, parse_size, resize
 
 
 def create(path: str | os.PathLike[str], size: int | None = None, *, type: str | None = None,
@@ -70,6 +70,6 @@ __all__ = [
     "Image", "MemFile", "OsFile", "ParentError", "ParentLocator", "ParentLoopError",
     "ParentMismatchError", "ParentNotFoundError", "ParentOutsideError", "Problem", "RangeError",
     "RawFile", "ReadOnlyError", "Report", "SparseImage", "UsageError", "VhdError", "check",
-    "chs_for_size", "compact", "convert", "create", "create_differencing", "create_dynamic",
+    "chs_for_size", "compact", "convert", "convert_device", "copy_data", "create", "create_differencing", "create_dynamic",
     "create_fixed", "info", "merge", "open", "open_device", "open_image", "parse_size", "resize",
 ]

@@ -181,23 +181,36 @@ def convert(src_path: str, dst_path: str, to: str, *, block_size: int = dh.DEFAU
         raise UsageError(f"{dst_path} already exists (refusing to overwrite)")
     src = open_device(src_path, fmt=src_format, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
     try:
-        dst = _create_target(dst_path, to, src.size, block_size)
-        try:
-            progress = Progress(f"convert {os.path.basename(src_path)}", _data_bytes(src), show_progress)
-            written = copy_data(src, dst, progress)
-            if sync:
-                dst.flush()
-            elif isinstance(dst, (FixedImage, SparseImage)):
-                dst.sync_on_close = False
-            progress.close()
-        except BaseException:
-            dst.close()
-            os.unlink(dst_path)
-            raise
-        dst.close()
+        result = convert_device(src, dst_path, to, block_size=block_size, show_progress=show_progress,
+                                sync=sync, label=os.path.basename(src_path))
     finally:
         src.close()
-    return {"source": src_path, "target": dst_path, "format": to, "virtual_size": src.size,
+    return {"source": src_path, **result}
+
+
+def convert_device(src: BlockDevice, dst_path: str, to: str, *, block_size: int = dh.DEFAULT_BLOCK_SIZE,
+                   show_progress: bool | None = None, sync: bool = True, label: str = "") -> dict[str, Any]:
+    """Copy any block device (a VHD chain, a raw file, a stamp disk) to a new
+    raw, fixed or dynamic file, sparse; the file is removed if this fails."""
+    if to not in FORMATS:
+        raise UsageError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}")
+    if os.path.exists(dst_path):
+        raise UsageError(f"{dst_path} already exists (refusing to overwrite)")
+    dst = _create_target(dst_path, to, src.size, block_size)
+    try:
+        progress = Progress(f"convert {label or dst_path}", _data_bytes(src), show_progress)
+        written = copy_data(src, dst, progress)
+        if sync:
+            dst.flush()
+        elif isinstance(dst, (FixedImage, SparseImage)):
+            dst.sync_on_close = False
+        progress.close()
+    except BaseException:
+        dst.close()
+        os.unlink(dst_path)
+        raise
+    dst.close()
+    return {"target": dst_path, "format": to, "virtual_size": src.size,
             "data_written": written, "file_size": os.stat(dst_path).st_size}
 
 
@@ -430,5 +443,5 @@ def parse_size(text: str) -> int:
     return size
 
 
-__all__ = ["open_device", "info", "convert", "merge", "compact", "resize", "parse_size", "copy_data",
+__all__ = ["open_device", "info", "convert", "convert_device", "merge", "compact", "resize", "parse_size", "copy_data",
            "Image", "VhdError"]

@@ -1,0 +1,70 @@
+"""A page blob as a vhd RawFile, so the vhd package reads and writes the VHD
+that a managed disk's page blob holds (DESIGN.md: a disk's virtual disk is
+opened through vhd over its page blobs).
+
+RawFile asks for byte-granular positional I/O on a growable file; a page
+blob has 512-byte pages and a fixed size. So: a write past the end grows the
+blob first (the VHD code appends blocks by writing past its footer, "as a
+file would"); a write that is not page-aligned reads, patches and writes the
+pages it touches; reads past the end are short, as a file's are. sync() makes
+the stamp durable against power loss.
+"""
+
+from __future__ import annotations
+
+from .pageblob import MAX_WRITE, PAGE
+from .stamp import Stamp
+
+
+class PageBlobFile:
+    def __init__(self, stamp: Stamp, blob: str, lease: str | None = None, writable: bool = True) -> None:
+        self.stamp, self.blob, self.lease, self.writable = stamp, blob, lease, writable
+        self.name = f"blob:{blob}"
+        self._size = stamp.blobs.size(blob)
+
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        end = min(offset + length, self._size)
+        if end <= offset:
+            return b""
+        lo, hi = offset - offset % PAGE, -(-end // PAGE) * PAGE
+        out = bytearray()
+        for pos in range(lo, hi, MAX_WRITE):
+            out += self.stamp.blobs.read(self.blob, pos, min(MAX_WRITE, hi - pos))
+        return bytes(out[offset - lo:end - lo])
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if not self.writable:
+            raise PermissionError(f"{self.name} is open read-only")
+        n = len(data)
+        if offset + n > self._size:
+            self.truncate(-(-(offset + n) // PAGE) * PAGE)
+        if offset % PAGE or n % PAGE:
+            lo, hi = offset - offset % PAGE, -(-(offset + n) // PAGE) * PAGE
+            buf = bytearray(self.pread(hi - lo, lo).ljust(hi - lo, b"\0"))
+            buf[offset - lo:offset - lo + n] = data
+            data, offset, n = buf, lo, hi - lo
+        view = memoryview(data)
+        for pos in range(0, n, MAX_WRITE):
+            self.stamp.blobs.write(self.blob, offset + pos, view[pos:pos + MAX_WRITE], lease=self.lease)
+
+    def truncate(self, size: int) -> None:
+        size = -(-size // PAGE) * PAGE
+        self.stamp.blobs.resize(self.blob, size, lease=self.lease)
+        self._size = size
+
+    def sync(self) -> None:
+        self.stamp.flush()
+
+    def close(self) -> None:
+        pass
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out = []
+        for o, n in self.stamp.blobs.page_ranges(self.blob):
+            s, e = max(o, offset), min(o + n, offset + length)
+            if e > s:
+                out.append((s, e - s))
+        return out
