@@ -41,6 +41,7 @@ from .errors import (
     BlobAlreadyExists,
     BlobNotFound,
     CorruptStamp,
+    DataLost,
     InvalidHeaderValue,
     InvalidPageRange,
     LeaseAlreadyPresent,
@@ -372,13 +373,21 @@ class PageBlobs:
 
     def read(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
         """Pages [offset, offset+length): multiples of 512; zeros where nothing is written."""
-        with self.meta.read() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
-            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
-            check_pages(offset, length, size, limit=None)
-            pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, (offset + length) // PAGE)
-        return self._assemble(pieces, offset, length)
+        for attempt in range(2):
+            with self.meta.read() as txn:
+                blob_id, _, st = self._blob(txn, name)
+                epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+                size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+                check_pages(offset, length, size, limit=None)
+                pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, (offset + length) // PAGE)
+            try:
+                return self._assemble(pieces, offset, length)
+            except (CorruptStamp, DataLost):
+                if attempt:
+                    raise
+                # gc may have moved these pieces and deleted their extent since we
+                # resolved them: resolve again (a real loss fails twice)
+        raise AssertionError("unreachable")
 
     def _snapshot_size(self, txn: lmdb.Transaction, blob_id: int, snapshot: str, st: BlobState) -> int:
         raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])

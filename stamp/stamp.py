@@ -197,6 +197,11 @@ class Stamp:
             for n in e.nodes:
                 node = nodes.get(n)
                 if node is None or node.state is NodeState.LOST:
+                    report.problems.append(f"extent {e.id}: its replica on node {n} is lost "
+                                           "(stamp repair re-replicates it)")
+                    continue
+                if node.state is NodeState.DOWN:
+                    report.problems.append(f"extent {e.id}: its replica on {node.name} is unavailable (node down)")
                     continue
                 path = node.extent_path(e.id)
                 if node.state is NodeState.UP and not os.path.exists(path):

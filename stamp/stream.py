@@ -427,19 +427,19 @@ class StreamLayer:
                 continue
         return None, 0
 
-    def delete_extent(self, extent_id: int) -> None:
-        e = self.extent(extent_id, refresh=True)
-        for n in e.nodes:
-            node = self.nodes.get(n)
-            if node is not None and node.state is not NodeState.LOST:
-                node.drop(extent_id)
-        with self.meta.write() as txn:
-            txn.delete(U64.pack(extent_id), db=self.meta.db["extents"])
+    def forget_extent(self, extent_id: int) -> None:
+        """Drop cached knowledge of an extent that gc deleted."""
         self._extents.pop(extent_id, None)
+        self._synced.pop(extent_id, None)
+
+    def seal_current(self) -> None:
+        """Seal the extent this process appends to (the next append opens a new one)."""
+        with self._lock:
+            if self._current is not None:
+                self._seal(self._current, self._current.length)
 
     def close(self) -> None:
-        if self._current is not None:
-            self._seal(self._current, self._current.length)
+        self.seal_current()
         _LIVE_TOKENS.discard(self.token)
         for node in self.nodes.values():
             node.forget()

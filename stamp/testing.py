@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from .gc import collect
 from .pageblob import PAGE
 from .stamp import Stamp
 
@@ -165,6 +166,12 @@ class PageBlobMachine(RuleBasedStateMachine):
         got = self.stamp.blobs.diff(BLOB, base.id, target)
         assert got.written == want_written, (got.written, want_written)
         assert got.cleared == want_cleared, (got.cleared, want_cleared)
+
+    @rule(threshold=st.sampled_from([0.3, 0.9, 1.01]))
+    def gc(self, threshold: float) -> None:
+        """Reclaim space; every read and diff after it must be unchanged."""
+        self.stamp.stream.seal_current()  # so gc may move what it holds too
+        collect(self.stamp, compact_below=threshold)
 
     @rule()
     def reopen(self) -> None:

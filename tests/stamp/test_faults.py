@@ -106,7 +106,7 @@ def test_fewer_healthy_fault_domains_than_replicas_is_a_clear_error(st):
     model = fill(st, n=3)
     for node in ("node-00", "node-03"):  # fault domain 0 entirely
         st.inject("node-down", node)
-    st.stream.close()  # no open extent left to append to
+    st.stream.seal_current()  # no open extent left to append to
     with pytest.raises(stamp.NotEnoughNodes, match="distinct fault domains"):
         st.blobs.write("d", 0, b"x" * 4096)
     verify(st, model)  # nothing half-written became visible

@@ -1,0 +1,248 @@
+"""The `stamp` command (also `python -m stamp`).
+
+Every command works on one stamp folder: --stamp DIR, or $DISKSTAMP_STAMP,
+or ./stamp. Output is JSON (scripts read it); errors are one line on stderr.
+Exit codes: 0 ok, 1 a problem (a failed check, a refused request), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vhd.errors import VhdError
+from vhd.ops import parse_size
+
+from .disks import SKUS, Disks
+from .errors import StampError
+from .gc import collect
+from .stamp import DURABILITY, Stamp
+
+EPILOG = """examples:
+  stamp init ./st                                   6 extent nodes in 3 fault domains
+  export DISKSTAMP_STAMP=./st
+  stamp image create ubuntu --file base.vhd         a fixed VHD that passes the upload rules
+  stamp disk create os1 --from-image ubuntu         a differencing disk over the image
+  stamp disk create data1 --size-gib 128 --sku Premium_LRS
+  stamp disk create copy1 --import local.vhd --convert
+  stamp snapshot create s1 --disk os1               incremental (--full for a full copy)
+  stamp snapshot diff s1                            ranges changed since s1 (JSON)
+  stamp disk export os1 os1.vhd --format dynamic
+  stamp fault node-down node-02 && stamp check && stamp fault node-up node-02
+  stamp repair                                      re-replicate and scrub"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="stamp", description="A storage stamp in a folder: replicated "
+                                  "extents, page blobs, managed disks, images and snapshots.",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--stamp", default=os.environ.get("DISKSTAMP_STAMP", "stamp"),
+                     help="the stamp folder (default: $DISKSTAMP_STAMP or ./stamp)")
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a stamp folder")
+    p.add_argument("path", nargs="?", help="folder (default: --stamp)")
+    p.add_argument("--nodes", type=int, default=6)
+    p.add_argument("--fault-domains", type=int, default=3)
+    p.add_argument("--durability", choices=DURABILITY, default="os",
+                   help="os: survives process crashes (default); fsync: also power loss, slower")
+    p.add_argument("--extent-size", type=parse_size, default=256 << 20, help="seal extents at this size")
+
+    disk = sub.add_parser("disk", help="managed disks").add_subparsers(dest="action", required=True)
+    p = disk.add_parser("create", help="create a disk (empty, from an image, imported or copied)")
+    p.add_argument("name")
+    p.add_argument("--sku", default="Premium_LRS", choices=sorted(SKUS))
+    p.add_argument("--size-gib", type=int, help="size of an empty disk, or to grow an image's size")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--from-image", metavar="IMAGE")
+    src.add_argument("--import", dest="import_file", metavar="FILE", help="a local VHD (fixed, 1 MiB multiple)")
+    src.add_argument("--copy-of", metavar="DISK")
+    src.add_argument("--from-snapshot", metavar="SNAPSHOT")
+    p.add_argument("--convert", action="store_true", help="with --import: accept any VHD or raw image")
+    for name in ("list",):
+        disk.add_parser(name, help="list disks")
+    for name in ("show", "delete"):
+        disk.add_parser(name, help=f"{name} a disk").add_argument("name")
+    p = disk.add_parser("export", help="write a disk (or a snapshot) to a local VHD")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["fixed", "dynamic"], default="fixed")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+
+    image = sub.add_parser("image", help="images").add_subparsers(dest="action", required=True)
+    p = image.add_parser("create", help="an image from a VHD file or a disk")
+    p.add_argument("name")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--file")
+    g.add_argument("--disk")
+    p.add_argument("--convert", action="store_true")
+    image.add_parser("list")
+    for name in ("show", "delete"):
+        image.add_parser(name).add_argument("name")
+
+    snap = sub.add_parser("snapshot", help="disk snapshots").add_subparsers(dest="action", required=True)
+    p = snap.add_parser("create", help="snapshot a disk (incremental unless --full)")
+    p.add_argument("name")
+    p.add_argument("--disk", required=True)
+    p.add_argument("--full", action="store_true")
+    snap.add_parser("list")
+    for name in ("show", "delete"):
+        snap.add_parser(name).add_argument("name")
+    p = snap.add_parser("diff", help="byte ranges written and cleared between incremental snapshots")
+    p.add_argument("base")
+    p.add_argument("target", nargs="?", help="a later snapshot of the same disk (default: the disk now)")
+    p = snap.add_parser("export", help="write a snapshot to a local VHD")
+    p.add_argument("name")
+    p.add_argument("path")
+    p.add_argument("--format", choices=["fixed", "dynamic"], default="fixed")
+
+    sub.add_parser("nodes", help="extent nodes and their health")
+    p = sub.add_parser("fault", help="inject a fault", description="node-down / node-up NODE; node-lost "
+                       "NODE (its files are deleted); node-replaced NODE; slow NODE --ms N; full NODE "
+                       "[--off]; bitflip --extent ID [NODE] [--offset N]")
+    p.add_argument("fault", choices=["node-down", "node-up", "node-lost", "node-replaced", "slow", "full",
+                                     "bitflip"])
+    p.add_argument("node", nargs="?")
+    p.add_argument("--ms", type=float, default=50)
+    p.add_argument("--off", action="store_true")
+    p.add_argument("--extent", type=int)
+    p.add_argument("--offset", type=int)
+    sub.add_parser("scrub", help="verify every record on every replica; heal bad copies")
+    p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones")
+    p.add_argument("--compact-below", type=float, default=0.5,
+                   help="compact sealed extents whose live share is below this (default 0.5)")
+    sub.add_parser("repair", help="re-replicate extents that lost a replica, then scrub")
+    p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
+    p.add_argument("--quick", action="store_true", help="skip reading every record")
+    return top
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.cmd == "init":
+        with Stamp.create(a.path or a.stamp, nodes=a.nodes, fault_domains=a.fault_domains,
+                          durability=a.durability, extent_size=a.extent_size) as st:
+            _print({"stamp": st.path, **st.config})
+        return 0
+    with Stamp.open(a.stamp) as st:
+        return dispatch(st, Disks(st), a)
+
+
+def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
+    cmd, action = a.cmd, getattr(a, "action", None)
+    if cmd == "disk":
+        if action == "create":
+            if a.from_image:
+                _print(disks.create_from_image(a.name, a.from_image, a.size_gib, a.sku))
+            elif a.import_file:
+                _print(disks.import_vhd(a.name, a.import_file, a.sku, convert=a.convert))
+            elif a.copy_of or a.from_snapshot:
+                _print(disks.create_copy(a.name, a.copy_of, a.from_snapshot, a.sku))
+            elif a.size_gib:
+                _print(disks.create_empty(a.name, a.size_gib, a.sku))
+            else:
+                raise UsageError("say what the disk is made from: --size-gib, --from-image, --import, "
+                                 "--copy-of or --from-snapshot")
+        elif action == "list":
+            _print(disks.disks())
+        elif action == "show":
+            _print(disks.disk(a.name))
+        elif action == "delete":
+            disks.delete_disk(a.name)
+            _print({"deleted": a.name})
+        elif action == "export":
+            _print(disks.export(a.name, a.path, a.format, show_progress=a.progress))
+    elif cmd == "image":
+        if action == "create":
+            _print(disks.create_image(a.name, path=a.file, disk=a.disk, convert=a.convert))
+        elif action == "list":
+            _print(disks.images())
+        elif action == "show":
+            _print(disks.image(a.name))
+        elif action == "delete":
+            disks.delete_image(a.name)
+            _print({"deleted": a.name})
+    elif cmd == "snapshot":
+        if action == "create":
+            _print(disks.create_snapshot(a.name, a.disk, incremental=not a.full))
+        elif action == "list":
+            _print(disks.snapshots())
+        elif action == "show":
+            _print(disks.snapshot(a.name))
+        elif action == "delete":
+            disks.delete_snapshot(a.name)
+            _print({"deleted": a.name})
+        elif action == "diff":
+            _print(snapshot_diff(disks, a.base, a.target))
+        elif action == "export":
+            snap = disks.snapshot(a.name)
+            _print(disks.export(snap["disk"], a.path, a.format, snapshot=a.name))
+    elif cmd == "nodes":
+        _print([{"id": n.id, **n.to_json()} for n in st.nodes()])
+    elif cmd == "fault":
+        kw: dict[str, Any] = {"ms": a.ms, "on": not a.off}
+        if a.fault == "bitflip":
+            if a.extent is None:
+                raise UsageError("bitflip needs --extent ID")
+            kw.update(extent=a.extent, offset=a.offset)
+        _print(st.inject(a.fault, a.node, **kw))
+    elif cmd == "scrub":
+        report = st.stream.scrub()
+        _print(report.to_json())
+        return 0 if not report.problems else 1
+    elif cmd == "gc":
+        _print(collect(st, a.compact_below).to_json())
+    elif cmd == "repair":
+        made = st.stream.rereplicate()
+        report = st.stream.scrub()
+        _print({"rereplicated": [{"extent": e, "from_node": a_, "to_node": b} for e, a_, b in made],
+                "scrub": report.to_json()})
+        return 0 if not report.problems else 1
+    elif cmd == "check":
+        result = st.check(deep=not a.quick)
+        _print(result.to_json())
+        return 0 if result.ok else 1
+    return 0
+
+
+def snapshot_diff(disks: Disks, base: str, target: str | None) -> dict[str, Any]:
+    b = disks.snapshot(base)
+    if not b.get("blob_snapshot"):
+        raise UsageError(f"{base} is a full snapshot: diffs are between incremental snapshots")
+    t = disks.snapshot(target) if target else None
+    if t is not None and (t["blob"] != b["blob"] or not t.get("blob_snapshot")):
+        raise UsageError(f"{target} is not an incremental snapshot of the same disk as {base}")
+    d = disks.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
+    return {"base": base, "target": target or b["disk"], **d.to_json()}
+
+
+class UsageError(StampError):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"stamp: {e}", file=sys.stderr)
+        return 2
+    except (StampError, VhdError) as e:
+        print(f"stamp {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"stamp {args.cmd}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Space reclamation: delete dead extents, compact partly dead ones.
+
+Record bytes are dead when no index piece (live, or frozen for a snapshot)
+points at them: overwritten or cleared data no snapshot can see, deleted
+blobs, deleted snapshots. Only sealed extents are touched (open ones are
+still being appended to, possibly by another process).
+
+  1. count, per sealed extent, the bytes its pieces reference;
+  2. an extent with none is deleted;
+  3. an extent whose live share is below `compact_below` is compacted: each
+     piece's bytes are appended anew (3 replicas, as any write) and the piece
+     is switched to them with a compare-and-swap, so a concurrent overwrite
+     wins and nothing it wrote is lost;
+  4. an extent is deleted only when a scan inside a write transaction finds
+     no piece pointing at it (the transaction keeps new pointers out).
+Readers that resolved a piece just before it moved re-resolve (pageblob).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import record as rec
+from .meta import PIECE, U64
+from .node import NodeState
+from .pageblob import PAGE, Piece
+from .stamp import Stamp
+
+
+@dataclass
+class GcReport:
+    extents_deleted: int = 0
+    extents_compacted: int = 0
+    bytes_freed: int = 0
+    bytes_moved: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def references(stamp: Stamp) -> dict[int, list[tuple[str, bytes, bytes]]]:
+    """extent id -> [(table, key, piece bytes)] for every piece in the index."""
+    refs: dict[int, list[tuple[str, bytes, bytes]]] = defaultdict(list)
+    with stamp.meta.read() as txn:
+        for table in ("pages", "frozen"):
+            for key, raw in stamp.meta.items(txn, table):
+                refs[PIECE.unpack(raw)[1]].append((table, key, raw))
+    return refs
+
+
+def collect(stamp: Stamp, compact_below: float = 0.5) -> GcReport:
+    report = GcReport()
+    refs = references(stamp)
+    for e in stamp.stream.all_extents():
+        if e.state != "sealed":
+            continue
+        size = e.length - rec.FILE_HEADER
+        pieces = refs.get(e.id, [])
+        live = sum((PIECE.unpack(raw)[0] - _start(key)) * PAGE for _, key, raw in pieces)
+        if pieces and size > 0 and live / size < compact_below:
+            report.bytes_moved += _compact(stamp, pieces)
+            report.extents_compacted += 1
+            pieces = []  # moved, unless something raced: the delete below rescans
+        if not pieces:
+            if _delete_if_unreferenced(stamp, e.id):
+                report.extents_deleted += 1
+                report.bytes_freed += e.length
+            else:
+                report.skipped.append(f"extent {e.id}: still referenced after compaction (a write raced)")
+    return report
+
+
+def _start(key: bytes) -> int:
+    return int.from_bytes(key[-8:], "big")
+
+
+def _compact(stamp: Stamp, pieces: list[tuple[str, bytes, bytes]]) -> int:
+    moved = 0
+    updates = []
+    for table, key, raw in pieces:
+        p = Piece.unpack(_start(key), raw)
+        n = (p.end - p.start) * PAGE
+        data = stamp.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, n)
+        loc = stamp.stream.append(data)  # on 3 replicas before any pointer moves
+        new = Piece(p.start, p.end, loc.extent, loc.offset, loc.length, 0, p.gen)
+        updates.append((table, key, raw, new.pack()))
+        moved += n
+    with stamp.meta.write() as txn:
+        for table, key, old, new_raw in updates:
+            if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
+                txn.put(key, new_raw, db=stamp.meta.db[table])
+    return moved
+
+
+def _delete_if_unreferenced(stamp: Stamp, extent_id: int) -> bool:
+    """Delete the extent if no piece points at it, checked and deleted in one
+    write transaction; then drop its replica files."""
+    e = stamp.stream.extent(extent_id, refresh=True)
+    with stamp.meta.write() as txn:
+        for table in ("pages", "frozen"):
+            for _, raw in stamp.meta.items(txn, table):
+                if PIECE.unpack(raw)[1] == extent_id:
+                    return False
+        txn.delete(U64.pack(extent_id), db=stamp.meta.db["extents"])
+    for n in e.nodes:
+        node = stamp.stream.nodes.get(n)
+        if node is not None and node.state is not NodeState.LOST:
+            node.drop(extent_id)
+    stamp.stream.forget_extent(extent_id)
+    return True

@@ -1,0 +1,63 @@
+"""Space reclamation: dead extents go, partly dead ones are compacted, and
+nothing a blob or snapshot can read changes."""
+
+from __future__ import annotations
+
+import os
+
+from stamp import Stamp
+from stamp.gc import collect
+
+MIB = 1 << 20
+
+
+def test_overwritten_and_deleted_data_is_reclaimed(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("a", 8 * MIB)
+    st.blobs.create("b", 8 * MIB)
+    keep = os.urandom(256 * 1024)
+    st.blobs.write("a", 0, keep)
+    for i in range(40):  # overwrite the same 256 KiB of b: all but the last copy dies
+        st.blobs.write("b", MIB, os.urandom(256 * 1024))
+    last = st.blobs.read("b", MIB, 256 * 1024)
+    snap = st.blobs.snapshot("b")
+    st.blobs.write("b", MIB, b"n" * 256 * 1024)  # the snapshot keeps `last` alive
+    st.stream.seal_current()
+    before = sum(e.length for e in st.stream.all_extents())
+    report = collect(st, compact_below=0.6)
+    after = sum(e.length for e in st.stream.all_extents())
+    assert report.extents_deleted > 5 and report.bytes_freed > 5 * MIB and after < before / 3
+    assert st.blobs.read("a", 0, len(keep)) == keep
+    assert st.blobs.read("b", MIB, 256 * 1024, snapshot=snap.id) == last
+    assert st.blobs.read("b", MIB, 256 * 1024) == b"n" * 256 * 1024
+    st.blobs.delete_snapshot("b", snap.id)
+    st.blobs.delete("a")
+    st.stream.seal_current()
+    report = collect(st, compact_below=0.6)
+    assert report.bytes_freed > 0
+    assert st.blobs.read("b", MIB, 256 * 1024) == b"n" * 256 * 1024
+    assert st.check(deep=True).ok
+    files = sum(len(os.listdir(os.path.join(st.path, "nodes", n, "extents")))
+                for n in os.listdir(os.path.join(st.path, "nodes")))
+    assert files == 3 * len(st.stream.all_extents())
+    st.close()
+
+
+def test_compaction_keeps_partly_dead_extents_readable(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"), extent_size=4 * MIB)
+    st.blobs.create("d", 16 * MIB)
+    model = bytearray(16 * MIB)
+    for i in range(12):
+        data = os.urandom(MIB)
+        st.blobs.write("d", i * MIB, data)
+        model[i * MIB:(i + 1) * MIB] = data
+    for i in range(0, 12, 2):  # kill half of every extent
+        st.blobs.clear("d", i * MIB, MIB)
+        model[i * MIB:(i + 1) * MIB] = bytes(MIB)
+    st.stream.seal_current()
+    report = collect(st, compact_below=0.75)
+    assert report.extents_compacted >= 2 and report.bytes_moved >= 4 * MIB
+    assert st.blobs.read("d", 0, 4 * MIB) + st.blobs.read("d", 4 * MIB, 4 * MIB) + \
+        st.blobs.read("d", 8 * MIB, 4 * MIB) + st.blobs.read("d", 12 * MIB, 4 * MIB) == bytes(model)
+    assert st.check(deep=True).ok
+    st.close()
