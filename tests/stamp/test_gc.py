@@ -17,7 +17,7 @@ def test_overwritten_and_deleted_data_is_reclaimed(tmp_path):
     st.blobs.create("b", 8 * MIB)
     keep = os.urandom(256 * 1024)
     st.blobs.write("a", 0, keep)
-    for i in range(40):  # overwrite the same 256 KiB of b: all but the last copy dies
+    for _ in range(40):  # overwrite the same 256 KiB of b: all but the last copy dies
         st.blobs.write("b", MIB, os.urandom(256 * 1024))
     last = st.blobs.read("b", MIB, 256 * 1024)
     snap = st.blobs.snapshot("b")
