@@ -74,7 +74,9 @@ class Piece:
 
     def cut(self, s: int, e: int) -> Piece:
         s, e = max(s, self.start), min(e, self.end)
-        return replace(self, start=s, end=e, inner=self.inner + (s - self.start) * PAGE)
+        if s == self.start and e == self.end:
+            return self
+        return Piece(s, e, self.extent, self.rec_off, self.rec_len, self.inner + (s - self.start) * PAGE, self.gen)
 
     def pack(self) -> bytes:
         return PIECE.pack(self.end, self.extent, self.rec_off, self.rec_len, self.inner, self.gen)
@@ -152,6 +154,7 @@ class PageBlobs:
     def __init__(self, meta: Meta, stream: StreamLayer) -> None:
         self.meta, self.stream = meta, stream
         self.db = meta.db
+        self._ids: dict[str, int] = {}
 
     # -- blob records -------------------------------------------------------------
 
@@ -163,6 +166,19 @@ class PageBlobs:
         if raw is None:
             raise CorruptStamp(f"blob {name!r} has no state record")
         return obj["id"], obj, BlobState.unpack(bytes(raw))
+
+    def _state(self, txn: lmdb.Transaction, name: str) -> tuple[int, BlobState]:
+        """The hot path's _blob: ids never change, so name -> id is cached; a
+        blob deleted (and perhaps re-created) elsewhere has no state under the
+        cached id, which sends us back to the name."""
+        blob_id = self._ids.get(name)
+        if blob_id is not None:
+            raw = txn.get(U64.pack(blob_id), db=self.db["blobstate"])
+            if raw is not None:
+                return blob_id, BlobState.unpack(bytes(raw))
+        blob_id, _, st = self._blob(txn, name)
+        self._ids[name] = blob_id
+        return blob_id, st
 
     def create(self, name: str, size: int, properties: dict[str, Any] | None = None,
                limit: int = MAX_BLOB) -> None:
@@ -269,16 +285,16 @@ class PageBlobs:
     def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
         """Put pages: offset and length multiples of 512, at most 4 MiB."""
         with self.meta.read() as txn:
-            st = self._blob(txn, name)[2]
+            st = self._state(txn, name)[1]
         check_pages(offset, len(data), st.size)
         loc = self.stream.append(data)  # data on 3 replicas before the index points at it
         s = offset // PAGE
-        piece = Piece(s, s + len(data) // PAGE, loc.extent, loc.offset, loc.length, 0, 0)
+        e = s + len(data) // PAGE
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
+            blob_id, st = self._state(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, len(data), st.size)  # the blob may have shrunk meanwhile
-            self._replace(txn, blob_id, st, piece.start, piece.end, replace(piece, gen=st.epoch))
+            self._replace(txn, blob_id, st, s, e, Piece(s, e, loc.extent, loc.offset, loc.length, 0, st.epoch))
 
     def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
         """Clear pages: afterwards they read as zeros and hold no data."""
@@ -375,7 +391,7 @@ class PageBlobs:
         """Pages [offset, offset+length): multiples of 512; zeros where nothing is written."""
         for attempt in range(2):
             with self.meta.read() as txn:
-                blob_id, _, st = self._blob(txn, name)
+                blob_id, st = self._state(txn, name)
                 epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
                 size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
                 check_pages(offset, length, size, limit=None)

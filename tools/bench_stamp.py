@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Benchmark the stamp against raw file I/O, in one run, as ratios.
+
+  .venv/bin/python tools/bench_stamp.py [--ops 20000] [--big-gib 8] [--json]
+
+Rows (goals from issue 3):
+- 4 KiB random writes through 3 replicas vs three raw os.pwrite per write (>= 0.5x)
+- 4 MiB sequential writes vs three raw 4 MiB os.pwrite (>= 0.6x)
+- 4 KiB random reads vs one raw os.pread
+- fsync mode: 4 KiB writes at queue depth 1 and 32 (threads), group commit
+  shares fsyncs; vs three raw pwrite+fdatasync per write
+- snapshot creation after 1 GiB written vs after --big-gib written (same time)
+- 4 KiB random read and write with 500 snapshots vs none (>= 0.8x)
+- diff between adjacent snapshots against the bytes changed between them
+The durability mode is "os" unless a row says fsync. Files go to --dir
+(default: a temporary folder in /var/tmp). Not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from stamp import Stamp  # noqa: E402
+
+KIB, MIB, GIB = 1024, 1024 ** 2, 1024 ** 3
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def offsets(n: int, span: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(span // (4 * KIB)) * 4 * KIB for _ in range(n)]
+
+
+class Raw:
+    """Three plain files, the peer of three replicas."""
+
+    def __init__(self, work: str, size: int) -> None:
+        self.fds = []
+        for i in range(3):
+            fd = os.open(os.path.join(work, f"raw{i}"), os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(fd, size)
+            self.fds.append(fd)
+
+    def write3(self, offs: list[int], data: bytes, sync: bool = False) -> None:
+        for o in offs:
+            for fd in self.fds:
+                os.pwrite(fd, data, o)
+                if sync:
+                    os.fdatasync(fd)
+
+    def read1(self, offs: list[int], n: int) -> None:
+        fd = self.fds[0]
+        for o in offs:
+            os.pread(fd, n, o)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def row(test: str, ours: float, peer: float, peer_name: str, unit: str, goal: float | None,
+        higher_better: bool = True) -> dict:
+    ratio = ours / peer if higher_better else peer / ours
+    return {"test": test, "ours": ours, "peer": peer, "peer_name": peer_name, "unit": unit,
+            "ratio": ratio, "goal": goal}
+
+
+def io_rows(work: str, ops: int) -> list[dict]:
+    rows = []
+    span = 1 * GIB
+    st = Stamp.create(os.path.join(work, "st"))
+    st.blobs.create("d", span)
+    raw = Raw(work, span)
+    buf = os.urandom(4 * KIB)
+    offs = offsets(ops, span, 1)
+    ours = ops / timed(lambda: [st.blobs.write("d", o, buf) for o in offs])
+    peer = ops / timed(lambda: raw.write3(offs, buf))
+    rows.append(row("4K random write, 3 replicas", ours, peer, "3x os.pwrite", "IOPS", 0.5))
+    ours = ops / timed(lambda: [st.blobs.read("d", o, 4 * KIB) for o in offs])
+    peer = ops / timed(lambda: raw.read1(offs, 4 * KIB))
+    rows.append(row("4K random read", ours, peer, "os.pread", "IOPS", None))
+    big = os.urandom(4 * MIB)
+    seq = list(range(0, 512 * MIB, 4 * MIB))
+    ours = len(seq) * 4 * MIB / timed(lambda: [st.blobs.write("d", o, big) for o in seq]) / MIB
+    peer = len(seq) * 4 * MIB / timed(lambda: raw.write3(seq, big)) / MIB
+    rows.append(row("4M sequential write, 3 replicas", ours, peer, "3x os.pwrite", "MiB/s", 0.6))
+    raw.close()
+    st.close()
+    return rows
+
+
+def fsync_rows(work: str, ops: int) -> list[dict]:
+    st = Stamp.create(os.path.join(work, "stf"), durability="fsync")
+    st.blobs.create("d", GIB)
+    raw = Raw(work, GIB)
+    buf = os.urandom(4 * KIB)
+    n = max(ops // 20, 200)
+    offs = offsets(n, GIB, 2)
+    qd1 = n / timed(lambda: [st.blobs.write("d", o, buf) for o in offs])
+    peer = n / timed(lambda: raw.write3(offs, buf, sync=True))
+
+    def worker(part: list[int]) -> None:
+        for o in part:
+            st.blobs.write("d", o, buf)
+    threads = [threading.Thread(target=worker, args=(offs[i::32],)) for i in range(32)]
+    qd32 = n / timed(lambda: ([t.start() for t in threads], [t.join() for t in threads]))
+    raw.close()
+    st.close()
+    return [row("fsync mode 4K write, QD1", qd1, peer, "3x pwrite+fdatasync", "IOPS", None),
+            row("fsync mode 4K write, QD32 (group commit)", qd32, peer, "3x pwrite+fdatasync", "IOPS", None)]
+
+
+def snapshot_rows(work: str, big_gib: int) -> list[dict]:
+    st = Stamp.create(os.path.join(work, "sts"))
+    st.blobs.create("small", 2 * GIB)
+    st.blobs.create("big", max(big_gib, 1) * GIB + GIB)
+    chunk = os.urandom(4 * MIB)
+    for o in range(0, GIB, 4 * MIB):
+        st.blobs.write("small", o, chunk)
+    for o in range(0, big_gib * GIB, 4 * MIB):
+        st.blobs.write("big", o, chunk)
+
+    def snap_time(name: str) -> float:
+        return min(timed(lambda: st.blobs.snapshot(name)) for _ in range(20))
+    small, large = snap_time("small"), snap_time("big")
+    st.close()
+    return [row(f"snapshot create: 1 GiB vs {big_gib} GiB written", small * 1e3, large * 1e3,
+                "same at 1 GiB", "ms", 0.5, higher_better=False)]
+
+
+def many_snapshot_rows(work: str, ops: int) -> list[dict]:
+    rows = []
+    results = {}
+    for count in (0, 500):
+        st = Stamp.create(os.path.join(work, f"stm{count}"))
+        st.blobs.create("d", GIB)
+        buf = os.urandom(4 * KIB)
+        for i in range(count):  # 500 snapshots, each after some writes
+            for o in offsets(20, GIB, 1000 + i):
+                st.blobs.write("d", o, buf)
+            st.blobs.snapshot("d")
+        offs = offsets(ops, GIB, 3)
+        w = ops / timed(lambda: [st.blobs.write("d", o, buf) for o in offs])
+        r = ops / timed(lambda: [st.blobs.read("d", o, 4 * KIB) for o in offs])
+        results[count] = (w, r)
+        st.close()
+    rows.append(row("4K random write, 500 snapshots vs none", results[500][0], results[0][0], "no snapshots",
+                    "IOPS", 0.8))
+    rows.append(row("4K random read, 500 snapshots vs none", results[500][1], results[0][1], "no snapshots",
+                    "IOPS", 0.8))
+    return rows
+
+
+def diff_rows(work: str) -> list[dict]:
+    st = Stamp.create(os.path.join(work, "std"))
+    st.blobs.create("d", 4 * GIB)
+    chunk = os.urandom(4 * MIB)
+    for o in range(0, GIB, 4 * MIB):
+        st.blobs.write("d", o, chunk)
+    rows = []
+    times = {}
+    for changed in (4 * KIB, MIB, 64 * MIB):
+        a = st.blobs.snapshot("d")
+        for o in range(0, changed, min(changed, 4 * MIB)):
+            st.blobs.write("d", 2 * GIB + o, chunk[:min(changed, 4 * MIB)])
+        b = st.blobs.snapshot("d")
+        times[changed] = min(timed(lambda: st.blobs.diff("d", a.id, b.id)) for _ in range(5))
+    st.close()
+    base = times[4 * KIB]
+    for changed, t in times.items():
+        rows.append(row(f"diff of adjacent snapshots, {changed // KIB} KiB changed", t * 1e3, base * 1e3,
+                        "4 KiB changed", "ms", None, higher_better=False))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", type=int, default=20000, help="random 4 KiB operations per measurement")
+    ap.add_argument("--big-gib", type=int, default=8, help="GiB written before the second snapshot timing "
+                    "(the issue's figure is 100: needs 300 GiB of disk for 3 replicas)")
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-stamp-", dir=a.dir or "/var/tmp")
+    try:
+        rows = io_rows(work, a.ops) + fsync_rows(work, a.ops) + many_snapshot_rows(work, a.ops // 4) + \
+            snapshot_rows(work, a.big_gib) + diff_rows(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'test':<46} {'ours':>10} {'peer':>10}  {'peer is':<22} {'ratio':>6}  goal")
+    for r in rows:
+        fmt = "{:>10.0f}" if r["unit"] in ("IOPS", "MiB/s") else "{:>8.2f}" + r["unit"]
+        goal = "" if r["goal"] is None else f">= {r['goal']}x {'ok' if r['ratio'] >= r['goal'] else 'MISSED'}"
+        print(f"{r['test']:<46} {fmt.format(r['ours'])} {fmt.format(r['peer'])}  {r['peer_name']:<22} "
+              f"{r['ratio']:>5.2f}x  {goal}")
+    print("ratio: ours/peer for rates, peer/ours for times (higher is better for us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
