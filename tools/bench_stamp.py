@@ -155,8 +155,8 @@ def many_snapshot_rows(work: str, ops: int) -> list[dict]:
                 st.blobs.write("d", o, buf)
             st.blobs.snapshot("d")
         offs = offsets(ops, GIB, 3)
-        w = ops / timed(lambda: [st.blobs.write("d", o, buf) for o in offs])
-        r = ops / timed(lambda: [st.blobs.read("d", o, 4 * KIB) for o in offs])
+        w = ops / timed(lambda st=st, offs=offs, buf=buf: [st.blobs.write("d", o, buf) for o in offs])
+        r = ops / timed(lambda st=st, offs=offs: [st.blobs.read("d", o, 4 * KIB) for o in offs])
         results[count] = (w, r)
         st.close()
     rows.append(row("4K random write, 500 snapshots vs none", results[500][0], results[0][0], "no snapshots",
@@ -179,7 +179,7 @@ def diff_rows(work: str) -> list[dict]:
         for o in range(0, changed, min(changed, 4 * MIB)):
             st.blobs.write("d", 2 * GIB + o, chunk[:min(changed, 4 * MIB)])
         b = st.blobs.snapshot("d")
-        times[changed] = min(timed(lambda: st.blobs.diff("d", a.id, b.id)) for _ in range(5))
+        times[changed] = min(timed(lambda a=a, b=b: st.blobs.diff("d", a.id, b.id)) for _ in range(5))
     st.close()
     base = times[4 * KIB]
     for changed, t in times.items():
