@@ -73,13 +73,18 @@ class Node:
         return fd
 
     def append(self, extent_id: int, data: bytes, offset: int) -> None:
-        fd = self.fd(extent_id)
-        if self.full:
-            raise OSError(errno.ENOSPC, f"node {self.name}: no space left (injected)")
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        fd = self._fds.get(extent_id)
+        if fd is None or self.state is not NodeState.UP or self.slow_ms or self.full:
+            fd = self.fd(extent_id)  # the gate: down, lost, slow
+            if self.full:
+                raise OSError(errno.ENOSPC, f"node {self.name}: no space left (injected)")
+        n = os.pwrite(fd, data, offset)
+        if n < len(data):  # rare: finish a short write
+            view = memoryview(data)[n:]
+            offset += n
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
 
     def read(self, extent_id: int, length: int, offset: int) -> bytes:
         return os.pread(self.fd(extent_id), length, offset)

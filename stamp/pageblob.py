@@ -284,17 +284,26 @@ class PageBlobs:
 
     def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
         """Put pages: offset and length multiples of 512, at most 4 MiB."""
-        with self.meta.read() as txn:
-            st = self._state(txn, name)[1]
-        check_pages(offset, len(data), st.size)
+        # Alignment and length are checked before the data is stored; the blob's
+        # existence and size inside the transaction (a refused write leaves only
+        # unreferenced record bytes, which gc reclaims).
+        check_pages(offset, len(data), offset + len(data))
+        if name not in self._ids:
+            with self.meta.read() as txn:
+                self._state(txn, name)  # BlobNotFound before storing anything
         loc = self.stream.append(data)  # data on 3 replicas before the index points at it
         s = offset // PAGE
         e = s + len(data) // PAGE
-        with self.meta.write() as txn:
+        txn = self.meta.env.begin(write=True)  # started and committed here, on this thread
+        try:
             blob_id, st = self._state(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, len(data), st.size)  # the blob may have shrunk meanwhile
             self._replace(txn, blob_id, st, s, e, Piece(s, e, loc.extent, loc.offset, loc.length, 0, st.epoch))
+        except BaseException:
+            txn.abort()
+            raise
+        txn.commit()
 
     def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
         """Clear pages: afterwards they read as zeros and hold no data."""

@@ -18,39 +18,30 @@ END = struct.Struct("<Q")
 def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int,
                 touching: bool = False) -> list[tuple[int, int, bytes]]:
     """(start, end, value) of every range under `prefix` overlapping [start, end)
-    (or also adjacent to it, with touching=True), in order."""
+    (or also adjacent to it, with touching=True), in order. One cursor seek:
+    the range before `start` may reach into it, so the walk starts there."""
     out: list[tuple[int, int, bytes]] = []
     plen = len(prefix)
-    key = prefix + U64.pack(start)
-    cur = txn.cursor(db=db)
     lo = start - 1 if touching else start
-    if cur.set_range(key):
-        if bytes(cur.key()) != key and cur.prev():
-            k = bytes(cur.key())
-            if k[:plen] == prefix:
-                v = bytes(cur.value())
-                if END.unpack_from(v)[0] > lo:
-                    out.append((U64.unpack(k[plen:])[0], END.unpack_from(v)[0], v))
-        if not cur.set_range(key):
-            return out
-    else:
-        if cur.last():
-            k = bytes(cur.key())
-            if k[:plen] == prefix:
-                v = bytes(cur.value())
-                if END.unpack_from(v)[0] > lo:
-                    out.append((U64.unpack(k[plen:])[0], END.unpack_from(v)[0], v))
-        return out
     hi = end + 1 if touching else end
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix + U64.pack(start)):
+        cur.prev()  # the range before start, if any (the walk skips it if it ends too soon)
+    elif not cur.last():
+        return out
     for raw_key, raw_value in cur:
         k = bytes(raw_key)
         if k[:plen] != prefix:
+            if k[:plen] < prefix:
+                continue  # the entry before our prefix: step past it
             break
         s = U64.unpack(k[plen:])[0]
         if s >= hi:
             break
         v = bytes(raw_value)
-        out.append((s, END.unpack_from(v)[0], v))
+        e = END.unpack_from(v)[0]
+        if e > lo:
+            out.append((s, e, v))
     return out
 
 

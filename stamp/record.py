@@ -49,11 +49,18 @@ def record_size(length: int) -> int:
     return RECORD_HEADER + chunks * CHECK + length
 
 
+_ONE = struct.Struct("<4sIQQ")  # header and the checksum of a record's only chunk
+
+
 def pack_record(data: bytes | memoryview, offset: int) -> bytes:
     """The bytes to append at `offset` for `data`."""
     n = len(data)
     if not 0 < n <= MAX_RECORD:
         raise ValueError(f"record of {n} bytes")
+    if n <= CHUNK:  # the common small write, in one struct.pack
+        h = xxhash.xxh3_64_intdigest
+        head = RECORD_MAGIC + n.to_bytes(4, "little")
+        return _ONE.pack(RECORD_MAGIC, n, h(head, seed=offset), h(data, seed=_seed(offset, 0))) + bytes(data)
     head = RECORD_MAGIC + n.to_bytes(4, "little")
     parts = [head, xxhash.xxh3_64_intdigest(head, seed=offset).to_bytes(8, "little")]
     view = memoryview(data)

@@ -25,7 +25,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import record as rec
 from .errors import CorruptStamp, DataLost, NotEnoughNodes
@@ -47,8 +47,7 @@ class ScrubReport:
         return {"records": self.records, "bad_copies": self.bad, "healed": self.healed, "problems": self.problems}
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     extent: int
     offset: int  # of the record in the extent
     length: int  # data bytes in the record
