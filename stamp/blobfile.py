@@ -12,6 +12,8 @@ the stamp durable against power loss.
 
 from __future__ import annotations
 
+from vhd.blockdev import align_write
+
 from .pageblob import MAX_WRITE, PAGE
 from .stamp import Stamp
 
@@ -41,13 +43,9 @@ class PageBlobFile:
         n = len(data)
         if offset + n > self._size:
             self.truncate(-(-(offset + n) // PAGE) * PAGE)
-        if offset % PAGE or n % PAGE:
-            lo, hi = offset - offset % PAGE, -(-(offset + n) // PAGE) * PAGE
-            buf = bytearray(self.pread(hi - lo, lo).ljust(hi - lo, b"\0"))
-            buf[offset - lo:offset - lo + n] = data
-            data, offset, n = buf, lo, hi - lo
+        offset, data = align_write(lambda o, k: self.pread(k, o).ljust(k, b"\0"), offset, data, PAGE)
         view = memoryview(data)
-        for pos in range(0, n, MAX_WRITE):
+        for pos in range(0, len(view), MAX_WRITE):
             self.stamp.blobs.write(self.blob, offset + pos, view[pos:pos + MAX_WRITE], lease=self.lease)
 
     def truncate(self, size: int) -> None:

@@ -17,7 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from vhd.blockdev import Alloc, Extent, check_range, ranges_to_extents
+from vhd.blockdev import Alloc, Extent, align_write, check_range, ranges_to_extents
 
 from . import record as rec
 from .errors import LeaseAlreadyPresent, StampError
@@ -286,16 +286,10 @@ class BlobDevice:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.readonly:
             raise StampError(f"blob {self.name!r} is open read-only")
-        length = len(data)
-        check_range(self.size, offset, length)
-        if offset % PAGE or length % PAGE:
-            lo = offset - offset % PAGE
-            hi = -(-(offset + length) // PAGE) * PAGE
-            buf = bytearray(self.read(lo, hi - lo))
-            buf[offset - lo:offset - lo + length] = data
-            data, offset, length = buf, lo, hi - lo
+        check_range(self.size, offset, len(data))
+        offset, data = align_write(self.read, offset, data, PAGE)
         view = memoryview(data)
-        for pos in range(0, length, 4 * 1024 * 1024):
+        for pos in range(0, len(view), 4 * 1024 * 1024):
             chunk = view[pos:pos + 4 * 1024 * 1024]
             self.blobs.write(self.name, offset + pos, chunk, lease=self.lease)
 

@@ -16,6 +16,7 @@ are tested alone and stacked freely. Rules:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -87,6 +88,21 @@ def ranges_to_extents(offset: int, length: int, data: list[tuple[int, int]]) -> 
     if pos < offset + length:
         out.append(Extent(pos, offset + length - pos, Alloc.ZERO))
     return merge_extents(out)
+
+
+def align_write(read: Callable[[int, int], bytes], offset: int, data: bytes | bytearray | memoryview,
+                unit: int = 512) -> tuple[int, bytes | bytearray | memoryview]:
+    """Widen a write to whole `unit`s (sectors, pages) for stores that take no
+    less: the partial units at each end are read and patched. An aligned
+    write comes back unchanged."""
+    length = len(data)
+    if not (offset % unit or length % unit):
+        return offset, data
+    lo = offset - offset % unit
+    hi = -(-(offset + length) // unit) * unit
+    buf = bytearray(read(lo, hi - lo))
+    buf[offset - lo:offset - lo + length] = data
+    return lo, buf
 
 
 ZERO_CHUNK = 1 << 20

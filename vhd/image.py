@@ -31,7 +31,17 @@ from collections.abc import Callable, Sequence
 from . import bat as batlib
 from . import dynamic_header as dh
 from . import footer as ft
-from .blockdev import Alloc, BlockDevice, Extent, FileDevice, check_range, is_zero, merge_extents, write_zeros
+from .blockdev import (
+    Alloc,
+    BlockDevice,
+    Extent,
+    FileDevice,
+    align_write,
+    check_range,
+    is_zero,
+    merge_extents,
+    write_zeros,
+)
 from .chain import Candidate, Resolver, candidates, check_allowed
 from .errors import (
     FormatError,
@@ -239,12 +249,8 @@ class SparseImage:
                     self.file.pwrite(memoryview(data)[done:], at + inb + done)
                 self._unsynced = True
                 return
-        if offset % SECTOR or length % SECTOR:  # read-modify-write whole sectors
-            lo = offset - offset % SECTOR
-            hi = -(-(offset + length) // SECTOR) * SECTOR
-            buf = bytearray(self.read(lo, hi - lo))
-            buf[offset - lo:offset - lo + length] = data
-            data, offset, length = buf, lo, hi - lo
+        offset, data = align_write(self.read, offset, data, SECTOR)  # read-modify-write whole sectors
+        length = len(data)
         view = memoryview(data)
         bs = self.block_size
         pos = 0
