@@ -286,7 +286,8 @@ class StreamLayer:
 
     def recover(self) -> list[int]:
         """Seal extents whose owner process is gone, at the length every
-        reachable replica holds valid records to. Returns the sealed ids."""
+        reachable replica holds valid records to; delete those that hold no
+        record. Returns the sealed ids."""
         sealed = []
         with self.meta.read() as txn:
             orphans = [Extent.from_json(U64.unpack(k)[0], loads(v))
@@ -305,10 +306,26 @@ class StreamLayer:
                                             rec.FILE_HEADER, size))
                 except OSError:
                     continue
-            self._seal(e, min(lengths) if lengths else rec.FILE_HEADER)
+            length = min(lengths) if lengths else rec.FILE_HEADER
+            if length <= rec.FILE_HEADER:
+                # No record: the owner died while creating it (metadata first, then
+                # the replica files) or before its first append. Nothing can point
+                # into it, so it goes, with whatever files were made.
+                self._drop_empty(e)
+                continue
+            self._seal(e, length)
             self._extents[e.id] = e
             sealed.append(e.id)
         return sealed
+
+    def _drop_empty(self, e: Extent) -> None:
+        for n in e.nodes:
+            node = self.nodes.get(n)
+            if node is not None and node.state is not NodeState.LOST:
+                node.drop(e.id)
+        with self.meta.write() as txn:
+            txn.delete(U64.pack(e.id), db=self.meta.db["extents"])
+        self.forget_extent(e.id)
 
     def all_extents(self) -> list[Extent]:
         with self.meta.read() as txn:

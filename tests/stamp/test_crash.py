@@ -125,3 +125,24 @@ def test_kill_9_loses_nothing_acknowledged(tmp_path, round_):
             assert st.blobs.read("d", 0, PAGES * PAGE, snapshot=sid) == frozen
         st.blobs.write("d", 0, b"\x01" * PAGE)  # and the stamp keeps working
         assert st.check(deep=False).ok
+
+
+def test_an_extent_whose_creator_died_before_its_files_existed_is_dropped(tmp_path):
+    """The crash the rounds above found once: metadata for a new extent was
+    committed, one replica file was half made, then the process died."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        st.blobs.create("d", PAGES * PAGE)
+        st.blobs.write("d", 0, b"k" * PAGE)
+    with Stamp.open(path) as st:
+        with st.meta.write() as txn:
+            extent_id = st.meta.next_id(txn, "extent")
+            st.meta.put_json(txn, "extents", extent_id.to_bytes(8, "big"),
+                             {"nodes": [3, 4, 5], "state": "open", "length": 4096, "owner": 999999999})
+        with open(st.stream.nodes[3].extent_path(extent_id), "wb") as f:
+            f.write(b"DSEXTNT1")  # a torn file header; nodes 4 and 5 got nothing
+    with Stamp.open(path) as st:
+        assert extent_id not in {e.id for e in st.stream.all_extents()}
+        assert not os.path.exists(st.stream.nodes[3].extent_path(extent_id))
+        assert st.check(deep=True).ok
+        assert st.blobs.read("d", 0, PAGE) == b"k" * PAGE
