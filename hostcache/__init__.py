@@ -1,5 +1,25 @@
-"""hostcache: the physical host in front of the stamp (BlobCache, throttles,
-compute attach and boot). Not built yet: issue 4 builds it on `stamp` and
-`vhd`. Nothing here is importable API until then."""
+"""hostcache: the physical host in front of the stamp.
 
-__all__: list[str] = []
+Built so far: the tier catalog (published disk and VM storage limits, as
+data) and the throttle (token buckets and credit bursting by disk tier and
+VM size, the 256 KiB rule, cached and uncached paths, a service-latency
+model, an injectable clock). Not built yet (issue 4): the BlobCache (RAM +
+local SSD), attach/detach at a LUN, VMs and boot. Imports stamp and vhd,
+never the reverse.
+
+    from hostcache import disk_limits, vm_limits, Throttle, FakeClock
+    from hostcache.sim import Workload, simulate
+    t = Throttle(vm_limits("D8s_v3"), FakeClock())
+    t.add_disk("data", disk_limits("Premium_LRS", 1024))       # a P30
+    simulate(t, [Workload("data", qd=16)], seconds=10)         # {"data": 5000.0}
+"""
+
+from .errors import HostError, InvalidPerformance, UnknownTier
+from .throttle import Admission, CreditLimiter, FakeClock, MonotonicClock, Path, RateLimiter, Throttle
+from .tiers import Burst, DiskLimits, VmLimits, catalog, disk_limits, io_units, vm_limits
+
+__all__ = [
+    "Admission", "Burst", "CreditLimiter", "DiskLimits", "FakeClock", "HostError", "InvalidPerformance",
+    "MonotonicClock", "Path", "RateLimiter", "Throttle", "UnknownTier", "VmLimits", "catalog",
+    "disk_limits", "io_units", "vm_limits",
+]

@@ -1,0 +1,103 @@
+"""The `hostcache` command (also `python -m hostcache`): the tier catalog and
+the throttle, as JSON. VMs, attach and boot come with the rest of issue 4.
+Exit codes: 0 ok, 1 a refused request, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .errors import HostError
+from .sim import Workload, simulate
+from .throttle import FakeClock, Path, Throttle
+from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, reference, vm_limits
+
+EPILOG = """examples:
+  hostcache tiers Premium_LRS                      every size with its limits
+  hostcache limits Premium_LRS 100                 a 100 GiB Premium disk performs as P10
+  hostcache limits UltraSSD_LRS 64 --iops 20000 --mbps 500
+  hostcache vm D8s_v3
+  hostcache simulate Premium_LRS 1024 --vm D8s_v3 --qd 1 4 16 64 --size 4K
+                                                   IOPS against queue depth, by arithmetic"""
+
+
+def _disk(a: argparse.Namespace) -> DiskLimits:
+    return disk_limits(a.sku, a.size_gib, iops=a.iops, mbps=a.mbps, performance_plus=a.performance_plus,
+                       on_demand_bursting=a.on_demand_bursting, edition=a.edition)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="hostcache", description="Azure disk tiers and VM storage limits, "
+                                  "and the throttle that enforces them.", epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("tiers", help="every size of a tiered SKU")
+    p.add_argument("sku", choices=[s for s in SKUS if s not in ("PremiumV2_LRS", "UltraSSD_LRS")])
+    for name, helptext in (("limits", "the limits of one disk"), ("simulate", "IOPS and MB/s by queue depth")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("sku", choices=SKUS)
+        p.add_argument("size_gib", type=int)
+        p.add_argument("--iops", type=int, help="provisioned IOPS (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("--mbps", type=float, help="provisioned MB/s (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("--performance-plus", action="store_true")
+        p.add_argument("--on-demand-bursting", action="store_true")
+        p.add_argument("--edition", choices=EDITIONS, default="current",
+                       help="which published figures where sources disagree (default: current)")
+        if name == "simulate":
+            p.add_argument("--vm", default="D8s_v3")
+            p.add_argument("--qd", type=int, nargs="+", default=[1, 4, 16, 64])
+            p.add_argument("--size", default="4K", help="I/O size: 4K, 64K, 1M")
+            p.add_argument("--write", action="store_true")
+            p.add_argument("--cached", choices=["none", "hit", "miss"], default="none")
+            p.add_argument("--seconds", type=float, default=5.0)
+            p.add_argument("--no-latency", action="store_true", help="turn the service-latency model off")
+    p = sub.add_parser("vm", help="a VM size's storage limits")
+    p.add_argument("name", nargs="?", help="e.g. D8s_v3 (default: list them)")
+    return top
+
+
+def run(a: argparse.Namespace) -> object:
+    if a.cmd == "tiers":
+        return [t.to_json() for t in catalog(a.sku)]
+    if a.cmd == "limits":
+        return _disk(a).to_json()
+    if a.cmd == "vm":
+        if a.name is None:
+            return sorted(reference()["vm_sizes"]["sizes"])
+        return vm_limits(a.name).to_json()
+    limits = _disk(a)
+    size = _size(a.size)
+    path = {"none": Path.UNCACHED, "hit": Path.CACHED_HIT, "miss": Path.CACHED_MISS}[a.cached]
+    out = []
+    for qd in a.qd:
+        t = Throttle(vm_limits(a.vm), FakeClock(), latency=not a.no_latency)
+        t.add_disk("disk", limits)
+        iops = simulate(t, [Workload("disk", size, a.write, qd, path)], a.seconds, warmup=min(1.0, a.seconds / 5))
+        out.append({"qd": qd, "iops": round(iops["disk"], 1), "mbps": round(iops["disk"] * size / 1e6, 2)})
+    return {"disk": limits.to_json(), "vm": a.vm, "io_size": size, "write": a.write, "cached": a.cached,
+            "results": out}
+
+
+def _size(text: str) -> int:
+    units = {"K": 1024, "M": 1024 ** 2}
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    try:
+        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    except ValueError:
+        raise HostError(f"cannot read I/O size {text!r}: use 4K, 64K, 1M") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(json.dumps(run(args), indent=2))
+    except HostError as e:
+        print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
