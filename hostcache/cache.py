@@ -165,8 +165,10 @@ class BlobCache:
         self.leases: dict[str, str] = {}  # blob -> the lease write-back must present
 
     def close(self) -> None:
-        os.close(self.fd)
-        self.env.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.env.close()
 
     # -- the index ------------------------------------------------------------------
 

@@ -36,6 +36,9 @@ from .errors import HostError
 from .tiers import BURST_SECONDS, MB, MIB, Burst, DiskLimits, VmLimits, io_units
 
 TOLERANCE = 0.05  # seconds of work a limiter admits at once
+# A read served by the host cache (local SSD) still takes time; no source
+# gives a figure, so this is our assumption: 0.1 ms.
+CACHE_HIT_LATENCY_MS = 0.1
 METRIC_WINDOW = 60.0  # seconds, as the platform's one-minute metrics
 
 
@@ -77,11 +80,11 @@ class LimiterStats:
 
 
 class RateLimiter:
-    def __init__(self, name: str, rate: float, tolerance: float = TOLERANCE) -> None:
+    def __init__(self, name: str, rate: float, tolerance: float = TOLERANCE, start: float = 0.0) -> None:
         if rate <= 0:
             raise ValueError(f"{name}: rate must be positive")
         self.name, self.rate, self.tolerance = name, rate, tolerance
-        self.tat = 0.0  # theoretical arrival time of the next unit
+        self.tat = start  # theoretical arrival time of the next unit
         self.stats = LimiterStats()
 
     def earliest(self, t: float, cost: float) -> float:
@@ -101,13 +104,13 @@ class RateLimiter:
 
 class CreditLimiter:
     def __init__(self, name: str, baseline: float, burst: float, bucket: float | None = None,
-                 tolerance: float = TOLERANCE, start_full: bool = True) -> None:
+                 tolerance: float = TOLERANCE, start_full: bool = True, start: float = 0.0) -> None:
         if not 0 < baseline < burst:
             raise ValueError(f"{name}: need 0 < baseline < burst")
         self.name, self.baseline, self.burst, self.tolerance = name, baseline, burst, tolerance
         self.bucket = (burst - baseline) * BURST_SECONDS if bucket is None else bucket
         self.credits = self.bucket if start_full else 0.0
-        self.tat = 0.0  # when the work admitted so far is done, at the rates allowed
+        self.tat = start  # when the work admitted so far is done, at the rates allowed
         self.rate = baseline  # for consumed(): the provisioned target
         self.stats = LimiterStats()
 
@@ -156,46 +159,49 @@ def _recent(stats: LimiterStats, now: float, window: float) -> float:
 
 
 def pair(name: str, iops: float, mbps: float, burst_iops: float | None, burst_mbps: float | None,
-         credit: bool, unit: int) -> tuple[Limiter, Limiter]:
+         credit: bool, unit: int, start: float = 0.0) -> tuple[Limiter, Limiter]:
     """The IOPS and bandwidth limiters of one limit (disk, VM cached or
     uncached); `unit` is the bytes of the table's MB."""
     if credit and burst_iops and burst_iops > iops:
-        l_iops: Limiter = CreditLimiter(f"{name} IOPS", iops, burst_iops)
+        l_iops: Limiter = CreditLimiter(f"{name} IOPS", iops, burst_iops, start=start)
     else:
-        l_iops = RateLimiter(f"{name} IOPS", burst_iops if burst_iops and not credit else iops)
+        l_iops = RateLimiter(f"{name} IOPS", burst_iops if burst_iops and not credit else iops, start=start)
     if credit and burst_mbps and burst_mbps > mbps:
-        l_bw: Limiter = CreditLimiter(f"{name} MB/s", mbps * unit, burst_mbps * unit)
+        l_bw: Limiter = CreditLimiter(f"{name} MB/s", mbps * unit, burst_mbps * unit, start=start)
     else:
-        l_bw = RateLimiter(f"{name} MB/s", (burst_mbps if burst_mbps and not credit else mbps) * unit)
+        l_bw = RateLimiter(f"{name} MB/s", (burst_mbps if burst_mbps and not credit else mbps) * unit,
+                           start=start)
     return l_iops, l_bw
 
 
 class DiskThrottle:
-    def __init__(self, limits: DiskLimits) -> None:
+    def __init__(self, limits: DiskLimits, start: float = 0.0) -> None:
         self.limits = limits
         on_demand = limits.burst is Burst.ON_DEMAND
         self.iops, self.bandwidth = pair(
             f"disk {limits.tier}", limits.iops, limits.mbps,
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
-            credit=limits.burst is Burst.CREDIT, unit=MIB)
+            credit=limits.burst is Burst.CREDIT, unit=MIB, start=start)
         if on_demand:  # no credits, no time limit: the burst figures are the limit
-            self.iops = RateLimiter(f"disk {limits.tier} IOPS", limits.burst_iops)
-            self.bandwidth = RateLimiter(f"disk {limits.tier} MB/s", limits.burst_mbps * MIB)
+            self.iops = RateLimiter(f"disk {limits.tier} IOPS", limits.burst_iops, start=start)
+            self.bandwidth = RateLimiter(f"disk {limits.tier} MB/s", limits.burst_mbps * MIB, start=start)
 
 
 class VmThrottle:
-    def __init__(self, limits: VmLimits, bursting: bool = True) -> None:
+    def __init__(self, limits: VmLimits, bursting: bool = True, start: float = 0.0) -> None:
         self.limits = limits
         burst = bursting and limits.burst_iops is not None
         self.uncached_iops, self.uncached_bandwidth = pair(
             f"VM {limits.name} uncached", limits.uncached_iops, limits.uncached_mbps,
-            limits.burst_iops if burst else None, limits.burst_mbps if burst else None, credit=True, unit=MB)
+            limits.burst_iops if burst else None, limits.burst_mbps if burst else None, credit=True, unit=MB,
+            start=start)
         self.cached_iops: Limiter | None = None
         self.cached_bandwidth: Limiter | None = None
         if limits.cached_iops and limits.cached_mbps:
-            self.cached_iops = RateLimiter(f"VM {limits.name} cached IOPS", limits.cached_iops)
-            self.cached_bandwidth = RateLimiter(f"VM {limits.name} cached MB/s", limits.cached_mbps * MB)
+            self.cached_iops = RateLimiter(f"VM {limits.name} cached IOPS", limits.cached_iops, start=start)
+            self.cached_bandwidth = RateLimiter(f"VM {limits.name} cached MB/s", limits.cached_mbps * MB,
+                                                start=start)
 
 
 @dataclass(frozen=True)
@@ -230,13 +236,13 @@ class Throttle:
 
     def __init__(self, vm: VmLimits, clock: Clock | None = None, latency: bool = True,
                  vm_bursting: bool = True) -> None:
-        self.vm = VmThrottle(vm, bursting=vm_bursting)
         self.clock = clock or MonotonicClock()
+        self.vm = VmThrottle(vm, bursting=vm_bursting, start=self.clock.now())
         self.latency = latency
         self.disks: dict[str, DiskThrottle] = {}
 
     def add_disk(self, name: str, limits: DiskLimits) -> DiskThrottle:
-        self.disks[name] = DiskThrottle(limits)
+        self.disks[name] = DiskThrottle(limits, start=self.clock.now())
         return self.disks[name]
 
     def steps(self, disk: str, nbytes: int, path: Path) -> list[tuple[Limiter, float]]:
@@ -263,8 +269,10 @@ class Throttle:
         start = admit(steps, arrival)
         lim = self.disks[disk].limits
         service = 0.0
-        if self.latency and path is not Path.CACHED_HIT:
-            service = (lim.latency_write_ms if write else lim.latency_read_ms) / 1000
+        if self.latency:
+            ms = CACHE_HIT_LATENCY_MS if path is Path.CACHED_HIT else \
+                (lim.latency_write_ms if write else lim.latency_read_ms)
+            service = ms / 1000
         return Admission(arrival, start, start + service)
 
     def statistics(self, now: float | None = None) -> dict[str, dict[str, float | None]]:

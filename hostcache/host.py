@@ -1,0 +1,348 @@
+"""A physical host: VMs, their disks attached at LUNs, one BlobCache.
+
+    HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes": ...}
+    HOST/state/       LMDB: table vms (name -> JSON)
+    HOST/cache/       the BlobCache (cache.dat and its index)
+
+Platform rules kept here (reference file, host_caching and VM sizes):
+- a VM size takes at most `max_data_disks` data disks, at LUNs 0 to that - 1;
+- a disk is attached to one VM at a time (its managed-disk state says where);
+- host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
+  Standard HDD disks under 4 TiB, and only on VM sizes with a cache;
+  an OS disk asked for None gets ReadOnly; changing a disk's caching is a
+  detach and a reattach;
+- detach, stop and delete flush the disk's dirty cache lines first.
+An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
+over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
+I/O returns when the throttle's completion time has come (the clock waits).
+Several processes may act on one host: state is in LMDB; the throttle and
+the open disks live in the process that serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from stamp import Stamp
+from stamp.disks import Disks, DiskState, VirtualDisk
+from vhd.blockdev import Extent
+from vhd.image import open_image
+
+from .boot import boot_trace, find_boot_partition
+from .cache import BlobCache, CachedBlob, CacheMode
+from .errors import HostError
+from .throttle import Clock, MonotonicClock, Path, Throttle
+from .tiers import disk_limits, vm_limits
+
+OS_LUN = -1
+GIB = 1024 ** 3
+
+
+class HostRuleError(HostError):
+    """A request the compute platform would refuse (LUN in use, too many disks...)."""
+
+
+@dataclass
+class Sleeper:
+    """Waits until a time on the clock; a FakeClock is advanced instead."""
+
+    clock: Clock
+
+    def until(self, t: float) -> None:
+        now = self.clock.now()
+        if t <= now:
+            return
+        advance = getattr(self.clock, "advance", None)
+        if advance is not None:
+            advance(t - now)
+        else:
+            time.sleep(t - now)
+
+
+class Host:
+    def __init__(self, path: str, clock: Clock | None = None, latency: bool = True) -> None:
+        try:
+            with open(os.path.join(path, "host.json")) as f:
+                self.config = json.load(f)
+        except FileNotFoundError:
+            raise HostError(f"{path} is not a host folder (no host.json): create one with `hostcache init`") from None
+        self.path = path
+        self.stamp = Stamp.open(self.config["stamp"])
+        self.disks = Disks(self.stamp)
+        self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=2)
+        self.vms_db = self.env.open_db(b"vms")
+        self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
+                               ram=self.config.get("ram_bytes", 0))
+        self.clock = clock or MonotonicClock()
+        self.latency = latency
+        self.throttles: dict[str, Throttle] = {}
+        self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
+
+    @classmethod
+    def create(cls, path: str, stamp_path: str, cache_bytes: int = 256 * 1024 * 1024, ram_bytes: int = 0,
+               **kw: Any) -> Host:
+        if os.path.exists(os.path.join(path, "host.json")):
+            raise HostError(f"{path} already holds a host")
+        Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "host.json"), "w") as f:
+            json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes,
+                       "ram_bytes": ram_bytes}, f, indent=2)
+        return cls(path, **kw)
+
+    def close(self) -> None:
+        if self.cache.fd < 0:
+            return
+        for disk in list(self.open_disks.values()):
+            disk.close()
+        self.cache.close()
+        self.env.close()
+        self.stamp.close()
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- VM records ---------------------------------------------------------------------
+
+    def vm(self, name: str) -> dict[str, Any]:
+        with self.env.begin() as txn:
+            raw = txn.get(name.encode(), db=self.vms_db)
+        if raw is None:
+            raise HostRuleError(f"no VM named {name!r} on this host")
+        return dict(json.loads(bytes(raw)))
+
+    def vms(self) -> list[dict[str, Any]]:
+        with self.env.begin() as txn:
+            return [json.loads(bytes(v)) for _, v in txn.cursor(db=self.vms_db)]
+
+    def _put(self, vm: dict[str, Any]) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(vm["name"].encode(), json.dumps(vm).encode(), db=self.vms_db)
+
+    # -- the compute calls ----------------------------------------------------------------
+
+    def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
+                  os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
+        limits = vm_limits(size)
+        with self.env.begin() as txn:
+            if txn.get(name.encode(), db=self.vms_db) is not None:
+                raise HostRuleError(f"a VM named {name!r} already exists")
+        os_disk = f"{name}-osdisk"
+        self.disks.create_from_image(os_disk, image, size_gib=os_size_gib, sku=os_sku)
+        caching = self._caching(os_disk, os_caching, limits.host_caching, is_os=True)
+        vm = {"name": name, "size": limits.name, "state": "Running", "image": image, "created": time.time(),
+              "os_disk": {"disk": os_disk, "caching": caching}, "data_disks": {}}
+        self._put(vm)
+        self.disks.set_state(os_disk, DiskState.ATTACHED, attached_to=name, lun=OS_LUN)
+        return vm
+
+    def _caching(self, disk: str, asked: str, vm_caches: bool, is_os: bool) -> str:
+        try:
+            mode = CacheMode(asked)
+        except ValueError:
+            raise HostRuleError(f"caching must be None, ReadOnly or ReadWrite, not {asked!r}") from None
+        if is_os and mode is CacheMode.NONE:
+            mode = CacheMode.READONLY  # the platform's rule for OS disks
+        if mode is not CacheMode.NONE:
+            rec = self.disks.disk(disk)
+            lim = disk_limits(rec["sku"], max(1, int(rec["size_gib"])))
+            if not lim.host_caching:
+                raise HostRuleError(f"disk {disk} ({rec['sku']}, {rec['size_gib']:.0f} GiB) cannot use host "
+                                    "caching: only Premium, Standard SSD and HDD disks under 4 TiB can")
+            if not vm_caches:
+                raise HostRuleError(f"this VM size has no host cache: attach {disk} with caching None")
+        return mode.value
+
+    def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
+        vm = self.vm(vm_name)
+        limits = vm_limits(vm["size"])
+        rec = self.disks.disk(disk)
+        if rec["state"] != DiskState.UNATTACHED.value:
+            where = rec.get("attached_to")
+            raise HostRuleError(f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else ""))
+        if not 0 <= lun < limits.max_data_disks:
+            raise HostRuleError(f"LUN {lun} is out of range: {limits.name} takes LUNs 0 to "
+                                f"{limits.max_data_disks - 1}")
+        if str(lun) in vm["data_disks"]:
+            raise HostRuleError(f"LUN {lun} of VM {vm_name} holds {vm['data_disks'][str(lun)]['disk']}")
+        if len(vm["data_disks"]) >= limits.max_data_disks:
+            raise HostRuleError(f"{limits.name} takes at most {limits.max_data_disks} data disks")
+        mode = self._caching(disk, caching, limits.host_caching, is_os=False)
+        vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}
+        self._put(vm)
+        self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        live = self.throttles.get(vm_name)
+        if live is not None:  # a VM running in this process: its throttle learns the disk
+            live.add_disk(str(lun), disk_limits(rec["sku"], max(1, int(rec["size_gib"]))))
+        return vm
+
+    def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
+        vm = self.vm(vm_name)
+        entry = vm["data_disks"].get(str(lun))
+        if entry is None:
+            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+        self._flush_disk(vm_name, lun, entry["disk"])
+        del vm["data_disks"][str(lun)]
+        self._put(vm)
+        live = self.throttles.get(vm_name)
+        if live is not None:
+            live.disks.pop(str(lun), None)
+        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
+        return vm
+
+    def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
+        """Changing a disk's caching detaches and reattaches it (as the platform does)."""
+        disk = self.vm(vm_name)["data_disks"][str(lun)]["disk"]
+        self.detach(vm_name, lun)
+        return self.attach(vm_name, disk, lun, caching)
+
+    def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
+        vm = self.vm(vm_name)
+        for lun, disk in self._luns(vm):
+            self._flush_disk(vm_name, lun, disk)
+            if deallocate:
+                self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
+        vm["state"] = "Deallocated" if deallocate else "Stopped"
+        self._put(vm)
+        self.throttles.pop(vm_name, None)
+        return vm
+
+    def start(self, vm_name: str) -> dict[str, Any]:
+        vm = self.vm(vm_name)
+        for lun, disk in self._luns(vm):
+            self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        vm["state"] = "Running"
+        self._put(vm)
+        return vm
+
+    def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
+        vm = self.vm(vm_name)
+        for lun, disk in self._luns(vm):
+            self._flush_disk(vm_name, lun, disk)
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+        with self.env.begin(write=True) as txn:
+            txn.delete(vm_name.encode(), db=self.vms_db)
+        if delete_os_disk:
+            self.disks.delete_disk(vm["os_disk"]["disk"])
+
+    def _luns(self, vm: dict[str, Any]) -> list[tuple[int, str]]:
+        return [(OS_LUN, vm["os_disk"]["disk"])] + [(int(k), v["disk"]) for k, v in vm["data_disks"].items()]
+
+    def _flush_disk(self, vm_name: str, lun: int, disk: str) -> None:
+        opened = self.open_disks.pop((vm_name, lun), None)
+        if opened is not None:
+            opened.close()
+        self.cache.flush(self.stamp, self.disks.disk(disk)["blob"])
+
+    # -- I/O ------------------------------------------------------------------------------
+
+    def throttle(self, vm_name: str) -> Throttle:
+        t = self.throttles.get(vm_name)
+        if t is None:
+            vm = self.vm(vm_name)
+            t = self.throttles[vm_name] = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency)
+            for lun, disk in self._luns(vm):
+                rec = self.disks.disk(disk)
+                t.add_disk(str(lun), disk_limits(rec["sku"], max(1, int(rec["size_gib"]))))
+        return t
+
+    def open_disk(self, vm_name: str, lun: int) -> AttachedDisk:
+        """The disk at `lun` (OS_LUN for the OS disk) as the VM sees it."""
+        key = (vm_name, lun)
+        if key in self.open_disks:
+            return self.open_disks[key]
+        vm = self.vm(vm_name)
+        if vm["state"] != "Running":
+            raise HostRuleError(f"VM {vm_name} is {vm['state']}: start it first")
+        entry = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+        if entry is None:
+            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+        disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]))
+        self.open_disks[key] = disk
+        return disk
+
+    def boot(self, vm_name: str) -> dict[str, Any]:
+        """Read the OS disk as a boot does, through cache and throttle."""
+        disk = self.open_disk(vm_name, OS_LUN)
+        start_t = self.clock.now()
+        part = find_boot_partition(disk.read, disk.size)
+        trace = boot_trace(part)
+        nbytes = 0
+        for off, n in trace:
+            disk.read(off, n)
+            nbytes += n
+        elapsed = self.clock.now() - start_t
+        t = self.throttle(vm_name)
+        return {"vm": vm_name, "partition": part.__dict__, "reads": len(trace) + 1, "bytes": nbytes,
+                "seconds": round(elapsed, 6), "iops": round((len(trace) + 1) / elapsed, 1) if elapsed else None,
+                "caching": disk.mode.value, "tier": t.disks[str(OS_LUN)].limits.tier,
+                "throttled_seconds": round(sum(v["throttled_seconds"] or 0 for v in t.statistics().values()), 6)}
+
+
+class AttachedDisk:
+    """A disk attached to a VM, as a block device: VHD through the host cache, admitted by the throttle."""
+
+    def __init__(self, host: Host, vm: str, lun: int, disk: str, mode: CacheMode) -> None:
+        self.host, self.vm, self.lun, self.name, self.mode = host, vm, lun, disk, mode
+        rec = host.disks.disk(disk)
+        self.blob = rec["blob"]
+        lease = host.stamp.blobs.acquire_lease(self.blob)
+        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)
+        resolver = None
+        image = rec.get("source", {}).get("image")
+        if image:
+            image_blob = host.disks.image(image)["blob"]
+            parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
+            resolver = lambda child, header: open_image(  # noqa: E731
+                CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
+        self.virtual = VirtualDisk(open_image(file, writable=True, resolver=resolver), host.stamp.blobs,
+                                   self.blob, lease)
+        self.size = self.virtual.size
+        self.readonly = False
+        self.throttle = host.throttle(vm)
+        self.sleep = Sleeper(host.clock)
+
+    def _admit(self, write: bool, nbytes: int, missed: bool) -> None:
+        if self.mode is CacheMode.NONE:
+            path = Path.UNCACHED
+        elif write or missed:
+            path = Path.CACHED_MISS
+        else:
+            path = Path.CACHED_HIT
+        adm = self.throttle.admit(str(self.lun), write, nbytes, path)
+        self.sleep.until(adm.done)
+
+    def read(self, offset: int, length: int) -> bytes:
+        before = self.host.cache.stats.read_misses
+        data = self.virtual.read(offset, length)
+        self._admit(False, length, self.host.cache.stats.read_misses > before)
+        return data
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.virtual.write(offset, data)
+        self._admit(True, len(data), True)
+
+    def flush(self) -> None:
+        self.virtual.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self.virtual.discard(offset, length)
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        return self.virtual.allocation(offset, length)
+
+    def close(self) -> None:
+        self.virtual.close()
+        self.host.open_disks.pop((self.vm, self.lun), None)
+
+
+__all__ = ["Host", "AttachedDisk", "HostRuleError", "OS_LUN", "GIB"]

@@ -1,0 +1,156 @@
+"""The compute calls on a host: create, attach at a LUN, detach, stop, boot."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+import vhd
+from hostcache.boot import NotBootable, make_boot_sector, make_gpt
+from hostcache.host import OS_LUN, Host, HostRuleError
+from hostcache.throttle import FakeClock
+from stamp import Stamp
+from stamp.disks import Disks
+
+MIB = 1 << 20
+
+
+def make_image(path, boot: dict[int, bytes] | None = None, size: int = 64 * MIB) -> str:
+    with vhd.create(path, size, type="fixed") as img:
+        for lba, data in (boot or {0: make_boot_sector(2048, 100000)}).items():
+            img.write(lba * 512, data)
+        img.write(2048 * 512, os.urandom(6 * MIB))
+    return str(path)
+
+
+@pytest.fixture
+def host(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"))
+    d = Disks(st)
+    d.create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
+    d.create_image("gpt", path=make_image(tmp_path / "gpt.vhd", make_gpt(64 * MIB // 512)))
+    d.create_image("blank", path=make_image(tmp_path / "blank.vhd", {0: bytes(512)}))
+    d.create_empty("data1", 128, "Premium_LRS")
+    d.create_empty("data2", 1024, "StandardSSD_LRS")
+    d.create_empty("ultra", 64, "UltraSSD_LRS")
+    d.create_empty("big", 4096, "Premium_LRS")
+    st.close()
+    h = Host.create(str(tmp_path / "host"), str(tmp_path / "st"), cache_bytes=32 * MIB, clock=FakeClock())
+    yield h
+    h.close()
+
+
+def test_a_vm_boots_from_its_image_and_cached_boots_are_faster(host):
+    host.create_vm("vm1", "D8s_v3", "mbr", os_caching="ReadOnly")
+    first = host.boot("vm1")
+    assert first["partition"]["kind"] == "mbr 0x83" and first["reads"] > 200
+    second = host.boot("vm1")
+    assert second["seconds"] < first["seconds"] / 5  # served by the host cache
+    host.create_vm("vm2", "D8s_v3", "gpt", os_caching="None")  # None on an OS disk becomes ReadOnly
+    assert host.vm("vm2")["os_disk"]["caching"] == "ReadOnly"
+    assert host.boot("vm2")["partition"]["kind"] == "gpt"
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda b: {0: bytes(512)}, "no boot signature"),
+    (lambda b: {**b, 1: b[1][:20] + b"\xff" + b[1][21:]}, "GPT header CRC32"),
+    (lambda b: {**b, 2: b[2][:40] + b"\xff" + b[2][41:]}, "entry array CRC32"),
+])
+def test_unbootable_disks_say_why(tmp_path, host, damage, why):
+    boot = damage(make_gpt(64 * MIB // 512))
+    Disks(host.stamp).create_image("bad", path=make_image(tmp_path / "bad.vhd", boot))
+    host.create_vm("vm", "D2s_v3", "bad")
+    with pytest.raises(NotBootable, match=why):
+        host.boot("vm")
+
+
+def test_zero_length_partition(tmp_path, host):
+    mbr = bytearray(make_boot_sector(2048, 100))
+    struct.pack_into("<I", mbr, 446 + 12, 0)
+    Disks(host.stamp).create_image("zero", path=make_image(tmp_path / "z.vhd", {0: bytes(mbr)}))
+    host.create_vm("vm", "D2s_v3", "zero")
+    with pytest.raises(NotBootable, match="zero length"):
+        host.boot("vm")
+
+
+def test_attach_rules(host):
+    host.create_vm("vm1", "D2s_v3", "mbr")  # 4 data disks at most
+    host.attach("vm1", "data1", 0, "ReadWrite")
+    with pytest.raises(HostRuleError, match="LUN 0 of VM vm1 holds data1"):
+        host.attach("vm1", "data2", 0)
+    with pytest.raises(HostRuleError, match="LUNs 0 to 3"):
+        host.attach("vm1", "data2", 4)
+    with pytest.raises(HostRuleError, match="cannot use host caching"):
+        host.attach("vm1", "ultra", 1, "ReadOnly")
+    with pytest.raises(HostRuleError, match="cannot use host caching"):
+        host.attach("vm1", "big", 1, "ReadWrite")  # 4 TiB and more: no host caching
+    with pytest.raises(HostRuleError, match="caching must be"):
+        host.attach("vm1", "data2", 1, "Sometimes")
+    host.create_vm("vm2", "D2s_v3", "mbr")
+    with pytest.raises(HostRuleError, match="Attached to VM vm1"):
+        host.attach("vm2", "data1", 0)
+    for lun, disk in ((1, "data2"), (2, "ultra"), (3, "big")):
+        host.attach("vm1", disk, lun)
+    Disks(host.stamp).create_empty("data5", 8, "Standard_LRS")
+    with pytest.raises(HostRuleError, match="out of range|at most 4"):
+        host.attach("vm1", "data5", 4)
+    with pytest.raises(Exception, match="attached to vm1"):
+        Disks(host.stamp).delete_disk("data1")
+
+
+def test_read_write_data_survives_detach_stop_and_a_new_host_process(host, tmp_path):
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "ReadWrite")
+    disk = host.open_disk("vm1", 0)
+    disk.write(4096, b"cached".ljust(4096, b"\0"))
+    assert host.cache.dirty()  # acknowledged from the cache, not yet in the stamp
+    host.detach("vm1", 0)  # detach flushes
+    assert host.cache.dirty() == {}
+    assert Disks(host.stamp).disk("data1")["state"] == "Unattached"
+    with Disks(host.stamp).open_virtual("data1") as v:
+        assert v.read(4096, 6) == b"cached"
+    host.attach("vm1", "data1", 0, "ReadWrite")
+    host.open_disk("vm1", 0).write(0, b"again".ljust(512, b"\0"))
+    host.stop("vm1")  # deallocate: flush and release
+    assert host.vm("vm1")["state"] == "Deallocated" and Disks(host.stamp).disk("data1")["state"] == "Reserved"
+    with pytest.raises(HostRuleError, match="start it first"):
+        host.open_disk("vm1", 0)
+    path = host.path
+    host.close()
+    with Host(path, clock=FakeClock()) as again:  # host state persists in its folder
+        again.start("vm1")
+        assert again.open_disk("vm1", 0).read(0, 5) == b"again"
+        again.delete_vm("vm1")
+        assert Disks(again.stamp).disk("data1")["state"] == "Unattached"
+
+
+def test_caching_change_is_a_detach_and_reattach(host):
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "ReadWrite")
+    host.open_disk("vm1", 0).write(0, b"w" * 512)
+    host.set_caching("vm1", 0, "None")
+    assert host.vm("vm1")["data_disks"]["0"]["caching"] == "None" and host.cache.dirty() == {}
+    assert host.open_disk("vm1", 0).read(0, 1) == b"w"
+
+
+def test_a_data_disk_is_throttled_to_its_tier(host):
+    """A P10 (500 IOPS, bursting to 3,500) with caching None: 4 KiB reads at
+    queue depth 1 take the tier's 2 ms latency; with no credits, 500 IOPS."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    disk = host.open_disk("vm1", 0)
+    t0 = host.clock.now()
+    for i in range(200):
+        disk.read(i * 4096, 4096)
+    assert host.clock.now() - t0 == pytest.approx(200 * 0.002)
+    host.throttle("vm1").disks["0"].iops.credits = 0.0  # type: ignore[union-attr]
+    host.latency = False
+    host.throttles.clear()
+    disk.throttle = host.throttle("vm1")
+    disk.throttle.disks["0"].iops.credits = 0.0  # type: ignore[union-attr]
+    t0 = host.clock.now()
+    for i in range(2000):
+        disk.read(i * 4096 % (64 * MIB), 4096)
+    assert 2000 / (host.clock.now() - t0) == pytest.approx(500, rel=0.03)
