@@ -9,7 +9,7 @@ import pytest
 
 import vhd
 from hostcache.boot import NotBootable, make_boot_sector, make_gpt
-from hostcache.host import OS_LUN, Host, HostRuleError
+from hostcache.host import Host, HostRuleError
 from hostcache.throttle import FakeClock
 from stamp import Stamp
 from stamp.disks import Disks
