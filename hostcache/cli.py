@@ -1,24 +1,35 @@
-"""The `hostcache` command (also `python -m hostcache`): the tier catalog and
-the throttle, as JSON. VMs, attach and boot come with the rest of issue 4.
-Exit codes: 0 ok, 1 a refused request, 2 usage."""
+"""The `hostcache` command (also `python -m hostcache`): the tier catalog, the
+throttle, and a host's compute calls, as JSON. The host folder is --host,
+or $DISKSTAMP_HOST, or ./host. Exit codes: 0 ok, 1 a refused request, 2 usage."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
+from stamp import StampError
+from vhd.errors import VhdError
+
 from .errors import HostError
+from .host import Host
 from .sim import Workload, simulate
 from .throttle import FakeClock, Path, Throttle
 from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, reference, vm_limits
 
 EPILOG = """examples:
+  hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
+  hostcache vm create vm1 --size D8s_v3 --image ubuntu
+  hostcache vm attach vm1 data1 --lun 0 --caching ReadOnly
+  hostcache vm boot vm1                            boot reads through cache and throttle, timed
+  hostcache vm detach vm1 --lun 0                  flushes first
+  hostcache cache stats
   hostcache tiers Premium_LRS                      every size with its limits
   hostcache limits Premium_LRS 100                 a 100 GiB Premium disk performs as P10
   hostcache limits UltraSSD_LRS 64 --iops 20000 --mbps 500
-  hostcache vm D8s_v3
+  hostcache vm-size D8s_v3
   hostcache simulate Premium_LRS 1024 --vm D8s_v3 --qd 1 4 16 64 --size 4K
                                                    IOPS against queue depth, by arithmetic"""
 
@@ -32,7 +43,40 @@ def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hostcache", description="Azure disk tiers and VM storage limits, "
                                   "and the throttle that enforces them.", epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--host", default=os.environ.get("DISKSTAMP_HOST", "host"),
+                     help="the host folder (default: $DISKSTAMP_HOST or ./host)")
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("init", help="create a host folder over a stamp")
+    p.add_argument("--stamp", required=True)
+    p.add_argument("--cache-mib", type=int, default=256, help="host cache file size (the emulated local SSD)")
+    p.add_argument("--ram-mib", type=int, default=16, help="RAM tier of the host cache")
+    vm = sub.add_parser("vm", help="VMs on the host").add_subparsers(dest="action", required=True)
+    p = vm.add_parser("create", help="a VM whose OS disk is made from an image")
+    p.add_argument("name")
+    p.add_argument("--size", default="D2s_v3")
+    p.add_argument("--image", required=True)
+    p.add_argument("--os-sku", default="Premium_LRS")
+    p.add_argument("--os-caching", default="ReadWrite", choices=["None", "ReadOnly", "ReadWrite"])
+    vm.add_parser("list")
+    for name in ("show", "boot", "start"):
+        vm.add_parser(name).add_argument("name")
+    p = vm.add_parser("stop")
+    p.add_argument("name")
+    p.add_argument("--no-deallocate", action="store_true")
+    p = vm.add_parser("delete")
+    p.add_argument("name")
+    p.add_argument("--delete-os-disk", action="store_true")
+    p = vm.add_parser("attach", help="attach a disk at a LUN")
+    p.add_argument("name")
+    p.add_argument("disk")
+    p.add_argument("--lun", type=int, required=True)
+    p.add_argument("--caching", default="None", choices=["None", "ReadOnly", "ReadWrite"])
+    p = vm.add_parser("detach")
+    p.add_argument("name")
+    p.add_argument("--lun", type=int, required=True)
+    cache = sub.add_parser("cache", help="the host cache").add_subparsers(dest="action", required=True)
+    cache.add_parser("stats", help="lines, dirty ranges, hits and misses")
+    cache.add_parser("lose", help="fault: the host's local disk is lost (unflushed writes with it)")
     p = sub.add_parser("tiers", help="every size of a tiered SKU")
     p.add_argument("sku", choices=[s for s in SKUS if s not in ("PremiumV2_LRS", "UltraSSD_LRS")])
     for name, helptext in (("limits", "the limits of one disk"), ("simulate", "IOPS and MB/s by queue depth")):
@@ -53,17 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cached", choices=["none", "hit", "miss"], default="none")
             p.add_argument("--seconds", type=float, default=5.0)
             p.add_argument("--no-latency", action="store_true", help="turn the service-latency model off")
-    p = sub.add_parser("vm", help="a VM size's storage limits")
+    p = sub.add_parser("vm-size", help="a VM size's storage limits")
     p.add_argument("name", nargs="?", help="e.g. D8s_v3 (default: list them)")
     return top
 
 
 def run(a: argparse.Namespace) -> object:
+    if a.cmd == "init":
+        with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20, ram_bytes=a.ram_mib << 20) as h:
+            return {"host": h.path, **h.config}
+    if a.cmd in ("vm", "cache"):
+        with Host(a.host) as h:
+            return host_command(h, a)
     if a.cmd == "tiers":
         return [t.to_json() for t in catalog(a.sku)]
     if a.cmd == "limits":
         return _disk(a).to_json()
-    if a.cmd == "vm":
+    if a.cmd == "vm-size":
         if a.name is None:
             return sorted(reference()["vm_sizes"]["sizes"])
         return vm_limits(a.name).to_json()
@@ -80,6 +130,33 @@ def run(a: argparse.Namespace) -> object:
             "results": out}
 
 
+def host_command(h: Host, a: argparse.Namespace) -> object:
+    if a.cmd == "cache":
+        if a.action == "lose":
+            return {"lost": h.cache.lose()}
+        return {"lines": len(h.cache.lines), "slots": h.cache.slots, "dirty": h.cache.dirty(),
+                **h.cache.stats.to_json()}
+    act = a.action
+    if act == "create":
+        return h.create_vm(a.name, a.size, a.image, a.os_sku, a.os_caching)
+    if act == "list":
+        return h.vms()
+    if act == "show":
+        return h.vm(a.name)
+    if act == "attach":
+        return h.attach(a.name, a.disk, a.lun, a.caching)
+    if act == "detach":
+        return h.detach(a.name, a.lun)
+    if act == "boot":
+        return h.boot(a.name)
+    if act == "stop":
+        return h.stop(a.name, deallocate=not a.no_deallocate)
+    if act == "start":
+        return h.start(a.name)
+    h.delete_vm(a.name, delete_os_disk=a.delete_os_disk)
+    return {"deleted": a.name}
+
+
 def _size(text: str) -> int:
     units = {"K": 1024, "M": 1024 ** 2}
     t = text.strip().upper().rstrip("B").rstrip("I")
@@ -92,8 +169,8 @@ def _size(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(json.dumps(run(args), indent=2))
-    except HostError as e:
+        print(json.dumps(run(args), indent=2, default=str))
+    except (HostError, StampError, VhdError) as e:
         print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
         return 1
     return 0
