@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -310,6 +311,7 @@ class AttachedDisk:
         self.readonly = False
         self.throttle = host.throttle(vm)
         self.sleep = Sleeper(host.clock)
+        self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
 
     def _admit(self, write: bool, nbytes: int, missed: bool) -> None:
         if self.mode is CacheMode.NONE:
@@ -322,13 +324,16 @@ class AttachedDisk:
         self.sleep.until(adm.done)
 
     def read(self, offset: int, length: int) -> bytes:
-        before = self.host.cache.stats.read_misses
-        data = self.virtual.read(offset, length)
-        self._admit(False, length, self.host.cache.stats.read_misses > before)
+        with self.lock:
+            before = self.host.cache.stats.read_misses
+            data = self.virtual.read(offset, length)
+            missed = self.host.cache.stats.read_misses > before
+        self._admit(False, length, missed)
         return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.virtual.write(offset, data)
+        with self.lock:
+            self.virtual.write(offset, data)
         self._admit(True, len(data), True)
 
     def flush(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -240,6 +241,7 @@ class Throttle:
         self.vm = VmThrottle(vm, bursting=vm_bursting, start=self.clock.now())
         self.latency = latency
         self.disks: dict[str, DiskThrottle] = {}
+        self.lock = threading.Lock()  # admissions from several threads (queue depth) happen one at a time
 
     def add_disk(self, name: str, limits: DiskLimits) -> DiskThrottle:
         self.disks[name] = DiskThrottle(limits, start=self.clock.now())
@@ -262,11 +264,12 @@ class Throttle:
     def admit(self, disk: str, write: bool, nbytes: int, path: Path = Path.UNCACHED,
               now: float | None = None) -> Admission:
         """When an I/O arriving now may start, and when it completes."""
-        arrival = self.clock.now() if now is None else now
-        steps = self.steps(disk, nbytes, path)
-        if not steps:
-            raise HostError(f"VM size {self.vm.limits.name} has no host cache: an I/O cannot hit it")
-        start = admit(steps, arrival)
+        with self.lock:
+            arrival = self.clock.now() if now is None else now
+            steps = self.steps(disk, nbytes, path)
+            if not steps:
+                raise HostError(f"VM size {self.vm.limits.name} has no host cache: an I/O cannot hit it")
+            start = admit(steps, arrival)
         lim = self.disks[disk].limits
         service = 0.0
         if self.latency:

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""IOPS and MB/s by disk tier, measured through a host: real time, real I/O.
+
+  .venv/bin/python tools/bench_iops.py [--seconds 3] [--qd 16] [--tiers S10 E10 P10 P30 v2 ultra] [--json F]
+
+For each tier a disk of that tier is attached (caching None) to a VM and
+read and written at random, 4 KiB and 64 KiB, at a queue depth (threads), for
+a few seconds of wall time through the VHD, the host's throttle and the
+stamp. Printed beside each: the limit the tier publishes (its burst rate
+while credits last: a new disk's bucket starts full), and how close the
+measurement came. Then IOPS against queue depth for one tier, and the
+uncapped peak of the path (Ultra at its size's maximum). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import vhd  # noqa: E402
+from hostcache.boot import make_boot_sector  # noqa: E402
+from hostcache.host import Host  # noqa: E402
+from hostcache.tiers import MIB, Burst, VmLimits, disk_limits  # noqa: E402
+from stamp import Stamp  # noqa: E402
+from stamp.disks import Disks  # noqa: E402
+
+TIERS = {  # name: (sku, size GiB, provisioned iops, provisioned MB/s)
+    "S10": ("Standard_LRS", 128, None, None),
+    "E10": ("StandardSSD_LRS", 128, None, None),
+    "P10": ("Premium_LRS", 128, None, None),
+    "P30": ("Premium_LRS", 1024, None, None),
+    "v2": ("PremiumV2_LRS", 64, 3000, 125),
+    "ultra": ("UltraSSD_LRS", 64, 2000, 500),
+}
+HUGE = VmLimits("uncapped", 64, None, None, None, 10**9, 10**9, None, None, False)
+SPAN = 256 * MIB  # the part of each disk the I/O touches (written first so reads hit data)
+
+
+WARMUP = 0.5  # seconds before counting: the limiters' start-up allowance is not measured
+
+
+def run_io(disk, seconds: float, qd: int, size: int, write: bool) -> tuple[float, float]:
+    begin = time.monotonic() + WARMUP
+    stop = begin + seconds
+    counts = [0] * qd
+    buf = os.urandom(size)
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        slots = SPAN // size
+        while True:
+            now = time.monotonic()
+            if now >= stop:
+                return
+            off = rng.randrange(slots) * size
+            if write:
+                disk.write(off, buf)
+            else:
+                disk.read(off, size)
+            if now >= begin:
+                counts[i] += 1
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(qd)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    iops = sum(counts) / seconds
+    return iops, iops * size / MIB
+
+
+WORKLOADS = ((4096, False), (4096, True), (65536, False), (65536, True))
+
+
+def measure_uncapped(host: Host, disk, a: argparse.Namespace) -> dict[tuple[int, bool], float]:
+    """The path's own peak: the same I/O with no limit and no service latency."""
+    saved = disk.throttle
+    free = type(saved)(HUGE, saved.clock, latency=False)
+    free.add_disk(str(disk.lun), disk_limits("UltraSSD_LRS", 1024))
+    disk.throttle = free
+    out = {}
+    print(f"{'uncapped':>10}: the emulator's own path, no limits, no service latency")
+    for size_io, write in WORKLOADS:
+        out[(size_io, write)] = run_io(disk, a.seconds, a.qd, size_io, write)[0]
+        print(f"{'':>10} {'randwrite' if write else 'randread':>9} {size_io // 1024:>3}K QD{a.qd}: "
+              f"{out[(size_io, write)]:9.1f} IOPS", flush=True)
+    disk.throttle = saved
+    return out
+
+
+def qd_sweep(host: Host, a: argparse.Namespace) -> None:
+    lun = a.tiers.index("P30") if "P30" in a.tiers else 0
+    disk = host.open_disk("vm", lun)
+    print(f"IOPS against queue depth, {disk.throttle.disks[str(lun)].limits.tier}, 4K random reads "
+          "(service latency on: IOPS = QD / latency until the limit)")
+    for qd in (1, 2, 4, 8, 16, 32, 64):
+        iops, _ = run_io(disk, a.seconds / 2, qd, 4096, False)
+        print(f"  QD{qd:<3} {iops:9.1f} IOPS", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--qd", type=int, default=16)
+    ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
+    ap.add_argument("--vm", default="D8s_v3")
+    ap.add_argument("--json", help="also write the rows here, with fio's field names")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="bench-iops-", dir="/var/tmp")
+    rows = []
+    try:
+        with vhd.create(os.path.join(work, "img.vhd"), 64 * MIB, type="fixed") as img:
+            img.write(0, make_boot_sector(2048, 100000))
+        st = Stamp.create(os.path.join(work, "st"))
+        disks = Disks(st)
+        disks.create_image("img", path=os.path.join(work, "img.vhd"))
+        for name in a.tiers:
+            sku, size, iops, mbps = TIERS[name]
+            disks.create_empty(f"d-{name}", size, sku)
+        st.close()
+        host = Host.create(os.path.join(work, "host"), os.path.join(work, "st"))
+        host.create_vm("vm", a.vm, "img")
+        for lun, name in enumerate(a.tiers):
+            host.attach("vm", f"d-{name}", lun, "None")
+        for lun, name in enumerate(a.tiers):
+            sku, size, p_iops, p_mbps = TIERS[name]
+            lim = disk_limits(sku, size, iops=p_iops, mbps=p_mbps)
+            t = host.throttle("vm")
+            t.disks[str(lun)] = type(t.disks[str(lun)])(lim, start=t.clock.now())
+            disk = host.open_disk("vm", lun)
+            chunk = os.urandom(4 * MIB)
+            with disk.lock:
+                for off in range(0, SPAN, 4 * MIB):
+                    disk.virtual.write(off, chunk)  # fill, not throttled: reads then read data
+            cap_iops = lim.burst_iops if lim.burst is not Burst.NONE else lim.iops
+            cap_mbps = lim.burst_mbps if lim.burst is not Burst.NONE else lim.mbps
+            vm = t.vm.limits
+            if lun == 0:
+                uncapped = measure_uncapped(host, disk, a)
+            for size_io, write in WORKLOADS:
+                got_iops, got_mbps = run_io(disk, a.seconds, a.qd, size_io, write)
+                limit = min(cap_iops, cap_mbps * MIB / size_io, vm.burst_iops or vm.uncached_iops)
+                peak = uncapped[(size_io, write)]
+                bound = "emulator-bound" if limit > 0.97 * peak else ("ok" if abs(got_iops / limit - 1) <= 0.03
+                                                                      else "OFF BY >3%")
+                rows.append({"tier": lim.tier, "sku": sku, "rw": "randwrite" if write else "randread",
+                             "bs": size_io, "iodepth": a.qd, "iops": round(got_iops, 1),
+                             "bw_mib": round(got_mbps, 2), "limit_iops": round(limit, 1),
+                             "uncapped_iops": round(peak, 1), "ratio": round(got_iops / limit, 3), "verdict": bound})
+                print(f"{lim.tier:>10} {rows[-1]['rw']:>9} {size_io // 1024:>3}K QD{a.qd}: "
+                      f"{got_iops:9.1f} IOPS {got_mbps:8.2f} MiB/s   limit {limit:9.1f}   "
+                      f"{got_iops / limit * 100:6.1f}%   {bound}", flush=True)
+        qd_sweep(host, a)
+        host.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"jobs": [{"jobname": f"{r['tier']}-{r['rw']}-{r['bs']}",
+                                 "read" if r["rw"] == "randread" else "write":
+                                     {"iops": r["iops"], "bw": r["bw_mib"] * 1024, "bs": r["bs"]},
+                                 "iodepth": r["iodepth"], "limit_iops": r["limit_iops"]} for r in rows]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
