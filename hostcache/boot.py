@@ -95,6 +95,24 @@ def boot_trace(part: Partition, sequential: int = 4 * 1024 * 1024, scattered: in
     return reads
 
 
+def load_trace(path: str) -> list[tuple[int, int]]:
+    """A boot trace file: one read per line, "OFFSET LENGTH" in bytes; # comments."""
+    reads = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                offset, length = (int(x, 0) for x in text.split())
+            except ValueError:
+                raise HostError(f"{path}:{number}: expected OFFSET LENGTH, got {line.strip()!r}") from None
+            if offset < 0 or length <= 0:
+                raise HostError(f"{path}:{number}: offset and length must be positive")
+            reads.append((offset, length))
+    return reads
+
+
 def make_boot_sector(first_lba: int, sectors: int, kind: int = 0x83) -> bytes:
     """An MBR with one partition: for tests and demos."""
     mbr = bytearray(SECTOR)

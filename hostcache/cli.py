@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--os-sku", default="Premium_LRS")
     p.add_argument("--os-caching", default="ReadWrite", choices=["None", "ReadOnly", "ReadWrite"])
     vm.add_parser("list")
-    for name in ("show", "boot", "start"):
+    for name in ("show", "start"):
         vm.add_parser(name).add_argument("name")
+    p = vm.add_parser("boot", help="boot reads through cache and throttle; reports time, IOPS, throttle stats")
+    p.add_argument("name")
+    p.add_argument("--trace", help='a trace file: one "OFFSET LENGTH" read per line (default: a built-in boot)')
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -148,7 +151,7 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
     if act == "detach":
         return h.detach(a.name, a.lun)
     if act == "boot":
-        return h.boot(a.name)
+        return h.boot(a.name, a.trace)
     if act == "stop":
         return h.stop(a.name, deallocate=not a.no_deallocate)
     if act == "start":

@@ -35,7 +35,7 @@ from stamp.disks import Disks, DiskState, VirtualDisk
 from vhd.blockdev import Extent
 from vhd.image import open_image
 
-from .boot import boot_trace, find_boot_partition
+from .boot import boot_trace, find_boot_partition, load_trace
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import HostError
 from .throttle import Clock, MonotonicClock, Path, Throttle
@@ -271,12 +271,16 @@ class Host:
         self.open_disks[key] = disk
         return disk
 
-    def boot(self, vm_name: str) -> dict[str, Any]:
-        """Read the OS disk as a boot does, through cache and throttle."""
+    def boot(self, vm_name: str, trace_file: str | None = None) -> dict[str, Any]:
+        """Read the OS disk as a boot does, through cache and throttle: the
+        default trace (boot.boot_trace) or the reads of a trace file."""
         disk = self.open_disk(vm_name, OS_LUN)
         start_t = self.clock.now()
         part = find_boot_partition(disk.read, disk.size)
-        trace = boot_trace(part)
+        trace = load_trace(trace_file) if trace_file else boot_trace(part)
+        for off, n in trace:
+            if off + n > disk.size:
+                raise HostError(f"the boot trace reads {off}+{n}, past the end of the disk ({disk.size})")
         nbytes = 0
         for off, n in trace:
             disk.read(off, n)
@@ -286,7 +290,8 @@ class Host:
         return {"vm": vm_name, "partition": part.__dict__, "reads": len(trace) + 1, "bytes": nbytes,
                 "seconds": round(elapsed, 6), "iops": round((len(trace) + 1) / elapsed, 1) if elapsed else None,
                 "caching": disk.mode.value, "tier": t.disks[str(OS_LUN)].limits.tier,
-                "throttled_seconds": round(sum(v["throttled_seconds"] or 0 for v in t.statistics().values()), 6)}
+                "throttled_seconds": round(sum(v["throttled_seconds"] or 0 for v in t.statistics().values()), 6),
+                "throttle": t.statistics()}
 
 
 class AttachedDisk:

@@ -48,7 +48,8 @@ SPAN = 256 * MIB  # the part of each disk the I/O touches (written first so read
 WARMUP = 0.5  # seconds before counting: the limiters' start-up allowance is not measured
 
 
-def run_io(disk, seconds: float, qd: int, size: int, write: bool) -> tuple[float, float]:
+def run_io(disk, seconds: float, qd: int, size: int, write: bool,
+           latencies: list[float] | None = None) -> tuple[float, float]:
     begin = time.monotonic() + WARMUP
     stop = begin + seconds
     counts = [0] * qd
@@ -68,6 +69,8 @@ def run_io(disk, seconds: float, qd: int, size: int, write: bool) -> tuple[float
                 disk.read(off, size)
             if now >= begin:
                 counts[i] += 1
+                if latencies is not None:
+                    latencies.append(time.monotonic() - now)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(qd)]
     for t in threads:
         t.start()
@@ -96,14 +99,77 @@ def measure_uncapped(host: Host, disk, a: argparse.Namespace) -> dict[tuple[int,
     return out
 
 
-def qd_sweep(host: Host, a: argparse.Namespace) -> None:
-    lun = a.tiers.index("P30") if "P30" in a.tiers else 0
-    disk = host.open_disk("vm", lun)
-    print(f"IOPS against queue depth, {disk.throttle.disks[str(lun)].limits.tier}, 4K random reads "
-          "(service latency on: IOPS = QD / latency until the limit)")
-    for qd in (1, 2, 4, 8, 16, 32, 64):
-        iops, _ = run_io(disk, a.seconds / 2, qd, 4096, False)
-        print(f"  QD{qd:<3} {iops:9.1f} IOPS", flush=True)
+def percentiles(lat: list[float]) -> dict[str, float]:
+    """Completion latency percentiles in ms (fio's clat percentiles)."""
+    if not lat:
+        return {"50": 0.0, "99": 0.0, "99.9": 0.0}
+    lat = sorted(lat)
+    return {k: round(lat[min(len(lat) - 1, int(len(lat) * q))] * 1000, 3)
+            for k, q in (("50", 0.5), ("99", 0.99), ("99.9", 0.999))}
+
+
+QDS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def qd_sweep(host: Host, a: argparse.Namespace) -> dict[str, list[float]]:
+    """IOPS against queue depth for every tier: QD / latency until the limit."""
+    out = {}
+    print("IOPS against queue depth, 4K random reads (service latency on: IOPS = QD / latency until the limit)")
+    print(f"{'tier':>10} " + " ".join(f"{'QD' + str(q):>8}" for q in QDS))
+    for lun, _name in enumerate(a.tiers):
+        disk = host.open_disk("vm", lun)
+        tier = disk.throttle.disks[str(lun)].limits.tier
+        out[tier] = [run_io(disk, a.seconds / 2, qd, 4096, False)[0] for qd in QDS]
+        print(f"{tier:>10} " + " ".join(f"{v:8.0f}" for v in out[tier]), flush=True)
+    return out
+
+
+def cached_rows(host: Host, a: argparse.Namespace) -> list[dict]:
+    """The same P-disk, uncached and with ReadOnly caching once its pages are in
+    the host cache: hits count against the VM's cached limit only."""
+    name = "P10" if "P10" in a.tiers else a.tiers[0]
+    lun = a.tiers.index(name)
+    disk_name = f"d-{name}"
+    rows = []
+    print(f"cached vs uncached, {name}, 4K random reads QD{a.qd} over 16 MiB")
+    for caching in ("None", "ReadOnly"):
+        host.detach("vm", lun)
+        host.attach("vm", disk_name, lun, caching)
+        disk = host.open_disk("vm", lun)
+        for off in range(0, 16 * MIB, 64 * 1024):
+            with disk.lock:
+                disk.virtual.read(off, 64 * 1024)  # warm the host cache
+        global SPAN
+        span, SPAN = SPAN, 16 * MIB
+        iops, _ = run_io(disk, a.seconds, a.qd, 4096, False)
+        SPAN = span
+        rows.append({"tier": name, "caching": caching, "iops": round(iops, 1)})
+        print(f"{caching:>10}: {iops:9.1f} IOPS", flush=True)
+    return rows
+
+
+def chart(rows: list[dict], path: str) -> str:
+    """A PNG bar chart of measured IOPS beside the published limit, by tier."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no chart: matplotlib is not installed (pip install 'diskstamp[dev]')"
+    reads = [r for r in rows if r["rw"] == "randread" and r["bs"] == 4096]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(reads))
+    ax.bar([x - 0.2 for x in xs], [r["iops"] for r in reads], width=0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [r["limit_iops"] for r in reads], width=0.4, label="published limit")
+    ax.set_xticks(list(xs), [r["tier"] for r in reads])
+    ax.set_yscale("log")
+    ax.set_ylabel("IOPS (4 KiB random read)")
+    ax.set_title(f"diskstamp: IOPS by tier, QD{reads[0]['iodepth'] if reads else ''}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return f"chart written to {path}"
 
 
 def main() -> int:
@@ -113,9 +179,12 @@ def main() -> int:
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
     ap.add_argument("--vm", default="D8s_v3")
     ap.add_argument("--json", help="also write the rows here, with fio's field names")
+    ap.add_argument("--png", help="also draw a chart of IOPS by tier here (needs matplotlib)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-iops-", dir="/var/tmp")
-    rows = []
+    rows: list[dict] = []
+    sweeps: dict[str, list[float]] = {}
+    cached: list[dict] = []
     try:
         with vhd.create(os.path.join(work, "img.vhd"), 64 * MIB, type="fixed") as img:
             img.write(0, make_boot_sector(2048, 100000))
@@ -146,7 +215,8 @@ def main() -> int:
             if lun == 0:
                 uncapped = measure_uncapped(host, disk, a)
             for size_io, write in WORKLOADS:
-                got_iops, got_mbps = run_io(disk, a.seconds, a.qd, size_io, write)
+                lat: list[float] = []
+                got_iops, got_mbps = run_io(disk, a.seconds, a.qd, size_io, write, lat)
                 limit = min(cap_iops, cap_mbps * MIB / size_io, vm.burst_iops or vm.uncached_iops)
                 peak = uncapped[(size_io, write)]
                 bound = "emulator-bound" if limit > 0.97 * peak else ("ok" if abs(got_iops / limit - 1) <= 0.03
@@ -154,20 +224,30 @@ def main() -> int:
                 rows.append({"tier": lim.tier, "sku": sku, "rw": "randwrite" if write else "randread",
                              "bs": size_io, "iodepth": a.qd, "iops": round(got_iops, 1),
                              "bw_mib": round(got_mbps, 2), "limit_iops": round(limit, 1),
-                             "uncapped_iops": round(peak, 1), "ratio": round(got_iops / limit, 3), "verdict": bound})
+                             "uncapped_iops": round(peak, 1), "ratio": round(got_iops / limit, 3), "verdict": bound,
+                             "clat_ms": percentiles(lat)})
+                p = rows[-1]["clat_ms"]
                 print(f"{lim.tier:>10} {rows[-1]['rw']:>9} {size_io // 1024:>3}K QD{a.qd}: "
                       f"{got_iops:9.1f} IOPS {got_mbps:8.2f} MiB/s   limit {limit:9.1f}   "
-                      f"{got_iops / limit * 100:6.1f}%   {bound}", flush=True)
-        qd_sweep(host, a)
+                      f"{got_iops / limit * 100:6.1f}%   {bound:<14} lat p50/p99/p99.9 "
+                      f"{p['50']:.2f}/{p['99']:.2f}/{p['99.9']:.2f} ms", flush=True)
+        sweeps = qd_sweep(host, a)
+        cached = cached_rows(host, a)
         host.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"jobs": [{"jobname": f"{r['tier']}-{r['rw']}-{r['bs']}",
-                                 "read" if r["rw"] == "randread" else "write":
-                                     {"iops": r["iops"], "bw": r["bw_mib"] * 1024, "bs": r["bs"]},
-                                 "iodepth": r["iodepth"], "limit_iops": r["limit_iops"]} for r in rows]}, f, indent=2)
+                                 "read" if r["rw"] == "randread" else "write": {
+                                     "iops": r["iops"], "bw": r["bw_mib"] * 1024, "bs": r["bs"],
+                                     "clat_ns": {"percentile": {
+                                         f"{float(k):.6f}": int(v * 1e6) for k, v in r["clat_ms"].items()}}},
+                                 "iodepth": r["iodepth"], "limit_iops": r["limit_iops"],
+                                 "uncapped_iops": r["uncapped_iops"]} for r in rows],
+                       "qd_sweep": {"qd": list(QDS), "iops": sweeps}, "cached": cached}, f, indent=2)
+    if a.png:
+        print(chart(rows, a.png))
     return 0
 
 

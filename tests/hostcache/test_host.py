@@ -9,6 +9,7 @@ import pytest
 
 import vhd
 from hostcache.boot import NotBootable, make_boot_sector, make_gpt
+from hostcache.errors import HostError
 from hostcache.host import Host, HostRuleError
 from hostcache.throttle import FakeClock
 from stamp import Stamp
@@ -154,3 +155,18 @@ def test_a_data_disk_is_throttled_to_its_tier(host):
     for i in range(2000):
         disk.read(i * 4096 % (64 * MIB), 4096)
     assert 2000 / (host.clock.now() - t0) == pytest.approx(500, rel=0.03)
+
+
+def test_a_boot_trace_file(tmp_path, host):
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    trace = tmp_path / "boot.trace"
+    trace.write_text("# offset length\n0 512\n1048576 65536\n0x200000 4096\n")
+    report = host.boot("vm1", str(trace))
+    assert report["reads"] == 4 and report["bytes"] == 512 + 65536 + 4096
+    assert "disk P1 IOPS" in report["throttle"]
+    trace.write_text("0 512\nnonsense\n")
+    with pytest.raises(HostError, match="boot.trace:2"):
+        host.boot("vm1", str(trace))
+    trace.write_text(f"{1 << 40} 512\n")
+    with pytest.raises(HostError, match="past the end"):
+        host.boot("vm1", str(trace))
