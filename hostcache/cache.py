@@ -164,6 +164,17 @@ class BlobCache:
         self.lock = threading.RLock()
         self.leases: dict[str, str] = {}  # blob -> the lease write-back must present
 
+    def grow(self, capacity: int) -> None:
+        """Make room for more lines (a VM with a cache of its own arrived)."""
+        with self.lock:
+            slots = capacity // LINE
+            if slots <= self.slots:
+                return
+            os.ftruncate(self.fd, slots * LINE)
+            self.free = list(range(slots - 1, self.slots - 1, -1)) + self.free
+            self.slots = slots
+            self.lru.protected_max = max(1, slots * 4 // 5)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

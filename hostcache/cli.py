@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create a host folder over a stamp")
     p.add_argument("--stamp", required=True)
-    p.add_argument("--cache-mib", type=int, default=256, help="host cache file size (the emulated local SSD)")
+    p.add_argument("--cache-mib", type=int, help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
+    p.add_argument("--cache-scale", type=float, default=1 / 1024,
+                   help="scale of the VM sizes' cache sizes (default 1/1024: 200 GiB -> 200 MiB)")
     p.add_argument("--ram-mib", type=int, default=16, help="RAM tier of the host cache")
     vm = sub.add_parser("vm", help="VMs on the host").add_subparsers(dest="action", required=True)
     p = vm.add_parser("create", help="a VM whose OS disk is made from an image")
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="the host cache").add_subparsers(dest="action", required=True)
     cache.add_parser("stats", help="lines, dirty ranges, hits and misses")
     cache.add_parser("lose", help="fault: the host's local disk is lost (unflushed writes with it)")
+    throttle = sub.add_parser("throttle", help="a VM's throttle").add_subparsers(dest="action", required=True)
+    throttle.add_parser("stats", help="consumed percent, burst credits, time throttled (as last recorded)"
+                        ).add_argument("name")
     p = sub.add_parser("tiers", help="every size of a tiered SKU")
     p.add_argument("sku", choices=[s for s in SKUS if s not in ("PremiumV2_LRS", "UltraSSD_LRS")])
     for name, helptext in (("limits", "the limits of one disk"), ("simulate", "IOPS and MB/s by queue depth")):
@@ -107,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> object:
     if a.cmd == "init":
-        with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20, ram_bytes=a.ram_mib << 20) as h:
+        with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib else None,
+                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale) as h:
             return {"host": h.path, **h.config}
-    if a.cmd in ("vm", "cache"):
+    if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
     if a.cmd == "tiers":
@@ -134,6 +140,8 @@ def run(a: argparse.Namespace) -> object:
 
 
 def host_command(h: Host, a: argparse.Namespace) -> object:
+    if a.cmd == "throttle":
+        return h.throttle_stats(a.name)
     if a.cmd == "cache":
         if a.action == "lose":
             return {"lost": h.cache.lose()}

@@ -1,8 +1,13 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
-    HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes": ...}
-    HOST/state/       LMDB: table vms (name -> JSON)
+    HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes", "cache_scale", "ram_bytes"}
+    HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
+
+The cache is sized from the VM sizes' cache sizes, scaled down for emulation
+(cache_scale, default 1/1024: a D8s_v3's 200 GiB cache becomes 200 MiB): it
+grows as VMs arrive (the sum over the host's VMs) and does not shrink. A host
+created with an explicit cache size keeps that size.
 
 Platform rules kept here (reference file, host_caching and VM sizes):
 - a VM size takes at most `max_data_disks` data disks, at LUNs 0 to that - 1;
@@ -76,8 +81,9 @@ class Host:
         self.path = path
         self.stamp = Stamp.open(self.config["stamp"])
         self.disks = Disks(self.stamp)
-        self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=2)
+        self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
         self.vms_db = self.env.open_db(b"vms")
+        self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
                                ram=self.config.get("ram_bytes", 0))
         self.clock = clock or MonotonicClock()
@@ -86,22 +92,37 @@ class Host:
         self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
 
     @classmethod
-    def create(cls, path: str, stamp_path: str, cache_bytes: int = 256 * 1024 * 1024, ram_bytes: int = 0,
-               **kw: Any) -> Host:
+    def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
+               cache_scale: float = 1 / 1024, **kw: Any) -> Host:
+        """A host over a stamp. cache_bytes None: sized from its VMs' cache
+        sizes times cache_scale (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
         Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "host.json"), "w") as f:
-            json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes,
-                       "ram_bytes": ram_bytes}, f, indent=2)
+            json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
+                       "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
         return cls(path, **kw)
+
+    def _size_cache(self) -> None:
+        """Grow the cache to the scaled sum of the VMs' cache sizes."""
+        scale = self.config.get("cache_scale")
+        if not scale:
+            return
+        total = sum((vm_limits(vm["size"]).cache_size_gib or 0) for vm in self.vms()) * GIB * scale
+        if total > self.config["cache_bytes"]:
+            self.cache.grow(int(total))
+            self.config["cache_bytes"] = int(total)
+            with open(os.path.join(self.path, "host.json"), "w") as f:
+                json.dump(self.config, f, indent=2)
 
     def close(self) -> None:
         if self.cache.fd < 0:
             return
         for disk in list(self.open_disks.values()):
             disk.close()
+        self._record_throttle_stats()
         self.cache.close()
         self.env.close()
         self.stamp.close()
@@ -111,6 +132,26 @@ class Host:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _record_throttle_stats(self) -> None:
+        """Throttles live in the process that serves I/O; keep their last figures."""
+        if not self.throttles:
+            return
+        with self.env.begin(write=True) as txn:
+            for name, t in self.throttles.items():
+                txn.put(name.encode(), json.dumps({"recorded": time.time(), "pid": os.getpid(),
+                                                   "limiters": t.statistics()}).encode(), db=self.stats_db)
+
+    def throttle_stats(self, vm_name: str) -> dict[str, Any]:
+        """This process's figures for a VM it serves, else the last recorded ones."""
+        self.vm(vm_name)
+        if vm_name in self.throttles:
+            return {"live": True, "limiters": self.throttles[vm_name].statistics()}
+        with self.env.begin() as txn:
+            raw = txn.get(vm_name.encode(), db=self.stats_db)
+        if raw is None:
+            return {"live": False, "limiters": {}, "note": "no I/O recorded for this VM yet"}
+        return {"live": False, **json.loads(bytes(raw))}
 
     # -- VM records ---------------------------------------------------------------------
 
@@ -143,6 +184,7 @@ class Host:
         vm = {"name": name, "size": limits.name, "state": "Running", "image": image, "created": time.time(),
               "os_disk": {"disk": os_disk, "caching": caching}, "data_disks": {}}
         self._put(vm)
+        self._size_cache()
         self.disks.set_state(os_disk, DiskState.ATTACHED, attached_to=name, lun=OS_LUN)
         return vm
 

@@ -170,3 +170,21 @@ def test_a_boot_trace_file(tmp_path, host):
     trace.write_text(f"{1 << 40} 512\n")
     with pytest.raises(HostError, match="past the end"):
         host.boot("vm1", str(trace))
+
+
+def test_the_cache_is_sized_from_the_vm_sizes_and_stats_outlive_the_process(tmp_path, host):
+    host2 = Host.create(str(tmp_path / "h2"), host.config["stamp"], clock=FakeClock())
+    host2.create_vm("a", "D8s_v3", "mbr")  # 200 GiB of cache, scaled 1/1024
+    assert host2.cache.slots * (64 * 1024) == 200 * MIB
+    host2.create_vm("b", "D2s_v3", "mbr")  # + 50 GiB
+    assert host2.cache.slots * (64 * 1024) == 250 * MIB
+    host2.boot("a")
+    live = host2.throttle_stats("a")
+    assert live["live"] and live["limiters"]["VM Standard_D8s_v3 cached IOPS"]["requests"] > 0
+    path = host2.path
+    host2.close()
+    with Host(path, clock=FakeClock()) as again:
+        recorded = again.throttle_stats("a")
+        assert not recorded["live"] and recorded["limiters"]["VM Standard_D8s_v3 cached IOPS"]["requests"] > 0
+        assert again.throttle_stats("b")["limiters"] == {}
+        assert again.cache.slots * (64 * 1024) == 250 * MIB
