@@ -24,6 +24,16 @@ kept here (each stated by that file):
   is used for Standard HDD (no source states its throttling unit; its 16 KiB
   rule is for billing).
 - Host caching: Premium, Standard SSD and HDD disks under 4,096 GiB only.
+
+Where sources disagree (the reference's `disagreements`), the current figure
+is the default; `edition` selects the other where it changes behaviour:
+Ultra per-GiB IOPS, maximum IOPS and MB/s ("2022"); Premium v2 maximum MB/s
+("2024": 1,200); Standard SSD E1-E6 ("2019" table); DS1_v2 host caching
+(current: not supported; "2020": supported, 43 GiB). Kept as decided, not
+selectable: P50/S50/E50 are 4,096 GiB in the current tables and caching
+stops at 4,096 GiB (the FAQ's 4,095 rule); D2s_v3 uncached 48 MB/s (the
+size table, not a diagram's 32); data disks attach with caching None unless
+asked (vm_disk_perf; the older design guide said ReadOnly).
 """
 
 from __future__ import annotations
@@ -206,15 +216,20 @@ def _ultra(size: int, iops: int | None, mbps: float | None, edition: str, r: flo
                       False, r, w)
 
 
-def vm_limits(name: str) -> VmLimits:
+def vm_limits(name: str, edition: str = "current") -> VmLimits:
     sizes = reference()["vm_sizes"]["sizes"]
     key = name if name.startswith("Standard_") else f"Standard_{name}"
     row = sizes.get(key)
     if row is None:
         raise UnknownTier(f"unknown VM size {name!r}: one of {', '.join(s.removeprefix('Standard_') for s in sizes)}")
-    caching = row.get("premium_caching") is True and row.get("cache_size_gib") is not None
-    return VmLimits(key, int(row["max_data_disks"]), row.get("cached_and_temp_iops"),
-                    row.get("cached_and_temp_mbps"), row.get("cache_size_gib"), int(row["uncached_iops"]),
+    premium_caching = row.get("premium_caching")
+    if isinstance(premium_caching, str):  # sources disagree (DS1_v2): current says not supported
+        premium_caching = edition == "2020"
+    caching = premium_caching is True and row.get("cache_size_gib") is not None
+    cached = caching  # without premium caching there is no cached path (the figures are the temp disk's)
+    return VmLimits(key, int(row["max_data_disks"]), row.get("cached_and_temp_iops") if cached else None,
+                    row.get("cached_and_temp_mbps") if cached else None,
+                    row.get("cache_size_gib") if cached else None, int(row["uncached_iops"]),
                     float(row["uncached_mbps"]), row.get("burst_uncached_iops"), row.get("burst_uncached_mbps"),
                     caching)
 

@@ -54,6 +54,8 @@ def test_provisioned_types_follow_their_formulas_and_editions():
         vm_limits("D99s_v9")
     with pytest.raises(InvalidPerformance):
         disk_limits("Premium_LRS", 128, iops=1000)
+    assert not vm_limits("DS1_v2").host_caching  # current docs: premium caching not supported
+    assert vm_limits("DS1_v2", edition="2020").cache_size_gib == 43
 
 
 def test_the_256_kib_rule():
