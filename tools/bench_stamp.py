@@ -21,7 +21,6 @@ The durability mode is "os" unless a row says fsync. Files go to --dir
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -31,6 +30,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from benchtable import show  # noqa: E402
 
 from stamp import Stamp  # noqa: E402
 
@@ -239,9 +241,8 @@ def main() -> int:
             snapshot_rows(work, a.big_gib) + diff_rows(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if a.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+    show(rows, a.json)
+    return 0
     print(f"{'test':<46} {'ours':>10} {'peer':>10}  {'peer is':<22} {'ratio':>6}  goal")
     for r in rows:
         fmt = "{:>10.0f}" if r["unit"] in ("IOPS", "MiB/s") else "{:>8.2f}" + r["unit"]

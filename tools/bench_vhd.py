@@ -14,7 +14,6 @@ cache is warm for both sides of each pair. Not a test: nothing asserts.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -24,6 +23,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from benchtable import show  # noqa: E402
 
 import vhd  # noqa: E402
 
@@ -167,9 +169,8 @@ def main() -> int:
         rows = io_rows(work, size, a.ops) + convert_rows(work, size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if a.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+    show(rows, a.json)
+    return 0
     print(f"{'test':<58} {'ours':>12} {'peer':>12}  {'peer is':<18} {'ratio':>6}  goal")
     for r in rows:
         fmt = "{:>12.0f}" if r["unit"] == "IOPS" else "{:>11.2f}s"
