@@ -129,6 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
     _chain_opts(p)
 
+    p = sub.add_parser("serve", help="export images over NBD (nbdinfo, nbdcopy, qemu-img, fio...)",
+                       description="Serve one or more images (any VHD type and chain, or raw) over NBD "
+                       "until interrupted. Export names are the file names without their extension.")
+    p.add_argument("paths", nargs="+", metavar="IMAGE")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="a unix socket path (nbd+unix:///NAME?socket=PATH)")
+    where.add_argument("--port", type=int, default=10809, help="TCP port on --bind (default 10809)")
+    p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1, this machine only)")
+    p.add_argument("--read-only", action="store_true")
+    _chain_opts(p)
+
     p = sub.add_parser("write", help="write stdin, a file or a pattern into the virtual disk")
     p.add_argument("path")
     p.add_argument("--offset", type=_offset, default=0)
@@ -249,9 +260,41 @@ def cmd_write(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from .nbd import Export, NbdServer
+
+    exports: dict[str, Export] = {}
+    devices = []
+    try:
+        for path in a.paths:
+            name = os.path.splitext(os.path.basename(path))[0]
+            if name in exports:
+                raise UsageError(f"two images would both be exported as {name!r}")
+            dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
+            devices.append(dev)
+            exports[name] = Export(name, dev, path, a.read_only)
+        server = NbdServer(exports)
+
+        async def run() -> None:
+            srv = await (server.serve_unix(a.socket) if a.socket else server.serve_tcp(a.bind, a.port))
+            where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
+            print(json.dumps({"serving": list(exports), "at": where}), flush=True)
+            async with srv:
+                await srv.serve_forever()
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for dev in devices:
+            dev.close()
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "info": cmd_info, "check": cmd_check, "convert": cmd_convert,
             "merge": cmd_merge, "compact": cmd_compact, "resize": cmd_resize, "map": cmd_map,
-            "read": cmd_read, "write": cmd_write}
+            "read": cmd_read, "write": cmd_write, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

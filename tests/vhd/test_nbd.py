@@ -1,0 +1,166 @@
+"""The NBD export against real clients (nbdinfo, nbdcopy, qemu-img, fio) and
+against bad ones (a hand-written client that breaks the rules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vhd
+from vhd import nbd
+
+from ..conftest import run
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A dynamic and a fixed image served on a unix socket by `vhd serve`."""
+    dyn = tmp_path / "dyn.vhd"
+    with vhd.create(dyn, 64 * MIB) as img:
+        img.write(MIB, b"\xab" * 3 * MIB)
+        img.write(40 * MIB, b"\xcd" * 4096)
+    with vhd.create(tmp_path / "fix.vhd", 32 * MIB, type="fixed") as img:
+        img.write(0, b"fixed" * 100)
+    sock = str(tmp_path / "s.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(dyn), str(tmp_path / "fix.vhd"),
+                             "--socket", sock], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    assert json.loads(line)["serving"] == ["dyn", "fix"]
+    yield tmp_path, sock
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def uri(sock: str, name: str) -> str:
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def test_nbdinfo_sees_size_flags_and_our_allocation_map(served):
+    d, sock = served
+    info = json.loads(run("nbdinfo", "--json", uri(sock, "dyn")).stdout)
+    export = info["exports"][0]
+    assert export["export-size"] == 64 * MIB and export["is_read_only"] is False
+    assert "base:allocation" in export["contexts"]
+    maps = json.loads(run("nbdinfo", "--map", "--json", uri(sock, "dyn")).stdout)
+    got = [(m["offset"], m["length"], m["type"]) for m in maps]
+    assert got == [(0, 4 * MIB, 0), (4 * MIB, 36 * MIB, 3), (40 * MIB, 2 * MIB, 0), (42 * MIB, 22 * MIB, 3)]
+    listed = run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
+    assert {e["export-name"] for e in json.loads(listed)["exports"]} == {"dyn", "fix"}
+
+
+def test_nbdcopy_both_ways_and_qemu_img_compare(served):
+    d, sock = served
+    out = d / "out.raw"
+    run("nbdcopy", uri(sock, "dyn"), str(out))
+    data = out.read_bytes()
+    assert data[MIB:4 * MIB] == b"\xab" * 3 * MIB and data[40 * MIB:40 * MIB + 4096] == b"\xcd" * 4096
+    src = d / "in.raw"
+    src.write_bytes(os.urandom(8 * MIB) + bytes(24 * MIB))
+    run("nbdcopy", str(src), uri(sock, "fix"))
+    assert run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(src), uri(sock, "fix"),
+               check=False).returncode == 0
+
+
+def test_fio_verifies_what_it_wrote(served):
+    d, sock = served
+    proc = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(sock, 'dyn')}", "--rw=randwrite", "--bs=4k",
+               "--iodepth=16", "--size=16M", "--verify=crc32c", "--output-format=json")
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])  # fio prints a line before its JSON
+    job = result["jobs"][0]
+    assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MIB
+
+
+class Client:
+    """A minimal NBD client that can also break the rules on purpose."""
+
+    def __init__(self, sock: str, name: str, structured: bool = False) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(10)
+        self.s.connect(sock)
+        magic, opt, _flags = struct.unpack(">QQH", self.recv(18))
+        assert (magic, opt) == (nbd.NBDMAGIC, nbd.IHAVEOPT)
+        self.s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+        raw = name.encode()
+        self.s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, len(raw)) + raw)
+        self.size, self.flags = struct.unpack(">QH", self.recv(10))
+        self.cookie = 0
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            more = self.s.recv(n - len(buf))
+            if not more:
+                raise ConnectionError("closed")
+            buf += more
+        return buf
+
+    def request(self, kind: int, offset: int, length: int, data: bytes = b"", flags: int = 0) -> tuple[int, bytes]:
+        self.cookie += 1
+        self.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, flags, kind, self.cookie, offset, length) + data)
+        magic, error, cookie = struct.unpack(">IIQ", self.recv(16))
+        assert magic == nbd.SIMPLE_REPLY_MAGIC and cookie == self.cookie
+        body = self.recv(length) if kind == nbd.CMD_READ and not error else b""
+        return error, body
+
+
+def test_bad_requests_get_the_protocols_errors_and_others_are_served(served):
+    d, sock = served
+    c = Client(sock, "dyn")
+    assert c.size == 64 * MIB
+    assert c.request(nbd.CMD_READ, 64 * MIB - 512, 1024)[0] == 22  # EINVAL: past the end
+    assert c.request(nbd.CMD_WRITE, 64 * MIB, 512, b"x" * 512)[0] == 28  # ENOSPC
+    assert c.request(nbd.CMD_READ, 0, 64 * MIB)[0] == 75  # EOVERFLOW: over the maximum block size
+    assert c.request(nbd.CMD_READ, 0, 0)[0] == 22
+    assert c.request(nbd.CMD_BLOCK_STATUS, 0, 512)[0] == 22  # no meta context negotiated
+    err, body = c.request(nbd.CMD_READ, MIB, 4096)
+    assert err == 0 and body == b"\xab" * 4096
+    assert c.request(nbd.CMD_WRITE, 5 * MIB, 512, b"u" * 512, flags=nbd.CMDF_FUA)[0] == 0
+    ro = Client(sock, "fix")
+    assert ro.request(nbd.CMD_READ, 0, 5)[1] == b"fixed"
+
+    bad = Client(sock, "dyn")  # a broken request: its connection closes, nobody else's
+    bad.s.sendall(b"\x00" * 28)
+    with pytest.raises((ConnectionError, OSError)):
+        bad.recv(16)
+    vanish = Client(sock, "dyn")  # a client that disappears in the middle of a write
+    vanish.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 6 * MIB, 8192) + b"v" * 100)
+    vanish.s.close()
+    time.sleep(0.2)
+    assert c.request(nbd.CMD_READ, 6 * MIB, 512) == (0, bytes(512))  # the unacknowledged write left nothing
+    assert c.request(nbd.CMD_READ, 5 * MIB, 512) == (0, b"u" * 512)
+
+
+def test_read_only_exports_refuse_writes(tmp_path):
+    with vhd.create(tmp_path / "ro.vhd", 8 * MIB) as img:
+        img.write(0, b"keep" * 128)
+    sock = str(tmp_path / "ro.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "ro.vhd"), "--socket", sock,
+                             "--read-only"], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        c = Client(sock, "ro")
+        assert c.flags & nbd.TF_READ_ONLY
+        assert c.request(nbd.CMD_WRITE, 0, 512, b"x" * 512)[0] == 1  # EPERM
+        assert c.request(nbd.CMD_READ, 0, 4)[1] == b"keep"
+        many = [Client(sock, "ro") for _ in range(8)]  # several clients at once
+        assert all(m.request(nbd.CMD_READ, 0, 4)[1] == b"keep" for m in many)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_option_parsers_refuse_malformed_data():
+    with pytest.raises(nbd.ProtocolError):
+        nbd.parse_info_request(struct.pack(">I", 100) + b"x")
+    with pytest.raises(nbd.ProtocolError):
+        nbd.parse_meta_request(struct.pack(">I", 0) + struct.pack(">I", 5) + b"")
+    assert nbd.parse_info_request(struct.pack(">I", 3) + b"abc" + struct.pack(">HH", 1, 3)) == ("abc", [3])

@@ -1,0 +1,400 @@
+"""An NBD server (newstyle, fixed) for any block device.
+
+Protocol (NBD's proto.md): the server greets with NBDMAGIC, IHAVEOPT and its
+handshake flags; the client answers with its flags, then sends options:
+  EXPORT_NAME   go straight to transmission (no reply header)
+  INFO / GO     describe an export (size, flags, name, block sizes); GO then
+                enters transmission
+  LIST          name every export
+  STRUCTURED_REPLY, LIST_META_CONTEXT / SET_META_CONTEXT ("base:allocation")
+  ABORT         acknowledge and close
+In transmission each request (28 bytes) gets a reply: simple, or structured
+chunks when negotiated. READ, WRITE (FUA: written, then flushed), FLUSH,
+TRIM (discard), WRITE_ZEROES, BLOCK_STATUS (the device's allocation map:
+ZERO extents are reported as hole and zero), CACHE, DISC.
+Rules kept: a request outside the export gets EINVAL (ENOSPC for writes); a
+read-only export refuses writes with EPERM; a request over MAX_REQUEST gets
+EOVERFLOW (reads) or EINVAL; a malformed request (bad magic) or a client that
+vanishes closes only that connection; every connection's replies are written
+whole, one at a time; a write is acknowledged only after the device took it.
+Requests of one connection are served concurrently (as tasks), so a device
+whose I/O waits (a throttled disk) sees the client's queue depth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .blockdev import Alloc, BlockDevice
+from .errors import RangeError, ReadOnlyError, VhdError
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES = 1, 2
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT = 8, 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META_CONTEXT = 1, 2, 3, 4
+REP_ERR_UNSUP, REP_ERR_POLICY, REP_ERR_INVALID = 2**31 + 1, 2**31 + 2, 2**31 + 3
+REP_ERR_UNKNOWN = 2**31 + 6
+INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
+
+TF_HAS_FLAGS, TF_READ_ONLY, TF_SEND_FLUSH, TF_SEND_FUA = 1, 2, 4, 8
+TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_DF, TF_CAN_MULTI_CONN, TF_SEND_CACHE = 32, 64, 128, 256, 1024
+
+CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
+CMDF_FUA, CMDF_NO_HOLE, CMDF_DF, CMDF_REQ_ONE = 1, 2, 4, 8
+
+CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_BLOCK_STATUS, CHUNK_ERROR = 0, 1, 5, 2**15 + 1
+CHUNK_DONE = 1
+STATE_HOLE, STATE_ZERO = 1, 2
+META_BASE_ALLOCATION = "base:allocation"
+META_ID = 1
+
+MAX_REQUEST = 32 * 1024 * 1024  # what we advertise as the maximum block size
+MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
+
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQI")
+_OPT = struct.Struct(">QII")
+_OPT_REPLY = struct.Struct(">QIII")
+
+
+class ProtocolError(VhdError):
+    """The client broke the protocol: its connection is closed."""
+
+
+@dataclass
+class Export:
+    name: str
+    device: BlockDevice
+    description: str = ""
+    readonly: bool = False
+
+    def flags(self) -> int:
+        f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_DF | TF_SEND_CACHE | TF_CAN_MULTI_CONN
+        if self.readonly or getattr(self.device, "readonly", False):
+            f |= TF_READ_ONLY
+        else:
+            f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+        return f
+
+
+@dataclass
+class Connection:
+    structured: bool = False
+    meta: bool = False
+    export: Export | None = None
+    no_zeroes: bool = False
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+def opt_reply(option: int, kind: int, data: bytes = b"") -> bytes:
+    return _OPT_REPLY.pack(OPT_REPLY_MAGIC, option, kind, len(data)) + data
+
+
+def info_export(export: Export) -> bytes:
+    return struct.pack(">HQH", INFO_EXPORT, export.device.size, export.flags())
+
+
+def parse_info_request(data: bytes) -> tuple[str, list[int]]:
+    """The export name and info types of an INFO or GO option."""
+    if len(data) < 6:
+        raise ProtocolError("INFO/GO option too short")
+    n = struct.unpack_from(">I", data)[0]
+    if 4 + n + 2 > len(data):
+        raise ProtocolError("INFO/GO name length past the option")
+    name = data[4:4 + n].decode("utf-8", "replace")
+    count = struct.unpack_from(">H", data, 4 + n)[0]
+    if 6 + n + 2 * count != len(data):
+        raise ProtocolError("INFO/GO info request count does not match the option length")
+    return name, list(struct.unpack_from(f">{count}H", data, 6 + n))
+
+
+def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
+    if len(data) < 8:
+        raise ProtocolError("meta context option too short")
+    n = struct.unpack_from(">I", data)[0]
+    pos = 4 + n
+    if pos + 4 > len(data):
+        raise ProtocolError("meta context export name past the option")
+    name = data[4:pos].decode("utf-8", "replace")
+    count = struct.unpack_from(">I", data, pos)[0]
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise ProtocolError("meta context query past the option")
+        q = struct.unpack_from(">I", data, pos)[0]
+        queries.append(data[pos + 4:pos + 4 + q].decode("utf-8", "replace"))
+        pos += 4 + q
+    if pos != len(data):
+        raise ProtocolError("meta context option has trailing bytes")
+    return name, queries
+
+
+def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> bytes:
+    """base:allocation descriptors for [offset, offset+length)."""
+    out = []
+    for e in device.allocation(offset, length):
+        state = STATE_HOLE | STATE_ZERO if e.state is Alloc.ZERO else 0
+        n = e.length
+        while n > 0:  # descriptor lengths are u32
+            m = min(n, 0x8000_0000)
+            out.append(struct.pack(">II", m, state))
+            n -= m
+        if one:
+            break
+    return struct.pack(">I", META_ID) + b"".join(out[:1] if one else out)
+
+
+class NbdServer:
+    """Serves `exports` (name -> Export); the first is also the default ("")."""
+
+    def __init__(self, exports: dict[str, Export]) -> None:
+        if not exports:
+            raise VhdError("an NBD server needs at least one export")
+        self.exports = exports
+        self.default = next(iter(exports.values()))
+        self.server: asyncio.base_events.Server | None = None
+        self.connections = 0
+
+    def lookup(self, name: str) -> Export | None:
+        return self.exports.get(name) or (self.default if name == "" else None)
+
+    async def serve_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> asyncio.base_events.Server:
+        self.server = await asyncio.start_server(self._client, host, port)
+        return self.server
+
+    async def serve_unix(self, path: str) -> asyncio.base_events.Server:
+        self.server = await asyncio.start_unix_server(self._client, path)
+        return self.server
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = Connection()
+        try:
+            if await self._handshake(reader, writer, conn):
+                await self._transmission(reader, writer, conn)
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
+            pass  # the client vanished or broke the protocol: this connection only
+        finally:
+            for task in list(conn.pending):
+                await task
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (ConnectionError, OSError):
+                pass
+
+    # -- handshake -------------------------------------------------------------------
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         conn: Connection) -> bool:
+        writer.write(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        await writer.drain()
+        client = struct.unpack(">I", await reader.readexactly(4))[0]
+        if not client & FLAG_FIXED_NEWSTYLE:
+            raise ProtocolError("the client does not speak fixed newstyle")
+        conn.no_zeroes = bool(client & FLAG_NO_ZEROES)
+        while True:
+            magic, option, length = _OPT.unpack(await reader.readexactly(_OPT.size))
+            if magic != IHAVEOPT:
+                raise ProtocolError("bad option magic")
+            if length > MAX_OPTION:
+                raise ProtocolError(f"option of {length} bytes")
+            data = await reader.readexactly(length)
+            done = await self._option(writer, conn, option, data)
+            await writer.drain()
+            if done is not None:
+                return done
+
+    async def _option(self, writer: asyncio.StreamWriter, conn: Connection, option: int, data: bytes) -> bool | None:
+        """Handle one option; True: enter transmission, False: close, None: more options."""
+        if option == OPT_EXPORT_NAME:
+            export = self.lookup(data.decode("utf-8", "replace"))
+            if export is None:
+                return False  # the protocol's only answer: close
+            conn.export = export
+            writer.write(struct.pack(">QH", export.device.size, export.flags()))
+            if not conn.no_zeroes:
+                writer.write(bytes(124))
+            return True
+        if option == OPT_ABORT:
+            writer.write(opt_reply(option, REP_ACK))
+            return False
+        if option == OPT_LIST:
+            if data:
+                writer.write(opt_reply(option, REP_ERR_INVALID))
+                return None
+            for name in self.exports:
+                raw = name.encode()
+                writer.write(opt_reply(option, REP_SERVER, struct.pack(">I", len(raw)) + raw))
+            writer.write(opt_reply(option, REP_ACK))
+            return None
+        if option in (OPT_INFO, OPT_GO):
+            try:
+                name, infos = parse_info_request(data)
+            except ProtocolError:
+                writer.write(opt_reply(option, REP_ERR_INVALID))
+                return None
+            export = self.lookup(name)
+            if export is None:
+                writer.write(opt_reply(option, REP_ERR_UNKNOWN, f"no export named {name!r}".encode()))
+                return None
+            writer.write(opt_reply(option, REP_INFO, info_export(export)))
+            if INFO_NAME in infos:
+                writer.write(opt_reply(option, REP_INFO, struct.pack(">H", INFO_NAME) + export.name.encode()))
+            if INFO_DESCRIPTION in infos and export.description:
+                writer.write(opt_reply(option, REP_INFO,
+                                       struct.pack(">H", INFO_DESCRIPTION) + export.description.encode()))
+            if INFO_BLOCK_SIZE in infos:
+                writer.write(opt_reply(option, REP_INFO, struct.pack(">HIII", INFO_BLOCK_SIZE, 1, 4096,
+                                                                      MAX_REQUEST)))
+            writer.write(opt_reply(option, REP_ACK))
+            if option == OPT_GO:
+                conn.export = export
+                return True
+            return None
+        if option == OPT_STRUCTURED_REPLY:
+            conn.structured = not data
+            writer.write(opt_reply(option, REP_ACK if not data else REP_ERR_INVALID))
+            return None
+        if option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
+            try:
+                name, queries = parse_meta_request(data)
+            except ProtocolError:
+                writer.write(opt_reply(option, REP_ERR_INVALID))
+                return None
+            if option == OPT_SET_META_CONTEXT and not conn.structured:
+                writer.write(opt_reply(option, REP_ERR_INVALID, b"structured replies first"))
+                return None
+            if self.lookup(name) is None:
+                writer.write(opt_reply(option, REP_ERR_UNKNOWN))
+                return None
+            wanted = (not queries and option == OPT_LIST_META_CONTEXT) or any(
+                q in (META_BASE_ALLOCATION, "base:") for q in queries)
+            if wanted:
+                writer.write(opt_reply(option, REP_META_CONTEXT,
+                                       struct.pack(">I", META_ID) + META_BASE_ALLOCATION.encode()))
+                if option == OPT_SET_META_CONTEXT:
+                    conn.meta = True
+            writer.write(opt_reply(option, REP_ACK))
+            return None
+        writer.write(opt_reply(option, REP_ERR_UNSUP))  # STARTTLS and anything newer
+        return None
+
+    # -- transmission ------------------------------------------------------------------
+
+    async def _transmission(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            conn: Connection) -> None:
+        lock = asyncio.Lock()  # replies go out whole, one at a time
+        assert conn.export is not None
+        export = conn.export
+        while True:
+            magic, flags, kind, cookie, offset, length = _REQUEST.unpack(await reader.readexactly(_REQUEST.size))
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError("bad request magic")
+            if kind == CMD_DISC:
+                return
+            payload = b""
+            if kind == CMD_WRITE:
+                if length > MAX_REQUEST:
+                    raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
+                payload = await reader.readexactly(length)  # whole, before anything is acknowledged
+            task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
+                                                       offset, length, payload))
+            conn.pending.add(task)
+            task.add_done_callback(conn.pending.discard)
+
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, export: Export,
+                       flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
+        error, data, status = 0, b"", b""
+        dev = export.device
+        try:
+            error = self._check(export, kind, offset, length)
+            if not error:
+                if kind == CMD_READ:
+                    data = await _call(dev.read, offset, length)
+                elif kind == CMD_WRITE:
+                    await _call(dev.write, offset, payload)
+                    if flags & CMDF_FUA:
+                        await _call(dev.flush)
+                elif kind == CMD_FLUSH:
+                    await _call(dev.flush)
+                elif kind == CMD_TRIM:
+                    await _call(dev.discard, offset, length)
+                elif kind == CMD_WRITE_ZEROES:
+                    if flags & CMDF_NO_HOLE:
+                        await _call(dev.write, offset, bytes(length))
+                    else:
+                        await _call(dev.discard, offset, length)
+                    if flags & CMDF_FUA:
+                        await _call(dev.flush)
+                elif kind == CMD_CACHE:
+                    pass
+                elif kind == CMD_BLOCK_STATUS:
+                    if not conn.meta:
+                        error = errno.EINVAL
+                    else:
+                        status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
+                else:
+                    error = errno.EINVAL
+        except ReadOnlyError:
+            error = errno.EPERM
+        except RangeError:
+            error = errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
+        except (VhdError, OSError):
+            error = errno.EIO
+        async with lock:
+            writer.write(self._reply(conn, kind, cookie, offset, error, data, status))
+            await writer.drain()
+
+    @staticmethod
+    def _check(export: Export, kind: int, offset: int, length: int) -> int:
+        size = export.device.size
+        writes = (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)
+        if kind in writes and export.flags() & TF_READ_ONLY:
+            return errno.EPERM
+        if kind in (CMD_READ, CMD_WRITE) and length > MAX_REQUEST:
+            return errno.EOVERFLOW if kind == CMD_READ else errno.EINVAL
+        if kind in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS):
+            if kind != CMD_BLOCK_STATUS and length == 0:
+                return errno.EINVAL
+            if offset + length > size:
+                return errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
+        return 0
+
+    @staticmethod
+    def _reply(conn: Connection, kind: int, cookie: int, offset: int, error: int, data: bytes,
+               status: bytes) -> bytes:
+        if not conn.structured:
+            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie) + (data if not error else b"")
+        if error:
+            msg = b""
+            payload = struct.pack(">IH", error, len(msg)) + msg
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_ERROR, cookie, len(payload)) + payload
+        if kind == CMD_READ:
+            payload = struct.pack(">Q", offset) + data
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cookie, len(payload)) + payload
+        if kind == CMD_BLOCK_STATUS:
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0)
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a device method; a device may return an awaitable (a throttled disk waits)."""
+    result = fn(*args)
+    if isinstance(result, Awaitable):
+        return await result
+    return result
