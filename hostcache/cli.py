@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -82,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="the host cache").add_subparsers(dest="action", required=True)
     cache.add_parser("stats", help="lines, dirty ranges, hits and misses")
     cache.add_parser("lose", help="fault: the host's local disk is lost (unflushed writes with it)")
+    p = sub.add_parser("serve", help="export a VM's attached disks over NBD, through cache and throttle",
+                       description="Serve disks attached to a VM over NBD until interrupted: what a client "
+                       "(nbdinfo, nbdcopy, qemu-img, fio) measures is the disk's tier. Export names are "
+                       "'os' and 'lunN'.")
+    p.add_argument("name", help="the VM")
+    p.add_argument("--lun", type=int, action="append", help="a data disk's LUN (repeatable; default: all and os)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket")
+    where.add_argument("--port", type=int, default=10809)
+    p.add_argument("--bind", default="127.0.0.1")
     throttle = sub.add_parser("throttle", help="a VM's throttle").add_subparsers(dest="action", required=True)
     throttle.add_parser("stats", help="consumed percent, burst credits, time throttled (as last recorded)"
                         ).add_argument("name")
@@ -115,6 +126,8 @@ def run(a: argparse.Namespace) -> object:
         with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib else None,
                          ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale) as h:
             return {"host": h.path, **h.config}
+    if a.cmd == "serve":
+        return serve(a)
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
@@ -166,6 +179,37 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
         return h.start(a.name)
     h.delete_vm(a.name, delete_os_disk=a.delete_os_disk)
     return {"deleted": a.name}
+
+
+def serve(a: argparse.Namespace) -> object:
+    import asyncio
+
+    from vhd.nbd import Export, NbdServer
+
+    from .host import OS_LUN, AsyncDisk
+
+    with Host(a.host) as h:
+        vm = h.vm(a.name)
+        luns = a.lun if a.lun else [OS_LUN] + sorted(int(k) for k in vm["data_disks"])
+        exports = {}
+        for lun in luns:
+            name = "os" if lun == OS_LUN else f"lun{lun}"
+            disk = h.open_disk(a.name, lun)
+            exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
+        server = NbdServer(exports)
+
+        async def run() -> None:
+            srv = await (server.serve_unix(a.socket) if a.socket else server.serve_tcp(a.bind, a.port))
+            where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
+            print(json.dumps({"serving": list(exports), "at": where}), flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            async with srv:
+                await stop.wait()  # then the host closes: disks flush, leases are released
+        asyncio.run(run())
+    return {"stopped": a.name}
 
 
 def _size(text: str) -> int:

@@ -343,7 +343,7 @@ class AttachedDisk:
         self.host, self.vm, self.lun, self.name, self.mode = host, vm, lun, disk, mode
         rec = host.disks.disk(disk)
         self.blob = rec["blob"]
-        lease = host.stamp.blobs.acquire_lease(self.blob)
+        lease = host.stamp.blobs.acquire_writer_lease(self.blob)
         file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)
         resolver = None
         image = rec.get("source", {}).get("image")
@@ -360,28 +360,36 @@ class AttachedDisk:
         self.sleep = Sleeper(host.clock)
         self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
 
-    def _admit(self, write: bool, nbytes: int, missed: bool) -> None:
+    def _admission(self, write: bool, nbytes: int, missed: bool) -> float:
+        """When the I/O completes, as the throttle and the service latency say."""
         if self.mode is CacheMode.NONE:
             path = Path.UNCACHED
         elif write or missed:
             path = Path.CACHED_MISS
         else:
             path = Path.CACHED_HIT
-        adm = self.throttle.admit(str(self.lun), write, nbytes, path)
-        self.sleep.until(adm.done)
+        return self.throttle.admit(str(self.lun), write, nbytes, path).done
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_now(self, offset: int, length: int) -> tuple[bytes, float]:
+        """The data, and when the platform would have completed the read."""
         with self.lock:
             before = self.host.cache.stats.read_misses
             data = self.virtual.read(offset, length)
             missed = self.host.cache.stats.read_misses > before
-        self._admit(False, length, missed)
+        return data, self._admission(False, length, missed)
+
+    def write_now(self, offset: int, data: bytes | bytearray | memoryview) -> float:
+        with self.lock:
+            self.virtual.write(offset, data)
+        return self._admission(True, len(data), True)
+
+    def read(self, offset: int, length: int) -> bytes:
+        data, done = self.read_now(offset, length)
+        self.sleep.until(done)
         return data
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        with self.lock:
-            self.virtual.write(offset, data)
-        self._admit(True, len(data), True)
+        self.sleep.until(self.write_now(offset, data))
 
     def flush(self) -> None:
         self.virtual.flush()
@@ -397,4 +405,42 @@ class AttachedDisk:
         self.host.open_disks.pop((self.vm, self.lun), None)
 
 
-__all__ = ["Host", "AttachedDisk", "HostRuleError", "OS_LUN", "GIB"]
+class AsyncDisk:
+    """An attached disk for an asyncio server (the NBD export): the data path
+    runs at once, then the coroutine sleeps until the throttle's completion
+    time, so many I/Os wait at once and queue depth matters as on the platform."""
+
+    def __init__(self, disk: AttachedDisk) -> None:
+        self.disk = disk
+        self.size = disk.size
+        self.readonly = False
+
+    async def _until(self, t: float) -> None:
+        import asyncio
+
+        delay = t - self.disk.host.clock.now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data, done = self.disk.read_now(offset, length)
+        await self._until(done)
+        return data
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self._until(self.disk.write_now(offset, data))
+
+    def flush(self) -> None:
+        self.disk.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        self.disk.discard(offset, length)
+
+    def allocation(self, offset: int, length: int) -> list[Extent]:
+        return self.disk.allocation(offset, length)
+
+    def close(self) -> None:
+        self.disk.close()
+
+
+__all__ = ["Host", "AttachedDisk", "AsyncDisk", "HostRuleError", "OS_LUN", "GIB"]

@@ -329,7 +329,7 @@ class Disks:
         else:
             obj = self._get("disk", name)
             blob, blob_snap, source = obj["blob"], None, obj.get("source", {})
-        lease = self.blobs.acquire_lease(blob) if writable else None
+        lease = self.blobs.acquire_writer_lease(blob) if writable else None
         file = SnapshotFile(self.stamp, blob, blob_snap) if blob_snap else \
             PageBlobFile(self.stamp, blob, lease=lease, writable=writable)
         resolver = None

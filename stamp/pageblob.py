@@ -261,6 +261,29 @@ class PageBlobs:
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
         return str(new)
 
+    def acquire_writer_lease(self, name: str) -> str:
+        """The lease a process takes to write a blob: it records who holds it,
+        and a lease left by a process that died on this host is broken."""
+        import os
+        import socket
+
+        from .stream import pid_alive
+
+        try:
+            lease = self.acquire_lease(name)
+        except LeaseAlreadyPresent:
+            props = self.properties(name)
+            pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
+            if host == socket.gethostname() and pid and not pid_alive(pid):
+                self.break_lease(name)  # its holder died: the lease is stale
+                lease = self.acquire_lease(name)
+            else:
+                holder = props.get("lease_holder", "another holder")
+                raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by {holder}") from None
+        self.set_properties(name, lease_holder=f"pid {os.getpid()} on {socket.gethostname()}",
+                            lease_pid=os.getpid(), lease_host=socket.gethostname())
+        return lease
+
     def release_lease(self, name: str, lease: str) -> None:
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 from vhd.blockdev import Alloc, Extent, align_write, check_range, ranges_to_extents
 
 from . import record as rec
-from .errors import LeaseAlreadyPresent, StampError
+from .errors import StampError
 from .meta import PIECE, U32, U64, Meta
 from .node import NodeState
 from .pageblob import PAGE, BlobState, PageBlobs
-from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, owner_alive, pid_alive
+from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, owner_alive
 
 DURABILITY = ("os", "fsync")
 
@@ -256,20 +255,7 @@ class BlobDevice:
             self._take_lease()
 
     def _take_lease(self) -> None:
-        holder = f"pid {os.getpid()} on {socket.gethostname()}"
-        try:
-            self.lease = self.blobs.acquire_lease(self.name)
-        except LeaseAlreadyPresent:
-            props = self.blobs.properties(self.name)
-            other = props.get("lease_holder", "another holder")
-            pid = props.get("lease_pid", 0)
-            if props.get("lease_host") == socket.gethostname() and pid and not pid_alive(int(pid)):
-                self.blobs.break_lease(self.name)  # its holder died: the lease is stale
-                self.lease = self.blobs.acquire_lease(self.name)
-            else:
-                raise LeaseAlreadyPresent(f"blob {self.name!r} is open for writing by {other}") from None
-        self.blobs.set_properties(self.name, lease_holder=holder, lease_pid=os.getpid(),
-                                  lease_host=socket.gethostname())
+        self.lease = self.blobs.acquire_writer_lease(self.name)
 
     def read(self, offset: int, length: int) -> bytes:
         check_range(self.size, offset, length)

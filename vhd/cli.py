@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -281,8 +282,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
             srv = await (server.serve_unix(a.socket) if a.socket else server.serve_tcp(a.bind, a.port))
             where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
             print(json.dumps({"serving": list(exports), "at": where}), flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
             async with srv:
-                await srv.serve_forever()
+                await stop.wait()  # then every image is closed: flushed, unlocked
         asyncio.run(run())
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,74 @@
+"""A VM's disks over NBD, through cache and throttle: fio measures the tier;
+a killed server leaves nothing behind that blocks the next one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import vhd
+from hostcache.boot import make_boot_sector
+from hostcache.host import Host
+from stamp import Stamp
+from stamp.disks import Disks
+
+from ..conftest import run
+
+MIB = 1 << 20
+
+
+def setup_host(tmp_path) -> str:
+    with vhd.create(tmp_path / "img.vhd", 32 * MIB, type="fixed") as img:
+        img.write(0, make_boot_sector(2048, 60000))
+    with Stamp.create(str(tmp_path / "st")) as st:
+        d = Disks(st)
+        d.create_image("img", path=str(tmp_path / "img.vhd"))
+        d.create_empty("p10", 128, "Premium_LRS")
+    with Host.create(str(tmp_path / "host"), str(tmp_path / "st")) as h:
+        h.create_vm("vm", "D8s_v3", "img")
+        h.attach("vm", "p10", 0, "ReadWrite")
+    return str(tmp_path / "host")
+
+
+def serve(host: str, sock: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["serving"] == ["os", "lun0"]  # type: ignore[union-attr]
+    return proc
+
+
+def test_fio_through_the_host_measures_the_tier(tmp_path):
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        out = run("fio", "--name=t", "--ioengine=nbd", f"--uri=nbd+unix:///lun0?socket={sock}", "--rw=randwrite",
+                  "--bs=4k", "--iodepth=16", "--size=32M", "--runtime=3", "--time_based",
+                  "--output-format=json").stdout
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        # a new P10 bursts at 3,500 IOPS while its credits last
+        assert abs(job["write"]["iops"] / 3500 - 1) < 0.05, job["write"]["iops"]
+        info = json.loads(run("nbdinfo", "--json", f"nbd+unix:///os?socket={sock}").stdout)
+        assert info["exports"][0]["export-size"] == 32 * MIB
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_a_killed_server_leaves_the_disk_usable_and_its_writes_in_the_cache(tmp_path):
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    src = tmp_path / "in.raw"
+    src.write_bytes(b"\x5a" * (4 * MIB))
+    run("nbdcopy", str(src), f"nbd+unix:///lun0?socket={sock}")  # a 4 MiB file into the start of the disk
+    proc.kill()  # SIGKILL: no flush, the lease is left behind
+    proc.wait()
+    with Host(host) as h:  # a new process: stale lease broken, dirty lines written back on flush
+        disk = h.open_disk("vm", 0)
+        assert disk.read(0, 4096) == b"\x5a" * 4096
+        h.detach("vm", 0)
+        with Disks(h.stamp).open_virtual("p10") as v:
+            assert v.read(4 * MIB - 512, 512) == b"\x5a" * 512
