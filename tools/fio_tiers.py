@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Real fio over NBD: our export against qemu-nbd and nbdkit, then every tier.
+
+  .venv/bin/python tools/fio_tiers.py [--seconds 5] [--qd 32] [--tiers S10 P10 P30] [--json F] [--png F]
+
+Part 1, the uncapped export (vhd serve) beside its peers on the same image,
+in the same run, 4 KiB at queue depth --qd:
+  randread on a fixed VHD: ours vs qemu-nbd -f vpc and nbdkit file (goal >= 1.3x qemu-nbd)
+  randwrite on a dynamic VHD (fresh, so blocks are allocated as fio writes):
+  ours vs qemu-nbd -f vpc (goal >= 5x qemu-nbd)
+Part 2, each tier attached to a VM and served by hostcache serve (cache None),
+fio randread and randwrite, beside the published limit.
+Not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import vhd  # noqa: E402
+from hostcache.boot import make_boot_sector  # noqa: E402
+from hostcache.host import Host  # noqa: E402
+from hostcache.tiers import disk_limits  # noqa: E402
+from stamp import Stamp  # noqa: E402
+from stamp.disks import Disks  # noqa: E402
+
+MIB = 1 << 20
+PY = sys.executable
+TIERS = {"S10": ("Standard_LRS", 128), "E10": ("StandardSSD_LRS", 128), "P10": ("Premium_LRS", 128),
+         "P30": ("Premium_LRS", 1024), "P40": ("Premium_LRS", 2048)}
+
+
+def fio(uri: str, rw: str, qd: int, seconds: float, size: str = "256M") -> float:
+    out = subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+                          f"--iodepth={qd}", f"--size={size}", f"--runtime={seconds}", "--time_based",
+                          "--output-format=json"], capture_output=True, text=True, check=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return float(job["read" if "read" in rw else "write"]["iops"])
+
+
+def start(cmd: list[str], sock: str, json_line: bool = True) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if json_line:
+        proc.stdout.readline()  # type: ignore[union-attr]
+    for _ in range(100):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+    return proc
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def peers(work: str, a: argparse.Namespace) -> list[dict]:
+    rows = []
+    fixed = os.path.join(work, "fixed.vhd")
+    with vhd.create(fixed, 1024 * MIB, type="fixed") as img:
+        chunk = os.urandom(4 * MIB)
+        for o in range(0, 1024 * MIB, 4 * MIB):
+            img.write(o, chunk)
+    results = {}
+    for name, cmd, sock, js in (
+            ("ours", [PY, "-m", "vhd", "serve", fixed, "--socket", f"{work}/o.sock", "--read-only"],
+             f"{work}/o.sock", True),
+            ("qemu-nbd", ["qemu-nbd", "-f", "vpc", "-r", "-t", "-k", f"{work}/q.sock", fixed], f"{work}/q.sock", False),
+            ("nbdkit file", ["nbdkit", "-f", "-r", "-U", f"{work}/k.sock", "file", fixed], f"{work}/k.sock", False)):
+        proc = start(cmd, sock, js)
+        uri = f"nbd+unix:///{'fixed' if name == 'ours' else ''}?socket={sock}"
+        results[name] = fio(uri, "randread", a.qd, a.seconds)
+        stop(proc)
+    for peer in ("qemu-nbd", "nbdkit file"):
+        rows.append({"test": f"fixed VHD 4K randread QD{a.qd}", "ours": results["ours"], "peer": results[peer],
+                     "peer_name": peer, "unit": "IOPS", "ratio": results["ours"] / results[peer],
+                     "goal": 1.3 if peer == "qemu-nbd" else None})
+    writes = {}
+    for name in ("ours", "qemu-nbd"):
+        dyn = os.path.join(work, f"dyn-{name}.vhd")
+        vhd.create(dyn, 1024 * MIB).close()
+        if name == "ours":
+            proc = start([PY, "-m", "vhd", "serve", dyn, "--socket", f"{work}/od.sock"], f"{work}/od.sock")
+            uri = f"nbd+unix:///dyn-ours?socket={work}/od.sock"
+        else:
+            proc = start(["qemu-nbd", "-f", "vpc", "-t", "-k", f"{work}/qd.sock", dyn], f"{work}/qd.sock", False)
+            uri = f"nbd+unix:///?socket={work}/qd.sock"
+        writes[name] = fio(uri, "randwrite", a.qd, a.seconds)
+        stop(proc)
+    rows.append({"test": f"dynamic VHD 4K randwrite QD{a.qd}", "ours": writes["ours"], "peer": writes["qemu-nbd"],
+                 "peer_name": "qemu-nbd", "unit": "IOPS", "ratio": writes["ours"] / writes["qemu-nbd"], "goal": 5.0})
+    return rows
+
+
+def tiers(work: str, a: argparse.Namespace) -> list[dict]:
+    with vhd.create(os.path.join(work, "img.vhd"), 32 * MIB, type="fixed") as img:
+        img.write(0, make_boot_sector(2048, 60000))
+    with Stamp.create(os.path.join(work, "st")) as st:
+        d = Disks(st)
+        d.create_image("img", path=os.path.join(work, "img.vhd"))
+        for t in a.tiers:
+            d.create_empty(t.lower(), TIERS[t][1], TIERS[t][0])
+    with Host.create(os.path.join(work, "host"), os.path.join(work, "st")) as h:
+        h.create_vm("vm", "D8s_v3", "img")
+        for lun, t in enumerate(a.tiers):
+            h.attach("vm", t.lower(), lun, "None")
+    sock = f"{work}/h.sock"
+    proc = start([PY, "-m", "hostcache", "--host", os.path.join(work, "host"), "serve", "vm", "--socket", sock], sock)
+    rows = []
+    try:
+        for lun, t in enumerate(a.tiers):
+            lim = disk_limits(*TIERS[t])
+            limit = lim.burst_iops if lim.burst.value == "credit" else lim.iops
+            for rw in ("randread", "randwrite"):
+                iops = fio(f"nbd+unix:///lun{lun}?socket={sock}", rw, 16, a.seconds, "64M")
+                rows.append({"test": f"{t} 4K {rw} QD16 via hostcache serve", "ours": iops, "peer": limit,
+                             "peer_name": "published limit", "unit": "IOPS", "ratio": iops / limit, "goal": None})
+    finally:
+        stop(proc)
+    return rows
+
+
+def main() -> int:
+    from benchtable import show
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--qd", type=int, default=32)
+    ap.add_argument("--tiers", nargs="+", default=["S10", "P10", "P30"], choices=list(TIERS))
+    ap.add_argument("--json", help="write the rows here")
+    a = ap.parse_args()
+    for tool in ("fio", "qemu-nbd", "nbdkit"):
+        if shutil.which(tool) is None:
+            print(f"fio_tiers: {tool} is missing (bash tools/run.sh test installs it)", file=sys.stderr)
+            return 1
+    work = tempfile.mkdtemp(prefix="fio-tiers-", dir="/var/tmp")
+    try:
+        rows = peers(work, a) + tiers(work, a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    show(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
