@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS="python3-venv python3-dev qemu-utils libvhdi-utils libnbd-bin nbdkit fio python3-libnbd"
+APT_PKGS="python3-venv python3-dev qemu-utils libvhdi-utils libnbd-bin nbdkit fio python3-libnbd e2fsprogs"
 missing=()
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -141,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true")
     _chain_opts(p)
 
+    p = sub.add_parser("mount", help="expose an image as DIR/disk through FUSE (and mount its filesystem)",
+                       description="Serve the image over NBD and let nbdfuse expose it as DIR/disk, read-write. "
+                       "With --fs MNT, also loop-mount the filesystem (of --partition N) at MNT. Root only. "
+                       "`vhd umount DIR` undoes it all and flushes the image.")
+    p.add_argument("path")
+    p.add_argument("dir")
+    p.add_argument("--fs", metavar="MNT", help="also mount the filesystem in the disk here")
+    p.add_argument("--partition", type=int, help="with --fs: the partition holding it (1-based)")
+    p.add_argument("--read-only", action="store_true")
+    _chain_opts(p)
+    p = sub.add_parser("umount", help="undo vhd mount: filesystem, FUSE file, server (flushes)")
+    p.add_argument("dir")
+
     p = sub.add_parser("write", help="write stdin, a file or a pattern into the virtual disk")
     p.add_argument("path")
     p.add_argument("--offset", type=_offset, default=0)
@@ -297,9 +310,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(a: argparse.Namespace) -> int:
+    from .mount import mount
+
+    _print(mount(a.path, a.dir, readonly=a.read_only, fs=a.fs, partition=a.partition, allow_dirs=a.allow_dir))
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    from .mount import umount
+
+    _print(umount(a.dir))
+    return 0
+
+
 COMMANDS = {"create": cmd_create, "info": cmd_info, "check": cmd_check, "convert": cmd_convert,
             "merge": cmd_merge, "compact": cmd_compact, "resize": cmd_resize, "map": cmd_map,
-            "read": cmd_read, "write": cmd_write, "serve": cmd_serve}
+            "read": cmd_read, "write": cmd_write, "serve": cmd_serve, "mount": cmd_mount, "umount": cmd_umount}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+"""vhd mount: mkfs, write files, unmount, and find them in the VHD with tools
+we did not write (libvhdi, qemu-img, debugfs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vhd
+from vhd.partition import partitions
+
+from ..conftest import require, run
+
+MIB = 1 << 20
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, text=True)
+
+
+def debugfs_cat(raw: str, path: str) -> str:
+    require("debugfs")
+    return run("debugfs", "-R", f"cat {path}", raw).stdout
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "fs").mkdir()
+    yield tmp_path
+    for d in ("fs", "m"):  # leave nothing mounted whatever happened
+        subprocess.run(["umount", str(tmp_path / d)], capture_output=True)
+    cli("umount", str(tmp_path / "m"))
+
+
+def test_mkfs_write_unmount_and_find_the_file_through_libvhdi(dirs):
+    import pyvhdi
+
+    img = dirs / "disk.vhd"
+    vhd.create(img, 64 * MIB).close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    disk = json.loads(r.stdout)["disk"]
+    run("mkfs.ext4", "-q", "-F", disk)
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    assert cli("mount", str(img), str(dirs / "m"), "--fs", str(dirs / "fs")).returncode == 0
+    (dirs / "fs" / "hello.txt").write_text("hello from a VHD\n")
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    assert vhd.check(str(img)).ok
+    f = pyvhdi.file()
+    f.open(str(img))
+    raw = dirs / "disk.raw"
+    raw.write_bytes(f.read_buffer_at_offset(f.get_media_size(), 0))
+    f.close()
+    assert debugfs_cat(str(raw), "/hello.txt") == "hello from a VHD\n"
+
+
+def test_a_filesystem_in_a_partition(dirs):
+    img = dirs / "part.vhd"
+    with vhd.create(img, 64 * MIB, type="fixed") as disk:
+        mbr = bytearray(512)
+        mbr[446:462] = bytes([0, 0, 2, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") + (100000).to_bytes(4, "little")
+        mbr[510:512] = b"\x55\xaa"
+        disk.write(0, bytes(mbr))
+        assert [(p.number, p.offset) for p in partitions(disk.read)] == [(1, MIB)]
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    run("mkfs.ext4", "-q", "-F", "-E", f"offset={MIB}", json.loads(r.stdout)["disk"], "40M")
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    r = cli("mount", str(img), str(dirs / "m"), "--fs", str(dirs / "fs"), "--partition", "1")
+    assert r.returncode == 0, r.stderr
+    os.makedirs(dirs / "fs" / "etc")
+    (dirs / "fs" / "etc" / "motd").write_text("partitioned\n")
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    raw = dirs / "part.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(img), str(raw))
+    part = dirs / "p1.raw"
+    with open(raw, "rb") as src, open(part, "wb") as dst:
+        src.seek(MIB)
+        dst.write(src.read(40 * MIB))
+    assert debugfs_cat(str(part), "/etc/motd") == "partitioned\n"
+
+
+def test_mount_errors_are_clear(dirs):
+    img = dirs / "d.vhd"
+    vhd.create(img, 8 * MIB).close()
+    (dirs / "full").mkdir()
+    (dirs / "full" / "x").write_text("x")
+    r = cli("mount", str(img), str(dirs / "full"))
+    assert r.returncode == 2 and "not empty" in r.stderr
+    r = cli("umount", str(dirs / "m"))
+    assert r.returncode == 2 and "not a vhd mount" in r.stderr
+    r = cli("mount", str(dirs / "nope.vhd"), str(dirs / "m"))
+    assert r.returncode == 1 and "no such file" in r.stderr
+    r = cli("mount", str(img), str(dirs / "m"), "--fs", str(dirs / "fs"), "--partition", "3")
+    assert r.returncode == 2 and "no partition 3" in r.stderr
+    assert not os.listdir(dirs / "m")  # the failed mount was undone
