@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = vm.add_parser("boot", help="boot reads through cache and throttle; reports time, IOPS, throttle stats")
     p.add_argument("name")
     p.add_argument("--trace", help='a trace file: one "OFFSET LENGTH" read per line (default: a built-in boot)')
+    p.add_argument("--real", action="store_true", help="boot in qemu-system-x86_64 from the disk served over NBD")
+    p.add_argument("--timeout", type=float, default=60, help="with --real: seconds before giving up")
+    p.add_argument("--interface", choices=["ide", "virtio"], default="ide", help="with --real: the boot disk's bus")
+    p = sub.add_parser("bootable-image", help="build a fixed VHD with the project's boot sector")
+    p.add_argument("path")
+    p.add_argument("--size", default="64M")
+    p.add_argument("--sectors", type=int, default=100, help="sectors the guest reads and sums (1 to 127)")
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -128,6 +135,12 @@ def run(a: argparse.Namespace) -> object:
             return {"host": h.path, **h.config}
     if a.cmd == "serve":
         return serve(a)
+    if a.cmd == "bootable-image":
+        from .bootsector import build
+
+        if not 1 <= a.sectors <= 127:
+            raise HostError("--sectors is 1 to 127")
+        return {"image": a.path, "checksum": build(a.path, _size(a.size), a.sectors)}
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
@@ -172,7 +185,7 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
     if act == "detach":
         return h.detach(a.name, a.lun)
     if act == "boot":
-        return h.boot(a.name, a.trace)
+        return h.boot(a.name, a.trace, real=a.real, timeout=a.timeout, interface=a.interface)
     if act == "stop":
         return h.stop(a.name, deallocate=not a.no_deallocate)
     if act == "start":

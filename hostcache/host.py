@@ -313,9 +313,13 @@ class Host:
         self.open_disks[key] = disk
         return disk
 
-    def boot(self, vm_name: str, trace_file: str | None = None) -> dict[str, Any]:
-        """Read the OS disk as a boot does, through cache and throttle: the
+    def boot(self, vm_name: str, trace_file: str | None = None, real: bool = False, timeout: float = 60.0,
+             interface: str = "ide") -> dict[str, Any]:
+        """Boot the VM: for real in qemu (real=True, see real_boot), or by
+        reading the OS disk as a boot does, through cache and throttle: the
         default trace (boot.boot_trace) or the reads of a trace file."""
+        if real:
+            return real_boot(self, vm_name, timeout, interface)
         disk = self.open_disk(vm_name, OS_LUN)
         start_t = self.clock.now()
         part = find_boot_partition(disk.read, disk.size)
@@ -334,6 +338,90 @@ class Host:
                 "caching": disk.mode.value, "tier": t.disks[str(OS_LUN)].limits.tier,
                 "throttled_seconds": round(sum(v["throttled_seconds"] or 0 for v in t.statistics().values()), 6),
                 "throttle": t.statistics()}
+
+
+class BootError(HostError):
+    """A real boot went wrong: the guest said so, or never powered off."""
+
+
+def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = "ide") -> dict[str, Any]:
+    """Boot the VM in qemu-system-x86_64 from its OS disk, served over NBD from
+    this process through the host cache and throttle; return what the guest's
+    serial console said. With the project's boot sector the printed checksum
+    is checked against the disk."""
+    import asyncio
+    import shutil
+    import subprocess
+    import tempfile
+
+    from vhd.nbd import Export, NbdServer
+
+    from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
+
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise HostError("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
+    if interface not in ("ide", "virtio"):
+        raise HostError("the boot disk interface is ide or virtio")
+    disk = host.open_disk(vm_name, OS_LUN)
+    sector0 = disk.virtual.read(0, 512)
+    if sector0[510:512] != b"\x55\xaa":
+        from .boot import NotBootable
+        raise NotBootable("no boot signature (0x55AA) at the end of LBA 0")
+    expected = None
+    if is_ours(sector0):
+        n = sectors_to_read(sector0)
+        expected = expected_checksum(disk.virtual.read(512, n * 512))
+    work = tempfile.mkdtemp(prefix="boot-", dir=host.path)
+    sock, serial = os.path.join(work, "nbd.sock"), os.path.join(work, "serial.out")
+    loop = asyncio.new_event_loop()
+    served = AsyncDisk(disk)
+    server = NbdServer({"os": Export("os", served)})  # type: ignore[arg-type]
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.serve_unix(sock))
+        ready.set()
+        loop.run_forever()
+    thread = threading.Thread(target=serve, name="boot-nbd", daemon=True)
+    thread.start()
+    ready.wait(10)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([qemu, "-nodefaults", "-display", "none", "-no-reboot", "-m", "32",
+                               "-accel", "tcg", "-serial", f"file:{serial}",
+                               "-drive", f"file=nbd+unix:///os?socket={sock},format=raw,if={interface}"],
+                              capture_output=True, text=True, timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    elapsed = time.monotonic() - start
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    console = open(serial, errors="replace").read() if os.path.exists(serial) else ""
+    shutil.rmtree(work, ignore_errors=True)
+    if timed_out:
+        raise BootError(f"the guest did not power off within {timeout:.0f} s; its console said: {console!r}")
+    if proc.returncode != 0:
+        raise BootError(f"qemu failed ({proc.returncode}): {proc.stderr.strip()}")
+    printed = None
+    for line in console.splitlines():
+        if line.startswith("checksum "):
+            printed = line.split()[1].strip()
+        if "error" in line:
+            raise BootError(f"the guest reported: {line.strip()}")
+    if expected is not None:
+        if BANNER not in console:
+            raise BootError(f"the guest never printed its banner; console: {console!r}")
+        if printed != expected:
+            raise BootError(f"the guest read checksum {printed}, the disk holds {expected}")
+    t = host.throttle(vm_name)
+    return {"vm": vm_name, "console": console, "checksum": printed, "expected": expected,
+            "verified": expected is not None and printed == expected, "seconds": round(elapsed, 3),
+            "disk_reads": served.reads, "bytes_read": served.bytes_read, "interface": interface,
+            "caching": disk.mode.value,
+            "tier": t.disks[str(OS_LUN)].limits.tier, "throttle": t.statistics()}
 
 
 class AttachedDisk:
@@ -414,6 +502,7 @@ class AsyncDisk:
         self.disk = disk
         self.size = disk.size
         self.readonly = False
+        self.reads = self.writes = self.bytes_read = 0  # what the client asked for
 
     async def _until(self, t: float) -> None:
         import asyncio
@@ -423,11 +512,14 @@ class AsyncDisk:
             await asyncio.sleep(delay)
 
     async def read(self, offset: int, length: int) -> bytes:
+        self.reads += 1
+        self.bytes_read += length
         data, done = self.disk.read_now(offset, length)
         await self._until(done)
         return data
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
         await self._until(self.disk.write_now(offset, data))
 
     def flush(self) -> None:
@@ -443,4 +535,4 @@ class AsyncDisk:
         self.disk.close()
 
 
-__all__ = ["Host", "AttachedDisk", "AsyncDisk", "HostRuleError", "OS_LUN", "GIB"]
+__all__ = ["Host", "AttachedDisk", "AsyncDisk", "BootError", "HostRuleError", "OS_LUN", "GIB", "real_boot"]

@@ -10,15 +10,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS="python3-venv python3-dev qemu-utils libvhdi-utils libnbd-bin nbdkit fio python3-libnbd e2fsprogs"
+APT_LEAN="qemu-system-x86"  # installed without recommends (no GUI)
 missing=()
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
-if ((${#missing[@]})); then
-  echo "setup: installing Debian packages: ${missing[*]}"
+lean=()
+for p in $APT_LEAN; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || lean+=("$p")
+done
+if ((${#missing[@]} + ${#lean[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]} ${lean[*]}"
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ((${#lean[@]})); then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then

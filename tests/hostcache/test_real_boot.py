@@ -1,0 +1,74 @@
+"""A real boot: qemu-system-x86_64 (SeaBIOS, software emulation) boots the
+VM's OS disk over our NBD export, through the host cache and throttle, and
+the guest prints the checksum of what it read."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+import vhd
+from hostcache.boot import NotBootable
+from hostcache.bootsector import BANNER, boot_sector, build
+from hostcache.host import BootError, Host
+from stamp import Stamp
+from stamp.disks import Disks
+
+from ..conftest import require
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def host(tmp_path):
+    require("qemu-system-x86_64")
+    st = Stamp.create(str(tmp_path / "st"))
+    st.close()
+    h = Host.create(str(tmp_path / "host"), str(tmp_path / "st"))
+    yield h
+    h.close()
+
+
+def image(host: Host, tmp_path, name: str, sector0: bytes | None = None) -> str:
+    path = str(tmp_path / f"{name}.vhd")
+    checksum = build(path, 32 * MIB, sectors=100)
+    if sector0 is not None:
+        with vhd.open(path, writable=True) as img:
+            img.write(0, sector0)
+    Disks(host.stamp).create_image(name, path=path)
+    return checksum
+
+
+def test_the_guest_reads_the_disk_through_nbd_cache_and_throttle(host, tmp_path):
+    checksum = image(host, tmp_path, "bootable")
+    host.create_vm("vm", "D8s_v3", "bootable", os_caching="ReadOnly")
+    ide = host.boot("vm", real=True, interface="ide")
+    assert BANNER in ide["console"] and ide["checksum"] == checksum and ide["verified"]
+    virtio = host.boot("vm", real=True, interface="virtio")
+    assert virtio["verified"]
+    # IDE: SeaBIOS reads sector by sector; virtio: in large reads
+    assert ide["disk_reads"] >= 100 > virtio["disk_reads"]
+
+
+def test_a_guest_read_error_is_reported(host, tmp_path):
+    bad = bytearray(boot_sector(10))
+    struct.pack_into("<Q", bad, 248, 1 << 40)  # the DAP's LBA, far past the end of the disk
+    image(host, tmp_path, "badread", bytes(bad))
+    host.create_vm("vm", "D2s_v3", "badread")
+    with pytest.raises(BootError, match="disk read error"):
+        host.boot("vm", real=True)
+
+
+def test_a_disk_with_no_signature_and_a_guest_that_never_stops(host, tmp_path):
+    image(host, tmp_path, "blank", bytes(512))
+    host.create_vm("vm1", "D2s_v3", "blank")
+    with pytest.raises(NotBootable, match="0x55AA"):
+        host.boot("vm1", real=True)
+    spin = bytearray(512)
+    spin[0:2] = b"\xeb\xfe"  # jmp $: boots and never powers off
+    spin[510:512] = b"\x55\xaa"
+    image(host, tmp_path, "spin", bytes(spin))
+    host.create_vm("vm2", "D2s_v3", "spin")
+    with pytest.raises(BootError, match="did not power off"):
+        host.boot("vm2", real=True, timeout=3)
