@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket")
     where.add_argument("--port", type=int, default=10809)
     p.add_argument("--bind", default="127.0.0.1")
+    p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
+                       description="Serve one of a VM's disks (through cache and throttle) and expose it "
+                       "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
+                       "`hostcache umount DIR` undoes it and flushes.")
+    p.add_argument("name", help="the VM")
+    p.add_argument("dir")
+    p.add_argument("--lun", type=int, help="a data disk's LUN (default: the OS disk)")
+    p.add_argument("--fs", metavar="MNT")
+    p.add_argument("--partition", type=int)
+    p = sub.add_parser("umount", help="undo hostcache mount")
+    p.add_argument("dir")
     throttle = sub.add_parser("throttle", help="a VM's throttle").add_subparsers(dest="action", required=True)
     throttle.add_parser("stats", help="consumed percent, burst credits, time throttled (as last recorded)"
                         ).add_argument("name")
@@ -135,6 +146,21 @@ def run(a: argparse.Namespace) -> object:
             return {"host": h.path, **h.config}
     if a.cmd == "serve":
         return serve(a)
+    if a.cmd == "mount":
+        from vhd.mount import mount_served
+
+        with Host(a.host) as h:  # clear errors now: the VM and the LUN exist
+            vm = h.vm(a.name)
+            if a.lun is not None and str(a.lun) not in vm["data_disks"]:
+                raise HostError(f"VM {a.name} has no disk at LUN {a.lun}")
+        lun_args = ["--lun", str(a.lun)] if a.lun is not None else ["--lun", "-1"]
+        cmd = [sys.executable, "-m", "hostcache", "--host", a.host, "serve", a.name] + lun_args
+        export = "os" if a.lun is None else f"lun{a.lun}"
+        return mount_served(cmd, export, f"{a.host}:{a.name}:{export}", a.dir, fs=a.fs, partition=a.partition)
+    if a.cmd == "umount":
+        from vhd.mount import umount
+
+        return umount(a.dir)
     if a.cmd == "bootable-image":
         from .bootsector import build
 

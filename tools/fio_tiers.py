@@ -142,6 +142,7 @@ def main() -> int:
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--tiers", nargs="+", default=["S10", "P10", "P30"], choices=list(TIERS))
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--png", help="draw the tiers' measured IOPS beside their published limits here")
     a = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdkit"):
         if shutil.which(tool) is None:
@@ -156,6 +157,14 @@ def main() -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)
+    if a.png:
+        from charts import bars
+
+        tier_rows = [r for r in rows if "hostcache serve" in r["test"]]
+        print(bars([r["test"].split(" QD")[0] for r in tier_rows],
+                   {"fio over NBD": [r["ours"] for r in tier_rows],
+                    "published limit": [r["peer"] for r in tier_rows]},
+                   "IOPS", "diskstamp: fio by tier through hostcache serve", a.png))
     return 0
 
 

@@ -56,6 +56,21 @@ def _wait(check: Any, what: str, proc: subprocess.Popen[Any] | None = None) -> N
 def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None = None,
           partition: int | None = None, allow_dirs: Sequence[str] | None = None) -> dict[str, Any]:
     """Expose `image` as MOUNTPOINT/disk; with `fs`, also mount its filesystem there."""
+    open_device(image, allow_dirs=allow_dirs).close()  # a clear error now for a bad image
+    cmd = [sys.executable, "-m", "vhd", "serve", image]
+    cmd += ["--read-only"] if readonly else []
+    for d in allow_dirs or []:
+        cmd += ["--allow-dir", d]
+    name = os.path.splitext(os.path.basename(image))[0]
+    return mount_served(cmd, name, os.path.abspath(image), mountpoint, readonly=readonly, fs=fs,
+                        partition=partition)
+
+
+def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, readonly: bool = False,
+                 fs: str | None = None, partition: int | None = None) -> dict[str, Any]:
+    """Start `server` (an NBD server command that takes --socket PATH and
+    serves `export`), then mount as `mount` does. hostcache mounts attached
+    disks with it."""
     if os.geteuid() != 0:
         raise UsageError("mounting needs root (FUSE and loop devices)")
     nbdfuse = _need("nbdfuse", "libnbd-bin")
@@ -68,21 +83,17 @@ def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None
     state_dir = _state_path(mountpoint)
     if os.path.exists(os.path.join(state_dir, "state.json")):
         raise UsageError(f"{mountpoint} is already a vhd mount (vhd umount {mountpoint})")
-    open_device(image, allow_dirs=allow_dirs).close()  # a clear error now for a bad image
     os.makedirs(state_dir, exist_ok=True)
     sock = os.path.join(state_dir, "nbd.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    cmd = [sys.executable, "-m", "vhd", "serve", image, "--socket", sock]
-    cmd += ["--read-only"] if readonly else []
-    for d in allow_dirs or []:
-        cmd += ["--allow-dir", d]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    state: dict[str, Any] = {"image": os.path.abspath(image), "mountpoint": os.path.abspath(mountpoint),
-                             "server_pid": server.pid, "fs": None}
+    proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    state: dict[str, Any] = {"image": what, "mountpoint": os.path.abspath(mountpoint),
+                             "server_pid": proc.pid, "fs": None}
     try:
-        _wait(lambda: os.path.exists(sock), "the NBD server", server)
-        name = os.path.splitext(os.path.basename(image))[0]
+        _wait(lambda: os.path.exists(sock), "the NBD server", proc)
+        name = export
         pidfile = os.path.join(state_dir, "nbdfuse.pid")
         fcmd = [nbdfuse, "-P", pidfile] + (["-r"] if readonly else []) + \
             [os.path.join(mountpoint, "disk"), f"nbd+unix:///{name}?socket={sock}"]
@@ -99,9 +110,9 @@ def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None
                     raise UsageError(f"the disk has no partition {partition} (it has {sorted(found) or 'none'})")
                 offset = found[partition].offset
             opts = f"loop,offset={offset}" + (",ro" if readonly else "")
-            proc = subprocess.run(["mount", "-o", opts, disk, fs], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise VhdError(f"mounting the filesystem failed: {proc.stderr.strip()}")
+            mounted = subprocess.run(["mount", "-o", opts, disk, fs], capture_output=True, text=True)
+            if mounted.returncode != 0:
+                raise VhdError(f"mounting the filesystem failed: {mounted.stderr.strip()}")
             state["fs"] = os.path.abspath(fs)
     except BaseException:
         _teardown(state)

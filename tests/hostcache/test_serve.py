@@ -72,3 +72,29 @@ def test_a_killed_server_leaves_the_disk_usable_and_its_writes_in_the_cache(tmp_
         h.detach("vm", 0)
         with Disks(h.stamp).open_virtual("p10") as v:
             assert v.read(4 * MIB - 512, 512) == b"\x5a" * 512
+
+
+def test_mount_an_attached_disk_write_a_file_and_find_it_in_the_stamp(tmp_path):
+    host = setup_host(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "fs").mkdir()
+    cli = [sys.executable, "-m", "hostcache", "--host", host]
+    try:
+        r = subprocess.run(cli + ["mount", "vm", str(tmp_path / "m"), "--lun", "0"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        run("mkfs.ext4", "-q", "-F", str(tmp_path / "m" / "disk"), "64M")
+        assert subprocess.run(cli + ["umount", str(tmp_path / "m")], capture_output=True).returncode == 0
+        r = subprocess.run(cli + ["mount", "vm", str(tmp_path / "m"), "--lun", "0", "--fs", str(tmp_path / "fs")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        (tmp_path / "fs" / "note.txt").write_text("through the host cache\n")
+    finally:
+        subprocess.run(cli + ["umount", str(tmp_path / "m")], capture_output=True)
+    with Host(host) as h:  # the ReadWrite cache was flushed on the way out; detach to be sure
+        h.detach("vm", 0)
+        raw = tmp_path / "p10.raw"
+        with Disks(h.stamp).open_virtual("p10") as v, open(raw, "wb") as f:
+            f.write(v.read(0, 64 * MIB))
+    assert run("debugfs", "-R", "cat /note.txt", str(raw)).stdout == "through the host cache\n"
+    r = subprocess.run(cli + ["mount", "vm", str(tmp_path / "m"), "--lun", "7"], capture_output=True, text=True)
+    assert r.returncode == 1 and "no disk at LUN 7" in r.stderr
