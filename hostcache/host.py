@@ -286,6 +286,29 @@ class Host:
             opened.close()
         self.cache.flush(self.stamp, self.disks.disk(disk)["blob"])
 
+    def quiesce(self, disk: str) -> None:
+        """The pre-snapshot hook: what this host holds dirty for `disk` goes to the stamp."""
+        self.cache.flush(self.stamp, self.disks.disk(disk)["blob"])
+        self.stamp.flush()
+
+    def backup(self, vm_name: str, lun: int, vault: Any, show_progress: bool | None = None) -> dict[str, Any]:
+        """Back up an attached disk (quiesced first, so the recovery point holds
+        every acknowledged write) into a stamp.vault.Vault."""
+        vm = self.vm(vm_name)
+        entry = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+        if entry is None:
+            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+        opened = self.open_disks.get((vm_name, lun))
+        if opened is not None:
+            with opened.lock:  # no write slips in between the flush and the snapshot
+                opened.flush()
+                report = vault.backup(self.disks, entry["disk"], quiesce=lambda: self.quiesce(entry["disk"]),
+                                      show_progress=show_progress)
+        else:
+            report = vault.backup(self.disks, entry["disk"], quiesce=lambda: self.quiesce(entry["disk"]),
+                                  show_progress=show_progress)
+        return dict(report.to_json())
+
     # -- I/O ------------------------------------------------------------------------------
 
     def throttle(self, vm_name: str) -> Throttle:

@@ -21,6 +21,7 @@ from .disks import SKUS, Disks
 from .errors import StampError
 from .gc import collect
 from .stamp import DURABILITY, Stamp
+from .vault.chunk import ChunkError
 
 EPILOG = """examples:
   stamp init ./st                                   6 extent nodes in 3 fault domains
@@ -99,6 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("path")
     p.add_argument("--format", choices=["fixed", "dynamic"], default="fixed")
+
+    vault = sub.add_parser("backup", help="the backup vault: incremental, deduplicated recovery points",
+                           description="Recovery points of managed disks in a vault folder (--vault, or "
+                           "$DISKSTAMP_VAULT). An encrypted vault's passphrase is read from "
+                           "$DISKSTAMP_VAULT_PASSPHRASE, never from the command line.")
+    vault.add_argument("--vault", default=os.environ.get("DISKSTAMP_VAULT", "vault"))
+    vsub = vault.add_subparsers(dest="action", required=True)
+    p = vsub.add_parser("init", help="create a vault (encrypted if $DISKSTAMP_VAULT_PASSPHRASE is set)")
+    p = vsub.add_parser("create", help="back a disk up (incremental after the first)")
+    p.add_argument("disk")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p = vsub.add_parser("list", help="recovery points")
+    p.add_argument("--disk")
+    p = vsub.add_parser("restore", help="restore a recovery point to a new disk, over a disk, or to a file")
+    p.add_argument("point")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--to-disk", metavar="NAME")
+    g.add_argument("--over-disk", metavar="NAME", help="an existing unattached disk, replaced")
+    g.add_argument("--to-file", metavar="PATH")
+    p.add_argument("--format", choices=["fixed", "dynamic", "raw"], default="fixed")
+    vsub.add_parser("verify", help="re-read every chunk; name the points a bad chunk affects")
+    p = vsub.add_parser("prune", help="drop recovery points the policy does not keep")
+    for rule in ("last", "daily", "weekly", "monthly"):
+        p.add_argument(f"--keep-{rule}", type=int, default=0)
+    vsub.add_parser("gc", help="delete chunks no recovery point names (safe while a backup runs)")
+    vsub.add_parser("check", help="manifests, index and chunks agree")
 
     sub.add_parser("nodes", help="extent nodes and their health")
     p = sub.add_parser("fault", help="inject a fault", description="node-down / node-up NODE; node-lost "
@@ -184,6 +211,8 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
         elif action == "export":
             snap = disks.snapshot(a.name)
             _print(disks.export(snap["disk"], a.path, a.format, snapshot=a.name))
+    elif cmd == "backup":
+        return backup_command(st, disks, a)
     elif cmd == "nodes":
         _print([{"id": n.id, **n.to_json()} for n in st.nodes()])
     elif cmd == "fault":
@@ -212,6 +241,39 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
     return 0
 
 
+def backup_command(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
+    from .vault import Vault
+
+    passphrase = os.environ.get("DISKSTAMP_VAULT_PASSPHRASE") or None
+    if a.action == "init":
+        Vault.create(a.vault, passphrase).close()
+        _print({"vault": a.vault, "encrypted": passphrase is not None})
+        return 0
+    with Vault(a.vault, passphrase) as v:
+        if a.action == "create":
+            _print(v.backup(disks, a.disk, show_progress=a.progress).to_json())
+        elif a.action == "list":
+            _print(v.points(a.disk))
+        elif a.action == "restore":
+            if a.to_file:
+                _print(v.restore_to_file(a.point, a.to_file, a.format))
+            else:
+                _print(v.restore_to_disk(a.point, disks, a.to_disk or a.over_disk, overwrite=bool(a.over_disk)))
+        elif a.action == "verify":
+            report = v.verify()
+            _print(report)
+            return 0 if report["ok"] else 1
+        elif a.action == "prune":
+            _print({"dropped": v.prune(a.keep_last, a.keep_daily, a.keep_weekly, a.keep_monthly)})
+        elif a.action == "gc":
+            _print(v.gc())
+        elif a.action == "check":
+            problems = v.check()
+            _print({"ok": not problems, "problems": problems})
+            return 0 if not problems else 1
+    return 0
+
+
 def snapshot_diff(disks: Disks, base: str, target: str | None) -> dict[str, Any]:
     b = disks.snapshot(base)
     if not b.get("blob_snapshot"):
@@ -234,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"stamp: {e}", file=sys.stderr)
         return 2
-    except (StampError, VhdError) as e:
+    except (StampError, VhdError, ChunkError) as e:
         print(f"stamp {args.cmd}: {e}", file=sys.stderr)
         return 1
     except OSError as e:

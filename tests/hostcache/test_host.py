@@ -188,3 +188,22 @@ def test_the_cache_is_sized_from_the_vm_sizes_and_stats_outlive_the_process(tmp_
         assert not recorded["live"] and recorded["limiters"]["VM Standard_D8s_v3 cached IOPS"]["requests"] > 0
         assert again.throttle_stats("b")["limiters"] == {}
         assert again.cache.slots * (64 * 1024) == 250 * MIB
+
+
+def test_a_backup_through_the_host_holds_what_sits_dirty_in_its_cache(host, tmp_path):
+    from stamp.vault import Vault
+
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "ReadWrite")
+    disk = host.open_disk("vm1", 0)
+    disk.write(8192, b"only in the host cache".ljust(4096, b"\0"))
+    assert host.cache.dirty()
+    vault = Vault.create(str(tmp_path / "vault"))
+    report = host.backup("vm1", 0, vault)
+    assert report["chunks_written"] == 1
+    point = vault.points("data1")[0]["id"]
+    vault.restore_to_file(point, str(tmp_path / "r.raw"), "raw")
+    with open(tmp_path / "r.raw", "rb") as f:
+        f.seek(8192)
+        assert f.read(22) == b"only in the host cache"
+    vault.close()

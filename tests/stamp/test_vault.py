@@ -1,0 +1,232 @@
+"""The vault: incremental, deduplicated, compressed, encrypted backups of disks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import zstandard
+
+import vhd
+from stamp import Stamp
+from stamp.disks import Disks
+from stamp.vault import CHUNK, ChunkError, Vault, VaultError, VaultKeyError
+from stamp.vault import chunk as ck
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def env(tmp_path):
+    base = tmp_path / "base.vhd"
+    with vhd.create(base, 64 * MIB, type="fixed") as img:
+        img.write(0, os.urandom(6 * MIB))
+        img.write(40 * MIB, os.urandom(MIB))
+    st = Stamp.create(str(tmp_path / "st"))
+    disks = Disks(st)
+    disks.create_image("base", path=str(base))
+    yield tmp_path, disks
+    st.close()
+
+
+def view(disks: Disks, name: str) -> bytes:
+    with disks.open_virtual(name) as v:
+        return v.read(0, v.size)
+
+
+def write(disks: Disks, name: str, offset: int, data: bytes) -> None:
+    with disks.open_virtual(name, writable=True) as v:
+        v.write(offset, data)
+
+
+def test_full_then_incremental_backups_restore_byte_exact(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    write(disks, "vm1", 10 * MIB, b"A" * MIB)
+    vault = Vault.create(str(tmp / "vault"))
+    first = vault.backup(disks, "vm1")
+    moment1 = view(disks, "vm1")
+    assert not first.incremental and first.chunks_written >= 3
+    write(disks, "vm1", 20 * MIB + 4096, b"B" * 8192)  # a small change
+    second = vault.backup(disks, "vm1")
+    moment2 = view(disks, "vm1")
+    assert second.incremental and second.bytes_read <= 2 * CHUNK  # only what changed was read
+    assert second.chunks_written == 1
+    p1, p2 = (p["id"] for p in vault.points("vm1"))
+    vault.restore_to_file(p1, str(tmp / "r1.vhd"), "dynamic")
+    vault.restore_to_file(p2, str(tmp / "r2.vhd"), "fixed")
+    with vhd.open(tmp / "r1.vhd") as r1, vhd.open(tmp / "r2.vhd") as r2:
+        assert r1.read(0, r1.size) == moment1 and r2.read(0, r2.size) == moment2
+    vault.restore_to_disk(p2, disks, "vm1-restored")
+    assert view(disks, "vm1-restored")[:64 * MIB] == moment2
+    assert vault.check() == [] and vault.verify()["ok"]
+
+
+def test_a_restore_needs_no_image(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    before = view(disks, "vm1")
+    point = vault.points()[0]["id"]
+    for s in disks.snapshots():
+        disks.delete_snapshot(s["name"])
+    disks.delete_disk("vm1")
+    disks.delete_image("base")  # the image is gone; the recovery point holds the guest's view
+    vault.restore_to_disk(point, disks, "back")
+    assert view(disks, "back")[:64 * MIB] == before
+
+
+def test_ten_disks_from_one_image_store_its_data_once(env):
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    reports = []
+    for i in range(10):
+        disks.create_from_image(f"vm{i}", "base")
+        write(disks, f"vm{i}", 30 * MIB, bytes([i + 1]) * 4096)
+        reports.append(vault.backup(disks, f"vm{i}"))
+    assert reports[0].chunks_written == 4  # the image's data (chunks 0, 1 and 10), and vm0's own (7)
+    assert all(r.chunks_written == 1 and r.chunks_reused == 3 for r in reports[1:])  # only each disk's own
+
+
+def test_encryption_keys_and_names(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    a = Vault.create(str(tmp / "a"), passphrase="correct horse")
+    b = Vault.create(str(tmp / "b"), passphrase="battery staple")
+    ra, rb = a.backup(disks, "vm1"), b.backup(disks, "vm1")
+    a.close()
+    with pytest.raises(VaultKeyError, match="wrong passphrase"):
+        Vault(str(tmp / "a"), passphrase="wrong")
+    with pytest.raises(VaultKeyError, match="encrypted"):
+        Vault(str(tmp / "a"))
+    names_a = set(os.listdir(tmp / "a" / "chunks"))
+    names_b = set(os.listdir(tmp / "b" / "chunks"))
+    assert ra.chunks_written == rb.chunks_written and not names_a & names_b  # equal plaintexts, unlike names
+    a = Vault(str(tmp / "a"), passphrase="correct horse")
+    point = a.points()[0]["id"]
+    a.restore_to_file(point, str(tmp / "ra.raw"), "raw")
+    assert (tmp / "ra.raw").read_bytes() == view(disks, "vm1")
+    manifest = tmp / "a" / "points" / f"{point}.json"
+    doc = json.loads(manifest.read_text())
+    doc["body"]["size"] += 512  # tampering: the HMAC no longer matches
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(VaultError, match="checksum"):
+        a.manifest(point)
+
+
+def test_a_corrupt_chunk_is_found_by_verify_and_refused_by_restore(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    name = sorted(vault.manifest(point)["chunks"].values())[0]
+    path = vault._chunk_path(name)
+    raw = bytearray(open(path, "rb").read())
+    raw[-10] ^= 0xFF
+    open(path, "wb").write(raw)
+    report = vault.verify()
+    assert report["bad_chunks"] == [name] and report["points_affected"] == [point]
+    with pytest.raises(ChunkError, match=name):
+        vault.restore_to_file(point, str(tmp / "r.vhd"))
+    assert not os.path.exists(tmp / "r.vhd")
+
+
+def test_decompression_is_bounded_before_it_starts():
+    data = bytes(ck.CHUNK)
+    name = ck.name_of(b"x", None)
+    frame = zstandard.ZstdCompressor().compress(data)  # 4 MiB of zeros in a few bytes
+    head = ck._HEAD.pack(ck.MAGIC, 1, ck.F_ZSTD, 0, 1, len(frame))  # claims one byte
+    with pytest.raises(ChunkError):
+        ck.open_chunk(head + frame, name, None, None)
+
+
+def test_prune_and_gc(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    for i in range(4):
+        write(disks, "vm1", 50 * MIB, bytes([i + 1]) * CHUNK)
+        vault.backup(disks, "vm1")
+    assert len(vault.points("vm1")) == 4
+    dropped = vault.prune(keep_last=2)
+    assert len(dropped) == 2 and len(vault.points("vm1")) == 2
+    for sub in os.listdir(tmp / "vault" / "chunks"):  # age the chunks, as if written long ago
+        for name in os.listdir(tmp / "vault" / "chunks" / sub):
+            os.utime(tmp / "vault" / "chunks" / sub / name, (0, 0))
+    assert vault.gc()["chunks_removed"] == 4  # two dropped versions of chunks 12 and 13 (the write spans both)
+    newest = vault.points("vm1")[-1]["id"]
+    vault.restore_to_file(newest, str(tmp / "n.raw"), "raw")
+    assert (tmp / "n.raw").read_bytes() == view(disks, "vm1")
+    assert vault.check() == []
+
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    from stamp import Stamp
+    from stamp.disks import Disks
+    from stamp.vault import Vault
+    st = Stamp.open(sys.argv[1])
+    disks = Disks(st)
+    vault = Vault(sys.argv[2])
+    i = 0
+    while True:
+        with disks.open_virtual("vm1", writable=True) as v:
+            v.write((i % 50) * 1048576, bytes([i % 250 + 1]) * 65536)
+        vault.backup(disks, "vm1")
+        print(i, flush=True)
+        i += 1
+""")
+
+
+def test_kill_9_during_backups_leaves_a_consistent_vault(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    disks.stamp.close()
+    Vault.create(str(tmp / "vault")).close()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for rounds in (3, 5):
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp / "st"), str(tmp / "vault"), root],
+                                 stdout=subprocess.PIPE, text=True)
+        for _ in range(rounds):
+            child.stdout.readline()  # type: ignore[union-attr]
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        with Stamp.open(str(tmp / "st")) as st, Vault(str(tmp / "vault")) as vault:
+            assert vault.check() == []
+            d = Disks(st)
+            for p in vault.points():
+                out = tmp / f"{p['id']}.raw"
+                vault.restore_to_file(p["id"], str(out), "raw")
+                out.unlink()
+            vault.backup(d, "vm1")  # and the next backup completes
+
+
+def test_cli(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    disks.stamp.close()
+    st, vault = str(tmp / "st"), str(tmp / "vault")
+
+    def cli(*args: str, passphrase: str | None = "s3cret") -> subprocess.CompletedProcess[str]:
+        e = dict(os.environ, DISKSTAMP_VAULT_PASSPHRASE=passphrase or "")
+        return subprocess.run([sys.executable, "-m", "stamp", "--stamp", st, "backup", "--vault", vault, *args],
+                              capture_output=True, text=True, env=e)
+
+    assert json.loads(cli("init").stdout)["encrypted"] is True
+    report = json.loads(cli("create", "vm1").stdout)
+    assert report["chunks_written"] == 3 and report["compression_ratio"] >= 1
+    point = json.loads(cli("list").stdout)[0]["id"]
+    assert json.loads(cli("restore", point, "--to-file", str(tmp / "r.vhd")).stdout)["format"] == "fixed"
+    assert json.loads(cli("restore", point, "--to-disk", "copy").stdout)["disk"] == "copy"
+    assert cli("verify").returncode == 0 and cli("check").returncode == 0
+    r = cli("list", passphrase="wrong")
+    assert r.returncode == 1 and "wrong passphrase" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads(cli("gc").stdout)["chunks_removed"] == 0
