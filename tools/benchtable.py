@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-RATES = ("IOPS", "MiB/s")
+RATES = ("IOPS", "MiB/s", "MiB")
 
 
 def show(rows: list[dict], as_json: bool = False) -> None:

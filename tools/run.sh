@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS="python3-venv python3-dev qemu-utils libvhdi-utils libnbd-bin nbdkit fio python3-libnbd e2fsprogs"
-APT_LEAN="qemu-system-x86"  # installed without recommends (no GUI)
+APT_LEAN="qemu-system-x86 restic"  # installed without recommends (no GUI)
 missing=()
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
