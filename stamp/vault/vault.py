@@ -292,7 +292,11 @@ class Vault:
 
     def _write_pieces(self, pieces: list[tuple[int, str]], size: int, target: Any) -> None:
         for offset, name in pieces:
-            data = self.get(name)  # verified: authenticated, sized, named by its content
+            try:
+                data = self.get(name)  # verified: authenticated, sized, named by its content
+            except ck.ChunkError as e:
+                end = min(offset + ck.CHUNK, size)
+                raise ck.ChunkError(f"bytes {offset} to {end} of the disk cannot be restored: {e}") from None
             target.write(offset, data[:max(0, size - offset)])
 
     # -- maintenance --------------------------------------------------------------------------
