@@ -72,3 +72,14 @@ def test_a_disk_with_no_signature_and_a_guest_that_never_stops(host, tmp_path):
     host.create_vm("vm2", "D2s_v3", "spin")
     with pytest.raises(BootError, match="did not power off"):
         host.boot("vm2", real=True, timeout=3)
+
+
+def test_the_printed_checksum_follows_a_changed_byte(host, tmp_path):
+    checksum = image(host, tmp_path, "bootable")
+    host.create_vm("vm", "D8s_v3", "bootable", os_caching="ReadWrite")
+    assert host.boot("vm", real=True)["checksum"] == checksum
+    disk = host.open_disk("vm", -1)
+    old = disk.read(512 * 50, 1)
+    disk.write(512 * 50, bytes([old[0] ^ 0x5A]) + disk.read(512 * 50 + 1, 511))  # one byte of the payload
+    again = host.boot("vm", real=True)
+    assert again["checksum"] != checksum and again["verified"]  # the guest read the changed disk

@@ -98,3 +98,27 @@ def test_mount_an_attached_disk_write_a_file_and_find_it_in_the_stamp(tmp_path):
     assert run("debugfs", "-R", "cat /note.txt", str(raw)).stdout == "through the host cache\n"
     r = subprocess.run(cli + ["mount", "vm", str(tmp_path / "m"), "--lun", "7"], capture_output=True, text=True)
     assert r.returncode == 1 and "no disk at LUN 7" in r.stderr
+
+
+def test_while_served_another_process_snapshots_backs_up_and_reads_stats(tmp_path):
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        src = tmp_path / "in.raw"
+        src.write_bytes(b"\x42" * MIB)
+        run("nbdcopy", str(src), f"nbd+unix:///lun0?socket={sock}")
+        st = str(tmp_path / "st")
+        stamp_cli = [sys.executable, "-m", "stamp", "--stamp", st]
+        assert subprocess.run(stamp_cli + ["snapshot", "create", "s1", "--disk", "p10"],
+                              capture_output=True).returncode == 0
+        vault = ["backup", "--vault", str(tmp_path / "vault")]
+        assert subprocess.run(stamp_cli + vault + ["init"], capture_output=True).returncode == 0
+        r = subprocess.run(stamp_cli + vault + ["create", "p10"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        stats = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "cache", "stats"],
+                               capture_output=True, text=True)
+        assert stats.returncode == 0 and json.loads(stats.stdout)["lines"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)

@@ -164,3 +164,53 @@ def test_option_parsers_refuse_malformed_data():
     with pytest.raises(nbd.ProtocolError):
         nbd.parse_meta_request(struct.pack(">I", 0) + struct.pack(">I", 5) + b"")
     assert nbd.parse_info_request(struct.pack(">I", 3) + b"abc" + struct.pack(">HH", 1, 3)) == ("abc", [3])
+
+
+def test_qemu_img_convert_from_the_export(served):
+    d, sock = served
+    out = d / "conv.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(sock, "dyn"), str(out))
+    ref = d / "ref.raw"
+    run("nbdcopy", uri(sock, "dyn"), str(ref))
+    assert run("qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(out), str(ref), check=False).returncode == 0
+
+
+def test_scripted_with_libnbd(served):
+    """python3-libnbd (Debian's bindings of the libnbd we did not write)."""
+    import nbd as libnbd
+
+    d, sock = served
+    h = libnbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri(sock, "dyn"))
+    assert h.get_size() == 64 * MIB and h.can_meta_context("base:allocation")
+    assert h.can_trim() and h.can_zero() and h.can_flush() and h.can_fua()
+    assert h.pread(4096, MIB) == b"\xab" * 4096
+    h.pwrite(b"libnbd!!" * 512, 10 * MIB, libnbd.CMD_FLAG_FUA)
+    assert h.pread(4096, 10 * MIB) == b"libnbd!!" * 512
+    h.zero(8192, 10 * MIB)
+    assert h.pread(8192, 10 * MIB) == bytes(8192)
+    h.trim(MIB, MIB)
+    assert h.pread(512, MIB) == bytes(512)
+    seen: list[tuple[int, int]] = []
+
+    def collect(context, offset, entries, err):  # noqa: ANN001 - libnbd's callback shape
+        seen.extend(zip(entries[0::2], entries[1::2], strict=True))
+        return 0
+    h.block_status(64 * MIB, 0, collect)
+    assert sum(n for n, _ in seen) == 64 * MIB and {flags for _, flags in seen} <= {0, 3}
+    h.set_strict_mode(0)  # let bad requests through to our server (libnbd checks bounds itself)
+    for bad in ((4096, 64 * MIB - 512), (0, 64 * MIB + 512)):  # past the end: the server's EINVAL
+        with pytest.raises(libnbd.Error) as e:
+            h.pread(*bad)
+        assert e.value.errno == "EINVAL" and "out of bounds" not in str(e.value)
+    assert h.pread(512, 0) is not None  # and the connection still serves
+    h.flush()
+    h.shutdown()
+    fix = libnbd.NBD()
+    fix.connect_uri(uri(sock, "fix"))
+    fix.set_strict_mode(0)
+    with pytest.raises(libnbd.Error) as e:  # a write past the end: the server's ENOSPC
+        fix.pwrite(b"x" * 512, 32 * MIB)
+    assert e.value.errno == "ENOSPC"
+    fix.shutdown()
