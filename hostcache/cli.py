@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -221,9 +220,7 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def serve(a: argparse.Namespace) -> object:
-    import asyncio
-
-    from vhd.nbd import Export, NbdServer
+    from vhd.nbd import Export, NbdServer, run_server
 
     from .host import OS_LUN, AsyncDisk
 
@@ -235,19 +232,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        server = NbdServer(exports)
-
-        async def run() -> None:
-            srv = await (server.serve_unix(a.socket) if a.socket else server.serve_tcp(a.bind, a.port))
-            where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
-            print(json.dumps({"serving": list(exports), "at": where}), flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            async with srv:
-                await stop.wait()  # then the host closes: disks flush, leases are released
-        asyncio.run(run())
+        run_server(NbdServer(exports), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 

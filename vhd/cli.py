@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -275,9 +274,7 @@ def cmd_write(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import asyncio
-
-    from .nbd import Export, NbdServer
+    from .nbd import Export, NbdServer, run_server
 
     exports: dict[str, Export] = {}
     devices = []
@@ -289,19 +286,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
             exports[name] = Export(name, dev, path, a.read_only)
-        server = NbdServer(exports)
-
-        async def run() -> None:
-            srv = await (server.serve_unix(a.socket) if a.socket else server.serve_tcp(a.bind, a.port))
-            where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
-            print(json.dumps({"serving": list(exports), "at": where}), flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            async with srv:
-                await stop.wait()  # then every image is closed: flushed, unlocked
-        asyncio.run(run())
+        run_server(NbdServer(exports), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import struct
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from .blockdev import Alloc, BlockDevice
 from .errors import RangeError, ReadOnlyError, VhdError
@@ -367,45 +365,28 @@ class NbdServer:
 
     async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, export: Export,
                        flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
-        error, data, status = 0, b"", b""
-        dev = export.device
-        try:
-            error = self._check(export, kind, offset, length)
-            if not error:
+        """A request to a device that waits (its read and write are coroutines):
+        those are awaited here; every other command is served as _serve does."""
+        if kind in (CMD_READ, CMD_WRITE) and not self._check(export, kind, offset, length):
+            error, data = 0, b""
+            try:
                 if kind == CMD_READ:
-                    data = await _call(dev.read, offset, length)
-                elif kind == CMD_WRITE:
-                    await _call(dev.write, offset, payload)
-                    if flags & CMDF_FUA:
-                        await _call(dev.flush)
-                elif kind == CMD_FLUSH:
-                    await _call(dev.flush)
-                elif kind == CMD_TRIM:
-                    await _call(dev.discard, offset, length)
-                elif kind == CMD_WRITE_ZEROES:
-                    if flags & CMDF_NO_HOLE:
-                        await _call(dev.write, offset, bytes(length))
-                    else:
-                        await _call(dev.discard, offset, length)
-                    if flags & CMDF_FUA:
-                        await _call(dev.flush)
-                elif kind == CMD_CACHE:
-                    pass
-                elif kind == CMD_BLOCK_STATUS:
-                    if not conn.meta:
-                        error = errno.EINVAL
-                    else:
-                        status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
+                    data = await export.device.read(offset, length)  # type: ignore[misc]
                 else:
-                    error = errno.EINVAL
-        except ReadOnlyError:
-            error = errno.EPERM
-        except RangeError:
-            error = errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
-        except (VhdError, OSError):
-            error = errno.EIO
+                    await export.device.write(offset, payload)  # type: ignore[func-returns-value,misc]
+                    if flags & CMDF_FUA:
+                        export.device.flush()
+            except ReadOnlyError:
+                error = errno.EPERM
+            except RangeError:
+                error = errno.ENOSPC if kind == CMD_WRITE else errno.EINVAL
+            except (VhdError, OSError):
+                error = errno.EIO
+            reply = self._reply(conn, kind, cookie, offset, error, data, b"")
+        else:
+            reply = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
         async with lock:
-            writer.write(self._reply(conn, kind, cookie, offset, error, data, status))
+            writer.write(reply)
             await writer.drain()
 
     @staticmethod
@@ -440,9 +421,19 @@ class NbdServer:
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0)
 
 
-async def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a device method; a device may return an awaitable (a throttled disk waits)."""
-    result = fn(*args)
-    if isinstance(result, Awaitable):
-        return await result
-    return result
+def run_server(server: NbdServer, socket: str | None = None, bind: str = "127.0.0.1", port: int = 10809) -> None:
+    """Serve until SIGTERM or SIGINT; print one JSON line when ready (scripts wait for it)."""
+    import json
+    import signal
+
+    async def main() -> None:
+        srv = await (server.serve_unix(socket) if socket else server.serve_tcp(bind, port))
+        where = f"unix socket {socket}" if socket else f"{bind}:{port}"
+        print(json.dumps({"serving": list(server.exports), "at": where}), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with srv:
+            await stop.wait()  # then the caller closes its devices: flushed, unlocked
+    asyncio.run(main())
