@@ -1,10 +1,10 @@
 """hostcache: the physical host in front of the stamp.
 
-Built so far: the tier catalog (published disk and VM storage limits, as
-data) and the throttle (token buckets and credit bursting by disk tier and
-VM size, the 256 KiB rule, cached and uncached paths, a service-latency
-model, an injectable clock). Not built yet (issue 4): the BlobCache (RAM +
-local SSD), attach/detach at a LUN, VMs and boot. Imports stamp and vhd,
+The tier catalog (published disk and VM storage limits, as data), the
+throttle (token buckets and credit bursting by disk tier and VM size, the
+256 KiB rule, cached and uncached paths, a service-latency model, an
+injectable clock), the BlobCache (RAM + a local cache file), and the host
+(VMs, attach at a LUN, boot, serving disks over NBD). Imports stamp and vhd,
 never the reverse.
 
     from hostcache import disk_limits, vm_limits, Throttle, FakeClock
