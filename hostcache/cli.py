@@ -40,8 +40,9 @@ def _disk(a: argparse.Namespace) -> DiskLimits:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="hostcache", description="Azure disk tiers and VM storage limits, "
-                                  "and the throttle that enforces them.", epilog=EPILOG,
+    top = argparse.ArgumentParser(prog="hostcache", description="The host in front of a stamp: VMs, disks "
+                                  "attached at LUNs through a host cache, the throttle of each Azure disk "
+                                  "tier and VM size, real boots, NBD serving and FUSE mounts.", epilog=EPILOG,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--host", default=os.environ.get("DISKSTAMP_HOST", "host"),
                      help="the host folder (default: $DISKSTAMP_HOST or ./host)")

@@ -39,7 +39,7 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="stamp", description="A storage stamp in a folder: replicated "
-                                  "extents, page blobs, managed disks, images and snapshots.",
+                                  "extents, page blobs, managed disks, images, snapshots and backups.",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--stamp", default=os.environ.get("DISKSTAMP_STAMP", "stamp"),
                      help="the stamp folder (default: $DISKSTAMP_STAMP or ./stamp)")
