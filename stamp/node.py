@@ -16,6 +16,7 @@ import errno
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class NodeState(enum.Enum):
@@ -40,11 +41,10 @@ class Node:
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_json(cls, node_id: int, root: str, obj: dict[str, object]) -> Node:
+    def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
         name = str(obj["name"])
-        return cls(node_id, name, int(obj["fault_domain"]), os.path.join(root, "nodes", name),  # type: ignore[call-overload]
-                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)),  # type: ignore[arg-type]
-                   bool(obj.get("full", False)))
+        return cls(node_id, name, int(obj["fault_domain"]), os.path.join(root, "nodes", name),
+                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)), bool(obj.get("full", False)))
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "fault_domain": self.fault_domain, "state": self.state.value,

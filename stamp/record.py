@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import xxhash
@@ -139,17 +140,17 @@ def parse_file_header(raw: bytes) -> uuid.UUID:
     return uuid.UUID(bytes=uid)
 
 
-def scan(read: object, start: int, end: int) -> int:
+def scan(read: Callable[[int, int], bytes], start: int, end: int) -> int:
     """Walk records from `start` while they verify; return where valid data ends.
     `read(n, offset) -> bytes`. Used to find a replica's commit length."""
     pos = start
     while pos + RECORD_HEADER <= end:
         try:
-            length = parse_header(read(RECORD_HEADER, pos), pos)  # type: ignore[operator]
+            length = parse_header(read(RECORD_HEADER, pos), pos)
             size = record_size(length)
             if pos + size > end:
                 break
-            raw = read(size - RECORD_HEADER, pos + RECORD_HEADER)  # type: ignore[operator]
+            raw = read(size - RECORD_HEADER, pos + RECORD_HEADER)
             verify_span(raw, pos, span(pos, length, 0, length), length)
         except RecordError:
             break

@@ -21,9 +21,11 @@ layer keeps these in its index.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -82,6 +84,10 @@ def owner_alive(e: Extent) -> bool:
     return pid_alive(e.owner)
 
 
+def _read_replica(node: Node, extent_id: int, length: int, offset: int) -> bytes:
+    return node.read(extent_id, length, offset)
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -132,8 +138,8 @@ class StreamLayer:
         self.refresh_nodes()
         return self.nodes[node_id]
 
-    def place(self, exclude: set[int] = frozenset(), count: int = REPLICAS,  # type: ignore[assignment]
-              avoid_domains: set[int] = frozenset()) -> list[int]:  # type: ignore[assignment]
+    def place(self, exclude: Collection[int] = (), count: int = REPLICAS,
+              avoid_domains: Collection[int] = ()) -> list[int]:
         """`count` healthy nodes in distinct fault domains, least loaded first."""
         load: dict[int, int] = {n: 0 for n in self.nodes}
         for e in self._extents.values():
@@ -302,8 +308,7 @@ class StreamLayer:
                     continue
                 try:
                     size = node.size(e.id)
-                    lengths.append(rec.scan(lambda k, o, node=node, e=e: node.read(e.id, k, o),
-                                            rec.FILE_HEADER, size))
+                    lengths.append(rec.scan(functools.partial(_read_replica, node, e.id), rec.FILE_HEADER, size))
                 except OSError:
                     continue
             length = min(lengths) if lengths else rec.FILE_HEADER

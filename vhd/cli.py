@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from typing import Any
 
 from . import dynamic_header as dh
@@ -236,13 +237,13 @@ def cmd_resize(a: argparse.Namespace) -> int:
 
 
 def cmd_map(a: argparse.Namespace) -> int:
-    with open_device(a.path, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+    with closing(open_device(a.path, **_chain_kw(a))) as dev:
         _print([e.to_json() for e in dev.allocation(0, dev.size)])
     return 0
 
 
 def cmd_read(a: argparse.Namespace) -> int:
-    with open_device(a.path, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+    with closing(open_device(a.path, **_chain_kw(a))) as dev:
         length = dev.size - a.offset if a.length is None else a.length
         out = open(a.output, "wb") if a.output else sys.stdout.buffer
         try:
@@ -267,7 +268,7 @@ def cmd_write(a: argparse.Namespace) -> int:
     else:
         with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
             data = f.read()
-    with open_device(a.path, writable=True, **_chain_kw(a)) as dev:  # type: ignore[attr-defined]
+    with closing(open_device(a.path, writable=True, **_chain_kw(a))) as dev:
         dev.write(a.offset, data)
         dev.flush()
     return 0
