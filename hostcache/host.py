@@ -196,7 +196,7 @@ class Host:
         if is_os and mode is CacheMode.NONE:
             mode = CacheMode.READONLY  # the platform's rule for OS disks
         if mode is not CacheMode.NONE:
-            rec = self.disks.disk(disk)
+            rec = self.disks.record(disk)
             lim = disk_limits(rec["sku"], max(1, int(rec["size_gib"])))
             if not lim.host_caching:
                 raise HostRuleError(f"disk {disk} ({rec['sku']}, {rec['size_gib']:.0f} GiB) cannot use host "
@@ -208,7 +208,7 @@ class Host:
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
         vm = self.vm(vm_name)
         limits = vm_limits(vm["size"])
-        rec = self.disks.disk(disk)
+        rec = self.disks.record(disk)
         if rec["state"] != DiskState.UNATTACHED.value:
             where = rec.get("attached_to")
             raise HostRuleError(f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else ""))
@@ -284,11 +284,11 @@ class Host:
         opened = self.open_disks.pop((vm_name, lun), None)
         if opened is not None:
             opened.close()
-        self.cache.flush(self.stamp, self.disks.disk(disk)["blob"])
+        self.cache.flush(self.stamp, self.disks.record(disk)["blob"])
 
     def quiesce(self, disk: str) -> None:
         """The pre-snapshot hook: what this host holds dirty for `disk` goes to the stamp."""
-        self.cache.flush(self.stamp, self.disks.disk(disk)["blob"])
+        self.cache.flush(self.stamp, self.disks.record(disk)["blob"])
         self.stamp.flush()
 
     def backup(self, vm_name: str, lun: int, vault: Any, show_progress: bool | None = None) -> dict[str, Any]:
@@ -317,7 +317,7 @@ class Host:
             vm = self.vm(vm_name)
             t = self.throttles[vm_name] = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency)
             for lun, disk in self._luns(vm):
-                rec = self.disks.disk(disk)
+                rec = self.disks.record(disk)
                 t.add_disk(str(lun), disk_limits(rec["sku"], max(1, int(rec["size_gib"]))))
         return t
 
@@ -452,7 +452,7 @@ class AttachedDisk:
 
     def __init__(self, host: Host, vm: str, lun: int, disk: str, mode: CacheMode) -> None:
         self.host, self.vm, self.lun, self.name, self.mode = host, vm, lun, disk, mode
-        rec = host.disks.disk(disk)
+        rec = host.disks.record(disk)
         self.blob = rec["blob"]
         lease = host.stamp.blobs.acquire_writer_lease(self.blob)
         file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)

@@ -91,8 +91,13 @@ class Disks:
         with self.meta.read() as txn:
             return [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
 
+    def record(self, name: str) -> dict[str, Any]:
+        """The disk's stored record, without walking its pages (cheap: one read)."""
+        return self._get("disk", name)
+
     def disk(self, name: str) -> dict[str, Any]:
-        obj = self._get("disk", name)
+        """The record plus ``used_bytes``, which walks the blob's page ranges."""
+        obj = self.record(name)
         obj["used_bytes"] = self.blobs.used_bytes(obj["blob"])
         return obj
 

@@ -198,7 +198,8 @@ class Vault:
         if quiesce is not None:
             quiesce()  # e.g. the host flushes its cache for this disk
         point = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        previous = self.points(disk)[-1] if self.points(disk) else None
+        earlier = self.points(disk)
+        previous = earlier[-1] if earlier else None
         snap_name = f"vault-{point}"
         snap = disks.create_snapshot(snap_name, disk, incremental=True)
         report = BackupReport(point, disk, previous is not None)
@@ -230,9 +231,10 @@ class Vault:
             for key in [k for k in chunks if int(k) * ck.CHUNK >= size]:
                 del chunks[key]
             progress.close()
+        rec = disks.record(disk)
         body = {"id": point, "disk": disk, "snapshot": snap_name, "time": time.time(), "size": size,
                 "chunk_size": ck.CHUNK, "chunks": chunks, "previous": previous["id"] if previous else None,
-                "source": disks.disk(disk).get("source", {}), "sku": disks.disk(disk)["sku"]}
+                "source": rec.get("source", {}), "sku": rec["sku"]}
         _write_atomic(os.path.join(self.folder, "points", f"{point}.json"), self._seal_manifest(body))
         summary = {"id": point, "disk": disk, "snapshot": snap_name, "time": body["time"], "size": size,
                    "chunks": len(chunks)}
@@ -279,7 +281,7 @@ class Vault:
         m, pieces = self.pieces(point)
         gib = -(-m["size"] // (1024 ** 3))
         if overwrite:
-            rec = disks.disk(name)
+            rec = disks.record(name)
             if rec["state"] != "Unattached":
                 raise VaultError(f"disk {name} is {rec['state']}: detach it first")
             disks.delete_disk(name)
