@@ -178,15 +178,12 @@ def pair(name: str, iops: float, mbps: float, burst_iops: float | None, burst_mb
 class DiskThrottle:
     def __init__(self, limits: DiskLimits, start: float = 0.0) -> None:
         self.limits = limits
-        on_demand = limits.burst is Burst.ON_DEMAND
+        # on-demand bursting has no credits and no time limit: pair() makes the burst figures the limit
         self.iops, self.bandwidth = pair(
             f"disk {limits.tier}", limits.iops, limits.mbps,
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
             credit=limits.burst is Burst.CREDIT, unit=MIB, start=start)
-        if on_demand:  # no credits, no time limit: the burst figures are the limit
-            self.iops = RateLimiter(f"disk {limits.tier} IOPS", limits.burst_iops, start=start)
-            self.bandwidth = RateLimiter(f"disk {limits.tier} MB/s", limits.burst_mbps * MIB, start=start)
 
 
 class VmThrottle:
