@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from . import bat as batlib
 from . import dynamic_header as dh
@@ -29,6 +29,8 @@ from .fileio import OsFile
 from .geometry import chs_for_size
 from .image import FixedImage, Image, SparseImage, _write_sparse, create_dynamic, create_fixed, is_vhd, open_image
 from .progress import Progress
+
+T = TypeVar("T")
 
 COPY_CHUNK = 2 * 1024 * 1024
 FORMATS = ("raw", "fixed", "dynamic")
@@ -192,26 +194,39 @@ def convert_device(src: BlockDevice, dst_path: str, to: str, *, block_size: int 
                    show_progress: bool | None = None, sync: bool = True, label: str = "") -> dict[str, Any]:
     """Copy any block device (a VHD chain, a raw file, a stamp disk) to a new
     raw, fixed or dynamic file, sparse; the file is removed if this fails."""
-    if to not in FORMATS:
-        raise UsageError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}")
-    if os.path.exists(dst_path):
-        raise UsageError(f"{dst_path} already exists (refusing to overwrite)")
-    dst = _create_target(dst_path, to, src.size, block_size)
-    try:
+    def fill(dst: BlockDevice) -> int:
         progress = Progress(f"convert {label or dst_path}", _data_bytes(src), show_progress)
         written = copy_data(src, dst, progress)
+        progress.close()
+        return written
+
+    written = write_new_file(dst_path, to, src.size, fill, block_size=block_size, sync=sync)
+    return {"target": dst_path, "format": to, "virtual_size": src.size,
+            "data_written": written, "file_size": os.stat(dst_path).st_size}
+
+
+def write_new_file(path: str, to: str, size: int, fill: Callable[[BlockDevice], T], *,
+                   block_size: int = dh.DEFAULT_BLOCK_SIZE, sync: bool = True) -> T:
+    """Create a new raw, fixed or dynamic file of `size` bytes, let `fill`
+    write it, then sync it once; the file is removed if anything fails, so a
+    half-written file is never left behind. Returns what `fill` returned."""
+    if to not in FORMATS:
+        raise UsageError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}")
+    if os.path.exists(path):
+        raise UsageError(f"{path} already exists (refusing to overwrite)")
+    dst = _create_target(path, to, size, block_size)
+    try:
+        result = fill(dst)
         if sync:
             dst.flush()
         elif isinstance(dst, (FixedImage, SparseImage)):
             dst.sync_on_close = False
-        progress.close()
     except BaseException:
         dst.close()
-        os.unlink(dst_path)
+        os.unlink(path)
         raise
     dst.close()
-    return {"target": dst_path, "format": to, "virtual_size": src.size,
-            "data_written": written, "file_size": os.stat(dst_path).st_size}
+    return result
 
 
 def _data_bytes(dev: BlockDevice) -> int:

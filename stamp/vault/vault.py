@@ -42,6 +42,7 @@ from typing import Any
 import lmdb
 
 from vhd.image import SparseImage
+from vhd.ops import write_new_file
 from vhd.progress import Progress
 
 from ..disks import Disks, DiskState
@@ -252,27 +253,12 @@ class Vault:
         return m, sorted((int(i) * m["chunk_size"], name) for i, name in m["chunks"].items())
 
     def restore_to_file(self, point: str, path: str, fmt: str = "fixed") -> dict[str, Any]:
-        import vhd
-
         if fmt not in ("fixed", "dynamic", "raw"):
             raise VaultError("restore to fixed, dynamic or raw")
         m, pieces = self.pieces(point)
         if os.path.exists(path):
             raise VaultError(f"{path} already exists")
-        if fmt == "raw":
-            with open(path, "wb") as f:
-                f.truncate(m["size"])
-            target: Any = vhd.FileDevice.open(path, readonly=False)
-        else:
-            target = vhd.create(path, m["size"], type=fmt)
-        try:
-            self._write_pieces(pieces, m["size"], target)
-            target.flush()
-        except BaseException:
-            target.close()
-            os.unlink(path)
-            raise
-        target.close()
+        write_new_file(path, fmt, m["size"], lambda target: self._write_pieces(pieces, m["size"], target))
         return {"point": point, "path": path, "format": fmt, "size": m["size"]}
 
     def restore_to_disk(self, point: str, disks: Disks, name: str, sku: str | None = None,
