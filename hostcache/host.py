@@ -26,8 +26,12 @@ the open disks live in the process that serves them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -39,15 +43,28 @@ from stamp import Stamp
 from stamp.disks import Disks, DiskState, VirtualDisk
 from vhd.blockdev import Extent
 from vhd.image import open_image
+from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
+from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import HostError
 from .throttle import Clock, MonotonicClock, Path, Throttle
-from .tiers import disk_limits, vm_limits
+from .tiers import DiskLimits, disk_limits, vm_limits
 
 OS_LUN = -1
 GIB = 1024 ** 3
+
+
+def _limits(rec: dict[str, Any]) -> DiskLimits:
+    """A disk record's tier limits (sizes under 1 GiB look up as 1 GiB)."""
+    return disk_limits(rec["sku"], max(1, int(rec["size_gib"])))
+
+
+def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
+    """The VM's disk entry at `lun` (OS_LUN for the OS disk), or None."""
+    entry: dict[str, Any] | None = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+    return entry
 
 
 class HostRuleError(HostError):
@@ -197,7 +214,7 @@ class Host:
             mode = CacheMode.READONLY  # the platform's rule for OS disks
         if mode is not CacheMode.NONE:
             rec = self.disks.record(disk)
-            lim = disk_limits(rec["sku"], max(1, int(rec["size_gib"])))
+            lim = _limits(rec)
             if not lim.host_caching:
                 raise HostRuleError(f"disk {disk} ({rec['sku']}, {rec['size_gib']:.0f} GiB) cannot use host "
                                     "caching: only Premium, Standard SSD and HDD disks under 4 TiB can")
@@ -225,7 +242,7 @@ class Host:
         self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
-            live.add_disk(str(lun), disk_limits(rec["sku"], max(1, int(rec["size_gib"]))))
+            live.add_disk(str(lun), _limits(rec))
         return vm
 
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
@@ -295,7 +312,7 @@ class Host:
         """Back up an attached disk (quiesced first, so the recovery point holds
         every acknowledged write) into a stamp.vault.Vault."""
         vm = self.vm(vm_name)
-        entry = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+        entry = _entry(vm, lun)
         if entry is None:
             raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
         opened = self.open_disks.get((vm_name, lun))
@@ -318,7 +335,7 @@ class Host:
             t = self.throttles[vm_name] = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency)
             for lun, disk in self._luns(vm):
                 rec = self.disks.record(disk)
-                t.add_disk(str(lun), disk_limits(rec["sku"], max(1, int(rec["size_gib"]))))
+                t.add_disk(str(lun), _limits(rec))
         return t
 
     def open_disk(self, vm_name: str, lun: int) -> AttachedDisk:
@@ -329,7 +346,7 @@ class Host:
         vm = self.vm(vm_name)
         if vm["state"] != "Running":
             raise HostRuleError(f"VM {vm_name} is {vm['state']}: start it first")
-        entry = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+        entry = _entry(vm, lun)
         if entry is None:
             raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
         disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]))
@@ -372,15 +389,6 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
     this process through the host cache and throttle; return what the guest's
     serial console said. With the project's boot sector the printed checksum
     is checked against the disk."""
-    import asyncio
-    import shutil
-    import subprocess
-    import tempfile
-
-    from vhd.nbd import Export, NbdServer
-
-    from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
-
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise HostError("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
@@ -528,8 +536,6 @@ class AsyncDisk:
         self.reads = self.writes = self.bytes_read = 0  # what the client asked for
 
     async def _until(self, t: float) -> None:
-        import asyncio
-
         delay = t - self.disk.host.clock.now()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -177,7 +177,7 @@ class Disks:
         """A disk from a local VHD that passes the upload rules (or, with
         convert, any VHD or raw image, made fixed and rounded up to 1 MiB)."""
         blob = f"disks/{name}"
-        size, footer = self._load_vhd(path, blob, convert, "disk", name)
+        size, footer = self._load_vhd(path, blob, convert)
         try:
             self._check_sku(sku, size / GIB if size >= GIB else 1)
         except StampError:
@@ -187,7 +187,7 @@ class Disks:
         self._put("disk", record, new=True)
         return record
 
-    def _load_vhd(self, path: str, blob: str, convert: bool, kind: str, name: str) -> tuple[int, ft.Footer]:
+    def _load_vhd(self, path: str, blob: str, convert: bool) -> tuple[int, ft.Footer]:
         """Copy a local image into a new fixed-VHD blob; returns (size, footer).
         A VHD that passes the upload rules is taken as it is; with convert, any
         VHD (flattened) or raw image becomes fixed, its size rounded up to 1 MiB."""
@@ -281,7 +281,7 @@ class Disks:
             raise ResourceExists(f"an image named {name!r} already exists")
         blob = f"images/{name}"
         if path is not None:
-            size, footer = self._load_vhd(path, blob, convert, "image", name)
+            size, footer = self._load_vhd(path, blob, convert)
             source: dict[str, Any] = {"file": os.path.abspath(path)}
         else:
             with self.open_virtual(str(disk)) as src:
