@@ -37,6 +37,7 @@ import lmdb
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
+from stamp.ranges import merge_ranges
 from vhd.blockdev import align_write
 
 from .errors import HostError
@@ -196,8 +197,9 @@ class BlobCache:
         for (b, index), line in sorted(self.lines.items()):
             if line.dirty and (blob is None or b == blob):
                 for s, n in runs(line.dirty):
-                    out[b].append((index * LINE + s * SECTOR, n * SECTOR))
-        return {b: _merge(r) for b, r in out.items()}
+                    start = index * LINE + s * SECTOR
+                    out[b].append((start, start + n * SECTOR))
+        return {b: [(s, e - s) for s, e in merge_ranges(r)] for b, r in out.items()}
 
     # -- slots ------------------------------------------------------------------------
 
@@ -407,16 +409,6 @@ def _key(blob: str, index: int) -> bytes:
 
 def _unkey(key: bytes) -> tuple[str, int]:
     return key[:-9].decode(), int.from_bytes(key[-8:], "big")
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for o, n in sorted(ranges):
-        if out and out[-1][0] + out[-1][1] == o:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((o, n))
-    return out
 
 
 class CachedBlob(PageBlobFile):

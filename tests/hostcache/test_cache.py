@@ -199,3 +199,14 @@ def test_kill_9_during_read_write_loses_no_acknowledged_write(tmp_path):
         for off, data in model.items():
             if off != inflight:
                 assert got[off:off + 512] == data, (round_, off)
+
+
+def test_dirty_ranges_merge_across_cache_lines(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+    f.pwrite(b"a" * 1024, 2 * LINE - 512)  # ends in the next line: one dirty range, not two
+    f.pwrite(b"b" * 512, 3 * LINE)
+    assert cache.dirty() == {"d": [(2 * LINE - 512, 1024), (3 * LINE, 512)]}
+    assert cache.dirty("other") == {}
