@@ -29,6 +29,8 @@ unreferenced record bytes.
 from __future__ import annotations
 
 import datetime
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -51,7 +53,7 @@ from .errors import (
     SnapshotNotFound,
 )
 from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
-from .stream import StreamLayer
+from .stream import StreamLayer, pid_alive
 
 PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
@@ -264,11 +266,6 @@ class PageBlobs:
     def acquire_writer_lease(self, name: str) -> str:
         """The lease a process takes to write a blob: it records who holds it,
         and a lease left by a process that died on this host is broken."""
-        import os
-        import socket
-
-        from .stream import pid_alive
-
         try:
             lease = self.acquire_lease(name)
         except LeaseAlreadyPresent:
