@@ -405,17 +405,19 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
         expected = expected_checksum(disk.virtual.read(512, n * 512))
     work = tempfile.mkdtemp(prefix="boot-", dir=host.path)
     sock, serial = os.path.join(work, "nbd.sock"), os.path.join(work, "serial.out")
-    loop = asyncio.new_event_loop()
     served = AsyncDisk(disk)
     server = NbdServer({"os": Export("os", served)})  # type: ignore[arg-type]
     ready = threading.Event()
+    running: dict[str, Any] = {}
 
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.serve_unix(sock))
+    async def serve() -> None:
+        # asyncio.run: on the way out the client handlers are cancelled and the loop closed
+        running["loop"], running["stop"] = asyncio.get_running_loop(), asyncio.Event()
+        listening = await server.serve_unix(sock)
         ready.set()
-        loop.run_forever()
-    thread = threading.Thread(target=serve, name="boot-nbd", daemon=True)
+        await running["stop"].wait()
+        listening.close()
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="boot-nbd", daemon=True)
     thread.start()
     ready.wait(10)
     start = time.monotonic()
@@ -428,7 +430,8 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
     except subprocess.TimeoutExpired:
         timed_out = True
     elapsed = time.monotonic() - start
-    loop.call_soon_threadsafe(loop.stop)
+    if "stop" in running and thread.is_alive():
+        running["loop"].call_soon_threadsafe(running["stop"].set)
     thread.join(10)
     console = open(serial, errors="replace").read() if os.path.exists(serial) else ""
     shutil.rmtree(work, ignore_errors=True)
