@@ -67,26 +67,30 @@ def offsets(n: int, span: int, seed: int) -> list[int]:
 
 class Raw:
     """Three plain files, the peer of three replicas. The stamp appends and
-    never rewrites in place, so each write lands on fresh pages; `fresh()`
-    gives the peer new files for each round so it pays the same (rewriting
-    pages already in the page cache is several times cheaper)."""
+    never rewrites in place, and keeps what it wrote, so each of its writes
+    lands on page-cache memory it has not used before. `fresh()` gives the
+    peer three new files for each round and keeps the old ones until close(),
+    so it pays the same. (On this VM, writing into memory first touched costs
+    about 16 ms per 4 MiB against 0.8 ms for memory just freed: a peer that
+    deleted its files each round would be measured on recycled memory.)"""
 
     def __init__(self, work: str, size: int) -> None:
         self.work, self.size, self.round = work, size, 0
         self.fds: list[int] = []
+        self.paths: list[str] = []
         self.fresh()
 
     def fresh(self) -> Raw:
-        self.close()
+        for fd in self.fds:
+            os.close(fd)
         self.round += 1
         self.fds = []
         for i in range(3):
-            path = os.path.join(self.work, f"raw{i}")
-            if os.path.exists(path):
-                os.unlink(path)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path = os.path.join(self.work, f"raw{self.round}.{i}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(fd, self.size)
             self.fds.append(fd)
+            self.paths.append(path)
         return self
 
     def write3(self, offs: list[int], data: bytes, sync: bool = False) -> None:
@@ -105,6 +109,9 @@ class Raw:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+        for path in self.paths:
+            os.unlink(path)
+        self.paths = []
 
 
 def row(test: str, ours: float, peer: float, peer_name: str, unit: str, goal: float | None,
@@ -242,14 +249,6 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     show(rows, a.json)
-    return 0
-    print(f"{'test':<46} {'ours':>10} {'peer':>10}  {'peer is':<22} {'ratio':>6}  goal")
-    for r in rows:
-        fmt = "{:>10.0f}" if r["unit"] in ("IOPS", "MiB/s") else "{:>8.2f}" + r["unit"]
-        goal = "" if r["goal"] is None else f">= {r['goal']}x {'ok' if r['ratio'] >= r['goal'] else 'MISSED'}"
-        print(f"{r['test']:<46} {fmt.format(r['ours'])} {fmt.format(r['peer'])}  {r['peer_name']:<22} "
-              f"{r['ratio']:>5.2f}x  {goal}")
-    print("ratio: ours/peer for rates, peer/ours for times (higher is better for us)")
     return 0
 
 
