@@ -26,6 +26,7 @@ from .errors import (
                      LeaseAlreadyPresent,
                      LeaseIdMismatch,
                      LeaseIdMissing,
+                     MetadataFull,
                      NotEnoughNodes,
                      RequestBodyTooLarge,
                      SnapshotNotFound,
@@ -37,6 +38,6 @@ from .stamp import BlobDevice, CheckReport, Stamp
 __all__ = [
     "AzureError", "BlobAlreadyExists", "BlobDevice", "BlobNotFound", "CheckReport", "CorruptStamp",
     "DataLost", "Diff", "InvalidHeaderValue", "InvalidPageRange", "LeaseAlreadyPresent",
-    "LeaseIdMismatch", "LeaseIdMissing", "NotEnoughNodes", "PageBlobs", "RequestBodyTooLarge",
+    "LeaseIdMismatch", "LeaseIdMissing", "MetadataFull", "NotEnoughNodes", "PageBlobs", "RequestBodyTooLarge",
     "Snapshot", "SnapshotNotFound", "Stamp", "StampError",
 ]

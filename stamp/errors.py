@@ -85,3 +85,7 @@ class DataLost(StampError):
 
 class CorruptStamp(StampError):
     """Metadata that cannot be right (check() names what)."""
+
+
+class MetadataFull(StampError):
+    """The disk holding the stamp's metadata has no space for it to grow."""

@@ -33,8 +33,8 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -62,9 +62,9 @@ MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of d
 NO_LEASE = bytes(16)
 
 
-@dataclass(frozen=True)
-class Piece:
-    """Pages [start, end) are record bytes from `inner` on."""
+class Piece(NamedTuple):
+    """Pages [start, end) are record bytes from `inner` on. A named tuple:
+    one is made on every write, and a tuple is the cheapest object to make."""
 
     start: int
     end: int
@@ -307,19 +307,30 @@ class PageBlobs:
         # Alignment and length are checked before the data is stored; the blob's
         # existence and size inside the transaction (a refused write leaves only
         # unreferenced record bytes, which gc reclaims).
-        check_pages(offset, len(data), offset + len(data))
+        n = len(data)
+        if offset % PAGE or n % PAGE or not 0 < n <= MAX_WRITE or offset < 0:
+            check_pages(offset, n, offset + n)  # raises the error the rules name
         if name not in self._ids:
             with self.meta.read() as txn:
                 self._state(txn, name)  # BlobNotFound before storing anything
+        self.meta.before_small_write()  # MetadataFull before anything is stored
         loc = self.stream.append(data)  # data on 3 replicas before the index points at it
         s = offset // PAGE
-        e = s + len(data) // PAGE
+        e = s + n // PAGE
         txn = self.meta.env.begin(write=True)  # started and committed here, on this thread
         try:
-            blob_id, st = self._state(txn, name)
-            self._check_lease(st, lease)
-            check_pages(offset, len(data), st.size)  # the blob may have shrunk meanwhile
-            self._replace(txn, blob_id, st, s, e, Piece(s, e, loc.extent, loc.offset, loc.length, 0, st.epoch))
+            # _state() without building a BlobState: this is the hot path
+            blob_id = self._ids.get(name)
+            raw = None if blob_id is None else txn.get(U64.pack(blob_id), db=self.db["blobstate"])
+            if blob_id is None or raw is None:
+                blob_id, st = self._state(txn, name)
+                raw = st.pack()
+            epoch, latest, size, lease_id, _ = STATE.unpack(raw)
+            if lease_id != NO_LEASE:
+                self._check_lease(BlobState.unpack(raw), lease)
+            if offset + n > size:
+                check_pages(offset, n, size)  # the blob may have shrunk meanwhile
+            self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
         except BaseException:
             txn.abort()
             raise
@@ -332,7 +343,7 @@ class PageBlobs:
             self._check_lease(st, lease)
             check_pages(offset, length, st.size, limit=None)
             if length:
-                self._replace(txn, blob_id, st, offset // PAGE, (offset + length) // PAGE, None)
+                self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
         """Grow or shrink; pages cut off are cleared (snapshots keep theirs)."""
@@ -341,19 +352,21 @@ class PageBlobs:
             blob_id, _, st = self._blob(txn, name)
             self._check_lease(st, lease)
             if size < st.size:
-                self._replace(txn, blob_id, st, size // PAGE, st.size // PAGE, None)
+                self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
-    def _replace(self, txn: lmdb.Transaction, blob_id: int, st: BlobState, s: int, e: int,
-                 new: Piece | None) -> None:
-        """Make pages [s, e) map to `new` (or to nothing), keeping what the
-        latest snapshot can see in its frozen table."""
+    def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
+                 new: bytes | None) -> None:
+        """Make pages [s, e) map to `new` (a packed Piece starting at s, or
+        nothing), keeping what the latest snapshot (epoch `latest`) can see in
+        its frozen table; while there are snapshots, log the change in `epoch`."""
         prefix = U64.pack(blob_id)
         pages = self.db["pages"]
         for ps, pe, raw in rg.overlapping(txn, pages, prefix, s, e):
             old = Piece.unpack(ps, raw)
-            txn.delete(prefix + U64.pack(ps), db=pages)
+            if ps != s or new is None:  # else the put below replaces it
+                txn.delete(prefix + U64.pack(ps), db=pages)
             if ps < s:
                 left = old.cut(ps, s)
                 txn.put(prefix + U64.pack(ps), left.pack(), db=pages)
@@ -361,13 +374,13 @@ class PageBlobs:
                 right = old.cut(e, pe)
                 txn.put(prefix + U64.pack(e), right.pack(), db=pages)
             middle = old.cut(s, e)
-            if st.latest >= 0 and middle.gen <= st.latest:
-                txn.put(BLOB_EPOCH.pack(blob_id, st.latest) + U64.pack(middle.start), middle.pack(),
+            if latest >= 0 and middle.gen <= latest:
+                txn.put(BLOB_EPOCH.pack(blob_id, latest) + U64.pack(middle.start), middle.pack(),
                         db=self.db["frozen"])
         if new is not None:
-            txn.put(prefix + U64.pack(s), new.pack(), db=pages)
-        if st.latest >= 0:
-            rg.add_union(txn, self.db["changes"], BLOB_EPOCH.pack(blob_id, st.epoch), s, e)
+            txn.put(prefix + U64.pack(s), new, db=pages)
+        if latest >= 0:
+            rg.add_union(txn, self.db["changes"], BLOB_EPOCH.pack(blob_id, epoch), s, e)
 
     # -- reads -------------------------------------------------------------------------
 
@@ -479,7 +492,7 @@ class PageBlobs:
             txn.put(U64.pack(new_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
             prefix = U64.pack(new_id)
             for p in pieces:
-                txn.put(prefix + U64.pack(p.start), replace(p, gen=0).pack(), db=self.db["pages"])
+                txn.put(prefix + U64.pack(p.start), p._replace(gen=0).pack(), db=self.db["pages"])
 
     def used_bytes(self, name: str, snapshot: str | None = None) -> int:
         return sum(n for _, n in self.page_ranges(name, snapshot=snapshot))

@@ -141,3 +141,30 @@ def test_two_processes_one_writer_clear_errors(st):
     other = Stamp.open(st.path)  # and the dead process's open extent got sealed
     assert all(e.state == "sealed" or e.owner in (os.getpid(),) for e in other.stream.all_extents())
     other.close()
+
+
+def test_a_full_disk_for_the_metadata_is_a_clear_error(st, monkeypatch):
+    """LMDB writes through a map of a sparse file; blocks are taken with
+    fallocate ahead of use, so a full disk is MetadataFull before anything
+    changes, never a SIGBUS, and the stamp works again once there is space."""
+    import errno
+
+    import stamp.meta as meta
+    st.blobs.write("d", 0, b"a" * 4096)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(meta.os, "posix_fallocate", full)
+    st.meta._reserved = 0  # as if the headroom were used up
+    with pytest.raises(stamp.MetadataFull, match="no space left for the stamp's metadata"):
+        st.blobs.snapshot("d")
+    with pytest.raises(stamp.MetadataFull):
+        for i in range(16):  # the write path checks before one write in 16
+            st.blobs.write("d", 4096 * (i + 1), b"b" * 4096)
+    written = i  # writes before the refused one landed; the refused one did not
+    assert st.blobs.snapshots("d") == []
+    assert st.blobs.read("d", 0, 4096 * (written + 2)) == b"a" * 4096 + b"b" * 4096 * written + bytes(4096)
+    monkeypatch.undo()
+    st.blobs.write("d", 4096 * (written + 1), b"c" * 4096)
+    assert st.blobs.read("d", 4096 * (written + 1), 4096) == b"c" * 4096
+    assert st.check().ok
