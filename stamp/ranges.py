@@ -8,6 +8,8 @@ A key is prefix + u64 big-endian start page; the value starts with the u64
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from typing import cast
 
 import lmdb
 
@@ -29,17 +31,17 @@ def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start:
         cur.prev()  # the range before start, if any (the walk skips it if it ends too soon)
     elif not cur.last():
         return out
-    for raw_key, raw_value in cur:
-        k = bytes(raw_key)
-        if k[:plen] != prefix:
+    unpack_start, unpack_end = U64.unpack_from, END.unpack_from
+    items = cast(Iterator[tuple[bytes, bytes]], cur)  # bytes: no transaction is begun with buffers=True
+    for k, v in items:
+        if not k.startswith(prefix):
             if k[:plen] < prefix:
                 continue  # the entry before our prefix: step past it
             break
-        s = U64.unpack(k[plen:])[0]
+        s = unpack_start(k, plen)[0]
         if s >= hi:
             break
-        v = bytes(raw_value)
-        e = END.unpack_from(v)[0]
+        e = unpack_end(v)[0]
         if e > lo:
             out.append((s, e, v))
     return out

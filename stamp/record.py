@@ -40,8 +40,11 @@ class RecordError(Exception):
     """Bytes that are not a valid record here (torn, corrupt, misplaced)."""
 
 
+_MASK = 0xFFFFFFFFFFFFFFFF
+
+
 def _seed(offset: int, index: int) -> int:
-    return ((offset << 12) ^ index) & 0xFFFFFFFFFFFFFFFF
+    return ((offset << 12) ^ index) & _MASK
 
 
 def record_size(length: int) -> int:
@@ -55,22 +58,31 @@ _ONE = struct.Struct("<4sIQQ")  # header and the checksum of a record's only chu
 
 def pack_record(data: bytes | memoryview, offset: int) -> bytes:
     """The bytes to append at `offset` for `data`."""
+    parts = record_parts(data, offset)
+    return parts if isinstance(parts, bytes) else b"".join(parts)
+
+
+def record_parts(data: bytes | memoryview, offset: int) -> bytes | list[bytes | memoryview]:
+    """The record for `data` at `offset`: one bytes object for a record of one
+    chunk, else the pieces in file order (header, then checksum and chunk by
+    turns) for os.pwritev, so large records are written without copying."""
     n = len(data)
     if not 0 < n <= MAX_RECORD:
         raise ValueError(f"record of {n} bytes")
-    if n <= CHUNK:  # the common small write, in one struct.pack
-        h = xxhash.xxh3_64_intdigest
-        head = RECORD_MAGIC + n.to_bytes(4, "little")
-        return _ONE.pack(RECORD_MAGIC, n, h(head, seed=offset), h(data, seed=_seed(offset, 0))) + bytes(data)
-    head = RECORD_MAGIC + n.to_bytes(4, "little")
-    parts = [head, xxhash.xxh3_64_intdigest(head, seed=offset).to_bytes(8, "little")]
-    view = memoryview(data)
     h = xxhash.xxh3_64_intdigest
-    for i in range(0, n, CHUNK):
-        chunk = view[i:i + CHUNK]
-        parts.append(h(chunk, seed=_seed(offset, i // CHUNK)).to_bytes(8, "little"))
-        parts.append(chunk.tobytes() if n > CHUNK else bytes(chunk))
-    return b"".join(parts)
+    head = RECORD_MAGIC + n.to_bytes(4, "little")
+    if n <= CHUNK:  # the common small write, in one struct.pack
+        return _ONE.pack(RECORD_MAGIC, n, h(head, seed=offset), h(data, seed=_seed(offset, 0))) + bytes(data)
+    view = memoryview(data)
+    base = offset << 12
+    chunks = [view[i:i + CHUNK] for i in range(0, n, CHUNK)]
+    checks = memoryview(struct.pack(f"<{len(chunks)}Q", *[h(c, seed=(base ^ i) & _MASK)
+                                                          for i, c in enumerate(chunks)]))
+    parts: list[bytes | memoryview] = [head + h(head, seed=offset).to_bytes(8, "little")]
+    for i, c in enumerate(chunks):
+        parts.append(checks[8 * i:8 * i + 8])
+        parts.append(c)
+    return parts
 
 
 def parse_header(raw: bytes, offset: int) -> int:

@@ -146,7 +146,7 @@ class Stamp:
             self.stream.set_node(n, state="up", slow_ms=0, full=False)
         elif fault == "node-lost":
             folder = self.stream.nodes[n].folder
-            self.stream.nodes[n].forget()
+            self.stream.forget_node(n)
             self.stream.set_node(n, state="lost")
             for entry in os.listdir(os.path.join(folder, "extents")):
                 os.unlink(os.path.join(folder, "extents", entry))

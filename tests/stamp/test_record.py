@@ -51,3 +51,21 @@ def test_header_parser_closed_error_set(raw, offset):
         rec.parse_header(raw, offset)
     except rec.RecordError:
         pass
+
+
+def test_layout_is_the_documented_one():
+    """Header, then an 8-byte seeded checksum before each 4 KiB chunk: large
+    records are written from pieces (pwritev), and must land as this layout."""
+    import struct
+
+    import xxhash
+    data = os.urandom(3 * 4096 + 512)
+    at = 3 * 4096
+    head = b"DSR1" + struct.pack("<I", len(data))
+    want = head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head, seed=at))
+    for i in range(0, len(data), 4096):
+        chunk = data[i:i + 4096]
+        want += struct.pack("<Q", xxhash.xxh3_64_intdigest(chunk, seed=(at << 12) ^ (i // 4096))) + chunk
+    parts = rec.record_parts(data, at)
+    assert isinstance(parts, list) and b"".join(parts) == want == rec.pack_record(data, at)
+    assert rec.pack_record(data[:4096], at) == rec.record_parts(data[:4096], at)  # one chunk: one bytes
