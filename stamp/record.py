@@ -71,8 +71,8 @@ def record_parts(data: bytes | memoryview, offset: int) -> bytes | list[bytes | 
         raise ValueError(f"record of {n} bytes")
     h = xxhash.xxh3_64_intdigest
     head = RECORD_MAGIC + n.to_bytes(4, "little")
-    if n <= CHUNK:  # the common small write, in one struct.pack
-        return _ONE.pack(RECORD_MAGIC, n, h(head, seed=offset), h(data, seed=_seed(offset, 0))) + bytes(data)
+    if n <= CHUNK:  # the common small write, in one struct.pack (bytes + any buffer is bytes)
+        return _ONE.pack(RECORD_MAGIC, n, h(head, seed=offset), h(data, seed=(offset << 12) & _MASK)) + data
     view = memoryview(data)
     base = offset << 12
     chunks = [view[i:i + CHUNK] for i in range(0, n, CHUNK)]
