@@ -35,7 +35,6 @@ from .meta import U32, U64, Meta, loads
 from .node import Node, NodeDown, NodeState
 
 REPLICAS = 3
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)  # buffers in one pwritev
 DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
 
 
@@ -221,21 +220,18 @@ class StreamLayer:
                 if e is None or e.state != "open":
                     e = self._current = self._new_extent()
                 offset = e.length
-                raw = rec.record_parts(data, offset)
+                raw = rec.pack_record(data, offset)
+                size = len(raw)
                 fast = self._fast
                 fds = fast[1] if fast is not None and fast[0] is e else self._fast_fds(e)
                 try:
-                    if isinstance(raw, bytes):
-                        size = len(raw)
-                        if fds is None:
-                            for n in e.nodes:
-                                self.nodes[n].append(e.id, raw, offset)
-                        else:
-                            for fd in fds:
-                                if os.pwrite(fd, raw, offset) != size:  # rare: let the node finish it
-                                    self.nodes[e.nodes[fds.index(fd)]].append(e.id, raw, offset)
+                    if fds is None:
+                        for n in e.nodes:
+                            self.nodes[n].append(e.id, raw, offset)
                     else:
-                        size = self._append_parts(e, fds, raw, offset)
+                        for fd in fds:
+                            if os.pwrite(fd, raw, offset) != size:  # rare: let the node finish it
+                                self.nodes[e.nodes[fds.index(fd)]].append(e.id, raw, offset)
                 except OSError:
                     failures += 1
                     if failures > 2 * len(self.nodes) + 1:
@@ -247,26 +243,6 @@ class StreamLayer:
                 if end >= self.extent_size:
                     self._seal(e, end)
                 return Location(e.id, offset, len(data)), e, end
-
-    def _append_parts(self, e: Extent, fds: list[int] | None, parts: list[bytes | memoryview],
-                      offset: int) -> int:
-        """Write a large record given as pieces to every replica with pwritev
-        (no copy into one buffer); returns its size."""
-        groups = [parts[i:i + _IOV_MAX] for i in range(0, len(parts), _IOV_MAX)]
-        sizes = [sum(map(len, g)) for g in groups]
-        if fds is None:
-            raw = b"".join(parts)
-            for n in e.nodes:
-                self.nodes[n].append(e.id, raw, offset)
-            return len(raw)
-        for i, fd in enumerate(fds):
-            at = offset
-            for group, size in zip(groups, sizes, strict=True):
-                done = os.pwritev(fd, group, at)
-                if done != size:  # rare: let the node finish the group
-                    self.nodes[e.nodes[i]].append(e.id, b"".join(group)[done:], at + done)
-                at += size
-        return sum(sizes)
 
     def _fast_fds(self, e: Extent) -> list[int] | None:
         """The replica files of the current extent while all its nodes are up
