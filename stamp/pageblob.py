@@ -13,7 +13,8 @@ surviving snapshots j >= k in ascending order, then the live index. Live
 reads and writes never look at snapshots, so they cost the same with 500.
 
 While a blob has snapshots, every write and clear adds its range to the
-change log of the current epoch (a union of ranges). The diff from snapshot k
+change log of the current epoch (one entry per start page, keeping the
+longest; entries may overlap). The diff from snapshot k
 to a target (a later snapshot m, or live) is the union of the change logs of
 epochs k+1..m, split by the target's state into written and cleared ranges:
 cost proportional to what changed.
@@ -379,8 +380,12 @@ class PageBlobs:
                         db=self.db["frozen"])
         if new is not None:
             txn.put(prefix + U64.pack(s), new, db=pages)
-        if latest >= 0:
-            rg.add_union(txn, self.db["changes"], BLOB_EPOCH.pack(blob_id, epoch), s, e)
+        if latest >= 0:  # the change log: one entry per start page, merged when a diff reads it
+            key = BLOB_EPOCH_PAGE.pack(blob_id, epoch, s)
+            changes = self.db["changes"]
+            had = txn.get(key, db=changes)
+            if had is None or rg.END.unpack(had)[0] < e:
+                txn.put(key, rg.END.pack(e), db=changes)
 
     # -- reads -------------------------------------------------------------------------
 

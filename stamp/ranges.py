@@ -62,15 +62,6 @@ def all_ranges(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> list
     return out
 
 
-def add_union(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int) -> None:
-    """Record [start, end) in a table of plain ranges, merging with overlapping
-    and adjacent ones (the table holds the union)."""
-    for s, e, _ in overlapping(txn, db, prefix, start, end, touching=True):
-        txn.delete(prefix + U64.pack(s), db=db)
-        start, end = min(start, s), max(end, e)
-    txn.put(prefix + U64.pack(start), END.pack(end), db=db)
-
-
 def delete_prefix(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> int:
     cur = txn.cursor(db=db)
     n = 0
