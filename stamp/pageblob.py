@@ -407,10 +407,10 @@ class PageBlobs:
         written after the snapshot (gen > epoch) means the page was empty then:
         had it held data, the write or clear that replaced it would have kept
         that data in an earlier frozen table."""
+        if epoch is None:  # live: the index alone
+            return [Piece.unpack(ps, raw).cut(s, e)
+                    for ps, _, raw in rg.overlapping(txn, self.db["pages"], U64.pack(blob_id), s, e)]
         sources = self._sources(txn, blob_id, epoch)
-        if len(sources) == 1 and epoch is None:
-            db, prefix = sources[0]
-            return [Piece.unpack(ps, raw).cut(s, e) for ps, _, raw in rg.overlapping(txn, db, prefix, s, e)]
         found: list[Piece] = []
         gaps = [(s, e)]
         for db, prefix in sources:
@@ -419,7 +419,7 @@ class PageBlobs:
                 for ps, _, raw in rg.overlapping(txn, db, prefix, gs, ge):
                     piece = Piece.unpack(ps, raw).cut(gs, ge)
                     taken.append((piece.start, piece.end))
-                    if epoch is None or piece.gen <= epoch:
+                    if piece.gen <= epoch:
                         found.append(piece)
             gaps = rg.subtract(gaps, rg.merge_ranges(taken))
             if not gaps:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -91,8 +91,7 @@ def parse_header(raw: bytes, offset: int) -> int:
     return length
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):
     """Where the chunks covering data[inner:inner+length] of a record lie."""
 
     file_offset: int  # of the first covered chunk's checksum
@@ -114,6 +113,11 @@ def verify_span(raw: bytes, rec_offset: int, sp: Span, length: int) -> bytes:
     """Check every chunk in `raw` (read at sp.file_offset) and return the wanted bytes."""
     if len(raw) != sp.file_length:
         raise RecordError(f"record at {rec_offset}: short read")
+    if sp.file_length <= CHECK + CHUNK:  # one chunk: the common 4 KiB read
+        chunk = raw[CHECK:]
+        if xxhash.xxh3_64_intdigest(chunk, seed=_seed(rec_offset, sp.first_chunk)) != _CHECK.unpack_from(raw)[0]:
+            raise RecordError(f"record at {rec_offset}: chunk {sp.first_chunk} fails its checksum")
+        return chunk if sp.skip == 0 and length == len(chunk) else chunk[sp.skip:sp.skip + length]
     out = []
     pos, index = 0, sp.first_chunk
     h = xxhash.xxh3_64_intdigest

@@ -72,3 +72,22 @@ def test_layout_is_the_documented_one():
     want = head[:4] + struct.pack("<I", 4096)
     want += struct.pack("<QQ", xxhash.xxh3_64_intdigest(want, seed=at), xxhash.xxh3_64_intdigest(one, seed=at << 12))
     assert rec.pack_record(memoryview(one), at) == want + one
+
+
+def test_one_chunk_reads_check_their_chunk():
+    """The one-chunk read path (every 4 KiB read) checks the chunk it reads,
+    with its index in the seed, in a small record and inside a large one."""
+    data = os.urandom(3 * 4096)
+    raw = rec.pack_record(data, 4096)
+    for inner, length in [(4096, 4096), (8192 + 512, 1024)]:
+        sp = rec.span(4096, len(data), inner, length)
+        part = raw[sp.file_offset - 4096:sp.file_offset - 4096 + sp.file_length]
+        assert rec.verify_span(part, 4096, sp, length) == data[inner:inner + length]
+        for at in (0, 8, len(part) - 1):  # the checksum, the first and last data byte
+            bad = bytearray(part)
+            bad[at] ^= 0x40
+            with pytest.raises(rec.RecordError):
+                rec.verify_span(bytes(bad), 4096, sp, length)
+        wrong = rec.span(4096, len(data), inner - 4096, length)  # the chunk before: another seed
+        with pytest.raises(rec.RecordError):
+            rec.verify_span(part, 4096, wrong._replace(file_length=len(part)), length)
