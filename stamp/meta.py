@@ -29,6 +29,7 @@ Tables
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -104,6 +105,8 @@ class Meta:
         try:
             os.posix_fallocate(self._data_fd, 0, used + ahead)
         except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
             raise MetadataFull(f"no space left for the stamp's metadata ({e.strerror}); "
                                "free some disk space: nothing was changed") from None
         self._reserved = used + ahead
