@@ -12,7 +12,10 @@ still being appended to, possibly by another process).
      is switched to them with a compare-and-swap, so a concurrent overwrite
      wins and nothing it wrote is lost;
   4. an extent is deleted only when a scan inside a write transaction finds
-     no piece pointing at it (the transaction keeps new pointers out).
+     no piece pointing at it (the transaction keeps new pointers out). A
+     write whose record was appended just before its extent was sealed finds
+     the extent gone in its own index transaction and appends again; a
+     compaction whose copy another gc deleted leaves that piece where it was.
 Readers that resolved a piece just before it moved re-resolve (pageblob).
 """
 
@@ -86,10 +89,12 @@ def _compact(stamp: Stamp, pieces: list[tuple[str, bytes, bytes]]) -> int:
         data = stamp.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, n)
         loc = stamp.stream.append(data)  # on 3 replicas before any pointer moves
         new = Piece(p.start, p.end, loc.extent, loc.offset, loc.length, 0, p.gen)
-        updates.append((table, key, raw, new.pack()))
+        updates.append((table, key, raw, new.pack(), loc.extent))
         moved += n
     with stamp.meta.write() as txn:
-        for table, key, old, new_raw in updates:
+        for table, key, old, new_raw, extent in updates:
+            if txn.get(U64.pack(extent), db=stamp.meta.db["extents"]) is None:
+                continue  # another gc deleted the copy's extent: the piece stays where it was
             if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
                 txn.put(key, new_raw, db=stamp.meta.db[table])
     return moved

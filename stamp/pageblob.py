@@ -54,7 +54,7 @@ from .errors import (
     SnapshotNotFound,
 )
 from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
-from .stream import StreamLayer, pid_alive
+from .stream import Location, StreamLayer, pid_alive
 
 PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
@@ -315,11 +315,26 @@ class PageBlobs:
             with self.meta.read() as txn:
                 self._state(txn, name)  # BlobNotFound before storing anything
         self.meta.before_small_write()  # MetadataFull before anything is stored
-        loc = self.stream.append(data)  # data on 3 replicas before the index points at it
         s = offset // PAGE
         e = s + n // PAGE
+        for _ in range(3):
+            loc = self.stream.append(data)  # data on 3 replicas before the index points at it
+            if self._point(name, offset, n, lease, s, e, loc):
+                return
+        raise CorruptStamp("gc deleted the extent of every fresh copy of this write (3 times)")
+
+    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location) -> bool:
+        """The index transaction of a write: pages [s, e) now point at `loc`.
+        False if the extent holding it is gone: the record was appended just
+        before its extent was sealed, and gc (any process) found the sealed
+        extent unreferenced and deleted it. gc deletes inside a write
+        transaction, so this check, in ours, sees either the extent or its
+        deletion, never a dangling pointer."""
         txn = self.meta.env.begin(write=True)  # started and committed here, on this thread
         try:
+            if txn.get(U64.pack(loc.extent), db=self.db["extents"]) is None:
+                txn.abort()
+                return False
             # _state() without building a BlobState: this is the hot path
             blob_id = self._ids.get(name)
             raw = None if blob_id is None else txn.get(U64.pack(blob_id), db=self.db["blobstate"])
@@ -336,6 +351,7 @@ class PageBlobs:
             txn.abort()
             raise
         txn.commit()
+        return True
 
     def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
         """Clear pages: afterwards they read as zeros and hold no data."""

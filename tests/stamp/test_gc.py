@@ -61,3 +61,32 @@ def test_compaction_keeps_partly_dead_extents_readable(tmp_path):
         st.blobs.read("d", 8 * MIB, 4 * MIB) + st.blobs.read("d", 12 * MIB, 4 * MIB) == bytes(model)
     assert st.check(deep=True).ok
     st.close()
+
+
+def test_gc_racing_a_write_between_its_append_and_its_index(tmp_path):
+    """A write appends its record, and the extent is sealed (it reached its
+    size) before the index points at the record. gc, in another thread or
+    process, may find that sealed extent unreferenced and delete it right
+    then. The write must notice inside its index transaction and append
+    again, never leave a pointer into a deleted extent."""
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("d", 8 * MIB)
+    real_append = st.stream.append
+    raced = []
+
+    def append_then_gc(data):
+        loc = real_append(data)
+        if not raced:
+            st.stream.seal_current()  # as if the record had filled the extent
+            report = collect(st)  # nothing points at the record yet: its extent goes
+            raced.append((loc.extent, report.extents_deleted))
+        return loc
+    st.stream.append = append_then_gc
+    data = os.urandom(64 * 1024)
+    st.blobs.write("d", 0, data)
+    st.stream.append = real_append
+    gone, deleted = raced[0]
+    assert deleted >= 1 and gone not in {e.id for e in st.stream.all_extents()}
+    assert st.blobs.read("d", 0, len(data)) == data
+    assert st.check(deep=True).ok
+    st.close()
