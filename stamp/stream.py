@@ -223,8 +223,8 @@ class StreamLayer:
                 raw = rec.pack_record(data, offset)
                 size = len(raw)
                 fast = self._fast
-                fds = fast[1] if fast is not None and fast[0] is e else self._fast_fds(e)
                 try:
+                    fds = fast[1] if fast is not None and fast[0] is e else self._fast_fds(e)
                     if fds is None:
                         for n in e.nodes:
                             self.nodes[n].append(e.id, raw, offset)
@@ -496,10 +496,11 @@ class StreamLayer:
 
     def close(self) -> None:
         self.seal_current()
-        self._fast = None
         _LIVE_TOKENS.discard(self.token)
-        for node in self.nodes.values():
-            node.forget()
+        with self._lock:  # no append holds a descriptor about to close
+            self._fast = None
+            for node in self.nodes.values():
+                node.forget()
 
 
 __all__ = ["StreamLayer", "Location", "Extent", "NodeDown", "REPLICAS"]

@@ -146,3 +146,21 @@ def test_short_writes_of_a_record_are_finished(st, monkeypatch):
     assert st.blobs.read("d", 0, len(big)) == big
     assert st.blobs.read("d", 8 * 1024 * 1024, 4096) == small
     assert st.stream.scrub().bad == 0 and st.check().ok
+
+
+def test_a_replica_file_that_cannot_be_opened_moves_appends_on(st):
+    """The append path opens the current extent's replica files once; if one
+    cannot be opened (deleted behind the stamp's back), the extent is sealed
+    and the write goes on in a new extent, never an OSError to the caller."""
+    a, b = os.urandom(4096), os.urandom(4096)
+    st.blobs.write("d", 0, a)
+    e = st.stream._current
+    assert e is not None
+    victim = e.nodes[0]
+    os.unlink(st.stream.nodes[victim].extent_path(e.id))
+    st.stream.forget_node(victim)  # its descriptors closed: the next append must reopen
+    st.blobs.write("d", 4096, b)
+    assert st.stream._current is not None and st.stream._current.id != e.id
+    assert st.blobs.read("d", 0, 8192) == a + b
+    st.stream.rereplicate()
+    assert st.check().ok
