@@ -11,7 +11,8 @@ partition layers share one definition. Rules:
   write's ~17. The price: data.mdb is a sparse file of MAP_SIZE, and a page
   first touched on a full disk would end the process with SIGBUS. So disk
   blocks are taken with fallocate ahead of LMDB's use (`reserve()`), where a
-  full disk is an ordinary error (MetadataFull) raised before the write.
+  full disk is an ordinary error (MetadataFull) raised before the write;
+- no nested transactions (LMDB does not allow them with writemap).
 
 Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
