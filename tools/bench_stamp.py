@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark the stamp against raw file I/O, in one run, as ratios.
 
-  .venv/bin/python tools/bench_stamp.py [--ops 20000] [--big-gib 8] [--json]
+  .venv/bin/python tools/bench_stamp.py [--ops 10000] [--big-gib 8] [--json]
 
 Rows (goals from issue 3):
 - 4 KiB random writes through 3 replicas vs three raw os.pwrite per write (>= 0.5x);
-  the peer writes fresh files each round, as the append-only stamp always
-  writes fresh pages
+  the peer writes new files each round and keeps them, as the append-only
+  stamp always writes fresh pages and keeps its extents
 - 4 MiB sequential writes vs three raw 4 MiB os.pwrite (>= 0.6x), twice:
   into memory first touched (both sides keep what they wrote, as a stamp
   does) and into memory just freed (both sides delete the last round's
