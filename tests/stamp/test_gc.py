@@ -90,3 +90,33 @@ def test_gc_racing_a_write_between_its_append_and_its_index(tmp_path):
     assert st.blobs.read("d", 0, len(data)) == data
     assert st.check(deep=True).ok
     st.close()
+
+
+def test_compaction_whose_copy_another_gc_deleted_keeps_the_piece(tmp_path):
+    """Compaction appends a copy of a live piece, then moves the pointer. If
+    another gc deletes the copy's extent in between (sealed, and nothing
+    pointed at it yet), the pointer must stay on the original."""
+    from stamp.gc import _delete_if_unreferenced
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("d", 4 * MIB)
+    keep = os.urandom(256 * 1024)
+    st.blobs.write("d", 0, keep)
+    st.blobs.write("d", 256 * 1024, os.urandom(768 * 1024))
+    st.blobs.clear("d", 256 * 1024, 768 * 1024)  # the extent is mostly dead: compaction moves `keep`
+    st.stream.seal_current()
+    real_append = st.stream.append
+    deleted = []
+
+    def append_then_other_gc(data):
+        loc = real_append(data)
+        st.stream.seal_current()
+        deleted.append(_delete_if_unreferenced(st, loc.extent))
+        return loc
+    st.stream.append = append_then_other_gc
+    report = collect(st, compact_below=0.5)
+    st.stream.append = real_append
+    assert deleted and all(deleted) and report.extents_compacted == 1
+    assert report.extents_deleted == 0  # the original is still pointed at
+    assert st.blobs.read("d", 0, len(keep)) == keep
+    assert st.check(deep=True).ok
+    st.close()
