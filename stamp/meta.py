@@ -7,8 +7,8 @@ partition layers share one definition. Rules:
 - durability mode "fsync" syncs every commit; "os" leaves that to the kernel
   (safe against process crashes, not against power loss);
 - LMDB writes through its shared map (writemap): a commit is then no system
-  call at all, where copying dirty pages out cost about 6 us of a 4 KiB
-  write's ~17. The price: data.mdb is a sparse file of MAP_SIZE, and a page
+  call at all, where copying dirty pages out had cost about 6 us of a 4 KiB
+  page write's 23. The price: data.mdb is a sparse file of MAP_SIZE, and a page
   first touched on a full disk would end the process with SIGBUS. So disk
   blocks are taken with fallocate ahead of LMDB's use (`reserve()`), where a
   full disk is an ordinary error (MetadataFull) raised before the write;
