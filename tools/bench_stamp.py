@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -159,28 +160,27 @@ def recycled_rows(work: str) -> list[dict]:
     shows what the stamp itself costs per 4 MiB."""
     big = os.urandom(4 * MIB)
     seq = list(range(0, 64 * MIB, 4 * MIB))  # small rounds: the freed memory is still there
-    held: list = []
+    release: list[Callable[[], None]] = []  # what the last round left, to delete before the next
 
     def drop() -> None:
-        for thing in held:
-            if isinstance(thing, Stamp):
-                thing.close()
-                shutil.rmtree(thing.path)
-            else:
-                thing.close()
-        held.clear()
+        while release:
+            release.pop()()
 
     def fresh_stamp() -> Stamp:
         drop()
         st = Stamp.create(os.path.join(work, "recycled"))
         st.blobs.create("d", GIB)
-        held.append(st)
+
+        def gone() -> None:
+            st.close()
+            shutil.rmtree(st.path)
+        release.append(gone)
         return st
 
     def fresh_files() -> Raw:
         drop()
-        raw = Raw(os.path.join(work), GIB)
-        held.append(raw)
+        raw = Raw(work, GIB)
+        release.append(raw.close)  # close() deletes its files
         return raw
     t_ours, t_peer = best_pair((fresh_stamp, lambda st: [st.blobs.write("d", o, big) for o in seq]),
                                (fresh_files, lambda r: r.write3(seq, big)), rounds=15)
