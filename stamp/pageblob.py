@@ -171,17 +171,22 @@ class PageBlobs:
         return obj["id"], obj, BlobState.unpack(bytes(raw))
 
     def _state(self, txn: lmdb.Transaction, name: str) -> tuple[int, BlobState]:
-        """The hot path's _blob: ids never change, so name -> id is cached; a
-        blob deleted (and perhaps re-created) elsewhere has no state under the
-        cached id, which sends us back to the name."""
+        """The hot path's _blob."""
+        blob_id, raw = self._state_raw(txn, name)
+        return blob_id, BlobState.unpack(raw)
+
+    def _state_raw(self, txn: lmdb.Transaction, name: str) -> tuple[int, bytes]:
+        """A blob's id and packed state. Ids never change, so name -> id is
+        cached; a blob deleted (and perhaps re-created) elsewhere has no state
+        under the cached id, which sends us back to the name."""
         blob_id = self._ids.get(name)
         if blob_id is not None:
             raw = txn.get(U64.pack(blob_id), db=self.db["blobstate"])
             if raw is not None:
-                return blob_id, BlobState.unpack(bytes(raw))
+                return blob_id, bytes(raw)
         blob_id, _, st = self._blob(txn, name)
         self._ids[name] = blob_id
-        return blob_id, st
+        return blob_id, st.pack()
 
     def create(self, name: str, size: int, properties: dict[str, Any] | None = None,
                limit: int = MAX_BLOB) -> None:
@@ -335,12 +340,7 @@ class PageBlobs:
             if txn.get(U64.pack(loc.extent), db=self.db["extents"]) is None:
                 txn.abort()
                 return False
-            # _state() without building a BlobState: this is the hot path
-            blob_id = self._ids.get(name)
-            raw = None if blob_id is None else txn.get(U64.pack(blob_id), db=self.db["blobstate"])
-            if blob_id is None or raw is None:
-                blob_id, st = self._state(txn, name)
-                raw = st.pack()
+            blob_id, raw = self._state_raw(txn, name)  # no BlobState built: this is the hot path
             epoch, latest, size, lease_id, _ = STATE.unpack(raw)
             if lease_id != NO_LEASE:
                 self._check_lease(BlobState.unpack(raw), lease)

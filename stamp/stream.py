@@ -226,7 +226,7 @@ class StreamLayer:
                 size = len(raw)
                 fast = self._fast
                 try:
-                    fds = fast[1] if fast is not None and fast[0] is e else self._fast_fds(e)
+                    fds = fast[1] if fast is not None and fast[0] is e else self._fast_fds(e)  # cached, or made
                     if fds is None:
                         for n in e.nodes:
                             self.nodes[n].append(e.id, raw, offset)
@@ -247,12 +247,10 @@ class StreamLayer:
                 return Location(e.id, offset, len(data)), e, end
 
     def _fast_fds(self, e: Extent) -> list[int] | None:
-        """The replica files of the current extent while all its nodes are up
-        with no injected fault: appends then skip the per-node checks. Reset
-        whenever node states are reloaded or replica files closed."""
-        fast = self._fast
-        if fast is not None and fast[0] is e:
-            return fast[1]
+        """Open the current extent's replica files for `_fast`, the cache the
+        append path checks first: used while all its nodes are up with no
+        injected fault, so appends skip the per-node checks. Reset whenever
+        node states are reloaded or replica files closed."""
         nodes = [self.nodes[n] for n in e.nodes]
         if any(not node.healthy or node.slow_ms or node.full for node in nodes):
             return None
