@@ -28,9 +28,10 @@ def require(tool: str) -> str:
     return path
 
 
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(*cmd: str, check: bool = True, cwd: str | os.PathLike[str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     require(cmd[0])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc

@@ -73,7 +73,8 @@ def test_nbdcopy_both_ways_and_qemu_img_compare(served):
 def test_fio_verifies_what_it_wrote(served):
     d, sock = served
     proc = run("fio", "--name=v", "--ioengine=nbd", f"--uri={uri(sock, 'dyn')}", "--rw=randwrite", "--bs=4k",
-               "--iodepth=16", "--size=16M", "--verify=crc32c", "--output-format=json")
+               "--iodepth=16", "--size=16M", "--verify=crc32c", "--output-format=json",
+               cwd=d)  # fio leaves a verify state file in its working folder
     result = json.loads(proc.stdout[proc.stdout.index("{"):])  # fio prints a line before its JSON
     job = result["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 16 * MIB
