@@ -6,7 +6,10 @@ name in the child's folder. A candidate counts only if it exists, lies in a
 folder the caller allows (by default the folder tree of the image opened
 first: a hostile image must not make us read /etc/shadow as its parent), and
 carries the UUID (and, unless told otherwise, the timestamp) the child
-recorded. Loops are refused by file identity and by UUID.
+recorded. Loops are refused by file identity and by UUID. Each locator is
+read and tried on its own: one that is unreadable (an offset past the file,
+bad UTF-16) or names no file (empty, ".", the child's own folder) is noted
+and skipped, never hiding the ones after it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ class Candidate:
 
 
 def read_locator(file: RawFile, header: DynamicHeader, index: int) -> str:
+    """The path locator `index` holds; FormatError if its bytes lie outside
+    the file (checked before any read: a hostile offset may be >= 2**63)."""
     loc = header.locators[index]
-    raw = file.pread(loc.data_length, loc.data_offset)
     at = 576 + 24 * index
+    if loc.data_offset + loc.data_length > file.size():
+        raise FormatError("parent locator", "data offset", at + 16,
+                          f"{loc.data_offset}+{loc.data_length} points past the end of the file")
+    raw = file.pread(loc.data_length, loc.data_offset)
     if len(raw) != loc.data_length:
         raise FormatError("parent locator", "data offset", at + 16, "points past the end of the file")
     try:
@@ -51,7 +59,10 @@ def to_local(path: str, base_dir: str) -> str:
     if ntpath.splitdrive(path)[0]:
         return ""  # "C:\..." names a Windows drive: nothing to find here
     local = path.replace("\\", "/")
-    return os.path.normpath(os.path.join(base_dir, local))
+    found = os.path.normpath(os.path.join(base_dir, local))
+    if found == os.path.normpath(base_dir) or local.endswith("/"):
+        return ""  # "", "." or a folder: names no file
+    return found
 
 
 def candidates(child_path: str, file: RawFile, header: DynamicHeader) -> tuple[list[Candidate], list[str]]:
@@ -63,16 +74,20 @@ def candidates(child_path: str, file: RawFile, header: DynamicHeader) -> tuple[l
         for i, loc in enumerate(header.locators):
             if loc.platform != want:
                 continue
+            how = f"{platform_name(want)} locator"
             try:
-                local = to_local(read_locator(file, header, i), base)
+                text = read_locator(file, header, i)
             except FormatError as e:
-                notes.append(str(e))
+                notes.append(f"{how}: {e}")
                 continue
+            local = to_local(text, base)
             if local:
-                found.append(Candidate(f"{platform_name(want)} locator", local))
+                found.append(Candidate(how, local))
+            else:
+                notes.append(f"{how}: {text!r} names no file")
     if header.parent_name:
         name = ntpath.basename(header.parent_name.replace("\\", "/").split("/")[-1])
-        if name:
+        if name not in ("", ".", ".."):
             found.append(Candidate("parent name", os.path.join(base, name)))
     return found, notes
 

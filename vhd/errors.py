@@ -20,6 +20,10 @@ class FormatError(VhdError):
         super().__init__(f"{what}: bad {field} at offset {offset}: {detail}")
 
 
+class FileTypeError(VhdError):
+    """A path names a FIFO, a directory, a socket or a symlink loop, not an image file."""
+
+
 class ChecksumError(FormatError):
     """A footer or dynamic header checksum does not match its bytes."""
 

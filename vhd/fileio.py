@@ -7,7 +7,10 @@ a stamp page blob later. Rules kept here:
 - positional I/O only (os.pread/os.pwrite), no shared seek position;
 - reads past the end return the bytes that exist (short), never raise;
 - `sync` is the only durability barrier: nothing written before it may be
-  lost after it returns.
+  lost after it returns;
+- OsFile opens regular files only (block devices when the caller allows
+  them): a FIFO, a directory or a socket is a FileTypeError at once, never a
+  hang, and any other OSError of opening is a VhdError naming the path.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from typing import Protocol, runtime_checkable
 
-from .errors import BusyError, VhdError
+from .errors import BusyError, FileTypeError, VhdError
 
 
 @runtime_checkable
@@ -47,22 +51,11 @@ class OsFile:
     """A local file, accessed with os.pread/os.pwrite and locked with flock."""
 
     def __init__(self, path: str, writable: bool = False, create: bool = False,
-                 lock: bool = True) -> None:
-        flags = os.O_RDWR if writable else os.O_RDONLY
-        if create:
-            flags |= os.O_CREAT | os.O_EXCL
-        try:
-            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except FileExistsError:
-            raise VhdError(f"{path}: already exists (refusing to overwrite)") from None
-        except FileNotFoundError:
-            raise VhdError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise VhdError(f"{path}: is a directory") from None
-        except PermissionError:
-            raise VhdError(f"{path}: permission denied") from None
+                 lock: bool = True, allow_block: bool = False) -> None:
+        self.fd = _open_regular(path, writable, create, allow_block)
         self.name = path
         self.writable = writable
+        self._block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
         if lock:
             self._lock(writable)
 
@@ -98,6 +91,8 @@ class OsFile:
             offset += n
 
     def size(self) -> int:
+        if self._block:  # a block device's st_size is 0: its end is its size
+            return os.lseek(self.fd, 0, os.SEEK_END)
         return os.fstat(self.fd).st_size
 
     def truncate(self, size: int) -> None:
@@ -132,6 +127,42 @@ class OsFile:
         except OSError:
             return [(offset, length)]
         return out
+
+
+def _open_regular(path: str, writable: bool, create: bool, allow_block: bool) -> int:
+    """A descriptor for `path`, refused unless it is a regular file (or an
+    allowed block device). O_NONBLOCK makes opening a FIFO return at once
+    instead of waiting for a writer; it is cleared again before any I/O."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise VhdError(f"{path}: already exists (refusing to overwrite)") from None
+    except FileNotFoundError:
+        raise VhdError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FileTypeError(f"{path}: is a directory, not an image file") from None
+    except PermissionError:
+        raise VhdError(f"{path}: permission denied") from None
+    except OSError as e:  # ELOOP (a symlink loop), ENXIO (a socket), ENAMETOOLONG...
+        raise FileTypeError(f"{path}: cannot be opened as an image file: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode))):
+        os.close(fd)
+        raise FileTypeError(f"{path}: is {_kind(mode)}, not a regular file; name the image file itself")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class MemFile:

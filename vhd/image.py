@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 import uuid as uuidlib
 from array import array
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from . import bat as batlib
 from . import dynamic_header as dh
@@ -44,10 +46,13 @@ from .blockdev import (
 )
 from .chain import Candidate, Resolver, candidates, check_allowed
 from .errors import (
+    BusyError,
+    FileTypeError,
     FormatError,
     ParentLoopError,
     ParentMismatchError,
     ParentNotFoundError,
+    ParentOutsideError,
     ReadOnlyError,
     UsageError,
     VhdError,
@@ -520,42 +525,72 @@ def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHea
                           f"BAT of {tbytes} bytes at {header.table_offset} does not fit in the file")
     table = batlib.unpack_table(file.pread(header.max_table_entries * 4, header.table_offset),
                                 header.max_table_entries)
-    _validate_table(table, header, end)
+    _validate_table(table, header, end, _metadata_regions(footer, header))
     return header, table
 
 
-def _validate_table(table: array[int], header: dh.DynamicHeader, end: int) -> None:
-    """Every allocated block lies in the file, after the BAT, and no two overlap."""
+def _metadata_regions(footer: ft.Footer, header: dh.DynamicHeader) -> list[tuple[int, int, str]]:
+    """(offset, length, name) of everything in a sparse file that is not a
+    block: mirror, header, BAT and, in a differencing image, locator data."""
+    regions = [(0, ft.SIZE, "the footer mirror"), (footer.data_offset, dh.SIZE, "the dynamic header"),
+               (header.table_offset, batlib.table_bytes(header.max_table_entries), "the BAT")]
+    if footer.disk_type is ft.DiskType.DIFFERENCING:
+        regions += [(loc.data_offset, loc.space_bytes, f"parent locator {i}'s data")
+                    for i, loc in enumerate(header.locators) if loc.platform != dh.PLATFORM_NONE]
+    return regions
+
+
+def _validate_table(table: array[int], header: dh.DynamicHeader, end: int,
+                    regions: list[tuple[int, int, str]]) -> None:
+    """Every allocated block lies in the file and overlaps no other block and
+    no metadata region (a write there would overwrite the header, the BAT or
+    a parent locator)."""
     span = batlib.bitmap_bytes(header.block_size) + header.block_size
-    first_data = header.table_offset + batlib.table_bytes(header.max_table_entries)
     used = sorted((e * SECTOR, b) for b, e in enumerate(table) if e != batlib.UNALLOCATED)
     prev_end, prev_b = 0, -1
     for start, b in used:
         at = header.table_offset + 4 * b
         if start + span > end:
             raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
-        if start < first_data and start < header.table_offset + header.max_table_entries * 4:
-            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps the headers or the BAT")
+        for lo, n, what in regions:
+            if start < lo + n and lo < start + span:
+                raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
         if start < prev_end:
             raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps block {prev_b}")
         prev_end, prev_b = start + span, b
 
 
+Seen = list[tuple[tuple[int, int] | None, uuidlib.UUID]]
+
+
 def open_image(target: str | os.PathLike[str] | RawFile, *, writable: bool = False,
                allow_dirs: Sequence[str] | None = None, resolver: Resolver | None = None,
                ignore_timestamp: bool = False, parent_writable: bool = False,
-               durable: bool = True) -> Image:
+               durable: bool = True, path: str | None = None) -> Image:
     """Open a VHD of any type; a differencing image opens with its whole chain.
 
     `allow_dirs`: folders parents may live in (default: the folder of
     `target`). `resolver`: tried before the locators (see chain.Resolver).
+    `path`: where an already opened RawFile `target` lives, so its parent's
+    locators can be followed. A path given by the caller may name a block
+    device; parents must be regular files.
     """
     member: str | RawFile = target if isinstance(target, RawFile) else os.fspath(target)
+    where = member if isinstance(member, str) else path
     if allow_dirs is None:
-        allow_dirs = [os.path.dirname(os.path.abspath(member))] if isinstance(member, str) else []
-    seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]] = []
-    return _open_member(member, writable, list(allow_dirs), resolver, ignore_timestamp,
-                        parent_writable, durable, seen)
+        allow_dirs = [os.path.dirname(os.path.abspath(where))] if where is not None else []
+    opts = _Opts(list(allow_dirs), resolver, ignore_timestamp, parent_writable, durable)
+    return _open_member(member, writable, opts, [], path, top=True)
+
+
+@dataclass(frozen=True)
+class _Opts:
+    """What the caller of open_image asked, the same for every chain member."""
+    allow_dirs: list[str]
+    resolver: Resolver | None
+    ignore_timestamp: bool
+    parent_writable: bool
+    durable: bool
 
 
 def _identity(file: RawFile) -> tuple[int, int] | None:
@@ -566,84 +601,103 @@ def _identity(file: RawFile) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _open_member(target: str | RawFile, writable: bool, allow_dirs: list[str],
-                 resolver: Resolver | None, ignore_timestamp: bool, parent_writable: bool,
-                 durable: bool, seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]]) -> Image:
-    file = OsFile(target, writable=writable) if isinstance(target, str) else target
-    path = target if isinstance(target, str) else None
+def _open_member(target: str | RawFile, writable: bool, opts: _Opts, seen: Seen,
+                 path: str | None = None, top: bool = False) -> Image:
+    file = OsFile(target, writable=writable, allow_block=top) if isinstance(target, str) else target
+    path = target if isinstance(target, str) else path
     try:
-        footer, damaged = read_footer(file)
-        ident = _identity(file)
-        for other_ident, other_uuid in seen:
-            if (ident is not None and ident == other_ident) or footer.unique_id == other_uuid:
-                raise ParentLoopError(f"{file.name}: parent chain loops back to an image already in it")
-        if len(seen) >= MAX_CHAIN_DEPTH:
-            raise ParentLoopError(f"{file.name}: parent chain deeper than {MAX_CHAIN_DEPTH}")
-        seen.append((ident, footer.unique_id))
-        if damaged and writable:
-            raise FormatError("footer", "cookie", file.size() - ft.SIZE,
-                              "the footer at the end is damaged (the copy at offset 0 is good); "
-                              f"run: vhd check --repair {file.name}")
-        if footer.disk_type is ft.DiskType.FIXED:
-            if file.size() != footer.current_size + ft.SIZE:
-                raise FormatError("footer", "current size", file.size() - ft.SIZE + 48,
-                                  f"{footer.current_size} but the file holds {file.size() - ft.SIZE} bytes of data")
-            return FixedImage(file, footer, not writable, path)
-        header, table = _read_sparse_layout(file, footer)
-        if (file.size() - ft.SIZE) % SECTOR:
-            raise FormatError("file", "length", file.size(), "not a whole number of sectors")
-        parent = None
-        if footer.disk_type is ft.DiskType.DIFFERENCING:
-            parent = _open_parent(path, file, header, allow_dirs, resolver, ignore_timestamp,
-                                  parent_writable, durable, seen)
-        img = SparseImage(file, footer, header, table, not writable, path, parent, durable)
-        img.footer_damaged = damaged
-        return img
+        return _open_file(file, path, writable, opts, seen)
+    except FormatError as e:
+        file.close()
+        if getattr(e, "file", None) is not None:
+            raise  # a parent's error, already naming the parent's file
+        named = type(e)(f"{file.name}: {e.what}", e.field, e.offset, e.detail)
+        named.file = file.name  # type: ignore[attr-defined]
+        raise named from None
     except BaseException:
         file.close()
         raise
 
 
-def _open_parent(path: str | None, file: RawFile, header: dh.DynamicHeader, allow_dirs: list[str],
-                 resolver: Resolver | None, ignore_timestamp: bool, parent_writable: bool,
-                 durable: bool, seen: list[tuple[tuple[int, int] | None, uuidlib.UUID]]) -> BlockDevice:
+def _open_file(file: RawFile, path: str | None, writable: bool, opts: _Opts, seen: Seen) -> Image:
+    footer, damaged = read_footer(file)
+    ident = _identity(file)
+    for other_ident, other_uuid in seen:
+        if (ident is not None and ident == other_ident) or footer.unique_id == other_uuid:
+            raise ParentLoopError(f"{file.name}: parent chain loops back to an image already in it")
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise ParentLoopError(f"{file.name}: parent chain deeper than {MAX_CHAIN_DEPTH}")
+    seen.append((ident, footer.unique_id))
+    if damaged and writable:
+        raise FormatError("footer", "cookie", file.size() - ft.SIZE,
+                          "the footer at the end is damaged (the copy at offset 0 is good); "
+                          f"run: vhd check --repair {file.name}")
+    if footer.disk_type is ft.DiskType.FIXED:
+        if file.size() != footer.current_size + ft.SIZE:
+            raise FormatError("footer", "current size", file.size() - ft.SIZE + 48,
+                              f"{footer.current_size} but the file holds {file.size() - ft.SIZE} bytes of data")
+        return FixedImage(file, footer, not writable, path)
+    header, table = _read_sparse_layout(file, footer)
+    if (file.size() - ft.SIZE) % SECTOR:
+        raise FormatError("file", "length", file.size(), "not a whole number of sectors")
+    parent = None
+    if footer.disk_type is ft.DiskType.DIFFERENCING:
+        parent = _open_parent(path, file, footer, header, opts, seen)
+    img = SparseImage(file, footer, header, table, not writable, path, parent, opts.durable)
+    img.footer_damaged = damaged
+    return img
+
+
+def _open_parent(path: str | None, file: RawFile, footer: ft.Footer, header: dh.DynamicHeader,
+                 opts: _Opts, seen: Seen) -> BlockDevice:
+    """The first candidate that opens and is the parent the child recorded.
+    A candidate that is not an image (a FIFO, a folder, a damaged file) is
+    noted and the next one tried; the first such error is raised if none fits."""
     tried: list[str] = []
-    mismatch: VhdError | None = None
+    failed: VhdError | None = None
     found: list[Candidate] = []
-    if resolver is not None:
-        got = resolver(path, header)
+    if opts.resolver is not None:
+        got = opts.resolver(path, header)
         if isinstance(got, (str, os.PathLike)):
             found.append(Candidate("resolver", os.fspath(got)))
         elif got is not None:
             dev = got
             pf = getattr(dev, "footer", None)
             if pf is not None:
-                _check_parent_identity(file.name, "resolver", header, pf, ignore_timestamp)
+                _check_parent_identity(file.name, "resolver", header, pf, opts.ignore_timestamp)
             return dev  # type: ignore[return-value]
     notes: list[str] = []
     if path is not None:
         more, notes = candidates(path, file, header)
         found.extend(more)
     for cand in found:
-        if not os.path.exists(cand.path):
+        if not os.path.lexists(cand.path):
             tried.append(f"{cand.how}: {cand.path} (missing)")
             continue
-        if cand.how != "resolver":
-            check_allowed(cand.path, allow_dirs)
-        parent = _open_member(cand.path, parent_writable, allow_dirs, resolver, ignore_timestamp,
-                              False, durable, seen)
+        depth = len(seen)
+        try:
+            if cand.how != "resolver":
+                check_allowed(cand.path, opts.allow_dirs)
+            parent = _open_member(cand.path, opts.parent_writable, replace(opts, parent_writable=False), seen)
+        except (FormatError, FileTypeError, BusyError, ParentOutsideError) as e:
+            del seen[depth:]
+            failed = failed or e
+            tried.append(f"{cand.how}: {cand.path} ({e})")
+            continue
         try:
             _check_parent_identity(file.name, f"{cand.how} {cand.path}", header,
-                                   parent.footer, ignore_timestamp)
+                                   parent.footer, opts.ignore_timestamp)
+            if not opts.ignore_timestamp:
+                _check_parent_unmodified(file.name, footer, parent)
         except ParentMismatchError as e:
             parent.close()
-            seen.pop()
-            mismatch = mismatch or e
-            tried.append(f"{cand.how}: {cand.path} (wrong UUID or timestamp)")
+            del seen[depth:]
+            failed = failed or e
+            tried.append(f"{cand.how}: {cand.path} ({e})")
             continue
         return parent
-    if mismatch is not None:
-        raise mismatch
+    if failed is not None:
+        raise failed
     detail = "; ".join(tried + notes) or "no locator, parent name or resolver"
     raise ParentNotFoundError(f"{file.name}: parent {header.parent_name or '?'} "
                               f"({header.parent_uuid}) not found: tried {detail}")
@@ -658,6 +712,48 @@ def _check_parent_identity(child: str, where: str, header: dh.DynamicHeader,
         raise ParentMismatchError(
             f"{child}: parent found by {where} has timestamp {parent.timestamp}, the child recorded "
             f"{header.parent_timestamp} (the parent changed?); pass --ignore-parent-timestamp to accept it")
+
+
+def _check_parent_unmodified(child: str, footer: ft.Footer, parent: Image) -> None:
+    """The parent's file was last modified before the child was made
+    (docs/formats/vhd.md, "Parents are not written"): otherwise the child's
+    view of the disk has changed under it."""
+    mtime = file_mtime_ns(parent.file)
+    if mtime is not None and mtime >= made_ns(footer):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime // 10 ** 9))
+        raise ParentMismatchError(
+            f"{child}: its parent {parent.file.name} was modified at {when}, after the child was made "
+            f"(timestamp {footer.timestamp}): the child would read changed data. If the parent was only "
+            "copied, copy it with its times kept (cp -p, rsync -a) or pass --ignore-parent-timestamp")
+
+
+def made_ns(footer: ft.Footer) -> int:
+    """The instant an image was made, from its footer timestamp, in Unix nanoseconds."""
+    return (footer.timestamp + ft.EPOCH_2000) * 10 ** 9
+
+
+def file_mtime_ns(file: RawFile) -> int | None:
+    fd = getattr(file, "fd", None)
+    return None if fd is None else os.fstat(fd).st_mtime_ns
+
+
+def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
+    """Set the parent's modification time to a whole second before the child
+    was made, so any later write to the parent (by us, qemu or anyone) gives
+    it a later time that _check_parent_unmodified sees. Synced."""
+    fd = getattr(parent.file, "fd", None)
+    if fd is None:
+        return
+    st = os.fstat(fd)
+    limit = made_ns(child_footer) - 10 ** 9
+    if st.st_mtime_ns <= limit:
+        return
+    try:
+        os.utime(fd, ns=(st.st_atime_ns, limit))
+        os.fsync(fd)
+    except PermissionError:
+        raise VhdError(f"{parent.file.name}: cannot set its modification time (not its owner), which a "
+                       "child needs to detect later writes to it") from None
 
 
 # -- creating --------------------------------------------------------------
@@ -722,13 +818,18 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
     except BaseException:
         parent.close()
         raise
+    # Made a second early and the parent's mtime pinned before it: any write
+    # to the parent from now on is seen as a change (_check_parent_unmodified).
+    made = ft.vhd_timestamp() - 1
     file = OsFile(path, writable=True, create=True)
     try:
         img = _write_sparse(file, path, ft.DiskType.DIFFERENCING, size, block_size, parent_info,
-                            locators, durable, None)
+                            locators, durable, None, made)
+        pin_parent_mtime(parent, img.footer)
     except BaseException:
         parent.close()
         file.close()
+        os.unlink(path)
         raise
     img.parent = parent
     return img
@@ -743,7 +844,7 @@ def _check_block_size(block_size: int) -> None:
 def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size: int,
                   block_size: int, parent: tuple[uuidlib.UUID, int, str] | None,
                   locators: list[tuple[int, str]], durable: bool,
-                  unique_id: uuidlib.UUID | None) -> SparseImage:
+                  unique_id: uuidlib.UUID | None, timestamp: int | None = None) -> SparseImage:
     """Lay out a new sparse image; the footer goes last, after a sync."""
     entries = -(-size // block_size)
     table_offset = ft.SIZE + dh.SIZE
@@ -759,7 +860,7 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     locs += [dh.EMPTY_LOCATOR] * (dh.LOCATOR_COUNT - len(locs))
     puuid, pts, pname = parent if parent else (uuidlib.UUID(int=0), 0, "")
     header = dh.DynamicHeader(table_offset, entries, block_size, puuid, pts, pname, tuple(locs))
-    footer = new_footer(disk_type, size, ft.SIZE, unique_id)
+    footer = new_footer(disk_type, size, ft.SIZE, unique_id, timestamp)
     table = array("I", [batlib.UNALLOCATED]) * entries
     if file.size():
         file.truncate(0)  # only when reusing a file: on ext4 a truncate to 0 makes close() flush

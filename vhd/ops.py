@@ -5,15 +5,21 @@ Each works on paths and leaves the image valid if interrupted:
   failure; the result is synced before convert returns;
 - merge writes the child's sectors into its parent and syncs the parent
   before it empties the child, so the chain reads the same at every instant;
+  the parent then gets a new timestamp, recorded in the merged child, so
+  the parent's other children see that it changed (docs/formats/vhd.md);
 - compact and a resize that needs a bigger BAT build a new file beside the
-  old one, sync it, and rename it into place;
+  old one, sync it, and rename it into place; a file left by a killed one
+  (NAME.rewrite-PID) is removed by the next compact or resize, which holds
+  the image's lock;
 - an in-place resize writes the new footer before removing the old one.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -27,7 +33,18 @@ from .chain import read_locator
 from .errors import UsageError, VhdError
 from .fileio import OsFile
 from .geometry import chs_for_size
-from .image import FixedImage, Image, SparseImage, _write_sparse, create_dynamic, create_fixed, is_vhd, open_image
+from .image import (
+    FixedImage,
+    Image,
+    SparseImage,
+    _write_sparse,
+    create_dynamic,
+    create_fixed,
+    file_mtime_ns,
+    is_vhd,
+    open_image,
+    pin_parent_mtime,
+)
 from .progress import Progress
 
 T = TypeVar("T")
@@ -268,10 +285,39 @@ def merge(child_path: str, *, allow_dirs: Sequence[str] | None = None, ignore_ti
                 pos += m
         parent.flush()  # the parent holds everything before the child lets go of it
         progress.close()
+        fd = getattr(child.file, "fd", None)
+        times = None if fd is None else os.fstat(fd)
+        _restamp(child, parent)
         _empty(child)
+        if fd is not None and times is not None:  # the chain reads the same: the child's children must still accept it
+            os.utime(fd, ns=(times.st_atime_ns, times.st_mtime_ns))
+            os.fsync(fd)
         return {"child": child_path, "parent": getattr(parent, "path", None), "merged_bytes": total}
     finally:
         child.close()
+
+
+def _restamp(child: SparseImage, parent: BlockDevice) -> None:
+    """After a merge the parent holds new data: give it a new timestamp, so
+    its other children no longer accept it, and record that timestamp in the
+    merged child, whose view did not change. The child's header is written
+    first: a crash in between leaves a mismatch that
+    --ignore-parent-timestamp overrides, never a sibling reading new data."""
+    if not isinstance(parent, (FixedImage, SparseImage)):
+        return
+    stamp = max(ft.vhd_timestamp() - 1, parent.footer.timestamp + 1)
+    child.header = replace(child.header, parent_timestamp=stamp)
+    child.file.pwrite(child.header.pack(), child.footer.data_offset)
+    child.file.sync()
+    footer = replace(parent.footer, timestamp=stamp)
+    raw = footer.pack()
+    parent.file.pwrite(raw, parent.file.size() - ft.SIZE)
+    if isinstance(parent, SparseImage):
+        parent.file.pwrite(raw, 0)
+        parent._footer_raw = raw
+    parent.footer = footer
+    parent.file.sync()
+    pin_parent_mtime(parent, child.footer)
 
 
 def _own_runs(img: SparseImage) -> list[tuple[int, int]]:
@@ -320,6 +366,7 @@ def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
     try:
         if not isinstance(img, SparseImage):
             raise UsageError(f"{path} is a fixed image: compact works on dynamic and differencing images")
+        remove_stale_rewrites(path)
         before = img.file.size()
         kept = _rewrite(img, img.size, drop_empty=True, show_progress=show_progress)
     finally:
@@ -327,9 +374,23 @@ def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
     return {"path": path, "blocks_kept": kept, "size_before": before, "size_after": os.stat(path).st_size}
 
 
+def remove_stale_rewrites(path: str) -> list[str]:
+    """Remove PATH.rewrite-PID files a killed compact or resize left. Call
+    only while holding the image's write lock: then no rewrite of it runs."""
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.rewrite-[0-9]+")
+    gone = []
+    for name in glob.glob(glob.escape(path) + ".rewrite-*"):
+        if pattern.fullmatch(os.path.basename(name)) and os.path.isfile(name):
+            os.unlink(name)
+            gone.append(name)
+    return gone
+
+
 def _rewrite(img: SparseImage, size: int, drop_empty: bool,
              show_progress: bool | None = None) -> int:
-    """Write the image anew beside itself (same identity, new size), sync, rename over."""
+    """Write the image anew beside itself (same identity, new size), sync,
+    rename over. Compacting (drop_empty) keeps the file's modification time:
+    the disk reads the same, so its children must still accept it."""
     tmp = f"{img.path}.rewrite-{os.getpid()}"
     blocks = img.allocated_blocks()
     progress = Progress(f"rewrite {os.path.basename(img.path or '')}", len(blocks) * img.block_size, show_progress)
@@ -354,7 +415,10 @@ def _rewrite(img: SparseImage, size: int, drop_empty: bool,
         new.flush()
         out.pwrite(new._footer_raw, 0)
         out.pwrite(new._footer_raw, out.size() - ft.SIZE)
-        out.sync()
+        mtime = file_mtime_ns(img.file)
+        if drop_empty and mtime is not None:
+            os.utime(out.fd, ns=(mtime, mtime))
+        os.fsync(out.fd)  # data, and the kept time, before the rename makes it the image
         progress.close()
         os.replace(tmp, img.path or "")
         _sync_dir(os.path.dirname(os.path.abspath(img.path or ".")))
@@ -425,6 +489,7 @@ def _grow_sparse(img: SparseImage, new_size: int) -> str:
     first_used = min([e * 512 for e in img.bat if e != batlib.UNALLOCATED] + [img.file.size() - ft.SIZE]
                      + [loc.data_offset for loc in h.locators if loc.platform != dh.PLATFORM_NONE])
     if h.table_offset + entries * 4 > first_used:
+        remove_stale_rewrites(img.path or "")
         _rewrite(img, new_size, drop_empty=False)  # img now holds the replaced, unlinked file
         return "rewritten with a larger BAT"
     if entries > h.max_table_entries:

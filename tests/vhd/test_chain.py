@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 
 import vhd
 from vhd import dynamic_header as dh
 from vhd.errors import ParentLoopError, ParentMismatchError, ParentNotFoundError, ParentOutsideError
+
+from ..conftest import run
 
 MIB = 1 << 20
 
@@ -151,3 +155,54 @@ def test_missing_parent_names_what_was_tried(tmp_path):
     os.unlink(paths[0])
     with pytest.raises(ParentNotFoundError, match="W2ru locator"):
         vhd.open(paths[1])
+
+
+def _vhd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("how", ["api", "cli", "qemu-io"])
+def test_a_write_to_a_parent_after_its_child_is_detected(tmp_path, how):
+    paths = make_chain(tmp_path, 1)
+    with vhd.open(paths[1]) as child:
+        before = child.read(0, 8192)
+    if how == "api":
+        with vhd.open(paths[0], writable=True) as p:
+            p.write(0, b"X" * 512)
+    elif how == "cli":
+        assert _vhd_cli("write", paths[0], "--pattern", "0x58", "--length", "512").returncode == 0
+    else:
+        run("qemu-io", "-f", "vpc", "-c", "write -P 0x58 0 512", paths[0])
+    with pytest.raises(ParentMismatchError, match="modified"):
+        vhd.open(paths[1])
+    report = vhd.check(paths[1])
+    assert not report.ok and any("modified" in p.message for p in report.problems)
+    r = _vhd_cli("info", paths[1])
+    assert r.returncode == 1 and "--ignore-parent-timestamp" in r.stderr
+    with vhd.open(paths[1], ignore_timestamp=True) as child:  # the user's override
+        assert child.read(0, 8192) != before
+
+
+def test_a_siblings_merge_is_detected_and_the_merged_child_still_opens(tmp_path):
+    paths = make_chain(tmp_path, 1)
+    sibling = str(tmp_path / "sibling.vhd")
+    vhd.create(sibling, parent=paths[0], block_size=64 << 10).close()
+    with vhd.open(paths[1]) as child:
+        view = child.read(0, 2 * MIB)
+    vhd.merge(paths[1])
+    with vhd.open(paths[1]) as child:  # empty now, reading its data from the parent
+        assert child.read(0, 2 * MIB) == view and child.allocated_blocks() == []
+    with pytest.raises(ParentMismatchError):
+        vhd.open(sibling)
+    assert not vhd.check(sibling).ok and vhd.check(paths[1]).ok
+
+
+def test_operations_that_keep_the_view_keep_children_working(tmp_path):
+    paths = make_chain(tmp_path, 2)
+    with vhd.open(paths[2]) as top:
+        view = top.read(0, 2 * MIB)
+    vhd.compact(paths[0])  # a rewrite of the bottom image: same data
+    vhd.merge(paths[1])  # l1 into l0: l2 still reads l1 (now empty) over l0
+    with vhd.open(paths[2]) as top:
+        assert top.read(0, 2 * MIB) == view
+    assert vhd.check(paths[2]).ok

@@ -1,0 +1,120 @@
+"""Files an adversary hands us: FIFOs, folders, symlink loops and hostile
+locators as images or parents. Every one is a VhdError naming the file, at
+once (never a hang, never an OSError or OverflowError from the API)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import vhd
+from vhd import dynamic_header as dh
+from vhd.errors import FileTypeError, ParentNotFoundError
+
+from .test_chain import make_chain
+
+MIB = 1 << 20
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The vhd command, bounded: a hang is a failure, not a stuck test run."""
+    try:
+        return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vhd {' '.join(args)} did not return within {timeout} s")
+
+
+def test_a_fifo_as_the_image_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "x.vhd"
+    os.mkfifo(fifo)
+    for cmd in ("info", "check", "read", "map"):
+        r = cli(cmd, str(fifo))
+        assert r.returncode == 1, r.stderr
+        assert "FIFO" in r.stderr and str(fifo) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_fifo_as_the_parent_is_refused_at_once(tmp_path):
+    paths = make_chain(tmp_path, 1)
+    os.unlink(paths[0])
+    os.mkfifo(paths[0])
+    r = cli("info", paths[1])
+    assert r.returncode == 1 and "FIFO" in r.stderr and paths[0] in r.stderr, r.stderr
+    with pytest.raises(FileTypeError, match="FIFO"):
+        vhd.open(paths[1])
+
+
+def test_folders_and_symlink_loops_are_vhd_errors_naming_the_file(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for bad in (tmp_path, tmp_path / "a"):
+        with pytest.raises(FileTypeError, match=str(bad)):
+            vhd.open(bad)
+        with pytest.raises(vhd.VhdError, match=str(bad)):
+            vhd.check(str(bad))
+    paths = make_chain(tmp_path, 1)
+    os.unlink(paths[0])
+    os.mkdir(paths[0])  # the parent's name is a folder now
+    with pytest.raises(FileTypeError, match="l0.vhd"):
+        vhd.open(paths[1])
+    os.rmdir(paths[0])
+    os.symlink(paths[0], paths[0])  # a link to itself
+    with pytest.raises(vhd.VhdError, match="l0.vhd"):
+        vhd.open(paths[1])
+
+
+def _set_locator(path: str, index: int, *, offset: int | None = None, text: str | None = None) -> None:
+    """Point locator `index` at `offset`, or store `text` in its data space."""
+    raw = bytearray(open(path, "rb").read())
+    at = 512 + 576 + 24 * index
+    code, space, length, res, off = struct.unpack_from(">IIIIQ", raw, at)
+    if text is not None:
+        data = text.encode("utf-16-le")
+        raw[off:off + space] = data.ljust(space, b"\0")
+        length = len(data)
+    struct.pack_into(">IIIIQ", raw, at, code, space, length, res, off if offset is None else offset)
+    struct.pack_into(">I", raw, 512 + 36, dh.checksum(raw[512:1536]))
+    open(path, "wb").write(raw)
+
+
+@pytest.mark.parametrize("offset", [1 << 63, (1 << 64) - 512, 1 << 40])
+def test_a_locator_offset_past_the_file_does_not_hide_the_next_one(tmp_path, offset):
+    paths = make_chain(tmp_path, 1)
+    _set_locator(paths[1], 0, offset=offset)  # W2ru unreadable; W2ku (absolute) still good
+    os.rename(tmp_path / "l0.vhd", tmp_path / "renamed.vhd")  # and the parent name is stale
+    _set_locator(paths[1], 1, text=str(tmp_path / "renamed.vhd"))
+    with vhd.open(paths[1]) as c:
+        assert c.read(4096, 1) == b"1"
+    r = cli("check", paths[1])  # reported as damage, without a traceback
+    assert r.returncode == 1 and "parent locator 0" in r.stdout and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text", ["", ".", ".\\", "sub", "..\\x\\.."])
+def test_a_locator_naming_a_folder_is_skipped(tmp_path, text):
+    paths = make_chain(tmp_path, 1)
+    (tmp_path / "sub").mkdir()
+    _set_locator(paths[1], 0, text=text)  # W2ru names the child's own folder (or one near it)
+    with vhd.open(paths[1]) as c:  # W2ku still finds the parent
+        assert c.read(4096, 1) == b"1"
+    os.unlink(paths[0])
+    with pytest.raises(vhd.VhdError):
+        vhd.open(paths[1])
+    _set_locator(paths[1], 0, text="")
+    with pytest.raises(ParentNotFoundError, match="W2ru locator: '' names no file"):
+        vhd.open(paths[1])
+
+
+def test_a_format_error_in_a_parent_names_the_parents_file(tmp_path):
+    paths = make_chain(tmp_path, 2)
+    raw = bytearray(open(paths[0], "rb").read())
+    raw[-512:-504] = b"garbage!"
+    raw[:8] = b"garbage!"
+    open(paths[0], "wb").write(raw)
+    with pytest.raises(vhd.FormatError, match=r"^\S*l0\.vhd: footer: bad cookie"):
+        vhd.open(paths[2])
+    r = cli("info", paths[2])
+    assert r.returncode == 1 and "l0.vhd" in r.stderr, r.stderr
