@@ -3,10 +3,24 @@
 The walk is lenient (it keeps going after a problem) where open() is strict,
 so one run lists everything wrong. Problems are errors (the image is wrong)
 or warnings (wasted space, fields other tools may read differently).
-Repairable, because no data depends on the damaged copy: a footer or header
-whose only fault is its checksum, a footer mirror that differs from the
-footer, an end footer damaged while its mirror is good. Anything touching
-the BAT or data is reported, never "fixed".
+
+Repair rules (issue 16: a repair never makes an image worse):
+- a footer copy "verifies" when its checksum and fields are right and it
+  agrees with the file (a fixed disk's size, a sparse disk's header);
+- a damaged copy is rewritten only from a copy that verifies, never from
+  itself with a recomputed checksum: with one bit flipped anywhere the
+  checksum cannot say which field is wrong, and a flipped unique id or
+  timestamp would break every child;
+- two verifying copies that disagree on the identity children record
+  (unique id, timestamp) are reported, not chosen between;
+- the dynamic header has no copy: its checksum is recomputed only when the
+  file then passes the whole walk and, for a differencing image, still
+  opens with its parent;
+- every repair is planned first and tried on an overlay of the file; if
+  the result would not check clean nothing is written, and the report says
+  so. The file's modification time is kept (children check it).
+Anything touching the BAT or data is reported, never "fixed".
+A chain is checked by opening it once and walking each member's file once.
 `azure_rules()` are exactly the rules for uploading a VHD as a managed disk.
 """
 
@@ -22,7 +36,7 @@ from . import footer as ft
 from .errors import FormatError, VhdError
 from .fileio import OsFile, RawFile
 from .geometry import MAX_CHS_SECTORS, chs_for_size
-from .image import open_image
+from .image import SECTOR, open_image
 
 MIB = 1024 * 1024
 AZURE_MIN = 20 * MIB
@@ -76,8 +90,43 @@ class _Walk:
     report: Report
     footer: ft.Footer | None = None
     footer_at: int = 0
+    footer_trusted: bool = False  # a copy verified: repairs may build on it
     header: dh.DynamicHeader | None = None
-    mirror_ok: bool = False
+    patches: list[tuple[int, bytes, str]] = field(default_factory=list)  # what --repair writes
+
+
+class _Overlay:
+    """A read-only view of a file with planned repairs applied: the repair
+    is checked on it before a byte is written."""
+
+    def __init__(self, base: RawFile, patches: list[tuple[int, bytes, str]]) -> None:
+        self.base, self.patches, self.name = base, patches, base.name
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = bytearray(self.base.pread(length, offset))
+        for at, raw, _ in self.patches:
+            lo, hi = max(at, offset), min(at + len(raw), offset + len(data))
+            if lo < hi:
+                data[lo - offset:hi - offset] = raw[lo - at:hi - at]
+        return bytes(data)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        raise VhdError(f"{self.name}: a repair overlay is read-only")
+
+    def size(self) -> int:
+        return self.base.size()
+
+    def truncate(self, size: int) -> None:
+        raise VhdError(f"{self.name}: a repair overlay is read-only")
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass  # the base file belongs to the caller
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(offset, length)]
 
 
 def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
@@ -93,16 +142,16 @@ def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
         return report
     path = target
     report = Report(path)
-    file = OsFile(path, writable=repair)
+    file = OsFile(path, writable=repair, allow_block=True)
     try:
         walk = _Walk(file, report)
         _walk(walk)
-        if repair and any(p.repair for p in report.problems):
-            _repair(walk)
-            file.sync()
+        _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
+        if repair and walk.patches:
+            _apply(walk)
             file.close()
             again = check(path, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
-            again.repaired = [p.repair for p in report.problems if p.repair]
+            again.repaired = [what for _, _, what in walk.patches]
             return again
     finally:
         file.close()
@@ -128,36 +177,69 @@ def _walk(w: _Walk) -> None:
             w.report.add("error", "footer current size", w.footer_at + 48,
                          f"{f.current_size} but the file holds {size - ft.SIZE} bytes of data")
         return
+    if size % SECTOR:
+        w.report.add("error", "file length", size, f"{size} bytes is not a whole number of sectors")
     _walk_sparse(w, size)
 
 
+def _verify_footer(file: RawFile, raw: bytes, at: int, size: int) -> tuple[ft.Footer | None, str]:
+    """The footer in `raw` if it verifies (see the module comment), else the reason it does not."""
+    try:
+        f = ft.Footer.unpack(raw, at)
+    except FormatError as e:
+        return None, f"bad {e.field}: {e.detail}"
+    if f.disk_type is ft.DiskType.FIXED:
+        if size != f.current_size + ft.SIZE:
+            return None, f"current size {f.current_size} does not match the file's {size - ft.SIZE} bytes of data"
+        return f, ""
+    hoff = f.data_offset
+    if hoff < ft.SIZE or hoff + dh.SIZE > size - ft.SIZE:
+        return None, f"data offset {hoff} is outside the file"
+    try:
+        h = dh.DynamicHeader.unpack(file.pread(dh.SIZE, hoff), hoff, verify_checksum=False)
+    except FormatError as e:
+        return None, f"data offset {hoff} does not lead to a dynamic header (bad {e.field})"
+    if h.max_table_entries * h.block_size < f.current_size:
+        return None, f"current size {f.current_size} is more than the BAT at {hoff} can map"
+    return f, ""
+
+
 def _read_footers(w: _Walk, size: int) -> None:
-    """Pick the footer to trust: the one at the end, else a good mirror."""
+    """Pick the footer copy to trust: the one at the end, else a mirror that verifies."""
     at = size - ft.SIZE
     end_raw = w.file.pread(ft.SIZE, at)
-    end_report = Report(w.report.path)
-    end = _lenient_footer(end_report, end_raw, at, "footer")
-    mirror = None
-    if size >= 3 * ft.SIZE and w.file.pread(8, 0) == ft.COOKIE:
-        mirror_raw = w.file.pread(ft.SIZE, 0)
-        mirror_report = Report(w.report.path)
-        mirror = _lenient_footer(mirror_report, mirror_raw, 0, "footer mirror")
-        w.mirror_ok = mirror is not None and mirror.pack() == mirror_raw
-    if end is None and mirror is not None and w.mirror_ok and mirror.disk_type is not ft.DiskType.FIXED:
-        w.report.add("error", "footer", at, "the footer at the end is damaged; its mirror at offset 0 is good",
-                     repair="rewrite the end footer from the mirror")
-        w.footer, w.footer_at = mirror, 0
+    end, why = _verify_footer(w.file, end_raw, at, size)
+    mirror_raw = w.file.pread(ft.SIZE, 0) if size >= 3 * ft.SIZE else b""
+    mirror, _ = _verify_footer(w.file, mirror_raw, 0, size) if mirror_raw[:8] == ft.COOKIE else (None, "")
+    if end is not None:
+        w.footer, w.footer_at, w.footer_trusted = end, at, True
+        if end.disk_type is not ft.DiskType.FIXED and mirror_raw != end_raw:
+            _mirror_differs(w, end, mirror, end_raw)
         return
-    w.report.problems += end_report.problems
-    w.footer, w.footer_at = end, at
-    if end is None or end.disk_type is ft.DiskType.FIXED:
+    if mirror is not None and mirror.disk_type is not ft.DiskType.FIXED:
+        w.report.add("error", "footer", at, f"the footer at the end is damaged ({why}); "
+                     "its mirror at offset 0 verifies", repair="rewrite the end footer from the mirror")
+        w.patches.append((at, mirror_raw, "rewrote the end footer from the mirror at offset 0"))
+        w.footer, w.footer_at, w.footer_trusted = mirror, 0, True
         return
-    if mirror is None:
-        w.report.add("error", "footer mirror", 0, "no valid footer copy at offset 0",
-                     repair="copy the footer to offset 0")
-    elif mirror.pack() != end.pack() or not w.mirror_ok:
-        w.report.add("error", "footer mirror", 0, "the copy at offset 0 differs from the footer",
-                     repair="copy the footer to offset 0")
+    # No copy verifies: say what is wrong and keep walking with what parses,
+    # but repair nothing (there is no copy to repair from).
+    w.footer, w.footer_at = _lenient_footer(w.report, end_raw, at, "footer"), at
+    if w.footer is not None and w.footer.disk_type is not ft.DiskType.FIXED:
+        w.report.add("error", "footer mirror", 0, "the copy at offset 0 does not verify either: "
+                     "not repairable (no good copy to repair from)")
+
+
+def _mirror_differs(w: _Walk, end: ft.Footer, mirror: ft.Footer | None, end_raw: bytes) -> None:
+    if mirror is not None and (mirror.unique_id, mirror.timestamp) != (end.unique_id, end.timestamp):
+        w.report.add("error", "footer mirror", 0,
+                     f"both footer copies verify but name different images (unique id {mirror.unique_id} / "
+                     f"{end.unique_id}, timestamp {mirror.timestamp} / {end.timestamp}); children record one "
+                     "of them, so neither is chosen: not repairable")
+        return
+    w.report.add("error", "footer mirror", 0, "the copy at offset 0 differs from the footer",
+                 repair="copy the footer to offset 0")
+    w.patches.append((0, end_raw, "copied the end footer to offset 0"))
 
 
 def _lenient_footer(report: Report, raw: bytes, at: int, name: str) -> ft.Footer | None:
@@ -168,9 +250,47 @@ def _lenient_footer(report: Report, raw: bytes, at: int, name: str) -> ft.Footer
         return None
     if f.checksum != ft.checksum(raw):
         report.add("error", f"{name} checksum", at + 64,
-                     f"stored {f.checksum:#010x}, computed {ft.checksum(raw):#010x}",
-                     repair=f"recompute the {name} checksum")
+                   f"stored {f.checksum:#010x}, computed {ft.checksum(raw):#010x}; with no second copy "
+                   "that verifies, any field may be the damaged one: not repairable")
     return f
+
+
+def _vet_repairs(w: _Walk, path: str, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:
+    """Drop the planned repairs (and their "repairable" labels) unless the
+    file with them applied checks clean and, if the header changes in a
+    differencing image, still opens with its parent."""
+    if not w.patches:
+        return
+    overlay = _Overlay(w.file, w.patches)
+    trial = _Walk(overlay, Report(w.report.path))
+    _walk(trial)
+    reason = "; ".join(str(p) for p in trial.report.problems if p.severity == "error")
+    header_changes = any(at == (w.footer.data_offset if w.footer else -1) for at, _, _ in w.patches)
+    if not reason and header_changes and trial.footer and trial.footer.disk_type is ft.DiskType.DIFFERENCING:
+        try:
+            open_image(overlay, path=path, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp).close()
+        except VhdError as e:
+            reason = str(e)
+    if not reason:
+        return
+    w.patches.clear()
+    for p in w.report.problems:
+        p.repair = None
+    w.report.add("error", "repair", 0, f"not repairable: after the planned repair the image would still "
+                 f"be broken ({reason})")
+
+
+def _apply(w: _Walk) -> None:
+    """Write the vetted copies, sync, and keep the file's modification time:
+    a repaired parent reads the same, so its children must still accept it."""
+    fd = getattr(w.file, "fd", None)
+    st = os.fstat(fd) if fd is not None else None
+    for at, raw, _ in w.patches:
+        w.file.pwrite(raw, at)
+    w.file.sync()
+    if fd is not None and st is not None:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.fsync(fd)
 
 
 def _footer_fields(w: _Walk, f: ft.Footer) -> None:
@@ -205,9 +325,14 @@ def _walk_sparse(w: _Walk, size: int) -> None:
         return
     w.header = h
     if h.checksum != dh.checksum(raw):
-        w.report.add("error", "dynamic header checksum", hoff + 36,
-                     f"stored {h.checksum:#010x}, computed {dh.checksum(raw):#010x}",
-                     repair="recompute the dynamic header checksum")
+        if w.footer_trusted:
+            w.report.add("error", "dynamic header checksum", hoff + 36,
+                         f"stored {h.checksum:#010x}, computed {dh.checksum(raw):#010x}",
+                         repair="recompute the dynamic header checksum")
+            w.patches.append((hoff, h.pack(), "recomputed the dynamic header checksum"))
+        else:
+            w.report.add("error", "dynamic header checksum", hoff + 36,
+                         f"stored {h.checksum:#010x}, computed {dh.checksum(raw):#010x}")
     if h.data_offset != dh.NO_DATA_OFFSET:
         w.report.add("warning", "dynamic header data offset", hoff + 8, f"{h.data_offset:#x}, expected all ones")
     needed = -(-f.current_size // h.block_size)
@@ -269,6 +394,9 @@ def _check_overlaps(w: _Walk, regions: list[tuple[int, int, str]], end: int) -> 
 
 
 def _check_chain(path: str, report: Report, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:
+    """Open the chain once (which proves the links) and walk each parent's
+    file once through the descriptor the chain holds: linear in the depth,
+    one descriptor per member."""
     try:
         img = open_image(path, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
     except VhdError as e:
@@ -276,28 +404,16 @@ def _check_chain(path: str, report: Report, allow_dirs: Sequence[str] | None, ig
         return
     try:
         for member in img.chain()[1:]:
-            mpath = getattr(member, "path", None)
-            if mpath:
-                sub = check(mpath, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
-                for p in sub.problems:
-                    if p.severity == "error":
-                        report.add("error", f"parent {mpath}: {p.where}", p.offset, p.message)
+            file = getattr(member, "file", None)
+            if file is None:
+                continue
+            sub = Report(file.name)
+            _walk(_Walk(file, sub))
+            for p in sub.problems:
+                if p.severity == "error":
+                    report.add("error", f"parent {file.name}: {p.where}", p.offset, p.message)
     finally:
         img.close()
-
-
-def _repair(w: _Walk) -> None:
-    """Rewrite the damaged copies from the good one; never touch BAT or data."""
-    f = w.footer
-    if f is None:
-        return
-    good = f.pack()  # pack() recomputes the checksum
-    size = w.file.size()
-    w.file.pwrite(good, size - ft.SIZE)
-    if f.disk_type is not ft.DiskType.FIXED:
-        w.file.pwrite(good, 0)
-    if w.header is not None:
-        w.file.pwrite(w.header.pack(), f.data_offset)
 
 
 def azure_rules(path: str, f: ft.Footer | None, file_size: int, report: Report) -> None:

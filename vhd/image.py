@@ -810,6 +810,9 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
     path, ppath = os.fspath(target), os.path.abspath(os.fspath(parent_path))
     parent = open_image(ppath, allow_dirs=allow_dirs)
     try:
+        if len(parent.chain()) >= MAX_CHAIN_DEPTH:
+            raise UsageError(f"{ppath} heads a chain of {MAX_CHAIN_DEPTH} images already: a child would "
+                             f"pass the {MAX_CHAIN_DEPTH} levels a chain may have (merge or convert it first)")
         rel = os.path.relpath(ppath, os.path.dirname(os.path.abspath(path)))
         locators = [(dh.W2RU, (".\\" + rel.replace("/", "\\")) if not rel.startswith("..") else rel.replace("/", "\\")),
                     (dh.W2KU, ppath)]

@@ -206,3 +206,43 @@ def test_operations_that_keep_the_view_keep_children_working(tmp_path):
     with vhd.open(paths[2]) as top:
         assert top.read(0, 2 * MIB) == view
     assert vhd.check(paths[2]).ok
+
+
+def test_check_walks_each_member_of_a_chain_once(tmp_path, monkeypatch):
+    checkmod = sys.modules["vhd.check"]  # the module (vhd.check is the function)
+    paths = make_chain(tmp_path, 12)
+    walked: list[str] = []
+    real_walk = checkmod._walk
+    monkeypatch.setattr(checkmod, "_walk", lambda w: (walked.append(w.file.name), real_walk(w))[1])
+    assert vhd.check(paths[-1]).ok
+    assert sorted(walked) == sorted(paths)  # once each: linear in the depth
+
+
+def _deep_chain(d, depth: int) -> list[str]:
+    paths = [str(d / "l0.vhd")]
+    vhd.create(paths[0], MIB, block_size=64 << 10).close()
+    for i in range(1, depth):
+        paths.append(str(d / f"l{i}.vhd"))
+        with vhd.create(paths[-1], parent=paths[-2], block_size=64 << 10) as img:
+            img.write((i % 16) * 65536, bytes([i % 256]) * 512)
+    return paths
+
+
+def test_the_promised_256_levels_check_and_read_with_bounded_descriptors(tmp_path):
+    import resource
+
+    paths = _deep_chain(tmp_path, 256)
+
+    def few_descriptors() -> None:  # the chain's 256 plus the interpreter's own
+        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
+
+    r = subprocess.run([sys.executable, "-m", "vhd", "check", paths[-1]], capture_output=True, text=True,
+                       timeout=300, preexec_fn=few_descriptors)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with vhd.open(paths[-1]) as top:
+        assert len(top.chain()) == 256
+        assert top.read(15 * 65536, 512) == bytes([255]) * 512
+        assert top.read(0, 512) == bytes([240]) * 512
+    with pytest.raises(vhd.UsageError, match="256"):
+        vhd.create(tmp_path / "l256.vhd", parent=paths[-1])
+    assert not os.path.exists(tmp_path / "l256.vhd")
