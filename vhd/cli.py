@@ -16,6 +16,7 @@ from contextlib import closing
 from typing import Any
 
 from . import dynamic_header as dh
+from .blockdev import FileDevice, check_range
 from .check import check
 from .errors import UsageError, VhdError
 from .image import create_differencing, create_dynamic, create_fixed, open_image
@@ -36,6 +37,7 @@ EPILOG = """examples:
 Parents of differencing images are searched only in the folder of the image
 you name; add others with --allow-dir. Exit status: 0 ok, 1 problem found,
 2 usage error."""
+CHUNK = 4 << 20  # read and write pieces: memory stays bounded whatever --length says
 
 
 def _size(text: str) -> int:
@@ -57,6 +59,18 @@ def _chain_opts(p: argparse.ArgumentParser) -> None:
                         "default: the folder of the image)")
     p.add_argument("--ignore-parent-timestamp", action="store_true",
                    help="accept a parent whose timestamp differs from the one the child recorded")
+
+
+def _source_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source-format", default="auto", choices=["auto", "raw", "vhd"],
+                   help="auto (default): a VHD if it has a footer, else raw (said on stderr); "
+                        "a file that looks like a damaged VHD is refused")
+
+
+def _say_raw(a: argparse.Namespace, dev: object) -> None:
+    """Tell the user when auto-detection read the file as a raw disk."""
+    if a.source_format == "auto" and isinstance(dev, FileDevice):
+        print(f"vhd {a.cmd}: {a.path}: no VHD footer: read as a raw disk", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("target")
     p.add_argument("--to", required=True, choices=["raw", "fixed", "dynamic"])
-    p.add_argument("--source-format", default="auto", choices=["auto", "raw", "vhd"])
+    _source_format(p)
     p.add_argument("--block-size", type=_size, default=dh.DEFAULT_BLOCK_SIZE)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
@@ -121,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("map", help="allocation map as JSON (data / zero ranges)")
     p.add_argument("path")
+    _source_format(p)
     _chain_opts(p)
 
     p = sub.add_parser("read", help="write a range of the virtual disk to stdout or a file")
@@ -128,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=_offset, default=0)
     p.add_argument("--length", type=_size, help="default: to the end of the disk")
     p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    _source_format(p)
     _chain_opts(p)
 
     p = sub.add_parser("serve", help="export images over NBD (nbdinfo, nbdcopy, qemu-img, fio...)",
@@ -216,8 +232,11 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    _print(convert(a.source, a.target, a.to, block_size=a.block_size, src_format=a.source_format,
-                   show_progress=a.progress, sync=not a.no_sync, **_chain_kw(a)))
+    result = convert(a.source, a.target, a.to, block_size=a.block_size, src_format=a.source_format,
+                     show_progress=a.progress, sync=not a.no_sync, **_chain_kw(a))
+    if a.source_format == "auto" and result["source_format"] == "raw":
+        print(f"vhd convert: {a.source}: no VHD footer: read as a raw disk", file=sys.stderr)
+    _print(result)
     return 0
 
 
@@ -237,25 +256,37 @@ def cmd_resize(a: argparse.Namespace) -> int:
 
 
 def cmd_map(a: argparse.Namespace) -> int:
-    with closing(open_device(a.path, **_chain_kw(a))) as dev:
+    with closing(open_device(a.path, fmt=a.source_format, **_chain_kw(a))) as dev:
+        _say_raw(a, dev)
         _print([e.to_json() for e in dev.allocation(0, dev.size)])
     return 0
 
 
 def cmd_read(a: argparse.Namespace) -> int:
-    with closing(open_device(a.path, **_chain_kw(a))) as dev:
+    with closing(open_device(a.path, fmt=a.source_format, **_chain_kw(a))) as dev:
+        _say_raw(a, dev)
         length = dev.size - a.offset if a.length is None else a.length
-        out = open(a.output, "wb") if a.output else sys.stdout.buffer
+        check_range(dev.size, a.offset, length)  # before any output file exists
+        if not a.output:
+            _copy_out(dev, a.offset, length, sys.stdout.buffer)
+            return 0
+        created = not os.path.exists(a.output)
         try:
-            pos = a.offset
-            while pos < a.offset + length:
-                n = min(4 << 20, a.offset + length - pos)
-                out.write(dev.read(pos, n))
-                pos += n
-        finally:
-            if a.output:
-                out.close()
+            with open(a.output, "wb") as out:
+                _copy_out(dev, a.offset, length, out)
+        except BaseException:
+            if created and os.path.isfile(a.output):
+                os.unlink(a.output)  # no partial file left behind
+            raise
     return 0
+
+
+def _copy_out(dev: Any, offset: int, length: int, out: Any) -> None:
+    pos = offset
+    while pos < offset + length:
+        n = min(CHUNK, offset + length - pos)
+        out.write(dev.read(pos, n))
+        pos += n
 
 
 def cmd_write(a: argparse.Namespace) -> int:
@@ -264,14 +295,27 @@ def cmd_write(a: argparse.Namespace) -> int:
             raise UsageError("--pattern needs --length")
         if not 0 <= a.pattern <= 255:
             raise UsageError("--pattern is one byte: 0 to 255")
-        data = bytes([a.pattern]) * a.length
-    else:
-        with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
-            data = f.read()
     with closing(open_device(a.path, writable=True, **_chain_kw(a))) as dev:
-        dev.write(a.offset, data)
+        if a.pattern is not None:
+            check_range(dev.size, a.offset, a.length)  # before any buffer is built
+            _write_pattern(dev, a.offset, a.length, a.pattern)
+        else:
+            with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
+                room = max(dev.size - a.offset, 0)
+                data = f.read(room + 1)  # one byte more than fits tells a too-long input
+            check_range(dev.size, a.offset, len(data))
+            dev.write(a.offset, data)
         dev.flush()
     return 0
+
+
+def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:
+    chunk = bytes([value]) * min(length, CHUNK)
+    pos = offset
+    while pos < offset + length:
+        n = min(len(chunk), offset + length - pos)
+        dev.write(pos, chunk if n == len(chunk) else chunk[:n])
+        pos += n
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

@@ -508,6 +508,26 @@ def is_vhd(file: RawFile) -> bool:
             or (size >= 3 * ft.SIZE and file.pread(8, 0) == ft.COOKIE))
 
 
+def damaged_vhd_reason(file: RawFile) -> str | None:
+    """Why a file that is_vhd() refuses still looks like a VHD (a footer or
+    dynamic header cookie with a few bytes changed, or a footer whose
+    checksum matches its bytes), or None: then it reads as a raw disk."""
+    size = file.size()
+    near = [(size - ft.SIZE, ft.COOKIE, "footer cookie at the end")]
+    if size >= 3 * ft.SIZE:
+        near += [(0, ft.COOKIE, "footer cookie at offset 0"), (ft.SIZE, dh.COOKIE, "dynamic header cookie at 512")]
+    for at, cookie, what in near:
+        got = file.pread(len(cookie), at) if at >= 0 else b""
+        same = sum(a == b for a, b in zip(got, cookie, strict=False))
+        if 4 <= same < len(cookie):
+            return f"a damaged {what} ({got!r})"
+    if size >= ft.SIZE:
+        raw = file.pread(ft.SIZE, size - ft.SIZE)
+        if any(raw) and int.from_bytes(raw[64:68], "big") == ft.checksum(raw):
+            return "a footer at the end whose checksum matches but whose cookie is wrong"
+    return None
+
+
 def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHeader, array[int]]:
     size = file.size()
     end = size - ft.SIZE

@@ -30,7 +30,7 @@ from . import dynamic_header as dh
 from . import footer as ft
 from .blockdev import Alloc, BlockDevice, FileDevice, is_zero
 from .chain import read_locator
-from .errors import UsageError, VhdError
+from .errors import FormatError, UsageError, VhdError
 from .fileio import OsFile
 from .geometry import chs_for_size
 from .image import (
@@ -40,6 +40,7 @@ from .image import (
     _write_sparse,
     create_dynamic,
     create_fixed,
+    damaged_vhd_reason,
     file_mtime_ns,
     is_vhd,
     open_image,
@@ -59,14 +60,26 @@ def open_device(path: str, *, writable: bool = False, fmt: str = "auto",
     if fmt not in ("auto", "raw", "vhd"):
         raise UsageError(f"unknown source format {fmt!r}: use auto, raw or vhd")
     if fmt == "auto":
-        probe = OsFile(path, lock=False)
-        try:
-            fmt = "vhd" if is_vhd(probe) else "raw"
-        finally:
-            probe.close()
+        fmt = detect_format(path)
     if fmt == "raw":
-        return FileDevice.open(path, readonly=not writable)
+        return FileDevice(OsFile(path, writable=writable, allow_block=True), readonly=not writable)
     return open_image(path, writable=writable, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+
+
+def detect_format(path: str) -> str:
+    """"vhd" or "raw" for a path; a file that looks like a damaged VHD is
+    refused rather than silently read as a raw disk."""
+    probe = OsFile(path, lock=False, allow_block=True)
+    try:
+        if is_vhd(probe):
+            return "vhd"
+        why = damaged_vhd_reason(probe)
+    finally:
+        probe.close()
+    if why:
+        raise FormatError(f"{path}: looks like a damaged VHD", "cookie", 0,
+                          f"{why}; run `vhd check {path}`, or pass --source-format raw to read it as a raw disk")
+    return "raw"
 
 
 def info(img: BlockDevice) -> dict[str, Any]:
@@ -204,7 +217,8 @@ def convert(src_path: str, dst_path: str, to: str, *, block_size: int = dh.DEFAU
                                 sync=sync, label=os.path.basename(src_path))
     finally:
         src.close()
-    return {"source": src_path, **result}
+    source_format = "vhd" if isinstance(src, (FixedImage, SparseImage)) else "raw"
+    return {"source": src_path, "source_format": source_format, **result}
 
 
 def convert_device(src: BlockDevice, dst_path: str, to: str, *, block_size: int = dh.DEFAULT_BLOCK_SIZE,

@@ -118,3 +118,46 @@ def test_a_format_error_in_a_parent_names_the_parents_file(tmp_path):
         vhd.open(paths[2])
     r = cli("info", paths[2])
     assert r.returncode == 1 and "l0.vhd" in r.stderr, r.stderr
+
+
+def test_a_block_over_the_locator_data_is_refused(tmp_path):
+    paths = make_chain(tmp_path, 0)
+    child = str(tmp_path / "c.vhd")
+    vhd.create(child, parent=paths[0], block_size=64 << 10).close()  # no blocks yet
+    raw = bytearray(open(child, "rb").read())
+    loc_at = struct.unpack_from(">Q", raw, 512 + 576 + 16)[0]
+    footer = raw[-512:]
+    raw[-512:] = bytes(512)
+    raw += bytes(64 << 10) + footer  # room, so only the locator is in the way
+    struct.pack_into(">I", raw, 1536, loc_at // 512)  # block 0 starts on the W2ru data
+    open(child, "wb").write(raw)
+    with pytest.raises(vhd.FormatError, match="parent locator 0"):
+        vhd.open(child, writable=True)
+    assert not vhd.check(child).ok
+
+
+def test_check_refuses_a_sparse_file_that_is_not_whole_sectors(tmp_path):
+    path = str(tmp_path / "d.vhd")
+    vhd.create(path, MIB).close()
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[:-512] + b"\0" * 100 + raw[-512:])
+    with pytest.raises(vhd.FormatError, match="sectors"):
+        vhd.open(path)
+    report = vhd.check(path)
+    assert not report.ok and any("sectors" in p.message for p in report.problems)
+
+
+def test_a_killed_compacts_leftovers_are_removed_by_the_next_one(tmp_path):
+    path = str(tmp_path / "d.vhd")
+    with vhd.create(path, MIB) as img:
+        img.write(0, b"x" * 512)
+    stale = [tmp_path / "d.vhd.rewrite-4242", tmp_path / "d.vhd.rewrite-1"]
+    for f in stale:
+        f.write_bytes(b"half a rewrite")
+    keep = [tmp_path / "d.vhd.rewrite-notes", tmp_path / "e.vhd.rewrite-7"]
+    for f in keep:
+        f.write_bytes(b"not ours")
+    vhd.compact(path)
+    assert not any(f.exists() for f in stale) and all(f.exists() for f in keep)
+    with vhd.open(path) as img:
+        assert img.read(0, 512) == b"x" * 512
