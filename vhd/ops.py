@@ -356,7 +356,7 @@ def _empty(img: SparseImage) -> None:
         img.bat[b] = batlib.UNALLOCATED
     img.file.pwrite(batlib.pack_table(img.bat), img.header.table_offset)
     img.file.sync()  # BAT empty: the chain now reads from the parent alone
-    end = _metadata_end(img.header)
+    end = _metadata_end(img.header, img.file.size() - ft.SIZE)
     img.file.pwrite(img.footer.pack(), end)
     img.file.sync()
     img.file.truncate(end + ft.SIZE)
@@ -364,10 +364,12 @@ def _empty(img: SparseImage) -> None:
     img.reload()
 
 
-def _metadata_end(h: dh.DynamicHeader) -> int:
+def _metadata_end(h: dh.DynamicHeader, file_end: int) -> int:
+    """Where the metadata ends: the BAT and any locator data that lies in the
+    file (a locator pointing outside it is damage, not space to keep)."""
     end = h.table_offset + batlib.table_bytes(h.max_table_entries)
     for loc in h.locators:
-        if loc.platform != dh.PLATFORM_NONE:
+        if loc.platform != dh.PLATFORM_NONE and loc.data_offset + loc.space_bytes <= file_end:
             end = max(end, loc.data_offset + loc.space_bytes)
     return end
 

@@ -3,7 +3,7 @@ small image (footer, mirror, dynamic header, BAT, parent locators, sector
 bitmaps) of a fixed, dynamic or differencing image or of a differencing
 image's parent, recomputing the checksums in half the cases so the deeper
 checks are reached; then opens it (reading everything), writes to it,
-checks it and repairs it. The only exception allowed is VhdError, and each
+checks it, repairs it, compacts it and merges it. The only exception allowed is VhdError, and each
 case has a time limit (a hang fails). A short run by default; a long one
 with DISKSTAMP_SLOW=1."""
 
@@ -85,7 +85,7 @@ def _mutate(raw: bytearray, rng: random.Random, region: str) -> None:
 
 def _exercise(path: str, chain_top: str) -> None:
     """Everything a user may do with the damaged file; VhdError is fine."""
-    for step in (_read_all, _write_some, _check, _repair):
+    for step in (_read_all, _write_some, _check, _repair, _compact, _merge):
         try:
             step(path if step is not _read_all else chain_top)
         except vhd.VhdError:
@@ -104,6 +104,14 @@ def _write_some(path: str) -> None:
         for off in (0, img.size // 2 + 100, img.size - 4096):
             img.write(off, b"w" * 4096)
         img.flush()
+
+
+def _compact(path: str) -> None:
+    vhd.compact(path)
+
+
+def _merge(path: str) -> None:
+    vhd.merge(path, ignore_timestamp=True)
 
 
 def _check(path: str) -> None:
