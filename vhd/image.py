@@ -771,9 +771,9 @@ def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
     try:
         os.utime(fd, ns=(st.st_atime_ns, limit))
         os.fsync(fd)
-    except PermissionError:
-        raise VhdError(f"{parent.file.name}: cannot set its modification time (not its owner), which a "
-                       "child needs to detect later writes to it") from None
+    except OSError as e:  # not its owner, a read-only filesystem
+        raise VhdError(f"{parent.file.name}: cannot set its modification time ({e.strerror or e}), which "
+                       "a child needs to detect later writes to it") from None
 
 
 # -- creating --------------------------------------------------------------

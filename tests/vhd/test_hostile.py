@@ -161,3 +161,13 @@ def test_a_killed_compacts_leftovers_are_removed_by_the_next_one(tmp_path):
     assert not any(f.exists() for f in stale) and all(f.exists() for f in keep)
     with vhd.open(path) as img:
         assert img.read(0, 512) == b"x" * 512
+
+
+def test_a_child_with_a_locator_outside_the_file_merges_and_compacts(tmp_path):
+    paths = make_chain(tmp_path, 1)
+    _set_locator(paths[1], 0, offset=1 << 63)  # found by W2ku; W2ru is damage
+    vhd.merge(paths[1])
+    with vhd.open(paths[1]) as c:
+        assert c.read(4096, 1) == b"1" and c.file.size() < 1 << 20
+    with pytest.raises(vhd.FormatError, match="parent locator"):
+        vhd.compact(paths[1])  # the rewrite copies locators: it names the damaged one
