@@ -42,7 +42,7 @@ import lmdb
 from stamp import Stamp
 from stamp.disks import Disks, DiskState, VirtualDisk
 from vhd.blockdev import Extent
-from vhd.image import open_image
+from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
@@ -474,8 +474,14 @@ class AttachedDisk:
             parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
             resolver = lambda child, header: open_image(  # noqa: E731
                 CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
-        self.virtual = VirtualDisk(open_image(file, writable=True, resolver=resolver), host.stamp.blobs,
-                                   self.blob, lease)
+        try:
+            image_dev = open_image(file, writable=True, resolver=resolver)
+        except BaseException:
+            host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
+            raise
+        if isinstance(image_dev, SparseImage):
+            image_dev.write_through = True  # the platform's rule: an acknowledged write survives a kill
+        self.virtual = VirtualDisk(image_dev, host.stamp.blobs, self.blob, lease)
         self.size = self.virtual.size
         self.readonly = False
         self.throttle = host.throttle(vm)
