@@ -40,7 +40,7 @@ from typing import Any
 import lmdb
 
 from stamp import Stamp
-from stamp.disks import Disks, DiskState, VirtualDisk
+from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
 from vhd.blockdev import Extent
 from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
@@ -475,7 +475,7 @@ class AttachedDisk:
             resolver = lambda child, header: open_image(  # noqa: E731
                 CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
         try:
-            image_dev = open_image(file, writable=True, resolver=resolver)
+            image_dev = open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
         except BaseException:
             host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
             raise

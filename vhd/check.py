@@ -88,6 +88,12 @@ def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
         report = Report(target.name)
         walk = _Walk(target, report)
         _walk(walk)
+        if repair and any(p.repair for p in report.problems):
+            _repair(walk)
+            target.sync()
+            again = check(target, azure=azure)
+            again.repaired = [p.repair for p in report.problems if p.repair]
+            return again
         if azure:
             azure_rules(target.name, walk.footer, target.size(), report)
         return report

@@ -506,6 +506,13 @@ def read_footer(file: RawFile) -> tuple[ft.Footer, bool]:
         raise
 
 
+def repair_command(file: RawFile) -> str:
+    """The command that repairs this file: a file's own (a page blob's names
+    the stamp command), else `vhd check --repair`."""
+    own = getattr(file, "repair_command", None)
+    return own if isinstance(own, str) else f"vhd check --repair {file.name}"
+
+
 def is_vhd(file: RawFile) -> bool:
     """True if the file ends (or, for a dynamic image, starts) with a footer cookie."""
     size = file.size()
@@ -595,7 +602,7 @@ def _open_member(target: str | RawFile, writable: bool, allow_dirs: list[str],
         if damaged and writable:
             raise FormatError("footer", "cookie", file.size() - ft.SIZE,
                               "the footer at the end is damaged (the copy at offset 0 is good); "
-                              f"run: vhd check --repair {file.name}")
+                              f"run: {repair_command(file)}")
         if footer.disk_type is ft.DiskType.FIXED:
             if file.size() != footer.current_size + ft.SIZE:
                 raise FormatError("footer", "current size", file.size() - ft.SIZE + 48,

@@ -8,8 +8,10 @@ host process. Bounded rounds by default, more with DISKSTAMP_SLOW=1.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +24,9 @@ from hostcache.boot import make_boot_sector
 from hostcache.host import OS_LUN, Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
+from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks
+from vhd.image import open_image, read_footer
 
 MIB = 1 << 20
 ROUNDS = 8 if os.environ.get("DISKSTAMP_SLOW") else 2
@@ -110,3 +114,55 @@ def test_kill_9_loses_no_acknowledged_write(tmp_path, caching, data_disk):
                     model[off] = got  # whichever it holds now is what the next round expects
                     continue
                 assert got == want, f"round {round_}: an acknowledged write at {off} is lost"
+
+
+def grow_without_footer(host: str) -> str:
+    """The state a kill leaves between growing the OS disk's blob for a new
+    block and writing the footer at its new end; returns the blob."""
+    with Host(host, clock=FakeClock()) as h:
+        blob = str(h.disks.record("vm-osdisk")["blob"])
+        size = h.stamp.blobs.size(blob)
+        h.stamp.blobs.resize(blob, size + 512 + 2 * MIB + 512)  # bitmap, block, footer: all zeros
+    return blob
+
+
+def test_a_crash_before_the_new_footer_leaves_a_disk_that_opens_by_itself(tmp_path):
+    host = make_host(tmp_path, "ReadOnly", False)
+    with Host(host, clock=FakeClock()) as h:
+        h.open_disk("vm", OS_LUN).write(3 * MIB, b"\x33" * 4096)
+    blob = grow_without_footer(host)
+    with Host(host, clock=FakeClock()) as h:
+        disk = h.open_disk("vm", OS_LUN)  # was: "footer at the end is damaged ... run: vhd check --repair"
+        assert disk.read(3 * MIB, 4096) == b"\x33" * 4096
+        disk.write(20 * MIB, b"\x44" * 4096)  # a new block after the space the dead write added
+        assert disk.read(20 * MIB, 4096) == b"\x44" * 4096
+        disk.close()
+        assert vhd.check(PageBlobFile(h.stamp, blob, writable=False)).ok
+        assert Disks(h.stamp).check_disk("vm-osdisk").ok
+
+
+def test_the_repair_command_an_error_names_works_on_a_disk_in_the_stamp(tmp_path):
+    host = make_host(tmp_path, "ReadOnly", False)
+    blob = grow_without_footer(host)
+    with Stamp.open(str(tmp_path / "st")) as st:
+        with pytest.raises(vhd.FormatError, match="footer at the end is damaged") as err:
+            open_image(PageBlobFile(st, blob), writable=True)
+    command = str(err.value).split("run: ")[1]
+    assert command.startswith("stamp ") and " disk check --repair vm-osdisk" in command
+    r = subprocess.run([sys.executable, "-m", "stamp", *shlex.split(command)[1:]], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["repaired"] == ["rewrite the end footer from the mirror"]
+    with Stamp.open(str(tmp_path / "st")) as st:
+        assert read_footer(PageBlobFile(st, blob, writable=False)) == (read_footer(PageBlobFile(st, blob))[0], False)
+        assert Disks(st).check_disk("vm-osdisk").ok
+
+
+def test_a_failed_open_releases_the_disk_lease(tmp_path):
+    host = make_host(tmp_path, "ReadOnly", False)
+    blob = grow_without_footer(host)
+    with Host(host, clock=FakeClock()) as h:
+        h.stamp.blobs.write(blob, 0, bytes(512))  # the mirror too: nothing to recover from
+        with pytest.raises(vhd.FormatError):
+            h.open_disk("vm", OS_LUN)
+        assert h.stamp.blobs.lease_of(blob) is None
