@@ -201,8 +201,12 @@ class BlobCache:
         self.lines: dict[Key, Line] = {}
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))
         self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version"}
+        self.legacy: dict[bytes, tuple[str, int, Line]] = {}  # lines of an index keyed by name (older hosts)
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self.db):
+                if len(key) != _ID.size:
+                    self._legacy_line(bytes(key), bytes(raw))
+                    continue
                 k = _ID.unpack(bytes(key))
                 line = Line.unpack(bytes(raw))
                 if line.slot < self.slots:
@@ -210,7 +214,7 @@ class BlobCache:
                     self.lru.touch(k)
             for key, raw in txn.cursor(db=self.blobs_db):
                 self.known[_ID.unpack(bytes(key))[0]] = json.loads(bytes(raw))
-        used = {line.slot for line in self.lines.values()}
+        used = {line.slot for line in self.lines.values()} | {e[2].slot for e in self.legacy.values()}
         self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
         self.ram_lines = max(0, ram // LINE)
         self.ram: collections.OrderedDict[Key, bytearray] = collections.OrderedDict()
@@ -280,9 +284,42 @@ class BlobCache:
     def _ids(self, name: str) -> list[int]:
         return [i for i, rec in self.known.items() if rec["name"] == name]
 
+    def _legacy_line(self, key: bytes, raw: bytes) -> None:
+        """A line of an index written before lines were keyed by blob id:
+        name NUL index, and slot, valid, dirty without CRCs. Kept aside
+        (its slot in use) until prune() can ask the stamp for the id."""
+        slot, valid, dirty = struct.unpack_from("<Q16s16s", raw)
+        if slot < self.slots:
+            line = Line(slot, _i(valid), _i(dirty))
+            self.legacy[key] = (key[:-9].decode(), int.from_bytes(key[-8:], "big"), line)
+
+    def _adopt_legacy(self, stamp: Stamp) -> None:
+        """Re-key the legacy lines by blob id: dirty sectors are acknowledged
+        writes and are kept (their CRCs taken from the slot), clean ones go."""
+        for old_key, (name, index, line) in list(self.legacy.items()):
+            del self.legacy[old_key]
+            try:
+                blob_id = stamp.blobs.blob_id(name)
+            except BlobNotFound:
+                blob_id = -1
+            with self.env.begin(write=True) as txn:
+                txn.delete(old_key, db=self.db)
+            if blob_id < 0 or not line.dirty:
+                self.free.append(line.slot)
+                continue
+            if blob_id not in self.known:
+                self._register(blob_id, {"name": name, "version": None})
+            line.valid = line.dirty
+            line.crc = array("I", crcs(os.pread(self.fd, LINE, line.slot * LINE)))
+            self.lines[(blob_id, index)] = line
+            self.lru.touch((blob_id, index))
+            self._commit((blob_id, index), line)
+
     def prune(self, stamp: Stamp) -> None:
-        """Drop the lines of blobs deleted from the stamp (their data went with them)."""
+        """Drop the lines of blobs deleted from the stamp (their data went with
+        them); adopt the lines of an older index."""
         with self.lock:
+            self._adopt_legacy(stamp)
             for blob_id, rec in list(self.known.items()):
                 try:
                     alive = stamp.blobs.blob_id(rec["name"]) == blob_id

@@ -6,7 +6,9 @@ fail point that raises, then the cache is reopened from its files."""
 from __future__ import annotations
 
 import os
+import struct
 
+import lmdb
 import pytest
 
 from hostcache.cache import LINE, BlobCache, CachedBlob, CacheMode
@@ -209,3 +211,28 @@ def test_an_os_disk_written_while_its_vm_was_stopped_reads_the_new_data(host):
         v.write(0, b"\x44" * 4096)
     host.start("vm")
     assert host.open_disk("vm", -1).read(0, 4096) == b"\x44" * 4096
+
+
+def test_an_index_from_before_blob_ids_keeps_its_dirty_data(stamp, tmp_path):
+    """A cache index keyed by blob name (older hosts): its dirty sectors are
+    acknowledged writes, adopted under the blob's id; clean lines go."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    env = lmdb.open(str(folder / "cache-index"), max_dbs=4)
+    db = env.open_db(b"lines")
+    with env.begin(write=True) as txn:
+        old = struct.Struct("<Q16s16s")
+        txn.put(b"d\0" + (1).to_bytes(8, "big"), old.pack(0, (3).to_bytes(16, "little"), (3).to_bytes(16, "little")),
+                db=db)
+        txn.put(b"d\0" + (2).to_bytes(8, "big"), old.pack(1, (1).to_bytes(16, "little"), bytes(16)), db=db)
+    env.close()
+    with open(folder / "cache.dat", "wb") as fh:
+        fh.write(b"o" * 1024)
+    cache = BlobCache(str(folder), capacity=8 * LINE)
+    cache.prune(stamp)
+    f = CachedBlob(cache, stamp, "d", CacheMode.READWRITE)
+    assert f.pread(1536, LINE) == b"o" * 1024 + b"s" * 512
+    assert f.pread(512, 2 * LINE) == b"s" * 512
+    f.sync()
+    assert stamp.blobs.read("d", LINE, 1024) == b"o" * 1024
+    assert cache.check() == []
