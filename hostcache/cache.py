@@ -5,7 +5,8 @@ local SSD); the hottest are also kept in RAM. A line is keyed by the blob's
 id in the stamp (never reused: a disk deleted and re-created under its name
 gets other lines) and its index, so a base image under many disks on one host
 is cached once. Per line: two sector bitmaps, `valid` (the sector's bytes are
-in the slot) and `dirty` (newer than the stamp's), and a CRC-32 per sector.
+in the slot) and `dirty` (newer than the stamp's), and a CRC-32 per 4 KiB
+chunk of the slot.
 The index lives in LMDB in the host folder: `lines` and `blobs` (id -> name,
 and the blob's version when its clean lines were last known to match it).
 
@@ -20,10 +21,11 @@ Modes, per attached disk (CachedBlob):
 Rules that keep the cache and the stamp agreeing after a kill at any point:
 - slot bytes, then the index entry that makes them valid (with their CRCs);
   in "fsync" durability the data is synced before the index commits;
-- a write over sectors already dirty (the only copy of an acknowledged
-  write) first records the new CRCs as pending, so either version verifies;
-- a sector whose bytes fail their CRC is not served: a clean one is dropped
-  and read again from the stamp; a dirty one is reported lost (`lost`);
+- a write into a chunk that holds dirty sectors (the only copy of an
+  acknowledged write) first records the chunk's new CRC as pending, so
+  either version verifies;
+- a chunk whose bytes fail their CRC is not served: its clean sectors are
+  dropped and read again from the stamp, its dirty ones reported lost;
 - a blob's clean lines are kept across opens only while its version is the
   one recorded when it was last closed; an open for writing clears the record
   until the close, so a kill in between drops them on the next open.
@@ -61,8 +63,11 @@ SECTOR = 512
 LINE = 64 * 1024
 SECTORS = LINE // SECTOR  # 128: u128 bitmaps per line
 FULL = (1 << SECTORS) - 1
-_LINE_HEAD = struct.Struct("<Q16s16s16s")  # slot, valid, dirty, pending
-_CRCS = SECTORS * 4  # a u32 CRC per sector; pending lines carry a second array
+CHUNK = 4096  # the unit of a CRC
+PER = CHUNK // SECTOR  # 8 sectors
+CHUNKS = LINE // CHUNK  # 16 CRCs per line
+_LINE_HEAD = struct.Struct("<Q16s16sH")  # slot, valid, dirty, pending chunks
+_CRCS = CHUNKS * 4  # a u32 CRC per chunk; pending lines carry a second array
 _ID = struct.Struct(">QQ")  # the index key: blob id, line index (big-endian: sorted)
 
 Key = tuple[int, int]  # (blob id, line index)
@@ -84,11 +89,12 @@ class Line:
     valid: int = 0
     dirty: int = 0
     crc: array[int] = field(default_factory=_zero_crcs)
-    pending: int = 0  # sectors being overwritten while dirty: `alt` holds the new CRC
+    pending: int = 0  # chunks holding dirty sectors, rewritten in place: `alt` holds the new CRC
     alt: array[int] = field(default_factory=_zero_crcs)
+    landed: int = 0  # not stored: pending chunks whose rewrite this process saw complete
 
     def pack(self) -> bytes:
-        head = _LINE_HEAD.pack(self.slot, _b(self.valid), _b(self.dirty), _b(self.pending))
+        head = _LINE_HEAD.pack(self.slot, _b(self.valid), _b(self.dirty), self.pending)
         return head + self.crc.tobytes() + (self.alt.tobytes() if self.pending else b"")
 
     @classmethod
@@ -97,11 +103,11 @@ class Line:
         at = _LINE_HEAD.size
         crc = array("I", raw[at:at + _CRCS])
         alt = array("I", raw[at + _CRCS:at + 2 * _CRCS]) if len(raw) >= at + 2 * _CRCS else _zero_crcs()
-        return cls(slot, _i(valid), _i(dirty), crc, _i(pending), alt)
+        return cls(slot, _i(valid), _i(dirty), crc, pending, alt)
 
-    def sector_ok(self, s: int, crc: int) -> bool:
-        """Do the slot's bytes of sector s (whose CRC is `crc`) verify?"""
-        return crc == self.crc[s] or bool((self.pending >> s) & 1 and crc == self.alt[s])
+    def chunk_ok(self, c: int, crc: int) -> bool:
+        """Do the slot's bytes of chunk c (whose CRC is `crc`) verify?"""
+        return crc == self.crc[c] or bool((self.pending >> c) & 1 and crc == self.alt[c])
 
 
 def _b(bitmap: int) -> bytes:
@@ -113,9 +119,28 @@ def _i(raw: bytes) -> int:
 
 
 def crcs(data: bytes | bytearray | memoryview) -> list[int]:
-    """The CRC-32 of each 512-byte sector of data."""
+    """The CRC-32 of each 4 KiB chunk of data."""
     view = memoryview(data)
-    return [zlib.crc32(view[i:i + SECTOR]) for i in range(0, len(view), SECTOR)]
+    return [zlib.crc32(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
+
+
+def chunk_range(first: int, count: int) -> tuple[int, int]:
+    """The chunks [c0, c1) that sectors [first, first+count) fall in."""
+    return first // PER, -(-(first + count) // PER)
+
+
+def chunks_of(sectors: int, c0: int = 0, c1: int = CHUNKS) -> int:
+    """The bitmap of chunks (among [c0, c1)) holding any of the sectors."""
+    out = 0
+    for c in range(c0, c1):
+        if (sectors >> (c * PER)) & 0xFF:
+            out |= 1 << c
+    return out
+
+
+def chunk_sectors(chunks: int) -> int:
+    """The bitmap of the sectors of the chunks."""
+    return sum(0xFF << (c * PER) for c in range(CHUNKS) if (chunks >> c) & 1)
 
 
 def bits(first: int, count: int) -> int:
@@ -366,27 +391,26 @@ class BlobCache:
 
     def _verified(self, key: Key, line: Line, first: int, count: int) -> bytes | None:
         """Sectors [first, first+count) of a line that holds them all, checked
-        against their CRCs; None if any failed (and was dropped)."""
-        data = self._slot_read(line, first, count)
-        bad = 0
-        for i, c in enumerate(crcs(data)):
-            if not line.sector_ok(first + i, c):
-                bad |= 1 << (first + i)
-        landed = line.pending & bits(first, count) & ~bad
-        if landed:  # a dirty overwrite cut short: whichever version is in the slot is the sector's now
-            for s in range(first, first + count):
-                if (landed >> s) & 1:
-                    line.crc[s] = zlib.crc32(data[(s - first) * SECTOR:(s - first + 1) * SECTOR])
-            line.pending &= ~landed
-            self._commit(key, line)
-        if not bad:
-            return data
-        self._drop_bad(key, line, bad)
-        return None
+        against the CRCs of their chunks; None if a chunk failed (its
+        sectors were dropped)."""
+        c0, c1 = chunk_range(first, count)
+        raw = os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK)
+        got = array("I", crcs(raw))
+        if got != line.crc[c0:c1]:
+            bad = 0
+            for i, c in enumerate(got):
+                if not line.chunk_ok(c0 + i, c):
+                    bad |= 1 << (c0 + i)
+            if bad:
+                self._drop_bad(key, line, bad)
+                return None
+        lo = (first - c0 * PER) * SECTOR
+        return raw[lo:lo + count * SECTOR]
 
-    def _drop_bad(self, key: Key, line: Line, bad: int) -> None:
-        """Sectors that failed their CRC leave the line; a dirty one was an
-        acknowledged write that only this cache held: it is reported lost."""
+    def _drop_bad(self, key: Key, line: Line, chunks: int) -> None:
+        """Chunks that failed their CRC leave the line; a dirty sector in one
+        was an acknowledged write that only this cache held: reported lost."""
+        bad = chunk_sectors(chunks) & line.valid
         self.stats.bad_sectors += bin(bad).count("1")
         lost = bad & line.dirty
         if lost:
@@ -395,7 +419,8 @@ class BlobCache:
                 self.lost[name].append((key[1] * LINE + s * SECTOR, n * SECTOR))
         line.valid &= ~bad
         line.dirty &= ~bad
-        line.pending &= ~bad
+        line.pending &= ~chunks
+        line.landed &= ~chunks
         self.ram.pop(key, None)
         self._commit(key, line)
 
@@ -491,11 +516,7 @@ class BlobCache:
                 line = self._allocate(key, stamp)
             fresh = FULL & ~line.valid & bits(0, span // SECTOR)
             for s, n in runs(fresh):
-                piece = fetched[s * SECTOR:(s + n) * SECTOR]
-                self._slot_write(line, s, piece)
-                line.crc[s:s + n] = array("I", crcs(piece))
-            line.valid |= fresh
-            self._commit(key, line)
+                self._store(key, line, s, memoryview(fetched)[s * SECTOR:(s + n) * SECTOR], dirty=False)
             self.lru.touch(key)
             self._to_ram(key, line)
         return result
@@ -546,35 +567,75 @@ class BlobCache:
                         pos += n
                         continue  # a write-through of a line we do not hold: nothing to refresh
                     line = self._allocate(key, stamp)  # may evict (and write back) an earlier line
-                self._update_line(key, line, inner, view[pos - offset:pos - offset + n], dirty)
+                self._store(key, line, inner // SECTOR, view[pos - offset:pos - offset + n], dirty)
+                self.lru.touch(key)
                 pos += n
             if dirty:
                 self.stats.writes_cached += 1
 
-    def _update_line(self, key: Key, line: Line, inner: int, piece: memoryview, dirty: bool) -> None:
-        first, count = inner // SECTOR, len(piece) // SECTOR
+    def _store(self, key: Key, line: Line, first: int, piece: bytes | bytearray | memoryview,
+               dirty: bool) -> None:
+        """Write sectors into the line's slot and make them valid (and dirty).
+        A chunk that holds dirty sectors (acknowledged writes only the cache
+        has) gets its new CRC recorded as pending before its bytes change, so
+        a kill leaves either version verifiable; other chunks: slot bytes,
+        then the entry that makes them valid."""
+        count = len(piece) // SECTOR
         mask = bits(first, count)
-        new = crcs(piece)
-        for s, n in runs(line.pending & mask):  # an overwrite a kill cut short: settle which version it holds
-            self._verified(key, line, s, n)
-        over = line.dirty & mask
-        if over:  # the slot holds acknowledged writes: the index must accept either version first
+        c0, c1 = chunk_range(first, count)
+        cmask = ((1 << (c1 - c0)) - 1) << c0
+        self._settle(key, line, line.pending & cmask)
+        if first % PER == 0 and count % PER == 0:
+            new = crcs(piece)
+        else:  # part of a chunk: its CRC covers the neighbours in the slot too
+            buf = bytearray(os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK))
+            lo = (first - c0 * PER) * SECTOR
+            buf[lo:lo + len(piece)] = piece
+            new = crcs(buf)
+        over = chunks_of(line.dirty, c0, c1)
+        if over:
+            for c in range(c0, c1):
+                if (over >> c) & 1:
+                    line.alt[c] = new[c - c0]
             line.pending |= over
-            line.alt[first:first + count] = array("I", new)
+            line.landed &= ~over
             self._commit(key, line)
         self._slot_write(line, first, piece)
         ram = self.ram.get(key)
         if ram is not None:
-            ram[inner:inner + len(piece)] = piece
-        line.crc[first:first + count] = array("I", new)
-        line.pending &= ~mask
-        line.valid |= mask
-        if dirty:
-            line.dirty |= mask
-            if self.fsync:
-                os.fdatasync(self.fd)  # the data before the index entry that marks it dirty
-        self._commit(key, line)  # each line's entry right after its data
-        self.lru.touch(key)
+            ram[first * SECTOR:(first + count) * SECTOR] = piece
+        line.landed |= over
+        for c in range(c0, c1):
+            if not (over >> c) & 1:
+                line.crc[c] = new[c - c0]
+        grows = mask & ~(line.dirty if dirty else line.valid)
+        if self.fsync:
+            os.fdatasync(self.fd)  # the data before the index entry that points at it
+        if grows or cmask & ~over:
+            line.valid |= mask
+            if dirty:
+                line.dirty |= mask
+            self._commit(key, line)
+
+    def _settle(self, key: Key, line: Line, chunks: int) -> None:
+        """Make pending chunks plain before they are rewritten or written
+        back: a rewrite this process saw land gives the chunk its new CRC;
+        after a kill, the slot is read to see which version it holds."""
+        if not chunks:
+            return
+        for c in range(chunks.bit_length()):
+            if not (chunks >> c) & 1:
+                continue
+            if (line.landed >> c) & 1:
+                line.crc[c] = line.alt[c]
+                continue
+            got = zlib.crc32(os.pread(self.fd, CHUNK, line.slot * LINE + c * CHUNK))
+            if got == line.alt[c]:
+                line.crc[c] = got
+            elif got != line.crc[c]:
+                self._drop_bad(key, line, 1 << c)
+        line.pending &= ~chunks
+        line.landed &= ~chunks
 
     # -- write-back ------------------------------------------------------------------
 
@@ -590,6 +651,7 @@ class BlobCache:
             self._commit(key, line)
             return
         size = stamp.blobs.size(name)  # type: ignore[arg-type]
+        self._settle(key, line, line.pending)
         for s, n in runs(line.dirty):
             data = self._verified(key, line, s, n)
             if data is None:  # a bad sector: reported lost; write back the good ones
@@ -598,7 +660,6 @@ class BlobCache:
                 continue
             self._write_run(stamp, str(name), key, line, s, n, size, data)
         line.dirty = 0  # only after the stamp acknowledged every run
-        line.pending = 0
         self._commit(key, line)
 
     def _write_run(self, stamp: Stamp, name: str, key: Key, line: Line, s: int, n: int, size: int,
@@ -664,10 +725,9 @@ class BlobCache:
             if key[0] not in self.known:
                 problems.append(f"line {key}: blob id {key[0]} is not registered")
             got = crcs(os.pread(self.fd, LINE, line.slot * LINE))
-            for s, n in runs(line.valid):
-                for i in range(s, s + n):
-                    if got[i] != line.crc[i] and not ((line.pending >> i) & 1 and got[i] == line.alt[i]):
-                        problems.append(f"line {key}: sector {i} fails its CRC")
+            for c in range(CHUNKS):
+                if chunks_of(line.valid) >> c & 1 and not line.chunk_ok(c, got[c]):
+                    problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its CRC")
         if len(seen) + len(self.free) != self.slots or set(self.free) & set(seen):
             problems.append("free slots and used slots do not add up")
         with self.env.begin() as txn:
