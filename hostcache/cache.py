@@ -172,7 +172,7 @@ class CacheStats:
     written_back: int = 0  # bytes
     evictions: int = 0
     ram_hits: int = 0
-    bad_sectors: int = 0  # sectors that failed their CRC (clean ones read again from the stamp)
+    bad_sectors: int = 0  # valid sectors in chunks that failed their CRC (clean ones read again)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -219,6 +219,7 @@ class BlobCache:
                              metasync=fsync)
         self.db = self.env.open_db(b"lines")
         self.blobs_db = self.env.open_db(b"blobs")
+        self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if os.fstat(self.fd).st_size < self.slots * LINE:
@@ -245,6 +246,9 @@ class BlobCache:
         self.ram: collections.OrderedDict[Key, bytearray] = collections.OrderedDict()
         self.stats = CacheStats()
         self.lost: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # dirty sectors that failed
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self.lost_db):
+                self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
         self.lock = threading.RLock()
         self.leases: dict[int, str] = {}  # blob id -> the lease write-back must present
 
@@ -417,6 +421,8 @@ class BlobCache:
             name = self.known.get(key[0], {}).get("name", f"#{key[0]}")
             for s, n in runs(lost):
                 self.lost[name].append((key[1] * LINE + s * SECTOR, n * SECTOR))
+            with self.env.begin(write=True) as txn:  # the report outlives the process
+                txn.put(name.encode(), json.dumps(self.lost[name]).encode(), db=self.lost_db)
         line.valid &= ~bad
         line.dirty &= ~bad
         line.pending &= ~chunks

@@ -168,6 +168,7 @@ def test_a_flipped_byte_in_dirty_data_is_reported_lost_not_served(stamp, tmp_pat
     assert cache.lost == {"d": [(LINE, 1024)]}
     f.sync()
     assert stamp.blobs.read("d", LINE, 4608) == b"s" * 4096 + b"b" * 512
+    assert reopen(cache, tmp_path / "host").lost == {"d": [(LINE, 1024)]}  # the report outlives the process
 
 
 @pytest.fixture
