@@ -271,7 +271,8 @@ def _check_overlaps(w: _Walk, regions: list[tuple[int, int, str]], end: int) -> 
         w.report.leaked_bytes += end - pos
     if w.report.leaked_bytes:
         w.report.add("warning", "file", 0, f"{w.report.leaked_bytes} bytes are not used by any block "
-                     "(left by an interrupted write or a discard)", fix=f"vhd compact {w.report.path}")
+                     "(left by an interrupted write or a discard)",
+                     fix=f"vhd compact {w.report.path}" if isinstance(w.file, OsFile) else None)
 
 
 def _check_chain(path: str, report: Report, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:
