@@ -5,8 +5,8 @@ local SSD); the hottest are also kept in RAM. A line is keyed by the blob's
 id in the stamp (never reused: a disk deleted and re-created under its name
 gets other lines) and its index, so a base image under many disks on one host
 is cached once. Per line: two sector bitmaps, `valid` (the sector's bytes are
-in the slot) and `dirty` (newer than the stamp's), and a CRC-32 per 4 KiB
-chunk of the slot.
+in the slot) and `dirty` (newer than the stamp's), and an xxh3-64 checksum
+per 4 KiB chunk of the slot.
 The index lives in LMDB in the host folder: `lines` and `blobs` (id -> name,
 and the blob's version when its clean lines were last known to match it).
 
@@ -19,12 +19,12 @@ Modes, per attached disk (CachedBlob):
              on detach and when their line is evicted: stamp write
              acknowledged first, then dirty bits cleared
 Rules that keep the cache and the stamp agreeing after a kill at any point:
-- slot bytes, then the index entry that makes them valid (with their CRCs);
+- slot bytes, then the index entry that makes them valid (with their checksums);
   in "fsync" durability the data is synced before the index commits;
 - a write into a chunk that holds dirty sectors (the only copy of an
-  acknowledged write) first records the chunk's new CRC as pending, so
+  acknowledged write) first records the chunk's new checksum as pending, so
   either version verifies;
-- a chunk whose bytes fail their CRC is not served: its clean sectors are
+- a chunk whose bytes fail their checksum is not served: its clean sectors are
   dropped and read again from the stamp, its dirty ones reported lost;
 - a blob's clean lines are kept across opens only while its version is the
   one recorded when it was last closed; an open for writing clears the record
@@ -44,12 +44,12 @@ import json
 import os
 import struct
 import threading
-import zlib
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
+import xxhash
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
@@ -59,15 +59,17 @@ from vhd.blockdev import align_write
 
 from .errors import HostError
 
+xxh3 = xxhash.xxh3_64_intdigest
+
 SECTOR = 512
 LINE = 64 * 1024
 SECTORS = LINE // SECTOR  # 128: u128 bitmaps per line
 FULL = (1 << SECTORS) - 1
-CHUNK = 4096  # the unit of a CRC
+CHUNK = 4096  # the unit of a checksum
 PER = CHUNK // SECTOR  # 8 sectors
-CHUNKS = LINE // CHUNK  # 16 CRCs per line
+CHUNKS = LINE // CHUNK  # 16 checksums per line
 _LINE_HEAD = struct.Struct("<Q16s16sH")  # slot, valid, dirty, pending chunks
-_CRCS = CHUNKS * 4  # a u32 CRC per chunk; pending lines carry a second array
+_SUMS = CHUNKS * 8  # a u64 checksum per chunk; pending lines carry a second array
 _ID = struct.Struct(">QQ")  # the index key: blob id, line index (big-endian: sorted)
 
 Key = tuple[int, int]  # (blob id, line index)
@@ -79,8 +81,8 @@ class CacheMode(enum.Enum):
     READWRITE = "ReadWrite"
 
 
-def _zero_crcs() -> array[int]:
-    return array("I", bytes(_CRCS))
+def _zero_sums() -> array[int]:
+    return array("Q", bytes(_SUMS))
 
 
 @dataclass
@@ -88,26 +90,26 @@ class Line:
     slot: int
     valid: int = 0
     dirty: int = 0
-    crc: array[int] = field(default_factory=_zero_crcs)
-    pending: int = 0  # chunks holding dirty sectors, rewritten in place: `alt` holds the new CRC
-    alt: array[int] = field(default_factory=_zero_crcs)
+    sums: array[int] = field(default_factory=_zero_sums)
+    pending: int = 0  # chunks holding dirty sectors, rewritten in place: `alt` holds the new checksum
+    alt: array[int] = field(default_factory=_zero_sums)
     landed: int = 0  # not stored: pending chunks whose rewrite this process saw complete
 
     def pack(self) -> bytes:
         head = _LINE_HEAD.pack(self.slot, _b(self.valid), _b(self.dirty), self.pending)
-        return head + self.crc.tobytes() + (self.alt.tobytes() if self.pending else b"")
+        return head + self.sums.tobytes() + (self.alt.tobytes() if self.pending else b"")
 
     @classmethod
     def unpack(cls, raw: bytes) -> Line:
         slot, valid, dirty, pending = _LINE_HEAD.unpack_from(raw)
         at = _LINE_HEAD.size
-        crc = array("I", raw[at:at + _CRCS])
-        alt = array("I", raw[at + _CRCS:at + 2 * _CRCS]) if len(raw) >= at + 2 * _CRCS else _zero_crcs()
-        return cls(slot, _i(valid), _i(dirty), crc, pending, alt)
+        sums = array("Q", raw[at:at + _SUMS])
+        alt = array("Q", raw[at + _SUMS:at + 2 * _SUMS]) if len(raw) >= at + 2 * _SUMS else _zero_sums()
+        return cls(slot, _i(valid), _i(dirty), sums, pending, alt)
 
-    def chunk_ok(self, c: int, crc: int) -> bool:
-        """Do the slot's bytes of chunk c (whose CRC is `crc`) verify?"""
-        return crc == self.crc[c] or bool((self.pending >> c) & 1 and crc == self.alt[c])
+    def chunk_ok(self, c: int, got: int) -> bool:
+        """Do the slot's bytes of chunk c (whose checksum is `got`) verify?"""
+        return got == self.sums[c] or bool((self.pending >> c) & 1 and got == self.alt[c])
 
 
 def _b(bitmap: int) -> bytes:
@@ -118,10 +120,10 @@ def _i(raw: bytes) -> int:
     return int.from_bytes(raw, "little")
 
 
-def crcs(data: bytes | bytearray | memoryview) -> list[int]:
-    """The CRC-32 of each 4 KiB chunk of data."""
+def checksums(data: bytes | bytearray | memoryview) -> list[int]:
+    """The checksum (xxh3-64, as the stamp's records) of each 4 KiB chunk of data."""
     view = memoryview(data)
-    return [zlib.crc32(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
+    return [xxh3(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
 
 
 def chunk_range(first: int, count: int) -> tuple[int, int]:
@@ -172,7 +174,7 @@ class CacheStats:
     written_back: int = 0  # bytes
     evictions: int = 0
     ram_hits: int = 0
-    bad_sectors: int = 0  # valid sectors in chunks that failed their CRC (clean ones read again)
+    bad_sectors: int = 0  # valid sectors in chunks that failed their checksum (clean ones read again)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -315,7 +317,7 @@ class BlobCache:
 
     def _legacy_line(self, key: bytes, raw: bytes) -> None:
         """A line of an index written before lines were keyed by blob id:
-        name NUL index, and slot, valid, dirty without CRCs. Kept aside
+        name NUL index, and slot, valid, dirty without checksums. Kept aside
         (its slot in use) until prune() can ask the stamp for the id."""
         slot, valid, dirty = struct.unpack_from("<Q16s16s", raw)
         if slot < self.slots:
@@ -324,7 +326,7 @@ class BlobCache:
 
     def _adopt_legacy(self, stamp: Stamp) -> None:
         """Re-key the legacy lines by blob id: dirty sectors are acknowledged
-        writes and are kept (their CRCs taken from the slot), clean ones go."""
+        writes and are kept (their checksums taken from the slot), clean ones go."""
         for old_key, (name, index, line) in list(self.legacy.items()):
             del self.legacy[old_key]
             try:
@@ -339,7 +341,7 @@ class BlobCache:
             if blob_id not in self.known:
                 self._register(blob_id, {"name": name, "version": None})
             line.valid = line.dirty
-            line.crc = array("I", crcs(os.pread(self.fd, LINE, line.slot * LINE)))
+            line.sums = array("Q", checksums(os.pread(self.fd, LINE, line.slot * LINE)))
             self.lines[(blob_id, index)] = line
             self.lru.touch((blob_id, index))
             self._commit((blob_id, index), line)
@@ -395,12 +397,12 @@ class BlobCache:
 
     def _verified(self, key: Key, line: Line, first: int, count: int) -> bytes | None:
         """Sectors [first, first+count) of a line that holds them all, checked
-        against the CRCs of their chunks; None if a chunk failed (its
+        against the checksums of their chunks; None if a chunk failed (its
         sectors were dropped)."""
         c0, c1 = chunk_range(first, count)
         raw = os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK)
-        got = array("I", crcs(raw))
-        if got != line.crc[c0:c1]:
+        got = array("Q", checksums(raw))
+        if got != line.sums[c0:c1]:
             bad = 0
             for i, c in enumerate(got):
                 if not line.chunk_ok(c0 + i, c):
@@ -412,7 +414,7 @@ class BlobCache:
         return raw[lo:lo + count * SECTOR]
 
     def _drop_bad(self, key: Key, line: Line, chunks: int) -> None:
-        """Chunks that failed their CRC leave the line; a dirty sector in one
+        """Chunks that failed their checksum leave the line; a dirty sector in one
         was an acknowledged write that only this cache held: reported lost."""
         bad = chunk_sectors(chunks) & line.valid
         self.stats.bad_sectors += bin(bad).count("1")
@@ -583,7 +585,7 @@ class BlobCache:
                dirty: bool) -> None:
         """Write sectors into the line's slot and make them valid (and dirty).
         A chunk that holds dirty sectors (acknowledged writes only the cache
-        has) gets its new CRC recorded as pending before its bytes change, so
+        has) gets its new checksum recorded as pending before its bytes change, so
         a kill leaves either version verifiable; other chunks: slot bytes,
         then the entry that makes them valid."""
         count = len(piece) // SECTOR
@@ -592,12 +594,12 @@ class BlobCache:
         cmask = ((1 << (c1 - c0)) - 1) << c0
         self._settle(key, line, line.pending & cmask)
         if first % PER == 0 and count % PER == 0:
-            new = crcs(piece)
-        else:  # part of a chunk: its CRC covers the neighbours in the slot too
+            new = checksums(piece)
+        else:  # part of a chunk: its checksum covers the neighbours in the slot too
             buf = bytearray(os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK))
             lo = (first - c0 * PER) * SECTOR
             buf[lo:lo + len(piece)] = piece
-            new = crcs(buf)
+            new = checksums(buf)
         over = chunks_of(line.dirty, c0, c1)
         if over:
             for c in range(c0, c1):
@@ -613,7 +615,7 @@ class BlobCache:
         line.landed |= over
         for c in range(c0, c1):
             if not (over >> c) & 1:
-                line.crc[c] = new[c - c0]
+                line.sums[c] = new[c - c0]
         grows = mask & ~(line.dirty if dirty else line.valid)
         if self.fsync:
             os.fdatasync(self.fd)  # the data before the index entry that points at it
@@ -625,7 +627,7 @@ class BlobCache:
 
     def _settle(self, key: Key, line: Line, chunks: int) -> None:
         """Make pending chunks plain before they are rewritten or written
-        back: a rewrite this process saw land gives the chunk its new CRC;
+        back: a rewrite this process saw land gives the chunk its new checksum;
         after a kill, the slot is read to see which version it holds."""
         if not chunks:
             return
@@ -633,12 +635,12 @@ class BlobCache:
             if not (chunks >> c) & 1:
                 continue
             if (line.landed >> c) & 1:
-                line.crc[c] = line.alt[c]
+                line.sums[c] = line.alt[c]
                 continue
-            got = zlib.crc32(os.pread(self.fd, CHUNK, line.slot * LINE + c * CHUNK))
+            got = xxh3(os.pread(self.fd, CHUNK, line.slot * LINE + c * CHUNK))
             if got == line.alt[c]:
-                line.crc[c] = got
-            elif got != line.crc[c]:
+                line.sums[c] = got
+            elif got != line.sums[c]:
                 self._drop_bad(key, line, 1 << c)
         line.pending &= ~chunks
         line.landed &= ~chunks
@@ -716,7 +718,7 @@ class BlobCache:
 
     def check(self) -> list[str]:
         """Invariants: slots unique and in range, dirty within valid, free list
-        complete, the index on disk as in memory, every valid sector's CRC."""
+        complete, the index on disk as in memory, every valid chunk's checksum."""
         problems = []
         seen: dict[int, Key] = {}
         for key, line in self.lines.items():
@@ -730,10 +732,10 @@ class BlobCache:
                 problems.append(f"line {key}: dirty sectors that are not valid")
             if key[0] not in self.known:
                 problems.append(f"line {key}: blob id {key[0]} is not registered")
-            got = crcs(os.pread(self.fd, LINE, line.slot * LINE))
+            got = checksums(os.pread(self.fd, LINE, line.slot * LINE))
             for c in range(CHUNKS):
                 if chunks_of(line.valid) >> c & 1 and not line.chunk_ok(c, got[c]):
-                    problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its CRC")
+                    problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its checksum")
         if len(seen) + len(self.free) != self.slots or set(self.free) & set(seen):
             problems.append("free slots and used slots do not add up")
         with self.env.begin() as txn:

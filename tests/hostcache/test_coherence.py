@@ -145,7 +145,7 @@ def test_a_flipped_byte_in_the_cache_file_is_dropped_and_read_again(stamp, tmp_p
     cache = reopen(cache, tmp_path / "host")
     f = CachedBlob(cache, stamp, "d", CacheMode.READONLY, writable=False)
     assert f.pread(LINE, 0) == b"s" * LINE
-    assert cache.stats.bad_sectors == 8 and cache.check() == []  # the 4 KiB chunk a CRC covers
+    assert cache.stats.bad_sectors == 8 and cache.check() == []  # the 4 KiB chunk a checksum covers
     assert f.pread(LINE, 0) == b"s" * LINE  # read again from the stamp, and cached again
 
 
@@ -155,7 +155,7 @@ def test_check_finds_a_sector_that_fails_its_checksum(stamp, tmp_path):
     f.pread(LINE, 0)
     assert cache.check() == []
     flip(tmp_path, cache, 1000)
-    assert cache.check() == [f"line {(f.blob_id, 0)}: chunk 0 (sectors 0-7) fails its CRC"]
+    assert cache.check() == [f"line {(f.blob_id, 0)}: chunk 0 (sectors 0-7) fails its checksum"]
 
 
 def test_a_flipped_byte_in_dirty_data_is_reported_lost_not_served(stamp, tmp_path):
