@@ -1,52 +1,78 @@
 """The BlobCache: the host's cache of page blob pages, RAM over a local file.
 
-Lines of LINE bytes of one blob (keyed by blob name, so a base image under
-many disks on one host is cached once) live in slots of a cache file (the
-host's local SSD); the hottest are also kept in RAM. Per line, two sector
-bitmaps: `valid` (the sector's bytes are in the slot) and `dirty` (they are
-newer than the stamp's). The index lives in LMDB in the host folder.
+Lines of LINE bytes of one blob live in slots of a cache file (the host's
+local SSD); the hottest are also kept in RAM. A line is keyed by the blob's
+id in the stamp (never reused: a disk deleted and re-created under its name
+gets other lines) and its index, so a base image under many disks on one host
+is cached once. Per line: two sector bitmaps, `valid` (the sector's bytes are
+in the slot) and `dirty` (newer than the stamp's), and an xxh3-64 checksum
+per 4 KiB chunk of the slot.
+The index lives in LMDB in the host folder: `lines` and `blobs` (id -> name,
+and the blob's version when its clean lines were last known to match it).
 
 Modes, per attached disk (CachedBlob):
   NONE       every read and write goes to the stamp
-  READONLY   reads fill and use the cache; writes go to the stamp first, then
-             refresh the cached sectors
+  READONLY   reads fill and use the cache; a write first takes the sectors
+             out of the index, then goes to the stamp, then refreshes them
   READWRITE  a write is acknowledged once it is in the cache file and the
-             index marks it dirty (data, [sync], then index: in "fsync"
-             durability the data is synced before the index commits); dirty
-             sectors are written back on flush, on detach and when their line
-             is evicted: stamp write acknowledged first, then dirty bits cleared
+             index marks it dirty; dirty sectors are written back on flush,
+             on detach and when their line is evicted: stamp write
+             acknowledged first, then dirty bits cleared
+Rules that keep the cache and the stamp agreeing after a kill at any point:
+- slot bytes, then the index entry that makes them valid (with their checksums);
+  in "fsync" durability the data is synced before the index commits;
+- a write into a chunk that holds dirty sectors (the only copy of an
+  acknowledged write) first records the chunk's new checksum as pending, so
+  either version verifies;
+- a chunk whose bytes fail their checksum is not served: its clean sectors are
+  dropped and read again from the stamp, its dirty ones reported lost;
+- a blob's clean lines are kept across opens only while its version is the
+  one recorded when it was last closed; an open for writing clears the record
+  until the close, so a kill in between drops them on the next open.
 Eviction is segmented LRU (scan-resistant): a line enters the probation
 segment and moves to the protected one on its second use; victims come from
 probation first. A dirty victim is written back before its slot is reused.
-Crash: the index and the cache file survive a process kill, so dirty lines
-are found and written back on the next attach. `lose()` is the host-lost
-fault: the cache is gone and the unflushed ranges are reported lost.
+`lose()` is the host-lost fault: the cache is gone and the unflushed ranges
+are reported lost.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import json
 import os
 import struct
 import threading
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 import lmdb
+import xxhash
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
+from stamp.errors import BlobNotFound
 from stamp.ranges import merge_ranges
 from vhd.blockdev import align_write
 
 from .errors import HostError
 
+xxh3 = xxhash.xxh3_64_intdigest
+
 SECTOR = 512
 LINE = 64 * 1024
-SECTORS = LINE // SECTOR  # 128: two u64 bitmaps per line
+SECTORS = LINE // SECTOR  # 128: u128 bitmaps per line
 FULL = (1 << SECTORS) - 1
-_LINE_ENTRY = struct.Struct("<Q16s16s")  # slot, valid, dirty
+CHUNK = 4096  # the unit of a checksum
+PER = CHUNK // SECTOR  # 8 sectors
+CHUNKS = LINE // CHUNK  # 16 checksums per line
+_LINE_HEAD = struct.Struct("<Q16s16sH")  # slot, valid, dirty, pending chunks
+_SUMS = CHUNKS * 8  # a u64 checksum per chunk; pending lines carry a second array
+_ID = struct.Struct(">QQ")  # the index key: blob id, line index (big-endian: sorted)
+
+Key = tuple[int, int]  # (blob id, line index)
 
 
 class CacheMode(enum.Enum):
@@ -55,19 +81,68 @@ class CacheMode(enum.Enum):
     READWRITE = "ReadWrite"
 
 
+def _zero_sums() -> array[int]:
+    return array("Q", bytes(_SUMS))
+
+
 @dataclass
 class Line:
     slot: int
     valid: int = 0
     dirty: int = 0
+    sums: array[int] = field(default_factory=_zero_sums)
+    pending: int = 0  # chunks holding dirty sectors, rewritten in place: `alt` holds the new checksum
+    alt: array[int] = field(default_factory=_zero_sums)
+    landed: int = 0  # not stored: pending chunks whose rewrite this process saw complete
 
     def pack(self) -> bytes:
-        return _LINE_ENTRY.pack(self.slot, self.valid.to_bytes(16, "little"), self.dirty.to_bytes(16, "little"))
+        head = _LINE_HEAD.pack(self.slot, _b(self.valid), _b(self.dirty), self.pending)
+        return head + self.sums.tobytes() + (self.alt.tobytes() if self.pending else b"")
 
     @classmethod
     def unpack(cls, raw: bytes) -> Line:
-        slot, valid, dirty = _LINE_ENTRY.unpack(raw)
-        return cls(slot, int.from_bytes(valid, "little"), int.from_bytes(dirty, "little"))
+        slot, valid, dirty, pending = _LINE_HEAD.unpack_from(raw)
+        at = _LINE_HEAD.size
+        sums = array("Q", raw[at:at + _SUMS])
+        alt = array("Q", raw[at + _SUMS:at + 2 * _SUMS]) if len(raw) >= at + 2 * _SUMS else _zero_sums()
+        return cls(slot, _i(valid), _i(dirty), sums, pending, alt)
+
+    def chunk_ok(self, c: int, got: int) -> bool:
+        """Do the slot's bytes of chunk c (whose checksum is `got`) verify?"""
+        return got == self.sums[c] or bool((self.pending >> c) & 1 and got == self.alt[c])
+
+
+def _b(bitmap: int) -> bytes:
+    return bitmap.to_bytes(16, "little")
+
+
+def _i(raw: bytes) -> int:
+    return int.from_bytes(raw, "little")
+
+
+def checksums(data: bytes | bytearray | memoryview) -> list[int]:
+    """The checksum (xxh3-64, as the stamp's records) of each 4 KiB chunk of data."""
+    view = memoryview(data)
+    return [xxh3(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
+
+
+def chunk_range(first: int, count: int) -> tuple[int, int]:
+    """The chunks [c0, c1) that sectors [first, first+count) fall in."""
+    return first // PER, -(-(first + count) // PER)
+
+
+def chunks_of(sectors: int, c0: int = 0, c1: int = CHUNKS) -> int:
+    """The bitmap of chunks (among [c0, c1)) holding any of the sectors."""
+    out = 0
+    for c in range(c0, c1):
+        if (sectors >> (c * PER)) & 0xFF:
+            out |= 1 << c
+    return out
+
+
+def chunk_sectors(chunks: int) -> int:
+    """The bitmap of the sectors of the chunks."""
+    return sum(0xFF << (c * PER) for c in range(CHUNKS) if (chunks >> c) & 1)
 
 
 def bits(first: int, count: int) -> int:
@@ -99,6 +174,7 @@ class CacheStats:
     written_back: int = 0  # bytes
     evictions: int = 0
     ram_hits: int = 0
+    bad_sectors: int = 0  # valid sectors in chunks that failed their checksum (clean ones read again)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,11 +184,11 @@ class CacheStats:
 class _Segments:
     """Segmented LRU over line keys."""
 
-    probation: collections.OrderedDict[tuple[str, int], None] = field(default_factory=collections.OrderedDict)
-    protected: collections.OrderedDict[tuple[str, int], None] = field(default_factory=collections.OrderedDict)
+    probation: collections.OrderedDict[Key, None] = field(default_factory=collections.OrderedDict)
+    protected: collections.OrderedDict[Key, None] = field(default_factory=collections.OrderedDict)
     protected_max: int = 0
 
-    def touch(self, key: tuple[str, int]) -> None:
+    def touch(self, key: Key) -> None:
         if key in self.protected:
             self.protected.move_to_end(key)
         elif key in self.probation:
@@ -124,11 +200,11 @@ class _Segments:
         else:
             self.probation[key] = None
 
-    def drop(self, key: tuple[str, int]) -> None:
+    def drop(self, key: Key) -> None:
         self.probation.pop(key, None)
         self.protected.pop(key, None)
 
-    def victims(self) -> list[tuple[str, int]]:
+    def victims(self) -> list[Key]:
         return list(self.probation) + list(self.protected)
 
 
@@ -141,29 +217,42 @@ class BlobCache:
         os.makedirs(folder, exist_ok=True)
         self.folder, self.fsync = folder, fsync
         self.slots = capacity // LINE
-        self.env = lmdb.open(os.path.join(folder, "cache-index"), map_size=1 << 34, max_dbs=2, sync=fsync,
+        self.env = lmdb.open(os.path.join(folder, "cache-index"), map_size=1 << 34, max_dbs=4, sync=fsync,
                              metasync=fsync)
         self.db = self.env.open_db(b"lines")
+        self.blobs_db = self.env.open_db(b"blobs")
+        self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if os.fstat(self.fd).st_size < self.slots * LINE:
             os.ftruncate(self.fd, self.slots * LINE)
-        self.lines: dict[tuple[str, int], Line] = {}
+        self.lines: dict[Key, Line] = {}
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))
+        self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version"}
+        self.legacy: dict[bytes, tuple[str, int, Line]] = {}  # lines of an index keyed by name (older hosts)
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self.db):
-                blob, index = _unkey(bytes(key))
+                if len(key) != _ID.size:
+                    self._legacy_line(bytes(key), bytes(raw))
+                    continue
+                k = _ID.unpack(bytes(key))
                 line = Line.unpack(bytes(raw))
                 if line.slot < self.slots:
-                    self.lines[(blob, index)] = line
-                    self.lru.touch((blob, index))
-        used = {line.slot for line in self.lines.values()}
+                    self.lines[k] = line
+                    self.lru.touch(k)
+            for key, raw in txn.cursor(db=self.blobs_db):
+                self.known[_ID.unpack(bytes(key))[0]] = json.loads(bytes(raw))
+        used = {line.slot for line in self.lines.values()} | {e[2].slot for e in self.legacy.values()}
         self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
         self.ram_lines = max(0, ram // LINE)
-        self.ram: collections.OrderedDict[tuple[str, int], bytearray] = collections.OrderedDict()
+        self.ram: collections.OrderedDict[Key, bytearray] = collections.OrderedDict()
         self.stats = CacheStats()
+        self.lost: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # dirty sectors that failed
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self.lost_db):
+                self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
         self.lock = threading.RLock()
-        self.leases: dict[str, str] = {}  # blob -> the lease write-back must present
+        self.leases: dict[int, str] = {}  # blob id -> the lease write-back must present
 
     def grow(self, capacity: int) -> None:
         """Make room for more lines (a VM with a cache of its own arrived)."""
@@ -182,29 +271,166 @@ class BlobCache:
             self.fd = -1
             self.env.close()
 
+    # -- blobs: identity and version ------------------------------------------------------
+
+    def open_blob(self, stamp: Stamp, name: str, writable: bool) -> int:
+        """Start using blob `name`; returns its id. Clean lines survive only if
+        the blob's version is the one recorded at its last close (else it was
+        written elsewhere, or this host died while writing it); lines of an
+        older blob of the same name (deleted since) are dropped."""
+        blob_id, version = stamp.blobs.version(name)
+        with self.lock:
+            for other, rec in list(self.known.items()):
+                if rec["name"] == name and other != blob_id:
+                    self._drop_lines(other, clean_only=False)  # that blob is gone: so is its data
+                    self._register(other, None)
+            if self.known.get(blob_id, {}).get("version") != version:
+                self._drop_lines(blob_id, clean_only=True)  # dirty sectors are acknowledged writes: kept
+            self._register(blob_id, {"name": name, "version": None if writable else version})
+        return blob_id
+
+    def close_blob(self, stamp: Stamp, blob_id: int) -> None:
+        """Done writing the blob (after its flush): record the version its clean lines match."""
+        with self.lock:
+            rec = self.known.get(blob_id)
+            if rec is None:
+                return
+            try:
+                got_id, version = stamp.blobs.version(rec["name"])
+            except BlobNotFound:
+                return
+            if got_id == blob_id:
+                self._register(blob_id, {**rec, "version": version})
+
+    def _register(self, blob_id: int, rec: dict[str, Any] | None) -> None:
+        key = _ID.pack(blob_id, 0)
+        with self.env.begin(write=True) as txn:
+            if rec is None:
+                self.known.pop(blob_id, None)
+                txn.delete(key, db=self.blobs_db)
+            else:
+                self.known[blob_id] = rec
+                txn.put(key, json.dumps(rec).encode(), db=self.blobs_db)
+
+    def _ids(self, name: str) -> list[int]:
+        return [i for i, rec in self.known.items() if rec["name"] == name]
+
+    def _legacy_line(self, key: bytes, raw: bytes) -> None:
+        """A line of an index written before lines were keyed by blob id:
+        name NUL index, and slot, valid, dirty without checksums. Kept aside
+        (its slot in use) until prune() can ask the stamp for the id."""
+        slot, valid, dirty = struct.unpack_from("<Q16s16s", raw)
+        if slot < self.slots:
+            line = Line(slot, _i(valid), _i(dirty))
+            self.legacy[key] = (key[:-9].decode(), int.from_bytes(key[-8:], "big"), line)
+
+    def _adopt_legacy(self, stamp: Stamp) -> None:
+        """Re-key the legacy lines by blob id: dirty sectors are acknowledged
+        writes and are kept (their checksums taken from the slot), clean ones go."""
+        for old_key, (name, index, line) in list(self.legacy.items()):
+            del self.legacy[old_key]
+            try:
+                blob_id = stamp.blobs.blob_id(name)
+            except BlobNotFound:
+                blob_id = -1
+            with self.env.begin(write=True) as txn:
+                txn.delete(old_key, db=self.db)
+            if blob_id < 0 or not line.dirty:
+                self.free.append(line.slot)
+                continue
+            if blob_id not in self.known:
+                self._register(blob_id, {"name": name, "version": None})
+            line.valid = line.dirty
+            line.sums = array("Q", checksums(os.pread(self.fd, LINE, line.slot * LINE)))
+            self.lines[(blob_id, index)] = line
+            self.lru.touch((blob_id, index))
+            self._commit((blob_id, index), line)
+
+    def prune(self, stamp: Stamp) -> None:
+        """Drop the lines of blobs deleted from the stamp (their data went with
+        them); adopt the lines of an older index."""
+        with self.lock:
+            self._adopt_legacy(stamp)
+            for blob_id, rec in list(self.known.items()):
+                try:
+                    alive = stamp.blobs.blob_id(rec["name"]) == blob_id
+                except BlobNotFound:
+                    alive = False
+                if not alive:
+                    self._drop_lines(blob_id, clean_only=False)
+                    self._register(blob_id, None)
+
+    def _drop_lines(self, blob_id: int, clean_only: bool) -> None:
+        for key in [k for k in self.lines if k[0] == blob_id]:
+            line = self.lines[key]
+            if not clean_only or not line.dirty:
+                self._forget(key)
+            elif line.valid != line.dirty:
+                line.valid = line.dirty
+                self.ram.pop(key, None)
+                self._commit(key, line)
+
     # -- the index ------------------------------------------------------------------
 
-    def _save(self, txn: lmdb.Transaction, key: tuple[str, int], line: Line | None) -> None:
-        k = _key(*key)
-        if line is None:
-            txn.delete(k, db=self.db)
-        else:
-            txn.put(k, line.pack(), db=self.db)
+    def _commit(self, key: Key, line: Line | None) -> None:
+        with self.env.begin(write=True) as txn:
+            if line is None:
+                txn.delete(_ID.pack(*key), db=self.db)
+            else:
+                txn.put(_ID.pack(*key), line.pack(), db=self.db)
 
     def dirty(self, blob: str | None = None) -> dict[str, list[tuple[int, int]]]:
-        """Unflushed byte ranges (offset, length), per blob."""
+        """Unflushed byte ranges (offset, length), per blob name."""
         out: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
-        for (b, index), line in sorted(self.lines.items()):
-            if line.dirty and (blob is None or b == blob):
+        for (blob_id, index), line in sorted(self.lines.items()):
+            name = self.known.get(blob_id, {}).get("name", f"#{blob_id}")
+            if line.dirty and (blob is None or name == blob):
                 for s, n in runs(line.dirty):
                     start = index * LINE + s * SECTOR
-                    out[b].append((start, start + n * SECTOR))
+                    out[name].append((start, start + n * SECTOR))
         return {b: [(s, e - s) for s, e in merge_ranges(r)] for b, r in out.items()}
 
     # -- slots ------------------------------------------------------------------------
 
     def _slot_read(self, line: Line, first: int, count: int) -> bytes:
         return os.pread(self.fd, count * SECTOR, line.slot * LINE + first * SECTOR)
+
+    def _verified(self, key: Key, line: Line, first: int, count: int) -> bytes | None:
+        """Sectors [first, first+count) of a line that holds them all, checked
+        against the checksums of their chunks; None if a chunk failed (its
+        sectors were dropped)."""
+        c0, c1 = chunk_range(first, count)
+        raw = os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK)
+        got = array("Q", checksums(raw))
+        if got != line.sums[c0:c1]:
+            bad = 0
+            for i, c in enumerate(got):
+                if not line.chunk_ok(c0 + i, c):
+                    bad |= 1 << (c0 + i)
+            if bad:
+                self._drop_bad(key, line, bad)
+                return None
+        lo = (first - c0 * PER) * SECTOR
+        return raw[lo:lo + count * SECTOR]
+
+    def _drop_bad(self, key: Key, line: Line, chunks: int) -> None:
+        """Chunks that failed their checksum leave the line; a dirty sector in one
+        was an acknowledged write that only this cache held: reported lost."""
+        bad = chunk_sectors(chunks) & line.valid
+        self.stats.bad_sectors += bin(bad).count("1")
+        lost = bad & line.dirty
+        if lost:
+            name = self.known.get(key[0], {}).get("name", f"#{key[0]}")
+            for s, n in runs(lost):
+                self.lost[name].append((key[1] * LINE + s * SECTOR, n * SECTOR))
+            with self.env.begin(write=True) as txn:  # the report outlives the process
+                txn.put(name.encode(), json.dumps(self.lost[name]).encode(), db=self.lost_db)
+        line.valid &= ~bad
+        line.dirty &= ~bad
+        line.pending &= ~chunks
+        line.landed &= ~chunks
+        self.ram.pop(key, None)
+        self._commit(key, line)
 
     def _slot_write(self, line: Line, first: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -213,7 +439,7 @@ class BlobCache:
             n = os.pwrite(self.fd, view, at)
             view, at = view[n:], at + n
 
-    def _allocate(self, key: tuple[str, int], stamp: Stamp | None) -> Line:
+    def _allocate(self, key: Key, stamp: Stamp | None) -> Line:
         if not self.free:
             self._evict(stamp)
         line = Line(self.free.pop())
@@ -232,17 +458,16 @@ class BlobCache:
             return
         raise HostError("the host cache is full of dirty lines and nothing can write them back")
 
-    def _forget(self, key: tuple[str, int]) -> None:
+    def _forget(self, key: Key) -> None:
         line = self.lines.pop(key)
         self.lru.drop(key)
         self.ram.pop(key, None)
-        with self.env.begin(write=True) as txn:
-            self._save(txn, key, None)
+        self._commit(key, None)
         self.free.append(line.slot)
 
     # -- reads and writes (CachedBlob calls these) ----------------------------------------
 
-    def read(self, stamp: Stamp, blob: str, offset: int, length: int, fill: bool) -> bytes:
+    def read(self, stamp: Stamp, blob_id: int, offset: int, length: int, fill: bool) -> bytes:
         """Sector-aligned read through the cache; misses come from the stamp and,
         with fill, are kept."""
         with self.lock:
@@ -251,57 +476,89 @@ class BlobCache:
             while pos < end:
                 index, inner = divmod(pos, LINE)
                 n = min(LINE - inner, end - pos)
-                out += self._read_line(stamp, blob, index, inner // SECTOR, n // SECTOR, fill)
+                out += self._read_line(stamp, blob_id, index, inner // SECTOR, n // SECTOR, fill)
                 pos += n
             return bytes(out)
 
-    def _read_line(self, stamp: Stamp, blob: str, index: int, first: int, count: int, fill: bool) -> bytes:
-        key = (blob, index)
+    def _read_line(self, stamp: Stamp, blob_id: int, index: int, first: int, count: int, fill: bool) -> bytes:
+        key = (blob_id, index)
         line = self.lines.get(key)
         want = bits(first, count)
         if line is not None and line.valid & want == want:
-            self.lru.touch(key)
-            self.stats.read_hits += count
             ram = self.ram.get(key)
             if ram is not None:
+                self.lru.touch(key)
                 self.ram.move_to_end(key)
+                self.stats.read_hits += count
                 self.stats.ram_hits += count
                 return bytes(ram[first * SECTOR:(first + count) * SECTOR])
-            data = self._slot_read(line, first, count)
-            self._to_ram(key, line)
-            return data
+            data = self._verified(key, line, first, count)
+            if data is not None:
+                self.lru.touch(key)
+                self.stats.read_hits += count
+                self._to_ram(key, line)
+                return data
+        return self._miss(stamp, key, line, first, count, fill)
+
+    def _miss(self, stamp: Stamp, key: Key, line: Line | None, first: int, count: int, fill: bool) -> bytes:
+        """Read the line's span from the stamp; our dirty sectors are newer and
+        win. With fill, the sectors the line lacks are kept (slot, then index)."""
         self.stats.read_misses += count
-        size = stamp.blobs.size(blob)
-        line_start = index * LINE
+        name = self.known[key[0]]["name"]
+        size = stamp.blobs.size(name)
+        line_start = key[1] * LINE
         span = min(LINE, max(0, size - line_start))
-        fetched = stamp.blobs.read(blob, line_start, span) if span else b""
-        fetched = fetched.ljust(LINE, b"\0")
-        if line is not None:  # keep our newer (dirty or refreshed) sectors
-            for s, n in runs(line.valid):
-                fetched = fetched[:s * SECTOR] + self._slot_read(line, s, n) + fetched[(s + n) * SECTOR:]
-        result = fetched[first * SECTOR:(first + count) * SECTOR]
+        fetched = bytearray(stamp.blobs.read(name, line_start, span) if span else b"")
+        fetched += bytes(LINE - len(fetched))
+        if line is not None:
+            for s, n in runs(line.dirty):
+                mine = self._verified(key, line, s, n)
+                if mine is not None:
+                    fetched[s * SECTOR:(s + n) * SECTOR] = mine
+                else:  # a bad dirty sector was dropped: keep the good ones
+                    for s1, n1 in runs(line.dirty & bits(s, n)):
+                        fetched[s1 * SECTOR:(s1 + n1) * SECTOR] = self._slot_read(line, s1, n1)
+        result = bytes(fetched[first * SECTOR:(first + count) * SECTOR])
         if fill:
             if line is None:
                 line = self._allocate(key, stamp)
             fresh = FULL & ~line.valid & bits(0, span // SECTOR)
             for s, n in runs(fresh):
-                self._slot_write(line, s, fetched[s * SECTOR:(s + n) * SECTOR])
-            line.valid |= fresh
-            with self.env.begin(write=True) as txn:
-                self._save(txn, key, line)
+                self._store(key, line, s, memoryview(fetched)[s * SECTOR:(s + n) * SECTOR], dirty=False)
             self.lru.touch(key)
             self._to_ram(key, line)
         return result
 
-    def _to_ram(self, key: tuple[str, int], line: Line) -> None:
-        if not self.ram_lines or line.valid != FULL:
+    def _to_ram(self, key: Key, line: Line) -> None:
+        if not self.ram_lines or line.valid != FULL or key in self.ram:
             return
-        if key not in self.ram:
-            self.ram[key] = bytearray(os.pread(self.fd, LINE, line.slot * LINE))
-            while len(self.ram) > self.ram_lines:
-                self.ram.popitem(last=False)
+        data = self._verified(key, line, 0, SECTORS)
+        if data is None:
+            return
+        self.ram[key] = bytearray(data)
+        while len(self.ram) > self.ram_lines:
+            self.ram.popitem(last=False)
 
-    def update(self, stamp: Stamp, blob: str, offset: int, data: bytes | bytearray | memoryview,
+    def invalidate(self, blob_id: int, offset: int, length: int) -> None:
+        """Take sectors out of the cache before the stamp changes under them
+        (a write-through): a kill between the stamp write and the refresh must
+        not leave the old bytes valid here."""
+        with self.lock:
+            pos, end = offset, offset + length
+            while pos < end:
+                index, inner = divmod(pos, LINE)
+                n = min(LINE - inner, end - pos)
+                key = (blob_id, index)
+                line = self.lines.get(key)
+                mask = bits(inner // SECTOR, n // SECTOR)
+                if line is not None and line.valid & mask:
+                    assert not line.dirty & mask, "a write-through over dirty sectors"
+                    line.valid &= ~mask
+                    self.ram.pop(key, None)
+                    self._commit(key, line)
+                pos += n
+
+    def update(self, stamp: Stamp, blob_id: int, offset: int, data: bytes | bytearray | memoryview,
                dirty: bool) -> None:
         """Put sector-aligned data in the cache: dirty (ReadWrite: the stamp has
         not got it yet) or clean (ReadOnly: the stamp already has it)."""
@@ -311,61 +568,138 @@ class BlobCache:
             while pos < end:
                 index, inner = divmod(pos, LINE)
                 n = min(LINE - inner, end - pos)
-                key = (blob, index)
+                key = (blob_id, index)
                 line = self.lines.get(key)
                 if line is None:
                     if not dirty:
                         pos += n
                         continue  # a write-through of a line we do not hold: nothing to refresh
                     line = self._allocate(key, stamp)  # may evict (and write back) an earlier line
-                first = inner // SECTOR
-                self._slot_write(line, first, view[pos - offset:pos - offset + n])
-                ram = self.ram.get(key)
-                if ram is not None:
-                    ram[inner:inner + n] = view[pos - offset:pos - offset + n]
-                mask = bits(first, n // SECTOR)
-                line.valid |= mask
-                if dirty:
-                    line.dirty |= mask
-                    if self.fsync:
-                        os.fdatasync(self.fd)  # the data before the index entry that marks it dirty
-                with self.env.begin(write=True) as txn:  # each line's entry right after its data
-                    self._save(txn, key, line)
+                self._store(key, line, inner // SECTOR, view[pos - offset:pos - offset + n], dirty)
                 self.lru.touch(key)
                 pos += n
             if dirty:
                 self.stats.writes_cached += 1
 
+    def _store(self, key: Key, line: Line, first: int, piece: bytes | bytearray | memoryview,
+               dirty: bool) -> None:
+        """Write sectors into the line's slot and make them valid (and dirty).
+        A chunk that holds dirty sectors (acknowledged writes only the cache
+        has) gets its new checksum recorded as pending before its bytes change, so
+        a kill leaves either version verifiable; other chunks: slot bytes,
+        then the entry that makes them valid."""
+        count = len(piece) // SECTOR
+        mask = bits(first, count)
+        c0, c1 = chunk_range(first, count)
+        cmask = ((1 << (c1 - c0)) - 1) << c0
+        self._settle(key, line, line.pending & cmask)
+        if first % PER == 0 and count % PER == 0:
+            new = checksums(piece)
+        else:  # part of a chunk: its checksum covers the neighbours in the slot too
+            buf = bytearray(os.pread(self.fd, (c1 - c0) * CHUNK, line.slot * LINE + c0 * CHUNK))
+            lo = (first - c0 * PER) * SECTOR
+            buf[lo:lo + len(piece)] = piece
+            new = checksums(buf)
+        over = chunks_of(line.dirty, c0, c1)
+        if over:
+            for c in range(c0, c1):
+                if (over >> c) & 1:
+                    line.alt[c] = new[c - c0]
+            line.pending |= over
+            line.landed &= ~over
+            self._commit(key, line)
+        self._slot_write(line, first, piece)
+        ram = self.ram.get(key)
+        if ram is not None:
+            ram[first * SECTOR:(first + count) * SECTOR] = piece
+        line.landed |= over
+        for c in range(c0, c1):
+            if not (over >> c) & 1:
+                line.sums[c] = new[c - c0]
+        grows = mask & ~(line.dirty if dirty else line.valid)
+        if self.fsync:
+            os.fdatasync(self.fd)  # the data before the index entry that points at it
+        if grows or cmask & ~over:
+            line.valid |= mask
+            if dirty:
+                line.dirty |= mask
+            self._commit(key, line)
+
+    def _settle(self, key: Key, line: Line, chunks: int) -> None:
+        """Make pending chunks plain before they are rewritten or written
+        back: a rewrite this process saw land gives the chunk its new checksum;
+        after a kill, the slot is read to see which version it holds."""
+        if not chunks:
+            return
+        for c in range(chunks.bit_length()):
+            if not (chunks >> c) & 1:
+                continue
+            if (line.landed >> c) & 1:
+                line.sums[c] = line.alt[c]
+                continue
+            got = xxh3(os.pread(self.fd, CHUNK, line.slot * LINE + c * CHUNK))
+            if got == line.alt[c]:
+                line.sums[c] = got
+            elif got != line.sums[c]:
+                self._drop_bad(key, line, 1 << c)
+        line.pending &= ~chunks
+        line.landed &= ~chunks
+
     # -- write-back ------------------------------------------------------------------
 
-    def _write_back(self, stamp: Stamp, key: tuple[str, int], line: Line) -> None:
-        blob, index = key
-        size = stamp.blobs.size(blob)
+    def _write_back(self, stamp: Stamp, key: Key, line: Line) -> None:
+        blob_id, index = key
+        name = self.known.get(blob_id, {}).get("name")
+        try:
+            alive = name is not None and stamp.blobs.blob_id(name) == blob_id
+        except BlobNotFound:
+            alive = False
+        if not alive:  # the blob was deleted: its unflushed data went with it
+            line.dirty = 0
+            self._commit(key, line)
+            return
+        size = stamp.blobs.size(name)  # type: ignore[arg-type]
+        self._settle(key, line, line.pending)
         for s, n in runs(line.dirty):
-            at = index * LINE + s * SECTOR
-            n = min(n * SECTOR, max(0, size - at))
-            if n > 0:
-                stamp.blobs.write(blob, at, self._slot_read(line, s, n // SECTOR), lease=self.leases.get(blob))
-                self.stats.written_back += n
+            data = self._verified(key, line, s, n)
+            if data is None:  # a bad sector: reported lost; write back the good ones
+                for s1, n1 in runs(line.dirty & bits(s, n)):
+                    self._write_run(stamp, str(name), key, line, s1, n1, size)
+                continue
+            self._write_run(stamp, str(name), key, line, s, n, size, data)
         line.dirty = 0  # only after the stamp acknowledged every run
-        with self.env.begin(write=True) as txn:
-            self._save(txn, key, line)
+        self._commit(key, line)
 
-    def flush(self, stamp: Stamp, blob: str) -> int:
-        """Write back every dirty sector of `blob`; returns the bytes written."""
+    def _write_run(self, stamp: Stamp, name: str, key: Key, line: Line, s: int, n: int, size: int,
+                   data: bytes | None = None) -> None:
+        at = key[1] * LINE + s * SECTOR
+        nbytes = min(n * SECTOR, max(0, size - at))
+        if nbytes > 0:
+            if data is None:
+                data = self._slot_read(line, s, n)
+            stamp.blobs.write(name, at, data[:nbytes], lease=self.leases.get(key[0]))
+            self.stats.written_back += nbytes
+
+    def flush(self, stamp: Stamp, blob: str | int) -> int:
+        """Write back every dirty sector of a blob (by id, or every id known
+        under a name); returns the bytes written."""
         with self.lock:
+            ids = [blob] if isinstance(blob, int) else self._ids(blob)
             before = self.stats.written_back
             for key, line in sorted(self.lines.items()):
-                if key[0] == blob and line.dirty:
+                if key[0] in ids and line.dirty:
                     self._write_back(stamp, key, line)
             return self.stats.written_back - before
 
     def drop_blob(self, blob: str) -> None:
+        """Invalidate every line of a blob (detach, delete, restore): it may be
+        written elsewhere before this host sees it again."""
         with self.lock:
-            for key in [k for k in self.lines if k[0] == blob]:
-                if self.lines[key].dirty:
+            for blob_id in self._ids(blob):
+                if any(line.dirty for k, line in self.lines.items() if k[0] == blob_id):
                     raise HostError(f"blob {blob} has unflushed data in the cache")
-                self._forget(key)
+                self._drop_lines(blob_id, clean_only=False)
+                self._register(blob_id, None)
 
     def lose(self) -> dict[str, list[tuple[int, int]]]:
         """The host-lost fault: the local cache is gone. Returns what was lost
@@ -383,44 +717,50 @@ class BlobCache:
             return lost
 
     def check(self) -> list[str]:
-        """Invariants: slots unique and in range, dirty within valid, free list complete."""
+        """Invariants: slots unique and in range, dirty within valid, free list
+        complete, the index on disk as in memory, every valid chunk's checksum."""
         problems = []
-        seen: dict[int, tuple[str, int]] = {}
+        seen: dict[int, Key] = {}
         for key, line in self.lines.items():
             if not 0 <= line.slot < self.slots:
                 problems.append(f"line {key}: slot {line.slot} out of range")
+                continue
             if line.slot in seen:
                 problems.append(f"line {key}: slot {line.slot} also holds {seen[line.slot]}")
             seen[line.slot] = key
             if line.dirty & ~line.valid:
                 problems.append(f"line {key}: dirty sectors that are not valid")
+            if key[0] not in self.known:
+                problems.append(f"line {key}: blob id {key[0]} is not registered")
+            got = checksums(os.pread(self.fd, LINE, line.slot * LINE))
+            for c in range(CHUNKS):
+                if chunks_of(line.valid) >> c & 1 and not line.chunk_ok(c, got[c]):
+                    problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its checksum")
         if len(seen) + len(self.free) != self.slots or set(self.free) & set(seen):
             problems.append("free slots and used slots do not add up")
         with self.env.begin() as txn:
-            stored = {_unkey(bytes(k)): Line.unpack(bytes(v)) for k, v in txn.cursor(db=self.db)}
-        if stored != self.lines:
+            stored = {_ID.unpack(bytes(k)): bytes(v) for k, v in txn.cursor(db=self.db)}
+        if stored != {k: line.pack() for k, line in self.lines.items()}:
             problems.append("the persistent index differs from the cache's view")
         return problems
 
 
-def _key(blob: str, index: int) -> bytes:
-    return blob.encode() + b"\0" + index.to_bytes(8, "big")
-
-
-def _unkey(key: bytes) -> tuple[str, int]:
-    return key[:-9].decode(), int.from_bytes(key[-8:], "big")
-
-
 class CachedBlob(PageBlobFile):
     """A page blob seen through the host cache in one mode: a vhd RawFile, so
-    the disk's VHD is read and written through the cache."""
+    the disk's VHD is read and written through the cache. Opening it checks
+    the blob's identity and version against the cache (BlobCache.open_blob);
+    outside ReadWrite, dirty sectors a dead process left are written back
+    first, since this mode will not look at them."""
 
     def __init__(self, cache: BlobCache, stamp: Stamp, blob: str, mode: CacheMode,
                  lease: str | None = None, writable: bool = True) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
+        self.blob_id = cache.open_blob(stamp, blob, writable)
         if lease:
-            cache.leases[blob] = lease
+            cache.leases[self.blob_id] = lease
+        if mode is not CacheMode.READWRITE:
+            cache.flush(stamp, self.blob_id)
 
     def pread(self, length: int, offset: int) -> bytes:
         end = min(offset + length, self._size)
@@ -429,7 +769,7 @@ class CachedBlob(PageBlobFile):
         if self.mode is CacheMode.NONE:
             return super().pread(length, offset)
         lo, hi = offset - offset % SECTOR, -(-end // SECTOR) * SECTOR
-        data = self.cache.read(self.stamp, self.blob, lo, hi - lo, fill=True)
+        data = self.cache.read(self.stamp, self.blob_id, lo, hi - lo, fill=True)
         return data[offset - lo:end - lo]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -442,13 +782,19 @@ class CachedBlob(PageBlobFile):
             self.truncate(-(-(offset + n) // SECTOR) * SECTOR)
         offset, data = align_write(lambda o, k: self.pread(k, o).ljust(k, b"\0"), offset, data, SECTOR)
         if self.mode is CacheMode.READONLY:
+            self.cache.invalidate(self.blob_id, offset, len(data))  # out of the cache, then the stamp
             super().pwrite(data, offset)  # the stamp first: writes go through
-            self.cache.update(self.stamp, self.blob, offset, data, dirty=False)
+            self.cache.update(self.stamp, self.blob_id, offset, data, dirty=False)
         else:
-            self.cache.update(self.stamp, self.blob, offset, data, dirty=True)
+            self.cache.update(self.stamp, self.blob_id, offset, data, dirty=True)
 
     def sync(self) -> None:
         """Flush (and FUA): write back what the cache holds dirty, then make the stamp durable."""
         if self.mode is CacheMode.READWRITE:
-            self.cache.flush(self.stamp, self.blob)
+            self.cache.flush(self.stamp, self.blob_id)
         super().sync()
+
+    def close(self) -> None:
+        """After the image's last flush: the cache records the version its clean lines match."""
+        if self.writable:
+            self.cache.close_blob(self.stamp, self.blob_id)

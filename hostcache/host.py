@@ -16,7 +16,8 @@ Platform rules kept here (reference file, host_caching and VM sizes):
   Standard HDD disks under 4 TiB, and only on VM sizes with a cache;
   an OS disk asked for None gets ReadOnly; changing a disk's caching is a
   detach and a reattach;
-- detach, stop and delete flush the disk's dirty cache lines first.
+- detach, stop and delete flush the disk's dirty cache lines first; detach
+  and delete also drop its lines (it may be written elsewhere meanwhile).
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
@@ -40,9 +41,9 @@ from typing import Any
 import lmdb
 
 from stamp import Stamp
-from stamp.disks import Disks, DiskState, VirtualDisk
+from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
 from vhd.blockdev import Extent
-from vhd.image import open_image
+from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
@@ -103,6 +104,7 @@ class Host:
         self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
                                ram=self.config.get("ram_bytes", 0))
+        self.cache.prune(self.stamp)  # lines of disks deleted meanwhile go
         self.clock = clock or MonotonicClock()
         self.latency = latency
         self.throttles: dict[str, Throttle] = {}
@@ -250,7 +252,7 @@ class Host:
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
             raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
-        self._flush_disk(vm_name, lun, entry["disk"])
+        self._flush_disk(vm_name, lun, entry["disk"], drop=True)
         del vm["data_disks"][str(lun)]
         self._put(vm)
         live = self.throttles.get(vm_name)
@@ -287,7 +289,7 @@ class Host:
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
-            self._flush_disk(vm_name, lun, disk)
+            self._flush_disk(vm_name, lun, disk, drop=True)
             self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
@@ -297,11 +299,16 @@ class Host:
     def _luns(self, vm: dict[str, Any]) -> list[tuple[int, str]]:
         return [(OS_LUN, vm["os_disk"]["disk"])] + [(int(k), v["disk"]) for k, v in vm["data_disks"].items()]
 
-    def _flush_disk(self, vm_name: str, lun: int, disk: str) -> None:
+    def _flush_disk(self, vm_name: str, lun: int, disk: str, drop: bool = False) -> None:
+        """Close the disk if open here and write back its dirty lines; with
+        drop (it leaves this host: detach, delete), invalidate its lines too."""
         opened = self.open_disks.pop((vm_name, lun), None)
         if opened is not None:
             opened.close()
-        self.cache.flush(self.stamp, self.disks.record(disk)["blob"])
+        blob = self.disks.record(disk)["blob"]
+        self.cache.flush(self.stamp, blob)
+        if drop:
+            self.cache.drop_blob(blob)
 
     def quiesce(self, disk: str) -> None:
         """The pre-snapshot hook: what this host holds dirty for `disk` goes to the stamp."""
@@ -474,8 +481,14 @@ class AttachedDisk:
             parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
             resolver = lambda child, header: open_image(  # noqa: E731
                 CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
-        self.virtual = VirtualDisk(open_image(file, writable=True, resolver=resolver), host.stamp.blobs,
-                                   self.blob, lease)
+        try:
+            image_dev = open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
+        except BaseException:
+            host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
+            raise
+        if isinstance(image_dev, SparseImage):
+            image_dev.write_through = True  # the platform's rule: an acknowledged write survives a kill
+        self.virtual = VirtualDisk(image_dev, host.stamp.blobs, self.blob, lease)
         self.size = self.virtual.size
         self.readonly = False
         self.throttle = host.throttle(vm)

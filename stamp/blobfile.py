@@ -24,6 +24,14 @@ class PageBlobFile:
         self.name = f"blob:{blob}"
         self._size = stamp.blobs.size(blob)
 
+    @property
+    def repair_command(self) -> str | None:
+        """What vhd's errors tell the user to run: a managed disk's blob is
+        repaired by the stamp command (vhd cannot open a page blob)."""
+        if not self.blob.startswith("disks/"):
+            return None
+        return f"stamp --stamp {self.stamp.path} disk check --repair {self.blob[len('disks/'):]}"
+
     def size(self) -> int:
         return self._size
 

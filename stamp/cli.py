@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         disk.add_parser(name, help="list disks")
     for name in ("show", "delete"):
         disk.add_parser(name, help=f"{name} a disk").add_argument("name")
+    p = disk.add_parser("check", help="check the disk's VHD; --repair what is safe to repair")
+    p.add_argument("name")
+    p.add_argument("--repair", action="store_true", help="rewrite damaged footer and header copies "
+                   "from the good ones (the disk must not be attached)")
     p = disk.add_parser("export", help="write a disk (or a snapshot) to a local VHD")
     p.add_argument("name")
     p.add_argument("path")
@@ -186,6 +190,10 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
             _print({"deleted": a.name})
         elif action == "export":
             _print(disks.export(a.name, a.path, a.format, show_progress=a.progress))
+        elif action == "check":
+            checked = disks.check_disk(a.name, repair=a.repair)
+            _print(checked.to_json())
+            return 0 if checked.ok else 1
     elif cmd == "image":
         if action == "create":
             _print(disks.create_image(a.name, path=a.file, disk=a.disk, convert=a.convert))

@@ -28,7 +28,10 @@ from typing import Any
 import vhd
 from vhd import dynamic_header as dh
 from vhd import footer as ft
-from vhd.image import _write_sparse, create_fixed, open_image
+from vhd.chain import Resolver
+from vhd.check import Report
+from vhd.fileio import RawFile
+from vhd.image import _write_sparse, create_fixed, open_image, read_footer
 
 from .blobfile import PageBlobFile
 from .errors import StampError
@@ -343,12 +346,23 @@ class Disks:
             resolver = lambda child, header: open_image(  # noqa: E731
                 PageBlobFile(self.stamp, image_blob, writable=False))
         try:
-            img = open_image(file, writable=writable, resolver=resolver)
+            img = open_recovered(file, resolver) if writable else open_image(file, resolver=resolver)
         except BaseException:
             if lease:
                 self.blobs.release_lease(blob, lease)
             raise
         return VirtualDisk(img, self.blobs, blob, lease)
+
+    def check_disk(self, name: str, repair: bool = False) -> Report:
+        """vhd's check of the disk's VHD in its blob; with repair, what is safe
+        to repair is (under the blob's writer lease, so not while attached)."""
+        blob = self._get("disk", name)["blob"]
+        lease = self.blobs.acquire_writer_lease(blob) if repair else None
+        try:
+            return vhd.check(PageBlobFile(self.stamp, blob, lease=lease, writable=repair), repair=repair)
+        finally:
+            if lease:
+                self.blobs.release_lease(blob, lease)
 
     def export(self, name: str, path: str, fmt: str = "fixed", snapshot: str | None = None,
                show_progress: bool | None = None) -> dict[str, Any]:
@@ -411,6 +425,17 @@ class SnapshotFile(PageBlobFile):
             if e > s:
                 out.append((s, e - s))
         return out
+
+
+def open_recovered(file: RawFile, resolver: Resolver | None) -> vhd.Image:
+    """Open a disk's VHD for writing, recovering first from a crash between
+    growing the blob and writing the footer at its new end (the end footer is
+    damaged, its mirror at offset 0 is good): the footer is rewritten from the
+    mirror, which is what `vhd check --repair` does; the space the dead write
+    added is left unused (compact reclaims it)."""
+    if read_footer(file)[1]:
+        vhd.check(file, repair=True)
+    return open_image(file, writable=True, resolver=resolver)
 
 
 def _is_vhd(path: str) -> bool:

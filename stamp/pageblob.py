@@ -30,6 +30,7 @@ unreferenced record bytes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import time
@@ -232,6 +233,25 @@ class PageBlobs:
     def size(self, name: str) -> int:
         with self.meta.read() as txn:
             return self._blob(txn, name)[2].size
+
+    def blob_id(self, name: str) -> int:
+        """The blob's id: never reused, so a blob deleted and re-created under
+        the same name has another one."""
+        with self.meta.read() as txn:
+            return self._blob(txn, name)[0]
+
+    def version(self, name: str) -> tuple[int, str]:
+        """(id, content version) for caches outside the stamp: the version is
+        a digest of the blob's size and live index, so any write, clear or
+        resize changes it (a gc move may too; snapshots and leases do not).
+        It walks the blob's index: for an attach, not for every I/O."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            digest = hashlib.blake2b(U64.pack(st.size), digest_size=16)
+            for key, value in self.meta.items(txn, "pages", U64.pack(blob_id)):
+                digest.update(key)
+                digest.update(value)
+        return blob_id, digest.hexdigest()
 
     def delete(self, name: str, lease: str | None = None) -> None:
         """Delete a blob and all its snapshots (their space is reclaimed by gc)."""

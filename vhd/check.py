@@ -132,33 +132,33 @@ class _Overlay:
 def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
           allow_dirs: Sequence[str] | None = None, ignore_timestamp: bool = False) -> Report:
     """Check the VHD at `target` (a path, or an open RawFile: then its parent
-    chain is not followed) and optionally repair it."""
-    if not isinstance(target, str):
-        report = Report(target.name)
-        walk = _Walk(target, report)
-        _walk(walk)
-        if azure:
-            azure_rules(target.name, walk.footer, target.size(), report)
-        return report
-    path = target
-    report = Report(path)
-    file = OsFile(path, writable=repair, allow_block=True)
+    chain is not followed, and a repair that changes a differencing image's
+    header is refused, as it cannot be tried with the parent) and optionally
+    repair it."""
+    own = isinstance(target, str)
+    file = OsFile(target, writable=repair, allow_block=True) if isinstance(target, str) else target
+    path = target if isinstance(target, str) else None
+    report = Report(file.name)
     try:
         walk = _Walk(file, report)
         _walk(walk)
         _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
         if repair and walk.patches:
             _apply(walk)
-            file.close()
-            again = check(path, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+            if own:
+                file.close()
+            again = check(target, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
             again.repaired = [what for _, _, what in walk.patches]
             return again
+        size = file.size()
     finally:
-        file.close()
-    if report.ok and walk.footer is not None and walk.footer.disk_type is ft.DiskType.DIFFERENCING:
+        if own:
+            file.close()
+    if path is not None and report.ok and walk.footer is not None \
+            and walk.footer.disk_type is ft.DiskType.DIFFERENCING:
         _check_chain(path, report, allow_dirs, ignore_timestamp)
     if azure:
-        azure_rules(path, walk.footer, os.stat(path).st_size, report)
+        azure_rules(file.name, walk.footer, size, report)
     return report
 
 
@@ -255,7 +255,7 @@ def _lenient_footer(report: Report, raw: bytes, at: int, name: str) -> ft.Footer
     return f
 
 
-def _vet_repairs(w: _Walk, path: str, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:
+def _vet_repairs(w: _Walk, path: str | None, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:
     """Drop the planned repairs (and their "repairable" labels) unless the
     file with them applied checks clean and, if the header changes in a
     differencing image, still opens with its parent."""
@@ -390,7 +390,8 @@ def _check_overlaps(w: _Walk, regions: list[tuple[int, int, str]], end: int) -> 
         w.report.leaked_bytes += end - pos
     if w.report.leaked_bytes:
         w.report.add("warning", "file", 0, f"{w.report.leaked_bytes} bytes are not used by any block "
-                     "(left by an interrupted write or a discard)", fix=f"vhd compact {w.report.path}")
+                     "(left by an interrupted write or a discard)",
+                     fix=f"vhd compact {w.report.path}" if isinstance(w.file, OsFile) else None)
 
 
 def _check_chain(path: str, report: Report, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> None:

@@ -18,6 +18,13 @@ valid VHD at every instant and loses nothing flushed:
     5. sync                          (pointers durable)
 Until step 5 the on-disk BAT does not point at new blocks, so a crash loses
 exactly the unflushed writes and leaves at most unreferenced space.
+
+Write-through (`write_through = True`, for a file whose every pwrite survives
+a process kill when it returns, such as a page blob behind a host cache): a
+write is not acknowledged until its metadata is in the file too, in this
+order and without a sync: data, then the block's bitmap, then its BAT sector
+(step 1's sync is skipped as well: the file keeps the order of its writes).
+A kill then loses no acknowledged write; flush() still syncs for power loss.
 """
 
 from __future__ import annotations
@@ -159,6 +166,7 @@ class SparseImage:
         self._dirty_bitmaps: set[int] = set()
         self._uncommitted: set[int] = set()
         self._unsynced = False
+        self.write_through = False  # see the module comment
 
     @property
     def disk_type(self) -> ft.DiskType:
@@ -264,6 +272,8 @@ class SparseImage:
             n = min(bs - inb, length - pos)
             self._write_block(b, inb, view[pos:pos + n])
             pos += n
+        if self.write_through:
+            self._commit(sync=False)  # bitmaps, then BAT sectors: after the data, before the ack
 
     def _write_block(self, b: int, inb: int, chunk: memoryview) -> None:
         entry = self.bat[b]
@@ -285,7 +295,7 @@ class SparseImage:
             self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
             del self._bitmaps[b]
             bm = bytearray(b"\xff" * self.bitmap_size)
-        if b in self._uncommitted:  # no on-disk pointer to it yet: write now
+        if b in self._uncommitted or self.write_through:  # no on-disk pointer yet, or no waiting: write now
             self.file.pwrite(bm, self.bat[b] * SECTOR)
         else:
             self._dirty_bitmaps.add(b)
@@ -297,7 +307,7 @@ class SparseImage:
         if new_end // SECTOR > batlib.UNALLOCATED - 1:
             raise VhdError(f"{self.file.name}: file would pass the 2 TiB a dynamic VHD can address")
         self.file.pwrite(self._footer_raw, new_end)
-        if self.durable:
+        if self.durable and not self.write_through:
             self.file.sync()
         if self.parent is None:
             self.file.pwrite(b"\xff" * self.bitmap_size, at)
@@ -370,6 +380,8 @@ class SparseImage:
                 else:
                     write_zeros(self, pos, n)
             pos += n
+        if self.write_through:
+            self._commit(sync=False)  # the unallocated entries before the discard returns
 
     def _unallocate(self, b: int) -> None:
         self.bat[b] = batlib.UNALLOCATED
@@ -497,6 +509,13 @@ def read_footer(file: RawFile) -> tuple[ft.Footer, bool]:
             if mirror.disk_type is not ft.DiskType.FIXED:
                 return mirror, True
         raise
+
+
+def repair_command(file: RawFile) -> str:
+    """The command that repairs this file: a file's own (a page blob's names
+    the stamp command), else `vhd check --repair`."""
+    own = getattr(file, "repair_command", None)
+    return own if isinstance(own, str) else f"vhd check --repair {file.name}"
 
 
 def is_vhd(file: RawFile) -> bool:
@@ -651,7 +670,7 @@ def _open_file(file: RawFile, path: str | None, writable: bool, opts: _Opts, see
     if damaged and writable:
         raise FormatError("footer", "cookie", file.size() - ft.SIZE,
                           "the footer at the end is damaged (the copy at offset 0 is good); "
-                          f"run: vhd check --repair {file.name}")
+                          f"run: {repair_command(file)}")
     if footer.disk_type is ft.DiskType.FIXED:
         if file.size() != footer.current_size + ft.SIZE:
             raise FormatError("footer", "current size", file.size() - ft.SIZE + 48,

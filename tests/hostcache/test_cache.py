@@ -149,7 +149,7 @@ def test_scan_resistance_keeps_the_hot_line(tmp_path):
     f.pread(512, 0)  # line 0 is hot: protected
     for i in range(1, 64):  # a long scan passes through probation only
         f.pread(512, i * LINE)
-    assert ("d", 0) in cache.lines
+    assert (f.blob_id, 0) in cache.lines
 
 
 CHILD = textwrap.dedent("""
