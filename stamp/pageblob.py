@@ -34,7 +34,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import lmdb
@@ -115,6 +115,7 @@ class Snapshot:
     id: str  # Azure-style timestamp, unique per blob
     epoch: int
     time: float
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"blob": self.blob, "snapshot": self.id, "time": self.time}
@@ -198,9 +199,9 @@ class PageBlobs:
         with self.meta.write() as txn:
             if txn.get(name.encode(), db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {name!r} already exists")
-            blob_id = self.meta.next_id(txn, "blob")
-            self.meta.put_json(txn, "blobs", name.encode(),
-                               {"id": blob_id, "created": time.time(), "properties": properties or {}})
+            blob_id = self.meta.next_id(txn, "blob")  # a counter: ids are never reused
+            self.meta.put_json(txn, "blobs", name.encode(), {"id": blob_id, "created": time.time(),
+                                                             "limit": limit, "properties": properties or {}})
             txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
 
     @staticmethod
@@ -220,7 +221,7 @@ class PageBlobs:
         with self.meta.read() as txn:
             blob_id, obj, st = self._blob(txn, name)
             snaps = len(list(self.meta.items(txn, "snaps", U64.pack(blob_id))))
-        return {"name": name, "size": st.size, "created": obj["created"], "snapshots": snaps,
+        return {"name": name, "id": blob_id, "size": st.size, "created": obj["created"], "snapshots": snaps,
                 "leased": st.lease_held(time.time()), **obj.get("properties", {})}
 
     def set_properties(self, name: str, **props: Any) -> None:
@@ -236,13 +237,18 @@ class PageBlobs:
     def delete(self, name: str, lease: str | None = None) -> None:
         """Delete a blob and all its snapshots (their space is reclaimed by gc)."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            self._check_lease(st, lease)
-            prefix = U64.pack(blob_id)
-            for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
-                rg.delete_prefix(txn, self.db[table], prefix)
-            txn.delete(prefix, db=self.db["blobstate"])
-            txn.delete(name.encode(), db=self.db["blobs"])
+            self.delete_in(txn, name, lease)
+
+    def delete_in(self, txn: lmdb.Transaction, name: str, lease: str | None = None) -> None:
+        """delete() inside the caller's write transaction (a resource and its
+        blob go in one commit)."""
+        blob_id, _, st = self._blob(txn, name)
+        self._check_lease(st, lease)
+        prefix = U64.pack(blob_id)
+        for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
+            rg.delete_prefix(txn, self.db[table], prefix)
+        txn.delete(prefix, db=self.db["blobstate"])
+        txn.delete(name.encode(), db=self.db["blobs"])
 
     # -- leases --------------------------------------------------------------------
 
@@ -363,10 +369,11 @@ class PageBlobs:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
-        """Grow or shrink; pages cut off are cleared (snapshots keep theirs)."""
-        self._check_size(size, MAX_DISK_BLOB)
+        """Grow or shrink; pages cut off are cleared (snapshots keep theirs).
+        The size limit is the one the blob was created with."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
+            blob_id, obj, st = self._blob(txn, name)
+            self._check_size(size, int(obj.get("limit", MAX_BLOB)))
             self._check_lease(st, lease)
             if size < st.size:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
@@ -500,7 +507,7 @@ class PageBlobs:
         its snapshots). Extents are immutable, so the copy shares them: it
         costs index entries, not data."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, source)
+            blob_id, obj, st = self._blob(txn, source)
             epoch = self._snapshot_epoch(txn, blob_id, source, snapshot)
             size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
             pieces = self._resolve(txn, blob_id, epoch, 0, size // PAGE)
@@ -509,6 +516,7 @@ class PageBlobs:
             new_id = self.meta.next_id(txn, "blob")
             self.meta.put_json(txn, "blobs", target.encode(),
                                {"id": new_id, "created": time.time(), "properties": properties or {},
+                                "limit": int(obj.get("limit", MAX_BLOB)),
                                 "copied_from": source, "copied_snapshot": snapshot})
             txn.put(U64.pack(new_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
             prefix = U64.pack(new_id)
@@ -532,18 +540,21 @@ class PageBlobs:
             info = {"snapshot": sid, "epoch": st.epoch, "time": now, "size": st.size, "metadata": metadata or {}}
             txn.put(BLOB_EPOCH.pack(blob_id, st.epoch), dumps(info), db=self.db["snaps"])
             txn.put(U64.pack(blob_id) + sid.encode(), dumps(info), db=self.db["snapnames"])
-            snap = Snapshot(name, sid, st.epoch, now)
+            snap = Snapshot(name, sid, st.epoch, now, metadata or {})
             st.latest, st.epoch = st.epoch, st.epoch + 1
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
         return snap
 
     def snapshots(self, name: str) -> list[Snapshot]:
         with self.meta.read() as txn:
-            blob_id = self._blob(txn, name)[0]
-            out = []
-            for _, raw in self.meta.items(txn, "snaps", U64.pack(blob_id)):
-                info = loads(raw)
-                out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"]))
+            return self.snapshots_in(txn, name)
+
+    def snapshots_in(self, txn: lmdb.Transaction, name: str) -> list[Snapshot]:
+        blob_id = self._blob(txn, name)[0]
+        out = []
+        for _, raw in self.meta.items(txn, "snaps", U64.pack(blob_id)):
+            info = loads(raw)
+            out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"], info.get("metadata", {})))
         return out
 
     def snapshot_metadata(self, name: str, snapshot: str) -> dict[str, Any]:
@@ -556,25 +567,29 @@ class PageBlobs:
 
     def delete_snapshot(self, name: str, snapshot: str) -> None:
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            k = self._snapshot_epoch(txn, blob_id, name, snapshot)
-            assert k is not None
-            epochs = [BLOB_EPOCH.unpack(key)[1] for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id))]
-            older = [j for j in epochs if j < k]
-            prev = max(older) if older else -1
-            frozen = self.db["frozen"]
-            for ps, _, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
-                piece = Piece.unpack(ps, raw)
-                if prev >= 0 and piece.gen <= prev:
-                    txn.put(BLOB_EPOCH.pack(blob_id, prev) + U64.pack(ps), raw, db=frozen)
-            rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
-            txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
-            txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
-            if st.latest == k:
-                st.latest = prev
-                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
-            oldest = min([j for j in epochs if j != k], default=None)
-            self._prune_changes(txn, blob_id, oldest)
+            self.delete_snapshot_in(txn, name, snapshot)
+
+    def delete_snapshot_in(self, txn: lmdb.Transaction, name: str, snapshot: str) -> None:
+        """delete_snapshot() inside the caller's write transaction."""
+        blob_id, _, st = self._blob(txn, name)
+        k = self._snapshot_epoch(txn, blob_id, name, snapshot)
+        assert k is not None
+        epochs = [BLOB_EPOCH.unpack(key)[1] for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id))]
+        older = [j for j in epochs if j < k]
+        prev = max(older) if older else -1
+        frozen = self.db["frozen"]
+        for ps, _, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
+            piece = Piece.unpack(ps, raw)
+            if prev >= 0 and piece.gen <= prev:
+                txn.put(BLOB_EPOCH.pack(blob_id, prev) + U64.pack(ps), raw, db=frozen)
+        rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
+        txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
+        txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        if st.latest == k:
+            st.latest = prev
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        oldest = min([j for j in epochs if j != k], default=None)
+        self._prune_changes(txn, blob_id, oldest)
 
     def _prune_changes(self, txn: lmdb.Transaction, blob_id: int, oldest: int | None) -> None:
         """Change logs of epochs no diff can start before are not needed."""

@@ -207,9 +207,10 @@ class Vault:
         with disks.open_virtual(disk, snapshot=snap_name) as v:
             size = v.size
             chunks: dict[str, str] = {}
-            if previous is not None and _snapshot_alive(disks, previous["snapshot"]):
+            base = _snapshot_alive(disks, previous["snapshot"]) if previous is not None else None
+            if previous is not None and base is not None and base["blob"] == snap["blob"]:
+                # (a disk deleted and made again under its name has another blob: start over)
                 chunks = dict(self.manifest(previous["id"])["chunks"])
-                base = disks.snapshot(previous["snapshot"])
                 d = disks.blobs.diff(snap["blob"], base["blob_snapshot"], snap["blob_snapshot"])
                 changed = _guest_ranges(v.image, d.written + d.cleared)
             else:
@@ -375,12 +376,12 @@ class Vault:
         return [p for p in problems if "interrupted backup" not in p]
 
 
-def _snapshot_alive(disks: Disks, name: str) -> bool:
+def _snapshot_alive(disks: Disks, name: str) -> dict[str, Any] | None:
+    """The snapshot's record, or None if it is gone."""
     try:
-        disks.snapshot(name)
-        return True
+        return disks.snapshot(name)
     except StampError:
-        return False
+        return None
 
 
 def _guest_ranges(image: Any, blob_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
