@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--off", action="store_true")
     p.add_argument("--extent", type=int)
     p.add_argument("--offset", type=int)
+    p.set_defaults(intermixed=p)  # `bitflip --extent 1 node-00`, the order the help shows, parses too
     sub.add_parser("scrub", help="verify every record on every replica; heal bad copies")
     p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones")
     p.add_argument("--compact-below", type=float, default=0.5,
@@ -289,8 +290,23 @@ class UsageError(StampError):
     pass
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line. A command whose parser sets `intermixed` takes
+    its optional positional after options too (argparse alone matches an
+    optional positional at the first positional, then refuses it later)."""
+    top = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = top.parse_known_args(argv)
+    sub = getattr(args, "intermixed", None)
+    if extra and sub is not None:
+        return sub.parse_intermixed_args(argv[argv.index(args.cmd) + 1:], namespace=args)
+    if extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return run(args)
     except UsageError as e:

@@ -168,3 +168,28 @@ def test_a_full_disk_for_the_metadata_is_a_clear_error(st, monkeypatch):
     st.blobs.write("d", 4096 * (written + 1), b"c" * 4096)
     assert st.blobs.read("d", 4096 * (written + 1), 4096) == b"c" * 4096
     assert st.check().ok
+
+
+TIB = 1024 ** 4
+
+
+@pytest.mark.parametrize("size", [8 * TIB + 512, 64 * TIB, 64 * TIB + 512])
+def test_resize_keeps_the_limit_create_keeps(st, size):
+    """One rule for both: a plain page blob is at most 8 TiB, made or resized."""
+    with pytest.raises(stamp.InvalidHeaderValue, match=str(8 * TIB)):
+        st.blobs.create("e", size)
+    with pytest.raises(stamp.InvalidHeaderValue, match=str(8 * TIB)):
+        st.blobs.resize("d", size)
+    assert st.blobs.size("d") == 64 * MIB
+    st.blobs.resize("d", 8 * TIB)  # the limit itself is allowed
+    st.blobs.copy("d", "c")
+    with pytest.raises(stamp.InvalidHeaderValue):  # a copy keeps its source's limit
+        st.blobs.resize("c", size)
+
+
+def test_a_managed_disks_blob_grows_to_64_tib_and_its_footer(st):
+    from stamp.pageblob import MAX_DISK_BLOB
+    st.blobs.create("disk", 0, limit=MAX_DISK_BLOB)
+    st.blobs.resize("disk", 64 * TIB + 512)
+    with pytest.raises(stamp.InvalidHeaderValue):
+        st.blobs.resize("disk", 64 * TIB + 1024)
