@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import socket
 import time
 import uuid
@@ -56,6 +57,7 @@ from .pageblob import MAX_DISK_BLOB, PageBlobs
 from .stamp import Stamp
 from .stream import pid_alive
 
+NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
 PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
 CREATING = "Creating"
 GIB = 1024 ** 3
@@ -170,6 +172,9 @@ class Disks:
             txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
 
     def _reserve(self, kind: str, record: dict[str, Any], blob: str | None) -> str:
+        if not NAME.fullmatch(str(record["name"])):
+            raise StampError(f"{kind} name {record['name']!r}: 1 to 80 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit and ending with a letter, digit or '_'")
         key = f"{kind}/{record['name']}".encode()
         creator = {"pid": os.getpid(), "host": socket.gethostname()}
         with self.meta.write() as txn:
@@ -195,8 +200,8 @@ class Disks:
             if intent is None:
                 return
             blob = str(intent["blob"])
-            if intent["own_blob"] and txn.get(blob.encode(), db=self.meta.db["blobs"]) is not None:
-                self.blobs.delete_in(txn, blob)
+            if intent["own_blob"] and self.blobs.exists_in(txn, blob):
+                self.blobs.delete_in(txn, blob, snapshots="include")
             elif not intent["own_blob"]:
                 for snap in self.blobs.snapshots_in(txn, blob):
                     if snap.metadata.get("token") == intent["token"]:
@@ -438,7 +443,8 @@ class Disks:
             if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
                 raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
             if not self._users_of_blob(txn, obj["blob"], "snapshot"):
-                self.blobs.delete_in(txn, obj["blob"])  # else its incremental snapshots keep the blob alive
+                # (else its incremental snapshots keep the blob alive)
+                self.blobs.delete_in(txn, obj["blob"], snapshots="include")
 
     def delete_image(self, name: str) -> None:
         with self.meta.write() as txn:
@@ -448,18 +454,18 @@ class Disks:
                      if loads(v).get("source", {}).get("image") == name]
             if users:
                 raise ResourceInUse(f"image {name!r} is the base of {', '.join(sorted(users))}: delete those first")
-            self.blobs.delete_in(txn, img["blob"])
+            self.blobs.delete_in(txn, img["blob"], snapshots="include")
 
     def delete_snapshot(self, name: str) -> None:
         with self.meta.write() as txn:
             snap = self._take(txn, "snapshot", name)
             if not snap.get("blob_snapshot"):
-                self.blobs.delete_in(txn, snap["blob"])
+                self.blobs.delete_in(txn, snap["blob"], snapshots="include")
                 return
             self.blobs.delete_snapshot_in(txn, snap["blob"], snap["blob_snapshot"])
             if not self._users_of_blob(txn, snap["blob"], "disk") and \
                     not self._users_of_blob(txn, snap["blob"], "snapshot"):
-                self.blobs.delete_in(txn, snap["blob"])
+                self.blobs.delete_in(txn, snap["blob"], snapshots="include")
 
 
 class SnapshotFile(PageBlobFile):

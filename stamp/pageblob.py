@@ -30,6 +30,7 @@ unreferenced record bytes.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import time
@@ -47,11 +48,20 @@ from .errors import (
     DataLost,
     InvalidHeaderValue,
     InvalidPageRange,
+    InvalidRange,
+    InvalidResourceName,
     LeaseAlreadyPresent,
     LeaseIdMismatch,
+    LeaseIdMismatchWithLeaseOperation,
     LeaseIdMissing,
+    LeaseLost,
+    LeaseNotPresentWithBlobOperation,
+    LeaseNotPresentWithLeaseOperation,
+    PreviousSnapshotCannotBeNewer,
+    PreviousSnapshotNotFound,
     RequestBodyTooLarge,
     SnapshotNotFound,
+    SnapshotsPresent,
 )
 from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
 from .stream import Location, StreamLayer, pid_alive
@@ -60,6 +70,8 @@ PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
 MAX_BLOB = 8 * 1024 ** 4  # the page blob API's limit
 MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of data and the VHD footer
+MAX_NAME = 1024  # characters in a blob name (Azure's limit)
+SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
 
 
@@ -137,14 +149,51 @@ def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def check_pages(offset: int, length: int, size: int, limit: int | None = MAX_WRITE) -> None:
     """The Azure rules for a page range; violations raise their error code."""
+    if length <= 0 and limit is not None:
+        raise InvalidHeaderValue("a page write of 0 bytes: write at least one 512-byte page")
     if offset % PAGE or length % PAGE:
         raise InvalidPageRange(f"offset {offset} and length {length} must be multiples of 512")
-    if length <= 0 and limit is not None:
-        raise InvalidPageRange("empty page range")
     if limit is not None and length > limit:
         raise RequestBodyTooLarge(f"{length} bytes in one write; the limit is {limit}")
     if offset < 0 or offset + length > size:
         raise InvalidPageRange(f"range {offset}+{length} is outside the blob (size {size})")
+
+
+def blob_key(name: str) -> bytes:
+    """A blob's key in the `blobs` table: its UTF-8 name, or for a name too
+    long for an LMDB key, 0xFF and the name's SHA-256 (0xFF starts no UTF-8
+    text, so the two kinds never meet; the record then holds the name)."""
+    if not name or len(name) > MAX_NAME or "\0" in name:
+        raise InvalidResourceName(f"blob name {name[:40]!r}{'...' if len(name) > 40 else ''} ({len(name)} "
+                                  f"characters): a name is 1 to {MAX_NAME} characters, without NUL")
+    raw = name.encode("utf-8", "surrogatepass")
+    return raw if len(raw) <= SHORT_KEY else b"\xff" + hashlib.sha256(raw).digest()
+
+
+def _get_range(offset: int, length: int, size: int) -> tuple[int, int, int, int]:
+    """Get Blob's rules for a byte range: (offset, length) cut at the blob's
+    end, and the pages [lo, hi) that hold it."""
+    if offset < 0 or length < 0:
+        raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
+    if length and offset >= size:
+        raise InvalidRange(f"range {offset}+{length} starts at or past the end of the blob (size {size})")
+    length = max(0, min(length, size - offset))
+    lo = offset - offset % PAGE
+    return offset, length, lo, -(-(offset + length) // PAGE) * PAGE
+
+
+def snap_key(blob_id: int, snapshot: str) -> bytes:
+    """A snapshot's key in `snapnames`; an id no snapshot can have (too long
+    for a key) gets one that is never found."""
+    raw = snapshot.encode("utf-8", "surrogatepass")
+    return U64.pack(blob_id) + (raw if len(raw) <= SHORT_KEY else b"\xff")
+
+
+def lease_bytes(lease: str) -> bytes:
+    try:
+        return uuid.UUID(lease).bytes
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidHeaderValue(f"lease id {lease!r} is not a GUID") from None
 
 
 def snapshot_id(now: float) -> str:
@@ -163,7 +212,7 @@ class PageBlobs:
     # -- blob records -------------------------------------------------------------
 
     def _blob(self, txn: lmdb.Transaction, name: str) -> tuple[int, dict[str, Any], BlobState]:
-        obj = self.meta.get_json(txn, "blobs", name.encode())
+        obj = self.meta.get_json(txn, "blobs", blob_key(name))
         if obj is None:
             raise BlobNotFound(f"blob {name!r} does not exist")
         raw = txn.get(U64.pack(obj["id"]), db=self.db["blobstate"])
@@ -193,15 +242,14 @@ class PageBlobs:
                limit: int = MAX_BLOB) -> None:
         """A new page blob of `size` bytes (a multiple of 512; up to 8 TiB,
         or `limit` for the blobs of managed disks)."""
-        if not name or len(name.encode()) > 1024 or "\0" in name:
-            raise InvalidHeaderValue(f"blob name {name!r} is not valid")
+        key = blob_key(name)
         self._check_size(size, limit)
         with self.meta.write() as txn:
-            if txn.get(name.encode(), db=self.db["blobs"]) is not None:
+            if txn.get(key, db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {name!r} already exists")
             blob_id = self.meta.next_id(txn, "blob")  # a counter: ids are never reused
-            self.meta.put_json(txn, "blobs", name.encode(), {"id": blob_id, "created": time.time(),
-                                                             "limit": limit, "properties": properties or {}})
+            self.meta.put_json(txn, "blobs", key, {"id": blob_id, "name": name, "created": time.time(),
+                                                   "limit": limit, "properties": properties or {}})
             txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
 
     @staticmethod
@@ -211,11 +259,14 @@ class PageBlobs:
 
     def exists(self, name: str) -> bool:
         with self.meta.read() as txn:
-            return txn.get(name.encode(), db=self.db["blobs"]) is not None
+            return self.exists_in(txn, name)
+
+    def exists_in(self, txn: lmdb.Transaction, name: str) -> bool:
+        return txn.get(blob_key(name), db=self.db["blobs"]) is not None
 
     def names(self) -> list[str]:
         with self.meta.read() as txn:
-            return [bytes(k).decode() for k, _ in self.meta.items(txn, "blobs")]
+            return sorted(str(loads(v).get("name") or k.decode()) for k, v in self.meta.items(txn, "blobs"))
 
     def properties(self, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
@@ -228,44 +279,68 @@ class PageBlobs:
         with self.meta.write() as txn:
             _, obj, _ = self._blob(txn, name)
             obj.setdefault("properties", {}).update(props)
-            self.meta.put_json(txn, "blobs", name.encode(), obj)
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
 
     def size(self, name: str) -> int:
         with self.meta.read() as txn:
             return self._blob(txn, name)[2].size
 
-    def delete(self, name: str, lease: str | None = None) -> None:
-        """Delete a blob and all its snapshots (their space is reclaimed by gc)."""
+    def delete(self, name: str, lease: str | None = None, snapshots: str | None = None) -> None:
+        """Delete a blob (their space is reclaimed by gc). A blob with snapshots
+        needs `snapshots`: "include" deletes them with it, "only" deletes just
+        them (Azure's x-ms-delete-snapshots); else SnapshotsPresent."""
         with self.meta.write() as txn:
-            self.delete_in(txn, name, lease)
+            self.delete_in(txn, name, lease, snapshots)
 
-    def delete_in(self, txn: lmdb.Transaction, name: str, lease: str | None = None) -> None:
+    def delete_in(self, txn: lmdb.Transaction, name: str, lease: str | None = None,
+                  snapshots: str | None = None) -> None:
         """delete() inside the caller's write transaction (a resource and its
         blob go in one commit)."""
+        if snapshots not in (None, "include", "only"):
+            raise InvalidHeaderValue(f"snapshots={snapshots!r}: say include or only")
         blob_id, _, st = self._blob(txn, name)
         self._check_lease(st, lease)
         prefix = U64.pack(blob_id)
+        if snapshots is None and next(self.meta.items(txn, "snaps", prefix), None) is not None:
+            raise SnapshotsPresent(f"blob {name!r} has snapshots: delete with snapshots='include' (or 'only')")
+        if snapshots == "only":
+            for snap in self.snapshots_in(txn, name):
+                self.delete_snapshot_in(txn, name, snap.id)
+            return
         for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
-        txn.delete(name.encode(), db=self.db["blobs"])
+        txn.delete(blob_key(name), db=self.db["blobs"])
 
     # -- leases --------------------------------------------------------------------
 
     @staticmethod
     def _check_lease(st: BlobState, lease: str | None) -> None:
-        if not st.lease_held(time.time()):
-            return
-        if lease is None:
-            raise LeaseIdMissing("the blob is leased; the request named no lease")
-        if uuid.UUID(lease).bytes != st.lease:
-            raise LeaseIdMismatch("the lease named is not the blob's lease")
+        """The lease rules of a blob operation (write, clear, resize, delete)."""
+        given = None if lease is None else lease_bytes(lease)
+        if st.lease_held(time.time()):
+            if given is None:
+                raise LeaseIdMissing("the blob is leased; the request named no lease")
+            if given != st.lease:
+                raise LeaseIdMismatch("the lease named is not the blob's lease")
+        elif given is not None:
+            if st.lease != NO_LEASE and given == st.lease:
+                raise LeaseLost("the lease named has expired: acquire it again")
+            raise LeaseNotPresentWithBlobOperation("the request named a lease and the blob has none")
+
+    @staticmethod
+    def _check_lease_operation(st: BlobState, lease: str) -> None:
+        """The lease rules of a lease operation (release, change) naming `lease`."""
+        if st.lease == NO_LEASE:
+            raise LeaseNotPresentWithLeaseOperation("the blob has no lease to release or change")
+        if lease_bytes(lease) != st.lease:
+            raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
 
     def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
         """Take the blob's lease (for `duration` seconds, -1 forever); returns its id."""
         if duration != -1 and not 15 <= duration <= 60:
             raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
-        new = uuid.UUID(lease) if lease else uuid.uuid4()
+        new = uuid.UUID(bytes=lease_bytes(lease)) if lease else uuid.uuid4()
         now = time.time()
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
@@ -284,7 +359,10 @@ class PageBlobs:
             props = self.properties(name)
             pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
             if host == socket.gethostname() and pid and not pid_alive(pid):
-                self.break_lease(name)  # its holder died: the lease is stale
+                try:
+                    self.break_lease(name)  # its holder died: the lease is stale
+                except LeaseNotPresentWithLeaseOperation:
+                    pass  # released meanwhile
                 lease = self.acquire_lease(name)
             else:
                 holder = props.get("lease_holder", "another holder")
@@ -296,14 +374,15 @@ class PageBlobs:
     def release_lease(self, name: str, lease: str) -> None:
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
-            if st.lease != uuid.UUID(lease).bytes:
-                raise LeaseIdMismatch("the lease named is not the blob's lease")
+            self._check_lease_operation(st, lease)
             st.lease, st.lease_expiry = NO_LEASE, 0
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
     def break_lease(self, name: str) -> None:
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
+            if st.lease == NO_LEASE:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
             st.lease, st.lease_expiry = NO_LEASE, 0
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
@@ -348,7 +427,7 @@ class PageBlobs:
                 return False
             blob_id, raw = self._state_raw(txn, name)  # no BlobState built: this is the hot path
             epoch, latest, size, lease_id, _ = STATE.unpack(raw)
-            if lease_id != NO_LEASE:
+            if lease_id != NO_LEASE or lease is not None:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
@@ -452,22 +531,25 @@ class PageBlobs:
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
         if snapshot is None:
             return None
-        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         if raw is None:
             raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
         return int(loads(bytes(raw))["epoch"])
 
     def read(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
-        """Pages [offset, offset+length): multiples of 512; zeros where nothing is written."""
+        """Bytes [offset, offset+length) (Get Blob: any offset and length; zeros
+        where nothing is written). A range that ends past the blob is cut at
+        its end; one that starts at or past it is InvalidRange."""
         for attempt in range(2):
             with self.meta.read() as txn:
                 blob_id, st = self._state(txn, name)
                 epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
                 size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
-                check_pages(offset, length, size, limit=None)
-                pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, (offset + length) // PAGE)
+                offset, length, lo, hi = _get_range(offset, length, size)
+                pieces = self._resolve(txn, blob_id, epoch, lo // PAGE, hi // PAGE)
             try:
-                return self._assemble(pieces, offset, length)
+                data = self._assemble(pieces, lo, hi - lo)
+                return data if (lo, hi) == (offset, offset + length) else data[offset - lo:offset - lo + length]
             except (CorruptStamp, DataLost):
                 if attempt:
                     raise
@@ -476,7 +558,7 @@ class PageBlobs:
         raise AssertionError("unreachable")
 
     def _snapshot_size(self, txn: lmdb.Transaction, blob_id: int, snapshot: str, st: BlobState) -> int:
-        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         return int(loads(bytes(raw))["size"]) if raw else st.size
 
     def _assemble(self, pieces: list[Piece], offset: int, length: int) -> bytes:
@@ -511,11 +593,12 @@ class PageBlobs:
             epoch = self._snapshot_epoch(txn, blob_id, source, snapshot)
             size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
             pieces = self._resolve(txn, blob_id, epoch, 0, size // PAGE)
-            if txn.get(target.encode(), db=self.db["blobs"]) is not None:
+            key = blob_key(target)
+            if txn.get(key, db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {target!r} already exists")
             new_id = self.meta.next_id(txn, "blob")
-            self.meta.put_json(txn, "blobs", target.encode(),
-                               {"id": new_id, "created": time.time(), "properties": properties or {},
+            self.meta.put_json(txn, "blobs", key,
+                               {"id": new_id, "name": target, "created": time.time(), "properties": properties or {},
                                 "limit": int(obj.get("limit", MAX_BLOB)),
                                 "copied_from": source, "copied_snapshot": snapshot})
             txn.put(U64.pack(new_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
@@ -560,7 +643,7 @@ class PageBlobs:
     def snapshot_metadata(self, name: str, snapshot: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             blob_id = self._blob(txn, name)[0]
-            raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+            raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         if raw is None:
             raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
         return dict(loads(bytes(raw)))
@@ -613,12 +696,15 @@ class PageBlobs:
         (a later snapshot, or the live blob when None)."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            k = self._snapshot_epoch(txn, blob_id, name, base)
+            try:
+                k = self._snapshot_epoch(txn, blob_id, name, base)
+            except SnapshotNotFound:
+                raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
             m = self._snapshot_epoch(txn, blob_id, name, target)
             last = st.epoch if m is None else m
             assert k is not None
             if last < k:
-                raise InvalidHeaderValue(f"snapshot {target} is older than {base}")
+                raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
             changed: list[tuple[int, int]] = []
             cur = txn.cursor(db=self.db["changes"])
             start = BLOB_EPOCH.pack(blob_id, k + 1)
