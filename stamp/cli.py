@@ -93,9 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_parser("list")
     for name in ("show", "delete"):
         snap.add_parser(name).add_argument("name")
-    p = snap.add_parser("diff", help="byte ranges written and cleared between incremental snapshots")
+    p = snap.add_parser("diff", help="disk byte ranges written and cleared between incremental snapshots")
     p.add_argument("base")
     p.add_argument("target", nargs="?", help="a later snapshot of the same disk (default: the disk now)")
+    p.add_argument("--blob", action="store_true",
+                   help="the page blob's ranges instead (for a disk from an image: offsets in its VHD file)")
     p = snap.add_parser("export", help="write a snapshot to a local VHD")
     p.add_argument("name")
     p.add_argument("path")
@@ -208,7 +210,7 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
             disks.delete_snapshot(a.name)
             _print({"deleted": a.name})
         elif action == "diff":
-            _print(snapshot_diff(disks, a.base, a.target))
+            _print(disks.blob_diff(a.base, a.target) if a.blob else disks.diff(a.base, a.target))
         elif action == "export":
             snap = disks.snapshot(a.name)
             _print(disks.export(snap["disk"], a.path, a.format, snapshot=a.name))
@@ -273,17 +275,6 @@ def backup_command(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
             _print({"ok": not problems, "problems": problems})
             return 0 if not problems else 1
     return 0
-
-
-def snapshot_diff(disks: Disks, base: str, target: str | None) -> dict[str, Any]:
-    b = disks.snapshot(base)
-    if not b.get("blob_snapshot"):
-        raise UsageError(f"{base} is a full snapshot: diffs are between incremental snapshots")
-    t = disks.snapshot(target) if target else None
-    if t is not None and (t["blob"] != b["blob"] or not t.get("blob_snapshot")):
-        raise UsageError(f"{target} is not an incremental snapshot of the same disk as {base}")
-    d = disks.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
-    return {"base": base, "target": target or b["disk"], **d.to_json()}
 
 
 class UsageError(StampError):

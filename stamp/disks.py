@@ -33,6 +33,7 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
 import re
@@ -46,14 +47,16 @@ from typing import Any
 import lmdb
 
 import vhd
+from vhd import bat as batlib
 from vhd import dynamic_header as dh
 from vhd import footer as ft
-from vhd.image import _write_sparse, create_fixed, open_image
+from vhd.image import SparseImage, _write_sparse, create_fixed, open_image
 
+from . import ranges as rg
 from .blobfile import PageBlobFile
 from .errors import StampError
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, PageBlobs
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
 from .stamp import Stamp
 from .stream import pid_alive
 
@@ -385,6 +388,47 @@ class Disks:
             record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev["name"] if prev else None)
         return record
 
+    def diff(self, base: str, target: str | None = None) -> dict[str, Any]:
+        """Guest (disk) byte ranges written and cleared between incremental
+        snapshot `base` and `target` (a later one of the same disk, or the
+        disk now), for every disk type: the page blob's diff mapped through
+        the VHD's layout, split by what the target reads as data."""
+        b, d = self._blob_diff(base, target)
+        with self.open_virtual(b["disk"], snapshot=target) as v, \
+                self.open_virtual(b["disk"], snapshot=base) as was:
+            changed = rg.merge_ranges([(o, o + n) for o, n in guest_ranges(v.image, d.written + d.cleared,
+                                                                            was.image)])
+            data = [(e.offset, e.offset + e.length) for s, e_ in changed
+                    for e in v.allocation(s, e_ - s) if e.state.value == "data"]
+        written = rg.merge_ranges(data)
+        cleared = rg.subtract(changed, written)
+        return {"base": base, "target": target or b["disk"], "unit": "disk bytes",
+                "written": [{"offset": s, "length": e - s} for s, e in written],
+                "cleared": [{"offset": s, "length": e - s} for s, e in cleared]}
+
+    def blob_diff(self, base: str, target: str | None = None) -> dict[str, Any]:
+        """The same diff in the disk's page blob's bytes (for a disk from an
+        image: offsets in its differencing VHD file)."""
+        b, d = self._blob_diff(base, target)
+        return {"base": base, "target": target or b["disk"], "unit": "blob bytes", **d.to_json()}
+
+    def _blob_diff(self, base: str, target: str | None) -> tuple[dict[str, Any], Diff]:
+        b = self.snapshot(base)
+        if not b.get("blob_snapshot"):
+            raise StampError(f"{base} is a full snapshot: diffs are between incremental snapshots")
+        t = self.snapshot(target) if target else None
+        if t is not None and (t["blob"] != b["blob"] or not t.get("blob_snapshot")):
+            raise StampError(f"{target} is not an incremental snapshot of the same disk as {base}")
+        if t is None and self._blob_of_disk(b["disk"]) != b["blob"]:
+            raise StampError(f"disk {b['disk']!r} is no longer the disk {base} was taken of: name a later "
+                             "snapshot of it as the target")
+        return b, self.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
+
+    def _blob_of_disk(self, name: str) -> str | None:
+        with self.meta.read() as txn:
+            obj = self.meta.get_json(txn, "resources", f"disk/{name}".encode())
+        return None if obj is None else str(obj["blob"])
+
     def _intent(self, kind: str, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             return dict(self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode()))
@@ -466,6 +510,50 @@ class Disks:
             if not self._users_of_blob(txn, snap["blob"], "disk") and \
                     not self._users_of_blob(txn, snap["blob"], "snapshot"):
                 self.blobs.delete_in(txn, snap["blob"], snapshots="include")
+
+
+def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = None) -> list[tuple[int, int]]:
+    """Changed page blob bytes -> changed guest bytes, through the VHD's
+    layout: a fixed VHD's data is the blob's first `size` bytes; a sparse
+    one's block b is its bitmap then its data at the BAT's offset. A changed
+    bitmap changes how the sectors whose bits differ read: with `base` (the
+    image as it was) exactly those, else the whole block."""
+    size = image.size
+    if not isinstance(image, SparseImage):
+        return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
+    bs, bm = image.block_size, image.bitmap_size
+    blocks = sorted((entry * 512, b) for b, entry in enumerate(image.bat) if entry != 0xFFFFFFFF)
+    starts = [start for start, _ in blocks]
+    out: list[tuple[int, int]] = []
+    for off, n in blob_ranges:
+        end = off + n
+        i = max(0, bisect.bisect_right(starts, off) - 1)  # the block holding `off`, if any
+        for start, b in blocks[i:]:
+            if start >= end:
+                break
+            lo, hi = max(off, start), min(end, start + bm + bs)
+            if lo >= hi:
+                continue
+            if lo < start + bm:
+                out += _bitmap_changes(image, base, b)
+                lo = start + bm
+            if lo < hi:
+                g0 = b * bs + lo - start - bm
+                out.append((g0, min(hi - lo, size - g0)))
+    return [(o, n) for o, n in out if n > 0]
+
+
+def _bitmap_changes(image: Any, base: Any, b: int) -> list[tuple[int, int]]:
+    """Guest ranges of block b whose sector bits differ between `base` (a
+    block it had not allocated has no bits set) and `image`."""
+    bs, size = image.block_size, image.size
+    if base is None:
+        return [(b * bs, min(bs, size - b * bs))]
+    new = image.block_bitmap(b)
+    old = base.block_bitmap(b) if b < len(base.bat) and base.bat[b] != 0xFFFFFFFF else bytes(len(new))
+    xor = (int.from_bytes(new, "big") ^ int.from_bytes(old, "big")).to_bytes(len(new), "big")
+    return [(b * bs + first * 512, min(count * 512, size - b * bs - first * 512))
+            for changed, first, count in batlib.runs(xor, 0, bs // 512) if changed]
 
 
 class SnapshotFile(PageBlobFile):
