@@ -11,6 +11,11 @@ a write or clear covers a piece that the latest surviving snapshot L can see
 dropped. Reading snapshot k takes, page by page, the first of frozen(j) for
 surviving snapshots j >= k in ascending order, then the live index. Live
 reads and writes never look at snapshots, so they cost the same with 500.
+The frozen tables are indexed by place (`history`: cell of CELL pages, then
+epoch, then start page -> end page; a piece has an entry in every cell it
+touches), so a snapshot read seeks once per cell it covers, at epoch k, and
+walks only what was frozen there since k: the oldest of 1,000 snapshots
+reads as fast as the newest.
 
 While a blob has snapshots, every write and clear adds its range to the
 change log of the current epoch (one entry per start page, keeping the
@@ -63,7 +68,7 @@ from .errors import (
     SnapshotNotFound,
     SnapshotsPresent,
 )
-from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
+from .meta import BLOB_CELL_EPOCH_PAGE, BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
 from .stream import Location, StreamLayer, pid_alive
 
 PAGE = 512
@@ -73,6 +78,8 @@ MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of d
 MAX_NAME = 1024  # characters in a blob name (Azure's limit)
 SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
+CELL = 256  # pages per cell of the history index (128 KiB)
+HISTORY_BUILT = b"history-index"  # counters key: the history index covers every frozen piece
 
 
 class Piece(NamedTuple):
@@ -143,6 +150,11 @@ class Diff:
                 "cleared": [{"offset": o, "length": n} for o, n in self.cleared]}
 
 
+def _cells(s: int, e: int) -> range:
+    """The history cells that pages [s, e) touch."""
+    return range(s // CELL, (e - 1) // CELL + 1) if e > s else range(0)
+
+
 def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s * PAGE, (e - s) * PAGE) for s, e in ranges]
 
@@ -208,6 +220,22 @@ class PageBlobs:
         self.meta, self.stream = meta, stream
         self.db = meta.db
         self._ids: dict[str, int] = {}
+        self._snap_infos: dict[bytes, tuple[int, int]] = {}
+        self._build_history()
+
+    def _build_history(self) -> None:
+        """Index the frozen pieces of a stamp made before the history index
+        existed (once: a counter says it is done)."""
+        with self.meta.read() as txn:
+            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+        with self.meta.write() as txn:
+            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+            for key, raw in self.meta.items(txn, "frozen"):
+                blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
+                self._index(txn, blob_id, epoch, U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0])
+            txn.put(HISTORY_BUILT, U64.pack(1), db=self.db["counters"])
 
     # -- blob records -------------------------------------------------------------
 
@@ -307,7 +335,7 @@ class PageBlobs:
             for snap in self.snapshots_in(txn, name):
                 self.delete_snapshot_in(txn, name, snap.id)
             return
-        for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
+        for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
         txn.delete(blob_key(name), db=self.db["blobs"])
@@ -478,8 +506,7 @@ class PageBlobs:
                 txn.put(prefix + U64.pack(e), right.pack(), db=pages)
             middle = old.cut(s, e)
             if latest >= 0 and middle.gen <= latest:
-                txn.put(BLOB_EPOCH.pack(blob_id, latest) + U64.pack(middle.start), middle.pack(),
-                        db=self.db["frozen"])
+                self._freeze(txn, blob_id, latest, middle.start, middle.end, middle.pack())
         if new is not None:
             txn.put(prefix + U64.pack(s), new, db=pages)
         if latest >= 0:  # the change log: one entry per start page, merged when a diff reads it
@@ -489,52 +516,115 @@ class PageBlobs:
             if had is None or rg.END.unpack(had)[0] < e:
                 txn.put(key, rg.END.pack(e), db=changes)
 
-    # -- reads -------------------------------------------------------------------------
+    def _freeze(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int, raw: bytes) -> None:
+        """Keep the piece of pages [s, e) for snapshot `epoch`: in frozen(epoch)
+        and, by place, in the history index."""
+        txn.put(BLOB_EPOCH.pack(blob_id, epoch) + U64.pack(s), raw, db=self.db["frozen"])
+        self._index(txn, blob_id, epoch, s, e)
 
-    def _sources(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None) -> list[tuple[Any, bytes]]:
-        """Tables to resolve pages from, first wins: frozen(j) for snapshots j >= epoch, then live."""
-        out: list[tuple[Any, bytes]] = []
-        if epoch is not None:
-            for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id)):
-                j = BLOB_EPOCH.unpack(key)[1]
-                if j >= epoch:
-                    out.append((self.db["frozen"], BLOB_EPOCH.pack(blob_id, j)))
-        out.append((self.db["pages"], U64.pack(blob_id)))
-        return out
+    def _index(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
+        end = rg.END.pack(e)
+        for c in _cells(s, e):
+            txn.put(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), end, db=self.db["history"])
+
+    def _unindex(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
+        for c in _cells(s, e):
+            txn.delete(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), db=self.db["history"])
+
+    def check_history(self, txn: lmdb.Transaction) -> list[str]:
+        """Problems with the history index: it must hold exactly one entry per
+        cell of every frozen piece, with the piece's end."""
+        want: dict[bytes, bytes] = {}
+        for key, raw in self.meta.items(txn, "frozen"):
+            blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
+            s, e = U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0]
+            for c in _cells(s, e):
+                want[BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s)] = rg.END.pack(e)
+        have = dict(self.meta.items(txn, "history"))
+        problems = []
+        for key in sorted(set(want) ^ set(have)):
+            blob_id, c, epoch, s = BLOB_CELL_EPOCH_PAGE.unpack(key)
+            what = "is missing" if key in want else "names no frozen piece"
+            problems.append(f"history index: blob {blob_id} cell {c} snapshot epoch {epoch} page {s} {what}")
+        problems += [f"history index: blob {BLOB_CELL_EPOCH_PAGE.unpack(k)[0]} page "
+                     f"{BLOB_CELL_EPOCH_PAGE.unpack(k)[3]}: end differs from its frozen piece's"
+                     for k in want.keys() & have.keys() if want[k] != have[k]]
+        return problems
+
+    # -- reads -------------------------------------------------------------------------
 
     def _resolve(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int) -> list[Piece]:
         """The pieces that hold pages [s, e) at snapshot `epoch` (None: live), sorted.
 
-        For a snapshot, the first source holding a page decides it; a piece
-        written after the snapshot (gen > epoch) means the page was empty then:
-        had it held data, the write or clear that replaced it would have kept
-        that data in an earlier frozen table."""
-        if epoch is None:  # live: the index alone
-            return [Piece.unpack(ps, raw).cut(s, e)
-                    for ps, _, raw in rg.overlapping(txn, self.db["pages"], U64.pack(blob_id), s, e)]
-        sources = self._sources(txn, blob_id, epoch)
-        found: list[Piece] = []
-        gaps = [(s, e)]
-        for db, prefix in sources:
-            taken: list[tuple[int, int]] = []
-            for gs, ge in gaps:
-                for ps, _, raw in rg.overlapping(txn, db, prefix, gs, ge):
-                    piece = Piece.unpack(ps, raw).cut(gs, ge)
-                    taken.append((piece.start, piece.end))
-                    if piece.gen <= epoch:
-                        found.append(piece)
-            gaps = rg.subtract(gaps, rg.merge_ranges(taken))
-            if not gaps:
-                break
+        For a snapshot, the first frozen(j), j >= epoch, holding a page decides
+        it, then the live index; a piece written after the snapshot (gen >
+        epoch) means the page was empty then: had it held data, the write or
+        clear that replaced it would have kept that data in an earlier frozen
+        table."""
+        if epoch is None:
+            return self._resolve_live(txn, blob_id, s, e)
+        found, gaps = self._resolve_frozen(txn, blob_id, epoch, s, e)
+        for gs, ge in gaps:  # pages no snapshot since `epoch` kept: as the live index has them
+            found += [p for p in self._resolve_live(txn, blob_id, gs, ge) if p.gen <= epoch]
         return sorted(found, key=lambda p: p.start)
 
+    def _resolve_live(self, txn: lmdb.Transaction, blob_id: int, s: int, e: int) -> list[Piece]:
+        return [Piece.unpack(ps, raw).cut(s, e)
+                for ps, _, raw in rg.overlapping(txn, self.db["pages"], U64.pack(blob_id), s, e)]
+
+    def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                        ) -> tuple[list[Piece], list[tuple[int, int]]]:
+        """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
+        the pages none decides. One seek per history cell, at `epoch`: its
+        entries come in ascending epoch, so the first to cover a page wins."""
+        found: list[Piece] = []
+        rest: list[tuple[int, int]] = []
+        cur = txn.cursor(db=self.db["history"])
+        frozen = self.db["frozen"]
+        for c in _cells(s, e):
+            gaps = [(max(s, c * CELL), min(e, (c + 1) * CELL))]
+            seek = BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, 0)
+            cell = seek[:16]
+            if cur.set_range(seek):
+                for key, val in cur:
+                    if key[:16] != cell:
+                        break
+                    _, _, j, ps = BLOB_CELL_EPOCH_PAGE.unpack(key)
+                    pe = rg.END.unpack(val)[0]
+                    hit = [(max(gs, ps), min(ge, pe)) for gs, ge in gaps if max(gs, ps) < min(ge, pe)]
+                    if not hit:
+                        continue
+                    raw = txn.get(BLOB_EPOCH.pack(blob_id, j) + U64.pack(ps), db=frozen)
+                    if raw is None:
+                        raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
+                                           "which is missing")
+                    piece = Piece.unpack(ps, bytes(raw))
+                    if piece.gen <= epoch:
+                        found += [piece.cut(a, b) for a, b in hit]
+                    gaps = rg.subtract(gaps, hit)
+                    if not gaps:
+                        break
+            rest += gaps
+        return found, rg.merge_ranges(rest)
+
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
-        if snapshot is None:
-            return None
+        return None if snapshot is None else self._snapshot_info(txn, blob_id, name, snapshot)[0]
+
+    def _snapshot_info(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str) -> tuple[int, int]:
+        """A snapshot's (epoch, size). Its record never changes while it
+        lives, so its parse is kept, by the record's bytes (at most 4,096)."""
         raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         if raw is None:
             raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
-        return int(loads(bytes(raw))["epoch"])
+        raw = bytes(raw)
+        info = self._snap_infos.get(raw)
+        if info is None:
+            obj = loads(raw)
+            info = int(obj["epoch"]), int(obj["size"])
+            if len(self._snap_infos) >= 4096:
+                self._snap_infos.clear()
+            self._snap_infos[raw] = info
+        return info
 
     def read(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
         """Bytes [offset, offset+length) (Get Blob: any offset and length; zeros
@@ -543,8 +633,8 @@ class PageBlobs:
         for attempt in range(2):
             with self.meta.read() as txn:
                 blob_id, st = self._state(txn, name)
-                epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
-                size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+                epoch, size = (None, st.size) if snapshot is None else \
+                    self._snapshot_info(txn, blob_id, name, snapshot)
                 offset, length, lo, hi = _get_range(offset, length, size)
                 pieces = self._resolve(txn, blob_id, epoch, lo // PAGE, hi // PAGE)
             try:
@@ -661,10 +751,10 @@ class PageBlobs:
         older = [j for j in epochs if j < k]
         prev = max(older) if older else -1
         frozen = self.db["frozen"]
-        for ps, _, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
-            piece = Piece.unpack(ps, raw)
-            if prev >= 0 and piece.gen <= prev:
-                txn.put(BLOB_EPOCH.pack(blob_id, prev) + U64.pack(ps), raw, db=frozen)
+        for ps, pe, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
+            self._unindex(txn, blob_id, k, ps, pe)
+            if prev >= 0 and Piece.unpack(ps, raw).gen <= prev:
+                self._freeze(txn, blob_id, prev, ps, pe, raw)
         rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
         txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
         txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
