@@ -31,11 +31,7 @@ class PageBlobFile:
         end = min(offset + length, self._size)
         if end <= offset:
             return b""
-        lo, hi = offset - offset % PAGE, -(-end // PAGE) * PAGE
-        out = bytearray()
-        for pos in range(lo, hi, MAX_WRITE):
-            out += self.stamp.blobs.read(self.blob, pos, min(MAX_WRITE, hi - pos))
-        return bytes(out[offset - lo:end - lo])
+        return self.stamp.blobs.read(self.blob, offset, end - offset)  # any range, as Get Blob
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:

@@ -568,9 +568,7 @@ class SnapshotFile(PageBlobFile):
         end = min(offset + length, self._size)
         if end <= offset:
             return b""
-        lo, hi = offset - offset % 512, -(-end // 512) * 512
-        data = self.stamp.blobs.read(self.blob, lo, hi - lo, snapshot=self.snapshot)
-        return data[offset - lo:end - lo]
+        return self.stamp.blobs.read(self.blob, offset, end - offset, snapshot=self.snapshot)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         out = []
