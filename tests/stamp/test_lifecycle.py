@@ -183,3 +183,11 @@ def test_a_vault_backup_of_a_recreated_disk_starts_over(tmp_path, disks):
     with vhd.open(out) as img:
         assert img.read(0, 4) == bytes(4) and img.read(MIB, 4) == b"new!"
     assert keep["blob"] != disks.record("d")["blob"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "x" * 81, "-lead", "trail.", ""])
+def test_a_resource_name_follows_the_platforms_rule(disks, name):
+    from stamp.errors import StampError
+    with pytest.raises(StampError, match="1 to 80 letters"):
+        disks.create_empty(name, 1)
+    assert disks.disks() == [] and disks.blobs.names() == []
