@@ -536,7 +536,8 @@ class AttachedDisk:
         return self.virtual.allocation(offset, length)
 
     def close(self) -> None:
-        self.virtual.close()
+        self.virtual.close()  # releases the blob's lease: later write-back names none
+        self.host.cache.leases.pop(self.blob, None)
         self.host.open_disks.pop((self.vm, self.lun), None)
 
 

@@ -30,7 +30,9 @@ class PageBlobFile:
         repaired by the stamp command (vhd cannot open a page blob)."""
         if not self.blob.startswith("disks/"):
             return None
-        return f"stamp --stamp {self.stamp.path} disk check --repair {self.blob[len('disks/'):]}"
+        rest = self.blob[len("disks/"):]
+        disk = rest.rpartition("/")[0] or rest  # disks/NAME/N (disks/NAME in a stamp made before)
+        return f"stamp --stamp {self.stamp.path} disk check --repair {disk}"
 
     def size(self) -> int:
         return self._size
@@ -39,11 +41,7 @@ class PageBlobFile:
         end = min(offset + length, self._size)
         if end <= offset:
             return b""
-        lo, hi = offset - offset % PAGE, -(-end // PAGE) * PAGE
-        out = bytearray()
-        for pos in range(lo, hi, MAX_WRITE):
-            out += self.stamp.blobs.read(self.blob, pos, min(MAX_WRITE, hi - pos))
-        return bytes(out[offset - lo:end - lo])
+        return self.stamp.blobs.read(self.blob, offset, end - offset)  # any range, as Get Blob
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         if not self.writable:

@@ -15,30 +15,57 @@ code reads a fixed disk and a differencing disk from an image.
 Delete rules: no disk delete while attached; no image delete while a disk
 made from it exists. A deleted disk's blob lives on while incremental
 snapshots of it do.
+
+Lifecycle rules (a name is reusable once deleted; nothing is half-made):
+- every resource gets a blob name of its own, `KINDs/NAME/N` with N from a
+  counter, so a blob is never found by a resource's name alone: a new disk
+  named like a deleted one never sees the old disk's blob, which its
+  snapshots may keep alive;
+- a create of several steps first reserves the name (a record in state
+  Creating) and writes an intent (`pending/KIND/NAME`: blob, creator pid) in
+  one transaction; its last step writes the finished record and drops the
+  intent in another. A create that fails is rolled back at once; one whose
+  process died is rolled back by the next Disks on the stamp (the intent
+  names what to delete);
+- a delete is one transaction: the record and the blobs (or blob
+  snapshot) only it kept alive.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import os
+import re
+import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import lmdb
+
 import vhd
+from vhd import bat as batlib
 from vhd import dynamic_header as dh
 from vhd import footer as ft
 from vhd.chain import Resolver
 from vhd.check import Report
 from vhd.fileio import RawFile
-from vhd.image import _write_sparse, create_fixed, open_image, read_footer
+from vhd.image import SparseImage, _write_sparse, create_fixed, open_image, read_footer
 
+from . import ranges as rg
 from .blobfile import PageBlobFile
 from .errors import StampError
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, PageBlobs
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
 from .stamp import Stamp
+from .stream import pid_alive
 
+NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
+PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
+CREATING = "Creating"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 SKUS = {"Standard_LRS": 32 * 1024, "StandardSSD_LRS": 32 * 1024, "Premium_LRS": 32 * 1024,
@@ -69,6 +96,7 @@ class Disks:
         self.stamp = stamp
         self.blobs = stamp.blobs
         self.meta = stamp.meta
+        self.roll_back_dead_creates()
 
     # -- records ---------------------------------------------------------------------
 
@@ -77,6 +105,8 @@ class Disks:
             obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
         if obj is None:
             raise ResourceNotFound(f"no {kind} named {name!r}")
+        if obj.get("state") == CREATING:
+            raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
         return dict(obj)
 
     def _put(self, kind: str, obj: dict[str, Any], new: bool = False) -> None:
@@ -86,13 +116,14 @@ class Disks:
                 raise ResourceExists(f"a {kind} named {obj['name']!r} already exists")
             self.meta.put_json(txn, "resources", key, obj)
 
-    def _delete(self, kind: str, name: str) -> None:
-        with self.meta.write() as txn:
-            txn.delete(f"{kind}/{name}".encode(), db=self.meta.db["resources"])
-
     def _list(self, kind: str) -> list[dict[str, Any]]:
         with self.meta.read() as txn:
             return [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
+
+    def _users_of_blob(self, txn: lmdb.Transaction, blob: str, kind: str) -> list[str]:
+        """Names of the resources of `kind` whose records name `blob`."""
+        return [str(loads(v)["name"]) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())
+                if loads(v).get("blob") == blob]
 
     def record(self, name: str) -> dict[str, Any]:
         """The disk's stored record, without walking its pages (cheap: one read)."""
@@ -127,6 +158,72 @@ class Disks:
         self._put("disk", obj)
         return obj
 
+    # -- creating: reserve, build, finish (or roll back) -------------------------------------
+
+    @contextmanager
+    def _creating(self, kind: str, record: dict[str, Any], blob: str | None = None) -> Iterator[str]:
+        """Reserve `record`'s name and give it a fresh blob name (or, for an
+        incremental snapshot, the disk's `blob`); the body builds the blob.
+        Then the finished record replaces the reservation; on any failure the
+        reservation and what the body made are rolled back."""
+        blob = self._reserve(kind, record, blob)
+        try:
+            yield blob
+        except BaseException:
+            self._roll_back(kind, str(record["name"]))
+            raise
+        key = f"{kind}/{record['name']}".encode()
+        with self.meta.write() as txn:
+            self.meta.put_json(txn, "resources", key, record)
+            txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
+
+    def _reserve(self, kind: str, record: dict[str, Any], blob: str | None) -> str:
+        if not NAME.fullmatch(str(record["name"])):
+            raise StampError(f"{kind} name {record['name']!r}: 1 to 80 letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit and ending with a letter, digit or '_'")
+        key = f"{kind}/{record['name']}".encode()
+        creator = {"pid": os.getpid(), "host": socket.gethostname()}
+        with self.meta.write() as txn:
+            if txn.get(key, db=self.meta.db["resources"]) is not None:
+                raise ResourceExists(f"a {kind} named {record['name']!r} already exists")
+            token = self.meta.next_id(txn, "resource")
+            own = blob is None
+            blob = blob or f"{kind}s/{record['name']}/{token}"
+            record.update(blob=blob)
+            intent = {"kind": kind, "name": record["name"], "blob": blob, "own_blob": own, "token": token,
+                      **creator}
+            self.meta.put_json(txn, "resources", key,
+                               {**record, "state": CREATING, "creator": f"pid {creator['pid']} on {creator['host']}"})
+            self.meta.put_json(txn, "resources", PENDING.encode() + key, intent)
+        return blob
+
+    def _roll_back(self, kind: str, name: str) -> None:
+        """Undo an unfinished create in one transaction: its blob (if it made
+        one) or the blob snapshot it tagged, its reservation, its intent."""
+        key = f"{kind}/{name}".encode()
+        with self.meta.write() as txn:
+            intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
+            if intent is None:
+                return
+            blob = str(intent["blob"])
+            if intent["own_blob"] and self.blobs.exists_in(txn, blob):
+                self.blobs.delete_in(txn, blob, snapshots="include")
+            elif not intent["own_blob"]:
+                for snap in self.blobs.snapshots_in(txn, blob):
+                    if snap.metadata.get("token") == intent["token"]:
+                        self.blobs.delete_snapshot_in(txn, blob, snap.id)
+            txn.delete(key, db=self.meta.db["resources"])
+            txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
+
+    def roll_back_dead_creates(self) -> list[str]:
+        """Roll back the creates whose process died on this host (run on open)."""
+        with self.meta.read() as txn:
+            intents = [loads(v) for _, v in self.meta.items(txn, "resources", PENDING.encode())]
+        dead = [i for i in intents if i["host"] == socket.gethostname() and not pid_alive(int(i["pid"]))]
+        for i in dead:
+            self._roll_back(i["kind"], i["name"])
+        return [f"{i['kind']}/{i['name']}" for i in dead]
+
     # -- creating disks -----------------------------------------------------------------
 
     @staticmethod
@@ -136,26 +233,21 @@ class Disks:
         if not 0 < size_gib <= SKUS[sku]:
             raise StampError(f"{sku} disks are 1 GiB to {SKUS[sku]} GiB; asked for {size_gib} GiB")
 
-    def _record(self, name: str, sku: str, size: int, option: str, blob: str, kind: str,
-                **extra: Any) -> dict[str, Any]:
+    def _record(self, name: str, sku: str, size: int, option: str, kind: str, **extra: Any) -> dict[str, Any]:
         return {"name": name, "sku": sku, "size_gib": size / GIB, "size_bytes": size,
-                "state": DiskState.UNATTACHED.value, "create_option": option, "blob": blob,
+                "state": DiskState.UNATTACHED.value, "create_option": option,
                 "vhd_type": kind, "created": time.time(), "attached_to": None, "lun": None, **extra}
 
     def _new_blob(self, blob: str, size: int = 0) -> None:
-        if self.blobs.exists(blob):
-            raise ResourceExists(f"blob {blob} already exists")
         self.blobs.create(blob, size, limit=MAX_DISK_BLOB)
 
     def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS") -> dict[str, Any]:
         """An empty disk: a fixed VHD page blob, sparse until written."""
         self._check_sku(sku, size_gib)
-        blob = f"disks/{name}"
-        record = self._record(name, sku, size_gib * GIB, "Empty", blob, "fixed")
-        self._put("disk", {**record, "state": "Creating"}, new=True)
-        self._new_blob(blob)
-        create_fixed(PageBlobFile(self.stamp, blob), size_gib * GIB)
-        self._put("disk", record)
+        record = self._record(name, sku, size_gib * GIB, "Empty", "fixed")
+        with self._creating("disk", record) as blob:
+            self._new_blob(blob)
+            create_fixed(PageBlobFile(self.stamp, blob), size_gib * GIB)
         return record
 
     def create_from_image(self, name: str, image: str, size_gib: int | None = None,
@@ -166,34 +258,29 @@ class Disks:
         if size < img["size_bytes"]:
             raise StampError(f"disk size {size_gib} GiB is smaller than image {image!r}")
         self._check_sku(sku, size / GIB)
-        blob = f"disks/{name}"
-        record = self._record(name, sku, size, "FromImage", blob, "differencing", source={"image": image})
-        self._put("disk", {**record, "state": "Creating"}, new=True)
-        self._new_blob(blob)
-        parent = (uuid.UUID(img["vhd_uuid"]), int(img["vhd_timestamp"]), str(img["blob"]))
-        _write_sparse(PageBlobFile(self.stamp, blob), None, ft.DiskType.DIFFERENCING, size,
-                      dh.DEFAULT_BLOCK_SIZE, parent, [], True, None)
-        self._put("disk", record)
+        record = self._record(name, sku, size, "FromImage", "differencing", source={"image": image})
+        with self._creating("disk", record) as blob:
+            self._new_blob(blob)
+            parent = (uuid.UUID(img["vhd_uuid"]), int(img["vhd_timestamp"]), str(img["blob"]))
+            _write_sparse(PageBlobFile(self.stamp, blob), None, ft.DiskType.DIFFERENCING, size,
+                          dh.DEFAULT_BLOCK_SIZE, parent, [], True, None)
         return record
 
     def import_vhd(self, name: str, path: str, sku: str = "Premium_LRS", convert: bool = False) -> dict[str, Any]:
         """A disk from a local VHD that passes the upload rules (or, with
         convert, any VHD or raw image, made fixed and rounded up to 1 MiB)."""
-        blob = f"disks/{name}"
-        size, footer = self._load_vhd(path, blob, convert)
-        try:
+        record = self._record(name, sku, 0, "Import", "fixed", source={"file": os.path.abspath(path)})
+        with self._creating("disk", record) as blob:
+            size, _ = self._load_vhd(path, blob, convert)
             self._check_sku(sku, size / GIB if size >= GIB else 1)
-        except StampError:
-            self.blobs.delete(blob)
-            raise
-        record = self._record(name, sku, size, "Import", blob, "fixed", source={"file": os.path.abspath(path)})
-        self._put("disk", record, new=True)
+            record.update(size_bytes=size, size_gib=size / GIB)
         return record
 
     def _load_vhd(self, path: str, blob: str, convert: bool) -> tuple[int, ft.Footer]:
-        """Copy a local image into a new fixed-VHD blob; returns (size, footer).
-        A VHD that passes the upload rules is taken as it is; with convert, any
-        VHD (flattened) or raw image becomes fixed, its size rounded up to 1 MiB."""
+        """Copy a local image into the new fixed-VHD blob `blob`; returns (size,
+        footer). A VHD that passes the upload rules is taken as it is; with
+        convert, any VHD (flattened) or raw image becomes fixed, its size
+        rounded up to 1 MiB. The caller's _creating rolls back a failure."""
         if not os.path.isfile(path):
             raise StampError(f"{path}: no such file")
         if _is_vhd(path):
@@ -212,10 +299,6 @@ class Disks:
             target = create_fixed(PageBlobFile(self.stamp, blob), size)
             vhd.copy_data(src, target)
             footer = target.footer
-        except BaseException:
-            if self.blobs.exists(blob):
-                self.blobs.delete(blob)
-            raise
         finally:
             src.close()
         return size, footer
@@ -233,33 +316,22 @@ class Disks:
             src = self.snapshot(str(source_snapshot))
             blob, snap, kind = src["blob"], src.get("blob_snapshot") or None, src["vhd_type"]
             source = {"snapshot": str(source_snapshot)}
-        target = f"disks/{name}"
-        if self.blobs.exists(target) or self._exists("disk", name):
-            raise ResourceExists(f"a disk named {name!r} already exists")
-        self.blobs.copy(blob, target, snapshot=snap)
-        record = self._record(name, sku or src["sku"], src["size_bytes"], "Copy", target, kind, source=source)
+        record = self._record(name, sku or src["sku"], src["size_bytes"], "Copy", kind, source=source)
         if "source" in src and "image" in src.get("source", {}):
             record["source"] = {**source, "image": src["source"]["image"]}
-        self._put("disk", record, new=True)
+        with self._creating("disk", record) as target:
+            self.blobs.copy(blob, target, snapshot=snap)
         return record
-
-    def _exists(self, kind: str, name: str) -> bool:
-        try:
-            self._get(kind, name)
-            return True
-        except ResourceNotFound:
-            return False
 
     def create_for_upload(self, name: str, upload_bytes: int, sku: str = "Premium_LRS") -> dict[str, Any]:
         """A disk waiting for a fixed VHD to be written into its blob page by page."""
         if upload_bytes % MIB != 512 or upload_bytes < 20 * MIB + 512:
             raise StampError("upload size is the fixed VHD's file size: a multiple of 1 MiB plus 512, "
                              "at least 20 MiB + 512")
-        blob = f"disks/{name}"
-        record = self._record(name, sku, upload_bytes - 512, "Upload", blob, "fixed",
+        record = self._record(name, sku, upload_bytes - 512, "Upload", "fixed",
                               state=DiskState.READY_TO_UPLOAD.value)
-        self._put("disk", record, new=True)
-        self._new_blob(blob, upload_bytes)
+        with self._creating("disk", record) as blob:
+            self._new_blob(blob, upload_bytes)
         return record
 
     def finish_upload(self, name: str) -> dict[str, Any]:
@@ -280,49 +352,89 @@ class Disks:
         """An image from a local VHD file or from a disk (flattened to a fixed VHD)."""
         if (path is None) == (disk is None):
             raise StampError("an image comes from exactly one source: a VHD file or a disk")
-        if self._exists("image", name):
-            raise ResourceExists(f"an image named {name!r} already exists")
-        blob = f"images/{name}"
-        if path is not None:
-            size, footer = self._load_vhd(path, blob, convert)
-            source: dict[str, Any] = {"file": os.path.abspath(path)}
-        else:
-            with self.open_virtual(str(disk)) as src:
-                size = src.size
-                self._new_blob(blob)
-                target = create_fixed(PageBlobFile(self.stamp, blob), size)
-                vhd.copy_data(src, target)
-                footer = target.footer
-            source = {"disk": disk}
-        record = {"name": name, "blob": blob, "size_bytes": size, "created": time.time(), "source": source,
-                  "vhd_uuid": str(footer.unique_id), "vhd_timestamp": footer.timestamp}
-        self._put("image", record, new=True)
+        source: dict[str, Any] = {"file": os.path.abspath(path)} if path is not None else {"disk": disk}
+        record: dict[str, Any] = {"name": name, "created": time.time(), "source": source}
+        with self._creating("image", record) as blob:
+            if path is not None:
+                size, footer = self._load_vhd(path, blob, convert)
+            else:
+                with self.open_virtual(str(disk)) as src:
+                    size = src.size
+                    self._new_blob(blob)
+                    target = create_fixed(PageBlobFile(self.stamp, blob), size)
+                    vhd.copy_data(src, target)
+                    footer = target.footer
+            record.update(size_bytes=size, vhd_uuid=str(footer.unique_id), vhd_timestamp=footer.timestamp)
         return record
 
     def create_snapshot(self, name: str, disk: str, incremental: bool = True) -> dict[str, Any]:
         src = self._get("disk", disk)
-        if self._exists("snapshot", name):
-            raise ResourceExists(f"a snapshot named {name!r} already exists")
         record: dict[str, Any] = {"name": name, "disk": disk, "incremental": incremental, "created": time.time(),
                                   "sku": src["sku"], "size_bytes": src["size_bytes"], "vhd_type": src["vhd_type"],
                                   "source": src.get("source", {})}
-        if incremental:
-            snap = self.blobs.snapshot(src["blob"])
-            previous = [s for s in self.snapshots() if s["disk"] == disk and s["incremental"]]
-            prev = max(previous, key=lambda s: s["created"], default=None)
-            if prev is not None and prev["blob"] == src["blob"]:
-                d = self.blobs.diff(src["blob"], prev["blob_snapshot"], snap.id)
+        if not incremental:
+            with self._creating("snapshot", record) as blob:
+                self.blobs.copy(src["blob"], blob)
+                record.update(blob_snapshot=None, used_bytes=self.blobs.used_bytes(blob))
+            return record
+        previous = [s for s in self.snapshots() if s["blob"] == src["blob"] and s["incremental"]
+                    and s.get("state") != CREATING]
+        prev = max(previous, key=lambda s: s["created"], default=None)
+        with self._creating("snapshot", record, blob=src["blob"]) as blob:
+            token = self._intent("snapshot", name)["token"]
+            snap = self.blobs.snapshot(blob, metadata={"token": token})  # the tag a roll back finds it by
+            if prev is not None:
+                d = self.blobs.diff(blob, prev["blob_snapshot"], snap.id)
                 changed = sum(n for _, n in d.written)
             else:
-                changed = self.blobs.used_bytes(src["blob"], snapshot=snap.id)
-            record.update(blob=src["blob"], blob_snapshot=snap.id, changed_bytes=changed,
-                          previous=prev["name"] if prev else None)
-        else:
-            blob = f"snapshots/{name}"
-            self.blobs.copy(src["blob"], blob)
-            record.update(blob=blob, blob_snapshot=None, used_bytes=self.blobs.used_bytes(blob))
-        self._put("snapshot", record, new=True)
+                changed = self.blobs.used_bytes(blob, snapshot=snap.id)
+            record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev["name"] if prev else None)
         return record
+
+    def diff(self, base: str, target: str | None = None) -> dict[str, Any]:
+        """Guest (disk) byte ranges written and cleared between incremental
+        snapshot `base` and `target` (a later one of the same disk, or the
+        disk now), for every disk type: the page blob's diff mapped through
+        the VHD's layout, split by what the target reads as data."""
+        b, d = self._blob_diff(base, target)
+        with self.open_virtual(b["disk"], snapshot=target) as v, \
+                self.open_virtual(b["disk"], snapshot=base) as was:
+            changed = rg.merge_ranges([(o, o + n) for o, n in guest_ranges(v.image, d.written + d.cleared,
+                                                                            was.image)])
+            data = [(e.offset, e.offset + e.length) for s, e_ in changed
+                    for e in v.allocation(s, e_ - s) if e.state.value == "data"]
+        written = rg.merge_ranges(data)
+        cleared = rg.subtract(changed, written)
+        return {"base": base, "target": target or b["disk"], "unit": "disk bytes",
+                "written": [{"offset": s, "length": e - s} for s, e in written],
+                "cleared": [{"offset": s, "length": e - s} for s, e in cleared]}
+
+    def blob_diff(self, base: str, target: str | None = None) -> dict[str, Any]:
+        """The same diff in the disk's page blob's bytes (for a disk from an
+        image: offsets in its differencing VHD file)."""
+        b, d = self._blob_diff(base, target)
+        return {"base": base, "target": target or b["disk"], "unit": "blob bytes", **d.to_json()}
+
+    def _blob_diff(self, base: str, target: str | None) -> tuple[dict[str, Any], Diff]:
+        b = self.snapshot(base)
+        if not b.get("blob_snapshot"):
+            raise StampError(f"{base} is a full snapshot: diffs are between incremental snapshots")
+        t = self.snapshot(target) if target else None
+        if t is not None and (t["blob"] != b["blob"] or not t.get("blob_snapshot")):
+            raise StampError(f"{target} is not an incremental snapshot of the same disk as {base}")
+        if t is None and self._blob_of_disk(b["disk"]) != b["blob"]:
+            raise StampError(f"disk {b['disk']!r} is no longer the disk {base} was taken of: name a later "
+                             "snapshot of it as the target")
+        return b, self.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
+
+    def _blob_of_disk(self, name: str) -> str | None:
+        with self.meta.read() as txn:
+            obj = self.meta.get_json(txn, "resources", f"disk/{name}".encode())
+        return None if obj is None else str(obj["blob"])
+
+    def _intent(self, kind: str, name: str) -> dict[str, Any]:
+        with self.meta.read() as txn:
+            return dict(self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode()))
 
     # -- the virtual disk -----------------------------------------------------------------
 
@@ -370,36 +482,92 @@ class Disks:
         with self.open_virtual(name, snapshot=snapshot) as src:
             return vhd.convert_device(src, path, fmt, show_progress=show_progress, label=name)
 
-    # -- deleting -----------------------------------------------------------------------------
+    # -- deleting: one transaction each ----------------------------------------------------------
+
+    def _take(self, txn: lmdb.Transaction, kind: str, name: str) -> dict[str, Any]:
+        """Read and delete a finished record inside a write transaction."""
+        key = f"{kind}/{name}".encode()
+        obj = self.meta.get_json(txn, "resources", key)
+        if obj is None:
+            raise ResourceNotFound(f"no {kind} named {name!r}")
+        if obj.get("state") == CREATING:
+            raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
+        txn.delete(key, db=self.meta.db["resources"])
+        return dict(obj)
 
     def delete_disk(self, name: str) -> None:
-        obj = self._get("disk", name)
-        if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
-            raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
-        self._delete("disk", name)
-        if not any(s["blob"] == obj["blob"] for s in self.snapshots()):
-            self.blobs.delete(obj["blob"])  # else its incremental snapshots keep the blob alive
+        with self.meta.write() as txn:
+            obj = self._take(txn, "disk", name)
+            if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
+                raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
+            if not self._users_of_blob(txn, obj["blob"], "snapshot"):
+                # (else its incremental snapshots keep the blob alive)
+                self.blobs.delete_in(txn, obj["blob"], snapshots="include")
 
     def delete_image(self, name: str) -> None:
-        self.image(name)
-        users = [d["name"] for d in self.disks() if d.get("source", {}).get("image") == name]
-        users += [s["name"] for s in self.snapshots() if s.get("source", {}).get("image") == name]
-        if users:
-            raise ResourceInUse(f"image {name!r} is the base of {', '.join(sorted(users))}: delete those first")
-        img = self.image(name)
-        self._delete("image", name)
-        self.blobs.delete(img["blob"])
+        with self.meta.write() as txn:
+            img = self._take(txn, "image", name)
+            users = [str(loads(v)["name"]) for kind in ("disk", "snapshot")
+                     for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())
+                     if loads(v).get("source", {}).get("image") == name]
+            if users:
+                raise ResourceInUse(f"image {name!r} is the base of {', '.join(sorted(users))}: delete those first")
+            self.blobs.delete_in(txn, img["blob"], snapshots="include")
 
     def delete_snapshot(self, name: str) -> None:
-        snap = self.snapshot(name)
-        self._delete("snapshot", name)
-        if snap.get("blob_snapshot"):
-            self.blobs.delete_snapshot(snap["blob"], snap["blob_snapshot"])
-            disk_alive = any(d["blob"] == snap["blob"] for d in self.disks())
-            if not disk_alive and not any(s["blob"] == snap["blob"] for s in self.snapshots()):
-                self.blobs.delete(snap["blob"])
-        else:
-            self.blobs.delete(snap["blob"])
+        with self.meta.write() as txn:
+            snap = self._take(txn, "snapshot", name)
+            if not snap.get("blob_snapshot"):
+                self.blobs.delete_in(txn, snap["blob"], snapshots="include")
+                return
+            self.blobs.delete_snapshot_in(txn, snap["blob"], snap["blob_snapshot"])
+            if not self._users_of_blob(txn, snap["blob"], "disk") and \
+                    not self._users_of_blob(txn, snap["blob"], "snapshot"):
+                self.blobs.delete_in(txn, snap["blob"], snapshots="include")
+
+
+def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = None) -> list[tuple[int, int]]:
+    """Changed page blob bytes -> changed guest bytes, through the VHD's
+    layout: a fixed VHD's data is the blob's first `size` bytes; a sparse
+    one's block b is its bitmap then its data at the BAT's offset. A changed
+    bitmap changes how the sectors whose bits differ read: with `base` (the
+    image as it was) exactly those, else the whole block."""
+    size = image.size
+    if not isinstance(image, SparseImage):
+        return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
+    bs, bm = image.block_size, image.bitmap_size
+    blocks = sorted((entry * 512, b) for b, entry in enumerate(image.bat) if entry != 0xFFFFFFFF)
+    starts = [start for start, _ in blocks]
+    out: list[tuple[int, int]] = []
+    for off, n in blob_ranges:
+        end = off + n
+        i = max(0, bisect.bisect_right(starts, off) - 1)  # the block holding `off`, if any
+        for start, b in blocks[i:]:
+            if start >= end:
+                break
+            lo, hi = max(off, start), min(end, start + bm + bs)
+            if lo >= hi:
+                continue
+            if lo < start + bm:
+                out += _bitmap_changes(image, base, b)
+                lo = start + bm
+            if lo < hi:
+                g0 = b * bs + lo - start - bm
+                out.append((g0, min(hi - lo, size - g0)))
+    return [(o, n) for o, n in out if n > 0]
+
+
+def _bitmap_changes(image: Any, base: Any, b: int) -> list[tuple[int, int]]:
+    """Guest ranges of block b whose sector bits differ between `base` (a
+    block it had not allocated has no bits set) and `image`."""
+    bs, size = image.block_size, image.size
+    if base is None:
+        return [(b * bs, min(bs, size - b * bs))]
+    new = image.block_bitmap(b)
+    old = base.block_bitmap(b) if b < len(base.bat) and base.bat[b] != 0xFFFFFFFF else bytes(len(new))
+    xor = (int.from_bytes(new, "big") ^ int.from_bytes(old, "big")).to_bytes(len(new), "big")
+    return [(b * bs + first * 512, min(count * 512, size - b * bs - first * 512))
+            for changed, first, count in batlib.runs(xor, 0, bs // 512) if changed]
 
 
 class SnapshotFile(PageBlobFile):
@@ -414,9 +582,7 @@ class SnapshotFile(PageBlobFile):
         end = min(offset + length, self._size)
         if end <= offset:
             return b""
-        lo, hi = offset - offset % 512, -(-end // 512) * 512
-        data = self.stamp.blobs.read(self.blob, lo, hi - lo, snapshot=self.snapshot)
-        return data[offset - lo:end - lo]
+        return self.stamp.blobs.read(self.blob, offset, end - offset, snapshot=self.snapshot)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         out = []

@@ -33,10 +33,24 @@ class RequestBodyTooLarge(AzureError):
     status = 413
 
 
+class InvalidRange(AzureError):
+    """A read (Get Blob) that starts at or past the end of the blob."""
+
+    code = "InvalidRange"
+    status = 416
+
+
 class InvalidHeaderValue(AzureError):
-    """A blob size that is not a multiple of 512 or is out of range."""
+    """A blob size that is not a multiple of 512 or is out of range, a 0-byte
+    page write, a lease duration out of range."""
 
     code = "InvalidHeaderValue"
+
+
+class InvalidResourceName(AzureError):
+    """A blob name that is empty, longer than 1,024 characters or holds NUL."""
+
+    code = "InvalidResourceName"
 
 
 class BlobNotFound(AzureError):
@@ -56,6 +70,26 @@ class SnapshotNotFound(AzureError):
     status = 404
 
 
+class SnapshotsPresent(AzureError):
+    """Deleting a blob that has snapshots without saying what to do with them."""
+
+    code = "SnapshotsPresent"
+    status = 409
+
+
+class PreviousSnapshotNotFound(AzureError):
+    """A diff whose base snapshot does not exist."""
+
+    code = "PreviousSnapshotNotFound"
+    status = 409
+
+
+class PreviousSnapshotCannotBeNewer(AzureError):
+    """A diff whose base snapshot is newer than its target."""
+
+    code = "PreviousSnapshotCannotBeNewer"
+
+
 class LeaseAlreadyPresent(AzureError):
     code = "LeaseAlreadyPresent"
     status = 409
@@ -66,6 +100,34 @@ class LeaseIdMismatch(AzureError):
 
     code = "LeaseIdMismatchWithBlobOperation"
     status = 412
+
+
+class LeaseNotPresentWithBlobOperation(AzureError):
+    """A write named a lease and the blob has none."""
+
+    code = "LeaseNotPresentWithBlobOperation"
+    status = 412
+
+
+class LeaseLost(AzureError):
+    """A write named the blob's lease after it expired."""
+
+    code = "LeaseLost"
+    status = 412
+
+
+class LeaseIdMismatchWithLeaseOperation(AzureError):
+    """A lease release or change named a lease other than the blob's."""
+
+    code = "LeaseIdMismatchWithLeaseOperation"
+    status = 409
+
+
+class LeaseNotPresentWithLeaseOperation(AzureError):
+    """A lease release, change or break on a blob that has no lease."""
+
+    code = "LeaseNotPresentWithLeaseOperation"
+    status = 409
 
 
 class LeaseIdMissing(AzureError):

@@ -24,6 +24,7 @@ Tables
   snapnames  u64 blob id, snapshot id (utf-8) -> the same JSON
   pages      u64 blob id, u64 page  -> PIECE (the live index)
   frozen     u64 blob id, u32 epoch, u64 page -> PIECE (kept for snapshot `epoch`)
+  history    u64 blob id, u64 cell, u32 epoch, u64 page -> u64 end page (frozen's index by place)
   changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
   resources  "disk/NAME", "image/NAME", "snapshot/NAME" -> JSON (managed disks, images, snapshots)
 """
@@ -45,7 +46,7 @@ from .errors import MetadataFull
 
 TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
           "resources",
-          "changes")
+          "changes", "history")
 MAP_SIZE = 1 << 36  # 64 GiB: the metadata's limit, and data.mdb's apparent (sparse) size
 RESERVE_MIN = 8 << 20  # blocks taken ahead of use: at least this, or an eighth of what is used
 
@@ -54,6 +55,7 @@ U64 = struct.Struct(">Q")
 BLOB_PAGE = struct.Struct(">QQ")
 BLOB_EPOCH = struct.Struct(">QI")
 BLOB_EPOCH_PAGE = struct.Struct(">QIQ")
+BLOB_CELL_EPOCH_PAGE = struct.Struct(">QQIQ")
 # end page, extent id, record offset, record length, inner byte offset, generation
 PIECE = struct.Struct("<QQQIII")
 # epoch, latest surviving snapshot epoch (-1: none), size, lease id (16 bytes), lease expiry (0: never)

@@ -11,6 +11,11 @@ a write or clear covers a piece that the latest surviving snapshot L can see
 dropped. Reading snapshot k takes, page by page, the first of frozen(j) for
 surviving snapshots j >= k in ascending order, then the live index. Live
 reads and writes never look at snapshots, so they cost the same with 500.
+The frozen tables are indexed by place (`history`: cell of CELL pages, then
+epoch, then start page -> end page; a piece has an entry in every cell it
+touches), so a snapshot read seeks once per cell it covers, at epoch k, and
+walks only what was frozen there since k: the oldest of 1,000 snapshots
+reads as fast as the newest.
 
 While a blob has snapshots, every write and clear adds its range to the
 change log of the current epoch (one entry per start page, keeping the
@@ -35,7 +40,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import lmdb
@@ -48,20 +53,33 @@ from .errors import (
     DataLost,
     InvalidHeaderValue,
     InvalidPageRange,
+    InvalidRange,
+    InvalidResourceName,
     LeaseAlreadyPresent,
     LeaseIdMismatch,
+    LeaseIdMismatchWithLeaseOperation,
     LeaseIdMissing,
+    LeaseLost,
+    LeaseNotPresentWithBlobOperation,
+    LeaseNotPresentWithLeaseOperation,
+    PreviousSnapshotCannotBeNewer,
+    PreviousSnapshotNotFound,
     RequestBodyTooLarge,
     SnapshotNotFound,
+    SnapshotsPresent,
 )
-from .meta import BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
+from .meta import BLOB_CELL_EPOCH_PAGE, BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
 from .stream import Location, StreamLayer, pid_alive
 
 PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
 MAX_BLOB = 8 * 1024 ** 4  # the page blob API's limit
 MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of data and the VHD footer
+MAX_NAME = 1024  # characters in a blob name (Azure's limit)
+SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
+CELL = 256  # pages per cell of the history index (128 KiB)
+HISTORY_BUILT = b"history-index"  # counters key: the history index covers every frozen piece
 
 
 class Piece(NamedTuple):
@@ -116,6 +134,7 @@ class Snapshot:
     id: str  # Azure-style timestamp, unique per blob
     epoch: int
     time: float
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"blob": self.blob, "snapshot": self.id, "time": self.time}
@@ -131,20 +150,62 @@ class Diff:
                 "cleared": [{"offset": o, "length": n} for o, n in self.cleared]}
 
 
+def _cells(s: int, e: int) -> range:
+    """The history cells that pages [s, e) touch."""
+    return range(s // CELL, (e - 1) // CELL + 1) if e > s else range(0)
+
+
 def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s * PAGE, (e - s) * PAGE) for s, e in ranges]
 
 
 def check_pages(offset: int, length: int, size: int, limit: int | None = MAX_WRITE) -> None:
     """The Azure rules for a page range; violations raise their error code."""
+    if length <= 0 and limit is not None:
+        raise InvalidHeaderValue("a page write of 0 bytes: write at least one 512-byte page")
     if offset % PAGE or length % PAGE:
         raise InvalidPageRange(f"offset {offset} and length {length} must be multiples of 512")
-    if length <= 0 and limit is not None:
-        raise InvalidPageRange("empty page range")
     if limit is not None and length > limit:
         raise RequestBodyTooLarge(f"{length} bytes in one write; the limit is {limit}")
     if offset < 0 or offset + length > size:
         raise InvalidPageRange(f"range {offset}+{length} is outside the blob (size {size})")
+
+
+def blob_key(name: str) -> bytes:
+    """A blob's key in the `blobs` table: its UTF-8 name, or for a name too
+    long for an LMDB key, 0xFF and the name's SHA-256 (0xFF starts no UTF-8
+    text, so the two kinds never meet; the record then holds the name)."""
+    if not name or len(name) > MAX_NAME or "\0" in name:
+        raise InvalidResourceName(f"blob name {name[:40]!r}{'...' if len(name) > 40 else ''} ({len(name)} "
+                                  f"characters): a name is 1 to {MAX_NAME} characters, without NUL")
+    raw = name.encode("utf-8", "surrogatepass")
+    return raw if len(raw) <= SHORT_KEY else b"\xff" + hashlib.sha256(raw).digest()
+
+
+def _get_range(offset: int, length: int, size: int) -> tuple[int, int, int, int]:
+    """Get Blob's rules for a byte range: (offset, length) cut at the blob's
+    end, and the pages [lo, hi) that hold it."""
+    if offset < 0 or length < 0:
+        raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
+    if length and offset >= size:
+        raise InvalidRange(f"range {offset}+{length} starts at or past the end of the blob (size {size})")
+    length = max(0, min(length, size - offset))
+    lo = offset - offset % PAGE
+    return offset, length, lo, -(-(offset + length) // PAGE) * PAGE
+
+
+def snap_key(blob_id: int, snapshot: str) -> bytes:
+    """A snapshot's key in `snapnames`; an id no snapshot can have (too long
+    for a key) gets one that is never found."""
+    raw = snapshot.encode("utf-8", "surrogatepass")
+    return U64.pack(blob_id) + (raw if len(raw) <= SHORT_KEY else b"\xff")
+
+
+def lease_bytes(lease: str) -> bytes:
+    try:
+        return uuid.UUID(lease).bytes
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidHeaderValue(f"lease id {lease!r} is not a GUID") from None
 
 
 def snapshot_id(now: float) -> str:
@@ -159,11 +220,27 @@ class PageBlobs:
         self.meta, self.stream = meta, stream
         self.db = meta.db
         self._ids: dict[str, int] = {}
+        self._snap_infos: dict[bytes, tuple[int, int]] = {}
+        self._build_history()
+
+    def _build_history(self) -> None:
+        """Index the frozen pieces of a stamp made before the history index
+        existed (once: a counter says it is done)."""
+        with self.meta.read() as txn:
+            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+        with self.meta.write() as txn:
+            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+            for key, raw in self.meta.items(txn, "frozen"):
+                blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
+                self._index(txn, blob_id, epoch, U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0])
+            txn.put(HISTORY_BUILT, U64.pack(1), db=self.db["counters"])
 
     # -- blob records -------------------------------------------------------------
 
     def _blob(self, txn: lmdb.Transaction, name: str) -> tuple[int, dict[str, Any], BlobState]:
-        obj = self.meta.get_json(txn, "blobs", name.encode())
+        obj = self.meta.get_json(txn, "blobs", blob_key(name))
         if obj is None:
             raise BlobNotFound(f"blob {name!r} does not exist")
         raw = txn.get(U64.pack(obj["id"]), db=self.db["blobstate"])
@@ -193,15 +270,14 @@ class PageBlobs:
                limit: int = MAX_BLOB) -> None:
         """A new page blob of `size` bytes (a multiple of 512; up to 8 TiB,
         or `limit` for the blobs of managed disks)."""
-        if not name or len(name.encode()) > 1024 or "\0" in name:
-            raise InvalidHeaderValue(f"blob name {name!r} is not valid")
+        key = blob_key(name)
         self._check_size(size, limit)
         with self.meta.write() as txn:
-            if txn.get(name.encode(), db=self.db["blobs"]) is not None:
+            if txn.get(key, db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {name!r} already exists")
-            blob_id = self.meta.next_id(txn, "blob")
-            self.meta.put_json(txn, "blobs", name.encode(),
-                               {"id": blob_id, "created": time.time(), "properties": properties or {}})
+            blob_id = self.meta.next_id(txn, "blob")  # a counter: ids are never reused
+            self.meta.put_json(txn, "blobs", key, {"id": blob_id, "name": name, "created": time.time(),
+                                                   "limit": limit, "properties": properties or {}})
             txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
 
     @staticmethod
@@ -211,24 +287,27 @@ class PageBlobs:
 
     def exists(self, name: str) -> bool:
         with self.meta.read() as txn:
-            return txn.get(name.encode(), db=self.db["blobs"]) is not None
+            return self.exists_in(txn, name)
+
+    def exists_in(self, txn: lmdb.Transaction, name: str) -> bool:
+        return txn.get(blob_key(name), db=self.db["blobs"]) is not None
 
     def names(self) -> list[str]:
         with self.meta.read() as txn:
-            return [bytes(k).decode() for k, _ in self.meta.items(txn, "blobs")]
+            return sorted(str(loads(v).get("name") or k.decode()) for k, v in self.meta.items(txn, "blobs"))
 
     def properties(self, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             blob_id, obj, st = self._blob(txn, name)
             snaps = len(list(self.meta.items(txn, "snaps", U64.pack(blob_id))))
-        return {"name": name, "size": st.size, "created": obj["created"], "snapshots": snaps,
+        return {"name": name, "id": blob_id, "size": st.size, "created": obj["created"], "snapshots": snaps,
                 "leased": st.lease_held(time.time()), **obj.get("properties", {})}
 
     def set_properties(self, name: str, **props: Any) -> None:
         with self.meta.write() as txn:
             _, obj, _ = self._blob(txn, name)
             obj.setdefault("properties", {}).update(props)
-            self.meta.put_json(txn, "blobs", name.encode(), obj)
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
 
     def size(self, name: str) -> int:
         with self.meta.read() as txn:
@@ -253,33 +332,62 @@ class PageBlobs:
                 digest.update(value)
         return blob_id, digest.hexdigest()
 
-    def delete(self, name: str, lease: str | None = None) -> None:
-        """Delete a blob and all its snapshots (their space is reclaimed by gc)."""
+    def delete(self, name: str, lease: str | None = None, snapshots: str | None = None) -> None:
+        """Delete a blob (their space is reclaimed by gc). A blob with snapshots
+        needs `snapshots`: "include" deletes them with it, "only" deletes just
+        them (Azure's x-ms-delete-snapshots); else SnapshotsPresent."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            self._check_lease(st, lease)
-            prefix = U64.pack(blob_id)
-            for table in ("pages", "frozen", "changes", "snaps", "snapnames"):
-                rg.delete_prefix(txn, self.db[table], prefix)
-            txn.delete(prefix, db=self.db["blobstate"])
-            txn.delete(name.encode(), db=self.db["blobs"])
+            self.delete_in(txn, name, lease, snapshots)
+
+    def delete_in(self, txn: lmdb.Transaction, name: str, lease: str | None = None,
+                  snapshots: str | None = None) -> None:
+        """delete() inside the caller's write transaction (a resource and its
+        blob go in one commit)."""
+        if snapshots not in (None, "include", "only"):
+            raise InvalidHeaderValue(f"snapshots={snapshots!r}: say include or only")
+        blob_id, _, st = self._blob(txn, name)
+        self._check_lease(st, lease)
+        prefix = U64.pack(blob_id)
+        if snapshots is None and next(self.meta.items(txn, "snaps", prefix), None) is not None:
+            raise SnapshotsPresent(f"blob {name!r} has snapshots: delete with snapshots='include' (or 'only')")
+        if snapshots == "only":
+            for snap in self.snapshots_in(txn, name):
+                self.delete_snapshot_in(txn, name, snap.id)
+            return
+        for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
+            rg.delete_prefix(txn, self.db[table], prefix)
+        txn.delete(prefix, db=self.db["blobstate"])
+        txn.delete(blob_key(name), db=self.db["blobs"])
 
     # -- leases --------------------------------------------------------------------
 
     @staticmethod
     def _check_lease(st: BlobState, lease: str | None) -> None:
-        if not st.lease_held(time.time()):
-            return
-        if lease is None:
-            raise LeaseIdMissing("the blob is leased; the request named no lease")
-        if uuid.UUID(lease).bytes != st.lease:
-            raise LeaseIdMismatch("the lease named is not the blob's lease")
+        """The lease rules of a blob operation (write, clear, resize, delete)."""
+        given = None if lease is None else lease_bytes(lease)
+        if st.lease_held(time.time()):
+            if given is None:
+                raise LeaseIdMissing("the blob is leased; the request named no lease")
+            if given != st.lease:
+                raise LeaseIdMismatch("the lease named is not the blob's lease")
+        elif given is not None:
+            if st.lease != NO_LEASE and given == st.lease:
+                raise LeaseLost("the lease named has expired: acquire it again")
+            raise LeaseNotPresentWithBlobOperation("the request named a lease and the blob has none")
+
+    @staticmethod
+    def _check_lease_operation(st: BlobState, lease: str) -> None:
+        """The lease rules of a lease operation (release, change) naming `lease`."""
+        if st.lease == NO_LEASE:
+            raise LeaseNotPresentWithLeaseOperation("the blob has no lease to release or change")
+        if lease_bytes(lease) != st.lease:
+            raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
 
     def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
         """Take the blob's lease (for `duration` seconds, -1 forever); returns its id."""
         if duration != -1 and not 15 <= duration <= 60:
             raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
-        new = uuid.UUID(lease) if lease else uuid.uuid4()
+        new = uuid.UUID(bytes=lease_bytes(lease)) if lease else uuid.uuid4()
         now = time.time()
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
@@ -298,7 +406,10 @@ class PageBlobs:
             props = self.properties(name)
             pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
             if host == socket.gethostname() and pid and not pid_alive(pid):
-                self.break_lease(name)  # its holder died: the lease is stale
+                try:
+                    self.break_lease(name)  # its holder died: the lease is stale
+                except LeaseNotPresentWithLeaseOperation:
+                    pass  # released meanwhile
                 lease = self.acquire_lease(name)
             else:
                 holder = props.get("lease_holder", "another holder")
@@ -310,14 +421,15 @@ class PageBlobs:
     def release_lease(self, name: str, lease: str) -> None:
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
-            if st.lease != uuid.UUID(lease).bytes:
-                raise LeaseIdMismatch("the lease named is not the blob's lease")
+            self._check_lease_operation(st, lease)
             st.lease, st.lease_expiry = NO_LEASE, 0
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
     def break_lease(self, name: str) -> None:
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
+            if st.lease == NO_LEASE:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
             st.lease, st.lease_expiry = NO_LEASE, 0
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
@@ -362,7 +474,7 @@ class PageBlobs:
                 return False
             blob_id, raw = self._state_raw(txn, name)  # no BlobState built: this is the hot path
             epoch, latest, size, lease_id, _ = STATE.unpack(raw)
-            if lease_id != NO_LEASE:
+            if lease_id != NO_LEASE or lease is not None:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
@@ -383,10 +495,11 @@ class PageBlobs:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
-        """Grow or shrink; pages cut off are cleared (snapshots keep theirs)."""
-        self._check_size(size, MAX_DISK_BLOB)
+        """Grow or shrink; pages cut off are cleared (snapshots keep theirs).
+        The size limit is the one the blob was created with."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
+            blob_id, obj, st = self._blob(txn, name)
+            self._check_size(size, int(obj.get("limit", MAX_BLOB)))
             self._check_lease(st, lease)
             if size < st.size:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
@@ -412,8 +525,7 @@ class PageBlobs:
                 txn.put(prefix + U64.pack(e), right.pack(), db=pages)
             middle = old.cut(s, e)
             if latest >= 0 and middle.gen <= latest:
-                txn.put(BLOB_EPOCH.pack(blob_id, latest) + U64.pack(middle.start), middle.pack(),
-                        db=self.db["frozen"])
+                self._freeze(txn, blob_id, latest, middle.start, middle.end, middle.pack())
         if new is not None:
             txn.put(prefix + U64.pack(s), new, db=pages)
         if latest >= 0:  # the change log: one entry per start page, merged when a diff reads it
@@ -423,64 +535,130 @@ class PageBlobs:
             if had is None or rg.END.unpack(had)[0] < e:
                 txn.put(key, rg.END.pack(e), db=changes)
 
-    # -- reads -------------------------------------------------------------------------
+    def _freeze(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int, raw: bytes) -> None:
+        """Keep the piece of pages [s, e) for snapshot `epoch`: in frozen(epoch)
+        and, by place, in the history index."""
+        txn.put(BLOB_EPOCH.pack(blob_id, epoch) + U64.pack(s), raw, db=self.db["frozen"])
+        self._index(txn, blob_id, epoch, s, e)
 
-    def _sources(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None) -> list[tuple[Any, bytes]]:
-        """Tables to resolve pages from, first wins: frozen(j) for snapshots j >= epoch, then live."""
-        out: list[tuple[Any, bytes]] = []
-        if epoch is not None:
-            for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id)):
-                j = BLOB_EPOCH.unpack(key)[1]
-                if j >= epoch:
-                    out.append((self.db["frozen"], BLOB_EPOCH.pack(blob_id, j)))
-        out.append((self.db["pages"], U64.pack(blob_id)))
-        return out
+    def _index(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
+        end = rg.END.pack(e)
+        for c in _cells(s, e):
+            txn.put(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), end, db=self.db["history"])
+
+    def _unindex(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
+        for c in _cells(s, e):
+            txn.delete(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), db=self.db["history"])
+
+    def check_history(self, txn: lmdb.Transaction) -> list[str]:
+        """Problems with the history index: it must hold exactly one entry per
+        cell of every frozen piece, with the piece's end."""
+        want: dict[bytes, bytes] = {}
+        for key, raw in self.meta.items(txn, "frozen"):
+            blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
+            s, e = U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0]
+            for c in _cells(s, e):
+                want[BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s)] = rg.END.pack(e)
+        have = dict(self.meta.items(txn, "history"))
+        problems = []
+        for key in sorted(set(want) ^ set(have)):
+            blob_id, c, epoch, s = BLOB_CELL_EPOCH_PAGE.unpack(key)
+            what = "is missing" if key in want else "names no frozen piece"
+            problems.append(f"history index: blob {blob_id} cell {c} snapshot epoch {epoch} page {s} {what}")
+        problems += [f"history index: blob {BLOB_CELL_EPOCH_PAGE.unpack(k)[0]} page "
+                     f"{BLOB_CELL_EPOCH_PAGE.unpack(k)[3]}: end differs from its frozen piece's"
+                     for k in want.keys() & have.keys() if want[k] != have[k]]
+        return problems
+
+    # -- reads -------------------------------------------------------------------------
 
     def _resolve(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int) -> list[Piece]:
         """The pieces that hold pages [s, e) at snapshot `epoch` (None: live), sorted.
 
-        For a snapshot, the first source holding a page decides it; a piece
-        written after the snapshot (gen > epoch) means the page was empty then:
-        had it held data, the write or clear that replaced it would have kept
-        that data in an earlier frozen table."""
-        if epoch is None:  # live: the index alone
-            return [Piece.unpack(ps, raw).cut(s, e)
-                    for ps, _, raw in rg.overlapping(txn, self.db["pages"], U64.pack(blob_id), s, e)]
-        sources = self._sources(txn, blob_id, epoch)
-        found: list[Piece] = []
-        gaps = [(s, e)]
-        for db, prefix in sources:
-            taken: list[tuple[int, int]] = []
-            for gs, ge in gaps:
-                for ps, _, raw in rg.overlapping(txn, db, prefix, gs, ge):
-                    piece = Piece.unpack(ps, raw).cut(gs, ge)
-                    taken.append((piece.start, piece.end))
-                    if piece.gen <= epoch:
-                        found.append(piece)
-            gaps = rg.subtract(gaps, rg.merge_ranges(taken))
-            if not gaps:
-                break
+        For a snapshot, the first frozen(j), j >= epoch, holding a page decides
+        it, then the live index; a piece written after the snapshot (gen >
+        epoch) means the page was empty then: had it held data, the write or
+        clear that replaced it would have kept that data in an earlier frozen
+        table."""
+        if epoch is None:
+            return self._resolve_live(txn, blob_id, s, e)
+        found, gaps = self._resolve_frozen(txn, blob_id, epoch, s, e)
+        for gs, ge in gaps:  # pages no snapshot since `epoch` kept: as the live index has them
+            found += [p for p in self._resolve_live(txn, blob_id, gs, ge) if p.gen <= epoch]
         return sorted(found, key=lambda p: p.start)
 
+    def _resolve_live(self, txn: lmdb.Transaction, blob_id: int, s: int, e: int) -> list[Piece]:
+        return [Piece.unpack(ps, raw).cut(s, e)
+                for ps, _, raw in rg.overlapping(txn, self.db["pages"], U64.pack(blob_id), s, e)]
+
+    def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                        ) -> tuple[list[Piece], list[tuple[int, int]]]:
+        """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
+        the pages none decides. One seek per history cell, at `epoch`: its
+        entries come in ascending epoch, so the first to cover a page wins."""
+        found: list[Piece] = []
+        rest: list[tuple[int, int]] = []
+        cur = txn.cursor(db=self.db["history"])
+        frozen = self.db["frozen"]
+        for c in _cells(s, e):
+            gaps = [(max(s, c * CELL), min(e, (c + 1) * CELL))]
+            seek = BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, 0)
+            cell = seek[:16]
+            if cur.set_range(seek):
+                for key, val in cur:
+                    if key[:16] != cell:
+                        break
+                    _, _, j, ps = BLOB_CELL_EPOCH_PAGE.unpack(key)
+                    pe = rg.END.unpack(val)[0]
+                    hit = [(max(gs, ps), min(ge, pe)) for gs, ge in gaps if max(gs, ps) < min(ge, pe)]
+                    if not hit:
+                        continue
+                    raw = txn.get(BLOB_EPOCH.pack(blob_id, j) + U64.pack(ps), db=frozen)
+                    if raw is None:
+                        raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
+                                           "which is missing")
+                    piece = Piece.unpack(ps, bytes(raw))
+                    if piece.gen <= epoch:
+                        found += [piece.cut(a, b) for a, b in hit]
+                    gaps = rg.subtract(gaps, hit)
+                    if not gaps:
+                        break
+            rest += gaps
+        return found, rg.merge_ranges(rest)
+
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
-        if snapshot is None:
-            return None
-        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        return None if snapshot is None else self._snapshot_info(txn, blob_id, name, snapshot)[0]
+
+    def _snapshot_info(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str) -> tuple[int, int]:
+        """A snapshot's (epoch, size). Its record never changes while it
+        lives, so its parse is kept, by the record's bytes (at most 4,096)."""
+        raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         if raw is None:
             raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
-        return int(loads(bytes(raw))["epoch"])
+        raw = bytes(raw)
+        info = self._snap_infos.get(raw)
+        if info is None:
+            obj = loads(raw)
+            info = int(obj["epoch"]), int(obj["size"])
+            if len(self._snap_infos) >= 4096:
+                self._snap_infos.clear()
+            self._snap_infos[raw] = info
+        return info
 
     def read(self, name: str, offset: int, length: int, snapshot: str | None = None) -> bytes:
-        """Pages [offset, offset+length): multiples of 512; zeros where nothing is written."""
+        """Bytes [offset, offset+length) (Get Blob: any offset and length; zeros
+        where nothing is written). A range that ends past the blob is cut at
+        its end; one that starts at or past it is InvalidRange."""
         for attempt in range(2):
             with self.meta.read() as txn:
                 blob_id, st = self._state(txn, name)
-                epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
-                size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
-                check_pages(offset, length, size, limit=None)
-                pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, (offset + length) // PAGE)
+                epoch, size = (None, st.size) if snapshot is None else \
+                    self._snapshot_info(txn, blob_id, name, snapshot)
+                offset, length, lo, hi = _get_range(offset, length, size)
+                pieces = self._resolve(txn, blob_id, epoch, lo // PAGE, hi // PAGE)
             try:
-                return self._assemble(pieces, offset, length)
+                data = self._assemble(pieces, lo, hi - lo)
+                return data if (lo, hi) == (offset, offset + length) else data[offset - lo:offset - lo + length]
             except (CorruptStamp, DataLost):
                 if attempt:
                     raise
@@ -489,7 +667,7 @@ class PageBlobs:
         raise AssertionError("unreachable")
 
     def _snapshot_size(self, txn: lmdb.Transaction, blob_id: int, snapshot: str, st: BlobState) -> int:
-        raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         return int(loads(bytes(raw))["size"]) if raw else st.size
 
     def _assemble(self, pieces: list[Piece], offset: int, length: int) -> bytes:
@@ -520,15 +698,17 @@ class PageBlobs:
         its snapshots). Extents are immutable, so the copy shares them: it
         costs index entries, not data."""
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, source)
+            blob_id, obj, st = self._blob(txn, source)
             epoch = self._snapshot_epoch(txn, blob_id, source, snapshot)
             size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
             pieces = self._resolve(txn, blob_id, epoch, 0, size // PAGE)
-            if txn.get(target.encode(), db=self.db["blobs"]) is not None:
+            key = blob_key(target)
+            if txn.get(key, db=self.db["blobs"]) is not None:
                 raise BlobAlreadyExists(f"blob {target!r} already exists")
             new_id = self.meta.next_id(txn, "blob")
-            self.meta.put_json(txn, "blobs", target.encode(),
-                               {"id": new_id, "created": time.time(), "properties": properties or {},
+            self.meta.put_json(txn, "blobs", key,
+                               {"id": new_id, "name": target, "created": time.time(), "properties": properties or {},
+                                "limit": int(obj.get("limit", MAX_BLOB)),
                                 "copied_from": source, "copied_snapshot": snapshot})
             txn.put(U64.pack(new_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
             prefix = U64.pack(new_id)
@@ -552,49 +732,56 @@ class PageBlobs:
             info = {"snapshot": sid, "epoch": st.epoch, "time": now, "size": st.size, "metadata": metadata or {}}
             txn.put(BLOB_EPOCH.pack(blob_id, st.epoch), dumps(info), db=self.db["snaps"])
             txn.put(U64.pack(blob_id) + sid.encode(), dumps(info), db=self.db["snapnames"])
-            snap = Snapshot(name, sid, st.epoch, now)
+            snap = Snapshot(name, sid, st.epoch, now, metadata or {})
             st.latest, st.epoch = st.epoch, st.epoch + 1
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
         return snap
 
     def snapshots(self, name: str) -> list[Snapshot]:
         with self.meta.read() as txn:
-            blob_id = self._blob(txn, name)[0]
-            out = []
-            for _, raw in self.meta.items(txn, "snaps", U64.pack(blob_id)):
-                info = loads(raw)
-                out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"]))
+            return self.snapshots_in(txn, name)
+
+    def snapshots_in(self, txn: lmdb.Transaction, name: str) -> list[Snapshot]:
+        blob_id = self._blob(txn, name)[0]
+        out = []
+        for _, raw in self.meta.items(txn, "snaps", U64.pack(blob_id)):
+            info = loads(raw)
+            out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"], info.get("metadata", {})))
         return out
 
     def snapshot_metadata(self, name: str, snapshot: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             blob_id = self._blob(txn, name)[0]
-            raw = txn.get(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+            raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
         if raw is None:
             raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
         return dict(loads(bytes(raw)))
 
     def delete_snapshot(self, name: str, snapshot: str) -> None:
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            k = self._snapshot_epoch(txn, blob_id, name, snapshot)
-            assert k is not None
-            epochs = [BLOB_EPOCH.unpack(key)[1] for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id))]
-            older = [j for j in epochs if j < k]
-            prev = max(older) if older else -1
-            frozen = self.db["frozen"]
-            for ps, _, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
-                piece = Piece.unpack(ps, raw)
-                if prev >= 0 and piece.gen <= prev:
-                    txn.put(BLOB_EPOCH.pack(blob_id, prev) + U64.pack(ps), raw, db=frozen)
-            rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
-            txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
-            txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
-            if st.latest == k:
-                st.latest = prev
-                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
-            oldest = min([j for j in epochs if j != k], default=None)
-            self._prune_changes(txn, blob_id, oldest)
+            self.delete_snapshot_in(txn, name, snapshot)
+
+    def delete_snapshot_in(self, txn: lmdb.Transaction, name: str, snapshot: str) -> None:
+        """delete_snapshot() inside the caller's write transaction."""
+        blob_id, _, st = self._blob(txn, name)
+        k = self._snapshot_epoch(txn, blob_id, name, snapshot)
+        assert k is not None
+        epochs = [BLOB_EPOCH.unpack(key)[1] for key, _ in self.meta.items(txn, "snaps", U64.pack(blob_id))]
+        older = [j for j in epochs if j < k]
+        prev = max(older) if older else -1
+        frozen = self.db["frozen"]
+        for ps, pe, raw in rg.all_ranges(txn, frozen, BLOB_EPOCH.pack(blob_id, k)):
+            self._unindex(txn, blob_id, k, ps, pe)
+            if prev >= 0 and Piece.unpack(ps, raw).gen <= prev:
+                self._freeze(txn, blob_id, prev, ps, pe, raw)
+        rg.delete_prefix(txn, frozen, BLOB_EPOCH.pack(blob_id, k))
+        txn.delete(BLOB_EPOCH.pack(blob_id, k), db=self.db["snaps"])
+        txn.delete(U64.pack(blob_id) + snapshot.encode(), db=self.db["snapnames"])
+        if st.latest == k:
+            st.latest = prev
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        oldest = min([j for j in epochs if j != k], default=None)
+        self._prune_changes(txn, blob_id, oldest)
 
     def _prune_changes(self, txn: lmdb.Transaction, blob_id: int, oldest: int | None) -> None:
         """Change logs of epochs no diff can start before are not needed."""
@@ -618,12 +805,15 @@ class PageBlobs:
         (a later snapshot, or the live blob when None)."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            k = self._snapshot_epoch(txn, blob_id, name, base)
+            try:
+                k = self._snapshot_epoch(txn, blob_id, name, base)
+            except SnapshotNotFound:
+                raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
             m = self._snapshot_epoch(txn, blob_id, name, target)
             last = st.epoch if m is None else m
             assert k is not None
             if last < k:
-                raise InvalidHeaderValue(f"snapshot {target} is older than {base}")
+                raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
             changed: list[tuple[int, int]] = []
             cur = txn.cursor(db=self.db["changes"])
             start = BLOB_EPOCH.pack(blob_id, k + 1)

@@ -227,6 +227,7 @@ class Stamp:
                         if not (self.stream._current is not None and self.stream._current.id == ext
                                 and off + rec.record_size(length) <= self.stream._current.length):
                             report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
+            report.problems += self.blobs.check_history(txn)
             blobs = len(list(self.meta.items(txn, "blobs")))
             for key, raw in self.meta.items(txn, "blobstate"):
                 st = BlobState.unpack(raw)

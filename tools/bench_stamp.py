@@ -16,6 +16,9 @@ Rows (goals from issue 3):
   shares fsyncs; vs three raw pwrite+fdatasync per write
 - snapshot creation after 1 GiB written vs after --big-gib written (same time)
 - 4 KiB random read and write with 500 snapshots vs none (>= 0.8x)
+- old snapshots (issue 10): with 1,000 snapshots, 4 KiB writes vs none
+  (>= 0.8x), and random reads of the oldest, middle and newest snapshot vs
+  the same reads of the live blob, 4 KiB and 1 MiB (each >= 0.34x: within 3x)
 - diff between adjacent snapshots against the bytes changed between them
 The durability mode is "os" unless a row says fsync. Files go to --dir
 (default: a temporary folder in /var/tmp). Not a test: nothing asserts.
@@ -255,6 +258,43 @@ def many_snapshot_rows(work: str, ops: int) -> list[dict]:
             row("4K random read, 500 snapshots vs none", ops / r500, ops / r0, "no snapshots", "IOPS", 0.8)]
 
 
+def old_snapshot_rows(work: str, ops: int) -> list[dict]:
+    """The same history of writes on two blobs (20 random 4 KiB writes, 1,000
+    times); one took a snapshot after each 20. Reads of its snapshots are
+    compared with the same reads of its live blob."""
+    stamps = {}
+    buf = os.urandom(4 * KIB)
+    for count in (0, 1000):
+        st = Stamp.create(os.path.join(work, f"sto{count}"))
+        st.blobs.create("d", GIB)
+        for i in range(1000):
+            for o in offsets(20, GIB, 5000 + i):
+                st.blobs.write("d", o, buf)
+            if count:
+                st.blobs.snapshot("d")
+        stamps[count] = st
+    snaps = stamps[1000].blobs.snapshots("d")
+    blobs = stamps[1000].blobs
+    w1000, w0 = best_pair(lambda: [blobs.write("d", o, buf) for o in offsets(ops, GIB, 7)],
+                          lambda: [stamps[0].blobs.write("d", o, buf) for o in offsets(ops, GIB, 7)], rounds=7)
+    rows = [row("4K random write, 1000 snapshots vs none", ops / w1000, ops / w0, "no snapshots", "IOPS", 0.8)]
+    for size, n in ((4 * KIB, ops), (MIB, max(ops // 40, 50))):
+        offs = [o - o % size for o in offsets(n, GIB - size, 9)]
+        for which, snap in (("oldest", snaps[0]), ("middle", snaps[len(snaps) // 2]), ("newest", snaps[-1])):
+            t_snap, t_live = best_pair(
+                lambda s=snap.id, z=size, at=offs: [blobs.read("d", o, z, snapshot=s) for o in at],
+                lambda z=size, at=offs: [blobs.read("d", o, z) for o in at], rounds=5)
+            label = f"{size // KIB}K" if size < MIB else "1M"
+            rows.append(row(f"{label} random read, {which} of 1000 snapshots vs live", n / t_snap, n / t_live,
+                            "live read", "IOPS", 0.34))
+    for st in stamps.values():
+        st.close()
+    return rows
+
+
+GROUPS = ("io", "recycled", "fsync", "snapshots", "old-snapshots", "snapshot-create", "diff")
+
+
 def diff_rows(work: str) -> list[dict]:
     st = Stamp.create(os.path.join(work, "std"))
     st.blobs.create("d", 4 * GIB)
@@ -284,11 +324,16 @@ def main() -> int:
                     "(the issue's figure is 100: needs 300 GiB of disk for 3 replicas)")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", action="append", choices=GROUPS, help="run only these groups of rows (repeatable)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bench-stamp-", dir=a.dir or "/var/tmp")
+    groups: dict[str, Callable[[], list[dict]]] = {
+        "io": lambda: io_rows(work, a.ops), "recycled": lambda: recycled_rows(work),
+        "fsync": lambda: fsync_rows(work, a.ops), "snapshots": lambda: many_snapshot_rows(work, a.ops // 4),
+        "old-snapshots": lambda: old_snapshot_rows(work, a.ops // 4),
+        "snapshot-create": lambda: snapshot_rows(work, a.big_gib), "diff": lambda: diff_rows(work)}
     try:
-        rows = io_rows(work, a.ops) + recycled_rows(work) + fsync_rows(work, a.ops) + many_snapshot_rows(work, a.ops // 4) + \
-            snapshot_rows(work, a.big_gib) + diff_rows(work)
+        rows = [r for name in GROUPS if not a.only or name in a.only for r in groups[name]()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     show(rows, a.json)

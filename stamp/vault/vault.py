@@ -41,11 +41,10 @@ from typing import Any
 
 import lmdb
 
-from vhd.image import SparseImage
 from vhd.ops import write_new_file
 from vhd.progress import Progress
 
-from ..disks import Disks, DiskState
+from ..disks import Disks, DiskState, guest_ranges
 from ..errors import StampError
 from . import chunk as ck
 
@@ -207,11 +206,12 @@ class Vault:
         with disks.open_virtual(disk, snapshot=snap_name) as v:
             size = v.size
             chunks: dict[str, str] = {}
-            if previous is not None and _snapshot_alive(disks, previous["snapshot"]):
+            base = _snapshot_alive(disks, previous["snapshot"]) if previous is not None else None
+            if previous is not None and base is not None and base["blob"] == snap["blob"]:
+                # (a disk deleted and made again under its name has another blob: start over)
                 chunks = dict(self.manifest(previous["id"])["chunks"])
-                base = disks.snapshot(previous["snapshot"])
                 d = disks.blobs.diff(snap["blob"], base["blob_snapshot"], snap["blob_snapshot"])
-                changed = _guest_ranges(v.image, d.written + d.cleared)
+                changed = guest_ranges(v.image, d.written + d.cleared)
             else:
                 report.incremental = False
                 changed = [(e.offset, e.length) for e in v.allocation(0, size) if e.state.value == "data"]
@@ -375,35 +375,12 @@ class Vault:
         return [p for p in problems if "interrupted backup" not in p]
 
 
-def _snapshot_alive(disks: Disks, name: str) -> bool:
+def _snapshot_alive(disks: Disks, name: str) -> dict[str, Any] | None:
+    """The snapshot's record, or None if it is gone."""
     try:
-        disks.snapshot(name)
-        return True
+        return disks.snapshot(name)
     except StampError:
-        return False
-
-
-def _guest_ranges(image: Any, blob_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Changed page blob bytes -> changed guest bytes, through the VHD's layout."""
-    size = image.size
-    if not isinstance(image, SparseImage):  # fixed: the data is the blob's first `size` bytes
-        return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
-    bs, bm = image.block_size, image.bitmap_size
-    starts = {entry * 512: b for b, entry in enumerate(image.bat) if entry != 0xFFFFFFFF}
-    out: list[tuple[int, int]] = []
-    for off, n in blob_ranges:
-        end = off + n
-        for start, b in starts.items():  # blocks the range touches: their data, or their bitmap
-            lo, hi = max(off, start), min(end, start + bm + bs)
-            if lo >= hi:
-                continue
-            guest = b * bs
-            if lo < start + bm:  # the bitmap changed: the whole block may read differently
-                out.append((guest, min(bs, size - guest)))
-            else:
-                g0 = guest + lo - start - bm
-                out.append((g0, min(hi - lo, size - g0)))
-    return out
+        return None
 
 
 def _write_atomic(path: str, data: bytes) -> None:

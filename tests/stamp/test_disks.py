@@ -105,7 +105,7 @@ def test_snapshots_incremental_and_full(tmp_path, disks):
         assert img.read(MIB, 4096) == b"2" * 4096
     for s in ("s1", "s2", "f"):
         disks.delete_snapshot(s)
-    assert not disks.blobs.exists("disks/d")
+    assert not disks.blobs.exists(s1["blob"])
     assert disks.stamp.check().ok
 
 
@@ -126,11 +126,11 @@ def test_direct_upload(tmp_path, disks):
     with vhd.create(src, 20 * MIB, type="fixed") as img:
         img.write(5 * MIB, b"up" * 256)
     raw = src.read_bytes()
-    disks.create_for_upload("u", len(raw))
+    blob = disks.create_for_upload("u", len(raw))["blob"]
     for off in range(0, len(raw), 4 * MIB):
         chunk = raw[off:off + 4 * MIB]
         if chunk.strip(b"\0"):
-            disks.blobs.write("disks/u", off, chunk)
+            disks.blobs.write(blob, off, chunk)
     assert disks.finish_upload("u")["state"] == "Unattached"
     with disks.open_virtual("u") as v:
         assert v.read(5 * MIB, 2) == b"up"

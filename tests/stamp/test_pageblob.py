@@ -30,7 +30,6 @@ def st(tmp_path):
     (lambda b: b.write("d", 0, b"x" * 100), stamp.InvalidPageRange),
     (lambda b: b.write("d", 64 * MIB, b"x" * 512), stamp.InvalidPageRange),
     (lambda b: b.write("d", 0, b"x" * (4 * MIB + 512)), stamp.RequestBodyTooLarge),
-    (lambda b: b.read("d", 0, 100), stamp.InvalidPageRange),
     (lambda b: b.clear("d", 512, 1000), stamp.InvalidPageRange),
     (lambda b: b.read("nope", 0, 512), stamp.BlobNotFound),
     (lambda b: b.create("d", 512), stamp.BlobAlreadyExists),
@@ -167,4 +166,95 @@ def test_a_full_disk_for_the_metadata_is_a_clear_error(st, monkeypatch):
     monkeypatch.undo()
     st.blobs.write("d", 4096 * (written + 1), b"c" * 4096)
     assert st.blobs.read("d", 4096 * (written + 1), 4096) == b"c" * 4096
+    assert st.check().ok
+
+
+TIB = 1024 ** 4
+
+
+@pytest.mark.parametrize("size", [8 * TIB + 512, 64 * TIB, 64 * TIB + 512])
+def test_resize_keeps_the_limit_create_keeps(st, size):
+    """One rule for both: a plain page blob is at most 8 TiB, made or resized."""
+    with pytest.raises(stamp.InvalidHeaderValue, match=str(8 * TIB)):
+        st.blobs.create("e", size)
+    with pytest.raises(stamp.InvalidHeaderValue, match=str(8 * TIB)):
+        st.blobs.resize("d", size)
+    assert st.blobs.size("d") == 64 * MIB
+    st.blobs.resize("d", 8 * TIB)  # the limit itself is allowed
+    st.blobs.copy("d", "c")
+    with pytest.raises(stamp.InvalidHeaderValue):  # a copy keeps its source's limit
+        st.blobs.resize("c", size)
+
+
+def test_a_managed_disks_blob_grows_to_64_tib_and_its_footer(st):
+    from stamp.pageblob import MAX_DISK_BLOB
+    st.blobs.create("disk", 0, limit=MAX_DISK_BLOB)
+    st.blobs.resize("disk", 64 * TIB + 512)
+    with pytest.raises(stamp.InvalidHeaderValue):
+        st.blobs.resize("disk", 64 * TIB + 1024)
+
+
+OTHER_LEASE = "00000000-0000-0000-0000-000000000001"
+
+
+def diff_from_the_newer(b):
+    older, newer = b.snapshot("d"), b.snapshot("d")
+    return b.diff("d", newer.id, older.id)
+
+
+@pytest.mark.parametrize("call,code,status", [
+    (lambda b: b.read("d", 64 * MIB, 512), "InvalidRange", 416),
+    (lambda b: b.read("d", 64 * MIB + 4096, 1), "InvalidRange", 416),
+    (lambda b: b.diff("d", "2000-01-01T00:00:00.0000000Z"), "PreviousSnapshotNotFound", 409),
+    (diff_from_the_newer, "PreviousSnapshotCannotBeNewer", 400),
+    (lambda b: (b.snapshot("d"), b.delete("d")), "SnapshotsPresent", 409),
+    (lambda b: (b.acquire_lease("d"), b.release_lease("d", OTHER_LEASE)), "LeaseIdMismatchWithLeaseOperation", 409),
+    (lambda b: b.release_lease("d", OTHER_LEASE), "LeaseNotPresentWithLeaseOperation", 409),
+    (lambda b: b.break_lease("d"), "LeaseNotPresentWithLeaseOperation", 409),
+    (lambda b: b.write("d", 0, b"x" * 512, lease=OTHER_LEASE), "LeaseNotPresentWithBlobOperation", 412),
+    (lambda b: b.clear("d", 0, 512, lease=OTHER_LEASE), "LeaseNotPresentWithBlobOperation", 412),
+    (lambda b: b.write("d", 0, b""), "InvalidHeaderValue", 400),
+    (lambda b: b.create("n" * 1025, 512), "InvalidResourceName", 400),
+    (lambda b: b.create("", 512), "InvalidResourceName", 400),
+    (lambda b: b.write("d", 0, b"x" * 512, lease="not-a-guid"), "InvalidHeaderValue", 400),
+    (lambda b: b.read("d", 0, 512, snapshot="x" * 600), "BlobNotFound", 404),
+])
+def test_the_platforms_error_codes(st, call, code, status):
+    with pytest.raises(stamp.AzureError) as e:
+        call(st.blobs)
+    assert (e.value.code, e.value.status) == (code, status)
+    assert str(e.value).startswith(code + ": ")
+
+
+def test_get_blob_reads_any_range_and_cuts_it_at_the_end(st):
+    data = os.urandom(8192)
+    st.blobs.write("d", 0, data)
+    st.blobs.write("d", 64 * MIB - 512, b"e" * 512)
+    assert st.blobs.read("d", 100, 1000) == data[100:1100]
+    assert st.blobs.read("d", 511, 2) == data[511:513]
+    assert st.blobs.read("d", 64 * MIB - 10, 4096) == b"e" * 10  # cut at the end, as Get Blob's 206
+    snap = st.blobs.snapshot("d").id
+    st.blobs.write("d", 0, bytes(8192))
+    assert st.blobs.read("d", 3, 5000, snapshot=snap) == data[3:5003]
+
+
+def test_deleting_a_blob_with_snapshots_says_what_happens_to_them(st):
+    st.blobs.write("d", 0, b"x" * 512)
+    st.blobs.snapshot("d")
+    st.blobs.delete("d", snapshots="only")  # the snapshots go, the blob stays
+    assert st.blobs.snapshots("d") == [] and st.blobs.read("d", 0, 1) == b"x"
+    st.blobs.snapshot("d")
+    st.blobs.delete("d", snapshots="include")
+    assert not st.blobs.exists("d")
+
+
+@pytest.mark.parametrize("name", ["n" * 1024, "é" * 1024, "a/" * 300])
+def test_any_name_up_to_1024_characters_works(st, name):
+    st.blobs.create(name, 4096)
+    st.blobs.write(name, 0, b"z" * 512)
+    assert st.blobs.read(name, 0, 2) == b"zz"
+    assert name in st.blobs.names() and st.blobs.properties(name)["size"] == 4096
+    st.blobs.copy(name, name[:-1] + "!")
+    st.blobs.delete(name)
+    assert not st.blobs.exists(name) and st.blobs.exists(name[:-1] + "!")
     assert st.check().ok

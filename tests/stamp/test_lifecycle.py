@@ -1,0 +1,193 @@
+"""Resource lifecycle: names are reusable once deleted, a deleted disk's data
+never shows in a new one, and a create that fails or dies leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import vhd
+from stamp import Stamp
+from stamp.disks import Disks, ResourceInUse
+from stamp.pageblob import PageBlobs
+
+MIB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def disks(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"))
+    yield Disks(st)
+    st.close()
+
+
+def write(disks: Disks, name: str, offset: int, data: bytes) -> None:
+    with disks.open_virtual(name, writable=True) as v:
+        v.write(offset, data)
+
+
+def read(disks: Disks, name: str, offset: int, n: int, snapshot: str | None = None) -> bytes:
+    with disks.open_virtual(name, snapshot=snapshot) as v:
+        return v.read(offset, n)
+
+
+def test_a_deleted_disks_name_is_reusable_and_its_data_stays_with_its_snapshots(disks):
+    disks.create_empty("d1", 1)
+    write(disks, "d1", 0, b"old!" * 1024)
+    disks.create_snapshot("s", "d1")
+    old_blob = disks.record("d1")["blob"]
+    disks.delete_disk("d1")
+    new = disks.create_empty("d1", 1)
+    assert new["state"] == "Unattached" and new["blob"] != old_blob
+    assert read(disks, "d1", 0, 4096) == bytes(4096)  # not the deleted disk's bytes
+    assert read(disks, "d1", 0, 4096, snapshot="s") == b"old!" * 1024
+    assert disks.blobs.properties(new["blob"])["id"] != disks.blobs.properties(old_blob)["id"]
+    disks.delete_disk("d1")
+    disks.create_copy("d1", source_snapshot="s")  # a copy may take the name too
+    assert read(disks, "d1", 0, 4) == b"old!"
+    disks.create_snapshot("s2", "d1")  # an incremental snapshot of the new d1 does not diff against s
+    assert disks.snapshot("s2")["previous"] is None
+    assert disks.stamp.check().ok
+
+
+def test_a_full_snapshot_and_an_image_name_are_reusable(tmp_path, disks):
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"one!")
+    disks.create_snapshot("f", "d", incremental=False)
+    disks.create_image("img", disk="d")
+    disks.delete_snapshot("f")
+    disks.delete_image("img")
+    write(disks, "d", 0, b"two!")
+    disks.create_snapshot("f", "d", incremental=False)
+    disks.create_image("img", disk="d")
+    assert read(disks, "d", 0, 4, snapshot="f") == b"two!"
+    assert disks.blobs.read(disks.image("img")["blob"], 0, 512)[:4] == b"two!"
+    assert disks.stamp.check().ok
+
+
+def boom(*args: object, **kw: object) -> None:
+    raise OSError("injected failure")
+
+
+CREATES = {  # how to create it, and a function its create calls after the first step
+    "empty": (lambda d: d.create_empty("x", 1), "stamp.disks.create_fixed"),
+    "copy": (lambda d: d.create_copy("x", source_disk="src"), "stamp.pageblob.PageBlobs.copy"),
+    "full snapshot": (lambda d: d.create_snapshot("x", "src", incremental=False), "stamp.pageblob.PageBlobs.copy"),
+    "incremental snapshot": (lambda d: d.create_snapshot("x", "src"), "stamp.pageblob.PageBlobs.used_bytes"),
+    "image": (lambda d: d.create_image("x", disk="src"), "vhd.copy_data"),
+}
+
+
+def state_of(disks: Disks) -> tuple:
+    """Everything a create could leave behind: records, blobs, blob snapshots."""
+    names = sorted(disks.blobs.names())
+    return ([r["name"] for r in disks.disks() + disks.images() + disks.snapshots()], names,
+            {b: [s.id for s in disks.blobs.snapshots(b)] for b in names})
+
+
+@pytest.mark.parametrize("kind", sorted(CREATES))
+def test_a_create_that_fails_leaves_nothing_and_the_name_stays_free(disks, monkeypatch, kind):
+    make, target = CREATES[kind]
+    disks.create_empty("src", 1)
+    write(disks, "src", 0, b"data" * 128)
+    before = state_of(disks)
+    with monkeypatch.context() as m:
+        m.setattr(target, boom)
+        with pytest.raises(OSError, match="injected"):
+            make(disks)
+    assert state_of(disks) == before
+    make(disks)  # the name is free
+    assert disks.stamp.check().ok
+
+
+CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[3])
+import vhd, stamp.disks, stamp.pageblob
+from stamp import Stamp
+from stamp.disks import Disks
+from tests.stamp.test_lifecycle import CREATES
+make, target = CREATES[sys.argv[2]]
+module, _, attr = target.rpartition(".")
+owner = stamp.pageblob.PageBlobs if module == "stamp.pageblob.PageBlobs" else sys.modules[module]
+setattr(owner, attr, lambda *a, **k: os._exit(9))  # killed mid-create
+make(Disks(Stamp.open(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("kind", sorted(CREATES))
+def test_a_create_killed_midway_is_rolled_back_on_the_next_open(tmp_path, kind):
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        d.create_empty("src", 1)
+        write(d, "src", 0, b"data" * 128)
+        before = state_of(d)
+    proc = subprocess.run([sys.executable, "-c", CHILD, path, kind, ROOT], timeout=120)
+    assert proc.returncode == 9
+    with Stamp.open(path) as st:
+        d = Disks(st)  # rolls back the dead process's create
+        assert state_of(d) == before
+        CREATES[kind][0](d)
+        assert st.check().ok
+
+
+def test_a_create_in_progress_is_named_and_not_usable(disks, monkeypatch):
+    seen = []
+
+    def peek(*args: object, **kw: object) -> None:
+        with pytest.raises(ResourceInUse, match="being created"):
+            disks.open_virtual("x")
+        with pytest.raises(ResourceInUse, match="being created"):
+            disks.delete_disk("x")
+        seen.append(True)
+        raise OSError("injected failure")
+    monkeypatch.setattr("stamp.disks.create_fixed", peek)
+    with pytest.raises(OSError):
+        disks.create_empty("x", 1)
+    assert seen
+
+
+def test_blob_ids_are_never_reused(tmp_path):
+    with Stamp.create(str(tmp_path / "st")) as st:
+        blobs: PageBlobs = st.blobs
+        ids = []
+        for _ in range(3):
+            blobs.create("b", 4096)
+            ids.append(blobs.properties("b")["id"])
+            blobs.delete("b")
+    with Stamp.open(str(tmp_path / "st")) as st:
+        st.blobs.create("b", 4096)
+        ids.append(st.blobs.properties("b")["id"])
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_vault_backup_of_a_recreated_disk_starts_over(tmp_path, disks):
+    from stamp.vault import Vault
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"old!" * 1024)
+    with Vault.create(str(tmp_path / "v"), None) as v:
+        v.backup(disks, "d")
+        keep = disks.create_snapshot("keep", "d")  # keeps the old blob alive after the delete
+        disks.delete_disk("d")
+        disks.create_empty("d", 1)
+        write(disks, "d", MIB, b"new!")
+        report = v.backup(disks, "d")
+        assert not report.incremental
+        out = tmp_path / "r.vhd"
+        v.restore_to_file(report.point, str(out), "fixed")
+    with vhd.open(out) as img:
+        assert img.read(0, 4) == bytes(4) and img.read(MIB, 4) == b"new!"
+    assert keep["blob"] != disks.record("d")["blob"]
+
+
+@pytest.mark.parametrize("name", ["a/b", "x" * 81, "-lead", "trail.", ""])
+def test_a_resource_name_follows_the_platforms_rule(disks, name):
+    from stamp.errors import StampError
+    with pytest.raises(StampError, match="1 to 80 letters"):
+        disks.create_empty(name, 1)
+    assert disks.disks() == [] and disks.blobs.names() == []
