@@ -1,0 +1,116 @@
+"""Throttle state that outlives a process: buckets shared through the host folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hostcache.buckets import BucketStore
+from hostcache.host import Host
+from hostcache.throttle import CreditLimiter, FakeClock, RateLimiter, Throttle
+from hostcache.tiers import disk_limits, vm_limits
+
+from .test_host import host, make_image  # noqa: F401  (the fixture)
+
+KIB = 1024
+P10_IOPS = "disk P10 IOPS"
+
+
+def drain(t: Throttle, lun: str) -> float:
+    """Spend the disk's whole burst bucket at once; the time when that work is done."""
+    p10 = disk_limits("Premium_LRS", 128)
+    t.admit(lun, False, int(p10.credit_iops / (p10.burst_iops - p10.iops) * p10.burst_iops) * 256 * KIB,
+            now=t.clock.now())
+    return t.disks[lun].iops.tat
+
+
+def credits(h: Host, vm: str, now: float) -> float:
+    value = h.throttle(vm).statistics(now=now)[P10_IOPS]["burst_credits_percent"]
+    assert value is not None
+    return value
+
+
+def test_a_drained_bucket_stays_drained_across_detach_attach_and_a_new_host(host, tmp_path):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")  # a P10: 500 IOPS, bursting to 3,500
+    assert credits(host, "vm1", 0.0) == 100.0
+    done = drain(host.throttle("vm1"), "0")
+    host.clock.advance(done)
+    assert credits(host, "vm1", done) == 0.0
+    host.detach("vm1", 0)
+    host.attach("vm1", "data1", 0, "None")
+    assert credits(host, "vm1", done) == 0.0  # not refilled by detach + attach
+    host.close()
+    again = Host(host.path, clock=FakeClock(done))
+    try:
+        assert credits(again, "vm1", done) == 0.0  # nor by a new Host
+        # credits accrue only while running below the baseline: 10 idle seconds earn 500 I/Os each
+        assert credits(again, "vm1", done + 10) == pytest.approx(500 * 10 / (3000 * 1800) * 100)
+    finally:
+        again.close()
+
+
+def test_two_processes_draw_on_one_bucket(host, tmp_path):  # noqa: F811
+    """Two processes each admit 3,000 4 KiB reads at t=0 on one P10: the
+    bucket ends as if one process had admitted all 6,000 (no update lost)."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.close()
+    script = textwrap.dedent(f"""
+        from hostcache.host import Host
+        from hostcache.throttle import FakeClock
+        with Host({host.path!r}, clock=FakeClock(0.0)) as h:
+            t = h.throttle("vm1")
+            for _ in range(3000):
+                t.admit("0", False, 4096, now=0.0)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    alone = Throttle(vm_limits("D8s_v3"), FakeClock(0.0), latency=False)
+    alone.add_disk("0", disk_limits("Premium_LRS", 128))
+    for _ in range(6000):
+        alone.admit("0", False, 4096, now=0.0)
+    with Host(host.path, clock=FakeClock(0.0)) as h:
+        shared, one = h.throttle("vm1").statistics(now=0.0), alone.statistics(now=0.0)
+    for name in (P10_IOPS, "VM Standard_D8s_v3 uncached IOPS"):  # the disk's bucket and the VM's
+        assert shared[name]["burst_credits_percent"] == one[name]["burst_credits_percent"] < 100
+
+
+def test_a_damaged_record_reads_as_drained_and_another_epoch_keeps_the_credits(tmp_path):
+    store = BucketStore(str(tmp_path), "boot A")
+    lim = CreditLimiter("c", 500, 3500, start=0.0)
+    lim.commit(0.0, 3500 * 60)  # one minute at the burst rate
+    with store.hold({"k": [lim]}, 0.0):
+        pass  # first sight: the limiter's own state is written
+    left = lim.credits
+    with open(store.path("k"), "r+b") as f:
+        f.seek(30)
+        f.write(b"\xff")
+    fresh = CreditLimiter("c", 500, 3500, start=0.0)
+    with store.hold({"k": [fresh]}, 100.0):
+        assert fresh.state() == (100.0, 0.0)  # damaged: drained, idle from now, never refilled
+    with store.hold({"k": [fresh]}, 100.0):
+        fresh.restore(60.0, left)
+    store.close()
+    other = BucketStore(str(tmp_path), "boot B")  # another boot: the monotonic clock began again
+    rate, credit = RateLimiter("r", 100, start=0.0), CreditLimiter("c", 500, 3500, start=0.0)
+    with other.hold({"k": [credit]}, 5.0), other.hold({"r": [rate]}, 5.0):
+        assert credit.state() == (5.0, left)  # credits kept, the unknown gap earns nothing
+        assert rate.state() == (0.0, 0.0)  # a new bucket starts as its limiter does
+    other.close()
+
+
+def test_deleting_a_vm_forgets_its_bucket(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.throttle("vm1").statistics()
+    files = os.listdir(os.path.join(host.path, "throttle"))
+    assert any(f.startswith("vm%20vm1") for f in files)
+    host.delete_vm("vm1", delete_os_disk=True)
+    assert os.listdir(os.path.join(host.path, "throttle")) == []
