@@ -72,6 +72,7 @@ class BucketStore:
         self.folder = folder
         self.epoch = epoch_id(epoch)
         self.fds: dict[str, int] = {}
+        self.lengths: dict[int, int] = {}  # bytes each file held when last read (at most one more than ours)
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, quote(key, safe="") + ".bucket")
@@ -104,6 +105,7 @@ class BucketStore:
 
     def _load(self, fd: int, limiters: list[Limiter], now: float) -> None:
         raw = os.pread(fd, RECORD.size + len(limiters) * STATE.size + CRC.size + 1, 0)
+        self.lengths[fd] = len(raw)
         if not raw:
             return  # a new bucket
         record = unpack(raw, len(limiters))
@@ -118,7 +120,8 @@ class BucketStore:
     def _save(self, fd: int, limiters: list[Limiter]) -> None:
         raw = pack(self.epoch, [lim.state() for lim in limiters])
         os.pwrite(fd, raw, 0)
-        os.ftruncate(fd, len(raw))
+        if self.lengths.get(fd, 0) > len(raw):  # a longer record was there (other limiters)
+            os.ftruncate(fd, len(raw))
 
     def remove(self, key: str) -> None:
         """Forget a bucket (its VM or disk is gone)."""

@@ -183,3 +183,11 @@ def test_statistics_take_bounded_space_whatever_the_number_of_ios():
     assert t.disks["s"].iops.stats.requests > 59000
     assert grown < 64 * KIB  # was about 281 bytes per I/O per limiter: 30 MB
     assert t.statistics(now=120)["disk S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
+
+
+def test_simulate_refuses_what_it_cannot_measure():
+    t = throttle(s=disk_limits("Standard_LRS", 32))
+    with pytest.raises(HostError, match="warmup must be shorter"):
+        simulate(t, [Workload("s")], 0)
+    with pytest.raises(HostError, match="queue depth and I/O size must be at least 1"):
+        simulate(t, [Workload("s", qd=0)], 1)
