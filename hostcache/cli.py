@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -43,16 +44,22 @@ def _disk(a: argparse.Namespace) -> DiskLimits:
                        on_demand_bursting=a.on_demand_bursting, edition=a.edition)
 
 
-def _number(kind: type[int] | type[float], low: float, strict: bool, what: str) -> Callable[[str], Any]:
-    """An argparse type: a number of `kind` above `low` (or at least it, not strict)."""
+def _number(kind: type[int] | type[float], low: float, strict: bool, what: str,
+            high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` above `low` (or at least it, not
+    strict) and at most `high`."""
 
     def parse(text: str) -> int | float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: {what}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"{text} is too small: {what}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text} is too large: {what}")
         return value
     return parse
 
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lun", type=int, action="append", help="a data disk's LUN (repeatable; default: all and os)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket")
-    where.add_argument("--port", type=_number(int, 1, False, "a TCP port, 1 to 65535"), default=10809)
+    where.add_argument("--port", type=_number(int, 1, False, "a TCP port, 1 to 65535", 65535), default=10809)
     p.add_argument("--bind", default="127.0.0.1")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "

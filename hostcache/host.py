@@ -329,7 +329,7 @@ class Host:
         vm = self.vm(vm_name)
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         self._flush_disk(vm_name, lun, entry["disk"])
         del vm["data_disks"][str(lun)]
         self._put(vm)
@@ -341,7 +341,10 @@ class Host:
 
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
-        disk = self.vm(vm_name)["data_disks"][str(lun)]["disk"]
+        entry = self.vm(vm_name)["data_disks"].get(str(lun))
+        if entry is None:
+            raise InvalidParameter(f"VM {vm_name} has no data disk at LUN {lun}")
+        disk = entry["disk"]
         self.detach(vm_name, lun)
         return self.attach(vm_name, disk, lun, caching)
 
@@ -397,7 +400,7 @@ class Host:
         vm = self.vm(vm_name)
         entry = _entry(vm, lun)
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         opened = self.open_disks.get((vm_name, lun))
         if opened is not None:
             with opened.lock:  # no write slips in between the flush and the snapshot
@@ -432,7 +435,7 @@ class Host:
             raise HostRuleError(f"VM {vm_name} is {vm['state']}: start it first")
         entry = _entry(vm, lun)
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]))
         self.open_disks[key] = disk
         return disk

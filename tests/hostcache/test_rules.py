@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from hostcache.errors import HostRuleError, OperationNotAllowed
-from hostcache.host import GIB, OS_LUN
+from hostcache.errors import HostError, HostRuleError, InvalidParameter, OperationNotAllowed
+from hostcache.host import GIB, OS_LUN, Host
 from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks
 from vhd.image import create_fixed
@@ -98,3 +98,15 @@ def test_premium_disks_need_a_size_with_premium_storage(host):  # noqa: F811
     with pytest.raises(OperationNotAllowed, match="disk data1 is Premium_LRS"):
         host.attach("vm1", "data1", 0)
     host.attach("vm1", "data2", 0)  # Standard SSD
+
+
+def test_lun_and_size_parameters_are_refused_with_their_code(host, tmp_path):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: VM vm1 has no data disk at LUN 3"):
+        host.set_caching("vm1", 3, "ReadOnly")
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: VM vm1 has no disk at LUN 5"):
+        host.detach("vm1", 5)
+    with pytest.raises(HostError, match="too small: give at least 1 MiB"):
+        Host.create(str(tmp_path / "h2"), host.config["stamp"], cache_bytes=0)
+    with pytest.raises(HostError, match="cache_scale must be more than 0"):
+        Host.create(str(tmp_path / "h3"), host.config["stamp"], cache_scale=-1)
