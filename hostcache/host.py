@@ -5,7 +5,9 @@
     HOST/cache/       the BlobCache (cache.dat and its index)
     HOST/throttle/    the throttle's buckets (buckets.py), one per VM and one per
                       disk, keyed by name and creation time: shared by every
-                      process using the host, and kept across detach and attach
+                      process using the host, and kept across detach and attach;
+                      credits accrue only while running (a detached disk or a
+                      stopped VM is paused: Throttle.pause and resume)
 
 The cache is sized from the VM sizes' cache sizes, scaled down for emulation
 (cache_scale, default 1/1024: a D8s_v3's 200 GiB cache becomes 200 MiB): it
@@ -323,6 +325,8 @@ class Host:
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
             live.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+        if vm["state"] == "Running":
+            self._any_throttle(vm).resume([str(lun)])
         return vm
 
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
@@ -331,6 +335,8 @@ class Host:
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         self._flush_disk(vm_name, lun, entry["disk"])
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun)])
         del vm["data_disks"][str(lun)]
         self._put(vm)
         live = self.throttles.get(vm_name)
@@ -350,6 +356,8 @@ class Host:
 
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
         for lun, disk in self._luns(vm):
             self._flush_disk(vm_name, lun, disk)
             if deallocate:
@@ -363,12 +371,16 @@ class Host:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        if vm["state"] != "Running":
+            self._any_throttle(vm).resume([str(lun) for lun, _ in self._luns(vm)], vm=True)
         vm["state"] = "Running"
         self._put(vm)
         return vm
 
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
         for lun, disk in self._luns(vm):
             self._flush_disk(vm_name, lun, disk)
             self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
@@ -415,15 +427,22 @@ class Host:
     # -- I/O ------------------------------------------------------------------------------
 
     def throttle(self, vm_name: str) -> Throttle:
+        """The VM's throttle in this process (its statistics are recorded on close)."""
         t = self.throttles.get(vm_name)
         if t is None:
-            vm = self.vm(vm_name)
-            t = self.throttles[vm_name] = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency,
-                                                   store=self.buckets, key=_vm_key(vm))
-            for lun, disk in self._luns(vm):
-                rec = self.disks.record(disk)
-                t.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+            t = self.throttles[vm_name] = self._new_throttle(self.vm(vm_name))
         return t
+
+    def _new_throttle(self, vm: dict[str, Any]) -> Throttle:
+        t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm))
+        for lun, disk in self._luns(vm):
+            rec = self.disks.record(disk)
+            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+        return t
+
+    def _any_throttle(self, vm: dict[str, Any]) -> Throttle:
+        """This process's throttle of the VM, or one just to act on its buckets (not kept)."""
+        return self.throttles.get(vm["name"]) or self._new_throttle(vm)
 
     def open_disk(self, vm_name: str, lun: int) -> AttachedDisk:
         """The disk at `lun` (OS_LUN for the OS disk) as the VM sees it."""

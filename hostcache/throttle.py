@@ -157,6 +157,10 @@ class RateLimiter:
     def restore(self, tat: float, credits: float) -> None:
         self.tat = tat
 
+    def idle_until(self, now: float, earn: bool) -> None:
+        """Nothing ran before `now` (a pause or a resume): nothing to save up."""
+        self.tat = max(self.tat, now)
+
 
 class CreditLimiter:
     def __init__(self, name: str, baseline: float, burst: float, bucket: float | None = None,
@@ -203,6 +207,13 @@ class CreditLimiter:
 
     def restore(self, tat: float, credits: float) -> None:
         self.tat, self.credits = tat, min(self.bucket, max(0.0, credits))
+
+    def idle_until(self, now: float, earn: bool) -> None:
+        """Account for the time until `now`: idling below the baseline earns
+        credits (earn, a pause), or nothing ran at all (a resume after a pause)."""
+        if earn and now > self.tat:
+            self.credits = min(self.bucket, self.credits + self.baseline * (now - self.tat))
+        self.tat = max(self.tat, now)
 
 
 Limiter = RateLimiter | CreditLimiter
@@ -375,6 +386,26 @@ class Throttle:
         for d in disks:
             buckets[self.disk_keys[d]] = self.disks[d].limiters()
         return self.store.hold(buckets, now)
+
+    def pause(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
+        """These disks (and the VM's own limits, with vm) stop running, as on
+        detach or deallocation: idling until now earns credits, the time
+        until resume() earns none (credits accrue only while running)."""
+        self._idle(disks, vm, now, earn=True)
+
+    def resume(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
+        """They run again from now: the time since pause() earned nothing."""
+        self._idle(disks, vm, now, earn=False)
+
+    def _idle(self, disks: list[str], vm: bool, now: float | None, earn: bool) -> None:
+        with self.lock:
+            t = self.clock.now() if now is None else now
+            with self.shared(disks, t):
+                limiters = self.vm.limiters() if vm else []
+                for d in disks:
+                    limiters += self.disks[d].limiters()
+                for lim in limiters:
+                    lim.idle_until(t, earn)
 
     def steps(self, disk: str, nbytes: int, path: Path) -> list[tuple[Limiter, float]]:
         ios = io_units(nbytes)

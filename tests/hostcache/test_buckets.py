@@ -42,16 +42,34 @@ def test_a_drained_bucket_stays_drained_across_detach_attach_and_a_new_host(host
     host.clock.advance(done)
     assert credits(host, "vm1", done) == 0.0
     host.detach("vm1", 0)
+    host.clock.advance(1000)  # detached: not running, so it earns nothing
     host.attach("vm1", "data1", 0, "None")
-    assert credits(host, "vm1", done) == 0.0  # not refilled by detach + attach
+    now = host.clock.now()
+    assert credits(host, "vm1", now) == 0.0  # not refilled by detach + attach
+    host.stop("vm1")
+    host.clock.advance(1000)  # deallocated: nothing either
+    host.start("vm1")
+    now = host.clock.now()
+    assert credits(host, "vm1", now) == 0.0
     host.close()
-    again = Host(host.path, clock=FakeClock(done))
+    again = Host(host.path, clock=FakeClock(now))
     try:
-        assert credits(again, "vm1", done) == 0.0  # nor by a new Host
+        assert credits(again, "vm1", now) == 0.0  # nor by a new Host
         # credits accrue only while running below the baseline: 10 idle seconds earn 500 I/Os each
-        assert credits(again, "vm1", done + 10) == pytest.approx(500 * 10 / (3000 * 1800) * 100)
+        assert credits(again, "vm1", now + 10) == pytest.approx(500 * 10 / (3000 * 1800) * 100)
     finally:
         again.close()
+
+
+def test_idling_while_attached_earns_up_to_the_detach(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    done = drain(host.throttle("vm1"), "0")
+    host.clock.advance(done + 100)  # 100 s attached and idle: 50,000 I/Os earned
+    host.detach("vm1", 0)
+    host.clock.advance(5000)
+    host.attach("vm1", "data1", 0, "None")
+    assert credits(host, "vm1", host.clock.now()) == pytest.approx(500 * 100 / (3000 * 1800) * 100)
 
 
 def test_two_processes_draw_on_one_bucket(host, tmp_path):  # noqa: F811
