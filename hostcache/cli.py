@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootable-image", help="build a fixed VHD with the project's boot sector")
     p.add_argument("path")
     p.add_argument("--size", type=_bytes_arg, default="64M", help="virtual size: 64M, 10G (a multiple of 1 MiB)")
-    p.add_argument("--sectors", type=int, default=100, help="sectors the guest reads and sums (1 to 127)")
+    p.add_argument("--sectors", type=_number(int, 1, False, "1 to 127", 127), default=100,
+                   help="sectors the guest reads and sums (1 to 127)")
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--lun", type=int, help="a data disk's LUN (default: the OS disk)")
     p.add_argument("--fs", metavar="MNT")
-    p.add_argument("--partition", type=int)
+    p.add_argument("--partition", type=COUNT, help="with --fs: the partition holding it (1-based)")
     p = sub.add_parser("umount", help="undo hostcache mount")
     p.add_argument("dir")
     throttle = sub.add_parser("throttle", help="a VM's throttle").add_subparsers(dest="action", required=True)
@@ -210,8 +211,6 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "bootable-image":
         from .bootsector import build
 
-        if not 1 <= a.sectors <= 127:
-            raise HostError("--sectors is 1 to 127")
         return {"image": a.path, "checksum": build(a.path, a.size, a.sectors)}
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:

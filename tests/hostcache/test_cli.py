@@ -73,6 +73,8 @@ def test_every_number_is_checked_where_it_is_read(tmp_path):
         ([*host, "init", "--stamp", st, "--cache-scale", "-1"], "--cache-scale: -1 is too small: more than 0"),
         ([*host, "init", "--stamp", st, "--ram-mib", "-1"], "--ram-mib: -1 is too small"),
         (["bootable-image", str(tmp_path / "x.vhd"), "--size", "ten"], "cannot read the size 'ten'"),
+        (["bootable-image", str(tmp_path / "x.vhd"), "--sectors", "128"], "--sectors: 128 is too large: 1 to 127"),
+        ([*host, "mount", "vm1", str(tmp_path), "--partition", "0"], "--partition: 0 is too small: at least 1"),
         (["simulate", "Premium_LRS", "128", "--seconds", "nan"], "--seconds: nan is not a finite number"),
         ([*host, "serve", "vm1", "--port", "70000"], "--port: 70000 is too large: a TCP port, 1 to 65535"),
     ]:
