@@ -201,15 +201,18 @@ class Host:
                                                    "limiters": t.statistics()}).encode(), db=self.stats_db)
 
     def throttle_stats(self, vm_name: str) -> dict[str, Any]:
-        """This process's figures for a VM it serves, else the last recorded ones."""
-        self.vm(vm_name)
+        """This process's figures for a VM it serves, else the last recorded
+        ones; burst credits as the shared buckets hold them now, either way."""
+        vm = self.vm(vm_name)
+        credits = {name: v["burst_credits_percent"] for name, v in self._any_throttle(vm).statistics().items()}
         if vm_name in self.throttles:
-            return {"live": True, "limiters": self.throttles[vm_name].statistics()}
+            return {"live": True, "limiters": self.throttles[vm_name].statistics(), "credits_percent": credits}
         with self.env.begin() as txn:
             raw = txn.get(vm_name.encode(), db=self.stats_db)
         if raw is None:
-            return {"live": False, "limiters": {}, "note": "no I/O recorded for this VM yet"}
-        return {"live": False, **json.loads(bytes(raw))}
+            return {"live": False, "limiters": {}, "note": "no I/O recorded for this VM yet",
+                    "credits_percent": credits}
+        return {"live": False, **json.loads(bytes(raw)), "credits_percent": credits}
 
     # -- VM records ---------------------------------------------------------------------
 

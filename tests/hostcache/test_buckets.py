@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,14 @@ def test_deleting_a_vm_forgets_its_bucket(host):  # noqa: F811
     assert any(f.startswith("vm%20vm1") for f in files)
     host.delete_vm("vm1", delete_os_disk=True)
     assert os.listdir(os.path.join(host.path, "throttle")) == []
+
+
+def test_the_cli_sees_the_bucket_a_python_process_drained(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.clock.advance(drain(host.throttle("vm1"), "0"))
+    host.close()
+    # the CLI's clock is the monotonic one, another epoch: it keeps the credits as they are (none)
+    r = subprocess.run([sys.executable, "-m", "hostcache", "--host", host.path, "throttle", "stats", "vm1"],
+                       capture_output=True, text=True, timeout=60)
+    assert json.loads(r.stdout)["credits_percent"][P10_IOPS] == 0.0
