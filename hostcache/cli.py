@@ -21,7 +21,7 @@ from .errors import HostError
 from .host import Host
 from .sim import Workload, simulate
 from .throttle import FakeClock, Path, Throttle
-from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, vm_limits, vm_sizes
+from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, vm_limits, vm_provenance, vm_sizes
 
 EPILOG = """examples:
   hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
@@ -222,7 +222,7 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "vm-size":
         if a.name is None:
             return [v.name for v in vm_sizes()]
-        return vm_limits(a.name).to_json()
+        return {**vm_limits(a.name).to_json(), **vm_provenance(a.name)}
     if a.cmd == "sizes":
         return [_size_row(v.to_json()) for v in vm_sizes(a.family, a.name, a.premium, a.caching, a.min_vcpus)]
     return _simulate(a)

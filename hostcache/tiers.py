@@ -294,6 +294,14 @@ def vm_limits(name: str) -> VmLimits:
     return _vm_row(key, vm_reference()["sizes"][key])
 
 
+def vm_provenance(name: str) -> dict[str, Any]:
+    """Where a size's figures come from: its sources, caveats, and where sources disagree."""
+    key = vm_limits(name).name
+    row = vm_reference()["sizes"][key]
+    disagreements = [d for d in vm_reference()["_meta"]["source_disagreements"] if d["size"] == key]
+    return {"source": row["source"], "caveats": row["caveats"], "disagreements": disagreements}
+
+
 def _vm_row(key: str, row: dict[str, Any]) -> VmLimits:
     caching = bool(row["premium_caching"])
     basis = str(row.get("cached_temp_basis") or "")

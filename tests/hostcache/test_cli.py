@@ -107,6 +107,10 @@ def test_sizes_lists_and_filters_every_published_size():
     assert all(not s["host_caching"] for s in json.loads(cli("sizes", "--no-caching").stdout))
     d2 = json.loads(cli("vm-size", "standard_d2s_v5").stdout)
     assert d2["host_caching"] and d2["cache_size_gib"] is None
+    assert d2["source"]["primary"]["path"].endswith("dsv5-series.md")
+    d2ads = json.loads(cli("vm-size", "D2ads_v5").stdout)  # the 2021 page said no premium storage
+    assert {"field": "premium_storage", "primary_value": True, "secondary_value": False}.items() <= \
+        d2ads["disagreements"][0].items()
     assert "host cache size: not published; the host's cache is not grown for this size" in d2["not_published"]
 
 
