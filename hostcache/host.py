@@ -17,8 +17,8 @@ explicit cache size keeps that size.
 
 Platform rules kept here (reference files: host_caching, managed_disk_limits,
 VM sizes), refused with the platform's error codes (errors.py):
-- a VM size takes at most `max_data_disks` data disks, at LUNs 0 to that - 1
-  (InvalidParameter);
+- a VM size takes at most `max_data_disks` data disks (OperationNotAllowed),
+  at LUNs 0 to that - 1 (a LUN outside, or taken: InvalidParameter);
 - a disk is attached to one VM at a time (its managed-disk state says
   where; ConflictingUserInput);
 - host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
