@@ -10,9 +10,10 @@ CRC32 of everything before it):
 
 Rules kept here:
 - a process reads a bucket, admits its I/O and writes the bucket back while
-  holding an exclusive flock on its file, so every process (`hostcache
-  serve`, the CLI, Python) draws on one bucket and no update is lost; files
-  are locked in key order, so two processes never deadlock;
+  holding an exclusive flock on its file (and the store's lock, for its
+  other threads), so every process (`hostcache serve`, the CLI, Python)
+  draws on one bucket and no update is lost; files are locked in key
+  order, so two processes never deadlock;
 - a bucket seen for the first time keeps the limiters' own start (credits
   full, as a new disk's); a damaged or torn record reads as drained (no
   credits, idle from now): a crash never refills a bucket;
@@ -29,6 +30,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,14 +67,17 @@ def unpack(raw: bytes, count: int) -> tuple[bytes, list[tuple[float, float]]] | 
 
 
 class BucketStore:
-    """The buckets of one host folder; `epoch` is the clock's (Clock.epoch)."""
+    """The buckets of one host folder; `epoch` is the clock's (Clock.epoch).
+    Files stay open between holds; flock keeps other processes out and a
+    lock of the store keeps this process's other threads out (flock
+    belongs to an open file, which the threads share)."""
 
     def __init__(self, folder: str, epoch: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
         self.epoch = epoch_id(epoch)
         self.fds: dict[str, int] = {}
-        self.lengths: dict[int, int] = {}  # bytes each file held when last read (at most one more than ours)
+        self.lock = threading.RLock()
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, quote(key, safe="") + ".bucket")
@@ -88,52 +93,55 @@ class BucketStore:
         """Lock the buckets, load their state into the limiters, and write it
         back when the block ends (not when it raises)."""
         keys = sorted(buckets)
-        fds = [self._fd(k) for k in keys]
-        locked: list[int] = []
-        try:
-            for fd in fds:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                locked.append(fd)
-            for key, fd in zip(keys, fds, strict=True):
-                self._load(fd, buckets[key], now)
-            yield
-            for key, fd in zip(keys, fds, strict=True):
-                self._save(fd, buckets[key])
-        finally:
-            for fd in reversed(locked):
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        with self.lock:
+            fds = [self._fd(k) for k in keys]
+            locked: list[int] = []
+            try:
+                for fd in fds:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    locked.append(fd)
+                lengths = [self._load(fd, buckets[key], now) for key, fd in zip(keys, fds, strict=True)]
+                yield
+                for key, fd, length in zip(keys, fds, lengths, strict=True):
+                    self._save(fd, buckets[key], length)
+            finally:
+                for fd in reversed(locked):
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _load(self, fd: int, limiters: list[Limiter], now: float) -> None:
+    def _load(self, fd: int, limiters: list[Limiter], now: float) -> int:
+        """Load the record into the limiters; the bytes the file held."""
         raw = os.pread(fd, RECORD.size + len(limiters) * STATE.size + CRC.size + 1, 0)
-        self.lengths[fd] = len(raw)
         if not raw:
-            return  # a new bucket
+            return 0  # a new bucket
         record = unpack(raw, len(limiters))
         if record is None:
             for lim in limiters:
                 lim.restore(now, 0.0)
-            return
+            return len(raw)
         epoch, states = record
         for lim, (tat, credits) in zip(limiters, states, strict=True):
             lim.restore(tat if epoch == self.epoch else now, credits)
+        return len(raw)
 
-    def _save(self, fd: int, limiters: list[Limiter]) -> None:
+    def _save(self, fd: int, limiters: list[Limiter], length: int) -> None:
         raw = pack(self.epoch, [lim.state() for lim in limiters])
         os.pwrite(fd, raw, 0)
-        if self.lengths.get(fd, 0) > len(raw):  # a longer record was there (other limiters)
+        if length > len(raw):  # a longer record was there (other limiters)
             os.ftruncate(fd, len(raw))
 
     def remove(self, key: str) -> None:
         """Forget a bucket (its VM or disk is gone)."""
-        fd = self.fds.pop(key, None)
-        if fd is not None:
-            os.close(fd)
-        try:
-            os.unlink(self.path(key))
-        except FileNotFoundError:
-            pass
+        with self.lock:
+            fd = self.fds.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(self.path(key))
+            except FileNotFoundError:
+                pass
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        with self.lock:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
