@@ -27,13 +27,13 @@ Rules kept here:
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import itertools
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from urllib.parse import quote
 
 from .throttle import Limiter
@@ -50,8 +50,19 @@ def epoch_id(epoch: str) -> bytes:
     return hashlib.blake2b(epoch.encode(), digest_size=16).digest()
 
 
+@functools.cache
+def _states(count: int) -> struct.Struct:
+    """Every limiter's (tat, credits) of a record of `count` limiters, as one structure."""
+    return struct.Struct(f">{2 * count}d")
+
+
+@functools.cache
+def _header(epoch: bytes, count: int) -> bytes:
+    return RECORD.pack(MAGIC, VERSION, count, epoch)
+
+
 def pack(epoch: bytes, states: list[tuple[float, float]]) -> bytes:
-    body = RECORD.pack(MAGIC, VERSION, len(states), epoch) + b"".join(STATE.pack(*s) for s in states)
+    body = _header(epoch, len(states)) + _states(len(states)).pack(*itertools.chain.from_iterable(states))
     return body + CRC.pack(zlib.crc32(body))
 
 
@@ -63,7 +74,44 @@ def unpack(raw: bytes, count: int) -> tuple[bytes, list[tuple[float, float]]] | 
     magic, version, n, epoch = RECORD.unpack_from(raw)
     if magic != MAGIC or version != VERSION or n != count:
         return None
-    return epoch, [STATE.unpack_from(raw, RECORD.size + i * STATE.size) for i in range(count)]
+    flat = _states(count).unpack_from(raw, RECORD.size)
+    return epoch, [(flat[2 * i], flat[2 * i + 1]) for i in range(count)]
+
+
+class _Hold:
+    """One hold of some buckets (BucketStore.hold)."""
+
+    def __init__(self, store: BucketStore, buckets: dict[str, list[Limiter]], now: float) -> None:
+        self.store, self.now = store, now
+        self.items = sorted(buckets.items())
+        self.locked: list[int] = []
+
+    def __enter__(self) -> None:
+        store = self.store
+        store.lock.acquire()
+        try:
+            for key, limiters in self.items:
+                fd = store.fd(key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self.locked.append(fd)
+                store.load(key, fd, limiters, self.now)
+        except BaseException:
+            self.release()
+            raise
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        try:
+            if kind is None:
+                for (key, limiters), fd in zip(self.items, self.locked, strict=True):
+                    self.store.save(key, fd, limiters)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        for fd in reversed(self.locked):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self.locked.clear()
+        self.store.lock.release()
 
 
 class BucketStore:
@@ -78,56 +126,46 @@ class BucketStore:
         self.epoch = epoch_id(epoch)
         self.fds: dict[str, int] = {}
         self.lock = threading.RLock()
+        self.lengths: dict[str, int] = {}  # bytes each file held when last read or written
+        self.written: dict[str, tuple[bytes, list[Limiter]]] = {}  # the last record written, and by whom
 
     def path(self, key: str) -> str:
         return os.path.join(self.folder, quote(key, safe="") + ".bucket")
 
-    def _fd(self, key: str) -> int:
+    def fd(self, key: str) -> int:
         fd = self.fds.get(key)
         if fd is None:
             fd = self.fds[key] = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o644)
         return fd
 
-    @contextmanager
-    def hold(self, buckets: dict[str, list[Limiter]], now: float) -> Iterator[None]:
-        """Lock the buckets, load their state into the limiters, and write it
-        back when the block ends (not when it raises)."""
-        keys = sorted(buckets)
-        with self.lock:
-            fds = [self._fd(k) for k in keys]
-            locked: list[int] = []
-            try:
-                for fd in fds:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    locked.append(fd)
-                lengths = [self._load(fd, buckets[key], now) for key, fd in zip(keys, fds, strict=True)]
-                yield
-                for key, fd, length in zip(keys, fds, lengths, strict=True):
-                    self._save(fd, buckets[key], length)
-            finally:
-                for fd in reversed(locked):
-                    fcntl.flock(fd, fcntl.LOCK_UN)
+    def hold(self, buckets: dict[str, list[Limiter]], now: float) -> _Hold:
+        """For a `with`: lock the buckets, load their state into the limiters,
+        and write it back when the block ends (not when it raises)."""
+        return _Hold(self, buckets, now)
 
-    def _load(self, fd: int, limiters: list[Limiter], now: float) -> int:
-        """Load the record into the limiters; the bytes the file held."""
+    def load(self, key: str, fd: int, limiters: list[Limiter], now: float) -> None:
         raw = os.pread(fd, RECORD.size + len(limiters) * STATE.size + CRC.size + 1, 0)
+        if self.written.get(key) == (raw, limiters):  # limiters compare by identity
+            return  # these limiters wrote it last, and no one since: they hold that state already
+        self.lengths[key] = len(raw)
         if not raw:
-            return 0  # a new bucket
+            return  # a new bucket
         record = unpack(raw, len(limiters))
         if record is None:
             for lim in limiters:
                 lim.restore(now, 0.0)
-            return len(raw)
+            return
         epoch, states = record
         for lim, (tat, credits) in zip(limiters, states, strict=True):
             lim.restore(tat if epoch == self.epoch else now, credits)
-        return len(raw)
 
-    def _save(self, fd: int, limiters: list[Limiter], length: int) -> None:
+    def save(self, key: str, fd: int, limiters: list[Limiter]) -> None:
         raw = pack(self.epoch, [lim.state() for lim in limiters])
         os.pwrite(fd, raw, 0)
-        if length > len(raw):  # a longer record was there (other limiters)
+        if self.lengths.get(key, 0) > len(raw):  # a longer record was there (other limiters)
             os.ftruncate(fd, len(raw))
+        self.lengths[key] = len(raw)
+        self.written[key] = (raw, limiters)
 
     def remove(self, key: str) -> None:
         """Forget a bucket (its VM or disk is gone)."""
@@ -135,6 +173,8 @@ class BucketStore:
             fd = self.fds.pop(key, None)
             if fd is not None:
                 os.close(fd)
+            self.written.pop(key, None)
+            self.lengths.pop(key, None)
             try:
                 os.unlink(self.path(key))
             except FileNotFoundError:
@@ -145,3 +185,4 @@ class BucketStore:
             for fd in self.fds.values():
                 os.close(fd)
             self.fds.clear()
+            self.written.clear()

@@ -254,9 +254,7 @@ class DiskThrottle:
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
             credit=limits.burst is Burst.CREDIT, unit=limits.mbps_unit, start=start)
-
-    def limiters(self) -> list[Limiter]:
-        return [self.iops, self.bandwidth]
+        self.limiters: list[Limiter] = [self.iops, self.bandwidth]
 
 
 @dataclass
@@ -362,6 +360,7 @@ class Throttle:
                  vm_bursting: bool = True, store: Buckets | None = None, key: str | None = None) -> None:
         self.clock = clock or MonotonicClock()
         self.vm = VmThrottle(vm, bursting=vm_bursting, start=self.clock.now())
+        self.vm_limiters = self.vm.limiters()
         self.latency = latency
         self.store, self.key = store, key or f"vm {vm.name}"
         self.disks: dict[str, DiskThrottle] = {}
@@ -382,9 +381,9 @@ class Throttle:
         state, and what changes in them inside is written back."""
         if self.store is None:
             return nullcontext()
-        buckets = {self.key: self.vm.limiters()}
+        buckets = {self.key: self.vm_limiters}
         for d in disks:
-            buckets[self.disk_keys[d]] = self.disks[d].limiters()
+            buckets[self.disk_keys[d]] = self.disks[d].limiters
         return self.store.hold(buckets, now)
 
     def pause(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
@@ -403,7 +402,7 @@ class Throttle:
             with self.shared(disks, t):
                 limiters = self.vm.limiters() if vm else []
                 for d in disks:
-                    limiters += self.disks[d].limiters()
+                    limiters += self.disks[d].limiters
                 for lim in limiters:
                     lim.idle_until(t, earn)
 
@@ -442,7 +441,7 @@ class Throttle:
         t = self.clock.now() if now is None else now
         limiters = self.vm.limiters()
         for d in self.disks.values():
-            limiters += d.limiters()
+            limiters += d.limiters
         with self.shared(list(self.disks), t):  # credits as the shared buckets hold them
             return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
                                "burst_credits_percent": lim.credits_left(t),
