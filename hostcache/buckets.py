@@ -101,9 +101,11 @@ class _Hold:
 
     def __exit__(self, kind: object, *rest: object) -> None:
         try:
-            if kind is None:
-                for (key, limiters), fd in zip(self.items, self.locked, strict=True):
+            for (key, limiters), fd in zip(self.items, self.locked, strict=True):
+                if kind is None:
                     self.store.save(key, fd, limiters)
+                else:  # what the limiters hold now was not written: the next hold reads the file again
+                    self.store.written.pop(key, None)
         finally:
             self.release()
 

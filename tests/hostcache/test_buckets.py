@@ -144,3 +144,18 @@ def test_the_cli_sees_the_bucket_a_python_process_drained(host):  # noqa: F811
     r = subprocess.run([sys.executable, "-m", "hostcache", "--host", host.path, "throttle", "stats", "vm1"],
                        capture_output=True, text=True, timeout=60)
     assert json.loads(r.stdout)["credits_percent"][P10_IOPS] == 0.0
+
+
+def test_a_hold_that_raises_writes_nothing_and_the_next_reads_the_file_again(tmp_path):
+    store = BucketStore(str(tmp_path), "fake")
+    lim = CreditLimiter("c", 500, 3500, start=0.0)
+    with store.hold({"k": [lim]}, 0.0):
+        lim.commit(0.0, 3500 * 60)
+    saved = lim.state()
+    with pytest.raises(RuntimeError), store.hold({"k": [lim]}, 0.0):
+        lim.commit(0.0, 3500 * 60)
+        raise RuntimeError("the admission failed half way")
+    assert lim.state() != saved
+    with store.hold({"k": [lim]}, 0.0):
+        assert lim.state() == saved
+    store.close()
