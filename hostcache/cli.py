@@ -311,9 +311,12 @@ def _size(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(json.dumps(run(args), indent=2, default=str))
+        print(json.dumps(run(args), indent=2, default=str), flush=True)
     except (HostError, StampError, VhdError) as e:
         print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

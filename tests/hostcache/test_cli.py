@@ -118,3 +118,14 @@ def test_refusals_carry_the_platforms_code():
     r = cli("limits", "Premium_LRS", "128", "--on-demand-bursting")
     assert r.returncode == 1 and "InvalidParameter: on-demand bursting is only for Premium_LRS disks above 512 GiB" \
         in r.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "hostcache", "sizes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `hostcache sizes | head -1` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err
