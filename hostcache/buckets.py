@@ -21,7 +21,10 @@ Rules kept here:
   boot, whose monotonic clock started again) keeps its credits and counts
   as idle from now: the time in between is not known, so it earns nothing;
 - records are not fsynced: a power loss may lose the last updates of
-  throttle state, never data.
+  throttle state, never data;
+- the files are bounded by the host's VMs and the stamp's disks: the host
+  removes the buckets of those that are gone (keep_only) on detach and on
+  VM delete.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import os
 import struct
 import threading
 import zlib
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from .throttle import Limiter
 
@@ -181,6 +184,18 @@ class BucketStore:
                 os.unlink(self.path(key))
             except FileNotFoundError:
                 pass
+
+    def keep_only(self, keys: set[str], listed: list[str]) -> list[str]:
+        """Remove the buckets among `listed` (file names, from names()) whose
+        key is not in `keys`; the keys removed."""
+        wanted = {quote(k, safe="") + ".bucket" for k in keys}
+        gone = [unquote(f.removesuffix(".bucket")) for f in listed if f not in wanted]
+        for key in gone:
+            self.remove(key)
+        return gone
+
+    def names(self) -> list[str]:
+        return [f for f in os.listdir(self.folder) if f.endswith(".bucket")]
 
     def close(self) -> None:
         with self.lock:

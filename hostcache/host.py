@@ -346,6 +346,7 @@ class Host:
         if live is not None:
             live.remove_disk(str(lun))
         self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
+        self._prune_buckets()
         return vm
 
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
@@ -390,10 +391,16 @@ class Host:
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
         self.throttles.pop(vm_name, None)
-        self.buckets.remove(_vm_key(vm))
         if delete_os_disk:
-            self.buckets.remove(_disk_key(self.disks.record(vm["os_disk"]["disk"])))
             self.disks.delete_disk(vm["os_disk"]["disk"])
+        self._prune_buckets()
+
+    def _prune_buckets(self) -> None:
+        """Remove the buckets of VMs and disks that no longer exist (listed
+        first: a bucket is made after its VM or disk record)."""
+        listed = self.buckets.names()
+        keys = {_vm_key(vm) for vm in self.vms()} | {_disk_key(rec) for rec in self.disks.disks()}
+        self.buckets.keep_only(keys, listed)
 
     def _luns(self, vm: dict[str, Any]) -> list[tuple[int, str]]:
         return [(OS_LUN, vm["os_disk"]["disk"])] + [(int(k), v["disk"]) for k, v in vm["data_disks"].items()]

@@ -135,6 +135,23 @@ def test_deleting_a_vm_forgets_its_bucket(host):  # noqa: F811
     assert os.listdir(os.path.join(host.path, "throttle")) == []
 
 
+def test_the_buckets_of_deleted_disks_are_removed(host):  # noqa: F811
+    """Attach, detach and delete disk after disk: the bucket files do not pile up."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    folder = os.path.join(host.path, "throttle")
+    for i in range(5):
+        host.disks.create_empty(f"tmp{i}", 8, "Premium_LRS")
+        host.attach("vm1", f"tmp{i}", 0)
+        host.throttle("vm1").admit("0", False, 4096)
+        host.detach("vm1", 0)
+        host.disks.delete_disk(f"tmp{i}")
+    host.attach("vm1", "data1", 0)
+    host.detach("vm1", 0)  # prunes what the last round left
+    names = sorted(os.listdir(folder))
+    assert not any(n.startswith("disk%20tmp") for n in names), names
+    assert any(n.startswith("disk%20data1") for n in names)  # a disk that exists keeps its bucket
+
+
 def test_the_cli_sees_the_bucket_a_python_process_drained(host):  # noqa: F811
     host.create_vm("vm1", "D8s_v3", "mbr")
     host.attach("vm1", "data1", 0, "None")
