@@ -1,14 +1,18 @@
 """The `hostcache` command (also `python -m hostcache`): the tier catalog, the
 throttle, and a host's compute calls, as JSON. The host folder is --host,
-or $DISKSTAMP_HOST, or ./host. Exit codes: 0 ok, 1 a refused request, 2 usage."""
+or $DISKSTAMP_HOST, or ./host. Exit codes: 0 ok, 1 a refused request, 2 usage.
+Every number is checked where it is read (a count at least 1, a time above
+0, sizes as 512, 4K, 64M, 10G); every MB/s field says its unit."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from stamp import StampError
 from vhd.errors import VhdError
@@ -17,7 +21,7 @@ from .errors import HostError
 from .host import Host
 from .sim import Workload, simulate
 from .throttle import FakeClock, Path, Throttle
-from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, reference, vm_limits
+from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, vm_limits, vm_provenance, vm_sizes
 
 EPILOG = """examples:
   hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
@@ -30,6 +34,7 @@ EPILOG = """examples:
   hostcache limits Premium_LRS 100                 a 100 GiB Premium disk performs as P10
   hostcache limits UltraSSD_LRS 64 --iops 20000 --mbps 500
   hostcache vm-size D8s_v3
+  hostcache sizes --family Dsv5 --premium          the published VM sizes, filtered
   hostcache simulate Premium_LRS 1024 --vm D8s_v3 --qd 1 4 16 64 --size 4K
                                                    IOPS against queue depth, by arithmetic"""
 
@@ -37,6 +42,41 @@ EPILOG = """examples:
 def _disk(a: argparse.Namespace) -> DiskLimits:
     return disk_limits(a.sku, a.size_gib, iops=a.iops, mbps=a.mbps, performance_plus=a.performance_plus,
                        on_demand_bursting=a.on_demand_bursting, edition=a.edition)
+
+
+def _number(kind: type[int] | type[float], low: float, strict: bool, what: str,
+            high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` above `low` (or at least it, not
+    strict) and at most `high`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: {what}")
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is too small: {what}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text} is too large: {what}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1, False, "at least 1")
+NONNEGATIVE = _number(int, 0, False, "0 or more")
+POSITIVE = _number(float, 0, True, "more than 0")
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        value = _size(text)
+    except HostError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is too small: more than 0 bytes")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create a host folder over a stamp")
     p.add_argument("--stamp", required=True)
-    p.add_argument("--cache-mib", type=int, help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
-    p.add_argument("--cache-scale", type=float, default=1 / 1024,
+    p.add_argument("--cache-mib", type=COUNT, help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
+    p.add_argument("--cache-scale", type=POSITIVE, default=1 / 1024,
                    help="scale of the VM sizes' cache sizes (default 1/1024: 200 GiB -> 200 MiB)")
-    p.add_argument("--ram-mib", type=int, default=16, help="RAM tier of the host cache")
+    p.add_argument("--ram-mib", type=NONNEGATIVE, default=16, help="RAM tier of the host cache")
     vm = sub.add_parser("vm", help="VMs on the host").add_subparsers(dest="action", required=True)
     p = vm.add_parser("create", help="a VM whose OS disk is made from an image")
     p.add_argument("name")
@@ -67,12 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--trace", help='a trace file: one "OFFSET LENGTH" read per line (default: a built-in boot)')
     p.add_argument("--real", action="store_true", help="boot in qemu-system-x86_64 from the disk served over NBD")
-    p.add_argument("--timeout", type=float, default=60, help="with --real: seconds before giving up")
+    p.add_argument("--timeout", type=POSITIVE, default=60, help="with --real: seconds before giving up")
     p.add_argument("--interface", choices=["ide", "virtio"], default="ide", help="with --real: the boot disk's bus")
     p = sub.add_parser("bootable-image", help="build a fixed VHD with the project's boot sector")
     p.add_argument("path")
-    p.add_argument("--size", default="64M")
-    p.add_argument("--sectors", type=int, default=100, help="sectors the guest reads and sums (1 to 127)")
+    p.add_argument("--size", type=_bytes_arg, default="64M", help="virtual size: 64M, 10G (a multiple of 1 MiB)")
+    p.add_argument("--sectors", type=_number(int, 1, False, "1 to 127", 127), default=100,
+                   help="sectors the guest reads and sums (1 to 127)")
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -98,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lun", type=int, action="append", help="a data disk's LUN (repeatable; default: all and os)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket")
-    where.add_argument("--port", type=int, default=10809)
+    where.add_argument("--port", type=_number(int, 1, False, "a TCP port, 1 to 65535", 65535), default=10809)
     p.add_argument("--bind", default="127.0.0.1")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
@@ -108,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--lun", type=int, help="a data disk's LUN (default: the OS disk)")
     p.add_argument("--fs", metavar="MNT")
-    p.add_argument("--partition", type=int)
+    p.add_argument("--partition", type=COUNT, help="with --fs: the partition holding it (1-based)")
     p = sub.add_parser("umount", help="undo hostcache mount")
     p.add_argument("dir")
     throttle = sub.add_parser("throttle", help="a VM's throttle").add_subparsers(dest="action", required=True)
@@ -119,29 +160,35 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("limits", "the limits of one disk"), ("simulate", "IOPS and MB/s by queue depth")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("sku", choices=SKUS)
-        p.add_argument("size_gib", type=int)
-        p.add_argument("--iops", type=int, help="provisioned IOPS (PremiumV2_LRS, UltraSSD_LRS)")
-        p.add_argument("--mbps", type=float, help="provisioned MB/s (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("size_gib", type=POSITIVE, help="the disk's size in GiB (rounded up to a whole GiB)")
+        p.add_argument("--iops", type=COUNT, help="provisioned IOPS (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("--mbps", type=POSITIVE, help="provisioned MB/s (PremiumV2_LRS, UltraSSD_LRS)")
         p.add_argument("--performance-plus", action="store_true")
         p.add_argument("--on-demand-bursting", action="store_true")
         p.add_argument("--edition", choices=EDITIONS, default="current",
                        help="which published figures where sources disagree (default: current)")
         if name == "simulate":
             p.add_argument("--vm", default="D8s_v3")
-            p.add_argument("--qd", type=int, nargs="+", default=[1, 4, 16, 64])
-            p.add_argument("--size", default="4K", help="I/O size: 4K, 64K, 1M")
+            p.add_argument("--qd", type=COUNT, nargs="+", default=[1, 4, 16, 64])
+            p.add_argument("--size", type=_bytes_arg, default="4K", help="I/O size: 4K, 64K, 1M")
             p.add_argument("--write", action="store_true")
             p.add_argument("--cached", choices=["none", "hit", "miss"], default="none")
-            p.add_argument("--seconds", type=float, default=5.0)
+            p.add_argument("--seconds", type=POSITIVE, default=5.0, help="simulated seconds (more than 0)")
             p.add_argument("--no-latency", action="store_true", help="turn the service-latency model off")
-    p = sub.add_parser("vm-size", help="a VM size's storage limits")
-    p.add_argument("name", nargs="?", help="e.g. D8s_v3 (default: list them)")
+    p = sub.add_parser("vm-size", help="a VM size's storage limits, and what it does not publish")
+    p.add_argument("name", nargs="?", help="e.g. D8s_v3, case-insensitive (default: list the names)")
+    p = sub.add_parser("sizes", help="the published VM sizes with their storage limits, filtered")
+    p.add_argument("--family", help="e.g. Dsv5, Esv3 (case-insensitive)")
+    p.add_argument("--name", help="names containing this text")
+    p.add_argument("--premium", action=argparse.BooleanOptionalAction, help="premium storage supported (or not)")
+    p.add_argument("--caching", action=argparse.BooleanOptionalAction, help="host caching supported (or not)")
+    p.add_argument("--min-vcpus", type=COUNT)
     return top
 
 
 def run(a: argparse.Namespace) -> object:
     if a.cmd == "init":
-        with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib else None,
+        with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib is not None else None,
                          ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale) as h:
             return {"host": h.path, **h.config}
     if a.cmd == "serve":
@@ -164,9 +211,7 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "bootable-image":
         from .bootsector import build
 
-        if not 1 <= a.sectors <= 127:
-            raise HostError("--sectors is 1 to 127")
-        return {"image": a.path, "checksum": build(a.path, _size(a.size), a.sectors)}
+        return {"image": a.path, "checksum": build(a.path, a.size, a.sectors)}
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
@@ -176,19 +221,35 @@ def run(a: argparse.Namespace) -> object:
         return _disk(a).to_json()
     if a.cmd == "vm-size":
         if a.name is None:
-            return sorted(reference()["vm_sizes"]["sizes"])
-        return vm_limits(a.name).to_json()
+            return [v.name for v in vm_sizes()]
+        return {**vm_limits(a.name).to_json(), **vm_provenance(a.name)}
+    if a.cmd == "sizes":
+        return [_size_row(v.to_json()) for v in vm_sizes(a.family, a.name, a.premium, a.caching, a.min_vcpus)]
+    return _simulate(a)
+
+
+SIZE_FIELDS = ("name", "family", "vcpus", "max_data_disks", "premium_storage", "host_caching", "cache_size_gib",
+               "cached_iops", "cached_mbps", "uncached_iops", "uncached_mbps", "burst_iops", "burst_mbps",
+               "ultra_iops", "ultra_mbps", "mbps_unit")
+
+
+def _size_row(full: dict[str, Any]) -> dict[str, Any]:
+    return {k: full[k] for k in SIZE_FIELDS}
+
+
+def _simulate(a: argparse.Namespace) -> object:
+    """IOPS by queue depth; MB/s in the disk's own unit (its limits' mbps_unit)."""
     limits = _disk(a)
-    size = _size(a.size)
     path = {"none": Path.UNCACHED, "hit": Path.CACHED_HIT, "miss": Path.CACHED_MISS}[a.cached]
     out = []
     for qd in a.qd:
         t = Throttle(vm_limits(a.vm), FakeClock(), latency=not a.no_latency)
         t.add_disk("disk", limits)
-        iops = simulate(t, [Workload("disk", size, a.write, qd, path)], a.seconds, warmup=min(1.0, a.seconds / 5))
-        out.append({"qd": qd, "iops": round(iops["disk"], 1), "mbps": round(iops["disk"] * size / 1e6, 2)})
-    return {"disk": limits.to_json(), "vm": a.vm, "io_size": size, "write": a.write, "cached": a.cached,
-            "results": out}
+        iops = simulate(t, [Workload("disk", a.size, a.write, qd, path)], a.seconds, warmup=min(1.0, a.seconds / 5))
+        out.append({"qd": qd, "iops": round(iops["disk"], 1),
+                    "mbps": round(iops["disk"] * a.size / limits.mbps_unit, 2)})
+    return {"disk": limits.to_json(), "vm": vm_limits(a.vm).name, "io_size": a.size, "write": a.write,
+            "cached": a.cached, "mbps_unit": limits.to_json()["mbps_unit"], "results": out}
 
 
 def host_command(h: Host, a: argparse.Namespace) -> object:
@@ -238,20 +299,24 @@ def serve(a: argparse.Namespace) -> object:
 
 
 def _size(text: str) -> int:
-    units = {"K": 1024, "M": 1024 ** 2}
-    t = text.strip().upper().rstrip("B").rstrip("I")
+    """Bytes from 512, 4K, 64M, 10G, 1T (binary units; "KiB", "MB" read the same)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
         return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
     except ValueError:
-        raise HostError(f"cannot read I/O size {text!r}: use 4K, 64K, 1M") from None
+        raise HostError(f"cannot read the size {text!r}: use a number of bytes or 4K, 64M, 10G") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(json.dumps(run(args), indent=2, default=str))
+        print(json.dumps(run(args), indent=2, default=str), flush=True)
     except (HostError, StampError, VhdError) as e:
         print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     return 0
 

@@ -3,26 +3,43 @@
     HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes", "cache_scale", "ram_bytes"}
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
+    HOST/throttle/    the throttle's buckets (buckets.py), one per VM and one per
+                      disk, keyed by name and creation time: shared by every
+                      process using the host, and kept across detach and attach;
+                      credits accrue only while running (a detached disk or a
+                      stopped VM is paused: Throttle.pause and resume)
 
 The cache is sized from the VM sizes' cache sizes, scaled down for emulation
 (cache_scale, default 1/1024: a D8s_v3's 200 GiB cache becomes 200 MiB): it
-grows as VMs arrive (the sum over the host's VMs) and does not shrink. A host
-created with an explicit cache size keeps that size.
+grows as VMs arrive (the sum over the host's VMs) and does not shrink; a
+size that publishes no cache size adds nothing. A host created with an
+explicit cache size keeps that size.
 
-Platform rules kept here (reference file, host_caching and VM sizes):
-- a VM size takes at most `max_data_disks` data disks, at LUNs 0 to that - 1;
-- a disk is attached to one VM at a time (its managed-disk state says where);
+Platform rules kept here (reference files: host_caching, managed_disk_limits,
+VM sizes), refused with the platform's error codes (errors.py):
+- a VM size takes at most `max_data_disks` data disks (OperationNotAllowed),
+  at LUNs 0 to that - 1 (a LUN outside, or taken: InvalidParameter);
+- a disk is attached to one VM at a time (its managed-disk state says
+  where; ConflictingUserInput);
 - host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
-  Standard HDD disks under 4 TiB, and only on VM sizes with a cache;
-  an OS disk asked for None gets ReadOnly; changing a disk's caching is a
-  detach and a reattach;
+  Standard HDD disks under 4 TiB (sizes rounded up to a whole GiB), and only
+  on VM sizes that support premium storage caching (OperationNotAllowed);
+  an OS disk asked for None gets ReadOnly where the size caches, and stays
+  None where it does not; changing a disk's caching is a detach and a
+  reattach;
+- an OS disk is at most 4,095 GiB and is not Ultra or Premium SSD v2
+  (OperationNotAllowed); Premium SSD, Premium SSD v2 and Ultra disks need a
+  size with premium storage;
+- create_vm checks the image (vhd's check: footers, checksums) and every
+  rule before it creates the OS disk, and a refused call leaves nothing;
 - detach, stop and delete flush the disk's dirty cache lines first; detach
   and delete also drop its lines (it may be written elsewhere meanwhile).
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
-Several processes may act on one host: state is in LMDB; the throttle and
-the open disks live in the process that serves them.
+Several processes may act on one host: state is in LMDB, the throttle's
+buckets are files in the host folder (buckets.py) shared by them all; the
+open disks live in the process that serves them.
 """
 
 from __future__ import annotations
@@ -41,35 +58,54 @@ from typing import Any
 import lmdb
 
 from stamp import Stamp
+from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
 from vhd.blockdev import Extent
+from vhd.check import check as check_vhd
 from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
+from .buckets import BucketStore
 from .cache import BlobCache, CachedBlob, CacheMode
-from .errors import HostError
+from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
 from .throttle import Clock, MonotonicClock, Path, Throttle
-from .tiers import DiskLimits, disk_limits, vm_limits
+from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, vm_limits
 
 OS_LUN = -1
 GIB = 1024 ** 3
+OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
+
+
+def _size_gib(rec: dict[str, Any]) -> float:
+    return float(rec.get("size_bytes", rec["size_gib"] * GIB)) / GIB
 
 
 def _limits(rec: dict[str, Any]) -> DiskLimits:
-    """A disk record's tier limits (sizes under 1 GiB look up as 1 GiB)."""
-    return disk_limits(rec["sku"], max(1, int(rec["size_gib"])))
+    """A disk record's tier limits (disk_limits rounds the size up to a whole GiB)."""
+    return disk_limits(rec["sku"], _size_gib(rec))
+
+
+def _disk_key(rec: dict[str, Any]) -> str:
+    """A disk's throttle bucket: a disk deleted and made again under its name starts afresh."""
+    return f"disk {rec['name']} {rec.get('created', 0)}"
+
+
+def _vm_key(vm: dict[str, Any]) -> str:
+    return f"vm {vm['name']} {vm.get('created', 0)}"
+
+
+def _check_sku_on_size(limits: VmLimits, sku: str, disk: str) -> None:
+    if sku in PREMIUM_SKUS and not limits.premium_storage:
+        raise OperationNotAllowed(f"VM size {limits.name} does not support premium storage: disk {disk} is "
+                                  f"{sku}; use a size with premium storage (an 's' size) or a Standard disk")
 
 
 def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
     """The VM's disk entry at `lun` (OS_LUN for the OS disk), or None."""
     entry: dict[str, Any] | None = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
     return entry
-
-
-class HostRuleError(HostError):
-    """A request the compute platform would refuse (LUN in use, too many disks...)."""
 
 
 @dataclass
@@ -106,6 +142,7 @@ class Host:
                                ram=self.config.get("ram_bytes", 0))
         self.cache.prune(self.stamp)  # lines of disks deleted meanwhile go
         self.clock = clock or MonotonicClock()
+        self.buckets = BucketStore(os.path.join(path, "throttle"), self.clock.epoch)
         self.latency = latency
         self.throttles: dict[str, Throttle] = {}
         self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
@@ -117,6 +154,10 @@ class Host:
         sizes times cache_scale (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
+        if cache_bytes is not None and cache_bytes < 1 << 20:
+            raise HostError(f"a host cache of {cache_bytes} bytes is too small: give at least 1 MiB")
+        if cache_scale <= 0 or ram_bytes < 0:
+            raise HostError("cache_scale must be more than 0 and ram_bytes 0 or more")
         Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "host.json"), "w") as f:
@@ -142,6 +183,7 @@ class Host:
         for disk in list(self.open_disks.values()):
             disk.close()
         self._record_throttle_stats()
+        self.buckets.close()
         self.cache.close()
         self.env.close()
         self.stamp.close()
@@ -162,15 +204,18 @@ class Host:
                                                    "limiters": t.statistics()}).encode(), db=self.stats_db)
 
     def throttle_stats(self, vm_name: str) -> dict[str, Any]:
-        """This process's figures for a VM it serves, else the last recorded ones."""
-        self.vm(vm_name)
+        """This process's figures for a VM it serves, else the last recorded
+        ones; burst credits as the shared buckets hold them now, either way."""
+        vm = self.vm(vm_name)
+        credits = {name: v["burst_credits_percent"] for name, v in self._any_throttle(vm).statistics().items()}
         if vm_name in self.throttles:
-            return {"live": True, "limiters": self.throttles[vm_name].statistics()}
+            return {"live": True, "limiters": self.throttles[vm_name].statistics(), "credits_percent": credits}
         with self.env.begin() as txn:
             raw = txn.get(vm_name.encode(), db=self.stats_db)
         if raw is None:
-            return {"live": False, "limiters": {}, "note": "no I/O recorded for this VM yet"}
-        return {"live": False, **json.loads(bytes(raw))}
+            return {"live": False, "limiters": {}, "note": "no I/O recorded for this VM yet",
+                    "credits_percent": credits}
+        return {"live": False, **json.loads(bytes(raw)), "credits_percent": credits}
 
     # -- VM records ---------------------------------------------------------------------
 
@@ -193,35 +238,71 @@ class Host:
 
     def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
+        """A VM whose OS disk is made from `image`. Every rule is checked
+        first; if anything fails after the OS disk is made, it is deleted."""
         limits = vm_limits(size)
         with self.env.begin() as txn:
             if txn.get(name.encode(), db=self.vms_db) is not None:
-                raise HostRuleError(f"a VM named {name!r} already exists")
+                raise HostRuleError(f"a VM named {name!r} already exists: delete it or choose another name")
         os_disk = f"{name}-osdisk"
+        img = self.disks.image(image)
+        size_bytes = int(img["size_bytes"]) if os_size_gib is None else os_size_gib * GIB
+        self._check_os_disk(limits, os_disk, os_sku, size_bytes)
+        caching = self._caching(os_disk, os_sku, size_bytes, os_caching, limits, is_os=True)
+        self._check_image(image, img)
         self.disks.create_from_image(os_disk, image, size_gib=os_size_gib, sku=os_sku)
-        caching = self._caching(os_disk, os_caching, limits.host_caching, is_os=True)
-        vm = {"name": name, "size": limits.name, "state": "Running", "image": image, "created": time.time(),
-              "os_disk": {"disk": os_disk, "caching": caching}, "data_disks": {}}
-        self._put(vm)
-        self._size_cache()
-        self.disks.set_state(os_disk, DiskState.ATTACHED, attached_to=name, lun=OS_LUN)
+        try:
+            vm = {"name": name, "size": limits.name, "state": "Running", "image": image, "created": time.time(),
+                  "os_disk": {"disk": os_disk, "caching": caching}, "data_disks": {}}
+            self._put(vm)
+            self._size_cache()
+            self.disks.set_state(os_disk, DiskState.ATTACHED, attached_to=name, lun=OS_LUN)
+        except BaseException:
+            with self.env.begin(write=True) as txn:
+                txn.delete(name.encode(), db=self.vms_db)
+            self.disks.set_state(os_disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            self.disks.delete_disk(os_disk)
+            raise
         return vm
 
-    def _caching(self, disk: str, asked: str, vm_caches: bool, is_os: bool) -> str:
+    def _check_os_disk(self, limits: VmLimits, disk: str, sku: str, size_bytes: int) -> None:
+        if sku in ULTRA_SKUS:
+            raise OperationNotAllowed(f"{sku} disks cannot be OS disks: choose Premium_LRS, StandardSSD_LRS "
+                                      "or Standard_LRS for the OS disk")
+        if size_bytes > OS_DISK_MAX_GIB * GIB:
+            raise OperationNotAllowed(f"an OS disk is at most {OS_DISK_MAX_GIB:,} GiB; {disk} would be "
+                                      f"{size_bytes / GIB:,.3f} GiB: choose a smaller size")
+        _check_sku_on_size(limits, sku, disk)
+
+    def _check_image(self, name: str, img: dict[str, Any]) -> None:
+        """A VM is not made from an image that cannot be read (footer, checksums)."""
+        report = check_vhd(PageBlobFile(self.stamp, img["blob"], writable=False))
+        errors = [p for p in report.problems if p.severity == "error"]
+        if errors:
+            raise HostRuleError(f"image {name!r} is damaged ({errors[0].where} at offset {errors[0].offset}: "
+                                f"{errors[0].message}): make the image again from its source "
+                                "(stamp image delete, then stamp image create)")
+
+    def _caching(self, disk: str, sku: str, size_bytes: int, asked: str, vm: VmLimits, is_os: bool) -> str:
+        """The caching mode a disk gets, or the platform's refusal."""
         try:
             mode = CacheMode(asked)
         except ValueError:
-            raise HostRuleError(f"caching must be None, ReadOnly or ReadWrite, not {asked!r}") from None
-        if is_os and mode is CacheMode.NONE:
+            raise InvalidParameter(f"caching must be None, ReadOnly or ReadWrite, not {asked!r}") from None
+        if is_os and mode is CacheMode.NONE and vm.host_caching:
             mode = CacheMode.READONLY  # the platform's rule for OS disks
-        if mode is not CacheMode.NONE:
-            rec = self.disks.record(disk)
-            lim = _limits(rec)
-            if not lim.host_caching:
-                raise HostRuleError(f"disk {disk} ({rec['sku']}, {rec['size_gib']:.0f} GiB) cannot use host "
-                                    "caching: only Premium, Standard SSD and HDD disks under 4 TiB can")
-            if not vm_caches:
-                raise HostRuleError(f"this VM size has no host cache: attach {disk} with caching None")
+        if mode is CacheMode.NONE:
+            return mode.value
+        flag = "--os-caching None" if is_os else "caching None"
+        if not vm.host_caching:
+            raise OperationNotAllowed(f"VM size {vm.name} does not support host caching: use {flag} for {disk}")
+        lim = disk_limits(sku, size_bytes / GIB)
+        if sku in ULTRA_SKUS:
+            raise OperationNotAllowed(f"host caching is not supported for {sku} disks: use {flag} for {disk}")
+        if not lim.host_caching:
+            raise OperationNotAllowed(f"host caching is only for disks under 4 TiB; {disk} is "
+                                      f"{size_bytes / GIB:,.3f} GiB (counted as {lim.size_gib:,} GiB): "
+                                      f"use {flag}")
         return mode.value
 
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
@@ -230,45 +311,60 @@ class Host:
         rec = self.disks.record(disk)
         if rec["state"] != DiskState.UNATTACHED.value:
             where = rec.get("attached_to")
-            raise HostRuleError(f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else ""))
+            raise ConflictingUserInput("A disk can be attached to only one VM at a time: "
+                                       f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else "")
+                                       + "; detach it there first")
         if not 0 <= lun < limits.max_data_disks:
-            raise HostRuleError(f"LUN {lun} is out of range: {limits.name} takes LUNs 0 to "
-                                f"{limits.max_data_disks - 1}")
+            raise InvalidParameter(f"LUN {lun} is out of range: {limits.name} takes LUNs 0 to "
+                                   f"{limits.max_data_disks - 1}")
         if str(lun) in vm["data_disks"]:
-            raise HostRuleError(f"LUN {lun} of VM {vm_name} holds {vm['data_disks'][str(lun)]['disk']}")
+            raise InvalidParameter(f"LUN {lun} of VM {vm_name} holds {vm['data_disks'][str(lun)]['disk']}: "
+                                   "choose a free LUN")
         if len(vm["data_disks"]) >= limits.max_data_disks:
-            raise HostRuleError(f"{limits.name} takes at most {limits.max_data_disks} data disks")
-        mode = self._caching(disk, caching, limits.host_caching, is_os=False)
+            raise OperationNotAllowed(f"{limits.name} takes at most {limits.max_data_disks} data disks: "
+                                      "detach one first or choose a larger size")
+        _check_sku_on_size(limits, rec["sku"], disk)
+        mode = self._caching(disk, rec["sku"], int(_size_gib(rec) * GIB), caching, limits, is_os=False)
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}
         self._put(vm)
         self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
-            live.add_disk(str(lun), _limits(rec))
+            live.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+        if vm["state"] == "Running":
+            self._any_throttle(vm).resume([str(lun)])
         return vm
 
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         self._flush_disk(vm_name, lun, entry["disk"], drop=True)
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun)])
         del vm["data_disks"][str(lun)]
         self._put(vm)
         live = self.throttles.get(vm_name)
         if live is not None:
-            live.disks.pop(str(lun), None)
+            live.remove_disk(str(lun))
         self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
+        self._prune_buckets()
         return vm
 
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
-        disk = self.vm(vm_name)["data_disks"][str(lun)]["disk"]
+        entry = self.vm(vm_name)["data_disks"].get(str(lun))
+        if entry is None:
+            raise InvalidParameter(f"VM {vm_name} has no data disk at LUN {lun}")
+        disk = entry["disk"]
         self.detach(vm_name, lun)
         return self.attach(vm_name, disk, lun, caching)
 
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
         for lun, disk in self._luns(vm):
             self._flush_disk(vm_name, lun, disk)
             if deallocate:
@@ -282,19 +378,32 @@ class Host:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        if vm["state"] != "Running":
+            self._any_throttle(vm).resume([str(lun) for lun, _ in self._luns(vm)], vm=True)
         vm["state"] = "Running"
         self._put(vm)
         return vm
 
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
+        if vm["state"] == "Running":
+            self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
         for lun, disk in self._luns(vm):
             self._flush_disk(vm_name, lun, disk, drop=True)
             self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
+        self.throttles.pop(vm_name, None)
         if delete_os_disk:
             self.disks.delete_disk(vm["os_disk"]["disk"])
+        self._prune_buckets()
+
+    def _prune_buckets(self) -> None:
+        """Remove the buckets of VMs and disks that no longer exist (listed
+        first: a bucket is made after its VM or disk record)."""
+        listed = self.buckets.names()
+        keys = {_vm_key(vm) for vm in self.vms()} | {_disk_key(rec) for rec in self.disks.disks()}
+        self.buckets.keep_only(keys, listed)
 
     def _luns(self, vm: dict[str, Any]) -> list[tuple[int, str]]:
         return [(OS_LUN, vm["os_disk"]["disk"])] + [(int(k), v["disk"]) for k, v in vm["data_disks"].items()]
@@ -321,7 +430,7 @@ class Host:
         vm = self.vm(vm_name)
         entry = _entry(vm, lun)
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         opened = self.open_disks.get((vm_name, lun))
         if opened is not None:
             with opened.lock:  # no write slips in between the flush and the snapshot
@@ -336,14 +445,22 @@ class Host:
     # -- I/O ------------------------------------------------------------------------------
 
     def throttle(self, vm_name: str) -> Throttle:
+        """The VM's throttle in this process (its statistics are recorded on close)."""
         t = self.throttles.get(vm_name)
         if t is None:
-            vm = self.vm(vm_name)
-            t = self.throttles[vm_name] = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency)
-            for lun, disk in self._luns(vm):
-                rec = self.disks.record(disk)
-                t.add_disk(str(lun), _limits(rec))
+            t = self.throttles[vm_name] = self._new_throttle(self.vm(vm_name))
         return t
+
+    def _new_throttle(self, vm: dict[str, Any]) -> Throttle:
+        t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm))
+        for lun, disk in self._luns(vm):
+            rec = self.disks.record(disk)
+            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+        return t
+
+    def _any_throttle(self, vm: dict[str, Any]) -> Throttle:
+        """This process's throttle of the VM, or one just to act on its buckets (not kept)."""
+        return self.throttles.get(vm["name"]) or self._new_throttle(vm)
 
     def open_disk(self, vm_name: str, lun: int) -> AttachedDisk:
         """The disk at `lun` (OS_LUN for the OS disk) as the VM sees it."""
@@ -355,7 +472,7 @@ class Host:
             raise HostRuleError(f"VM {vm_name} is {vm['state']}: start it first")
         entry = _entry(vm, lun)
         if entry is None:
-            raise HostRuleError(f"VM {vm_name} has no disk at LUN {lun}")
+            raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]))
         self.open_disks[key] = disk
         return disk

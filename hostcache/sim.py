@@ -4,7 +4,8 @@ Each workload keeps `qd` I/Os outstanding on one disk; when one completes
 (admission plus service latency) the next is issued at that instant. Events
 are processed in time order, so limiters see arrivals in order. Used by the
 tests to check throttle arithmetic exactly, and to show IOPS against queue
-depth without sleeping.
+depth without sleeping. A run must last longer than its warmup, and every
+workload keeps at least one I/O of at least one byte outstanding.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+from .errors import HostError
 from .throttle import FakeClock, Path, Throttle
 
 
@@ -31,6 +33,11 @@ def simulate(throttle: Throttle, workloads: list[Workload], seconds: float, warm
     clock = throttle.clock
     if not isinstance(clock, FakeClock):
         raise ValueError("simulate() needs a Throttle built with a FakeClock")
+    if not 0 <= warmup < seconds:
+        raise HostError(f"simulate {seconds} s after a warmup of {warmup} s: the warmup must be shorter")
+    for w in workloads:
+        if w.qd < 1 or w.nbytes < 1:
+            raise HostError(f"workload on {w.disk}: queue depth and I/O size must be at least 1")
     events: list[tuple[float, int, int]] = []
     seq = 0
     for i, w in enumerate(workloads):

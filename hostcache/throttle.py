@@ -22,38 +22,66 @@ and then counted by all of them at that time. Over the limit an I/O waits,
 in arrival order; nothing is dropped. Service latency (per tier, published
 claims) is added after admission, independently per I/O, so IOPS rise with
 queue depth as QD / latency until a limit caps them.
+
+Limiter state (when the next unit may go, credits left) can live in a
+BucketStore (buckets.py) shared by every process using a host: each admission
+then reads the buckets on its path, admits, and writes them back under their
+locks. Statistics stay in the process and take bounded space: counters, and
+the last minute's use in one-second bins (METRIC_BINS of them), whatever the
+number of I/Os.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
+import math
+import os
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import HostError
-from .tiers import BURST_SECONDS, MB, MIB, Burst, DiskLimits, VmLimits, io_units
+from .tiers import BURST_SECONDS, MB, ULTRA_SKUS, Burst, DiskLimits, VmLimits, io_units
 
 TOLERANCE = 0.05  # seconds of work a limiter admits at once
 # A read served by the host cache (local SSD) still takes time; no source
 # gives a figure, so this is our assumption: 0.1 ms.
 CACHE_HIT_LATENCY_MS = 0.1
 METRIC_WINDOW = 60.0  # seconds, as the platform's one-minute metrics
+METRIC_BINS = int(METRIC_WINDOW) + 1  # one-second bins: the window and the second in progress
 
 
 class Clock(Protocol):
+    """`epoch` names the clock's origin: times from clocks of one epoch compare."""
+
+    epoch: str
+
     def now(self) -> float: ...
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return "boot " + f.read().strip()
+    except OSError:  # not Linux: treat every process start as a new epoch
+        return f"process {os.getpid()} {time.time()}"
+
+
 class MonotonicClock:
+    """CLOCK_MONOTONIC: one timeline for every process until the machine reboots."""
+
+    epoch = _boot_id()
+
     def now(self) -> float:
         return time.monotonic()
 
 
 class FakeClock:
     """A clock tests move by hand: no sleeping."""
+
+    epoch = "fake"
 
     def __init__(self, start: float = 0.0) -> None:
         self.t = start
@@ -71,13 +99,33 @@ class Path(enum.Enum):
     CACHED_MISS = "cached-miss"
 
 
+class RecentUse:
+    """Units admitted per second over the last minute, in METRIC_BINS fixed bins."""
+
+    def __init__(self) -> None:
+        self.second = [-1] * METRIC_BINS  # which whole second each bin holds
+        self.units = [0.0] * METRIC_BINS
+
+    def add(self, t: float, cost: float) -> None:
+        sec = math.floor(t)
+        i = sec % METRIC_BINS
+        if self.second[i] != sec:
+            self.second[i], self.units[i] = sec, 0.0
+        self.units[i] += cost
+
+    def total(self, now: float, window: float) -> float:
+        """Units admitted in the whole seconds from now - window to now."""
+        lo, hi = math.floor(now - min(window, METRIC_WINDOW)), math.floor(now)
+        return sum(u for s, u in zip(self.second, self.units, strict=True) if lo <= s <= hi)
+
+
 @dataclass
 class LimiterStats:
     admitted: float = 0.0  # units (I/Os or bytes)
     requests: int = 0
     throttled: int = 0  # requests that waited
     waited: float = 0.0  # seconds, summed over requests
-    recent: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)
+    recent: RecentUse = field(default_factory=RecentUse)
 
 
 class RateLimiter:
@@ -101,6 +149,17 @@ class RateLimiter:
 
     def credits_left(self, now: float) -> float | None:
         return None
+
+    def state(self) -> tuple[float, float]:
+        """What a BucketStore keeps: (tat, credits)."""
+        return self.tat, 0.0
+
+    def restore(self, tat: float, credits: float) -> None:
+        self.tat = tat
+
+    def idle_until(self, now: float, earn: bool) -> None:
+        """Nothing ran before `now` (a pause or a resume): nothing to save up."""
+        self.tat = max(self.tat, now)
 
 
 class CreditLimiter:
@@ -143,6 +202,19 @@ class CreditLimiter:
     def consumed(self, now: float, window: float = METRIC_WINDOW) -> float:
         return _recent(self.stats, now, window) / (self.baseline * window) * 100
 
+    def state(self) -> tuple[float, float]:
+        return self.tat, self.credits
+
+    def restore(self, tat: float, credits: float) -> None:
+        self.tat, self.credits = tat, min(self.bucket, max(0.0, credits))
+
+    def idle_until(self, now: float, earn: bool) -> None:
+        """Account for the time until `now`: idling below the baseline earns
+        credits (earn, a pause), or nothing ran at all (a resume after a pause)."""
+        if earn and now > self.tat:
+            self.credits = min(self.bucket, self.credits + self.baseline * (now - self.tat))
+        self.tat = max(self.tat, now)
+
 
 Limiter = RateLimiter | CreditLimiter
 
@@ -150,13 +222,11 @@ Limiter = RateLimiter | CreditLimiter
 def _record(stats: LimiterStats, t: float, cost: float) -> None:
     stats.admitted += cost
     stats.requests += 1
-    stats.recent.append((t, cost))
+    stats.recent.add(t, cost)
 
 
 def _recent(stats: LimiterStats, now: float, window: float) -> float:
-    while stats.recent and stats.recent[0][0] < now - METRIC_WINDOW:
-        stats.recent.popleft()
-    return sum(c for t, c in stats.recent if now - window <= t <= now)
+    return stats.recent.total(now, window)
 
 
 def pair(name: str, iops: float, mbps: float, burst_iops: float | None, burst_mbps: float | None,
@@ -183,23 +253,73 @@ class DiskThrottle:
             f"disk {limits.tier}", limits.iops, limits.mbps,
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
-            credit=limits.burst is Burst.CREDIT, unit=MIB, start=start)
+            credit=limits.burst is Burst.CREDIT, unit=limits.mbps_unit, start=start)
+        self.limiters: list[Limiter] = [self.iops, self.bandwidth]
+
+
+@dataclass
+class VmLimit:
+    """The limiters of one VM limit; None where the size publishes no figure (nothing to enforce)."""
+
+    iops: Limiter | None
+    bandwidth: Limiter | None
+
+    def limiters(self) -> list[Limiter]:
+        return [lim for lim in (self.iops, self.bandwidth) if lim is not None]
+
+    def steps(self, ios: int, nbytes: int) -> list[tuple[Limiter, float]]:
+        out: list[tuple[Limiter, float]] = []
+        if self.iops is not None:
+            out.append((self.iops, ios))
+        if self.bandwidth is not None:
+            out.append((self.bandwidth, nbytes))
+        return out
+
+
+def _vm_limit(name: str, iops: float | None, mbps: float | None, burst_iops: float | None,
+              burst_mbps: float | None, start: float, credit: bool = True) -> VmLimit:
+    """A VM limit: credit bursting where the size publishes burst figures."""
+
+    def one(what: str, rate: float | None, burst: float | None, unit: int) -> Limiter | None:
+        if rate is None:
+            return None
+        if credit and burst is not None and burst > rate:
+            return CreditLimiter(f"{name} {what}", rate * unit, burst * unit, start=start)
+        return RateLimiter(f"{name} {what}", rate * unit, start=start)
+    return VmLimit(one("IOPS", iops, burst_iops, 1), one("MB/s", mbps, burst_mbps, MB))
 
 
 class VmThrottle:
+    """A VM size's limits: uncached (Premium SSD and the rest), the separate
+    uncached limit for Ultra and Premium SSD v2 disks where the size publishes
+    one, and the host cache's; a figure the size does not publish is not enforced."""
+
     def __init__(self, limits: VmLimits, bursting: bool = True, start: float = 0.0) -> None:
-        self.limits = limits
-        burst = bursting and limits.burst_iops is not None
-        self.uncached_iops, self.uncached_bandwidth = pair(
-            f"VM {limits.name} uncached", limits.uncached_iops, limits.uncached_mbps,
-            limits.burst_iops if burst else None, limits.burst_mbps if burst else None, credit=True, unit=MB,
-            start=start)
-        self.cached_iops: Limiter | None = None
-        self.cached_bandwidth: Limiter | None = None
-        if limits.cached_iops and limits.cached_mbps:
-            self.cached_iops = RateLimiter(f"VM {limits.name} cached IOPS", limits.cached_iops, start=start)
-            self.cached_bandwidth = RateLimiter(f"VM {limits.name} cached MB/s", limits.cached_mbps * MB,
-                                                start=start)
+        self.limits = v = limits
+        self.uncached = _vm_limit(f"VM {v.name} uncached", v.uncached_iops, v.uncached_mbps,
+                                  v.burst_iops if bursting else None, v.burst_mbps if bursting else None, start)
+        self.ultra: VmLimit | None = None
+        if v.ultra_iops is not None or v.ultra_mbps is not None:
+            self.ultra = _vm_limit(f"VM {v.name} uncached Ultra/PremiumV2", v.ultra_iops, v.ultra_mbps,
+                                   v.ultra_burst_iops if bursting else None,
+                                   v.ultra_burst_mbps if bursting else None, start)
+        self.cached = _vm_limit(f"VM {v.name} cached", v.cached_iops, v.cached_mbps, None, None, start,
+                                credit=False)
+
+    def limiters(self) -> list[Limiter]:
+        return [lim for vl in (self.uncached, self.ultra, self.cached) if vl is not None for lim in vl.limiters()]
+
+    def uncached_for(self, sku: str) -> VmLimit:
+        """The uncached limit a disk of `sku` counts against."""
+        if sku in ULTRA_SKUS and self.ultra is not None:
+            return self.ultra
+        return self.uncached
+
+
+class Buckets(Protocol):
+    """Where limiter state lives between admissions (buckets.BucketStore)."""
+
+    def hold(self, buckets: dict[str, list[Limiter]], now: float) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -216,6 +336,8 @@ class Admission:
 def admit(steps: list[tuple[Limiter, float]], now: float) -> float:
     """The earliest time every limiter allows its cost; then count it there."""
     t = now
+    if not steps:  # no published limit on this path
+        return t
     for _ in range(4):  # earliest() is max(t, x) with x fixed: stable in two rounds
         later = max(lim.earliest(t, cost) for lim, cost in steps)
         if later <= t:
@@ -230,43 +352,82 @@ def admit(steps: list[tuple[Limiter, float]], now: float) -> float:
 
 
 class Throttle:
-    """One VM's I/O admission: its limits and those of its disks."""
+    """One VM's I/O admission: its limits and those of its disks. With a
+    `store`, limiter state is read from it and written back around every
+    admission (under its keys: `key` for the VM, add_disk's for each disk)."""
 
     def __init__(self, vm: VmLimits, clock: Clock | None = None, latency: bool = True,
-                 vm_bursting: bool = True) -> None:
+                 vm_bursting: bool = True, store: Buckets | None = None, key: str | None = None) -> None:
         self.clock = clock or MonotonicClock()
         self.vm = VmThrottle(vm, bursting=vm_bursting, start=self.clock.now())
+        self.vm_limiters = self.vm.limiters()
         self.latency = latency
+        self.store, self.key = store, key or f"vm {vm.name}"
         self.disks: dict[str, DiskThrottle] = {}
+        self.disk_keys: dict[str, str] = {}
         self.lock = threading.Lock()  # admissions from several threads (queue depth) happen one at a time
 
-    def add_disk(self, name: str, limits: DiskLimits) -> DiskThrottle:
+    def add_disk(self, name: str, limits: DiskLimits, key: str | None = None) -> DiskThrottle:
         self.disks[name] = DiskThrottle(limits, start=self.clock.now())
+        self.disk_keys[name] = key or f"disk {name}"
         return self.disks[name]
+
+    def remove_disk(self, name: str) -> None:
+        self.disks.pop(name, None)
+        self.disk_keys.pop(name, None)
+
+    def shared(self, disks: list[str], now: float) -> AbstractContextManager[None]:
+        """For a `with`: the VM's and these disks' limiters hold the store's
+        state, and what changes in them inside is written back."""
+        if self.store is None:
+            return nullcontext()
+        buckets = {self.key: self.vm_limiters}
+        for d in disks:
+            buckets[self.disk_keys[d]] = self.disks[d].limiters
+        return self.store.hold(buckets, now)
+
+    def pause(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
+        """These disks (and the VM's own limits, with vm) stop running, as on
+        detach or deallocation: idling until now earns credits, the time
+        until resume() earns none (credits accrue only while running)."""
+        self._idle(disks, vm, now, earn=True)
+
+    def resume(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
+        """They run again from now: the time since pause() earned nothing."""
+        self._idle(disks, vm, now, earn=False)
+
+    def _idle(self, disks: list[str], vm: bool, now: float | None, earn: bool) -> None:
+        with self.lock:
+            t = self.clock.now() if now is None else now
+            with self.shared(disks, t):
+                limiters = self.vm.limiters() if vm else []
+                for d in disks:
+                    limiters += self.disks[d].limiters
+                for lim in limiters:
+                    lim.idle_until(t, earn)
 
     def steps(self, disk: str, nbytes: int, path: Path) -> list[tuple[Limiter, float]]:
         ios = io_units(nbytes)
         d, vm = self.disks[disk], self.vm
         disk_steps: list[tuple[Limiter, float]] = [(d.iops, ios), (d.bandwidth, nbytes)]
-        uncached: list[tuple[Limiter, float]] = [(vm.uncached_iops, ios), (vm.uncached_bandwidth, nbytes)]
-        cached: list[tuple[Limiter, float]] = []
-        if vm.cached_iops is not None and vm.cached_bandwidth is not None:
-            cached = [(vm.cached_iops, ios), (vm.cached_bandwidth, nbytes)]
+        uncached_steps = vm.uncached_for(d.limits.sku).steps(ios, nbytes)
+        cached_steps = vm.cached.steps(ios, nbytes)
         if path is Path.UNCACHED:
-            return disk_steps + uncached
+            return disk_steps + uncached_steps
         if path is Path.CACHED_HIT:
-            return cached
-        return cached + disk_steps + uncached
+            return cached_steps
+        return cached_steps + disk_steps + uncached_steps
 
     def admit(self, disk: str, write: bool, nbytes: int, path: Path = Path.UNCACHED,
               now: float | None = None) -> Admission:
         """When an I/O arriving now may start, and when it completes."""
         with self.lock:
             arrival = self.clock.now() if now is None else now
-            steps = self.steps(disk, nbytes, path)
-            if not steps:
+            if path is not Path.UNCACHED and not self.vm.limits.host_caching:
                 raise HostError(f"VM size {self.vm.limits.name} has no host cache: an I/O cannot hit it")
-            start = admit(steps, arrival)
+            steps = self.steps(disk, nbytes, path)
+            with self.shared([disk], arrival):
+                start = admit(steps, arrival)
         lim = self.disks[disk].limits
         service = 0.0
         if self.latency:
@@ -278,13 +439,12 @@ class Throttle:
     def statistics(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
         """Per limiter: consumed percent (last minute), credits left, time throttled."""
         t = self.clock.now() if now is None else now
-        limiters: list[Limiter] = [self.vm.uncached_iops, self.vm.uncached_bandwidth]
-        if self.vm.cached_iops is not None and self.vm.cached_bandwidth is not None:
-            limiters += [self.vm.cached_iops, self.vm.cached_bandwidth]
+        limiters = self.vm.limiters()
         for d in self.disks.values():
-            limiters += [d.iops, d.bandwidth]
-        return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
-                           "burst_credits_percent": lim.credits_left(t),
-                           "throttled_seconds": round(lim.stats.waited, 6),
-                           "throttled_requests": lim.stats.throttled,
-                           "requests": lim.stats.requests} for lim in limiters}
+            limiters += d.limiters
+        with self.shared(list(self.disks), t):  # credits as the shared buckets hold them
+            return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
+                               "burst_credits_percent": lim.credits_left(t),
+                               "throttled_seconds": round(lim.stats.waited, 6),
+                               "throttled_requests": lim.stats.throttled,
+                               "requests": lim.stats.requests} for lim in limiters}

@@ -1,35 +1,51 @@
 """The tier catalog: published disk and VM storage limits, as data.
 
-The figures come from `data/azure-disk-limits.json`, a copy of the project's
-reference file with its sources and the places where sources disagree. Rules
-kept here (each stated by that file):
-- Premium SSD, Standard SSD and Standard HDD: a disk's size, rounded up, maps
-  to the smallest offered size that holds it (100 GiB Premium -> P10);
+The figures come from `data/azure-disk-limits.json` (disk types) and
+`data/azure-vm-sizes.json` (313 VM sizes in 38 families), copies of the
+project's reference files with their sources and the places where sources
+disagree. Rules kept here (each stated by those files):
+- Premium SSD, Standard SSD and Standard HDD: a disk's size, rounded up to a
+  whole GiB (128 GiB + 1 MiB is 129), maps to the smallest offered size that
+  holds it (100 GiB Premium -> P10; 129 GiB -> P15);
   performance plus (disks >= 513 GiB, chosen at creation) takes the
   "expanded" figures.
 - Bursting: credit-based for Premium P20 and smaller and Standard SSD E30 and
   smaller (a full bucket is 30 minutes at the burst rate); on-demand for
-  Premium above 512 GiB when enabled (30,000 IOPS, 1,000 MB/s); none for HDD.
+  Premium above 512 GiB when enabled (30,000 IOPS, 1,000 MB/s), refused on
+  any other disk; none for HDD.
 - Premium SSD v2: IOPS up to min(80,000, max(3,000, 500 per GiB)); MB/s up to
   min(2,000, 0.25 per IOPS) (edition "2024": 1,200). Default: the free
   baseline, 3,000 IOPS and 125 MB/s.
-- Ultra: IOPS 100 to min(400,000, 1,000 per GiB) (edition "2022": 300 per
-  GiB, 160,000); MB/s 1 to min(10,000, 0.25 per IOPS) (2022: 4,000).
+- Ultra: IOPS 100 to min(400,000, 1,000 per GiB) (edition "2024": 300 per
+  GiB; "2022": 300 per GiB, 160,000); MB/s 1 to min(10,000, 0.25 per IOPS)
+  ("2024": 256 kB/s per IOPS; "2022": 256 KiB/s per IOPS, 4,000).
   Default: the size's maximum.
-- Units of MB/s: VM limits are 10^6 bytes per second (the VM size tables
-  define MBps so). Disk limits are 2^20 bytes per second: the disk tables do
-  not say, and the published P30 example (5,000 IOPS, 200 MB/s: 64 KB I/Os
+- Units of MB/s (DiskLimits.mbps_unit): VM limits, Ultra and Premium SSD v2
+  are 10^6 bytes per second (the VM size tables and the Ultra section define
+  MBps so; the Premium SSD v2 pages give MB/s with the same 0.25 per IOPS
+  ratio). Premium SSD, Standard SSD and Standard HDD disk limits are 2^20
+  bytes per second: their tables do not say (the 2019 Standard tables said
+  MiB/sec), and the published P30 example (5,000 IOPS, 200 MB/s: 64 KB I/Os
   give 3,200 IOPS, 1,024 KB give 200) holds exactly only in MiB.
 - An I/O larger than 256 KiB counts as several 256 KiB I/Os; the same unit
   is used for Standard HDD (no source states its throttling unit; its 16 KiB
   rule is for billing).
 - Host caching: Premium, Standard SSD and HDD disks under 4,096 GiB only.
+- VM sizes: names are case-insensitive, "Standard_" optional. A figure a
+  size does not publish is None and its behaviour is stated in the size's
+  `not_published` (no limit enforced, or no cache growth), never invented.
+  The cached limit is the "cached and temp" (or "cached") column only: the
+  newer pages' temp-disk figures are not host-cache figures. Ultra and
+  Premium SSD v2 disks count against the size's separate Ultra/v2 uncached
+  limit where one is published, else against the uncached limit.
 
 Where sources disagree (the reference's `disagreements`), the current figure
 is the default; `edition` selects the other where it changes behaviour:
 Ultra per-GiB IOPS, maximum IOPS and MB/s ("2022"); Premium v2 maximum MB/s
-("2024": 1,200); Standard SSD E1-E6 ("2019" table); DS1_v2 host caching
-(current: not supported; "2020": supported, 43 GiB). Kept as decided, not
+("2024": 1,200); Standard SSD E1-E6 ("2019" table). VM sizes take the
+reference's primary source (its `source_disagreements` list the rest; DSv2's
+current page saying premium storage and caching are not supported is taken
+as a documentation error, as the reference does). Kept as decided, not
 selectable: P50/S50/E50 are 4,096 GiB in the current tables and caching
 stops at 4,096 GiB (the FAQ's 4,095 rule); D2s_v3 uncached 48 MB/s (the
 size table, not a diagram's 32); data disks attach with caching None unless
@@ -40,12 +56,13 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from importlib import resources
 from typing import Any
 
-from .errors import InvalidPerformance, UnknownTier
+from .errors import InvalidParameter, InvalidPerformance, UnknownTier
 
 MB = 1_000_000  # VM tables
 MIB = 1 << 20  # disk tables (see the module comment)
@@ -53,6 +70,8 @@ IO_UNIT = 256 * 1024
 BURST_SECONDS = 30 * 60
 CACHE_LIMIT_GIB = 4096
 SKUS = ("Standard_LRS", "StandardSSD_LRS", "Premium_LRS", "PremiumV2_LRS", "UltraSSD_LRS")
+ULTRA_SKUS = ("PremiumV2_LRS", "UltraSSD_LRS")  # provisioned performance; the VM's separate limit
+PREMIUM_SKUS = ("Premium_LRS", "PremiumV2_LRS", "UltraSSD_LRS")  # need a size with premium storage
 EDITIONS = ("current", "2024", "2022", "2019")
 
 
@@ -77,34 +96,49 @@ class DiskLimits:
     host_caching: bool
     latency_read_ms: float
     latency_write_ms: float
+    mbps_unit: int = MIB  # bytes of this disk type's MB (see the module comment)
 
     @property
     def credit_iops(self) -> float:
         """Size of a full IOPS credit bucket (30 minutes at the burst rate)."""
         return (self.burst_iops - self.iops) * BURST_SECONDS if self.burst is Burst.CREDIT else 0.0
 
-
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["burst"] = self.burst.value
+        out["mbps_unit"] = "MiB/s" if self.mbps_unit == MIB else "MB/s"
         return out
 
 
 @dataclass(frozen=True)
 class VmLimits:
+    """A VM size's storage limits; None where the size publishes no figure."""
+
     name: str
     max_data_disks: int
     cached_iops: int | None
     cached_mbps: float | None
     cache_size_gib: int | None
-    uncached_iops: int
-    uncached_mbps: float
+    uncached_iops: int | None
+    uncached_mbps: float | None
     burst_iops: int | None
     burst_mbps: float | None
     host_caching: bool
+    premium_storage: bool = True
+    family: str = ""
+    vcpus: int | None = None
+    ultra_iops: int | None = None  # the separate uncached limit of Ultra and Premium SSD v2 disks
+    ultra_mbps: float | None = None
+    ultra_burst_iops: int | None = None
+    ultra_burst_mbps: float | None = None
+    ultra_disk_supported: bool | None = None  # None: the pages do not say
+    not_published: tuple[str, ...] = ()  # what the sources do not give, and what the emulator does then
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["not_published"] = list(self.not_published)
+        out["mbps_unit"] = "MB/s"
+        return out
 
 
 # Service latency defaults, from the published claims (latency_claims):
@@ -130,7 +164,7 @@ def _check_sku(sku: str) -> None:
         raise UnknownTier(f"unknown disk SKU {sku!r}: one of {', '.join(SKUS)}")
 
 
-def disk_limits(sku: str, size_gib: int, *, iops: int | None = None, mbps: float | None = None,
+def disk_limits(sku: str, size_gib: float, *, iops: int | None = None, mbps: float | None = None,
                 performance_plus: bool = False, on_demand_bursting: bool = False,
                 edition: str = "current") -> DiskLimits:
     """The limits of a disk of `sku` and `size_gib` (provisioned iops/mbps for
@@ -140,6 +174,7 @@ def disk_limits(sku: str, size_gib: int, *, iops: int | None = None, mbps: float
         raise UnknownTier(f"unknown edition {edition!r}: one of {', '.join(EDITIONS)}")
     if size_gib <= 0:
         raise UnknownTier(f"disk size must be positive, not {size_gib} GiB")
+    size_gib = math.ceil(size_gib)  # a disk performs as the whole GiB that holds it
     read_ms, write_ms = LATENCY_MS[sku]
     if sku == "PremiumV2_LRS":
         return _premium_v2(size_gib, iops, mbps, edition, read_ms, write_ms)
@@ -148,6 +183,11 @@ def disk_limits(sku: str, size_gib: int, *, iops: int | None = None, mbps: float
     if iops is not None or mbps is not None:
         raise InvalidPerformance(f"{sku} disks take the performance of their size tier; iops and mbps "
                                  "are set only for PremiumV2_LRS and UltraSSD_LRS")
+    return _tiered(sku, size_gib, performance_plus, on_demand_bursting, edition, read_ms, write_ms)
+
+
+def _tiered(sku: str, size_gib: int, performance_plus: bool, on_demand_bursting: bool, edition: str,
+            read_ms: float, write_ms: float) -> DiskLimits:
     name, row = _size_row(sku, size_gib, edition)
     base_iops: Any = row.get("provisioned_iops", row.get("max_iops_up_to"))
     base_mbps: Any = row.get("provisioned_mbps", row.get("max_mbps_up_to"))
@@ -157,13 +197,14 @@ def disk_limits(sku: str, size_gib: int, *, iops: int | None = None, mbps: float
         base_iops = row.get("expanded_iops_performance_plus") or base_iops
         base_mbps = row.get("expanded_mbps_performance_plus") or base_mbps
     model = str(row.get("burst_model", "none"))
+    if on_demand_bursting and not model.startswith("on-demand"):
+        raise InvalidParameter(f"on-demand bursting is only for Premium_LRS disks above 512 GiB (P30 and up), "
+                               f"not {name} ({sku}, {size_gib} GiB): leave it off or choose a larger disk")
     if model == "credit":
         burst, b_iops, b_mbps = Burst.CREDIT, row["max_burst_iops"], row["max_burst_mbps"]
     elif model.startswith("on-demand") and on_demand_bursting:
         burst, b_iops, b_mbps = Burst.ON_DEMAND, row["max_burst_iops"], row["max_burst_mbps"]
     else:
-        if on_demand_bursting:
-            raise InvalidPerformance(f"on-demand bursting is for Premium_LRS disks above 512 GiB, not {name}")
         burst, b_iops, b_mbps = Burst.NONE, base_iops, base_mbps
     return DiskLimits(sku, name, size_gib, int(base_iops), float(base_mbps), burst, int(b_iops), float(b_mbps),
                       size_gib < CACHE_LIMIT_GIB, read_ms, write_ms)
@@ -197,41 +238,118 @@ def _premium_v2(size: int, iops: int | None, mbps: float | None, edition: str, r
     if not 125 <= mbps <= max(125, max_mbps):
         raise InvalidPerformance(f"a PremiumV2 disk with {iops:,} IOPS takes 125 to {max_mbps:,.0f} MB/s")
     return DiskLimits("PremiumV2_LRS", "PremiumV2", size, iops, float(mbps), Burst.NONE, iops, float(mbps),
-                      False, r, w)
+                      False, r, w, mbps_unit=MB)
+
+
+# Ultra by edition: IOPS per GiB, maximum IOPS, maximum MB/s, MB/s per provisioned IOPS
+ULTRA_EDITIONS = {
+    "current": (1000, 400000, 10000, 0.25),
+    "2024": (300, 400000, 10000, 256_000 / MB),  # billing_2024: 256 kB/s per IOPS
+    "2022": (300, 160000, 4000, 256 * 1024 / MB),  # disk_types_2022: 256 KiB/s per IOPS
+}
 
 
 def _ultra(size: int, iops: int | None, mbps: float | None, edition: str, r: float, w: float) -> DiskLimits:
     if not 4 <= size <= 65536:
         raise UnknownTier("UltraSSD_LRS disks are 4 to 65,536 GiB")
-    per_gib, top, top_mbps = (300, 160000, 4000) if edition == "2022" else (1000, 400000, 10000)
+    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS.get(edition, ULTRA_EDITIONS["current"])
     max_iops = min(top, per_gib * size)
     iops = max_iops if iops is None else iops
     if not 100 <= iops <= max_iops:
         raise InvalidPerformance(f"a {size} GiB Ultra disk takes 100 to {max_iops:,} IOPS, not {iops:,}")
-    max_mbps = min(top_mbps, 0.25 * iops) if edition != "2022" else min(top_mbps, iops * 256 * 1024 / MB)
+    max_mbps = min(top_mbps, per_iops * iops)
     mbps = max_mbps if mbps is None else mbps
     if not 1 <= mbps <= max_mbps:
         raise InvalidPerformance(f"an Ultra disk with {iops:,} IOPS takes 1 to {max_mbps:,.0f} MB/s")
     return DiskLimits("UltraSSD_LRS", "Ultra", size, iops, float(mbps), Burst.NONE, iops, float(mbps),
-                      False, r, w)
+                      False, r, w, mbps_unit=MB)
 
 
-def vm_limits(name: str, edition: str = "current") -> VmLimits:
-    sizes = reference()["vm_sizes"]["sizes"]
-    key = name if name.startswith("Standard_") else f"Standard_{name}"
-    row = sizes.get(key)
-    if row is None:
-        raise UnknownTier(f"unknown VM size {name!r}: one of {', '.join(s.removeprefix('Standard_') for s in sizes)}")
-    premium_caching = row.get("premium_caching")
-    if isinstance(premium_caching, str):  # sources disagree (DS1_v2): current says not supported
-        premium_caching = edition == "2020"
-    caching = premium_caching is True and row.get("cache_size_gib") is not None
-    cached = caching  # without premium caching there is no cached path (the figures are the temp disk's)
-    return VmLimits(key, int(row["max_data_disks"]), row.get("cached_and_temp_iops") if cached else None,
-                    row.get("cached_and_temp_mbps") if cached else None,
-                    row.get("cache_size_gib") if cached else None, int(row["uncached_iops"]),
-                    float(row["uncached_mbps"]), row.get("burst_uncached_iops"), row.get("burst_uncached_mbps"),
-                    caching)
+@cache
+def vm_reference() -> dict[str, Any]:
+    text = resources.files("hostcache").joinpath("data/azure-vm-sizes.json").read_text()
+    return dict(json.loads(text))
+
+
+@cache
+def _vm_names() -> dict[str, str]:
+    """Lower-case name, with and without "standard_", to the catalog's name."""
+    names = {}
+    for key in vm_reference()["sizes"]:
+        names[key.lower()] = key
+        names[key.lower().removeprefix("standard_")] = key
+    return names
+
+
+# The "cached" columns that are host-cache figures (others are temp-disk figures).
+CACHE_BASES = ("cached+temp", "cached only")
+
+
+def vm_limits(name: str) -> VmLimits:
+    """A VM size's storage limits, by name ("D8s_v3", "standard_d8s_v3")."""
+    key = _vm_names().get(name.strip().lower())
+    if key is None:
+        raise UnknownTier(f"unknown VM size {name!r}: `hostcache sizes` lists the {len(vm_reference()['sizes'])} "
+                          "published sizes (for example D8s_v3)")
+    return _vm_row(key, vm_reference()["sizes"][key])
+
+
+def vm_provenance(name: str) -> dict[str, Any]:
+    """Where a size's figures come from: its sources, caveats, and where sources disagree."""
+    key = vm_limits(name).name
+    row = vm_reference()["sizes"][key]
+    disagreements = [d for d in vm_reference()["_meta"]["source_disagreements"] if d["size"] == key]
+    return {"source": row["source"], "caveats": row["caveats"], "disagreements": disagreements}
+
+
+def _vm_row(key: str, row: dict[str, Any]) -> VmLimits:
+    caching = bool(row["premium_caching"])
+    basis = str(row.get("cached_temp_basis") or "")
+    cached = caching and basis.startswith(CACHE_BASES)
+    limits = VmLimits(
+        key, int(row["max_data_disks"]),
+        row["max_cached_temp_iops"] if cached else None, row["max_cached_temp_mbps"] if cached else None,
+        row["cache_size_gib"] if caching else None,
+        row["max_uncached_iops"], row["max_uncached_mbps"], row["burst_uncached_iops"],
+        row["burst_uncached_mbps"], caching, bool(row["premium_storage"]), str(row["family"]), row["vcpus"],
+        row["max_uncached_ultra_premv2_iops"], row["max_uncached_ultra_premv2_mbps"],
+        row["burst_uncached_ultra_premv2_iops"], row["burst_uncached_ultra_premv2_mbps"],
+        row["ultra_disk_supported"])
+    return replace(limits, not_published=_not_published(limits))
+
+
+def _not_published(v: VmLimits) -> tuple[str, ...]:
+    """The figures this size's sources do not give, each with what the emulator does instead."""
+    out = []
+    limits = [("uncached disk", v.uncached_iops, v.uncached_mbps)]
+    if v.host_caching:
+        limits.append(("cached (host cache)", v.cached_iops, v.cached_mbps))
+    for what, iops, mbps in limits:
+        missing = [unit for unit, value in (("IOPS", iops), ("MB/s", mbps)) if value is None]
+        if missing:
+            out.append(f"{what} {' and '.join(missing)}: not published; not limited at the VM level")
+    if v.uncached_iops is not None and v.burst_iops is None:
+        out.append("burst uncached IOPS and MB/s: not published; the VM does not burst")
+    if v.host_caching and v.cache_size_gib is None:
+        out.append("host cache size: not published; the host's cache is not grown for this size")
+    if v.ultra_iops is None:
+        out.append("separate Ultra/Premium SSD v2 limit: not published; those disks count against the "
+                   "uncached limit")
+    if v.ultra_disk_supported is None:
+        out.append("Ultra disk support: not stated; Ultra disks are allowed")
+    return tuple(out)
+
+
+def vm_sizes(family: str | None = None, contains: str | None = None, premium: bool | None = None,
+             caching: bool | None = None, min_vcpus: int | None = None) -> list[VmLimits]:
+    """Every published VM size that matches all the filters given (case-insensitive)."""
+    rows = [_vm_row(k, r) for k, r in vm_reference()["sizes"].items()]
+    return [v for v in rows
+            if (family is None or v.family.lower() == family.lower())
+            and (contains is None or contains.lower() in v.name.lower())
+            and (premium is None or v.premium_storage == premium)
+            and (caching is None or v.host_caching == caching)
+            and (min_vcpus is None or (v.vcpus or 0) >= min_vcpus)]
 
 
 def catalog(sku: str) -> list[DiskLimits]:

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hostcache", *args], capture_output=True, text=True)
@@ -56,3 +58,74 @@ def test_host_commands_end_to_end(tmp_path):
     assert json.loads(cli(*host, "vm", "stop", "vm1").stdout)["state"] == "Deallocated"
     r = cli("--host", str(tmp_path / "nohost"), "vm", "list")
     assert r.returncode == 1 and "hostcache init" in r.stderr
+
+
+def test_every_number_is_checked_where_it_is_read(tmp_path):
+    st = str(tmp_path / "st")
+    subprocess.run([sys.executable, "-m", "stamp", "--stamp", st, "init"], check=True, capture_output=True)
+    host = ["--host", str(tmp_path / "host")]
+    for args, why in [
+        (["simulate", "Premium_LRS", "128", "--seconds", "0"], "--seconds: 0 is too small: more than 0"),
+        (["simulate", "Premium_LRS", "128", "--qd", "0"], "--qd: 0 is too small: at least 1"),
+        (["simulate", "Premium_LRS", "128", "--size", "0"], "--size: 0 is too small"),
+        (["limits", "Premium_LRS", "0"], "size_gib: 0 is too small"),
+        ([*host, "init", "--stamp", st, "--cache-mib", "0"], "--cache-mib: 0 is too small: at least 1"),
+        ([*host, "init", "--stamp", st, "--cache-scale", "-1"], "--cache-scale: -1 is too small: more than 0"),
+        ([*host, "init", "--stamp", st, "--ram-mib", "-1"], "--ram-mib: -1 is too small"),
+        (["bootable-image", str(tmp_path / "x.vhd"), "--size", "ten"], "cannot read the size 'ten'"),
+        (["bootable-image", str(tmp_path / "x.vhd"), "--sectors", "128"], "--sectors: 128 is too large: 1 to 127"),
+        ([*host, "mount", "vm1", str(tmp_path), "--partition", "0"], "--partition: 0 is too small: at least 1"),
+        (["simulate", "Premium_LRS", "128", "--seconds", "nan"], "--seconds: nan is not a finite number"),
+        ([*host, "serve", "vm1", "--port", "70000"], "--port: 70000 is too large: a TCP port, 1 to 65535"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "host").exists()
+
+
+def test_sizes_read_with_binary_units():
+    from hostcache.cli import build_parser
+
+    a = build_parser().parse_args(["bootable-image", "x.vhd", "--size", "10G"])
+    assert a.size == 10 << 30
+    assert build_parser().parse_args(["simulate", "Premium_LRS", "128", "--size", "64KiB"]).size == 64 << 10
+
+
+def test_simulate_gives_mb_per_second_in_the_disks_own_unit():
+    r = json.loads(cli("simulate", "Premium_LRS", "1024", "--qd", "32", "--size", "64K", "--seconds", "3").stdout)
+    assert r["mbps_unit"] == r["disk"]["mbps_unit"] == "MiB/s"
+    assert r["results"][0] == {"qd": 32, "iops": 3200.0, "mbps": 200.0}  # the P30 example: 200 MB/s of 64 KiB
+    r = json.loads(cli("simulate", "UltraSSD_LRS", "64", "--iops", "1000", "--mbps", "250", "--qd", "16",
+                       "--size", "256K", "--seconds", "3").stdout)
+    assert r["mbps_unit"] == "MB/s" and r["results"][0]["mbps"] == pytest.approx(250, rel=0.003)
+
+
+def test_sizes_lists_and_filters_every_published_size():
+    assert len(json.loads(cli("sizes").stdout)) == 313
+    dsv5 = json.loads(cli("sizes", "--family", "dsv5", "--premium").stdout)
+    assert [s["name"] for s in dsv5][:2] == ["Standard_D2s_v5", "Standard_D4s_v5"] and len(dsv5) == 8
+    assert all(not s["host_caching"] for s in json.loads(cli("sizes", "--no-caching").stdout))
+    d2 = json.loads(cli("vm-size", "standard_d2s_v5").stdout)
+    assert d2["host_caching"] and d2["cache_size_gib"] is None
+    assert d2["source"]["primary"]["path"].endswith("dsv5-series.md")
+    d2ads = json.loads(cli("vm-size", "D2ads_v5").stdout)  # the 2021 page said no premium storage
+    assert {"field": "premium_storage", "primary_value": True, "secondary_value": False}.items() <= \
+        d2ads["disagreements"][0].items()
+    assert "host cache size: not published; the host's cache is not grown for this size" in d2["not_published"]
+
+
+def test_refusals_carry_the_platforms_code():
+    r = cli("limits", "Premium_LRS", "128", "--on-demand-bursting")
+    assert r.returncode == 1 and "InvalidParameter: on-demand bursting is only for Premium_LRS disks above 512 GiB" \
+        in r.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "hostcache", "sizes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `hostcache sizes | head -1` does
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err

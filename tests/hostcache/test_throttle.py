@@ -54,8 +54,6 @@ def test_provisioned_types_follow_their_formulas_and_editions():
         vm_limits("D99s_v9")
     with pytest.raises(InvalidPerformance):
         disk_limits("Premium_LRS", 128, iops=1000)
-    assert not vm_limits("DS1_v2").host_caching  # current docs: premium caching not supported
-    assert vm_limits("DS1_v2", edition="2020").cache_size_gib == 43
 
 
 def test_the_256_kib_rule():
@@ -120,8 +118,8 @@ def test_cached_paths():
     assert hit == pytest.approx(16000, rel=0.005)  # hits never touch the disk's 500
     miss = simulate(t, [Workload("p10", qd=32, path=Path.CACHED_MISS)], 15, warmup=6, start=5)["p10"]
     assert miss == pytest.approx(500, rel=0.01)
-    with pytest.raises(HostError, match="no host cache"):
-        throttle(vm_limits("D2s_v5"), d=disk_limits("Premium_LRS", 128)).admit("d", False, 4096, Path.CACHED_HIT)
+    with pytest.raises(HostError, match="no host cache"):  # Lsv3: no host cache for data disks
+        throttle(vm_limits("L8s_v3"), d=disk_limits("Premium_LRS", 128)).admit("d", False, 4096, Path.CACHED_HIT)
 
 
 def test_queue_depth_matters_through_service_latency():
@@ -168,3 +166,28 @@ def test_large_ios_count_in_256_kib_units_where_iops_bind():
     t = throttle(u=disk_limits("UltraSSD_LRS", 64, iops=1000, mbps=250))
     got = simulate(t, [Workload("u", nbytes=256 * KIB + 512, qd=16)], 10, warmup=1)["u"]
     assert got == pytest.approx(500, rel=0.005)
+
+
+def test_statistics_take_bounded_space_whatever_the_number_of_ios():
+    """statistics() is never called here, as under `hostcache serve`: a
+    minute more of I/O (30,000 admissions) must not grow memory."""
+    import tracemalloc
+
+    t = throttle(s=disk_limits("Standard_LRS", 32))  # 500 IOPS
+    simulate(t, [Workload("s", qd=4)], 60)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    simulate(t, [Workload("s", qd=4)], 60, start=60)
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert t.disks["s"].iops.stats.requests > 59000
+    assert grown < 64 * KIB  # was about 281 bytes per I/O per limiter: 30 MB
+    assert t.statistics(now=120)["disk S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
+
+
+def test_simulate_refuses_what_it_cannot_measure():
+    t = throttle(s=disk_limits("Standard_LRS", 32))
+    with pytest.raises(HostError, match="warmup must be shorter"):
+        simulate(t, [Workload("s")], 0)
+    with pytest.raises(HostError, match="queue depth and I/O size must be at least 1"):
+        simulate(t, [Workload("s", qd=0)], 1)

@@ -1,0 +1,112 @@
+"""The host's VM-size rules: sizes rounded up, premium storage, OS disk rules,
+caching on every size that publishes it, and create_vm that checks first and
+leaves nothing behind when refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostcache.errors import HostError, HostRuleError, InvalidParameter, OperationNotAllowed
+from hostcache.host import GIB, OS_LUN, Host
+from stamp.blobfile import PageBlobFile
+from stamp.disks import Disks
+from vhd.image import create_fixed
+
+from .test_host import host, make_image  # noqa: F401  (the fixture)
+
+MIB = 1 << 20
+
+
+def odd_size_disk(h, name: str, size: int, sku: str = "Premium_LRS") -> None:
+    """A disk of `size` bytes (a multiple of 1 MiB, not of 1 GiB), uploaded as the platform allows."""
+    d = Disks(h.stamp)
+    d.create_for_upload(name, size + 512, sku)
+    create_fixed(PageBlobFile(h.stamp, f"disks/{name}"), size)
+    d.finish_upload(name)
+
+
+def test_a_disk_a_mib_over_a_tier_performs_as_the_next_tier(host):  # noqa: F811
+    odd_size_disk(host, "p", 128 * GIB + MIB)
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "p", 0)
+    assert host.throttle("vm1").disks["0"].limits.tier == "P15"
+
+
+def test_a_disk_a_mib_over_4095_gib_cannot_cache(host):  # noqa: F811
+    odd_size_disk(host, "big2", 4095 * GIB + MIB)
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    with pytest.raises(OperationNotAllowed, match="host caching is only for disks under 4 TiB.*4,096 GiB"):
+        host.attach("vm1", "big2", 0, "ReadOnly")
+    host.attach("vm1", "big2", 0, "None")
+
+
+def test_os_disk_rules_are_stated_as_such(host):  # noqa: F811
+    with pytest.raises(OperationNotAllowed, match="^OperationNotAllowed: an OS disk is at most 4,095 GiB"):
+        host.create_vm("vm1", "D8s_v3", "mbr", os_size_gib=4096)
+    with pytest.raises(OperationNotAllowed, match="^OperationNotAllowed: UltraSSD_LRS disks cannot be OS disks"):
+        host.create_vm("vm1", "D8s_v3", "mbr", os_sku="UltraSSD_LRS")
+    with pytest.raises(OperationNotAllowed, match="PremiumV2_LRS disks cannot be OS disks"):
+        host.create_vm("vm1", "D8s_v3", "mbr", os_sku="PremiumV2_LRS")
+
+
+def test_a_refused_create_leaves_nothing_behind(host):  # noqa: F811
+    with pytest.raises(OperationNotAllowed):
+        host.create_vm("vm1", "D8s_v3", "mbr", os_sku="UltraSSD_LRS")
+    with pytest.raises(OperationNotAllowed):
+        host.create_vm("vm1", "L8s_v3", "mbr")  # no host caching there: ReadWrite is refused
+    assert host.vms() == [] and "vm1-osdisk" not in [d["name"] for d in host.disks.disks()]
+    vm = host.create_vm("vm1", "L8s_v3", "mbr", os_caching="None")  # the retry works
+    assert vm["os_disk"]["caching"] == "None"
+
+
+def test_a_create_that_fails_after_making_the_os_disk_removes_it(host, monkeypatch):  # noqa: F811
+    def fail() -> None:
+        raise HostRuleError("the host's cache folder is full")
+    monkeypatch.setattr(host, "_size_cache", fail)
+    with pytest.raises(HostRuleError, match="full"):
+        host.create_vm("vm1", "D8s_v3", "mbr")
+    assert host.vms() == [] and "vm1-osdisk" not in [d["name"] for d in host.disks.disks()]
+    monkeypatch.undo()
+    assert host.create_vm("vm1", "D8s_v3", "mbr")["state"] == "Running"
+
+
+def test_a_vm_is_not_made_from_an_image_with_a_damaged_footer(host):  # noqa: F811
+    blob = host.disks.image("mbr")["blob"]
+    f = PageBlobFile(host.stamp, blob)
+    end = f.size() - 512
+    footer = bytearray(f.pread(512, end))
+    footer[70] ^= 0xFF  # inside the unique id: the checksum no longer matches
+    f.pwrite(bytes(footer), end)
+    with pytest.raises(HostRuleError, match="image 'mbr' is damaged.*checksum.*make the image again"):
+        host.create_vm("vm1", "D8s_v3", "mbr")
+    assert host.vms() == [] and "vm1-osdisk" not in [d["name"] for d in host.disks.disks()]
+
+
+@pytest.mark.parametrize("size", ["D2s_v5", "D2ds_v5", "DS1_v2", "d2s_v5", "Standard_DS1_v2"])
+def test_sizes_with_host_caching_but_no_published_cache_size_make_vms(host, size):  # noqa: F811
+    vm = host.create_vm("vm1", size, "mbr")
+    assert vm["os_disk"]["caching"] == "ReadWrite"
+    host.attach("vm1", "data1", 0, "ReadOnly")
+    disk = host.open_disk("vm1", OS_LUN)
+    assert disk.read(0, 512)[510:] == b"\x55\xaa"
+
+
+def test_premium_disks_need_a_size_with_premium_storage(host):  # noqa: F811
+    with pytest.raises(OperationNotAllowed, match="Standard_D2_v3 does not support premium storage"):
+        host.create_vm("vm1", "D2_v3", "mbr")  # the OS disk defaults to Premium_LRS
+    host.create_vm("vm1", "D2_v3", "mbr", os_sku="StandardSSD_LRS", os_caching="None")
+    with pytest.raises(OperationNotAllowed, match="disk data1 is Premium_LRS"):
+        host.attach("vm1", "data1", 0)
+    host.attach("vm1", "data2", 0)  # Standard SSD
+
+
+def test_lun_and_size_parameters_are_refused_with_their_code(host, tmp_path):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: VM vm1 has no data disk at LUN 3"):
+        host.set_caching("vm1", 3, "ReadOnly")
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: VM vm1 has no disk at LUN 5"):
+        host.detach("vm1", 5)
+    with pytest.raises(HostError, match="too small: give at least 1 MiB"):
+        Host.create(str(tmp_path / "h2"), host.config["stamp"], cache_bytes=0)
+    with pytest.raises(HostError, match="cache_scale must be more than 0"):
+        Host.create(str(tmp_path / "h3"), host.config["stamp"], cache_scale=-1)
