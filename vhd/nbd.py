@@ -14,7 +14,9 @@ TRIM (discard), WRITE_ZEROES, BLOCK_STATUS (the device's allocation map:
 ZERO extents are reported as hole and zero), CACHE, DISC.
 Rules kept: a request outside the export gets EINVAL (ENOSPC for writes); a
 read-only export refuses writes with EPERM; a request over MAX_REQUEST gets
-EOVERFLOW (reads) or EINVAL; a malformed request (bad magic) or a client that
+EOVERFLOW (reads) or EINVAL; a command flag the specification does not give
+that command (or an unknown one) gets EINVAL; WRITE_ZEROES with NO_HOLE writes
+zeros (awaited on a device that waits), without it discards; a malformed request (bad magic) or a client that
 vanishes closes only that connection; every connection's replies are written
 whole, one at a time; a write is acknowledged only after the device took it.
 Requests of one connection are served concurrently (as tasks), so a device
@@ -28,7 +30,7 @@ import errno
 import struct
 from dataclasses import dataclass, field
 
-from .blockdev import Alloc, BlockDevice
+from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
 from .errors import RangeError, ReadOnlyError, VhdError
 
 NBDMAGIC = 0x4E42444D41474943
@@ -51,6 +53,12 @@ TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_DF, TF_CAN_MULTI_CONN, TF_SEND_CACHE
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
 CMDF_FUA, CMDF_NO_HOLE, CMDF_DF, CMDF_REQ_ONE = 1, 2, 4, 8
+# The flags each command may carry (proto.md: FUA on any command once SEND_FUA is
+# advertised; NO_HOLE on WRITE_ZEROES; DF on READ with structured replies; REQ_ONE
+# on BLOCK_STATUS). Any other flag, FAST_ZERO included (not advertised), is EINVAL.
+ALLOWED_FLAGS = {CMD_READ: CMDF_FUA | CMDF_DF, CMD_WRITE: CMDF_FUA, CMD_FLUSH: CMDF_FUA, CMD_TRIM: CMDF_FUA,
+                 CMD_CACHE: CMDF_FUA, CMD_WRITE_ZEROES: CMDF_FUA | CMDF_NO_HOLE,
+                 CMD_BLOCK_STATUS: CMDF_FUA | CMDF_REQ_ONE}
 
 CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_BLOCK_STATUS, CHUNK_ERROR = 0, 1, 5, 2**15 + 1
 CHUNK_DONE = 1
@@ -154,6 +162,15 @@ def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> by
         if one:
             break
     return struct.pack(">I", META_ID) + b"".join(out[:1] if one else out)
+
+
+def _errno(e: Exception, kind: int) -> int:
+    """The NBD error of a device's exception."""
+    if isinstance(e, ReadOnlyError):
+        return errno.EPERM
+    if isinstance(e, RangeError):
+        return errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
+    return errno.EIO
 
 
 class NbdServer:
@@ -327,67 +344,79 @@ class NbdServer:
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
                length: int, payload: bytes) -> bytes:
         """One request against a device that does not wait: the reply bytes."""
-        dev = export.device
-        error, data, status = self._check(export, kind, offset, length), b"", b""
+        error, data, status = self._refuse(conn, export, flags, kind, offset, length), b"", b""
         if not error:
             try:
-                if kind == CMD_READ:
-                    data = dev.read(offset, length)
-                elif kind == CMD_WRITE:
-                    dev.write(offset, payload)
-                    if flags & CMDF_FUA:
-                        dev.flush()
-                elif kind == CMD_FLUSH:
-                    dev.flush()
-                elif kind == CMD_TRIM:
-                    dev.discard(offset, length)
-                elif kind == CMD_WRITE_ZEROES:
-                    if flags & CMDF_NO_HOLE:
-                        dev.write(offset, bytes(length))
-                    else:
-                        dev.discard(offset, length)
-                    if flags & CMDF_FUA:
-                        dev.flush()
-                elif kind == CMD_BLOCK_STATUS:
-                    if not conn.meta:
-                        error = errno.EINVAL
-                    else:
-                        status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
-                elif kind != CMD_CACHE:
-                    error = errno.EINVAL
-            except ReadOnlyError:
-                error = errno.EPERM
-            except RangeError:
-                error = errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
-            except (VhdError, OSError):
-                error = errno.EIO
+                data, status = self._execute(export.device, flags, kind, offset, length, payload)
+            except (VhdError, OSError) as e:
+                error = _errno(e, kind)
         return self._reply(conn, kind, cookie, offset, error, data, status)
+
+    @staticmethod
+    def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
+                 payload: bytes) -> tuple[bytes, bytes]:
+        """Run an admitted request on a device that does not wait: (data, block status)."""
+        data, status = b"", b""
+        if kind == CMD_READ:
+            data = dev.read(offset, length)
+        elif kind == CMD_WRITE:
+            dev.write(offset, payload)
+        elif kind == CMD_TRIM or (kind == CMD_WRITE_ZEROES and not flags & CMDF_NO_HOLE):
+            dev.discard(offset, length)  # reads as zeros afterwards (the block device contract)
+        elif kind == CMD_WRITE_ZEROES:
+            write_zeros(dev, offset, length)  # NO_HOLE: allocated zeros, in bounded chunks
+        elif kind == CMD_BLOCK_STATUS:
+            status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
+        if kind == CMD_FLUSH or (flags & CMDF_FUA and kind in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)):
+            dev.flush()
+        return data, status  # CACHE is a hint: nothing to do
+
+    @staticmethod
+    async def _execute_waiting(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
+                               payload: bytes) -> bytes:
+        """READ, WRITE and WRITE_ZEROES with NO_HOLE on a device whose read and
+        write are coroutines: awaited, so a zero write is written, not dropped."""
+        if kind == CMD_READ:
+            return await dev.read(offset, length)  # type: ignore[misc]
+        if kind == CMD_WRITE:
+            await dev.write(offset, payload)  # type: ignore[func-returns-value,misc]
+        else:
+            zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+            for at in range(offset, offset + length, len(zeros)):
+                await dev.write(at, zeros[:min(len(zeros), offset + length - at)])  # type: ignore[func-returns-value,misc]
+        if flags & CMDF_FUA:
+            dev.flush()
+        return b""
 
     async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, export: Export,
                        flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
         """A request to a device that waits (its read and write are coroutines):
-        those are awaited here; every other command is served as _serve does."""
-        if kind in (CMD_READ, CMD_WRITE) and not self._check(export, kind, offset, length):
-            error, data = 0, b""
+        data commands are awaited here; every other command is served as _serve does."""
+        waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
+        error = self._refuse(conn, export, flags, kind, offset, length)
+        if waits and not error:
+            data = b""
             try:
-                if kind == CMD_READ:
-                    data = await export.device.read(offset, length)  # type: ignore[misc]
-                else:
-                    await export.device.write(offset, payload)  # type: ignore[func-returns-value,misc]
-                    if flags & CMDF_FUA:
-                        export.device.flush()
-            except ReadOnlyError:
-                error = errno.EPERM
-            except RangeError:
-                error = errno.ENOSPC if kind == CMD_WRITE else errno.EINVAL
-            except (VhdError, OSError):
-                error = errno.EIO
+                data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
+            except (VhdError, OSError) as e:
+                error = _errno(e, kind)
             reply = self._reply(conn, kind, cookie, offset, error, data, b"")
         else:
             reply = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
         async with lock:
             writer.write(reply)
             await writer.drain()
+
+    def _refuse(self, conn: Connection, export: Export, flags: int, kind: int, offset: int, length: int) -> int:
+        """The error a request gets before it reaches the device, or 0."""
+        allowed = ALLOWED_FLAGS.get(kind)
+        if allowed is None or flags & ~allowed:
+            return errno.EINVAL  # an unknown command, or a flag it does not take
+        if flags & CMDF_DF and not conn.structured:
+            return errno.EINVAL
+        if kind == CMD_BLOCK_STATUS and not conn.meta:
+            return errno.EINVAL
+        return self._check(export, kind, offset, length)
 
     @staticmethod
     def _check(export: Export, kind: int, offset: int, length: int) -> int:

@@ -15,6 +15,7 @@ from stamp import Stamp
 from stamp.disks import Disks
 
 from ..conftest import run
+from ..vhd.test_nbd import conformance
 
 MIB = 1 << 20
 
@@ -119,6 +120,23 @@ def test_while_served_another_process_snapshots_backs_up_and_reads_stats(tmp_pat
         stats = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "cache", "stats"],
                                capture_output=True, text=True)
         assert stats.returncode == 0 and json.loads(stats.stdout)["lines"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_write_zeroes_with_no_hole_is_written_and_every_flag_is_judged_as_vhd_serve_does(tmp_path):
+    """qemu sends NO_HOLE for a guest's write-zeroes: it must reach the disk
+    (it was acknowledged and dropped: the coroutine was never awaited)."""
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        target = f"nbd+unix:///lun0?socket={sock}"
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x55 1M 64K", "-c", "write -z 1M 64K", target)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0 1M 64K", target)  # fails unless all 64 KiB read as zeros
+        conformance(target)
+        conformance(f"nbd+unix:///os?socket={sock}")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
