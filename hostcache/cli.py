@@ -147,16 +147,16 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "serve":
         return serve(a)
     if a.cmd == "mount":
-        from vhd.mount import mount_served
+        from vhd.mount import helper, mount_served
 
         with Host(a.host) as h:  # clear errors now: the VM and the LUN exist
             vm = h.vm(a.name)
             if a.lun is not None and str(a.lun) not in vm["data_disks"]:
                 raise HostError(f"VM {a.name} has no disk at LUN {a.lun}")
         lun_args = ["--lun", str(a.lun)] if a.lun is not None else ["--lun", "-1"]
-        cmd = [sys.executable, "-m", "hostcache", "--host", a.host, "serve", a.name] + lun_args
+        cmd = helper("hostcache", "--host", os.path.abspath(a.host), "serve", a.name, *lun_args)
         export = "os" if a.lun is None else f"lun{a.lun}"
-        return mount_served(cmd, export, f"{a.host}:{a.name}:{export}", a.dir, fs=a.fs, partition=a.partition)
+        return mount_served(cmd, export, f"{os.path.abspath(a.host)}:{a.name}:{export}", a.dir, fs=a.fs, partition=a.partition)
     if a.cmd == "umount":
         from vhd.mount import umount
 

@@ -140,3 +140,14 @@ def test_write_zeroes_with_no_hole_is_written_and_every_flag_is_judged_as_vhd_se
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_a_mount_whose_server_fails_shows_what_the_server_said(tmp_path):
+    host = setup_host(tmp_path)
+    with Host(host) as h:
+        h.stop("vm")
+    (tmp_path / "m").mkdir()
+    r = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "mount", "vm", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "failed to start" in r.stderr and "start it first" in r.stderr, r.stderr
+    assert not (tmp_path / "m" / "disk").exists()
