@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket")
     where.add_argument("--port", type=int, default=10809)
     p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--max-inflight-mib", type=int, default=128,
+                   help="memory for requests in flight, all clients together (default 128; at most half "
+                   "per client); past it the server stops reading requests until replies have left")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -221,10 +224,13 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def serve(a: argparse.Namespace) -> object:
-    from vhd.nbd import Export, NbdServer, run_server
+    from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
 
+    budget = server_budget(a.max_inflight_mib)
+    if a.socket:
+        claim_socket(a.socket)  # before the disks are opened (and their leases taken)
     with Host(a.host) as h:
         vm = h.vm(a.name)
         luns = a.lun if a.lun else [OS_LUN] + sorted(int(k) for k in vm["data_disks"])
@@ -233,7 +239,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--port", type=int, default=10809, help="TCP port on --bind (default 10809)")
     p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1, this machine only)")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--max-inflight-mib", type=int, default=128,
+                   help="memory for requests in flight, all clients together (default 128; at most half "
+                   "per client); past it the server stops reading requests until replies have left")
     _chain_opts(p)
 
     p = sub.add_parser("mount", help="expose an image as DIR/disk through FUSE (and mount its filesystem)",
@@ -275,10 +278,13 @@ def cmd_write(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .nbd import Export, NbdServer, run_server
+    from .nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     exports: dict[str, Export] = {}
     devices = []
+    budget = server_budget(a.max_inflight_mib)
+    if a.socket:
+        claim_socket(a.socket)  # before the images are opened: a clear refusal, not a lock error
     try:
         for path in a.paths:
             name = os.path.splitext(os.path.basename(path))[0]
@@ -286,8 +292,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 raise UsageError(f"two images would both be exported as {name!r}")
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
-            exports[name] = Export(name, dev, path, a.read_only)
-        run_server(NbdServer(exports), a.socket, a.bind, a.port)
+            exports[name] = Export(name, dev, os.path.basename(path), a.read_only)  # not the full path
+        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:

@@ -21,17 +21,29 @@ vanishes closes only that connection; every connection's replies are written
 whole, one at a time; a write is acknowledged only after the device took it.
 Requests of one connection are served concurrently (as tasks), so a device
 whose I/O waits (a throttled disk) sees the client's queue depth.
+Memory (budget.py): every request takes its bytes from one budget shared by
+all connections before its payload is read or its work starts, and gives them
+back once its reply has left the socket (drain waits for an empty buffer;
+large replies go out SEND_PIECE at a time, so asyncio never copies more than a
+piece). Out of budget, a connection stops reading requests (backpressure). A
+client that goes away has its pending work cancelled and its buffer dropped;
+the error's traceback is cut so no reference cycle keeps its data until gc.
+A unix socket a live server answers on is refused, and removed on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import socket as socketlib
+import stat
 import struct
 from dataclasses import dataclass, field
 
 from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
-from .errors import RangeError, ReadOnlyError, VhdError
+from .budget import Account, Budget, Ticket
+from .errors import RangeError, ReadOnlyError, UsageError, VhdError
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -67,6 +79,8 @@ META_BASE_ALLOCATION = "base:allocation"
 META_ID = 1
 
 MAX_REQUEST = 32 * 1024 * 1024  # what we advertise as the maximum block size
+BLOCK_STATUS_SPAN = 64 * 1024 * 1024  # the most one block status reply describes (at most 1 MiB of descriptors)
+SEND_PIECE = 256 * 1024  # replies larger than this are sent piece by piece (and small ones in one send)
 MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -103,6 +117,7 @@ class Connection:
     export: Export | None = None
     no_zeroes: bool = False
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    account: Account = field(default_factory=Account)  # what it holds of the server's budget
 
 
 def opt_reply(option: int, kind: int, data: bytes = b"") -> bytes:
@@ -149,10 +164,36 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
+async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
+    """Send a reply and wait until it has left the process, SEND_PIECE at a time:
+    the transport never buffers a copy of more than a piece of it."""
+    writer.write(head)
+    view = memoryview(data)
+    for at in range(0, len(view), SEND_PIECE):
+        if writer.transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        writer.write(view[at:at + SEND_PIECE])
+        if writer.transport.get_write_buffer_size():
+            await writer.drain()
+    if writer.transport.get_write_buffer_size():
+        await writer.drain()
+
+
+def request_cost(kind: int, flags: int, length: int) -> int:
+    """The bytes a request holds in memory while in flight (its budget)."""
+    if kind == CMD_WRITE or (kind == CMD_READ and length <= MAX_REQUEST):
+        return length  # a READ over the maximum is refused with no data
+    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+        return min(length, ZERO_CHUNK)
+    return 0
+
+
 def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> bytes:
-    """base:allocation descriptors for [offset, offset+length)."""
+    """base:allocation descriptors for [offset, offset+length); at most
+    BLOCK_STATUS_SPAN of it (proto.md lets a reply cover less than asked), so a
+    reply's size does not grow with the client's length."""
     out = []
-    for e in device.allocation(offset, length):
+    for e in device.allocation(offset, min(length, BLOCK_STATUS_SPAN)):
         state = STATE_HOLE | STATE_ZERO if e.state is Alloc.ZERO else 0
         n = e.length
         while n > 0:  # descriptor lengths are u32
@@ -176,10 +217,13 @@ def _errno(e: Exception, kind: int) -> int:
 class NbdServer:
     """Serves `exports` (name -> Export); the first is also the default ("")."""
 
-    def __init__(self, exports: dict[str, Export]) -> None:
+    def __init__(self, exports: dict[str, Export], budget: Budget | None = None) -> None:
         if not exports:
             raise VhdError("an NBD server needs at least one export")
         self.exports = exports
+        self.budget = budget or Budget()
+        if self.budget.per_connection < MAX_REQUEST:
+            raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
@@ -198,19 +242,32 @@ class NbdServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = Connection()
+        # drain() returns only once everything written has left: a reply's budget is given back then
+        writer.transport.set_write_buffer_limits(high=0)
         try:
             if await self._handshake(reader, writer, conn):
                 await self._transmission(reader, writer, conn)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
-            pass  # the client vanished or broke the protocol: this connection only
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
+            # the client vanished or broke the protocol: this connection only. A lost
+            # connection's error is kept by the transport's reader, waiter and closed
+            # future: its traceback would keep the frames it unwound, and the data they
+            # held, in a reference cycle until gc. Cut it, so memory goes now.
+            e.__traceback__ = None
         finally:
-            for task in list(conn.pending):
-                await task
-            writer.close()
+            for task in conn.pending:  # the client is gone: its unacknowledged work is dropped
+                task.cancel()
+            await asyncio.gather(*conn.pending, return_exceptions=True)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that reads no more replies: do not wait on it
+            else:
+                writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+            lost = reader.exception()  # the transport's error, raised again by every wait on it
+            if lost is not None:
+                lost.__traceback__ = None  # cut last: each raise above added the frames it passed
 
     # -- handshake -------------------------------------------------------------------
 
@@ -317,33 +374,49 @@ class NbdServer:
         assert conn.export is not None
         export = conn.export
         waits = asyncio.iscoroutinefunction(getattr(export.device, "read", None))
-        transport = writer.transport
+        budget = self.budget
         while True:
             magic, flags, kind, cookie, offset, length = _REQUEST.unpack(await reader.readexactly(_REQUEST.size))
             if magic != REQUEST_MAGIC:
                 raise ProtocolError("bad request magic")
             if kind == CMD_DISC:
+                await asyncio.gather(*conn.pending)  # proto.md: outstanding requests are handled first
                 return
-            payload = b""
-            if kind == CMD_WRITE:
-                if length > MAX_REQUEST:
-                    raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
-                payload = await reader.readexactly(length)  # whole, before anything is acknowledged
-            if not waits:
-                # A device that answers at once (a file): serve inline, in order; no task,
-                # no lock; drain only when the socket's buffer is really filling up.
-                writer.write(self._serve(conn, export, flags, kind, cookie, offset, length, payload))
-                if transport.get_write_buffer_size() > 4 * MAX_REQUEST:
-                    await writer.drain()
+            if writer.transport.is_closing():  # replies can no longer leave: serve nothing more
+                raise ConnectionResetError("the client went away")
+            if kind == CMD_WRITE and length > MAX_REQUEST:
+                raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
+            cost = request_cost(kind, flags, length)
+            # no budget, no more requests read: the client's sends block (backpressure)
+            ticket = budget.take_nowait(conn.account, cost) or await budget.take(conn.account, cost)
+            try:
+                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
+            except BaseException:
+                budget.give(ticket)
+                raise
+            if waits:
+                task = asyncio.ensure_future(self._request(writer, lock, conn, ticket, export, flags, kind, cookie,
+                                                           offset, length, payload))
+                conn.pending.add(task)
+                task.add_done_callback(conn.pending.discard)
                 continue
-            task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
-                                                       offset, length, payload))
-            conn.pending.add(task)
-            task.add_done_callback(conn.pending.discard)
+            # A device that answers at once (a file): served inline, in order, no task, no lock.
+            try:
+                head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
+                payload = b""
+                if len(data) <= SEND_PIECE:
+                    writer.write(head + data if data else head)  # one send: the fast path for small I/O
+                    head = data = b""
+                    if writer.transport.get_write_buffer_size():
+                        await writer.drain()  # the socket did not take it all at once: wait until it has
+                else:
+                    await send(writer, head, data)
+            finally:
+                budget.give(ticket)
 
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
-               length: int, payload: bytes) -> bytes:
-        """One request against a device that does not wait: the reply bytes."""
+               length: int, payload: bytes) -> tuple[bytes, bytes]:
+        """One request against a device that does not wait: the reply (header, data)."""
         error, data, status = self._refuse(conn, export, flags, kind, offset, length), b"", b""
         if not error:
             try:
@@ -388,24 +461,31 @@ class NbdServer:
             dev.flush()
         return b""
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, export: Export,
-                       flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, ticket: Ticket,
+                       export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
+                       payload: bytes) -> None:
         """A request to a device that waits (its read and write are coroutines):
-        data commands are awaited here; every other command is served as _serve does."""
-        waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
-        error = self._refuse(conn, export, flags, kind, offset, length)
-        if waits and not error:
-            data = b""
-            try:
-                data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
-            except (VhdError, OSError) as e:
-                error = _errno(e, kind)
-            reply = self._reply(conn, kind, cookie, offset, error, data, b"")
-        else:
-            reply = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
-        async with lock:
-            writer.write(reply)
-            await writer.drain()
+        data commands are awaited here; every other command is served as _serve
+        does. Its budget is given back once the reply has left, or if it fails."""
+        try:
+            waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
+            error = self._refuse(conn, export, flags, kind, offset, length)
+            if waits and not error:
+                data = b""
+                try:
+                    data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
+                except (VhdError, OSError) as e:
+                    error = _errno(e, kind)
+                head, data = self._reply(conn, kind, cookie, offset, error, data, b"")
+            else:
+                head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
+            payload = b""
+            async with lock:
+                await send(writer, head, data)
+        except ConnectionError as e:
+            e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
+        finally:
+            self.budget.give(ticket)
 
     def _refuse(self, conn: Connection, export: Export, flags: int, kind: int, offset: int, length: int) -> int:
         """The error a request gets before it reaches the device, or 0."""
@@ -435,34 +515,83 @@ class NbdServer:
 
     @staticmethod
     def _reply(conn: Connection, kind: int, cookie: int, offset: int, error: int, data: bytes,
-               status: bytes) -> bytes:
+               status: bytes) -> tuple[bytes, bytes]:
+        """The reply as (header, data): the data is sent as it is, never copied into the header."""
         if not conn.structured:
-            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie) + (data if not error else b"")
+            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie), (data if not error else b"")
         if error:
             msg = b""
             payload = struct.pack(">IH", error, len(msg)) + msg
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_ERROR, cookie, len(payload)) + payload
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_ERROR, cookie, len(payload)) + payload, b""
         if kind == CMD_READ:
-            payload = struct.pack(">Q", offset) + data
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cookie, len(payload)) + payload
+            head = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len(data))
+            return head + struct.pack(">Q", offset), data
         if kind == CMD_BLOCK_STATUS:
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0)
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status, b""
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
+
+
+def server_budget(mib: int) -> Budget:
+    """The budget of `serve --max-inflight-mib`: at most half of it per connection,
+    and at least one request of the maximum size."""
+    if mib << 20 < MAX_REQUEST:
+        raise UsageError(f"--max-inflight-mib must be at least {MAX_REQUEST >> 20} (one request of the maximum size)")
+    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2))
+
+
+def claim_socket(path: str) -> None:
+    """Make way for a server on unix socket `path`: refuse if a live server
+    answers there (binding would silently take it over, orphaning that server
+    and its image lock); remove a stale socket file left by a dead one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"{path} exists and is not a socket: choose another --socket")
+    probe = socketlib.socket(socketlib.AF_UNIX)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left by a server that died
+        return
+    except OSError as e:
+        raise UsageError(f"cannot tell whether a server listens on {path} ({e}): choose another --socket") from None
+    finally:
+        probe.close()
+    raise UsageError(f"a server is already listening on {path}: stop it first, or choose another --socket")
 
 
 def run_server(server: NbdServer, socket: str | None = None, bind: str = "127.0.0.1", port: int = 10809) -> None:
-    """Serve until SIGTERM or SIGINT; print one JSON line when ready (scripts wait for it)."""
+    """Serve until SIGTERM or SIGINT; print one JSON line when ready (scripts wait
+    for it). A unix socket is refused if a live server answers on it, and
+    removed on the way out."""
     import json
     import signal
 
     async def main() -> None:
+        if socket:
+            claim_socket(socket)
         srv = await (server.serve_unix(socket) if socket else server.serve_tcp(bind, port))
+        mine = os.stat(socket).st_ino if socket else None
         where = f"unix socket {socket}" if socket else f"{bind}:{port}"
         print(json.dumps({"serving": list(server.exports), "at": where}), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with srv:
-            await stop.wait()  # then the caller closes its devices: flushed, unlocked
+        try:
+            async with srv:
+                await stop.wait()  # then the caller closes its devices: flushed, unlocked
+        finally:
+            if socket and _inode(socket) == mine:
+                os.unlink(socket)
     asyncio.run(main())
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

@@ -15,7 +15,7 @@ from stamp import Stamp
 from stamp.disks import Disks
 
 from ..conftest import run
-from ..vhd.test_nbd import conformance
+from ..vhd.test_nbd import conformance, hostile_load
 
 MIB = 1 << 20
 
@@ -151,3 +151,15 @@ def test_a_mount_whose_server_fails_shows_what_the_server_said(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "failed to start" in r.stderr and "start it first" in r.stderr, r.stderr
     assert not (tmp_path / "m" / "disk").exists()
+
+
+def test_a_greedy_client_is_held_to_the_budget_and_a_light_one_on_another_disk_is_served(tmp_path):
+    """40 unread 32 MiB reads once took 3.3 GB and stalled another client >10 s."""
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)  # the default budget: 128 MiB
+    try:
+        hostile_load(sock, proc.pid, "lun0", "os", connections=1, budget=128 * MIB)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
