@@ -256,9 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         print(json.dumps(run(args), indent=2, default=str))
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
     except (HostError, StampError, VhdError) as e:
         print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # | head: quietly, as cat does
+        from vhd.cli import closed_pipe
+
+        return closed_pipe()
     return 0
 
 

@@ -321,20 +321,29 @@ COMMANDS = {"create": cmd_create, "info": cmd_info, "check": cmd_check, "convert
             "read": cmd_read, "write": cmd_write, "serve": cmd_serve, "mount": cmd_mount, "umount": cmd_umount}
 
 
+def closed_pipe() -> int:
+    """stdout's reader went away (`| head`): stop quietly, as cat does. stdout
+    becomes /dev/null so the flush at exit does not complain either. The
+    stamp and hostcache commands end the same way."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        code = COMMANDS[args.cmd](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except UsageError as e:
         print(f"vhd {args.cmd}: {e}", file=sys.stderr)
         return 2
     except VhdError as e:
         print(f"vhd {args.cmd}: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:
+        return closed_pipe()
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         print(f"vhd {args.cmd}:{where} {e.strerror or e}", file=sys.stderr)
