@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import UsageError
 
@@ -34,8 +35,9 @@ class Account:
     held: int = 0
 
 
-@dataclass(frozen=True)
-class Ticket:
+class Ticket(NamedTuple):
+    """Bytes taken for one request, and from which pool (a tuple: cheap, one per request)."""
+
     account: Account
     size: int
     from_reserve: bool
@@ -51,8 +53,22 @@ class Budget:
         self.waits = 0  # how many takes had to wait (statistics)
         self._waiters: list[asyncio.Future[None]] = []
 
-    def take_nowait(self, account: Account, size: int) -> Ticket | None:
-        """Take `size` bytes for a connection now, or None if they do not fit."""
+    def take_nowait(self, size: int) -> bool:
+        """Take `size` bytes now for a connection with nothing else in flight (so
+        within its share: size <= MAX_REQUEST <= per_connection); False if the
+        shared pool has no room. The inline path's fast path: two integers."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        """Give back what take_nowait took."""
+        self.used -= size
+        if self._waiters:
+            self._wake()
+
+    def _try(self, account: Account, size: int) -> Ticket | None:
         if self.used + size <= self.limit and account.held + size <= self.per_connection:
             self.used += size
             account.held += size
@@ -64,8 +80,8 @@ class Budget:
         return None
 
     async def take(self, account: Account, size: int) -> Ticket:
-        """Take `size` bytes, waiting until something is given back if need be."""
-        ticket = self.take_nowait(account, size)
+        """Take `size` bytes for a connection, waiting until something is given back if need be."""
+        ticket = self._try(account, size)
         if ticket is not None:
             return ticket
         self.waits += 1
@@ -77,7 +93,7 @@ class Budget:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            ticket = self.take_nowait(account, size)
+            ticket = self._try(account, size)
         return ticket
 
     def give(self, ticket: Ticket) -> None:
@@ -87,6 +103,10 @@ class Budget:
         else:
             self.used -= ticket.size
         ticket.account.held -= ticket.size
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

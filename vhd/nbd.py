@@ -23,9 +23,9 @@ Requests of one connection are served concurrently (as tasks), so a device
 whose I/O waits (a throttled disk) sees the client's queue depth.
 Memory (budget.py): every request takes its bytes from one budget shared by
 all connections before its payload is read or its work starts, and gives them
-back once its reply has left the socket (drain waits for an empty buffer;
-large replies go out SEND_PIECE at a time, so asyncio never copies more than a
-piece). Out of budget, a connection stops reading requests (backpressure). A
+back once its reply has left (but for at most SEND_PIECE per connection still
+buffered: large replies go out a piece at a time, so asyncio never copies more
+than about two pieces of one). Out of budget, a connection stops reading requests (backpressure). A
 client that goes away has its pending work cancelled and its buffer dropped;
 the error's traceback is cut so no reference cycle keeps its data until gc.
 A unix socket a live server answers on is refused, and removed on exit.
@@ -165,18 +165,16 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
 
 
 async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
-    """Send a reply and wait until it has left the process, SEND_PIECE at a time:
-    the transport never buffers a copy of more than a piece of it."""
+    """Send a reply SEND_PIECE at a time, waiting while more than a piece is
+    buffered: the transport never holds a copy of more than about two pieces."""
     writer.write(head)
     view = memoryview(data)
     for at in range(0, len(view), SEND_PIECE):
         if writer.transport.is_closing():
             raise ConnectionResetError("the client went away")
         writer.write(view[at:at + SEND_PIECE])
-        if writer.transport.get_write_buffer_size():
+        if writer.transport.get_write_buffer_size() > SEND_PIECE:
             await writer.drain()
-    if writer.transport.get_write_buffer_size():
-        await writer.drain()
 
 
 def request_cost(kind: int, flags: int, length: int) -> int:
@@ -242,8 +240,9 @@ class NbdServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = Connection()
-        # drain() returns only once everything written has left: a reply's budget is given back then
-        writer.transport.set_write_buffer_limits(high=0)
+        # drain() waits while more than SEND_PIECE is buffered: the slack a connection may hold
+        # outside the budget (the rest of a reply that has mostly left, or small replies)
+        writer.transport.set_write_buffer_limits(high=SEND_PIECE)
         try:
             if await self._handshake(reader, writer, conn):
                 await self._transmission(reader, writer, conn)
@@ -374,7 +373,7 @@ class NbdServer:
         assert conn.export is not None
         export = conn.export
         waits = asyncio.iscoroutinefunction(getattr(export.device, "read", None))
-        budget = self.budget
+        budget, transport = self.budget, writer.transport
         while True:
             magic, flags, kind, cookie, offset, length = _REQUEST.unpack(await reader.readexactly(_REQUEST.size))
             if magic != REQUEST_MAGIC:
@@ -382,37 +381,41 @@ class NbdServer:
             if kind == CMD_DISC:
                 await asyncio.gather(*conn.pending)  # proto.md: outstanding requests are handled first
                 return
-            if writer.transport.is_closing():  # replies can no longer leave: serve nothing more
-                raise ConnectionResetError("the client went away")
             if kind == CMD_WRITE and length > MAX_REQUEST:
                 raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
             cost = request_cost(kind, flags, length)
-            # no budget, no more requests read: the client's sends block (backpressure)
-            ticket = budget.take_nowait(conn.account, cost) or await budget.take(conn.account, cost)
-            try:
-                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
-            except BaseException:
-                budget.give(ticket)
-                raise
             if waits:
+                # no budget, no more requests read: the client's sends block (backpressure)
+                ticket = await budget.take(conn.account, cost)
+                try:
+                    payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
+                except BaseException:
+                    budget.give(ticket)
+                    raise
                 task = asyncio.ensure_future(self._request(writer, lock, conn, ticket, export, flags, kind, cookie,
                                                            offset, length, payload))
                 conn.pending.add(task)
                 task.add_done_callback(conn.pending.discard)
                 continue
-            # A device that answers at once (a file): served inline, in order, no task, no lock.
+            # A device that answers at once (a file): served inline, in order, no task, no lock; one
+            # request at a time, so the shared pool is all there is to check (the fast path)
+            taken: Ticket | None = None if budget.take_nowait(cost) else await budget.take(conn.account, cost)
             try:
+                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
                 payload = b""
                 if len(data) <= SEND_PIECE:
                     writer.write(head + data if data else head)  # one send: the fast path for small I/O
                     head = data = b""
-                    if writer.transport.get_write_buffer_size():
-                        await writer.drain()  # the socket did not take it all at once: wait until it has
+                    if transport.get_write_buffer_size() > SEND_PIECE:
+                        await writer.drain()  # the client reads slower than it asks: wait for it
                 else:
                     await send(writer, head, data)
             finally:
-                budget.give(ticket)
+                if taken is None:
+                    budget.give_back(cost)
+                else:
+                    budget.give(taken)
 
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
                length: int, payload: bytes) -> tuple[bytes, bytes]:
