@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootable-image", help="build a fixed VHD with the project's boot sector")
     p.add_argument("path")
     p.add_argument("--size", default="64M")
-    p.add_argument("--sectors", type=int, default=100, help="sectors the guest reads and sums (1 to 127)")
+    p.add_argument("--sectors", type=int, default=100, help="sectors the guest reads and digests (1 to 127)")
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -169,7 +169,7 @@ def run(a: argparse.Namespace) -> object:
 
         if not 1 <= a.sectors <= 127:
             raise HostError("--sectors is 1 to 127")
-        return {"image": a.path, "checksum": build(a.path, _size(a.size), a.sectors)}
+        return {"image": a.path, "crc32": build(a.path, _size(a.size), a.sectors)}  # also recorded in the image
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
