@@ -13,7 +13,10 @@ clients do. Rules kept:
   `small` bytes) from the `reserve` when `limit` is used up, so a light client
   is served beside greedy ones that hold the rest and do not read replies;
 - `take` waits (never fails); a request larger than the budget is refused by
-  the caller beforehand (MAX_REQUEST <= per_connection <= limit).
+  the caller beforehand (MAX_REQUEST <= per_connection <= limit);
+- a connection that serves one request at a time (the NBD server's inline
+  path) is within its share by construction: `take_nowait`/`give_back` check
+  and count only the shared pool, two integers per request.
 asyncio only: one event loop, no locks.
 """
 

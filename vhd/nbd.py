@@ -16,19 +16,23 @@ Rules kept: a request outside the export gets EINVAL (ENOSPC for writes); a
 read-only export refuses writes with EPERM; a request over MAX_REQUEST gets
 EOVERFLOW (reads) or EINVAL; a command flag the specification does not give
 that command (or an unknown one) gets EINVAL; WRITE_ZEROES with NO_HOLE writes
-zeros (awaited on a device that waits), without it discards; a malformed request (bad magic) or a client that
-vanishes closes only that connection; every connection's replies are written
-whole, one at a time; a write is acknowledged only after the device took it.
-Requests of one connection are served concurrently (as tasks), so a device
-whose I/O waits (a throttled disk) sees the client's queue depth.
+zeros (awaited on a device that waits), without it discards; a malformed
+request (bad magic) or a client that vanishes closes only that connection;
+every connection's replies are written whole, one at a time; a write is
+acknowledged only after the device took it. Requests of one connection are
+served concurrently (as tasks), so a device whose I/O waits (a throttled disk)
+sees the client's queue depth.
 Memory (budget.py): every request takes its bytes from one budget shared by
 all connections before its payload is read or its work starts, and gives them
 back once its reply has left (but for at most SEND_PIECE per connection still
 buffered: large replies go out a piece at a time, so asyncio never copies more
-than about two pieces of one). Out of budget, a connection stops reading requests (backpressure). A
-client that goes away has its pending work cancelled and its buffer dropped;
-the error's traceback is cut so no reference cycle keeps its data until gc.
-A unix socket a live server answers on is refused, and removed on exit.
+than about two pieces of one). Out of budget, a connection stops reading
+requests (backpressure). A large read from a file is read a piece at a time,
+letting other connections in between. A client that goes away has its pending
+work cancelled and its buffer dropped; the error's traceback is cut so no
+reference cycle keeps its data until gc. A block status reply describes at
+most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused,
+and removed on exit.
 """
 
 from __future__ import annotations
