@@ -4,6 +4,7 @@ a killed server leaves nothing behind that blocks the next one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -163,3 +164,19 @@ def test_a_greedy_client_is_held_to_the_budget_and_a_light_one_on_another_disk_i
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_a_second_server_on_the_same_socket_is_refused_and_the_socket_goes_with_the_first(tmp_path):
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        second = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "already listening" in second.stderr, second.stderr
+        info = json.loads(run("nbdinfo", "--json", f"nbd+unix:///os?socket={sock}").stdout)
+        assert info["exports"][0]["export-size"] == 32 * MIB  # the first still serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert not os.path.exists(sock)
