@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--size", type=_bytes_arg, default="64M", help="virtual size: 64M, 10G (a multiple of 1 MiB)")
     p.add_argument("--sectors", type=_number(int, 1, False, "1 to 127", 127), default=100,
-                   help="sectors the guest reads and sums (1 to 127)")
+                   help="sectors the guest reads and digests (1 to 127)")
     p = vm.add_parser("stop")
     p.add_argument("name")
     p.add_argument("--no-deallocate", action="store_true")
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket")
     where.add_argument("--port", type=_number(int, 1, False, "a TCP port, 1 to 65535", 65535), default=10809)
     p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--max-inflight-mib", type=int, default=128,
+                   help="memory for requests in flight, all clients together (default 128; at most half "
+                   "per client); past it the server stops reading requests until replies have left")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -194,16 +197,16 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "serve":
         return serve(a)
     if a.cmd == "mount":
-        from vhd.mount import mount_served
+        from vhd.mount import helper, mount_served
 
         with Host(a.host) as h:  # clear errors now: the VM and the LUN exist
             vm = h.vm(a.name)
             if a.lun is not None and str(a.lun) not in vm["data_disks"]:
                 raise HostError(f"VM {a.name} has no disk at LUN {a.lun}")
         lun_args = ["--lun", str(a.lun)] if a.lun is not None else ["--lun", "-1"]
-        cmd = [sys.executable, "-m", "hostcache", "--host", a.host, "serve", a.name] + lun_args
+        cmd = helper("hostcache", "--host", os.path.abspath(a.host), "serve", a.name, *lun_args)
         export = "os" if a.lun is None else f"lun{a.lun}"
-        return mount_served(cmd, export, f"{a.host}:{a.name}:{export}", a.dir, fs=a.fs, partition=a.partition)
+        return mount_served(cmd, export, f"{os.path.abspath(a.host)}:{a.name}:{export}", a.dir, fs=a.fs, partition=a.partition)
     if a.cmd == "umount":
         from vhd.mount import umount
 
@@ -211,7 +214,7 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "bootable-image":
         from .bootsector import build
 
-        return {"image": a.path, "checksum": build(a.path, a.size, a.sectors)}
+        return {"image": a.path, "crc32": build(a.path, a.size, a.sectors)}  # also recorded in the image
     if a.cmd in ("vm", "cache", "throttle"):
         with Host(a.host) as h:
             return host_command(h, a)
@@ -282,10 +285,13 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def serve(a: argparse.Namespace) -> object:
-    from vhd.nbd import Export, NbdServer, run_server
+    from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
 
+    budget = server_budget(a.max_inflight_mib)
+    if a.socket:
+        claim_socket(a.socket)  # before the disks are opened (and their leases taken)
     with Host(a.host) as h:
         vm = h.vm(a.name)
         luns = a.lun if a.lun else [OS_LUN] + sorted(int(k) for k in vm["data_disks"])
@@ -294,7 +300,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 
@@ -311,13 +317,15 @@ def _size(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(json.dumps(run(args), indent=2, default=str), flush=True)
+        print(json.dumps(run(args), indent=2, default=str))
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
     except (HostError, StampError, VhdError) as e:
         print(f"hostcache {args.cmd}: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # | head: quietly, as cat does
+        from vhd.cli import closed_pipe
+
+        return closed_pipe()
     return 0
 
 

@@ -66,7 +66,7 @@ from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
-from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
+from .bootsector import BANNER, is_ours, recorded_digest
 from .buckets import BucketStore
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
@@ -511,8 +511,8 @@ class BootError(HostError):
 def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = "ide") -> dict[str, Any]:
     """Boot the VM in qemu-system-x86_64 from its OS disk, served over NBD from
     this process through the host cache and throttle; return what the guest's
-    serial console said. With the project's boot sector the printed checksum
-    is checked against the disk."""
+    serial console said. With the project's boot sector the CRC-32 the guest
+    printed is checked against the one recorded in the image when it was built."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise HostError("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
@@ -523,10 +523,9 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
     if sector0[510:512] != b"\x55\xaa":
         from .boot import NotBootable
         raise NotBootable("no boot signature (0x55AA) at the end of LBA 0")
-    expected = None
-    if is_ours(sector0):
-        n = sectors_to_read(sector0)
-        expected = expected_checksum(disk.virtual.read(512, n * 512))
+    # our boot sector: the guest's CRC-32 must match the one recorded when the image was built
+    # (never one recomputed from this disk: that would vouch for whatever the disk holds)
+    expected = recorded_digest(sector0) if is_ours(sector0) else None
     work = tempfile.mkdtemp(prefix="boot-", dir=host.path)
     sock, serial = os.path.join(work, "nbd.sock"), os.path.join(work, "serial.out")
     served = AsyncDisk(disk)
@@ -565,7 +564,7 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
         raise BootError(f"qemu failed ({proc.returncode}): {proc.stderr.strip()}")
     printed = None
     for line in console.splitlines():
-        if line.startswith("checksum "):
+        if line.startswith("crc32 "):
             printed = line.split()[1].strip()
         if "error" in line:
             raise BootError(f"the guest reported: {line.strip()}")
@@ -573,7 +572,8 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
         if BANNER not in console:
             raise BootError(f"the guest never printed its banner; console: {console!r}")
         if printed != expected:
-            raise BootError(f"the guest read checksum {printed}, the disk holds {expected}")
+            raise BootError(f"the guest read CRC-32 {printed}, but the image was built with {expected}: "
+                            "the disk does not hold what was built")
     t = host.throttle(vm_name)
     return {"vm": vm_name, "console": console, "checksum": printed, "expected": expected,
             "verified": expected is not None and printed == expected, "seconds": round(elapsed, 3),

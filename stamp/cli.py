@@ -307,13 +307,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except UsageError as e:
         print(f"stamp: {e}", file=sys.stderr)
         return 2
     except (StampError, VhdError, ChunkError) as e:
         print(f"stamp {args.cmd}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # | head: quietly, as cat does
+        from vhd.cli import closed_pipe
+
+        return closed_pipe()
     except OSError as e:
         print(f"stamp {args.cmd}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 1

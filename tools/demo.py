@@ -213,8 +213,8 @@ def run_host(work: str) -> None:
         say("qemu-system-x86_64 booted vm1 over NBD; its serial console said:")
         for line in real["console"].strip().splitlines():
             say(f"  | {line}")
-        expect(real["verified"], f"the guest read {real['disk_reads']} times and printed the checksum the disk "
-                                 f"holds ({real['checksum']})")
+        expect(real["verified"], f"the guest read {real['disk_reads']} times and printed the CRC-32 recorded "
+                                 f"when the image was built ({real['checksum']})")
     else:
         say("qemu-system-x86_64 is not installed: the real boot is skipped (bash tools/run.sh test installs it)")
 

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--port", type=int, default=10809, help="TCP port on --bind (default 10809)")
     p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1, this machine only)")
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--max-inflight-mib", type=int, default=128,
+                   help="memory for requests in flight, all clients together (default 128; at most half "
+                   "per client); past it the server stops reading requests until replies have left")
     _chain_opts(p)
 
     p = sub.add_parser("mount", help="expose an image as DIR/disk through FUSE (and mount its filesystem)",
@@ -319,10 +322,13 @@ def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .nbd import Export, NbdServer, run_server
+    from .nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     exports: dict[str, Export] = {}
     devices = []
+    budget = server_budget(a.max_inflight_mib)
+    if a.socket:
+        claim_socket(a.socket)  # before the images are opened: a clear refusal, not a lock error
     try:
         for path in a.paths:
             name = os.path.splitext(os.path.basename(path))[0]
@@ -330,8 +336,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
                 raise UsageError(f"two images would both be exported as {name!r}")
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
-            exports[name] = Export(name, dev, path, a.read_only)
-        run_server(NbdServer(exports), a.socket, a.bind, a.port)
+            exports[name] = Export(name, dev, os.path.basename(path), a.read_only)  # not the full path
+        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:
@@ -359,20 +365,29 @@ COMMANDS = {"create": cmd_create, "info": cmd_info, "check": cmd_check, "convert
             "read": cmd_read, "write": cmd_write, "serve": cmd_serve, "mount": cmd_mount, "umount": cmd_umount}
 
 
+def closed_pipe() -> int:
+    """stdout's reader went away (`| head`): stop quietly, as cat does. stdout
+    becomes /dev/null so the flush at exit does not complain either. The
+    stamp and hostcache commands end the same way."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.cmd](args)
+        code = COMMANDS[args.cmd](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at exit
+        return code
     except UsageError as e:
         print(f"vhd {args.cmd}: {e}", file=sys.stderr)
         return 2
     except VhdError as e:
         print(f"vhd {args.cmd}: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (| head): stop quietly, as cat does
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:
+        return closed_pipe()
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         print(f"vhd {args.cmd}:{where} {e.strerror or e}", file=sys.stderr)

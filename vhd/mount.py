@@ -6,7 +6,11 @@ as DIR/disk, read-write, through FUSE. With `fs`, the filesystem in the disk
 (or in one of its partitions) is loop-mounted there too. `umount` undoes
 everything in the reverse order: the filesystem (synced), the FUSE mount,
 then the server, which flushes and closes the image on SIGTERM. The state of
-each mount is a small JSON file in a runtime folder. Needs root (FUSE, loop).
+each mount is a small JSON file in a runtime folder, removed with it. Needs
+root (FUSE, loop). Rules kept: helpers run isolated from the working folder
+(python -P, cwd /), their stderr goes to a log shown when they fail to start;
+names in NBD URIs are percent-encoded; umount stops at the first layer that
+refuses (busy), leaving the layers under it working, and says who holds it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 from .errors import UsageError, VhdError
 from .ops import open_device
@@ -42,25 +47,47 @@ def _need(tool: str, package: str) -> str:
     return path
 
 
-def _wait(check: Any, what: str, proc: subprocess.Popen[Any] | None = None) -> None:
+def helper(module: str, *args: str) -> list[str]:
+    """The command line of a helper process (a server): this interpreter with -P,
+    so nothing is imported from the working folder (mount runs as root: a
+    concurrent.py there would run as uid 0). Popen it with cwd="/" too."""
+    return [sys.executable, "-P", "-m", module, *args]
+
+
+def nbd_unix_uri(export: str, socket: str) -> str:
+    """nbd+unix:///EXPORT?socket=PATH, both percent-encoded (a space in a file name)."""
+    return f"nbd+unix:///{quote(export, safe='')}?socket={quote(socket, safe='/')}"
+
+
+def _tail(log: str) -> str:
+    try:
+        with open(log, errors="replace") as f:
+            return f.read()[-2000:].strip()
+    except OSError:
+        return ""
+
+
+def _wait(check: Any, what: str, proc: subprocess.Popen[Any] | None = None, log: str = "") -> None:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         if check():
             return
         if proc is not None and proc.poll() is not None:
-            raise VhdError(f"{what} failed to start (exit status {proc.returncode})")
+            said = _tail(log) if log else ""
+            raise VhdError(f"{what} failed to start (exit status {proc.returncode})" + (f": {said}" if said else ""))
         time.sleep(0.05)
-    raise VhdError(f"{what} did not come up within {WAIT:.0f} s")
+    said = _tail(log) if log else ""
+    raise VhdError(f"{what} did not come up within {WAIT:.0f} s" + (f": {said}" if said else ""))
 
 
 def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None = None,
           partition: int | None = None, allow_dirs: Sequence[str] | None = None) -> dict[str, Any]:
     """Expose `image` as MOUNTPOINT/disk; with `fs`, also mount its filesystem there."""
     open_device(image, allow_dirs=allow_dirs).close()  # a clear error now for a bad image
-    cmd = [sys.executable, "-m", "vhd", "serve", image]
+    cmd = helper("vhd", "serve", os.path.abspath(image))
     cmd += ["--read-only"] if readonly else []
     for d in allow_dirs or []:
-        cmd += ["--allow-dir", d]
+        cmd += ["--allow-dir", os.path.abspath(d)]
     name = os.path.splitext(os.path.basename(image))[0]
     return mount_served(cmd, name, os.path.abspath(image), mountpoint, readonly=readonly, fs=fs,
                         partition=partition)
@@ -85,21 +112,22 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
         raise UsageError(f"{mountpoint} is already a vhd mount (vhd umount {mountpoint})")
     os.makedirs(state_dir, exist_ok=True)
     sock = os.path.join(state_dir, "nbd.sock")
-    if os.path.exists(sock):
-        os.unlink(sock)
-    proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    server_log, fuse_log = os.path.join(state_dir, "server.log"), os.path.join(state_dir, "nbdfuse.log")
+    with open(server_log, "w") as log:  # a file, not a pipe nobody reads (a full pipe would block the server)
+        proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=log,
+                                start_new_session=True, cwd="/")
     state: dict[str, Any] = {"image": what, "mountpoint": os.path.abspath(mountpoint),
-                             "server_pid": proc.pid, "fs": None}
+                             "server_pid": proc.pid, "fs": None, "state_dir": state_dir}
     try:
-        _wait(lambda: os.path.exists(sock), "the NBD server", proc)
-        name = export
+        _wait(lambda: os.path.exists(sock), "the NBD server", proc, server_log)
         pidfile = os.path.join(state_dir, "nbdfuse.pid")
         fcmd = [nbdfuse, "-P", pidfile] + (["-r"] if readonly else []) + \
-            [os.path.join(mountpoint, "disk"), f"nbd+unix:///{name}?socket={sock}"]
-        fuse = subprocess.Popen(fcmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [os.path.join(state["mountpoint"], "disk"), nbd_unix_uri(export, sock)]
+        with open(fuse_log, "w") as log:
+            fuse = subprocess.Popen(fcmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, cwd="/")
         state["fuse_pid"] = fuse.pid
-        _wait(lambda: os.path.exists(pidfile) and os.path.exists(os.path.join(mountpoint, "disk")), "nbdfuse", fuse)
+        _wait(lambda: os.path.exists(pidfile) and os.path.exists(os.path.join(mountpoint, "disk")), "nbdfuse", fuse,
+              fuse_log)
         disk = os.path.join(mountpoint, "disk")
         if fs is not None:
             offset = 0
@@ -115,7 +143,7 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
                 raise VhdError(f"mounting the filesystem failed: {mounted.stderr.strip()}")
             state["fs"] = os.path.abspath(fs)
     except BaseException:
-        _teardown(state)
+        _teardown(state, strict=False)
         raise
     with open(os.path.join(state_dir, "state.json"), "w") as f:
         json.dump(state, f)
@@ -123,32 +151,89 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
 
 
 def umount(mountpoint: str) -> dict[str, Any]:
-    """Undo `mount`: the filesystem, the FUSE file, then the server (flushing the image)."""
-    state_file = os.path.join(_state_path(mountpoint), "state.json")
+    """Undo `mount`, top down: the filesystem, the FUSE file, then the server
+    (which flushes the image). A layer that refuses (busy) stops it there:
+    what is under it keeps running, and the error names who holds it."""
+    state_dir = _state_path(mountpoint)
+    state_file = os.path.join(state_dir, "state.json")
     try:
         with open(state_file) as f:
             state = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{mountpoint} is not a vhd mount") from None
-    _teardown(state)
-    os.unlink(state_file)
+    _teardown(state, state_file=state_file)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return {"unmounted": state["mountpoint"], "image": state["image"]}
 
 
-def _teardown(state: dict[str, Any]) -> None:
-    errors = []
-    if state.get("fs"):
+def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None = None) -> None:
+    """Unmount and stop each layer, top down. strict: stop at the first layer
+    that refuses, with an error naming what holds it (the state file then
+    records what is already gone, so a retry goes on from there); not strict
+    (undoing a failed mount): go through every layer regardless."""
+    if state.get("fs") and os.path.ismount(state["fs"]):
         subprocess.run(["sync"])
         proc = subprocess.run(["umount", state["fs"]], capture_output=True, text=True)
-        if proc.returncode != 0:
-            errors.append(f"umount {state['fs']}: {proc.stderr.strip()}")
+        if proc.returncode != 0 and strict:
+            raise VhdError(_busy(state["fs"], proc.stderr))
+        state["fs"] = None
+        _save(state, state_file)
     if state.get("fuse_pid"):
-        subprocess.run(["umount", state["mountpoint"]], capture_output=True)
+        if os.path.ismount(state["mountpoint"]):
+            proc = subprocess.run(["umount", state["mountpoint"]], capture_output=True, text=True)
+            if proc.returncode != 0 and strict:
+                raise VhdError(_busy(state["mountpoint"], proc.stderr))
         _stop(state["fuse_pid"], signal.SIGTERM)
+        state["fuse_pid"] = None
+        _save(state, state_file)
     if state.get("server_pid"):
         _stop(state["server_pid"], signal.SIGTERM)  # the server flushes and closes the image
-    if errors:
-        raise VhdError("; ".join(errors))
+        state["server_pid"] = None
+    if not strict and state.get("state_dir"):
+        shutil.rmtree(state["state_dir"], ignore_errors=True)
+
+
+def _save(state: dict[str, Any], state_file: str | None) -> None:
+    if state_file is not None:
+        with open(state_file, "w") as f:
+            json.dump(state, f)
+
+
+def _busy(path: str, said: str) -> str:
+    who = holders(path)
+    return (f"{path} is busy ({said.strip() or 'umount refused'}); held by "
+            f"{', '.join(who) if who else 'something not visible here (a loop device or a mount inside it?)'}. "
+            "Nothing under it was touched: close those, then run umount again")
+
+
+def holders(path: str) -> list[str]:
+    """The processes whose working folder, root or open files are at or under `path`."""
+    top = os.path.realpath(path)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if any(t == top or t.startswith(top + "/") for t in _links(pid)):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            found.append(f"{name} (pid {pid})")
+    return found
+
+
+def _links(pid: str) -> list[str]:
+    names = [f"/proc/{pid}/cwd", f"/proc/{pid}/root"]
+    try:
+        names += [f"/proc/{pid}/fd/{fd}" for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        pass
+    out = []
+    for name in names:
+        try:
+            out.append(os.readlink(name))
+        except OSError:
+            continue
+    return out
 
 
 def _stop(pid: int, sig: int) -> None:

@@ -14,22 +14,40 @@ TRIM (discard), WRITE_ZEROES, BLOCK_STATUS (the device's allocation map:
 ZERO extents are reported as hole and zero), CACHE, DISC.
 Rules kept: a request outside the export gets EINVAL (ENOSPC for writes); a
 read-only export refuses writes with EPERM; a request over MAX_REQUEST gets
-EOVERFLOW (reads) or EINVAL; a malformed request (bad magic) or a client that
-vanishes closes only that connection; every connection's replies are written
-whole, one at a time; a write is acknowledged only after the device took it.
-Requests of one connection are served concurrently (as tasks), so a device
-whose I/O waits (a throttled disk) sees the client's queue depth.
+EOVERFLOW (reads) or EINVAL; a command flag the specification does not give
+that command (or an unknown one) gets EINVAL; WRITE_ZEROES with NO_HOLE writes
+zeros (awaited on a device that waits), without it discards; a malformed
+request (bad magic) or a client that vanishes closes only that connection;
+every connection's replies are written whole, one at a time; a write is
+acknowledged only after the device took it. Requests of one connection are
+served concurrently (as tasks), so a device whose I/O waits (a throttled disk)
+sees the client's queue depth.
+Memory (budget.py): every request takes its bytes from one budget shared by
+all connections before its payload is read or its work starts, and gives them
+back once its reply has left (but for at most SEND_PIECE per connection still
+buffered: large replies go out a piece at a time, so asyncio never copies more
+than about two pieces of one). Out of budget, a connection stops reading
+requests (backpressure). A large read from a file is read a piece at a time,
+letting other connections in between. A client that goes away has its pending
+work cancelled and its buffer dropped; the error's traceback is cut so no
+reference cycle keeps its data until gc. A block status reply describes at
+most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused,
+and removed on exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import socket as socketlib
+import stat
 import struct
 from dataclasses import dataclass, field
 
-from .blockdev import Alloc, BlockDevice
-from .errors import RangeError, ReadOnlyError, VhdError
+from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
+from .budget import Account, Budget, Ticket
+from .errors import RangeError, ReadOnlyError, UsageError, VhdError
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -51,6 +69,12 @@ TF_SEND_TRIM, TF_SEND_WRITE_ZEROES, TF_SEND_DF, TF_CAN_MULTI_CONN, TF_SEND_CACHE
 
 CMD_READ, CMD_WRITE, CMD_DISC, CMD_FLUSH, CMD_TRIM, CMD_CACHE, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = range(8)
 CMDF_FUA, CMDF_NO_HOLE, CMDF_DF, CMDF_REQ_ONE = 1, 2, 4, 8
+# The flags each command may carry (proto.md: FUA on any command once SEND_FUA is
+# advertised; NO_HOLE on WRITE_ZEROES; DF on READ with structured replies; REQ_ONE
+# on BLOCK_STATUS). Any other flag, FAST_ZERO included (not advertised), is EINVAL.
+ALLOWED_FLAGS = {CMD_READ: CMDF_FUA | CMDF_DF, CMD_WRITE: CMDF_FUA, CMD_FLUSH: CMDF_FUA, CMD_TRIM: CMDF_FUA,
+                 CMD_CACHE: CMDF_FUA, CMD_WRITE_ZEROES: CMDF_FUA | CMDF_NO_HOLE,
+                 CMD_BLOCK_STATUS: CMDF_FUA | CMDF_REQ_ONE}
 
 CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_BLOCK_STATUS, CHUNK_ERROR = 0, 1, 5, 2**15 + 1
 CHUNK_DONE = 1
@@ -59,6 +83,8 @@ META_BASE_ALLOCATION = "base:allocation"
 META_ID = 1
 
 MAX_REQUEST = 32 * 1024 * 1024  # what we advertise as the maximum block size
+BLOCK_STATUS_SPAN = 64 * 1024 * 1024  # the most one block status reply describes (at most 1 MiB of descriptors)
+SEND_PIECE = 256 * 1024  # replies larger than this are sent piece by piece (and small ones in one send)
 MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -95,6 +121,7 @@ class Connection:
     export: Export | None = None
     no_zeroes: bool = False
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    account: Account = field(default_factory=Account)  # what it holds of the server's budget
 
 
 def opt_reply(option: int, kind: int, data: bytes = b"") -> bytes:
@@ -141,10 +168,34 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
+async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
+    """Send a reply SEND_PIECE at a time, waiting while more than a piece is
+    buffered: the transport never holds a copy of more than about two pieces."""
+    writer.write(head)
+    view = memoryview(data)
+    for at in range(0, len(view), SEND_PIECE):
+        if writer.transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        writer.write(view[at:at + SEND_PIECE])
+        if writer.transport.get_write_buffer_size() > SEND_PIECE:
+            await writer.drain()
+
+
+def request_cost(kind: int, flags: int, length: int) -> int:
+    """The bytes a request holds in memory while in flight (its budget)."""
+    if kind == CMD_WRITE or (kind == CMD_READ and length <= MAX_REQUEST):
+        return length  # a READ over the maximum is refused with no data
+    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+        return min(length, ZERO_CHUNK)
+    return 0
+
+
 def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> bytes:
-    """base:allocation descriptors for [offset, offset+length)."""
+    """base:allocation descriptors for [offset, offset+length); at most
+    BLOCK_STATUS_SPAN of it (proto.md lets a reply cover less than asked), so a
+    reply's size does not grow with the client's length."""
     out = []
-    for e in device.allocation(offset, length):
+    for e in device.allocation(offset, min(length, BLOCK_STATUS_SPAN)):
         state = STATE_HOLE | STATE_ZERO if e.state is Alloc.ZERO else 0
         n = e.length
         while n > 0:  # descriptor lengths are u32
@@ -156,13 +207,25 @@ def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> by
     return struct.pack(">I", META_ID) + b"".join(out[:1] if one else out)
 
 
+def _errno(e: Exception, kind: int) -> int:
+    """The NBD error of a device's exception."""
+    if isinstance(e, ReadOnlyError):
+        return errno.EPERM
+    if isinstance(e, RangeError):
+        return errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
+    return errno.EIO
+
+
 class NbdServer:
     """Serves `exports` (name -> Export); the first is also the default ("")."""
 
-    def __init__(self, exports: dict[str, Export]) -> None:
+    def __init__(self, exports: dict[str, Export], budget: Budget | None = None) -> None:
         if not exports:
             raise VhdError("an NBD server needs at least one export")
         self.exports = exports
+        self.budget = budget or Budget()
+        if self.budget.per_connection < MAX_REQUEST:
+            raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
         self.server: asyncio.base_events.Server | None = None
         self.connections = 0
@@ -181,19 +244,33 @@ class NbdServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         conn = Connection()
+        # drain() waits while more than SEND_PIECE is buffered: the slack a connection may hold
+        # outside the budget (the rest of a reply that has mostly left, or small replies)
+        writer.transport.set_write_buffer_limits(high=SEND_PIECE)
         try:
             if await self._handshake(reader, writer, conn):
                 await self._transmission(reader, writer, conn)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError):
-            pass  # the client vanished or broke the protocol: this connection only
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
+            # the client vanished or broke the protocol: this connection only. A lost
+            # connection's error is kept by the transport's reader, waiter and closed
+            # future: its traceback would keep the frames it unwound, and the data they
+            # held, in a reference cycle until gc. Cut it, so memory goes now.
+            e.__traceback__ = None
         finally:
-            for task in list(conn.pending):
-                await task
-            writer.close()
+            for task in conn.pending:  # the client is gone: its unacknowledged work is dropped
+                task.cancel()
+            await asyncio.gather(*conn.pending, return_exceptions=True)
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that reads no more replies: do not wait on it
+            else:
+                writer.close()
             try:
                 await writer.wait_closed()
             except (ConnectionError, OSError):
                 pass
+            lost = reader.exception()  # the transport's error, raised again by every wait on it
+            if lost is not None:
+                lost.__traceback__ = None  # cut last: each raise above added the frames it passed
 
     # -- handshake -------------------------------------------------------------------
 
@@ -300,94 +377,154 @@ class NbdServer:
         assert conn.export is not None
         export = conn.export
         waits = asyncio.iscoroutinefunction(getattr(export.device, "read", None))
-        transport = writer.transport
+        budget, transport = self.budget, writer.transport
         while True:
             magic, flags, kind, cookie, offset, length = _REQUEST.unpack(await reader.readexactly(_REQUEST.size))
             if magic != REQUEST_MAGIC:
                 raise ProtocolError("bad request magic")
             if kind == CMD_DISC:
+                await asyncio.gather(*conn.pending)  # proto.md: outstanding requests are handled first
                 return
-            payload = b""
-            if kind == CMD_WRITE:
-                if length > MAX_REQUEST:
-                    raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
-                payload = await reader.readexactly(length)  # whole, before anything is acknowledged
-            if not waits:
-                # A device that answers at once (a file): serve inline, in order; no task,
-                # no lock; drain only when the socket's buffer is really filling up.
-                writer.write(self._serve(conn, export, flags, kind, cookie, offset, length, payload))
-                if transport.get_write_buffer_size() > 4 * MAX_REQUEST:
-                    await writer.drain()
+            if kind == CMD_WRITE and length > MAX_REQUEST:
+                raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
+            cost = request_cost(kind, flags, length)
+            if waits:
+                # no budget, no more requests read: the client's sends block (backpressure)
+                ticket = await budget.take(conn.account, cost)
+                try:
+                    payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
+                except BaseException:
+                    budget.give(ticket)
+                    raise
+                task = asyncio.ensure_future(self._request(writer, lock, conn, ticket, export, flags, kind, cookie,
+                                                           offset, length, payload))
+                conn.pending.add(task)
+                task.add_done_callback(conn.pending.discard)
                 continue
-            task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
-                                                       offset, length, payload))
-            conn.pending.add(task)
-            task.add_done_callback(conn.pending.discard)
+            # A device that answers at once (a file): served inline, in order, no task, no lock; one
+            # request at a time, so the shared pool is all there is to check (the fast path)
+            taken: Ticket | None = None if budget.take_nowait(cost) else await budget.take(conn.account, cost)
+            try:
+                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""
+                if kind == CMD_READ and length > SEND_PIECE:
+                    head, data = await self._large_read(conn, export, flags, cookie, offset, length)
+                else:
+                    head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
+                payload = b""
+                if len(data) <= SEND_PIECE:
+                    writer.write(head + data if data else head)  # one send: the fast path for small I/O
+                    head = data = b""
+                    if transport.get_write_buffer_size() > SEND_PIECE:
+                        await writer.drain()  # the client reads slower than it asks: wait for it
+                else:
+                    await send(writer, head, data)
+            finally:
+                if taken is None:
+                    budget.give_back(cost)
+                else:
+                    budget.give(taken)
 
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
-               length: int, payload: bytes) -> bytes:
-        """One request against a device that does not wait: the reply bytes."""
-        dev = export.device
-        error, data, status = self._check(export, kind, offset, length), b"", b""
+               length: int, payload: bytes) -> tuple[bytes, bytes]:
+        """One request against a device that does not wait: the reply (header, data)."""
+        error, data, status = self._refuse(conn, export, flags, kind, offset, length), b"", b""
         if not error:
             try:
-                if kind == CMD_READ:
-                    data = dev.read(offset, length)
-                elif kind == CMD_WRITE:
-                    dev.write(offset, payload)
-                    if flags & CMDF_FUA:
-                        dev.flush()
-                elif kind == CMD_FLUSH:
-                    dev.flush()
-                elif kind == CMD_TRIM:
-                    dev.discard(offset, length)
-                elif kind == CMD_WRITE_ZEROES:
-                    if flags & CMDF_NO_HOLE:
-                        dev.write(offset, bytes(length))
-                    else:
-                        dev.discard(offset, length)
-                    if flags & CMDF_FUA:
-                        dev.flush()
-                elif kind == CMD_BLOCK_STATUS:
-                    if not conn.meta:
-                        error = errno.EINVAL
-                    else:
-                        status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
-                elif kind != CMD_CACHE:
-                    error = errno.EINVAL
-            except ReadOnlyError:
-                error = errno.EPERM
-            except RangeError:
-                error = errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
-            except (VhdError, OSError):
-                error = errno.EIO
+                data, status = self._execute(export.device, flags, kind, offset, length, payload)
+            except (VhdError, OSError) as e:
+                error = _errno(e, kind)
         return self._reply(conn, kind, cookie, offset, error, data, status)
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, export: Export,
-                       flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes) -> None:
-        """A request to a device that waits (its read and write are coroutines):
-        those are awaited here; every other command is served as _serve does."""
-        if kind in (CMD_READ, CMD_WRITE) and not self._check(export, kind, offset, length):
-            error, data = 0, b""
-            try:
-                if kind == CMD_READ:
-                    data = await export.device.read(offset, length)  # type: ignore[misc]
-                else:
-                    await export.device.write(offset, payload)  # type: ignore[func-returns-value,misc]
-                    if flags & CMDF_FUA:
-                        export.device.flush()
-            except ReadOnlyError:
-                error = errno.EPERM
-            except RangeError:
-                error = errno.ENOSPC if kind == CMD_WRITE else errno.EINVAL
-            except (VhdError, OSError):
-                error = errno.EIO
-            reply = self._reply(conn, kind, cookie, offset, error, data, b"")
+    async def _large_read(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
+                          length: int) -> tuple[bytes, bytes]:
+        """A READ larger than SEND_PIECE from a device that does not wait, read a
+        piece at a time with the loop let go in between: one client's 32 MiB
+        reads do not hold up another's 4 KiB ones."""
+        error = self._refuse(conn, export, flags, CMD_READ, offset, length)
+        if error:
+            return self._reply(conn, CMD_READ, cookie, offset, error, b"", b"")
+        buf = bytearray(length)
+        try:
+            for at in range(0, length, SEND_PIECE):
+                n = min(SEND_PIECE, length - at)
+                buf[at:at + n] = export.device.read(offset + at, n)
+                await asyncio.sleep(0)
+        except (VhdError, OSError) as e:
+            return self._reply(conn, CMD_READ, cookie, offset, _errno(e, CMD_READ), b"", b"")
+        return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
+
+    @staticmethod
+    def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
+                 payload: bytes) -> tuple[bytes, bytes]:
+        """Run an admitted request on a device that does not wait: (data, block status)."""
+        data, status = b"", b""
+        if kind == CMD_READ:
+            data = dev.read(offset, length)
+        elif kind == CMD_WRITE:
+            dev.write(offset, payload)
+        elif kind == CMD_TRIM or (kind == CMD_WRITE_ZEROES and not flags & CMDF_NO_HOLE):
+            dev.discard(offset, length)  # reads as zeros afterwards (the block device contract)
+        elif kind == CMD_WRITE_ZEROES:
+            write_zeros(dev, offset, length)  # NO_HOLE: allocated zeros, in bounded chunks
+        elif kind == CMD_BLOCK_STATUS:
+            status = block_status(dev, offset, length, bool(flags & CMDF_REQ_ONE))
+        if kind == CMD_FLUSH or (flags & CMDF_FUA and kind in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM)):
+            dev.flush()
+        return data, status  # CACHE is a hint: nothing to do
+
+    @staticmethod
+    async def _execute_waiting(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
+                               payload: bytes) -> bytes:
+        """READ, WRITE and WRITE_ZEROES with NO_HOLE on a device whose read and
+        write are coroutines: awaited, so a zero write is written, not dropped."""
+        if kind == CMD_READ:
+            return await dev.read(offset, length)  # type: ignore[misc]
+        if kind == CMD_WRITE:
+            await dev.write(offset, payload)  # type: ignore[func-returns-value,misc]
         else:
-            reply = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
-        async with lock:
-            writer.write(reply)
-            await writer.drain()
+            zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+            for at in range(offset, offset + length, len(zeros)):
+                await dev.write(at, zeros[:min(len(zeros), offset + length - at)])  # type: ignore[func-returns-value,misc]
+        if flags & CMDF_FUA:
+            dev.flush()
+        return b""
+
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, ticket: Ticket,
+                       export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
+                       payload: bytes) -> None:
+        """A request to a device that waits (its read and write are coroutines):
+        data commands are awaited here; every other command is served as _serve
+        does. Its budget is given back once the reply has left, or if it fails."""
+        try:
+            waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
+            error = self._refuse(conn, export, flags, kind, offset, length)
+            if waits and not error:
+                data = b""
+                try:
+                    data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
+                except (VhdError, OSError) as e:
+                    error = _errno(e, kind)
+                head, data = self._reply(conn, kind, cookie, offset, error, data, b"")
+            else:
+                head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
+            payload = b""
+            async with lock:
+                await send(writer, head, data)
+        except ConnectionError as e:
+            e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
+        finally:
+            self.budget.give(ticket)
+
+    def _refuse(self, conn: Connection, export: Export, flags: int, kind: int, offset: int, length: int) -> int:
+        """The error a request gets before it reaches the device, or 0."""
+        allowed = ALLOWED_FLAGS.get(kind)
+        if allowed is None or flags & ~allowed:
+            return errno.EINVAL  # an unknown command, or a flag it does not take
+        if flags & CMDF_DF and not conn.structured:
+            return errno.EINVAL
+        if kind == CMD_BLOCK_STATUS and not conn.meta:
+            return errno.EINVAL
+        return self._check(export, kind, offset, length)
 
     @staticmethod
     def _check(export: Export, kind: int, offset: int, length: int) -> int:
@@ -406,34 +543,83 @@ class NbdServer:
 
     @staticmethod
     def _reply(conn: Connection, kind: int, cookie: int, offset: int, error: int, data: bytes,
-               status: bytes) -> bytes:
+               status: bytes) -> tuple[bytes, bytes]:
+        """The reply as (header, data): the data is sent as it is, never copied into the header."""
         if not conn.structured:
-            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie) + (data if not error else b"")
+            return _SIMPLE.pack(SIMPLE_REPLY_MAGIC, error, cookie), (data if not error else b"")
         if error:
             msg = b""
             payload = struct.pack(">IH", error, len(msg)) + msg
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_ERROR, cookie, len(payload)) + payload
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_ERROR, cookie, len(payload)) + payload, b""
         if kind == CMD_READ:
-            payload = struct.pack(">Q", offset) + data
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cookie, len(payload)) + payload
+            head = _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_OFFSET_DATA, cookie, 8 + len(data))
+            return head + struct.pack(">Q", offset), data
         if kind == CMD_BLOCK_STATUS:
-            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status
-        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0)
+            return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status, b""
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
+
+
+def server_budget(mib: int) -> Budget:
+    """The budget of `serve --max-inflight-mib`: at most half of it per connection,
+    and at least one request of the maximum size."""
+    if mib << 20 < MAX_REQUEST:
+        raise UsageError(f"--max-inflight-mib must be at least {MAX_REQUEST >> 20} (one request of the maximum size)")
+    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2))
+
+
+def claim_socket(path: str) -> None:
+    """Make way for a server on unix socket `path`: refuse if a live server
+    answers there (binding would silently take it over, orphaning that server
+    and its image lock); remove a stale socket file left by a dead one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"{path} exists and is not a socket: choose another --socket")
+    probe = socketlib.socket(socketlib.AF_UNIX)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left by a server that died
+        return
+    except OSError as e:
+        raise UsageError(f"cannot tell whether a server listens on {path} ({e}): choose another --socket") from None
+    finally:
+        probe.close()
+    raise UsageError(f"a server is already listening on {path}: stop it first, or choose another --socket")
 
 
 def run_server(server: NbdServer, socket: str | None = None, bind: str = "127.0.0.1", port: int = 10809) -> None:
-    """Serve until SIGTERM or SIGINT; print one JSON line when ready (scripts wait for it)."""
+    """Serve until SIGTERM or SIGINT; print one JSON line when ready (scripts wait
+    for it). A unix socket is refused if a live server answers on it, and
+    removed on the way out."""
     import json
     import signal
 
     async def main() -> None:
+        if socket:
+            claim_socket(socket)
         srv = await (server.serve_unix(socket) if socket else server.serve_tcp(bind, port))
+        mine = os.stat(socket).st_ino if socket else None
         where = f"unix socket {socket}" if socket else f"{bind}:{port}"
         print(json.dumps({"serving": list(server.exports), "at": where}), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with srv:
-            await stop.wait()  # then the caller closes its devices: flushed, unlocked
+        try:
+            async with srv:
+                await stop.wait()  # then the caller closes its devices: flushed, unlocked
+        finally:
+            if socket and _inode(socket) == mine:
+                os.unlink(socket)
     asyncio.run(main())
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

@@ -16,7 +16,7 @@ import pytest
 
 import vhd
 from hostcache.boot import NotBootable
-from hostcache.bootsector import BANNER, boot_sector, build
+from hostcache.bootsector import BANNER, LBA_AT, boot_sector, build
 from hostcache.host import BootError, Host
 from stamp import Stamp
 from stamp.disks import Disks
@@ -59,7 +59,7 @@ def test_the_guest_reads_the_disk_through_nbd_cache_and_throttle(host, tmp_path)
 
 def test_a_guest_read_error_is_reported(host, tmp_path):
     bad = bytearray(boot_sector(10))
-    struct.pack_into("<Q", bad, 248, 1 << 40)  # the DAP's LBA, far past the end of the disk
+    struct.pack_into("<Q", bad, LBA_AT, 1 << 40)  # the DAP's LBA, far past the end of the disk
     image(host, tmp_path, "badread", bytes(bad))
     host.create_vm("vm", "D2s_v3", "badread")
     with pytest.raises(BootError, match="disk read error"):
@@ -80,15 +80,34 @@ def test_a_disk_with_no_signature_and_a_guest_that_never_stops(host, tmp_path):
         host.boot("vm2", real=True, timeout=3)
 
 
-def test_the_printed_checksum_follows_a_changed_byte(host, tmp_path):
+def test_two_bytes_swapped_before_the_image_is_created_fail_the_boot_check(host, tmp_path):
+    """The guest's CRC-32 is compared with the record made when the image was
+    built: not with the disk it boots from (which would vouch for any damage),
+    and not as a byte sum (which swapped bytes leave unchanged)."""
+    path = str(tmp_path / "damaged.vhd")
+    build(path, 32 * MIB, sectors=100)
+    with vhd.open(path, writable=True) as img:  # damage on the way to `stamp image create`
+        a, b = img.read(512 * 10, 1), img.read(512 * 60, 1)
+        if a == b:
+            b = bytes([b[0] ^ 0xFF])
+            img.write(512 * 60, b)  # (a swap of equal bytes changes nothing: flip one instead)
+        img.write(512 * 10, b)
+        img.write(512 * 60, a)
+    Disks(host.stamp).create_image("damaged", path=path)
+    host.create_vm("vm", "D8s_v3", "damaged")
+    with pytest.raises(BootError, match="does not hold what was built"):
+        host.boot("vm", real=True)
+
+
+def test_a_byte_changed_on_the_disk_fails_the_boot_check(host, tmp_path):
     checksum = image(host, tmp_path, "bootable")
     host.create_vm("vm", "D8s_v3", "bootable", os_caching="ReadWrite")
     assert host.boot("vm", real=True)["checksum"] == checksum
     disk = host.open_disk("vm", -1)
     old = disk.read(512 * 50, 1)
     disk.write(512 * 50, bytes([old[0] ^ 0x5A]) + disk.read(512 * 50 + 1, 511))  # one byte of the payload
-    again = host.boot("vm", real=True)
-    assert again["checksum"] != checksum and again["verified"]  # the guest read the changed disk
+    with pytest.raises(BootError, match=f"built with {checksum}"):
+        host.boot("vm", real=True)
 
 
 def test_a_client_still_connected_when_the_guest_stops_is_shut_down_with_the_server(host, tmp_path):

@@ -4,6 +4,7 @@ a killed server leaves nothing behind that blocks the next one."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from stamp import Stamp
 from stamp.disks import Disks
 
 from ..conftest import run
+from ..vhd.test_nbd import conformance, hostile_load
 
 MIB = 1 << 20
 
@@ -122,3 +124,59 @@ def test_while_served_another_process_snapshots_backs_up_and_reads_stats(tmp_pat
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+def test_write_zeroes_with_no_hole_is_written_and_every_flag_is_judged_as_vhd_serve_does(tmp_path):
+    """qemu sends NO_HOLE for a guest's write-zeroes: it must reach the disk
+    (it was acknowledged and dropped: the coroutine was never awaited)."""
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        target = f"nbd+unix:///lun0?socket={sock}"
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x55 1M 64K", "-c", "write -z 1M 64K", target)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0 1M 64K", target)  # fails unless all 64 KiB read as zeros
+        conformance(target)
+        conformance(f"nbd+unix:///os?socket={sock}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_a_mount_whose_server_fails_shows_what_the_server_said(tmp_path):
+    host = setup_host(tmp_path)
+    with Host(host) as h:
+        h.stop("vm")
+    (tmp_path / "m").mkdir()
+    r = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "mount", "vm", str(tmp_path / "m")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "failed to start" in r.stderr and "start it first" in r.stderr, r.stderr
+    assert not (tmp_path / "m" / "disk").exists()
+
+
+def test_a_greedy_client_is_held_to_the_budget_and_a_light_one_on_another_disk_is_served(tmp_path):
+    """40 unread 32 MiB reads once took 3.3 GB and stalled another client >10 s."""
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)  # the default budget: 128 MiB
+    try:
+        hostile_load(sock, proc.pid, "lun0", "os", connections=1, budget=128 * MIB)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+def test_a_second_server_on_the_same_socket_is_refused_and_the_socket_goes_with_the_first(tmp_path):
+    host = setup_host(tmp_path)
+    sock = str(tmp_path / "s.sock")
+    proc = serve(host, sock)
+    try:
+        second = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "already listening" in second.stderr, second.stderr
+        info = json.loads(run("nbdinfo", "--json", f"nbd+unix:///os?socket={sock}").stdout)
+        assert info["exports"][0]["export-size"] == 32 * MIB  # the first still serves
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert not os.path.exists(sock)

@@ -99,3 +99,44 @@ def test_mount_errors_are_clear(dirs):
     r = cli("mount", str(img), str(dirs / "m"), "--fs", str(dirs / "fs"), "--partition", "3")
     assert r.returncode == 2 and "no partition 3" in r.stderr
     assert not os.listdir(dirs / "m")  # the failed mount was undone
+
+
+def test_a_busy_filesystem_stops_umount_there_and_the_stack_keeps_working(dirs):
+    img = dirs / "busy.vhd"
+    vhd.create(img, 64 * MIB).close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    run("mkfs.ext4", "-q", "-F", json.loads(r.stdout)["disk"])
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    assert cli("mount", str(img), str(dirs / "m"), "--fs", str(dirs / "fs")).returncode == 0
+    held = open(dirs / "fs" / "held.txt", "w")  # noqa: SIM115 - held open across the umount on purpose
+    try:
+        r = cli("umount", str(dirs / "m"))
+        assert r.returncode == 1 and "busy" in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
+        assert os.path.exists(dirs / "m" / "disk")  # nbdfuse and the server still run under the filesystem
+        held.write("written after the refused umount\n")
+    finally:
+        held.close()
+    os.sync()
+    assert cli("umount", str(dirs / "m")).returncode == 0
+    raw = dirs / "busy.raw"
+    run("qemu-img", "convert", "-f", "vpc", "-O", "raw", str(img), str(raw))
+    assert debugfs_cat(str(raw), "/held.txt") == "written after the refused umount\n"
+
+
+def test_the_server_imports_nothing_from_the_working_folder_and_a_space_in_the_name_works(dirs):
+    """mount runs as root: a concurrent.py in the working folder must not run."""
+    evil = dirs / "cwd"
+    evil.mkdir()
+    marker = dirs / "ran-as-root"
+    (evil / "concurrent.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    img = dirs / "my disk.vhd"
+    with vhd.create(img, 8 * MIB) as d:
+        d.write(0, b"spaced")
+    r = subprocess.run([sys.executable, "-P", "-m", "vhd", "mount", str(img), str(dirs / "m")],
+                       capture_output=True, text=True, cwd=evil)
+    assert r.returncode == 0, r.stderr
+    with open(json.loads(r.stdout)["disk"], "rb") as f:
+        assert f.read(6) == b"spaced"
+    assert not marker.exists()
+    assert cli("umount", str(dirs / "m")).returncode == 0

@@ -215,3 +215,203 @@ def test_scripted_with_libnbd(served):
         fix.pwrite(b"x" * 512, 32 * MIB)
     assert e.value.errno == "ENOSPC"
     fix.shutdown()
+
+
+# -- conformance: every command with every flag, over libnbd with strict mode off ----------------
+
+SLOT = 64 * 1024
+READ, WRITE, FLUSH, TRIM, CACHE, ZERO, STATUS = "read", "write", "flush", "trim", "cache", "zero", "status"
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, UNKNOWN = 1, 2, 4, 8, 16, 0x4000
+# proto.md: FUA is accepted on every command once SEND_FUA is advertised; NO_HOLE
+# belongs to WRITE_ZEROES, DF to READ (with structured replies), REQ_ONE to
+# BLOCK_STATUS; FAST_ZERO was not advertised; anything else is an unknown flag.
+# "The server SHOULD return EINVAL if it receives an unknown command flag [or]
+# a flag not explicitly documented as applicable to the given request."
+SPEC_FLAGS = {READ: FUA | DF, WRITE: FUA, FLUSH: FUA, TRIM: FUA, CACHE: FUA, ZERO: FUA | NO_HOLE, STATUS: FUA | REQ_ONE}
+
+
+def conformance(uri: str) -> None:
+    """Run every command with every flag against an export of at least 4 MiB;
+    each case in its own 64 KiB slot, filled with 0x55 first, checked after."""
+    import nbd as libnbd
+
+    h = libnbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.connect_uri(uri)
+    h.set_strict_mode(0)  # libnbd sends what we ask; the server has to judge
+    slot = 0
+    for command in SPEC_FLAGS:
+        for flag in (0, FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, UNKNOWN):
+            offset = slot * SLOT
+            slot += 1
+            h.pwrite(b"\x55" * SLOT, offset)
+            valid = not flag & ~SPEC_FLAGS[command]
+            try:
+                got = _one(h, command, offset, flag)
+            except libnbd.Error as e:
+                assert not valid and e.errno == "EINVAL", (command, flag, e)
+                assert h.pread(SLOT, offset) == b"\x55" * SLOT, (command, flag, "a refused request changed data")
+                continue
+            assert valid, (command, flag, "an invalid flag was accepted")
+            after = h.pread(SLOT, offset)
+            if command == READ:
+                assert got == b"\x55" * SLOT
+            if command == WRITE:
+                assert after == b"\xaa" * SLOT, (command, flag)
+            elif command == ZERO:
+                assert after == bytes(SLOT), (command, flag, "an acknowledged WRITE_ZEROES left data")
+            elif command == STATUS:
+                assert got and sum(got) <= SLOT and (len(got) == 1 if flag & REQ_ONE else True), (flag, got)
+            elif command in (READ, FLUSH, CACHE):
+                assert after == b"\x55" * SLOT, (command, flag)
+    h.shutdown()
+
+
+def _one(h, command: str, offset: int, flag: int):  # noqa: ANN001, ANN202 - libnbd's handle
+    if command == READ:
+        return h.pread(SLOT, offset, flag)
+    if command == WRITE:
+        return h.pwrite(b"\xaa" * SLOT, offset, flag)
+    if command == FLUSH:
+        return h.flush(flag)
+    if command == TRIM:
+        return h.trim(SLOT, offset, flag)
+    if command == CACHE:
+        return h.cache(SLOT, offset, flag)
+    if command == ZERO:
+        return h.zero(SLOT, offset, flag)
+    lengths: list[int] = []
+
+    def collect(context, at, entries, err):  # noqa: ANN001 - libnbd's callback shape
+        lengths.extend(entries[0::2])
+        return 0
+    h.block_status(SLOT, offset, collect, flag)
+    return lengths
+
+
+def test_every_command_with_every_flag(served):
+    d, sock = served
+    conformance(uri(sock, "dyn"))
+    conformance(uri(sock, "fix"))
+
+
+def test_a_second_server_on_a_live_socket_is_refused_and_the_description_is_no_path(served):
+    d, sock = served
+    with vhd.create(d / "other.vhd", 8 * MIB):
+        pass
+    second = subprocess.run([sys.executable, "-m", "vhd", "serve", str(d / "other.vhd"), "--socket", sock],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2 and "already listening" in second.stderr, second.stderr
+    info = run("nbdinfo", "--json", uri(sock, "dyn")).stdout  # the first server still answers
+    assert json.loads(info)["exports"][0]["description"] == "dyn.vhd"  # not the full path
+
+
+def test_the_socket_goes_with_the_server_and_a_stale_one_is_replaced(tmp_path):
+    with vhd.create(tmp_path / "s.vhd", 8 * MIB):
+        pass
+    sock = str(tmp_path / "s.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(sock)  # a socket file nobody listens on: what a killed server leaves
+    stale.close()
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "s.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["serving"] == ["s"]  # type: ignore[union-attr]
+        assert json.loads(run("nbdinfo", "--json", uri(sock, "s")).stdout)["exports"][0]["export-size"] == 8 * MIB
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert not os.path.exists(sock)
+    (tmp_path / "file").write_text("not a socket")
+    r = subprocess.run([sys.executable, "-m", "vhd", "serve", str(tmp_path / "s.vhd"), "--socket",
+                        str(tmp_path / "file")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "not a socket" in r.stderr and (tmp_path / "file").read_text() == "not a socket"
+
+
+# -- greedy clients: bounded memory, a light client still served -------------------------------------
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def settle(pid: int, bound: int, quiet: float = 1.0, most: float = 20.0) -> tuple[int, int]:
+    """Poll the server's RSS until it holds still for `quiet` seconds (at most
+    `most`) or passes `bound`; returns (last, highest). A wait, not a timing check."""
+    highest = last = rss(pid)
+    still_since = time.monotonic()
+    deadline = still_since + most
+    while time.monotonic() < deadline and highest <= bound:
+        time.sleep(0.05)
+        now = rss(pid)
+        if abs(now - last) > MIB:
+            still_since = time.monotonic()
+        last, highest = now, max(highest, now)
+        if time.monotonic() - still_since > quiet:
+            break
+    return last, highest
+
+
+def p99(c: Client, offset: int, n: int = 200) -> float:
+    times = []
+    for i in range(n):
+        start = time.perf_counter()
+        err, _ = c.request(nbd.CMD_READ, offset + (i % 64) * 4096, 4096)
+        times.append(time.perf_counter() - start)
+        assert err == 0
+    return sorted(times)[int(n * 0.99) - 1]
+
+
+def greedy(sock: str, name: str, connections: int, reads: int, size: int = 32 * MIB) -> list[Client]:
+    """Clients that send `reads` READs of `size` each and never read a reply."""
+    out = []
+    for _ in range(connections):
+        c = Client(sock, name)
+        c.s.setblocking(False)
+        for i in range(reads):
+            try:
+                c.s.send(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, i, 0, size))
+            except BlockingIOError:
+                break  # the server stopped reading: backpressure reached the client
+        out.append(c)
+    return out
+
+
+def hostile_load(sock: str, pid: int, greedy_export: str, light_export: str, connections: int,
+                 budget: int) -> None:
+    """Greedy clients beside a light one: the server's memory stays within its
+    budget (plus slack) and goes back when they leave; the light client's p99
+    stays within 50x its idle p99 (best of 3 tries: the machine is shared)."""
+    light = Client(sock, light_export)
+    idle = p99(light, 0, 500)
+    base = rss(pid)
+    bound = base + budget + 64 * MIB
+    hogs = greedy(sock, greedy_export, connections, 40)
+    try:
+        last, highest = settle(pid, bound)
+        assert highest <= bound, f"RSS grew by {(highest - base) >> 20} MiB under greedy clients"
+        busy = min(p99(light, 0, 500) for _ in range(3))
+        assert busy <= 50 * idle, f"light client p99 {busy * 1e3:.2f} ms beside greedy ones, {idle * 1e3:.2f} ms idle"
+    finally:
+        for h in hogs:
+            h.s.close()
+    deadline = time.monotonic() + 30  # the server notices them one by one: wait (not a timing check)
+    while rss(pid) > base + 16 * MIB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rss(pid) <= base + 16 * MIB, f"{(rss(pid) - base) >> 20} MiB still held after the greedy clients left"
+    light.s.close()
+
+
+def test_greedy_clients_get_a_bounded_share_and_a_light_client_is_still_served(tmp_path):
+    with vhd.create(tmp_path / "g.vhd", 64 * MIB, type="fixed") as img:
+        img.write(0, b"\x77" * MIB)
+    sock = str(tmp_path / "g.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "g.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)  # the default budget: 128 MiB
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        hostile_load(sock, proc.pid, "g", "g", connections=8, budget=128 * MIB)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
