@@ -20,8 +20,8 @@ MIB = 1 << 20
 def odd_size_disk(h, name: str, size: int, sku: str = "Premium_LRS") -> None:
     """A disk of `size` bytes (a multiple of 1 MiB, not of 1 GiB), uploaded as the platform allows."""
     d = Disks(h.stamp)
-    d.create_for_upload(name, size + 512, sku)
-    create_fixed(PageBlobFile(h.stamp, f"disks/{name}"), size)
+    blob = d.create_for_upload(name, size + 512, sku)["blob"]
+    create_fixed(PageBlobFile(h.stamp, blob), size)
     d.finish_upload(name)
 
 
