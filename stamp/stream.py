@@ -11,10 +11,16 @@ Rules (WAS stream layer, simplified to one data stream):
   3 healthy nodes in distinct fault domains, NotEnoughNodes is raised and
   nothing was acknowledged.
 - Extents are sealed when they reach the target size, on failure, or when
-  their owner is found dead (at the length of the longest prefix of records
-  that verifies on every reachable replica).
-- Every read verifies its chunks' checksums; a replica that fails is skipped
-  and, if its node is up, healed with the bytes of a good replica.
+  their owner is found dead: at the end of the longest run of records each
+  of which verifies on some reachable replica (an acknowledged record is on
+  every replica, so one good copy proves it; a bad copy is corruption, not
+  a torn tail), the replicas lacking one healed from a good copy.
+- Every read verifies its chunks' checksums (and the record header when it
+  reads the first chunk); a replica that fails is skipped and, if its node
+  is up, healed with the bytes of a good replica.
+- Scrub, check, recovery and re-replication verify whole records (header,
+  checksums, data) and file headers; a new replica is built record by
+  record from whichever replica verifies each, never from a corrupt copy.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -318,31 +324,23 @@ class StreamLayer:
     # -- recovery and maintenance ---------------------------------------------------
 
     def recover(self) -> list[int]:
-        """Seal extents whose owner process is gone, at the length every
-        reachable replica holds valid records to; delete those that hold no
-        record. Returns the sealed ids."""
+        """Seal extents whose owner process is gone, at the end of the longest
+        run of records each of which verifies on some reachable replica (an
+        acknowledged record is on every replica, so one good copy proves it
+        committed; a bad copy is corruption, not a torn tail), healing the
+        replicas that lack one; delete those that hold no record on any
+        replica. Returns the sealed ids."""
+        self.refresh_nodes()
         sealed = []
-        with self.meta.read() as txn:
-            orphans = [Extent.from_json(U64.unpack(k)[0], loads(v))
-                       for k, v in self.meta.items(txn, "extents")]
-        for e in orphans:
+        for e in self.all_extents():
             if e.state != "open" or owner_alive(e):
                 continue
-            lengths = []
-            for n in e.nodes:
-                node = self.nodes[n]
-                if not node.healthy:
-                    continue
-                try:
-                    size = node.size(e.id)
-                    lengths.append(rec.scan(functools.partial(_read_replica, node, e.id), rec.FILE_HEADER, size))
-                except OSError:
-                    continue
-            length = min(lengths) if lengths else rec.FILE_HEADER
-            if length <= rec.FILE_HEADER:
-                # No record: the owner died while creating it (metadata first, then
-                # the replica files) or before its first append. Nothing can point
-                # into it, so it goes, with whatever files were made.
+            report = ScrubReport()
+            length = self._walk(e, None, heal=True, report=report)
+            if length <= rec.FILE_HEADER and all(self._reachable(n) is not None for n in e.nodes):
+                # No record on any replica: the owner died while creating it
+                # (metadata first, then the replica files) or before its first
+                # append. Nothing can point into it, so it goes, with its files.
                 self._drop_empty(e)
                 continue
             self._seal(e, length)
@@ -365,8 +363,9 @@ class StreamLayer:
                     for k, v in self.meta.items(txn, "extents")]
 
     def rereplicate(self) -> list[tuple[int, int, int]]:
-        """Give every sealed extent 3 good replicas again: copy from a good
-        replica to a healthy node in a fault domain the extent is not on.
+        """Give every sealed extent 3 replicas again: make a new one on a
+        healthy node in a fault domain the extent is not on, each record taken
+        from whichever replica verifies it (a corrupt copy is never copied).
         Returns (extent, lost node, new node) for each copy made."""
         self.refresh_nodes()
         with self._lock:
@@ -380,15 +379,17 @@ class StreamLayer:
             for n in list(e.nodes):
                 if self._replica_ok(e, n):
                     continue
-                source = next((m for m in e.nodes if m != n and self._replica_ok(e, m)), None)
-                if source is None:
+                if not any(m != n and self._reachable(m) is not None for m in e.nodes):
                     continue
                 domains = {self.nodes[m].fault_domain for m in e.nodes if m != n}
                 try:
                     target = self.place(exclude=set(e.nodes), count=1, avoid_domains=domains)[0]
                 except NotEnoughNodes:
                     continue
-                self._copy_replica(e, source, target)
+                try:
+                    self._copy_replica(e, target)
+                except DataLost:
+                    continue  # a record with no good copy anywhere: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
                 with self.meta.write() as txn:
                     self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
@@ -407,22 +408,94 @@ class StreamLayer:
         except OSError:
             return False
 
-    def _copy_replica(self, e: Extent, source: int, target: int) -> None:
-        src, dst = self.nodes[source], self.nodes[target]
+    def _copy_replica(self, e: Extent, target: int) -> None:
+        """Make the replica on `target` record by record, each record taken
+        from any other replica that verifies it, then sync it."""
+        dst = self.nodes[target]
         dst.drop(e.id)
         dst.fd(e.id, create=True)
-        pos, step = 0, 4 * 1024 * 1024
+        dst.append(e.id, rec.pack_file_header(uuid.UUID(int=e.id)), 0)
+        pos = rec.FILE_HEADER
         while pos < e.length:
-            chunk = src.read(e.id, min(step, e.length - pos), pos)
-            dst.append(e.id, chunk, pos)
-            pos += len(chunk)
+            raw, _ = self._good_record(e, pos, e.length)
+            if raw is None:
+                dst.drop(e.id)
+                raise DataLost(f"extent {e.id}: no replica holds a good copy of the record at {pos}; "
+                               f"node {dst.name} was not given a copy")
+            dst.append(e.id, raw, pos)
+            pos += len(raw)
         dst.sync(e.id)
-        if rec.scan(lambda k, o: dst.read(e.id, k, o), rec.FILE_HEADER, e.length) != e.length:
-            raise DataLost(f"copy of extent {e.id} to node {target} does not verify")
+
+    def _reachable(self, n: int) -> Node | None:
+        """Node n if its replicas can be read (it is up)."""
+        node = self.nodes.get(n)
+        return node if node is not None and node.healthy else None
+
+    def _good_record(self, e: Extent, pos: int, end: int | None) -> tuple[bytes | None, list[int]]:
+        """The record at `pos` from the first replica on which it verifies
+        whole (header, checksums, data), and the replicas on which it does not
+        (missing replica files are left to rereplicate). With `end` None,
+        records may run to any replica's end."""
+        good, bad = None, []
+        for n in e.nodes:
+            node = self._reachable(n)
+            if node is None or not os.path.exists(node.extent_path(e.id)):
+                continue
+            try:
+                limit = node.size(e.id) if end is None else end
+                raw = rec.read_record(functools.partial(_read_replica, node, e.id), pos, limit)
+            except (rec.RecordError, OSError):
+                bad.append(n)
+                continue
+            if good is None:
+                good = raw
+        return good, bad
+
+    def _walk(self, e: Extent, end: int | None, heal: bool, report: ScrubReport) -> int:
+        """Verify e's replicas: every file header, then every record up to
+        `end` (None: while some replica holds a verified record). Each bad or
+        short copy is counted and, with heal, rewritten from a good one.
+        Returns where the walk stopped (end, unless a record has no good copy)."""
+        self._check_file_headers(e, heal, report)
+        pos = rec.FILE_HEADER
+        while end is None or pos < end:
+            good, bad = self._good_record(e, pos, end)
+            if good is None:
+                if end is not None:
+                    report.problems.append(f"extent {e.id}: record at {pos} has no good copy (data lost)")
+                return pos
+            report.records += 1
+            report.bad += len(bad)
+            for b in bad:
+                if heal:
+                    self._heal(e.id, b, good, pos)
+                    report.healed += 1
+                else:
+                    report.problems.append(f"extent {e.id}: record at {pos} is corrupt or missing on node "
+                                           f"{self.nodes[b].name}")
+            pos += len(good)
+        return pos
+
+    def _check_file_headers(self, e: Extent, heal: bool, report: ScrubReport) -> None:
+        want = uuid.UUID(int=e.id)
+        for n in e.nodes:
+            node = self._reachable(n)
+            if node is None or not os.path.exists(node.extent_path(e.id)):
+                continue
+            try:
+                rec.verify_file_header(node.read(e.id, rec.FILE_HEADER, 0), want)
+                continue
+            except (rec.RecordError, OSError):
+                report.bad += 1
+            if heal:
+                self._heal(e.id, n, rec.pack_file_header(want), 0)
+                report.healed += 1
+            else:
+                report.problems.append(f"extent {e.id}: file header is corrupt on node {node.name}")
 
     def scrub(self, heal: bool = True) -> ScrubReport:
-        """Verify every record on every reachable replica; with heal, rewrite
-        bad copies from a good replica."""
+        """Verify every byte of every record on every reachable replica, file
+        headers included; with heal, rewrite bad copies from a good replica."""
         self.refresh_nodes()
         report = ScrubReport()
         for e in self.all_extents():
@@ -431,49 +504,8 @@ class StreamLayer:
                 end = self._current.length
             elif e.state == "open":
                 continue  # another live process is appending to it
-            pos = rec.FILE_HEADER
-            while pos < end:
-                length, size = self._record_at(e, pos)
-                if length is None:
-                    report.problems.append(f"extent {e.id}: no replica has a valid record at {pos}")
-                    break
-                report.records += 1
-                sp = rec.span(pos, length, 0, length)
-                good_raw, bad = None, []
-                for n in e.nodes:
-                    node = self.nodes[n]
-                    if not node.healthy or not os.path.exists(node.extent_path(e.id)):
-                        continue
-                    try:
-                        raw = node.read(e.id, sp.file_length, sp.file_offset)
-                        rec.verify_span(raw, pos, sp, length)
-                        good_raw = raw
-                    except (rec.RecordError, OSError):
-                        bad.append(n)
-                report.bad += len(bad)
-                if good_raw is None:
-                    report.problems.append(f"extent {e.id}: record at {pos} has no good copy (data lost)")
-                for b in bad:
-                    if heal and good_raw is not None:
-                        self._heal(e.id, b, good_raw, sp.file_offset)
-                        report.healed += 1
-                    else:
-                        report.problems.append(f"extent {e.id}: record at {pos} is corrupt on node "
-                                               f"{self.nodes[b].name}")
-                pos += size
+            self._walk(e, end, heal, report)
         return report
-
-    def _record_at(self, e: Extent, pos: int) -> tuple[int | None, int]:
-        for n in e.nodes:
-            node = self.nodes[n]
-            if not node.healthy or not os.path.exists(node.extent_path(e.id)):
-                continue
-            try:
-                length = rec.parse_header(node.read(e.id, rec.RECORD_HEADER, pos), pos)
-                return length, rec.record_size(length)
-            except (rec.RecordError, OSError):
-                continue
-        return None, 0
 
     def forget_node(self, node_id: int) -> None:
         """Close a node's replica files (its folder is going away); no append
