@@ -34,7 +34,7 @@ def test_corruption_and_misplacement_are_caught():
         with pytest.raises(rec.RecordError):
             rec.verify_span(bytes(bad), 4096, sp, 9000)
         with pytest.raises(rec.RecordError):
-            rec.read_record(lambda n, o: bytes(bad)[o - 4096:o - 4096 + n], 4096, 4096 + len(raw))
+            rec.read_record(lambda n, o, b=bytes(bad): b[o - 4096:o - 4096 + n], 4096, 4096 + len(raw))
     with pytest.raises(rec.RecordError):  # the same bytes read as if stored elsewhere
         rec.verify_span(bytes(raw), 8192, rec.span(8192, 9000, 0, 9000), 9000)
     with pytest.raises(rec.RecordError):
