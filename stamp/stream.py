@@ -21,6 +21,9 @@ Rules (WAS stream layer, simplified to one data stream):
 - Scrub, check, recovery and re-replication verify whole records (header,
   checksums, data) and file headers; a new replica is built record by
   record from whichever replica verifies each, never from a corrupt copy.
+- A node state change (a fault injected by any process) reaches every
+  appender by its next append: the change rewrites STAMP/nodes/epoch after
+  its commit, and each append compares that file's 8 bytes first.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -118,6 +121,8 @@ class StreamLayer:
         self._fast: tuple[Extent, list[int]] | None = None  # see _fast_fds
         self.token = uuid.uuid4().hex
         _LIVE_TOKENS.add(self.token)
+        self._epoch_fd = open_node_epoch(root)
+        self._epoch = b""
         self.refresh_nodes()
 
     # -- nodes ---------------------------------------------------------------
@@ -125,6 +130,7 @@ class StreamLayer:
     def refresh_nodes(self) -> None:
         """Reload node states (faults may be injected by another process)."""
         self._fast = None
+        self._epoch = os.pread(self._epoch_fd, 8, 0)  # before the states: a change in between is seen next time
         with self.meta.read() as txn:
             for key, raw in self.meta.items(txn, "nodes"):
                 node_id = U32.unpack(key)[0]
@@ -143,6 +149,7 @@ class StreamLayer:
                 raise CorruptStamp(f"no node {node_id}")
             obj.update(changes)
             self.meta.put_json(txn, "nodes", U32.pack(node_id), obj)
+        os.pwrite(self._epoch_fd, os.urandom(8), 0)  # after the commit: every appender reloads the states
         self.refresh_nodes()
         return self.nodes[node_id]
 
@@ -223,6 +230,8 @@ class StreamLayer:
     def _append_locked(self, data: bytes | memoryview) -> tuple[Location, Extent, int]:
         failures = 0
         with self._lock:
+            if os.pread(self._epoch_fd, 8, 0) != self._epoch:  # a node changed, maybe in another process
+                self.refresh_nodes()
             while True:
                 e = self._current
                 if e is None or e.state != "open":
@@ -533,6 +542,21 @@ class StreamLayer:
             self._fast = None
             for node in self.nodes.values():
                 node.forget()
+            os.close(self._epoch_fd)
+
+
+def open_node_epoch(root: str) -> int:
+    """STAMP/nodes/epoch: 8 bytes rewritten (random) after every change of a
+    node's state, so each appender notices it with one pread before its next
+    append and reloads the states from the metadata. Made whole at create,
+    so rewriting it in place never needs a new disk block."""
+    fd = os.open(os.path.join(root, "nodes", "epoch"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if os.fstat(fd).st_size < 8:
+        try:
+            os.pwrite(fd, bytes(8), 0)
+        except OSError:
+            pass  # a full disk: reads as b"" until a fault is injected with space to record it
+    return fd
 
 
 __all__ = ["StreamLayer", "Location", "Extent", "NodeDown", "REPLICAS"]
