@@ -12,7 +12,12 @@ partition layers share one definition. Rules:
   first touched on a full disk would end the process with SIGBUS. So disk
   blocks are taken with fallocate ahead of LMDB's use (`reserve()`), where a
   full disk is an ordinary error (MetadataFull) raised before the write;
-- no nested transactions (LMDB does not allow them with writemap).
+- no nested transactions (LMDB does not allow them with writemap);
+- a process killed inside a read transaction leaves its reader slot behind,
+  and LMDB keeps every page that reader could see: each later write takes
+  new pages. Stale slots are cleared (`reader_check`) on open and whenever
+  the metadata is about to grow (`reserve()`), so that growth stops within
+  one reserve step (RESERVE_MIN / 2, or a sixteenth of what is used).
 
 Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
@@ -93,6 +98,7 @@ class Meta:
         self._page = int(env.stat()["psize"])
         self._reserved = 0
         self._commits = 0
+        self.env.reader_check()
         self.reserve()
 
     def reserve(self) -> None:
@@ -103,6 +109,7 @@ class Meta:
         ahead = max(RESERVE_MIN, used // 8)
         if used + ahead // 2 <= self._reserved:
             return
+        self.env.reader_check()  # growing: first free what dead readers pinned (see the header)
         try:
             os.posix_fallocate(self._data_fd, 0, used + ahead)
         except OSError as e:
