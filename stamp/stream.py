@@ -22,7 +22,7 @@ Rules (WAS stream layer, simplified to one data stream):
   checksums, data) and file headers; a new replica is built record by
   record from whichever replica verifies each, never from a corrupt copy.
 - A node state change (a fault injected by any process) reaches every
-  appender by its next append: the change rewrites STAMP/nodes/epoch after
+  appender by its next append: the change rewrites STAMP/nodes.epoch after
   its commit, and each append compares that file's 8 bytes first.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
@@ -81,6 +81,12 @@ class Extent:
     def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
         return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)),
                    str(obj.get("token", "")))
+
+
+class _ReplicaFileError(Exception):
+    def __init__(self, node: Node, reason: str) -> None:
+        super().__init__(f"{node.name}: {reason}")
+        self.node, self.reason = node, reason
 
 
 _LIVE_TOKENS: set[str] = set()  # StreamLayers open in this process
@@ -188,26 +194,41 @@ class StreamLayer:
         return e
 
     def _new_extent(self) -> Extent:
+        """A new open extent on 3 healthy nodes; nodes that fail to take its
+        file (full, vanished) are left out of the next try."""
         self.refresh_nodes()
-        for _ in range(len(self.nodes) + 1):
-            nodes = self.place()
+        failed: dict[int, str] = {}
+        while True:
+            try:
+                nodes = self.place(exclude=failed)
+            except NotEnoughNodes:
+                if not failed:
+                    raise
+                raise NotEnoughNodes("could not create an extent on enough healthy nodes ("
+                                     + "; ".join(failed.values()) + "); free space or bring nodes up: "
+                                     "nothing was written") from None
             with self.meta.write() as txn:
                 extent_id = self.meta.next_id(txn, "extent")
                 e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token)
                 self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
-            header = rec.pack_file_header(uuid.UUID(int=extent_id))
             try:
                 for n in nodes:
-                    self.nodes[n].fd(extent_id, create=True)
-                    self.nodes[n].append(extent_id, header, 0)
-                    if self.fsync:
-                        self.nodes[n].sync(extent_id)
-            except OSError:
-                self._seal(e, rec.FILE_HEADER)  # an empty sealed extent; try other nodes
+                    self._make_replica_file(self.nodes[n], extent_id)
+            except _ReplicaFileError as err:
+                failed[err.node.id] = f"{err.node.name}: {err.reason}"
+                self._drop_empty(e)  # it holds no record: nothing is left behind
                 continue
             self._extents[extent_id] = e
             return e
-        raise NotEnoughNodes("could not create an extent on any healthy set of nodes")
+
+    def _make_replica_file(self, node: Node, extent_id: int) -> None:
+        try:
+            node.fd(extent_id, create=True)
+            node.append(extent_id, rec.pack_file_header(uuid.UUID(int=extent_id)), 0)
+            if self.fsync:
+                node.sync(extent_id)
+        except OSError as err:
+            raise _ReplicaFileError(node, err.strerror or str(err)) from None
 
     def _seal(self, e: Extent, length: int) -> None:
         e.state, e.length = "sealed", length
@@ -546,11 +567,11 @@ class StreamLayer:
 
 
 def open_node_epoch(root: str) -> int:
-    """STAMP/nodes/epoch: 8 bytes rewritten (random) after every change of a
+    """STAMP/nodes.epoch: 8 bytes rewritten (random) after every change of a
     node's state, so each appender notices it with one pread before its next
     append and reloads the states from the metadata. Made whole at create,
     so rewriting it in place never needs a new disk block."""
-    fd = os.open(os.path.join(root, "nodes", "epoch"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(os.path.join(root, "nodes.epoch"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     if os.fstat(fd).st_size < 8:
         try:
             os.pwrite(fd, bytes(8), 0)
