@@ -340,16 +340,18 @@ class StreamLayer:
             self.refresh_nodes()
         raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}")
 
-    def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> None:
+    def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> bool:
+        """Write good bytes over a bad copy; False if that failed."""
         node = self.nodes[node_id]
         try:
             if not os.path.exists(node.extent_path(extent_id)):
-                return  # a missing replica is re-made whole by rereplicate()
+                return False  # a missing replica is re-made whole by rereplicate()
             node.append(extent_id, raw, offset)
             if self.fsync:
                 node.sync(extent_id)
         except OSError:
-            pass  # still bad: the scrubber and re-replication deal with it
+            return False  # still bad: the scrubber and re-replication deal with it
+        return True
 
     # -- recovery and maintenance ---------------------------------------------------
 
@@ -418,8 +420,8 @@ class StreamLayer:
                     continue
                 try:
                     self._copy_replica(e, target)
-                except DataLost:
-                    continue  # a record with no good copy anywhere: scrub and check report it
+                except (DataLost, OSError):
+                    continue  # no good copy anywhere, or the target failed: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
                 with self.meta.write() as txn:
                     self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
@@ -443,18 +445,21 @@ class StreamLayer:
         from any other replica that verifies it, then sync it."""
         dst = self.nodes[target]
         dst.drop(e.id)
-        dst.fd(e.id, create=True)
-        dst.append(e.id, rec.pack_file_header(uuid.UUID(int=e.id)), 0)
-        pos = rec.FILE_HEADER
-        while pos < e.length:
-            raw, _ = self._good_record(e, pos, e.length)
-            if raw is None:
-                dst.drop(e.id)
-                raise DataLost(f"extent {e.id}: no replica holds a good copy of the record at {pos}; "
-                               f"node {dst.name} was not given a copy")
-            dst.append(e.id, raw, pos)
-            pos += len(raw)
-        dst.sync(e.id)
+        try:
+            dst.fd(e.id, create=True)
+            dst.append(e.id, rec.pack_file_header(uuid.UUID(int=e.id)), 0)
+            pos = rec.FILE_HEADER
+            while pos < e.length:
+                raw, _ = self._good_record(e, pos, e.length)
+                if raw is None:
+                    raise DataLost(f"extent {e.id}: no replica holds a good copy of the record at {pos}; "
+                                   f"node {dst.name} was not given a copy")
+                dst.append(e.id, raw, pos)
+                pos += len(raw)
+            dst.sync(e.id)
+        except (DataLost, OSError):
+            dst.drop(e.id)  # no half-made replica is left behind
+            raise
 
     def _reachable(self, n: int) -> Node | None:
         """Node n if its replicas can be read (it is up)."""
@@ -497,8 +502,7 @@ class StreamLayer:
             report.records += 1
             report.bad += len(bad)
             for b in bad:
-                if heal:
-                    self._heal(e.id, b, good, pos)
+                if heal and self._heal(e.id, b, good, pos):
                     report.healed += 1
                 else:
                     report.problems.append(f"extent {e.id}: record at {pos} is corrupt or missing on node "
@@ -517,8 +521,7 @@ class StreamLayer:
                 continue
             except (rec.RecordError, OSError):
                 report.bad += 1
-            if heal:
-                self._heal(e.id, n, rec.pack_file_header(want), 0)
+            if heal and self._heal(e.id, n, rec.pack_file_header(want), 0):
                 report.healed += 1
             else:
                 report.problems.append(f"extent {e.id}: file header is corrupt on node {node.name}")

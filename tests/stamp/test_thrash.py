@@ -263,10 +263,15 @@ def test_thrash(tmpfs, tmp_path):
         for i in range(WRITERS):
             st.blobs.create(thrash.blob_name(i), thrash.SIZE)
     results = []
-    for rnd in range(ROUNDS):
-        run_round(c, tmpfs, rnd)
-        with Stamp.open(c.stamp) as st:
-            results.append(verify(c, st))
+    try:
+        for rnd in range(ROUNDS):
+            run_round(c, tmpfs, rnd)
+            with Stamp.open(c.stamp) as st:
+                results.append(verify(c, st))
+    finally:
+        for proc in c.procs.values():  # a round that failed midway leaves none running
+            proc.kill()
+            proc.wait(timeout=30)
     last = results[-1]
     print(f"thrash: {ROUNDS} rounds, {last['acked']} acknowledged writes and clears, {last['refused']} refused, "
           f"{last['taken']} snapshots taken, {c.kills} kill -9, {c.flips} bit flips, faults {c.faults}, "
