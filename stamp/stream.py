@@ -566,7 +566,9 @@ class StreamLayer:
             self._fast = None
             for node in self.nodes.values():
                 node.forget()
-            os.close(self._epoch_fd)
+            if self._epoch_fd >= 0:  # closing twice is allowed
+                os.close(self._epoch_fd)
+                self._epoch_fd = -1
 
 
 def open_node_epoch(root: str) -> int:
