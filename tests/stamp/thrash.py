@@ -7,8 +7,10 @@ owns one blob and journals every call: `I seq op start count` before it,
 (refused: a full disk, too few nodes). Page contents name their writer,
 operation and page, so any page read back says which operation wrote it.
 The snapshotter takes snapshots, saves each one's contents as read right
-after taking it (then journals `S blob id`) and deletes old ones (`D blob
-id` once the call returned); the collector runs gc. Anything
+after taking it (then journals `S blob id`), checks the diff from the
+previous one against both contents (`X ...` for each thing it gets wrong)
+and deletes old ones (`D blob id` once the call returned); the collector
+runs gc. Anything
 but a StampError ends a process with a traceback: the campaign fails it.
 
     python -m tests.stamp.thrash writer STAMP INDEX SEED JOURNAL
@@ -26,6 +28,7 @@ import time
 
 from stamp import Stamp, StampError
 from stamp.gc import collect
+from stamp.pageblob import Diff
 
 PAGE = 512
 PAGES = 2048  # each writer's blob: 1 MiB
@@ -44,6 +47,19 @@ def page_bytes(writer: int, seq: int, page: int) -> bytes:
 
 def payload(writer: int, seq: int, start: int, count: int) -> bytes:
     return b"".join(page_bytes(writer, seq, start + k) for k in range(count))
+
+
+def diff_misses(diff: Diff, before: bytes, after: bytes) -> list[str]:
+    """What a diff between two snapshots with these contents gets wrong: a
+    page that differs but is not listed, or one listed as cleared that holds
+    data."""
+    covered = bytearray(PAGES)
+    for off, n in diff.written + diff.cleared:
+        covered[off // PAGE:(off + n) // PAGE] = b"\1" * (n // PAGE)
+    wrong = [f"page {p} changed, not in the diff" for p in range(PAGES)
+             if not covered[p] and before[p * PAGE:(p + 1) * PAGE] != after[p * PAGE:(p + 1) * PAGE]]
+    return wrong + [f"bytes {off}+{n} listed as cleared hold data" for off, n in diff.cleared
+                    if after[off:off + n] != bytes(n)]
 
 
 def _journal(fd: int, line: str) -> None:
@@ -94,6 +110,11 @@ def snapshotter(path: str, seed: int, journal: str, snapdir: str, blobs: list[st
                     f.write(data)
                 os.replace(tmp, os.path.join(snapdir, f"{blob}.{snap.id}"))
                 _journal(fd, f"S {blob} {snap.id}")
+                if snaps and os.path.exists(os.path.join(snapdir, f"{blob}.{snaps[-1].id}")):
+                    with open(os.path.join(snapdir, f"{blob}.{snaps[-1].id}"), "rb") as f:
+                        before = f.read()
+                    for wrong in diff_misses(st.blobs.diff(blob, snaps[-1].id, snap.id), before, data):
+                        _journal(fd, f"X {blob} {snaps[-1].id}..{snap.id}: {wrong}")
         except StampError:
             pass
         time.sleep(rng.uniform(0.01, 0.05))
