@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import uuid
 from collections.abc import Collection
@@ -52,10 +53,12 @@ class ScrubReport:
     records: int = 0
     bad: int = 0
     healed: int = 0
+    orphans: int = 0  # replica files of extents the metadata no longer has
     problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"records": self.records, "bad_copies": self.bad, "healed": self.healed, "problems": self.problems}
+        return {"records": self.records, "bad_copies": self.bad, "healed": self.healed,
+                "orphan_files": self.orphans, "problems": self.problems}
 
 
 class Location(NamedTuple):
@@ -90,6 +93,7 @@ class _ReplicaFileError(Exception):
 
 
 _LIVE_TOKENS: set[str] = set()  # StreamLayers open in this process
+_REPLICA_NAME = re.compile(r"[0-9a-f]{16}\.ext")
 
 
 def owner_alive(e: Extent) -> bool:
@@ -424,7 +428,12 @@ class StreamLayer:
                     continue  # no good copy anywhere, or the target failed: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
                 with self.meta.write() as txn:
-                    self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                    gone = txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None
+                    if not gone:
+                        self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                if gone:  # gc deleted it during the copy: the copy goes too
+                    self.nodes[target].drop(e.id)
+                    break
                 self._extents[e.id] = e
                 if self.nodes[n].state is NodeState.UP:
                     self.nodes[n].drop(e.id)
@@ -528,9 +537,11 @@ class StreamLayer:
 
     def scrub(self, heal: bool = True) -> ScrubReport:
         """Verify every byte of every record on every reachable replica, file
-        headers included; with heal, rewrite bad copies from a good replica."""
+        headers included; with heal, rewrite bad copies from a good replica
+        and delete replica files of extents that no longer exist."""
         self.refresh_nodes()
         report = ScrubReport()
+        self._orphans(heal, report)
         for e in self.all_extents():
             end = e.length
             if self._current is not None and self._current.id == e.id:
@@ -539,6 +550,27 @@ class StreamLayer:
                 continue  # another live process is appending to it
             self._walk(e, end, heal, report)
         return report
+
+    def _orphans(self, remove: bool, report: ScrubReport) -> None:
+        """Count (and with `remove`, delete) replica files whose extent is not
+        in the metadata: left by a gc or a drop killed between its commit and
+        its file deletions. The folders are listed before the table is read,
+        and a replica file is only ever made after its extent's record is
+        committed, so a listed file whose extent a later read lacks belongs
+        to a deleted extent."""
+        listed = []
+        for node in self.nodes.values():
+            try:
+                names = os.listdir(os.path.join(node.folder, "extents"))
+            except FileNotFoundError:
+                continue
+            listed += [(node, int(name[:16], 16)) for name in names if _REPLICA_NAME.fullmatch(name)]
+        known = {e.id for e in self.all_extents()}
+        for node, extent_id in listed:
+            if extent_id not in known:
+                report.orphans += 1
+                if remove:
+                    node.drop(extent_id)
 
     def forget_node(self, node_id: int) -> None:
         """Close a node's replica files (its folder is going away); no append

@@ -186,3 +186,16 @@ def test_a_fault_injected_from_the_cli_reaches_a_running_writer_by_its_next_appe
     assert os.path.getsize(victim.extent_path(e.id)) == size
     assert st.stream._current is not None and victim.id not in st.stream._current.nodes
     assert st.blobs.read("d", 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+def test_node_lost_while_gc_deletes_one_of_its_files(st, monkeypatch):
+    """node-lost deletes the node's replica files; one that gc (in another
+    process) deleted between the listing and the unlink is no error."""
+    import stamp.stamp as stamp_module
+
+    fill(st, n=4)
+    real = os.listdir
+    monkeypatch.setattr(stamp_module.os, "listdir", lambda path: [*real(path), "00000000000fffff.ext"])
+    st.inject("node-lost", "node-01")
+    monkeypatch.undo()
+    assert not os.listdir(os.path.join(st.path, "nodes", "node-01", "extents"))

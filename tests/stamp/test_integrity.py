@@ -177,3 +177,22 @@ def test_recovery_keeps_a_record_that_only_one_replica_holds(tmp_path):
         assert sealed.state == "sealed" and sealed.length == end
         assert st.blobs.read("d", 0, 4096) == b"a" * 4096
         assert clean(st)
+
+
+def test_scrub_deletes_the_files_of_an_extent_whose_deletion_was_cut_short(st):
+    """gc deletes an extent's record, then its files: killed in between, it
+    leaves three files no one owns. check counts them; scrub deletes them."""
+    st.blobs.write("d", 0, b"a" * 4096)
+    st.stream.seal_current()
+    st.blobs.write("d", 0, b"b" * 4096)  # the first extent is now dead
+    st.stream.seal_current()
+    e = st.stream.all_extents()[0]
+    with st.meta.write() as txn:  # gc's commit, and then the kill
+        txn.delete(e.id.to_bytes(8, "big"), db=st.meta.db["extents"])
+    paths = [st.stream.nodes[n].extent_path(e.id) for n in e.nodes]
+    assert all(os.path.exists(p) for p in paths)
+    assert st.check(deep=True).stats["orphan_files"] == 3
+    assert st.stream.scrub().orphans == 3
+    assert not any(os.path.exists(p) for p in paths)
+    assert st.check(deep=True).stats["orphan_files"] == 0
+    assert st.blobs.read("d", 0, 4096) == b"b" * 4096

@@ -50,10 +50,10 @@ META_BOUND = 64 * MIB  # data.mdb's used pages after any round
 def tmpfs(tmp_path):
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192m", "tmpfs", str(mnt)],
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)],
                           capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
-        pytest.fail(f"the thrash campaign mounts a 192 MiB tmpfs and needs root: {proc.stderr.strip()}")
+        pytest.fail(f"the thrash campaign mounts a 256 MiB tmpfs and needs root: {proc.stderr.strip()}")
     try:
         yield str(mnt)
     finally:
