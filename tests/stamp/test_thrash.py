@@ -225,7 +225,7 @@ def replay(journal: str) -> tuple[list[set[int]], int, int]:
 def verify(c: Campaign, st: Stamp) -> dict[str, int]:
     report = st.check(deep=True)
     assert report.ok, report.problems
-    assert report.stats["bad_copies"] == 0
+    assert report.stats["bad_copies"] == 0 and report.stats["orphan_files"] == 0
     acked = refused = 0
     for i in range(WRITERS):
         allowed, n, r = replay(c.journal(thrash.blob_name(i)))
