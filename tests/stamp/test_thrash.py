@@ -222,9 +222,22 @@ def replay(journal: str) -> tuple[list[set[int]], int, int]:
     return allowed, acked, refused
 
 
+def describe(st: Stamp, problems: list[str]) -> list[str]:
+    """The extents named in check's problems, with each replica's size."""
+    out = []
+    for e in st.stream.all_extents():
+        if any(f"extent {e.id}:" in p for p in problems):
+            sizes = {st.stream.nodes[n].name: (st.stream.nodes[n].state.value,
+                                               os.path.getsize(p) if os.path.exists(p := st.stream.nodes[n]
+                                                                                    .extent_path(e.id)) else None)
+                     for n in e.nodes}
+            out.append(f"{e} replicas {sizes}")
+    return out
+
+
 def verify(c: Campaign, st: Stamp) -> dict[str, int]:
     report = st.check(deep=True)
-    assert report.ok, report.problems
+    assert report.ok, (report.problems, describe(st, report.problems), c.faults)
     assert report.stats["bad_copies"] == 0 and report.stats["orphan_files"] == 0
     acked = refused = 0
     for i in range(WRITERS):
