@@ -17,6 +17,8 @@ still being appended to, possibly by another process).
      the extent gone in its own index transaction and appends again; a
      compaction whose copy another gc deleted leaves that piece where it was.
 Readers that resolved a piece just before it moved re-resolve (pageblob).
+On a full disk compaction cannot append and is skipped; deleting dead
+extents goes on (its transactions may use the metadata's spare blocks).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import record as rec
+from .errors import MetadataFull, NotEnoughNodes
 from .meta import PIECE, U64
 from .node import NodeState
 from .pageblob import PAGE, Piece
@@ -57,14 +60,20 @@ def references(stamp: Stamp) -> dict[int, list[tuple[str, bytes, bytes]]]:
 def collect(stamp: Stamp, compact_below: float = 0.5) -> GcReport:
     report = GcReport()
     refs = references(stamp)
+    can_move = True
     for e in stamp.stream.all_extents():
         if e.state != "sealed":
             continue
         size = e.length - rec.FILE_HEADER
         pieces = refs.get(e.id, [])
         live = sum((PIECE.unpack(raw)[0] - _start(key)) * PAGE for _, key, raw in pieces)
-        if pieces and size > 0 and live / size < compact_below:
-            report.bytes_moved += _compact(stamp, pieces)
+        if can_move and pieces and size > 0 and live / size < compact_below:
+            try:
+                report.bytes_moved += _compact(stamp, pieces)
+            except (NotEnoughNodes, MetadataFull) as err:  # a full disk: deleting goes on, moving waits
+                report.skipped.append(f"compaction stopped at extent {e.id} ({err})")
+                can_move = False
+                continue
             report.extents_compacted += 1
             pieces = []  # moved, unless something raced: the delete below rescans
         if not pieces:

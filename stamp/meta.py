@@ -11,8 +11,17 @@ partition layers share one definition. Rules:
   page write's 23. The price: data.mdb is a sparse file of MAP_SIZE, and a page
   first touched on a full disk would end the process with SIGBUS. So disk
   blocks are taken with fallocate ahead of LMDB's use (`reserve()`), where a
-  full disk is an ordinary error (MetadataFull) raised before the write;
-- no nested transactions (LMDB does not allow them with writemap).
+  full disk is an ordinary error (MetadataFull) raised before the write.
+  Page writes stop at once on a full disk, which leaves at least
+  RESERVE_MIN / 2 minus 15 small transactions of taken blocks; management
+  transactions (deletes, gc, sealing) may use those down to SPARE, so a
+  stamp on a full disk still opens, lists, checks, deletes and collects;
+- no nested transactions (LMDB does not allow them with writemap);
+- a process killed inside a read transaction leaves its reader slot behind,
+  and LMDB keeps every page that reader could see: each later write takes
+  new pages. Stale slots are cleared (`reader_check`) on open and whenever
+  the metadata is about to grow (`reserve()`), so that growth stops within
+  one reserve step (RESERVE_MIN / 2, or a sixteenth of what is used).
 
 Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
@@ -49,6 +58,7 @@ TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapna
           "changes", "history")
 MAP_SIZE = 1 << 36  # 64 GiB: the metadata's limit, and data.mdb's apparent (sparse) size
 RESERVE_MIN = 8 << 20  # blocks taken ahead of use: at least this, or an eighth of what is used
+SPARE = 1 << 20  # on a full disk, management transactions stop this far from the blocks taken
 
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -95,31 +105,53 @@ class Meta:
         self._page = int(env.stat()["psize"])
         self._reserved = 0
         self._commits = 0
-        self.reserve()
+        self.env.reader_check()
+        try:
+            self.reserve()
+        except MetadataFull:
+            pass  # a full disk: reads work, and each transaction checks for itself
 
-    def reserve(self) -> None:
+    def reserve(self, spare: bool = True) -> None:
         """Make sure disk blocks back the pages LMDB will touch next: the used
         pages plus max(RESERVE_MIN, used / 8). Several processes may do this;
-        they share the file, so each one's fallocate counts for all."""
+        they share the file, so each one's fallocate counts for all. On a full
+        disk, a management transaction (`spare`) may still use the blocks
+        already taken down to the last SPARE of them, so that a stamp on a
+        full disk opens, lists, checks, deletes and collects garbage; the
+        write path (not `spare`) is refused at once, with nothing stored."""
         used = (int(self.env.info()["last_pgno"]) + 1) * self._page
         ahead = max(RESERVE_MIN, used // 8)
         if used + ahead // 2 <= self._reserved:
             return
+        self.env.reader_check()  # growing: first free what dead readers pinned (see the header)
         try:
             os.posix_fallocate(self._data_fd, 0, used + ahead)
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            self._reserved = 0  # check again next time: space may come back
+            if spare and used + SPARE <= self._allocated():
+                return
             raise MetadataFull(f"no space left for the stamp's metadata ({e.strerror}); "
-                               "free some disk space: nothing was changed") from None
+                               "free some disk space (delete disks or snapshots, then `stamp gc`): "
+                               "nothing was changed") from None
         self._reserved = used + ahead
+
+    def _allocated(self) -> int:
+        """Bytes of data.mdb from its start that have disk blocks. Blocks are
+        only ever taken from the start (by reserve), so it is what the file
+        holds, less a margin for the filesystem's own blocks (ext4's extent
+        tree). SEEK_HOLE cannot say it: ext4 reports fallocated blocks
+        nothing was written to yet as a hole."""
+        return os.fstat(self._data_fd).st_blocks * 512 - (64 << 10)
 
     def before_small_write(self) -> None:
         """Called before each small transaction of the write path (a few pages
-        at most): one in 16 runs reserve(), which keeps far inside the headroom."""
+        at most): one in 16 runs reserve(), which keeps far inside the headroom,
+        and each one does while the disk is full."""
         self._commits += 1
-        if not self._commits & 15:
-            self.reserve()
+        if not self._commits & 15 or not self._reserved:
+            self.reserve(spare=False)
 
     def read(self) -> lmdb.Transaction:
         return self.env.begin(write=False)

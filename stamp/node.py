@@ -1,7 +1,8 @@
 """Extent nodes: one folder each, with a fault domain, holding extent replicas.
 
 A node's health and injected faults live in the metadata (table `nodes`), so
-a fault injected from the CLI reaches a server using the same stamp. States:
+a fault injected from the CLI reaches a server using the same stamp (by its
+next append: see stream.open_node_epoch). States:
   up    serves reads and appends
   down  refuses every operation (its files are intact; it may come back)
   lost  its folder is gone for good; replicas on it must be re-made

@@ -11,7 +11,11 @@ another. A record holds the bytes of one append (at most 4 MiB):
 All integers are little-endian. The header check is xxh3_64 of the first 8
 bytes seeded with the record's offset, and chunk checksums are seeded with the
 offset and chunk index, so a record read from the wrong place never verifies.
-A 4 KiB read touches one chunk: one pread and one checksum.
+Every byte of a replica is covered: the file header by its check and zero
+padding, each record header by its check, each chunk by its checksum. A read
+of a record's first chunk takes the record header in the same pread and
+verifies it too; scrub, check, recovery and re-replication verify whole
+records (`read_record`). A 4 KiB read touches one chunk: one pread.
 """
 
 from __future__ import annotations
@@ -94,10 +98,11 @@ def parse_header(raw: bytes, offset: int) -> int:
 class Span(NamedTuple):
     """Where the chunks covering data[inner:inner+length] of a record lie."""
 
-    file_offset: int  # of the first covered chunk's checksum
+    file_offset: int  # of the record header (first chunk covered) or of the first chunk's checksum
     file_length: int
     first_chunk: int
     skip: int  # bytes of the first chunk before the wanted data
+    header: int  # the record's data length if the span starts with its header, else 0
 
 
 def span(rec_offset: int, rec_length: int, inner: int, length: int) -> Span:
@@ -106,14 +111,21 @@ def span(rec_offset: int, rec_length: int, inner: int, length: int) -> Span:
     start = rec_offset + RECORD_HEADER + first * (CHUNK + CHECK)
     end_data = min((last + 1) * CHUNK, rec_length)
     size = (last - first) * (CHUNK + CHECK) + CHECK + (end_data - last * CHUNK)
-    return Span(start, size, first, inner - first * CHUNK)
+    if first == 0:  # the header is just before: verify it in the same pread
+        return Span(rec_offset, size + RECORD_HEADER, 0, inner, rec_length)
+    return Span(start, size, first, inner - first * CHUNK, 0)
 
 
 def verify_span(raw: bytes, rec_offset: int, sp: Span, length: int) -> bytes:
-    """Check every chunk in `raw` (read at sp.file_offset) and return the wanted bytes."""
+    """Check the header (if the span starts with it) and every chunk in `raw`
+    (read at sp.file_offset); return the wanted bytes."""
     if len(raw) != sp.file_length:
         raise RecordError(f"record at {rec_offset}: short read")
-    if sp.file_length <= CHECK + CHUNK:  # one chunk: the common 4 KiB read
+    if sp.header:
+        if parse_header(raw[:RECORD_HEADER], rec_offset) != sp.header:
+            raise RecordError(f"record at {rec_offset}: header names another length")
+        raw = raw[RECORD_HEADER:]
+    if len(raw) <= CHECK + CHUNK:  # one chunk: the common 4 KiB read
         chunk = raw[CHECK:]
         if xxhash.xxh3_64_intdigest(chunk, seed=_seed(rec_offset, sp.first_chunk)) != _CHECK.unpack_from(raw)[0]:
             raise RecordError(f"record at {rec_offset}: chunk {sp.first_chunk} fails its checksum")
@@ -133,6 +145,18 @@ def verify_span(raw: bytes, rec_offset: int, sp: Span, length: int) -> bytes:
     return data[sp.skip:sp.skip + length]
 
 
+def read_record(read: Callable[[int, int], bytes], pos: int, end: int) -> bytes:
+    """The whole record at `pos` (header, checksums, data), verified, read with
+    `read(n, offset) -> bytes`; RecordError if it does not verify or runs past `end`."""
+    length = parse_header(read(RECORD_HEADER, pos), pos)
+    size = record_size(length)
+    if pos + size > end:
+        raise RecordError(f"record at {pos}: runs past {end}")
+    raw = read(size, pos)
+    verify_span(raw, pos, span(pos, length, 0, length), length)
+    return raw
+
+
 def pack_file_header(extent_id: uuid.UUID) -> bytes:
     raw = _FILE.pack(FILE_MAGIC, 1, FILE_HEADER, extent_id.bytes, 0)
     check = xxhash.xxh3_64_intdigest(raw[:-8])
@@ -150,19 +174,21 @@ def parse_file_header(raw: bytes) -> uuid.UUID:
     return uuid.UUID(bytes=uid)
 
 
+def verify_file_header(raw: bytes, extent_id: uuid.UUID) -> None:
+    """Check all FILE_HEADER bytes: checksum, this extent's id, zero padding."""
+    if parse_file_header(raw) != extent_id:
+        raise RecordError(f"extent file: header names another extent than {extent_id.int}")
+    if len(raw) != FILE_HEADER or raw[_FILE.size:].count(0) != FILE_HEADER - _FILE.size:
+        raise RecordError("extent file: header padding is not zeros")
+
+
 def scan(read: Callable[[int, int], bytes], start: int, end: int) -> int:
     """Walk records from `start` while they verify; return where valid data ends.
     `read(n, offset) -> bytes`. Used to find a replica's commit length."""
     pos = start
     while pos + RECORD_HEADER <= end:
         try:
-            length = parse_header(read(RECORD_HEADER, pos), pos)
-            size = record_size(length)
-            if pos + size > end:
-                break
-            raw = read(size - RECORD_HEADER, pos + RECORD_HEADER)
-            verify_span(raw, pos, span(pos, length, 0, length), length)
+            pos += len(read_record(read, pos, end))
         except RecordError:
             break
-        pos += size
     return pos

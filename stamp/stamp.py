@@ -149,7 +149,10 @@ class Stamp:
             self.stream.forget_node(n)
             self.stream.set_node(n, state="lost")
             for entry in os.listdir(os.path.join(folder, "extents")):
-                os.unlink(os.path.join(folder, "extents", entry))
+                try:
+                    os.unlink(os.path.join(folder, "extents", entry))
+                except FileNotFoundError:
+                    pass  # gc (in any process) deleted it meanwhile
         elif fault == "node-replaced":  # a lost node comes back empty
             self.stream.set_node(n, state="up", slow_ms=0, full=False)
         elif fault == "slow":
@@ -238,7 +241,7 @@ class Stamp:
         if deep:
             scrub = self.stream.scrub(heal=False)
             report.problems += scrub.problems
-            report.stats.update(records=scrub.records, bad_copies=scrub.bad)
+            report.stats.update(records=scrub.records, bad_copies=scrub.bad, orphan_files=scrub.orphans)
         report.stats.update({"extents": len(extents), "index_pieces": pieces, "blobs": blobs})
         return report
 

@@ -11,10 +11,19 @@ Rules (WAS stream layer, simplified to one data stream):
   3 healthy nodes in distinct fault domains, NotEnoughNodes is raised and
   nothing was acknowledged.
 - Extents are sealed when they reach the target size, on failure, or when
-  their owner is found dead (at the length of the longest prefix of records
-  that verifies on every reachable replica).
-- Every read verifies its chunks' checksums; a replica that fails is skipped
-  and, if its node is up, healed with the bytes of a good replica.
+  their owner is found dead: at the end of the longest run of records each
+  of which verifies on some reachable replica (an acknowledged record is on
+  every replica, so one good copy proves it; a bad copy is corruption, not
+  a torn tail), the replicas lacking one healed from a good copy.
+- Every read verifies its chunks' checksums (and the record header when it
+  reads the first chunk); a replica that fails is skipped and, if its node
+  is up, healed with the bytes of a good replica.
+- Scrub, check, recovery and re-replication verify whole records (header,
+  checksums, data) and file headers; a new replica is built record by
+  record from whichever replica verifies each, never from a corrupt copy.
+- A node state change (a fault injected by any process) reaches every
+  appender by its next append: the change rewrites STAMP/nodes.epoch after
+  its commit, and each append compares that file's 8 bytes first.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 import uuid
 from collections.abc import Collection
@@ -43,10 +53,12 @@ class ScrubReport:
     records: int = 0
     bad: int = 0
     healed: int = 0
+    orphans: int = 0  # replica files of extents the metadata no longer has
     problems: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"records": self.records, "bad_copies": self.bad, "healed": self.healed, "problems": self.problems}
+        return {"records": self.records, "bad_copies": self.bad, "healed": self.healed,
+                "orphan_files": self.orphans, "problems": self.problems}
 
 
 class Location(NamedTuple):
@@ -74,7 +86,14 @@ class Extent:
                    str(obj.get("token", "")))
 
 
+class _ReplicaFileError(Exception):
+    def __init__(self, node: Node, reason: str) -> None:
+        super().__init__(f"{node.name}: {reason}")
+        self.node, self.reason = node, reason
+
+
 _LIVE_TOKENS: set[str] = set()  # StreamLayers open in this process
+_REPLICA_NAME = re.compile(r"[0-9a-f]{16}\.ext")
 
 
 def owner_alive(e: Extent) -> bool:
@@ -112,6 +131,8 @@ class StreamLayer:
         self._fast: tuple[Extent, list[int]] | None = None  # see _fast_fds
         self.token = uuid.uuid4().hex
         _LIVE_TOKENS.add(self.token)
+        self._epoch_fd = open_node_epoch(root)
+        self._epoch = b""
         self.refresh_nodes()
 
     # -- nodes ---------------------------------------------------------------
@@ -119,6 +140,7 @@ class StreamLayer:
     def refresh_nodes(self) -> None:
         """Reload node states (faults may be injected by another process)."""
         self._fast = None
+        self._epoch = os.pread(self._epoch_fd, 8, 0)  # before the states: a change in between is seen next time
         with self.meta.read() as txn:
             for key, raw in self.meta.items(txn, "nodes"):
                 node_id = U32.unpack(key)[0]
@@ -137,6 +159,7 @@ class StreamLayer:
                 raise CorruptStamp(f"no node {node_id}")
             obj.update(changes)
             self.meta.put_json(txn, "nodes", U32.pack(node_id), obj)
+        os.pwrite(self._epoch_fd, os.urandom(8), 0)  # after the commit: every appender reloads the states
         self.refresh_nodes()
         return self.nodes[node_id]
 
@@ -175,26 +198,41 @@ class StreamLayer:
         return e
 
     def _new_extent(self) -> Extent:
+        """A new open extent on 3 healthy nodes; nodes that fail to take its
+        file (full, vanished) are left out of the next try."""
         self.refresh_nodes()
-        for _ in range(len(self.nodes) + 1):
-            nodes = self.place()
+        failed: dict[int, str] = {}
+        while True:
+            try:
+                nodes = self.place(exclude=failed)
+            except NotEnoughNodes:
+                if not failed:
+                    raise
+                raise NotEnoughNodes("could not create an extent on enough healthy nodes ("
+                                     + "; ".join(failed.values()) + "); free space or bring nodes up: "
+                                     "nothing was written") from None
             with self.meta.write() as txn:
                 extent_id = self.meta.next_id(txn, "extent")
                 e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token)
                 self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
-            header = rec.pack_file_header(uuid.UUID(int=extent_id))
             try:
                 for n in nodes:
-                    self.nodes[n].fd(extent_id, create=True)
-                    self.nodes[n].append(extent_id, header, 0)
-                    if self.fsync:
-                        self.nodes[n].sync(extent_id)
-            except OSError:
-                self._seal(e, rec.FILE_HEADER)  # an empty sealed extent; try other nodes
+                    self._make_replica_file(self.nodes[n], extent_id)
+            except _ReplicaFileError as err:
+                failed[err.node.id] = f"{err.node.name}: {err.reason}"
+                self._drop_empty(e)  # it holds no record: nothing is left behind
                 continue
             self._extents[extent_id] = e
             return e
-        raise NotEnoughNodes("could not create an extent on any healthy set of nodes")
+
+    def _make_replica_file(self, node: Node, extent_id: int) -> None:
+        try:
+            node.fd(extent_id, create=True)
+            node.append(extent_id, rec.pack_file_header(uuid.UUID(int=extent_id)), 0)
+            if self.fsync:
+                node.sync(extent_id)
+        except OSError as err:
+            raise _ReplicaFileError(node, err.strerror or str(err)) from None
 
     def _seal(self, e: Extent, length: int) -> None:
         e.state, e.length = "sealed", length
@@ -217,6 +255,8 @@ class StreamLayer:
     def _append_locked(self, data: bytes | memoryview) -> tuple[Location, Extent, int]:
         failures = 0
         with self._lock:
+            if os.pread(self._epoch_fd, 8, 0) != self._epoch:  # a node changed, maybe in another process
+                self.refresh_nodes()
             while True:
                 e = self._current
                 if e is None or e.state != "open":
@@ -304,45 +344,39 @@ class StreamLayer:
             self.refresh_nodes()
         raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}")
 
-    def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> None:
+    def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> bool:
+        """Write good bytes over a bad copy; False if that failed."""
         node = self.nodes[node_id]
         try:
             if not os.path.exists(node.extent_path(extent_id)):
-                return  # a missing replica is re-made whole by rereplicate()
+                return False  # a missing replica is re-made whole by rereplicate()
             node.append(extent_id, raw, offset)
             if self.fsync:
                 node.sync(extent_id)
         except OSError:
-            pass  # still bad: the scrubber and re-replication deal with it
+            return False  # still bad: the scrubber and re-replication deal with it
+        return True
 
     # -- recovery and maintenance ---------------------------------------------------
 
     def recover(self) -> list[int]:
-        """Seal extents whose owner process is gone, at the length every
-        reachable replica holds valid records to; delete those that hold no
-        record. Returns the sealed ids."""
+        """Seal extents whose owner process is gone, at the end of the longest
+        run of records each of which verifies on some reachable replica (an
+        acknowledged record is on every replica, so one good copy proves it
+        committed; a bad copy is corruption, not a torn tail), healing the
+        replicas that lack one; delete those that hold no record on any
+        replica. Returns the sealed ids."""
+        self.refresh_nodes()
         sealed = []
-        with self.meta.read() as txn:
-            orphans = [Extent.from_json(U64.unpack(k)[0], loads(v))
-                       for k, v in self.meta.items(txn, "extents")]
-        for e in orphans:
+        for e in self.all_extents():
             if e.state != "open" or owner_alive(e):
                 continue
-            lengths = []
-            for n in e.nodes:
-                node = self.nodes[n]
-                if not node.healthy:
-                    continue
-                try:
-                    size = node.size(e.id)
-                    lengths.append(rec.scan(functools.partial(_read_replica, node, e.id), rec.FILE_HEADER, size))
-                except OSError:
-                    continue
-            length = min(lengths) if lengths else rec.FILE_HEADER
-            if length <= rec.FILE_HEADER:
-                # No record: the owner died while creating it (metadata first, then
-                # the replica files) or before its first append. Nothing can point
-                # into it, so it goes, with whatever files were made.
+            report = ScrubReport()
+            length = self._walk(e, None, heal=True, report=report)
+            if length <= rec.FILE_HEADER and all(self._reachable(n) is not None for n in e.nodes):
+                # No record on any replica: the owner died while creating it
+                # (metadata first, then the replica files) or before its first
+                # append. Nothing can point into it, so it goes, with its files.
                 self._drop_empty(e)
                 continue
             self._seal(e, length)
@@ -365,8 +399,9 @@ class StreamLayer:
                     for k, v in self.meta.items(txn, "extents")]
 
     def rereplicate(self) -> list[tuple[int, int, int]]:
-        """Give every sealed extent 3 good replicas again: copy from a good
-        replica to a healthy node in a fault domain the extent is not on.
+        """Give every sealed extent 3 replicas again: make a new one on a
+        healthy node in a fault domain the extent is not on, each record taken
+        from whichever replica verifies it (a corrupt copy is never copied).
         Returns (extent, lost node, new node) for each copy made."""
         self.refresh_nodes()
         with self._lock:
@@ -380,18 +415,25 @@ class StreamLayer:
             for n in list(e.nodes):
                 if self._replica_ok(e, n):
                     continue
-                source = next((m for m in e.nodes if m != n and self._replica_ok(e, m)), None)
-                if source is None:
+                if not any(m != n and self._reachable(m) is not None for m in e.nodes):
                     continue
                 domains = {self.nodes[m].fault_domain for m in e.nodes if m != n}
                 try:
                     target = self.place(exclude=set(e.nodes), count=1, avoid_domains=domains)[0]
                 except NotEnoughNodes:
                     continue
-                self._copy_replica(e, source, target)
+                try:
+                    self._copy_replica(e, target)
+                except (DataLost, OSError):
+                    continue  # no good copy anywhere, or the target failed: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
                 with self.meta.write() as txn:
-                    self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                    gone = txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None
+                    if not gone:
+                        self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                if gone:  # gc deleted it during the copy: the copy goes too
+                    self.nodes[target].drop(e.id)
+                    break
                 self._extents[e.id] = e
                 if self.nodes[n].state is NodeState.UP:
                     self.nodes[n].drop(e.id)
@@ -407,73 +449,128 @@ class StreamLayer:
         except OSError:
             return False
 
-    def _copy_replica(self, e: Extent, source: int, target: int) -> None:
-        src, dst = self.nodes[source], self.nodes[target]
+    def _copy_replica(self, e: Extent, target: int) -> None:
+        """Make the replica on `target` record by record, each record taken
+        from any other replica that verifies it, then sync it."""
+        dst = self.nodes[target]
         dst.drop(e.id)
-        dst.fd(e.id, create=True)
-        pos, step = 0, 4 * 1024 * 1024
-        while pos < e.length:
-            chunk = src.read(e.id, min(step, e.length - pos), pos)
-            dst.append(e.id, chunk, pos)
-            pos += len(chunk)
-        dst.sync(e.id)
-        if rec.scan(lambda k, o: dst.read(e.id, k, o), rec.FILE_HEADER, e.length) != e.length:
-            raise DataLost(f"copy of extent {e.id} to node {target} does not verify")
+        try:
+            dst.fd(e.id, create=True)
+            dst.append(e.id, rec.pack_file_header(uuid.UUID(int=e.id)), 0)
+            pos = rec.FILE_HEADER
+            while pos < e.length:
+                raw, _ = self._good_record(e, pos, e.length)
+                if raw is None:
+                    raise DataLost(f"extent {e.id}: no replica holds a good copy of the record at {pos}; "
+                                   f"node {dst.name} was not given a copy")
+                dst.append(e.id, raw, pos)
+                pos += len(raw)
+            dst.sync(e.id)
+        except (DataLost, OSError):
+            dst.drop(e.id)  # no half-made replica is left behind
+            raise
+
+    def _reachable(self, n: int) -> Node | None:
+        """Node n if its replicas can be read (it is up)."""
+        node = self.nodes.get(n)
+        return node if node is not None and node.healthy else None
+
+    def _good_record(self, e: Extent, pos: int, end: int | None) -> tuple[bytes | None, list[int]]:
+        """The record at `pos` from the first replica on which it verifies
+        whole (header, checksums, data), and the replicas on which it does not
+        (missing replica files are left to rereplicate). With `end` None,
+        records may run to any replica's end."""
+        good, bad = None, []
+        for n in e.nodes:
+            node = self._reachable(n)
+            if node is None or not os.path.exists(node.extent_path(e.id)):
+                continue
+            try:
+                limit = node.size(e.id) if end is None else end
+                raw = rec.read_record(functools.partial(_read_replica, node, e.id), pos, limit)
+            except (rec.RecordError, OSError):
+                bad.append(n)
+                continue
+            if good is None:
+                good = raw
+        return good, bad
+
+    def _walk(self, e: Extent, end: int | None, heal: bool, report: ScrubReport) -> int:
+        """Verify e's replicas: every file header, then every record up to
+        `end` (None: while some replica holds a verified record). Each bad or
+        short copy is counted and, with heal, rewritten from a good one.
+        Returns where the walk stopped (end, unless a record has no good copy)."""
+        self._check_file_headers(e, heal, report)
+        pos = rec.FILE_HEADER
+        while end is None or pos < end:
+            good, bad = self._good_record(e, pos, end)
+            if good is None:
+                if end is not None:
+                    report.problems.append(f"extent {e.id}: record at {pos} has no good copy (data lost)")
+                return pos
+            report.records += 1
+            report.bad += len(bad)
+            for b in bad:
+                if heal and self._heal(e.id, b, good, pos):
+                    report.healed += 1
+                else:
+                    report.problems.append(f"extent {e.id}: record at {pos} is corrupt or missing on node "
+                                           f"{self.nodes[b].name}")
+            pos += len(good)
+        return pos
+
+    def _check_file_headers(self, e: Extent, heal: bool, report: ScrubReport) -> None:
+        want = uuid.UUID(int=e.id)
+        for n in e.nodes:
+            node = self._reachable(n)
+            if node is None or not os.path.exists(node.extent_path(e.id)):
+                continue
+            try:
+                rec.verify_file_header(node.read(e.id, rec.FILE_HEADER, 0), want)
+                continue
+            except (rec.RecordError, OSError):
+                report.bad += 1
+            if heal and self._heal(e.id, n, rec.pack_file_header(want), 0):
+                report.healed += 1
+            else:
+                report.problems.append(f"extent {e.id}: file header is corrupt on node {node.name}")
 
     def scrub(self, heal: bool = True) -> ScrubReport:
-        """Verify every record on every reachable replica; with heal, rewrite
-        bad copies from a good replica."""
+        """Verify every byte of every record on every reachable replica, file
+        headers included; with heal, rewrite bad copies from a good replica
+        and delete replica files of extents that no longer exist."""
         self.refresh_nodes()
         report = ScrubReport()
+        self._orphans(heal, report)
         for e in self.all_extents():
             end = e.length
             if self._current is not None and self._current.id == e.id:
                 end = self._current.length
             elif e.state == "open":
                 continue  # another live process is appending to it
-            pos = rec.FILE_HEADER
-            while pos < end:
-                length, size = self._record_at(e, pos)
-                if length is None:
-                    report.problems.append(f"extent {e.id}: no replica has a valid record at {pos}")
-                    break
-                report.records += 1
-                sp = rec.span(pos, length, 0, length)
-                good_raw, bad = None, []
-                for n in e.nodes:
-                    node = self.nodes[n]
-                    if not node.healthy or not os.path.exists(node.extent_path(e.id)):
-                        continue
-                    try:
-                        raw = node.read(e.id, sp.file_length, sp.file_offset)
-                        rec.verify_span(raw, pos, sp, length)
-                        good_raw = raw
-                    except (rec.RecordError, OSError):
-                        bad.append(n)
-                report.bad += len(bad)
-                if good_raw is None:
-                    report.problems.append(f"extent {e.id}: record at {pos} has no good copy (data lost)")
-                for b in bad:
-                    if heal and good_raw is not None:
-                        self._heal(e.id, b, good_raw, sp.file_offset)
-                        report.healed += 1
-                    else:
-                        report.problems.append(f"extent {e.id}: record at {pos} is corrupt on node "
-                                               f"{self.nodes[b].name}")
-                pos += size
+            self._walk(e, end, heal, report)
         return report
 
-    def _record_at(self, e: Extent, pos: int) -> tuple[int | None, int]:
-        for n in e.nodes:
-            node = self.nodes[n]
-            if not node.healthy or not os.path.exists(node.extent_path(e.id)):
-                continue
+    def _orphans(self, remove: bool, report: ScrubReport) -> None:
+        """Count (and with `remove`, delete) replica files whose extent is not
+        in the metadata: left by a gc or a drop killed between its commit and
+        its file deletions. The folders are listed before the table is read,
+        and a replica file is only ever made after its extent's record is
+        committed, so a listed file whose extent a later read lacks belongs
+        to a deleted extent."""
+        listed = []
+        for node in self.nodes.values():
             try:
-                length = rec.parse_header(node.read(e.id, rec.RECORD_HEADER, pos), pos)
-                return length, rec.record_size(length)
-            except (rec.RecordError, OSError):
+                names = os.listdir(os.path.join(node.folder, "extents"))
+            except FileNotFoundError:
                 continue
-        return None, 0
+            listed += [(node, int(name[:16], 16)) for name in names if _REPLICA_NAME.fullmatch(name)]
+        known = {e.id for e in self.all_extents()}
+        for node, extent_id in listed:
+            if extent_id not in known:
+                report.orphans += 1
+                if remove:
+                    node.drop(extent_id)
 
     def forget_node(self, node_id: int) -> None:
         """Close a node's replica files (its folder is going away); no append
@@ -501,6 +598,23 @@ class StreamLayer:
             self._fast = None
             for node in self.nodes.values():
                 node.forget()
+            if self._epoch_fd >= 0:  # closing twice is allowed
+                os.close(self._epoch_fd)
+                self._epoch_fd = -1
+
+
+def open_node_epoch(root: str) -> int:
+    """STAMP/nodes.epoch: 8 bytes rewritten (random) after every change of a
+    node's state, so each appender notices it with one pread before its next
+    append and reloads the states from the metadata. Made whole at create,
+    so rewriting it in place never needs a new disk block."""
+    fd = os.open(os.path.join(root, "nodes.epoch"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if os.fstat(fd).st_size < 8:
+        try:
+            os.pwrite(fd, bytes(8), 0)
+        except OSError:
+            pass  # a full disk: reads as b"" until a fault is injected with space to record it
+    return fd
 
 
 __all__ = ["StreamLayer", "Location", "Extent", "NodeDown", "REPLICAS"]

@@ -164,3 +164,38 @@ def test_a_replica_file_that_cannot_be_opened_moves_appends_on(st):
     assert st.blobs.read("d", 0, 8192) == a + b
     st.stream.rereplicate()
     assert st.check().ok
+
+
+def test_a_fault_injected_from_the_cli_reaches_a_running_writer_by_its_next_append(st):
+    """`stamp fault node-down` in another process: the writer's very next
+    append stops using that node (its extent is sealed, the write goes on
+    elsewhere), with no refresh called by anyone."""
+    import subprocess
+    import sys
+
+    st.blobs.write("d", 0, b"a" * 4096)
+    e = st.stream._current
+    assert e is not None
+    victim = st.stream.nodes[e.nodes[0]]
+    size = os.path.getsize(victim.extent_path(e.id))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", st.path, "fault", "node-down", victim.name],
+                          capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    st.blobs.write("d", 4096, b"b" * 4096)
+    assert os.path.getsize(victim.extent_path(e.id)) == size
+    assert st.stream._current is not None and victim.id not in st.stream._current.nodes
+    assert st.blobs.read("d", 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+def test_node_lost_while_gc_deletes_one_of_its_files(st, monkeypatch):
+    """node-lost deletes the node's replica files; one that gc (in another
+    process) deleted between the listing and the unlink is no error."""
+    import stamp.stamp as stamp_module
+
+    fill(st, n=4)
+    real = os.listdir
+    monkeypatch.setattr(stamp_module.os, "listdir", lambda path: [*real(path), "00000000000fffff.ext"])
+    st.inject("node-lost", "node-01")
+    monkeypatch.undo()
+    assert not os.listdir(os.path.join(st.path, "nodes", "node-01", "extents"))

@@ -154,9 +154,11 @@ def test_a_full_disk_for_the_metadata_is_a_clear_error(st, monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(meta.os, "posix_fallocate", full)
-    st.meta._reserved = 0  # as if the headroom were used up
+    st.meta._reserved = 0  # as if the reserve were used up
+    monkeypatch.setattr(st.meta, "_allocated", lambda: 0)  # and the spare blocks too
     with pytest.raises(stamp.MetadataFull, match="no space left for the stamp's metadata"):
         st.blobs.snapshot("d")
+    monkeypatch.setattr(st.meta, "_allocated", lambda: 1 << 40)  # spare blocks are for management only
     with pytest.raises(stamp.MetadataFull):
         for i in range(16):  # the write path checks before one write in 16
             st.blobs.write("d", 4096 * (i + 1), b"b" * 4096)

@@ -27,13 +27,16 @@ def test_corruption_and_misplacement_are_caught():
     data = os.urandom(9000)
     raw = bytearray(rec.pack_record(data, 4096))
     sp = rec.span(4096, 9000, 0, 9000)
-    for at in (16, 24, 5000, len(raw) - 1):  # a checksum, data in each chunk
+    assert rec.verify_span(bytes(raw), 4096, sp, 9000) == data
+    for at in (0, 5, 9, 16, 24, 5000, len(raw) - 1):  # the header, a checksum, data in each chunk
         bad = bytearray(raw)
         bad[at] ^= 1
         with pytest.raises(rec.RecordError):
-            rec.verify_span(bytes(bad[16:]), 4096, sp, 9000)
+            rec.verify_span(bytes(bad), 4096, sp, 9000)
+        with pytest.raises(rec.RecordError):
+            rec.read_record(lambda n, o, b=bytes(bad): b[o - 4096:o - 4096 + n], 4096, 4096 + len(raw))
     with pytest.raises(rec.RecordError):  # the same bytes read as if stored elsewhere
-        rec.verify_span(bytes(raw[16:]), 8192, rec.span(8192, 9000, 0, 9000), 9000)
+        rec.verify_span(bytes(raw), 8192, rec.span(8192, 9000, 0, 9000), 9000)
     with pytest.raises(rec.RecordError):
         rec.parse_header(bytes(raw[:16]), 4608)
 
