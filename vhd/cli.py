@@ -270,6 +270,7 @@ def cmd_read(a: argparse.Namespace) -> int:
         if not a.output:
             _copy_out(dev, a.offset, length, sys.stdout.buffer)
             return 0
+        _refuse_output_over_source(dev, a.output)
         created = not os.path.exists(a.output)
         try:
             with open(a.output, "wb") as out:
@@ -279,6 +280,21 @@ def cmd_read(a: argparse.Namespace) -> int:
                 os.unlink(a.output)  # no partial file left behind
             raise
     return 0
+
+
+def _refuse_output_over_source(dev: Any, output: str) -> None:
+    """Opening -o truncates it: refuse a path that is (or links to) a file
+    the read comes from, the image or any parent of its chain."""
+    try:
+        out = os.stat(output)
+    except OSError:
+        return  # not there yet (or not reachable: open() will say why)
+    members = dev.chain() if hasattr(dev, "chain") else [dev]
+    for member in members:
+        fd = getattr(getattr(member, "file", None), "fd", -1)
+        if fd >= 0 and os.path.samestat(os.fstat(fd), out):
+            raise UsageError(f"{output} is the image being read ({member.file.name}): "
+                             "writing the output there would destroy it")
 
 
 def _copy_out(dev: Any, offset: int, length: int, out: Any) -> None:

@@ -76,3 +76,22 @@ def test_a_raw_disk_is_read_with_a_note_saying_so(tmp_path):
     assert r.returncode == 0 and b"read as a raw disk" in r.stderr
     r = cli("read", str(raw), "--length", "512")
     assert r.returncode == 0 and r.stdout == raw.read_bytes()[:512] and b"raw disk" in r.stderr
+
+
+@pytest.mark.parametrize("target", ["image", "parent", "link"])
+def test_read_refuses_to_write_its_output_over_an_image_it_reads(tmp_path, target):
+    """`vhd read x.vhd -o x.vhd` (or -o its parent, or a link to either)
+    truncated the image it was reading and exited 0."""
+    base, child = str(tmp_path / "base.vhd"), str(tmp_path / "child.vhd")
+    with vhd.create(base, 4 * MIB) as img:
+        img.write(0, b"b" * 4096)
+    vhd.create(child, parent=base).close()
+    out = {"image": child, "parent": base, "link": str(tmp_path / "link.vhd")}[target]
+    if target == "link":
+        os.symlink(base, out)
+    before = {p: open(p, "rb").read() for p in (base, child)}
+    r = cli("read", child, "-o", out)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "is the image being read" in err and "Traceback" not in err, err
+    assert {p: open(p, "rb").read() for p in (base, child)} == before
+    assert vhd.open(child).read(0, 4096) == b"b" * 4096
