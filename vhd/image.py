@@ -101,6 +101,7 @@ class FixedImage(FileDevice):
         self.footer_damaged = False
         self.closed = False
         self.sync_on_close = True
+        self.made_here = False  # made by this handle: close() settles its mtime (settle_new_mtime)
         self._pread = fast_pread(file)
 
     @property
@@ -123,6 +124,8 @@ class FixedImage(FileDevice):
         try:
             if self.sync_on_close:
                 self.flush()
+            if self.made_here:
+                settle_new_mtime(self.file)
         finally:
             self.file.close()
 
@@ -145,6 +148,7 @@ class SparseImage:
         self.footer_damaged = False
         self.closed = False
         self.sync_on_close = True  # False: close() writes metadata but never syncs
+        self.made_here = False  # made by this handle: close() settles its mtime (settle_new_mtime)
         self._shift = self.block_size.bit_length() - 1
         self._mask = self.block_size - 1
         self._footer_raw = footer.pack()
@@ -462,6 +466,8 @@ class SparseImage:
                 self.flush()
             else:
                 self.write_metadata()
+            if self.made_here:
+                settle_new_mtime(self.file)
         finally:
             self.file.close()
             if self.parent is not None:
@@ -749,7 +755,7 @@ def _check_parent_unmodified(child: str, footer: ft.Footer, parent: Image) -> No
 
 def made_ns(footer: ft.Footer) -> int:
     """The instant an image was made, from its footer timestamp, in Unix nanoseconds."""
-    return (footer.timestamp + ft.EPOCH_2000) * 10 ** 9
+    return stamp_ns(footer.timestamp)
 
 
 def file_mtime_ns(file: RawFile) -> int | None:
@@ -760,7 +766,9 @@ def file_mtime_ns(file: RawFile) -> int | None:
 def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
     """Set the parent's modification time to a whole second before the child
     was made, so any later write to the parent (by us, qemu or anyone) gives
-    it a later time that _check_parent_unmodified sees. Synced."""
+    it a later time that _check_parent_unmodified sees. Synced. Only merge
+    uses it, right after giving the parent a new footer timestamp: every
+    other child then refuses the parent by that, whatever its mtime."""
     fd = getattr(parent.file, "fd", None)
     if fd is None:
         return
@@ -774,6 +782,47 @@ def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
     except OSError as e:  # not its owner, a read-only filesystem
         raise VhdError(f"{parent.file.name}: cannot set its modification time ({e.strerror or e}), which "
                        "a child needs to detect later writes to it") from None
+
+
+def stamp_ns(timestamp: int) -> int:
+    """A footer timestamp (seconds since 2000) in Unix nanoseconds."""
+    return (timestamp + ft.EPOCH_2000) * 10 ** 9
+
+
+MAX_CLOCK_WAIT = 3  # seconds a new child waits for the clock to pass its parent's mtime
+
+
+def _made_after(parent: Image) -> int:
+    """The timestamp of a new child of `parent`: a second before now (a
+    margin for coarse file clocks) and after the parent's last modification,
+    so that any later write to the parent is seen (_check_parent_unmodified).
+    The parent's mtime is never set back: that would also hide a write made
+    after an earlier child. A parent modified in the last two seconds makes
+    us wait for the clock; one modified in the future is refused."""
+    mtime = file_mtime_ns(parent.file)
+    while True:
+        made = ft.vhd_timestamp() - 1
+        if mtime is None or mtime < stamp_ns(made):
+            return made
+        target = mtime // 10 ** 9 - ft.EPOCH_2000 + 2  # the first whole second with made > mtime
+        if target - ft.vhd_timestamp() > MAX_CLOCK_WAIT:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime // 10 ** 9))
+            raise VhdError(f"{parent.file.name}: modified at {when}, in the future: a child made now could not "
+                           "tell later writes to it from that one; fix the clock, or `touch` the parent")
+        time.sleep(max(0.01, target + ft.EPOCH_2000 - time.time()))
+
+
+def settle_new_mtime(file: RawFile) -> None:
+    """Set a newly made image's mtime two whole seconds back, as it is closed
+    by the handle that made it: no child of it can exist yet (that handle
+    held it exclusively throughout), and a child made right away then need
+    not wait for the clock (_made_after)."""
+    fd = getattr(file, "fd", None)
+    if fd is None or fd < 0:
+        return
+    back = stamp_ns(ft.vhd_timestamp() - 2)
+    if os.fstat(fd).st_mtime_ns > back:
+        os.utime(fd, ns=(back, back))
 
 
 # -- creating --------------------------------------------------------------
@@ -809,7 +858,9 @@ def create_fixed(target: str | os.PathLike[str] | RawFile, size: int, *,
     file.pwrite(footer.pack(), size)
     if durable:
         file.sync()
-    return FixedImage(file, footer, False, path)
+    img = FixedImage(file, footer, False, path)
+    img.made_here = True
+    return img
 
 
 def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
@@ -838,17 +889,14 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
                     (dh.W2KU, ppath)]
         parent_info = (parent.footer.unique_id, parent.footer.timestamp, os.path.basename(ppath))
         size = parent.size
+        made = _made_after(parent)
     except BaseException:
         parent.close()
         raise
-    # Made a second early and the parent's mtime pinned before it: any write
-    # to the parent from now on is seen as a change (_check_parent_unmodified).
-    made = ft.vhd_timestamp() - 1
     file = OsFile(path, writable=True, create=True)
     try:
         img = _write_sparse(file, path, ft.DiskType.DIFFERENCING, size, block_size, parent_info,
                             locators, durable, None, made)
-        pin_parent_mtime(parent, img.footer)
     except BaseException:
         parent.close()
         file.close()
@@ -895,4 +943,6 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     file.pwrite(footer.pack(), pos)
     if durable:
         file.sync()
-    return SparseImage(file, footer, header, table, False, path, None, durable)
+    img = SparseImage(file, footer, header, table, False, path, None, durable)
+    img.made_here = True
+    return img
