@@ -549,8 +549,9 @@ def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHea
     if header.table_offset < ft.SIZE or header.table_offset + header.max_table_entries * 4 > end:
         raise FormatError("dynamic header", "table offset", hoff + 16,
                           f"BAT of {tbytes} bytes at {header.table_offset} does not fit in the file")
-    table = batlib.unpack_table(file.pread(header.max_table_entries * 4, header.table_offset),
-                                header.max_table_entries)
+    # Only the entries the disk size needs are read: the rest map nothing, and
+    # a hostile table may claim 2**32 of them.
+    table = batlib.unpack_table(file.pread(needed * 4, header.table_offset), needed)
     _validate_table(table, header, end, _metadata_regions(footer, header))
     return header, table
 
@@ -572,18 +573,36 @@ def _validate_table(table: array[int], header: dh.DynamicHeader, end: int,
     no metadata region (a write there would overwrite the header, the BAT or
     a parent locator)."""
     span = batlib.bitmap_bytes(header.block_size) + header.block_size
+    for b, e in enumerate(table):  # each entry alone first: nothing is kept per entry
+        if e != batlib.UNALLOCATED:
+            _validate_entry(b, e * SECTOR, span, header.table_offset + 4 * b, end, regions)
+    too_many_blocks(table, span, end, header.table_offset)  # before a list of them all is built
     used = sorted((e * SECTOR, b) for b, e in enumerate(table) if e != batlib.UNALLOCATED)
     prev_end, prev_b = 0, -1
     for start, b in used:
         at = header.table_offset + 4 * b
-        if start + span > end:
-            raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
-        for lo, n, what in regions:
-            if start < lo + n and lo < start + span:
-                raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
         if start < prev_end:
             raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps block {prev_b}")
         prev_end, prev_b = start + span, b
+
+
+def _validate_entry(b: int, start: int, span: int, at: int, end: int,
+                    regions: list[tuple[int, int, str]]) -> None:
+    if start + span > end:
+        raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
+    for lo, n, what in regions:
+        if start < lo + n and lo < start + span:
+            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
+
+
+def too_many_blocks(table: array[int], span: int, end: int, table_offset: int) -> None:
+    """FormatError if more blocks are allocated than the file can hold: a
+    count at C speed before any walk entry by entry (a zeroed table of
+    millions of entries would otherwise cost gigabytes)."""
+    allocated = len(table) - table.count(batlib.UNALLOCATED)
+    if allocated * span > end:
+        raise FormatError("BAT", "entries", table_offset,
+                          f"{allocated} allocated blocks of {span} bytes cannot fit before the footer at {end}")
 
 
 Seen = list[tuple[tuple[int, int] | None, uuidlib.UUID]]

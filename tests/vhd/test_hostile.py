@@ -171,3 +171,42 @@ def test_a_child_with_a_locator_outside_the_file_merges_and_compacts(tmp_path):
         assert c.read(4096, 1) == b"1" and c.file.size() < 1 << 20
     with pytest.raises(vhd.FormatError, match="parent locator"):
         vhd.compact(paths[1])  # the rewrite copies locators: it names the damaged one
+
+
+def _hostile_table(path: str, size: int, block_size: int, entries: int) -> None:
+    """A dynamic image of `size` bytes whose BAT has `entries` entries, all
+    zero (every one "allocated" at sector 0) and left a hole in a sparse file."""
+    header = dh.DynamicHeader(1536, entries, block_size)
+    footer = vhd.Footer(vhd.DiskType.DYNAMIC, size, size, vhd.chs_for_size(size),
+                        __import__("uuid").uuid4(), 0, 512)
+    end = 1536 + -(-entries * 4 // 512) * 512
+    with open(path, "wb") as f:
+        f.write(footer.pack() + header.pack())
+        f.truncate(end)
+        f.seek(end)
+        f.write(footer.pack())
+
+
+def _limited(*args: str) -> subprocess.CompletedProcess[str]:
+    """The vhd command with 1 GiB of address space: a table read or walked
+    whole, entry by entry, does not fit."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    try:
+        return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, text=True,
+                              timeout=120, preexec_fn=limit)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vhd {' '.join(args)} did not return within 120 s")
+
+
+@pytest.mark.parametrize("size,block,entries", [(8 * MIB, 2 * MIB, 1 << 28), (64 << 30, 4096, 1 << 24)],
+                         ids=["a 1 GiB table for an 8 MiB disk", "a zero table of 16M entries"])
+def test_a_huge_hostile_table_is_refused_in_bounded_memory(tmp_path, size, block, entries):
+    path = str(tmp_path / "t.vhd")
+    _hostile_table(path, size, block, entries)
+    for cmd in ("info", "check", "map"):
+        r = _limited(cmd, path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
+        assert "BAT" in r.stdout + r.stderr, (cmd, r.stdout, r.stderr)
