@@ -393,6 +393,7 @@ def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
 def remove_stale_rewrites(path: str) -> list[str]:
     """Remove PATH.rewrite-PID files a killed compact or resize left. Call
     only while holding the image's write lock: then no rewrite of it runs."""
+    path = os.path.realpath(path)  # where _rewrite puts them
     pattern = re.compile(re.escape(os.path.basename(path)) + r"\.rewrite-[0-9]+")
     gone = []
     for name in glob.glob(glob.escape(path) + ".rewrite-*"):
@@ -406,8 +407,11 @@ def _rewrite(img: SparseImage, size: int, drop_empty: bool,
              show_progress: bool | None = None) -> int:
     """Write the image anew beside itself (same identity, new size), sync,
     rename over. Compacting (drop_empty) keeps the file's modification time:
-    the disk reads the same, so its children must still accept it."""
-    tmp = f"{img.path}.rewrite-{os.getpid()}"
+    the disk reads the same, so its children must still accept it. A path
+    that is a symlink is followed: the file it names is replaced, the link
+    stays a link."""
+    target = os.path.realpath(img.path or "")
+    tmp = f"{target}.rewrite-{os.getpid()}"
     blocks = img.allocated_blocks()
     progress = Progress(f"rewrite {os.path.basename(img.path or '')}", len(blocks) * img.block_size, show_progress)
     out = OsFile(tmp, writable=True, create=True)
@@ -436,8 +440,8 @@ def _rewrite(img: SparseImage, size: int, drop_empty: bool,
             os.utime(out.fd, ns=(mtime, mtime))
         os.fsync(out.fd)  # data, and the kept time, before the rename makes it the image
         progress.close()
-        os.replace(tmp, img.path or "")
-        _sync_dir(os.path.dirname(os.path.abspath(img.path or ".")))
+        os.replace(tmp, target)
+        _sync_dir(os.path.dirname(target))
     except BaseException:
         out.close()
         if os.path.exists(tmp):
