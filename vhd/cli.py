@@ -8,9 +8,12 @@ Commands that scripts read print JSON (info, map, and --json elsewhere).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
@@ -48,9 +51,10 @@ def _size(text: str) -> int:
 
 
 def _offset(text: str) -> int:
-    if text.strip() in ("0", "0B"):
-        return 0
-    return _size(text)
+    try:
+        return parse_size(text, zero_ok=True)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _chain_opts(p: argparse.ArgumentParser) -> None:
@@ -317,12 +321,49 @@ def cmd_write(a: argparse.Namespace) -> int:
             _write_pattern(dev, a.offset, a.length, a.pattern)
         else:
             with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
-                room = max(dev.size - a.offset, 0)
-                data = f.read(room + 1)  # one byte more than fits tells a too-long input
-            check_range(dev.size, a.offset, len(data))
-            dev.write(a.offset, data)
+                _write_input(dev, a.offset, f)
         dev.flush()
     return 0
+
+
+def _write_input(dev: Any, offset: int, f: Any) -> None:
+    """Write all of `f` at `offset`, in CHUNK pieces; an input too long for
+    the disk is refused before anything is written. A regular file's length
+    is known; a pipe is first copied into a temporary file (kept in memory
+    up to CHUNK) to learn it."""
+    length = _regular_file_left(f)
+    if length is not None:
+        check_range(dev.size, offset, length)
+        _copy_in(dev, offset, f, length)
+        return
+    room = max(dev.size - offset, 0)
+    with tempfile.SpooledTemporaryFile(max_size=CHUNK) as spool:
+        total = 0
+        while total <= room:  # one byte more than fits tells a too-long input
+            piece = f.read(min(CHUNK, room + 1 - total))
+            if not piece:
+                break
+            spool.write(piece)
+            total += len(piece)
+        check_range(dev.size, offset, total)
+        spool.seek(0)
+        _copy_in(dev, offset, spool, total)
+
+
+def _regular_file_left(f: Any) -> int | None:
+    """Bytes left to read in `f` if it is a regular file, else None."""
+    try:
+        st = os.fstat(f.fileno())
+        return max(st.st_size - f.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _copy_in(dev: Any, offset: int, f: Any, length: int) -> None:
+    pos, end = offset, offset + length
+    while pos < end and (piece := f.read(min(CHUNK, end - pos))):
+        dev.write(pos, piece)
+        pos += len(piece)
 
 
 def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:

@@ -526,19 +526,20 @@ def _grow_sparse(img: SparseImage, new_size: int) -> str:
     return "in place"
 
 
-def parse_size(text: str) -> int:
-    """'64M', '1G', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+def parse_size(text: str, *, zero_ok: bool = False) -> int:
+    """'64M', '1G', '1.5GiB', '4096' -> bytes (powers of 1024); 0 ('0K')
+    only with zero_ok (an offset)."""
     t = text.strip().upper().replace("IB", "").rstrip("B")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
     mult = 1
     if t and t[-1] in units:
         mult, t = units[t[-1]], t[:-1]
     try:
-        value = float(t) if "." in t else int(t)
-    except ValueError:
+        value = float(t) * mult if "." in t else int(t) * mult
+        size = int(value)  # OverflowError for a float past 1.8e308 (inf), ValueError for nan
+    except (ValueError, OverflowError):
         raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T") from None
-    size = int(value * mult)
-    if size <= 0:
+    if size < 0 or (size == 0 and not zero_ok):
         raise UsageError(f"size {text!r} must be positive")
     return size
 

@@ -4,6 +4,7 @@ no partial output file, and no damaged VHD silently read as a raw disk."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 import vhd
+from vhd import cli as vhd_cli
 
 MIB = 1 << 20
 
@@ -95,3 +97,57 @@ def test_read_refuses_to_write_its_output_over_an_image_it_reads(tmp_path, targe
     assert r.returncode == 2 and "is the image being read" in err and "Traceback" not in err, err
     assert {p: open(p, "rb").read() for p in (base, child)} == before
     assert vhd.open(child).read(0, 4096) == b"b" * 4096
+
+
+class _Pipe(io.RawIOBase):
+    """stdin as a pipe: hands out `data` and notes the largest read asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos, self.largest = data, 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        self.largest = max(self.largest, len(buf))
+        n = min(len(buf), len(self.data) - self.pos, 65536)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        self.largest = max(self.largest, size if size >= 0 else 1 << 62)
+        return super().read(size)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_write_from_stdin_reads_in_bounded_pieces(tmp_path, monkeypatch, extra):
+    """`vhd write` read all of stdin (up to the disk's size) into one buffer:
+    `vhd write big.vhd < /dev/zero` asked for a buffer the size of the disk."""
+    path = str(tmp_path / "d.vhd")
+    vhd.create(path, 24 * MIB).close()
+    data = os.urandom(9 * MIB + 512 + extra)
+    pipe = _Pipe(data)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(pipe, buffer_size=65536)))
+    offset = 24 * MIB - 9 * MIB - 512
+    code = vhd_cli.main(["write", path, "--offset", str(offset)])
+    assert pipe.largest <= vhd_cli.CHUNK + 1
+    with vhd.open(path) as img:
+        if extra:  # one byte too many: refused, and nothing written
+            assert code == 1 and img.allocation(0, img.size)[0].state is vhd.Alloc.ZERO and len(img.allocation(0, img.size)) == 1
+        else:
+            assert code == 0 and img.read(offset, len(data)) == data
+
+
+@pytest.mark.parametrize("args", [["create", "X", "--size", "1.5e400"], ["read", "D", "--offset", "1.0e400"],
+                                  ["read", "D", "--length", "9.9e999K"], ["create", "X", "--size", "nan.0"]])
+def test_sizes_too_big_for_a_float_are_usage_errors(disk, tmp_path, args):
+    args = [disk if a == "D" else str(tmp_path / "x.vhd") if a == "X" else a for a in args]
+    r = cli(*args)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err and "cannot read size" in err, err
+
+
+def test_an_offset_of_zero_with_a_unit_is_zero(disk):
+    r = cli("read", disk, "--offset", "0K", "--length", "4K")
+    assert r.returncode == 0 and r.stdout == b"v" * 4096, r.stderr
