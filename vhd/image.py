@@ -22,12 +22,13 @@ exactly the unflushed writes and leaves at most unreferenced space.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
 import uuid as uuidlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from . import bat as batlib
@@ -873,13 +874,27 @@ def create_fixed(target: str | os.PathLike[str] | RawFile, size: int, *,
     _check_size(size, MAX_FIXED_SIZE)
     file, path = _target_file(target)
     footer = new_footer(ft.DiskType.FIXED, size, unique_id=unique_id)
-    file.truncate(size)
-    file.pwrite(footer.pack(), size)
-    if durable:
-        file.sync()
+    with _removed_on_failure(file, path):
+        file.truncate(size)
+        file.pwrite(footer.pack(), size)
+        if durable:
+            file.sync()
     img = FixedImage(file, footer, False, path)
     img.made_here = True
     return img
+
+
+@contextlib.contextmanager
+def _removed_on_failure(file: RawFile, path: str | None) -> Iterator[None]:
+    """Laying out a new file that fails (a full disk) closes and removes it:
+    no half-made image is left to be mistaken for one, or to block a retry."""
+    try:
+        yield
+    except BaseException:
+        file.close()
+        if path is not None:
+            os.unlink(path)
+        raise
 
 
 def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
@@ -889,7 +904,8 @@ def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
     _check_size(size, MAX_DYNAMIC_SIZE)
     _check_block_size(block_size)
     file, path = _target_file(target)
-    return _write_sparse(file, path, ft.DiskType.DYNAMIC, size, block_size, None, [], durable, unique_id)
+    with _removed_on_failure(file, path):
+        return _write_sparse(file, path, ft.DiskType.DYNAMIC, size, block_size, None, [], durable, unique_id)
 
 
 def create_differencing(target: str | os.PathLike[str], parent_path: str | os.PathLike[str], *,

@@ -274,7 +274,12 @@ def _create_target(path: str, to: str, size: int, block_size: int) -> BlockDevic
     if size % 512:
         raise UsageError(f"size {size} is not a multiple of 512")
     file = OsFile(path, writable=True, create=True)
-    file.truncate(size)
+    try:
+        file.truncate(size)
+    except BaseException:
+        file.close()
+        os.unlink(path)
+        raise
     return FileDevice(file, readonly=False)
 
 

@@ -151,3 +151,30 @@ def test_sizes_too_big_for_a_float_are_usage_errors(disk, tmp_path, args):
 def test_an_offset_of_zero_with_a_unit_is_zero(disk):
     r = cli("read", disk, "--offset", "0K", "--length", "4K")
     assert r.returncode == 0 and r.stdout == b"v" * 4096, r.stderr
+
+
+def _cli_file_limit(*args: str, limit: int) -> subprocess.CompletedProcess[bytes]:
+    """The vhd command with files limited to `limit` bytes: a write past it
+    fails (EFBIG), as on a full disk."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, timeout=120, preexec_fn=cap)
+
+
+@pytest.mark.parametrize("args", [["create", "OUT", "--size", "8M", "--type", "fixed"],
+                                  ["create", "OUT", "--size", "64G", "--block-size", "4K"],
+                                  ["convert", "D", "OUT", "--to", "dynamic", "--block-size", "4K"],
+                                  ["convert", "D", "OUT", "--to", "fixed"], ["convert", "D", "OUT", "--to", "raw"]])
+def test_an_image_that_cannot_be_written_whole_is_removed(disk, tmp_path, args):
+    """A create or convert whose new file could not be laid out (a full
+    disk) left the half-made file behind, and the next try said it exists."""
+    out = tmp_path / "out.vhd"
+    with vhd.open(disk, writable=True) as img:
+        img.write(0, b"z" * 2 * MIB)  # more data than the limit lets a copy hold
+    args = [disk if a == "D" else str(out) if a == "OUT" else a for a in args]
+    r = _cli_file_limit(*args, limit=1 << 20)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert not out.exists(), err
