@@ -147,6 +147,9 @@ def _open_regular(path: str, writable: bool, create: bool, allow_block: bool) ->
     except PermissionError:
         raise VhdError(f"{path}: permission denied") from None
     except OSError as e:  # ELOOP (a symlink loop), ENXIO (a socket), ENAMETOOLONG...
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # not the file's fault
+            raise VhdError(f"{path}: cannot be opened: too many open files (each image of a chain "
+                           "holds one descriptor while open); raise the limit (ulimit -n)") from None
         raise FileTypeError(f"{path}: cannot be opened as an image file: {e.strerror or e}") from None
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode))):

@@ -210,3 +210,29 @@ def test_a_huge_hostile_table_is_refused_in_bounded_memory(tmp_path, size, block
         r = _limited(cmd, path)
         assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
         assert "BAT" in r.stdout + r.stderr, (cmd, r.stdout, r.stderr)
+
+
+def test_running_out_of_descriptors_is_said_as_such(tmp_path):
+    """EMFILE while opening a chain was a FileTypeError, "cannot be opened as
+    an image file", as if the file were a FIFO or a folder."""
+    import resource
+
+    paths = make_chain(tmp_path, 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    held = []
+    try:
+        while True:  # use up every descriptor
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        os.close(held.pop())  # one left: the image opens, its parent does not
+        with pytest.raises(vhd.VhdError) as e:
+            vhd.open(paths[-1])
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not isinstance(e.value, FileTypeError) and "too many open files" in str(e.value).lower()
+    assert "ulimit -n" in str(e.value)
