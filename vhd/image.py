@@ -925,10 +925,10 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
         parent_info = (parent.footer.unique_id, parent.footer.timestamp, os.path.basename(ppath))
         size = parent.size
         made = _made_after(parent)
+        file = OsFile(path, writable=True, create=True)
     except BaseException:
         parent.close()
         raise
-    file = OsFile(path, writable=True, create=True)
     try:
         img = _write_sparse(file, path, ft.DiskType.DIFFERENCING, size, block_size, parent_info,
                             locators, durable, None, made)

@@ -281,3 +281,15 @@ def test_a_parent_modified_in_the_future_is_refused_as_a_parent(tmp_path):
     with pytest.raises(vhd.VhdError, match="in the future"):
         vhd.create(str(tmp_path / "c.vhd"), parent=base)
     assert not (tmp_path / "c.vhd").exists()
+
+
+def test_a_child_refused_for_an_existing_name_lets_go_of_its_parent(tmp_path):
+    """create(parent=) over an existing file raised, but left the parent open
+    and share-locked for the life of the process (no finalizer closes it):
+    the parent could no longer be opened for writing ("in use by another process")."""
+    base, child = str(tmp_path / "base.vhd"), str(tmp_path / "c.vhd")
+    vhd.create(base, 2 * MIB).close()
+    vhd.create(child, parent=base).close()
+    with pytest.raises(vhd.VhdError, match="already exists"):
+        vhd.create(child, parent=base)
+    vhd.open(base, writable=True).close()
