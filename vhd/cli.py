@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-i", "--input", help="file to read (default: stdin)")
     src.add_argument("--pattern", type=lambda t: int(t, 0), help="a byte value to repeat, e.g. 0xab")
     p.add_argument("--length", type=_size, help="bytes to write (with --pattern)")
+    p.add_argument("--source-format", default="auto", choices=["auto", "raw", "vhd"],
+                   help="auto (default): the file must be a VHD; raw: write it as a raw disk")
     _chain_opts(p)
     return top
 
@@ -315,7 +317,10 @@ def cmd_write(a: argparse.Namespace) -> int:
             raise UsageError("--pattern needs --length")
         if not 0 <= a.pattern <= 255:
             raise UsageError("--pattern is one byte: 0 to 255")
-    with closing(open_device(a.path, writable=True, **_chain_kw(a))) as dev:
+    with closing(open_device(a.path, writable=True, fmt=a.source_format, **_chain_kw(a))) as dev:
+        if a.source_format == "auto" and isinstance(dev, FileDevice):  # a typo must not overwrite a file
+            raise VhdError(f"{a.path}: no VHD footer: not written; to write it as a raw disk, "
+                           "pass --source-format raw")
         if a.pattern is not None:
             check_range(dev.size, a.offset, a.length)  # before any buffer is built
             _write_pattern(dev, a.offset, a.length, a.pattern)

@@ -178,3 +178,16 @@ def test_an_image_that_cannot_be_written_whole_is_removed(disk, tmp_path, args):
     err = r.stderr.decode()
     assert r.returncode == 1 and "Traceback" not in err, err
     assert not out.exists(), err
+
+
+def test_write_refuses_a_file_without_a_vhd_footer_unless_told_it_is_raw(tmp_path):
+    """`vhd write notes.txt ...` overwrote any file that is not a VHD as a raw
+    disk, silently and with exit 0 (read and map at least say so)."""
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"my notes\n" * 100)
+    r = cli("write", str(notes), "--pattern", "0x41", "--length", "512")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "no VHD footer" in err and "--source-format raw" in err, err
+    assert notes.read_bytes() == b"my notes\n" * 100
+    r = cli("write", str(notes), "--pattern", "0x41", "--length", "512", "--source-format", "raw")
+    assert r.returncode == 0 and notes.read_bytes()[:512] == b"A" * 512, r.stderr
