@@ -34,6 +34,7 @@ from .errors import FormatError, UsageError, VhdError
 from .fileio import OsFile
 from .geometry import chs_for_size
 from .image import (
+    MAX_FIXED_SIZE,
     FixedImage,
     Image,
     SparseImage,
@@ -488,6 +489,8 @@ def resize(path: str, new_size: int, *, allow_dirs: Sequence[str] | None = None)
         if new_size == old:
             return {"path": path, "old_size": old, "new_size": new_size, "how": "unchanged"}
         if isinstance(img, FixedImage):
+            if new_size > MAX_FIXED_SIZE:
+                raise UsageError(f"size {new_size} is larger than a fixed image may be ({MAX_FIXED_SIZE} bytes)")
             how = _grow_fixed(img, new_size)
         else:
             how = _grow_sparse(img, new_size)

@@ -223,3 +223,15 @@ def test_a_rewrite_through_a_symlink_rewrites_the_file_it_names(tmp_path, op):
     with vhd.open(real) as img:
         assert img.read(0, 4096) == b"d" * 4096
         assert len(img.allocated_blocks()) == 1 and img.size == (8 << 20 if op == "compact" else 64 << 30)
+
+
+def test_resize_refuses_a_fixed_image_past_the_largest_fixed_size(tmp_path):
+    """create refused a fixed image over 64 TiB, resize did not check: it
+    went on to the filesystem (File too large on ext4, a 65 TiB file elsewhere)."""
+    path = str(tmp_path / "f.vhd")
+    vhd.create(path, 1 << 20, type="fixed").close()
+    before = open(path, "rb").read()
+    r = cli("resize", path, "--size", "65T")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "larger than" in err and "Traceback" not in err, err
+    assert open(path, "rb").read() == before
