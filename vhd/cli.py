@@ -22,7 +22,7 @@ from . import dynamic_header as dh
 from .blockdev import FileDevice, check_range
 from .check import check
 from .errors import UsageError, VhdError
-from .image import create_differencing, create_dynamic, create_fixed, open_image
+from .image import FixedImage, SparseImage, create_differencing, create_dynamic, create_fixed, open_image
 from .ops import compact, convert, info, merge, open_device, parse_size, resize
 
 EPILOG = """examples:
@@ -71,9 +71,14 @@ def _source_format(p: argparse.ArgumentParser) -> None:
                         "a file that looks like a damaged VHD is refused")
 
 
+def _is_raw(dev: object) -> bool:
+    """A raw file, not a VHD (a FixedImage is a FileDevice too)."""
+    return isinstance(dev, FileDevice) and not isinstance(dev, (FixedImage, SparseImage))
+
+
 def _say_raw(a: argparse.Namespace, dev: object) -> None:
     """Tell the user when auto-detection read the file as a raw disk."""
-    if a.source_format == "auto" and isinstance(dev, FileDevice):
+    if a.source_format == "auto" and _is_raw(dev):
         print(f"vhd {a.cmd}: {a.path}: no VHD footer: read as a raw disk", file=sys.stderr)
 
 
@@ -318,7 +323,7 @@ def cmd_write(a: argparse.Namespace) -> int:
         if not 0 <= a.pattern <= 255:
             raise UsageError("--pattern is one byte: 0 to 255")
     with closing(open_device(a.path, writable=True, fmt=a.source_format, **_chain_kw(a))) as dev:
-        if a.source_format == "auto" and isinstance(dev, FileDevice):  # a typo must not overwrite a file
+        if a.source_format == "auto" and _is_raw(dev):  # a typo must not overwrite a file
             raise VhdError(f"{a.path}: no VHD footer: not written; to write it as a raw disk, "
                            "pass --source-format raw")
         if a.pattern is not None:

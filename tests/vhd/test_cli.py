@@ -191,3 +191,13 @@ def test_write_refuses_a_file_without_a_vhd_footer_unless_told_it_is_raw(tmp_pat
     assert notes.read_bytes() == b"my notes\n" * 100
     r = cli("write", str(notes), "--pattern", "0x41", "--length", "512", "--source-format", "raw")
     assert r.returncode == 0 and notes.read_bytes()[:512] == b"A" * 512, r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["read", "--length", "512"], ["map"]])
+def test_a_fixed_vhd_is_not_called_a_raw_disk(tmp_path, cmd):
+    """A FixedImage is a FileDevice too: read and map said of every fixed
+    VHD 'no VHD footer: read as a raw disk'."""
+    path = str(tmp_path / "f.vhd")
+    vhd.create(path, MIB, type="fixed").close()
+    r = cli(cmd[0], path, *cmd[1:])
+    assert r.returncode == 0 and b"raw disk" not in r.stderr, r.stderr
