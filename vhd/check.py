@@ -142,24 +142,38 @@ def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
         return report
     path = target
     report = Report(path)
-    file = OsFile(path, writable=repair, allow_block=True)
+    file = OsFile(path, allow_block=True)  # for writing only once a repair is needed
     try:
         walk = _Walk(file, report)
         _walk(walk)
         _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
-        if repair and walk.patches:
-            _apply(walk)
-            file.close()
-            again = check(path, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
-            again.repaired = [what for _, _, what in walk.patches]
-            return again
     finally:
         file.close()
+    if repair and walk.patches:
+        repaired = _repair(path, allow_dirs, ignore_timestamp)
+        again = check(path, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+        again.repaired = repaired
+        return again
     if report.ok and walk.footer is not None and walk.footer.disk_type is ft.DiskType.DIFFERENCING:
         _check_chain(path, report, allow_dirs, ignore_timestamp)
     if azure:
         azure_rules(path, walk.footer, os.stat(path).st_size, report)
     return report
+
+
+def _repair(path: str, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> list[str]:
+    """Hold the image for writing, plan and vet the repairs again (the file
+    may have changed since it was read), write them; what was repaired."""
+    file = OsFile(path, writable=True, allow_block=True)
+    try:
+        walk = _Walk(file, Report(path))
+        _walk(walk)
+        _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
+        if walk.patches:
+            _apply(walk)
+        return [what for _, _, what in walk.patches]
+    finally:
+        file.close()
 
 
 def _walk(w: _Walk) -> None:
