@@ -36,7 +36,7 @@ from . import footer as ft
 from .errors import FormatError, VhdError
 from .fileio import OsFile, RawFile
 from .geometry import MAX_CHS_SECTORS, chs_for_size
-from .image import SECTOR, open_image
+from .image import SECTOR, open_image, too_many_blocks
 
 MIB = 1024 * 1024
 AZURE_MIN = 20 * MIB
@@ -134,32 +134,47 @@ def check(target: str | RawFile, *, repair: bool = False, azure: bool = False,
     """Check the VHD at `target` (a path, or an open RawFile: then its parent
     chain is not followed, and a repair that changes a differencing image's
     header is refused, as it cannot be tried with the parent) and optionally
-    repair it."""
-    own = isinstance(target, str)
-    file = OsFile(target, writable=repair, allow_block=True) if isinstance(target, str) else target
+    repair it. A path is opened for writing only once a repair is needed."""
     path = target if isinstance(target, str) else None
+    file = OsFile(target, allow_block=True) if isinstance(target, str) else target
     report = Report(file.name)
     try:
         walk = _Walk(file, report)
         _walk(walk)
         _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
-        if repair and walk.patches:
-            _apply(walk)
-            if own:
-                file.close()
-            again = check(target, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
-            again.repaired = [what for _, _, what in walk.patches]
-            return again
         size = file.size()
     finally:
-        if own:
+        if path is not None:
             file.close()
+    if repair and walk.patches:
+        repaired = _repair(target, allow_dirs, ignore_timestamp)
+        again = check(target, azure=azure, allow_dirs=allow_dirs, ignore_timestamp=ignore_timestamp)
+        again.repaired = repaired
+        return again
     if path is not None and report.ok and walk.footer is not None \
             and walk.footer.disk_type is ft.DiskType.DIFFERENCING:
         _check_chain(path, report, allow_dirs, ignore_timestamp)
     if azure:
         azure_rules(file.name, walk.footer, size, report)
     return report
+
+
+def _repair(target: str | RawFile, allow_dirs: Sequence[str] | None, ignore_timestamp: bool) -> list[str]:
+    """Hold the image for writing (a path is opened so; a RawFile is the
+    caller's, open as it is), plan and vet the repairs again (the file may
+    have changed since it was read), write them; what was repaired."""
+    path = target if isinstance(target, str) else None
+    file = OsFile(target, writable=True, allow_block=True) if isinstance(target, str) else target
+    try:
+        walk = _Walk(file, Report(file.name))
+        _walk(walk)
+        _vet_repairs(walk, path, allow_dirs, ignore_timestamp)
+        if walk.patches:
+            _apply(walk)
+        return [what for _, _, what in walk.patches]
+    finally:
+        if path is not None:
+            file.close()
 
 
 def _walk(w: _Walk) -> None:
@@ -342,24 +357,43 @@ def _walk_sparse(w: _Walk, size: int) -> None:
     if h.table_offset < ft.SIZE or h.table_offset + 4 * h.max_table_entries > end:
         w.report.add("error", "dynamic header table offset", hoff + 16, "the BAT does not fit in the file")
         return
-    table = batlib.unpack_table(w.file.pread(4 * h.max_table_entries, h.table_offset), h.max_table_entries)
+    used = min(needed, h.max_table_entries)
+    table = batlib.unpack_table(w.file.pread(4 * used, h.table_offset), used)
+    _entries_past_the_disk(w, h, used)
     regions = [(0, ft.SIZE, "footer mirror"), (hoff, dh.SIZE, "dynamic header"),
                (h.table_offset, batlib.table_bytes(h.max_table_entries), "BAT")]
     if f.disk_type is ft.DiskType.DIFFERENCING:
         _check_locators(w, h, end, regions)
     span = batlib.bitmap_bytes(h.block_size) + h.block_size
+    try:
+        too_many_blocks(table, span, end, h.table_offset)
+    except FormatError as e:
+        w.report.add("error", "BAT", e.offset, e.detail)
+        return
     for b, entry in enumerate(table):
         if entry == batlib.UNALLOCATED:
             continue
         start = entry * 512
-        if b >= needed:
-            w.report.add("warning", f"BAT entry {b}", h.table_offset + 4 * b, "allocated past the disk size")
         if start + span > end:
             w.report.add("error", f"BAT entry {b}", h.table_offset + 4 * b,
                          f"block at {start} runs past the footer at {end}")
             continue
         regions.append((start, span, f"block {b}"))
     _check_overlaps(w, regions, end)
+
+
+def _entries_past_the_disk(w: _Walk, h: dh.DynamicHeader, used: int) -> None:
+    """Warn about allocated entries past those the disk size needs (they map
+    nothing), read a piece at a time: a hostile table may claim 2**32."""
+    piece = 1 << 18
+    allocated = 0
+    for first in range(used, h.max_table_entries, piece):
+        n = min(piece, h.max_table_entries - first)
+        part = batlib.unpack_table(w.file.pread(4 * n, h.table_offset + 4 * first), n)
+        allocated += len(part) - part.count(batlib.UNALLOCATED)
+    if allocated:
+        w.report.add("warning", "BAT", h.table_offset + 4 * used,
+                     f"{allocated} entries past the {used} the disk size needs are allocated (they map nothing)")
 
 
 def _check_locators(w: _Walk, h: dh.DynamicHeader, end: int, regions: list[tuple[int, int, str]]) -> None:

@@ -8,9 +8,12 @@ Commands that scripts read print JSON (info, map, and --json elsewhere).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import stat
 import sys
+import tempfile
 from collections.abc import Sequence
 from contextlib import closing
 from typing import Any
@@ -19,7 +22,7 @@ from . import dynamic_header as dh
 from .blockdev import FileDevice, check_range
 from .check import check
 from .errors import UsageError, VhdError
-from .image import create_differencing, create_dynamic, create_fixed, open_image
+from .image import FixedImage, SparseImage, create_differencing, create_dynamic, create_fixed, open_image
 from .ops import compact, convert, info, merge, open_device, parse_size, resize
 
 EPILOG = """examples:
@@ -48,9 +51,10 @@ def _size(text: str) -> int:
 
 
 def _offset(text: str) -> int:
-    if text.strip() in ("0", "0B"):
-        return 0
-    return _size(text)
+    try:
+        return parse_size(text, zero_ok=True)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _chain_opts(p: argparse.ArgumentParser) -> None:
@@ -67,9 +71,14 @@ def _source_format(p: argparse.ArgumentParser) -> None:
                         "a file that looks like a damaged VHD is refused")
 
 
+def _is_raw(dev: object) -> bool:
+    """A raw file, not a VHD (a FixedImage is a FileDevice too)."""
+    return isinstance(dev, FileDevice) and not isinstance(dev, (FixedImage, SparseImage))
+
+
 def _say_raw(a: argparse.Namespace, dev: object) -> None:
     """Tell the user when auto-detection read the file as a raw disk."""
-    if a.source_format == "auto" and isinstance(dev, FileDevice):
+    if a.source_format == "auto" and _is_raw(dev):
         print(f"vhd {a.cmd}: {a.path}: no VHD footer: read as a raw disk", file=sys.stderr)
 
 
@@ -180,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-i", "--input", help="file to read (default: stdin)")
     src.add_argument("--pattern", type=lambda t: int(t, 0), help="a byte value to repeat, e.g. 0xab")
     p.add_argument("--length", type=_size, help="bytes to write (with --pattern)")
+    p.add_argument("--source-format", default="auto", choices=["auto", "raw", "vhd"],
+                   help="auto (default): the file must be a VHD; raw: write it as a raw disk")
     _chain_opts(p)
     return top
 
@@ -273,6 +284,7 @@ def cmd_read(a: argparse.Namespace) -> int:
         if not a.output:
             _copy_out(dev, a.offset, length, sys.stdout.buffer)
             return 0
+        _refuse_output_over_source(dev, a.output)
         created = not os.path.exists(a.output)
         try:
             with open(a.output, "wb") as out:
@@ -282,6 +294,21 @@ def cmd_read(a: argparse.Namespace) -> int:
                 os.unlink(a.output)  # no partial file left behind
             raise
     return 0
+
+
+def _refuse_output_over_source(dev: Any, output: str) -> None:
+    """Opening -o truncates it: refuse a path that is (or links to) a file
+    the read comes from, the image or any parent of its chain."""
+    try:
+        out = os.stat(output)
+    except OSError:
+        return  # not there yet (or not reachable: open() will say why)
+    members = dev.chain() if hasattr(dev, "chain") else [dev]
+    for member in members:
+        fd = getattr(getattr(member, "file", None), "fd", -1)
+        if fd >= 0 and os.path.samestat(os.fstat(fd), out):
+            raise UsageError(f"{output} is the image being read ({member.file.name}): "
+                             "writing the output there would destroy it")
 
 
 def _copy_out(dev: Any, offset: int, length: int, out: Any) -> None:
@@ -298,18 +325,58 @@ def cmd_write(a: argparse.Namespace) -> int:
             raise UsageError("--pattern needs --length")
         if not 0 <= a.pattern <= 255:
             raise UsageError("--pattern is one byte: 0 to 255")
-    with closing(open_device(a.path, writable=True, **_chain_kw(a))) as dev:
+    with closing(open_device(a.path, writable=True, fmt=a.source_format, **_chain_kw(a))) as dev:
+        if a.source_format == "auto" and _is_raw(dev):  # a typo must not overwrite a file
+            raise VhdError(f"{a.path}: no VHD footer: not written; to write it as a raw disk, "
+                           "pass --source-format raw")
         if a.pattern is not None:
             check_range(dev.size, a.offset, a.length)  # before any buffer is built
             _write_pattern(dev, a.offset, a.length, a.pattern)
         else:
             with (open(a.input, "rb") if a.input else sys.stdin.buffer) as f:
-                room = max(dev.size - a.offset, 0)
-                data = f.read(room + 1)  # one byte more than fits tells a too-long input
-            check_range(dev.size, a.offset, len(data))
-            dev.write(a.offset, data)
+                _write_input(dev, a.offset, f)
         dev.flush()
     return 0
+
+
+def _write_input(dev: Any, offset: int, f: Any) -> None:
+    """Write all of `f` at `offset`, in CHUNK pieces; an input too long for
+    the disk is refused before anything is written. A regular file's length
+    is known; a pipe is first copied into a temporary file (kept in memory
+    up to CHUNK) to learn it."""
+    length = _regular_file_left(f)
+    if length is not None:
+        check_range(dev.size, offset, length)
+        _copy_in(dev, offset, f, length)
+        return
+    room = max(dev.size - offset, 0)
+    with tempfile.SpooledTemporaryFile(max_size=CHUNK) as spool:
+        total = 0
+        while total <= room:  # one byte more than fits tells a too-long input
+            piece = f.read(min(CHUNK, room + 1 - total))
+            if not piece:
+                break
+            spool.write(piece)
+            total += len(piece)
+        check_range(dev.size, offset, total)
+        spool.seek(0)
+        _copy_in(dev, offset, spool, total)
+
+
+def _regular_file_left(f: Any) -> int | None:
+    """Bytes left to read in `f` if it is a regular file, else None."""
+    try:
+        st = os.fstat(f.fileno())
+        return max(st.st_size - f.tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def _copy_in(dev: Any, offset: int, f: Any, length: int) -> None:
+    pos, end = offset, offset + length
+    while pos < end and (piece := f.read(min(CHUNK, end - pos))):
+        dev.write(pos, piece)
+        pos += len(piece)
 
 
 def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:

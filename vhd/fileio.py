@@ -129,6 +129,11 @@ class OsFile:
         return out
 
 
+# errors of opening that say what the path is (a symlink loop, a socket, a
+# path through a non-folder, a device without a driver), not how it went
+_NOT_A_FILE = {errno.ELOOP, errno.ENXIO, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ENODEV, errno.EOPNOTSUPP}
+
+
 def _open_regular(path: str, writable: bool, create: bool, allow_block: bool) -> int:
     """A descriptor for `path`, refused unless it is a regular file (or an
     allowed block device). O_NONBLOCK makes opening a FIFO return at once
@@ -147,7 +152,12 @@ def _open_regular(path: str, writable: bool, create: bool, allow_block: bool) ->
     except PermissionError:
         raise VhdError(f"{path}: permission denied") from None
     except OSError as e:  # ELOOP (a symlink loop), ENXIO (a socket), ENAMETOOLONG...
-        raise FileTypeError(f"{path}: cannot be opened as an image file: {e.strerror or e}") from None
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # not the file's fault
+            raise VhdError(f"{path}: cannot be opened: too many open files (each image of a chain "
+                           "holds one descriptor while open); raise the limit (ulimit -n)") from None
+        if e.errno in _NOT_A_FILE:
+            raise FileTypeError(f"{path}: cannot be opened as an image file: {e.strerror or e}") from None
+        raise VhdError(f"{path}: cannot be opened: {e.strerror or e}") from None  # EROFS, EIO...
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or (allow_block and stat.S_ISBLK(mode))):
         os.close(fd)

@@ -29,12 +29,13 @@ A kill then loses no acknowledged write; flush() still syncs for power loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
 import uuid as uuidlib
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from . import bat as batlib
@@ -48,7 +49,6 @@ from .blockdev import (
     align_write,
     check_range,
     is_zero,
-    merge_extents,
     write_zeros,
 )
 from .chain import Candidate, Resolver, candidates, check_allowed
@@ -108,6 +108,7 @@ class FixedImage(FileDevice):
         self.footer_damaged = False
         self.closed = False
         self.sync_on_close = True
+        self.made_here = False  # made by this handle: close() settles its mtime (settle_new_mtime)
         self._pread = fast_pread(file)
 
     @property
@@ -130,6 +131,8 @@ class FixedImage(FileDevice):
         try:
             if self.sync_on_close:
                 self.flush()
+            if self.made_here:
+                settle_new_mtime(self.file)
         finally:
             self.file.close()
 
@@ -152,6 +155,7 @@ class SparseImage:
         self.footer_damaged = False
         self.closed = False
         self.sync_on_close = True  # False: close() writes metadata but never syncs
+        self.made_here = False  # made by this handle: close() settles its mtime (settle_new_mtime)
         self._shift = self.block_size.bit_length() - 1
         self._mask = self.block_size - 1
         self._footer_raw = footer.pack()
@@ -430,29 +434,48 @@ class SparseImage:
         return out
 
     def allocation(self, offset: int, length: int) -> list[Extent]:
+        """Extents joined as they are found, and a run of unallocated blocks
+        asked of the parent at once: memory grows with the runs, not with
+        the blocks (an empty 2040 GiB image of 4 KiB blocks has 534M)."""
         check_range(self.size, offset, length)
         out: list[Extent] = []
         bs = self.block_size
         pos, end = offset, offset + length
         while pos < end:
             b, inb = divmod(pos, bs)
-            n = min(bs - inb, end - pos)
-            vbase = b * bs
             if self.bat[b] == batlib.UNALLOCATED:
-                out.extend(self._parent_allocation(pos, n))
-            elif self._block_state(b) == _FULL:
-                out.append(Extent(pos, n, Alloc.DATA))
+                stop = self._unallocated_until(b, end)
+                _join(out, self._parent_allocation(pos, stop - pos))
+                pos = stop
+                continue
+            n = min(bs - inb, end - pos)
+            if self._block_state(b) == _FULL:
+                _join(out, [Extent(pos, n, Alloc.DATA)])
             else:
-                first, last = inb // SECTOR, (inb + n - 1) // SECTOR
-                for present, s, count in batlib.runs(self._bitmaps[b], first, last - first + 1):
-                    lo = max(s * SECTOR, inb)
-                    hi = min((s + count) * SECTOR, inb + n)
-                    if present:
-                        out.append(Extent(vbase + lo, hi - lo, Alloc.DATA))
-                    else:
-                        out.extend(self._parent_allocation(vbase + lo, hi - lo))
+                _join(out, self._partial_allocation(b, inb, n))
             pos += n
-        return merge_extents(out)
+        return out
+
+    def _unallocated_until(self, b: int, end: int) -> int:
+        """Where the run of unallocated blocks from block b ends (at most `end`)."""
+        last = (end - 1) // self.block_size
+        bat, c = self.bat, b
+        while c <= last and bat[c] == batlib.UNALLOCATED:
+            c += 1
+        return min(c * self.block_size, end)
+
+    def _partial_allocation(self, b: int, inb: int, n: int) -> list[Extent]:
+        vbase = b * self.block_size
+        out: list[Extent] = []
+        first, last = inb // SECTOR, (inb + n - 1) // SECTOR
+        for present, s, count in batlib.runs(self._bitmaps[b], first, last - first + 1):
+            lo = max(s * SECTOR, inb)
+            hi = min((s + count) * SECTOR, inb + n)
+            if present:
+                out.append(Extent(vbase + lo, hi - lo, Alloc.DATA))
+            else:
+                out.extend(self._parent_allocation(vbase + lo, hi - lo))
+        return out
 
     def allocated_blocks(self) -> list[int]:
         return [b for b, e in enumerate(self.bat) if e != batlib.UNALLOCATED]
@@ -474,6 +497,8 @@ class SparseImage:
                 self.flush()
             else:
                 self.write_metadata()
+            if self.made_here:
+                settle_new_mtime(self.file)
         finally:
             self.file.close()
             if self.parent is not None:
@@ -484,6 +509,19 @@ class SparseImage:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _join(out: list[Extent], more: list[Extent]) -> None:
+    """Append extents to `out`, joining neighbours of the same state (as
+    merge_extents does, but without a list of every piece first)."""
+    for e in more:
+        if e.length == 0:
+            continue
+        if out and out[-1].state is e.state and out[-1].offset + out[-1].length == e.offset:
+            e = Extent(out[-1].offset, out[-1].length + e.length, e.state)
+            out[-1] = e
+        else:
+            out.append(e)
 
 
 Image = FixedImage | SparseImage
@@ -562,8 +600,9 @@ def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHea
     if header.table_offset < ft.SIZE or header.table_offset + header.max_table_entries * 4 > end:
         raise FormatError("dynamic header", "table offset", hoff + 16,
                           f"BAT of {tbytes} bytes at {header.table_offset} does not fit in the file")
-    table = batlib.unpack_table(file.pread(header.max_table_entries * 4, header.table_offset),
-                                header.max_table_entries)
+    # Only the entries the disk size needs are read: the rest map nothing, and
+    # a hostile table may claim 2**32 of them.
+    table = batlib.unpack_table(file.pread(needed * 4, header.table_offset), needed)
     _validate_table(table, header, end, _metadata_regions(footer, header))
     return header, table
 
@@ -585,18 +624,36 @@ def _validate_table(table: array[int], header: dh.DynamicHeader, end: int,
     no metadata region (a write there would overwrite the header, the BAT or
     a parent locator)."""
     span = batlib.bitmap_bytes(header.block_size) + header.block_size
+    for b, e in enumerate(table):  # each entry alone first: nothing is kept per entry
+        if e != batlib.UNALLOCATED:
+            _validate_entry(b, e * SECTOR, span, header.table_offset + 4 * b, end, regions)
+    too_many_blocks(table, span, end, header.table_offset)  # before a list of them all is built
     used = sorted((e * SECTOR, b) for b, e in enumerate(table) if e != batlib.UNALLOCATED)
     prev_end, prev_b = 0, -1
     for start, b in used:
         at = header.table_offset + 4 * b
-        if start + span > end:
-            raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
-        for lo, n, what in regions:
-            if start < lo + n and lo < start + span:
-                raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
         if start < prev_end:
             raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps block {prev_b}")
         prev_end, prev_b = start + span, b
+
+
+def _validate_entry(b: int, start: int, span: int, at: int, end: int,
+                    regions: list[tuple[int, int, str]]) -> None:
+    if start + span > end:
+        raise FormatError("BAT", f"entry {b}", at, f"block at {start} runs past the footer at {end}")
+    for lo, n, what in regions:
+        if start < lo + n and lo < start + span:
+            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
+
+
+def too_many_blocks(table: array[int], span: int, end: int, table_offset: int) -> None:
+    """FormatError if more blocks are allocated than the file can hold: a
+    count at C speed before any walk entry by entry (a zeroed table of
+    millions of entries would otherwise cost gigabytes)."""
+    allocated = len(table) - table.count(batlib.UNALLOCATED)
+    if allocated * span > end:
+        raise FormatError("BAT", "entries", table_offset,
+                          f"{allocated} allocated blocks of {span} bytes cannot fit before the footer at {end}")
 
 
 Seen = list[tuple[tuple[int, int] | None, uuidlib.UUID]]
@@ -768,7 +825,7 @@ def _check_parent_unmodified(child: str, footer: ft.Footer, parent: Image) -> No
 
 def made_ns(footer: ft.Footer) -> int:
     """The instant an image was made, from its footer timestamp, in Unix nanoseconds."""
-    return (footer.timestamp + ft.EPOCH_2000) * 10 ** 9
+    return stamp_ns(footer.timestamp)
 
 
 def file_mtime_ns(file: RawFile) -> int | None:
@@ -779,7 +836,9 @@ def file_mtime_ns(file: RawFile) -> int | None:
 def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
     """Set the parent's modification time to a whole second before the child
     was made, so any later write to the parent (by us, qemu or anyone) gives
-    it a later time that _check_parent_unmodified sees. Synced."""
+    it a later time that _check_parent_unmodified sees. Synced. Only merge
+    uses it, right after giving the parent a new footer timestamp: every
+    other child then refuses the parent by that, whatever its mtime."""
     fd = getattr(parent.file, "fd", None)
     if fd is None:
         return
@@ -793,6 +852,47 @@ def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
     except OSError as e:  # not its owner, a read-only filesystem
         raise VhdError(f"{parent.file.name}: cannot set its modification time ({e.strerror or e}), which "
                        "a child needs to detect later writes to it") from None
+
+
+def stamp_ns(timestamp: int) -> int:
+    """A footer timestamp (seconds since 2000) in Unix nanoseconds."""
+    return (timestamp + ft.EPOCH_2000) * 10 ** 9
+
+
+MAX_CLOCK_WAIT = 3  # seconds a new child waits for the clock to pass its parent's mtime
+
+
+def _made_after(parent: Image) -> int:
+    """The timestamp of a new child of `parent`: a second before now (a
+    margin for coarse file clocks) and after the parent's last modification,
+    so that any later write to the parent is seen (_check_parent_unmodified).
+    The parent's mtime is never set back: that would also hide a write made
+    after an earlier child. A parent modified in the last two seconds makes
+    us wait for the clock; one modified in the future is refused."""
+    mtime = file_mtime_ns(parent.file)
+    while True:
+        made = ft.vhd_timestamp() - 1
+        if mtime is None or mtime < stamp_ns(made):
+            return made
+        target = mtime // 10 ** 9 - ft.EPOCH_2000 + 2  # the first whole second with made > mtime
+        if target - ft.vhd_timestamp() > MAX_CLOCK_WAIT:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime // 10 ** 9))
+            raise VhdError(f"{parent.file.name}: modified at {when}, in the future: a child made now could not "
+                           "tell later writes to it from that one; fix the clock, or `touch` the parent")
+        time.sleep(max(0.01, target + ft.EPOCH_2000 - time.time()))
+
+
+def settle_new_mtime(file: RawFile) -> None:
+    """Set a newly made image's mtime two whole seconds back, as it is closed
+    by the handle that made it: no child of it can exist yet (that handle
+    held it exclusively throughout), and a child made right away then need
+    not wait for the clock (_made_after)."""
+    fd = getattr(file, "fd", None)
+    if fd is None or fd < 0:
+        return
+    back = stamp_ns(ft.vhd_timestamp() - 2)
+    if os.fstat(fd).st_mtime_ns > back:
+        os.utime(fd, ns=(back, back))
 
 
 # -- creating --------------------------------------------------------------
@@ -824,11 +924,27 @@ def create_fixed(target: str | os.PathLike[str] | RawFile, size: int, *,
     _check_size(size, MAX_FIXED_SIZE)
     file, path = _target_file(target)
     footer = new_footer(ft.DiskType.FIXED, size, unique_id=unique_id)
-    file.truncate(size)
-    file.pwrite(footer.pack(), size)
-    if durable:
-        file.sync()
-    return FixedImage(file, footer, False, path)
+    with _removed_on_failure(file, path):
+        file.truncate(size)
+        file.pwrite(footer.pack(), size)
+        if durable:
+            file.sync()
+    img = FixedImage(file, footer, False, path)
+    img.made_here = True
+    return img
+
+
+@contextlib.contextmanager
+def _removed_on_failure(file: RawFile, path: str | None) -> Iterator[None]:
+    """Laying out a new file that fails (a full disk) closes and removes it:
+    no half-made image is left to be mistaken for one, or to block a retry."""
+    try:
+        yield
+    except BaseException:
+        file.close()
+        if path is not None:
+            os.unlink(path)
+        raise
 
 
 def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
@@ -838,7 +954,8 @@ def create_dynamic(target: str | os.PathLike[str] | RawFile, size: int, *,
     _check_size(size, MAX_DYNAMIC_SIZE)
     _check_block_size(block_size)
     file, path = _target_file(target)
-    return _write_sparse(file, path, ft.DiskType.DYNAMIC, size, block_size, None, [], durable, unique_id)
+    with _removed_on_failure(file, path):
+        return _write_sparse(file, path, ft.DiskType.DYNAMIC, size, block_size, None, [], durable, unique_id)
 
 
 def create_differencing(target: str | os.PathLike[str], parent_path: str | os.PathLike[str], *,
@@ -857,17 +974,14 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
                     (dh.W2KU, ppath)]
         parent_info = (parent.footer.unique_id, parent.footer.timestamp, os.path.basename(ppath))
         size = parent.size
+        made = _made_after(parent)
+        file = OsFile(path, writable=True, create=True)
     except BaseException:
         parent.close()
         raise
-    # Made a second early and the parent's mtime pinned before it: any write
-    # to the parent from now on is seen as a change (_check_parent_unmodified).
-    made = ft.vhd_timestamp() - 1
-    file = OsFile(path, writable=True, create=True)
     try:
         img = _write_sparse(file, path, ft.DiskType.DIFFERENCING, size, block_size, parent_info,
                             locators, durable, None, made)
-        pin_parent_mtime(parent, img.footer)
     except BaseException:
         parent.close()
         file.close()
@@ -914,4 +1028,6 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     file.pwrite(footer.pack(), pos)
     if durable:
         file.sync()
-    return SparseImage(file, footer, header, table, False, path, None, durable)
+    img = SparseImage(file, footer, header, table, False, path, None, durable)
+    img.made_here = True
+    return img

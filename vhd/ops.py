@@ -34,6 +34,7 @@ from .errors import FormatError, UsageError, VhdError
 from .fileio import OsFile
 from .geometry import chs_for_size
 from .image import (
+    MAX_FIXED_SIZE,
     FixedImage,
     Image,
     SparseImage,
@@ -274,7 +275,12 @@ def _create_target(path: str, to: str, size: int, block_size: int) -> BlockDevic
     if size % 512:
         raise UsageError(f"size {size} is not a multiple of 512")
     file = OsFile(path, writable=True, create=True)
-    file.truncate(size)
+    try:
+        file.truncate(size)
+    except BaseException:
+        file.close()
+        os.unlink(path)
+        raise
     return FileDevice(file, readonly=False)
 
 
@@ -393,6 +399,7 @@ def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
 def remove_stale_rewrites(path: str) -> list[str]:
     """Remove PATH.rewrite-PID files a killed compact or resize left. Call
     only while holding the image's write lock: then no rewrite of it runs."""
+    path = os.path.realpath(path)  # where _rewrite puts them
     pattern = re.compile(re.escape(os.path.basename(path)) + r"\.rewrite-[0-9]+")
     gone = []
     for name in glob.glob(glob.escape(path) + ".rewrite-*"):
@@ -406,8 +413,11 @@ def _rewrite(img: SparseImage, size: int, drop_empty: bool,
              show_progress: bool | None = None) -> int:
     """Write the image anew beside itself (same identity, new size), sync,
     rename over. Compacting (drop_empty) keeps the file's modification time:
-    the disk reads the same, so its children must still accept it."""
-    tmp = f"{img.path}.rewrite-{os.getpid()}"
+    the disk reads the same, so its children must still accept it. A path
+    that is a symlink is followed: the file it names is replaced, the link
+    stays a link."""
+    target = os.path.realpath(img.path or "")
+    tmp = f"{target}.rewrite-{os.getpid()}"
     blocks = img.allocated_blocks()
     progress = Progress(f"rewrite {os.path.basename(img.path or '')}", len(blocks) * img.block_size, show_progress)
     out = OsFile(tmp, writable=True, create=True)
@@ -436,8 +446,8 @@ def _rewrite(img: SparseImage, size: int, drop_empty: bool,
             os.utime(out.fd, ns=(mtime, mtime))
         os.fsync(out.fd)  # data, and the kept time, before the rename makes it the image
         progress.close()
-        os.replace(tmp, img.path or "")
-        _sync_dir(os.path.dirname(os.path.abspath(img.path or ".")))
+        os.replace(tmp, target)
+        _sync_dir(os.path.dirname(target))
     except BaseException:
         out.close()
         if os.path.exists(tmp):
@@ -479,6 +489,8 @@ def resize(path: str, new_size: int, *, allow_dirs: Sequence[str] | None = None)
         if new_size == old:
             return {"path": path, "old_size": old, "new_size": new_size, "how": "unchanged"}
         if isinstance(img, FixedImage):
+            if new_size > MAX_FIXED_SIZE:
+                raise UsageError(f"size {new_size} is larger than a fixed image may be ({MAX_FIXED_SIZE} bytes)")
             how = _grow_fixed(img, new_size)
         else:
             how = _grow_sparse(img, new_size)
@@ -522,19 +534,20 @@ def _grow_sparse(img: SparseImage, new_size: int) -> str:
     return "in place"
 
 
-def parse_size(text: str) -> int:
-    """'64M', '1G', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+def parse_size(text: str, *, zero_ok: bool = False) -> int:
+    """'64M', '1G', '1.5GiB', '4096' -> bytes (powers of 1024); 0 ('0K')
+    only with zero_ok (an offset)."""
     t = text.strip().upper().replace("IB", "").rstrip("B")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
     mult = 1
     if t and t[-1] in units:
         mult, t = units[t[-1]], t[:-1]
     try:
-        value = float(t) if "." in t else int(t)
-    except ValueError:
+        value = float(t) * mult if "." in t else int(t) * mult
+        size = int(value)  # OverflowError for a float past 1.8e308 (inf), ValueError for nan
+    except (ValueError, OverflowError):
         raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M, G or T") from None
-    size = int(value * mult)
-    if size <= 0:
+    if size < 0 or (size == 0 and not zero_ok):
         raise UsageError(f"size {text!r} must be positive")
     return size
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import struct
@@ -12,6 +13,8 @@ import pytest
 
 import vhd
 from vhd import dynamic_header as dh
+from vhd import footer as vhd_footer
+from vhd import image as vhd_image
 from vhd.errors import ParentLoopError, ParentMismatchError, ParentNotFoundError, ParentOutsideError
 
 from ..conftest import run
@@ -246,3 +249,47 @@ def test_the_promised_256_levels_check_and_read_with_bounded_descriptors(tmp_pat
     with pytest.raises(vhd.UsageError, match="256"):
         vhd.create(tmp_path / "l256.vhd", parent=paths[-1])
     assert not os.path.exists(tmp_path / "l256.vhd")
+
+
+def test_a_parent_write_between_two_children_made_in_one_second_is_seen_by_the_first(tmp_path, monkeypatch):
+    """Making a second child used to set the parent's mtime back to before
+    itself: a write to the parent after the first child, within the same
+    second, then looked older than the first child and went unseen. The
+    clock is frozen (sleeping advances it) so both children fall in one second."""
+    clock = [vhd_footer.vhd_timestamp()]
+    monkeypatch.setattr(vhd_footer, "vhd_timestamp", lambda unix=None: clock[0])
+    monkeypatch.setattr(vhd_image.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + math.ceil(s)))
+    base = str(tmp_path / "base.vhd")
+    vhd.create(base, 2 * MIB).close()
+    vhd.create(str(tmp_path / "c1.vhd"), parent=base).close()
+    with vhd.open(base, writable=True) as p:
+        p.write(0, b"X" * 512)
+    at = (clock[0] + vhd_footer.EPOCH_2000) * 10 ** 9 + 5 * 10 ** 8  # the write, on the frozen clock
+    os.utime(base, ns=(at, at))
+    vhd.create(str(tmp_path / "c2.vhd"), parent=base).close()
+    with pytest.raises(ParentMismatchError, match="modified"):
+        vhd.open(str(tmp_path / "c1.vhd"))
+    with vhd.open(str(tmp_path / "c2.vhd")) as c2:  # made after the write: it reads the new data
+        assert c2.read(0, 512) == b"X" * 512
+
+
+def test_a_parent_modified_in_the_future_is_refused_as_a_parent(tmp_path):
+    base = str(tmp_path / "base.vhd")
+    vhd.create(base, 2 * MIB).close()
+    later = (vhd_footer.vhd_timestamp() + vhd_footer.EPOCH_2000 + 3600) * 10 ** 9
+    os.utime(base, ns=(later, later))
+    with pytest.raises(vhd.VhdError, match="in the future"):
+        vhd.create(str(tmp_path / "c.vhd"), parent=base)
+    assert not (tmp_path / "c.vhd").exists()
+
+
+def test_a_child_refused_for_an_existing_name_lets_go_of_its_parent(tmp_path):
+    """create(parent=) over an existing file raised, but left the parent open
+    and share-locked for the life of the process (no finalizer closes it):
+    the parent could no longer be opened for writing ("in use by another process")."""
+    base, child = str(tmp_path / "base.vhd"), str(tmp_path / "c.vhd")
+    vhd.create(base, 2 * MIB).close()
+    vhd.create(child, parent=base).close()
+    with pytest.raises(vhd.VhdError, match="already exists"):
+        vhd.create(child, parent=base)
+    vhd.open(base, writable=True).close()

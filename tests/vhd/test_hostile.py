@@ -4,6 +4,7 @@ once (never a hang, never an OSError or OverflowError from the API)."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -171,3 +172,83 @@ def test_a_child_with_a_locator_outside_the_file_merges_and_compacts(tmp_path):
         assert c.read(4096, 1) == b"1" and c.file.size() < 1 << 20
     with pytest.raises(vhd.FormatError, match="parent locator"):
         vhd.compact(paths[1])  # the rewrite copies locators: it names the damaged one
+
+
+def _hostile_table(path: str, size: int, block_size: int, entries: int) -> None:
+    """A dynamic image of `size` bytes whose BAT has `entries` entries, all
+    zero (every one "allocated" at sector 0) and left a hole in a sparse file."""
+    header = dh.DynamicHeader(1536, entries, block_size)
+    footer = vhd.Footer(vhd.DiskType.DYNAMIC, size, size, vhd.chs_for_size(size),
+                        __import__("uuid").uuid4(), 0, 512)
+    end = 1536 + -(-entries * 4 // 512) * 512
+    with open(path, "wb") as f:
+        f.write(footer.pack() + header.pack())
+        f.truncate(end)
+        f.seek(end)
+        f.write(footer.pack())
+
+
+def _limited(*args: str, limit: int = 1 << 30) -> subprocess.CompletedProcess[str]:
+    """The vhd command with `limit` bytes of address space (1 GiB: a table
+    read or walked whole, entry by entry, does not fit)."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        return subprocess.run([sys.executable, "-m", "vhd", *args], capture_output=True, text=True,
+                              timeout=120, preexec_fn=cap)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"vhd {' '.join(args)} did not return within 120 s")
+
+
+@pytest.mark.parametrize("size,block,entries", [(8 * MIB, 2 * MIB, 1 << 28), (64 << 30, 4096, 1 << 24)],
+                         ids=["a 1 GiB table for an 8 MiB disk", "a zero table of 16M entries"])
+def test_a_huge_hostile_table_is_refused_in_bounded_memory(tmp_path, size, block, entries):
+    path = str(tmp_path / "t.vhd")
+    _hostile_table(path, size, block, entries)
+    for cmd in ("info", "check", "map"):
+        r = _limited(cmd, path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
+        assert "BAT" in r.stdout + r.stderr, (cmd, r.stdout, r.stderr)
+
+
+def test_running_out_of_descriptors_is_said_as_such(tmp_path):
+    """EMFILE while opening a chain was a FileTypeError, "cannot be opened as
+    an image file", as if the file were a FIFO or a folder."""
+    import resource
+
+    paths = make_chain(tmp_path, 3)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    held = []
+    try:
+        while True:  # use up every descriptor
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        os.close(held.pop())  # one left: the image opens, its parent does not
+        with pytest.raises(vhd.VhdError) as e:
+            vhd.open(paths[-1])
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not isinstance(e.value, FileTypeError) and "too many open files" in str(e.value).lower()
+    assert "ulimit -n" in str(e.value)
+
+
+def test_the_map_of_a_big_empty_image_with_small_blocks_fits_in_bounded_memory(tmp_path):
+    """allocation() made one Extent per block before joining them: `vhd map`
+    of an empty 16 GiB image with 4 KiB blocks (4M blocks) took 900 MB, and
+    the 2040 GiB such an image may have would take over 100 GB."""
+    path = str(tmp_path / "big.vhd")
+    vhd.create(path, 16 << 30, block_size=4096).close()
+    with vhd.open(path, writable=True) as img:
+        img.write(5 << 30, b"x" * 4096)
+    r = _limited("map", path, limit=600 << 20)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"offset": 0, "length": 5 << 30, "state": "zero"},
+                                    {"offset": 5 << 30, "length": 4096, "state": "data"},
+                                    {"offset": (5 << 30) + 4096, "length": (11 << 30) - 4096, "state": "zero"}]

@@ -201,3 +201,37 @@ def test_a_failed_convert_stops_its_reader_and_leaves_no_file(tmp_path, monkeypa
     assert r.returncode == 0
     with vhd.open(tmp_path / "b.vhd") as img:
         assert img.read(0, img.size) == raw.read_bytes()
+
+
+@pytest.mark.parametrize("op", ["compact", "resize"])
+def test_a_rewrite_through_a_symlink_rewrites_the_file_it_names(tmp_path, op):
+    """compact and a resize that rebuilds the file used to rename the new
+    file over the symlink: the link became a separate copy and the image it
+    pointed to was left as it was."""
+    (tmp_path / "real").mkdir()
+    real, link = str(tmp_path / "real" / "d.vhd"), str(tmp_path / "d.vhd")
+    with vhd.create(real, 8 << 20, block_size=1 << 20) as img:
+        img.write(0, b"d" * (1 << 20))
+        img.write(1 << 20, bytes(1 << 20))  # an all-zero block: compact drops it
+    os.symlink(real, link)
+    if op == "compact":
+        vhd.compact(link)
+    else:
+        vhd.resize(link, 64 << 30)  # a bigger BAT than fits: rebuilt
+    assert os.path.islink(link) and os.path.realpath(link) == real
+    assert sorted(os.listdir(tmp_path / "real")) == ["d.vhd"]
+    with vhd.open(real) as img:
+        assert img.read(0, 4096) == b"d" * 4096
+        assert len(img.allocated_blocks()) == 1 and img.size == (8 << 20 if op == "compact" else 64 << 30)
+
+
+def test_resize_refuses_a_fixed_image_past_the_largest_fixed_size(tmp_path):
+    """create refused a fixed image over 64 TiB, resize did not check: it
+    went on to the filesystem (File too large on ext4, a 65 TiB file elsewhere)."""
+    path = str(tmp_path / "f.vhd")
+    vhd.create(path, 1 << 20, type="fixed").close()
+    before = open(path, "rb").read()
+    r = cli("resize", path, "--size", "65T")
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "larger than" in err and "Traceback" not in err, err
+    assert open(path, "rb").read() == before

@@ -118,3 +118,18 @@ def test_a_mirror_is_rebuilt_from_the_end_footer_and_the_report_is_true(tmp_path
     fixed = vhd.check(path, repair=True)
     assert fixed.ok and fixed.repaired == ["copied the end footer to offset 0"]
     assert open(path, "rb").read() == good
+
+
+def test_repair_of_a_sound_image_in_use_by_a_reader_reports_it_sound(tmp_path):
+    """check --repair opened the image for writing before knowing whether
+    anything needed repair: a sound image that another process was reading
+    (or one on a read-only filesystem) was an error, 'in use by another process'."""
+    path, _, _ = dynamic(tmp_path)
+    with vhd.open(path):  # a reader holds it
+        r = cli("check", "--repair", path)
+        assert r.returncode == 0 and "ok" in r.stdout and "repaired" not in r.stdout, r.stdout + r.stderr
+        flip(path, os.path.getsize(path) - 512 + 20, 0)  # now it needs a repair: that must wait for the reader
+        r = cli("check", "--repair", path)
+        assert r.returncode == 1 and "in use" in r.stderr, r.stdout + r.stderr
+    r = cli("check", "--repair", path)
+    assert r.returncode == 0 and "repaired" in r.stdout, r.stdout + r.stderr
