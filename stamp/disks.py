@@ -144,14 +144,19 @@ class Disks:
             raise ResourceExists(f"blob {blob} already exists")
         self.blobs.create(blob, size, limit=MAX_DISK_BLOB)
 
-    def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS") -> dict[str, Any]:
-        """An empty disk: a fixed VHD page blob, sparse until written."""
-        self._check_sku(sku, size_gib)
+    def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS",
+                     size_bytes: int | None = None) -> dict[str, Any]:
+        """An empty disk: a fixed VHD page blob, sparse until written. `size_bytes`
+        (a multiple of 1 MiB) instead of whole GiB: a restored disk keeps its size."""
+        size = size_gib * GIB if size_bytes is None else size_bytes
+        if size % MIB:
+            raise StampError(f"a disk's size is a multiple of 1 MiB, not {size} bytes")
+        self._check_sku(sku, size / GIB)
         blob = f"disks/{name}"
-        record = self._record(name, sku, size_gib * GIB, "Empty", blob, "fixed")
+        record = self._record(name, sku, size, "Empty", blob, "fixed")
         self._put("disk", {**record, "state": "Creating"}, new=True)
         self._new_blob(blob)
-        create_fixed(PageBlobFile(self.stamp, blob), size_gib * GIB)
+        create_fixed(PageBlobFile(self.stamp, blob), size)
         self._put("disk", record)
         return record
 
@@ -365,6 +370,25 @@ class Disks:
         self._delete("disk", name)
         if not any(s["blob"] == obj["blob"] for s in self.snapshots()):
             self.blobs.delete(obj["blob"])  # else its incremental snapshots keep the blob alive
+
+    def replace_disk(self, name: str, source: str, **fields: Any) -> dict[str, Any]:
+        """Disk `name` takes over disk `source`'s blob and size, in one transaction
+        that also removes `source`'s record: a restore's swap. `name` is made when
+        missing; an existing one must be unattached, and its old blob goes unless
+        snapshots keep it."""
+        with self.meta.write() as txn:
+            new = self.meta.get_json(txn, "resources", f"disk/{source}".encode())
+            old = self.meta.get_json(txn, "resources", f"disk/{name}".encode())
+            if new is None:
+                raise ResourceNotFound(f"no disk named {source!r}")
+            if old is not None and old["state"] != DiskState.UNATTACHED.value:
+                raise ResourceInUse(f"disk {name!r} is {old['state']}: detach it first")
+            record = {**dict(new), **fields, "name": name}
+            self.meta.put_json(txn, "resources", f"disk/{name}".encode(), record)
+            txn.delete(f"disk/{source}".encode(), db=self.meta.db["resources"])
+        if old is not None and not any(s["blob"] == old["blob"] for s in self.snapshots()):
+            self.blobs.delete(old["blob"])
+        return record
 
     def delete_image(self, name: str) -> None:
         self.image(name)
