@@ -13,7 +13,8 @@ an exclusive one. Rules:
   it is named in the error, and `stamp backup unlock` removes it. Holders
   refresh their lock every REFRESH while they work;
 - a holder's temporary files carry its lock id (files.py), so what a dead
-  holder left is known: nothing alive will rename it.
+  holder left is known: nothing alive will rename it. One whose id names no
+  lock at all is a leftover only after GRACE (it may be a lock being written).
 The lock file is sealed metadata (crypto.py), so it leaks nothing either.
 """
 
@@ -32,6 +33,7 @@ from .errors import VaultError, VaultLockedError
 
 STALE_AFTER = 30 * 60.0
 REFRESH = 5 * 60.0
+GRACE = 60.0  # a temporary file with no lock behind it may be a lock being written
 
 Seal = Callable[[Any, str], bytes]
 Unseal = Callable[[bytes, str], Any]

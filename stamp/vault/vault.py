@@ -99,7 +99,7 @@ class Vault:
         self.keys = self._keys(passphrase, keys)
         self._dirty: set[str] = set()
         files.make_dir(self._path("index"))
-        self.env = lmdb.open(self._path("index"), map_size=1 << 30, max_dbs=4, mode=0o600)
+        self.env = _open_index(self._path("index"))
         self.points_db = self.env.open_db(b"points")
         self.unreadable_db = self.env.open_db(b"unreadable")
         self.bad_db = self.env.open_db(b"bad")
@@ -136,7 +136,7 @@ class Vault:
         return cls(folder, passphrase, keys=keys)
 
     def close(self) -> None:
-        self.env.close()
+        _close_index(self._path("index"))
 
     def __enter__(self) -> Vault:
         return self
@@ -274,11 +274,17 @@ class Vault:
         return sorted(pts, key=lambda p: (p["time"], p["seq"]))
 
     def _previous(self, disk: str) -> dict[str, Any] | None:
-        """The disk's newest point's manifest, refused unless it is that disk's."""
+        """The disk's newest point's manifest, refused unless it is that disk's. One
+        that stopped opening since it was indexed is listed as unreadable, and the
+        backup builds on nothing (it reads the disk in full)."""
         earlier = self.points(disk)
         if not earlier:
             return None
-        m = self.manifest(earlier[-1]["id"])
+        try:
+            m = self.manifest(earlier[-1]["id"])
+        except VaultError:
+            self.rebuild_index()
+            return None
         if m["disk"] != disk or m["seq"] != earlier[-1]["seq"]:
             raise VaultError(f"recovery point {m['id']} claims disk {m['disk']} (sequence {m['seq']}), the index "
                              f"says {disk}: run `stamp backup rebuild-index`")
@@ -453,7 +459,12 @@ class Vault:
                              "`stamp backup rebuild-index`, then gc")
         live: set[str] = set()
         for point, summary in summaries.items():
-            m = self.manifest(point)
+            try:
+                m = self.manifest(point)
+            except VaultError as e:
+                self.rebuild_index()  # it opened when indexed: list it as unreadable
+                raise VaultError(f"gc refuses to run: {e}; a point it cannot read may name any chunk. Put the "
+                                 "manifest back, or remove the unwanted point") from None
             if _summary(m) != summary:
                 raise VaultError(f"gc refuses to run: the index's entry for {point} disagrees with its manifest; "
                                  "run `stamp backup rebuild-index`, then gc")
@@ -598,8 +609,9 @@ class Vault:
         tmp_folders = [self._path("points"), self._path("locks"), self.folder]
         for path in [*self._chunk_files(), *(os.path.join(d, f) for d in tmp_folders for f in os.listdir(d))]:
             writer = files.tmp_writer(os.path.basename(path))
-            if writer is not None and writer not in live:
-                out.append((f"{path}: a temporary file of a writer that is gone", partial(os.unlink, path)))
+            if writer is None or writer in live or (writer not in locks and _younger(path, lk.GRACE)):
+                continue  # alive, or a lock being written right now
+            out.append((f"{path}: a temporary file of a writer that is gone", partial(os.unlink, path)))
         if disks is not None:
             out += self._stray_resources(disks, [v for v in live.values() if v is not None])
         return out
@@ -624,6 +636,27 @@ class Vault:
         for p in self.points():
             newest[p["disk"]] = p
         return list(newest.values())
+
+
+_INDEXES: dict[str, list[Any]] = {}  # LMDB opens an environment once per process: [env, users]
+
+
+def _open_index(path: str) -> lmdb.Environment:
+    key = os.path.realpath(path)
+    if key not in _INDEXES:
+        _INDEXES[key] = [lmdb.open(path, map_size=1 << 30, max_dbs=4, mode=0o600), 0]
+    _INDEXES[key][1] += 1
+    return _INDEXES[key][0]
+
+
+def _close_index(path: str) -> None:
+    key = os.path.realpath(path)
+    entry = _INDEXES.get(key)
+    if entry is not None:
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _INDEXES[key]
 
 
 def _read_config(folder: str) -> dict[str, Any]:
@@ -679,6 +712,13 @@ def _check_target(disks: Disks, name: str, overwrite: bool) -> None:
         raise VaultError(f"a disk named {name!r} already exists: --over-disk {name} replaces it")
     if rec["state"] != "Unattached":
         raise VaultError(f"disk {name} is {rec['state']}: detach it first")
+
+
+def _younger(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < seconds
+    except FileNotFoundError:
+        return True  # renamed meanwhile: its writer is alive
 
 
 def _snapshot_of(disks: Disks, name: str, disk: str) -> bool:

@@ -22,8 +22,8 @@ from stamp.vault.vault import _kept
 MIB = 1 << 20
 
 
-@pytest.fixture
-def env(tmp_path):
+def stamp_with_image(tmp_path):
+    """A stamp with image "base": 64 MiB, random data in chunks 0, 1 and 10."""
     base = tmp_path / "base.vhd"
     with vhd.create(base, 64 * MIB, type="fixed") as img:
         img.write(0, os.urandom(6 * MIB))
@@ -33,6 +33,11 @@ def env(tmp_path):
     disks.create_image("base", path=str(base))
     yield tmp_path, disks
     st.close()
+
+
+@pytest.fixture
+def env(tmp_path):
+    yield from stamp_with_image(tmp_path)
 
 
 def view(disks: Disks, name: str) -> bytes:
@@ -214,7 +219,9 @@ def test_kill_9_during_backups_leaves_a_consistent_vault(env):
                 out = tmp / f"{p['id']}.raw"
                 vault.restore_to_file(p["id"], str(out), "raw")
                 out.unlink()
-            vault.backup(d, "vm1")  # and the next backup completes
+            vault.backup(d, "vm1")  # and the next backup completes, and removes what the kill left
+            assert vault.leftovers(d) == []
+            assert [s["name"] for s in d.snapshots()] == [vault.points()[-1]["snapshot"]]
 
 
 def test_cli(env):
