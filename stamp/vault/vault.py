@@ -40,6 +40,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import os
@@ -60,7 +61,7 @@ from vhd.progress import Progress
 from ..disks import Disks
 from ..errors import StampError
 from . import chunk as ck
-from . import crypto, files
+from . import crypto, files, patch
 from . import lock as lk
 from .errors import ChunkError, VaultError, VaultKeyError
 
@@ -321,33 +322,33 @@ class Vault:
         bad = self.bad_chunks()
         with disks.open_virtual(disk, snapshot=snap_name) as v:
             size = v.size
-            chunks: dict[str, str] = {}
-            snap = disks.snapshot(snap_name)
-            base = disks.snapshot(previous["snapshot"]) if previous and _snapshot_of(
-                disks, previous["snapshot"], disk) else None
-            if previous is not None and base is not None and base["blob"] == snap["blob"]:
-                chunks = dict(previous["chunks"])  # the same blob (a restore over the disk makes a new one)
-                d = disks.blobs.diff(snap["blob"], base["blob_snapshot"], snap["blob_snapshot"])
-                changed = _guest_ranges(v.image, d.written + d.cleared)
-            else:
-                report.incremental = False
-                changed = [(e.offset, e.length) for e in v.allocation(0, size) if e.state.value == "data"]
-            touched = {i for off, n in changed for i in range(off // ck.CHUNK, -(-(off + n) // ck.CHUNK))}
-            touched |= {int(i) for i, name in chunks.items()  # damaged or lost: the source rewrites it
-                        if name in bad or not os.path.exists(self._chunk_path(name))}
+            chunks, changed = _changes(disks, v, disk, snap_name, previous)
+            report.incremental = incremental = chunks is not None
+            chunks = chunks or {}
+            per_chunk: dict[int, list[tuple[int, int]]] = {}
+            for off, n in changed:
+                for i in range(off // ck.CHUNK, -(-(off + n) // ck.CHUNK)):
+                    per_chunk.setdefault(i, []).append((off, n))
+            whole = {int(i) for i, entry in chunks.items()  # damaged or lost: the source rewrites it
+                     if any(nm in bad or not os.path.exists(self._chunk_path(nm)) for nm in _names(entry))}
+            touched = sorted(set(per_chunk) | whole)
             progress = Progress(f"backup {disk}", len(touched) * ck.CHUNK, show_progress)
-            for i in sorted(touched):
+            for i in touched:
                 progress.advance(ck.CHUNK)
                 at = i * ck.CHUNK
                 n = min(ck.CHUNK, size - at)
                 if n <= 0:
                     continue
-                data = v.read(at, n)
-                report.bytes_read += n
-                if data.count(0) == n:
+                entry = chunks.get(str(i))
+                new: str | list[str | None] | None = None
+                if incremental and i not in whole:  # zeros at the previous point are a base too
+                    new = self._patch(v, entry, per_chunk[i], at, at + n, report, writer, bad)
+                if new is None:
+                    new = self._whole(v, at, n, report, writer, bad)
+                if new is None:
                     chunks.pop(str(i), None)
                 else:
-                    chunks[str(i)] = self.put(data, report, writer, bad)
+                    chunks[str(i)] = new
             for key in [k for k in chunks if int(k) * ck.CHUNK >= size]:
                 del chunks[key]
             progress.close()
@@ -357,6 +358,31 @@ class Vault:
                 "size": size, "chunk_size": ck.CHUNK, "chunks": chunks, "source": rec.get("source", {}),
                 "sku": rec["sku"]}
         return report, body
+
+    def _whole(self, v: Any, at: int, n: int, report: BackupReport, writer: lk.Lock, bad: set[str]) -> str | None:
+        """Read a whole chunk and store it; None if it is all zeros."""
+        data = v.read(at, n)
+        report.bytes_read += n
+        return None if data.count(0) == n else self.put(data, report, writer, bad)
+
+    def _patch(self, v: Any, entry: Any, ranges: list[tuple[int, int]], start: int, end: int,
+               report: BackupReport, writer: lk.Lock, bad: set[str]) -> list[str | None] | None:
+        """Read only the changed sectors and store them as a patch over the
+        entry's base (None: zeros); None when a whole chunk is the better deal."""
+        base, old = entry, []
+        if isinstance(entry, list):
+            base = entry[0]
+            try:
+                old = patch.decode(self.get(entry[1]), entry[1])
+            except ChunkError:
+                return None
+        parts = patch.sector_ranges(ranges, start, end)
+        if sum(n for _, n in parts) + patch.size(old) > patch.MAX:
+            return None
+        runs = [(off - start, v.read(off, n)) for off, n in parts]
+        report.bytes_read += sum(n for _, n in parts)
+        merged = patch.overlay(old, runs)
+        return [base, self.put(patch.encode(merged), report, writer, bad)]
 
     def _commit(self, body: dict[str, Any], writer: lk.Lock) -> None:
         """Chunks durable, then the manifest (the commit), then the index entry."""
@@ -370,9 +396,17 @@ class Vault:
 
     # -- restore ----------------------------------------------------------------------------
 
-    def pieces(self, point: str) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    def pieces(self, point: str) -> tuple[dict[str, Any], list[tuple[int, Any]]]:
+        """The manifest, and its entries (a name, or [base, patch]) by disk offset."""
         m = self.manifest(point)
-        return m, sorted((int(i) * m["chunk_size"], name) for i, name in m["chunks"].items())
+        return m, sorted(((int(i) * m["chunk_size"], entry) for i, entry in m["chunks"].items()),
+                         key=lambda piece: piece[0])
+
+    def _piece(self, entry: Any, length: int) -> bytes:
+        if isinstance(entry, str):
+            return self.get(entry)
+        base = self.get(entry[0]) if entry[0] is not None else bytes(length)
+        return patch.apply(base, patch.decode(self.get(entry[1]), entry[1]))
 
     def restore_to_file(self, point: str, path: str, fmt: str = "fixed") -> dict[str, Any]:
         if fmt not in ("fixed", "dynamic", "raw"):
@@ -397,28 +431,32 @@ class Vault:
             disks.create_empty(temp, 0, sku or m.get("sku", "Premium_LRS"), size_bytes=size)
             try:
                 with disks.open_virtual(temp, writable=True) as v:
-                    self._write_pieces(pieces, m["size"], v)
+                    digests = self._write_pieces(pieces, m["size"], v)
                     v.flush()
-                    self._read_back(pieces, m["size"], v)
+                    self._read_back(pieces, digests, m["size"], v)
                 rec = disks.replace_disk(name, temp, restored_from=point)
             except BaseException:
                 disks.delete_disk(temp)
                 raise
         return {"point": point, "disk": name, "size_bytes": rec["size_bytes"], "size_gib": rec["size_gib"]}
 
-    def _write_pieces(self, pieces: list[tuple[int, str]], size: int, target: Any) -> None:
-        for offset, name in pieces:
+    def _write_pieces(self, pieces: list[tuple[int, Any]], size: int, target: Any) -> list[bytes]:
+        """Write every piece; their SHA-256 digests, for a read-back."""
+        digests = []
+        for offset, entry in pieces:
             try:
-                data = self.get(name)  # verified: authenticated, sized, named by its content
+                data = self._piece(entry, min(ck.CHUNK, size - offset))  # verified: authenticated, sized, named by its content
             except ChunkError as e:
                 end = min(offset + ck.CHUNK, size)
                 raise ChunkError(f"bytes {offset} to {end} of the disk cannot be restored: {e}") from None
-            target.write(offset, data[:max(0, size - offset)])
+            data = data[:max(0, size - offset)]
+            target.write(offset, data)
+            digests.append(hashlib.sha256(data).digest())
+        return digests
 
-    def _read_back(self, pieces: list[tuple[int, str]], size: int, target: Any) -> None:
-        naming = self.keys.naming if self.keys else None
-        for offset, name in pieces:
-            if ck.name_of(target.read(offset, min(ck.CHUNK, size - offset)), naming) != name:
+    def _read_back(self, pieces: list[tuple[int, Any]], digests: list[bytes], size: int, target: Any) -> None:
+        for (offset, _), digest in zip(pieces, digests, strict=True):
+            if hashlib.sha256(target.read(offset, min(ck.CHUNK, size - offset))).digest() != digest:
                 raise VaultError(f"restore: bytes {offset} of the new disk read back wrong; the target is untouched")
 
     # -- maintenance --------------------------------------------------------------------------
@@ -468,7 +506,7 @@ class Vault:
             if _summary(m) != summary:
                 raise VaultError(f"gc refuses to run: the index's entry for {point} disagrees with its manifest; "
                                  "run `stamp backup rebuild-index`, then gc")
-            live.update(m["chunks"].values())
+            live.update(nm for entry in m["chunks"].values() for nm in _names(entry))
         return live
 
     def gc(self, wait: float = 0.0) -> dict[str, int]:
@@ -502,7 +540,7 @@ class Vault:
             checked: set[str] = set()
             for p in self.points():
                 try:
-                    names = list(self.manifest(p["id"])["chunks"].values())
+                    names = [nm for e in self.manifest(p["id"])["chunks"].values() for nm in _names(e)]
                 except VaultError:
                     self.rebuild_index()  # it opened when indexed: the index now lists it as unreadable
                     continue
@@ -552,7 +590,7 @@ class Vault:
         for p in self.points()[::-1]:
             m = self.manifest(p["id"])
             for i, name in m["chunks"].items():
-                if name in names:
+                if isinstance(name, str) and name in names:  # a whole chunk: the disk held it
                     at = int(i) * m["chunk_size"]
                     out.setdefault(name, []).append((m["disk"], m["snapshot"], at, min(ck.CHUNK, m["size"] - at)))
         return out
@@ -573,7 +611,7 @@ class Vault:
             if _summary(m) != summaries[point]:
                 problems.append(f"recovery point {point}: the index disagrees with the manifest "
                                 "(`stamp backup rebuild-index`)")
-            for name in m["chunks"].values():
+            for name in (nm for entry in m["chunks"].values() for nm in _names(entry)):
                 if not os.path.exists(self._chunk_path(name)):
                     problems.append(f"recovery point {point}: chunk {name} is missing")
                 elif name in bad:
@@ -683,6 +721,11 @@ def _read_config(folder: str) -> dict[str, Any]:
     return config
 
 
+def _names(entry: Any) -> list[str]:
+    """The chunks a manifest entry needs: its name, or its base (None: zeros) and patch."""
+    return [entry] if isinstance(entry, str) else [nm for nm in entry if nm is not None]
+
+
 def _summary(m: dict[str, Any]) -> dict[str, Any]:
     return {"id": m["id"], "disk": m["disk"], "seq": m["seq"], "previous": m["previous"], "snapshot": m["snapshot"],
             "time": m["time"], "size": m["size"], "chunks": len(m["chunks"])}
@@ -719,6 +762,19 @@ def _younger(path: str, seconds: float) -> bool:
         return time.time() - os.stat(path).st_mtime < seconds
     except FileNotFoundError:
         return True  # renamed meanwhile: its writer is alive
+
+
+def _changes(disks: Disks, v: Any, disk: str, snap_name: str,
+             previous: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[tuple[int, int]]]:
+    """The previous point's entries (None: there is nothing to build on) and the
+    guest ranges to read: changed since that point, or every allocated range."""
+    snap = disks.snapshot(snap_name)
+    if previous is not None and _snapshot_of(disks, previous["snapshot"], disk):
+        base = disks.snapshot(previous["snapshot"])
+        if base["blob"] == snap["blob"]:  # the same blob (a restore over the disk makes a new one)
+            d = disks.blobs.diff(snap["blob"], base["blob_snapshot"], snap["blob_snapshot"])
+            return dict(previous["chunks"]), _guest_ranges(v.image, d.written + d.cleared)
+    return None, [(e.offset, e.length) for e in v.allocation(0, v.size) if e.state.value == "data"]
 
 
 def _snapshot_of(disks: Disks, name: str, disk: str) -> bool:
@@ -760,8 +816,15 @@ def _guest_ranges(image: Any, blob_ranges: list[tuple[int, int]]) -> list[tuple[
             if lo >= hi:
                 continue
             guest = b * bs
-            if lo < start + bm:  # the bitmap changed: the whole block may read differently
-                out.append((guest, min(bs, size - guest)))
+            if lo < start + bm:
+                # The bitmap changed. In a differencing image a bit only turns on with its
+                # sector's data written (in this diff too; discard writes zeros); in a
+                # dynamic one the whole block may read differently.
+                if image.parent is None:
+                    out.append((guest, min(bs, size - guest)))
+                if hi > start + bm:
+                    g0 = guest
+                    out.append((g0, min(hi - start - bm, size - g0)))
             else:
                 g0 = guest + lo - start - bm
                 out.append((g0, min(hi - lo, size - g0)))

@@ -511,3 +511,63 @@ def test_cli_messages_name_the_command_and_the_variable(env):
     (tmp / "vault" / "vault.json").write_text("{not json")
     r = cli("list")
     assert r.returncode == 1 and "vault.json is damaged" in r.stderr
+
+
+# -- 11. scattered changes cost what changed -------------------------------------------------------
+
+
+def test_scattered_pages_are_read_and_stored_alone(env):
+    import random
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"), passphrase="pw", kdf_seconds=0)
+    vault.backup(disks, "vm1")
+    rng = random.Random(11)
+    moments = {}
+    for _ in range(3):
+        for page in rng.sample(range(64 * MIB // 4096), 64 * MIB // 4096 // 100):  # 1%, scattered
+            write(disks, "vm1", page * 4096, os.urandom(4096))
+        report = vault.backup(disks, "vm1")
+        assert report.incremental
+        assert report.bytes_read <= 64 * MIB // 10 and report.new_bytes_raw <= 64 * MIB // 10
+        moments[report.point] = view(disks, "vm1")
+    for point, moment in moments.items():
+        assert restored(vault, point, tmp) == moment
+    assert vault.verify()["ok"] and vault.check() == []
+    vault.restore_to_disk(report.point, disks, "copy")
+    assert view(disks, "copy") == moments[report.point]
+
+
+def test_ten_disks_from_one_image_still_share_its_chunks_after_scattered_changes(env):
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    for i in range(3):
+        disks.create_from_image(f"vm{i}", "base")
+        vault.backup(disks, f"vm{i}")
+        write(disks, f"vm{i}", 4096 * (i + 1), bytes([i + 1]) * 4096)  # inside the image's chunk 0
+        report = vault.backup(disks, f"vm{i}")
+        assert report.chunks_written == 1 and report.bytes_read == 4096  # a patch over the shared chunk
+    shared = {vault.manifest(p["id"])["chunks"]["0"][0] for p in vault.points() if p["seq"] == 2}
+    assert len(shared) == 1
+
+
+def test_patches_decode_to_what_was_encoded_and_refuse_anything_else():
+    from hypothesis import given
+    from hypothesis import strategies as hs
+
+    from stamp.vault import patch
+
+    runs = [(0, b"a" * 512), (4096, b"b" * 1024), (CHUNK - 512, b"c" * 512)]
+    assert patch.decode(patch.encode(runs)) == runs
+    assert patch.overlay(runs, [(512, b"d" * 512)]) == [(0, b"a" * 512 + b"d" * 512), *runs[1:]]
+    assert patch.sector_ranges([(100, 10), (600, 3000), (CHUNK - 1, 2)], 0, CHUNK) == [(0, 4096), (CHUNK - 512, 512)]
+
+    @given(hs.binary(max_size=256))
+    def any_bytes(raw):
+        try:
+            patch.decode(raw)
+        except ChunkError:
+            pass
+
+    any_bytes()
