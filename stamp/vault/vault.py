@@ -716,7 +716,8 @@ def _read_config(folder: str) -> dict[str, Any]:
         raise VaultError(f"{folder} is a vault of format {config['version']}; this diskstamp reads format {VERSION}")
     encrypted = config.get("encrypted")
     if (not isinstance(config.get("id"), str) or config.get("chunk_size") != ck.CHUNK
-            or not isinstance(encrypted, bool) or (encrypted and not isinstance(config.get("kdf"), dict))):
+            or not isinstance(encrypted, bool)
+            or (encrypted and (not isinstance(config.get("kdf"), dict) or config["kdf"].get("name") != "scrypt"))):
         raise VaultError(f"{path} is damaged (fields missing or out of range): put back a copy of it")
     return config
 
