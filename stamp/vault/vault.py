@@ -17,7 +17,7 @@ FromImage disk came from is gone. A backup, under a shared lock on its disk:
   1. quiesce (the caller's hook: the host flushes its cache for the disk);
   2. take an incremental snapshot of the disk (named in the lock first);
   3. find what changed since the disk's previous recovery point: the stamp's
-     diff between the two snapshots, mapped to guest bytes (_guest_ranges);
+     diff between the two snapshots, mapped to guest bytes (source.py);
      the first backup reads the disk's allocated ranges only; pieces whose
      chunk is missing or known bad are read again, so the data is rewritten;
   4. read those pieces from the snapshot, store each new chunk once;
@@ -54,14 +54,13 @@ from typing import Any
 
 import lmdb
 
-from vhd.image import SparseImage
 from vhd.ops import write_new_file
 from vhd.progress import Progress
 
 from ..disks import Disks
 from ..errors import StampError
 from . import chunk as ck
-from . import crypto, files, patch
+from . import crypto, files, patch, source
 from . import lock as lk
 from .errors import ChunkError, VaultError, VaultKeyError
 
@@ -308,11 +307,11 @@ class Vault:
             try:
                 report, body = self._read_changes(disks, disk, point, snap_name, previous, writer, show_progress)
             except BaseException:
-                _drop_snapshot(disks, snap_name)
+                source.drop_snapshot(disks, snap_name)
                 raise
             self._commit(body, writer)
             if previous is not None:
-                _drop_snapshot(disks, previous["snapshot"])  # the new one is the next diff's base
+                source.drop_snapshot(disks, previous["snapshot"])  # the new one is the next diff's base
         report.seconds = round(time.monotonic() - started, 3)
         return report
 
@@ -322,7 +321,7 @@ class Vault:
         bad = self.bad_chunks()
         with disks.open_virtual(disk, snapshot=snap_name) as v:
             size = v.size
-            chunks, changed = _changes(disks, v, disk, snap_name, previous)
+            chunks, changed = source.changes(disks, v, disk, snap_name, previous)
             report.incremental = incremental = chunks is not None
             chunks = chunks or {}
             per_chunk: dict[int, list[tuple[int, int]]] = {}
@@ -426,7 +425,7 @@ class Vault:
         temp = f"{name}.restoring-{self.id}-{uuid.uuid4().hex[:8]}"
         with self._lock("restore", restoring=temp):
             m, pieces = self.pieces(point)
-            _check_target(disks, name, overwrite)
+            source.check_target(disks, name, overwrite)
             size = -(-m["size"] // MIB) * MIB  # a disk is a whole number of MiB
             disks.create_empty(temp, 0, sku or m.get("sku", "Premium_LRS"), size_bytes=size)
             try:
@@ -574,7 +573,7 @@ class Vault:
             users = self._users(set(report["bad_chunks"]))
             for name, places in sorted(users.items()):
                 for disk, snapshot, offset, length in places:
-                    data = _read_source(disks, disk, snapshot, offset, length)
+                    data = source.read_source(disks, disk, snapshot, offset, length)
                     if data is not None and ck.name_of(data, naming) == name:
                         self._store(name, data, writer)
                         repaired.append(name)
@@ -745,88 +744,8 @@ def _kept(pts: list[dict[str, Any]], last: int, daily: int, weekly: int, monthly
     return keep
 
 
-def _check_target(disks: Disks, name: str, overwrite: bool) -> None:
-    try:
-        rec = disks.record(name)
-    except StampError:
-        if overwrite:
-            raise VaultError(f"no disk named {name!r} to restore over: use --to-disk {name} to make it") from None
-        return
-    if not overwrite:
-        raise VaultError(f"a disk named {name!r} already exists: --over-disk {name} replaces it")
-    if rec["state"] != "Unattached":
-        raise VaultError(f"disk {name} is {rec['state']}: detach it first")
-
-
 def _younger(path: str, seconds: float) -> bool:
     try:
         return time.time() - os.stat(path).st_mtime < seconds
     except FileNotFoundError:
         return True  # renamed meanwhile: its writer is alive
-
-
-def _changes(disks: Disks, v: Any, disk: str, snap_name: str,
-             previous: dict[str, Any] | None) -> tuple[dict[str, Any] | None, list[tuple[int, int]]]:
-    """The previous point's entries (None: there is nothing to build on) and the
-    guest ranges to read: changed since that point, or every allocated range."""
-    snap = disks.snapshot(snap_name)
-    if previous is not None and _snapshot_of(disks, previous["snapshot"], disk):
-        base = disks.snapshot(previous["snapshot"])
-        if base["blob"] == snap["blob"]:  # the same blob (a restore over the disk makes a new one)
-            d = disks.blobs.diff(snap["blob"], base["blob_snapshot"], snap["blob_snapshot"])
-            return dict(previous["chunks"]), _guest_ranges(v.image, d.written + d.cleared)
-    return None, [(e.offset, e.length) for e in v.allocation(0, v.size) if e.state.value == "data"]
-
-
-def _snapshot_of(disks: Disks, name: str, disk: str) -> bool:
-    try:
-        return bool(disks.snapshot(name)["disk"] == disk)
-    except StampError:
-        return False
-
-
-def _drop_snapshot(disks: Disks, name: str) -> None:
-    try:
-        disks.delete_snapshot(name)
-    except StampError:
-        pass  # gone already; a leftover is cleaned by the next backup
-
-
-def _read_source(disks: Disks, disk: str, snapshot: str, offset: int, length: int) -> bytes | None:
-    """The bytes of `disk` at `offset` from the vault's snapshot if it lives, else from the disk now."""
-    try:
-        which = snapshot if _snapshot_of(disks, snapshot, disk) else None
-        with disks.open_virtual(disk, snapshot=which) as v:
-            return v.read(offset, length) if offset + length <= v.size else None
-    except StampError:
-        return None
-
-
-def _guest_ranges(image: Any, blob_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Changed page blob bytes -> changed guest bytes, through the VHD's layout."""
-    size = image.size
-    if not isinstance(image, SparseImage):  # fixed: the data is the blob's first `size` bytes
-        return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
-    bs, bm = image.block_size, image.bitmap_size
-    starts = {entry * 512: b for b, entry in enumerate(image.bat) if entry != 0xFFFFFFFF}
-    out: list[tuple[int, int]] = []
-    for off, n in blob_ranges:
-        end = off + n
-        for start, b in starts.items():  # blocks the range touches: their data, or their bitmap
-            lo, hi = max(off, start), min(end, start + bm + bs)
-            if lo >= hi:
-                continue
-            guest = b * bs
-            if lo < start + bm:
-                # The bitmap changed. In a differencing image a bit only turns on with its
-                # sector's data written (in this diff too; discard writes zeros); in a
-                # dynamic one the whole block may read differently.
-                if image.parent is None:
-                    out.append((guest, min(bs, size - guest)))
-                if hi > start + bm:
-                    g0 = guest
-                    out.append((g0, min(hi - start - bm, size - g0)))
-            else:
-                g0 = guest + lo - start - bm
-                out.append((g0, min(hi - lo, size - g0)))
-    return out
