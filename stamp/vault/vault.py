@@ -20,7 +20,9 @@ FromImage disk came from is gone. A backup, under a shared lock on its disk:
      diff between the two snapshots, mapped to guest bytes (source.py);
      the first backup reads the disk's allocated ranges only; pieces whose
      chunk is missing or known bad are read again, so the data is rewritten;
-  4. read those pieces from the snapshot, store each new chunk once;
+  4. read those pieces from the snapshot, store each new chunk once; a
+     piece with few changed sectors is read only there and stored as a
+     patch over its base (patch.py);
   5. sync the chunks' folders, write the manifest (synced, renamed: the
      commit), then the index entry; drop the previous point's snapshot.
 Rules:
@@ -33,9 +35,11 @@ Rules:
 - prune and gc take an exclusive lock: nothing a running backup has stored,
   or may reuse, is ever deleted; what a dead writer left (temporary files,
   snapshots, half-restored disks) is removed by the next backup or gc;
-- a restore to a disk fills a new disk, reads it back against the chunk
-  names, and only then takes the target's place: on any failure the target
-  is as it was and nothing is left behind.
+- a restore to a disk fills a new disk, reads it back against what was
+  written, and only then takes the target's place: on any failure the
+  target is as it was and nothing is left behind;
+- a chunk verify found bad, or a missing one, is never reused: the next
+  backup reads that piece again and rewrites it.
 """
 
 from __future__ import annotations
@@ -180,21 +184,23 @@ class Vault:
         if name not in (bad or ()) and os.path.exists(self._chunk_path(name)):
             report.chunks_reused += 1
             return name
-        report.new_bytes_stored += self._store(name, data, writer)
+        was_bad = bad is not None and name in bad
+        report.new_bytes_stored += self._store(name, data, writer, was_bad)
         report.chunks_written += 1
         report.new_bytes_raw += len(data)
         if bad is not None:
             bad.discard(name)
         return name
 
-    def _store(self, name: str, data: bytes, writer: lk.Lock) -> int:
+    def _store(self, name: str, data: bytes, writer: lk.Lock, was_bad: bool) -> int:
         sealed = ck.seal(data, name, self.keys.enc if self.keys else None)
         folder = os.path.dirname(self._chunk_path(name))
         files.make_dir(folder)
         files.write_atomic(self._chunk_path(name), sealed, writer.id)
         self._dirty.add(folder)
-        with self.env.begin(write=True) as txn:
-            txn.delete(name.encode(), db=self.bad_db)  # a good copy replaced it
+        if was_bad:
+            with self.env.begin(write=True) as txn:
+                txn.delete(name.encode(), db=self.bad_db)  # a good copy replaced it
         writer.refresh()
         return len(sealed)
 
@@ -430,7 +436,8 @@ class Vault:
             disks.create_empty(temp, 0, sku or m.get("sku", "Premium_LRS"), size_bytes=size)
             try:
                 with disks.open_virtual(temp, writable=True) as v:
-                    digests = self._write_pieces(pieces, m["size"], v)
+                    digests: list[bytes] = []
+                    self._write_pieces(pieces, m["size"], v, digests)
                     v.flush()
                     self._read_back(pieces, digests, m["size"], v)
                 rec = disks.replace_disk(name, temp, restored_from=point)
@@ -439,9 +446,9 @@ class Vault:
                 raise
         return {"point": point, "disk": name, "size_bytes": rec["size_bytes"], "size_gib": rec["size_gib"]}
 
-    def _write_pieces(self, pieces: list[tuple[int, Any]], size: int, target: Any) -> list[bytes]:
-        """Write every piece; their SHA-256 digests, for a read-back."""
-        digests = []
+    def _write_pieces(self, pieces: list[tuple[int, Any]], size: int, target: Any,
+                      digests: list[bytes] | None = None) -> None:
+        """Write every piece; with `digests`, append their SHA-256 there, for a read-back."""
         for offset, entry in pieces:
             try:
                 data = self._piece(entry, min(ck.CHUNK, size - offset))  # verified: authenticated, sized, named by its content
@@ -450,8 +457,8 @@ class Vault:
                 raise ChunkError(f"bytes {offset} to {end} of the disk cannot be restored: {e}") from None
             data = data[:max(0, size - offset)]
             target.write(offset, data)
-            digests.append(hashlib.sha256(data).digest())
-        return digests
+            if digests is not None:
+                digests.append(hashlib.sha256(data).digest())
 
     def _read_back(self, pieces: list[tuple[int, Any]], digests: list[bytes], size: int, target: Any) -> None:
         for (offset, _), digest in zip(pieces, digests, strict=True):
@@ -575,7 +582,7 @@ class Vault:
                 for disk, snapshot, offset, length in places:
                     data = source.read_source(disks, disk, snapshot, offset, length)
                     if data is not None and ck.name_of(data, naming) == name:
-                        self._store(name, data, writer)
+                        self._store(name, data, writer, True)
                         repaired.append(name)
                         break
             files.sync_dirs(self._dirty)
