@@ -7,16 +7,16 @@ names, so a name reveals nothing. Stored form (little-endian):
 
     "DSVC"  u8 version (2)  u8 flags (1: zstd, 2: AES-256-GCM)  u16 0
     without a key:  u32 plaintext length  u32 stored length  zstd frame
-    with a key:     12-byte nonce, then the AES-GCM ciphertext (the chunk's
-                    name and the 8-byte header as associated data) of
-                    u32 plaintext length  u32 frame length  zstd frame
-                    zero padding to a multiple of PAD bytes
+    with a key:     12-byte nonce, then the AES-GCM ciphertext of the zstd
+                    frame (the chunk's name and the 8-byte header as
+                    associated data); the plaintext length is inside it
+                    (the frame's content size), not in the clear
 
-so an encrypted chunk shows neither its lengths nor its exact compressed size.
 Opening checks, in order: magic and version, the stored size, authentication,
 the lengths (the plaintext is at most CHUNK, so decompression is bounded
 before it starts: no bomb), the plaintext length, and the name against the
-content.
+content. A chunk is written in parts (`seal_parts`): joining them would cost
+a fresh 4 MiB copy per chunk, which this kind of VM charges for.
 """
 
 from __future__ import annotations
@@ -32,14 +32,13 @@ from .errors import ChunkError
 
 CHUNK = 4 * 1024 * 1024
 MAX_STORED = CHUNK + 1024 * 1024  # zstd never grows 4 MiB by this much
-PAD = 4096
 MAGIC = b"DSVC"
 VERSION = 2
 F_ZSTD, F_AES = 1, 2
 _HEAD = struct.Struct("<4sBBH")
 _LENGTHS = struct.Struct("<II")
 
-__all__ = ["CHUNK", "ChunkError", "MAX_STORED", "name_of", "open_chunk", "seal"]
+__all__ = ["CHUNK", "ChunkError", "MAX_STORED", "name_of", "open_chunk", "seal", "seal_parts"]
 
 
 def name_of(data: bytes, naming_key: bytes | None) -> str:
@@ -49,18 +48,21 @@ def name_of(data: bytes, naming_key: bytes | None) -> str:
 
 
 def seal(data: bytes, name: str, enc_key: bytes | None, level: int = 3) -> bytes:
+    return b"".join(seal_parts(data, name, enc_key, level))
+
+
+def seal_parts(data: bytes, name: str, enc_key: bytes | None, level: int = 3) -> list[bytes]:
+    """The stored form in pieces, to be written one after the other."""
     if not 0 < len(data) <= CHUNK:
         raise ValueError(f"a chunk holds 1 to {CHUNK} bytes, not {len(data)}")
-    frame = zstandard.ZstdCompressor(level=level).compress(data)
-    inner = _LENGTHS.pack(len(data), len(frame)) + frame
+    frame = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
     if enc_key is None:
-        return _HEAD.pack(MAGIC, VERSION, F_ZSTD, 0) + inner
+        return [_HEAD.pack(MAGIC, VERSION, F_ZSTD, 0) + _LENGTHS.pack(len(data), len(frame)), frame]
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     head = _HEAD.pack(MAGIC, VERSION, F_ZSTD | F_AES, 0)
-    inner += bytes(-len(inner) % PAD)
     nonce = os.urandom(12)
-    return head + nonce + AESGCM(enc_key).encrypt(nonce, inner, name.encode() + head)
+    return [head + nonce, AESGCM(enc_key).encrypt(nonce, frame, name.encode() + head)]
 
 
 def open_chunk(raw: bytes, name: str, enc_key: bytes | None, naming_key: bytes | None) -> bytes:
@@ -69,19 +71,21 @@ def open_chunk(raw: bytes, name: str, enc_key: bytes | None, naming_key: bytes |
     magic, version, flags, _ = _HEAD.unpack_from(raw)
     if magic != MAGIC or version != VERSION:
         raise ChunkError(f"chunk {name}: not a vault chunk (format {VERSION})")
-    if len(raw) > MAX_STORED + PAD + 64:
+    if len(raw) > MAX_STORED + 64:
         raise ChunkError(f"chunk {name}: {len(raw)} bytes, larger than any chunk")
-    body = raw[_HEAD.size:]
+    body = memoryview(raw)[_HEAD.size:]
     if flags & F_AES:
-        body = _decrypt(body, raw[:_HEAD.size], name, enc_key)
+        frame: bytes | memoryview = _decrypt(body, raw[:_HEAD.size], name, enc_key)
+        length = _content_size(frame, name)
     elif enc_key is not None:
         raise ChunkError(f"chunk {name}: not encrypted, in an encrypted vault")
-    length, stored = _LENGTHS.unpack_from(body)
-    if not 0 < length <= CHUNK or stored > MAX_STORED:
-        raise ChunkError(f"chunk {name}: sizes out of range ({length}, {stored})")
-    frame = body[_LENGTHS.size:_LENGTHS.size + stored]
-    if len(frame) != stored or (not flags & F_AES and len(body) != _LENGTHS.size + stored):
-        raise ChunkError(f"chunk {name}: truncated")
+    else:
+        length, stored = _LENGTHS.unpack_from(body)
+        frame = body[_LENGTHS.size:]
+        if len(frame) != stored:
+            raise ChunkError(f"chunk {name}: truncated")
+    if not 0 < length <= CHUNK:
+        raise ChunkError(f"chunk {name}: {length} bytes of plaintext, out of range")
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=length)
     except zstandard.ZstdError as e:
@@ -93,16 +97,21 @@ def open_chunk(raw: bytes, name: str, enc_key: bytes | None, naming_key: bytes |
     return data
 
 
-def _decrypt(body: bytes, head: bytes, name: str, enc_key: bytes | None) -> bytes:
+def _decrypt(body: memoryview, head: bytes, name: str, enc_key: bytes | None) -> bytes:
     if enc_key is None:
         raise ChunkError(f"chunk {name}: encrypted, and no key was given")
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     try:
-        inner = AESGCM(enc_key).decrypt(body[:12], body[12:], name.encode() + head)
+        return AESGCM(enc_key).decrypt(bytes(body[:12]), body[12:], name.encode() + head)
     except (InvalidTag, ValueError):
         raise ChunkError(f"chunk {name}: authentication failed (corrupt, or another key)") from None
-    if len(inner) < _LENGTHS.size:
-        raise ChunkError(f"chunk {name}: truncated")
-    return inner
+
+
+def _content_size(frame: bytes | memoryview, name: str) -> int:
+    try:
+        size = zstandard.get_frame_parameters(frame).content_size
+    except zstandard.ZstdError:
+        raise ChunkError(f"chunk {name}: not a zstd frame") from None
+    return -1 if size == zstandard.CONTENTSIZE_UNKNOWN else int(size)

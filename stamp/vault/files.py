@@ -20,13 +20,15 @@ def make_dir(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
 
 
-def write_atomic(path: str, data: bytes, writer: str) -> None:
+def write_atomic(path: str, data: bytes | list[bytes], writer: str) -> None:
+    """`data` (or its parts, one after the other) as the file `path`."""
     tmp = f"{path}.{writer}{TMP}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for part in [data] if isinstance(data, bytes) else data:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)

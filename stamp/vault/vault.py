@@ -193,7 +193,7 @@ class Vault:
         return name
 
     def _store(self, name: str, data: bytes, writer: lk.Lock, was_bad: bool) -> int:
-        sealed = ck.seal(data, name, self.keys.enc if self.keys else None)
+        sealed = ck.seal_parts(data, name, self.keys.enc if self.keys else None)
         folder = os.path.dirname(self._chunk_path(name))
         files.make_dir(folder)
         files.write_atomic(self._chunk_path(name), sealed, writer.id)
@@ -202,11 +202,11 @@ class Vault:
             with self.env.begin(write=True) as txn:
                 txn.delete(name.encode(), db=self.bad_db)  # a good copy replaced it
         writer.refresh()
-        return len(sealed)
+        return sum(len(part) for part in sealed)
 
     def get(self, name: str) -> bytes:
         try:
-            raw = files.read_bounded(self._chunk_path(name), ck.MAX_STORED + 2 * ck.PAD)
+            raw = files.read_bounded(self._chunk_path(name), ck.MAX_STORED + 1024)
         except FileNotFoundError:
             raise ChunkError(f"chunk {name} is missing") from None
         return ck.open_chunk(raw, name, self.keys.enc if self.keys else None,
@@ -644,35 +644,33 @@ class Vault:
         return out
 
     def _leftovers(self, disks: Disks | None) -> list[tuple[str, Callable[[], None]]]:
+        # What may be left is listed before the locks are read, and the index after:
+        # a writer's lock (or, once it is done, its index entry) precedes anything it
+        # makes, so nothing a running writer made can look abandoned.
+        tmp_folders = [self._path("points"), self._path("locks"), self.folder]
+        tmps = [p for p in [*self._chunk_files(), *(os.path.join(d, f) for d in tmp_folders for f in os.listdir(d))]
+                if files.tmp_writer(os.path.basename(p)) is not None]
+        snapshots = [s for s in disks.snapshots() if s["name"].startswith(f"vault-{self.id}-")] if disks else []
+        restoring = [d["name"] for d in disks.disks() if f".restoring-{self.id}-" in d["name"]] if disks else []
         locks = lk.read_all(self._path("locks"), self._unseal)
         live = {k: v for k, v in locks.items() if v is None or lk.state(v) != "dead"}
         out: list[tuple[str, Callable[[], None]]] = []
         for lock_id in sorted(set(locks) - set(live)):
             out.append((f"lock {lock_id}: its process is gone ({lk.describe(locks[lock_id] or {})})",
                         partial(os.unlink, self._path("locks", lock_id))))
-        tmp_folders = [self._path("points"), self._path("locks"), self.folder]
-        for path in [*self._chunk_files(), *(os.path.join(d, f) for d in tmp_folders for f in os.listdir(d))]:
+        for path in tmps:
             writer = files.tmp_writer(os.path.basename(path))
-            if writer is None or writer in live or (writer not in locks and _younger(path, lk.GRACE)):
+            if writer in live or (writer not in locks and _younger(path, lk.GRACE)):
                 continue  # alive, or a lock being written right now
             out.append((f"{path}: a temporary file of a writer that is gone", partial(os.unlink, path)))
         if disks is not None:
-            out += self._stray_resources(disks, [v for v in live.values() if v is not None])
-        return out
-
-    def _stray_resources(self, disks: Disks, live: list[dict[str, Any]]) -> list[tuple[str, Callable[[], None]]]:
-        """This vault's snapshots that no point builds on, and its half-restored disks."""
-        keep = {p["snapshot"] for p in self._newest_points()} | {v.get("snapshot") for v in live}
-        restoring = {v.get("restoring") for v in live}
-        out: list[tuple[str, Callable[[], None]]] = []
-        for s in disks.snapshots():
-            if s["name"].startswith(f"vault-{self.id}-") and s["name"] not in keep:
-                out.append((f"stamp snapshot {s['name']}: left by an interrupted backup, it pins old data of disk "
-                            f"{s['disk']}", partial(disks.delete_snapshot, s["name"])))
-        for d in disks.disks():
-            if f".restoring-{self.id}-" in d["name"] and d["name"] not in restoring:
-                out.append((f"disk {d['name']}: left by an interrupted restore",
-                            partial(disks.delete_disk, d["name"])))
+            holders = [v for v in live.values() if v is not None]
+            keep = {p["snapshot"] for p in self._newest_points()} | {v.get("snapshot") for v in holders}
+            out += [(f"stamp snapshot {s['name']}: left by an interrupted backup, it pins old data of disk "
+                     f"{s['disk']}", partial(disks.delete_snapshot, s["name"]))
+                    for s in snapshots if s["name"] not in keep]
+            out += [(f"disk {name}: left by an interrupted restore", partial(disks.delete_disk, name))
+                    for name in restoring if name not in {v.get("restoring") for v in holders}]
         return out
 
     def _newest_points(self) -> list[dict[str, Any]]:
