@@ -21,7 +21,6 @@ from .disks import SKUS, Disks
 from .errors import StampError
 from .gc import collect
 from .stamp import DURABILITY, Stamp
-from .vault.chunk import ChunkError
 
 EPILOG = """examples:
   stamp init ./st                                   6 extent nodes in 3 fault domains
@@ -110,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     vault = sub.add_parser("backup", help="the backup vault: incremental, deduplicated recovery points",
                            description="Recovery points of managed disks in a vault folder (--vault, or "
                            "$DISKSTAMP_VAULT). An encrypted vault's passphrase is read from "
-                           "$DISKSTAMP_VAULT_PASSPHRASE, never from the command line.")
+                           "$DISKSTAMP_VAULT_PASSPHRASE, never from the command line. Only create, restore to a "
+                           "disk and repair need the stamp.")
     vault.add_argument("--vault", default=os.environ.get("DISKSTAMP_VAULT", "vault"))
     vsub = vault.add_subparsers(dest="action", required=True)
-    p = vsub.add_parser("init", help="create a vault (encrypted if $DISKSTAMP_VAULT_PASSPHRASE is set)")
+    p = vsub.add_parser("init", help="create a vault, encrypted with $DISKSTAMP_VAULT_PASSPHRASE")
+    p.add_argument("--no-encryption", action="store_true", help="make an unencrypted vault (no passphrase)")
     p = vsub.add_parser("create", help="back a disk up (incremental after the first)")
     p.add_argument("disk")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
@@ -123,15 +124,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("point")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--to-disk", metavar="NAME")
-    g.add_argument("--over-disk", metavar="NAME", help="an existing unattached disk, replaced")
+    g.add_argument("--over-disk", metavar="NAME", help="an existing unattached disk, replaced once the restore "
+                   "has succeeded")
     g.add_argument("--to-file", metavar="PATH")
-    p.add_argument("--format", choices=["fixed", "dynamic", "raw"], default="fixed")
-    vsub.add_parser("verify", help="re-read every chunk; name the points a bad chunk affects")
-    p = vsub.add_parser("prune", help="drop recovery points the policy does not keep")
+    p.add_argument("--format", choices=["fixed", "dynamic", "raw"], help="with --to-file (default fixed)")
+    vsub.add_parser("verify", help="re-read every chunk; name the points a bad chunk affects, and record it")
+    vsub.add_parser("repair", help="verify, then rewrite bad chunks from the disks that still hold their data")
+    p = vsub.add_parser("prune", help="drop recovery points the policy does not keep (a rule is required)")
     for rule in ("last", "daily", "weekly", "monthly"):
-        p.add_argument(f"--keep-{rule}", type=int, default=0)
-    vsub.add_parser("gc", help="delete chunks no recovery point names (safe while a backup runs)")
-    vsub.add_parser("check", help="manifests, index and chunks agree")
+        p.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    p.add_argument("--retry-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for running backups to finish")
+    p = vsub.add_parser("gc", help="delete chunks no recovery point names (waits for no backup: it locks)")
+    p.add_argument("--retry-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for running backups to finish")
+    vsub.add_parser("check", help="manifests, index and chunks agree; leftovers of interrupted runs")
+    vsub.add_parser("rebuild-index", help="make the index again from the manifests")
+    vsub.add_parser("unlock", help="remove stale locks (their process is gone, or they are 30 minutes old)")
 
     sub.add_parser("nodes", help="extent nodes and their health")
     p = sub.add_parser("fault", help="inject a fault", description="node-down / node-up NODE; node-lost "
@@ -165,6 +174,8 @@ def run(a: argparse.Namespace) -> int:
                           durability=a.durability, extent_size=a.extent_size) as st:
             _print({"stamp": st.path, **st.config})
         return 0
+    if a.cmd == "backup":
+        return backup_command(a)
     with Stamp.open(a.stamp) as st:
         return dispatch(st, Disks(st), a)
 
@@ -222,8 +233,6 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
         elif action == "export":
             snap = disks.snapshot(a.name)
             _print(disks.export(snap["disk"], a.path, a.format, snapshot=a.name))
-    elif cmd == "backup":
-        return backup_command(st, disks, a)
     elif cmd == "nodes":
         _print([{"id": n.id, **n.to_json()} for n in st.nodes()])
     elif cmd == "fault":
@@ -252,36 +261,55 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
     return 0
 
 
-def backup_command(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
+def backup_command(a: argparse.Namespace) -> int:
     from .vault import Vault
 
-    passphrase = os.environ.get("DISKSTAMP_VAULT_PASSPHRASE") or None
+    passphrase = os.environ.get("DISKSTAMP_VAULT_PASSPHRASE")
     if a.action == "init":
+        if a.no_encryption == (passphrase is not None):
+            raise UsageError("backup init: set $DISKSTAMP_VAULT_PASSPHRASE for an encrypted vault, or pass "
+                             "--no-encryption (and leave it unset) for an unencrypted one")
         Vault.create(a.vault, passphrase).close()
         _print({"vault": a.vault, "encrypted": passphrase is not None})
         return 0
+    if a.action == "restore" and a.format and not a.to_file:
+        raise UsageError("backup restore: --format is for --to-file; a disk is always a fixed VHD")
+    needs_stamp = a.action in ("create", "repair") or (a.action == "restore" and not a.to_file)
     with Vault(a.vault, passphrase) as v:
-        if a.action == "create":
-            _print(v.backup(disks, a.disk, show_progress=a.progress).to_json())
-        elif a.action == "list":
-            _print(v.points(a.disk))
-        elif a.action == "restore":
-            if a.to_file:
-                _print(v.restore_to_file(a.point, a.to_file, a.format))
-            else:
-                _print(v.restore_to_disk(a.point, disks, a.to_disk or a.over_disk, overwrite=bool(a.over_disk)))
-        elif a.action == "verify":
-            report = v.verify()
-            _print(report)
-            return 0 if report["ok"] else 1
-        elif a.action == "prune":
-            _print({"dropped": v.prune(a.keep_last, a.keep_daily, a.keep_weekly, a.keep_monthly)})
-        elif a.action == "gc":
-            _print(v.gc())
-        elif a.action == "check":
-            problems = v.check()
-            _print({"ok": not problems, "problems": problems})
-            return 0 if not problems else 1
+        if not needs_stamp and a.action != "check":
+            return vault_action(v, None, a)
+        if not needs_stamp and not os.path.isdir(a.stamp):
+            return vault_action(v, None, a)  # check without a stamp: no snapshots to look at
+        with Stamp.open(a.stamp) as st:
+            return vault_action(v, Disks(st), a)
+
+
+def vault_action(v: Any, disks: Disks | None, a: argparse.Namespace) -> int:
+    if a.action == "create":
+        _print(v.backup(disks, a.disk, show_progress=a.progress).to_json())
+    elif a.action == "list":
+        _print(v.points(a.disk))
+    elif a.action == "restore":
+        if a.to_file:
+            _print(v.restore_to_file(a.point, a.to_file, a.format or "fixed"))
+        else:
+            _print(v.restore_to_disk(a.point, disks, a.to_disk or a.over_disk, overwrite=bool(a.over_disk)))
+    elif a.action in ("verify", "repair"):
+        report = v.verify() if a.action == "verify" else v.repair(disks)
+        _print(report)
+        return 0 if report.get("ok", not report.get("still_bad")) else 1
+    elif a.action == "prune":
+        _print({"dropped": v.prune(a.keep_last, a.keep_daily, a.keep_weekly, a.keep_monthly, wait=a.retry_lock)})
+    elif a.action == "gc":
+        _print(v.gc(wait=a.retry_lock))
+    elif a.action == "check":
+        problems = v.check()
+        _print({"ok": not problems, "problems": problems, "leftovers": v.leftovers(disks)})
+        return 0 if not problems else 1
+    elif a.action == "rebuild-index":
+        _print(v.rebuild_index())
+    elif a.action == "unlock":
+        _print({"removed": v.unlock()})
     return 0
 
 
@@ -313,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"stamp: {e}", file=sys.stderr)
         return 2
-    except (StampError, VhdError, ChunkError) as e:
+    except (StampError, VhdError) as e:
         print(f"stamp {args.cmd}: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # | head: quietly, as cat does

@@ -241,13 +241,18 @@ class Disks:
     def _new_blob(self, blob: str, size: int = 0) -> None:
         self.blobs.create(blob, size, limit=MAX_DISK_BLOB)
 
-    def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS") -> dict[str, Any]:
-        """An empty disk: a fixed VHD page blob, sparse until written."""
-        self._check_sku(sku, size_gib)
-        record = self._record(name, sku, size_gib * GIB, "Empty", "fixed")
+    def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS",
+                     size_bytes: int | None = None) -> dict[str, Any]:
+        """An empty disk: a fixed VHD page blob, sparse until written. `size_bytes`
+        (a multiple of 1 MiB) instead of whole GiB: a restored disk keeps its size."""
+        size = size_gib * GIB if size_bytes is None else size_bytes
+        if size % MIB:
+            raise StampError(f"a disk's size is a multiple of 1 MiB, not {size} bytes")
+        self._check_sku(sku, size / GIB)
+        record = self._record(name, sku, size, "Empty", "fixed")
         with self._creating("disk", record) as blob:
             self._new_blob(blob)
-            create_fixed(PageBlobFile(self.stamp, blob), size_gib * GIB)
+            create_fixed(PageBlobFile(self.stamp, blob), size)
         return record
 
     def create_from_image(self, name: str, image: str, size_gib: int | None = None,
@@ -503,6 +508,22 @@ class Disks:
             if not self._users_of_blob(txn, obj["blob"], "snapshot"):
                 # (else its incremental snapshots keep the blob alive)
                 self.blobs.delete_in(txn, obj["blob"], snapshots="include")
+
+    def replace_disk(self, name: str, source: str, **fields: Any) -> dict[str, Any]:
+        """Disk `name` takes over disk `source`'s blob and size, in one transaction
+        that also removes `source`'s record: a restore's swap. `name` is made when
+        missing; an existing one must be unattached, and its old blob goes unless
+        snapshots keep it."""
+        with self.meta.write() as txn:
+            record = {**self._take(txn, "disk", source), **fields, "name": name}
+            key = f"disk/{name}".encode()
+            old = self.meta.get_json(txn, "resources", key)
+            if old is not None and old["state"] != DiskState.UNATTACHED.value:
+                raise ResourceInUse(f"disk {name!r} is {old['state']}: detach it first")
+            self.meta.put_json(txn, "resources", key, record)
+            if old is not None and not self._users_of_blob(txn, old["blob"], "snapshot"):
+                self.blobs.delete_in(txn, old["blob"], snapshots="include")
+        return record
 
     def delete_image(self, name: str) -> None:
         with self.meta.write() as txn:
