@@ -34,17 +34,25 @@ segment and moves to the protected one on its second use; victims come from
 probation first. A dirty victim is written back before its slot is reused.
 `lose()` is the host-lost fault: the cache is gone and the unflushed ranges
 are reported lost.
+Several processes of one host may share the cache (`hostcache serve` and a
+CLI command): each operation holds a SharedLock (threads and processes), the
+index in LMDB is the truth, every index write moves its generation on, and a
+process that takes the lock and finds the generation moved loads the index
+again (so no two processes hand out one slot). A blob's record keeps its
+writer's lease, so whichever process evicts a dirty line can write it back.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import fcntl
 import json
 import os
 import struct
 import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +80,7 @@ _LINE_HEAD = struct.Struct("<Q16s16sH")  # slot, valid, dirty, pending chunks
 _SUMS = CHUNKS * 8  # a u64 checksum per chunk; pending lines carry a second array
 _ID = struct.Struct(">QQ")  # the index key: blob id, line index (big-endian: sorted)
 
+_GEN = b"generation"
 Key = tuple[int, int]  # (blob id, line index)
 
 
@@ -208,6 +217,53 @@ class _Segments:
         return list(self.probation) + list(self.protected)
 
 
+class SharedLock:
+    """The cache's lock, over the threads of this process (an RLock) and the
+    processes that share the cache (flock on a lock file, reopened in a
+    forked child, which must not share its parent's). Taking it from outside
+    calls `on_acquire`, so the process catches up with what others wrote."""
+
+    def __init__(self, path: str, on_acquire: Callable[[], None]) -> None:
+        self.path, self.on_acquire = path, on_acquire
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.pid = -1
+        self.fd = -1
+
+    def __enter__(self) -> SharedLock:
+        self.rlock.acquire()
+        if self.depth == 0:
+            try:
+                self._take()
+            except BaseException:
+                self.rlock.release()
+                raise
+        self.depth += 1
+        return self
+
+    def _take(self) -> None:
+        if self.pid != os.getpid():
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.pid = os.getpid()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            self.on_acquire()
+        except BaseException:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.rlock.release()
+
+    def close(self) -> None:
+        if self.fd >= 0 and self.pid == os.getpid():
+            os.close(self.fd)
+        self.fd, self.pid = -1, -1
+
+
 class BlobCache:
     """One host's cache: `capacity` bytes of cache file, `ram` bytes of RAM."""
 
@@ -222,37 +278,81 @@ class BlobCache:
         self.db = self.env.open_db(b"lines")
         self.blobs_db = self.env.open_db(b"blobs")
         self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
+        self.meta_db = self.env.open_db(b"meta")  # b"generation": u64, moved on by every write
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if os.fstat(self.fd).st_size < self.slots * LINE:
-            os.ftruncate(self.fd, self.slots * LINE)
         self.lines: dict[Key, Line] = {}
+        self.free: list[int] = []
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))
-        self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version"}
+        self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version", "lease"}
         self.legacy: dict[bytes, tuple[str, int, Line]] = {}  # lines of an index keyed by name (older hosts)
-        with self.env.begin() as txn:
-            for key, raw in txn.cursor(db=self.db):
-                if len(key) != _ID.size:
-                    self._legacy_line(bytes(key), bytes(raw))
-                    continue
-                k = _ID.unpack(bytes(key))
-                line = Line.unpack(bytes(raw))
-                if line.slot < self.slots:
-                    self.lines[k] = line
-                    self.lru.touch(k)
-            for key, raw in txn.cursor(db=self.blobs_db):
-                self.known[_ID.unpack(bytes(key))[0]] = json.loads(bytes(raw))
-        used = {line.slot for line in self.lines.values()} | {e[2].slot for e in self.legacy.values()}
-        self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
         self.ram_lines = max(0, ram // LINE)
         self.ram: collections.OrderedDict[Key, bytearray] = collections.OrderedDict()
         self.stats = CacheStats()
         self.lost: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # dirty sectors that failed
+        self.seen = -1  # the generation of the index this process last loaded or wrote
+        self.lock = SharedLock(os.path.join(folder, "cache.lock"), self._catch_up)
+        with self.lock:
+            if os.fstat(self.fd).st_size < self.slots * LINE:
+                os.ftruncate(self.fd, self.slots * LINE)
+
+    # -- several processes: the index is the truth, read again when another process changed it --
+
+    def _generation(self, txn: Any) -> int:
+        raw = txn.get(_GEN, db=self.meta_db)
+        return int.from_bytes(raw, "big") if raw is not None else 0
+
+    def _write(self) -> lmdb.Transaction:
+        """A write transaction of the index (the lock held): it moves the
+        index's generation on, so other processes know to read it again."""
+        txn = self.env.begin(write=True)
+        self.seen += 1
+        txn.put(_GEN, self.seen.to_bytes(8, "big"), db=self.meta_db)
+        return txn
+
+    def _catch_up(self) -> None:
+        """Called with the lock just taken: if another process changed the
+        index (or grew the file) since this one last looked, load it again."""
+        with self.env.begin(db=self.meta_db) as txn:
+            if self._generation(txn) == self.seen:
+                return
         with self.env.begin() as txn:
-            for key, raw in txn.cursor(db=self.lost_db):
-                self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
-        self.lock = threading.RLock()
-        self.leases: dict[int, str] = {}  # blob id -> the lease write-back must present
+            self.slots = max(self.slots, os.fstat(self.fd).st_size // LINE)
+            self.lru.protected_max = max(1, self.slots * 4 // 5)
+            self._load(txn)
+
+    def _load(self, txn: Any) -> None:
+        """The index as the processes left it: lines (a line this process
+        already holds unchanged keeps its RAM copy and what it saw land),
+        blobs, lost sectors; the free slots are the ones no line holds."""
+        lines: dict[Key, Line] = {}
+        self.legacy.clear()
+        for key, raw in txn.cursor(db=self.db):
+            if len(key) != _ID.size:
+                self._legacy_line(bytes(key), bytes(raw))
+                continue
+            k = _ID.unpack(bytes(key))
+            mine = self.lines.get(k)
+            line = mine if mine is not None and mine.pack() == bytes(raw) else Line.unpack(bytes(raw))
+            if line.slot < self.slots:
+                lines[k] = line
+        for k in list(self.ram):
+            if self.lines.get(k) is not lines.get(k):
+                del self.ram[k]
+        for k in self.lru.victims():
+            if k not in lines:
+                self.lru.drop(k)
+        for k in lines:
+            if k not in self.lru.probation and k not in self.lru.protected:
+                self.lru.touch(k)
+        self.lines = lines
+        self.known = {_ID.unpack(bytes(k))[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self.blobs_db)}
+        self.lost = collections.defaultdict(list)
+        for key, raw in txn.cursor(db=self.lost_db):
+            self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
+        used = {line.slot for line in lines.values()} | {e[2].slot for e in self.legacy.values()}
+        self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
+        self.seen = self._generation(txn)
 
     def grow(self, capacity: int) -> None:
         """Make room for more lines (a VM with a cache of its own arrived)."""
@@ -261,6 +361,8 @@ class BlobCache:
             if slots <= self.slots:
                 return
             os.ftruncate(self.fd, slots * LINE)
+            with self._write():  # other processes look at the file's size again
+                pass
             self.free = list(range(slots - 1, self.slots - 1, -1)) + self.free
             self.slots = slots
             self.lru.protected_max = max(1, slots * 4 // 5)
@@ -270,23 +372,27 @@ class BlobCache:
             os.close(self.fd)
             self.fd = -1
             self.env.close()
+            self.lock.close()
 
     # -- blobs: identity and version ------------------------------------------------------
 
-    def open_blob(self, stamp: Stamp, name: str, writable: bool) -> int:
+    def open_blob(self, stamp: Stamp, name: str, writable: bool, lease: str | None = None) -> int:
         """Start using blob `name`; returns its id. Clean lines survive only if
         the blob's version is the one recorded at its last close (else it was
         written elsewhere, or this host died while writing it); lines of an
-        older blob of the same name (deleted since) are dropped."""
+        older blob of the same name (deleted since) are dropped. The writer's
+        lease is kept in the index: any process of this host evicting a dirty
+        line of the blob presents it."""
         blob_id, version = stamp.blobs.version(name)
         with self.lock:
+            lease = lease or self.known.get(blob_id, {}).get("lease")
             for other, rec in list(self.known.items()):
                 if rec["name"] == name and other != blob_id:
                     self._drop_lines(other, clean_only=False)  # that blob is gone: so is its data
                     self._register(other, None)
             if self.known.get(blob_id, {}).get("version") != version:
                 self._drop_lines(blob_id, clean_only=True)  # dirty sectors are acknowledged writes: kept
-            self._register(blob_id, {"name": name, "version": None if writable else version})
+            self._register(blob_id, {"name": name, "version": None if writable else version, "lease": lease})
         return blob_id
 
     def close_blob(self, stamp: Stamp, blob_id: int) -> None:
@@ -304,7 +410,7 @@ class BlobCache:
 
     def _register(self, blob_id: int, rec: dict[str, Any] | None) -> None:
         key = _ID.pack(blob_id, 0)
-        with self.env.begin(write=True) as txn:
+        with self._write() as txn:
             if rec is None:
                 self.known.pop(blob_id, None)
                 txn.delete(key, db=self.blobs_db)
@@ -333,7 +439,7 @@ class BlobCache:
                 blob_id = stamp.blobs.blob_id(name)
             except BlobNotFound:
                 blob_id = -1
-            with self.env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.delete(old_key, db=self.db)
             if blob_id < 0 or not line.dirty:
                 self.free.append(line.slot)
@@ -373,7 +479,7 @@ class BlobCache:
     # -- the index ------------------------------------------------------------------
 
     def _commit(self, key: Key, line: Line | None) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._write() as txn:
             if line is None:
                 txn.delete(_ID.pack(*key), db=self.db)
             else:
@@ -381,6 +487,10 @@ class BlobCache:
 
     def dirty(self, blob: str | None = None) -> dict[str, list[tuple[int, int]]]:
         """Unflushed byte ranges (offset, length), per blob name."""
+        with self.lock:
+            return self._dirty(blob)
+
+    def _dirty(self, blob: str | None) -> dict[str, list[tuple[int, int]]]:
         out: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         for (blob_id, index), line in sorted(self.lines.items()):
             name = self.known.get(blob_id, {}).get("name", f"#{blob_id}")
@@ -423,7 +533,7 @@ class BlobCache:
             name = self.known.get(key[0], {}).get("name", f"#{key[0]}")
             for s, n in runs(lost):
                 self.lost[name].append((key[1] * LINE + s * SECTOR, n * SECTOR))
-            with self.env.begin(write=True) as txn:  # the report outlives the process
+            with self._write() as txn:  # the report outlives the process
                 txn.put(name.encode(), json.dumps(self.lost[name]).encode(), db=self.lost_db)
         line.valid &= ~bad
         line.dirty &= ~bad
@@ -677,7 +787,7 @@ class BlobCache:
         if nbytes > 0:
             if data is None:
                 data = self._slot_read(line, s, n)
-            stamp.blobs.write(name, at, data[:nbytes], lease=self.leases.get(key[0]))
+            stamp.blobs.write(name, at, data[:nbytes], lease=self.known.get(key[0], {}).get("lease"))
             self.stats.written_back += nbytes
 
     def flush(self, stamp: Stamp, blob: str | int) -> int:
@@ -706,7 +816,7 @@ class BlobCache:
         (every unflushed range, per blob)."""
         with self.lock:
             lost = self.dirty()
-            with self.env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.drop(self.db, delete=False)
             self.lines.clear()
             self.ram.clear()
@@ -719,6 +829,10 @@ class BlobCache:
     def check(self) -> list[str]:
         """Invariants: slots unique and in range, dirty within valid, free list
         complete, the index on disk as in memory, every valid chunk's checksum."""
+        with self.lock:
+            return self._check()
+
+    def _check(self) -> list[str]:
         problems = []
         seen: dict[int, Key] = {}
         for key, line in self.lines.items():
@@ -756,9 +870,7 @@ class CachedBlob(PageBlobFile):
                  lease: str | None = None, writable: bool = True) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
-        self.blob_id = cache.open_blob(stamp, blob, writable)
-        if lease:
-            cache.leases[self.blob_id] = lease
+        self.blob_id = cache.open_blob(stamp, blob, writable, lease)
         if mode is not CacheMode.READWRITE:
             cache.flush(stamp, self.blob_id)
 

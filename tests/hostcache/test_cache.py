@@ -210,3 +210,54 @@ def test_dirty_ranges_merge_across_cache_lines(tmp_path):
     f.pwrite(b"b" * 512, 3 * LINE)
     assert cache.dirty() == {"d": [(2 * LINE - 512, 1024), (3 * LINE, 512)]}
     assert cache.dirty("other") == {}
+
+
+SHARER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    from stamp import Stamp
+    from hostcache.cache import BlobCache, CachedBlob, CacheMode
+    st = Stamp.open(sys.argv[1])
+    cache = BlobCache(sys.argv[2], capacity=16 * 65536)
+    name, fill = sys.argv[4], int(sys.argv[5])
+    f = CachedBlob(cache, st, name, CacheMode.READWRITE, lease=st.blobs.acquire_writer_lease(name))
+    print("ready", flush=True)
+    sys.stdin.readline()  # both processes have loaded the cache's index before either writes
+    for i in range(12):
+        f.pwrite(bytes([fill + i]) * 65536, i * 65536)
+    print("done", flush=True)
+    os._exit(0)  # as a kill: the dirty lines stay in the cache
+""")
+
+
+def test_two_processes_sharing_one_cache_keep_each_others_lines(tmp_path):
+    """Two processes of one host (`hostcache serve` and a CLI command, say)
+    write different disks through one cache at once, 24 dirty lines in 16
+    slots: neither reuses a slot the other holds, and evicting the other's
+    dirty line writes it back under the other's lease."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with Stamp.create(str(tmp_path / "st"), extent_size=1 << 20) as st:
+        for name in ("a", "b"):
+            st.blobs.create(name, 12 * LINE)
+    children = [subprocess.Popen([sys.executable, "-c", SHARER, str(tmp_path / "st"), str(tmp_path / "host"), root,
+                                  name, fill], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for name, fill in (("a", "1"), ("b", "101"))]
+    for child in children:
+        assert child.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+    for child in children:
+        child.stdin.write("go\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+    for child in children:
+        assert child.stdout.read() == "done\n"  # type: ignore[union-attr]
+        assert child.wait() == 0
+    with Stamp.open(str(tmp_path / "st")) as st:
+        cache = BlobCache(str(tmp_path / "host"), capacity=16 * LINE)
+        assert cache.check() == [] and not cache.lost
+        for name, fill in (("a", 1), ("b", 101)):
+            f = CachedBlob(cache, st, name, CacheMode.READWRITE, lease=st.blobs.acquire_writer_lease(name))
+            for i in range(12):
+                assert f.pread(LINE, i * LINE) == bytes([fill + i]) * LINE, (name, i)
+            f.sync()
+            assert st.blobs.read(name, 0, 12 * LINE) == b"".join(bytes([fill + i]) * LINE for i in range(12))
+        assert cache.check() == [] and not cache.lost
+        cache.close()
