@@ -418,6 +418,14 @@ class BlobCache:
                 self.known[blob_id] = rec
                 txn.put(key, json.dumps(rec).encode(), db=self.blobs_db)
 
+    def _name(self, blob_id: int) -> str:
+        """The name of a blob in use; one whose record is gone was detached or
+        deleted (by another process) under the one using it."""
+        rec = self.known.get(blob_id)
+        if rec is None:
+            raise HostError(f"blob #{blob_id} is no longer in use on this host (detached or deleted meanwhile)")
+        return str(rec["name"])
+
     def _ids(self, name: str) -> list[int]:
         return [i for i, rec in self.known.items() if rec["name"] == name]
 
@@ -614,7 +622,7 @@ class BlobCache:
         """Read the line's span from the stamp; our dirty sectors are newer and
         win. With fill, the sectors the line lacks are kept (slot, then index)."""
         self.stats.read_misses += count
-        name = self.known[key[0]]["name"]
+        name = self._name(key[0])
         size = stamp.blobs.size(name)
         line_start = key[1] * LINE
         span = min(LINE, max(0, size - line_start))
@@ -673,6 +681,8 @@ class BlobCache:
         """Put sector-aligned data in the cache: dirty (ReadWrite: the stamp has
         not got it yet) or clean (ReadOnly: the stamp already has it)."""
         with self.lock:
+            if dirty:
+                self._name(blob_id)  # never dirty lines of a blob no record names: write-back would drop them
             view = memoryview(data)
             pos, end = offset, offset + len(view)
             while pos < end:
@@ -790,11 +800,14 @@ class BlobCache:
             stamp.blobs.write(name, at, data[:nbytes], lease=self.known.get(key[0], {}).get("lease"))
             self.stats.written_back += nbytes
 
-    def flush(self, stamp: Stamp, blob: str | int) -> int:
+    def flush(self, stamp: Stamp, blob: str | int, lease: str | None = None) -> int:
         """Write back every dirty sector of a blob (by id, or every id known
-        under a name); returns the bytes written."""
+        under a name), under `lease` if given (the blob's writer lease, taken
+        anew: its last writer died); returns the bytes written."""
         with self.lock:
             ids = [blob] if isinstance(blob, int) else self._ids(blob)
+            for blob_id in ids if lease else []:
+                self._register(blob_id, {**self.known[blob_id], "lease": lease})
             before = self.stats.written_back
             for key, line in sorted(self.lines.items()):
                 if key[0] in ids and line.dirty:

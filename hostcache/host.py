@@ -16,8 +16,11 @@ Platform rules kept here (reference file, host_caching and VM sizes):
   Standard HDD disks under 4 TiB, and only on VM sizes with a cache;
   an OS disk asked for None gets ReadOnly; changing a disk's caching is a
   detach and a reattach;
-- detach, stop and delete flush the disk's dirty cache lines first; detach
-  and delete also drop its lines (it may be written elsewhere meanwhile).
+- detach, stop and delete flush the disk's dirty cache lines first (under
+  the disk's writer lease, taken anew if the process that held it died);
+  detach and delete also drop its lines (it may be written elsewhere
+  meanwhile); all three are refused while another live process of the host
+  has the disk open (`hostcache serve`, `mount`), which would go on writing.
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
@@ -42,6 +45,7 @@ import lmdb
 
 from stamp import Stamp
 from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
+from stamp.errors import LeaseAlreadyPresent
 from vhd.blockdev import Extent
 from vhd.image import SparseImage, open_image
 from vhd.nbd import Export, NbdServer
@@ -306,9 +310,23 @@ class Host:
         if opened is not None:
             opened.close()
         blob = self.disks.record(disk)["blob"]
-        self.cache.flush(self.stamp, blob)
-        if drop:
-            self.cache.drop_blob(blob)
+        lease = self._writer_lease(disk, blob)
+        try:
+            self.cache.flush(self.stamp, blob, lease)
+            if drop:
+                self.cache.drop_blob(blob)
+        finally:
+            self.stamp.blobs.release_lease(blob, lease)
+
+    def _writer_lease(self, disk: str, blob: str) -> str:
+        """The disk's writer lease, for writing back its dirty lines. Refused
+        while another live process has the disk open (`hostcache serve`,
+        `mount`): it would go on writing into lines this host is dropping."""
+        try:
+            return self.stamp.blobs.acquire_writer_lease(blob)
+        except LeaseAlreadyPresent as e:
+            holder = str(e).split(" by ", 1)[-1]
+            raise HostRuleError(f"disk {disk} is open for writing by {holder}: stop that process first") from None
 
     def quiesce(self, disk: str) -> None:
         """The pre-snapshot hook: what this host holds dirty for `disk` goes to the stamp."""

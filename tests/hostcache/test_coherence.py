@@ -12,6 +12,7 @@ import lmdb
 import pytest
 
 from hostcache.cache import LINE, BlobCache, CachedBlob, CacheMode
+from hostcache.errors import HostError
 from hostcache.host import Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
@@ -49,6 +50,20 @@ def test_a_disk_deleted_and_recreated_under_its_name_does_not_show_the_old_data(
     f = CachedBlob(cache, stamp, "d", CacheMode.READONLY, writable=False)
     assert f.pread(4096, 0) == bytes(4096)
     assert cache.check() == []
+
+
+def test_a_blob_dropped_under_its_open_file_refuses_io_instead_of_losing_it(stamp, tmp_path):
+    """A write accepted after the blob's lines and record were dropped (a
+    detach by another process) was acknowledged, then discarded at write-back
+    as if the blob had been deleted; a read of an uncached line was a KeyError."""
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, stamp, "d", CacheMode.READWRITE)
+    cache.drop_blob("d")
+    with pytest.raises(HostError, match="no longer in use on this host"):
+        f.pwrite(b"x" * 4096, 0)
+    with pytest.raises(HostError, match="no longer in use on this host"):
+        f.pread(4096, LINE)
+    assert cache.dirty() == {} and stamp.blobs.read("d", 0, 4096) == b"s" * 4096
 
 
 def test_a_blob_written_elsewhere_is_read_fresh_on_the_next_open(stamp, tmp_path):

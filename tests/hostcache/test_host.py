@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -207,3 +209,55 @@ def test_a_backup_through_the_host_holds_what_sits_dirty_in_its_cache(host, tmp_
         f.seek(8192)
         assert f.read(22) == b"only in the host cache"
     vault.close()
+
+
+SERVER = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from hostcache.host import Host
+from hostcache.throttle import FakeClock
+h = Host(sys.argv[1], clock=FakeClock())
+disk = h.open_disk("vm1", 0)
+disk.write(0, b"A" * 65536)
+print("written", flush=True)
+if sys.stdin.readline() == "kill\\n":
+    os._exit(0)  # as kill -9: the write sits dirty in the host cache
+disk.write(65536, b"B" * 65536)
+h.close()
+print("closed", flush=True)
+"""
+
+
+def serve_in_another_process(host: Host, tmp_path) -> subprocess.Popen[str]:
+    """A second process of the host (as `hostcache serve`) with data1 open at LUN 0 in ReadWrite."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", lun=0, caching="ReadWrite")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    server = subprocess.Popen([sys.executable, "-c", SERVER, host.path, root], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline() == "written\n"  # type: ignore[union-attr]
+    return server
+
+
+def test_a_disk_open_in_another_process_is_not_detached_under_it(host, tmp_path):
+    """Detach drops the disk's cache lines: done under a process still
+    writing the disk, its next writes were acknowledged and then dropped at
+    write-back (the blob no longer known). Refused while it has the disk open."""
+    server = serve_in_another_process(host, tmp_path)
+    with pytest.raises(HostRuleError, match=f"data1 is open for writing by pid {server.pid}"):
+        host.detach("vm1", 0)
+    server.communicate("go on\n", timeout=60)
+    assert server.returncode == 0
+    host.detach("vm1", 0)
+    with host.disks.open_virtual("data1") as v:
+        assert v.read(0, 2 * 65536) == b"A" * 65536 + b"B" * 65536
+
+
+def test_detach_after_the_serving_process_died_writes_its_dirty_lines_back(host, tmp_path):
+    """The dead process held the blob's lease: the write-back of its dirty
+    lines by another process used to fail (LeaseIdMissing) and the detach with it."""
+    server = serve_in_another_process(host, tmp_path)
+    server.communicate("kill\n", timeout=60)
+    host.detach("vm1", 0)
+    with host.disks.open_virtual("data1") as v:
+        assert v.read(0, 65536) == b"A" * 65536
