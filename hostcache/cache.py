@@ -508,6 +508,23 @@ class BlobCache:
                     out[name].append((start, start + n * SECTOR))
         return {b: [(s, e - s) for s, e in merge_ranges(r)] for b, r in out.items()}
 
+    def dirty_ranges(self, blob_id: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """(start, end) of the blob's dirty sectors within [offset, offset+length)."""
+        with self.lock:
+            first, last = offset // LINE, (offset + length - 1) // LINE
+            if last - first < len(self.lines):
+                keys = [(blob_id, i) for i in range(first, last + 1) if (blob_id, i) in self.lines]
+            else:
+                keys = [k for k in self.lines if k[0] == blob_id and first <= k[1] <= last]
+            out = []
+            for key in keys:
+                for s, n in runs(self.lines[key].dirty):
+                    start = key[1] * LINE + s * SECTOR
+                    lo, hi = max(start, offset), min(start + n * SECTOR, offset + length)
+                    if hi > lo:
+                        out.append((lo, hi))
+            return out
+
     # -- slots ------------------------------------------------------------------------
 
     def _slot_read(self, line: Line, first: int, count: int) -> bytes:
@@ -912,6 +929,16 @@ class CachedBlob(PageBlobFile):
             self.cache.update(self.stamp, self.blob_id, offset, data, dirty=False)
         else:
             self.cache.update(self.stamp, self.blob_id, offset, data, dirty=True)
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The stamp's pages that hold data and, in ReadWrite, the sectors the
+        cache holds dirty (data the stamp has not got yet: an NBD client that
+        skips holes must still copy them)."""
+        ranges = super().data_ranges(offset, length)
+        if self.mode is not CacheMode.READWRITE:
+            return ranges
+        mine = self.cache.dirty_ranges(self.blob_id, offset, length)
+        return [(s, e - s) for s, e in merge_ranges([(o, o + n) for o, n in ranges] + mine)]
 
     def sync(self) -> None:
         """Flush (and FUA): write back what the cache holds dirty, then make the stamp durable."""

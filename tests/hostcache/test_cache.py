@@ -261,3 +261,19 @@ def test_two_processes_sharing_one_cache_keep_each_others_lines(tmp_path):
             assert st.blobs.read(name, 0, 12 * LINE) == b"".join(bytes([fill + i]) * LINE for i in range(12))
         assert cache.check() == [] and not cache.lost
         cache.close()
+
+
+def test_the_allocation_map_counts_what_the_cache_holds_dirty(tmp_path):
+    """A fixed VHD's map comes from the blob's page ranges: dirty sectors only
+    the cache holds were reported as holes, which nbdcopy and qemu-img skip."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    st.blobs.write("d", 0, b"s" * 512)
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+    f.pwrite(b"q" * 1024, LINE - 512)
+    f.pwrite(b"q" * 512, 3 * LINE)
+    assert f.data_ranges(0, 4 * LINE) == [(0, 512), (LINE - 512, 1024), (3 * LINE, 512)]
+    assert f.data_ranges(LINE, 2 * LINE) == [(LINE, 512)]
+    f.sync()
+    assert f.data_ranges(0, 4 * LINE) == st.blobs.page_ranges("d")

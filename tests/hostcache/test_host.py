@@ -261,3 +261,12 @@ def test_detach_after_the_serving_process_died_writes_its_dirty_lines_back(host,
     host.detach("vm1", 0)
     with host.disks.open_virtual("data1") as v:
         assert v.read(0, 65536) == b"A" * 65536
+
+
+def test_a_read_write_data_disk_maps_its_cached_writes_as_data(host):
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", lun=0, caching="ReadWrite")
+    disk = host.open_disk("vm1", 0)
+    disk.write(MIB, b"q" * 65536)  # in the host cache only
+    assert [(e.offset, e.length, e.state.value) for e in disk.allocation(0, 4 * MIB)] == [
+        (0, MIB, "zero"), (MIB, 65536, "data"), (MIB + 65536, 3 * MIB - 65536, "zero")]
