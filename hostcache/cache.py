@@ -40,6 +40,8 @@ index in LMDB is the truth, every index write moves its generation on, and a
 process that takes the lock and finds the generation moved loads the index
 again (so no two processes hand out one slot). A blob's record keeps its
 writer's lease, so whichever process evicts a dirty line can write it back.
+An operation that fails part way (the cache's disk full) is a HostError and
+leaves the index the truth: the next operation loads it again.
 """
 
 from __future__ import annotations
@@ -221,10 +223,12 @@ class SharedLock:
     """The cache's lock, over the threads of this process (an RLock) and the
     processes that share the cache (flock on a lock file, reopened in a
     forked child, which must not share its parent's). Taking it from outside
-    calls `on_acquire`, so the process catches up with what others wrote."""
+    calls `on_acquire`, so the process catches up with what others wrote; an
+    error leaving it calls `on_error`, which may raise another in its place."""
 
-    def __init__(self, path: str, on_acquire: Callable[[], None]) -> None:
-        self.path, self.on_acquire = path, on_acquire
+    def __init__(self, path: str, on_acquire: Callable[[], None],
+                 on_error: Callable[[BaseException], None] = lambda e: None) -> None:
+        self.path, self.on_acquire, self.on_error = path, on_acquire, on_error
         self.rlock = threading.RLock()
         self.depth = 0
         self.pid = -1
@@ -252,11 +256,15 @@ class SharedLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             raise
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self.depth -= 1
-        if self.depth == 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        self.rlock.release()
+        try:
+            if self.depth == 0:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                if error is not None:
+                    self.on_error(error)
+        finally:
+            self.rlock.release()
 
     def close(self) -> None:
         if self.fd >= 0 and self.pid == os.getpid():
@@ -291,7 +299,7 @@ class BlobCache:
         self.stats = CacheStats()
         self.lost: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # dirty sectors that failed
         self.seen = -1  # the generation of the index this process last loaded or wrote
-        self.lock = SharedLock(os.path.join(folder, "cache.lock"), self._catch_up)
+        self.lock = SharedLock(os.path.join(folder, "cache.lock"), self._catch_up, self._failed)
         with self.lock:
             if os.fstat(self.fd).st_size < self.slots * LINE:
                 os.ftruncate(self.fd, self.slots * LINE)
@@ -320,6 +328,14 @@ class BlobCache:
             self.slots = max(self.slots, os.fstat(self.fd).st_size // LINE)
             self.lru.protected_max = max(1, self.slots * 4 // 5)
             self._load(txn)
+
+    def _failed(self, error: BaseException) -> None:
+        """An operation failed part way (a full disk, say): what this process
+        holds in memory may be ahead of the index, so the next operation loads
+        the index again. A failure of the cache's own files is a HostError."""
+        self.seen = -1
+        if isinstance(error, (OSError, lmdb.Error)):
+            raise HostError(f"the host cache in {self.folder} failed: {error}") from error
 
     def _load(self, txn: Any) -> None:
         """The index as the processes left it: lines (a line this process

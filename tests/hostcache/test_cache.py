@@ -3,6 +3,7 @@ sharing a base image."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -11,11 +12,13 @@ import sys
 import tempfile
 import textwrap
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hostcache.cache import LINE, BlobCache, CachedBlob, CacheMode, runs
+from hostcache.errors import HostError
 from stamp import Stamp
 
 SIZE = 48 * 8192  # 6 cache lines of 64 KiB
@@ -277,3 +280,26 @@ def test_the_allocation_map_counts_what_the_cache_holds_dirty(tmp_path):
     assert f.data_ranges(LINE, 2 * LINE) == [(LINE, 512)]
     f.sync()
     assert f.data_ranges(0, 4 * LINE) == st.blobs.page_ranges("d")
+
+
+def test_a_full_cache_disk_is_a_host_error_and_leaves_the_index_the_truth(tmp_path, monkeypatch):
+    """A write that fails on the cache's disk (ENOSPC) left this process's
+    view ahead of the index (a line and its slot the index never got); the
+    error was a bare OSError. Now it is a HostError, and the view is loaded
+    again from the index, so later writes and check() agree with it."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+    f.pwrite(b"a" * LINE, 0)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(BlobCache, "_slot_write", full)
+    with pytest.raises(HostError, match="No space left on device"):
+        f.pwrite(b"b" * LINE, LINE)
+    monkeypatch.undo()
+    assert cache.check() == []
+    f.pwrite(b"c" * LINE, 2 * LINE)
+    assert f.pread(3 * LINE, 0) == b"a" * LINE + bytes(LINE) + b"c" * LINE
+    assert cache.check() == [] and not cache.lost
