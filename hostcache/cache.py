@@ -219,6 +219,34 @@ class _Segments:
         return list(self.probation) + list(self.protected)
 
 
+class FreeSlots:
+    """The cache file's free slots: those freed below a high-water mark, and
+    every slot from the mark up (never used, so not listed: a cache of any
+    size costs nothing until its slots are used). The lowest is taken first."""
+
+    def __init__(self, slots: int, used: set[int]) -> None:
+        self.slots = slots
+        self.mark = max(used) + 1 if used else 0
+        self.freed = [s for s in range(self.mark - 1, -1, -1) if s not in used]
+
+    def __len__(self) -> int:
+        return len(self.freed) + self.slots - self.mark
+
+    def pop(self) -> int:
+        if self.freed:
+            return self.freed.pop()
+        if self.mark >= self.slots:
+            raise IndexError("no free slot")
+        self.mark += 1
+        return self.mark - 1
+
+    def append(self, slot: int) -> None:
+        self.freed.append(slot)
+
+    def overlaps(self, used: set[int]) -> bool:
+        return bool(set(self.freed) & used) or any(s >= self.mark for s in used)
+
+
 class SharedLock:
     """The cache's lock, over the threads of this process (an RLock) and the
     processes that share the cache (flock on a lock file, reopened in a
@@ -290,7 +318,7 @@ class BlobCache:
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.lines: dict[Key, Line] = {}
-        self.free: list[int] = []
+        self.free = FreeSlots(self.slots, set())
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))
         self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version", "lease"}
         self.legacy: dict[bytes, tuple[str, int, Line]] = {}  # lines of an index keyed by name (older hosts)
@@ -367,7 +395,7 @@ class BlobCache:
         for key, raw in txn.cursor(db=self.lost_db):
             self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
         used = {line.slot for line in lines.values()} | {e[2].slot for e in self.legacy.values()}
-        self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
+        self.free = FreeSlots(self.slots, used)
         self.seen = self._generation(txn)
 
     def grow(self, capacity: int) -> None:
@@ -379,7 +407,7 @@ class BlobCache:
             os.ftruncate(self.fd, slots * LINE)
             with self._write():  # other processes look at the file's size again
                 pass
-            self.free = list(range(slots - 1, self.slots - 1, -1)) + self.free
+            self.free.slots = slots
             self.slots = slots
             self.lru.protected_max = max(1, slots * 4 // 5)
 
@@ -867,7 +895,7 @@ class BlobCache:
             self.lines.clear()
             self.ram.clear()
             self.lru = _Segments(protected_max=self.lru.protected_max)
-            self.free = list(range(self.slots - 1, -1, -1))
+            self.free = FreeSlots(self.slots, set())
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, self.slots * LINE)
             return lost
@@ -896,7 +924,7 @@ class BlobCache:
             for c in range(CHUNKS):
                 if chunks_of(line.valid) >> c & 1 and not line.chunk_ok(c, got[c]):
                     problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its checksum")
-        if len(seen) + len(self.free) != self.slots or set(self.free) & set(seen):
+        if len(seen) + len(self.free) != self.slots or self.free.overlaps(set(seen)):
             problems.append("free slots and used slots do not add up")
         with self.env.begin() as txn:
             stored = {_ID.unpack(bytes(k)): bytes(v) for k, v in txn.cursor(db=self.db)}

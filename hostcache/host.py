@@ -52,7 +52,7 @@ from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
-from .cache import BlobCache, CachedBlob, CacheMode
+from .cache import LINE, BlobCache, CachedBlob, CacheMode
 from .errors import HostError
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import DiskLimits, disk_limits, vm_limits
@@ -121,12 +121,18 @@ class Host:
         sizes times cache_scale (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
+        if cache_bytes is not None and cache_bytes < LINE:
+            raise HostError(f"a host cache needs at least {LINE} bytes, not {cache_bytes}")
         Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "host.json"), "w") as f:
             json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
                        "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
-        return cls(path, **kw)
+        try:
+            return cls(path, **kw)
+        except BaseException:  # no host.json that no command can open (a cache file too large, say)
+            os.remove(os.path.join(path, "host.json"))
+            raise
 
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import tracemalloc
 
 import pytest
 from hypothesis import settings
@@ -303,3 +304,23 @@ def test_a_full_cache_disk_is_a_host_error_and_leaves_the_index_the_truth(tmp_pa
     f.pwrite(b"c" * LINE, 2 * LINE)
     assert f.pread(3 * LINE, 0) == b"a" * LINE + bytes(LINE) + b"c" * LINE
     assert cache.check() == [] and not cache.lost
+
+
+def test_a_huge_cache_costs_nothing_until_used(tmp_path):
+    """Opening a cache listed every slot as free: a 64 GiB cache held a
+    million-entry list (a 95 PiB one, `hostcache init --cache-mib
+    99999999999`, never finished). Free slots above the highest used one are
+    not listed."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    tracemalloc.start()
+    try:
+        cache = BlobCache(str(tmp_path / "host"), capacity=64 << 30)
+        f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+        f.pwrite(b"x" * LINE, LINE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    assert len(cache.free) == (64 << 30) // LINE - 1 and cache.check() == []
+    cache.close()

@@ -270,3 +270,18 @@ def test_a_read_write_data_disk_maps_its_cached_writes_as_data(host):
     disk.write(MIB, b"q" * 65536)  # in the host cache only
     assert [(e.offset, e.length, e.state.value) for e in disk.allocation(0, 4 * MIB)] == [
         (0, MIB, "zero"), (MIB, 65536, "data"), (MIB + 65536, 3 * MIB - 65536, "zero")]
+
+
+def test_a_cache_too_small_or_too_large_leaves_no_host_folder(tmp_path, host, monkeypatch):
+    """It used to be refused after host.json was written: the folder then
+    said it held a host that no command could open."""
+    with pytest.raises(HostError, match="at least 65536 bytes"):
+        Host.create(str(tmp_path / "h2"), str(tmp_path / "st"), cache_bytes=-(1 << 20))
+    assert not os.path.exists(tmp_path / "h2" / "host.json")
+
+    def too_large(*args, **kw):
+        raise HostError("the host cache in h2/cache failed: [Errno 27] File too large")
+    monkeypatch.setattr("hostcache.host.BlobCache", too_large)  # past what the file system takes
+    with pytest.raises(HostError, match="File too large"):
+        Host.create(str(tmp_path / "h2"), str(tmp_path / "st"), cache_bytes=1 << 62)
+    assert not os.path.exists(tmp_path / "h2" / "host.json")
