@@ -47,7 +47,7 @@ from stamp import Stamp
 from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
 from stamp.errors import LeaseAlreadyPresent
 from vhd.blockdev import Extent
-from vhd.image import SparseImage, open_image
+from vhd.image import Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
@@ -497,16 +497,8 @@ class AttachedDisk:
         rec = host.disks.record(disk)
         self.blob = rec["blob"]
         lease = host.stamp.blobs.acquire_writer_lease(self.blob)
-        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)
-        resolver = None
-        image = rec.get("source", {}).get("image")
-        if image:
-            image_blob = host.disks.image(image)["blob"]
-            parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
-            resolver = lambda child, header: open_image(  # noqa: E731
-                CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
         try:
-            image_dev = open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
+            image_dev = self._open_image(rec, lease)
         except BaseException:
             host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
             raise
@@ -518,6 +510,19 @@ class AttachedDisk:
         self.throttle = host.throttle(vm)
         self.sleep = Sleeper(host.clock)
         self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
+
+    def _open_image(self, rec: dict[str, Any], lease: str) -> Image:
+        """The disk's VHD over the host cache (a FromImage disk's parent too)."""
+        host, mode = self.host, self.mode
+        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)  # may write back what a dead process left
+        resolver = None
+        image = rec.get("source", {}).get("image")
+        if image:
+            image_blob = host.disks.image(image)["blob"]
+            parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
+            resolver = lambda child, header: open_image(  # noqa: E731
+                CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
+        return open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
 
     def _admission(self, write: bool, nbytes: int, missed: bool) -> float:
         """When the I/O completes, as the throttle and the service latency say."""
