@@ -149,12 +149,16 @@ class Host:
     def close(self) -> None:
         if self.cache.fd < 0:
             return
-        for disk in list(self.open_disks.values()):
-            disk.close()
-        self._record_throttle_stats()
-        self.cache.close()
-        self.env.close()
-        self.stamp.close()
+        try:
+            for disk in list(self.open_disks.values()):
+                disk.close()
+            self._record_throttle_stats()
+        except lmdb.Error as e:  # the host's disk is full, say: the cache file keeps what was not flushed
+            raise HostError(f"the host's state in {self.path} could not be written: {e}") from e
+        finally:  # whatever failed, nothing stays open
+            self.cache.close()
+            self.env.close()
+            self.stamp.close()
 
     def __enter__(self) -> Host:
         return self

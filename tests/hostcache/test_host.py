@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 
+import lmdb
 import pytest
 
 import vhd
@@ -285,3 +286,20 @@ def test_a_cache_too_small_or_too_large_leaves_no_host_folder(tmp_path, host, mo
     with pytest.raises(HostError, match="File too large"):
         Host.create(str(tmp_path / "h2"), str(tmp_path / "st"), cache_bytes=1 << 62)
     assert not os.path.exists(tmp_path / "h2" / "host.json")
+
+
+def test_a_close_that_cannot_write_the_host_state_still_closes_everything(host, monkeypatch):
+    """A full host disk made close() end in a bare lmdb.DiskError (a traceback
+    in the CLI) with the cache, state and stamp left open."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.open_disk("vm1", -1).write(0, b"\x01" * 4096)
+
+    def full(*args):
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+    monkeypatch.setattr(Host, "_record_throttle_stats", full)
+    with pytest.raises(HostError, match="could not be written: mdb_txn_commit: No space left"):
+        host.close()
+    assert host.cache.fd == -1 and not host.open_disks
+    monkeypatch.undo()
+    with Host(host.path, clock=FakeClock()) as again:
+        assert again.open_disk("vm1", -1).read(0, 4096) == b"\x01" * 4096
