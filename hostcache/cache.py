@@ -50,6 +50,7 @@ import collections
 import enum
 import fcntl
 import json
+import mmap
 import os
 import struct
 import threading
@@ -82,7 +83,6 @@ _LINE_HEAD = struct.Struct("<Q16s16sH")  # slot, valid, dirty, pending chunks
 _SUMS = CHUNKS * 8  # a u64 checksum per chunk; pending lines carry a second array
 _ID = struct.Struct(">QQ")  # the index key: blob id, line index (big-endian: sorted)
 
-_GEN = b"generation"
 Key = tuple[int, int]  # (blob id, line index)
 
 
@@ -252,7 +252,9 @@ class SharedLock:
     processes that share the cache (flock on a lock file, reopened in a
     forked child, which must not share its parent's). Taking it from outside
     calls `on_acquire`, so the process catches up with what others wrote; an
-    error leaving it calls `on_error`, which may raise another in its place."""
+    error leaving it calls `on_error`, which may raise another in its place.
+    The lock file's first 8 bytes, mapped shared, are a generation counter
+    that whoever holds the lock moves on before changing what it guards."""
 
     def __init__(self, path: str, on_acquire: Callable[[], None],
                  on_error: Callable[[BaseException], None] = lambda e: None) -> None:
@@ -261,6 +263,17 @@ class SharedLock:
         self.depth = 0
         self.pid = -1
         self.fd = -1
+        self.counter: mmap.mmap | None = None
+
+    def generation(self) -> int:
+        assert self.counter is not None and self.depth, "the lock is not held"
+        return int.from_bytes(self.counter[:8], "little")
+
+    def bump(self) -> int:
+        """Move the generation on (the lock held): other processes will look again."""
+        gen = self.generation() + 1
+        self.counter[:8] = gen.to_bytes(8, "little")  # type: ignore[index]
+        return gen
 
     def __enter__(self) -> SharedLock:
         self.rlock.acquire()
@@ -276,10 +289,17 @@ class SharedLock:
     def _take(self) -> None:
         if self.pid != os.getpid():
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if os.fstat(self.fd).st_size < 8:
+                os.ftruncate(self.fd, 8)  # zeros: a race between two creators loses nothing
+            self.counter = mmap.mmap(self.fd, 8)
             self.pid = os.getpid()
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
-            self.on_acquire()
+            self.depth += 1  # generation() may be read in on_acquire
+            try:
+                self.on_acquire()
+            finally:
+                self.depth -= 1
         except BaseException:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             raise
@@ -296,8 +316,10 @@ class SharedLock:
 
     def close(self) -> None:
         if self.fd >= 0 and self.pid == os.getpid():
+            assert self.counter is not None
+            self.counter.close()
             os.close(self.fd)
-        self.fd, self.pid = -1, -1
+        self.fd, self.pid, self.counter = -1, -1, None
 
 
 class BlobCache:
@@ -314,7 +336,6 @@ class BlobCache:
         self.db = self.env.open_db(b"lines")
         self.blobs_db = self.env.open_db(b"blobs")
         self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
-        self.meta_db = self.env.open_db(b"meta")  # b"generation": u64, moved on by every write
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.lines: dict[Key, Line] = {}
@@ -334,24 +355,17 @@ class BlobCache:
 
     # -- several processes: the index is the truth, read again when another process changed it --
 
-    def _generation(self, txn: Any) -> int:
-        raw = txn.get(_GEN, db=self.meta_db)
-        return int.from_bytes(raw, "big") if raw is not None else 0
-
     def _write(self) -> lmdb.Transaction:
-        """A write transaction of the index (the lock held): it moves the
-        index's generation on, so other processes know to read it again."""
-        txn = self.env.begin(write=True)
-        self.seen += 1
-        txn.put(_GEN, self.seen.to_bytes(8, "big"), db=self.meta_db)
-        return txn
+        """A write transaction of the index (the lock held), after moving the
+        generation on: other processes will know to read the index again."""
+        self.seen = self.lock.bump()
+        return self.env.begin(write=True)
 
     def _catch_up(self) -> None:
         """Called with the lock just taken: if another process changed the
         index (or grew the file) since this one last looked, load it again."""
-        with self.env.begin(db=self.meta_db) as txn:
-            if self._generation(txn) == self.seen:
-                return
+        if self.lock.generation() == self.seen:
+            return
         with self.env.begin() as txn:
             self.slots = max(self.slots, os.fstat(self.fd).st_size // LINE)
             self.lru.protected_max = max(1, self.slots * 4 // 5)
@@ -396,7 +410,7 @@ class BlobCache:
             self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
         used = {line.slot for line in lines.values()} | {e[2].slot for e in self.legacy.values()}
         self.free = FreeSlots(self.slots, used)
-        self.seen = self._generation(txn)
+        self.seen = self.lock.generation()
 
     def grow(self, capacity: int) -> None:
         """Make room for more lines (a VM with a cache of its own arrived)."""
@@ -405,8 +419,7 @@ class BlobCache:
             if slots <= self.slots:
                 return
             os.ftruncate(self.fd, slots * LINE)
-            with self._write():  # other processes look at the file's size again
-                pass
+            self.seen = self.lock.bump()  # other processes look at the file's size again
             self.free.slots = slots
             self.slots = slots
             self.lru.protected_max = max(1, slots * 4 // 5)
