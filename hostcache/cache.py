@@ -433,13 +433,15 @@ class BlobCache:
 
     # -- blobs: identity and version ------------------------------------------------------
 
-    def open_blob(self, stamp: Stamp, name: str, writable: bool, lease: str | None = None) -> int:
+    def open_blob(self, stamp: Stamp, name: str, writable: bool, lease: str | None = None,
+                  keep_clean: bool = True) -> int:
         """Start using blob `name`; returns its id. Clean lines survive only if
         the blob's version is the one recorded at its last close (else it was
         written elsewhere, or this host died while writing it); lines of an
         older blob of the same name (deleted since) are dropped. The writer's
         lease is kept in the index: any process of this host evicting a dirty
-        line of the blob presents it."""
+        line of the blob presents it. Without keep_clean (a writer that will
+        not keep the cache up to date: caching None) clean lines go too."""
         blob_id, version = stamp.blobs.version(name)
         with self.lock:
             lease = lease or self.known.get(blob_id, {}).get("lease")
@@ -447,7 +449,7 @@ class BlobCache:
                 if rec["name"] == name and other != blob_id:
                     self._drop_lines(other, clean_only=False)  # that blob is gone: so is its data
                     self._register(other, None)
-            if self.known.get(blob_id, {}).get("version") != version:
+            if not keep_clean or self.known.get(blob_id, {}).get("version") != version:
                 self._drop_lines(blob_id, clean_only=True)  # dirty sectors are acknowledged writes: kept
             self._register(blob_id, {"name": name, "version": None if writable else version, "lease": lease})
         return blob_id
@@ -957,7 +959,8 @@ class CachedBlob(PageBlobFile):
                  lease: str | None = None, writable: bool = True) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
-        self.blob_id = cache.open_blob(stamp, blob, writable, lease)
+        # a writer in None writes around the cache: the version it leaves at close must not vouch for old lines
+        self.blob_id = cache.open_blob(stamp, blob, writable, lease, keep_clean=not (writable and mode is CacheMode.NONE))
         if mode is not CacheMode.READWRITE:
             cache.flush(stamp, self.blob_id)
 

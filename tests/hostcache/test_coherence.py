@@ -66,6 +66,21 @@ def test_a_blob_dropped_under_its_open_file_refuses_io_instead_of_losing_it(stam
     assert cache.dirty() == {} and stamp.blobs.read("d", 0, 4096) == b"s" * 4096
 
 
+def test_a_write_with_caching_none_is_not_hidden_by_lines_cached_before(stamp, tmp_path):
+    """Caching None writes around the cache; the version recorded at its
+    close then vouched for the lines an earlier ReadOnly open had cached."""
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, stamp, "d", CacheMode.READONLY)
+    assert f.pread(4096, 0) == b"s" * 4096
+    f.close()
+    f = CachedBlob(cache, stamp, "d", CacheMode.NONE)
+    f.pwrite(b"n" * 4096, 0)
+    f.close()
+    f = CachedBlob(cache, stamp, "d", CacheMode.READONLY)
+    assert f.pread(4096, 0) == b"n" * 4096
+    assert cache.check() == []
+
+
 def test_a_blob_written_elsewhere_is_read_fresh_on_the_next_open(stamp, tmp_path):
     cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
     f = CachedBlob(cache, stamp, "d", CacheMode.READONLY)
