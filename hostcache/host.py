@@ -283,10 +283,10 @@ class Host:
 
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
         vm = self.vm(vm_name)
-        for lun, disk in self._luns(vm):
+        for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk)
-            if deallocate:
-                self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
+        for lun, disk in self._luns(vm) if deallocate else []:
+            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
         vm["state"] = "Deallocated" if deallocate else "Stopped"
         self._put(vm)
         self.throttles.pop(vm_name, None)
@@ -302,8 +302,9 @@ class Host:
 
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
-        for lun, disk in self._luns(vm):
+        for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk, drop=True)
+        for _, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)

@@ -254,6 +254,19 @@ def test_a_disk_open_in_another_process_is_not_detached_under_it(host, tmp_path)
         assert v.read(0, 2 * 65536) == b"A" * 65536 + b"B" * 65536
 
 
+def test_deleting_a_vm_whose_data_disk_is_open_elsewhere_changes_nothing(host, tmp_path):
+    """The OS disk was marked Unattached (free for another VM to attach)
+    before the data disk was refused, and the VM kept both."""
+    server = serve_in_another_process(host, tmp_path)
+    for call in (lambda: host.delete_vm("vm1"), lambda: host.stop("vm1")):
+        with pytest.raises(HostRuleError, match="open for writing"):
+            call()
+        assert host.disks.record("vm1-osdisk")["state"] == "Attached" and host.vm("vm1")["state"] == "Running"
+    server.communicate("go on\n", timeout=60)
+    host.delete_vm("vm1")
+    assert host.disks.record("vm1-osdisk")["state"] == "Unattached"
+
+
 def test_detach_after_the_serving_process_died_writes_its_dirty_lines_back(host, tmp_path):
     """The dead process held the blob's lease: the write-back of its dirty
     lines by another process used to fail (LeaseIdMissing) and the detach with it."""
