@@ -24,13 +24,15 @@ Platform rules kept here (reference file, host_caching and VM sizes):
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
-Several processes may act on one host: state is in LMDB; the throttle and
+Several processes may act on one host: state is in LMDB, and the compute
+calls that change it run one at a time (HOST/state.lock); the throttle and
 the open disks live in the process that serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -38,8 +40,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -52,7 +55,7 @@ from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, expected_checksum, is_ours, sectors_to_read
-from .cache import LINE, BlobCache, CachedBlob, CacheMode
+from .cache import LINE, BlobCache, CachedBlob, CacheMode, SharedLock
 from .errors import HostError
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import DiskLimits, disk_limits, vm_limits
@@ -70,6 +73,21 @@ def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
     """The VM's disk entry at `lun` (OS_LUN for the OS disk), or None."""
     entry: dict[str, Any] | None = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
     return entry
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: Method) -> Method:
+    """A compute call reads VM records and disk states, checks the rules and
+    writes them back: one at a time across the host's processes (the host's
+    state lock), else two could both find a disk Unattached and attach it
+    to two VMs, or both rewrite one VM's record and lose a LUN."""
+    @functools.wraps(method)
+    def locked(self: Host, *args: Any, **kw: Any) -> Any:
+        with self.state_lock:
+            return method(self, *args, **kw)
+    return locked  # type: ignore[return-value]
 
 
 class HostRuleError(HostError):
@@ -104,6 +122,7 @@ class Host:
         self.stamp = Stamp.open(self.config["stamp"])
         self.disks = Disks(self.stamp)
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
+        self.state_lock = SharedLock(os.path.join(path, "state.lock"), lambda: None)  # see _one_at_a_time
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
@@ -157,6 +176,7 @@ class Host:
             raise HostError(f"the host's state in {self.path} could not be written: {e}") from e
         finally:  # whatever failed, nothing stays open
             self.cache.close()
+            self.state_lock.close()
             self.env.close()
             self.stamp.close()
 
@@ -205,6 +225,7 @@ class Host:
 
     # -- the compute calls ----------------------------------------------------------------
 
+    @_one_at_a_time
     def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
         limits = vm_limits(size)
@@ -238,6 +259,7 @@ class Host:
                 raise HostRuleError(f"this VM size has no host cache: attach {disk} with caching None")
         return mode.value
 
+    @_one_at_a_time
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
         vm = self.vm(vm_name)
         limits = vm_limits(vm["size"])
@@ -261,6 +283,7 @@ class Host:
             live.add_disk(str(lun), _limits(rec))
         return vm
 
+    @_one_at_a_time
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
         entry = vm["data_disks"].get(str(lun))
@@ -275,12 +298,14 @@ class Host:
         self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
         return vm
 
+    @_one_at_a_time
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
         disk = self.vm(vm_name)["data_disks"][str(lun)]["disk"]
         self.detach(vm_name, lun)
         return self.attach(vm_name, disk, lun, caching)
 
+    @_one_at_a_time
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
@@ -292,6 +317,7 @@ class Host:
         self.throttles.pop(vm_name, None)
         return vm
 
+    @_one_at_a_time
     def start(self, vm_name: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
@@ -300,6 +326,7 @@ class Host:
         self._put(vm)
         return vm
 
+    @_one_at_a_time
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes

@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import lmdb
 import pytest
@@ -316,3 +317,47 @@ def test_a_close_that_cannot_write_the_host_state_still_closes_everything(host, 
     monkeypatch.undo()
     with Host(host.path, clock=FakeClock()) as again:
         assert again.open_disk("vm1", -1).read(0, 4096) == b"\x01" * 4096
+
+
+ATTACHER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from hostcache.host import Host
+from hostcache.throttle import FakeClock
+if sys.argv[3] == "pause":
+    checked = Host._caching  # runs after the disk's state was found Unattached, before anything is written
+    def paused(self, *a, **k):
+        print("checked", flush=True)
+        sys.stdin.readline()
+        return checked(self, *a, **k)
+    Host._caching = paused
+with Host(sys.argv[1], clock=FakeClock()) as h:
+    try:
+        h.attach(sys.argv[4], "data1", 0, "ReadOnly")
+        print("attached", flush=True)
+    except Exception as e:
+        print(e, flush=True)
+"""
+
+
+def waits_on_a_lock(pid: int) -> bool:
+    with open("/proc/locks") as f:
+        return any("->" in line and f" {pid} " in line for line in f)
+
+
+def test_two_processes_cannot_attach_one_disk_to_two_vms(host):
+    """Each attach found the disk Unattached before either wrote: the disk
+    ended up in both VMs' records."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.create_vm("vm2", "D8s_v3", "mbr")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    first = subprocess.Popen([sys.executable, "-c", ATTACHER, host.path, root, "pause", "vm1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "checked\n"  # type: ignore[union-attr]
+    second = subprocess.Popen([sys.executable, "-c", ATTACHER, host.path, root, "go", "vm2"],
+                              stdout=subprocess.PIPE, text=True)
+    while second.poll() is None and not waits_on_a_lock(second.pid):
+        time.sleep(0.01)  # until it has attached, or waits for the first call to end
+    assert first.communicate("go\n", timeout=60)[0] == "attached\n"
+    assert second.communicate(timeout=60)[0] == "disk data1 is Attached to VM vm1\n"
+    assert host.vm("vm2")["data_disks"] == {} and host.disks.record("data1")["attached_to"] == "vm1"
