@@ -34,17 +34,28 @@ segment and moves to the protected one on its second use; victims come from
 probation first. A dirty victim is written back before its slot is reused.
 `lose()` is the host-lost fault: the cache is gone and the unflushed ranges
 are reported lost.
+Several processes of one host may share the cache (`hostcache serve` and a
+CLI command): each operation holds a SharedLock (threads and processes), the
+index in LMDB is the truth, every index write moves its generation on, and a
+process that takes the lock and finds the generation moved loads the index
+again (so no two processes hand out one slot). A blob's record keeps its
+writer's lease, so whichever process evicts a dirty line can write it back.
+An operation that fails part way (the cache's disk full) is a HostError and
+leaves the index the truth: the next operation loads it again.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import fcntl
 import json
+import mmap
 import os
 import struct
 import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +219,109 @@ class _Segments:
         return list(self.probation) + list(self.protected)
 
 
+class FreeSlots:
+    """The cache file's free slots: those freed below a high-water mark, and
+    every slot from the mark up (never used, so not listed: a cache of any
+    size costs nothing until its slots are used). The lowest is taken first."""
+
+    def __init__(self, slots: int, used: set[int]) -> None:
+        self.slots = slots
+        self.mark = max(used) + 1 if used else 0
+        self.freed = [s for s in range(self.mark - 1, -1, -1) if s not in used]
+
+    def __len__(self) -> int:
+        return len(self.freed) + self.slots - self.mark
+
+    def pop(self) -> int:
+        if self.freed:
+            return self.freed.pop()
+        if self.mark >= self.slots:
+            raise IndexError("no free slot")
+        self.mark += 1
+        return self.mark - 1
+
+    def append(self, slot: int) -> None:
+        self.freed.append(slot)
+
+    def overlaps(self, used: set[int]) -> bool:
+        return bool(set(self.freed) & used) or any(s >= self.mark for s in used)
+
+
+class SharedLock:
+    """The cache's lock, over the threads of this process (an RLock) and the
+    processes that share the cache (flock on a lock file, reopened in a
+    forked child, which must not share its parent's). Taking it from outside
+    calls `on_acquire`, so the process catches up with what others wrote; an
+    error leaving it calls `on_error`, which may raise another in its place.
+    The lock file's first 8 bytes, mapped shared, are a generation counter
+    that whoever holds the lock moves on before changing what it guards."""
+
+    def __init__(self, path: str, on_acquire: Callable[[], None],
+                 on_error: Callable[[BaseException], None] = lambda e: None) -> None:
+        self.path, self.on_acquire, self.on_error = path, on_acquire, on_error
+        self.rlock = threading.RLock()
+        self.depth = 0
+        self.pid = -1
+        self.fd = -1
+        self.counter: mmap.mmap | None = None
+
+    def generation(self) -> int:
+        assert self.counter is not None and self.depth, "the lock is not held"
+        return int.from_bytes(self.counter[:8], "little")
+
+    def bump(self) -> int:
+        """Move the generation on (the lock held): other processes will look again."""
+        gen = self.generation() + 1
+        self.counter[:8] = gen.to_bytes(8, "little")  # type: ignore[index]
+        return gen
+
+    def __enter__(self) -> SharedLock:
+        self.rlock.acquire()
+        if self.depth == 0:
+            try:
+                self._take()
+            except BaseException:
+                self.rlock.release()
+                raise
+        self.depth += 1
+        return self
+
+    def _take(self) -> None:
+        if self.pid != os.getpid():
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if os.fstat(self.fd).st_size < 8:
+                os.ftruncate(self.fd, 8)  # zeros: a race between two creators loses nothing
+            self.counter = mmap.mmap(self.fd, 8)
+            self.pid = os.getpid()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            self.depth += 1  # generation() may be read in on_acquire
+            try:
+                self.on_acquire()
+            finally:
+                self.depth -= 1
+        except BaseException:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            raise
+
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
+        self.depth -= 1
+        try:
+            if self.depth == 0:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                if error is not None:
+                    self.on_error(error)
+        finally:
+            self.rlock.release()
+
+    def close(self) -> None:
+        if self.fd >= 0 and self.pid == os.getpid():
+            assert self.counter is not None
+            self.counter.close()
+            os.close(self.fd)
+        self.fd, self.pid, self.counter = -1, -1, None
+
+
 class BlobCache:
     """One host's cache: `capacity` bytes of cache file, `ram` bytes of RAM."""
 
@@ -224,35 +338,79 @@ class BlobCache:
         self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
         path = os.path.join(folder, "cache.dat")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if os.fstat(self.fd).st_size < self.slots * LINE:
-            os.ftruncate(self.fd, self.slots * LINE)
         self.lines: dict[Key, Line] = {}
+        self.free = FreeSlots(self.slots, set())
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))
-        self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version"}
+        self.known: dict[int, dict[str, Any]] = {}  # blob id -> {"name", "version", "lease"}
         self.legacy: dict[bytes, tuple[str, int, Line]] = {}  # lines of an index keyed by name (older hosts)
-        with self.env.begin() as txn:
-            for key, raw in txn.cursor(db=self.db):
-                if len(key) != _ID.size:
-                    self._legacy_line(bytes(key), bytes(raw))
-                    continue
-                k = _ID.unpack(bytes(key))
-                line = Line.unpack(bytes(raw))
-                if line.slot < self.slots:
-                    self.lines[k] = line
-                    self.lru.touch(k)
-            for key, raw in txn.cursor(db=self.blobs_db):
-                self.known[_ID.unpack(bytes(key))[0]] = json.loads(bytes(raw))
-        used = {line.slot for line in self.lines.values()} | {e[2].slot for e in self.legacy.values()}
-        self.free = [s for s in range(self.slots - 1, -1, -1) if s not in used]
         self.ram_lines = max(0, ram // LINE)
         self.ram: collections.OrderedDict[Key, bytearray] = collections.OrderedDict()
         self.stats = CacheStats()
         self.lost: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)  # dirty sectors that failed
+        self.seen = -1  # the generation of the index this process last loaded or wrote
+        self.lock = SharedLock(os.path.join(folder, "cache.lock"), self._catch_up, self._failed)
+        with self.lock:
+            if os.fstat(self.fd).st_size < self.slots * LINE:
+                os.ftruncate(self.fd, self.slots * LINE)
+
+    # -- several processes: the index is the truth, read again when another process changed it --
+
+    def _write(self) -> lmdb.Transaction:
+        """A write transaction of the index (the lock held), after moving the
+        generation on: other processes will know to read the index again."""
+        self.seen = self.lock.bump()
+        return self.env.begin(write=True)
+
+    def _catch_up(self) -> None:
+        """Called with the lock just taken: if another process changed the
+        index (or grew the file) since this one last looked, load it again."""
+        if self.lock.generation() == self.seen:
+            return
         with self.env.begin() as txn:
-            for key, raw in txn.cursor(db=self.lost_db):
-                self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
-        self.lock = threading.RLock()
-        self.leases: dict[int, str] = {}  # blob id -> the lease write-back must present
+            self.slots = max(self.slots, os.fstat(self.fd).st_size // LINE)
+            self.lru.protected_max = max(1, self.slots * 4 // 5)
+            self._load(txn)
+
+    def _failed(self, error: BaseException) -> None:
+        """An operation failed part way (a full disk, say): what this process
+        holds in memory may be ahead of the index, so the next operation loads
+        the index again. A failure of the cache's own files is a HostError."""
+        self.seen = -1
+        if isinstance(error, (OSError, lmdb.Error)):
+            raise HostError(f"the host cache in {self.folder} failed: {error}") from error
+
+    def _load(self, txn: Any) -> None:
+        """The index as the processes left it: lines (a line this process
+        already holds unchanged keeps its RAM copy and what it saw land),
+        blobs, lost sectors; the free slots are the ones no line holds."""
+        lines: dict[Key, Line] = {}
+        self.legacy.clear()
+        for key, raw in txn.cursor(db=self.db):
+            if len(key) != _ID.size:
+                self._legacy_line(bytes(key), bytes(raw))
+                continue
+            k = _ID.unpack(bytes(key))
+            mine = self.lines.get(k)
+            line = mine if mine is not None and mine.pack() == bytes(raw) else Line.unpack(bytes(raw))
+            if line.slot < self.slots:
+                lines[k] = line
+        for k in list(self.ram):
+            if self.lines.get(k) is not lines.get(k):
+                del self.ram[k]
+        for k in self.lru.victims():
+            if k not in lines:
+                self.lru.drop(k)
+        for k in lines:
+            if k not in self.lru.probation and k not in self.lru.protected:
+                self.lru.touch(k)
+        self.lines = lines
+        self.known = {_ID.unpack(bytes(k))[0]: json.loads(bytes(v)) for k, v in txn.cursor(db=self.blobs_db)}
+        self.lost = collections.defaultdict(list)
+        for key, raw in txn.cursor(db=self.lost_db):
+            self.lost[bytes(key).decode()] = [tuple(r) for r in json.loads(bytes(raw))]
+        used = {line.slot for line in lines.values()} | {e[2].slot for e in self.legacy.values()}
+        self.free = FreeSlots(self.slots, used)
+        self.seen = self.lock.generation()
 
     def grow(self, capacity: int) -> None:
         """Make room for more lines (a VM with a cache of its own arrived)."""
@@ -261,7 +419,8 @@ class BlobCache:
             if slots <= self.slots:
                 return
             os.ftruncate(self.fd, slots * LINE)
-            self.free = list(range(slots - 1, self.slots - 1, -1)) + self.free
+            self.seen = self.lock.bump()  # other processes look at the file's size again
+            self.free.slots = slots
             self.slots = slots
             self.lru.protected_max = max(1, slots * 4 // 5)
 
@@ -270,27 +429,35 @@ class BlobCache:
             os.close(self.fd)
             self.fd = -1
             self.env.close()
+            self.lock.close()
 
     # -- blobs: identity and version ------------------------------------------------------
 
-    def open_blob(self, stamp: Stamp, name: str, writable: bool) -> int:
+    def open_blob(self, stamp: Stamp, name: str, writable: bool, lease: str | None = None,
+                  keep_clean: bool = True) -> int:
         """Start using blob `name`; returns its id. Clean lines survive only if
         the blob's version is the one recorded at its last close (else it was
         written elsewhere, or this host died while writing it); lines of an
-        older blob of the same name (deleted since) are dropped."""
+        older blob of the same name (deleted since) are dropped. The writer's
+        lease is kept in the index: any process of this host evicting a dirty
+        line of the blob presents it. Without keep_clean (a writer that will
+        not keep the cache up to date: caching None) clean lines go too."""
         blob_id, version = stamp.blobs.version(name)
         with self.lock:
+            lease = lease or self.known.get(blob_id, {}).get("lease")
             for other, rec in list(self.known.items()):
                 if rec["name"] == name and other != blob_id:
                     self._drop_lines(other, clean_only=False)  # that blob is gone: so is its data
                     self._register(other, None)
-            if self.known.get(blob_id, {}).get("version") != version:
+            if not keep_clean or self.known.get(blob_id, {}).get("version") != version:
                 self._drop_lines(blob_id, clean_only=True)  # dirty sectors are acknowledged writes: kept
-            self._register(blob_id, {"name": name, "version": None if writable else version})
+            self._register(blob_id, {"name": name, "version": None if writable else version, "lease": lease})
         return blob_id
 
     def close_blob(self, stamp: Stamp, blob_id: int) -> None:
-        """Done writing the blob (after its flush): record the version its clean lines match."""
+        """Done writing the blob (after its flush): record the version its clean
+        lines match, and forget the writer's lease (it is being released: a
+        later write-back must name none, or the stamp refuses it)."""
         with self.lock:
             rec = self.known.get(blob_id)
             if rec is None:
@@ -300,17 +467,25 @@ class BlobCache:
             except BlobNotFound:
                 return
             if got_id == blob_id:
-                self._register(blob_id, {**rec, "version": version})
+                self._register(blob_id, {**rec, "version": version, "lease": None})
 
     def _register(self, blob_id: int, rec: dict[str, Any] | None) -> None:
         key = _ID.pack(blob_id, 0)
-        with self.env.begin(write=True) as txn:
+        with self._write() as txn:
             if rec is None:
                 self.known.pop(blob_id, None)
                 txn.delete(key, db=self.blobs_db)
             else:
                 self.known[blob_id] = rec
                 txn.put(key, json.dumps(rec).encode(), db=self.blobs_db)
+
+    def _name(self, blob_id: int) -> str:
+        """The name of a blob in use; one whose record is gone was detached or
+        deleted (by another process) under the one using it."""
+        rec = self.known.get(blob_id)
+        if rec is None:
+            raise HostError(f"blob #{blob_id} is no longer in use on this host (detached or deleted meanwhile)")
+        return str(rec["name"])
 
     def _ids(self, name: str) -> list[int]:
         return [i for i, rec in self.known.items() if rec["name"] == name]
@@ -333,7 +508,7 @@ class BlobCache:
                 blob_id = stamp.blobs.blob_id(name)
             except BlobNotFound:
                 blob_id = -1
-            with self.env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.delete(old_key, db=self.db)
             if blob_id < 0 or not line.dirty:
                 self.free.append(line.slot)
@@ -373,7 +548,7 @@ class BlobCache:
     # -- the index ------------------------------------------------------------------
 
     def _commit(self, key: Key, line: Line | None) -> None:
-        with self.env.begin(write=True) as txn:
+        with self._write() as txn:
             if line is None:
                 txn.delete(_ID.pack(*key), db=self.db)
             else:
@@ -381,6 +556,10 @@ class BlobCache:
 
     def dirty(self, blob: str | None = None) -> dict[str, list[tuple[int, int]]]:
         """Unflushed byte ranges (offset, length), per blob name."""
+        with self.lock:
+            return self._dirty(blob)
+
+    def _dirty(self, blob: str | None) -> dict[str, list[tuple[int, int]]]:
         out: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         for (blob_id, index), line in sorted(self.lines.items()):
             name = self.known.get(blob_id, {}).get("name", f"#{blob_id}")
@@ -389,6 +568,23 @@ class BlobCache:
                     start = index * LINE + s * SECTOR
                     out[name].append((start, start + n * SECTOR))
         return {b: [(s, e - s) for s, e in merge_ranges(r)] for b, r in out.items()}
+
+    def dirty_ranges(self, blob_id: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """(start, end) of the blob's dirty sectors within [offset, offset+length)."""
+        with self.lock:
+            first, last = offset // LINE, (offset + length - 1) // LINE
+            if last - first < len(self.lines):
+                keys = [(blob_id, i) for i in range(first, last + 1) if (blob_id, i) in self.lines]
+            else:
+                keys = [k for k in self.lines if k[0] == blob_id and first <= k[1] <= last]
+            out = []
+            for key in keys:
+                for s, n in runs(self.lines[key].dirty):
+                    start = key[1] * LINE + s * SECTOR
+                    lo, hi = max(start, offset), min(start + n * SECTOR, offset + length)
+                    if hi > lo:
+                        out.append((lo, hi))
+            return out
 
     # -- slots ------------------------------------------------------------------------
 
@@ -423,7 +619,7 @@ class BlobCache:
             name = self.known.get(key[0], {}).get("name", f"#{key[0]}")
             for s, n in runs(lost):
                 self.lost[name].append((key[1] * LINE + s * SECTOR, n * SECTOR))
-            with self.env.begin(write=True) as txn:  # the report outlives the process
+            with self._write() as txn:  # the report outlives the process
                 txn.put(name.encode(), json.dumps(self.lost[name]).encode(), db=self.lost_db)
         line.valid &= ~bad
         line.dirty &= ~bad
@@ -504,7 +700,7 @@ class BlobCache:
         """Read the line's span from the stamp; our dirty sectors are newer and
         win. With fill, the sectors the line lacks are kept (slot, then index)."""
         self.stats.read_misses += count
-        name = self.known[key[0]]["name"]
+        name = self._name(key[0])
         size = stamp.blobs.size(name)
         line_start = key[1] * LINE
         span = min(LINE, max(0, size - line_start))
@@ -563,6 +759,8 @@ class BlobCache:
         """Put sector-aligned data in the cache: dirty (ReadWrite: the stamp has
         not got it yet) or clean (ReadOnly: the stamp already has it)."""
         with self.lock:
+            if dirty:
+                self._name(blob_id)  # never dirty lines of a blob no record names: write-back would drop them
             view = memoryview(data)
             pos, end = offset, offset + len(view)
             while pos < end:
@@ -677,14 +875,17 @@ class BlobCache:
         if nbytes > 0:
             if data is None:
                 data = self._slot_read(line, s, n)
-            stamp.blobs.write(name, at, data[:nbytes], lease=self.leases.get(key[0]))
+            stamp.blobs.write(name, at, data[:nbytes], lease=self.known.get(key[0], {}).get("lease"))
             self.stats.written_back += nbytes
 
-    def flush(self, stamp: Stamp, blob: str | int) -> int:
+    def flush(self, stamp: Stamp, blob: str | int, lease: str | None = None) -> int:
         """Write back every dirty sector of a blob (by id, or every id known
-        under a name); returns the bytes written."""
+        under a name), under `lease` if given (the blob's writer lease, taken
+        anew: its last writer died); returns the bytes written."""
         with self.lock:
             ids = [blob] if isinstance(blob, int) else self._ids(blob)
+            for blob_id in ids if lease else []:
+                self._register(blob_id, {**self.known[blob_id], "lease": lease})
             before = self.stats.written_back
             for key, line in sorted(self.lines.items()):
                 if key[0] in ids and line.dirty:
@@ -706,12 +907,12 @@ class BlobCache:
         (every unflushed range, per blob)."""
         with self.lock:
             lost = self.dirty()
-            with self.env.begin(write=True) as txn:
+            with self._write() as txn:
                 txn.drop(self.db, delete=False)
             self.lines.clear()
             self.ram.clear()
             self.lru = _Segments(protected_max=self.lru.protected_max)
-            self.free = list(range(self.slots - 1, -1, -1))
+            self.free = FreeSlots(self.slots, set())
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, self.slots * LINE)
             return lost
@@ -719,6 +920,10 @@ class BlobCache:
     def check(self) -> list[str]:
         """Invariants: slots unique and in range, dirty within valid, free list
         complete, the index on disk as in memory, every valid chunk's checksum."""
+        with self.lock:
+            return self._check()
+
+    def _check(self) -> list[str]:
         problems = []
         seen: dict[int, Key] = {}
         for key, line in self.lines.items():
@@ -736,7 +941,7 @@ class BlobCache:
             for c in range(CHUNKS):
                 if chunks_of(line.valid) >> c & 1 and not line.chunk_ok(c, got[c]):
                     problems.append(f"line {key}: chunk {c} (sectors {c * PER}-{c * PER + PER - 1}) fails its checksum")
-        if len(seen) + len(self.free) != self.slots or set(self.free) & set(seen):
+        if len(seen) + len(self.free) != self.slots or self.free.overlaps(set(seen)):
             problems.append("free slots and used slots do not add up")
         with self.env.begin() as txn:
             stored = {_ID.unpack(bytes(k)): bytes(v) for k, v in txn.cursor(db=self.db)}
@@ -756,9 +961,8 @@ class CachedBlob(PageBlobFile):
                  lease: str | None = None, writable: bool = True) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
-        self.blob_id = cache.open_blob(stamp, blob, writable)
-        if lease:
-            cache.leases[self.blob_id] = lease
+        # a writer in None writes around the cache: the version it leaves at close must not vouch for old lines
+        self.blob_id = cache.open_blob(stamp, blob, writable, lease, keep_clean=not (writable and mode is CacheMode.NONE))
         if mode is not CacheMode.READWRITE:
             cache.flush(stamp, self.blob_id)
 
@@ -787,6 +991,16 @@ class CachedBlob(PageBlobFile):
             self.cache.update(self.stamp, self.blob_id, offset, data, dirty=False)
         else:
             self.cache.update(self.stamp, self.blob_id, offset, data, dirty=True)
+
+    def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The stamp's pages that hold data and, in ReadWrite, the sectors the
+        cache holds dirty (data the stamp has not got yet: an NBD client that
+        skips holes must still copy them)."""
+        ranges = super().data_ranges(offset, length)
+        if self.mode is not CacheMode.READWRITE:
+            return ranges
+        mine = self.cache.dirty_ranges(self.blob_id, offset, length)
+        return [(s, e - s) for s, e in merge_ranges([(o, o + n) for o, n in ranges] + mine)]
 
     def sync(self) -> None:
         """Flush (and FUA): write back what the cache holds dirty, then make the stamp durable."""

@@ -32,12 +32,16 @@ VM sizes), refused with the platform's error codes (errors.py):
   size with premium storage;
 - create_vm checks the image (vhd's check: footers, checksums) and every
   rule before it creates the OS disk, and a refused call leaves nothing;
-- detach, stop and delete flush the disk's dirty cache lines first; detach
-  and delete also drop its lines (it may be written elsewhere meanwhile).
+- detach, stop and delete flush the disk's dirty cache lines first (under
+  the disk's writer lease, taken anew if the process that held it died);
+  detach and delete also drop its lines (it may be written elsewhere
+  meanwhile); all three are refused while another live process of the host
+  has the disk open (`hostcache serve`, `mount`), which would go on writing.
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
-Several processes may act on one host: state is in LMDB, the throttle's
+Several processes may act on one host: state is in LMDB, and the compute
+calls that change it run one at a time (HOST/state.lock); the throttle's
 buckets are files in the host folder (buckets.py) shared by them all; the
 open disks live in the process that serves them.
 """
@@ -45,6 +49,7 @@ open disks live in the process that serves them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -52,23 +57,25 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
+from stamp.errors import LeaseAlreadyPresent
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
-from vhd.image import SparseImage, open_image
+from vhd.image import Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, is_ours, recorded_digest
 from .buckets import BucketStore
-from .cache import BlobCache, CachedBlob, CacheMode
+from .cache import BlobCache, CachedBlob, CacheMode, SharedLock
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, vm_limits
@@ -108,6 +115,21 @@ def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
     return entry
 
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _one_at_a_time(method: Method) -> Method:
+    """A compute call reads VM records and disk states, checks the rules and
+    writes them back: one at a time across the host's processes (the host's
+    state lock), else two could both find a disk Unattached and attach it
+    to two VMs, or both rewrite one VM's record and lose a LUN."""
+    @functools.wraps(method)
+    def locked(self: Host, *args: Any, **kw: Any) -> Any:
+        with self.state_lock:
+            return method(self, *args, **kw)
+    return locked  # type: ignore[return-value]
+
+
 @dataclass
 class Sleeper:
     """Waits until a time on the clock; a FakeClock is advanced instead."""
@@ -136,6 +158,7 @@ class Host:
         self.stamp = Stamp.open(self.config["stamp"])
         self.disks = Disks(self.stamp)
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
+        self.state_lock = SharedLock(os.path.join(path, "state.lock"), lambda: None)  # see _one_at_a_time
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
@@ -163,7 +186,11 @@ class Host:
         with open(os.path.join(path, "host.json"), "w") as f:
             json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
                        "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
-        return cls(path, **kw)
+        try:
+            return cls(path, **kw)
+        except BaseException:  # no host.json that no command can open (a cache file too large, say)
+            os.remove(os.path.join(path, "host.json"))
+            raise
 
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""
@@ -180,13 +207,18 @@ class Host:
     def close(self) -> None:
         if self.cache.fd < 0:
             return
-        for disk in list(self.open_disks.values()):
-            disk.close()
-        self._record_throttle_stats()
-        self.buckets.close()
-        self.cache.close()
-        self.env.close()
-        self.stamp.close()
+        try:
+            for disk in list(self.open_disks.values()):
+                disk.close()
+            self._record_throttle_stats()
+        except lmdb.Error as e:  # the host's disk is full, say: the cache file keeps what was not flushed
+            raise HostError(f"the host's state in {self.path} could not be written: {e}") from e
+        finally:  # whatever failed, nothing stays open
+            self.buckets.close()
+            self.cache.close()
+            self.state_lock.close()
+            self.env.close()
+            self.stamp.close()
 
     def __enter__(self) -> Host:
         return self
@@ -236,6 +268,7 @@ class Host:
 
     # -- the compute calls ----------------------------------------------------------------
 
+    @_one_at_a_time
     def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
         """A VM whose OS disk is made from `image`. Every rule is checked
@@ -305,6 +338,7 @@ class Host:
                                       f"use {flag}")
         return mode.value
 
+    @_one_at_a_time
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
         vm = self.vm(vm_name)
         limits = vm_limits(vm["size"])
@@ -335,6 +369,7 @@ class Host:
             self._any_throttle(vm).resume([str(lun)])
         return vm
 
+    @_one_at_a_time
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
         entry = vm["data_disks"].get(str(lun))
@@ -352,6 +387,7 @@ class Host:
         self._prune_buckets()
         return vm
 
+    @_one_at_a_time
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
         entry = self.vm(vm_name)["data_disks"].get(str(lun))
@@ -361,19 +397,21 @@ class Host:
         self.detach(vm_name, lun)
         return self.attach(vm_name, disk, lun, caching)
 
+    @_one_at_a_time
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
+            self._flush_disk(vm_name, lun, disk)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
-        for lun, disk in self._luns(vm):
-            self._flush_disk(vm_name, lun, disk)
-            if deallocate:
-                self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
+        for lun, disk in self._luns(vm) if deallocate else []:
+            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
         vm["state"] = "Deallocated" if deallocate else "Stopped"
         self._put(vm)
         self.throttles.pop(vm_name, None)
         return vm
 
+    @_one_at_a_time
     def start(self, vm_name: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
@@ -384,12 +422,14 @@ class Host:
         self._put(vm)
         return vm
 
+    @_one_at_a_time
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         vm = self.vm(vm_name)
+        for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
+            self._flush_disk(vm_name, lun, disk, drop=True)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
-        for lun, disk in self._luns(vm):
-            self._flush_disk(vm_name, lun, disk, drop=True)
+        for _, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
@@ -415,9 +455,23 @@ class Host:
         if opened is not None:
             opened.close()
         blob = self.disks.record(disk)["blob"]
-        self.cache.flush(self.stamp, blob)
-        if drop:
-            self.cache.drop_blob(blob)
+        lease = self._writer_lease(disk, blob)
+        try:
+            self.cache.flush(self.stamp, blob, lease)
+            if drop:
+                self.cache.drop_blob(blob)
+        finally:
+            self.stamp.blobs.release_lease(blob, lease)
+
+    def _writer_lease(self, disk: str, blob: str) -> str:
+        """The disk's writer lease, for writing back its dirty lines. Refused
+        while another live process has the disk open (`hostcache serve`,
+        `mount`): it would go on writing into lines this host is dropping."""
+        try:
+            return self.stamp.blobs.acquire_writer_lease(blob)
+        except LeaseAlreadyPresent as e:
+            holder = str(e).split(" by ", 1)[-1]
+            raise HostRuleError(f"disk {disk} is open for writing by {holder}: stop that process first") from None
 
     def quiesce(self, disk: str) -> None:
         """The pre-snapshot hook: what this host holds dirty for `disk` goes to the stamp."""
@@ -590,16 +644,8 @@ class AttachedDisk:
         rec = host.disks.record(disk)
         self.blob = rec["blob"]
         lease = host.stamp.blobs.acquire_writer_lease(self.blob)
-        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)
-        resolver = None
-        image = rec.get("source", {}).get("image")
-        if image:
-            image_blob = host.disks.image(image)["blob"]
-            parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
-            resolver = lambda child, header: open_image(  # noqa: E731
-                CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
         try:
-            image_dev = open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
+            image_dev = self._open_image(rec, lease)
         except BaseException:
             host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
             raise
@@ -611,6 +657,19 @@ class AttachedDisk:
         self.throttle = host.throttle(vm)
         self.sleep = Sleeper(host.clock)
         self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
+
+    def _open_image(self, rec: dict[str, Any], lease: str) -> Image:
+        """The disk's VHD over the host cache (a FromImage disk's parent too)."""
+        host, mode = self.host, self.mode
+        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)  # may write back what a dead process left
+        resolver = None
+        image = rec.get("source", {}).get("image")
+        if image:
+            image_blob = host.disks.image(image)["blob"]
+            parent_mode = CacheMode.READONLY if mode is not CacheMode.NONE else CacheMode.NONE
+            resolver = lambda child, header: open_image(  # noqa: E731
+                CachedBlob(host.cache, host.stamp, image_blob, parent_mode, writable=False))
+        return open_recovered(file, resolver)  # a crash mid-growth is repaired, not refused
 
     def _admission(self, write: bool, nbytes: int, missed: bool) -> float:
         """When the I/O completes, as the throttle and the service latency say."""
@@ -653,8 +712,7 @@ class AttachedDisk:
         return self.virtual.allocation(offset, length)
 
     def close(self) -> None:
-        self.virtual.close()  # releases the blob's lease: later write-back names none
-        self.host.cache.leases.pop(self.blob, None)
+        self.virtual.close()  # releases the blob's lease (the cache forgets it: later write-back names none)
         self.host.open_disks.pop((self.vm, self.lun), None)
 
 

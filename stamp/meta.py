@@ -26,7 +26,7 @@ partition layers share one definition. Rules:
 Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
   extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner}
-  counters   name                   -> u64
+  counters   name                   -> u64 (and version/ID: changes of blob ID's live pages)
   blobs      name (utf-8)           -> JSON {id, created, properties...}
   blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease)
   snaps      u64 blob id, u32 epoch -> JSON {snapshot, epoch, time, size, metadata}

@@ -208,6 +208,11 @@ def lease_bytes(lease: str) -> bytes:
         raise InvalidHeaderValue(f"lease id {lease!r} is not a GUID") from None
 
 
+def _version_key(blob_id: int) -> bytes:
+    """The blob's version counter, in the counters table (see PageBlobs.version)."""
+    return f"version/{blob_id}".encode()
+
+
 def snapshot_id(now: float) -> str:
     t = datetime.datetime.fromtimestamp(now, datetime.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}0Z"
@@ -320,17 +325,14 @@ class PageBlobs:
             return self._blob(txn, name)[0]
 
     def version(self, name: str) -> tuple[int, str]:
-        """(id, content version) for caches outside the stamp: the version is
-        a digest of the blob's size and live index, so any write, clear or
-        resize changes it (a gc move may too; snapshots and leases do not).
-        It walks the blob's index: for an attach, not for every I/O."""
+        """(id, content version) for caches outside the stamp: the blob's size
+        and a counter that every change of its live pages moves on (a write,
+        clear or shrink, in the index's own transaction), so any write, clear
+        or resize changes it; snapshots, leases and gc moves do not. O(1)."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            digest = hashlib.blake2b(U64.pack(st.size), digest_size=16)
-            for key, value in self.meta.items(txn, "pages", U64.pack(blob_id)):
-                digest.update(key)
-                digest.update(value)
-        return blob_id, digest.hexdigest()
+            raw = txn.get(_version_key(blob_id), db=self.db["counters"])
+        return blob_id, f"{st.size}.{U64.unpack(raw)[0] if raw else 0}"
 
     def delete(self, name: str, lease: str | None = None, snapshots: str | None = None) -> None:
         """Delete a blob (their space is reclaimed by gc). A blob with snapshots
@@ -354,6 +356,7 @@ class PageBlobs:
             for snap in self.snapshots_in(txn, name):
                 self.delete_snapshot_in(txn, name, snap.id)
             return
+        txn.delete(_version_key(blob_id), db=self.db["counters"])
         for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
@@ -513,6 +516,7 @@ class PageBlobs:
         its frozen table; while there are snapshots, log the change in `epoch`."""
         prefix = U64.pack(blob_id)
         pages = self.db["pages"]
+        self.meta.next_id(txn, _version_key(blob_id).decode())  # the blob's version moves on
         for ps, pe, raw in rg.overlapping(txn, pages, prefix, s, e):
             old = Piece.unpack(ps, raw)
             if ps != s or new is None:  # else the put below replaces it

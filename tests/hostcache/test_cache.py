@@ -3,6 +3,7 @@ sharing a base image."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -10,12 +11,15 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import tracemalloc
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hostcache.cache import LINE, BlobCache, CachedBlob, CacheMode, runs
+from hostcache.errors import HostError
 from stamp import Stamp
 
 SIZE = 48 * 8192  # 6 cache lines of 64 KiB
@@ -210,3 +214,113 @@ def test_dirty_ranges_merge_across_cache_lines(tmp_path):
     f.pwrite(b"b" * 512, 3 * LINE)
     assert cache.dirty() == {"d": [(2 * LINE - 512, 1024), (3 * LINE, 512)]}
     assert cache.dirty("other") == {}
+
+
+SHARER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    from stamp import Stamp
+    from hostcache.cache import BlobCache, CachedBlob, CacheMode
+    st = Stamp.open(sys.argv[1])
+    cache = BlobCache(sys.argv[2], capacity=16 * 65536)
+    name, fill = sys.argv[4], int(sys.argv[5])
+    f = CachedBlob(cache, st, name, CacheMode.READWRITE, lease=st.blobs.acquire_writer_lease(name))
+    print("ready", flush=True)
+    sys.stdin.readline()  # both processes have loaded the cache's index before either writes
+    for i in range(12):
+        f.pwrite(bytes([fill + i]) * 65536, i * 65536)
+    print("done", flush=True)
+    os._exit(0)  # as a kill: the dirty lines stay in the cache
+""")
+
+
+def test_two_processes_sharing_one_cache_keep_each_others_lines(tmp_path):
+    """Two processes of one host (`hostcache serve` and a CLI command, say)
+    write different disks through one cache at once, 24 dirty lines in 16
+    slots: neither reuses a slot the other holds, and evicting the other's
+    dirty line writes it back under the other's lease."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with Stamp.create(str(tmp_path / "st"), extent_size=1 << 20) as st:
+        for name in ("a", "b"):
+            st.blobs.create(name, 12 * LINE)
+    children = [subprocess.Popen([sys.executable, "-c", SHARER, str(tmp_path / "st"), str(tmp_path / "host"), root,
+                                  name, fill], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for name, fill in (("a", "1"), ("b", "101"))]
+    for child in children:
+        assert child.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+    for child in children:
+        child.stdin.write("go\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+    for child in children:
+        assert child.stdout.read() == "done\n"  # type: ignore[union-attr]
+        assert child.wait() == 0
+    with Stamp.open(str(tmp_path / "st")) as st:
+        cache = BlobCache(str(tmp_path / "host"), capacity=16 * LINE)
+        assert cache.check() == [] and not cache.lost
+        for name, fill in (("a", 1), ("b", 101)):
+            f = CachedBlob(cache, st, name, CacheMode.READWRITE, lease=st.blobs.acquire_writer_lease(name))
+            for i in range(12):
+                assert f.pread(LINE, i * LINE) == bytes([fill + i]) * LINE, (name, i)
+            f.sync()
+            assert st.blobs.read(name, 0, 12 * LINE) == b"".join(bytes([fill + i]) * LINE for i in range(12))
+        assert cache.check() == [] and not cache.lost
+        cache.close()
+
+
+def test_the_allocation_map_counts_what_the_cache_holds_dirty(tmp_path):
+    """A fixed VHD's map comes from the blob's page ranges: dirty sectors only
+    the cache holds were reported as holes, which nbdcopy and qemu-img skip."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    st.blobs.write("d", 0, b"s" * 512)
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+    f.pwrite(b"q" * 1024, LINE - 512)
+    f.pwrite(b"q" * 512, 3 * LINE)
+    assert f.data_ranges(0, 4 * LINE) == [(0, 512), (LINE - 512, 1024), (3 * LINE, 512)]
+    assert f.data_ranges(LINE, 2 * LINE) == [(LINE, 512)]
+    f.sync()
+    assert f.data_ranges(0, 4 * LINE) == st.blobs.page_ranges("d")
+
+
+def test_a_full_cache_disk_is_a_host_error_and_leaves_the_index_the_truth(tmp_path, monkeypatch):
+    """A write that fails on the cache's disk (ENOSPC) left this process's
+    view ahead of the index (a line and its slot the index never got); the
+    error was a bare OSError. Now it is a HostError, and the view is loaded
+    again from the index, so later writes and check() agree with it."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+    f.pwrite(b"a" * LINE, 0)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(BlobCache, "_slot_write", full)
+    with pytest.raises(HostError, match="No space left on device"):
+        f.pwrite(b"b" * LINE, LINE)
+    monkeypatch.undo()
+    assert cache.check() == []
+    f.pwrite(b"c" * LINE, 2 * LINE)
+    assert f.pread(3 * LINE, 0) == b"a" * LINE + bytes(LINE) + b"c" * LINE
+    assert cache.check() == [] and not cache.lost
+
+
+def test_a_huge_cache_costs_nothing_until_used(tmp_path):
+    """Opening a cache listed every slot as free: a 64 GiB cache held a
+    million-entry list (a 95 PiB one, `hostcache init --cache-mib
+    99999999999`, never finished). Free slots above the highest used one are
+    not listed."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 4 * LINE)
+    tracemalloc.start()
+    try:
+        cache = BlobCache(str(tmp_path / "host"), capacity=64 << 30)
+        f = CachedBlob(cache, st, "d", CacheMode.READWRITE)
+        f.pwrite(b"x" * LINE, LINE)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    assert len(cache.free) == (64 << 30) // LINE - 1 and cache.check() == []
+    cache.close()

@@ -12,6 +12,7 @@ import lmdb
 import pytest
 
 from hostcache.cache import LINE, BlobCache, CachedBlob, CacheMode
+from hostcache.errors import HostError
 from hostcache.host import Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
@@ -48,6 +49,35 @@ def test_a_disk_deleted_and_recreated_under_its_name_does_not_show_the_old_data(
     stamp.blobs.create("d", 4 * LINE)  # empty, same name
     f = CachedBlob(cache, stamp, "d", CacheMode.READONLY, writable=False)
     assert f.pread(4096, 0) == bytes(4096)
+    assert cache.check() == []
+
+
+def test_a_blob_dropped_under_its_open_file_refuses_io_instead_of_losing_it(stamp, tmp_path):
+    """A write accepted after the blob's lines and record were dropped (a
+    detach by another process) was acknowledged, then discarded at write-back
+    as if the blob had been deleted; a read of an uncached line was a KeyError."""
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, stamp, "d", CacheMode.READWRITE)
+    cache.drop_blob("d")
+    with pytest.raises(HostError, match="no longer in use on this host"):
+        f.pwrite(b"x" * 4096, 0)
+    with pytest.raises(HostError, match="no longer in use on this host"):
+        f.pread(4096, LINE)
+    assert cache.dirty() == {} and stamp.blobs.read("d", 0, 4096) == b"s" * 4096
+
+
+def test_a_write_with_caching_none_is_not_hidden_by_lines_cached_before(stamp, tmp_path):
+    """Caching None writes around the cache; the version recorded at its
+    close then vouched for the lines an earlier ReadOnly open had cached."""
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)
+    f = CachedBlob(cache, stamp, "d", CacheMode.READONLY)
+    assert f.pread(4096, 0) == b"s" * 4096
+    f.close()
+    f = CachedBlob(cache, stamp, "d", CacheMode.NONE)
+    f.pwrite(b"n" * 4096, 0)
+    f.close()
+    f = CachedBlob(cache, stamp, "d", CacheMode.READONLY)
+    assert f.pread(4096, 0) == b"n" * 4096
     assert cache.check() == []
 
 

@@ -21,6 +21,8 @@ import pytest
 
 import vhd
 from hostcache.boot import make_boot_sector
+from hostcache.cache import BlobCache
+from hostcache.errors import HostError
 from hostcache.host import OS_LUN, Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
@@ -168,3 +170,21 @@ def test_a_failed_open_releases_the_disk_lease(tmp_path):
         with pytest.raises(vhd.FormatError):
             h.open_disk("vm", OS_LUN)
         assert h.stamp.blobs.lease_of(blob) is None
+
+
+def test_an_open_that_fails_writing_back_a_dead_process_lines_releases_the_lease(tmp_path, monkeypatch):
+    """Opening a disk first writes back what a killed process left dirty (for
+    a mode that will not look at it); a failure there kept the writer lease,
+    so the disk could not be opened again by this process until it exited."""
+    host = make_host(tmp_path, "ReadOnly", False)
+    with Host(host, clock=FakeClock()) as h:
+        blob = h.disks.record("vm-osdisk")["blob"]
+
+        def down(*args, **kw):
+            raise HostError("the stamp is unreachable")
+        monkeypatch.setattr(BlobCache, "flush", down)
+        with pytest.raises(HostError, match="unreachable"):
+            h.open_disk("vm", OS_LUN)
+        assert h.stamp.blobs.lease_of(blob) is None
+        monkeypatch.undo()
+        assert h.open_disk("vm", OS_LUN).read(0, 512)

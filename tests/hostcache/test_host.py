@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
+import time
 
+import lmdb
 import pytest
 
 import vhd
@@ -209,3 +213,153 @@ def test_a_backup_through_the_host_holds_what_sits_dirty_in_its_cache(host, tmp_
         f.seek(8192)
         assert f.read(22) == b"only in the host cache"
     vault.close()
+
+
+SERVER = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from hostcache.host import Host
+from hostcache.throttle import FakeClock
+h = Host(sys.argv[1], clock=FakeClock())
+disk = h.open_disk("vm1", 0)
+disk.write(0, b"A" * 65536)
+print("written", flush=True)
+if sys.stdin.readline() == "kill\\n":
+    os._exit(0)  # as kill -9: the write sits dirty in the host cache
+disk.write(65536, b"B" * 65536)
+h.close()
+print("closed", flush=True)
+"""
+
+
+def serve_in_another_process(host: Host, tmp_path) -> subprocess.Popen[str]:
+    """A second process of the host (as `hostcache serve`) with data1 open at LUN 0 in ReadWrite."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", lun=0, caching="ReadWrite")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    server = subprocess.Popen([sys.executable, "-c", SERVER, host.path, root], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline() == "written\n"  # type: ignore[union-attr]
+    return server
+
+
+def test_a_disk_open_in_another_process_is_not_detached_under_it(host, tmp_path):
+    """Detach drops the disk's cache lines: done under a process still
+    writing the disk, its next writes were acknowledged and then dropped at
+    write-back (the blob no longer known). Refused while it has the disk open."""
+    server = serve_in_another_process(host, tmp_path)
+    with pytest.raises(HostRuleError, match=f"data1 is open for writing by pid {server.pid}"):
+        host.detach("vm1", 0)
+    server.communicate("go on\n", timeout=60)
+    assert server.returncode == 0
+    host.detach("vm1", 0)
+    with host.disks.open_virtual("data1") as v:
+        assert v.read(0, 2 * 65536) == b"A" * 65536 + b"B" * 65536
+
+
+def test_deleting_a_vm_whose_data_disk_is_open_elsewhere_changes_nothing(host, tmp_path):
+    """The OS disk was marked Unattached (free for another VM to attach)
+    before the data disk was refused, and the VM kept both."""
+    server = serve_in_another_process(host, tmp_path)
+    for call in (lambda: host.delete_vm("vm1"), lambda: host.stop("vm1")):
+        with pytest.raises(HostRuleError, match="open for writing"):
+            call()
+        assert host.disks.record("vm1-osdisk")["state"] == "Attached" and host.vm("vm1")["state"] == "Running"
+    server.communicate("go on\n", timeout=60)
+    host.delete_vm("vm1")
+    assert host.disks.record("vm1-osdisk")["state"] == "Unattached"
+
+
+def test_detach_after_the_serving_process_died_writes_its_dirty_lines_back(host, tmp_path):
+    """The dead process held the blob's lease: the write-back of its dirty
+    lines by another process used to fail (LeaseIdMissing) and the detach with it."""
+    server = serve_in_another_process(host, tmp_path)
+    server.communicate("kill\n", timeout=60)
+    host.detach("vm1", 0)
+    with host.disks.open_virtual("data1") as v:
+        assert v.read(0, 65536) == b"A" * 65536
+
+
+def test_a_read_write_data_disk_maps_its_cached_writes_as_data(host):
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", lun=0, caching="ReadWrite")
+    disk = host.open_disk("vm1", 0)
+    disk.write(MIB, b"q" * 65536)  # in the host cache only
+    assert [(e.offset, e.length, e.state.value) for e in disk.allocation(0, 4 * MIB)] == [
+        (0, MIB, "zero"), (MIB, 65536, "data"), (MIB + 65536, 3 * MIB - 65536, "zero")]
+
+
+def test_a_cache_too_small_or_too_large_leaves_no_host_folder(tmp_path, host, monkeypatch):
+    """It used to be refused after host.json was written: the folder then
+    said it held a host that no command could open."""
+    with pytest.raises(HostError, match="at least 65536 bytes"):
+        Host.create(str(tmp_path / "h2"), str(tmp_path / "st"), cache_bytes=-(1 << 20))
+    assert not os.path.exists(tmp_path / "h2" / "host.json")
+
+    def too_large(*args, **kw):
+        raise HostError("the host cache in h2/cache failed: [Errno 27] File too large")
+    monkeypatch.setattr("hostcache.host.BlobCache", too_large)  # past what the file system takes
+    with pytest.raises(HostError, match="File too large"):
+        Host.create(str(tmp_path / "h2"), str(tmp_path / "st"), cache_bytes=1 << 62)
+    assert not os.path.exists(tmp_path / "h2" / "host.json")
+
+
+def test_a_close_that_cannot_write_the_host_state_still_closes_everything(host, monkeypatch):
+    """A full host disk made close() end in a bare lmdb.DiskError (a traceback
+    in the CLI) with the cache, state and stamp left open."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.open_disk("vm1", -1).write(0, b"\x01" * 4096)
+
+    def full(*args):
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+    monkeypatch.setattr(Host, "_record_throttle_stats", full)
+    with pytest.raises(HostError, match="could not be written: mdb_txn_commit: No space left"):
+        host.close()
+    assert host.cache.fd == -1 and not host.open_disks
+    monkeypatch.undo()
+    with Host(host.path, clock=FakeClock()) as again:
+        assert again.open_disk("vm1", -1).read(0, 4096) == b"\x01" * 4096
+
+
+ATTACHER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from hostcache.host import Host
+from hostcache.throttle import FakeClock
+if sys.argv[3] == "pause":
+    checked = Host._caching  # runs after the disk's state was found Unattached, before anything is written
+    def paused(self, *a, **k):
+        print("checked", flush=True)
+        sys.stdin.readline()
+        return checked(self, *a, **k)
+    Host._caching = paused
+with Host(sys.argv[1], clock=FakeClock()) as h:
+    try:
+        h.attach(sys.argv[4], "data1", 0, "ReadOnly")
+        print("attached", flush=True)
+    except Exception as e:
+        print(e, flush=True)
+"""
+
+
+def waits_on_a_lock(pid: int) -> bool:
+    with open("/proc/locks") as f:
+        return any("->" in line and f" {pid} " in line for line in f)
+
+
+def test_two_processes_cannot_attach_one_disk_to_two_vms(host):
+    """Each attach found the disk Unattached before either wrote: the disk
+    ended up in both VMs' records."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.create_vm("vm2", "D8s_v3", "mbr")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    first = subprocess.Popen([sys.executable, "-c", ATTACHER, host.path, root, "pause", "vm1"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "checked\n"  # type: ignore[union-attr]
+    second = subprocess.Popen([sys.executable, "-c", ATTACHER, host.path, root, "go", "vm2"],
+                              stdout=subprocess.PIPE, text=True)
+    while second.poll() is None and not waits_on_a_lock(second.pid):
+        time.sleep(0.01)  # until it has attached, or waits for the first call to end
+    assert first.communicate("go\n", timeout=60)[0] == "attached\n"
+    assert second.communicate(timeout=60)[0] == "disk data1 is Attached to VM vm1\n"
+    assert host.vm("vm2")["data_disks"] == {} and host.disks.record("data1")["attached_to"] == "vm1"

@@ -260,3 +260,34 @@ def test_any_name_up_to_1024_characters_works(st, name):
     st.blobs.delete(name)
     assert not st.blobs.exists(name) and st.blobs.exists(name[:-1] + "!")
     assert st.check().ok
+
+
+def test_the_version_changes_with_the_live_pages_only_and_costs_no_index_walk(st, monkeypatch):
+    """PageBlobs.version (what host caches compare on open and close) moves
+    on every write, clear and resize, not on snapshots or leases; it reads a
+    counter kept with the index instead of digesting the whole index."""
+    blob_id, v0 = st.blobs.version("d")
+    for i in range(200):
+        st.blobs.write("d", i * 8192, b"x" * 512)
+    written = st.blobs.version("d")[1]
+    assert written != v0
+    st.blobs.snapshot("d")
+    lease = st.blobs.acquire_lease("d")
+    assert st.blobs.version("d")[1] == written
+    for change in (lambda: st.blobs.write("d", 0, b"y" * 512, lease=lease),
+                   lambda: st.blobs.clear("d", 0, 512, lease=lease),
+                   lambda: st.blobs.resize("d", 128 * MIB, lease=lease),
+                   lambda: st.blobs.resize("d", 64 * MIB, lease=lease)):
+        before = st.blobs.version("d")[1]
+        change()
+        got = st.blobs.version("d")
+        assert got[0] == blob_id and got[1] != before
+    walked = []
+    real = st.blobs.meta.items
+    monkeypatch.setattr(st.blobs.meta, "items", lambda txn, table, *a: walked.append(table) or real(txn, table, *a))
+    st.blobs.version("d")
+    assert "pages" not in walked
+    st.blobs.release_lease("d", lease)
+    st.blobs.delete("d")
+    st.blobs.create("d", 64 * MIB)
+    assert st.blobs.version("d")[0] != blob_id
