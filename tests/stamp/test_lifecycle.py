@@ -11,7 +11,7 @@ import pytest
 
 import vhd
 from stamp import Stamp
-from stamp.disks import Disks, ResourceInUse
+from stamp.disks import Disks, ResourceInUse, ResourceNotFound
 from stamp.pageblob import PageBlobs
 
 MIB = 1 << 20
@@ -191,3 +191,69 @@ def test_a_resource_name_follows_the_platforms_rule(disks, name):
     with pytest.raises(StampError, match="1 to 80 letters"):
         disks.create_empty(name, 1)
     assert disks.disks() == [] and disks.blobs.names() == []
+
+
+def test_a_rolled_back_snapshot_of_a_since_deleted_disk_leaves_no_blob(disks, monkeypatch):
+    """The disk is deleted while its incremental snapshot is being made (its
+    blob kept alive by the snapshot's reservation); the snapshot then fails:
+    nothing may keep the blob, so the roll back deletes it too."""
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"data" * 128)
+
+    def delete_then_fail(*args: object, **kw: object) -> None:
+        disks.delete_disk("d")
+        raise OSError("injected failure")
+    monkeypatch.setattr("stamp.pageblob.PageBlobs.used_bytes", delete_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        disks.create_snapshot("s", "d")
+    assert state_of(disks) == ([], [], {})
+    assert disks.stamp.check().ok
+
+
+def test_a_disk_from_an_image_deleted_meanwhile_is_refused(disks, monkeypatch):
+    """The image is deleted between the create reading it and reserving the
+    disk's name: the create must fail, not make a disk whose parent is gone."""
+    disks.create_empty("src", 1)
+    disks.create_image("img", disk="src")
+    check_sku = Disks._check_sku
+
+    def delete_image_first(sku: str, size_gib: float) -> None:
+        disks.delete_image("img")
+        check_sku(sku, size_gib)
+    monkeypatch.setattr(Disks, "_check_sku", staticmethod(delete_image_first))
+    with pytest.raises(ResourceNotFound, match="image 'img'"):
+        disks.create_from_image("os1", "img")
+    assert [d["name"] for d in disks.disks()] == ["src"]
+
+
+KILLED_CREATE = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import stamp.disks
+from stamp import Stamp
+stamp.disks.create_fixed = lambda *a, **k: os._exit(9)
+stamp.disks.Disks(Stamp.open(sys.argv[1])).create_empty("x", 1)
+"""
+
+
+def test_a_process_already_open_rolls_back_a_create_whose_process_died(tmp_path):
+    """A long-lived process (a host) opened the stamp before another process
+    died mid-create: the name is free to it, not 'being created' forever."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        proc = subprocess.run([sys.executable, "-c", KILLED_CREATE, path, ROOT], timeout=120)
+        assert proc.returncode == 9
+        with pytest.raises(ResourceNotFound):
+            d.record("x")
+        d.create_empty("x", 1)
+        assert d.disks()[0]["name"] == "x" and len(d.blobs.names()) == 1
+        assert st.check().ok
+
+
+def test_a_copy_keeps_the_sku_rules(disks):
+    from stamp.errors import StampError
+    disks.create_empty("src", 1)
+    with pytest.raises(StampError, match="unknown SKU"):
+        disks.create_copy("c", source_disk="src", sku="Bogus_LRS")
+    assert [d["name"] for d in disks.disks()] == ["src"]
