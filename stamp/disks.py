@@ -28,6 +28,8 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
   create that fails is rolled back at once; one whose process died is rolled
   back by the next Disks on the stamp, or by one already open when it meets
   the name (the intent names what to delete);
+- a restore over a disk is built as `restore/NAME` and swapped in by its
+  last transaction, so the old disk stays whole until the new one is;
 - a delete is one transaction: the record and the blobs (or blob
   snapshot) only it kept alive.
 """
@@ -306,6 +308,42 @@ class Disks:
             _write_sparse(PageBlobFile(self.stamp, blob), None, ft.DiskType.DIFFERENCING, size,
                           dh.DEFAULT_BLOCK_SIZE, parent, [], True, None)
         return record
+
+    def create_filled(self, name: str, size_gib: int, sku: str, fill: Callable[[vhd.Image], None],
+                      replace: bool = False, **fields: Any) -> dict[str, Any]:
+        """A fixed disk whose data `fill` writes (a restore), made whole or not
+        at all: the disk appears once filled; with `replace`, the unattached
+        disk of that name is swapped for it in one transaction (its blob goes
+        unless its snapshots keep it). A failed or killed fill leaves the
+        name, and the disk it would replace, as they were."""
+        self._check_sku(sku, size_gib)
+        record = self._record(name, sku, size_gib * GIB, "Empty", "fixed", **fields)
+        old = self._replaceable(name) if replace else None
+        kind, needs = ("restore", (("disk", name, str(old["blob"])),)) if old else ("disk", ())
+        finish = (lambda txn: self._swap_in(txn, record)) if old else None
+        with self._creating(kind, record, needs=needs, finish=finish) as blob:
+            self._new_blob(blob)
+            file = PageBlobFile(self.stamp, blob)
+            create_fixed(file, size_gib * GIB)
+            with open_image(file, writable=True) as img:
+                fill(img)
+                img.flush()
+        return record
+
+    def _replaceable(self, name: str) -> dict[str, Any]:
+        obj = self._get("disk", name)
+        if obj["state"] != DiskState.UNATTACHED.value:
+            raise ResourceInUse(f"disk {name!r} is {obj['state']}: detach it first")
+        return obj
+
+    def _swap_in(self, txn: lmdb.Transaction, record: dict[str, Any]) -> None:
+        """The last step of a replacing create: the old disk's record and blob
+        go, the new record takes its name."""
+        old = self._take(txn, "disk", str(record["name"]))
+        if old["state"] != DiskState.UNATTACHED.value:
+            raise ResourceInUse(f"disk {record['name']!r} is {old['state']}: detach it first")
+        self.meta.put_json(txn, "resources", f"disk/{record['name']}".encode(), record)
+        self._drop_if_unused(txn, str(old["blob"]))
 
     def import_vhd(self, name: str, path: str, sku: str = "Premium_LRS", convert: bool = False) -> dict[str, Any]:
         """A disk from a local VHD that passes the upload rules (or, with

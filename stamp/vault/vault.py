@@ -44,7 +44,7 @@ import lmdb
 from vhd.ops import write_new_file
 from vhd.progress import Progress
 
-from ..disks import Disks, DiskState, guest_ranges
+from ..disks import Disks, guest_ranges
 from ..errors import StampError
 from . import chunk as ck
 
@@ -270,12 +270,10 @@ class Vault:
             rec = disks.record(name)
             if rec["state"] != "Unattached":
                 raise VaultError(f"disk {name} is {rec['state']}: detach it first")
-            disks.delete_disk(name)
-        disks.create_empty(name, gib, sku or m.get("sku", "Premium_LRS"))
-        with disks.open_virtual(name, writable=True) as v:
-            self._write_pieces(pieces, m["size"], v)
-            v.flush()
-        rec = disks.set_state(name, DiskState.UNATTACHED, restored_from=point)
+        # the disk appears (or replaces the old one) only once every chunk is written
+        rec = disks.create_filled(name, gib, sku or m.get("sku", "Premium_LRS"),
+                                  lambda img: self._write_pieces(pieces, m["size"], img),
+                                  replace=overwrite, restored_from=point)
         return {"point": point, "disk": name, "size_gib": rec["size_gib"]}
 
     def _write_pieces(self, pieces: list[tuple[int, str]], size: int, target: Any) -> None:
