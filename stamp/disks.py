@@ -342,6 +342,8 @@ class Disks:
         old = self._take(txn, "disk", str(record["name"]))
         if old["state"] != DiskState.UNATTACHED.value:
             raise ResourceInUse(f"disk {record['name']!r} is {old['state']}: detach it first")
+        if self._stale_writer_lease(txn, str(record["name"]), str(old["blob"])) is not None:
+            self.blobs.break_lease_in(txn, str(old["blob"]))
         self.meta.put_json(txn, "resources", f"disk/{record['name']}".encode(), record)
         self._drop_if_unused(txn, str(old["blob"]))
 
@@ -583,9 +585,26 @@ class Disks:
             obj = self._take(txn, "disk", name)
             if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
                 raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
+            lease = self._stale_writer_lease(txn, name, str(obj["blob"]))
             if not self._users_of_blob(txn, obj["blob"], "snapshot"):
                 # (else its incremental snapshots keep the blob alive)
-                self.blobs.delete_in(txn, obj["blob"], snapshots="include")
+                self.blobs.delete_in(txn, obj["blob"], lease=lease, snapshots="include")
+            elif lease is not None:
+                self.blobs.break_lease_in(txn, str(obj["blob"]))
+
+    def _stale_writer_lease(self, txn: lmdb.Transaction, name: str, blob: str) -> str | None:
+        """ResourceInUse if a live process holds the disk's blob open for
+        writing; the lease of one that died on this host (the delete breaks
+        it), or None."""
+        held = self.blobs.held_lease_in(txn, blob)
+        if held is None:
+            return None
+        lease, props = held
+        pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
+        if host == socket.gethostname() and pid and not pid_alive(pid):
+            return lease
+        raise ResourceInUse(f"disk {name!r} is open for writing by {props.get('lease_holder', 'another holder')}: "
+                            "close it first")
 
     def delete_image(self, name: str) -> None:
         self._settle("image", name)

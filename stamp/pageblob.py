@@ -427,11 +427,23 @@ class PageBlobs:
 
     def break_lease(self, name: str) -> None:
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            if st.lease == NO_LEASE:
-                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
-            st.lease, st.lease_expiry = NO_LEASE, 0
-            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            self.break_lease_in(txn, name)
+
+    def break_lease_in(self, txn: lmdb.Transaction, name: str) -> None:
+        """break_lease() inside the caller's write transaction."""
+        blob_id, _, st = self._blob(txn, name)
+        if st.lease == NO_LEASE:
+            raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
+        st.lease, st.lease_expiry = NO_LEASE, 0
+        txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def held_lease_in(self, txn: lmdb.Transaction, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The blob's held lease and its properties (who holds it, for a
+        writer lease), or None, inside the caller's transaction."""
+        _, obj, st = self._blob(txn, name)
+        if not st.lease_held(time.time()):
+            return None
+        return str(uuid.UUID(bytes=st.lease)), dict(obj.get("properties", {}))
 
     def lease_of(self, name: str) -> str | None:
         with self.meta.read() as txn:

@@ -257,3 +257,45 @@ def test_a_copy_keeps_the_sku_rules(disks):
     with pytest.raises(StampError, match="unknown SKU"):
         disks.create_copy("c", source_disk="src", sku="Bogus_LRS")
     assert [d["name"] for d in disks.disks()] == ["src"]
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_a_disk_open_for_writing_is_not_deleted(disks, with_snapshot):
+    """With or without snapshots keeping its blob, a delete while a process
+    writes the disk is refused with the holder's name (not the blob's raw
+    lease code, nor a success that leaves the writer writing a deleted disk)."""
+    disks.create_empty("d", 1)
+    if with_snapshot:
+        disks.create_snapshot("s", "d")
+    with disks.open_virtual("d", writable=True) as v:
+        with pytest.raises(ResourceInUse, match=f"open for writing by pid {os.getpid()}"):
+            disks.delete_disk("d")
+        v.write(0, b"kept" * 128)
+    assert read(disks, "d", 0, 4) == b"kept"
+    disks.delete_disk("d")  # closed: the delete goes through
+    assert disks.disks() == []
+
+
+DIES_WRITING = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from stamp import Stamp
+from stamp.disks import Disks
+Disks(Stamp.open(sys.argv[1])).open_virtual("d", writable=True)
+os._exit(9)  # killed holding the disk open for writing
+"""
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_a_disk_whose_writer_died_is_deleted(tmp_path, with_snapshot):
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        d.create_empty("d", 1)
+        if with_snapshot:
+            d.create_snapshot("s", "d")
+        assert subprocess.run([sys.executable, "-c", DIES_WRITING, path, ROOT], timeout=120).returncode == 9
+        d.delete_disk("d")
+        assert d.disks() == [] and st.check().ok
+        if with_snapshot:
+            assert d.blobs.lease_of(d.snapshot("s")["blob"]) is None
