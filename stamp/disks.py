@@ -60,7 +60,7 @@ from vhd.image import SparseImage, _write_sparse, create_fixed, open_image, read
 
 from . import ranges as rg
 from .blobfile import PageBlobFile
-from .errors import StampError
+from .errors import PreviousSnapshotCannotBeNewer, PreviousSnapshotNotFound, StampError
 from .meta import loads
 from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
 from .stamp import Stamp
@@ -461,19 +461,32 @@ class Disks:
                 self.blobs.copy(src["blob"], blob)
                 record.update(blob_snapshot=None, used_bytes=self.blobs.used_bytes(blob))
             return record
-        previous = [s for s in self.snapshots() if s["blob"] == src["blob"] and s["incremental"]
-                    and s.get("state") != CREATING]
-        prev = max(previous, key=lambda s: s["created"], default=None)
         with self._creating("snapshot", record, blob=src["blob"], needs=(("disk", disk, str(src["blob"])),)) as blob:
             token = self._intent("snapshot", name)["token"]
             snap = self.blobs.snapshot(blob, metadata={"token": token})  # the tag a roll back finds it by
-            if prev is not None:
-                d = self.blobs.diff(blob, prev["blob_snapshot"], snap.id)
-                changed = sum(n for _, n in d.written)
-            else:
-                changed = self.blobs.used_bytes(blob, snapshot=snap.id)
-            record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev["name"] if prev else None)
+            prev, changed = self._changed_since_previous(blob, snap.id)
+            record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev)
         return record
+
+    def _changed_since_previous(self, blob: str, snap: str) -> tuple[str | None, int]:
+        """(name, bytes written since) of the latest finished incremental
+        snapshot of `blob` before `snap`, or (None, bytes used). One deleted
+        since it was listed (a retention job) gives way to the one before it;
+        one finished meanwhile by a concurrent create (newer than `snap`) is
+        passed over."""
+        passed: set[str] = set()
+        while True:
+            previous = [s for s in self.snapshots() if s["blob"] == blob and s["incremental"]
+                        and s.get("state") != CREATING and s["name"] not in passed]
+            prev = max(previous, key=lambda s: s["created"], default=None)
+            if prev is None:
+                return None, self.blobs.used_bytes(blob, snapshot=snap)
+            try:
+                d = self.blobs.diff(blob, prev["blob_snapshot"], snap)
+            except (PreviousSnapshotNotFound, PreviousSnapshotCannotBeNewer):
+                passed.add(str(prev["name"]))
+                continue
+            return str(prev["name"]), sum(n for _, n in d.written)
 
     def diff(self, base: str, target: str | None = None) -> dict[str, Any]:
         """Guest (disk) byte ranges written and cleared between incremental

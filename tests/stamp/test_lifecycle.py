@@ -299,3 +299,27 @@ def test_a_disk_whose_writer_died_is_deleted(tmp_path, with_snapshot):
         assert d.disks() == [] and st.check().ok
         if with_snapshot:
             assert d.blobs.lease_of(d.snapshot("s")["blob"]) is None
+
+
+def test_an_incremental_snapshot_survives_its_predecessor_being_deleted_meanwhile(disks, monkeypatch):
+    """A retention job deletes the disk's latest snapshot while a new one is
+    being made: the new one diffs against the one before (or none), it does
+    not fail with PreviousSnapshotNotFound."""
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"one!" * 128)
+    disks.create_snapshot("s1", "d")
+    write(disks, "d", MIB, b"two!" * 128)
+    disks.create_snapshot("s2", "d")
+    write(disks, "d", 2 * MIB, b"3rd!" * 128)
+    diff = PageBlobs.diff
+    deleted = []
+
+    def delete_s2_first(self: PageBlobs, *args: object, **kw: object) -> object:
+        if not deleted:
+            deleted.append(True)
+            disks.delete_snapshot("s2")
+        return diff(self, *args, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(PageBlobs, "diff", delete_s2_first)
+    snap = disks.create_snapshot("s3", "d")
+    assert deleted and snap["previous"] == "s1" and snap["changed_bytes"] == 2 * 512
+    assert read(disks, "d", MIB, 4, snapshot="s3") == b"two!"
