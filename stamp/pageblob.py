@@ -282,7 +282,7 @@ class PageBlobs:
 
     @staticmethod
     def _check_size(size: int, limit: int = MAX_BLOB) -> None:
-        if size < 0 or size % PAGE or size > limit:
+        if type(size) is not int or size < 0 or size % PAGE or size > limit:
             raise InvalidHeaderValue(f"page blob size {size} must be a multiple of 512 up to {limit} bytes")
 
     def exists(self, name: str) -> bool:
@@ -696,6 +696,8 @@ class PageBlobs:
     def page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
                     length: int | None = None) -> list[tuple[int, int]]:
         """(offset, length) byte ranges that hold data, merged."""
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
             epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
