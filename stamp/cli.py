@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fault", choices=["node-down", "node-up", "node-lost", "node-replaced", "slow", "full",
                                      "bitflip"])
     p.add_argument("node", nargs="?")
-    p.add_argument("--ms", type=float, default=50)
+    p.add_argument("--ms", type=_delay, default=50)
     p.add_argument("--off", action="store_true")
-    p.add_argument("--extent", type=int)
-    p.add_argument("--offset", type=int)
+    p.add_argument("--extent", type=_number)
+    p.add_argument("--offset", type=_number)
     p.set_defaults(intermixed=p)  # `bitflip --extent 1 node-00`, the order the help shows, parses too
     sub.add_parser("scrub", help="verify every record on every replica; heal bad copies")
     p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones")
@@ -162,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
     p.add_argument("--quick", action="store_true", help="skip reading every record")
     return top
+
+
+def _number(text: str) -> int:
+    """An extent id or byte offset: 0 to 2**63 - 1."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text} is not a number from 0 to 2**63 - 1")
+    return value
+
+
+def _delay(text: str) -> float:
+    """Milliseconds: finite and not negative."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a delay in milliseconds (0 or more)")
+    return value
 
 
 def _print(obj: Any) -> None:

@@ -23,10 +23,14 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
   snapshots may keep alive;
 - a create of several steps first reserves the name (a record in state
   Creating) and writes an intent (`pending/KIND/NAME`: blob, creator pid) in
-  one transaction; its last step writes the finished record and drops the
-  intent in another. A create that fails is rolled back at once; one whose
-  process died is rolled back by the next Disks on the stamp (the intent
-  names what to delete);
+  one transaction, which also checks that its sources are still there; its
+  last step writes the finished record and drops the intent in another. A
+  create that fails is rolled back at once; one whose process died is rolled
+  back by the next Disks on the stamp, or by one already open when it meets
+  the name (the intent names what to delete);
+- a restore over a disk is built as a disk of its own and swapped in by
+  one transaction (replace_disk), so the old disk stays whole until the
+  new one is;
 - a delete is one transaction: the record and the blobs (or blob
   snapshot) only it kept alive.
 """
@@ -57,7 +61,7 @@ from vhd.image import SparseImage, _write_sparse, create_fixed, open_image, read
 
 from . import ranges as rg
 from .blobfile import PageBlobFile
-from .errors import StampError
+from .errors import PreviousSnapshotCannotBeNewer, PreviousSnapshotNotFound, StampError
 from .meta import loads
 from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
 from .stamp import Stamp
@@ -103,6 +107,8 @@ class Disks:
     def _get(self, kind: str, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is not None and obj.get("state") == CREATING and self._settle(kind, name):
+            obj = None  # its creator had died: rolled back now
         if obj is None:
             raise ResourceNotFound(f"no {kind} named {name!r}")
         if obj.get("state") == CREATING:
@@ -161,31 +167,43 @@ class Disks:
     # -- creating: reserve, build, finish (or roll back) -------------------------------------
 
     @contextmanager
-    def _creating(self, kind: str, record: dict[str, Any], blob: str | None = None) -> Iterator[str]:
+    def _creating(self, kind: str, record: dict[str, Any], blob: str | None = None,
+                  needs: tuple[tuple[str, str, str], ...] = ()) -> Iterator[str]:
         """Reserve `record`'s name and give it a fresh blob name (or, for an
         incremental snapshot, the disk's `blob`); the body builds the blob.
-        Then the finished record replaces the reservation; on any failure the
-        reservation and what the body made are rolled back."""
-        blob = self._reserve(kind, record, blob)
+        `needs` are the (kind, name, blob) of the resources it is made from,
+        which must still be there when the name is reserved (a delete after
+        that sees the reservation as a user). Then the finished record
+        replaces the reservation; on any failure the reservation and what the
+        body made are rolled back."""
+        blob = self._reserve(kind, record, blob, needs)
         try:
             yield blob
+            key = f"{kind}/{record['name']}".encode()
+            with self.meta.write() as txn:
+                self.meta.put_json(txn, "resources", key, record)
+                txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
         except BaseException:
             self._roll_back(kind, str(record["name"]))
             raise
-        key = f"{kind}/{record['name']}".encode()
-        with self.meta.write() as txn:
-            self.meta.put_json(txn, "resources", key, record)
-            txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
 
-    def _reserve(self, kind: str, record: dict[str, Any], blob: str | None) -> str:
+    def _reserve(self, kind: str, record: dict[str, Any], blob: str | None,
+                 needs: tuple[tuple[str, str, str], ...] = ()) -> str:
         if not NAME.fullmatch(str(record["name"])):
             raise StampError(f"{kind} name {record['name']!r}: 1 to 80 letters, digits, '_', '.' or '-', "
                              "starting with a letter or digit and ending with a letter, digit or '_'")
         key = f"{kind}/{record['name']}".encode()
         creator = {"pid": os.getpid(), "host": socket.gethostname()}
+        self._settle(kind, str(record["name"]))
         with self.meta.write() as txn:
-            if txn.get(key, db=self.meta.db["resources"]) is not None:
+            had = self.meta.get_json(txn, "resources", key)
+            if had is not None and had.get("state") == CREATING:
+                raise ResourceExists(f"a {kind} named {record['name']!r} is being created (by "
+                                     f"{had.get('creator')})")
+            if had is not None:
                 raise ResourceExists(f"a {kind} named {record['name']!r} already exists")
+            for need in needs:
+                self._still_there(txn, *need)
             token = self.meta.next_id(txn, "resource")
             own = blob is None
             blob = blob or f"{kind}s/{record['name']}/{token}"
@@ -197,23 +215,43 @@ class Disks:
             self.meta.put_json(txn, "resources", PENDING.encode() + key, intent)
         return blob
 
+    def _still_there(self, txn: lmdb.Transaction, kind: str, name: str, blob: str) -> None:
+        """A create's source is still the finished resource it read (same blob)."""
+        obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is None or obj.get("state") == CREATING or obj.get("blob") != blob:
+            raise ResourceNotFound(f"{kind} {name!r} was deleted (or replaced) while this create began")
+
+    def _settle(self, kind: str, name: str) -> bool:
+        """Roll back the create of `kind/name` if its process died on this
+        host (a process that opened the stamp before the death never ran
+        roll_back_dead_creates for it); True if it did."""
+        with self.meta.read() as txn:
+            intent = self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode())
+        if intent is None or intent["host"] != socket.gethostname() or pid_alive(int(intent["pid"])):
+            return False
+        self._roll_back(kind, name)
+        return True
+
     def _roll_back(self, kind: str, name: str) -> None:
         """Undo an unfinished create in one transaction: its blob (if it made
-        one) or the blob snapshot it tagged, its reservation, its intent."""
+        one) or the blob snapshot it tagged (and the blob, if the disk was
+        deleted meanwhile and nothing else keeps it), its reservation, its
+        intent."""
         key = f"{kind}/{name}".encode()
         with self.meta.write() as txn:
             intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
             if intent is None:
                 return
             blob = str(intent["blob"])
+            txn.delete(key, db=self.meta.db["resources"])
+            txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
             if intent["own_blob"] and self.blobs.exists_in(txn, blob):
                 self.blobs.delete_in(txn, blob, snapshots="include")
-            elif not intent["own_blob"]:
+            elif not intent["own_blob"] and self.blobs.exists_in(txn, blob):
                 for snap in self.blobs.snapshots_in(txn, blob):
                     if snap.metadata.get("token") == intent["token"]:
                         self.blobs.delete_snapshot_in(txn, blob, snap.id)
-            txn.delete(key, db=self.meta.db["resources"])
-            txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
+                self._drop_if_unused(txn, blob)
 
     def roll_back_dead_creates(self) -> list[str]:
         """Roll back the creates whose process died on this host (run on open)."""
@@ -264,7 +302,7 @@ class Disks:
             raise StampError(f"disk size {size_gib} GiB is smaller than image {image!r}")
         self._check_sku(sku, size / GIB)
         record = self._record(name, sku, size, "FromImage", "differencing", source={"image": image})
-        with self._creating("disk", record) as blob:
+        with self._creating("disk", record, needs=(("image", image, str(img["blob"])),)) as blob:
             self._new_blob(blob)
             parent = (uuid.UUID(img["vhd_uuid"]), int(img["vhd_timestamp"]), str(img["blob"]))
             _write_sparse(PageBlobFile(self.stamp, blob), None, ft.DiskType.DIFFERENCING, size,
@@ -321,10 +359,13 @@ class Disks:
             src = self.snapshot(str(source_snapshot))
             blob, snap, kind = src["blob"], src.get("blob_snapshot") or None, src["vhd_type"]
             source = {"snapshot": str(source_snapshot)}
+        self._check_sku(sku or src["sku"], src["size_bytes"] / GIB)
         record = self._record(name, sku or src["sku"], src["size_bytes"], "Copy", kind, source=source)
         if "source" in src and "image" in src.get("source", {}):
             record["source"] = {**source, "image": src["source"]["image"]}
-        with self._creating("disk", record) as target:
+        needs = (("disk", source_disk, str(blob)),) if source_disk is not None else \
+            (("snapshot", str(source_snapshot), str(blob)),)
+        with self._creating("disk", record, needs=needs) as target:
             self.blobs.copy(blob, target, snapshot=snap)
         return record
 
@@ -382,19 +423,32 @@ class Disks:
                 self.blobs.copy(src["blob"], blob)
                 record.update(blob_snapshot=None, used_bytes=self.blobs.used_bytes(blob))
             return record
-        previous = [s for s in self.snapshots() if s["blob"] == src["blob"] and s["incremental"]
-                    and s.get("state") != CREATING]
-        prev = max(previous, key=lambda s: s["created"], default=None)
-        with self._creating("snapshot", record, blob=src["blob"]) as blob:
+        with self._creating("snapshot", record, blob=src["blob"], needs=(("disk", disk, str(src["blob"])),)) as blob:
             token = self._intent("snapshot", name)["token"]
             snap = self.blobs.snapshot(blob, metadata={"token": token})  # the tag a roll back finds it by
-            if prev is not None:
-                d = self.blobs.diff(blob, prev["blob_snapshot"], snap.id)
-                changed = sum(n for _, n in d.written)
-            else:
-                changed = self.blobs.used_bytes(blob, snapshot=snap.id)
-            record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev["name"] if prev else None)
+            prev, changed = self._changed_since_previous(blob, snap.id)
+            record.update(blob_snapshot=snap.id, changed_bytes=changed, previous=prev)
         return record
+
+    def _changed_since_previous(self, blob: str, snap: str) -> tuple[str | None, int]:
+        """(name, bytes written since) of the latest finished incremental
+        snapshot of `blob` before `snap`, or (None, bytes used). One deleted
+        since it was listed (a retention job) gives way to the one before it;
+        one finished meanwhile by a concurrent create (newer than `snap`) is
+        passed over."""
+        passed: set[str] = set()
+        while True:
+            previous = [s for s in self.snapshots() if s["blob"] == blob and s["incremental"]
+                        and s.get("state") != CREATING and s["name"] not in passed]
+            prev = max(previous, key=lambda s: s["created"], default=None)
+            if prev is None:
+                return None, self.blobs.used_bytes(blob, snapshot=snap)
+            try:
+                d = self.blobs.diff(blob, prev["blob_snapshot"], snap)
+            except (PreviousSnapshotNotFound, PreviousSnapshotCannotBeNewer):
+                passed.add(str(prev["name"]))
+                continue
+            return str(prev["name"]), sum(n for _, n in d.written)
 
     def diff(self, base: str, target: str | None = None) -> dict[str, Any]:
         """Guest (disk) byte ranges written and cleared between incremental
@@ -501,31 +555,54 @@ class Disks:
         return dict(obj)
 
     def delete_disk(self, name: str) -> None:
+        self._settle("disk", name)
         with self.meta.write() as txn:
             obj = self._take(txn, "disk", name)
             if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
                 raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
+            lease = self._stale_writer_lease(txn, name, str(obj["blob"]))
             if not self._users_of_blob(txn, obj["blob"], "snapshot"):
                 # (else its incremental snapshots keep the blob alive)
-                self.blobs.delete_in(txn, obj["blob"], snapshots="include")
+                self.blobs.delete_in(txn, obj["blob"], lease=lease, snapshots="include")
+            elif lease is not None:
+                self.blobs.break_lease_in(txn, str(obj["blob"]))
+
+    def _stale_writer_lease(self, txn: lmdb.Transaction, name: str, blob: str) -> str | None:
+        """ResourceInUse if a live process holds the disk's blob open for
+        writing; the lease of one that died on this host (the delete breaks
+        it), or None."""
+        held = self.blobs.held_lease_in(txn, blob)
+        if held is None:
+            return None
+        lease, props = held
+        pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
+        if host == socket.gethostname() and pid and not pid_alive(pid):
+            return lease
+        raise ResourceInUse(f"disk {name!r} is open for writing by {props.get('lease_holder', 'another holder')}: "
+                            "close it first")
 
     def replace_disk(self, name: str, source: str, **fields: Any) -> dict[str, Any]:
         """Disk `name` takes over disk `source`'s blob and size, in one transaction
         that also removes `source`'s record: a restore's swap. `name` is made when
-        missing; an existing one must be unattached, and its old blob goes unless
+        missing; an existing one must be unattached and not open for writing
+        (a dead writer's lease is broken), and its old blob goes unless
         snapshots keep it."""
         with self.meta.write() as txn:
             record = {**self._take(txn, "disk", source), **fields, "name": name}
             key = f"disk/{name}".encode()
             old = self.meta.get_json(txn, "resources", key)
-            if old is not None and old["state"] != DiskState.UNATTACHED.value:
-                raise ResourceInUse(f"disk {name!r} is {old['state']}: detach it first")
+            if old is not None:
+                if old["state"] != DiskState.UNATTACHED.value:
+                    raise ResourceInUse(f"disk {name!r} is {old['state']}: detach it first")
+                if self._stale_writer_lease(txn, name, str(old["blob"])) is not None:
+                    self.blobs.break_lease_in(txn, str(old["blob"]))
             self.meta.put_json(txn, "resources", key, record)
-            if old is not None and not self._users_of_blob(txn, old["blob"], "snapshot"):
-                self.blobs.delete_in(txn, old["blob"], snapshots="include")
+            if old is not None:
+                self._drop_if_unused(txn, str(old["blob"]))
         return record
 
     def delete_image(self, name: str) -> None:
+        self._settle("image", name)
         with self.meta.write() as txn:
             img = self._take(txn, "image", name)
             users = [str(loads(v)["name"]) for kind in ("disk", "snapshot")
@@ -536,15 +613,19 @@ class Disks:
             self.blobs.delete_in(txn, img["blob"], snapshots="include")
 
     def delete_snapshot(self, name: str) -> None:
+        self._settle("snapshot", name)
         with self.meta.write() as txn:
             snap = self._take(txn, "snapshot", name)
             if not snap.get("blob_snapshot"):
                 self.blobs.delete_in(txn, snap["blob"], snapshots="include")
                 return
             self.blobs.delete_snapshot_in(txn, snap["blob"], snap["blob_snapshot"])
-            if not self._users_of_blob(txn, snap["blob"], "disk") and \
-                    not self._users_of_blob(txn, snap["blob"], "snapshot"):
-                self.blobs.delete_in(txn, snap["blob"], snapshots="include")
+            self._drop_if_unused(txn, snap["blob"])
+
+    def _drop_if_unused(self, txn: lmdb.Transaction, blob: str) -> None:
+        """Delete a disk's blob that no disk and no snapshot names any more."""
+        if not self._users_of_blob(txn, blob, "disk") and not self._users_of_blob(txn, blob, "snapshot"):
+            self.blobs.delete_in(txn, blob, snapshots="include")
 
 
 def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = None) -> list[tuple[int, int]]:

@@ -287,7 +287,7 @@ class PageBlobs:
 
     @staticmethod
     def _check_size(size: int, limit: int = MAX_BLOB) -> None:
-        if size < 0 or size % PAGE or size > limit:
+        if type(size) is not int or size < 0 or size % PAGE or size > limit:
             raise InvalidHeaderValue(f"page blob size {size} must be a multiple of 512 up to {limit} bytes")
 
     def exists(self, name: str) -> bool:
@@ -430,11 +430,23 @@ class PageBlobs:
 
     def break_lease(self, name: str) -> None:
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            if st.lease == NO_LEASE:
-                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
-            st.lease, st.lease_expiry = NO_LEASE, 0
-            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            self.break_lease_in(txn, name)
+
+    def break_lease_in(self, txn: lmdb.Transaction, name: str) -> None:
+        """break_lease() inside the caller's write transaction."""
+        blob_id, _, st = self._blob(txn, name)
+        if st.lease == NO_LEASE:
+            raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
+        st.lease, st.lease_expiry = NO_LEASE, 0
+        txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def held_lease_in(self, txn: lmdb.Transaction, name: str) -> tuple[str, dict[str, Any]] | None:
+        """The blob's held lease and its properties (who holds it, for a
+        writer lease), or None, inside the caller's transaction."""
+        _, obj, st = self._blob(txn, name)
+        if not st.lease_held(time.time()):
+            return None
+        return str(uuid.UUID(bytes=st.lease)), dict(obj.get("properties", {}))
 
     def lease_of(self, name: str) -> str | None:
         with self.meta.read() as txn:
@@ -688,6 +700,8 @@ class PageBlobs:
     def page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
                     length: int | None = None) -> list[tuple[int, int]]:
         """(offset, length) byte ranges that hold data, merged."""
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
             epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)

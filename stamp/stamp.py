@@ -174,6 +174,8 @@ class Stamp:
         if size <= rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK:
             raise StampError(f"extent {extent_id} holds no data to corrupt")
         at = offset if offset is not None else rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK + 1
+        if not 0 <= at < size:
+            raise StampError(f"offset {at} is outside extent {extent_id}'s file on that node ({size} bytes)")
         with open(path, "r+b") as f:
             f.seek(at)
             b = f.read(1)

@@ -35,3 +35,22 @@ def test_an_extra_argument_is_a_usage_error(stamp_dir, capsys):
         main(["--stamp", stamp_dir, "fault", "node-down", "node-00", "node-01"])
     assert e.value.code == 2
     assert "unrecognized arguments: node-01" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--extent", "-1"], ["--extent", str(2 ** 64)], ["--extent", "1", "--offset", "-5"],
+                                  ["--extent", "1", "--offset", str(10 ** 30)], ["--extent", "1", "--offset", "1000000000"]])
+def test_a_bitflip_out_of_range_is_a_clear_error(stamp_dir, capsys, args):
+    code = None
+    try:
+        code = main(["--stamp", stamp_dir, "fault", "bitflip", *args, "node-00"])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code in (1, 2) and "Traceback" not in err and err.strip().splitlines()[-1].startswith("stamp"), err
+
+
+@pytest.mark.parametrize("ms", ["-5", "nan", "inf"])
+def test_a_slow_node_takes_a_finite_delay(stamp_dir, capsys, ms):
+    with pytest.raises(SystemExit) as e:
+        main(["--stamp", stamp_dir, "fault", "slow", "node-00", "--ms", ms])
+    assert e.value.code == 2 and "--ms" in capsys.readouterr().err

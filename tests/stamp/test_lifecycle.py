@@ -11,7 +11,7 @@ import pytest
 
 import vhd
 from stamp import Stamp
-from stamp.disks import Disks, ResourceInUse
+from stamp.disks import Disks, ResourceInUse, ResourceNotFound
 from stamp.pageblob import PageBlobs
 
 MIB = 1 << 20
@@ -191,3 +191,135 @@ def test_a_resource_name_follows_the_platforms_rule(disks, name):
     with pytest.raises(StampError, match="1 to 80 letters"):
         disks.create_empty(name, 1)
     assert disks.disks() == [] and disks.blobs.names() == []
+
+
+def test_a_rolled_back_snapshot_of_a_since_deleted_disk_leaves_no_blob(disks, monkeypatch):
+    """The disk is deleted while its incremental snapshot is being made (its
+    blob kept alive by the snapshot's reservation); the snapshot then fails:
+    nothing may keep the blob, so the roll back deletes it too."""
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"data" * 128)
+
+    def delete_then_fail(*args: object, **kw: object) -> None:
+        disks.delete_disk("d")
+        raise OSError("injected failure")
+    monkeypatch.setattr("stamp.pageblob.PageBlobs.used_bytes", delete_then_fail)
+    with pytest.raises(OSError, match="injected"):
+        disks.create_snapshot("s", "d")
+    assert state_of(disks) == ([], [], {})
+    assert disks.stamp.check().ok
+
+
+def test_a_disk_from_an_image_deleted_meanwhile_is_refused(disks, monkeypatch):
+    """The image is deleted between the create reading it and reserving the
+    disk's name: the create must fail, not make a disk whose parent is gone."""
+    disks.create_empty("src", 1)
+    disks.create_image("img", disk="src")
+    check_sku = Disks._check_sku
+
+    def delete_image_first(sku: str, size_gib: float) -> None:
+        disks.delete_image("img")
+        check_sku(sku, size_gib)
+    monkeypatch.setattr(Disks, "_check_sku", staticmethod(delete_image_first))
+    with pytest.raises(ResourceNotFound, match="image 'img'"):
+        disks.create_from_image("os1", "img")
+    assert [d["name"] for d in disks.disks()] == ["src"]
+
+
+KILLED_CREATE = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import stamp.disks
+from stamp import Stamp
+stamp.disks.create_fixed = lambda *a, **k: os._exit(9)
+stamp.disks.Disks(Stamp.open(sys.argv[1])).create_empty("x", 1)
+"""
+
+
+def test_a_process_already_open_rolls_back_a_create_whose_process_died(tmp_path):
+    """A long-lived process (a host) opened the stamp before another process
+    died mid-create: the name is free to it, not 'being created' forever."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        proc = subprocess.run([sys.executable, "-c", KILLED_CREATE, path, ROOT], timeout=120)
+        assert proc.returncode == 9
+        with pytest.raises(ResourceNotFound):
+            d.record("x")
+        d.create_empty("x", 1)
+        assert d.disks()[0]["name"] == "x" and len(d.blobs.names()) == 1
+        assert st.check().ok
+
+
+def test_a_copy_keeps_the_sku_rules(disks):
+    from stamp.errors import StampError
+    disks.create_empty("src", 1)
+    with pytest.raises(StampError, match="unknown SKU"):
+        disks.create_copy("c", source_disk="src", sku="Bogus_LRS")
+    assert [d["name"] for d in disks.disks()] == ["src"]
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_a_disk_open_for_writing_is_not_deleted(disks, with_snapshot):
+    """With or without snapshots keeping its blob, a delete while a process
+    writes the disk is refused with the holder's name (not the blob's raw
+    lease code, nor a success that leaves the writer writing a deleted disk)."""
+    disks.create_empty("d", 1)
+    if with_snapshot:
+        disks.create_snapshot("s", "d")
+    with disks.open_virtual("d", writable=True) as v:
+        with pytest.raises(ResourceInUse, match=f"open for writing by pid {os.getpid()}"):
+            disks.delete_disk("d")
+        v.write(0, b"kept" * 128)
+    assert read(disks, "d", 0, 4) == b"kept"
+    disks.delete_disk("d")  # closed: the delete goes through
+    assert disks.disks() == []
+
+
+DIES_WRITING = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from stamp import Stamp
+from stamp.disks import Disks
+Disks(Stamp.open(sys.argv[1])).open_virtual("d", writable=True)
+os._exit(9)  # killed holding the disk open for writing
+"""
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_a_disk_whose_writer_died_is_deleted(tmp_path, with_snapshot):
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        d.create_empty("d", 1)
+        if with_snapshot:
+            d.create_snapshot("s", "d")
+        assert subprocess.run([sys.executable, "-c", DIES_WRITING, path, ROOT], timeout=120).returncode == 9
+        d.delete_disk("d")
+        assert d.disks() == [] and st.check().ok
+        if with_snapshot:
+            assert d.blobs.lease_of(d.snapshot("s")["blob"]) is None
+
+
+def test_an_incremental_snapshot_survives_its_predecessor_being_deleted_meanwhile(disks, monkeypatch):
+    """A retention job deletes the disk's latest snapshot while a new one is
+    being made: the new one diffs against the one before (or none), it does
+    not fail with PreviousSnapshotNotFound."""
+    disks.create_empty("d", 1)
+    write(disks, "d", 0, b"one!" * 128)
+    disks.create_snapshot("s1", "d")
+    write(disks, "d", MIB, b"two!" * 128)
+    disks.create_snapshot("s2", "d")
+    write(disks, "d", 2 * MIB, b"3rd!" * 128)
+    diff = PageBlobs.diff
+    deleted = []
+
+    def delete_s2_first(self: PageBlobs, *args: object, **kw: object) -> object:
+        if not deleted:
+            deleted.append(True)
+            disks.delete_snapshot("s2")
+        return diff(self, *args, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(PageBlobs, "diff", delete_s2_first)
+    snap = disks.create_snapshot("s3", "d")
+    assert deleted and snap["previous"] == "s1" and snap["changed_bytes"] == 2 * 512
+    assert read(disks, "d", MIB, 4, snapshot="s3") == b"two!"

@@ -36,6 +36,10 @@ def st(tmp_path):
     (lambda b: b.create("e", 1000), stamp.InvalidHeaderValue),
     (lambda b: b.create("e", 9 * 1024 ** 4), stamp.InvalidHeaderValue),
     (lambda b: b.read("d", 0, 512, snapshot="2000-01-01T00:00:00.0000000Z"), stamp.SnapshotNotFound),
+    (lambda b: b.create("e", 512.0), stamp.InvalidHeaderValue),  # a size that is not an integer
+    (lambda b: b.resize("d", "4096"), stamp.InvalidHeaderValue),
+    (lambda b: b.page_ranges("d", offset=-512, length=1024), stamp.InvalidRange),
+    (lambda b: b.page_ranges("d", offset=0, length=-1), stamp.InvalidRange),
 ])
 def test_violations_raise_their_azure_code(st, call, error):
     with pytest.raises(error) as e:

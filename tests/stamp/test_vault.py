@@ -145,6 +145,34 @@ def test_a_corrupt_chunk_is_found_by_verify_and_refused_by_restore(env):
     assert not os.path.exists(tmp / "r.vhd")
 
 
+
+def test_a_restore_that_fails_midway_leaves_no_disk_and_the_disk_it_would_replace_intact(env):
+    """A bad chunk late in a point: restore to a new disk makes no disk, and
+    restore over a disk leaves that disk as it was (its data, its snapshots)."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    chunks = vault.manifest(point)["chunks"]
+    last = chunks[str(max(int(i) for i in chunks))]  # restored after the others were written
+    path = vault._chunk_path(last)
+    raw = bytearray(open(path, "rb").read())
+    raw[-10] ^= 0xFF
+    open(path, "wb").write(raw)
+    disks.create_empty("keep", 1, "Standard_LRS")
+    write(disks, "keep", 0, b"mine" * 128)
+    disks.create_snapshot("keep-s", "keep")
+    blobs_before = sorted(disks.blobs.names())
+    with pytest.raises(ChunkError):
+        vault.restore_to_disk(point, disks, "new")
+    with pytest.raises(ChunkError):
+        vault.restore_to_disk(point, disks, "keep", overwrite=True)
+    assert sorted(d["name"] for d in disks.disks()) == ["keep", "vm1"]
+    assert view(disks, "keep")[:512] == b"mine" * 128
+    assert sorted(disks.blobs.names()) == blobs_before
+    assert disks.stamp.check().ok
+
 def test_decompression_is_bounded_before_it_starts():
     data = bytes(ck.CHUNK)
     name = ck.name_of(b"x", None)
@@ -223,6 +251,42 @@ def test_kill_9_during_backups_leaves_a_consistent_vault(env):
             assert vault.leftovers(d) == []
             assert [s["name"] for s in d.snapshots()] == [vault.points()[-1]["snapshot"]]
 
+
+
+RESTORE_KILLED = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    from stamp import Stamp
+    from stamp.disks import Disks
+    from stamp.vault import Vault
+    def write_then_die(self, pieces, size, target):
+        target.write(0, b"half" * 128)
+        os._exit(9)  # killed midway through the restore
+    Vault._write_pieces = write_then_die
+    Vault(sys.argv[2]).restore_to_disk(sys.argv[4], Disks(Stamp.open(sys.argv[1])), "keep", overwrite=True)
+""")
+
+
+def test_a_restore_killed_midway_leaves_the_disk_it_would_replace_intact(env):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    disks.create_empty("keep", 1, "Standard_LRS")
+    write(disks, "keep", 0, b"mine" * 128)
+    blobs_before = sorted(disks.blobs.names())
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", RESTORE_KILLED, str(tmp / "st"), str(tmp / "vault"), root, point],
+                          timeout=120)
+    assert proc.returncode == 9
+    d = Disks(disks.stamp)  # the next open rolls the dead restore back
+    assert view(d, "keep")[:512] == b"mine" * 128
+    assert sorted(d.blobs.names()) == blobs_before
+    vault.restore_to_disk(point, d, "keep", overwrite=True)  # and a restore over it now works
+    with d.open_virtual("keep") as v:
+        assert v.read(0, 64 * MIB) == view(d, "vm1")
+    assert sorted(r["name"] for r in d.disks()) == ["keep", "vm1"] and d.stamp.check().ok
 
 def test_cli(env):
     tmp, disks = env
