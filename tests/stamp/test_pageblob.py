@@ -292,6 +292,6 @@ def test_the_version_changes_with_the_live_pages_only_and_costs_no_index_walk(st
     st.blobs.version("d")
     assert "pages" not in walked
     st.blobs.release_lease("d", lease)
-    st.blobs.delete("d")
+    st.blobs.delete("d", snapshots="include")
     st.blobs.create("d", 64 * MIB)
     assert st.blobs.version("d")[0] != blob_id
