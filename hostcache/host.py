@@ -1,6 +1,7 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
     HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes", "cache_scale", "ram_bytes"}
+    HOST/host.lock    held (flock) by a compute call, whatever the process: one at a time
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
     HOST/throttle/    the throttle's buckets (buckets.py), one per VM and one per
@@ -20,7 +21,9 @@ VM sizes), refused with the platform's error codes (errors.py):
 - a VM size takes at most `max_data_disks` data disks (OperationNotAllowed),
   at LUNs 0 to that - 1 (a LUN outside, or taken: InvalidParameter);
 - a disk is attached to one VM at a time (its managed-disk state says
-  where; ConflictingUserInput);
+  where; ConflictingUserInput); the state moves from Unattached to Attached
+  in one stamp transaction, so two hosts attaching it at once cannot both win;
+- a LUN is a whole number (InvalidParameter);
 - host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
   Standard HDD disks under 4 TiB (sizes rounded up to a whole GiB), and only
   on VM sizes that support premium storage caching (OperationNotAllowed);
@@ -37,14 +40,17 @@ VM sizes), refused with the platform's error codes (errors.py):
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
-Several processes may act on one host: state is in LMDB, the throttle's
-buckets are files in the host folder (buckets.py) shared by them all; the
-open disks live in the process that serves them.
+Several processes may act on one host: state is in LMDB, the compute calls
+(create, attach, detach, caching, stop, start, delete) run one at a time
+under HOST/host.lock, each reading the records it checks inside it, the
+throttle's buckets are files in the host folder (buckets.py) shared by them
+all; the open disks live in the process that serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import shutil
@@ -52,6 +58,8 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +67,7 @@ import lmdb
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
-from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
+from stamp.disks import Disks, DiskState, ResourceInUse, VirtualDisk, open_recovered
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
 from vhd.image import SparseImage, open_image
@@ -96,10 +104,25 @@ def _vm_key(vm: dict[str, Any]) -> str:
     return f"vm {vm['name']} {vm.get('created', 0)}"
 
 
+def _attached_elsewhere(rec: dict[str, Any]) -> ConflictingUserInput:
+    where = rec.get("attached_to")
+    return ConflictingUserInput("A disk can be attached to only one VM at a time: "
+                                f"disk {rec['name']} is {rec['state']}" + (f" to VM {where}" if where else "")
+                                + "; detach it there first")
+
+
 def _check_sku_on_size(limits: VmLimits, sku: str, disk: str) -> None:
     if sku in PREMIUM_SKUS and not limits.premium_storage:
         raise OperationNotAllowed(f"VM size {limits.name} does not support premium storage: disk {disk} is "
                                   f"{sku}; use a size with premium storage (an 's' size) or a Standard disk")
+
+
+def _lun(value: object) -> int:
+    """A LUN as the caller gave it: a whole number (a float or a bool would be
+    kept in the VM's record under a key no later call could read back)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(f"a LUN is a whole number, not {value!r}")
+    return value
 
 
 def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
@@ -146,6 +169,8 @@ class Host:
         self.latency = latency
         self.throttles: dict[str, Throttle] = {}
         self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
+        self._call_lock = threading.RLock()
+        self._call_fd = -1  # HOST/host.lock while a compute call of this process holds it
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
@@ -176,6 +201,25 @@ class Host:
             self.config["cache_bytes"] = int(total)
             with open(os.path.join(self.path, "host.json"), "w") as f:
                 json.dump(self.config, f, indent=2)
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        """One compute call at a time on this host, whatever the process: each
+        reads the VM and disk records, checks its rules and writes them back
+        under HOST/host.lock (flock), so two processes attaching at once cannot
+        both take one LUN or one disk. Reentrant (set_caching is detach and attach)."""
+        with self._call_lock:
+            outer = self._call_fd < 0
+            if outer:
+                fd = os.open(os.path.join(self.path, "host.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._call_fd = fd
+            try:
+                yield
+            finally:
+                if outer:
+                    os.close(self._call_fd)  # releases the flock
+                    self._call_fd = -1
 
     def close(self) -> None:
         if self.cache.fd < 0:
@@ -240,6 +284,11 @@ class Host:
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
         """A VM whose OS disk is made from `image`. Every rule is checked
         first; if anything fails after the OS disk is made, it is deleted."""
+        with self._serialized():
+            return self._create_vm(name, size, image, os_sku, os_caching, os_size_gib)
+
+    def _create_vm(self, name: str, size: str, image: str, os_sku: str, os_caching: str,
+                   os_size_gib: int | None) -> dict[str, Any]:
         limits = vm_limits(size)
         with self.env.begin() as txn:
             if txn.get(name.encode(), db=self.vms_db) is not None:
@@ -306,14 +355,15 @@ class Host:
         return mode.value
 
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
+        with self._serialized():
+            return self._attach(vm_name, disk, _lun(lun), caching)
+
+    def _attach(self, vm_name: str, disk: str, lun: int, caching: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
         limits = vm_limits(vm["size"])
         rec = self.disks.record(disk)
         if rec["state"] != DiskState.UNATTACHED.value:
-            where = rec.get("attached_to")
-            raise ConflictingUserInput("A disk can be attached to only one VM at a time: "
-                                       f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else "")
-                                       + "; detach it there first")
+            raise _attached_elsewhere(rec)
         if not 0 <= lun < limits.max_data_disks:
             raise InvalidParameter(f"LUN {lun} is out of range: {limits.name} takes LUNs 0 to "
                                    f"{limits.max_data_disks - 1}")
@@ -325,9 +375,16 @@ class Host:
                                       "detach one first or choose a larger size")
         _check_sku_on_size(limits, rec["sku"], disk)
         mode = self._caching(disk, rec["sku"], int(_size_gib(rec) * GIB), caching, limits, is_os=False)
+        try:  # only from Unattached: another host may have taken it since the check
+            self.disks.set_state(disk, DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun)
+        except ResourceInUse:
+            raise _attached_elsewhere(self.disks.record(disk)) from None
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}
-        self._put(vm)
-        self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        try:
+            self._put(vm)
+        except BaseException:
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            raise
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
             live.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
@@ -336,6 +393,10 @@ class Host:
         return vm
 
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
+        with self._serialized():
+            return self._detach(vm_name, _lun(lun))
+
+    def _detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
@@ -354,14 +415,22 @@ class Host:
 
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
+        with self._serialized():
+            return self._set_caching(vm_name, _lun(lun), caching)
+
+    def _set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         entry = self.vm(vm_name)["data_disks"].get(str(lun))
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no data disk at LUN {lun}")
         disk = entry["disk"]
-        self.detach(vm_name, lun)
-        return self.attach(vm_name, disk, lun, caching)
+        self._detach(vm_name, lun)
+        return self._attach(vm_name, disk, lun, caching)
 
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
+        with self._serialized():
+            return self._stop(vm_name, deallocate)
+
+    def _stop(self, vm_name: str, deallocate: bool) -> dict[str, Any]:
         vm = self.vm(vm_name)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
@@ -375,6 +444,10 @@ class Host:
         return vm
 
     def start(self, vm_name: str) -> dict[str, Any]:
+        with self._serialized():
+            return self._start(vm_name)
+
+    def _start(self, vm_name: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
@@ -385,6 +458,10 @@ class Host:
         return vm
 
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
+        with self._serialized():
+            self._delete_vm(vm_name, delete_os_disk)
+
+    def _delete_vm(self, vm_name: str, delete_os_disk: bool) -> None:
         vm = self.vm(vm_name)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])

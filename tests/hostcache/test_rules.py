@@ -4,10 +4,16 @@ leaves nothing behind when refused."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
-from hostcache.errors import HostError, HostRuleError, InvalidParameter, OperationNotAllowed
+from hostcache.errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
 from hostcache.host import GIB, OS_LUN, Host
+from hostcache.throttle import FakeClock
 from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks
 from vhd.image import create_fixed
@@ -21,7 +27,7 @@ def odd_size_disk(h, name: str, size: int, sku: str = "Premium_LRS") -> None:
     """A disk of `size` bytes (a multiple of 1 MiB, not of 1 GiB), uploaded as the platform allows."""
     d = Disks(h.stamp)
     d.create_for_upload(name, size + 512, sku)
-    create_fixed(PageBlobFile(h.stamp, f"disks/{name}"), size)
+    create_fixed(PageBlobFile(h.stamp, d.record(name)["blob"]), size)
     d.finish_upload(name)
 
 
@@ -110,3 +116,73 @@ def test_lun_and_size_parameters_are_refused_with_their_code(host, tmp_path):  #
         Host.create(str(tmp_path / "h2"), host.config["stamp"], cache_bytes=0)
     with pytest.raises(HostError, match="cache_scale must be more than 0"):
         Host.create(str(tmp_path / "h3"), host.config["stamp"], cache_scale=-1)
+
+
+@pytest.mark.parametrize("lun", [1.5, True, "0"])
+def test_a_lun_that_is_not_a_whole_number_is_refused_and_the_vm_stays_usable(host, lun):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: a LUN is a whole number"):
+        host.attach("vm1", "data1", lun)
+    with pytest.raises(InvalidParameter, match="a LUN is a whole number"):
+        host.detach("vm1", lun)
+    assert host.disks.record("data1")["state"] == "Unattached"
+    host.stop("vm1")  # the VM's record still reads back: every LUN in it is a number
+    host.start("vm1")
+    host.attach("vm1", "data1", 0)
+
+
+def _attach_in_child(host_path: str, vm: str, disk: str, lun: int) -> subprocess.CompletedProcess[str]:
+    script = textwrap.dedent(f"""
+        from hostcache.host import Host
+        from hostcache.throttle import FakeClock
+        with Host({host_path!r}, clock=FakeClock()) as h:
+            h.attach({vm!r}, {disk!r}, {lun})
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_two_hosts_attaching_one_disk_at_once_cannot_both_succeed(host, tmp_path, monkeypatch):  # noqa: F811
+    """Host 2 attaches data1 after host 1 checked it is free and before host 1
+    marks it attached: the stamp takes only the first."""
+    other = Host.create(str(tmp_path / "host2"), host.config["stamp"], cache_bytes=32 * MIB, clock=FakeClock())
+    other.create_vm("vm2", "D8s_v3", "mbr")
+    other.close()
+    host.create_vm("vm1", "D8s_v3", "gpt")
+    checked = host._caching
+    seen: list[subprocess.CompletedProcess[str]] = []
+
+    def meanwhile(*args, **kw):  # host 1 has checked the disk's state; host 2 goes now
+        seen.append(_attach_in_child(str(tmp_path / "host2"), "vm2", "data1", 0))
+        return checked(*args, **kw)
+    monkeypatch.setattr(host, "_caching", meanwhile)
+    with pytest.raises(ConflictingUserInput, match="only one VM at a time: disk data1 is Attached to VM vm2"):
+        host.attach("vm1", "data1", 0)
+    assert seen[0].returncode == 0, seen[0].stderr
+    assert host.vm("vm1")["data_disks"] == {} and host.disks.record("data1")["attached_to"] == "vm2"
+
+
+def test_a_compute_call_holds_the_host_lock_against_other_processes(host, monkeypatch):  # noqa: F811
+    """Two processes attaching at one LUN of one VM: the second's checks run
+    after the first has written, because a call holds HOST/host.lock."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    checked = host._caching
+    seen: list[subprocess.CompletedProcess[str]] = []
+    probe = textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({os.path.join(host.path, "host.lock")!r}, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(3)
+    """)
+
+    def meanwhile(*args, **kw):
+        seen.append(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60))
+        return checked(*args, **kw)
+    monkeypatch.setattr(host, "_caching", meanwhile)
+    host.attach("vm1", "data1", 0)
+    assert seen[0].returncode == 3, "another process could take the host's lock during attach"
+    monkeypatch.undo()
+    proc = _attach_in_child(host.path, "vm1", "data2", 0)  # after the first: refused on its own checks
+    assert proc.returncode == 1 and "InvalidParameter: LUN 0 of VM vm1 holds data1" in proc.stderr
