@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from hostcache.buckets import BucketStore
+from hostcache.buckets import BucketStore, epoch_id, pack
 from hostcache.host import Host
 from hostcache.throttle import CreditLimiter, FakeClock, RateLimiter, Throttle
 from hostcache.tiers import disk_limits, vm_limits
@@ -176,3 +176,33 @@ def test_a_hold_that_raises_writes_nothing_and_the_next_reads_the_file_again(tmp
     with store.hold({"k": [lim]}, 0.0):
         assert lim.state() == saved
     store.close()
+
+
+@pytest.mark.parametrize("tat,credits", [(1e12, 5.0), (float("inf"), 5.0), (float("nan"), 5.0),
+                                         (50.0, float("nan")), (50.0, -1e9), (100.0 + 86401, 5.0)])
+def test_an_intact_record_with_impossible_figures_reads_as_drained(tmp_path, tat, credits):
+    """A record with a good CRC but a time that is not finite or a day
+    ahead (it would hold every I/O until then), or credits that cannot be."""
+    store = BucketStore(str(tmp_path), "boot A")
+    with open(store.path("k"), "wb") as f:
+        f.write(pack(epoch_id("boot A"), [(tat, credits)]))
+    lim = CreditLimiter("c", 500, 3500, start=0.0)
+    with store.hold({"k": [lim]}, 100.0):
+        assert lim.state() == (100.0, 0.0)
+        lim.commit(100.0, 1)  # admitted now, not at the record's time
+        assert lim.tat < 101
+    store.close()
+
+
+def test_a_disk_whose_bucket_says_a_far_time_reads_now(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    rec = host.disks.record("data1")
+    path = host.buckets.path(f"disk data1 {rec['created']}")
+    for far in (1e12, float("inf")):
+        with open(path, "wb") as f:
+            f.write(pack(epoch_id("fake"), [(far, 0.0), (far, 0.0)]))
+        host.buckets.written.clear()
+        now = host.clock.now()
+        host.open_disk("vm1", 0).read(0, 4096)
+        assert host.clock.now() - now < 1
