@@ -84,6 +84,22 @@ from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, 
 OS_LUN = -1
 GIB = 1024 ** 3
 OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
+MAX_CACHE_BYTES = 16 << 40  # the largest file ext4 holds: the cache file is one
+HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
+
+
+def _unmake(path: str, made: bool, there: set[str]) -> None:
+    """Remove what Host.create made in `path`: the folder if it made it, else
+    the host's files that were not `there` before."""
+    if made:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in set(HOST_FILES) - there:
+        where = os.path.join(path, name)
+        if os.path.isdir(where):
+            shutil.rmtree(where, ignore_errors=True)
+        elif os.path.exists(where):
+            os.unlink(where)
 
 
 def _size_gib(rec: dict[str, Any]) -> float:
@@ -179,23 +195,33 @@ class Host:
         sizes times cache_scale (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
-        if cache_bytes is not None and cache_bytes < 1 << 20:
-            raise HostError(f"a host cache of {cache_bytes} bytes is too small: give at least 1 MiB")
-        if cache_scale <= 0 or ram_bytes < 0:
-            raise HostError("cache_scale must be more than 0 and ram_bytes 0 or more")
+        if cache_bytes is not None and not 1 << 20 <= cache_bytes <= MAX_CACHE_BYTES:
+            raise HostError(f"a host cache of {cache_bytes} bytes cannot be: give 1 MiB to 16 TiB")
+        if not 0 < cache_scale <= 1 or ram_bytes < 0:
+            raise HostError("cache_scale must be more than 0 and at most 1 (the sizes' own cache), "
+                            "and ram_bytes 0 or more")
         Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
+        made = not os.path.exists(path)
+        there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "host.json"), "w") as f:
             json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
                        "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
-        return cls(path, **kw)
+        try:
+            return cls(path, **kw)
+        except BaseException as e:  # a host that cannot open is not left behind
+            _unmake(path, made, there)
+            if isinstance(e, OSError):
+                raise HostError(f"cannot make the host in {path}: {e.strerror or e}") from None
+            raise
 
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""
         scale = self.config.get("cache_scale")
         if not scale:
             return
-        total = sum((vm_limits(vm["size"]).cache_size_gib or 0) for vm in self.vms()) * GIB * scale
+        gib = sum((vm_limits(vm["size"]).cache_size_gib or 0) for vm in self.vms())
+        total = min(MAX_CACHE_BYTES, gib * GIB * scale)
         if total > self.config["cache_bytes"]:
             self.cache.grow(int(total))
             self.config["cache_bytes"] = int(total)
