@@ -116,6 +116,11 @@ def _disk_key(rec: dict[str, Any]) -> str:
     return f"disk {rec['name']} {rec.get('created', 0)}"
 
 
+def _label(lun: int) -> str:
+    """How a disk's limiters are named in the VM's statistics: "os", "lun0"..."""
+    return "os" if lun == OS_LUN else f"lun{lun}"
+
+
 def _vm_key(vm: dict[str, Any]) -> str:
     return f"vm {vm['name']} {vm.get('created', 0)}"
 
@@ -413,7 +418,7 @@ class Host:
             raise
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
-            live.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+            live.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))
         if vm["state"] == "Running":
             self._any_throttle(vm).resume([str(lun)])
         return vm
@@ -558,7 +563,7 @@ class Host:
         t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm))
         for lun, disk in self._luns(vm):
             rec = self.disks.record(disk)
-            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))
         return t
 
     def _any_throttle(self, vm: dict[str, Any]) -> Throttle:

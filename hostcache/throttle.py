@@ -246,11 +246,14 @@ def pair(name: str, iops: float, mbps: float, burst_iops: float | None, burst_mb
 
 
 class DiskThrottle:
-    def __init__(self, limits: DiskLimits, start: float = 0.0) -> None:
+    """One disk's limiters, named "disk LABEL TIER IOPS" and "... MB/s" (the
+    label tells apart two disks of one tier on a VM)."""
+
+    def __init__(self, limits: DiskLimits, start: float = 0.0, label: str = "") -> None:
         self.limits = limits
         # on-demand bursting has no credits and no time limit: pair() makes the burst figures the limit
         self.iops, self.bandwidth = pair(
-            f"disk {limits.tier}", limits.iops, limits.mbps,
+            " ".join(w for w in ("disk", label, limits.tier) if w), limits.iops, limits.mbps,
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
             credit=limits.burst is Burst.CREDIT, unit=limits.mbps_unit, start=start)
@@ -367,8 +370,10 @@ class Throttle:
         self.disk_keys: dict[str, str] = {}
         self.lock = threading.Lock()  # admissions from several threads (queue depth) happen one at a time
 
-    def add_disk(self, name: str, limits: DiskLimits, key: str | None = None) -> DiskThrottle:
-        self.disks[name] = DiskThrottle(limits, start=self.clock.now())
+    def add_disk(self, name: str, limits: DiskLimits, key: str | None = None,
+                 label: str | None = None) -> DiskThrottle:
+        """A disk under `name`; its limiters' names (statistics) carry `label`, or the name."""
+        self.disks[name] = DiskThrottle(limits, start=self.clock.now(), label=name if label is None else label)
         self.disk_keys[name] = key or f"disk {name}"
         return self.disks[name]
 

@@ -18,7 +18,7 @@ from hostcache.tiers import disk_limits, vm_limits
 from .test_host import host, make_image  # noqa: F401  (the fixture)
 
 KIB = 1024
-P10_IOPS = "disk P10 IOPS"
+P10_IOPS = "disk lun0 P10 IOPS"
 
 
 def drain(t: Throttle, lun: str) -> float:
@@ -93,7 +93,7 @@ def test_two_processes_draw_on_one_bucket(host, tmp_path):  # noqa: F811
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     alone = Throttle(vm_limits("D8s_v3"), FakeClock(0.0), latency=False)
-    alone.add_disk("0", disk_limits("Premium_LRS", 128))
+    alone.add_disk("0", disk_limits("Premium_LRS", 128), label="lun0")
     for _ in range(6000):
         alone.admit("0", False, 4096, now=0.0)
     with Host(host.path, clock=FakeClock(0.0)) as h:

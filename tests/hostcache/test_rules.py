@@ -112,7 +112,7 @@ def test_lun_and_size_parameters_are_refused_with_their_code(host, tmp_path):  #
         host.set_caching("vm1", 3, "ReadOnly")
     with pytest.raises(InvalidParameter, match="^InvalidParameter: VM vm1 has no disk at LUN 5"):
         host.detach("vm1", 5)
-    with pytest.raises(HostError, match="too small: give at least 1 MiB"):
+    with pytest.raises(HostError, match="0 bytes cannot be: give 1 MiB to 16 TiB"):
         Host.create(str(tmp_path / "h2"), host.config["stamp"], cache_bytes=0)
     with pytest.raises(HostError, match="cache_scale must be more than 0"):
         Host.create(str(tmp_path / "h3"), host.config["stamp"], cache_scale=-1)

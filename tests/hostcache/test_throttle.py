@@ -151,13 +151,13 @@ def test_statistics_like_the_platforms_metrics():
     t = throttle(s=disk_limits("Standard_LRS", 32))
     simulate(t, [Workload("s", qd=4)], 60)
     stats = t.statistics(now=60)
-    disk = stats["disk S4 IOPS"]
+    disk = stats["disk s S4 IOPS"]
     assert disk["consumed_percent"] == pytest.approx(100, abs=0.5)
     assert disk["throttled_requests"] > 0 and disk["throttled_seconds"] > 0
-    assert stats["disk S4 MB/s"]["consumed_percent"] == pytest.approx(500 * 4096 / (60 * MIB) * 100, rel=0.01)
+    assert stats["disk s S4 MB/s"]["consumed_percent"] == pytest.approx(500 * 4096 / (60 * MIB) * 100, rel=0.01)
     p10 = throttle(p=disk_limits("Premium_LRS", 128))
     p10.admit("p", False, 4096, now=0.0)
-    assert p10.statistics(now=0.0)["disk P10 IOPS"]["burst_credits_percent"] == pytest.approx(100, abs=0.01)
+    assert p10.statistics(now=0.0)["disk p P10 IOPS"]["burst_credits_percent"] == pytest.approx(100, abs=0.01)
 
 
 def test_large_ios_count_in_256_kib_units_where_iops_bind():
@@ -182,7 +182,7 @@ def test_statistics_take_bounded_space_whatever_the_number_of_ios():
     tracemalloc.stop()
     assert t.disks["s"].iops.stats.requests > 59000
     assert grown < 64 * KIB  # was about 281 bytes per I/O per limiter: 30 MB
-    assert t.statistics(now=120)["disk S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
+    assert t.statistics(now=120)["disk s S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
 
 
 def test_simulate_refuses_what_it_cannot_measure():
