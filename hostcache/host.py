@@ -282,7 +282,8 @@ class Host:
         """This process's figures for a VM it serves, else the last recorded
         ones; burst credits as the shared buckets hold them now, either way."""
         vm = self.vm(vm_name)
-        credits = {name: v["burst_credits_percent"] for name, v in self._any_throttle(vm).statistics().items()}
+        stats = self._any_throttle(vm).statistics(running=vm["state"] == "Running")  # a stopped VM earns nothing
+        credits = {name: v["burst_credits_percent"] for name, v in stats.items()}
         if vm_name in self.throttles:
             return {"live": True, "limiters": self.throttles[vm_name].statistics(), "credits_percent": credits}
         with self.env.begin() as txn:

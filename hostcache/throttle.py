@@ -441,15 +441,16 @@ class Throttle:
             service = ms / 1000
         return Admission(arrival, start, start + service)
 
-    def statistics(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
-        """Per limiter: consumed percent (last minute), credits left, time throttled."""
+    def statistics(self, now: float | None = None, running: bool = True) -> dict[str, dict[str, float | None]]:
+        """Per limiter: consumed percent (last minute), credits left, time throttled.
+        Not running (a stopped VM): the time since its pause earns no credits."""
         t = self.clock.now() if now is None else now
         limiters = self.vm.limiters()
         for d in self.disks.values():
             limiters += d.limiters
         with self.shared(list(self.disks), t):  # credits as the shared buckets hold them
             return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
-                               "burst_credits_percent": lim.credits_left(t),
+                               "burst_credits_percent": lim.credits_left(t if running else min(t, lim.tat)),
                                "throttled_seconds": round(lim.stats.waited, 6),
                                "throttled_requests": lim.stats.throttled,
                                "requests": lim.stats.requests} for lim in limiters}

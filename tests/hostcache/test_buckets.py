@@ -206,3 +206,16 @@ def test_a_disk_whose_bucket_says_a_far_time_reads_now(host):  # noqa: F811
         now = host.clock.now()
         host.open_disk("vm1", 0).read(0, 4096)
         assert host.clock.now() - now < 1
+
+
+def test_a_stopped_vm_shows_the_credits_it_will_resume_with(host):  # noqa: F811
+    """Deallocated for an hour after a drain: `throttle stats` says 0%, as the
+    start that follows does (it said 100% while stopped)."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.clock.advance(drain(host.throttle("vm1"), "0"))
+    host.stop("vm1")
+    host.clock.advance(3600)
+    assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
+    host.start("vm1")
+    assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
