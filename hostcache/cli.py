@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--performance-plus", action="store_true")
         p.add_argument("--on-demand-bursting", action="store_true")
         p.add_argument("--edition", choices=EDITIONS, default="current",
-                       help="which published figures where sources disagree (default: current)")
+                       help="which published figures where sources disagree (default: current; Standard SSD has 2019, "
+                            "Premium v2 and Ultra 2024 and 2022; another is refused)")
         if name == "simulate":
             p.add_argument("--vm", default="D8s_v3")
             p.add_argument("--qd", type=COUNT, nargs="+", default=[1, 4, 16, 64])

@@ -42,7 +42,8 @@ disagree. Rules kept here (each stated by those files):
 Where sources disagree (the reference's `disagreements`), the current figure
 is the default; `edition` selects the other where it changes behaviour:
 Ultra per-GiB IOPS, maximum IOPS and MB/s ("2022"); Premium v2 maximum MB/s
-("2024": 1,200); Standard SSD E1-E6 ("2019" table). VM sizes take the
+("2024", and "2022": 1,200); Standard SSD E1-E6 ("2019" table, in MiB/s as
+the type's other figures). An edition a SKU has no figures for is refused. VM sizes take the
 reference's primary source (its `source_disagreements` list the rest; DSv2's
 current page saying premium storage and caching are not supported is taken
 as a documentation error, as the reference does). Kept as decided, not
@@ -73,6 +74,15 @@ SKUS = ("Standard_LRS", "StandardSSD_LRS", "Premium_LRS", "PremiumV2_LRS", "Ultr
 ULTRA_SKUS = ("PremiumV2_LRS", "UltraSSD_LRS")  # provisioned performance; the VM's separate limit
 PREMIUM_SKUS = ("Premium_LRS", "PremiumV2_LRS", "UltraSSD_LRS")  # need a size with premium storage
 EDITIONS = ("current", "2024", "2022", "2019")
+# The editions each SKU has figures for (the reference's disagreements); another is refused, not
+# answered with the current figures.
+SKU_EDITIONS = {
+    "Standard_LRS": ("current",),
+    "StandardSSD_LRS": ("current", "2019"),
+    "Premium_LRS": ("current",),
+    "PremiumV2_LRS": ("current", "2024", "2022"),
+    "UltraSSD_LRS": ("current", "2024", "2022"),
+}
 
 
 class Burst(enum.Enum):
@@ -172,6 +182,9 @@ def disk_limits(sku: str, size_gib: float, *, iops: int | None = None, mbps: flo
     _check_sku(sku)
     if edition not in EDITIONS:
         raise UnknownTier(f"unknown edition {edition!r}: one of {', '.join(EDITIONS)}")
+    if edition not in SKU_EDITIONS[sku]:
+        raise UnknownTier(f"edition {edition} has no figures of its own for {sku}: its editions are "
+                          f"{', '.join(SKU_EDITIONS[sku])}")
     if size_gib <= 0:
         raise UnknownTier(f"disk size must be positive, not {size_gib} GiB")
     size_gib = math.ceil(size_gib)  # a disk performs as the whole GiB that holds it
@@ -215,7 +228,8 @@ def _size_row(sku: str, size_gib: int, edition: str) -> tuple[str, dict[str, Any
     sizes: dict[str, dict[str, Any]] = ref["sizes"]
     if sku == "StandardSSD_LRS" and edition == "2019":
         old = ref["sizes_2019_superseded"]["values"]
-        sizes = {k: {"disk_size_gib": v[0], "max_iops_up_to": v[1], "max_mbps_up_to": v[2] * 1.048576,
+        # the 2019 table is in MiB/s, this disk type's own unit (DiskLimits.mbps_unit): taken as it is
+        sizes = {k: {"disk_size_gib": v[0], "max_iops_up_to": v[1], "max_mbps_up_to": v[2],
                      "burst_model": "none"} for k, v in old.items()}
     for name, row in sorted(sizes.items(), key=lambda kv: kv[1]["disk_size_gib"]):
         if row["disk_size_gib"] >= size_gib:
@@ -252,7 +266,7 @@ ULTRA_EDITIONS = {
 def _ultra(size: int, iops: int | None, mbps: float | None, edition: str, r: float, w: float) -> DiskLimits:
     if not 4 <= size <= 65536:
         raise UnknownTier("UltraSSD_LRS disks are 4 to 65,536 GiB")
-    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS.get(edition, ULTRA_EDITIONS["current"])
+    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS[edition]
     max_iops = min(top, per_gib * size)
     iops = max_iops if iops is None else iops
     if not 100 <= iops <= max_iops:

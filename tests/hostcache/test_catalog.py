@@ -10,7 +10,7 @@ import pytest
 from hostcache.errors import InvalidParameter, UnknownTier
 from hostcache.sim import Workload, simulate
 from hostcache.throttle import FakeClock, Throttle
-from hostcache.tiers import MB, MIB, SKUS, VmLimits, disk_limits, vm_limits, vm_sizes
+from hostcache.tiers import MB, MIB, SKUS, VmLimits, disk_limits, reference, vm_limits, vm_sizes
 
 KIB = 1024
 HUGE_VM = VmLimits("test-no-vm-limit", 64, None, None, None, 10**9, 10**9, None, None, False)
@@ -134,3 +134,20 @@ def test_on_demand_bursting_is_refused_below_p30():
     with pytest.raises(InvalidParameter):
         disk_limits("StandardSSD_LRS", 1024, on_demand_bursting=True)
     assert disk_limits("Premium_LRS", 1024, on_demand_bursting=True).burst_iops == 30000
+
+
+def test_the_2019_standard_ssd_table_is_taken_in_its_own_mib_per_second():
+    """stdssd_sizes_2019 gives E1 25 MiB/s and E6 50 MiB/s; Standard SSD throttles in MiB/s."""
+    old = reference()["StandardSSD_LRS"]["sizes_2019_superseded"]
+    assert old["columns"][2] == "throughput_up_to_MiB_per_sec"
+    for tier, (size, iops, mib) in old["values"].items():
+        lim = disk_limits("StandardSSD_LRS", size, edition="2019")
+        assert (lim.tier, lim.iops, lim.mbps, lim.mbps_unit) == (tier, iops, mib, 1 << 20)
+
+
+@pytest.mark.parametrize("sku,edition", [("UltraSSD_LRS", "2019"), ("PremiumV2_LRS", "2019"),
+                                         ("Premium_LRS", "2024"), ("Standard_LRS", "2022"),
+                                         ("StandardSSD_LRS", "2024")])
+def test_an_edition_a_sku_has_no_figures_for_is_refused(sku, edition):
+    with pytest.raises(UnknownTier, match=f"edition {edition} has no figures of its own for {sku}"):
+        disk_limits(sku, 64, edition=edition)
