@@ -237,7 +237,7 @@ def run(a: argparse.Namespace) -> object:
 
 
 SIZE_FIELDS = ("name", "family", "vcpus", "max_data_disks", "premium_storage", "host_caching", "cache_size_gib",
-               "cached_iops", "cached_mbps", "uncached_iops", "uncached_mbps", "burst_iops", "burst_mbps",
+               "cached_iops", "cached_mbps", "cached_burst_iops", "cached_burst_mbps", "uncached_iops", "uncached_mbps", "burst_iops", "burst_mbps",
                "ultra_iops", "ultra_mbps", "mbps_unit")
 
 

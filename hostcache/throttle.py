@@ -280,13 +280,13 @@ class VmLimit:
 
 
 def _vm_limit(name: str, iops: float | None, mbps: float | None, burst_iops: float | None,
-              burst_mbps: float | None, start: float, credit: bool = True) -> VmLimit:
+              burst_mbps: float | None, start: float) -> VmLimit:
     """A VM limit: credit bursting where the size publishes burst figures."""
 
     def one(what: str, rate: float | None, burst: float | None, unit: int) -> Limiter | None:
         if rate is None:
             return None
-        if credit and burst is not None and burst > rate:
+        if burst is not None and burst > rate:
             return CreditLimiter(f"{name} {what}", rate * unit, burst * unit, start=start)
         return RateLimiter(f"{name} {what}", rate * unit, start=start)
     return VmLimit(one("IOPS", iops, burst_iops, 1), one("MB/s", mbps, burst_mbps, MB))
@@ -295,7 +295,8 @@ def _vm_limit(name: str, iops: float | None, mbps: float | None, burst_iops: flo
 class VmThrottle:
     """A VM size's limits: uncached (Premium SSD and the rest), the separate
     uncached limit for Ultra and Premium SSD v2 disks where the size publishes
-    one, and the host cache's; a figure the size does not publish is not enforced."""
+    one, and the host cache's (bursting where the size publishes a cached
+    burst); a figure the size does not publish is not enforced."""
 
     def __init__(self, limits: VmLimits, bursting: bool = True, start: float = 0.0) -> None:
         self.limits = v = limits
@@ -306,8 +307,9 @@ class VmThrottle:
             self.ultra = _vm_limit(f"VM {v.name} uncached Ultra/PremiumV2", v.ultra_iops, v.ultra_mbps,
                                    v.ultra_burst_iops if bursting else None,
                                    v.ultra_burst_mbps if bursting else None, start)
-        self.cached = _vm_limit(f"VM {v.name} cached", v.cached_iops, v.cached_mbps, None, None, start,
-                                credit=False)
+        self.cached = _vm_limit(f"VM {v.name} cached", v.cached_iops, v.cached_mbps,
+                                v.cached_burst_iops if bursting else None,
+                                v.cached_burst_mbps if bursting else None, start)
 
     def limiters(self) -> list[Limiter]:
         return [lim for vl in (self.uncached, self.ultra, self.cached) if vl is not None for lim in vl.limiters()]

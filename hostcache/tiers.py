@@ -35,7 +35,8 @@ disagree. Rules kept here (each stated by those files):
   size does not publish is None and its behaviour is stated in the size's
   `not_published` (no limit enforced, or no cache growth), never invented.
   The cached limit is the "cached and temp" (or "cached") column only: the
-  newer pages' temp-disk figures are not host-cache figures. Ultra and
+  newer pages' temp-disk figures are not host-cache figures. Its burst
+  figures (M-series "burst cached and temp") burst as the uncached ones do. Ultra and
   Premium SSD v2 disks count against the size's separate Ultra/v2 uncached
   limit where one is published, else against the uncached limit.
 
@@ -142,6 +143,8 @@ class VmLimits:
     ultra_burst_iops: int | None = None
     ultra_burst_mbps: float | None = None
     ultra_disk_supported: bool | None = None  # None: the pages do not say
+    cached_burst_iops: int | None = None  # burst of the cached limit (M-series "burst cached and temp")
+    cached_burst_mbps: float | None = None
     not_published: tuple[str, ...] = ()  # what the sources do not give, and what the emulator does then
 
     def to_json(self) -> dict[str, Any]:
@@ -328,7 +331,8 @@ def _vm_row(key: str, row: dict[str, Any]) -> VmLimits:
         row["burst_uncached_mbps"], caching, bool(row["premium_storage"]), str(row["family"]), row["vcpus"],
         row["max_uncached_ultra_premv2_iops"], row["max_uncached_ultra_premv2_mbps"],
         row["burst_uncached_ultra_premv2_iops"], row["burst_uncached_ultra_premv2_mbps"],
-        row["ultra_disk_supported"])
+        row["ultra_disk_supported"],
+        row["burst_cached_temp_iops"] if cached else None, row["burst_cached_temp_mbps"] if cached else None)
     return replace(limits, not_published=_not_published(limits))
 
 
