@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from hostcache.errors import HostError, InvalidPerformance, UnknownTier
@@ -191,3 +194,17 @@ def test_simulate_refuses_what_it_cannot_measure():
         simulate(t, [Workload("s")], 0)
     with pytest.raises(HostError, match="queue depth and I/O size must be at least 1"):
         simulate(t, [Workload("s", qd=0)], 1)
+
+
+def test_a_simulation_is_bounded_whatever_it_is_asked():
+    """--seconds 100000 or --qd 3000000 ran for ever (or grew by 340 MB in 10 s):
+    a run admits at most max_ios I/Os, and says so past that."""
+    t = throttle(s=disk_limits("Standard_LRS", 32))  # 500 IOPS: 1,000 I/Os take 2 s
+    assert simulate(t, [Workload("s")], 1.5, max_ios=1000)["s"] > 0
+    with pytest.raises(HostError, match="more than 1,000 I/Os: simulate fewer seconds or a lower queue depth"):
+        simulate(throttle(s=disk_limits("Standard_LRS", 32)), [Workload("s")], 100000, max_ios=1000)
+    with pytest.raises(HostError, match="more than 1,000 I/Os"):
+        simulate(throttle(s=disk_limits("Standard_LRS", 32)), [Workload("s", qd=1001)], 1, max_ios=1000)
+    r = subprocess.run([sys.executable, "-m", "hostcache", "simulate", "Premium_LRS", "128", "--qd", "3000000"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "more than 2,000,000 I/Os" in r.stderr and "Traceback" not in r.stderr
