@@ -171,3 +171,11 @@ def test_a_full_host_folder_is_a_clear_error(tmp_path, monkeypatch, capsys, erro
     assert cli_module.main(["--host", str(tmp_path), "vm", "list"]) == 1
     err = capsys.readouterr().err
     assert "hostcache vm: a file of the host or the stamp cannot be written" in err and "No space left" in err
+
+
+@pytest.mark.parametrize("size", ["5K", "1537K"])
+def test_a_bootable_image_that_is_not_whole_mib_is_refused_and_not_made(tmp_path, size):
+    out = tmp_path / "boot.vhd"
+    r = cli("bootable-image", str(out), "--size", size)
+    assert r.returncode == 1 and "give a multiple of 1 MiB" in r.stderr, r.stderr
+    assert not out.exists()
