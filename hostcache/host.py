@@ -321,6 +321,9 @@ class Host:
 
     def _create_vm(self, name: str, size: str, image: str, os_sku: str, os_caching: str,
                    os_size_gib: int | None) -> dict[str, Any]:
+        if os_size_gib is not None and (isinstance(os_size_gib, bool) or not isinstance(os_size_gib, int)
+                                        or os_size_gib < 1):
+            raise InvalidParameter(f"an OS disk size is a whole number of GiB, at least 1, not {os_size_gib!r}")
         limits = vm_limits(size)
         with self.env.begin() as txn:
             if txn.get(name.encode(), db=self.vms_db) is not None:

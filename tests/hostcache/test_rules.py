@@ -186,3 +186,10 @@ def test_a_compute_call_holds_the_host_lock_against_other_processes(host, monkey
     monkeypatch.undo()
     proc = _attach_in_child(host.path, "vm1", "data2", 0)  # after the first: refused on its own checks
     assert proc.returncode == 1 and "InvalidParameter: LUN 0 of VM vm1 holds data1" in proc.stderr
+
+
+@pytest.mark.parametrize("gib", [0.5, float("nan"), 0, -1, True])
+def test_an_os_disk_size_that_is_not_whole_gib_is_refused_with_its_code(host, gib):  # noqa: F811
+    with pytest.raises(InvalidParameter, match="^InvalidParameter: an OS disk size is a whole number of GiB"):
+        host.create_vm("vm1", "D8s_v3", "mbr", os_size_gib=gib)
+    assert host.vms() == [] and "vm1-osdisk" not in [d["name"] for d in host.disks.disks()]
