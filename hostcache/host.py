@@ -410,8 +410,10 @@ class Host:
                                       "detach one first or choose a larger size")
         _check_sku_on_size(limits, rec["sku"], disk)
         mode = self._caching(disk, rec["sku"], int(_size_gib(rec) * GIB), caching, limits, is_os=False)
+        # a deallocated VM's disks are Reserved (stop), a disk attached to it too
+        state = DiskState.RESERVED if vm["state"] == "Deallocated" else DiskState.ATTACHED
         try:  # only from Unattached: another host may have taken it since the check
-            self.disks.set_state(disk, DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun)
+            self.disks.set_state(disk, state, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun)
         except ResourceInUse:
             raise _attached_elsewhere(self.disks.record(disk)) from None
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}

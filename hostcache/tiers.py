@@ -360,8 +360,12 @@ def _not_published(v: VmLimits) -> tuple[str, ...]:
 
 def vm_sizes(family: str | None = None, contains: str | None = None, premium: bool | None = None,
              caching: bool | None = None, min_vcpus: int | None = None) -> list[VmLimits]:
-    """Every published VM size that matches all the filters given (case-insensitive)."""
+    """Every published VM size that matches all the filters given (case-insensitive);
+    a family that no size has is refused (a typo would list nothing)."""
     rows = [_vm_row(k, r) for k, r in vm_reference()["sizes"].items()]
+    families = sorted({v.family for v in rows})
+    if family is not None and family.lower() not in {f.lower() for f in families}:
+        raise UnknownTier(f"no VM size family {family!r}: the families are {', '.join(families)}")
     return [v for v in rows
             if (family is None or v.family.lower() == family.lower())
             and (contains is None or contains.lower() in v.name.lower())

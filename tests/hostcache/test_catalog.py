@@ -169,3 +169,9 @@ def test_m_series_cached_burst_figures_are_served():
     hits = simulate(t, [Workload("d", nbytes=MIB, qd=8, path=Path.CACHED_HIT)], 10, warmup=1)["d"]
     assert hits * MIB == pytest.approx(250 * MB, rel=0.01)
     assert vm_limits("D8s_v3").cached_burst_mbps is None  # published nowhere else
+
+
+def test_a_family_no_size_has_is_refused():
+    with pytest.raises(UnknownTier, match="no VM size family 'Dsv9': the families are .*Dsv5"):
+        vm_sizes(family="Dsv9")
+    assert {v.family for v in vm_sizes(family="dsv5")} == {"Dsv5"}

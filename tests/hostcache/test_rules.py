@@ -193,3 +193,12 @@ def test_an_os_disk_size_that_is_not_whole_gib_is_refused_with_its_code(host, gi
     with pytest.raises(InvalidParameter, match="^InvalidParameter: an OS disk size is a whole number of GiB"):
         host.create_vm("vm1", "D8s_v3", "mbr", os_size_gib=gib)
     assert host.vms() == [] and "vm1-osdisk" not in [d["name"] for d in host.disks.disks()]
+
+
+def test_a_disk_attached_to_a_deallocated_vm_is_reserved_until_it_starts(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.stop("vm1")
+    host.attach("vm1", "data1", 0)
+    assert host.disks.record("data1")["state"] == "Reserved"  # as the VM's other disks are
+    host.start("vm1")
+    assert host.disks.record("data1")["state"] == "Attached"
