@@ -6,7 +6,9 @@
     HOST/cache/       the BlobCache (cache.dat and its index)
     HOST/throttle/    the throttle's buckets (buckets.py), one per VM and one per
                       disk, keyed by name and creation time: shared by every
-                      process using the host, and kept across detach and attach;
+                      process using the host, and kept across detach and attach
+                      (a detached disk's credits also go in its stamp record, for
+                      the next host that attaches it);
                       credits accrue only while running (a detached disk or a
                       stopped VM is paused: Throttle.pause and resume)
 
@@ -425,6 +427,7 @@ class Host:
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
             live.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))
+        self._restore_credits(vm, lun, rec)
         if vm["state"] == "Running":
             self._any_throttle(vm).resume([str(lun)])
         return vm
@@ -441,14 +444,35 @@ class Host:
         self._flush_disk(vm_name, lun, entry["disk"], drop=True)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun)])
+        credits = self._disk_credits(vm, lun)
         del vm["data_disks"][str(lun)]
         self._put(vm)
         live = self.throttles.get(vm_name)
         if live is not None:
             live.remove_disk(str(lun))
-        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
+        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None,
+                             throttle_credits=credits)
         self._prune_buckets()
         return vm
+
+    def _disk_credits(self, vm: dict[str, Any], lun: int) -> list[float]:
+        """The disk's burst credits as its bucket holds them (after the pause):
+        kept in its stamp record when it leaves this host, so another host over
+        the stamp attaching it next does not start it with a full bucket."""
+        t = self._any_throttle(vm)
+        with t.shared([str(lun)], self.clock.now()):
+            return [lim.state()[1] for lim in t.disks[str(lun)].limiters]
+
+    def _restore_credits(self, vm: dict[str, Any], lun: int, rec: dict[str, Any]) -> None:
+        """A disk attached here gets the credits it left its last VM with, on any host."""
+        saved = rec.get("throttle_credits")
+        t = self._any_throttle(vm)
+        if not saved or len(saved) != len(t.disks[str(lun)].limiters):
+            return  # never detached: its bucket here (new: full) holds it
+        now = self.clock.now()
+        with t.shared([str(lun)], now):
+            for lim, credits in zip(t.disks[str(lun)].limiters, saved, strict=True):
+                lim.restore(now, float(credits))
 
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
@@ -504,7 +528,8 @@ class Host:
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
         for lun, disk in self._luns(vm):
             self._flush_disk(vm_name, lun, disk, drop=True)
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None,
+                                 throttle_credits=self._disk_credits(vm, lun))
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
         self.throttles.pop(vm_name, None)

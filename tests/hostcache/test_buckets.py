@@ -219,3 +219,28 @@ def test_a_stopped_vm_shows_the_credits_it_will_resume_with(host):  # noqa: F811
     assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
     host.start("vm1")
     assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
+
+
+def test_a_drained_disk_stays_drained_on_another_host_over_the_stamp(host, tmp_path):  # noqa: F811
+    """Detached from host 1 drained, attached on host 2 (another host folder,
+    the same stamp): its credits go with the disk, not a fresh bucket."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.clock.advance(drain(host.throttle("vm1"), "0"))
+    host.detach("vm1", 0)
+    now = host.clock.now()
+    host.close()
+    other = Host.create(str(tmp_path / "host2"), host.config["stamp"], cache_bytes=32 << 20, clock=FakeClock(now))
+    try:
+        other.create_vm("vm2", "D8s_v3", "gpt")
+        other.attach("vm2", "data1", 0, "None")
+        assert credits(other, "vm2", now) == 0.0
+        other.delete_vm("vm2")  # deleting the VM detaches it: the credits go with it again
+    finally:
+        other.close()
+    again = Host(host.path, clock=FakeClock(now))
+    try:
+        again.attach("vm1", "data1", 0, "None")
+        assert credits(again, "vm1", now) == 0.0
+    finally:
+        again.close()
