@@ -26,6 +26,10 @@ VM sizes), refused with the platform's error codes (errors.py):
   where; ConflictingUserInput); the state moves from Unattached to Attached
   in one stamp transaction, so two hosts attaching it at once cannot both win;
 - a LUN is a whole number (InvalidParameter);
+- attach marks the disk (with this host's path) before the VM's record
+  lists it, detach unlists before unmarking: a process killed in between
+  leaves a disk marked for a LUN its VM does not list, which the next attach
+  or detach on that VM settles as unattached;
 - host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
   Standard HDD disks under 4 TiB (sizes rounded up to a whole GiB), and only
   on VM sizes that support premium storage caching (OperationNotAllowed);
@@ -395,8 +399,23 @@ class Host:
         with self._serialized():
             return self._attach(vm_name, disk, _lun(lun), caching)
 
+    def _settle(self, vm: dict[str, Any]) -> None:
+        """Finish what a process killed inside attach or detach left half done:
+        a data disk whose stamp record names this VM and a LUN the VM's record
+        does not give it (attach marks the disk first, detach unmarks it last)
+        is attached to nothing. Only disks this host attached (a VM of that name
+        on another host over the stamp is another VM)."""
+        here = os.path.abspath(self.path)
+        for rec in self.disks.disks():
+            lun = rec.get("lun")
+            if rec.get("host") != here or rec.get("attached_to") != vm["name"] or lun is None or lun == OS_LUN:
+                continue
+            if vm["data_disks"].get(str(lun), {}).get("disk") != rec["name"]:
+                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None)
+
     def _attach(self, vm_name: str, disk: str, lun: int, caching: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        self._settle(vm)
         limits = vm_limits(vm["size"])
         rec = self.disks.record(disk)
         if rec["state"] != DiskState.UNATTACHED.value:
@@ -415,7 +434,8 @@ class Host:
         # a deallocated VM's disks are Reserved (stop), a disk attached to it too
         state = DiskState.RESERVED if vm["state"] == "Deallocated" else DiskState.ATTACHED
         try:  # only from Unattached: another host may have taken it since the check
-            self.disks.set_state(disk, state, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun)
+            self.disks.set_state(disk, state, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun,
+                                 host=os.path.abspath(self.path))
         except ResourceInUse:
             raise _attached_elsewhere(self.disks.record(disk)) from None
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}
@@ -438,6 +458,7 @@ class Host:
 
     def _detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        self._settle(vm)
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")

@@ -15,7 +15,7 @@ from hostcache.errors import ConflictingUserInput, HostError, HostRuleError, Inv
 from hostcache.host import GIB, OS_LUN, Host
 from hostcache.throttle import FakeClock
 from stamp.blobfile import PageBlobFile
-from stamp.disks import Disks
+from stamp.disks import Disks, DiskState
 from vhd.image import create_fixed
 
 from .test_host import host, make_image  # noqa: F401  (the fixture)
@@ -202,3 +202,22 @@ def test_a_disk_attached_to_a_deallocated_vm_is_reserved_until_it_starts(host): 
     assert host.disks.record("data1")["state"] == "Reserved"  # as the VM's other disks are
     host.start("vm1")
     assert host.disks.record("data1")["state"] == "Attached"
+
+
+def test_an_attach_or_detach_killed_between_its_two_writes_is_settled_by_the_next(host):  # noqa: F811
+    """kill -9 after attach marked the disk and before the VM's record names
+    it (or after detach unlisted it and before unmarking): the disk was stuck,
+    attached to a VM that does not list it, so neither attach nor detach worked."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0)
+    vm = host.vm("vm1")
+    del vm["data_disks"]["0"]
+    host._put(vm)  # the VM's record as detach leaves it; the disk still says Attached to vm1 at LUN 0
+    with pytest.raises(InvalidParameter, match="no disk at LUN 0"):
+        host.detach("vm1", 0)
+    assert host.disks.record("data1")["state"] == "Unattached"  # settled by that call
+    host.attach("vm1", "data2", 1)
+    host.disks.set_state("data1", DiskState.ATTACHED, attached_to="vm1", lun=0,
+                         host=os.path.abspath(host.path))  # as attach leaves it before the VM's record
+    host.attach("vm1", "data1", 3)  # settled first, then attached where asked
+    assert host.disks.record("data1")["lun"] == 3 and host.disks.record("data2")["lun"] == 1
