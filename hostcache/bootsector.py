@@ -126,6 +126,9 @@ import struct
 import zlib
 
 from .boot import make_boot_sector
+from .errors import HostError
+
+MIB = 1 << 20
 
 BOOT_SECTOR = bytes.fromhex(
     "fa31c08ed88ec08ed0bc007cfb8816017dbeb37ce86800be047db4428a16017dcd1372531eb800108ed831f62e8b0e14"
@@ -181,10 +184,17 @@ def build(path: str, size: int, sectors: int = 100) -> str:
     (what the guest must print)."""
     import vhd
 
+    if size < MIB or size % MIB:
+        raise HostError(f"a bootable image of {size:,} bytes cannot be uploaded: give a multiple of 1 MiB "
+                        "(64M, 10G)")
     payload = os.urandom(sectors * 512)
     digest = crc32_hex(payload)
     with vhd.create(path, size, type="fixed") as img:
-        img.write(512, payload)
-        img.write(0, boot_sector(sectors, digest=digest))
-        img.flush()
+        try:
+            img.write(512, payload)
+            img.write(0, boot_sector(sectors, digest=digest))
+            img.flush()
+        except BaseException:
+            os.unlink(path)  # made here, and not finished: nothing left behind
+            raise
     return digest

@@ -16,7 +16,11 @@ Rules kept here:
   order, so two processes never deadlock;
 - a bucket seen for the first time keeps the limiters' own start (credits
   full, as a new disk's); a damaged or torn record reads as drained (no
-  credits, idle from now): a crash never refills a bucket;
+  credits, idle from now): a crash never refills a bucket. So does an
+  intact record whose figures cannot be: a time or credit that is not a
+  finite number, negative credits, or a time more than MAX_AHEAD past now
+  (no queue of I/Os waits a day; such a record would hold the disk's
+  I/O until then);
 - times are the clock's; a record written under another epoch (another
   boot, whose monotonic clock started again) keeps its credits and counts
   as idle from now: the time in between is not known, so it earns nothing;
@@ -33,6 +37,7 @@ import fcntl
 import functools
 import hashlib
 import itertools
+import math
 import os
 import struct
 import threading
@@ -46,6 +51,7 @@ VERSION = 1
 RECORD = struct.Struct(">4sHH16s")
 STATE = struct.Struct(">dd")
 CRC = struct.Struct(">I")
+MAX_AHEAD = 86400.0  # seconds (a day): the latest a record's time may lie past now
 assert RECORD.size == 24 and STATE.size == 16
 
 
@@ -79,6 +85,13 @@ def unpack(raw: bytes, count: int) -> tuple[bytes, list[tuple[float, float]]] | 
         return None
     flat = _states(count).unpack_from(raw, RECORD.size)
     return epoch, [(flat[2 * i], flat[2 * i + 1]) for i in range(count)]
+
+
+def plausible(states: list[tuple[float, float]], now: float) -> bool:
+    """Whether a record's figures can be a limiter's: finite, credits not
+    negative, times at most MAX_AHEAD past `now` (inf: another epoch's, not comparable)."""
+    return all(math.isfinite(tat) and math.isfinite(credits) and credits >= 0 and tat <= now + MAX_AHEAD
+               for tat, credits in states)
 
 
 class _Hold:
@@ -156,9 +169,9 @@ class BucketStore:
         if not raw:
             return  # a new bucket
         record = unpack(raw, len(limiters))
-        if record is None:
+        if record is None or not plausible(record[1], now if record[0] == self.epoch else math.inf):
             for lim in limiters:
-                lim.restore(now, 0.0)
+                lim.restore(now, 0.0)  # damaged, torn or impossible: drained, idle from now
             return
         epoch, states = record
         for lim, (tat, credits) in zip(limiters, states, strict=True):

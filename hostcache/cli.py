@@ -7,6 +7,7 @@ Every number is checked where it is read (a count at least 1, a time above
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -14,11 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lmdb
+
 from stamp import StampError
 from vhd.errors import VhdError
 
 from .errors import HostError
-from .host import Host
+from .host import MAX_CACHE_BYTES, Host
 from .sim import Workload, simulate
 from .throttle import FakeClock, Path, Throttle
 from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, vm_limits, vm_provenance, vm_sizes
@@ -89,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create a host folder over a stamp")
     p.add_argument("--stamp", required=True)
-    p.add_argument("--cache-mib", type=COUNT, help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
-    p.add_argument("--cache-scale", type=POSITIVE, default=1 / 1024,
-                   help="scale of the VM sizes' cache sizes (default 1/1024: 200 GiB -> 200 MiB)")
+    p.add_argument("--cache-mib", type=_number(int, 1, False, "at least 1, at most 16,777,216 (16 TiB)", MAX_CACHE_BYTES >> 20),
+                   help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
+    p.add_argument("--cache-scale", type=_number(float, 0, True, "more than 0, at most 1", 1), default=1 / 1024,
+                   help="scale of the VM sizes' cache sizes (default 1/1024: 200 GiB -> 200 MiB; at most 1)")
     p.add_argument("--ram-mib", type=NONNEGATIVE, default=16, help="RAM tier of the host cache")
     vm = sub.add_parser("vm", help="VMs on the host").add_subparsers(dest="action", required=True)
     p = vm.add_parser("create", help="a VM whose OS disk is made from an image")
@@ -169,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--performance-plus", action="store_true")
         p.add_argument("--on-demand-bursting", action="store_true")
         p.add_argument("--edition", choices=EDITIONS, default="current",
-                       help="which published figures where sources disagree (default: current)")
+                       help="which published figures where sources disagree (default: current; Standard SSD has 2019, "
+                            "Premium v2 and Ultra 2024 and 2022; another is refused)")
         if name == "simulate":
             p.add_argument("--vm", default="D8s_v3")
             p.add_argument("--qd", type=COUNT, nargs="+", default=[1, 4, 16, 64])
@@ -232,7 +237,7 @@ def run(a: argparse.Namespace) -> object:
 
 
 SIZE_FIELDS = ("name", "family", "vcpus", "max_data_disks", "premium_storage", "host_caching", "cache_size_gib",
-               "cached_iops", "cached_mbps", "uncached_iops", "uncached_mbps", "burst_iops", "burst_mbps",
+               "cached_iops", "cached_mbps", "cached_burst_iops", "cached_burst_mbps", "uncached_iops", "uncached_mbps", "burst_iops", "burst_mbps",
                "ultra_iops", "ultra_mbps", "mbps_unit")
 
 
@@ -326,7 +331,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from vhd.cli import closed_pipe
 
         return closed_pipe()
+    except (OSError, lmdb.Error) as e:
+        if isinstance(e, OSError) and e.errno not in FOLDER_ERRORS:
+            raise
+        print(f"hostcache {args.cmd}: a file of the host or the stamp cannot be written ({e}): "
+              "free space or make the folder writable, then run the command again", file=sys.stderr)
+        return 1
     return 0
+
+
+# the folder's own state, not a bug: a full or read-only disk (for LMDB, every lmdb.Error)
+FOLDER_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 if __name__ == "__main__":

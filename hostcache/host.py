@@ -1,11 +1,14 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
     HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes", "cache_scale", "ram_bytes"}
+    HOST/host.lock    held (flock) by a compute call, whatever the process: one at a time
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
     HOST/throttle/    the throttle's buckets (buckets.py), one per VM and one per
                       disk, keyed by name and creation time: shared by every
-                      process using the host, and kept across detach and attach;
+                      process using the host, and kept across detach and attach
+                      (a detached disk's credits also go in its stamp record, for
+                      the next host that attaches it);
                       credits accrue only while running (a detached disk or a
                       stopped VM is paused: Throttle.pause and resume)
 
@@ -20,7 +23,13 @@ VM sizes), refused with the platform's error codes (errors.py):
 - a VM size takes at most `max_data_disks` data disks (OperationNotAllowed),
   at LUNs 0 to that - 1 (a LUN outside, or taken: InvalidParameter);
 - a disk is attached to one VM at a time (its managed-disk state says
-  where; ConflictingUserInput);
+  where; ConflictingUserInput); the state moves from Unattached to Attached
+  in one stamp transaction, so two hosts attaching it at once cannot both win;
+- a LUN is a whole number (InvalidParameter);
+- attach marks the disk (with this host's path) before the VM's record
+  lists it, detach unlists before unmarking: a process killed in between
+  leaves a disk marked for a LUN its VM does not list, which the next attach
+  or detach on that VM settles as unattached;
 - host caching (ReadOnly, ReadWrite) only for Premium, Standard SSD and
   Standard HDD disks under 4 TiB (sizes rounded up to a whole GiB), and only
   on VM sizes that support premium storage caching (OperationNotAllowed);
@@ -40,16 +49,17 @@ VM sizes), refused with the platform's error codes (errors.py):
 An attached disk (AttachedDisk) is a block device: its VHD is read by vhd
 over CachedBlob files, and every I/O is admitted by the VM's Throttle; the
 I/O returns when the throttle's completion time has come (the clock waits).
-Several processes may act on one host: state is in LMDB, and the compute
-calls that change it run one at a time (HOST/state.lock); the throttle's
-buckets are files in the host folder (buckets.py) shared by them all; the
-open disks live in the process that serves them.
+Several processes may act on one host: state is in LMDB, the compute calls
+(create, attach, detach, caching, stop, start, delete) run one at a time
+under HOST/host.lock, each reading the records it checks inside it, the
+throttle's buckets are files in the host folder (buckets.py) shared by them
+all; the open disks live in the process that serves them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import fcntl
 import json
 import os
 import shutil
@@ -57,15 +67,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import lmdb
 
 from stamp import Stamp
 from stamp.blobfile import PageBlobFile
-from stamp.disks import Disks, DiskState, VirtualDisk, open_recovered
+from stamp.disks import Disks, DiskState, ResourceInUse, VirtualDisk, open_recovered
 from stamp.errors import LeaseAlreadyPresent
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
@@ -75,7 +86,7 @@ from vhd.nbd import Export, NbdServer
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, is_ours, recorded_digest
 from .buckets import BucketStore
-from .cache import BlobCache, CachedBlob, CacheMode, SharedLock
+from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, vm_limits
@@ -83,6 +94,22 @@ from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, 
 OS_LUN = -1
 GIB = 1024 ** 3
 OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
+MAX_CACHE_BYTES = 16 << 40  # the largest file ext4 holds: the cache file is one
+HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
+
+
+def _unmake(path: str, made: bool, there: set[str]) -> None:
+    """Remove what Host.create made in `path`: the folder if it made it, else
+    the host's files that were not `there` before."""
+    if made:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in set(HOST_FILES) - there:
+        where = os.path.join(path, name)
+        if os.path.isdir(where):
+            shutil.rmtree(where, ignore_errors=True)
+        elif os.path.exists(where):
+            os.unlink(where)
 
 
 def _size_gib(rec: dict[str, Any]) -> float:
@@ -99,8 +126,20 @@ def _disk_key(rec: dict[str, Any]) -> str:
     return f"disk {rec['name']} {rec.get('created', 0)}"
 
 
+def _label(lun: int) -> str:
+    """How a disk's limiters are named in the VM's statistics: "os", "lun0"..."""
+    return "os" if lun == OS_LUN else f"lun{lun}"
+
+
 def _vm_key(vm: dict[str, Any]) -> str:
     return f"vm {vm['name']} {vm.get('created', 0)}"
+
+
+def _attached_elsewhere(rec: dict[str, Any]) -> ConflictingUserInput:
+    where = rec.get("attached_to")
+    return ConflictingUserInput("A disk can be attached to only one VM at a time: "
+                                f"disk {rec['name']} is {rec['state']}" + (f" to VM {where}" if where else "")
+                                + "; detach it there first")
 
 
 def _check_sku_on_size(limits: VmLimits, sku: str, disk: str) -> None:
@@ -109,25 +148,18 @@ def _check_sku_on_size(limits: VmLimits, sku: str, disk: str) -> None:
                                   f"{sku}; use a size with premium storage (an 's' size) or a Standard disk")
 
 
+def _lun(value: object) -> int:
+    """A LUN as the caller gave it: a whole number (a float or a bool would be
+    kept in the VM's record under a key no later call could read back)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameter(f"a LUN is a whole number, not {value!r}")
+    return value
+
+
 def _entry(vm: dict[str, Any], lun: int) -> dict[str, Any] | None:
     """The VM's disk entry at `lun` (OS_LUN for the OS disk), or None."""
     entry: dict[str, Any] | None = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
     return entry
-
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def _one_at_a_time(method: Method) -> Method:
-    """A compute call reads VM records and disk states, checks the rules and
-    writes them back: one at a time across the host's processes (the host's
-    state lock), else two could both find a disk Unattached and attach it
-    to two VMs, or both rewrite one VM's record and lose a LUN."""
-    @functools.wraps(method)
-    def locked(self: Host, *args: Any, **kw: Any) -> Any:
-        with self.state_lock:
-            return method(self, *args, **kw)
-    return locked  # type: ignore[return-value]
 
 
 @dataclass
@@ -158,7 +190,6 @@ class Host:
         self.stamp = Stamp.open(self.config["stamp"])
         self.disks = Disks(self.stamp)
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
-        self.state_lock = SharedLock(os.path.join(path, "state.lock"), lambda: None)  # see _one_at_a_time
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
@@ -169,6 +200,8 @@ class Host:
         self.latency = latency
         self.throttles: dict[str, Throttle] = {}
         self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
+        self._call_lock = threading.RLock()
+        self._call_fd = -1  # HOST/host.lock while a compute call of this process holds it
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
@@ -177,19 +210,24 @@ class Host:
         sizes times cache_scale (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
-        if cache_bytes is not None and cache_bytes < 1 << 20:
-            raise HostError(f"a host cache of {cache_bytes} bytes is too small: give at least 1 MiB")
-        if cache_scale <= 0 or ram_bytes < 0:
-            raise HostError("cache_scale must be more than 0 and ram_bytes 0 or more")
+        if cache_bytes is not None and not 1 << 20 <= cache_bytes <= MAX_CACHE_BYTES:
+            raise HostError(f"a host cache of {cache_bytes} bytes cannot be: give 1 MiB to 16 TiB")
+        if not 0 < cache_scale <= 1 or ram_bytes < 0:
+            raise HostError("cache_scale must be more than 0 and at most 1 (the sizes' own cache), "
+                            "and ram_bytes 0 or more")
         Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
+        made = not os.path.exists(path)
+        there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "host.json"), "w") as f:
             json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
                        "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
         try:
             return cls(path, **kw)
-        except BaseException:  # no host.json that no command can open (a cache file too large, say)
-            os.remove(os.path.join(path, "host.json"))
+        except BaseException as e:  # a host that cannot open is not left behind
+            _unmake(path, made, there)
+            if isinstance(e, OSError):
+                raise HostError(f"cannot make the host in {path}: {e.strerror or e}") from None
             raise
 
     def _size_cache(self) -> None:
@@ -197,12 +235,32 @@ class Host:
         scale = self.config.get("cache_scale")
         if not scale:
             return
-        total = sum((vm_limits(vm["size"]).cache_size_gib or 0) for vm in self.vms()) * GIB * scale
+        gib = sum((vm_limits(vm["size"]).cache_size_gib or 0) for vm in self.vms())
+        total = min(MAX_CACHE_BYTES, gib * GIB * scale)
         if total > self.config["cache_bytes"]:
             self.cache.grow(int(total))
             self.config["cache_bytes"] = int(total)
             with open(os.path.join(self.path, "host.json"), "w") as f:
                 json.dump(self.config, f, indent=2)
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        """One compute call at a time on this host, whatever the process: each
+        reads the VM and disk records, checks its rules and writes them back
+        under HOST/host.lock (flock), so two processes attaching at once cannot
+        both take one LUN or one disk. Reentrant (set_caching is detach and attach)."""
+        with self._call_lock:
+            outer = self._call_fd < 0
+            if outer:
+                fd = os.open(os.path.join(self.path, "host.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._call_fd = fd
+            try:
+                yield
+            finally:
+                if outer:
+                    os.close(self._call_fd)  # releases the flock
+                    self._call_fd = -1
 
     def close(self) -> None:
         if self.cache.fd < 0:
@@ -216,7 +274,6 @@ class Host:
         finally:  # whatever failed, nothing stays open
             self.buckets.close()
             self.cache.close()
-            self.state_lock.close()
             self.env.close()
             self.stamp.close()
 
@@ -239,7 +296,8 @@ class Host:
         """This process's figures for a VM it serves, else the last recorded
         ones; burst credits as the shared buckets hold them now, either way."""
         vm = self.vm(vm_name)
-        credits = {name: v["burst_credits_percent"] for name, v in self._any_throttle(vm).statistics().items()}
+        stats = self._any_throttle(vm).statistics(running=vm["state"] == "Running")  # a stopped VM earns nothing
+        credits = {name: v["burst_credits_percent"] for name, v in stats.items()}
         if vm_name in self.throttles:
             return {"live": True, "limiters": self.throttles[vm_name].statistics(), "credits_percent": credits}
         with self.env.begin() as txn:
@@ -268,11 +326,18 @@ class Host:
 
     # -- the compute calls ----------------------------------------------------------------
 
-    @_one_at_a_time
     def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
         """A VM whose OS disk is made from `image`. Every rule is checked
         first; if anything fails after the OS disk is made, it is deleted."""
+        with self._serialized():
+            return self._create_vm(name, size, image, os_sku, os_caching, os_size_gib)
+
+    def _create_vm(self, name: str, size: str, image: str, os_sku: str, os_caching: str,
+                   os_size_gib: int | None) -> dict[str, Any]:
+        if os_size_gib is not None and (isinstance(os_size_gib, bool) or not isinstance(os_size_gib, int)
+                                        or os_size_gib < 1):
+            raise InvalidParameter(f"an OS disk size is a whole number of GiB, at least 1, not {os_size_gib!r}")
         limits = vm_limits(size)
         with self.env.begin() as txn:
             if txn.get(name.encode(), db=self.vms_db) is not None:
@@ -338,16 +403,31 @@ class Host:
                                       f"use {flag}")
         return mode.value
 
-    @_one_at_a_time
     def attach(self, vm_name: str, disk: str, lun: int, caching: str = "None") -> dict[str, Any]:
+        with self._serialized():
+            return self._attach(vm_name, disk, _lun(lun), caching)
+
+    def _settle(self, vm: dict[str, Any]) -> None:
+        """Finish what a process killed inside attach or detach left half done:
+        a data disk whose stamp record names this VM and a LUN the VM's record
+        does not give it (attach marks the disk first, detach unmarks it last)
+        is attached to nothing. Only disks this host attached (a VM of that name
+        on another host over the stamp is another VM)."""
+        here = os.path.abspath(self.path)
+        for rec in self.disks.disks():
+            lun = rec.get("lun")
+            if rec.get("host") != here or rec.get("attached_to") != vm["name"] or lun is None or lun == OS_LUN:
+                continue
+            if vm["data_disks"].get(str(lun), {}).get("disk") != rec["name"]:
+                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None)
+
+    def _attach(self, vm_name: str, disk: str, lun: int, caching: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        self._settle(vm)
         limits = vm_limits(vm["size"])
         rec = self.disks.record(disk)
         if rec["state"] != DiskState.UNATTACHED.value:
-            where = rec.get("attached_to")
-            raise ConflictingUserInput("A disk can be attached to only one VM at a time: "
-                                       f"disk {disk} is {rec['state']}" + (f" to VM {where}" if where else "")
-                                       + "; detach it there first")
+            raise _attached_elsewhere(rec)
         if not 0 <= lun < limits.max_data_disks:
             raise InvalidParameter(f"LUN {lun} is out of range: {limits.name} takes LUNs 0 to "
                                    f"{limits.max_data_disks - 1}")
@@ -359,46 +439,88 @@ class Host:
                                       "detach one first or choose a larger size")
         _check_sku_on_size(limits, rec["sku"], disk)
         mode = self._caching(disk, rec["sku"], int(_size_gib(rec) * GIB), caching, limits, is_os=False)
+        # a deallocated VM's disks are Reserved (stop), a disk attached to it too
+        state = DiskState.RESERVED if vm["state"] == "Deallocated" else DiskState.ATTACHED
+        try:  # only from Unattached: another host may have taken it since the check
+            self.disks.set_state(disk, state, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun,
+                                 host=os.path.abspath(self.path))
+        except ResourceInUse:
+            raise _attached_elsewhere(self.disks.record(disk)) from None
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}
-        self._put(vm)
-        self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        try:
+            self._put(vm)
+        except BaseException:
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            raise
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
-            live.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+            live.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))
+        self._restore_credits(vm, lun, rec)
         if vm["state"] == "Running":
             self._any_throttle(vm).resume([str(lun)])
         return vm
 
-    @_one_at_a_time
     def detach(self, vm_name: str, lun: int) -> dict[str, Any]:
+        with self._serialized():
+            return self._detach(vm_name, _lun(lun))
+
+    def _detach(self, vm_name: str, lun: int) -> dict[str, Any]:
         vm = self.vm(vm_name)
+        self._settle(vm)
         entry = vm["data_disks"].get(str(lun))
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
         self._flush_disk(vm_name, lun, entry["disk"], drop=True)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun)])
+        credits = self._disk_credits(vm, lun)
         del vm["data_disks"][str(lun)]
         self._put(vm)
         live = self.throttles.get(vm_name)
         if live is not None:
             live.remove_disk(str(lun))
-        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None)
+        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None,
+                             throttle_credits=credits)
         self._prune_buckets()
         return vm
 
-    @_one_at_a_time
+    def _disk_credits(self, vm: dict[str, Any], lun: int) -> list[float]:
+        """The disk's burst credits as its bucket holds them (after the pause):
+        kept in its stamp record when it leaves this host, so another host over
+        the stamp attaching it next does not start it with a full bucket."""
+        t = self._any_throttle(vm)
+        with t.shared([str(lun)], self.clock.now()):
+            return [lim.state()[1] for lim in t.disks[str(lun)].limiters]
+
+    def _restore_credits(self, vm: dict[str, Any], lun: int, rec: dict[str, Any]) -> None:
+        """A disk attached here gets the credits it left its last VM with, on any host."""
+        saved = rec.get("throttle_credits")
+        t = self._any_throttle(vm)
+        if not saved or len(saved) != len(t.disks[str(lun)].limiters):
+            return  # never detached: its bucket here (new: full) holds it
+        now = self.clock.now()
+        with t.shared([str(lun)], now):
+            for lim, credits in zip(t.disks[str(lun)].limiters, saved, strict=True):
+                lim.restore(now, float(credits))
+
     def set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         """Changing a disk's caching detaches and reattaches it (as the platform does)."""
+        with self._serialized():
+            return self._set_caching(vm_name, _lun(lun), caching)
+
+    def _set_caching(self, vm_name: str, lun: int, caching: str) -> dict[str, Any]:
         entry = self.vm(vm_name)["data_disks"].get(str(lun))
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no data disk at LUN {lun}")
         disk = entry["disk"]
-        self.detach(vm_name, lun)
-        return self.attach(vm_name, disk, lun, caching)
+        self._detach(vm_name, lun)
+        return self._attach(vm_name, disk, lun, caching)
 
-    @_one_at_a_time
     def stop(self, vm_name: str, deallocate: bool = True) -> dict[str, Any]:
+        with self._serialized():
+            return self._stop(vm_name, deallocate)
+
+    def _stop(self, vm_name: str, deallocate: bool) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk)
@@ -411,8 +533,11 @@ class Host:
         self.throttles.pop(vm_name, None)
         return vm
 
-    @_one_at_a_time
     def start(self, vm_name: str) -> dict[str, Any]:
+        with self._serialized():
+            return self._start(vm_name)
+
+    def _start(self, vm_name: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):
             self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
@@ -422,15 +547,19 @@ class Host:
         self._put(vm)
         return vm
 
-    @_one_at_a_time
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
+        with self._serialized():
+            self._delete_vm(vm_name, delete_os_disk)
+
+    def _delete_vm(self, vm_name: str, delete_os_disk: bool) -> None:
         vm = self.vm(vm_name)
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk, drop=True)
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
-        for _, disk in self._luns(vm):
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+        for lun, disk in self._luns(vm):
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None,
+                                 throttle_credits=self._disk_credits(vm, lun))
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)
         self.throttles.pop(vm_name, None)
@@ -509,7 +638,7 @@ class Host:
         t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm))
         for lun, disk in self._luns(vm):
             rec = self.disks.record(disk)
-            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec))
+            t.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))
         return t
 
     def _any_throttle(self, vm: dict[str, Any]) -> Throttle:

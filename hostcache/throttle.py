@@ -246,11 +246,14 @@ def pair(name: str, iops: float, mbps: float, burst_iops: float | None, burst_mb
 
 
 class DiskThrottle:
-    def __init__(self, limits: DiskLimits, start: float = 0.0) -> None:
+    """One disk's limiters, named "disk LABEL TIER IOPS" and "... MB/s" (the
+    label tells apart two disks of one tier on a VM)."""
+
+    def __init__(self, limits: DiskLimits, start: float = 0.0, label: str = "") -> None:
         self.limits = limits
         # on-demand bursting has no credits and no time limit: pair() makes the burst figures the limit
         self.iops, self.bandwidth = pair(
-            f"disk {limits.tier}", limits.iops, limits.mbps,
+            " ".join(w for w in ("disk", label, limits.tier) if w), limits.iops, limits.mbps,
             limits.burst_iops if limits.burst is not Burst.NONE else None,
             limits.burst_mbps if limits.burst is not Burst.NONE else None,
             credit=limits.burst is Burst.CREDIT, unit=limits.mbps_unit, start=start)
@@ -277,13 +280,13 @@ class VmLimit:
 
 
 def _vm_limit(name: str, iops: float | None, mbps: float | None, burst_iops: float | None,
-              burst_mbps: float | None, start: float, credit: bool = True) -> VmLimit:
+              burst_mbps: float | None, start: float) -> VmLimit:
     """A VM limit: credit bursting where the size publishes burst figures."""
 
     def one(what: str, rate: float | None, burst: float | None, unit: int) -> Limiter | None:
         if rate is None:
             return None
-        if credit and burst is not None and burst > rate:
+        if burst is not None and burst > rate:
             return CreditLimiter(f"{name} {what}", rate * unit, burst * unit, start=start)
         return RateLimiter(f"{name} {what}", rate * unit, start=start)
     return VmLimit(one("IOPS", iops, burst_iops, 1), one("MB/s", mbps, burst_mbps, MB))
@@ -292,7 +295,8 @@ def _vm_limit(name: str, iops: float | None, mbps: float | None, burst_iops: flo
 class VmThrottle:
     """A VM size's limits: uncached (Premium SSD and the rest), the separate
     uncached limit for Ultra and Premium SSD v2 disks where the size publishes
-    one, and the host cache's; a figure the size does not publish is not enforced."""
+    one, and the host cache's (bursting where the size publishes a cached
+    burst); a figure the size does not publish is not enforced."""
 
     def __init__(self, limits: VmLimits, bursting: bool = True, start: float = 0.0) -> None:
         self.limits = v = limits
@@ -303,8 +307,9 @@ class VmThrottle:
             self.ultra = _vm_limit(f"VM {v.name} uncached Ultra/PremiumV2", v.ultra_iops, v.ultra_mbps,
                                    v.ultra_burst_iops if bursting else None,
                                    v.ultra_burst_mbps if bursting else None, start)
-        self.cached = _vm_limit(f"VM {v.name} cached", v.cached_iops, v.cached_mbps, None, None, start,
-                                credit=False)
+        self.cached = _vm_limit(f"VM {v.name} cached", v.cached_iops, v.cached_mbps,
+                                v.cached_burst_iops if bursting else None,
+                                v.cached_burst_mbps if bursting else None, start)
 
     def limiters(self) -> list[Limiter]:
         return [lim for vl in (self.uncached, self.ultra, self.cached) if vl is not None for lim in vl.limiters()]
@@ -367,8 +372,10 @@ class Throttle:
         self.disk_keys: dict[str, str] = {}
         self.lock = threading.Lock()  # admissions from several threads (queue depth) happen one at a time
 
-    def add_disk(self, name: str, limits: DiskLimits, key: str | None = None) -> DiskThrottle:
-        self.disks[name] = DiskThrottle(limits, start=self.clock.now())
+    def add_disk(self, name: str, limits: DiskLimits, key: str | None = None,
+                 label: str | None = None) -> DiskThrottle:
+        """A disk under `name`; its limiters' names (statistics) carry `label`, or the name."""
+        self.disks[name] = DiskThrottle(limits, start=self.clock.now(), label=name if label is None else label)
         self.disk_keys[name] = key or f"disk {name}"
         return self.disks[name]
 
@@ -436,15 +443,16 @@ class Throttle:
             service = ms / 1000
         return Admission(arrival, start, start + service)
 
-    def statistics(self, now: float | None = None) -> dict[str, dict[str, float | None]]:
-        """Per limiter: consumed percent (last minute), credits left, time throttled."""
+    def statistics(self, now: float | None = None, running: bool = True) -> dict[str, dict[str, float | None]]:
+        """Per limiter: consumed percent (last minute), credits left, time throttled.
+        Not running (a stopped VM): the time since its pause earns no credits."""
         t = self.clock.now() if now is None else now
         limiters = self.vm.limiters()
         for d in self.disks.values():
             limiters += d.limiters
         with self.shared(list(self.disks), t):  # credits as the shared buckets hold them
             return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
-                               "burst_credits_percent": lim.credits_left(t),
+                               "burst_credits_percent": lim.credits_left(t if running else min(t, lim.tat)),
                                "throttled_seconds": round(lim.stats.waited, 6),
                                "throttled_requests": lim.stats.throttled,
                                "requests": lim.stats.requests} for lim in limiters}

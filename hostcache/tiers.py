@@ -35,14 +35,16 @@ disagree. Rules kept here (each stated by those files):
   size does not publish is None and its behaviour is stated in the size's
   `not_published` (no limit enforced, or no cache growth), never invented.
   The cached limit is the "cached and temp" (or "cached") column only: the
-  newer pages' temp-disk figures are not host-cache figures. Ultra and
+  newer pages' temp-disk figures are not host-cache figures. Its burst
+  figures (M-series "burst cached and temp") burst as the uncached ones do. Ultra and
   Premium SSD v2 disks count against the size's separate Ultra/v2 uncached
   limit where one is published, else against the uncached limit.
 
 Where sources disagree (the reference's `disagreements`), the current figure
 is the default; `edition` selects the other where it changes behaviour:
 Ultra per-GiB IOPS, maximum IOPS and MB/s ("2022"); Premium v2 maximum MB/s
-("2024": 1,200); Standard SSD E1-E6 ("2019" table). VM sizes take the
+("2024", and "2022": 1,200); Standard SSD E1-E6 ("2019" table, in MiB/s as
+the type's other figures). An edition a SKU has no figures for is refused. VM sizes take the
 reference's primary source (its `source_disagreements` list the rest; DSv2's
 current page saying premium storage and caching are not supported is taken
 as a documentation error, as the reference does). Kept as decided, not
@@ -73,6 +75,15 @@ SKUS = ("Standard_LRS", "StandardSSD_LRS", "Premium_LRS", "PremiumV2_LRS", "Ultr
 ULTRA_SKUS = ("PremiumV2_LRS", "UltraSSD_LRS")  # provisioned performance; the VM's separate limit
 PREMIUM_SKUS = ("Premium_LRS", "PremiumV2_LRS", "UltraSSD_LRS")  # need a size with premium storage
 EDITIONS = ("current", "2024", "2022", "2019")
+# The editions each SKU has figures for (the reference's disagreements); another is refused, not
+# answered with the current figures.
+SKU_EDITIONS = {
+    "Standard_LRS": ("current",),
+    "StandardSSD_LRS": ("current", "2019"),
+    "Premium_LRS": ("current",),
+    "PremiumV2_LRS": ("current", "2024", "2022"),
+    "UltraSSD_LRS": ("current", "2024", "2022"),
+}
 
 
 class Burst(enum.Enum):
@@ -132,6 +143,8 @@ class VmLimits:
     ultra_burst_iops: int | None = None
     ultra_burst_mbps: float | None = None
     ultra_disk_supported: bool | None = None  # None: the pages do not say
+    cached_burst_iops: int | None = None  # burst of the cached limit (M-series "burst cached and temp")
+    cached_burst_mbps: float | None = None
     not_published: tuple[str, ...] = ()  # what the sources do not give, and what the emulator does then
 
     def to_json(self) -> dict[str, Any]:
@@ -172,6 +185,9 @@ def disk_limits(sku: str, size_gib: float, *, iops: int | None = None, mbps: flo
     _check_sku(sku)
     if edition not in EDITIONS:
         raise UnknownTier(f"unknown edition {edition!r}: one of {', '.join(EDITIONS)}")
+    if edition not in SKU_EDITIONS[sku]:
+        raise UnknownTier(f"edition {edition} has no figures of its own for {sku}: its editions are "
+                          f"{', '.join(SKU_EDITIONS[sku])}")
     if size_gib <= 0:
         raise UnknownTier(f"disk size must be positive, not {size_gib} GiB")
     size_gib = math.ceil(size_gib)  # a disk performs as the whole GiB that holds it
@@ -215,7 +231,8 @@ def _size_row(sku: str, size_gib: int, edition: str) -> tuple[str, dict[str, Any
     sizes: dict[str, dict[str, Any]] = ref["sizes"]
     if sku == "StandardSSD_LRS" and edition == "2019":
         old = ref["sizes_2019_superseded"]["values"]
-        sizes = {k: {"disk_size_gib": v[0], "max_iops_up_to": v[1], "max_mbps_up_to": v[2] * 1.048576,
+        # the 2019 table is in MiB/s, this disk type's own unit (DiskLimits.mbps_unit): taken as it is
+        sizes = {k: {"disk_size_gib": v[0], "max_iops_up_to": v[1], "max_mbps_up_to": v[2],
                      "burst_model": "none"} for k, v in old.items()}
     for name, row in sorted(sizes.items(), key=lambda kv: kv[1]["disk_size_gib"]):
         if row["disk_size_gib"] >= size_gib:
@@ -252,7 +269,7 @@ ULTRA_EDITIONS = {
 def _ultra(size: int, iops: int | None, mbps: float | None, edition: str, r: float, w: float) -> DiskLimits:
     if not 4 <= size <= 65536:
         raise UnknownTier("UltraSSD_LRS disks are 4 to 65,536 GiB")
-    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS.get(edition, ULTRA_EDITIONS["current"])
+    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS[edition]
     max_iops = min(top, per_gib * size)
     iops = max_iops if iops is None else iops
     if not 100 <= iops <= max_iops:
@@ -314,7 +331,8 @@ def _vm_row(key: str, row: dict[str, Any]) -> VmLimits:
         row["burst_uncached_mbps"], caching, bool(row["premium_storage"]), str(row["family"]), row["vcpus"],
         row["max_uncached_ultra_premv2_iops"], row["max_uncached_ultra_premv2_mbps"],
         row["burst_uncached_ultra_premv2_iops"], row["burst_uncached_ultra_premv2_mbps"],
-        row["ultra_disk_supported"])
+        row["ultra_disk_supported"],
+        row["burst_cached_temp_iops"] if cached else None, row["burst_cached_temp_mbps"] if cached else None)
     return replace(limits, not_published=_not_published(limits))
 
 
@@ -342,8 +360,12 @@ def _not_published(v: VmLimits) -> tuple[str, ...]:
 
 def vm_sizes(family: str | None = None, contains: str | None = None, premium: bool | None = None,
              caching: bool | None = None, min_vcpus: int | None = None) -> list[VmLimits]:
-    """Every published VM size that matches all the filters given (case-insensitive)."""
+    """Every published VM size that matches all the filters given (case-insensitive);
+    a family that no size has is refused (a typo would list nothing)."""
     rows = [_vm_row(k, r) for k, r in vm_reference()["sizes"].items()]
+    families = sorted({v.family for v in rows})
+    if family is not None and family.lower() not in {f.lower() for f in families}:
+        raise UnknownTier(f"no VM size family {family!r}: the families are {', '.join(families)}")
     return [v for v in rows
             if (family is None or v.family.lower() == family.lower())
             and (contains is None or contains.lower() in v.name.lower())

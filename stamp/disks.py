@@ -156,13 +156,25 @@ class Disks:
     def snapshots(self) -> list[dict[str, Any]]:
         return self._list("snapshot")
 
-    def set_state(self, name: str, state: DiskState, **fields: Any) -> dict[str, Any]:
-        """For the host layer: attach, detach, deallocate."""
-        obj = self._get("disk", name)
-        obj["state"] = state.value
-        obj.update(fields)
-        self._put("disk", obj)
-        return obj
+    def set_state(self, name: str, state: DiskState, expect: DiskState | None = None,
+                  **fields: Any) -> dict[str, Any]:
+        """For the host layer: attach, detach, deallocate. With `expect`, only
+        a disk in that state changes (read and written in one transaction, so
+        two hosts attaching one disk at once cannot both succeed); another
+        state is ResourceInUse."""
+        key = f"disk/{name}".encode()
+        with self.meta.write() as txn:
+            obj = self.meta.get_json(txn, "resources", key)
+            if obj is None:
+                raise ResourceNotFound(f"no disk named {name!r}")
+            if obj.get("state") == CREATING:
+                raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
+            if expect is not None and obj.get("state") != expect.value:
+                raise ResourceInUse(f"disk {name!r} is {obj.get('state')}, not {expect.value}")
+            obj["state"] = state.value
+            obj.update(fields)
+            self.meta.put_json(txn, "resources", key, obj)
+        return dict(obj)
 
     # -- creating: reserve, build, finish (or roll back) -------------------------------------
 

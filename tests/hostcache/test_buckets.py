@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from hostcache.buckets import BucketStore
+from hostcache.buckets import BucketStore, epoch_id, pack
 from hostcache.host import Host
 from hostcache.throttle import CreditLimiter, FakeClock, RateLimiter, Throttle
 from hostcache.tiers import disk_limits, vm_limits
@@ -18,7 +18,7 @@ from hostcache.tiers import disk_limits, vm_limits
 from .test_host import host, make_image  # noqa: F401  (the fixture)
 
 KIB = 1024
-P10_IOPS = "disk P10 IOPS"
+P10_IOPS = "disk lun0 P10 IOPS"
 
 
 def drain(t: Throttle, lun: str) -> float:
@@ -93,7 +93,7 @@ def test_two_processes_draw_on_one_bucket(host, tmp_path):  # noqa: F811
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     alone = Throttle(vm_limits("D8s_v3"), FakeClock(0.0), latency=False)
-    alone.add_disk("0", disk_limits("Premium_LRS", 128))
+    alone.add_disk("0", disk_limits("Premium_LRS", 128), label="lun0")
     for _ in range(6000):
         alone.admit("0", False, 4096, now=0.0)
     with Host(host.path, clock=FakeClock(0.0)) as h:
@@ -176,3 +176,71 @@ def test_a_hold_that_raises_writes_nothing_and_the_next_reads_the_file_again(tmp
     with store.hold({"k": [lim]}, 0.0):
         assert lim.state() == saved
     store.close()
+
+
+@pytest.mark.parametrize("tat,credits", [(1e12, 5.0), (float("inf"), 5.0), (float("nan"), 5.0),
+                                         (50.0, float("nan")), (50.0, -1e9), (100.0 + 86401, 5.0)])
+def test_an_intact_record_with_impossible_figures_reads_as_drained(tmp_path, tat, credits):
+    """A record with a good CRC but a time that is not finite or a day
+    ahead (it would hold every I/O until then), or credits that cannot be."""
+    store = BucketStore(str(tmp_path), "boot A")
+    with open(store.path("k"), "wb") as f:
+        f.write(pack(epoch_id("boot A"), [(tat, credits)]))
+    lim = CreditLimiter("c", 500, 3500, start=0.0)
+    with store.hold({"k": [lim]}, 100.0):
+        assert lim.state() == (100.0, 0.0)
+        lim.commit(100.0, 1)  # admitted now, not at the record's time
+        assert lim.tat < 101
+    store.close()
+
+
+def test_a_disk_whose_bucket_says_a_far_time_reads_now(host):  # noqa: F811
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    rec = host.disks.record("data1")
+    path = host.buckets.path(f"disk data1 {rec['created']}")
+    for far in (1e12, float("inf")):
+        with open(path, "wb") as f:
+            f.write(pack(epoch_id("fake"), [(far, 0.0), (far, 0.0)]))
+        host.buckets.written.clear()
+        now = host.clock.now()
+        host.open_disk("vm1", 0).read(0, 4096)
+        assert host.clock.now() - now < 1
+
+
+def test_a_stopped_vm_shows_the_credits_it_will_resume_with(host):  # noqa: F811
+    """Deallocated for an hour after a drain: `throttle stats` says 0%, as the
+    start that follows does (it said 100% while stopped)."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.clock.advance(drain(host.throttle("vm1"), "0"))
+    host.stop("vm1")
+    host.clock.advance(3600)
+    assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
+    host.start("vm1")
+    assert host.throttle_stats("vm1")["credits_percent"][P10_IOPS] == 0.0
+
+
+def test_a_drained_disk_stays_drained_on_another_host_over_the_stamp(host, tmp_path):  # noqa: F811
+    """Detached from host 1 drained, attached on host 2 (another host folder,
+    the same stamp): its credits go with the disk, not a fresh bucket."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    host.clock.advance(drain(host.throttle("vm1"), "0"))
+    host.detach("vm1", 0)
+    now = host.clock.now()
+    host.close()
+    other = Host.create(str(tmp_path / "host2"), host.config["stamp"], cache_bytes=32 << 20, clock=FakeClock(now))
+    try:
+        other.create_vm("vm2", "D8s_v3", "gpt")
+        other.attach("vm2", "data1", 0, "None")
+        assert credits(other, "vm2", now) == 0.0
+        other.delete_vm("vm2")  # deleting the VM detaches it: the credits go with it again
+    finally:
+        other.close()
+    again = Host(host.path, clock=FakeClock(now))
+    try:
+        again.attach("vm1", "data1", 0, "None")
+        assert credits(again, "vm1", now) == 0.0
+    finally:
+        again.close()

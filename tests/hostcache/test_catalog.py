@@ -9,8 +9,8 @@ import pytest
 
 from hostcache.errors import InvalidParameter, UnknownTier
 from hostcache.sim import Workload, simulate
-from hostcache.throttle import FakeClock, Throttle
-from hostcache.tiers import MB, MIB, SKUS, VmLimits, disk_limits, vm_limits, vm_sizes
+from hostcache.throttle import FakeClock, Path, Throttle
+from hostcache.tiers import MB, MIB, SKUS, VmLimits, disk_limits, reference, vm_limits, vm_sizes
 
 KIB = 1024
 HUGE_VM = VmLimits("test-no-vm-limit", 64, None, None, None, 10**9, 10**9, None, None, False)
@@ -134,3 +134,44 @@ def test_on_demand_bursting_is_refused_below_p30():
     with pytest.raises(InvalidParameter):
         disk_limits("StandardSSD_LRS", 1024, on_demand_bursting=True)
     assert disk_limits("Premium_LRS", 1024, on_demand_bursting=True).burst_iops == 30000
+
+
+def test_the_2019_standard_ssd_table_is_taken_in_its_own_mib_per_second():
+    """stdssd_sizes_2019 gives E1 25 MiB/s and E6 50 MiB/s; Standard SSD throttles in MiB/s."""
+    old = reference()["StandardSSD_LRS"]["sizes_2019_superseded"]
+    assert old["columns"][2] == "throughput_up_to_MiB_per_sec"
+    for tier, (size, iops, mib) in old["values"].items():
+        lim = disk_limits("StandardSSD_LRS", size, edition="2019")
+        assert (lim.tier, lim.iops, lim.mbps, lim.mbps_unit) == (tier, iops, mib, 1 << 20)
+
+
+@pytest.mark.parametrize("sku,edition", [("UltraSSD_LRS", "2019"), ("PremiumV2_LRS", "2019"),
+                                         ("Premium_LRS", "2024"), ("Standard_LRS", "2022"),
+                                         ("StandardSSD_LRS", "2024")])
+def test_an_edition_a_sku_has_no_figures_for_is_refused(sku, edition):
+    with pytest.raises(UnknownTier, match=f"edition {edition} has no figures of its own for {sku}"):
+        disk_limits(sku, 64, edition=edition)
+
+
+def test_m_series_cached_burst_figures_are_served():
+    """M8ms publishes cached 10,000 IOPS / 100 MBps bursting to 10,000 / 250:
+    cache hits of 1 MiB run at 250 MB/s while the credits last, 100 after."""
+    ref = json.loads(REFERENCE.read_text())["sizes"]
+    m8 = vm_limits("m8ms")
+    assert (m8.cached_mbps, m8.cached_burst_iops, m8.cached_burst_mbps) == (100, 10000, 250)
+    served = [v for v in vm_sizes() if v.cached_burst_mbps is not None]
+    assert len(served) == 21 and {v.family for v in served} == {"M", "Mdsv2"}
+    for v in served:
+        assert (v.cached_burst_iops, v.cached_burst_mbps) == (ref[v.name]["burst_cached_temp_iops"],
+                                                              ref[v.name]["burst_cached_temp_mbps"])
+    t = Throttle(m8, FakeClock(), latency=False)
+    t.add_disk("d", disk_limits("Premium_LRS", 1024))
+    hits = simulate(t, [Workload("d", nbytes=MIB, qd=8, path=Path.CACHED_HIT)], 10, warmup=1)["d"]
+    assert hits * MIB == pytest.approx(250 * MB, rel=0.01)
+    assert vm_limits("D8s_v3").cached_burst_mbps is None  # published nowhere else
+
+
+def test_a_family_no_size_has_is_refused():
+    with pytest.raises(UnknownTier, match="no VM size family 'Dsv9': the families are .*Dsv5"):
+        vm_sizes(family="Dsv9")
+    assert {v.family for v in vm_sizes(family="dsv5")} == {"Dsv5"}

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 
+import lmdb
 import pytest
+
+from hostcache.errors import HostError
+from hostcache.host import Host
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -129,3 +135,47 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_a_host_that_cannot_be_made_is_refused_and_leaves_nothing(tmp_path):
+    st = str(tmp_path / "st")
+    subprocess.run([sys.executable, "-m", "stamp", "--stamp", st, "init"], check=True, capture_output=True)
+    host = ["--host", str(tmp_path / "host")]
+    for args, why in [
+        ([*host, "init", "--stamp", st, "--cache-mib", "99999999999999"], "--cache-mib: 99999999999999 is too large"),
+        ([*host, "init", "--stamp", st, "--cache-scale", "1e300"], "--cache-scale: 1e300 is too large"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    for kw in ({"cache_bytes": 1 << 60}, {"cache_scale": 1e300}):
+        with pytest.raises(HostError, match="cannot be|at most 1"):
+            Host.create(str(tmp_path / "host"), st, **kw)
+    assert not (tmp_path / "host").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "cache").write_text("a file of mine where the cache folder goes")
+    with pytest.raises(HostError, match="cannot make the host in"):
+        Host.create(str(tmp_path / "mine"), st)
+    assert sorted(os.listdir(tmp_path / "mine")) == ["cache"]  # host.json gone, my file kept
+    (tmp_path / "mine" / "cache").unlink()
+    Host.create(str(tmp_path / "mine"), st).close()  # the retry works
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   lmdb.DiskError("mdb_txn_commit: No space left on device")])
+def test_a_full_host_folder_is_a_clear_error(tmp_path, monkeypatch, capsys, error):
+    from hostcache import cli as cli_module
+
+    def full(*args, **kw):
+        raise error
+    monkeypatch.setattr(cli_module, "run", full)
+    assert cli_module.main(["--host", str(tmp_path), "vm", "list"]) == 1
+    err = capsys.readouterr().err
+    assert "hostcache vm: a file of the host or the stamp cannot be written" in err and "No space left" in err
+
+
+@pytest.mark.parametrize("size", ["5K", "1537K"])
+def test_a_bootable_image_that_is_not_whole_mib_is_refused_and_not_made(tmp_path, size):
+    out = tmp_path / "boot.vhd"
+    r = cli("bootable-image", str(out), "--size", size)
+    assert r.returncode == 1 and "give a multiple of 1 MiB" in r.stderr, r.stderr
+    assert not out.exists()

@@ -169,7 +169,7 @@ def test_a_boot_trace_file(tmp_path, host):
     trace.write_text("# offset length\n0 512\n1048576 65536\n0x200000 4096\n")
     report = host.boot("vm1", str(trace))
     assert report["reads"] == 4 and report["bytes"] == 512 + 65536 + 4096
-    assert "disk P1 IOPS" in report["throttle"]
+    assert "disk os P1 IOPS" in report["throttle"]
     trace.write_text("0 512\nnonsense\n")
     with pytest.raises(HostError, match="boot.trace:2"):
         host.boot("vm1", str(trace))
@@ -363,3 +363,16 @@ def test_two_processes_cannot_attach_one_disk_to_two_vms(host):
     assert first.communicate("go\n", timeout=60)[0] == "attached\n"
     assert second.communicate(timeout=60)[0].startswith("ConflictingUserInput: A disk can be attached to only one VM")
     assert host.vm("vm2")["data_disks"] == {} and host.disks.record("data1")["attached_to"] == "vm1"
+
+
+def test_two_disks_of_one_tier_keep_their_own_statistics(host):
+    """data1 and another 128 GiB Premium disk are both P10 on vm1: each has its
+    own line in the VM's statistics, named by its LUN."""
+    host.disks.create_empty("data3", 128, "Premium_LRS")
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0)
+    host.attach("vm1", "data3", 1)
+    host.open_disk("vm1", 1).read(0, 4096)
+    stats = host.throttle_stats("vm1")["limiters"]
+    assert {"disk lun0 P10 IOPS", "disk lun1 P10 IOPS", "disk os P1 IOPS"} <= set(stats)
+    assert stats["disk lun0 P10 IOPS"]["requests"] == 0 and stats["disk lun1 P10 IOPS"]["requests"] == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from hostcache.errors import HostError, InvalidPerformance, UnknownTier
@@ -151,13 +154,13 @@ def test_statistics_like_the_platforms_metrics():
     t = throttle(s=disk_limits("Standard_LRS", 32))
     simulate(t, [Workload("s", qd=4)], 60)
     stats = t.statistics(now=60)
-    disk = stats["disk S4 IOPS"]
+    disk = stats["disk s S4 IOPS"]
     assert disk["consumed_percent"] == pytest.approx(100, abs=0.5)
     assert disk["throttled_requests"] > 0 and disk["throttled_seconds"] > 0
-    assert stats["disk S4 MB/s"]["consumed_percent"] == pytest.approx(500 * 4096 / (60 * MIB) * 100, rel=0.01)
+    assert stats["disk s S4 MB/s"]["consumed_percent"] == pytest.approx(500 * 4096 / (60 * MIB) * 100, rel=0.01)
     p10 = throttle(p=disk_limits("Premium_LRS", 128))
     p10.admit("p", False, 4096, now=0.0)
-    assert p10.statistics(now=0.0)["disk P10 IOPS"]["burst_credits_percent"] == pytest.approx(100, abs=0.01)
+    assert p10.statistics(now=0.0)["disk p P10 IOPS"]["burst_credits_percent"] == pytest.approx(100, abs=0.01)
 
 
 def test_large_ios_count_in_256_kib_units_where_iops_bind():
@@ -182,7 +185,7 @@ def test_statistics_take_bounded_space_whatever_the_number_of_ios():
     tracemalloc.stop()
     assert t.disks["s"].iops.stats.requests > 59000
     assert grown < 64 * KIB  # was about 281 bytes per I/O per limiter: 30 MB
-    assert t.statistics(now=120)["disk S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
+    assert t.statistics(now=120)["disk s S4 IOPS"]["consumed_percent"] == pytest.approx(100, abs=2)
 
 
 def test_simulate_refuses_what_it_cannot_measure():
@@ -191,3 +194,17 @@ def test_simulate_refuses_what_it_cannot_measure():
         simulate(t, [Workload("s")], 0)
     with pytest.raises(HostError, match="queue depth and I/O size must be at least 1"):
         simulate(t, [Workload("s", qd=0)], 1)
+
+
+def test_a_simulation_is_bounded_whatever_it_is_asked():
+    """--seconds 100000 or --qd 3000000 ran for ever (or grew by 340 MB in 10 s):
+    a run admits at most max_ios I/Os, and says so past that."""
+    t = throttle(s=disk_limits("Standard_LRS", 32))  # 500 IOPS: 1,000 I/Os take 2 s
+    assert simulate(t, [Workload("s")], 1.5, max_ios=1000)["s"] > 0
+    with pytest.raises(HostError, match="more than 1,000 I/Os: simulate fewer seconds or a lower queue depth"):
+        simulate(throttle(s=disk_limits("Standard_LRS", 32)), [Workload("s")], 100000, max_ios=1000)
+    with pytest.raises(HostError, match="more than 1,000 I/Os"):
+        simulate(throttle(s=disk_limits("Standard_LRS", 32)), [Workload("s", qd=1001)], 1, max_ios=1000)
+    r = subprocess.run([sys.executable, "-m", "hostcache", "simulate", "Premium_LRS", "128", "--qd", "3000000"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "more than 2,000,000 I/Os" in r.stderr and "Traceback" not in r.stderr
