@@ -75,15 +75,16 @@ class Extent:
     length: int  # bytes in the file, header included (sealed: final)
     owner: int  # pid of the appender while open
     token: str = ""  # which StreamLayer in that process
+    started: int = 0  # the owner's start time (process_start): a reused pid is not the owner
 
     def to_json(self) -> dict[str, Any]:
         return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
-                "token": self.token}
+                "token": self.token, "started": self.started}
 
     @classmethod
     def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
         return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)),
-                   str(obj.get("token", "")))
+                   str(obj.get("token", "")), int(obj.get("started", 0)))
 
 
 class _ReplicaFileError(Exception):
@@ -100,14 +101,33 @@ def owner_alive(e: Extent) -> bool:
     """Is the process (and, in this process, the StreamLayer) appending to e alive?"""
     if e.owner == os.getpid():
         return e.token in _LIVE_TOKENS
-    return pid_alive(e.owner)
+    return pid_alive(e.owner, e.started)
 
 
 def _read_replica(node: Node, extent_id: int, length: int, offset: int) -> bytes:
     return node.read(extent_id, length, offset)
 
 
-def pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks after boot: field 22 of
+    /proc/PID/stat), 0 if that cannot be read. A pid is reused once its
+    process is gone; the pid and its start time together name one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw.rsplit(b")", 1)[1].split()[19])  # fields after the command name start at 3
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def own_start() -> int:
+    """This process's start time (see process_start)."""
+    return process_start(os.getpid())
+
+
+def pid_alive(pid: int, started: int = 0) -> bool:
+    """Is process `pid` alive and, if `started` is known, the one that started
+    then (not a later process given the same pid)?"""
     if pid <= 0:
         return False
     try:
@@ -115,8 +135,11 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    if not started:
         return True
-    return True
+    now = process_start(pid)
+    return now in (0, started)  # 0: unreadable (gone meanwhile, or no /proc): keep it, as before
 
 
 class StreamLayer:
@@ -213,7 +236,7 @@ class StreamLayer:
                                      "nothing was written") from None
             with self.meta.write() as txn:
                 extent_id = self.meta.next_id(txn, "extent")
-                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token)
+                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token, own_start())
                 self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
             try:
                 for n in nodes:
