@@ -191,6 +191,10 @@ class Stamp:
         extents = {e.id: e for e in self.stream.all_extents()}
         nodes = self.stream.nodes
         for e in extents.values():
+            if e.state == "open" and not owner_alive(e):
+                report.problems.append(f"extent {e.id}: open and its writer is gone; it is sealed when "
+                                       f"{', '.join(self.stream.down_members(e)) or 'the stamp is opened'} "
+                                       "is back up")
             domains = {nodes[n].fault_domain for n in e.nodes if n in nodes}
             if len(e.nodes) != REPLICAS or len(set(e.nodes)) != REPLICAS:
                 report.problems.append(f"extent {e.id}: {len(set(e.nodes))} distinct replicas, not {REPLICAS}")
@@ -226,10 +230,8 @@ class Stamp:
                     e = owner
                     if end <= start or inner + (end - start) * PAGE > length:
                         report.problems.append(f"{where}: range outside its record")
-                    if off + rec.record_size(length) > e.length and not (e.state == "open" and owner_alive(e)):
-                        if not (self.stream._current is not None and self.stream._current.id == ext
-                                and off + rec.record_size(length) <= self.stream._current.length):
-                            report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
+                    if off + rec.record_size(length) > e.length and e.state != "open":  # open: its writer's
+                        report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
             report.problems += self.blobs.check_history(txn)
             blobs = len(list(self.meta.items(txn, "blobs")))
             for key, raw in self.meta.items(txn, "blobstate"):

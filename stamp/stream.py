@@ -383,7 +383,8 @@ class StreamLayer:
     # -- recovery and maintenance ---------------------------------------------------
 
     def recover(self) -> list[int]:
-        """Seal extents whose owner process is gone, at the end of the longest
+        """Seal extents whose owner process is gone (and none of whose nodes is
+        down: its replica may be the only good copy of a record), at the end of the longest
         run of records each of which verifies on some reachable replica (an
         acknowledged record is on every replica, so one good copy proves it
         committed; a bad copy is corruption, not a torn tail), healing the
@@ -392,8 +393,8 @@ class StreamLayer:
         self.refresh_nodes()
         sealed = []
         for e in self.all_extents():
-            if e.state != "open" or owner_alive(e):
-                continue
+            if e.state != "open" or owner_alive(e) or self.down_members(e):
+                continue  # a down node's replica may hold records no reachable one has: wait for it
             report = ScrubReport()
             length = self._walk(e, None, heal=True, report=report)
             if length <= rec.FILE_HEADER and all(self._reachable(n) is not None for n in e.nodes):
@@ -406,6 +407,11 @@ class StreamLayer:
             self._extents[e.id] = e
             sealed.append(e.id)
         return sealed
+
+    def down_members(self, e: Extent) -> list[str]:
+        """The down (not lost) nodes holding a replica of e."""
+        return [node.name for node in map(self.nodes.get, e.nodes)
+                if node is not None and node.state is NodeState.DOWN]
 
     def _drop_empty(self, e: Extent) -> None:
         for n in e.nodes:

@@ -196,3 +196,36 @@ def test_scrub_deletes_the_files_of_an_extent_whose_deletion_was_cut_short(st):
     assert not any(os.path.exists(p) for p in paths)
     assert st.check(deep=True).stats["orphan_files"] == 0
     assert st.blobs.read("d", 0, 4096) == b"b" * 4096
+
+
+def test_recovery_waits_for_a_down_replica_before_sealing(tmp_path):
+    """Four acknowledged writes, the owner dies, the last record is flipped on
+    one replica, another replica's node is down and the third is lost: the
+    only good copy of that record is on the down node, so recovery must not
+    seal the extent short; once the node is back it is sealed whole."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        st.blobs.create("d", MIB)
+        for i in range(4):
+            st.blobs.write("d", i * 4096, bytes([i + 1]) * 4096)
+        e = st.stream._current
+        assert e is not None
+        end = e.length
+        with st.meta.write() as txn:  # as if its owner had died
+            st.meta.put_json(txn, "extents", e.id.to_bytes(8, "big"), {**e.to_json(), "owner": 999999999})
+        st.stream._current = None
+        flip(st, e.id, e.nodes[0], end - 100)
+        st.inject("node-down", e.nodes[1])
+        st.inject("node-lost", e.nodes[2])
+    with Stamp.open(path) as st:
+        assert st.stream.extent(e.id, refresh=True).state == "open"  # waits for the down node
+        assert not st.check(deep=True).ok
+        st.inject("node-up", e.nodes[1])
+    with Stamp.open(path) as st:
+        sealed = st.stream.extent(e.id, refresh=True)
+        assert sealed.state == "sealed" and sealed.length == end
+        st.stream.rereplicate()
+        st.stream.scrub()
+        assert clean(st)
+        for i in range(4):
+            assert st.blobs.read("d", i * 4096, 4096) == bytes([i + 1]) * 4096
