@@ -25,7 +25,8 @@ partition layers share one definition. Rules:
 
 Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
-  extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner}
+  extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner, token,
+                                             started, copy (while a replica is re-made)}
   counters   name                   -> u64
   blobs      name (utf-8)           -> JSON {id, created, properties...}
   blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease)

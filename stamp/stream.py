@@ -76,15 +76,25 @@ class Extent:
     owner: int  # pid of the appender while open
     token: str = ""  # which StreamLayer in that process
     started: int = 0  # the owner's start time (process_start): a reused pid is not the owner
+    copy: dict[str, int] | None = None  # a replica being made: {node, owner, started} (rereplicate)
 
     def to_json(self) -> dict[str, Any]:
-        return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
-                "token": self.token, "started": self.started}
+        obj = {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
+               "token": self.token, "started": self.started}
+        return obj if self.copy is None else {**obj, "copy": self.copy}
 
     @classmethod
     def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
         return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)),
-                   str(obj.get("token", "")), int(obj.get("started", 0)))
+                   str(obj.get("token", "")), int(obj.get("started", 0)), obj.get("copy"))
+
+    def holds(self, node_id: int) -> bool:
+        """May node `node_id` have a replica file of this extent: a member, or
+        the target of a copy whose process is alive?"""
+        if node_id in self.nodes:
+            return True
+        c = self.copy
+        return c is not None and c["node"] == node_id and pid_alive(c["owner"], c["started"])
 
 
 class _ReplicaFileError(Exception):
@@ -451,15 +461,18 @@ class StreamLayer:
                     target = self.place(exclude=set(e.nodes), count=1, avoid_domains=domains)[0]
                 except NotEnoughNodes:
                     continue
+                # The copy's target is recorded before its file exists, so
+                # the orphan scan (in any process) leaves a live copy alone
+                # and deletes the file of one whose process died.
+                if not self._commit_extent(e, {"node": target, "owner": os.getpid(), "started": own_start()}):
+                    break  # gc deleted it
                 try:
                     self._copy_replica(e, target)
                 except (DataLost, OSError):
+                    self._commit_extent(e, None)
                     continue  # no good copy anywhere, or the target failed: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
-                with self.meta.write() as txn:
-                    gone = txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None
-                    if not gone:
-                        self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                gone = not self._commit_extent(e, None)
                 if gone:  # gc deleted it during the copy: the copy goes too
                     self.nodes[target].drop(e.id)
                     break
@@ -468,6 +481,15 @@ class StreamLayer:
                     self.nodes[n].drop(e.id)
                 made.append((e.id, n, target))
         return made
+
+    def _commit_extent(self, e: Extent, copy: dict[str, int] | None) -> bool:
+        """Store e (with `copy` as its copy marker); False if gc deleted it."""
+        e.copy = copy
+        with self.meta.write() as txn:
+            if txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None:
+                return False
+            self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+        return True
 
     def _replica_ok(self, e: Extent, n: int) -> bool:
         node = self.nodes.get(n)
@@ -581,12 +603,15 @@ class StreamLayer:
         return report
 
     def _orphans(self, remove: bool, report: ScrubReport) -> None:
-        """Count (and with `remove`, delete) replica files whose extent is not
-        in the metadata: left by a gc or a drop killed between its commit and
-        its file deletions. The folders are listed before the table is read,
-        and a replica file is only ever made after its extent's record is
-        committed, so a listed file whose extent a later read lacks belongs
-        to a deleted extent."""
+        """Count (and with `remove`, delete) replica files no extent holds:
+        files of extents the metadata no longer has (a gc or a drop killed
+        between its commit and its file deletions) and files on nodes that
+        are not the extent's members (a replica re-made elsewhere while its
+        node was down, a re-replication killed midway). The folders are
+        listed before the table is read, and a replica file is only ever
+        made after the record naming its node (member or copy target) is
+        committed, so a listed file that a later read does not name is
+        nobody's."""
         listed = []
         for node in self.nodes.values():
             try:
@@ -594,9 +619,10 @@ class StreamLayer:
             except FileNotFoundError:
                 continue
             listed += [(node, int(name[:16], 16)) for name in names if _REPLICA_NAME.fullmatch(name)]
-        known = {e.id for e in self.all_extents()}
+        known = {e.id: e for e in self.all_extents()}
         for node, extent_id in listed:
-            if extent_id not in known:
+            e = known.get(extent_id)
+            if e is None or not e.holds(node.id):
                 report.orphans += 1
                 if remove:
                     node.drop(extent_id)
