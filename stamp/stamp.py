@@ -156,7 +156,7 @@ class Stamp:
         elif fault == "node-replaced":  # a lost node comes back empty
             self.stream.set_node(n, state="up", slow_ms=0, full=False)
         elif fault == "slow":
-            self.stream.set_node(n, slow_ms=float(kw.get("ms", 50)))
+            self.stream.set_node(n, slow_ms=_slow_ms(kw.get("ms", 50)))
         elif fault == "full":
             self.stream.set_node(n, full=bool(kw.get("on", True)))
         else:
@@ -165,6 +165,8 @@ class Stamp:
         return {"fault": fault, "node": self.stream.nodes[n].name}
 
     def _bitflip(self, extent_id: int, node: str | int | None, offset: int | None) -> dict[str, Any]:
+        if not 0 < extent_id < 1 << 64:
+            raise StampError(f"no extent {extent_id}")
         e = self.stream.extent(extent_id, refresh=True)
         n = self.node_id(node) if node is not None else e.nodes[0]
         if n not in e.nodes:
@@ -174,6 +176,8 @@ class Stamp:
         if size <= rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK:
             raise StampError(f"extent {extent_id} holds no data to corrupt")
         at = offset if offset is not None else rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK + 1
+        if not 0 <= at < size:
+            raise StampError(f"offset {at} is outside extent {extent_id}'s replica file ({size} bytes)")
         with open(path, "r+b") as f:
             f.seek(at)
             b = f.read(1)
@@ -246,6 +250,19 @@ class Stamp:
             report.stats.update(records=scrub.records, bad_copies=scrub.bad, orphan_files=scrub.orphans)
         report.stats.update({"extents": len(extents), "index_pieces": pieces, "blobs": blobs})
         return report
+
+
+MAX_SLOW_MS = 60_000.0
+
+
+def _slow_ms(ms: Any) -> float:
+    """An injected delay: a finite number of milliseconds, 0 to MAX_SLOW_MS
+    (each operation of the node sleeps that long: a negative or huge one
+    would break every later command instead)."""
+    value = float(ms)
+    if not 0 <= value <= MAX_SLOW_MS:  # also refuses nan
+        raise StampError(f"--ms must be 0 to {MAX_SLOW_MS:,.0f} milliseconds, not {ms}")
+    return value
 
 
 class BlobDevice:

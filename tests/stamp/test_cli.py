@@ -35,3 +35,18 @@ def test_an_extra_argument_is_a_usage_error(stamp_dir, capsys):
         main(["--stamp", stamp_dir, "fault", "node-down", "node-00", "node-01"])
     assert e.value.code == 2
     assert "unrecognized arguments: node-01" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["bitflip", "--extent", "1", "--offset", "99999999", "node-00"], "outside extent 1's replica file"),
+    (["bitflip", "--extent", "1", "--offset", "-5", "node-00"], "outside extent 1's replica file"),
+    (["bitflip", "--extent", "-1", "node-00"], "no extent -1"),
+    (["bitflip", "--extent", str(1 << 64), "node-00"], "no extent"),
+    (["slow", "node-00", "--ms", "-5"], "--ms must be"),
+    (["slow", "node-00", "--ms", "1e308"], "--ms must be"),
+    (["slow", "node-00", "--ms", "nan"], "--ms must be"),
+])
+def test_a_fault_out_of_range_is_refused_clearly_and_changes_nothing(stamp_dir, capsys, args, says):
+    assert main(["--stamp", stamp_dir, "fault", *args]) == 1
+    assert says in capsys.readouterr().err
+    assert main(["--stamp", stamp_dir, "check"]) == 0  # the node still serves: nothing was recorded
