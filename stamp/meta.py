@@ -24,7 +24,7 @@ partition layers share one definition. Rules:
   one reserve step (RESERVE_MIN / 2, or a sixteenth of what is used).
 
 Tables
-  nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
+  nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full, generation}
   extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner, token,
                                              started, copy (while a replica is re-made)}
   counters   name                   -> u64

@@ -8,6 +8,10 @@ next append: see stream.open_node_epoch). States:
   lost  its folder is gone for good; replicas on it must be re-made
 Injected on an up node: `slow_ms` (each operation waits), `full` (appends
 fail with ENOSPC). Bit flips are made in the replica file itself.
+`generation` counts the times the node was lost (its files deleted): a
+process that sees it change drops the descriptors it holds on the node,
+which name deleted files (lost and replaced between two of its appends, the
+state alone looks unchanged).
 """
 
 from __future__ import annotations
@@ -39,17 +43,20 @@ class Node:
     state: NodeState = NodeState.UP
     slow_ms: float = 0.0
     full: bool = False
+    generation: int = 0
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
+    _stale: list[int] = field(default_factory=list, repr=False)  # see abandon_files
 
     @classmethod
     def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
         name = str(obj["name"])
         return cls(node_id, name, int(obj["fault_domain"]), os.path.join(root, "nodes", name),
-                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)), bool(obj.get("full", False)))
+                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)), bool(obj.get("full", False)),
+                   int(obj.get("generation", 0)))
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "fault_domain": self.fault_domain, "state": self.state.value,
-                "slow_ms": self.slow_ms, "full": self.full}
+                "slow_ms": self.slow_ms, "full": self.full, "generation": self.generation}
 
     @property
     def healthy(self) -> bool:
@@ -106,7 +113,15 @@ class Node:
         except FileNotFoundError:
             pass
 
+    def abandon_files(self) -> None:
+        """Stop using the descriptors held (their files were deleted): later
+        operations open the files again. They are closed by forget(), not
+        here: another thread may be using one this instant."""
+        self._stale += self._fds.values()
+        self._fds.clear()
+
     def forget(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._stale]:
             os.close(fd)
         self._fds.clear()
+        self._stale.clear()

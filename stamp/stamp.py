@@ -147,7 +147,7 @@ class Stamp:
         elif fault == "node-lost":
             folder = self.stream.nodes[n].folder
             self.stream.forget_node(n)
-            self.stream.set_node(n, state="lost")
+            self.stream.set_node(n, lost=True, state="lost")
             for entry in os.listdir(os.path.join(folder, "extents")):
                 try:
                     os.unlink(os.path.join(folder, "extents", entry))

@@ -181,16 +181,22 @@ class StreamLayer:
                 old = self.nodes.get(node_id)
                 if old is None:
                     self.nodes[node_id] = fresh
-                else:
-                    old.state, old.slow_ms, old.full = fresh.state, fresh.slow_ms, fresh.full
+                    continue
+                if old.generation != fresh.generation:  # lost since: the files held are deleted ones
+                    old.abandon_files()
+                old.state, old.slow_ms, old.full, old.generation = (fresh.state, fresh.slow_ms, fresh.full,
+                                                                     fresh.generation)
 
-    def set_node(self, node_id: int, **changes: Any) -> Node:
-        """Change a node's state or injected faults, durably, for every process."""
+    def set_node(self, node_id: int, lost: bool = False, **changes: Any) -> Node:
+        """Change a node's state or injected faults, durably, for every process;
+        `lost`: its files are about to be deleted (a new generation)."""
         with self.meta.write() as txn:
             obj = self.meta.get_json(txn, "nodes", U32.pack(node_id))
             if obj is None:
                 raise CorruptStamp(f"no node {node_id}")
             obj.update(changes)
+            if lost:
+                obj["generation"] = int(obj.get("generation", 0)) + 1
             self.meta.put_json(txn, "nodes", U32.pack(node_id), obj)
         os.pwrite(self._epoch_fd, os.urandom(8), 0)  # after the commit: every appender reloads the states
         self.refresh_nodes()

@@ -199,3 +199,30 @@ def test_node_lost_while_gc_deletes_one_of_its_files(st, monkeypatch):
     st.inject("node-lost", "node-01")
     monkeypatch.undo()
     assert not os.listdir(os.path.join(st.path, "nodes", "node-01", "extents"))
+
+
+def test_a_node_lost_and_replaced_in_another_process_gets_the_writers_next_record(st):
+    """`stamp fault node-lost` then `node-replaced` between two appends of a
+    running writer: its descriptor of the lost replica names a deleted file.
+    The next acknowledged record must be on three replicas that exist."""
+    import subprocess
+    import sys
+
+    st.blobs.write("d", 0, b"a" * 4096)
+    e = st.stream._current
+    assert e is not None
+    victim = st.stream.nodes[e.nodes[2]]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for fault in ("node-lost", "node-replaced"):
+        proc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", st.path, "fault", fault, victim.name],
+                              capture_output=True, text=True, cwd=root, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    st.blobs.write("d", 4096, b"b" * 4096)
+    now = st.stream._current
+    assert now is not None
+    for n in now.nodes:  # each replica file, as a new process sees it, holds the record
+        assert os.path.getsize(st.stream.nodes[n].extent_path(now.id)) >= now.length
+    st.stream.rereplicate()
+    st.stream.scrub()
+    assert st.check().ok
+    assert st.blobs.read("d", 0, 8192) == b"a" * 4096 + b"b" * 4096
