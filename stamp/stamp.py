@@ -114,10 +114,7 @@ class Stamp:
 
     def flush(self) -> None:
         """Make everything acknowledged durable against power loss too."""
-        e = self.stream._current
-        if e is not None:
-            for n in e.nodes:
-                self.stream.nodes[n].sync(e.id)
+        self.stream.flush()
         self.meta.sync()
 
     # -- faults ------------------------------------------------------------------------

@@ -226,3 +226,21 @@ def test_a_node_lost_and_replaced_in_another_process_gets_the_writers_next_recor
     st.stream.scrub()
     assert st.check().ok
     assert st.blobs.read("d", 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+@pytest.mark.parametrize("fault", ["node-down", "node-lost"])
+def test_flush_with_a_node_of_the_current_extent_gone_syncs_the_rest(st, fault):
+    """A flush (FUA, an NBD flush) while a replica of the extent being
+    appended to is unreachable is no error: the others are synced, the extent
+    is sealed, and writes go on elsewhere."""
+    dev = st.blob("d", writable=True)
+    dev.write(0, b"x" * 4096)
+    e = st.stream._current
+    assert e is not None
+    st.inject(fault, st.stream.nodes[e.nodes[0]].name)
+    dev.flush()
+    assert st.stream.extent(e.id, refresh=True).state == "sealed"
+    dev.write(4096, b"y" * 4096)
+    dev.flush()
+    assert dev.read(0, 8192) == b"x" * 4096 + b"y" * 4096
+    dev.close()
