@@ -23,6 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# Replica files a node keeps open in one process; beyond it the oldest opened
+# is retired (reopened when used again), and a retired descriptor is closed
+# only after MAX_OPEN more have been retired, so that a thread that was just
+# handed it has long finished its pread. Without a bound a long-lived
+# process kept every extent it ever touched open, until "Too many open files".
+MAX_OPEN = 64
+
 
 class NodeState(enum.Enum):
     UP = "up"
@@ -45,7 +52,8 @@ class Node:
     full: bool = False
     generation: int = 0
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
-    _stale: list[int] = field(default_factory=list, repr=False)  # see abandon_files
+    _stale: list[int] = field(default_factory=list, repr=False)  # see abandon_files and MAX_OPEN
+    pinned: int = -1  # the extent this process appends to: its descriptors are never retired
 
     @classmethod
     def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
@@ -78,7 +86,19 @@ class Node:
             flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
             fd = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
             self._fds[extent_id] = fd
+            if len(self._fds) > MAX_OPEN:
+                self._retire_oldest()
         return fd
+
+    def _retire_oldest(self) -> None:
+        for oldest in list(self._fds):  # a copy (other threads may open files); in opening order
+            if oldest != self.pinned:
+                fd = self._fds.pop(oldest, None)
+                if fd is not None:
+                    self._stale.append(fd)
+                break
+        while len(self._stale) > MAX_OPEN:
+            os.close(self._stale.pop(0))
 
     def append(self, extent_id: int, data: bytes, offset: int) -> None:
         fd = self._fds.get(extent_id)

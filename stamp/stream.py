@@ -262,6 +262,8 @@ class StreamLayer:
                 self._drop_empty(e)  # it holds no record: nothing is left behind
                 continue
             self._extents[extent_id] = e
+            for n in nodes:
+                self.nodes[n].pinned = extent_id  # appended to from now on: its files stay open
             return e
 
     def _make_replica_file(self, node: Node, extent_id: int) -> None:

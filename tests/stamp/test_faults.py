@@ -244,3 +244,20 @@ def test_flush_with_a_node_of_the_current_extent_gone_syncs_the_rest(st, fault):
     dev.flush()
     assert dev.read(0, 8192) == b"x" * 4096 + b"y" * 4096
     dev.close()
+
+
+def test_a_long_lived_process_keeps_a_bounded_number_of_replica_files_open(st, monkeypatch):
+    """Writing and reading many extents in one process: replica files it no
+    longer uses are closed, so it never runs out of descriptors."""
+    import stamp.node
+
+    monkeypatch.setattr(stamp.node, "MAX_OPEN", 4, raising=False)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(40):
+        st.blobs.write("d", i * 4096, bytes([i + 1]) * 4096)
+        st.stream.seal_current()
+    for i in range(40):
+        assert st.blobs.read("d", i * 4096, 4096) == bytes([i + 1]) * 4096
+    assert len(os.listdir("/proc/self/fd")) - before <= 6 * 2 * 4 + 3  # 120 before the bound
+    st.stream.scrub()
+    assert st.check().ok
