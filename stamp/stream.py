@@ -383,7 +383,11 @@ class StreamLayer:
                     self._heal(e.id, b, raw, sp.file_offset)
                 return data
             self.refresh_nodes()
-        raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}")
+        away = [f"{self.nodes[n].name} {self.nodes[n].state.value}" for n in e.nodes
+                if n in self.nodes and not self.nodes[n].healthy]
+        raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}"
+                       + (f" (not read: {', '.join(away)}; `stamp fault node-up NODE` brings a down node back)"
+                          if away else ""))
 
     def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> bool:
         """Write good bytes over a bad copy; False if that failed."""

@@ -261,3 +261,16 @@ def test_a_long_lived_process_keeps_a_bounded_number_of_replica_files_open(st, m
     assert len(os.listdir("/proc/self/fd")) - before <= 6 * 2 * 4 + 3  # 120 before the bound
     st.stream.scrub()
     assert st.check().ok
+
+
+def test_a_read_with_every_replica_down_names_the_nodes(st):
+    """Not a claim of corruption: the error says which nodes were not read."""
+    st.blobs.write("d", 0, b"x" * 4096)
+    e = st.stream._current
+    assert e is not None
+    for n in e.nodes:
+        st.inject("node-down", n)
+    with pytest.raises(stamp.DataLost, match=f"not read: {st.stream.nodes[e.nodes[0]].name} down"):
+        st.blobs.read("d", 0, 4096)
+    st.inject("node-up", e.nodes[0])
+    assert st.blobs.read("d", 0, 4096) == b"x" * 4096
