@@ -656,21 +656,23 @@ class StreamLayer:
         """Sync the replicas of the extent being appended to. One that cannot
         be synced (its node down or lost) seals the extent: its records are
         synced on the others, re-replication makes the third copy, and the
-        next append goes to a new extent."""
+        next append goes to a new extent. Appends go on during the syncs."""
         with self._lock:
-            e = self._current
-            if e is None:
-                return
             if os.pread(self._epoch_fd, 8, 0) != self._epoch:  # a node changed, maybe in another process
                 self.refresh_nodes()
-            failed = False
-            for n in e.nodes:
-                try:
-                    self.nodes[n].sync(e.id)
-                except OSError:
-                    failed = True
-            if failed:
-                self._seal(e, e.length)
+            e = self._current
+        if e is None:
+            return
+        failed = False
+        for n in e.nodes:
+            try:
+                self.nodes[n].sync(e.id)
+            except OSError:
+                failed = True
+        if failed:
+            with self._lock:
+                if self._current is e:
+                    self._seal(e, e.length)
 
     def seal_current(self) -> None:
         """Seal the extent this process appends to (the next append opens a new one)."""
