@@ -23,7 +23,8 @@ Rules (WAS stream layer, simplified to one data stream):
   record from whichever replica verifies each, never from a corrupt copy.
 - A node state change (a fault injected by any process) reaches every
   appender by its next append: the change rewrites STAMP/nodes.epoch after
-  its commit, and each append compares that file's 8 bytes first.
+  its commit, and each append compares that file's 8 bytes first; a read
+  compares them too if it is READ_RECHECK after the last such read.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -34,6 +35,7 @@ import functools
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from .meta import U32, U64, Meta, loads
 from .node import Node, NodeDown, NodeState
 
 REPLICAS = 3
+READ_RECHECK = 0.05  # seconds: how stale a reading process's node states may get (see read)
 DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
 
 
@@ -166,6 +169,7 @@ class StreamLayer:
         _LIVE_TOKENS.add(self.token)
         self._epoch_fd = open_node_epoch(root)
         self._epoch = b""
+        self._epoch_checked = 0.0  # when a read last compared the epoch (monotonic)
         self.refresh_nodes()
 
     # -- nodes ---------------------------------------------------------------
@@ -366,6 +370,7 @@ class StreamLayer:
     def read(self, loc_extent: int, rec_offset: int, rec_length: int, inner: int, length: int) -> bytes:
         """`length` bytes at `inner` in a record, verified; heals bad replicas."""
         sp = rec.span(rec_offset, rec_length, inner, length)
+        self._recheck_nodes()
         for attempt in range(2):
             e = self.extent(loc_extent, refresh=attempt > 0)
             bad: list[int] = []
@@ -388,6 +393,17 @@ class StreamLayer:
         raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}"
                        + (f" (not read: {', '.join(away)}; `stamp fault node-up NODE` brings a down node back)"
                           if away else ""))
+
+    def _recheck_nodes(self) -> None:
+        """Reload node states if they changed (a fault injected elsewhere),
+        at most every READ_RECHECK seconds: a process that only reads sees a
+        node go down within that time, for the price of a clock read (the
+        epoch's pread would add a fifth to a 4 KiB read)."""
+        now = time.monotonic()
+        if now - self._epoch_checked >= READ_RECHECK:
+            self._epoch_checked = now
+            if os.pread(self._epoch_fd, 8, 0) != self._epoch:
+                self.refresh_nodes()
 
     def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> bool:
         """Write good bytes over a bad copy; False if that failed."""

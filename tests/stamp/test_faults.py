@@ -274,3 +274,31 @@ def test_a_read_with_every_replica_down_names_the_nodes(st):
         st.blobs.read("d", 0, 4096)
     st.inject("node-up", e.nodes[0])
     assert st.blobs.read("d", 0, 4096) == b"x" * 4096
+
+
+def test_a_fault_injected_from_the_cli_reaches_a_process_that_only_reads(st, monkeypatch):
+    """A process that never appends still stops reading from a node that
+    another process put down (within stream.READ_RECHECK; 0 here)."""
+    import subprocess
+    import sys
+
+    import stamp.stream
+
+    st.blobs.write("d", 0, b"a" * 4096)
+    e = st.stream._current
+    assert e is not None
+    st.stream.seal_current()
+    reader = Stamp.open(st.path)
+    assert reader.blobs.read("d", 0, 4096) == b"a" * 4096
+    victim = e.nodes[0]
+    monkeypatch.setattr(stamp.stream, "READ_RECHECK", 0.0, raising=False)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", st.path, "fault", "node-down",
+                           st.stream.nodes[victim].name], capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    reads = []
+    real = reader.stream.nodes[victim].read
+    monkeypatch.setattr(reader.stream.nodes[victim], "read", lambda *a: reads.append(a) or real(*a))
+    assert reader.blobs.read("d", 0, 4096) == b"a" * 4096
+    assert reads == [] and not reader.stream.nodes[victim].healthy
+    reader.close()
