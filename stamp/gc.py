@@ -12,7 +12,9 @@ still being appended to, possibly by another process).
      is switched to them with a compare-and-swap, so a concurrent overwrite
      wins and nothing it wrote is lost;
   4. an extent is deleted only when a scan inside a write transaction finds
-     no piece pointing at it (the transaction keeps new pointers out). A
+     no piece pointing at it (the transaction keeps new pointers out); one
+     scan serves every extent gc deletes, since a scan of a large index
+     holds every writer back while it runs. A
      write whose record was appended just before its extent was sealed finds
      the extent gone in its own index transaction and appends again; a
      compaction whose copy another gc deleted leaves that piece where it was.
@@ -33,6 +35,7 @@ from .meta import PIECE, U64
 from .node import NodeState
 from .pageblob import PAGE, Piece
 from .stamp import Stamp
+from .stream import Extent
 
 
 @dataclass
@@ -61,6 +64,7 @@ def collect(stamp: Stamp, compact_below: float = 0.5) -> GcReport:
     report = GcReport()
     refs = references(stamp)
     can_move = True
+    dead: list[Extent] = []
     for e in stamp.stream.all_extents():
         if e.state != "sealed":
             continue
@@ -77,11 +81,14 @@ def collect(stamp: Stamp, compact_below: float = 0.5) -> GcReport:
             report.extents_compacted += 1
             pieces = []  # moved, unless something raced: the delete below rescans
         if not pieces:
-            if _delete_if_unreferenced(stamp, e.id):
-                report.extents_deleted += 1
-                report.bytes_freed += e.length
-            else:
-                report.skipped.append(f"extent {e.id}: still referenced after compaction (a write raced)")
+            dead.append(e)
+    deleted = set(_delete_unreferenced(stamp, [e.id for e in dead]))
+    for e in dead:
+        if e.id in deleted:
+            report.extents_deleted += 1
+            report.bytes_freed += e.length
+        else:
+            report.skipped.append(f"extent {e.id}: still referenced after compaction (a write raced)")
     return report
 
 
@@ -110,18 +117,33 @@ def _compact(stamp: Stamp, pieces: list[tuple[str, bytes, bytes]]) -> int:
 
 
 def _delete_if_unreferenced(stamp: Stamp, extent_id: int) -> bool:
-    """Delete the extent if no piece points at it, checked and deleted in one
-    write transaction; then drop its replica files."""
-    e = stamp.stream.extent(extent_id, refresh=True)
+    return bool(_delete_unreferenced(stamp, [extent_id]))
+
+
+def _delete_unreferenced(stamp: Stamp, ids: list[int]) -> list[int]:
+    """Delete those of the extents `ids` that no piece points at, found by one
+    scan of the index and deleted in the same write transaction; then drop
+    their replica files (on the nodes that transaction saw). Returns the
+    deleted ids."""
+    if not ids:
+        return []
+    wanted = set(ids)
+    gone = []
     with stamp.meta.write() as txn:
         for table in ("pages", "frozen"):
             for _, raw in stamp.meta.items(txn, table):
-                if PIECE.unpack(raw)[1] == extent_id:
-                    return False
-        txn.delete(U64.pack(extent_id), db=stamp.meta.db["extents"])
-    for n in e.nodes:
-        node = stamp.stream.nodes.get(n)
-        if node is not None and node.state is not NodeState.LOST:
-            node.drop(extent_id)
-    stamp.stream.forget_extent(extent_id)
-    return True
+                wanted.discard(PIECE.unpack(raw)[1])
+                if not wanted:
+                    return []
+        for extent_id in sorted(wanted):
+            obj = stamp.meta.get_json(txn, "extents", U64.pack(extent_id))
+            if obj is not None:  # else another gc deleted it
+                txn.delete(U64.pack(extent_id), db=stamp.meta.db["extents"])
+                gone.append(Extent.from_json(extent_id, obj))
+    for e in gone:
+        for n in e.nodes:
+            node = stamp.stream.nodes.get(n)
+            if node is not None and node.state is not NodeState.LOST:
+                node.drop(e.id)
+        stamp.stream.forget_extent(e.id)
+    return [e.id for e in gone]

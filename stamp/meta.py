@@ -24,8 +24,9 @@ partition layers share one definition. Rules:
   one reserve step (RESERVE_MIN / 2, or a sixteenth of what is used).
 
 Tables
-  nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full}
-  extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner}
+  nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full, generation}
+  extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner, token,
+                                             started, copy (while a replica is re-made)}
   counters   name                   -> u64 (and version/ID: changes of blob ID's live pages)
   blobs      name (utf-8)           -> JSON {id, created, properties...}
   blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease)

@@ -8,6 +8,10 @@ next append: see stream.open_node_epoch). States:
   lost  its folder is gone for good; replicas on it must be re-made
 Injected on an up node: `slow_ms` (each operation waits), `full` (appends
 fail with ENOSPC). Bit flips are made in the replica file itself.
+`generation` counts the times the node was lost (its files deleted): a
+process that sees it change drops the descriptors it holds on the node,
+which name deleted files (lost and replaced between two of its appends, the
+state alone looks unchanged).
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+# Replica files a node keeps open in one process; beyond it the oldest opened
+# is retired (reopened when used again), and a retired descriptor is closed
+# only after MAX_OPEN more have been retired, so that a thread that was just
+# handed it has long finished its pread. Without a bound a long-lived
+# process kept every extent it ever touched open, until "Too many open files".
+MAX_OPEN = 64
 
 
 class NodeState(enum.Enum):
@@ -39,17 +50,21 @@ class Node:
     state: NodeState = NodeState.UP
     slow_ms: float = 0.0
     full: bool = False
+    generation: int = 0
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
+    _stale: list[int] = field(default_factory=list, repr=False)  # see abandon_files and MAX_OPEN
+    pinned: int = -1  # the extent this process appends to: its descriptors are never retired
 
     @classmethod
     def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
         name = str(obj["name"])
         return cls(node_id, name, int(obj["fault_domain"]), os.path.join(root, "nodes", name),
-                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)), bool(obj.get("full", False)))
+                   NodeState(obj.get("state", "up")), float(obj.get("slow_ms", 0.0)), bool(obj.get("full", False)),
+                   int(obj.get("generation", 0)))
 
     def to_json(self) -> dict[str, object]:
         return {"name": self.name, "fault_domain": self.fault_domain, "state": self.state.value,
-                "slow_ms": self.slow_ms, "full": self.full}
+                "slow_ms": self.slow_ms, "full": self.full, "generation": self.generation}
 
     @property
     def healthy(self) -> bool:
@@ -71,7 +86,19 @@ class Node:
             flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
             fd = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
             self._fds[extent_id] = fd
+            if len(self._fds) > MAX_OPEN:
+                self._retire_oldest()
         return fd
+
+    def _retire_oldest(self) -> None:
+        for oldest in list(self._fds):  # a copy (other threads may open files); in opening order
+            if oldest != self.pinned:
+                fd = self._fds.pop(oldest, None)
+                if fd is not None:
+                    self._stale.append(fd)
+                break
+        while len(self._stale) > MAX_OPEN:
+            os.close(self._stale.pop(0))
 
     def append(self, extent_id: int, data: bytes, offset: int) -> None:
         fd = self._fds.get(extent_id)
@@ -106,7 +133,15 @@ class Node:
         except FileNotFoundError:
             pass
 
+    def abandon_files(self) -> None:
+        """Stop using the descriptors held (their files were deleted): later
+        operations open the files again. They are closed by forget(), not
+        here: another thread may be using one this instant."""
+        self._stale += self._fds.values()
+        self._fds.clear()
+
     def forget(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._stale]:
             os.close(fd)
         self._fds.clear()
+        self._stale.clear()

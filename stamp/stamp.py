@@ -114,10 +114,7 @@ class Stamp:
 
     def flush(self) -> None:
         """Make everything acknowledged durable against power loss too."""
-        e = self.stream._current
-        if e is not None:
-            for n in e.nodes:
-                self.stream.nodes[n].sync(e.id)
+        self.stream.flush()
         self.meta.sync()
 
     # -- faults ------------------------------------------------------------------------
@@ -147,7 +144,7 @@ class Stamp:
         elif fault == "node-lost":
             folder = self.stream.nodes[n].folder
             self.stream.forget_node(n)
-            self.stream.set_node(n, state="lost")
+            self.stream.set_node(n, lost=True, state="lost")
             for entry in os.listdir(os.path.join(folder, "extents")):
                 try:
                     os.unlink(os.path.join(folder, "extents", entry))
@@ -156,7 +153,7 @@ class Stamp:
         elif fault == "node-replaced":  # a lost node comes back empty
             self.stream.set_node(n, state="up", slow_ms=0, full=False)
         elif fault == "slow":
-            self.stream.set_node(n, slow_ms=float(kw.get("ms", 50)))
+            self.stream.set_node(n, slow_ms=_slow_ms(kw.get("ms", 50)))
         elif fault == "full":
             self.stream.set_node(n, full=bool(kw.get("on", True)))
         else:
@@ -165,6 +162,8 @@ class Stamp:
         return {"fault": fault, "node": self.stream.nodes[n].name}
 
     def _bitflip(self, extent_id: int, node: str | int | None, offset: int | None) -> dict[str, Any]:
+        if not 0 < extent_id < 1 << 64:
+            raise StampError(f"no extent {extent_id}")
         e = self.stream.extent(extent_id, refresh=True)
         n = self.node_id(node) if node is not None else e.nodes[0]
         if n not in e.nodes:
@@ -175,7 +174,7 @@ class Stamp:
             raise StampError(f"extent {extent_id} holds no data to corrupt")
         at = offset if offset is not None else rec.FILE_HEADER + rec.RECORD_HEADER + rec.CHECK + 1
         if not 0 <= at < size:
-            raise StampError(f"offset {at} is outside extent {extent_id}'s file on that node ({size} bytes)")
+            raise StampError(f"offset {at} is outside extent {extent_id}'s replica file ({size} bytes)")
         with open(path, "r+b") as f:
             f.seek(at)
             b = f.read(1)
@@ -193,6 +192,10 @@ class Stamp:
         extents = {e.id: e for e in self.stream.all_extents()}
         nodes = self.stream.nodes
         for e in extents.values():
+            if e.state == "open" and not owner_alive(e):
+                report.problems.append(f"extent {e.id}: open and its writer is gone; it is sealed when "
+                                       f"{', '.join(self.stream.down_members(e)) or 'the stamp is opened'} "
+                                       "is back up")
             domains = {nodes[n].fault_domain for n in e.nodes if n in nodes}
             if len(e.nodes) != REPLICAS or len(set(e.nodes)) != REPLICAS:
                 report.problems.append(f"extent {e.id}: {len(set(e.nodes))} distinct replicas, not {REPLICAS}")
@@ -228,10 +231,8 @@ class Stamp:
                     e = owner
                     if end <= start or inner + (end - start) * PAGE > length:
                         report.problems.append(f"{where}: range outside its record")
-                    if off + rec.record_size(length) > e.length and not (e.state == "open" and owner_alive(e)):
-                        if not (self.stream._current is not None and self.stream._current.id == ext
-                                and off + rec.record_size(length) <= self.stream._current.length):
-                            report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
+                    if off + rec.record_size(length) > e.length and e.state != "open":  # open: its writer's
+                        report.problems.append(f"{where}: record at {off} lies past extent {ext}'s length")
             report.problems += self.blobs.check_history(txn)
             blobs = len(list(self.meta.items(txn, "blobs")))
             for key, raw in self.meta.items(txn, "blobstate"):
@@ -246,6 +247,19 @@ class Stamp:
             report.stats.update(records=scrub.records, bad_copies=scrub.bad, orphan_files=scrub.orphans)
         report.stats.update({"extents": len(extents), "index_pieces": pieces, "blobs": blobs})
         return report
+
+
+MAX_SLOW_MS = 60_000.0
+
+
+def _slow_ms(ms: Any) -> float:
+    """An injected delay: a finite number of milliseconds, 0 to MAX_SLOW_MS
+    (each operation of the node sleeps that long: a negative or huge one
+    would break every later command instead)."""
+    value = float(ms)
+    if not 0 <= value <= MAX_SLOW_MS:  # also refuses nan
+        raise StampError(f"--ms must be 0 to {MAX_SLOW_MS:,.0f} milliseconds, not {ms}")
+    return value
 
 
 class BlobDevice:

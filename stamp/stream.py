@@ -23,7 +23,8 @@ Rules (WAS stream layer, simplified to one data stream):
   record from whichever replica verifies each, never from a corrupt copy.
 - A node state change (a fault injected by any process) reaches every
   appender by its next append: the change rewrites STAMP/nodes.epoch after
-  its commit, and each append compares that file's 8 bytes first.
+  its commit, and each append compares that file's 8 bytes first; a read
+  compares them too if it is READ_RECHECK after the last such read.
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -34,6 +35,7 @@ import functools
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from .meta import U32, U64, Meta, loads
 from .node import Node, NodeDown, NodeState
 
 REPLICAS = 3
+READ_RECHECK = 0.05  # seconds: how stale a reading process's node states may get (see read)
 DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
 
 
@@ -75,15 +78,26 @@ class Extent:
     length: int  # bytes in the file, header included (sealed: final)
     owner: int  # pid of the appender while open
     token: str = ""  # which StreamLayer in that process
+    started: int = 0  # the owner's start time (process_start): a reused pid is not the owner
+    copy: dict[str, int] | None = None  # a replica being made: {node, owner, started} (rereplicate)
 
     def to_json(self) -> dict[str, Any]:
-        return {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
-                "token": self.token}
+        obj = {"nodes": self.nodes, "state": self.state, "length": self.length, "owner": self.owner,
+               "token": self.token, "started": self.started}
+        return obj if self.copy is None else {**obj, "copy": self.copy}
 
     @classmethod
     def from_json(cls, extent_id: int, obj: dict[str, Any]) -> Extent:
         return cls(extent_id, list(obj["nodes"]), obj["state"], int(obj["length"]), int(obj.get("owner", 0)),
-                   str(obj.get("token", "")))
+                   str(obj.get("token", "")), int(obj.get("started", 0)), obj.get("copy"))
+
+    def holds(self, node_id: int) -> bool:
+        """May node `node_id` have a replica file of this extent: a member, or
+        the target of a copy whose process is alive?"""
+        if node_id in self.nodes:
+            return True
+        c = self.copy
+        return c is not None and c["node"] == node_id and pid_alive(c["owner"], c["started"])
 
 
 class _ReplicaFileError(Exception):
@@ -100,14 +114,33 @@ def owner_alive(e: Extent) -> bool:
     """Is the process (and, in this process, the StreamLayer) appending to e alive?"""
     if e.owner == os.getpid():
         return e.token in _LIVE_TOKENS
-    return pid_alive(e.owner)
+    return pid_alive(e.owner, e.started)
 
 
 def _read_replica(node: Node, extent_id: int, length: int, offset: int) -> bytes:
     return node.read(extent_id, length, offset)
 
 
-def pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks after boot: field 22 of
+    /proc/PID/stat), 0 if that cannot be read. A pid is reused once its
+    process is gone; the pid and its start time together name one process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw.rsplit(b")", 1)[1].split()[19])  # fields after the command name start at 3
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def own_start() -> int:
+    """This process's start time (see process_start)."""
+    return process_start(os.getpid())
+
+
+def pid_alive(pid: int, started: int = 0) -> bool:
+    """Is process `pid` alive and, if `started` is known, the one that started
+    then (not a later process given the same pid)?"""
     if pid <= 0:
         return False
     try:
@@ -115,8 +148,11 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    if not started:
         return True
-    return True
+    now = process_start(pid)
+    return now in (0, started)  # 0: unreadable (gone meanwhile, or no /proc): keep it, as before
 
 
 class StreamLayer:
@@ -133,6 +169,7 @@ class StreamLayer:
         _LIVE_TOKENS.add(self.token)
         self._epoch_fd = open_node_epoch(root)
         self._epoch = b""
+        self._epoch_checked = 0.0  # when a read last compared the epoch (monotonic)
         self.refresh_nodes()
 
     # -- nodes ---------------------------------------------------------------
@@ -148,16 +185,22 @@ class StreamLayer:
                 old = self.nodes.get(node_id)
                 if old is None:
                     self.nodes[node_id] = fresh
-                else:
-                    old.state, old.slow_ms, old.full = fresh.state, fresh.slow_ms, fresh.full
+                    continue
+                if old.generation != fresh.generation:  # lost since: the files held are deleted ones
+                    old.abandon_files()
+                old.state, old.slow_ms, old.full, old.generation = (fresh.state, fresh.slow_ms, fresh.full,
+                                                                     fresh.generation)
 
-    def set_node(self, node_id: int, **changes: Any) -> Node:
-        """Change a node's state or injected faults, durably, for every process."""
+    def set_node(self, node_id: int, lost: bool = False, **changes: Any) -> Node:
+        """Change a node's state or injected faults, durably, for every process;
+        `lost`: its files are about to be deleted (a new generation)."""
         with self.meta.write() as txn:
             obj = self.meta.get_json(txn, "nodes", U32.pack(node_id))
             if obj is None:
                 raise CorruptStamp(f"no node {node_id}")
             obj.update(changes)
+            if lost:
+                obj["generation"] = int(obj.get("generation", 0)) + 1
             self.meta.put_json(txn, "nodes", U32.pack(node_id), obj)
         os.pwrite(self._epoch_fd, os.urandom(8), 0)  # after the commit: every appender reloads the states
         self.refresh_nodes()
@@ -213,7 +256,7 @@ class StreamLayer:
                                      "nothing was written") from None
             with self.meta.write() as txn:
                 extent_id = self.meta.next_id(txn, "extent")
-                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token)
+                e = Extent(extent_id, nodes, "open", rec.FILE_HEADER, os.getpid(), self.token, own_start())
                 self.meta.put_json(txn, "extents", U64.pack(extent_id), e.to_json())
             try:
                 for n in nodes:
@@ -223,6 +266,8 @@ class StreamLayer:
                 self._drop_empty(e)  # it holds no record: nothing is left behind
                 continue
             self._extents[extent_id] = e
+            for n in nodes:
+                self.nodes[n].pinned = extent_id  # appended to from now on: its files stay open
             return e
 
     def _make_replica_file(self, node: Node, extent_id: int) -> None:
@@ -325,6 +370,7 @@ class StreamLayer:
     def read(self, loc_extent: int, rec_offset: int, rec_length: int, inner: int, length: int) -> bytes:
         """`length` bytes at `inner` in a record, verified; heals bad replicas."""
         sp = rec.span(rec_offset, rec_length, inner, length)
+        self._recheck_nodes()
         for attempt in range(2):
             e = self.extent(loc_extent, refresh=attempt > 0)
             bad: list[int] = []
@@ -342,7 +388,22 @@ class StreamLayer:
                     self._heal(e.id, b, raw, sp.file_offset)
                 return data
             self.refresh_nodes()
-        raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}")
+        away = [f"{self.nodes[n].name} {self.nodes[n].state.value}" for n in e.nodes
+                if n in self.nodes and not self.nodes[n].healthy]
+        raise DataLost(f"no replica of extent {loc_extent} holds a good copy of the record at {rec_offset}"
+                       + (f" (not read: {', '.join(away)}; `stamp fault node-up NODE` brings a down node back)"
+                          if away else ""))
+
+    def _recheck_nodes(self) -> None:
+        """Reload node states if they changed (a fault injected elsewhere),
+        at most every READ_RECHECK seconds: a process that only reads sees a
+        node go down within that time, for the price of a clock read (the
+        epoch's pread would add a fifth to a 4 KiB read)."""
+        now = time.monotonic()
+        if now - self._epoch_checked >= READ_RECHECK:
+            self._epoch_checked = now
+            if os.pread(self._epoch_fd, 8, 0) != self._epoch:
+                self.refresh_nodes()
 
     def _heal(self, extent_id: int, node_id: int, raw: bytes, offset: int) -> bool:
         """Write good bytes over a bad copy; False if that failed."""
@@ -360,7 +421,8 @@ class StreamLayer:
     # -- recovery and maintenance ---------------------------------------------------
 
     def recover(self) -> list[int]:
-        """Seal extents whose owner process is gone, at the end of the longest
+        """Seal extents whose owner process is gone (and none of whose nodes is
+        down: its replica may be the only good copy of a record), at the end of the longest
         run of records each of which verifies on some reachable replica (an
         acknowledged record is on every replica, so one good copy proves it
         committed; a bad copy is corruption, not a torn tail), healing the
@@ -369,8 +431,8 @@ class StreamLayer:
         self.refresh_nodes()
         sealed = []
         for e in self.all_extents():
-            if e.state != "open" or owner_alive(e):
-                continue
+            if e.state != "open" or owner_alive(e) or self.down_members(e):
+                continue  # a down node's replica may hold records no reachable one has: wait for it
             report = ScrubReport()
             length = self._walk(e, None, heal=True, report=report)
             if length <= rec.FILE_HEADER and all(self._reachable(n) is not None for n in e.nodes):
@@ -383,6 +445,11 @@ class StreamLayer:
             self._extents[e.id] = e
             sealed.append(e.id)
         return sealed
+
+    def down_members(self, e: Extent) -> list[str]:
+        """The down (not lost) nodes holding a replica of e."""
+        return [node.name for node in map(self.nodes.get, e.nodes)
+                if node is not None and node.state is NodeState.DOWN]
 
     def _drop_empty(self, e: Extent) -> None:
         for n in e.nodes:
@@ -422,15 +489,18 @@ class StreamLayer:
                     target = self.place(exclude=set(e.nodes), count=1, avoid_domains=domains)[0]
                 except NotEnoughNodes:
                     continue
+                # The copy's target is recorded before its file exists, so
+                # the orphan scan (in any process) leaves a live copy alone
+                # and deletes the file of one whose process died.
+                if not self._commit_extent(e, {"node": target, "owner": os.getpid(), "started": own_start()}):
+                    break  # gc deleted it
                 try:
                     self._copy_replica(e, target)
                 except (DataLost, OSError):
+                    self._commit_extent(e, None)
                     continue  # no good copy anywhere, or the target failed: scrub and check report it
                 e.nodes = [target if m == n else m for m in e.nodes]
-                with self.meta.write() as txn:
-                    gone = txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None
-                    if not gone:
-                        self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+                gone = not self._commit_extent(e, None)
                 if gone:  # gc deleted it during the copy: the copy goes too
                     self.nodes[target].drop(e.id)
                     break
@@ -439,6 +509,15 @@ class StreamLayer:
                     self.nodes[n].drop(e.id)
                 made.append((e.id, n, target))
         return made
+
+    def _commit_extent(self, e: Extent, copy: dict[str, int] | None) -> bool:
+        """Store e (with `copy` as its copy marker); False if gc deleted it."""
+        e.copy = copy
+        with self.meta.write() as txn:
+            if txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None:
+                return False
+            self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+        return True
 
     def _replica_ok(self, e: Extent, n: int) -> bool:
         node = self.nodes.get(n)
@@ -552,12 +631,15 @@ class StreamLayer:
         return report
 
     def _orphans(self, remove: bool, report: ScrubReport) -> None:
-        """Count (and with `remove`, delete) replica files whose extent is not
-        in the metadata: left by a gc or a drop killed between its commit and
-        its file deletions. The folders are listed before the table is read,
-        and a replica file is only ever made after its extent's record is
-        committed, so a listed file whose extent a later read lacks belongs
-        to a deleted extent."""
+        """Count (and with `remove`, delete) replica files no extent holds:
+        files of extents the metadata no longer has (a gc or a drop killed
+        between its commit and its file deletions) and files on nodes that
+        are not the extent's members (a replica re-made elsewhere while its
+        node was down, a re-replication killed midway). The folders are
+        listed before the table is read, and a replica file is only ever
+        made after the record naming its node (member or copy target) is
+        committed, so a listed file that a later read does not name is
+        nobody's."""
         listed = []
         for node in self.nodes.values():
             try:
@@ -565,9 +647,10 @@ class StreamLayer:
             except FileNotFoundError:
                 continue
             listed += [(node, int(name[:16], 16)) for name in names if _REPLICA_NAME.fullmatch(name)]
-        known = {e.id for e in self.all_extents()}
+        known = {e.id: e for e in self.all_extents()}
         for node, extent_id in listed:
-            if extent_id not in known:
+            e = known.get(extent_id)
+            if e is None or not e.holds(node.id):
                 report.orphans += 1
                 if remove:
                     node.drop(extent_id)
@@ -584,6 +667,28 @@ class StreamLayer:
         self._fast = None
         self._extents.pop(extent_id, None)
         self._synced.pop(extent_id, None)
+
+    def flush(self) -> None:
+        """Sync the replicas of the extent being appended to. One that cannot
+        be synced (its node down or lost) seals the extent: its records are
+        synced on the others, re-replication makes the third copy, and the
+        next append goes to a new extent. Appends go on during the syncs."""
+        with self._lock:
+            if os.pread(self._epoch_fd, 8, 0) != self._epoch:  # a node changed, maybe in another process
+                self.refresh_nodes()
+            e = self._current
+        if e is None:
+            return
+        failed = False
+        for n in e.nodes:
+            try:
+                self.nodes[n].sync(e.id)
+            except OSError:
+                failed = True
+        if failed:
+            with self._lock:
+                if self._current is e:
+                    self._seal(e, e.length)
 
     def seal_current(self) -> None:
         """Seal the extent this process appends to (the next append opens a new one)."""

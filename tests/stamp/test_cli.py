@@ -54,3 +54,14 @@ def test_a_slow_node_takes_a_finite_delay(stamp_dir, capsys, ms):
     with pytest.raises(SystemExit) as e:
         main(["--stamp", stamp_dir, "fault", "slow", "node-00", "--ms", ms])
     assert e.value.code == 2 and "--ms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [  # past the parser's checks (above), the stamp's own
+    (["bitflip", "--extent", "1", "--offset", "99999999", "node-00"], "outside extent 1's replica file"),
+    (["bitflip", "--extent", "99", "node-00"], "extent 99 is not in the metadata"),
+    (["slow", "node-00", "--ms", "1e308"], "--ms must be"),
+])
+def test_a_fault_out_of_range_is_refused_clearly_and_changes_nothing(stamp_dir, capsys, args, says):
+    assert main(["--stamp", stamp_dir, "fault", *args]) == 1
+    assert says in capsys.readouterr().err
+    assert main(["--stamp", stamp_dir, "check"]) == 0  # the node still serves: nothing was recorded

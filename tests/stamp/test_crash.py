@@ -21,6 +21,7 @@ import time
 import pytest
 
 from stamp import Stamp
+from stamp.stream import process_start
 
 PAGES = 256
 PAGE = 512
@@ -146,3 +147,27 @@ def test_an_extent_whose_creator_died_before_its_files_existed_is_dropped(tmp_pa
         assert not os.path.exists(st.stream.nodes[3].extent_path(extent_id))
         assert st.check(deep=True).ok
         assert st.blobs.read("d", 0, PAGE) == b"k" * PAGE
+
+
+def test_an_extent_whose_owner_pid_was_reused_is_recovered(tmp_path):
+    """The owner died and its pid now names another, live process: the
+    extent is still recovered (an owner is its pid and its start time)."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        st.blobs.create("d", PAGES * PAGE)
+        st.blobs.write("d", 0, b"r" * PAGE)
+        e = st.stream._current
+        assert e is not None and e.started == process_start(os.getpid())
+        other = subprocess.Popen(["sleep", "60"])  # alive, with a pid of its own
+        try:
+            with st.meta.write() as txn:  # as if the owner had died and `other` got its pid
+                st.meta.put_json(txn, "extents", e.id.to_bytes(8, "big"),
+                                 {**e.to_json(), "owner": other.pid, "started": process_start(other.pid) - 1})
+            st.stream._current = None
+            with Stamp.open(path) as st2:
+                assert st2.stream.extent(e.id, refresh=True).state == "sealed"
+                assert st2.blobs.read("d", 0, PAGE) == b"r" * PAGE
+                assert st2.check(deep=True).ok
+        finally:
+            other.kill()
+            other.wait()

@@ -199,3 +199,106 @@ def test_node_lost_while_gc_deletes_one_of_its_files(st, monkeypatch):
     st.inject("node-lost", "node-01")
     monkeypatch.undo()
     assert not os.listdir(os.path.join(st.path, "nodes", "node-01", "extents"))
+
+
+def test_a_node_lost_and_replaced_in_another_process_gets_the_writers_next_record(st):
+    """`stamp fault node-lost` then `node-replaced` between two appends of a
+    running writer: its descriptor of the lost replica names a deleted file.
+    The next acknowledged record must be on three replicas that exist."""
+    import subprocess
+    import sys
+
+    st.blobs.write("d", 0, b"a" * 4096)
+    e = st.stream._current
+    assert e is not None
+    victim = st.stream.nodes[e.nodes[2]]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for fault in ("node-lost", "node-replaced"):
+        proc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", st.path, "fault", fault, victim.name],
+                              capture_output=True, text=True, cwd=root, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    st.blobs.write("d", 4096, b"b" * 4096)
+    now = st.stream._current
+    assert now is not None
+    for n in now.nodes:  # each replica file, as a new process sees it, holds the record
+        assert os.path.getsize(st.stream.nodes[n].extent_path(now.id)) >= now.length
+    st.stream.rereplicate()
+    st.stream.scrub()
+    assert st.check().ok
+    assert st.blobs.read("d", 0, 8192) == b"a" * 4096 + b"b" * 4096
+
+
+@pytest.mark.parametrize("fault", ["node-down", "node-lost"])
+def test_flush_with_a_node_of_the_current_extent_gone_syncs_the_rest(st, fault):
+    """A flush (FUA, an NBD flush) while a replica of the extent being
+    appended to is unreachable is no error: the others are synced, the extent
+    is sealed, and writes go on elsewhere."""
+    dev = st.blob("d", writable=True)
+    dev.write(0, b"x" * 4096)
+    e = st.stream._current
+    assert e is not None
+    st.inject(fault, st.stream.nodes[e.nodes[0]].name)
+    dev.flush()
+    assert st.stream.extent(e.id, refresh=True).state == "sealed"
+    dev.write(4096, b"y" * 4096)
+    dev.flush()
+    assert dev.read(0, 8192) == b"x" * 4096 + b"y" * 4096
+    dev.close()
+
+
+def test_a_long_lived_process_keeps_a_bounded_number_of_replica_files_open(st, monkeypatch):
+    """Writing and reading many extents in one process: replica files it no
+    longer uses are closed, so it never runs out of descriptors."""
+    import stamp.node
+
+    monkeypatch.setattr(stamp.node, "MAX_OPEN", 4, raising=False)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(40):
+        st.blobs.write("d", i * 4096, bytes([i + 1]) * 4096)
+        st.stream.seal_current()
+    for i in range(40):
+        assert st.blobs.read("d", i * 4096, 4096) == bytes([i + 1]) * 4096
+    assert len(os.listdir("/proc/self/fd")) - before <= 6 * 2 * 4 + 3  # 120 before the bound
+    st.stream.scrub()
+    assert st.check().ok
+
+
+def test_a_read_with_every_replica_down_names_the_nodes(st):
+    """Not a claim of corruption: the error says which nodes were not read."""
+    st.blobs.write("d", 0, b"x" * 4096)
+    e = st.stream._current
+    assert e is not None
+    for n in e.nodes:
+        st.inject("node-down", n)
+    with pytest.raises(stamp.DataLost, match=f"not read: {st.stream.nodes[e.nodes[0]].name} down"):
+        st.blobs.read("d", 0, 4096)
+    st.inject("node-up", e.nodes[0])
+    assert st.blobs.read("d", 0, 4096) == b"x" * 4096
+
+
+def test_a_fault_injected_from_the_cli_reaches_a_process_that_only_reads(st, monkeypatch):
+    """A process that never appends still stops reading from a node that
+    another process put down (within stream.READ_RECHECK; 0 here)."""
+    import subprocess
+    import sys
+
+    import stamp.stream
+
+    st.blobs.write("d", 0, b"a" * 4096)
+    e = st.stream._current
+    assert e is not None
+    st.stream.seal_current()
+    reader = Stamp.open(st.path)
+    assert reader.blobs.read("d", 0, 4096) == b"a" * 4096
+    victim = e.nodes[0]
+    monkeypatch.setattr(stamp.stream, "READ_RECHECK", 0.0, raising=False)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", st.path, "fault", "node-down",
+                           st.stream.nodes[victim].name], capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    reads = []
+    real = reader.stream.nodes[victim].read
+    monkeypatch.setattr(reader.stream.nodes[victim], "read", lambda *a: reads.append(a) or real(*a))
+    assert reader.blobs.read("d", 0, 4096) == b"a" * 4096
+    assert reads == [] and not reader.stream.nodes[victim].healthy
+    reader.close()

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 
 import pytest
 
 from stamp import Stamp
 from stamp import record as rec
+from stamp.stream import process_start
 
 MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -196,3 +198,74 @@ def test_scrub_deletes_the_files_of_an_extent_whose_deletion_was_cut_short(st):
     assert not any(os.path.exists(p) for p in paths)
     assert st.check(deep=True).stats["orphan_files"] == 0
     assert st.blobs.read("d", 0, 4096) == b"b" * 4096
+
+
+def test_recovery_waits_for_a_down_replica_before_sealing(tmp_path):
+    """Four acknowledged writes, the owner dies, the last record is flipped on
+    one replica, another replica's node is down and the third is lost: the
+    only good copy of that record is on the down node, so recovery must not
+    seal the extent short; once the node is back it is sealed whole."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        st.blobs.create("d", MIB)
+        for i in range(4):
+            st.blobs.write("d", i * 4096, bytes([i + 1]) * 4096)
+        e = st.stream._current
+        assert e is not None
+        end = e.length
+        with st.meta.write() as txn:  # as if its owner had died
+            st.meta.put_json(txn, "extents", e.id.to_bytes(8, "big"), {**e.to_json(), "owner": 999999999})
+        st.stream._current = None
+        flip(st, e.id, e.nodes[0], end - 100)
+        st.inject("node-down", e.nodes[1])
+        st.inject("node-lost", e.nodes[2])
+    with Stamp.open(path) as st:
+        assert st.stream.extent(e.id, refresh=True).state == "open"  # waits for the down node
+        assert not st.check(deep=True).ok
+        st.inject("node-up", e.nodes[1])
+    with Stamp.open(path) as st:
+        sealed = st.stream.extent(e.id, refresh=True)
+        assert sealed.state == "sealed" and sealed.length == end
+        st.stream.rereplicate()
+        st.stream.scrub()
+        assert clean(st)
+        for i in range(4):
+            assert st.blobs.read("d", i * 4096, 4096) == bytes([i + 1]) * 4096
+
+
+def test_scrub_deletes_replicas_left_on_nodes_an_extent_moved_off(st):
+    """A node is down while repair re-makes its replica elsewhere: when it
+    comes back, its old file belongs to no extent. check counts it; scrub
+    deletes it, and nothing else."""
+    model = fill(st, 4)
+    st.stream.seal_current()
+    e = st.stream.all_extents()[0]
+    old = st.stream.nodes[e.nodes[0]]
+    st.inject("node-down", old.name)
+    assert [m[:2] for m in st.stream.rereplicate()] == [(e.id, old.id)]
+    st.inject("node-up", old.name)
+    assert os.path.exists(old.extent_path(e.id))
+    assert st.check(deep=True).stats["orphan_files"] == 1
+    assert st.stream.scrub().orphans == 1
+    assert not os.path.exists(old.extent_path(e.id))
+    assert clean(st) and st.check(deep=True).stats["orphan_files"] == 0
+    verify(st, model)
+
+
+def test_scrub_deletes_a_killed_copy_and_keeps_a_running_one(st):
+    """A replica copy records its target first: scrub keeps the target's file
+    while the copying process lives and deletes it once that process died."""
+    fill(st, 2)
+    st.stream.seal_current()
+    e = st.stream.all_extents()[0]
+    target = next(n for n in st.stream.nodes.values() if n.id not in e.nodes)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for owner, kept in ((os.getpid(), True), (dead.pid, False)):
+        marker = {"node": target.id, "owner": owner, "started": process_start(owner) if kept else 1}
+        with st.meta.write() as txn:
+            st.meta.put_json(txn, "extents", e.id.to_bytes(8, "big"), {**e.to_json(), "copy": marker})
+        with open(target.extent_path(e.id), "wb") as f:
+            f.write(rec.pack_file_header(uuid.UUID(int=e.id)))
+        assert st.stream.scrub().orphans == (0 if kept else 1)
+        assert os.path.exists(target.extent_path(e.id)) == kept
