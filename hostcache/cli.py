@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stamp import StampError
+from vhd.cli import _connection_opts
 from vhd.errors import VhdError
 
 from .errors import HostError
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-mib", type=int, default=128,
                    help="memory for requests in flight, all clients together (default 128; at most half "
                    "per client); past it the server stops reading requests until replies have left")
+    _connection_opts(p)
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -300,7 +302,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget, a.max_connections, a.handshake_timeout), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -45,6 +45,20 @@ def _size(text: str) -> int:
         return parse_size(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (a clear usage error, not a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+    return parse
 
 
 def _offset(text: str) -> int:
@@ -152,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="IMAGE")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", help="a unix socket path (nbd+unix:///NAME?socket=PATH)")
-    where.add_argument("--port", type=int, default=10809, help="TCP port on --bind (default 10809)")
+    where.add_argument("--port", type=_int_in(1, 65535, "a TCP port, 1 to 65535"), default=10809,
+                       help="TCP port on --bind (default 10809)")
     p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1, this machine only)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--max-inflight-mib", type=int, default=128,
                    help="memory for requests in flight, all clients together (default 128; at most half "
                    "per client); past it the server stops reading requests until replies have left")
+    _connection_opts(p)
     _chain_opts(p)
 
     p = sub.add_parser("mount", help="expose an image as DIR/disk through FUSE (and mount its filesystem)",
@@ -321,6 +337,17 @@ def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:
         pos += n
 
 
+def _connection_opts(p: argparse.ArgumentParser) -> None:
+    """The serve options that bound what clients can hold (vhd serve and hostcache serve)."""
+    from .nbd import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
+
+    p.add_argument("--max-connections", type=_int_in(1, 10_000, "1 to 10000"), default=MAX_CONNECTIONS,
+                   help=f"clients served at once (default {MAX_CONNECTIONS}); one more is closed at once")
+    p.add_argument("--handshake-timeout", type=_int_in(1, 3600, "1 to 3600 seconds"), default=int(HANDSHAKE_TIMEOUT),
+                   help=f"seconds a client has to finish the handshake (default {HANDSHAKE_TIMEOUT:.0f}); "
+                   "a slower one is closed")
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
@@ -337,7 +364,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
             exports[name] = Export(name, dev, os.path.basename(path), a.read_only)  # not the full path
-        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget, a.max_connections, a.handshake_timeout), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:

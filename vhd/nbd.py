@@ -86,6 +86,9 @@ MAX_REQUEST = 32 * 1024 * 1024  # what we advertise as the maximum block size
 BLOCK_STATUS_SPAN = 64 * 1024 * 1024  # the most one block status reply describes (at most 1 MiB of descriptors)
 SEND_PIECE = 256 * 1024  # replies larger than this are sent piece by piece (and small ones in one send)
 MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
+MAX_CONNECTIONS = 64  # connections served at once (`serve --max-connections`); more are closed at once
+HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to reach transmission (a silent one holds a connection)
+REQUEST_OVERHEAD = 4096  # the least a request in flight costs of the budget (its task, its reply)
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -179,15 +182,25 @@ async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
         writer.write(view[at:at + SEND_PIECE])
         if writer.transport.get_write_buffer_size() > SEND_PIECE:
             await writer.drain()
+    if not data and writer.transport.get_write_buffer_size() > SEND_PIECE:
+        await writer.drain()  # replies with no data (FLUSH, a block status) pile up too
 
 
 def request_cost(kind: int, flags: int, length: int) -> int:
-    """The bytes a request holds in memory while in flight (its budget)."""
+    """The bytes a request holds in memory while in flight (its budget): its
+    data, a block status reply's largest size, and never less than
+    REQUEST_OVERHEAD (a request in flight is a task and a reply even without
+    data, so a client sending FLUSH or CACHE it never reads the replies of is
+    held to the budget too)."""
     if kind == CMD_WRITE or (kind == CMD_READ and length <= MAX_REQUEST):
-        return length  # a READ over the maximum is refused with no data
-    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
-        return min(length, ZERO_CHUNK)
-    return 0
+        cost = length  # a READ over the maximum is refused with no data
+    elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+        cost = min(length, ZERO_CHUNK)
+    elif kind == CMD_BLOCK_STATUS:
+        cost = min(length, BLOCK_STATUS_SPAN) // 512 * 8  # a descriptor per sector at most
+    else:
+        cost = 0
+    return max(cost, REQUEST_OVERHEAD)
 
 
 def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> bytes:
@@ -219,16 +232,22 @@ def _errno(e: Exception, kind: int) -> int:
 class NbdServer:
     """Serves `exports` (name -> Export); the first is also the default ("")."""
 
-    def __init__(self, exports: dict[str, Export], budget: Budget | None = None) -> None:
+    def __init__(self, exports: dict[str, Export], budget: Budget | None = None,
+                 max_connections: int = MAX_CONNECTIONS, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if not exports:
             raise VhdError("an NBD server needs at least one export")
+        if max_connections < 1 or not handshake_timeout > 0:
+            raise UsageError("an NBD server needs at least one connection and a positive handshake timeout")
         self.exports = exports
         self.budget = budget or Budget()
         if self.budget.per_connection < MAX_REQUEST:
             raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
         self.server: asyncio.base_events.Server | None = None
-        self.connections = 0
+        self.max_connections, self.handshake_timeout = max_connections, handshake_timeout
+        self.connections = 0  # served so far
+        self.active = 0  # open now: at most max_connections
+        self.refused = 0  # closed at once: the server was full
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -238,19 +257,43 @@ class NbdServer:
         return self.server
 
     async def serve_unix(self, path: str) -> asyncio.base_events.Server:
-        self.server = await asyncio.start_unix_server(self._client, path)
+        """Listen on `path`; a file already there (a live server's socket) is an
+        error: asyncio would unlink it and take its clients over. run_server's
+        claim_socket removes a dead server's socket first."""
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"{path} is already in use (a server listens there, or a file is in the way): "
+                                 "stop that server, or choose another --socket") from None
+            raise
+        self.server = await asyncio.start_unix_server(self._client, sock=sock)
         return self.server
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self.refused += 1  # full: closed before the greeting, holding nothing
+            writer.transport.abort()
+            return
         self.connections += 1
+        self.active += 1
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection()
         # drain() waits while more than SEND_PIECE is buffered: the slack a connection may hold
         # outside the budget (the rest of a reply that has mostly left, or small replies)
         writer.transport.set_write_buffer_limits(high=SEND_PIECE)
         try:
-            if await self._handshake(reader, writer, conn):
+            # a client that dawdles in the handshake (slowloris) is closed: it holds a connection
+            if await asyncio.wait_for(self._handshake(reader, writer, conn), self.handshake_timeout):
                 await self._transmission(reader, writer, conn)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError, TimeoutError) as e:
             # the client vanished or broke the protocol: this connection only. A lost
             # connection's error is kept by the transport's reader, waiter and closed
             # future: its traceback would keep the frames it unwound, and the data they

@@ -415,3 +415,190 @@ def test_greedy_clients_get_a_bounded_share_and_a_light_client_is_still_served(t
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# -- replies without data, a device that waits (hostcache serve's path) -------------------------------
+
+
+class WaitingDevice:
+    """A device whose read and write are coroutines (as hostcache's AsyncDisk),
+    with a fragmented allocation map; counts the block status requests it served."""
+
+    size = 64 * MIB
+    readonly = False
+
+    def __init__(self) -> None:
+        self.statuses = 0
+        piece = 64 * 1024  # a block status of the whole disk: 1,024 descriptors, an 8 KiB reply
+        self.map = [vhd.Extent(o, piece, vhd.Alloc.DATA if (o // piece) % 2 else vhd.Alloc.ZERO)
+                    for o in range(0, self.size, piece)]
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def allocation(self, offset: int, length: int) -> list:
+        self.statuses += 1
+        return [e for e in self.map if offset <= e.offset < offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class ServerThread:
+    """An NbdServer on a unix socket, its event loop in a thread of this process
+    (asyncio.run: on the way out the connections' tasks are cancelled, the loop closed)."""
+
+    def __init__(self, server: nbd.NbdServer, sock: str) -> None:
+        import asyncio
+        import threading
+
+        self.server, self.ready = server, threading.Event()
+
+        async def main() -> None:
+            self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
+            async with await server.serve_unix(sock):
+                self.ready.set()
+                await self.stop.wait()
+        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+def negotiate_meta(sock: str, name: str) -> socket.socket:
+    """A client with structured replies and base:allocation, in transmission."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    c = Client.__new__(Client)
+    c.s = s
+    c.recv(18)
+    s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+
+    def option(kind: int, data: bytes) -> None:
+        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, kind, len(data)) + data)
+        while True:
+            _magic, _opt, reply, n = struct.unpack(">QIII", c.recv(20))
+            c.recv(n)
+            if reply == nbd.REP_ACK:
+                return
+            assert reply < 2**31, reply
+    raw, query = name.encode(), nbd.META_BASE_ALLOCATION.encode()
+    option(nbd.OPT_STRUCTURED_REPLY, b"")
+    option(nbd.OPT_SET_META_CONTEXT, struct.pack(">I", len(raw)) + raw + struct.pack(">II", 1, len(query)) + query)
+    option(nbd.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+    return s
+
+
+def test_replies_without_data_are_held_to_the_budget_on_a_device_that_waits(tmp_path):
+    """A client that sends block status requests (FLUSH, CACHE...) and never reads
+    a reply: the server stops reading them once the budget holds their replies,
+    instead of queueing replies (and tasks) without end."""
+    dev = WaitingDevice()
+    sock = str(tmp_path / "w.sock")
+    srv = ServerThread(nbd.NbdServer({"w": nbd.Export("w", dev)}), sock)  # type: ignore[arg-type]
+    try:
+        s = negotiate_meta(sock, "w")
+        s.settimeout(10)  # no progress for that long: the server stopped reading
+        sent = 0
+        request = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_BLOCK_STATUS, 1, 0, 64 * MIB)
+        try:
+            while sent < 20000:  # 160 MiB of replies: more than twice the bound below
+                s.sendall(request * 100)
+                sent += 100
+        except TimeoutError:
+            pass  # the server stopped reading: backpressure reached the client
+        last, still = -1, 0
+        while still < 20:  # until the server stops serving (a wait, not a timing check)
+            time.sleep(0.05)
+            still, last = (still + 1, last) if dev.statuses == last else (0, dev.statuses)
+        reply = 20 + 4 + 8 * len(dev.map)
+        buffers = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        bound = srv.server.budget.per_connection + 2 * nbd.SEND_PIECE + 2 * buffers
+        assert dev.statuses * reply <= bound, f"{dev.statuses * reply >> 20} MiB of replies for a client reading none"
+        s.close()
+    finally:
+        srv.close()
+
+
+def closed(s: socket.socket) -> bool:
+    """The server closed `s` (end of file or reset) before sending anything more."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_past_the_cap_are_closed_and_a_silent_handshake_is_ended(tmp_path):
+    """Each connection costs the server buffers outside the budget: their number
+    is bounded, and a client that never finishes its handshake (slowloris) does
+    not hold one for ever."""
+    sock = str(tmp_path / "c.sock")
+    server = nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}, max_connections=2,  # type: ignore[arg-type]
+                           handshake_timeout=0.5)
+    srv = ServerThread(server, sock)
+    try:
+        silent = []
+        for _ in range(2):  # greeted, then they say nothing
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(sock)
+            assert len(s.recv(18)) == 18
+            silent.append(s)
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(10)
+        extra.connect(sock)
+        assert closed(extra)  # the server is full: closed with no greeting
+        for s in silent:
+            try:
+                s.sendall(b"\x00\x00")  # half of the client flags, then nothing more
+            except OSError:
+                pass  # already closed by the timeout (a slow machine)
+            assert closed(s)  # by the handshake timeout (the socket's 10 s is only a guard)
+            s.close()
+        deadline = time.monotonic() + 10
+        while server.active and time.monotonic() < deadline:  # the server notices (a wait, not a timing check)
+            time.sleep(0.02)
+        c = Client(sock, "w")  # room again: served
+        assert c.size == 64 * MIB and c.request(nbd.CMD_READ, 0, 512) == (0, bytes(512))
+        assert server.refused == 1
+    finally:
+        srv.close()
+    with pytest.raises(vhd.UsageError):
+        nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}, max_connections=0)  # type: ignore[arg-type]
+
+
+def test_a_second_server_binding_a_live_socket_is_refused_not_a_takeover(tmp_path):
+    """Two servers started at once both find no server on the socket: the one
+    that binds second must fail, not unlink the first's socket and take its
+    clients (the first would live on, orphaned, holding its image)."""
+    import asyncio
+
+    sock = str(tmp_path / "t.sock")
+    with vhd.create(tmp_path / "first.vhd", 8 * MIB) as first, vhd.create(tmp_path / "second.vhd", 4 * MIB) as second:
+        srv = ServerThread(nbd.NbdServer({"first": nbd.Export("first", first)}), sock)
+        try:
+            other = nbd.NbdServer({"second": nbd.Export("second", second)})
+            with pytest.raises(vhd.UsageError, match="already in use"):
+                asyncio.run(other.serve_unix(sock))
+            assert Client(sock, "").size == 8 * MIB  # the first server still has its socket
+        finally:
+            srv.close()
+
+
+def test_serve_refuses_a_port_out_of_range_with_a_usage_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vhd", "serve", str(tmp_path / "x.vhd"), "--port", "99999"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "a TCP port" in r.stderr and "Traceback" not in r.stderr, r.stderr
