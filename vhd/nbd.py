@@ -28,7 +28,8 @@ back once its reply has left (but for at most SEND_PIECE per connection still
 buffered: large replies go out a piece at a time, so asyncio never copies more
 than about two pieces of one). Out of budget, a connection stops reading
 requests (backpressure). A large read from a file is read a piece at a time,
-letting other connections in between. A client that goes away has its pending
+letting other connections in between; so is a large WRITE_ZEROES with NO_HOLE.
+A client that goes away has its pending
 work cancelled and its buffer dropped; the error's traceback is cut so no
 reference cycle keeps its data until gc. A block status reply describes at
 most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused,
@@ -451,6 +452,8 @@ class NbdServer:
                 payload = await reader.readexactly(length) if kind == CMD_WRITE else b""
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
+                elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
+                    head, data = await self._large_zeroes(conn, export, flags, cookie, offset, length)
                 else:
                     head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
                 payload = b""
@@ -495,6 +498,23 @@ class NbdServer:
         except (VhdError, OSError) as e:
             return self._reply(conn, CMD_READ, cookie, offset, _errno(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
+
+    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
+                            length: int) -> tuple[bytes, bytes]:
+        """A WRITE_ZEROES with NO_HOLE larger than ZERO_CHUNK (up to 4 GiB) on a
+        device that does not wait, written a chunk at a time with the loop let
+        go in between: it does not stop every other client for seconds."""
+        error = self._refuse(conn, export, flags, CMD_WRITE_ZEROES, offset, length)
+        if not error:
+            try:
+                for at in range(offset, offset + length, ZERO_CHUNK):
+                    write_zeros(export.device, at, min(ZERO_CHUNK, offset + length - at))
+                    await asyncio.sleep(0)
+                if flags & CMDF_FUA:
+                    export.device.flush()
+            except (VhdError, OSError) as e:
+                error = _errno(e, CMD_WRITE_ZEROES)
+        return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
 
     @staticmethod
     def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,

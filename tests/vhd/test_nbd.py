@@ -602,3 +602,31 @@ def test_serve_refuses_a_port_out_of_range_with_a_usage_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vhd", "serve", str(tmp_path / "x.vhd"), "--port", "99999"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "a TCP port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_huge_zero_write_does_not_hold_up_another_client(tmp_path):
+    """WRITE_ZEROES with NO_HOLE takes up to 4 GiB: written in one go it stopped
+    every client for seconds (about 2.5 s a GiB here). A light client's read sent while it runs is
+    answered before it (an order, not a time)."""
+    import select
+
+    with vhd.create(tmp_path / "z.vhd", 4 << 30):
+        pass
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "z.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        greedy, light = Client(sock, "z"), Client(sock, "z")
+        greedy.s.settimeout(120)
+        greedy.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, nbd.CMDF_NO_HOLE, nbd.CMD_WRITE_ZEROES, 7, 0,
+                                     1 << 30))
+        time.sleep(0.3)  # the server has started it
+        assert light.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+        answered, _, _ = select.select([greedy.s], [], [], 0)
+        assert not answered, "the zero write was finished before a 4 KiB read sent after it was served"
+        assert struct.unpack(">IIQ", greedy.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 7)
+        assert light.request(nbd.CMD_READ, (1 << 30) - 4096, 4096) == (0, bytes(4096))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
