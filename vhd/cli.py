@@ -349,7 +349,7 @@ def _connection_opts(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .nbd import Export, NbdServer, claim_socket, run_server, server_budget
+    from .nbd import Export, NbdServer, claim_socket, export_name, run_server, server_budget, text
 
     exports: dict[str, Export] = {}
     devices = []
@@ -358,12 +358,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         claim_socket(a.socket)  # before the images are opened: a clear refusal, not a lock error
     try:
         for path in a.paths:
-            name = os.path.splitext(os.path.basename(path))[0]
+            name = export_name(path)
             if name in exports:
                 raise UsageError(f"two images would both be exported as {name!r}")
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
-            exports[name] = Export(name, dev, os.path.basename(path), a.read_only)  # not the full path
+            exports[name] = Export(name, dev, text(os.path.basename(path)), a.read_only)  # not the full path
         run_server(NbdServer(exports, budget, a.max_connections, a.handshake_timeout), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass

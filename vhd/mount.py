@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import UsageError, VhdError
+from .nbd import export_name
 from .ops import open_device
 from .partition import partitions
 
@@ -88,7 +89,7 @@ def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None
     cmd += ["--read-only"] if readonly else []
     for d in allow_dirs or []:
         cmd += ["--allow-dir", os.path.abspath(d)]
-    name = os.path.splitext(os.path.basename(image))[0]
+    name = export_name(image)  # what vhd serve calls it
     return mount_served(cmd, name, os.path.abspath(image), mountpoint, readonly=readonly, fs=fs,
                         partition=partition)
 

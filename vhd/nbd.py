@@ -622,6 +622,19 @@ class NbdServer:
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
 
 
+def export_name(path: str) -> str:
+    """The export name of an image file: its name without the extension, as
+    UTF-8 text (NBD names are UTF-8; a file name byte that is not, kept by
+    Python as a surrogate, becomes U+FFFD instead of breaking every reply that
+    names the export)."""
+    return text(os.path.splitext(os.path.basename(path))[0])
+
+
+def text(name: str) -> str:
+    """`name` (a file name, perhaps with undecodable bytes) as valid UTF-8 text."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
 def server_budget(mib: int) -> Budget:
     """The budget of `serve --max-inflight-mib`: at most half of it per connection,
     and at least one request of the maximum size."""

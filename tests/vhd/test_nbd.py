@@ -630,3 +630,28 @@ def test_a_huge_zero_write_does_not_hold_up_another_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_file_name_that_is_not_utf8_is_served_under_a_utf8_name(tmp_path):
+    """bad\\xff.vhd: the export's name (and description) went out as text that
+    cannot be encoded, and every client's handshake ended in a traceback."""
+    path = os.path.join(os.fsencode(tmp_path), b"bad\xff.vhd")
+    with vhd.create(os.fsdecode(path), 8 * MIB) as img:
+        img.write(0, b"odd name")
+    assert nbd.export_name(os.fsdecode(path)) == "bad\ufffd"
+    sock = str(tmp_path / "u.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", os.fsdecode(path), "--socket", sock],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["serving"] == ["bad\ufffd"]  # type: ignore[union-attr]
+        listed = json.loads(run("nbdinfo", "--json", "--list", f"nbd+unix://?socket={sock}").stdout)
+        assert [e["export-name"] for e in listed["exports"]] == ["bad\ufffd"]
+        from vhd.mount import nbd_unix_uri
+
+        assert Client(sock, "bad\ufffd").request(nbd.CMD_READ, 0, 8)[1] == b"odd name"
+        info = json.loads(run("nbdinfo", "--json", nbd_unix_uri("bad\ufffd", sock)).stdout)["exports"][0]
+        assert (info["export-size"], info["description"]) == (8 * MIB, "bad\ufffd.vhd")  # the URI mount gives nbdfuse
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "Traceback" not in err, err
