@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stamp import StampError
-from vhd.cli import _connection_opts
+from vhd.cli import _connection_opts, standard_streams
 from vhd.errors import VhdError
 
 from .errors import HostError
@@ -317,6 +317,7 @@ def _size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
     args = build_parser().parse_args(argv)
     try:
         print(json.dumps(run(args), indent=2, default=str))

@@ -401,7 +401,24 @@ def closed_pipe() -> int:
     return 1
 
 
+def standard_streams() -> None:
+    """A command started with stdout or stderr closed (`>&-`) finds sys.stdout
+    (or sys.stderr) None: its first flush was an AttributeError traceback, and
+    an error printed to a None stderr went to stdout, into the JSON. The closed
+    descriptor becomes /dev/null (so no file opened later takes descriptor 1 or
+    2 and receives output): the command runs, its output discarded, as with a
+    closed pipe. The stamp and hostcache commands start with it too."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.cmd](args)
