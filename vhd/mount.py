@@ -118,7 +118,8 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
         proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=log,
                                 start_new_session=True, cwd="/")
     state: dict[str, Any] = {"image": what, "mountpoint": os.path.abspath(mountpoint),
-                             "server_pid": proc.pid, "fs": None, "state_dir": state_dir}
+                             "server_pid": proc.pid, "server_started": started(proc.pid), "fs": None,
+                             "state_dir": state_dir}
     try:
         _wait(lambda: os.path.exists(sock), "the NBD server", proc, server_log)
         pidfile = os.path.join(state_dir, "nbdfuse.pid")
@@ -126,7 +127,7 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
             [os.path.join(state["mountpoint"], "disk"), nbd_unix_uri(export, sock)]
         with open(fuse_log, "w") as log:
             fuse = subprocess.Popen(fcmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, cwd="/")
-        state["fuse_pid"] = fuse.pid
+        state["fuse_pid"], state["fuse_started"] = fuse.pid, started(fuse.pid)
         _wait(lambda: os.path.exists(pidfile) and os.path.exists(os.path.join(mountpoint, "disk")), "nbdfuse", fuse,
               fuse_log)
         disk = os.path.join(mountpoint, "disk")
@@ -184,11 +185,11 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
             proc = subprocess.run(["umount", state["mountpoint"]], capture_output=True, text=True)
             if proc.returncode != 0 and strict:
                 raise VhdError(_busy(state["mountpoint"], proc.stderr))
-        _stop(state["fuse_pid"], signal.SIGTERM)
+        _stop(state["fuse_pid"], signal.SIGTERM, state.get("fuse_started"))
         state["fuse_pid"] = None
         _save(state, state_file)
     if state.get("server_pid"):
-        _stop(state["server_pid"], signal.SIGTERM)  # the server flushes and closes the image
+        _stop(state["server_pid"], signal.SIGTERM, state.get("server_started"))  # it flushes, closes the image
         state["server_pid"] = None
     if not strict and state.get("state_dir"):
         shutil.rmtree(state["state_dir"], ignore_errors=True)
@@ -237,7 +238,24 @@ def _links(pid: str) -> list[str]:
     return out
 
 
-def _stop(pid: int, sig: int) -> None:
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat), or
+    None if there is none: with its pid it names one process, never a later one
+    that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+        return int(fields[19])  # field 22, starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stop(pid: int, sig: int, start: int | None = None) -> None:
+    """Stop our helper `pid`: SIGTERM, then SIGKILL if it lingers. If it died
+    already (kill -9, a crash) and its pid went to another process, that one is
+    left alone: `start` is when ours started."""
+    if start is not None and started(pid) != start:
+        return  # ours is gone; the pid, if alive, is someone else's
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
