@@ -302,7 +302,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports, budget, a.max_connections, a.handshake_timeout), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 

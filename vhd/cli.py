@@ -339,13 +339,13 @@ def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:
 
 def _connection_opts(p: argparse.ArgumentParser) -> None:
     """The serve options that bound what clients can hold (vhd serve and hostcache serve)."""
-    from .nbd import HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
+    from .nbd import MAX_CONNECTIONS, STALL_TIMEOUT
 
     p.add_argument("--max-connections", type=_int_in(1, 10_000, "1 to 10000"), default=MAX_CONNECTIONS,
                    help=f"clients served at once (default {MAX_CONNECTIONS}); one more is closed at once")
-    p.add_argument("--handshake-timeout", type=_int_in(1, 3600, "1 to 3600 seconds"), default=int(HANDSHAKE_TIMEOUT),
-                   help=f"seconds a client has to finish the handshake (default {HANDSHAKE_TIMEOUT:.0f}); "
-                   "a slower one is closed")
+    p.add_argument("--stall-timeout", type=_int_in(1, 3600, "1 to 3600 seconds"), default=int(STALL_TIMEOUT),
+                   help=f"seconds a client may take to finish its handshake, or to send the data of a "
+                   f"large write (default {STALL_TIMEOUT:.0f}); a slower one is closed")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -364,7 +364,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
             exports[name] = Export(name, dev, text(os.path.basename(path)), a.read_only)  # not the full path
-        run_server(NbdServer(exports, budget, a.max_connections, a.handshake_timeout), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:

@@ -88,7 +88,8 @@ BLOCK_STATUS_SPAN = 64 * 1024 * 1024  # the most one block status reply describe
 SEND_PIECE = 256 * 1024  # replies larger than this are sent piece by piece (and small ones in one send)
 MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
 MAX_CONNECTIONS = 64  # connections served at once (`serve --max-connections`); more are closed at once
-HANDSHAKE_TIMEOUT = 30.0  # seconds a client has to reach transmission (a silent one holds a connection)
+STALL_TIMEOUT = 30.0  # seconds a client has to reach transmission, or to send a large request's payload
+STALL_CHECKED = SEND_PIECE  # payloads larger than this are read under STALL_TIMEOUT (they hold much budget)
 REQUEST_OVERHEAD = 4096  # the least a request in flight costs of the budget (its task, its reply)
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -234,18 +235,18 @@ class NbdServer:
     """Serves `exports` (name -> Export); the first is also the default ("")."""
 
     def __init__(self, exports: dict[str, Export], budget: Budget | None = None,
-                 max_connections: int = MAX_CONNECTIONS, handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+                 max_connections: int = MAX_CONNECTIONS, stall_timeout: float = STALL_TIMEOUT) -> None:
         if not exports:
             raise VhdError("an NBD server needs at least one export")
-        if max_connections < 1 or not handshake_timeout > 0:
-            raise UsageError("an NBD server needs at least one connection and a positive handshake timeout")
+        if max_connections < 1 or not stall_timeout > 0:
+            raise UsageError("an NBD server needs at least one connection and a positive stall timeout")
         self.exports = exports
         self.budget = budget or Budget()
         if self.budget.per_connection < MAX_REQUEST:
             raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
         self.server: asyncio.base_events.Server | None = None
-        self.max_connections, self.handshake_timeout = max_connections, handshake_timeout
+        self.max_connections, self.stall_timeout = max_connections, stall_timeout
         self.connections = 0  # served so far
         self.active = 0  # open now: at most max_connections
         self.refused = 0  # closed at once: the server was full
@@ -292,7 +293,7 @@ class NbdServer:
         writer.transport.set_write_buffer_limits(high=SEND_PIECE)
         try:
             # a client that dawdles in the handshake (slowloris) is closed: it holds a connection
-            if await asyncio.wait_for(self._handshake(reader, writer, conn), self.handshake_timeout):
+            if await asyncio.wait_for(self._handshake(reader, writer, conn), self.stall_timeout):
                 await self._transmission(reader, writer, conn)
         except (asyncio.IncompleteReadError, ConnectionError, ProtocolError, TimeoutError) as e:
             # the client vanished or broke the protocol: this connection only. A lost
@@ -436,7 +437,7 @@ class NbdServer:
                 # no budget, no more requests read: the client's sends block (backpressure)
                 ticket = await budget.take(conn.account, cost)
                 try:
-                    payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
+                    payload = await self._payload(reader, kind, length)  # whole, before any ack
                 except BaseException:
                     budget.give(ticket)
                     raise
@@ -449,7 +450,7 @@ class NbdServer:
             # request at a time, so the shared pool is all there is to check (the fast path)
             taken: Ticket | None = None if budget.take_nowait(cost) else await budget.take(conn.account, cost)
             try:
-                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""
+                payload = await self._payload(reader, kind, length)
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
                 elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
@@ -469,6 +470,17 @@ class NbdServer:
                     budget.give_back(cost)
                 else:
                     budget.give(taken)
+
+    async def _payload(self, reader: asyncio.StreamReader, kind: int, length: int) -> bytes:
+        """A WRITE's data. A large one holds its bytes of the budget while it
+        comes: a client that stops sending it midway (a few such clients would
+        hold the whole budget for ever) is closed after STALL_TIMEOUT."""
+        if kind != CMD_WRITE:
+            return b""
+        if length <= STALL_CHECKED:
+            return await reader.readexactly(length)  # the fast path: no timer per small write
+        async with asyncio.timeout(self.stall_timeout):
+            return await reader.readexactly(length)
 
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
                length: int, payload: bytes) -> tuple[bytes, bytes]:

@@ -547,7 +547,7 @@ def test_connections_past_the_cap_are_closed_and_a_silent_handshake_is_ended(tmp
     not hold one for ever."""
     sock = str(tmp_path / "c.sock")
     server = nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}, max_connections=2,  # type: ignore[arg-type]
-                           handshake_timeout=0.5)
+                           stall_timeout=0.5)
     srv = ServerThread(server, sock)
     try:
         silent = []
@@ -655,3 +655,29 @@ def test_a_file_name_that_is_not_utf8_is_served_under_a_utf8_name(tmp_path):
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert "Traceback" not in err, err
+
+
+def test_writes_whose_data_never_comes_do_not_hold_the_budget_for_ever(tmp_path):
+    """Four clients each send a 32 MiB WRITE's header and a few bytes of its data:
+    they held the whole budget, and any other client's read over 1 MiB waited
+    for ever. A payload that stalls closes its connection."""
+    with vhd.create(tmp_path / "s.vhd", 64 * MIB) as img:
+        img.write(0, b"\x42" * 2 * MIB)
+    sock = str(tmp_path / "s.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "s.vhd"), "--socket", sock,
+                             "--stall-timeout", "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        hogs = []
+        for _ in range(4):
+            h = Client(sock, "s")
+            h.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 32 * MIB) + b"h" * 100)
+            hogs.append(h)
+        c = Client(sock, "s")
+        c.s.settimeout(30)  # a guard: the stall timeout is 1 s
+        assert c.request(nbd.CMD_READ, 0, 2 * MIB) == (0, b"\x42" * 2 * MIB)
+        assert all(closed(h.s) for h in hogs)
+        assert c.request(nbd.CMD_READ, 0, 512) == (0, b"\x42" * 512)  # the stalled writes left nothing
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
