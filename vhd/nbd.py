@@ -437,7 +437,7 @@ class NbdServer:
                 # no budget, no more requests read: the client's sends block (backpressure)
                 ticket = await budget.take(conn.account, cost)
                 try:
-                    payload = await self._payload(reader, kind, length)  # whole, before any ack
+                    payload = b"" if kind != CMD_WRITE else await self._payload(reader, length)  # whole, before any ack
                 except BaseException:
                     budget.give(ticket)
                     raise
@@ -450,7 +450,12 @@ class NbdServer:
             # request at a time, so the shared pool is all there is to check (the fast path)
             taken: Ticket | None = None if budget.take_nowait(cost) else await budget.take(conn.account, cost)
             try:
-                payload = await self._payload(reader, kind, length)
+                if kind != CMD_WRITE:
+                    payload = b""
+                elif length <= STALL_CHECKED:
+                    payload = await reader.readexactly(length)  # the fast path: no timer, no extra call
+                else:
+                    payload = await self._payload(reader, length)
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
                 elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
@@ -471,14 +476,12 @@ class NbdServer:
                 else:
                     budget.give(taken)
 
-    async def _payload(self, reader: asyncio.StreamReader, kind: int, length: int) -> bytes:
+    async def _payload(self, reader: asyncio.StreamReader, length: int) -> bytes:
         """A WRITE's data. A large one holds its bytes of the budget while it
         comes: a client that stops sending it midway (a few such clients would
         hold the whole budget for ever) is closed after STALL_TIMEOUT."""
-        if kind != CMD_WRITE:
-            return b""
         if length <= STALL_CHECKED:
-            return await reader.readexactly(length)  # the fast path: no timer per small write
+            return await reader.readexactly(length)  # no timer per small write
         async with asyncio.timeout(self.stall_timeout):
             return await reader.readexactly(length)
 
