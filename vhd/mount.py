@@ -10,7 +10,9 @@ each mount is a small JSON file in a runtime folder, removed with it. Needs
 root (FUSE, loop). Rules kept: helpers run isolated from the working folder
 (python -P, cwd /), their stderr goes to a log shown when they fail to start;
 names in NBD URIs are percent-encoded; umount stops at the first layer that
-refuses (busy), leaving the layers under it working, and says who holds it.
+refuses (busy), leaving the layers under it working, and says who holds it;
+a helper is signalled only if its pid still names the process mount started
+(its start time is kept beside it: a dead helper's pid may be reused).
 """
 
 from __future__ import annotations

@@ -32,8 +32,13 @@ letting other connections in between; so is a large WRITE_ZEROES with NO_HOLE.
 A client that goes away has its pending
 work cancelled and its buffer dropped; the error's traceback is cut so no
 reference cycle keeps its data until gc. A block status reply describes at
-most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused,
-and removed on exit.
+most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused
+(the server binds it: asyncio would unlink it), and removed on exit. At most
+max_connections clients at once (one more is closed at once); a client that
+takes over stall_timeout to finish its handshake or to send a large write's
+data is closed (such a write holds its budget while it comes). Every request
+costs at least REQUEST_OVERHEAD of the budget, a block status its largest
+reply, so replies without data are held to it too.
 """
 
 from __future__ import annotations
