@@ -618,7 +618,7 @@ class NbdServer:
         if kind in (CMD_READ, CMD_WRITE) and length > MAX_REQUEST:
             return errno.EOVERFLOW if kind == CMD_READ else errno.EINVAL
         if kind in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS):
-            if kind != CMD_BLOCK_STATUS and length == 0:
+            if length == 0:  # (a block status of nothing would need a reply with no descriptor: invalid)
                 return errno.EINVAL
             if offset + length > size:
                 return errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL

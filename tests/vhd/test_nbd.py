@@ -681,3 +681,21 @@ def test_writes_whose_data_never_comes_do_not_hold_the_budget_for_ever(tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_a_block_status_of_zero_bytes_is_refused_and_the_connection_lives(served):
+    """A reply with no descriptor breaks the protocol: libnbd dropped the
+    connection ("invalid length in NBD_REPLY_TYPE_BLOCK_STATUS")."""
+    import nbd as libnbd
+
+    _, sock = served
+    h = libnbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.set_strict_mode(0)  # libnbd sends what we ask; the server has to judge
+    h.connect_uri(uri(sock, "dyn"))
+    for offset in (0, 64 * MIB):  # the start, the end of the export
+        with pytest.raises(libnbd.Error) as refused:
+            h.block_status(0, offset, lambda *a: 0)
+        assert refused.value.errno == "EINVAL"
+    assert h.pread(4096, MIB) == b"\xab" * 4096  # still connected
+    h.shutdown()
