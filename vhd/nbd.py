@@ -49,6 +49,7 @@ import os
 import socket as socketlib
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
@@ -228,7 +229,14 @@ def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> by
 
 
 def _errno(e: Exception, kind: int) -> int:
-    """The NBD error of a device's exception."""
+    """The NBD error of a device's exception. A device stacked on others (an
+    attached disk over the stamp) raises their errors too (a stamp out of
+    healthy nodes): those are EIO as well, and said on stderr, where the
+    server's operator sees them; a request the server does not answer would
+    leave its client waiting for ever."""
+    if not isinstance(e, (VhdError, OSError)):
+        print(f"nbd: the device failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return errno.EIO
     if isinstance(e, ReadOnlyError):
         return errno.EPERM
     if isinstance(e, RangeError):
@@ -497,7 +505,7 @@ class NbdServer:
         if not error:
             try:
                 data, status = self._execute(export.device, flags, kind, offset, length, payload)
-            except (VhdError, OSError) as e:
+            except Exception as e:  # any failure of the device gets a reply (_errno), never none
                 error = _errno(e, kind)
         return self._reply(conn, kind, cookie, offset, error, data, status)
 
@@ -515,7 +523,7 @@ class NbdServer:
                 n = min(SEND_PIECE, length - at)
                 buf[at:at + n] = export.device.read(offset + at, n)
                 await asyncio.sleep(0)
-        except (VhdError, OSError) as e:
+        except Exception as e:  # any failure of the device gets a reply (_errno), never none
             return self._reply(conn, CMD_READ, cookie, offset, _errno(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
 
@@ -532,7 +540,7 @@ class NbdServer:
                     await asyncio.sleep(0)
                 if flags & CMDF_FUA:
                     export.device.flush()
-            except (VhdError, OSError) as e:
+            except Exception as e:  # any failure of the device gets a reply (_errno), never none
                 error = _errno(e, CMD_WRITE_ZEROES)
         return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
 
@@ -585,7 +593,7 @@ class NbdServer:
                 data = b""
                 try:
                     data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
-                except (VhdError, OSError) as e:
+                except Exception as e:  # any failure of the device gets a reply (_errno), never none
                     error = _errno(e, kind)
                 head, data = self._reply(conn, kind, cookie, offset, error, data, b"")
             else:

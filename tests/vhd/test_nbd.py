@@ -699,3 +699,40 @@ def test_a_block_status_of_zero_bytes_is_refused_and_the_connection_lives(served
         assert refused.value.errno == "EINVAL"
     assert h.pread(4096, MIB) == b"\xab" * 4096  # still connected
     h.shutdown()
+
+
+class FailingDevice(WaitingDevice):
+    """A device stacked on a layer with errors of its own (hostcache's attached
+    disk over the stamp: NotEnoughNodes when the extent nodes are full)."""
+
+    class LayerError(Exception):
+        pass
+
+    async def write(self, offset: int, data: bytes) -> None:
+        raise self.LayerError("need 3 healthy extent nodes")
+
+
+class FailingFileDevice(FailingDevice):
+    """The same, answering at once (vhd serve's inline path)."""
+
+    def write(self, offset: int, data: bytes) -> None:  # type: ignore[override]
+        raise self.LayerError("need 3 healthy extent nodes")
+
+    def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return bytes(length)
+
+
+@pytest.mark.parametrize("device", [FailingDevice, FailingFileDevice])
+def test_an_error_from_a_layer_under_the_device_is_eio_not_a_request_never_answered(tmp_path, capfd, device):
+    """hostcache serve with every extent node full: the write's task died with
+    NotEnoughNodes ("Task exception was never retrieved") and the client waited
+    for its reply for ever."""
+    sock = str(tmp_path / "f.sock")
+    srv = ServerThread(nbd.NbdServer({"f": nbd.Export("f", device())}), sock)  # type: ignore[arg-type]
+    try:
+        c = Client(sock, "f")
+        assert c.request(nbd.CMD_WRITE, 0, 512, b"w" * 512)[0] == 5  # EIO
+        assert c.request(nbd.CMD_READ, 0, 512) == (0, bytes(512))  # the connection goes on
+    finally:
+        srv.close()
+    assert "need 3 healthy extent nodes" in capfd.readouterr().err  # the operator is told why
