@@ -175,7 +175,7 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
     that refuses, with an error naming what holds it (the state file then
     records what is already gone, so a retry goes on from there); not strict
     (undoing a failed mount): go through every layer regardless."""
-    if state.get("fs") and os.path.ismount(state["fs"]):
+    if state.get("fs") and mounted(state["fs"]):
         subprocess.run(["sync"])
         proc = subprocess.run(["umount", state["fs"]], capture_output=True, text=True)
         if proc.returncode != 0 and strict:
@@ -183,7 +183,7 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
         state["fs"] = None
         _save(state, state_file)
     if state.get("fuse_pid"):
-        if os.path.ismount(state["mountpoint"]):
+        if mounted(state["mountpoint"]):
             proc = subprocess.run(["umount", state["mountpoint"]], capture_output=True, text=True)
             if proc.returncode != 0 and strict:
                 raise VhdError(_busy(state["mountpoint"], proc.stderr))
@@ -195,6 +195,30 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
         state["server_pid"] = None
     if not strict and state.get("state_dir"):
         shutil.rmtree(state["state_dir"], ignore_errors=True)
+
+
+def mounted(path: str) -> bool:
+    """Whether something is mounted at `path`, by the kernel's mount table: a
+    FUSE mount whose nbdfuse died cannot be stat'ed ("Transport endpoint is not
+    connected"), so os.path.ismount calls it not a mount, and it would stay."""
+    targets = {os.path.abspath(path), os.path.realpath(path)}  # the table has the path the kernel resolved
+    try:
+        with open("/proc/self/mounts") as f:
+            table = f.read()
+    except OSError:
+        return os.path.ismount(path)
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 1 and _unescape(fields[1]) in targets:
+            return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """A /proc/mounts path: space, tab, newline and backslash are octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
 
 
 def _save(state: dict[str, Any], state_file: str | None) -> None:

@@ -168,3 +168,25 @@ def test_umount_after_the_server_died_leaves_a_process_that_reused_its_pid_alone
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_umount_after_nbdfuse_died_removes_its_dead_mount(dirs):
+    """A FUSE mount whose nbdfuse was killed cannot be stat'ed: umount took it
+    for no mount, said it had unmounted, and left the folder unusable
+    ("Transport endpoint is not connected") and no longer a vhd mount."""
+    import signal
+
+    from vhd.mount import mounted
+
+    img = dirs / "fuse gone.vhd"
+    vhd.create(img, 8 * MIB).close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    os.kill(json.loads(r.stdout)["fuse_pid"], signal.SIGKILL)
+    assert mounted(str(dirs / "m"))
+    r = cli("umount", str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    assert not mounted(str(dirs / "m"))
+    r = cli("mount", str(img), str(dirs / "m"))  # the folder can be used again
+    assert r.returncode == 0, r.stderr
+    assert cli("umount", str(dirs / "m")).returncode == 0
