@@ -291,7 +291,7 @@ def serve(a: argparse.Namespace) -> object:
 
     from .host import OS_LUN, AsyncDisk
 
-    budget = server_budget(a.max_inflight_mib)
+    budget = server_budget(a.max_inflight_mib, a.max_connections)
     if a.socket:
         claim_socket(a.socket)  # before the disks are opened (and their leases taken)
     with Host(a.host) as h:

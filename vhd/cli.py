@@ -353,7 +353,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     exports: dict[str, Export] = {}
     devices = []
-    budget = server_budget(a.max_inflight_mib)
+    budget = server_budget(a.max_inflight_mib, a.max_connections)
     if a.socket:
         claim_socket(a.socket)  # before the images are opened: a clear refusal, not a lock error
     try:

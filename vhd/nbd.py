@@ -96,6 +96,7 @@ MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the 
 MAX_CONNECTIONS = 64  # connections served at once (`serve --max-connections`); more are closed at once
 STALL_TIMEOUT = 30.0  # seconds a client has to reach transmission, or to send a large request's payload
 STALL_CHECKED = SEND_PIECE  # payloads larger than this are read under STALL_TIMEOUT (they hold much budget)
+RESERVED = 128 * 1024  # the reserve holds a request of this size for every connection (server_budget)
 REQUEST_OVERHEAD = 4096  # the least a request in flight costs of the budget (its task, its reply)
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -254,7 +255,7 @@ class NbdServer:
         if max_connections < 1 or not stall_timeout > 0:
             raise UsageError("an NBD server needs at least one connection and a positive stall timeout")
         self.exports = exports
-        self.budget = budget or Budget()
+        self.budget = budget or server_budget(128, max_connections)
         if self.budget.per_connection < MAX_REQUEST:
             raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
@@ -663,12 +664,17 @@ def text(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "replace")
 
 
-def server_budget(mib: int) -> Budget:
+def server_budget(mib: int, max_connections: int = MAX_CONNECTIONS) -> Budget:
     """The budget of `serve --max-inflight-mib`: at most half of it per connection,
-    and at least one request of the maximum size."""
+    and at least one request of the maximum size; and a reserve that holds a
+    small request (RESERVED bytes) for every connection at once, so however the
+    others hold the pool and the reserve (4 connections of unread 32 MiB reads
+    and 8 of one unread 1 MiB read each starved a light client for ever when
+    the reserve was a fixed 8 MiB in 1 MiB requests), a light client is served."""
     if mib << 20 < MAX_REQUEST:
         raise UsageError(f"--max-inflight-mib must be at least {MAX_REQUEST >> 20} (one request of the maximum size)")
-    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2))
+    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2), reserve=max_connections * RESERVED,
+                  small=RESERVED)
 
 
 def claim_socket(path: str) -> None:

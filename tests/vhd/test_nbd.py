@@ -736,3 +736,31 @@ def test_an_error_from_a_layer_under_the_device_is_eio_not_a_request_never_answe
     finally:
         srv.close()
     assert "need 3 healthy extent nodes" in capfd.readouterr().err  # the operator is told why
+
+
+def test_a_light_client_is_served_when_others_hold_the_pool_and_the_reserve(tmp_path):
+    """4 connections of unread 32 MiB reads take the shared pool; 8 more, each
+    with one unread 1 MiB read, took the whole 8 MiB reserve, and a light
+    client's 4 KiB read then waited for ever. The reserve now holds a small
+    request for every connection the server admits."""
+    with vhd.create(tmp_path / "r.vhd", 64 * MIB, type="fixed"):
+        pass
+    sock = str(tmp_path / "r.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "r.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        hogs = greedy(sock, "r", 4, 10)
+        for _ in range(8):
+            h = Client(sock, "r")
+            h.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1, 0, MIB))
+            hogs.append(h)
+        time.sleep(1)  # the server takes their budget (an ordering aid, not a timing check)
+        light = Client(sock, "r")
+        light.s.settimeout(30)  # a guard: the answer comes at once or never
+        assert light.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+        for h in hogs:
+            h.s.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
