@@ -230,14 +230,8 @@ def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> by
 
 
 def _errno(e: Exception, kind: int) -> int:
-    """The NBD error of a device's exception. A device stacked on others (an
-    attached disk over the stamp) raises their errors too (a stamp out of
-    healthy nodes): those are EIO as well, and said on stderr, where the
-    server's operator sees them; a request the server does not answer would
-    leave its client waiting for ever."""
-    if not isinstance(e, (VhdError, OSError)):
-        print(f"nbd: the device failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return errno.EIO
+    """The NBD error of a device's exception: one from a layer under the
+    device (the stamp out of healthy nodes, under an attached disk) is EIO too."""
     if isinstance(e, ReadOnlyError):
         return errno.EPERM
     if isinstance(e, RangeError):
@@ -264,6 +258,18 @@ class NbdServer:
         self.connections = 0  # served so far
         self.active = 0  # open now: at most max_connections
         self.refused = 0  # closed at once: the server was full
+        self.said: set[str] = set()  # the device errors already said on stderr
+
+    def _error(self, e: Exception, kind: int) -> int:
+        """The NBD error of a device's exception. One that is not the device's
+        own (VhdError, OSError) is said on stderr, where the operator sees it,
+        once: a client retrying must not grow the log (a mount's, in /run) for
+        ever. A request the server does not answer would hang its client."""
+        said = f"{type(e).__name__}: {e}"
+        if not isinstance(e, (VhdError, OSError)) and said not in self.said and len(self.said) < 64:
+            self.said.add(said)
+            print(f"nbd: the device failed: {said} (each such error is said once)", file=sys.stderr, flush=True)
+        return _errno(e, kind)
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -507,7 +513,7 @@ class NbdServer:
             try:
                 data, status = self._execute(export.device, flags, kind, offset, length, payload)
             except Exception as e:  # any failure of the device gets a reply (_errno), never none
-                error = _errno(e, kind)
+                error = self._error(e, kind)
         return self._reply(conn, kind, cookie, offset, error, data, status)
 
     async def _large_read(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
@@ -525,7 +531,7 @@ class NbdServer:
                 buf[at:at + n] = export.device.read(offset + at, n)
                 await asyncio.sleep(0)
         except Exception as e:  # any failure of the device gets a reply (_errno), never none
-            return self._reply(conn, CMD_READ, cookie, offset, _errno(e, CMD_READ), b"", b"")
+            return self._reply(conn, CMD_READ, cookie, offset, self._error(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
 
     async def _large_zeroes(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
@@ -542,7 +548,7 @@ class NbdServer:
                 if flags & CMDF_FUA:
                     export.device.flush()
             except Exception as e:  # any failure of the device gets a reply (_errno), never none
-                error = _errno(e, CMD_WRITE_ZEROES)
+                error = self._error(e, CMD_WRITE_ZEROES)
         return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
 
     @staticmethod
@@ -595,7 +601,7 @@ class NbdServer:
                 try:
                     data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
                 except Exception as e:  # any failure of the device gets a reply (_errno), never none
-                    error = _errno(e, kind)
+                    error = self._error(e, kind)
                 head, data = self._reply(conn, kind, cookie, offset, error, data, b"")
             else:
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)

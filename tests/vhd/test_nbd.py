@@ -731,11 +731,14 @@ def test_an_error_from_a_layer_under_the_device_is_eio_not_a_request_never_answe
     srv = ServerThread(nbd.NbdServer({"f": nbd.Export("f", device())}), sock)  # type: ignore[arg-type]
     try:
         c = Client(sock, "f")
-        assert c.request(nbd.CMD_WRITE, 0, 512, b"w" * 512)[0] == 5  # EIO
+        for _ in range(3):
+            assert c.request(nbd.CMD_WRITE, 0, 512, b"w" * 512)[0] == 5  # EIO
         assert c.request(nbd.CMD_READ, 0, 512) == (0, bytes(512))  # the connection goes on
     finally:
         srv.close()
-    assert "need 3 healthy extent nodes" in capfd.readouterr().err  # the operator is told why
+    said = capfd.readouterr().err
+    assert "need 3 healthy extent nodes" in said  # the operator is told why, once (a retrying client
+    assert said.count("need 3 healthy") <= 1  # would grow a mount's log in /run, in memory, for ever)
 
 
 def test_a_light_client_is_served_when_others_hold_the_pool_and_the_reserve(tmp_path):
