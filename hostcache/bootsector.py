@@ -9,8 +9,10 @@ prints the CRC-32 of their bytes (IEEE, as zlib.crc32) as 8 hex digits and
 powers the machine off through ACPI (port 0x604). The builder patches `count`
 and `nbytes` and records the CRC-32 of the payload it wrote in `expect`, in the
 image itself: a real boot compares what the guest printed with that record,
-made when the image was built, so a byte changed anywhere on the way (before
-or after `stamp image create`, swapped bytes included) fails the boot check.
+made when the image was built, so a byte of the payload changed anywhere on the
+way (before or after `stamp image create`, swapped bytes included) fails the
+boot check; the host compares the rest of sector 0 (which the guest does not
+digest) with what the builder wrote (first_change).
 
 Source (boot.S):
 
@@ -175,7 +177,23 @@ def recorded_digest(sector0: bytes) -> str:
 
 
 def is_ours(sector0: bytes) -> bool:
-    return sector0[:COUNT_AT] == BOOT_SECTOR[:COUNT_AT]
+    """Our boot sector, or ours with a few bytes of its code changed (damage,
+    which first_change then names): a byte flipped in the banner must not
+    make the disk pass for a foreign one, which is booted unchecked."""
+    same = sum(a == b for a, b in zip(sector0[:COUNT_AT], BOOT_SECTOR[:COUNT_AT], strict=False))  # sector0 may be short
+    return same >= COUNT_AT - 16
+
+
+def first_change(sector0: bytes) -> int | None:
+    """Where a disk starting with our boot sector differs from the sector
+    `build` wrote (None: nowhere). The guest's CRC-32 covers the payload; the
+    DAP and the record are vouched for by it too (a change reads or expects
+    other bytes); the rest of sector 0 (padding, partition table, signature)
+    is not read by the guest's digest, so it is compared here, with what the
+    builder wrote."""
+    built = bytearray(boot_sector(1))
+    built[COUNT_AT:EXPECT_AT + 4] = sector0[COUNT_AT:EXPECT_AT + 4]
+    return next((i for i in range(512) if sector0[i] != built[i]), None)
 
 
 def build(path: str, size: int, sectors: int = 100) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import lmdb
 
 from stamp import StampError
+from vhd.cli import _connection_opts, standard_streams
 from vhd.errors import VhdError
 
 from .errors import HostError
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-mib", type=int, default=128,
                    help="memory for requests in flight, all clients together (default 128; at most half "
                    "per client); past it the server stops reading requests until replies have left")
+    _connection_opts(p)
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -294,7 +296,7 @@ def serve(a: argparse.Namespace) -> object:
 
     from .host import OS_LUN, AsyncDisk
 
-    budget = server_budget(a.max_inflight_mib)
+    budget = server_budget(a.max_inflight_mib, a.max_connections)
     if a.socket:
         claim_socket(a.socket)  # before the disks are opened (and their leases taken)
     with Host(a.host) as h:
@@ -305,7 +307,7 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
+        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     return {"stopped": a.name}
 
 
@@ -320,6 +322,7 @@ def _size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
     args = build_parser().parse_args(argv)
     try:
         print(json.dumps(run(args), indent=2, default=str))

@@ -84,7 +84,7 @@ from vhd.image import Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
-from .bootsector import BANNER, is_ours, recorded_digest
+from .bootsector import BANNER, first_change, is_ours, recorded_digest
 from .buckets import BucketStore
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
@@ -709,6 +709,10 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
     # our boot sector: the guest's CRC-32 must match the one recorded when the image was built
     # (never one recomputed from this disk: that would vouch for whatever the disk holds)
     expected = recorded_digest(sector0) if is_ours(sector0) else None
+    changed = first_change(sector0) if expected is not None else None
+    if changed is not None:
+        raise BootError(f"byte {changed} of the boot sector is not what was built (it is outside what the guest "
+                        "digests): the disk does not hold what was built")
     work = tempfile.mkdtemp(prefix="boot-", dir=host.path)
     sock, serial = os.path.join(work, "nbd.sock"), os.path.join(work, "serial.out")
     served = AsyncDisk(disk)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vhd.cli import standard_streams
 from vhd.errors import VhdError
 from vhd.ops import parse_size
 
@@ -349,6 +350,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
     args = parse(argv)
     try:
         code = run(args)

@@ -11,7 +11,9 @@ clients do. Rules kept:
   cannot take it all);
 - a connection with nothing in flight may take a small request (at most
   `small` bytes) from the `reserve` when `limit` is used up, so a light client
-  is served beside greedy ones that hold the rest and do not read replies;
+  is served beside greedy ones that hold the rest and do not read replies
+  (the NBD server sizes the reserve to hold one for every connection it
+  admits: nbd.server_budget);
 - `take` waits (never fails); a request larger than the budget is refused by
   the caller beforehand (MAX_REQUEST <= per_connection <= limit);
 - a connection that serves one request at a time (the NBD server's inline

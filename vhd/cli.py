@@ -14,7 +14,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from typing import Any
 
@@ -48,6 +48,20 @@ def _size(text: str) -> int:
         return parse_size(text)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_in(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (a clear usage error, not a traceback)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+    return parse
 
 
 def _offset(text: str) -> int:
@@ -161,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="IMAGE")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", help="a unix socket path (nbd+unix:///NAME?socket=PATH)")
-    where.add_argument("--port", type=int, default=10809, help="TCP port on --bind (default 10809)")
+    where.add_argument("--port", type=_int_in(1, 65535, "a TCP port, 1 to 65535"), default=10809,
+                       help="TCP port on --bind (default 10809)")
     p.add_argument("--bind", default="127.0.0.1", help="TCP address (default 127.0.0.1, this machine only)")
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--max-inflight-mib", type=int, default=128,
                    help="memory for requests in flight, all clients together (default 128; at most half "
                    "per client); past it the server stops reading requests until replies have left")
+    _connection_opts(p)
     _chain_opts(p)
 
     p = sub.add_parser("mount", help="expose an image as DIR/disk through FUSE (and mount its filesystem)",
@@ -388,23 +404,34 @@ def _write_pattern(dev: Any, offset: int, length: int, value: int) -> None:
         pos += n
 
 
+def _connection_opts(p: argparse.ArgumentParser) -> None:
+    """The serve options that bound what clients can hold (vhd serve and hostcache serve)."""
+    from .nbd import MAX_CONNECTIONS, STALL_TIMEOUT
+
+    p.add_argument("--max-connections", type=_int_in(1, 10_000, "1 to 10000"), default=MAX_CONNECTIONS,
+                   help=f"clients served at once (default {MAX_CONNECTIONS}); one more is closed at once")
+    p.add_argument("--stall-timeout", type=_int_in(1, 3600, "1 to 3600 seconds"), default=int(STALL_TIMEOUT),
+                   help=f"seconds a client may take to finish its handshake, or to send the data of a "
+                   f"large write (default {STALL_TIMEOUT:.0f}); a slower one is closed")
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .nbd import Export, NbdServer, claim_socket, run_server, server_budget
+    from .nbd import Export, NbdServer, claim_socket, export_name, run_server, server_budget, text
 
     exports: dict[str, Export] = {}
     devices = []
-    budget = server_budget(a.max_inflight_mib)
+    budget = server_budget(a.max_inflight_mib, a.max_connections)
     if a.socket:
         claim_socket(a.socket)  # before the images are opened: a clear refusal, not a lock error
     try:
         for path in a.paths:
-            name = os.path.splitext(os.path.basename(path))[0]
+            name = export_name(path)
             if name in exports:
                 raise UsageError(f"two images would both be exported as {name!r}")
             dev = open_device(path, writable=not a.read_only, **_chain_kw(a))
             devices.append(dev)
-            exports[name] = Export(name, dev, os.path.basename(path), a.read_only)  # not the full path
-        run_server(NbdServer(exports, budget), a.socket, a.bind, a.port)
+            exports[name] = Export(name, dev, text(os.path.basename(path)), a.read_only)  # not the full path
+        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     except KeyboardInterrupt:
         pass
     finally:
@@ -441,7 +468,24 @@ def closed_pipe() -> int:
     return 1
 
 
+def standard_streams() -> None:
+    """A command started with stdout or stderr closed (`>&-`) finds sys.stdout
+    (or sys.stderr) None: its first flush was an AttributeError traceback, and
+    an error printed to a None stderr went to stdout, into the JSON. The closed
+    descriptor becomes /dev/null (so no file opened later takes descriptor 1 or
+    2 and receives output): the command runs, its output discarded, as with a
+    closed pipe. The stamp and hostcache commands start with it too."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    standard_streams()
     args = build_parser().parse_args(argv)
     try:
         code = COMMANDS[args.cmd](args)

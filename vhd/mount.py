@@ -10,7 +10,9 @@ each mount is a small JSON file in a runtime folder, removed with it. Needs
 root (FUSE, loop). Rules kept: helpers run isolated from the working folder
 (python -P, cwd /), their stderr goes to a log shown when they fail to start;
 names in NBD URIs are percent-encoded; umount stops at the first layer that
-refuses (busy), leaving the layers under it working, and says who holds it.
+refuses (busy), leaving the layers under it working, and says who holds it;
+a helper is signalled only if its pid still names the process mount started
+(its start time is kept beside it: a dead helper's pid may be reused).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import UsageError, VhdError
+from .nbd import export_name
 from .ops import open_device
 from .partition import partitions
 
@@ -88,7 +91,7 @@ def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None
     cmd += ["--read-only"] if readonly else []
     for d in allow_dirs or []:
         cmd += ["--allow-dir", os.path.abspath(d)]
-    name = os.path.splitext(os.path.basename(image))[0]
+    name = export_name(image)  # what vhd serve calls it
     return mount_served(cmd, name, os.path.abspath(image), mountpoint, readonly=readonly, fs=fs,
                         partition=partition)
 
@@ -117,7 +120,8 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
         proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=log,
                                 start_new_session=True, cwd="/")
     state: dict[str, Any] = {"image": what, "mountpoint": os.path.abspath(mountpoint),
-                             "server_pid": proc.pid, "fs": None, "state_dir": state_dir}
+                             "server_pid": proc.pid, "server_started": started(proc.pid), "fs": None,
+                             "state_dir": state_dir}
     try:
         _wait(lambda: os.path.exists(sock), "the NBD server", proc, server_log)
         pidfile = os.path.join(state_dir, "nbdfuse.pid")
@@ -125,7 +129,7 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
             [os.path.join(state["mountpoint"], "disk"), nbd_unix_uri(export, sock)]
         with open(fuse_log, "w") as log:
             fuse = subprocess.Popen(fcmd, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, cwd="/")
-        state["fuse_pid"] = fuse.pid
+        state["fuse_pid"], state["fuse_started"] = fuse.pid, started(fuse.pid)
         _wait(lambda: os.path.exists(pidfile) and os.path.exists(os.path.join(mountpoint, "disk")), "nbdfuse", fuse,
               fuse_log)
         disk = os.path.join(mountpoint, "disk")
@@ -171,7 +175,7 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
     that refuses, with an error naming what holds it (the state file then
     records what is already gone, so a retry goes on from there); not strict
     (undoing a failed mount): go through every layer regardless."""
-    if state.get("fs") and os.path.ismount(state["fs"]):
+    if state.get("fs") and mounted(state["fs"]):
         subprocess.run(["sync"])
         proc = subprocess.run(["umount", state["fs"]], capture_output=True, text=True)
         if proc.returncode != 0 and strict:
@@ -179,18 +183,42 @@ def _teardown(state: dict[str, Any], strict: bool = True, state_file: str | None
         state["fs"] = None
         _save(state, state_file)
     if state.get("fuse_pid"):
-        if os.path.ismount(state["mountpoint"]):
+        if mounted(state["mountpoint"]):
             proc = subprocess.run(["umount", state["mountpoint"]], capture_output=True, text=True)
             if proc.returncode != 0 and strict:
                 raise VhdError(_busy(state["mountpoint"], proc.stderr))
-        _stop(state["fuse_pid"], signal.SIGTERM)
+        _stop(state["fuse_pid"], signal.SIGTERM, state.get("fuse_started"))
         state["fuse_pid"] = None
         _save(state, state_file)
     if state.get("server_pid"):
-        _stop(state["server_pid"], signal.SIGTERM)  # the server flushes and closes the image
+        _stop(state["server_pid"], signal.SIGTERM, state.get("server_started"))  # it flushes, closes the image
         state["server_pid"] = None
     if not strict and state.get("state_dir"):
         shutil.rmtree(state["state_dir"], ignore_errors=True)
+
+
+def mounted(path: str) -> bool:
+    """Whether something is mounted at `path`, by the kernel's mount table: a
+    FUSE mount whose nbdfuse died cannot be stat'ed ("Transport endpoint is not
+    connected"), so os.path.ismount calls it not a mount, and it would stay."""
+    targets = {os.path.abspath(path), os.path.realpath(path)}  # the table has the path the kernel resolved
+    try:
+        with open("/proc/self/mounts") as f:
+            table = f.read()
+    except OSError:
+        return os.path.ismount(path)
+    for line in table.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 1 and _unescape(fields[1]) in targets:
+            return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    """A /proc/mounts path: space, tab, newline and backslash are octal escapes."""
+    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, char)
+    return field
 
 
 def _save(state: dict[str, Any], state_file: str | None) -> None:
@@ -236,7 +264,24 @@ def _links(pid: str) -> list[str]:
     return out
 
 
-def _stop(pid: int, sig: int) -> None:
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat), or
+    None if there is none: with its pid it names one process, never a later one
+    that reuses the pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+        return int(fields[19])  # field 22, starttime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stop(pid: int, sig: int, start: int | None = None) -> None:
+    """Stop our helper `pid`: SIGTERM, then SIGKILL if it lingers. If it died
+    already (kill -9, a crash) and its pid went to another process, that one is
+    left alone: `start` is when ours started."""
+    if start is not None and started(pid) != start:
+        return  # ours is gone; the pid, if alive, is someone else's
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

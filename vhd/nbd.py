@@ -28,11 +28,17 @@ back once its reply has left (but for at most SEND_PIECE per connection still
 buffered: large replies go out a piece at a time, so asyncio never copies more
 than about two pieces of one). Out of budget, a connection stops reading
 requests (backpressure). A large read from a file is read a piece at a time,
-letting other connections in between. A client that goes away has its pending
+letting other connections in between; so is a large WRITE_ZEROES with NO_HOLE.
+A client that goes away has its pending
 work cancelled and its buffer dropped; the error's traceback is cut so no
 reference cycle keeps its data until gc. A block status reply describes at
-most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused,
-and removed on exit.
+most BLOCK_STATUS_SPAN. A unix socket a live server answers on is refused
+(the server binds it: asyncio would unlink it), and removed on exit. At most
+max_connections clients at once (one more is closed at once); a client that
+takes over stall_timeout to finish its handshake or to send a large write's
+data is closed (such a write holds its budget while it comes). Every request
+costs at least REQUEST_OVERHEAD of the budget, a block status its largest
+reply, so replies without data are held to it too.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import os
 import socket as socketlib
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 
 from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
@@ -86,6 +93,11 @@ MAX_REQUEST = 32 * 1024 * 1024  # what we advertise as the maximum block size
 BLOCK_STATUS_SPAN = 64 * 1024 * 1024  # the most one block status reply describes (at most 1 MiB of descriptors)
 SEND_PIECE = 256 * 1024  # replies larger than this are sent piece by piece (and small ones in one send)
 MAX_OPTION = 64 * 1024  # longer option data is refused (no memory sized by the client)
+MAX_CONNECTIONS = 64  # connections served at once (`serve --max-connections`); more are closed at once
+STALL_TIMEOUT = 30.0  # seconds a client has to reach transmission, or to send a large request's payload
+STALL_CHECKED = SEND_PIECE  # payloads larger than this are read under STALL_TIMEOUT (they hold much budget)
+RESERVED = 128 * 1024  # the reserve holds a request of this size for every connection (server_budget)
+REQUEST_OVERHEAD = 4096  # the least a request in flight costs of the budget (its task, its reply)
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -179,15 +191,25 @@ async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
         writer.write(view[at:at + SEND_PIECE])
         if writer.transport.get_write_buffer_size() > SEND_PIECE:
             await writer.drain()
+    if not data and writer.transport.get_write_buffer_size() > SEND_PIECE:
+        await writer.drain()  # replies with no data (FLUSH, a block status) pile up too
 
 
 def request_cost(kind: int, flags: int, length: int) -> int:
-    """The bytes a request holds in memory while in flight (its budget)."""
+    """The bytes a request holds in memory while in flight (its budget): its
+    data, a block status reply's largest size, and never less than
+    REQUEST_OVERHEAD (a request in flight is a task and a reply even without
+    data, so a client sending FLUSH or CACHE it never reads the replies of is
+    held to the budget too)."""
     if kind == CMD_WRITE or (kind == CMD_READ and length <= MAX_REQUEST):
-        return length  # a READ over the maximum is refused with no data
-    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
-        return min(length, ZERO_CHUNK)
-    return 0
+        cost = length  # a READ over the maximum is refused with no data
+    elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+        cost = min(length, ZERO_CHUNK)
+    elif kind == CMD_BLOCK_STATUS:
+        cost = min(length, BLOCK_STATUS_SPAN) // 512 * 8  # a descriptor per sector at most
+    else:
+        cost = 0
+    return max(cost, REQUEST_OVERHEAD)
 
 
 def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> bytes:
@@ -208,7 +230,8 @@ def block_status(device: BlockDevice, offset: int, length: int, one: bool) -> by
 
 
 def _errno(e: Exception, kind: int) -> int:
-    """The NBD error of a device's exception."""
+    """The NBD error of a device's exception: one from a layer under the
+    device (the stamp out of healthy nodes, under an attached disk) is EIO too."""
     if isinstance(e, ReadOnlyError):
         return errno.EPERM
     if isinstance(e, RangeError):
@@ -219,16 +242,34 @@ def _errno(e: Exception, kind: int) -> int:
 class NbdServer:
     """Serves `exports` (name -> Export); the first is also the default ("")."""
 
-    def __init__(self, exports: dict[str, Export], budget: Budget | None = None) -> None:
+    def __init__(self, exports: dict[str, Export], budget: Budget | None = None,
+                 max_connections: int = MAX_CONNECTIONS, stall_timeout: float = STALL_TIMEOUT) -> None:
         if not exports:
             raise VhdError("an NBD server needs at least one export")
+        if max_connections < 1 or not stall_timeout > 0:
+            raise UsageError("an NBD server needs at least one connection and a positive stall timeout")
         self.exports = exports
-        self.budget = budget or Budget()
+        self.budget = budget or server_budget(128, max_connections)
         if self.budget.per_connection < MAX_REQUEST:
             raise UsageError(f"the in-flight budget per connection must hold one request of {MAX_REQUEST >> 20} MiB")
         self.default = next(iter(exports.values()))
         self.server: asyncio.base_events.Server | None = None
-        self.connections = 0
+        self.max_connections, self.stall_timeout = max_connections, stall_timeout
+        self.connections = 0  # served so far
+        self.active = 0  # open now: at most max_connections
+        self.refused = 0  # closed at once: the server was full
+        self.said: set[str] = set()  # the device errors already said on stderr
+
+    def _error(self, e: Exception, kind: int) -> int:
+        """The NBD error of a device's exception. One that is not the device's
+        own (VhdError, OSError) is said on stderr, where the operator sees it,
+        once: a client retrying must not grow the log (a mount's, in /run) for
+        ever. A request the server does not answer would hang its client."""
+        said = f"{type(e).__name__}: {e}"
+        if not isinstance(e, (VhdError, OSError)) and said not in self.said and len(self.said) < 64:
+            self.said.add(said)
+            print(f"nbd: the device failed: {said} (each such error is said once)", file=sys.stderr, flush=True)
+        return _errno(e, kind)
 
     def lookup(self, name: str) -> Export | None:
         return self.exports.get(name) or (self.default if name == "" else None)
@@ -238,19 +279,43 @@ class NbdServer:
         return self.server
 
     async def serve_unix(self, path: str) -> asyncio.base_events.Server:
-        self.server = await asyncio.start_unix_server(self._client, path)
+        """Listen on `path`; a file already there (a live server's socket) is an
+        error: asyncio would unlink it and take its clients over. run_server's
+        claim_socket removes a dead server's socket first."""
+        sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise UsageError(f"{path} is already in use (a server listens there, or a file is in the way): "
+                                 "stop that server, or choose another --socket") from None
+            raise
+        self.server = await asyncio.start_unix_server(self._client, sock=sock)
         return self.server
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self.refused += 1  # full: closed before the greeting, holding nothing
+            writer.transport.abort()
+            return
         self.connections += 1
+        self.active += 1
+        try:
+            await self._serve_connection(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = Connection()
         # drain() waits while more than SEND_PIECE is buffered: the slack a connection may hold
         # outside the budget (the rest of a reply that has mostly left, or small replies)
         writer.transport.set_write_buffer_limits(high=SEND_PIECE)
         try:
-            if await self._handshake(reader, writer, conn):
+            # a client that dawdles in the handshake (slowloris) is closed: it holds a connection
+            if await asyncio.wait_for(self._handshake(reader, writer, conn), self.stall_timeout):
                 await self._transmission(reader, writer, conn)
-        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError) as e:
+        except (asyncio.IncompleteReadError, ConnectionError, ProtocolError, TimeoutError) as e:
             # the client vanished or broke the protocol: this connection only. A lost
             # connection's error is kept by the transport's reader, waiter and closed
             # future: its traceback would keep the frames it unwound, and the data they
@@ -392,7 +457,7 @@ class NbdServer:
                 # no budget, no more requests read: the client's sends block (backpressure)
                 ticket = await budget.take(conn.account, cost)
                 try:
-                    payload = await reader.readexactly(length) if kind == CMD_WRITE else b""  # whole, before any ack
+                    payload = b"" if kind != CMD_WRITE else await self._payload(reader, length)  # whole, before any ack
                 except BaseException:
                     budget.give(ticket)
                     raise
@@ -405,9 +470,16 @@ class NbdServer:
             # request at a time, so the shared pool is all there is to check (the fast path)
             taken: Ticket | None = None if budget.take_nowait(cost) else await budget.take(conn.account, cost)
             try:
-                payload = await reader.readexactly(length) if kind == CMD_WRITE else b""
+                if kind != CMD_WRITE:
+                    payload = b""
+                elif length <= STALL_CHECKED:
+                    payload = await reader.readexactly(length)  # the fast path: no timer, no extra call
+                else:
+                    payload = await self._payload(reader, length)
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
+                elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
+                    head, data = await self._large_zeroes(conn, export, flags, cookie, offset, length)
                 else:
                     head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
                 payload = b""
@@ -424,6 +496,15 @@ class NbdServer:
                 else:
                     budget.give(taken)
 
+    async def _payload(self, reader: asyncio.StreamReader, length: int) -> bytes:
+        """A WRITE's data. A large one holds its bytes of the budget while it
+        comes: a client that stops sending it midway (a few such clients would
+        hold the whole budget for ever) is closed after STALL_TIMEOUT."""
+        if length <= STALL_CHECKED:
+            return await reader.readexactly(length)  # no timer per small write
+        async with asyncio.timeout(self.stall_timeout):
+            return await reader.readexactly(length)
+
     def _serve(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
                length: int, payload: bytes) -> tuple[bytes, bytes]:
         """One request against a device that does not wait: the reply (header, data)."""
@@ -431,8 +512,8 @@ class NbdServer:
         if not error:
             try:
                 data, status = self._execute(export.device, flags, kind, offset, length, payload)
-            except (VhdError, OSError) as e:
-                error = _errno(e, kind)
+            except Exception as e:  # any failure of the device gets a reply (_errno), never none
+                error = self._error(e, kind)
         return self._reply(conn, kind, cookie, offset, error, data, status)
 
     async def _large_read(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
@@ -449,9 +530,26 @@ class NbdServer:
                 n = min(SEND_PIECE, length - at)
                 buf[at:at + n] = export.device.read(offset + at, n)
                 await asyncio.sleep(0)
-        except (VhdError, OSError) as e:
-            return self._reply(conn, CMD_READ, cookie, offset, _errno(e, CMD_READ), b"", b"")
+        except Exception as e:  # any failure of the device gets a reply (_errno), never none
+            return self._reply(conn, CMD_READ, cookie, offset, self._error(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
+
+    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
+                            length: int) -> tuple[bytes, bytes]:
+        """A WRITE_ZEROES with NO_HOLE larger than ZERO_CHUNK (up to 4 GiB) on a
+        device that does not wait, written a chunk at a time with the loop let
+        go in between: it does not stop every other client for seconds."""
+        error = self._refuse(conn, export, flags, CMD_WRITE_ZEROES, offset, length)
+        if not error:
+            try:
+                for at in range(offset, offset + length, ZERO_CHUNK):
+                    write_zeros(export.device, at, min(ZERO_CHUNK, offset + length - at))
+                    await asyncio.sleep(0)
+                if flags & CMDF_FUA:
+                    export.device.flush()
+            except Exception as e:  # any failure of the device gets a reply (_errno), never none
+                error = self._error(e, CMD_WRITE_ZEROES)
+        return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
 
     @staticmethod
     def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
@@ -502,8 +600,8 @@ class NbdServer:
                 data = b""
                 try:
                     data = await self._execute_waiting(export.device, flags, kind, offset, length, payload)
-                except (VhdError, OSError) as e:
-                    error = _errno(e, kind)
+                except Exception as e:  # any failure of the device gets a reply (_errno), never none
+                    error = self._error(e, kind)
                 head, data = self._reply(conn, kind, cookie, offset, error, data, b"")
             else:
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
@@ -535,7 +633,7 @@ class NbdServer:
         if kind in (CMD_READ, CMD_WRITE) and length > MAX_REQUEST:
             return errno.EOVERFLOW if kind == CMD_READ else errno.EINVAL
         if kind in (CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_CACHE, CMD_BLOCK_STATUS):
-            if kind != CMD_BLOCK_STATUS and length == 0:
+            if length == 0:  # (a block status of nothing would need a reply with no descriptor: invalid)
                 return errno.EINVAL
             if offset + length > size:
                 return errno.ENOSPC if kind in (CMD_WRITE, CMD_WRITE_ZEROES) else errno.EINVAL
@@ -559,12 +657,30 @@ class NbdServer:
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
 
 
-def server_budget(mib: int) -> Budget:
+def export_name(path: str) -> str:
+    """The export name of an image file: its name without the extension, as
+    UTF-8 text (NBD names are UTF-8; a file name byte that is not, kept by
+    Python as a surrogate, becomes U+FFFD instead of breaking every reply that
+    names the export)."""
+    return text(os.path.splitext(os.path.basename(path))[0])
+
+
+def text(name: str) -> str:
+    """`name` (a file name, perhaps with undecodable bytes) as valid UTF-8 text."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def server_budget(mib: int, max_connections: int = MAX_CONNECTIONS) -> Budget:
     """The budget of `serve --max-inflight-mib`: at most half of it per connection,
-    and at least one request of the maximum size."""
+    and at least one request of the maximum size; and a reserve that holds a
+    small request (RESERVED bytes) for every connection at once, so however the
+    others hold the pool and the reserve (4 connections of unread 32 MiB reads
+    and 8 of one unread 1 MiB read each starved a light client for ever when
+    the reserve was a fixed 8 MiB in 1 MiB requests), a light client is served."""
     if mib << 20 < MAX_REQUEST:
         raise UsageError(f"--max-inflight-mib must be at least {MAX_REQUEST >> 20} (one request of the maximum size)")
-    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2))
+    return Budget(mib << 20, per_connection=max(MAX_REQUEST, (mib << 20) // 2), reserve=max_connections * RESERVED,
+                  small=RESERVED)
 
 
 def claim_socket(path: str) -> None:

@@ -37,3 +37,22 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path, make):
         args = ["hostcache", "tiers", "Premium_LRS"]
     r = closed_pipe_run(*args)
     assert r.returncode == 1 and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("make", ["vhd", "stamp", "hostcache"])
+def test_a_closed_stdout_or_stderr_is_no_traceback_and_no_error_in_the_output(tmp_path, make):
+    """`cmd >&-` (stdout closed, not a pipe): Python gives sys.stdout = None and
+    the command's first flush raised AttributeError; with stderr closed its
+    error went to stdout, into what a script parses."""
+    vhd.create(tmp_path / "d.vhd", 8 << 20).close()
+    Stamp.create(str(tmp_path / "st")).close()
+    ok, bad = {"vhd": (["info", str(tmp_path / "d.vhd")], ["info", str(tmp_path / "none.vhd")]),
+               "stamp": (["--stamp", str(tmp_path / "st"), "disk", "list"],
+                         ["--stamp", str(tmp_path / "st"), "disk", "show", "none"]),
+               "hostcache": (["tiers", "Premium_LRS"], ["vm-size", "NoSuchSize"])}[make]
+    closed_out = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", make, *ok],
+                                capture_output=True, text=True, timeout=60)
+    assert closed_out.returncode == 0 and closed_out.stderr == "", closed_out.stderr
+    closed_err = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-m", make, *bad],
+                                capture_output=True, text=True, timeout=60)
+    assert closed_err.returncode != 0 and closed_err.stdout == "", closed_err.stdout

@@ -141,3 +141,34 @@ def test_a_client_still_connected_when_the_guest_stops_is_shut_down_with_the_ser
     assert held, "the second client never connected"
     assert not unraisable
     assert not [t for t in threading.enumerate() if t.name == "boot-nbd"]
+
+
+def test_a_byte_changed_in_the_boot_sector_outside_the_guests_digest_fails_the_boot_check(host, tmp_path):
+    """The guest digests the sectors after its own: a byte of sector 0's padding
+    or partition table changed before `stamp image create` booted as verified."""
+    for n, at in enumerate((300, 450)):  # the padding, the partition entry
+        path = str(tmp_path / f"flip{n}.vhd")
+        build(path, 32 * MIB, sectors=100)
+        with vhd.open(path, writable=True) as img:
+            old = img.read(at, 1)
+            img.write(0, img.read(0, at) + bytes([old[0] ^ 1]) + img.read(at + 1, 511 - at))
+        Disks(host.stamp).create_image(f"flip{n}", path=path)
+        host.create_vm(f"vm{n}", "D2s_v3", f"flip{n}")
+        with pytest.raises(BootError, match=f"byte {at} of the boot sector"):
+            host.boot(f"vm{n}", real=True)
+
+
+def test_a_byte_changed_in_the_boot_code_is_not_taken_for_a_foreign_boot_sector(host, tmp_path):
+    """A letter of the banner flipped: the sector was no longer recognised as
+    ours, so nothing was expected of it and the boot ended without an error."""
+    path = str(tmp_path / "banner.vhd")
+    build(path, 32 * MIB, sectors=100)
+    with vhd.open(path, writable=True) as img:
+        sector0 = bytearray(img.read(0, 512))
+        at = bytes(sector0).index(b"diskstamp boot") + 3
+        sector0[at] ^= 0x20
+        img.write(0, bytes(sector0))
+    Disks(host.stamp).create_image("banner", path=path)
+    host.create_vm("vm", "D2s_v3", "banner")
+    with pytest.raises(BootError, match=f"byte {at} of the boot sector"):
+        host.boot("vm", real=True)

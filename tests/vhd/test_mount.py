@@ -140,3 +140,53 @@ def test_the_server_imports_nothing_from_the_working_folder_and_a_space_in_the_n
         assert f.read(6) == b"spaced"
     assert not marker.exists()
     assert cli("umount", str(dirs / "m")).returncode == 0
+
+
+def test_umount_after_the_server_died_leaves_a_process_that_reused_its_pid_alone(dirs):
+    """The state file names the server by pid: once the server is dead (kill -9)
+    the pid may belong to another process, which umount (as root) must not
+    signal: SIGTERM, then SIGKILL after 15 s."""
+    import signal
+
+    from vhd.mount import _state_path
+
+    img = dirs / "gone.vhd"
+    vhd.create(img, 8 * MIB).close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    state_file = os.path.join(_state_path(str(dirs / "m")), "state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    os.kill(state["server_pid"], signal.SIGKILL)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        state["server_pid"] = bystander.pid  # what a reused pid looks like to umount
+        with open(state_file, "w") as f:
+            json.dump(state, f)
+        assert cli("umount", str(dirs / "m")).returncode == 0
+        assert bystander.poll() is None, "umount signalled a process that is not its server"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_umount_after_nbdfuse_died_removes_its_dead_mount(dirs):
+    """A FUSE mount whose nbdfuse was killed cannot be stat'ed: umount took it
+    for no mount, said it had unmounted, and left the folder unusable
+    ("Transport endpoint is not connected") and no longer a vhd mount."""
+    import signal
+
+    from vhd.mount import mounted
+
+    img = dirs / "fuse gone.vhd"
+    vhd.create(img, 8 * MIB).close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    os.kill(json.loads(r.stdout)["fuse_pid"], signal.SIGKILL)
+    assert mounted(str(dirs / "m"))
+    r = cli("umount", str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    assert not mounted(str(dirs / "m"))
+    r = cli("mount", str(img), str(dirs / "m"))  # the folder can be used again
+    assert r.returncode == 0, r.stderr
+    assert cli("umount", str(dirs / "m")).returncode == 0

@@ -415,3 +415,355 @@ def test_greedy_clients_get_a_bounded_share_and_a_light_client_is_still_served(t
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+# -- replies without data, a device that waits (hostcache serve's path) -------------------------------
+
+
+class WaitingDevice:
+    """A device whose read and write are coroutines (as hostcache's AsyncDisk),
+    with a fragmented allocation map; counts the block status requests it served."""
+
+    size = 64 * MIB
+    readonly = False
+
+    def __init__(self) -> None:
+        self.statuses = 0
+        piece = 64 * 1024  # a block status of the whole disk: 1,024 descriptors, an 8 KiB reply
+        self.map = [vhd.Extent(o, piece, vhd.Alloc.DATA if (o // piece) % 2 else vhd.Alloc.ZERO)
+                    for o in range(0, self.size, piece)]
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return bytes(length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def allocation(self, offset: int, length: int) -> list:
+        self.statuses += 1
+        return [e for e in self.map if offset <= e.offset < offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class ServerThread:
+    """An NbdServer on a unix socket, its event loop in a thread of this process
+    (asyncio.run: on the way out the connections' tasks are cancelled, the loop closed)."""
+
+    def __init__(self, server: nbd.NbdServer, sock: str) -> None:
+        import asyncio
+        import threading
+
+        self.server, self.ready = server, threading.Event()
+
+        async def main() -> None:
+            self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
+            async with await server.serve_unix(sock):
+                self.ready.set()
+                await self.stop.wait()
+        self.thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(10)
+
+
+def negotiate_meta(sock: str, name: str) -> socket.socket:
+    """A client with structured replies and base:allocation, in transmission."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    c = Client.__new__(Client)
+    c.s = s
+    c.recv(18)
+    s.sendall(struct.pack(">I", nbd.FLAG_FIXED_NEWSTYLE | nbd.FLAG_NO_ZEROES))
+
+    def option(kind: int, data: bytes) -> None:
+        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, kind, len(data)) + data)
+        while True:
+            _magic, _opt, reply, n = struct.unpack(">QIII", c.recv(20))
+            c.recv(n)
+            if reply == nbd.REP_ACK:
+                return
+            assert reply < 2**31, reply
+    raw, query = name.encode(), nbd.META_BASE_ALLOCATION.encode()
+    option(nbd.OPT_STRUCTURED_REPLY, b"")
+    option(nbd.OPT_SET_META_CONTEXT, struct.pack(">I", len(raw)) + raw + struct.pack(">II", 1, len(query)) + query)
+    option(nbd.OPT_GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
+    return s
+
+
+def test_replies_without_data_are_held_to_the_budget_on_a_device_that_waits(tmp_path):
+    """A client that sends block status requests (FLUSH, CACHE...) and never reads
+    a reply: the server stops reading them once the budget holds their replies,
+    instead of queueing replies (and tasks) without end."""
+    dev = WaitingDevice()
+    sock = str(tmp_path / "w.sock")
+    srv = ServerThread(nbd.NbdServer({"w": nbd.Export("w", dev)}), sock)  # type: ignore[arg-type]
+    try:
+        s = negotiate_meta(sock, "w")
+        s.settimeout(10)  # no progress for that long: the server stopped reading
+        sent = 0
+        request = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_BLOCK_STATUS, 1, 0, 64 * MIB)
+        try:
+            while sent < 20000:  # 160 MiB of replies: more than twice the bound below
+                s.sendall(request * 100)
+                sent += 100
+        except TimeoutError:
+            pass  # the server stopped reading: backpressure reached the client
+        last, still = -1, 0
+        while still < 20:  # until the server stops serving (a wait, not a timing check)
+            time.sleep(0.05)
+            still, last = (still + 1, last) if dev.statuses == last else (0, dev.statuses)
+        reply = 20 + 4 + 8 * len(dev.map)
+        buffers = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) + s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        bound = srv.server.budget.per_connection + 2 * nbd.SEND_PIECE + 2 * buffers
+        assert dev.statuses * reply <= bound, f"{dev.statuses * reply >> 20} MiB of replies for a client reading none"
+        s.close()
+    finally:
+        srv.close()
+
+
+def closed(s: socket.socket) -> bool:
+    """The server closed `s` (end of file or reset) before sending anything more."""
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_past_the_cap_are_closed_and_a_silent_handshake_is_ended(tmp_path):
+    """Each connection costs the server buffers outside the budget: their number
+    is bounded, and a client that never finishes its handshake (slowloris) does
+    not hold one for ever."""
+    sock = str(tmp_path / "c.sock")
+    server = nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}, max_connections=2,  # type: ignore[arg-type]
+                           stall_timeout=0.5)
+    srv = ServerThread(server, sock)
+    try:
+        silent = []
+        for _ in range(2):  # greeted, then they say nothing
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(sock)
+            assert len(s.recv(18)) == 18
+            silent.append(s)
+        extra = socket.socket(socket.AF_UNIX)
+        extra.settimeout(10)
+        extra.connect(sock)
+        assert closed(extra)  # the server is full: closed with no greeting
+        for s in silent:
+            try:
+                s.sendall(b"\x00\x00")  # half of the client flags, then nothing more
+            except OSError:
+                pass  # already closed by the timeout (a slow machine)
+            assert closed(s)  # by the handshake timeout (the socket's 10 s is only a guard)
+            s.close()
+        deadline = time.monotonic() + 10
+        while server.active and time.monotonic() < deadline:  # the server notices (a wait, not a timing check)
+            time.sleep(0.02)
+        c = Client(sock, "w")  # room again: served
+        assert c.size == 64 * MIB and c.request(nbd.CMD_READ, 0, 512) == (0, bytes(512))
+        assert server.refused == 1
+    finally:
+        srv.close()
+    with pytest.raises(vhd.UsageError):
+        nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}, max_connections=0)  # type: ignore[arg-type]
+
+
+def test_a_second_server_binding_a_live_socket_is_refused_not_a_takeover(tmp_path):
+    """Two servers started at once both find no server on the socket: the one
+    that binds second must fail, not unlink the first's socket and take its
+    clients (the first would live on, orphaned, holding its image)."""
+    import asyncio
+
+    sock = str(tmp_path / "t.sock")
+    with vhd.create(tmp_path / "first.vhd", 8 * MIB) as first, vhd.create(tmp_path / "second.vhd", 4 * MIB) as second:
+        srv = ServerThread(nbd.NbdServer({"first": nbd.Export("first", first)}), sock)
+        try:
+            other = nbd.NbdServer({"second": nbd.Export("second", second)})
+            with pytest.raises(vhd.UsageError, match="already in use"):
+                asyncio.run(other.serve_unix(sock))
+            assert Client(sock, "").size == 8 * MIB  # the first server still has its socket
+        finally:
+            srv.close()
+
+
+def test_serve_refuses_a_port_out_of_range_with_a_usage_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vhd", "serve", str(tmp_path / "x.vhd"), "--port", "99999"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "a TCP port" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_huge_zero_write_does_not_hold_up_another_client(tmp_path):
+    """WRITE_ZEROES with NO_HOLE takes up to 4 GiB: written in one go it stopped
+    every client for seconds (about 2.5 s a GiB here). A light client's read sent while it runs is
+    answered before it (an order, not a time)."""
+    import select
+
+    with vhd.create(tmp_path / "z.vhd", 4 << 30):
+        pass
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "z.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        greedy, light = Client(sock, "z"), Client(sock, "z")
+        greedy.s.settimeout(120)
+        greedy.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, nbd.CMDF_NO_HOLE, nbd.CMD_WRITE_ZEROES, 7, 0,
+                                     1 << 30))
+        time.sleep(0.3)  # the server has started it
+        assert light.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+        answered, _, _ = select.select([greedy.s], [], [], 0)
+        assert not answered, "the zero write was finished before a 4 KiB read sent after it was served"
+        assert struct.unpack(">IIQ", greedy.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 7)
+        assert light.request(nbd.CMD_READ, (1 << 30) - 4096, 4096) == (0, bytes(4096))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_file_name_that_is_not_utf8_is_served_under_a_utf8_name(tmp_path):
+    """bad\\xff.vhd: the export's name (and description) went out as text that
+    cannot be encoded, and every client's handshake ended in a traceback."""
+    path = os.path.join(os.fsencode(tmp_path), b"bad\xff.vhd")
+    with vhd.create(os.fsdecode(path), 8 * MIB) as img:
+        img.write(0, b"odd name")
+    assert nbd.export_name(os.fsdecode(path)) == "bad\ufffd"
+    sock = str(tmp_path / "u.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", os.fsdecode(path), "--socket", sock],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["serving"] == ["bad\ufffd"]  # type: ignore[union-attr]
+        listed = json.loads(run("nbdinfo", "--json", "--list", f"nbd+unix://?socket={sock}").stdout)
+        assert [e["export-name"] for e in listed["exports"]] == ["bad\ufffd"]
+        from vhd.mount import nbd_unix_uri
+
+        assert Client(sock, "bad\ufffd").request(nbd.CMD_READ, 0, 8)[1] == b"odd name"
+        info = json.loads(run("nbdinfo", "--json", nbd_unix_uri("bad\ufffd", sock)).stdout)["exports"][0]
+        assert (info["export-size"], info["description"]) == (8 * MIB, "bad\ufffd.vhd")  # the URI mount gives nbdfuse
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "Traceback" not in err, err
+
+
+def test_writes_whose_data_never_comes_do_not_hold_the_budget_for_ever(tmp_path):
+    """Four clients each send a 32 MiB WRITE's header and a few bytes of its data:
+    they held the whole budget, and any other client's read over 1 MiB waited
+    for ever. A payload that stalls closes its connection."""
+    with vhd.create(tmp_path / "s.vhd", 64 * MIB) as img:
+        img.write(0, b"\x42" * 2 * MIB)
+    sock = str(tmp_path / "s.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "s.vhd"), "--socket", sock,
+                             "--stall-timeout", "1"], stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        hogs = []
+        for _ in range(4):
+            h = Client(sock, "s")
+            h.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 1, 0, 32 * MIB) + b"h" * 100)
+            hogs.append(h)
+        c = Client(sock, "s")
+        c.s.settimeout(30)  # a guard: the stall timeout is 1 s
+        assert c.request(nbd.CMD_READ, 0, 2 * MIB) == (0, b"\x42" * 2 * MIB)
+        assert all(closed(h.s) for h in hogs)
+        assert c.request(nbd.CMD_READ, 0, 512) == (0, b"\x42" * 512)  # the stalled writes left nothing
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_block_status_of_zero_bytes_is_refused_and_the_connection_lives(served):
+    """A reply with no descriptor breaks the protocol: libnbd dropped the
+    connection ("invalid length in NBD_REPLY_TYPE_BLOCK_STATUS")."""
+    import nbd as libnbd
+
+    _, sock = served
+    h = libnbd.NBD()
+    h.add_meta_context("base:allocation")
+    h.set_strict_mode(0)  # libnbd sends what we ask; the server has to judge
+    h.connect_uri(uri(sock, "dyn"))
+    for offset in (0, 64 * MIB):  # the start, the end of the export
+        with pytest.raises(libnbd.Error) as refused:
+            h.block_status(0, offset, lambda *a: 0)
+        assert refused.value.errno == "EINVAL"
+    assert h.pread(4096, MIB) == b"\xab" * 4096  # still connected
+    h.shutdown()
+
+
+class FailingDevice(WaitingDevice):
+    """A device stacked on a layer with errors of its own (hostcache's attached
+    disk over the stamp: NotEnoughNodes when the extent nodes are full)."""
+
+    class LayerError(Exception):
+        pass
+
+    async def write(self, offset: int, data: bytes) -> None:
+        raise self.LayerError("need 3 healthy extent nodes")
+
+
+class FailingFileDevice(FailingDevice):
+    """The same, answering at once (vhd serve's inline path)."""
+
+    def write(self, offset: int, data: bytes) -> None:  # type: ignore[override]
+        raise self.LayerError("need 3 healthy extent nodes")
+
+    def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return bytes(length)
+
+
+@pytest.mark.parametrize("device", [FailingDevice, FailingFileDevice])
+def test_an_error_from_a_layer_under_the_device_is_eio_not_a_request_never_answered(tmp_path, capfd, device):
+    """hostcache serve with every extent node full: the write's task died with
+    NotEnoughNodes ("Task exception was never retrieved") and the client waited
+    for its reply for ever."""
+    sock = str(tmp_path / "f.sock")
+    srv = ServerThread(nbd.NbdServer({"f": nbd.Export("f", device())}), sock)  # type: ignore[arg-type]
+    try:
+        c = Client(sock, "f")
+        for _ in range(3):
+            assert c.request(nbd.CMD_WRITE, 0, 512, b"w" * 512)[0] == 5  # EIO
+        assert c.request(nbd.CMD_READ, 0, 512) == (0, bytes(512))  # the connection goes on
+    finally:
+        srv.close()
+    said = capfd.readouterr().err
+    assert "need 3 healthy extent nodes" in said  # the operator is told why, once (a retrying client
+    assert said.count("need 3 healthy") <= 1  # would grow a mount's log in /run, in memory, for ever)
+
+
+def test_a_light_client_is_served_when_others_hold_the_pool_and_the_reserve(tmp_path):
+    """4 connections of unread 32 MiB reads take the shared pool; 8 more, each
+    with one unread 1 MiB read, took the whole 8 MiB reserve, and a light
+    client's 4 KiB read then waited for ever. The reserve now holds a small
+    request for every connection the server admits."""
+    with vhd.create(tmp_path / "r.vhd", 64 * MIB, type="fixed"):
+        pass
+    sock = str(tmp_path / "r.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "r.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        hogs = greedy(sock, "r", 4, 10)
+        for _ in range(8):
+            h = Client(sock, "r")
+            h.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1, 0, MIB))
+            hogs.append(h)
+        time.sleep(1)  # the server takes their budget (an ordering aid, not a timing check)
+        light = Client(sock, "r")
+        light.s.settimeout(30)  # a guard: the answer comes at once or never
+        assert light.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+        for h in hogs:
+            h.s.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
