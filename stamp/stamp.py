@@ -188,14 +188,13 @@ class Stamp:
         """Walk the stamp: placement, extents, index vs extents, snapshot tables,
         and (deep) every record of every replica."""
         report = CheckReport()
-        self.stream.refresh_nodes()
+        self.stream.recover()  # as an open does: a writer that died since this process opened the stamp
         extents = {e.id: e for e in self.stream.all_extents()}
         nodes = self.stream.nodes
         for e in extents.values():
-            if e.state == "open" and not owner_alive(e):
+            if e.state == "open" and not owner_alive(e):  # recovery waits for a down replica
                 report.problems.append(f"extent {e.id}: open and its writer is gone; it is sealed when "
-                                       f"{', '.join(self.stream.down_members(e)) or 'the stamp is opened'} "
-                                       "is back up")
+                                       f"{', '.join(self.stream.down_members(e)) or 'its nodes are'} back up")
             domains = {nodes[n].fault_domain for n in e.nodes if n in nodes}
             if len(e.nodes) != REPLICAS or len(set(e.nodes)) != REPLICAS:
                 report.problems.append(f"extent {e.id}: {len(set(e.nodes))} distinct replicas, not {REPLICAS}")
