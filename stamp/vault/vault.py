@@ -440,7 +440,7 @@ class Vault:
                     self._write_pieces(pieces, m["size"], v, digests)
                     v.flush()
                     self._read_back(pieces, digests, m["size"], v)
-                rec = disks.replace_disk(name, temp, restored_from=point)
+                rec = disks.replace_disk(name, temp, overwrite=overwrite, restored_from=point)
             except BaseException:
                 disks.delete_disk(temp)
                 raise

@@ -19,6 +19,7 @@ import pytest
 import vhd
 from stamp import Stamp
 from stamp.disks import Disks
+from stamp.errors import StampError
 from stamp.vault import CHUNK, ChunkError, Vault, VaultError
 from stamp.vault import chunk as ck
 
@@ -574,3 +575,54 @@ def test_patches_decode_to_what_was_encoded_and_refuse_anything_else():
             pass
 
     any_bytes()
+
+
+# -- outside attack (adv11) ---------------------------------------------------------------------
+
+
+def test_restore_to_a_new_disk_never_replaces_one_made_meanwhile(env, monkeypatch):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    real = disks.create_empty
+
+    def and_another_process_makes_the_name(name, *args, **kwargs):
+        out = real(name, *args, **kwargs)
+        if ".restoring-" in name:
+            real("fresh", 1, "Standard_LRS")
+            write(disks, "fresh", 0, b"theirs" * 1000)
+        return out
+
+    monkeypatch.setattr(disks, "create_empty", and_another_process_makes_the_name)
+    with pytest.raises(StampError, match="already exists"):
+        vault.restore_to_disk(vault.points()[0]["id"], disks, "fresh")
+    assert view(disks, "fresh")[:6000] == b"theirs" * 1000
+    assert sorted(d["name"] for d in disks.disks()) == ["fresh", "vm1"]
+
+
+@pytest.mark.parametrize("damage", [
+    {"disk": None}, {"seq": "1"}, {"size": -1}, {"chunk_size": 0}, {"chunks": {"x": "ab"}},
+    {"chunks": {"0": 7}}, {"chunks": {"0": ["ab"]}}, {"snapshot": 3}, {"time": "now"}, {"previous": 5},
+])
+def test_a_manifest_that_checks_out_but_is_malformed_is_listed_as_unreadable(env, damage):
+    from stamp.vault import crypto
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    body = {**vault.manifest(point), **damage}
+    if damage.get("disk", "") is None:
+        del body["disk"]
+    other = "a" * 16
+    body["id"] = other
+    open(os.path.join(vault.folder, "points", other), "wb").write(crypto.seal(body, f"manifest {other}", None))
+    vault.close()
+    vault = Vault(str(tmp / "vault"))  # no KeyError: the index is rebuilt, the point listed as unreadable
+    assert vault.rebuild_index()["unreadable"] == [other]
+    assert [p["id"] for p in vault.points()] == [point]
+    with pytest.raises(VaultError, match=other):
+        vault.restore_to_file(other, str(tmp / "out.raw"), "raw")
+    assert any(other in problem for problem in vault.check())
