@@ -230,6 +230,9 @@ class Vault:
         body = self._unseal(raw, f"manifest {point}")
         if not isinstance(body, dict) or body.get("id") != point or not isinstance(body.get("chunks"), dict):
             raise VaultError(f"manifest {point}: does not describe recovery point {point}")
+        why = _malformed(body)
+        if why:
+            raise VaultError(f"manifest {point}: {why} (written by another version, or forged)")
         return body
 
     def _manifest_ids(self) -> set[str]:
@@ -724,6 +727,37 @@ def _read_config(folder: str) -> dict[str, Any]:
             or (encrypted and (not isinstance(config.get("kdf"), dict) or config["kdf"].get("name") != "scrypt"))):
         raise VaultError(f"{path} is damaged (fields missing or out of range): put back a copy of it")
     return config
+
+
+_CHUNK_NAME = re.compile(r"[0-9a-f]{64}\Z")
+_FIELDS: dict[str, Any] = {"disk": str, "seq": int, "snapshot": str, "time": (int, float), "size": int,
+                           "chunk_size": int, "source": dict, "sku": str}
+
+
+def _malformed(m: dict[str, Any]) -> str | None:
+    """Why an authenticated manifest still cannot be used (None: it can): every
+    field of its type, every entry a chunk name or [base or None, patch] inside the disk."""
+    for name, kind in _FIELDS.items():
+        if not isinstance(m.get(name), kind) or isinstance(m.get(name), bool):
+            return f"field {name!r} is missing or of the wrong type"
+    if m["seq"] < 1 or m["size"] < 0 or m["chunk_size"] != ck.CHUNK:
+        return "sequence, size or chunk size out of range"
+    if m.get("previous") is not None and not (isinstance(m["previous"], str) and _ID.match(m["previous"])):
+        return "field 'previous' is not a recovery point's id"
+    for key, entry in m["chunks"].items():
+        if not (key.isdigit() and key.isascii() and int(key) * ck.CHUNK < m["size"]):
+            return f"entry {key[:20]!r} is not a piece of the disk"
+        if not _entry_ok(entry):
+            return f"entry {key} names no chunk"
+    return None
+
+
+def _entry_ok(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return bool(_CHUNK_NAME.match(entry))
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+            and bool(_CHUNK_NAME.match(entry[1])) and (entry[0] is None or _entry_ok(entry[0]))
+            and not isinstance(entry[0], list))
 
 
 def _names(entry: Any) -> list[str]:
