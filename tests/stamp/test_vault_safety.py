@@ -626,3 +626,42 @@ def test_a_manifest_that_checks_out_but_is_malformed_is_listed_as_unreadable(env
     with pytest.raises(VaultError, match=other):
         vault.restore_to_file(other, str(tmp / "out.raw"), "raw")
     assert any(other in problem for problem in vault.check())
+
+
+def test_a_live_process_on_this_host_keeps_its_lock_however_old(env):
+    """A restore or a backup storing nothing new may not refresh its lock for a
+    while: on its own host its process is checked, so it never counts as stale."""
+    import socket
+
+    from stamp.vault import lock as lk
+
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    mine = plant_lock(vault, pid=os.getpid(), start=lk._start_ticks(os.getpid()), host=socket.gethostname(),
+                      op="restore", disk=None, time=time.time() - 3 * 3600)
+    assert vault.unlock() == []
+    with pytest.raises(VaultError, match=f"the vault is locked: restore .*lock {mine}"):
+        vault.gc()
+    assert os.path.exists(tmp / "vault" / "locks" / mine)
+
+
+def test_a_write_that_fails_midway_leaves_no_temporary_file(env, monkeypatch):
+    """A full file system under the vault: the failed chunk's bytes go at once,
+    not after the leftovers' grace period (they would keep the disk full)."""
+    import errno
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    real = ck.seal_parts
+
+    class FullDisk(list):
+        def __iter__(self):
+            yield self[0]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "seal_parts", lambda *a, **k: FullDisk(real(*a, **k)))
+    with pytest.raises(OSError, match="No space"):
+        vault.backup(disks, "vm1")
+    assert [f for f in chunk_files(tmp / "vault") if f.endswith(".tmp")] == []
+    assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
