@@ -164,6 +164,8 @@ class Vault:
 
     def _lock(self, op: str, exclusive: bool = False, disk: str | None = None, wait: float = 0.0,
               **extra: Any) -> lk.Lock:
+        if not 0 <= wait < float("inf"):  # NaN too: it never reaches a deadline
+            raise VaultError(f"{op}: --retry-lock is a number of seconds, 0 or more, not {wait}")
         files.make_dir(self._path("locks"))
         return lk.Lock(self._path("locks"), self._seal, self._unseal, op, exclusive, disk, extra).acquire(wait)
 

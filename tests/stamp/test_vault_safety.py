@@ -665,3 +665,14 @@ def test_a_write_that_fails_midway_leaves_no_temporary_file(env, monkeypatch):
         vault.backup(disks, "vm1")
     assert [f for f in chunk_files(tmp / "vault") if f.endswith(".tmp")] == []
     assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
+
+
+@pytest.mark.parametrize("wait", [-5.0, float("nan"), float("inf")])
+def test_a_lock_wait_is_a_finite_count_of_seconds(env, wait):
+    """NaN never reaches its deadline (gc would wait forever for a live holder)."""
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    with pytest.raises(VaultError, match="--retry-lock"):
+        vault.gc(wait=wait)
+    with pytest.raises(VaultError, match="--retry-lock"):
+        vault.prune(keep_last=1, wait=wait)
