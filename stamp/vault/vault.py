@@ -433,7 +433,7 @@ class Vault:
         """A new managed disk (or, with overwrite, an existing unattached one) holding
         the point. The data goes to a new disk first, is read back against the chunk
         names, and only then takes the name: on failure the target is untouched."""
-        temp = f"{name}.restoring-{self.id}-{uuid.uuid4().hex[:8]}"
+        temp = f"vault.restoring-{self.id}-{uuid.uuid4().hex[:8]}"  # never longer than a name may be
         with self._lock("restore", restoring=temp):
             m, pieces = self.pieces(point)
             source.check_target(disks, name, overwrite)

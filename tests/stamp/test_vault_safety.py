@@ -676,3 +676,17 @@ def test_a_lock_wait_is_a_finite_count_of_seconds(env, wait):
         vault.gc(wait=wait)
     with pytest.raises(VaultError, match="--retry-lock"):
         vault.prune(keep_last=1, wait=wait)
+
+
+def test_a_restore_to_a_disk_of_the_longest_name(env):
+    """The half-restored disk's name does not grow from the target's (80 characters is a valid name)."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    longest = "d" * 80
+    vault.restore_to_disk(point, disks, longest)
+    vault.restore_to_disk(point, disks, longest, overwrite=True)
+    assert view(disks, longest) == view(disks, "vm1")
+    assert sorted(d["name"] for d in disks.disks()) == [longest, "vm1"]
