@@ -229,6 +229,8 @@ class Vault:
             raw = files.read_bounded(self._path("points", point), crypto.META_MAX)
         except FileNotFoundError:
             raise VaultError(f"no recovery point {point} (`stamp backup list` shows them)") from None
+        except OSError as e:
+            raise VaultError(f"manifest {point}: cannot be read ({e.strerror})") from None
         body = self._unseal(raw, f"manifest {point}")
         if not isinstance(body, dict) or body.get("id") != point or not isinstance(body.get("chunks"), dict):
             raise VaultError(f"manifest {point}: does not describe recovery point {point}")
@@ -537,10 +539,12 @@ class Vault:
         return {"chunks_removed": removed, "bytes_freed": freed, "leftovers_removed": len(cleaned)}
 
     def _chunk_files(self) -> Iterator[str]:
-        for sub in sorted(os.listdir(self._path("chunks"))):
-            folder = self._path("chunks", sub)
-            for name in os.listdir(folder):
-                yield os.path.join(folder, name)
+        """Every file in a chunk folder (stray folders and files elsewhere are no chunks)."""
+        with os.scandir(self._path("chunks")) as subs:
+            folders = sorted(e.path for e in subs if e.is_dir(follow_symlinks=False))
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                yield from [e.path for e in entries if e.is_file(follow_symlinks=False)]
 
     def verify(self) -> dict[str, Any]:
         """Re-read every chunk a recovery point names; report bad ones and whom

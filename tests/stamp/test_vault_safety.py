@@ -690,3 +690,25 @@ def test_a_restore_to_a_disk_of_the_longest_name(env):
     vault.restore_to_disk(point, disks, longest, overwrite=True)
     assert view(disks, longest) == view(disks, "vm1")
     assert sorted(d["name"] for d in disks.disks()) == [longest, "vm1"]
+
+
+def test_stray_entries_in_the_vaults_folders_stop_nothing(env):
+    """A file where a chunk folder should be, a folder where a manifest should be:
+    the vault still opens, backs up and collects; the odd manifest is unreadable."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    (tmp / "vault" / "chunks" / "README").write_text("notes")
+    (tmp / "vault" / "chunks" / "ab" / "old").mkdir(parents=True)
+    (tmp / "vault" / "points" / ("b" * 16)).mkdir()
+    vault.close()
+    vault = Vault(str(tmp / "vault"))
+    assert vault.rebuild_index()["unreadable"] == ["b" * 16]
+    vault.backup(disks, "vm1")
+    assert len(vault.points()) == 2
+    with pytest.raises(VaultError, match="gc refuses to run"):
+        vault.gc()
+    os.rmdir(tmp / "vault" / "points" / ("b" * 16))
+    vault.gc()
+    assert restored(vault, vault.points()[-1]["id"], tmp) == view(disks, "vm1")
