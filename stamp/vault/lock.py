@@ -12,7 +12,8 @@ an exclusive one. Rules:
   whose process runs on this host is live however old. Another host's
   lock not refreshed for STALE_AFTER may belong to a live process there:
   it is named in the error, and `stamp backup unlock` removes it. Holders
-  refresh their lock every REFRESH while they work;
+  refresh their lock every REFRESH while they work; one whose lock was removed
+  meanwhile stops (a backup before its commit): a gc may have run;
 - a holder's temporary files carry its lock id (files.py), so what a dead
   holder left is known: nothing alive will rename it. One whose id names no
   lock at all is a leftover only after GRACE (it may be a lock being written).
@@ -113,7 +114,16 @@ class Lock:
 
     def refresh(self) -> None:
         if time.monotonic() - self.refreshed >= REFRESH:
+            self.ensure_held()
             self._write()
+
+    def ensure_held(self) -> None:
+        """VaultLockedError if the lock file is gone (`stamp backup unlock` took
+        it for stale): a gc may have run since, so what this holder stored may
+        be gone too, and it must not commit."""
+        if not os.path.exists(self.path):
+            raise VaultLockedError(f"{self.op}: its lock {self.id} was removed while it ran (`stamp backup "
+                                   "unlock`?); a gc may have deleted what it stored, so it stops: run it again")
 
     def release(self) -> None:
         try:

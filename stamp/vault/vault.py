@@ -319,6 +319,7 @@ class Vault:
             disks.create_snapshot(snap_name, disk, incremental=True)
             try:
                 report, body = self._read_changes(disks, disk, point, snap_name, previous, writer, show_progress)
+                writer.ensure_held()  # else a gc may have deleted what it stored
             except BaseException:
                 source.drop_snapshot(disks, snap_name)
                 raise

@@ -712,3 +712,26 @@ def test_stray_entries_in_the_vaults_folders_stop_nothing(env):
     os.rmdir(tmp / "vault" / "points" / ("b" * 16))
     vault.gc()
     assert restored(vault, vault.points()[-1]["id"], tmp) == view(disks, "vm1")
+
+
+def test_a_backup_whose_lock_was_removed_does_not_commit(env, monkeypatch):
+    """`stamp backup unlock` run against a live backup (its lock looked stale
+    from another host), then gc: the backup's new chunks are gone, so it must
+    fail rather than commit a point that names them."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    new_chunks(disks, "vm1", 1)
+    vault = Vault.create(str(tmp / "vault"))
+    outcome = []
+
+    def unlock_then_gc():
+        for name in os.listdir(tmp / "vault" / "locks"):
+            os.unlink(tmp / "vault" / "locks" / name)
+        outcome.append(in_other_process(GC, str(tmp / "vault")).stdout)
+
+    during_backup(monkeypatch, 3, unlock_then_gc)
+    with pytest.raises(VaultError, match="lock .* was removed"):
+        vault.backup(disks, "vm1")
+    assert "chunks_removed" in outcome[0]
+    assert vault.points() == [] and vault.check() == []
+    assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
