@@ -23,7 +23,8 @@ FromImage disk came from is gone. A backup, under a shared lock on its disk:
   4. read those pieces from the snapshot, store each new chunk once; a
      piece with few changed sectors is read only there and stored as a
      patch over its base (patch.py);
-  5. sync the chunks' folders, write the manifest (synced, renamed: the
+  5. sync the folders of the chunks it wrote or reused (another writer may
+     not have synced a reused one yet), write the manifest (synced, renamed: the
      commit), then the index entry; drop the previous point's snapshot.
 Rules:
 - the manifests are the truth, the index a cache: it is rebuilt from them
@@ -184,6 +185,7 @@ class Vault:
         """Store `data` as a chunk unless a good copy is there; its name."""
         name = ck.name_of(data, self.keys.naming if self.keys else None)
         if name not in (bad or ()) and os.path.exists(self._chunk_path(name)):
+            self._dirty.add(os.path.dirname(self._chunk_path(name)))  # its writer may not have synced it yet
             report.chunks_reused += 1
             return name
         was_bad = bad is not None and name in bad

@@ -735,3 +735,22 @@ def test_a_backup_whose_lock_was_removed_does_not_commit(env, monkeypatch):
     assert "chunks_removed" in outcome[0]
     assert vault.points() == [] and vault.check() == []
     assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
+
+
+def test_a_reused_chunks_folder_is_synced_before_the_manifest(env, monkeypatch):
+    """Another backup may have just renamed that chunk into place without syncing
+    its folder yet: a point naming it syncs the folder itself before its commit."""
+    from stamp.vault import files
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    disks.create_from_image("vm2", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    synced: list[str] = []
+    real = files.sync_dirs
+    monkeypatch.setattr(files, "sync_dirs", lambda paths: (synced.extend(paths), real(paths)))
+    report = vault.backup(disks, "vm2")  # every chunk is vm1's
+    assert report.chunks_reused > 0 and report.chunks_written == 0
+    names = [nm for entry in vault.manifest(report.point)["chunks"].values() for nm in ([entry] if isinstance(entry, str) else entry) if nm]
+    assert {os.path.dirname(vault._chunk_path(nm)) for nm in names} <= set(synced)
