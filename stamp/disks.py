@@ -593,16 +593,18 @@ class Disks:
         raise ResourceInUse(f"disk {name!r} is open for writing by {props.get('lease_holder', 'another holder')}: "
                             "close it first")
 
-    def replace_disk(self, name: str, source: str, **fields: Any) -> dict[str, Any]:
+    def replace_disk(self, name: str, source: str, *, overwrite: bool = True, **fields: Any) -> dict[str, Any]:
         """Disk `name` takes over disk `source`'s blob and size, in one transaction
         that also removes `source`'s record: a restore's swap. `name` is made when
-        missing; an existing one must be unattached and not open for writing
-        (a dead writer's lease is broken), and its old blob goes unless
-        snapshots keep it."""
+        missing; an existing one (refused without `overwrite`: it was made since
+        the caller looked) must be unattached and not open for writing (a dead
+        writer's lease is broken), and its old blob goes unless snapshots keep it."""
         with self.meta.write() as txn:
             record = {**self._take(txn, "disk", source), **fields, "name": name}
             key = f"disk/{name}".encode()
             old = self.meta.get_json(txn, "resources", key)
+            if old is not None and not overwrite:
+                raise ResourceExists(f"a disk named {name!r} already exists: it was made meanwhile")
             if old is not None:
                 if old["state"] != DiskState.UNATTACHED.value:
                     raise ResourceInUse(f"disk {name!r} is {old['state']}: detach it first")

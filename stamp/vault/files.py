@@ -3,7 +3,7 @@
 Rules: files are created 0600 and folders 0700 (a vault holds a user's data);
 a file is written to a temporary name that carries its writer's lock id
 (`NAME.WRITER.tmp`: two writers never share one, and a dead writer's leftovers
-are known by its id), synced, then renamed over the final name; a caller that
+are known by its id), synced, then renamed over the final name (removed if that fails); a caller that
 needs the rename itself to be durable syncs the folder (`sync_dirs`) before it
 writes the pointer to the file.
 """
@@ -25,14 +25,29 @@ def write_atomic(path: str, data: bytes | list[bytes], writer: str) -> None:
     tmp = f"{path}.{writer}{TMP}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for part in [data] if isinstance(data, bytes) else data:
-            view = memoryview(part)
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            _write_all(fd, [data] if isinstance(data, bytes) else data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)  # a full file system: its bytes go now, not after the leftovers' grace
+        raise
+
+
+def _write_all(fd: int, parts: Iterable[bytes]) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def sync_dirs(paths: Iterable[str]) -> None:

@@ -8,10 +8,12 @@ an exclusive one. Rules:
 - an exclusive lock conflicts with every other; two shared locks conflict only
   when both back up the same disk (they would build on the same point);
 - a lock whose process is gone (this host, and its pid is not running or was
-  started at another time) is stale for sure: the next locker removes it. A
-  lock not refreshed for STALE_AFTER may belong to a live process elsewhere:
+  started at another time) is stale for sure: the next locker removes it; one
+  whose process runs on this host is live however old. Another host's
+  lock not refreshed for STALE_AFTER may belong to a live process there:
   it is named in the error, and `stamp backup unlock` removes it. Holders
-  refresh their lock every REFRESH while they work;
+  refresh their lock every REFRESH while they work; one whose lock was removed
+  meanwhile stops (a backup before its commit): a gc may have run;
 - a holder's temporary files carry its lock id (files.py), so what a dead
   holder left is known: nothing alive will rename it. One whose id names no
   lock at all is a leftover only after GRACE (it may be a lock being written).
@@ -65,9 +67,12 @@ def describe(info: dict[str, Any]) -> str:
 
 
 def state(info: dict[str, Any], now: float | None = None) -> str:
-    """'live', 'dead' (its process is gone: stale for sure) or 'old' (not refreshed for STALE_AFTER)."""
-    if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", 0)), info.get("start")):
-        return "dead"
+    """'live', 'dead' (its process is gone: stale for sure) or 'old' (another
+    host's, not refreshed for STALE_AFTER). On this host the process itself is
+    asked: a live one holds its lock however long since it refreshed it (a long
+    restore, or a backup storing nothing new, refreshes seldom)."""
+    if info.get("host") == socket.gethostname():
+        return "live" if _alive(int(info.get("pid", 0)), info.get("start")) else "dead"
     if (now or time.time()) - float(info.get("time", 0)) > STALE_AFTER:
         return "old"
     return "live"
@@ -109,7 +114,16 @@ class Lock:
 
     def refresh(self) -> None:
         if time.monotonic() - self.refreshed >= REFRESH:
+            self.ensure_held()
             self._write()
+
+    def ensure_held(self) -> None:
+        """VaultLockedError if the lock file is gone (`stamp backup unlock` took
+        it for stale): a gc may have run since, so what this holder stored may
+        be gone too, and it must not commit."""
+        if not os.path.exists(self.path):
+            raise VaultLockedError(f"{self.op}: its lock {self.id} was removed while it ran (`stamp backup "
+                                   "unlock`?); a gc may have deleted what it stored, so it stops: run it again")
 
     def release(self) -> None:
         try:

@@ -23,7 +23,8 @@ FromImage disk came from is gone. A backup, under a shared lock on its disk:
   4. read those pieces from the snapshot, store each new chunk once; a
      piece with few changed sectors is read only there and stored as a
      patch over its base (patch.py);
-  5. sync the chunks' folders, write the manifest (synced, renamed: the
+  5. sync the folders of the chunks it wrote or reused (another writer may
+     not have synced a reused one yet), write the manifest (synced, renamed: the
      commit), then the index entry; drop the previous point's snapshot.
 Rules:
 - the manifests are the truth, the index a cache: it is rebuilt from them
@@ -164,6 +165,8 @@ class Vault:
 
     def _lock(self, op: str, exclusive: bool = False, disk: str | None = None, wait: float = 0.0,
               **extra: Any) -> lk.Lock:
+        if not 0 <= wait < float("inf"):  # NaN too: it never reaches a deadline
+            raise VaultError(f"{op}: --retry-lock is a number of seconds, 0 or more, not {wait}")
         files.make_dir(self._path("locks"))
         return lk.Lock(self._path("locks"), self._seal, self._unseal, op, exclusive, disk, extra).acquire(wait)
 
@@ -182,6 +185,7 @@ class Vault:
         """Store `data` as a chunk unless a good copy is there; its name."""
         name = ck.name_of(data, self.keys.naming if self.keys else None)
         if name not in (bad or ()) and os.path.exists(self._chunk_path(name)):
+            self._dirty.add(os.path.dirname(self._chunk_path(name)))  # its writer may not have synced it yet
             report.chunks_reused += 1
             return name
         was_bad = bad is not None and name in bad
@@ -227,9 +231,14 @@ class Vault:
             raw = files.read_bounded(self._path("points", point), crypto.META_MAX)
         except FileNotFoundError:
             raise VaultError(f"no recovery point {point} (`stamp backup list` shows them)") from None
+        except OSError as e:
+            raise VaultError(f"manifest {point}: cannot be read ({e.strerror})") from None
         body = self._unseal(raw, f"manifest {point}")
         if not isinstance(body, dict) or body.get("id") != point or not isinstance(body.get("chunks"), dict):
             raise VaultError(f"manifest {point}: does not describe recovery point {point}")
+        why = _malformed(body)
+        if why:
+            raise VaultError(f"manifest {point}: {why} (written by another version, or forged)")
         return body
 
     def _manifest_ids(self) -> set[str]:
@@ -312,6 +321,7 @@ class Vault:
             disks.create_snapshot(snap_name, disk, incremental=True)
             try:
                 report, body = self._read_changes(disks, disk, point, snap_name, previous, writer, show_progress)
+                writer.ensure_held()  # else a gc may have deleted what it stored
             except BaseException:
                 source.drop_snapshot(disks, snap_name)
                 raise
@@ -428,7 +438,7 @@ class Vault:
         """A new managed disk (or, with overwrite, an existing unattached one) holding
         the point. The data goes to a new disk first, is read back against the chunk
         names, and only then takes the name: on failure the target is untouched."""
-        temp = f"{name}.restoring-{self.id}-{uuid.uuid4().hex[:8]}"
+        temp = f"vault.restoring-{self.id}-{uuid.uuid4().hex[:8]}"  # never longer than a name may be
         with self._lock("restore", restoring=temp):
             m, pieces = self.pieces(point)
             source.check_target(disks, name, overwrite)
@@ -440,7 +450,7 @@ class Vault:
                     self._write_pieces(pieces, m["size"], v, digests)
                     v.flush()
                     self._read_back(pieces, digests, m["size"], v)
-                rec = disks.replace_disk(name, temp, restored_from=point)
+                rec = disks.replace_disk(name, temp, overwrite=overwrite, restored_from=point)
             except BaseException:
                 disks.delete_disk(temp)
                 raise
@@ -532,10 +542,12 @@ class Vault:
         return {"chunks_removed": removed, "bytes_freed": freed, "leftovers_removed": len(cleaned)}
 
     def _chunk_files(self) -> Iterator[str]:
-        for sub in sorted(os.listdir(self._path("chunks"))):
-            folder = self._path("chunks", sub)
-            for name in os.listdir(folder):
-                yield os.path.join(folder, name)
+        """Every file in a chunk folder (stray folders and files elsewhere are no chunks)."""
+        with os.scandir(self._path("chunks")) as subs:
+            folders = sorted(e.path for e in subs if e.is_dir(follow_symlinks=False))
+        for folder in folders:
+            with os.scandir(folder) as entries:
+                yield from [e.path for e in entries if e.is_file(follow_symlinks=False)]
 
     def verify(self) -> dict[str, Any]:
         """Re-read every chunk a recovery point names; report bad ones and whom
@@ -724,6 +736,37 @@ def _read_config(folder: str) -> dict[str, Any]:
             or (encrypted and (not isinstance(config.get("kdf"), dict) or config["kdf"].get("name") != "scrypt"))):
         raise VaultError(f"{path} is damaged (fields missing or out of range): put back a copy of it")
     return config
+
+
+_CHUNK_NAME = re.compile(r"[0-9a-f]{64}\Z")
+_FIELDS: dict[str, Any] = {"disk": str, "seq": int, "snapshot": str, "time": (int, float), "size": int,
+                           "chunk_size": int, "source": dict, "sku": str}
+
+
+def _malformed(m: dict[str, Any]) -> str | None:
+    """Why an authenticated manifest still cannot be used (None: it can): every
+    field of its type, every entry a chunk name or [base or None, patch] inside the disk."""
+    for name, kind in _FIELDS.items():
+        if not isinstance(m.get(name), kind) or isinstance(m.get(name), bool):
+            return f"field {name!r} is missing or of the wrong type"
+    if m["seq"] < 1 or m["size"] < 0 or m["chunk_size"] != ck.CHUNK:
+        return "sequence, size or chunk size out of range"
+    if m.get("previous") is not None and not (isinstance(m["previous"], str) and _ID.match(m["previous"])):
+        return "field 'previous' is not a recovery point's id"
+    for key, entry in m["chunks"].items():
+        if not (key.isdigit() and key.isascii() and int(key) * ck.CHUNK < m["size"]):
+            return f"entry {key[:20]!r} is not a piece of the disk"
+        if not _entry_ok(entry):
+            return f"entry {key} names no chunk"
+    return None
+
+
+def _entry_ok(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return bool(_CHUNK_NAME.match(entry))
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+            and bool(_CHUNK_NAME.match(entry[1])) and (entry[0] is None or _entry_ok(entry[0]))
+            and not isinstance(entry[0], list))
 
 
 def _names(entry: Any) -> list[str]:

@@ -287,7 +287,10 @@ def test_a_restore_killed_midway_leaves_the_disk_it_would_replace_intact(env):
     vault.restore_to_disk(point, d, "keep", overwrite=True)  # and a restore over it now works
     with d.open_virtual("keep") as v:
         assert v.read(0, 64 * MIB) == view(d, "vm1")
-    assert sorted(r["name"] for r in d.disks()) == ["keep", "vm1"] and d.stamp.check().ok
+    assert sorted(r["name"] for r in d.disks()) == ["keep", "vm1"]
+    d.stamp.close()  # the dead restore's open extent is sealed when the stamp is next opened
+    with Stamp.open(str(tmp / "st")) as st:
+        assert st.check().ok, st.check().problems
 
 def test_cli(env):
     tmp, disks = env

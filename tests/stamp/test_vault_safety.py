@@ -19,6 +19,7 @@ import pytest
 import vhd
 from stamp import Stamp
 from stamp.disks import Disks
+from stamp.errors import StampError
 from stamp.vault import CHUNK, ChunkError, Vault, VaultError
 from stamp.vault import chunk as ck
 
@@ -574,3 +575,182 @@ def test_patches_decode_to_what_was_encoded_and_refuse_anything_else():
             pass
 
     any_bytes()
+
+
+# -- outside attack (adv11) ---------------------------------------------------------------------
+
+
+def test_restore_to_a_new_disk_never_replaces_one_made_meanwhile(env, monkeypatch):
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    real = disks.create_empty
+
+    def and_another_process_makes_the_name(name, *args, **kwargs):
+        out = real(name, *args, **kwargs)
+        if ".restoring-" in name:
+            real("fresh", 1, "Standard_LRS")
+            write(disks, "fresh", 0, b"theirs" * 1000)
+        return out
+
+    monkeypatch.setattr(disks, "create_empty", and_another_process_makes_the_name)
+    with pytest.raises(StampError, match="already exists"):
+        vault.restore_to_disk(vault.points()[0]["id"], disks, "fresh")
+    assert view(disks, "fresh")[:6000] == b"theirs" * 1000
+    assert sorted(d["name"] for d in disks.disks()) == ["fresh", "vm1"]
+
+
+@pytest.mark.parametrize("damage", [
+    {"disk": None}, {"seq": "1"}, {"size": -1}, {"chunk_size": 0}, {"chunks": {"x": "ab"}},
+    {"chunks": {"0": 7}}, {"chunks": {"0": ["ab"]}}, {"snapshot": 3}, {"time": "now"}, {"previous": 5},
+])
+def test_a_manifest_that_checks_out_but_is_malformed_is_listed_as_unreadable(env, damage):
+    from stamp.vault import crypto
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    body = {**vault.manifest(point), **damage}
+    if damage.get("disk", "") is None:
+        del body["disk"]
+    other = "a" * 16
+    body["id"] = other
+    open(os.path.join(vault.folder, "points", other), "wb").write(crypto.seal(body, f"manifest {other}", None))
+    vault.close()
+    vault = Vault(str(tmp / "vault"))  # no KeyError: the index is rebuilt, the point listed as unreadable
+    assert vault.rebuild_index()["unreadable"] == [other]
+    assert [p["id"] for p in vault.points()] == [point]
+    with pytest.raises(VaultError, match=other):
+        vault.restore_to_file(other, str(tmp / "out.raw"), "raw")
+    assert any(other in problem for problem in vault.check())
+
+
+def test_a_live_process_on_this_host_keeps_its_lock_however_old(env):
+    """A restore or a backup storing nothing new may not refresh its lock for a
+    while: on its own host its process is checked, so it never counts as stale."""
+    import socket
+
+    from stamp.vault import lock as lk
+
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    mine = plant_lock(vault, pid=os.getpid(), start=lk._start_ticks(os.getpid()), host=socket.gethostname(),
+                      op="restore", disk=None, time=time.time() - 3 * 3600)
+    assert vault.unlock() == []
+    with pytest.raises(VaultError, match=f"the vault is locked: restore .*lock {mine}"):
+        vault.gc()
+    assert os.path.exists(tmp / "vault" / "locks" / mine)
+
+
+def test_a_write_that_fails_midway_leaves_no_temporary_file(env, monkeypatch):
+    """A full file system under the vault: the failed chunk's bytes go at once,
+    not after the leftovers' grace period (they would keep the disk full)."""
+    import errno
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    real = ck.seal_parts
+
+    class FullDisk(list):
+        def __iter__(self):
+            yield self[0]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "seal_parts", lambda *a, **k: FullDisk(real(*a, **k)))
+    with pytest.raises(OSError, match="No space"):
+        vault.backup(disks, "vm1")
+    assert [f for f in chunk_files(tmp / "vault") if f.endswith(".tmp")] == []
+    assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
+
+
+@pytest.mark.parametrize("wait", [-5.0, float("nan"), float("inf")])
+def test_a_lock_wait_is_a_finite_count_of_seconds(env, wait):
+    """NaN never reaches its deadline (gc would wait forever for a live holder)."""
+    tmp, disks = env
+    vault = Vault.create(str(tmp / "vault"))
+    with pytest.raises(VaultError, match="--retry-lock"):
+        vault.gc(wait=wait)
+    with pytest.raises(VaultError, match="--retry-lock"):
+        vault.prune(keep_last=1, wait=wait)
+
+
+def test_a_restore_to_a_disk_of_the_longest_name(env):
+    """The half-restored disk's name does not grow from the target's (80 characters is a valid name)."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    longest = "d" * 80
+    vault.restore_to_disk(point, disks, longest)
+    vault.restore_to_disk(point, disks, longest, overwrite=True)
+    assert view(disks, longest) == view(disks, "vm1")
+    assert sorted(d["name"] for d in disks.disks()) == [longest, "vm1"]
+
+
+def test_stray_entries_in_the_vaults_folders_stop_nothing(env):
+    """A file where a chunk folder should be, a folder where a manifest should be:
+    the vault still opens, backs up and collects; the odd manifest is unreadable."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    (tmp / "vault" / "chunks" / "README").write_text("notes")
+    (tmp / "vault" / "chunks" / "ab" / "old").mkdir(parents=True)
+    (tmp / "vault" / "points" / ("b" * 16)).mkdir()
+    vault.close()
+    vault = Vault(str(tmp / "vault"))
+    assert vault.rebuild_index()["unreadable"] == ["b" * 16]
+    vault.backup(disks, "vm1")
+    assert len(vault.points()) == 2
+    with pytest.raises(VaultError, match="gc refuses to run"):
+        vault.gc()
+    os.rmdir(tmp / "vault" / "points" / ("b" * 16))
+    vault.gc()
+    assert restored(vault, vault.points()[-1]["id"], tmp) == view(disks, "vm1")
+
+
+def test_a_backup_whose_lock_was_removed_does_not_commit(env, monkeypatch):
+    """`stamp backup unlock` run against a live backup (its lock looked stale
+    from another host), then gc: the backup's new chunks are gone, so it must
+    fail rather than commit a point that names them."""
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    new_chunks(disks, "vm1", 1)
+    vault = Vault.create(str(tmp / "vault"))
+    outcome = []
+
+    def unlock_then_gc():
+        for name in os.listdir(tmp / "vault" / "locks"):
+            os.unlink(tmp / "vault" / "locks" / name)
+        outcome.append(in_other_process(GC, str(tmp / "vault")).stdout)
+
+    during_backup(monkeypatch, 3, unlock_then_gc)
+    with pytest.raises(VaultError, match="lock .* was removed"):
+        vault.backup(disks, "vm1")
+    assert "chunks_removed" in outcome[0]
+    assert vault.points() == [] and vault.check() == []
+    assert [s for s in disks.snapshots() if s["name"].startswith("vault-")] == []
+
+
+def test_a_reused_chunks_folder_is_synced_before_the_manifest(env, monkeypatch):
+    """Another backup may have just renamed that chunk into place without syncing
+    its folder yet: a point naming it syncs the folder itself before its commit."""
+    from stamp.vault import files
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    disks.create_from_image("vm2", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    synced: list[str] = []
+    real = files.sync_dirs
+    monkeypatch.setattr(files, "sync_dirs", lambda paths: (synced.extend(paths), real(paths)))
+    report = vault.backup(disks, "vm2")  # every chunk is vm1's
+    assert report.chunks_reused > 0 and report.chunks_written == 0
+    names = [nm for entry in vault.manifest(report.point)["chunks"].values() for nm in ([entry] if isinstance(entry, str) else entry) if nm]
+    assert {os.path.dirname(vault._chunk_path(nm)) for nm in names} <= set(synced)
