@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -35,3 +37,18 @@ def run(*cmd: str, check: bool = True, cwd: str | os.PathLike[str] | None = None
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+@contextmanager
+def tmpfs(folder: os.PathLike[str] | str, size_mib: int, why: str) -> Iterator[str]:
+    """A tmpfs of `size_mib` MiB mounted on `folder` (made here) for a test
+    that needs a small file system it can fill; unmounted afterwards."""
+    os.makedirs(folder)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m", "tmpfs", str(folder)],
+                          capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.fail(f"{why} mounts a {size_mib} MiB tmpfs and needs root: {proc.stderr.strip()}")
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], timeout=30)

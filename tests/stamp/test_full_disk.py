@@ -5,28 +5,21 @@ checks, deletes and collects garbage, after which writes work again."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
 from stamp import Stamp, StampError
 from stamp.gc import collect
 
+from ..conftest import tmpfs as mount_tmpfs
+
 MIB = 1 << 20
 
 
 @pytest.fixture
 def small_fs(tmp_path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        pytest.fail(f"this test mounts a 40 MiB tmpfs and needs root: {proc.stderr.strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
+    with mount_tmpfs(tmp_path / "fs", 40, "this test") as mnt:
+        yield mnt
 
 
 def fill_until_full(st: Stamp, blob: str) -> dict[int, bytes]:

@@ -36,6 +36,8 @@ import pytest
 from stamp import Stamp
 from tests.stamp import thrash
 
+from ..conftest import tmpfs as mount_tmpfs
+
 SLOW = bool(os.environ.get("DISKSTAMP_SLOW"))
 ROUNDS = 25 if SLOW else 3
 ROUND_SECONDS = 6.0 if SLOW else 2.0
@@ -48,16 +50,8 @@ META_BOUND = 64 * MIB  # data.mdb's used pages after any round
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        pytest.fail(f"the thrash campaign mounts a 256 MiB tmpfs and needs root: {proc.stderr.strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], timeout=30)
+    with mount_tmpfs(tmp_path / "fs", 256, "the thrash campaign") as mnt:
+        yield mnt
 
 
 @dataclass
