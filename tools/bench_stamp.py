@@ -233,20 +233,27 @@ def snapshot_rows(work: str, big_gib: int) -> list[dict]:
                 "same at 1 GiB", "ms", 0.5, higher_better=False)]
 
 
-def many_snapshot_rows(work: str, ops: int) -> list[dict]:
-    """The same history of writes on two blobs; one also took a snapshot after
-    every 20 writes (500 in all). Then the same random I/O on both."""
+def same_history(work: str, prefix: str, rounds: int, seed: int, buf: bytes) -> dict[int, Stamp]:
+    """Two stamps whose blob "d" took the same `rounds` of 20 random writes
+    of `buf`: stamps[rounds] also took a snapshot after each round, stamps[0] none."""
     stamps = {}
-    buf = os.urandom(4 * KIB)
-    for count in (0, 500):
-        st = Stamp.create(os.path.join(work, f"stm{count}"))
+    for count in (0, rounds):
+        st = Stamp.create(os.path.join(work, f"{prefix}{count}"))
         st.blobs.create("d", GIB)
-        for i in range(500):
-            for o in offsets(20, GIB, 1000 + i):
+        for i in range(rounds):
+            for o in offsets(20, GIB, seed + i):
                 st.blobs.write("d", o, buf)
             if count:
                 st.blobs.snapshot("d")
         stamps[count] = st
+    return stamps
+
+
+def many_snapshot_rows(work: str, ops: int) -> list[dict]:
+    """The same history of writes on two blobs; one also took a snapshot after
+    every 20 writes (500 in all). Then the same random I/O on both."""
+    buf = os.urandom(4 * KIB)
+    stamps = same_history(work, "stm", 500, 1000, buf)
     offs = offsets(ops, GIB, 3)
     w500, w0 = best_pair(lambda: [stamps[500].blobs.write("d", o, buf) for o in offs],
                          lambda: [stamps[0].blobs.write("d", o, buf) for o in offs])
@@ -262,17 +269,8 @@ def old_snapshot_rows(work: str, ops: int) -> list[dict]:
     """The same history of writes on two blobs (20 random 4 KiB writes, 1,000
     times); one took a snapshot after each 20. Reads of its snapshots are
     compared with the same reads of its live blob."""
-    stamps = {}
     buf = os.urandom(4 * KIB)
-    for count in (0, 1000):
-        st = Stamp.create(os.path.join(work, f"sto{count}"))
-        st.blobs.create("d", GIB)
-        for i in range(1000):
-            for o in offsets(20, GIB, 5000 + i):
-                st.blobs.write("d", o, buf)
-            if count:
-                st.blobs.snapshot("d")
-        stamps[count] = st
+    stamps = same_history(work, "sto", 1000, 5000, buf)
     snaps = stamps[1000].blobs.snapshots("d")
     blobs = stamps[1000].blobs
     w1000, w0 = best_pair(lambda: [blobs.write("d", o, buf) for o in offsets(ops, GIB, 7)],
