@@ -13,14 +13,6 @@ from stamp import Stamp
 MIB = 1 << 20
 
 
-@pytest.fixture
-def st(tmp_path):
-    s = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
-    s.blobs.create("d", 16 * MIB)
-    yield s
-    s.close()
-
-
 def fill(s: Stamp, n: int = 40, seed: int = 0) -> dict[int, bytes]:
     model = {}
     for i in range(n):

@@ -22,14 +22,6 @@ MIB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def st(tmp_path):
-    s = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
-    s.blobs.create("d", 16 * MIB)
-    yield s
-    s.close()
-
-
 def fill(s: Stamp, n: int, size: int = 64 * 1024) -> dict[int, bytes]:
     model = {}
     for i in range(n):
