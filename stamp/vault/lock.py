@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..stream import own_start, pid_alive
 from . import files
 from .errors import VaultError, VaultLockedError
 
@@ -41,23 +42,9 @@ Seal = Callable[[Any, str], bytes]
 Unseal = Callable[[bytes, str], Any]
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _start_ticks(pid) in (None, start)
+    """The lock's process is alive: the stream layer's test, pid and start time."""
+    return pid_alive(pid, start or 0)
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -96,7 +83,7 @@ class Lock:
 
     def info(self) -> dict[str, Any]:
         return {"id": self.id, "op": self.op, "exclusive": self.exclusive, "disk": self.disk, "pid": os.getpid(),
-                "start": _start_ticks(os.getpid()), "host": socket.gethostname(), "time": time.time(),
+                "start": own_start() or None, "host": socket.gethostname(), "time": time.time(),
                 **self.extra}
 
     def acquire(self, wait: float = 0.0) -> Lock:

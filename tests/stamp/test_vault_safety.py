@@ -20,6 +20,7 @@ import vhd
 from stamp import Stamp
 from stamp.disks import Disks
 from stamp.errors import StampError
+from stamp.stream import own_start
 from stamp.vault import CHUNK, ChunkError, Vault, VaultError
 from stamp.vault import chunk as ck
 
@@ -633,11 +634,10 @@ def test_a_live_process_on_this_host_keeps_its_lock_however_old(env):
     while: on its own host its process is checked, so it never counts as stale."""
     import socket
 
-    from stamp.vault import lock as lk
 
     tmp, disks = env
     vault = Vault.create(str(tmp / "vault"))
-    mine = plant_lock(vault, pid=os.getpid(), start=lk._start_ticks(os.getpid()), host=socket.gethostname(),
+    mine = plant_lock(vault, pid=os.getpid(), start=own_start(), host=socket.gethostname(),
                       op="restore", disk=None, time=time.time() - 3 * 3600)
     assert vault.unlock() == []
     with pytest.raises(VaultError, match=f"the vault is locked: restore .*lock {mine}"):
