@@ -49,6 +49,7 @@ from .image import (
     open_image,
     pin_parent_mtime,
 )
+from .process import pid_alive
 from .progress import Progress
 
 T = TypeVar("T")
@@ -294,22 +295,10 @@ def remove_stale_partials(path: str) -> list[str]:
     gone = []
     for name in glob.glob(glob.escape(path) + ".partial-*"):
         m = pattern.fullmatch(os.path.basename(name))
-        if m and os.path.isfile(name) and not _pid_alive(int(m.group(1))):
+        if m and os.path.isfile(name) and not pid_alive(int(m.group(1))):
             os.unlink(name)
             gone.append(name)
     return gone
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _data_bytes(dev: BlockDevice) -> int:
