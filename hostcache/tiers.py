@@ -256,12 +256,12 @@ def _premium_v2(size: int, iops: int | None, mbps: float | None, edition: str, r
         raise UnknownTier("PremiumV2_LRS disks go up to 65,536 GiB")
     rule = perf.rules("PremiumV2_LRS", edition)  # the rules live in the stamp, with the disk records
     min_iops, max_iops = perf.iops_range("PremiumV2_LRS", size, edition)
-    iops = rule.default_iops if iops is None else iops
+    iops = (rule.default_iops or min_iops) if iops is None else iops
     if not min_iops <= iops <= max_iops:
         raise InvalidPerformance(f"a {size} GiB PremiumV2 disk takes {min_iops:,} to {max_iops:,} IOPS, "
                                  f"not {iops:,}")
     min_mbps, max_mbps = perf.mbps_range("PremiumV2_LRS", iops, edition)
-    mbps = rule.default_mbps if mbps is None else mbps
+    mbps = (rule.default_mbps or min_mbps) if mbps is None else mbps
     if not min_mbps <= mbps <= max_mbps:
         raise InvalidPerformance(f"a PremiumV2 disk with {iops:,} IOPS takes {min_mbps:,} to {max_mbps:,.0f} MB/s")
     return DiskLimits("PremiumV2_LRS", "PremiumV2", size, iops, float(mbps), Burst.NONE, iops, float(mbps),
