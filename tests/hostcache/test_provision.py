@@ -133,3 +133,12 @@ def test_the_catalog_takes_a_tier():
     assert disk_limits("Premium_LRS", 128, tier="P10").burst is Burst.CREDIT
     with pytest.raises(Exception, match="baseline tier, P10"):
         disk_limits("Premium_LRS", 128, tier="P6")
+
+
+def test_the_limits_command_takes_a_tier():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "hostcache", *args], capture_output=True, text=True)
+    r = cli("limits", "Premium_LRS", "128", "--tier", "P50")
+    assert r.returncode == 0 and '"iops": 7500' in r.stdout and '"tier": "P50"' in r.stdout
+    r = cli("limits", "Premium_LRS", "128", "--tier", "P60")
+    assert r.returncode == 1 and "only for disks larger than 4,096 GiB" in r.stderr and "Traceback" not in r.stderr
