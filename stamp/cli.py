@@ -69,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--copy-of", metavar="DISK")
     src.add_argument("--from-snapshot", metavar="SNAPSHOT")
     p.add_argument("--convert", action="store_true", help="with --import: accept any VHD or raw image")
-    p = disk.add_parser("update", help="change a disk's provisioned IOPS and MB/s, or its performance tier",
-                        description="Change a disk's performance, attached or not: a host serving it "
-                        "throttles by the new figures within 50 ms, without a re-attach. " + PERFORMANCE_HELP,
+    p = disk.add_parser("update", help="change a disk's provisioned IOPS and MB/s, its performance tier, or "
+                        "grow it", description="Change a disk's performance, attached or not: a host serving it "
+                        "throttles by the new figures within 50 ms, without a re-attach. " + PERFORMANCE_HELP +
+                        " --size-gib grows a disk that holds a fixed VHD while it is not attached to a running VM "
+                        "(a larger size can raise its tier and IOPS range; for Ultra and Premium SSD v2 it counts "
+                        "as a change).",
                         epilog=UPDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")
     _performance_options(p)
+    p.add_argument("--size-gib", type=int, help="grow the disk to this many GiB (never shrinks)")
     p = disk.add_parser("list", help="list disks (JSON, with each disk's performance figures and tier)")
     p.add_argument("--json", action="store_true", help="the output is JSON already; accepted for scripts")
     p = disk.add_parser("show", help="show a disk (JSON, with its performance figures and tier)")
@@ -195,7 +199,8 @@ CREATE_EXAMPLES = """examples:
 
 UPDATE_EXAMPLES = """examples:
   stamp disk update u1 --disk-iops-read-write 64000 --disk-mbps-read-write 10000
-  stamp disk update p1 --tier P10                      back to the baseline tier"""
+  stamp disk update p1 --tier P10                      back to the baseline tier
+  stamp disk update p1 --size-gib 200                  grow it: its baseline tier is then P15"""
 
 
 def _performance_options(p: argparse.ArgumentParser) -> None:
@@ -256,7 +261,7 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
                 raise UsageError("say what the disk is made from: --size-gib, --from-image, --import, "
                                  "--copy-of or --from-snapshot")
         elif action == "update":
-            _print(disks.update_disk(a.name, iops=a.iops, mbps=a.mbps, tier=a.tier))
+            _print(disks.update_disk(a.name, iops=a.iops, mbps=a.mbps, tier=a.tier, size_gib=a.size_gib))
         elif action == "list":
             _print(disks.disks())
         elif action == "show":

@@ -41,7 +41,8 @@ fixed tier of a Standard disk), and `performance_version`, which every
 change moves on: a host serving the disk compares it to rebuild its
 throttle's limits without a re-attach. A change (update_disk) is one
 transaction that reads the record, checks the rules and writes it back,
-attached or not.
+attached or not. Growing a disk (a fixed VHD only, not while attached to a
+running VM) grows its VHD first, then writes the record.
 """
 
 from __future__ import annotations
@@ -66,12 +67,20 @@ from vhd import footer as ft
 from vhd.chain import Resolver
 from vhd.check import Report
 from vhd.fileio import RawFile
-from vhd.image import SparseImage, _write_sparse, create_fixed, open_image, read_footer
+from vhd.image import FixedImage, SparseImage, _write_sparse, create_fixed, open_image, read_footer
+from vhd.ops import _grow_fixed
 
 from . import performance as perf
 from . import ranges as rg
 from .blobfile import PageBlobFile
-from .errors import BadRequest, InvalidParameter, PreviousSnapshotCannotBeNewer, PreviousSnapshotNotFound, StampError
+from .errors import (
+    BadRequest,
+    InvalidParameter,
+    OperationNotAllowed,
+    PreviousSnapshotCannotBeNewer,
+    PreviousSnapshotNotFound,
+    StampError,
+)
 from .meta import loads
 from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
 from .stamp import Stamp
@@ -450,16 +459,19 @@ class Disks:
     # -- changing a disk's performance ------------------------------------------------------
 
     def update_disk(self, name: str, *, iops: int | None = None, mbps: int | None = None,
-                    tier: str | None = None) -> dict[str, Any]:
+                    tier: str | None = None, size_gib: int | None = None) -> dict[str, Any]:
         """Change a disk's provisioned IOPS and MB/s (Ultra, Premium SSD v2: the
         one not given stays, if the other still allows it) or its performance
         tier (Premium SSD), attached or not, in one transaction; its
         `performance_version` moves on, so a host serving it takes the new
         limits. The rules' error (performance.py) when a value is out of range
-        or the change comes too soon."""
-        if iops is None and mbps is None and tier is None:
-            raise StampError("nothing to change: give --disk-iops-read-write, --disk-mbps-read-write or --tier")
+        or the change comes too soon. `size_gib` grows the disk (grow_disk)."""
+        if iops is None and mbps is None and tier is None and size_gib is None:
+            raise StampError("nothing to change: give --disk-iops-read-write, --disk-mbps-read-write, --tier or "
+                             "--size-gib")
         self._settle("disk", name)
+        if size_gib is not None:
+            self._grow(name, size_gib, iops, mbps, tier)
         key = f"disk/{name}".encode()
         with self.meta.write() as txn:
             obj = self.meta.get_json(txn, "resources", key)
@@ -468,14 +480,53 @@ class Disks:
             if obj.get("state") == CREATING:
                 raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
             obj = dict(obj)
+            if size_gib is not None:
+                obj.update(size_bytes=size_gib * GIB, size_gib=float(size_gib))
             obj.update(self._changed(obj, iops, mbps, tier, self.clock()))
             obj["performance_version"] = int(obj.get("performance_version", 0)) + 1
             self.meta.put_json(txn, "resources", key, obj)
         return obj
 
+    def _grow(self, name: str, size_gib: int, iops: int | None, mbps: int | None, tier: str | None) -> None:
+        """Grow a disk's fixed VHD to `size_gib` (the platform: only larger, and
+        not while attached to a running VM), after checking that the record
+        with the new size passes the rules. Order: the VHD in the blob (data
+        region, then the footer at the new end, as vhd's resize), then the
+        record (update_disk's transaction): a process killed in between leaves
+        the record's size behind the VHD's, and the same update again
+        finishes it."""
+        obj = self.record(name)
+        if isinstance(size_gib, bool) or not isinstance(size_gib, int):
+            raise StampError(f"a disk's new size is a whole number of GiB, not {size_gib!r}")
+        if obj["state"] == DiskState.ATTACHED.value:
+            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
+                                      "grows only while unattached or its VM is deallocated")
+        if size_gib * GIB < int(obj["size_bytes"]):
+            raise OperationNotAllowed(f"a disk can only grow: {name!r} is {obj['size_gib']:g} GiB, not more than "
+                                      f"{size_gib} GiB")
+        if obj["vhd_type"] != "fixed" or obj["state"] == DiskState.READY_TO_UPLOAD.value:
+            raise StampError(f"disk {name!r} holds a {obj['vhd_type']} VHD"
+                             + (" waiting for its upload" if obj["state"] == DiskState.READY_TO_UPLOAD.value else "")
+                             + ": only a disk holding a fixed VHD grows here (the emulator's limit)")
+        self._check_sku(str(obj["sku"]), float(size_gib))
+        self._changed({**obj, "size_bytes": size_gib * GIB}, iops, mbps, tier, self.clock())  # refused: nothing grew
+        lease = self.blobs.acquire_writer_lease(str(obj["blob"]))
+        try:
+            img = open_image(PageBlobFile(self.stamp, str(obj["blob"]), lease=lease), writable=True)
+            try:
+                if not isinstance(img, FixedImage):
+                    raise StampError(f"disk {name!r}'s blob does not hold a fixed VHD: check it (stamp disk check)")
+                if img.size < size_gib * GIB:
+                    _grow_fixed(img, size_gib * GIB)
+            finally:
+                img.close()
+        finally:
+            self.blobs.release_lease(str(obj["blob"]), lease)
+
     def _changed(self, obj: dict[str, Any], iops: int | None, mbps: int | None, tier: str | None,
                  now: float) -> dict[str, Any]:
-        """The fields a performance change sets on record `obj`, checked by the rules."""
+        """The fields a performance change sets on record `obj` (a size change
+        included: its size is the new one), checked by the rules."""
         sku, size_gib = str(obj["sku"]), float(obj["size_bytes"]) / GIB
         if sku in perf.PROVISIONED_SKUS:
             if tier is not None:
@@ -497,10 +548,12 @@ class Disks:
             raise InvalidParameter(f"IOPS and MB/s are only settable for UltraSSD_LRS and PremiumV2_LRS disks; a "
                                    f"{sku} disk performs as its tier" +
                                    (" (give it a higher one with --tier)" if sku == "Premium_LRS" else ""))
-        assert tier is not None
         base = perf.baseline_tier(sku, size_gib)
-        new = perf.check_tier(sku, size_gib, tier)
         old = str(obj.get("tier") or base)
+        if tier is None:  # a size change: the tier it had, unless the new size's own is higher
+            known = old in [n for n, _ in perf.TIERS[sku]]
+            tier = base if not known or perf.tier_rank(sku, base) > perf.tier_rank(sku, old) else old
+        new = perf.check_tier(sku, size_gib, tier)
         out: dict[str, Any] = {"tier": new, "baseline_tier": base}
         if perf.check_downgrade(sku, old, new, obj.get("tier_downgraded"), now):
             out["tier_downgraded"] = now

@@ -304,3 +304,60 @@ def test_cli_help_teaches_the_rules_with_examples(tmp_path):
 def test_the_size_is_rounded_up_for_the_rules(disks):
     disks.create_empty("odd", 0, "UltraSSD_LRS", size_bytes=4 * GIB + (1 << 20), iops=5000, mbps=1)
     assert disks.record("odd")["disk_iops_read_write"] == 5000  # 4 GiB + 1 MiB performs as 5 GiB
+
+
+# -- growing a disk ------------------------------------------------------------------------------
+
+def test_a_disk_grows_keeping_its_data_and_its_tier_follows(disks):
+    disks.create_empty("p", 4, "Premium_LRS", tier="P10")
+    with disks.open_virtual("p", writable=True) as v:
+        v.write(4 * GIB - 4096, b"\xab" * 4096)  # the last page before the growth
+    p = disks.update_disk("p", size_gib=6)
+    assert (p["size_bytes"], p["tier"], p["baseline_tier"], p["performance_version"]) == (6 * GIB, "P10", "P2", 1)
+    with disks.open_virtual("p") as v:
+        assert v.size == 6 * GIB
+        assert v.read(4 * GIB - 4096, 4096) == b"\xab" * 4096
+        assert v.read(4 * GIB, 1 << 20) == bytes(1 << 20)  # the new space reads as zeros (no old footer)
+    assert disks.check_disk("p").ok
+    assert disks.update_disk("p", size_gib=200)["tier"] == "P15"  # the new size's own tier is higher
+
+
+def test_growing_follows_the_platforms_rules(disks):
+    from stamp.disks import DiskState
+    disks.create_empty("u", 4, "UltraSSD_LRS", iops=4000, mbps=1000)
+    with pytest.raises(OperationNotAllowed, match="can only grow"):
+        disks.update_disk("u", size_gib=3)
+    u = disks.update_disk("u", size_gib=8, iops=8000)  # the larger size allows more IOPS, in the same change
+    assert (u["size_bytes"], u["disk_iops_read_write"], len(u["performance_changes"])) == (8 * GIB, 8000, 1)
+    disks.set_state("u", DiskState.ATTACHED, attached_to="vm1", lun=0)
+    with pytest.raises(OperationNotAllowed, match="attached to running VM vm1"):
+        disks.update_disk("u", size_gib=16)
+    disks.set_state("u", DiskState.RESERVED)  # its VM deallocated: it may grow
+    assert disks.update_disk("u", size_gib=16)["size_gib"] == 16
+    with pytest.raises(BadRequest, match="size 20 GB is between 100 and 20000"):  # refused before anything grew
+        disks.update_disk("u", size_gib=20, iops=20001)
+    assert disks.record("u")["size_bytes"] == 16 * GIB
+    with disks.open_virtual("u") as v:
+        assert v.size == 16 * GIB
+    with pytest.raises(StampError, match="65536 GiB"):
+        disks.update_disk("u", size_gib=65537)
+
+
+def test_a_disk_from_an_image_does_not_grow_here(disks, tmp_path):
+    import vhd
+    with vhd.create(str(tmp_path / "img.vhd"), 20 << 20, type="fixed"):
+        pass
+    disks.create_image("img", path=str(tmp_path / "img.vhd"))
+    disks.create_from_image("os", "img")
+    with pytest.raises(StampError, match="differencing VHD: only a disk holding a fixed VHD grows here"):
+        disks.update_disk("os", size_gib=2)
+
+
+def test_cli_grows_a_disk(tmp_path):
+    path = tmp_path / "st"
+    stamp_cli("init", path=path)
+    stamp_cli("disk", "create", "p1", "--size-gib", "128", path=path)
+    r = stamp_cli("disk", "update", "p1", "--size-gib", "200", path=path)
+    assert r.returncode == 0 and json.loads(r.stdout)["tier"] == "P15"
+    r = stamp_cli("disk", "update", "p1", "--size-gib", "100", path=path)
+    assert r.returncode == 1 and "OperationNotAllowed: a disk can only grow" in r.stderr
