@@ -23,6 +23,10 @@ in arrival order; nothing is dropped. Service latency (per tier, published
 claims) is added after admission, independently per I/O, so IOPS rise with
 queue depth as QD / latency until a limit caps them.
 
+A disk's limits can change while it is attached (a new performance tier,
+new provisioned IOPS or MB/s): Throttle.update_disk gives it new limiters
+that take over the old ones' state and statistics.
+
 Limiter state (when the next unit may go, credits left) can live in a
 BucketStore (buckets.py) shared by every process using a host: each admission
 then reads the buckets on its path, admits, and writes them back under their
