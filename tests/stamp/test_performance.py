@@ -361,3 +361,19 @@ def test_cli_grows_a_disk(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["tier"] == "P15"
     r = stamp_cli("disk", "update", "p1", "--size-gib", "100", path=path)
     assert r.returncode == 1 and "OperationNotAllowed: a disk can only grow" in r.stderr
+
+
+def test_a_growth_killed_before_its_record_is_finished_by_the_same_update(disks):
+    """The VHD grows first, then the record: a process killed in between (here:
+    the growth alone) leaves the record behind, and the same update again
+    writes it without growing the VHD twice."""
+    disks.create_empty("p", 4, "Premium_LRS")
+    disks._grow("p", 6, None, None, None)  # what a killed update had done
+    assert disks.record("p")["size_bytes"] == 4 * GIB
+    with disks.open_virtual("p") as v:
+        assert v.size == 6 * GIB
+    p = disks.update_disk("p", size_gib=6)
+    assert (p["size_bytes"], p["baseline_tier"]) == (6 * GIB, "P2")
+    with disks.open_virtual("p") as v:
+        assert v.size == 6 * GIB
+    assert disks.check_disk("p").ok
