@@ -38,6 +38,7 @@ EPILOG = """examples:
   hostcache tiers Premium_LRS                      every size with its limits
   hostcache limits Premium_LRS 100                 a 100 GiB Premium disk performs as P10
   hostcache limits UltraSSD_LRS 64 --iops 20000 --mbps 500
+  hostcache limits Premium_LRS 128 --tier P50      a 128 GiB disk given performance tier P50
   hostcache vm-size D8s_v3
   hostcache sizes --family Dsv5 --premium          the published VM sizes, filtered
   hostcache simulate Premium_LRS 1024 --vm D8s_v3 --qd 1 4 16 64 --size 4K
@@ -46,7 +47,7 @@ EPILOG = """examples:
 
 def _disk(a: argparse.Namespace) -> DiskLimits:
     return disk_limits(a.sku, a.size_gib, iops=a.iops, mbps=a.mbps, performance_plus=a.performance_plus,
-                       on_demand_bursting=a.on_demand_bursting, edition=a.edition)
+                       on_demand_bursting=a.on_demand_bursting, edition=a.edition, tier=a.tier)
 
 
 def _number(kind: type[int] | type[float], low: float, strict: bool, what: str,
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("size_gib", type=POSITIVE, help="the disk's size in GiB (rounded up to a whole GiB)")
         p.add_argument("--iops", type=COUNT, help="provisioned IOPS (PremiumV2_LRS, UltraSSD_LRS)")
         p.add_argument("--mbps", type=POSITIVE, help="provisioned MB/s (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("--tier", help="a performance tier (Premium_LRS: at or above the size's own, e.g. P50 for "
+                       "a 128 GiB disk)")
         p.add_argument("--performance-plus", action="store_true")
         p.add_argument("--on-demand-bursting", action="store_true")
         p.add_argument("--edition", choices=EDITIONS, default="current",
