@@ -443,7 +443,7 @@ def serve_worker(a: argparse.Namespace, budget: Any) -> object:
         for lun in a.lun:
             disk = h.open_disk(a.name, lun, shared_lease=leases[str(lun)])
             exports[_export(lun)] = Export(_export(lun), AsyncDisk(disk),  # type: ignore[arg-type]
-                                           f"{a.name} {disk.name} ({disk.mode.value})")
+                                           f"{a.name} {disk.name} ({disk.mode.value}) worker pid {os.getpid()}")
         server = NbdServer(exports, budget, a.max_connections, a.stall_timeout)
 
         async def main() -> None:
