@@ -410,7 +410,11 @@ def _listen(a: argparse.Namespace) -> Any:
     import socket as socketlib
 
     if not a.socket:
-        return socketlib.create_server((a.bind, a.port), backlog=128)
+        try:
+            return socketlib.create_server((a.bind, a.port), backlog=128)
+        except OSError as e:
+            raise HostError(f"cannot listen on {a.bind}:{a.port} ({e.strerror or e}): stop what listens there, "
+                            "or choose another --port") from None
     sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     try:
         sock.bind(a.socket)
