@@ -353,7 +353,6 @@ def serve_workers(a: argparse.Namespace) -> object:
     """The supervisor of `serve --workers N` (workers.py): the leases, the socket, the workers."""
     import socket as socketlib
 
-    from stamp.errors import StampError as _StampError
     from vhd.nbd import claim_socket
 
     from .workers import Supervisor
@@ -372,7 +371,7 @@ def serve_workers(a: argparse.Namespace) -> object:
                            "--max-inflight-mib", str(a.max_inflight_mib), "--max-connections", str(a.max_connections),
                            "--stall-timeout", str(a.stall_timeout)]
                 for lun in disks:
-                    command += ["--lun", str(lun), "--worker-lease", f"{lun}={leases[lun]}"]
+                    command += ["--lun", str(lun), f"--worker-lease={lun}={leases[lun]}"]
                 sup = Supervisor(listener, a.workers, command)
                 sup.start()
                 where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
@@ -388,17 +387,22 @@ def serve_workers(a: argparse.Namespace) -> object:
                         pass
         finally:
             for lun, lease in leases.items():
-                blob = disks[lun]["blob"]
-                try:  # what a killed worker left dirty, then the version the cache's clean lines match
-                    h.cache.flush(h.stamp, blob, lease)
-                    h.stamp.flush()
-                    h.cache.close_blob(h.stamp, h.stamp.blobs.version(blob)[0])
-                finally:
-                    try:
-                        h.stamp.blobs.release_lease(blob, lease)
-                    except _StampError:
-                        pass
+                _settle(h, disks[lun]["blob"], lease)
     return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts}
+
+
+def _settle(h: Host, blob: str, lease: str) -> None:
+    """The workers are gone: write back what a killed one left dirty, record the
+    version the cache's clean lines match, release the lease (whatever failed)."""
+    try:
+        h.cache.flush(h.stamp, blob, lease)
+        h.stamp.flush()
+        h.cache.close_blob(h.stamp, h.stamp.blobs.version(blob)[0])
+    finally:
+        try:
+            h.stamp.blobs.release_lease(blob, lease)
+        except StampError:
+            pass
 
 
 def _export(lun: int) -> str:

@@ -193,6 +193,24 @@ def test_a_worker_killed_9_loses_no_acknowledged_write_and_leaves_the_buckets_wh
     assert stamp_bytes(tmp_path, 2 * MIB, len(data)) == data  # the supervisor wrote back what the victim left dirty
 
 
+def test_a_supervisor_killed_9_takes_its_workers_with_it_and_the_disk_opens_again(tmp_path):
+    host = setup_host(tmp_path, "ReadWrite")
+    served = Served(host, str(tmp_path / "s.sock"))
+    a = served.connect()
+    a.pwrite(b"\x44" * 65536, 8 * MIB)  # answered: dirty in the host cache
+    served.proc.kill()
+    served.proc.wait()
+    for pid in served.ready["workers"]:  # each saw its control socket close, flushed and exited
+        for _ in range(600):
+            if not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"worker {pid} outlived its supervisor")
+    with Host(host) as h:  # the dead supervisor's leases are stale: broken on open
+        assert h.open_disk("vm", 0).read(8 * MIB, 65536) == b"\x44" * 65536
+
+
 def test_nbdcopy_with_four_connections_and_fio_with_four_jobs(tmp_path):
     served = Served(setup_host(tmp_path, "ReadOnly"), str(tmp_path / "s.sock"))
     uri = f"nbd+unix:///lun0?socket={served.sock}"
