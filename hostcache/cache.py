@@ -958,9 +958,10 @@ class CachedBlob(PageBlobFile):
     first, since this mode will not look at them."""
 
     def __init__(self, cache: BlobCache, stamp: Stamp, blob: str, mode: CacheMode,
-                 lease: str | None = None, writable: bool = True) -> None:
+                 lease: str | None = None, writable: bool = True, shared: bool = False) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
+        self.shared = shared  # one of several processes writing the blob: the last to close records its version
         # a writer in None writes around the cache: the version it leaves at close must not vouch for old lines
         self.blob_id = cache.open_blob(stamp, blob, writable, lease, keep_clean=not (writable and mode is CacheMode.NONE))
         if mode is not CacheMode.READWRITE:
@@ -1009,6 +1010,7 @@ class CachedBlob(PageBlobFile):
         super().sync()
 
     def close(self) -> None:
-        """After the image's last flush: the cache records the version its clean lines match."""
-        if self.writable:
+        """After the image's last flush: the cache records the version its clean
+        lines match (shared: the supervisor does, once every writer is done)."""
+        if self.writable and not self.shared:
             self.cache.close_blob(self.stamp, self.blob_id)

@@ -139,7 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="export a VM's attached disks over NBD, through cache and throttle",
                        description="Serve disks attached to a VM over NBD until interrupted: what a client "
                        "(nbdinfo, nbdcopy, qemu-img, fio) measures is the disk's tier. Export names are "
-                       "'os' and 'lunN'.")
+                       "'os' and 'lunN'. With --workers N, N processes serve (one core each), clients dealt "
+                       "to them in turn, so a client with several connections (nbdcopy --connections=4, "
+                       "fio --numjobs=4) uses several cores; the disks' and the VM's limits hold across them "
+                       "(one throttle, in the host folder). Only fixed-VHD disks can be shared so: an OS disk "
+                       "made from an image is a differencing VHD, served apart with --workers 1.")
     p.add_argument("name", help="the VM")
     p.add_argument("--lun", type=int, action="append", help="a data disk's LUN (repeatable; default: all and os)")
     where = p.add_mutually_exclusive_group()
@@ -148,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1")
     p.add_argument("--max-inflight-mib", type=int, default=128,
                    help="memory for requests in flight, all clients together (default 128; at most half "
-                   "per client); past it the server stops reading requests until replies have left")
+                   "per client); past it the server stops reading requests until replies have left "
+                   "(with --workers: in each worker)")
+    p.add_argument("--workers", type=_number(int, 1, False, "at least 1, at most 64", 64), default=1,
+                   help="worker processes serving clients (default 1: one core; use the machine's core count "
+                   "for clients with several connections; --max-connections and --max-inflight-mib are per worker)")
+    p.add_argument("--worker-control", type=int, help=argparse.SUPPRESS)  # a worker: its supervisor's socket
+    p.add_argument("--worker-lease", action="append", default=[], help=argparse.SUPPRESS)  # LUN=LEASE
     _connection_opts(p)
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
@@ -299,6 +309,10 @@ def serve(a: argparse.Namespace) -> object:
     from .host import OS_LUN, AsyncDisk
 
     budget = server_budget(a.max_inflight_mib, a.max_connections)
+    if a.worker_control is not None:
+        return serve_worker(a, budget)
+    if a.workers > 1:
+        return serve_workers(a)
     if a.socket:
         claim_socket(a.socket)  # before the disks are opened (and their leases taken)
     with Host(a.host) as h:
@@ -311,6 +325,159 @@ def serve(a: argparse.Namespace) -> object:
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
         run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     return {"stopped": a.name}
+
+
+def _worker_luns(h: Host, a: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """The disks --workers serves, by LUN, each a fixed VHD (clear errors, not a worker's traceback)."""
+    from .host import OS_LUN
+
+    vm = h.vm(a.name)
+    if vm["state"] != "Running":
+        raise HostError(f"VM {a.name} is {vm['state']}: start it first")
+    luns = a.lun if a.lun else [OS_LUN] + sorted(int(k) for k in vm["data_disks"])
+    out = {}
+    for lun in luns:
+        entry = vm["os_disk"] if lun == OS_LUN else vm["data_disks"].get(str(lun))
+        if entry is None:
+            raise HostError(f"VM {a.name} has no disk at LUN {lun}")
+        rec = h.disks.record(entry["disk"])
+        if rec.get("vhd_type") != "fixed":
+            where = "the OS disk" if lun == OS_LUN else f"the disk at LUN {lun}"
+            raise HostError(f"{where} ({entry['disk']}) is a {rec.get('vhd_type')} VHD: its block table lives "
+                            "in the process that opens it, so several workers cannot write it. Serve it with "
+                            f"--workers 1 (hostcache serve {a.name} --lun {lun} --socket ...) and the fixed disks "
+                            f"with --workers {a.workers} (--lun 0 --lun 1 ...)")
+        out[lun] = rec
+    return out
+
+
+def serve_workers(a: argparse.Namespace) -> object:
+    """The supervisor of `serve --workers N` (workers.py): the leases, the socket, the workers."""
+    import socket as socketlib
+
+    from vhd.nbd import claim_socket
+
+    from .workers import Supervisor
+
+    if a.socket:
+        claim_socket(a.socket)
+    with Host(a.host) as h:
+        disks = _worker_luns(h, a)
+        leases: dict[int, str] = {}
+        try:
+            for lun, rec in disks.items():
+                leases[lun] = h.stamp.blobs.acquire_writer_lease(rec["blob"])
+            listener = _listen(a)
+            try:
+                command = [sys.executable, "-m", "hostcache", "--host", os.path.abspath(a.host), "serve", a.name,
+                           "--max-inflight-mib", str(a.max_inflight_mib), "--max-connections", str(a.max_connections),
+                           "--stall-timeout", str(a.stall_timeout)]
+                for lun in disks:
+                    command += ["--lun", str(lun), f"--worker-lease={lun}={leases[lun]}"]
+                sup = Supervisor(listener, a.workers, command)
+                sup.start()
+                where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
+                print(json.dumps({"serving": [_export(lun) for lun in disks], "at": where,
+                                  "workers": [w.pid for w in sup.workers]}), flush=True)
+                sup.run()
+            finally:
+                listener.close()
+                if a.socket and listener.family == socketlib.AF_UNIX:
+                    try:
+                        os.unlink(a.socket)
+                    except FileNotFoundError:
+                        pass
+        finally:
+            for lun, lease in leases.items():
+                _settle(h, disks[lun]["blob"], lease)
+    return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts}
+
+
+def _settle(h: Host, blob: str, lease: str) -> None:
+    """The workers are gone: write back what a killed one left dirty, record the
+    version the cache's clean lines match, release the lease (whatever failed)."""
+    try:
+        h.cache.flush(h.stamp, blob, lease)
+        h.stamp.flush()
+        h.cache.close_blob(h.stamp, h.stamp.blobs.version(blob)[0])
+    finally:
+        try:
+            h.stamp.blobs.release_lease(blob, lease)
+        except StampError:
+            pass
+
+
+def _export(lun: int) -> str:
+    return "os" if lun < 0 else f"lun{lun}"
+
+
+def _listen(a: argparse.Namespace) -> Any:
+    """The listening socket the supervisor accepts on (a live server's socket refused)."""
+    import socket as socketlib
+
+    if not a.socket:
+        try:
+            return socketlib.create_server((a.bind, a.port), backlog=128)
+        except OSError as e:
+            raise HostError(f"cannot listen on {a.bind}:{a.port} ({e.strerror or e}): stop what listens there, "
+                            "or choose another --port") from None
+    sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        sock.bind(a.socket)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise HostError(f"{a.socket} is already in use: stop that server, or choose another --socket") from None
+        raise
+    sock.listen(128)
+    return sock
+
+
+def serve_worker(a: argparse.Namespace, budget: Any) -> object:
+    """A worker of `serve --workers N`: the disks under the supervisor's leases,
+    serving the clients it hands over until SIGTERM or its supervisor goes."""
+    import asyncio
+    import signal
+    import socket as socketlib
+
+    from vhd.nbd import Export, NbdServer
+
+    from .host import AsyncDisk
+    from .workers import READY, worker_fds
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops its workers
+    leases = dict(item.split("=", 1) for item in a.worker_lease)
+    control = socketlib.socket(fileno=a.worker_control)
+    with Host(a.host) as h:
+        exports = {}
+        for lun in a.lun:
+            disk = h.open_disk(a.name, lun, shared_lease=leases[str(lun)])
+            exports[_export(lun)] = Export(_export(lun), AsyncDisk(disk),  # type: ignore[arg-type]
+                                           f"{a.name} {disk.name} ({disk.mode.value}) worker pid {os.getpid()}")
+        server = NbdServer(exports, budget, a.max_connections, a.stall_timeout)
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            clients: set[asyncio.Task[None]] = set()
+
+            def handed() -> None:
+                fds = worker_fds(control)
+                if fds is None:  # the supervisor is gone
+                    loop.remove_reader(control.fileno())
+                    stop.set()
+                    return
+                for fd in fds:
+                    task = loop.create_task(server.adopt(socketlib.socket(fileno=fd)))
+                    clients.add(task)
+                    task.add_done_callback(clients.discard)
+            control.setblocking(False)
+            loop.add_reader(control.fileno(), handed)
+            control.send(READY)
+            await stop.wait()
+        asyncio.run(main())  # on the way out the clients' handlers are cancelled
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -654,8 +654,11 @@ class Host:
         """This process's throttle of the VM, or one just to act on its buckets (not kept)."""
         return self.throttles.get(vm["name"]) or self._new_throttle(vm)
 
-    def open_disk(self, vm_name: str, lun: int) -> AttachedDisk:
-        """The disk at `lun` (OS_LUN for the OS disk) as the VM sees it."""
+    def open_disk(self, vm_name: str, lun: int, shared_lease: str | None = None) -> AttachedDisk:
+        """The disk at `lun` (OS_LUN for the OS disk) as the VM sees it. With
+        `shared_lease` (a worker of `hostcache serve --workers`) the disk's
+        writer lease is one another process (the supervisor) holds for every
+        worker writing the disk at once: see AttachedDisk."""
         key = (vm_name, lun)
         if key in self.open_disks:
             return self.open_disks[key]
@@ -665,7 +668,7 @@ class Host:
         entry = _entry(vm, lun)
         if entry is None:
             raise InvalidParameter(f"VM {vm_name} has no disk at LUN {lun}")
-        disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]))
+        disk = AttachedDisk(self, vm_name, lun, entry["disk"], CacheMode(entry["caching"]), shared_lease)
         self.open_disks[key] = disk
         return disk
 
@@ -779,21 +782,38 @@ def real_boot(host: Host, vm_name: str, timeout: float = 60.0, interface: str = 
 
 
 class AttachedDisk:
-    """A disk attached to a VM, as a block device: VHD through the host cache, admitted by the throttle."""
+    """A disk attached to a VM, as a block device: VHD through the host cache, admitted by the throttle.
 
-    def __init__(self, host: Host, vm: str, lun: int, disk: str, mode: CacheMode) -> None:
+    Opened with a `shared_lease`, the disk is one of several processes'
+    (the workers of `hostcache serve --workers`) writing it at once, under a
+    lease the supervisor holds: it does not take or release the lease, leaves
+    the cache's record of the blob to the supervisor on close, and its flush
+    makes durable what every process acknowledged. Only a fixed VHD can be
+    shared so: its bytes are the blob's, with no state in the process; a
+    differencing VHD's block table lives in the process that opened it."""
+
+    def __init__(self, host: Host, vm: str, lun: int, disk: str, mode: CacheMode,
+                 shared_lease: str | None = None) -> None:
         self.host, self.vm, self.lun, self.name, self.mode = host, vm, lun, disk, mode
+        self.shared = shared_lease is not None
         rec = host.disks.record(disk)
         self.blob = rec["blob"]
-        lease = host.stamp.blobs.acquire_writer_lease(self.blob)
+        if self.shared and rec.get("vhd_type") != "fixed":
+            raise HostError(f"disk {disk} is a {rec.get('vhd_type')} VHD: only a fixed VHD can be served by "
+                            "several workers")
+        lease = shared_lease or host.stamp.blobs.acquire_writer_lease(self.blob)
         try:
             image_dev = self._open_image(rec, lease)
         except BaseException:
-            host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
+            if not self.shared:
+                host.stamp.blobs.release_lease(self.blob, lease)  # a failed open keeps nothing
             raise
         if isinstance(image_dev, SparseImage):
+            if self.shared:
+                image_dev.close()
+                raise HostError(f"disk {disk} holds a sparse VHD: only a fixed VHD can be served by several workers")
             image_dev.write_through = True  # the platform's rule: an acknowledged write survives a kill
-        self.virtual = VirtualDisk(image_dev, host.stamp.blobs, self.blob, lease)
+        self.virtual = VirtualDisk(image_dev, host.stamp.blobs, self.blob, None if self.shared else lease)
         self.size = self.virtual.size
         self.readonly = False
         self.throttle = host.throttle(vm)
@@ -820,7 +840,8 @@ class AttachedDisk:
     def _open_image(self, rec: dict[str, Any], lease: str) -> Image:
         """The disk's VHD over the host cache (a FromImage disk's parent too)."""
         host, mode = self.host, self.mode
-        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease)  # may write back what a dead process left
+        file = CachedBlob(host.cache, host.stamp, self.blob, mode, lease=lease,  # may write back what a dead process left
+                          shared=self.shared)
         resolver = None
         image = rec.get("source", {}).get("image")
         if image:
@@ -863,7 +884,12 @@ class AttachedDisk:
         self.sleep.until(self.write_now(offset, data))
 
     def flush(self) -> None:
-        self.virtual.flush()
+        """What this disk acknowledged goes to the stamp, durable (FLUSH, FUA);
+        shared, what every worker acknowledged too (NBD multi-conn: a flush on
+        one connection covers the writes every connection was answered)."""
+        self.virtual.flush()  # ReadWrite: every process's dirty lines of the blob (one shared index)
+        if self.shared:
+            self.host.stamp.flush_shared()
 
     def discard(self, offset: int, length: int) -> None:
         self.virtual.discard(offset, length)
@@ -872,6 +898,8 @@ class AttachedDisk:
         return self.virtual.allocation(offset, length)
 
     def close(self) -> None:
+        if self.shared:
+            self.flush()
         self.virtual.close()  # releases the blob's lease (the cache forgets it: later write-back names none)
         self.host.open_disks.pop((self.vm, self.lun), None)
 

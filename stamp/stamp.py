@@ -11,6 +11,7 @@ extents left open by processes that died). `check()` walks everything.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,17 @@ from .pageblob import PAGE, BlobState, PageBlobs
 from .stream import DEFAULT_EXTENT_SIZE, REPLICAS, StreamLayer, owner_alive
 
 DURABILITY = ("os", "fsync")
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(fd: int) -> None:
+    """Sync the whole filesystem holding `fd` (Linux syncfs(2); os.sync() elsewhere)."""
+    call = getattr(_LIBC, "syncfs", None)
+    if call is None:
+        os.sync()
+    elif call(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @dataclass
@@ -116,6 +128,28 @@ class Stamp:
         """Make everything acknowledged durable against power loss too."""
         self.stream.flush()
         self.meta.sync()
+
+    def flush_shared(self) -> None:
+        """flush(), and also what every other process using the stamp
+        acknowledged: flush() syncs only the extent this process appends to,
+        so a server whose clients' writes land in several processes (hostcache
+        serve --workers) syncs each filesystem holding the stamp's files
+        (syncfs: the nodes' folders and the metadata)."""
+        self.flush()
+        seen: set[int] = set()
+        nodes = os.path.join(self.path, "nodes")
+        folders = [self.path, os.path.join(self.path, "meta")]
+        if os.path.isdir(nodes):
+            folders += [os.path.join(nodes, n) for n in sorted(os.listdir(nodes))]
+        for folder in folders:
+            fd = os.open(os.path.realpath(folder), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                dev = os.fstat(fd).st_dev
+                if dev not in seen:
+                    seen.add(dev)
+                    syncfs(fd)
+            finally:
+                os.close(fd)
 
     # -- faults ------------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ in the same run, 4 KiB at queue depth --qd:
   ours vs qemu-nbd -f vpc (goal >= 5x qemu-nbd)
 Part 2, each tier attached to a VM and served by hostcache serve (cache None),
 fio randread and randwrite, beside the published limit.
+With --ceiling, instead: the uncapped 4 KiB ceiling of hostcache serve at 1
+and 2 worker processes (measure_ceiling), alternated --rounds times, medians:
+  .venv/bin/python tools/fio_tiers.py --ceiling [--seconds 5] [--rounds 3] [--jobs 4]
 Not a test: nothing asserts.
 """
 
@@ -134,6 +137,87 @@ def tiers(work: str, a: argparse.Namespace) -> list[dict]:
     return rows
 
 
+CEILING_VM, CEILING_DISK = "Standard_D192s_v6", ("UltraSSD_LRS", 1024)  # 400,400 and 400,000 IOPS: far above the path
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes used so far (/proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def measure_ceiling(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int = 16) -> dict[str, float]:
+    """The uncapped 4 KiB ceiling of `hostcache serve --workers N`: IOPS of fio
+    randwrite then randread with `jobs` jobs (one NBD connection each, on 64 MiB
+    regions of their own) at queue depth `qd`, on an Ultra disk (cache None) of
+    a VM whose limits are far above what the emulator does, so the path, not the
+    throttle, is what is measured. A fresh stamp and host in a folder of its own.
+    Also, per rw: the serving processes' CPU microseconds per I/O and the cores
+    they kept busy (CPU seconds per second), which a shared machine's load does
+    not move as it moves IOPS."""
+    work = tempfile.mkdtemp(prefix="fio-ceiling-", dir="/var/tmp")
+    try:
+        with vhd.create(os.path.join(work, "img.vhd"), 32 * MIB, type="fixed") as img:
+            img.write(0, make_boot_sector(2048, 60000))
+        with Stamp.create(os.path.join(work, "st")) as st:
+            d = Disks(st)
+            d.create_image("img", path=os.path.join(work, "img.vhd"))
+            d.create_empty("ultra", CEILING_DISK[1], CEILING_DISK[0])
+        host = os.path.join(work, "host")
+        with Host.create(host, os.path.join(work, "st")) as h:
+            h.create_vm("vm", CEILING_VM, "img")
+            h.attach("vm", "ultra", 0, "None")
+        sock = f"{work}/c.sock"
+        proc = subprocess.Popen([PY, "-m", "hostcache", "--host", host, "serve", "vm", "--lun", "0", "--workers",
+                                 str(workers), "--socket", sock], stdout=subprocess.PIPE, text=True)
+        try:
+            ready = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+            pids = ready.get("workers", [proc.pid])
+            out = {}
+            for rw in ("randwrite", "randread"):  # written first: the reads find data
+                cpu, t0 = _cpu_seconds(pids), time.monotonic()
+                res = subprocess.run(["fio", "--name=c", "--ioengine=nbd", f"--uri=nbd+unix:///lun0?socket={sock}",
+                                      f"--rw={rw}", "--bs=4k", f"--iodepth={qd}", f"--numjobs={jobs}", "--size=64M",
+                                      "--offset_increment=64M", f"--runtime={seconds}", "--time_based",
+                                      "--group_reporting", "--output-format=json"],
+                                     capture_output=True, text=True, check=True).stdout
+                job = json.loads(res[res.index("{"):])["jobs"][0]
+                side = job["read" if rw == "randread" else "write"]
+                out[rw] = float(side["iops"])
+                used, wall = _cpu_seconds(pids) - cpu, time.monotonic() - t0
+                out[f"{rw}_cpu_us_per_io"] = used / max(1, side["total_ios"]) * 1e6
+                out[f"{rw}_cores"] = used / wall
+            return out
+        finally:
+            stop(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ceiling_rows(a: argparse.Namespace) -> list[dict]:
+    """1 and 2 workers alternated a.rounds times (the machine is shared): medians."""
+    import statistics
+
+    got: dict[int, list[dict[str, float]]] = {1: [], 2: []}
+    for _ in range(a.rounds):
+        for workers in (1, 2):
+            got[workers].append(measure_ceiling(workers, a.seconds, a.jobs))
+    rows = []
+    for rw in ("randread", "randwrite"):
+        one, two = (statistics.median(r[rw] for r in got[w]) for w in (1, 2))
+        rows.append({"test": f"hostcache serve 4K {rw}, {a.jobs} fio jobs QD16, 2 workers", "ours": two,
+                     "peer": one, "peer_name": "1 worker", "unit": "IOPS", "ratio": two / one, "goal": None})
+        for what, unit in (("cpu_us_per_io", "us"), ("cores", "")):
+            one, two = (statistics.median(r[f"{rw}_{what}"] for r in got[w]) for w in (1, 2))
+            label = "server CPU per I/O" if what == "cpu_us_per_io" else "cores the server kept busy"
+            print(f"{rw:>10} {label}: 1 worker {one:.2f}{unit}, 2 workers {two:.2f}{unit}")
+    return rows
+
+
 def main() -> int:
     from benchtable import show
 
@@ -143,7 +227,17 @@ def main() -> int:
     ap.add_argument("--tiers", nargs="+", default=["S10", "P10", "P30"], choices=list(TIERS))
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--png", help="draw the tiers' measured IOPS beside their published limits here")
+    ap.add_argument("--ceiling", action="store_true", help="only the uncapped ceiling at 1 and 2 workers")
+    ap.add_argument("--rounds", type=int, default=3, help="with --ceiling: 1 and 2 workers alternated this often")
+    ap.add_argument("--jobs", type=int, default=4, help="with --ceiling: fio jobs (NBD connections)")
     a = ap.parse_args()
+    if a.ceiling:
+        rows = ceiling_rows(a)
+        show(rows)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
     for tool in ("fio", "qemu-nbd", "nbdkit"):
         if shutil.which(tool) is None:
             print(f"fio_tiers: {tool} is missing (bash tools/run.sh test installs it)", file=sys.stderr)

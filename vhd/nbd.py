@@ -299,6 +299,15 @@ class NbdServer:
         self.server = await asyncio.start_unix_server(self._client, sock=sock)
         return self.server
 
+    async def adopt(self, sock: socketlib.socket) -> None:
+        """Serve a client another process accepted and handed over (hostcache
+        serve --workers: the supervisor accepts, its workers serve); the same
+        rules as a client of serve_tcp or serve_unix."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2 ** 16, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, self._client, loop=loop)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.active >= self.max_connections:
             self.refused += 1  # full: closed before the greeting, holding nothing
