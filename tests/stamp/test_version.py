@@ -28,15 +28,20 @@ def state_raw(s: Stamp, blob: str = "d") -> bytes:
         return bytes(txn.get(U64.pack(blob_id), db=s.meta.db["blobstate"]))
 
 
+def all_counters(s: Stamp) -> dict[bytes, bytes]:
+    with s.meta.read() as txn:
+        return dict(s.meta.items(txn, "counters"))
+
+
 def test_writes_nobody_observed_between_leave_the_state_record_alone(st):
     st.blobs.write("d", 0, b"a" * 512)
     v1 = st.blobs.version("d")[1]
     st.blobs.write("d", 0, b"b" * 512)  # observed since it moved: it moves on, once
-    moved = state_raw(st)
+    moved, counters = state_raw(st), all_counters(st)
     for i in range(20):
         st.blobs.write("d", i * 4096, b"c" * 4096)
         st.blobs.clear("d", 8 * MIB, 512)
-        assert state_raw(st) == moved  # no metadata write for the version
+        assert state_raw(st) == moved and all_counters(st) == counters  # no metadata write for the version
     v2 = st.blobs.version("d")[1]
     assert v2 != v1
     assert st.blobs.version("d")[1] == v2  # nothing changed: the same
