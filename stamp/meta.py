@@ -27,14 +27,17 @@ Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full, generation}
   extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner, token,
                                              started, copy (while a replica is re-made)}
-  counters   name                   -> u64 (and version/ID: changes of blob ID's live pages)
+  counters   name                   -> u64
   blobs      name (utf-8)           -> JSON {id, created, properties...}
-  blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease)
+  blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease, version word:
+                                             content version << 1 | 1 if someone read it since it moved)
   snaps      u64 blob id, u32 epoch -> JSON {snapshot, epoch, time, size, metadata}
   snapnames  u64 blob id, snapshot id (utf-8) -> the same JSON
   pages      u64 blob id, u64 page  -> PIECE (the live index)
   frozen     u64 blob id, u32 epoch, u64 page -> PIECE (kept for snapshot `epoch`)
-  history    u64 blob id, u64 cell, u32 epoch, u64 page -> u64 end page (frozen's index by place)
+  pagehist   u64 blob id, u64 page, u32 epoch -> PLACE (frozen's index by place: one entry per page
+                                             of each frozen piece, naming the piece)
+  history    legacy (the older, per-cell index of frozen): emptied when a stamp is opened
   changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
   resources  "disk/NAME", "image/NAME", "snapshot/NAME" -> JSON (managed disks, images, snapshots)
 """
@@ -56,7 +59,7 @@ from .errors import MetadataFull
 
 TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
           "resources",
-          "changes", "history")
+          "changes", "history", "pagehist")
 MAP_SIZE = 1 << 36  # 64 GiB: the metadata's limit, and data.mdb's apparent (sparse) size
 RESERVE_MIN = 8 << 20  # blocks taken ahead of use: at least this, or an eighth of what is used
 SPARE = 1 << 20  # on a full disk, management transactions stop this far from the blocks taken
@@ -66,11 +69,17 @@ U64 = struct.Struct(">Q")
 BLOB_PAGE = struct.Struct(">QQ")
 BLOB_EPOCH = struct.Struct(">QI")
 BLOB_EPOCH_PAGE = struct.Struct(">QIQ")
-BLOB_CELL_EPOCH_PAGE = struct.Struct(">QQIQ")
+BLOB_PAGE_EPOCH = struct.Struct(">QQI")
+# a frozen piece's start page, end page and generation
+PLACE = struct.Struct("<QQI")
 # end page, extent id, record offset, record length, inner byte offset, generation
 PIECE = struct.Struct("<QQQIII")
-# epoch, latest surviving snapshot epoch (-1: none), size, lease id (16 bytes), lease expiry (0: never)
-STATE = struct.Struct("<IiQ16sd")
+# epoch, latest surviving snapshot epoch (-1: none), size, lease id (16 bytes), lease expiry (0: never),
+# version word (the content version << 1, | 1 once observed: see PageBlobs.version)
+STATE = struct.Struct("<IiQ16sdQ")
+STATE_V1 = struct.Struct("<IiQ16sd")  # older stamps: no version word (the version was counter version/ID)
+WORD = struct.Struct("<Q")  # STATE's last field alone
+assert STATE.size == STATE_V1.size + WORD.size
 
 
 def dumps(obj: Any) -> bytes:

@@ -11,11 +11,20 @@ a write or clear covers a piece that the latest surviving snapshot L can see
 dropped. Reading snapshot k takes, page by page, the first of frozen(j) for
 surviving snapshots j >= k in ascending order, then the live index. Live
 reads and writes never look at snapshots, so they cost the same with 500.
-The frozen tables are indexed by place (`history`: cell of CELL pages, then
-epoch, then start page -> end page; a piece has an entry in every cell it
-touches), so a snapshot read seeks once per cell it covers, at epoch k, and
-walks only what was frozen there since k: the oldest of 1,000 snapshots
-reads as fast as the newest.
+The frozen tables are indexed by place (`pagehist`: page, then epoch ->
+the frozen piece's start, end and gen; a piece has an entry for every page
+it holds). For one page, the pieces frozen over time lived in disjoint
+epoch intervals [gen, frozen epoch] (a page has one live piece at a time,
+and a piece is frozen in the latest snapshot before the epoch that replaced
+it), so one seek at (page, k) finds the piece that decides the page at
+snapshot k. When that piece was live at k (gen <= k), it decides every page
+it holds, for the same reason, and the read skips to its end; pages with no
+entry at or after k are skipped to the next indexed page by the same seek.
+So a read costs a seek per run of pages, whatever the number of snapshots
+or how often a neighbouring page was rewritten between them: the oldest of
+1,000 snapshots reads as fast as the newest. The price: freezing a piece
+puts one index entry per page it holds, at most once per page written per
+snapshot.
 
 While a blob has snapshots, every write and clear adds its range to the
 change log of the current epoch (one entry per start page, keeping the
@@ -68,7 +77,20 @@ from .errors import (
     SnapshotNotFound,
     SnapshotsPresent,
 )
-from .meta import BLOB_CELL_EPOCH_PAGE, BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
+from .meta import (
+    BLOB_EPOCH,
+    BLOB_EPOCH_PAGE,
+    BLOB_PAGE_EPOCH,
+    PIECE,
+    PLACE,
+    STATE,
+    STATE_V1,
+    U64,
+    WORD,
+    Meta,
+    dumps,
+    loads,
+)
 from .stream import Location, StreamLayer, own_start, pid_alive
 
 PAGE = 512
@@ -78,8 +100,9 @@ MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of d
 MAX_NAME = 1024  # characters in a blob name (Azure's limit)
 SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
-CELL = 256  # pages per cell of the history index (128 KiB)
-HISTORY_BUILT = b"history-index"  # counters key: the history index covers every frozen piece
+HISTORY_BUILT = b"history-index"  # counters key of the legacy per-cell index (removed on upgrade)
+STATE_WORD_BUILT = b"state-version-word"  # counters key: every state record holds its version word
+PAGE_HISTORY_BUILT = b"page-history-index"  # counters key: the pagehist index covers every frozen piece
 
 
 class Piece(NamedTuple):
@@ -116,16 +139,24 @@ class BlobState:
     size: int
     lease: bytes
     lease_expiry: float
+    version: int = 0  # the version word: content version << 1 | observed (see PageBlobs.version)
 
     @classmethod
     def unpack(cls, raw: bytes) -> BlobState:
         return cls(*STATE.unpack(raw))
 
     def pack(self) -> bytes:
-        return STATE.pack(self.epoch, self.latest, self.size, self.lease, self.lease_expiry)
+        return STATE.pack(self.epoch, self.latest, self.size, self.lease, self.lease_expiry, self.version)
 
     def lease_held(self, now: float) -> bool:
         return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
+
+
+def moved_on(word: int) -> int:
+    """The version word after a change of the blob's live pages: the version
+    moves on only if someone read it since it last moved (else no reader can
+    tell the two apart), and the new one is not yet observed."""
+    return (word >> 1) + 1 << 1 if word & 1 else word
 
 
 @dataclass(frozen=True)
@@ -148,11 +179,6 @@ class Diff:
     def to_json(self) -> dict[str, Any]:
         return {"written": [{"offset": o, "length": n} for o, n in self.written],
                 "cleared": [{"offset": o, "length": n} for o, n in self.cleared]}
-
-
-def _cells(s: int, e: int) -> range:
-    """The history cells that pages [s, e) touch."""
-    return range(s // CELL, (e - 1) // CELL + 1) if e > s else range(0)
 
 
 def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -209,7 +235,8 @@ def lease_bytes(lease: str) -> bytes:
 
 
 def _version_key(blob_id: int) -> bytes:
-    """The blob's version counter, in the counters table (see PageBlobs.version)."""
+    """Where older stamps kept a blob's version counter, in the counters
+    table (now in its state record: see PageBlobs.version)."""
     return f"version/{blob_id}".encode()
 
 
@@ -236,21 +263,45 @@ class PageBlobs:
         self.db = meta.db
         self._ids: dict[str, int] = {}
         self._snap_infos: dict[bytes, tuple[int, int]] = {}
+        self._upgrade_states()
         self._build_history()
 
-    def _build_history(self) -> None:
-        """Index the frozen pieces of a stamp made before the history index
-        existed (once: a counter says it is done)."""
+    def _upgrade_states(self) -> None:
+        """Give the state records of a stamp made by older code their version
+        word: the old counter's value, marked observed (a cache may hold it),
+        so the next change moves it on. Once: a counter says it is done."""
         with self.meta.read() as txn:
-            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+            if txn.get(STATE_WORD_BUILT, db=self.db["counters"]) is not None:
                 return
         with self.meta.write() as txn:
-            if txn.get(HISTORY_BUILT, db=self.db["counters"]) is not None:
+            if txn.get(STATE_WORD_BUILT, db=self.db["counters"]) is not None:
                 return
+            counters = self.db["counters"]
+            for key, raw in self.meta.items(txn, "blobstate"):
+                if len(raw) == STATE_V1.size:
+                    old = txn.get(_version_key(U64.unpack(key)[0]), db=counters)
+                    word = (U64.unpack(old)[0] if old else 0) << 1 | 1
+                    txn.put(key, raw + WORD.pack(word), db=self.db["blobstate"])
+                    txn.delete(_version_key(U64.unpack(key)[0]), db=counters)
+            txn.put(STATE_WORD_BUILT, U64.pack(1), db=counters)
+
+    def _build_history(self) -> None:
+        """Index the frozen pieces of a stamp made before the pagehist index
+        existed (with the legacy per-cell `history` index, or none), once: a
+        counter says it is done. The legacy index and its counter go."""
+        with self.meta.read() as txn:
+            if txn.get(PAGE_HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+        with self.meta.write() as txn:
+            if txn.get(PAGE_HISTORY_BUILT, db=self.db["counters"]) is not None:
+                return
+            rg.delete_prefix(txn, self.db["history"], b"")
+            rg.delete_prefix(txn, self.db["pagehist"], b"")  # nothing, unless a stamp was downgraded
             for key, raw in self.meta.items(txn, "frozen"):
                 blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
-                self._index(txn, blob_id, epoch, U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0])
-            txn.put(HISTORY_BUILT, U64.pack(1), db=self.db["counters"])
+                self._index(txn, blob_id, epoch, U64.unpack(key[BLOB_EPOCH.size:])[0], raw)
+            txn.delete(HISTORY_BUILT, db=self.db["counters"])
+            txn.put(PAGE_HISTORY_BUILT, U64.pack(1), db=self.db["counters"])
 
     # -- blob records -------------------------------------------------------------
 
@@ -336,13 +387,24 @@ class PageBlobs:
 
     def version(self, name: str) -> tuple[int, str]:
         """(id, content version) for caches outside the stamp: the blob's size
-        and a counter that every change of its live pages moves on (a write,
-        clear or shrink, in the index's own transaction), so any write, clear
-        or resize changes it; snapshots, leases and gc moves do not. O(1)."""
+        and a counter that a change of its live pages (a write, clear or
+        shrink, in the index's own transaction) moves on, so any write, clear
+        or resize changes it; snapshots, leases and gc moves do not. O(1).
+
+        The counter moves only when someone has read it since it last moved
+        (the observed bit of the state record's version word, which the write
+        reads anyway): writes nobody looked between cost no metadata write.
+        Reading an unobserved version sets the bit in the same write
+        transaction that reads it, so every change committed after any read
+        of a version moves it on, in every process."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            raw = txn.get(_version_key(blob_id), db=self.db["counters"])
-        return blob_id, f"{st.size}.{U64.unpack(raw)[0] if raw else 0}"
+        if not st.version & 1:
+            with self.meta.write() as txn:
+                blob_id, _, st = self._blob(txn, name)
+                st.version |= 1
+                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        return blob_id, f"{st.size}.{st.version >> 1}"
 
     def delete(self, name: str, lease: str | None = None, snapshots: str | None = None) -> None:
         """Delete a blob (their space is reclaimed by gc). A blob with snapshots
@@ -366,8 +428,7 @@ class PageBlobs:
             for snap in self.snapshots_in(txn, name):
                 self.delete_snapshot_in(txn, name, snap.id)
             return
-        txn.delete(_version_key(blob_id), db=self.db["counters"])
-        for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
+        for table in ("pages", "frozen", "pagehist", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
         txn.delete(blob_key(name), db=self.db["blobs"])
@@ -497,11 +558,13 @@ class PageBlobs:
                 txn.abort()
                 return False
             blob_id, raw = self._state_raw(txn, name)  # no BlobState built: this is the hot path
-            epoch, latest, size, lease_id, _ = STATE.unpack(raw)
+            epoch, latest, size, lease_id, _, word = STATE.unpack(raw)
             if lease_id != NO_LEASE or lease is not None:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
+            if word & 1:  # someone read the version since it last moved: move it on
+                txn.put(U64.pack(blob_id), raw[:-WORD.size] + WORD.pack(moved_on(word)), db=self.db["blobstate"])
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
         except BaseException:
             txn.abort()
@@ -517,6 +580,9 @@ class PageBlobs:
             check_pages(offset, length, st.size, limit=None)
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
+                if st.version & 1:
+                    st.version = moved_on(st.version)
+                    txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
         """Grow or shrink; pages cut off are cleared (snapshots keep theirs).
@@ -527,6 +593,7 @@ class PageBlobs:
             self._check_lease(st, lease)
             if size < st.size:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
+                st.version = moved_on(st.version)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
@@ -537,7 +604,6 @@ class PageBlobs:
         its frozen table; while there are snapshots, log the change in `epoch`."""
         prefix = U64.pack(blob_id)
         pages = self.db["pages"]
-        self.meta.next_id(txn, _version_key(blob_id).decode())  # the blob's version moves on
         for ps, pe, raw in rg.overlapping(txn, pages, prefix, s, e):
             old = Piece.unpack(ps, raw)
             if ps != s or new is None:  # else the put below replaces it
@@ -562,37 +628,45 @@ class PageBlobs:
 
     def _freeze(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int, raw: bytes) -> None:
         """Keep the piece of pages [s, e) for snapshot `epoch`: in frozen(epoch)
-        and, by place, in the history index."""
+        and, by place, in the pagehist index."""
         txn.put(BLOB_EPOCH.pack(blob_id, epoch) + U64.pack(s), raw, db=self.db["frozen"])
-        self._index(txn, blob_id, epoch, s, e)
+        self._index(txn, blob_id, epoch, s, raw)
 
-    def _index(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
-        end = rg.END.pack(e)
-        for c in _cells(s, e):
-            txn.put(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), end, db=self.db["history"])
+    def _index(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, raw: bytes) -> None:
+        """The pagehist entries of frozen piece (epoch, s), packed `raw`."""
+        e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
+        place = PLACE.pack(s, e, gen)
+        key = BLOB_PAGE_EPOCH.pack
+        txn.cursor(db=self.db["pagehist"]).putmulti([(key(blob_id, p, epoch), place) for p in range(s, e)])
 
     def _unindex(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
-        for c in _cells(s, e):
-            txn.delete(BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s), db=self.db["history"])
+        db = self.db["pagehist"]
+        for p in range(s, e):
+            txn.delete(BLOB_PAGE_EPOCH.pack(blob_id, p, epoch), db=db)
 
     def check_history(self, txn: lmdb.Transaction) -> list[str]:
-        """Problems with the history index: it must hold exactly one entry per
-        cell of every frozen piece, with the piece's end."""
+        """Problems with the pagehist index: it must hold exactly one entry per
+        page of every frozen piece, naming the piece (start, end, gen)."""
         want: dict[bytes, bytes] = {}
         for key, raw in self.meta.items(txn, "frozen"):
             blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
-            s, e = U64.unpack(key[BLOB_EPOCH.size:])[0], PIECE.unpack(raw)[0]
-            for c in _cells(s, e):
-                want[BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, s)] = rg.END.pack(e)
-        have = dict(self.meta.items(txn, "history"))
+            s = U64.unpack(key[BLOB_EPOCH.size:])[0]
+            e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
+            for p in range(s, e):
+                want[BLOB_PAGE_EPOCH.pack(blob_id, p, epoch)] = PLACE.pack(s, e, gen)
+        have = dict(self.meta.items(txn, "pagehist"))
         problems = []
-        for key in sorted(set(want) ^ set(have)):
-            blob_id, c, epoch, s = BLOB_CELL_EPOCH_PAGE.unpack(key)
+        for key in sorted(set(want) ^ set(have))[:100]:
+            blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
             what = "is missing" if key in want else "names no frozen piece"
-            problems.append(f"history index: blob {blob_id} cell {c} snapshot epoch {epoch} page {s} {what}")
-        problems += [f"history index: blob {BLOB_CELL_EPOCH_PAGE.unpack(k)[0]} page "
-                     f"{BLOB_CELL_EPOCH_PAGE.unpack(k)[3]}: end differs from its frozen piece's"
-                     for k in want.keys() & have.keys() if want[k] != have[k]]
+            problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch} {what}")
+        for key in sorted(want.keys() & have.keys()):
+            if want[key] != have[key]:
+                blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
+                problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch}: names another "
+                                f"piece {PLACE.unpack(have[key])} than its frozen piece {PLACE.unpack(want[key])}")
+        if next(self.meta.items(txn, "history"), None) is not None:
+            problems.append("legacy history index: not empty after the upgrade")
         return problems
 
     # -- reads -------------------------------------------------------------------------
@@ -619,36 +693,39 @@ class PageBlobs:
     def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
                         ) -> tuple[list[Piece], list[tuple[int, int]]]:
         """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
-        the pages none decides. One seek per history cell, at `epoch`: its
-        entries come in ascending epoch, so the first to cover a page wins."""
+        the pages none decides. One seek at (page, epoch) finds the piece that
+        decides a page (see the header); a piece live at `epoch` decides all
+        its pages, and a page with no entry at or after `epoch` is skipped to
+        the next page that has entries."""
         found: list[Piece] = []
         rest: list[tuple[int, int]] = []
-        cur = txn.cursor(db=self.db["history"])
+        cur = txn.cursor(db=self.db["pagehist"])
         frozen = self.db["frozen"]
-        for c in _cells(s, e):
-            gaps = [(max(s, c * CELL), min(e, (c + 1) * CELL))]
-            seek = BLOB_CELL_EPOCH_PAGE.pack(blob_id, c, epoch, 0)
-            cell = seek[:16]
-            if cur.set_range(seek):
-                for key, val in cur:
-                    if key[:16] != cell:
-                        break
-                    _, _, j, ps = BLOB_CELL_EPOCH_PAGE.unpack(key)
-                    pe = rg.END.unpack(val)[0]
-                    hit = [(max(gs, ps), min(ge, pe)) for gs, ge in gaps if max(gs, ps) < min(ge, pe)]
-                    if not hit:
-                        continue
-                    raw = txn.get(BLOB_EPOCH.pack(blob_id, j) + U64.pack(ps), db=frozen)
-                    if raw is None:
-                        raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
-                                           "which is missing")
-                    piece = Piece.unpack(ps, bytes(raw))
-                    if piece.gen <= epoch:
-                        found += [piece.cut(a, b) for a, b in hit]
-                    gaps = rg.subtract(gaps, hit)
-                    if not gaps:
-                        break
-            rest += gaps
+        key, unpack = BLOB_PAGE_EPOCH.pack, BLOB_PAGE_EPOCH.unpack
+        p = s
+        while p < e:
+            if not cur.set_range(key(blob_id, p, epoch)):
+                rest.append((p, e))
+                break
+            b, q, j = unpack(cur.key())
+            if b != blob_id or q >= e:
+                rest.append((p, e))
+                break
+            if q > p:  # pages [p, q) have nothing frozen since `epoch`; q has entries, maybe older
+                rest.append((p, q))
+                p = q
+                if j < epoch:
+                    continue  # seek again, at (q, epoch)
+            ps, pe, gen = PLACE.unpack(cur.value())
+            if gen > epoch:  # written after the snapshot: page p was empty then
+                p += 1
+                continue
+            raw = txn.get(BLOB_EPOCH.pack(blob_id, j) + U64.pack(ps), db=frozen)
+            if raw is None:
+                raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
+                                   "which is missing")
+            found.append(Piece.unpack(ps, bytes(raw)).cut(p, e))
+            p = min(pe, e)
         return found, rg.merge_ranges(rest)
 
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
