@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 from .errors import HostError
 from .tiers import MB, PREMIUM_SKUS, ULTRA_SKUS, Burst, DiskLimits, VmLimits, io_units, vm_sizes
 
-HEADROOM = 2.0
+HEADROOM = 4.0  # extra I/Os only wait in the throttle: cheap; too few leave the disk short of its limit
 # fio -> NBD -> hostcache serve -> throttle -> cache -> stamp and back, per I/O at queue depth 1
 # beyond the service latency: 1.2 to 1.5 ms measured on the 2-core machine this was tuned on
 # (fio 4 KiB and 64 KiB randread, QD1, an Ultra disk: 1.7 to 2.0 ms completion latency, 0.5 ms of it service)

@@ -49,7 +49,7 @@ def hbars(labels: list[str], series: dict[str, list[float]], xlabel: str, title:
     if line is not None:
         ax.axvline(line, color="black", linewidth=0.8)
     ax.set_yticks(list(range(len(labels))), labels, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # top to bottom, no empty margin
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)

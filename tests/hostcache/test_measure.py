@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from hostcache.measure import (
+    HEADROOM,
     MAX_QD,
     OVERHEAD_MS,
     NoSizeFits,
@@ -50,13 +51,13 @@ def test_target_of_a_credit_bursting_disk_is_its_burst_and_on_demand_off_is_the_
 
 def test_queue_depth_follows_littles_law_with_headroom():
     p40 = disk_limits("Premium_LRS", 2048)
-    # 7,500 IOPS x (2 ms service + 1.5 ms path) x 2 = 52.5 -> 64 (the issue measured 0.76x at QD16, 1.0x at QD64)
-    assert queue_depth(p40, 4096, write=False) == 64
-    assert queue_depth(p40, 4096, write=False, overhead_ms=0) == 32  # 30 -> 32
+    # 7,500 IOPS x (2 ms service + 1.5 ms path) x 4 = 105 -> 128 (the issue measured 0.76x at QD16, 1.0x at QD64)
+    assert queue_depth(p40, 4096, write=False) == 128
+    assert queue_depth(p40, 4096, write=False, headroom=2) == 64  # 52.5 -> 64
     assert queue_depth(p40, 4096, write=False, overhead_ms=0, headroom=1) == 16  # 15 -> 16
     s4 = disk_limits("Standard_LRS", 32)  # HDD: reads 12 ms, writes 8 ms
-    assert queue_depth(s4, 4096, write=False, overhead_ms=0) == 16  # 500 x 12 ms x 2 = 12
-    assert queue_depth(s4, 4096, write=True, overhead_ms=0) == 8  # 500 x 8 ms x 2 = 8
+    assert queue_depth(s4, 4096, write=False, overhead_ms=0, headroom=2) == 16  # 500 x 12 ms x 2 = 12
+    assert queue_depth(s4, 4096, write=True, overhead_ms=0, headroom=2) == 8  # 500 x 8 ms x 2 = 8
     assert queue_depth(disk_limits("UltraSSD_LRS", 400), 4096, write=False) == MAX_QD  # 400,000 IOPS: capped
     assert queue_depth(disk_limits("Standard_LRS", 32), 4096, False, overhead_ms=0, headroom=0.01) == 1
 
@@ -70,8 +71,8 @@ def test_every_catalog_queue_depth_is_a_power_of_two_that_reaches_its_target():
                 qd = queue_depth(d, n, write)
                 assert qd & (qd - 1) == 0, (d.tier, n, qd)
                 latency = ((d.latency_write_ms if write else d.latency_read_ms) + OVERHEAD_MS) / 1000
-                # Little's law with headroom 2, unless the depth is at its cap
-                assert qd / latency >= 2 * target(d, n) or qd == MAX_QD, (d.tier, n, write, qd)
+                # Little's law with the headroom, unless the depth is at its cap
+                assert qd / latency >= HEADROOM * target(d, n) or qd == MAX_QD, (d.tier, n, write, qd)
 
 
 def test_vm_for_picks_the_smallest_size_that_leaves_the_disk_uncapped():
