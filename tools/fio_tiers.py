@@ -207,6 +207,7 @@ def served(work: str, vm_size: str, tiers: list[Tier], serve_args: tuple[str, ..
             for lun, t in enumerate(made):
                 h.attach("vm", t.name.lower(), lun, "None")
                 exports[t.name] = f"lun{lun}"
+            full_buckets(h.throttle_stats("vm")["credits_percent"])
         sock = os.path.join(where, "h.sock")
         proc = start([PY, "-m", "hostcache", "--host", os.path.join(where, "host"), "serve", "vm", "--socket", sock,
                       *serve_args], sock)
@@ -216,6 +217,13 @@ def served(work: str, vm_size: str, tiers: list[Tier], serve_args: tuple[str, ..
             stop(proc)
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def full_buckets(credits: dict[str, float | None]) -> None:
+    """Every credit bucket (disk and VM) starts full, so bursting rows measure the burst rate, every run."""
+    low = {name: c for name, c in credits.items() if c is not None and c < 100}
+    if low:
+        raise RuntimeError(f"burst buckets not full at the start: {low}")
 
 
 def measure_ceiling(work: str, seconds: float, workers: int = 1) -> dict[tuple[int, str], float]:

@@ -84,3 +84,9 @@ def test_a_short_run_measures_the_ceiling_and_the_tiers(tmp_path):
     v2 = [r for r in rows["tiers"] if r["tier"] == "V2-20000"]
     assert len(v2) == 4 and all(r["iops"] is None and r["verdict"].startswith("skipped") for r in v2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bucket_that_is_not_full_stops_the_run():
+    fio_tiers.full_buckets({"disk lun0 P1 IOPS": 100.0, "VM B4ms uncached IOPS": 100.0, "disk lun0 S4 IOPS": None})
+    with pytest.raises(RuntimeError, match="not full"):
+        fio_tiers.full_buckets({"disk lun0 P1 IOPS": 99.0})
