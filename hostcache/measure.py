@@ -26,8 +26,8 @@ choices made for it, and one judgement after:
   vCPUs, then the name. NoSizeFits says so when none exists.
 - verdict(): a measured rate against the limit and the path's measured
   ceiling (the rate the serving path reaches with no limit in the way):
-  "ok" within TOLERANCE of the limit, "over" above it (a throttle leak, never
-  excused), "ceiling-bound" below it when the limit is above CEILING_SHARE of
+  "ok" within TOLERANCE of the limit, "over" above it and above what the
+  counting window's edges can add (a throttle leak, never excused), "ceiling-bound" below it when the limit is above CEILING_SHARE of
   the ceiling (the machine, not the throttle, is the bound), else "missed".
 """
 
@@ -113,13 +113,15 @@ def _order(vm: VmLimits, sku: str) -> tuple[float, float, int, str]:
 
 
 def verdict(measured: float, limit: float, ceiling: float | None, tolerance: float = TOLERANCE,
-            share: float = CEILING_SHARE) -> str:
+            share: float = CEILING_SHARE, edge: float = 0.0) -> str:
     """One of VERDICTS for a rate measured against `limit`, on a path whose ceiling (same I/O size and
-    direction, no limit in the way) is `ceiling` (None: not measured)."""
+    direction, no limit in the way) is `ceiling` (None: not measured). `edge` is what the window's
+    edges may add to a rate: I/Os in flight when counting starts (queue depth / seconds counted) may
+    all complete inside it, above the limit's rate, when a busy machine held their completions back."""
     if limit <= 0:
         raise ValueError(f"a limit is positive, not {limit}")
     ratio = measured / limit
-    if ratio > 1 + tolerance:
+    if ratio > 1 + tolerance + edge / limit:
         return "over"
     if ratio >= 1 - tolerance:
         return "ok"

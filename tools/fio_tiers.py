@@ -286,7 +286,7 @@ def measures(lim: DiskLimits) -> str:
 
 
 def row(p: Plan, bs: int, rw: str, qd: int, measured_iops: float | None, ceiling: dict[tuple[int, str], float],
-        note: str = "") -> dict:
+        note: str = "", seconds: float = 0.0) -> dict:
     """A table row: 4 KiB rows in IOPS, larger ones in the disk type's MB/s."""
     lim = p.limits
     limit_iops = target(lim, bs)
@@ -299,7 +299,7 @@ def row(p: Plan, bs: int, rw: str, qd: int, measured_iops: float | None, ceiling
            "peer_name": "published limit", "unit": unit, "goal": None,
            "ceiling": None if ceil is None else ceil * scale, "ceiling_iops": ceil, "iops": measured_iops, "limit_iops": limit_iops,
            "ratio": None if measured_iops is None else measured_iops / limit_iops}
-    out["verdict"] = note or verdict(measured_iops or 0.0, limit_iops, ceil)
+    out["verdict"] = note or verdict(measured_iops or 0.0, limit_iops, ceil, edge=qd / seconds if seconds else 0.0)
     return out
 
 
@@ -309,7 +309,7 @@ def measure_row(p: Plan, bs: int, rw: str, qd: int, uri: str, a: argparse.Namesp
     more times and the best kept, with the count of runs."""
     best: dict = {}
     for run in range(1, a.retries + 2):
-        r = row(p, bs, rw, qd, fio(uri, rw, qd, a.seconds, REGION, bs, RAMP)[0], ceiling)
+        r = row(p, bs, rw, qd, fio(uri, rw, qd, a.seconds, REGION, bs, RAMP)[0], ceiling, seconds=a.seconds)
         if not best or r["iops"] > best["iops"]:
             best = r
         best["runs"] = run
@@ -378,7 +378,7 @@ def chart(rows: list[dict], path: str) -> str:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3, help="seconds fio counts per row, after a 1 s ramp "
-                    "(default 3; at most 400, so a bursting disk's four rows stay within its 30-minute bucket)")
+                    "(default 3; a bursting disk's rows, retries included, must fit in its 30-minute bucket)")
     ap.add_argument("--qd", type=int, default=32, help="queue depth of part 1 (the peers)")
     ap.add_argument("--tiers", nargs="+", default=DEFAULT, metavar="TIER",
                     help=f"tiers to measure, or 'all' (default: {' '.join(DEFAULT)}); any of {', '.join(ALL)}")
@@ -395,8 +395,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         ap.error(f"unknown tier {', '.join(unknown)}: one of {', '.join(ALL)}, or all")
     if not 0 < a.seconds <= 400:
-        ap.error("--seconds is more than 0 and at most 400 (4 rows of it stay within a full burst bucket)")
-    assert 4 * (400 + RAMP) < BURST_SECONDS
+        ap.error("--seconds is more than 0 and at most 400")
+    runs = len(SIZES) * len(RWS) * (a.retries + 1)
+    if runs * (a.seconds + RAMP) >= BURST_SECONDS:
+        ap.error(f"--seconds {a.seconds:g} with --retries {a.retries}: a disk's {runs} runs of up to "
+                 f"{a.seconds + RAMP:g} s would outlast its {BURST_SECONDS // 60}-minute burst bucket; use fewer")
     return a
 
 

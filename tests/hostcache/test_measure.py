@@ -131,6 +131,14 @@ def test_verdict(measured, limit, ceiling, expected):
     assert verdict(measured, limit, ceiling) == expected
 
 
+def test_verdict_allows_the_counting_windows_edges_above_the_limit_only():
+    # QD16 over 0.5 s: 16 I/Os in flight at the start may complete inside the window, 32 IOPS more
+    assert verdict(629, 600, None) == "over"
+    assert verdict(629, 600, None, edge=16 / 0.5) == "ok"
+    assert verdict(600 * 1.03 + 33, 600, None, edge=16 / 0.5) == "over"
+    assert verdict(570, 600, None, edge=16 / 0.5) == "missed"  # the edge never excuses a shortfall
+
+
 def test_verdict_refuses_a_limit_that_is_not_positive():
     with pytest.raises(ValueError):
         verdict(1, 0, None)

@@ -60,7 +60,8 @@ def test_provision_makes_what_the_stamp_can_and_refuses_the_rest_before_making_a
 
 def test_arguments_are_checked(capsys):
     assert fio_tiers.parse(["--tiers", "all"]).tiers == list(fio_tiers.ALL)
-    for bad in (["--seconds", "0"], ["--seconds", "401"], ["--tiers", "P5"]):
+    assert fio_tiers.parse(["--seconds", "400", "--retries", "0"]).seconds == 400  # 4 x 401 s < 30 minutes
+    for bad in (["--seconds", "0"], ["--seconds", "401"], ["--seconds", "400"], ["--tiers", "P5"]):
         with pytest.raises(SystemExit) as e:
             fio_tiers.parse(bad)
         assert e.value.code == 2
