@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for requests in flight, all clients together (default 128; at most half "
                    "per client); past it the server stops reading requests until replies have left")
     _connection_opts(p)
+    p.add_argument("--no-reclaim", action="store_true",
+                   help="do not reclaim the stamp's space while serving (default: a thread runs "
+                   "`stamp gc --watch`'s rounds, so a long benchmark does not fill the disk)")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -292,6 +295,7 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def serve(a: argparse.Namespace) -> object:
+    from stamp.reclaim import Reclaimer
     from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
@@ -307,8 +311,13 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
-    return {"stopped": a.name}
+        reclaimer = None if a.no_reclaim else Reclaimer(h.stamp).start()
+        try:
+            run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
+        finally:
+            if reclaimer is not None:
+                reclaimer.stop()  # before the stamp closes: a round under way ends first
+    return {"stopped": a.name, **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
 
 
 def _size(text: str) -> int:
