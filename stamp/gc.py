@@ -38,10 +38,14 @@ use the metadata's spare blocks).
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import lmdb
 
 from . import record as rec
 from .errors import MetadataFull, NotEnoughNodes
@@ -62,6 +66,7 @@ class GcReport:
     extents_compacted: int = 0
     bytes_freed: int = 0
     bytes_moved: int = 0
+    longest_txn_ms: float = 0.0  # the longest write transaction of the round: what a writer may wait
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -72,7 +77,24 @@ class GcReport:
         self.extents_compacted += other.extents_compacted
         self.bytes_freed += other.bytes_freed
         self.bytes_moved += other.bytes_moved
+        self.longest_txn_ms = max(self.longest_txn_ms, other.longest_txn_ms)
         self.skipped += other.skipped
+
+
+class _Timed:
+    """A write transaction of a round, timed into its report."""
+
+    def __init__(self, stamp: Stamp, report: GcReport | None) -> None:
+        self.stamp, self.report = stamp, report
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        with self.stamp.meta.write() as txn:
+            began = time.perf_counter()
+            yield txn
+        if self.report is not None:
+            ms = (time.perf_counter() - began) * 1000
+            self.report.longest_txn_ms = max(self.report.longest_txn_ms, round(ms, 3))
 
 
 @dataclass(frozen=True)
@@ -126,14 +148,14 @@ def collect(stamp: Stamp, compact_below: float = 0.5,
         if extent_id not in sealed:
             raise ValueError(f"extent {extent_id} is not sealed: only sealed extents are compacted")
         try:
-            report.bytes_moved += _compact(stamp, refs.get(extent_id, []))
+            report.bytes_moved += _compact(stamp, refs.get(extent_id, []), report)
         except (NotEnoughNodes, MetadataFull) as err:  # a full disk: deleting goes on, moving waits
             report.skipped.append(f"compaction stopped at extent {extent_id} ({err})")
             break
         report.extents_compacted += 1
         dead.append(extent_id)  # moved, unless something raced: the verify scan says
     sizes = {u.id: u.size + rec.FILE_HEADER for u in uses}
-    for extent_id, deleted in _delete_unreferenced(stamp, dead).items():
+    for extent_id, deleted in _delete_unreferenced(stamp, dead, report).items():
         if deleted:
             report.extents_deleted += 1
             report.bytes_freed += sizes.get(extent_id, 0)
@@ -150,7 +172,7 @@ def _start(key: bytes) -> int:
     return int.from_bytes(key[-8:], "big")
 
 
-def _compact(stamp: Stamp, pieces: list[Ref]) -> int:
+def _compact(stamp: Stamp, pieces: list[Ref], report: GcReport | None = None) -> int:
     """Copy each piece's bytes to the open extent, then switch the pieces to
     the copies, COMPACT_BATCH at a time (a short transaction each)."""
     moved = 0
@@ -164,7 +186,7 @@ def _compact(stamp: Stamp, pieces: list[Ref]) -> int:
         updates.append((table, key, raw, new.pack(), loc.extent))
         moved += n
     for i in range(0, len(updates), COMPACT_BATCH):
-        with stamp.meta.write() as txn:
+        with _Timed(stamp, report).write() as txn:
             for table, key, old, new_raw, extent in updates[i:i + COMPACT_BATCH]:
                 if txn.get(U64.pack(extent), db=stamp.meta.db["extents"]) is None:
                     continue  # another gc deleted the copy's extent: the piece stays where it was
@@ -177,15 +199,15 @@ def _delete_if_unreferenced(stamp: Stamp, extent_id: int) -> bool:
     return _delete_unreferenced(stamp, [extent_id]).get(extent_id, False)
 
 
-def _delete_unreferenced(stamp: Stamp, ids: list[int]) -> dict[int, bool]:
+def _delete_unreferenced(stamp: Stamp, ids: list[int], report: GcReport | None = None) -> dict[int, bool]:
     """Delete those of the sealed extents `ids` (and of any left dying by a
     killed round) that no piece points at: doom, verify, finish (the header's
     steps 3 to 5). Returns {id: deleted} for every extent it looked at."""
-    doomed = _doom(stamp, ids)
+    doomed = _doom(stamp, ids, report)
     if not doomed:
         return {}
     referenced = _referenced(stamp, set(doomed))
-    gone = _finish(stamp, doomed, referenced)
+    gone = _finish(stamp, doomed, referenced, report)
     for e in gone:
         for n in e.nodes:
             node = stamp.stream.nodes.get(n)
@@ -195,12 +217,12 @@ def _delete_unreferenced(stamp: Stamp, ids: list[int]) -> dict[int, bool]:
     return {extent_id: extent_id not in referenced for extent_id in doomed}
 
 
-def _doom(stamp: Stamp, ids: list[int]) -> list[int]:
+def _doom(stamp: Stamp, ids: list[int], report: GcReport | None = None) -> list[int]:
     """Move the sealed extents `ids` from `extents` to `dying` (one short
     write transaction); returns them with those already dying."""
     extents, dying = stamp.meta.db["extents"], stamp.meta.db["dying"]
     out = []
-    with stamp.meta.write() as txn:
+    with _Timed(stamp, report).write() as txn:
         for extent_id in ids:
             key = U64.pack(extent_id)
             raw = txn.get(key, db=extents)
@@ -224,12 +246,12 @@ def _referenced(stamp: Stamp, wanted: set[int]) -> set[int]:
     return found
 
 
-def _finish(stamp: Stamp, doomed: list[int], referenced: set[int]) -> list[Extent]:
+def _finish(stamp: Stamp, doomed: list[int], referenced: set[int], report: GcReport | None = None) -> list[Extent]:
     """Delete the dying records of unreferenced extents, restore the others
     (one short write transaction); returns the deleted extents."""
     extents, dying = stamp.meta.db["extents"], stamp.meta.db["dying"]
     gone = []
-    with stamp.meta.write() as txn:
+    with _Timed(stamp, report).write() as txn:
         for extent_id in doomed:
             key = U64.pack(extent_id)
             raw = txn.get(key, db=dying)
