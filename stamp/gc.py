@@ -55,7 +55,7 @@ from .pageblob import PAGE, Piece
 from .stamp import Stamp
 from .stream import Extent
 
-COMPACT_BATCH = 256  # pieces switched per write transaction (about a millisecond)
+COMPACT_BATCH = 64  # pieces switched per write transaction (well under a millisecond on an idle core)
 
 Ref = tuple[str, bytes, bytes]  # (table, key, piece bytes)
 

@@ -128,10 +128,13 @@ def measure(work: str, a: argparse.Namespace) -> dict:
         out = fio.communicate()[0]
     finally:
         stop(proc)
+    served = proc.stdout.read() if proc.stdout is not None else ""
+    reclaimed = json.loads(served).get("reclaimed", {}) if served.strip().startswith("{") else {}
     job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     published = disk_limits("Premium_LRS", TIERS[a.tier]).mbps
     return {"tier": a.tier, "published_mibps": published, "reclaim": not a.no_reclaim,
-            "fio_mibps": job["bw_bytes"] / MIB, "samples": samples, "rates": rates(log),
+            "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed,
+            "samples": samples, "rates": rates(log),
             "allowance": allowance, "args": {k: v for k, v in vars(a).items() if k != "json"}}
 
 
@@ -153,6 +156,12 @@ def table(result: dict) -> str:
                  f"intervals: median {statistics.median(steady) / pub if steady else 0:.3f} x, "
                  f"lowest {min(steady) / pub if steady else 0:.3f} x; peak use/bound {worst:.2f} "
                  f"(allowance {result['allowance'] / GIB:.2f} GiB)")
+    r = result["reclaimed"]
+    if r:
+        lines.append(f"reclaimer: {r['rounds']} rounds, {r['bytes_freed'] / GIB:.1f} GiB freed, "
+                     f"{r['bytes_moved'] / GIB:.2f} GiB copied ({r['bytes_moved'] / max(result['written'], 1):.2f} "
+                     f"x what fio wrote), longest write transaction {r['longest_txn_ms']:.1f} ms, "
+                     f"{r['errors']} failed rounds")
     return "\n".join(lines)
 
 
