@@ -19,7 +19,8 @@ import lmdb
 
 from stamp import StampError
 from vhd.cli import _connection_opts, standard_streams
-from vhd.errors import VhdError
+from vhd.errors import UsageError, VhdError
+from vhd.ops import parse_size
 
 from .errors import HostError
 from .host import MAX_CACHE_BYTES, Host
@@ -37,6 +38,7 @@ EPILOG = """examples:
   hostcache tiers Premium_LRS                      every size with its limits
   hostcache limits Premium_LRS 100                 a 100 GiB Premium disk performs as P10
   hostcache limits UltraSSD_LRS 64 --iops 20000 --mbps 500
+  hostcache limits Premium_LRS 128 --tier P50      a 128 GiB disk given performance tier P50
   hostcache vm-size D8s_v3
   hostcache sizes --family Dsv5 --premium          the published VM sizes, filtered
   hostcache simulate Premium_LRS 1024 --vm D8s_v3 --qd 1 4 16 64 --size 4K
@@ -45,7 +47,7 @@ EPILOG = """examples:
 
 def _disk(a: argparse.Namespace) -> DiskLimits:
     return disk_limits(a.sku, a.size_gib, iops=a.iops, mbps=a.mbps, performance_plus=a.performance_plus,
-                       on_demand_bursting=a.on_demand_bursting, edition=a.edition)
+                       on_demand_bursting=a.on_demand_bursting, edition=a.edition, tier=a.tier)
 
 
 def _number(kind: type[int] | type[float], low: float, strict: bool, what: str,
@@ -74,13 +76,11 @@ POSITIVE = _number(float, 0, True, "more than 0")
 
 
 def _bytes_arg(text: str) -> int:
+    """Bytes from 512, 4K, 64M, 1.5G (binary units), read as the vhd CLI reads sizes."""
     try:
-        value = _size(text)
-    except HostError as e:
+        return parse_size(text)
+    except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is too small: more than 0 bytes")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("size_gib", type=POSITIVE, help="the disk's size in GiB (rounded up to a whole GiB)")
         p.add_argument("--iops", type=COUNT, help="provisioned IOPS (PremiumV2_LRS, UltraSSD_LRS)")
         p.add_argument("--mbps", type=POSITIVE, help="provisioned MB/s (PremiumV2_LRS, UltraSSD_LRS)")
+        p.add_argument("--tier", help="a performance tier (Premium_LRS: at or above the size's own, e.g. P50 for "
+                       "a 128 GiB disk)")
         p.add_argument("--performance-plus", action="store_true")
         p.add_argument("--on-demand-bursting", action="store_true")
         p.add_argument("--edition", choices=EDITIONS, default="current",
@@ -318,16 +320,6 @@ def serve(a: argparse.Namespace) -> object:
             if reclaimer is not None:
                 reclaimer.stop()  # before the stamp closes: a round under way ends first
     return {"stopped": a.name, **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
-
-
-def _size(text: str) -> int:
-    """Bytes from 512, 4K, 64M, 10G, 1T (binary units; "KiB", "MB" read the same)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise HostError(f"cannot read the size {text!r}: use a number of bytes or 4K, 64M, 10G") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -96,6 +96,9 @@ GIB = 1024 ** 3
 OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
 MAX_CACHE_BYTES = 16 << 40  # the largest file ext4 holds: the cache file is one
 HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
+# How often an attached disk's I/O looks at its stamp record for a performance change (one read each
+# time): a change takes effect within this much of the host's clock, at a bounded cost per I/O.
+PERFORMANCE_LOOK_SECONDS = 0.05
 
 
 def _unmake(path: str, made: bool, there: set[str]) -> None:
@@ -117,8 +120,14 @@ def _size_gib(rec: dict[str, Any]) -> float:
 
 
 def _limits(rec: dict[str, Any]) -> DiskLimits:
-    """A disk record's tier limits (disk_limits rounds the size up to a whole GiB)."""
-    return disk_limits(rec["sku"], _size_gib(rec))
+    """A disk record's limits (disk_limits rounds the size up to a whole GiB):
+    its provisioned IOPS and MB/s, or its performance tier, as the stamp keeps
+    them (a record made before they were kept has the defaults)."""
+    sku = rec["sku"]
+    if sku in ULTRA_SKUS:
+        return disk_limits(sku, _size_gib(rec), iops=rec.get("disk_iops_read_write"),
+                           mbps=rec.get("disk_mbps_read_write"))
+    return disk_limits(sku, _size_gib(rec), tier=rec.get("tier") if sku == "Premium_LRS" else None)
 
 
 def _disk_key(rec: dict[str, Any]) -> str:
@@ -790,6 +799,23 @@ class AttachedDisk:
         self.throttle = host.throttle(vm)
         self.sleep = Sleeper(host.clock)
         self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
+        self.performance_version = rec.get("performance_version", 0)
+        self.next_look = host.clock.now() + PERFORMANCE_LOOK_SECONDS
+
+    def _look_for_performance_change(self) -> None:
+        """At most every PERFORMANCE_LOOK_SECONDS of I/O: read the disk's record
+        (one stamp read) and, if its performance changed (`stamp disk update`,
+        from any process), give the throttle the new limits; the disk's
+        limiters keep their state (when the next I/O may go, credits)."""
+        now = self.host.clock.now()
+        if now < self.next_look:
+            return
+        self.next_look = now + PERFORMANCE_LOOK_SECONDS
+        rec = self.host.disks.record(self.name)
+        version = rec.get("performance_version", 0)
+        if version != self.performance_version:
+            self.throttle.update_disk(str(self.lun), _limits(rec))
+            self.performance_version = version
 
     def _open_image(self, rec: dict[str, Any], lease: str) -> Image:
         """The disk's VHD over the host cache (a FromImage disk's parent too)."""
@@ -806,6 +832,7 @@ class AttachedDisk:
 
     def _admission(self, write: bool, nbytes: int, missed: bool) -> float:
         """When the I/O completes, as the throttle and the service latency say."""
+        self._look_for_performance_change()
         if self.mode is CacheMode.NONE:
             path = Path.UNCACHED
         elif write or missed:

@@ -23,6 +23,10 @@ in arrival order; nothing is dropped. Service latency (per tier, published
 claims) is added after admission, independently per I/O, so IOPS rise with
 queue depth as QD / latency until a limit caps them.
 
+A disk's limits can change while it is attached (a new performance tier,
+new provisioned IOPS or MB/s): Throttle.update_disk gives it new limiters
+that take over the old ones' state and statistics.
+
 Limiter state (when the next unit may go, credits left) can live in a
 BucketStore (buckets.py) shared by every process using a host: each admission
 then reads the buckets on its path, admits, and writes them back under their
@@ -250,7 +254,7 @@ class DiskThrottle:
     label tells apart two disks of one tier on a VM)."""
 
     def __init__(self, limits: DiskLimits, start: float = 0.0, label: str = "") -> None:
-        self.limits = limits
+        self.limits, self.label = limits, label
         # on-demand bursting has no credits and no time limit: pair() makes the burst figures the limit
         self.iops, self.bandwidth = pair(
             " ".join(w for w in ("disk", label, limits.tier) if w), limits.iops, limits.mbps,
@@ -378,6 +382,21 @@ class Throttle:
         self.disks[name] = DiskThrottle(limits, start=self.clock.now(), label=name if label is None else label)
         self.disk_keys[name] = key or f"disk {name}"
         return self.disks[name]
+
+    def update_disk(self, name: str, limits: DiskLimits) -> DiskThrottle:
+        """New limits for a disk already here (its performance was changed while
+        attached): new limiters, which take over the old ones' state (when the
+        next unit may go, credits; a limiter without credits gives none) and
+        statistics. With a store, the state comes from its bucket anyway."""
+        with self.lock:
+            old = self.disks[name]
+            label = old.label
+            new = DiskThrottle(limits, start=self.clock.now(), label=label)
+            for was, now in zip(old.limiters, new.limiters, strict=True):
+                now.restore(*was.state())
+                now.stats = was.stats
+            self.disks[name] = new
+            return new
 
     def remove_disk(self, name: str) -> None:
         self.disks.pop(name, None)

@@ -64,6 +64,9 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from stamp import performance as perf
+from stamp.errors import DiskRequestError
+
 from .errors import InvalidParameter, InvalidPerformance, UnknownTier
 
 MB = 1_000_000  # VM tables
@@ -179,9 +182,10 @@ def _check_sku(sku: str) -> None:
 
 def disk_limits(sku: str, size_gib: float, *, iops: int | None = None, mbps: float | None = None,
                 performance_plus: bool = False, on_demand_bursting: bool = False,
-                edition: str = "current") -> DiskLimits:
+                edition: str = "current", tier: str | None = None) -> DiskLimits:
     """The limits of a disk of `sku` and `size_gib` (provisioned iops/mbps for
-    PremiumV2 and Ultra), as the published tables give them."""
+    PremiumV2 and Ultra; a performance `tier` for Premium SSD, which the disk
+    then performs as, bursting included), as the published tables give them."""
     _check_sku(sku)
     if edition not in EDITIONS:
         raise UnknownTier(f"unknown edition {edition!r}: one of {', '.join(EDITIONS)}")
@@ -199,12 +203,17 @@ def disk_limits(sku: str, size_gib: float, *, iops: int | None = None, mbps: flo
     if iops is not None or mbps is not None:
         raise InvalidPerformance(f"{sku} disks take the performance of their size tier; iops and mbps "
                                  "are set only for PremiumV2_LRS and UltraSSD_LRS")
-    return _tiered(sku, size_gib, performance_plus, on_demand_bursting, edition, read_ms, write_ms)
+    return _tiered(sku, size_gib, performance_plus, on_demand_bursting, edition, read_ms, write_ms, tier)
 
 
 def _tiered(sku: str, size_gib: int, performance_plus: bool, on_demand_bursting: bool, edition: str,
-            read_ms: float, write_ms: float) -> DiskLimits:
-    name, row = _size_row(sku, size_gib, edition)
+            read_ms: float, write_ms: float, tier: str | None = None) -> DiskLimits:
+    if tier is not None:  # the stamp's rules (performance.py) say which tiers a disk of this size may have
+        try:
+            perf.check_tier(sku, size_gib, tier)
+        except DiskRequestError as e:
+            raise InvalidPerformance(str(e)) from None
+    name, row = _size_row(sku, perf.tier_size(sku, tier) if tier is not None else size_gib, edition)
     base_iops: Any = row.get("provisioned_iops", row.get("max_iops_up_to"))
     base_mbps: Any = row.get("provisioned_mbps", row.get("max_mbps_up_to"))
     if performance_plus:
@@ -245,39 +254,32 @@ def _premium_v2(size: int, iops: int | None, mbps: float | None, edition: str, r
                 w: float) -> DiskLimits:
     if size > 65536:
         raise UnknownTier("PremiumV2_LRS disks go up to 65,536 GiB")
-    max_iops = min(80000, max(3000, 500 * size))
-    iops = 3000 if iops is None else iops
-    if not 3000 <= iops <= max_iops:
-        raise InvalidPerformance(f"a {size} GiB PremiumV2 disk takes 3,000 to {max_iops:,} IOPS, not {iops:,}")
-    cap = 1200 if edition in ("2024", "2022") else 2000
-    max_mbps = min(cap, 0.25 * iops)
-    mbps = 125 if mbps is None else mbps
-    if not 125 <= mbps <= max(125, max_mbps):
-        raise InvalidPerformance(f"a PremiumV2 disk with {iops:,} IOPS takes 125 to {max_mbps:,.0f} MB/s")
+    rule = perf.rules("PremiumV2_LRS", edition)  # the rules live in the stamp, with the disk records
+    min_iops, max_iops = perf.iops_range("PremiumV2_LRS", size, edition)
+    iops = (rule.default_iops or min_iops) if iops is None else iops
+    if not min_iops <= iops <= max_iops:
+        raise InvalidPerformance(f"a {size} GiB PremiumV2 disk takes {min_iops:,} to {max_iops:,} IOPS, "
+                                 f"not {iops:,}")
+    min_mbps, max_mbps = perf.mbps_range("PremiumV2_LRS", iops, edition)
+    mbps = (rule.default_mbps or min_mbps) if mbps is None else mbps
+    if not min_mbps <= mbps <= max_mbps:
+        raise InvalidPerformance(f"a PremiumV2 disk with {iops:,} IOPS takes {min_mbps:,} to {max_mbps:,.0f} MB/s")
     return DiskLimits("PremiumV2_LRS", "PremiumV2", size, iops, float(mbps), Burst.NONE, iops, float(mbps),
                       False, r, w, mbps_unit=MB)
 
 
-# Ultra by edition: IOPS per GiB, maximum IOPS, maximum MB/s, MB/s per provisioned IOPS
-ULTRA_EDITIONS = {
-    "current": (1000, 400000, 10000, 0.25),
-    "2024": (300, 400000, 10000, 256_000 / MB),  # billing_2024: 256 kB/s per IOPS
-    "2022": (300, 160000, 4000, 256 * 1024 / MB),  # disk_types_2022: 256 KiB/s per IOPS
-}
-
-
 def _ultra(size: int, iops: int | None, mbps: float | None, edition: str, r: float, w: float) -> DiskLimits:
-    if not 4 <= size <= 65536:
-        raise UnknownTier("UltraSSD_LRS disks are 4 to 65,536 GiB")
-    per_gib, top, top_mbps, per_iops = ULTRA_EDITIONS[edition]
-    max_iops = min(top, per_gib * size)
+    rule = perf.rules("UltraSSD_LRS", edition)  # by edition; the rules live in the stamp, with the disk records
+    if not rule.min_gib <= size <= rule.max_gib:
+        raise UnknownTier(f"UltraSSD_LRS disks are {rule.min_gib} to {rule.max_gib:,} GiB")
+    min_iops, max_iops = perf.iops_range("UltraSSD_LRS", size, edition)
     iops = max_iops if iops is None else iops
-    if not 100 <= iops <= max_iops:
-        raise InvalidPerformance(f"a {size} GiB Ultra disk takes 100 to {max_iops:,} IOPS, not {iops:,}")
-    max_mbps = min(top_mbps, per_iops * iops)
+    if not min_iops <= iops <= max_iops:
+        raise InvalidPerformance(f"a {size} GiB Ultra disk takes {min_iops} to {max_iops:,} IOPS, not {iops:,}")
+    min_mbps, max_mbps = perf.mbps_range("UltraSSD_LRS", iops, edition)
     mbps = max_mbps if mbps is None else mbps
-    if not 1 <= mbps <= max_mbps:
-        raise InvalidPerformance(f"an Ultra disk with {iops:,} IOPS takes 1 to {max_mbps:,.0f} MB/s")
+    if not min_mbps <= mbps <= max_mbps:
+        raise InvalidPerformance(f"an Ultra disk with {iops:,} IOPS takes {min_mbps} to {max_mbps:,.0f} MB/s")
     return DiskLimits("UltraSSD_LRS", "Ultra", size, iops, float(mbps), Burst.NONE, iops, float(mbps),
                       False, r, w, mbps_unit=MB)
 

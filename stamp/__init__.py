@@ -17,10 +17,12 @@ never hostcache.
 
 from .errors import (
                      AzureError,
+                     BadRequest,
                      BlobAlreadyExists,
                      BlobNotFound,
                      CorruptStamp,
                      DataLost,
+                     DiskRequestError,
                      InvalidHeaderValue,
                      InvalidPageRange,
                      InvalidRange,
@@ -34,6 +36,7 @@ from .errors import (
                      LeaseNotPresentWithLeaseOperation,
                      MetadataFull,
                      NotEnoughNodes,
+                     OperationNotAllowed,
                      PreviousSnapshotCannotBeNewer,
                      PreviousSnapshotNotFound,
                      RequestBodyTooLarge,
@@ -51,5 +54,5 @@ __all__ = [
     "Snapshot", "SnapshotNotFound", "Stamp", "StampError",
     "InvalidRange", "InvalidResourceName", "LeaseIdMismatchWithLeaseOperation", "LeaseLost",
     "LeaseNotPresentWithBlobOperation", "LeaseNotPresentWithLeaseOperation", "PreviousSnapshotCannotBeNewer",
-    "PreviousSnapshotNotFound", "SnapshotsPresent",
+    "PreviousSnapshotNotFound", "SnapshotsPresent", "BadRequest", "DiskRequestError", "OperationNotAllowed",
 ]

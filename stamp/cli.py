@@ -29,6 +29,8 @@ EPILOG = """examples:
   stamp image create ubuntu --file base.vhd         a fixed VHD that passes the upload rules
   stamp disk create os1 --from-image ubuntu         a differencing disk over the image
   stamp disk create data1 --size-gib 128 --sku Premium_LRS
+  stamp disk create u1 --size-gib 64 --sku UltraSSD_LRS --disk-iops-read-write 20000 --disk-mbps-read-write 800
+  stamp disk update data1 --tier P30                 a 128 GiB Premium disk performing as P30
   stamp disk create copy1 --import local.vhd --convert
   stamp snapshot create s1 --disk os1               incremental (--full for a full copy)
   stamp snapshot diff s1                            ranges changed since s1 (JSON)
@@ -54,20 +56,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent-size", type=parse_size, default=256 << 20, help="seal extents at this size")
 
     disk = sub.add_parser("disk", help="managed disks").add_subparsers(dest="action", required=True)
-    p = disk.add_parser("create", help="create a disk (empty, from an image, imported or copied)")
+    p = disk.add_parser("create", help="create a disk (empty, from an image, imported or copied)",
+                        description="Create a managed disk. Its performance: " + PERFORMANCE_HELP,
+                        epilog=CREATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")
     p.add_argument("--sku", default="Premium_LRS", choices=sorted(SKUS))
     p.add_argument("--size-gib", type=int, help="size of an empty disk, or to grow an image's size")
+    _performance_options(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--from-image", metavar="IMAGE")
     src.add_argument("--import", dest="import_file", metavar="FILE", help="a local VHD (fixed, 1 MiB multiple)")
     src.add_argument("--copy-of", metavar="DISK")
     src.add_argument("--from-snapshot", metavar="SNAPSHOT")
     p.add_argument("--convert", action="store_true", help="with --import: accept any VHD or raw image")
-    for name in ("list",):
-        disk.add_parser(name, help="list disks")
-    for name in ("show", "delete"):
-        disk.add_parser(name, help=f"{name} a disk").add_argument("name")
+    p = disk.add_parser("update", help="change a disk's provisioned IOPS and MB/s, its performance tier, or "
+                        "grow it", description="Change a disk's performance, attached or not: a host serving it "
+                        "throttles by the new figures within 50 ms, without a re-attach. " + PERFORMANCE_HELP +
+                        " --size-gib grows a disk that holds a fixed VHD while it is not attached to a running VM "
+                        "(a larger size can raise its tier and IOPS range; for Ultra and Premium SSD v2 it counts "
+                        "as a change).",
+                        epilog=UPDATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name")
+    _performance_options(p)
+    p.add_argument("--size-gib", type=int, help="grow the disk to this many GiB (never shrinks)")
+    p = disk.add_parser("list", help="list disks (JSON, with each disk's performance figures and tier)")
+    p.add_argument("--json", action="store_true", help="the output is JSON already; accepted for scripts")
+    p = disk.add_parser("show", help="show a disk (JSON, with its performance figures and tier)")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="the output is JSON already; accepted for scripts")
+    disk.add_parser("delete", help="delete a disk").add_argument("name")
     p = disk.add_parser("check", help="check the disk's VHD; --repair what is safe to repair")
     p.add_argument("name")
     p.add_argument("--repair", action="store_true", help="rewrite damaged footer and header copies "
@@ -214,6 +231,36 @@ def _positive(text: str) -> int:
     return value
 
 
+PERFORMANCE_HELP = """UltraSSD_LRS and PremiumV2_LRS disks take provisioned IOPS and MB/s
+(10^6 bytes/s), whole numbers: Ultra 100 to min(400,000, 1,000 per GiB) IOPS (4 to 65,536 GiB) and
+1 to min(10,000, 0.25 per IOPS) MB/s, by default the size's maximum; Premium SSD v2 3,000 to
+min(80,000, max(3,000, 500 per GiB)) IOPS and 125 to min(2,000, 0.25 per IOPS) MB/s, by default
+3,000 and 125. Each can be changed 4 times in 24 hours (a Premium SSD v2 disk's creation counts as
+one). A Premium_LRS disk takes a performance tier at or above the tier of its size (100 GiB: P10
+and up); P60 to P80 only above 4,096 GiB, so smaller disks go up to P50; a downgrade at most once
+every 12 hours. A value out of range is refused with the platform's code (BadRequest,
+InvalidParameter, OperationNotAllowed) and the range that is allowed."""
+
+CREATE_EXAMPLES = """examples:
+  stamp disk create u1 --size-gib 64 --sku UltraSSD_LRS --disk-iops-read-write 20000 --disk-mbps-read-write 800
+  stamp disk create v1 --size-gib 10 --sku PremiumV2_LRS --disk-iops-read-write 5000   (up to 1,250 MB/s)
+  stamp disk create p1 --size-gib 128 --tier P40       a P10-sized disk performing as P40"""
+
+UPDATE_EXAMPLES = """examples:
+  stamp disk update u1 --disk-iops-read-write 64000 --disk-mbps-read-write 10000
+  stamp disk update p1 --tier P10                      back to the baseline tier
+  stamp disk update p1 --size-gib 200                  grow it: its baseline tier is then P15"""
+
+
+def _performance_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--disk-iops-read-write", dest="iops", type=int, metavar="N",
+                   help="provisioned IOPS (UltraSSD_LRS, PremiumV2_LRS)")
+    p.add_argument("--disk-mbps-read-write", dest="mbps", type=int, metavar="M",
+                   help="provisioned MB/s, 10^6 bytes per second (UltraSSD_LRS, PremiumV2_LRS)")
+    p.add_argument("--tier", metavar="TIER", help="performance tier (Premium_LRS: P1 to P80, at or above the "
+                   "size's own)")
+
+
 def _number(text: str) -> int:
     """An extent id or byte offset: 0 to 2**63 - 1."""
     value = int(text)
@@ -250,17 +297,20 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
     cmd, action = a.cmd, getattr(a, "action", None)
     if cmd == "disk":
         if action == "create":
+            perf = {"iops": a.iops, "mbps": a.mbps, "tier": a.tier}
             if a.from_image:
-                _print(disks.create_from_image(a.name, a.from_image, a.size_gib, a.sku))
+                _print(disks.create_from_image(a.name, a.from_image, a.size_gib, a.sku, **perf))
             elif a.import_file:
-                _print(disks.import_vhd(a.name, a.import_file, a.sku, convert=a.convert))
+                _print(disks.import_vhd(a.name, a.import_file, a.sku, convert=a.convert, **perf))
             elif a.copy_of or a.from_snapshot:
-                _print(disks.create_copy(a.name, a.copy_of, a.from_snapshot, a.sku))
+                _print(disks.create_copy(a.name, a.copy_of, a.from_snapshot, a.sku, **perf))
             elif a.size_gib:
-                _print(disks.create_empty(a.name, a.size_gib, a.sku))
+                _print(disks.create_empty(a.name, a.size_gib, a.sku, **perf))
             else:
                 raise UsageError("say what the disk is made from: --size-gib, --from-image, --import, "
                                  "--copy-of or --from-snapshot")
+        elif action == "update":
+            _print(disks.update_disk(a.name, iops=a.iops, mbps=a.mbps, tier=a.tier, size_gib=a.size_gib))
         elif action == "list":
             _print(disks.disks())
         elif action == "show":

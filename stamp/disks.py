@@ -33,6 +33,16 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
   new one is;
 - a delete is one transaction: the record and the blobs (or blob
   snapshot) only it kept alive.
+
+Performance (the rules: performance.py): a disk's record keeps what it was
+given, `disk_iops_read_write` and `disk_mbps_read_write` (Ultra, Premium
+SSD v2) or its performance `tier` and `baseline_tier` (Premium SSD, and the
+fixed tier of a Standard disk), and `performance_version`, which every
+change moves on: a host serving the disk compares it to rebuild its
+throttle's limits without a re-attach. A change (update_disk) is one
+transaction that reads the record, checks the rules and writes it back,
+attached or not. Growing a disk (a fixed VHD only, not while attached to a
+running VM) grows its VHD first, then writes the record.
 """
 
 from __future__ import annotations
@@ -57,15 +67,24 @@ from vhd import footer as ft
 from vhd.chain import Resolver
 from vhd.check import Report
 from vhd.fileio import RawFile
-from vhd.image import SparseImage, _write_sparse, create_fixed, open_image, read_footer
+from vhd.image import FixedImage, SparseImage, _write_sparse, create_fixed, open_image, read_footer
+from vhd.ops import _grow_fixed
 
+from . import performance as perf
 from . import ranges as rg
 from .blobfile import PageBlobFile
-from .errors import PreviousSnapshotCannotBeNewer, PreviousSnapshotNotFound, StampError
+from .errors import (
+    BadRequest,
+    InvalidParameter,
+    OperationNotAllowed,
+    PreviousSnapshotCannotBeNewer,
+    PreviousSnapshotNotFound,
+    StampError,
+)
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, holder_died
 from .stamp import Stamp
-from .stream import pid_alive
+from .stream import own_start, pid_alive
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
 PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
@@ -74,6 +93,7 @@ GIB = 1024 ** 3
 MIB = 1024 ** 2
 SKUS = {"Standard_LRS": 32 * 1024, "StandardSSD_LRS": 32 * 1024, "Premium_LRS": 32 * 1024,
         "PremiumV2_LRS": 64 * 1024, "UltraSSD_LRS": 64 * 1024}  # max size in GiB
+MIN_GIB = {"UltraSSD_LRS": 4}  # the smallest size, where it is not 1 GiB
 
 
 class DiskState(enum.Enum):
@@ -95,11 +115,20 @@ class ResourceInUse(StampError):
     """A delete or change that a dependent resource forbids."""
 
 
+def _creator_died(intent: dict[str, Any]) -> bool:
+    """Did the process that began a create (its pid, start time and host in
+    the intent) die on this host? Intents from before the start time was
+    recorded are judged by the pid alone."""
+    return intent["host"] == socket.gethostname() and \
+        not pid_alive(int(intent["pid"]), int(intent.get("started", 0) or 0))
+
+
 class Disks:
     def __init__(self, stamp: Stamp) -> None:
         self.stamp = stamp
         self.blobs = stamp.blobs
         self.meta = stamp.meta
+        self.clock = time.time  # wall-clock seconds: the 12-hour and 24-hour rules of performance changes
         self.roll_back_dead_creates()
 
     # -- records ---------------------------------------------------------------------
@@ -205,7 +234,7 @@ class Disks:
             raise StampError(f"{kind} name {record['name']!r}: 1 to 80 letters, digits, '_', '.' or '-', "
                              "starting with a letter or digit and ending with a letter, digit or '_'")
         key = f"{kind}/{record['name']}".encode()
-        creator = {"pid": os.getpid(), "host": socket.gethostname()}
+        creator = {"pid": os.getpid(), "started": own_start(), "host": socket.gethostname()}
         self._settle(kind, str(record["name"]))
         with self.meta.write() as txn:
             had = self.meta.get_json(txn, "resources", key)
@@ -239,7 +268,7 @@ class Disks:
         roll_back_dead_creates for it); True if it did."""
         with self.meta.read() as txn:
             intent = self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode())
-        if intent is None or intent["host"] != socket.gethostname() or pid_alive(int(intent["pid"])):
+        if intent is None or not _creator_died(intent):
             return False
         self._roll_back(kind, name)
         return True
@@ -269,7 +298,7 @@ class Disks:
         """Roll back the creates whose process died on this host (run on open)."""
         with self.meta.read() as txn:
             intents = [loads(v) for _, v in self.meta.items(txn, "resources", PENDING.encode())]
-        dead = [i for i in intents if i["host"] == socket.gethostname() and not pid_alive(int(i["pid"]))]
+        dead = [i for i in intents if _creator_died(i)]
         for i in dead:
             self._roll_back(i["kind"], i["name"])
         return [f"{i['kind']}/{i['name']}" for i in dead]
@@ -280,40 +309,68 @@ class Disks:
     def _check_sku(sku: str, size_gib: float) -> None:
         if sku not in SKUS:
             raise StampError(f"unknown SKU {sku!r}: one of {', '.join(SKUS)}")
-        if not 0 < size_gib <= SKUS[sku]:
-            raise StampError(f"{sku} disks are 1 GiB to {SKUS[sku]} GiB; asked for {size_gib} GiB")
+        low = MIN_GIB.get(sku, 0)
+        if not 0 < size_gib <= SKUS[sku] or size_gib < low:
+            raise StampError(f"{sku} disks are {low or 1} GiB to {SKUS[sku]} GiB; asked for {size_gib} GiB")
 
     def _record(self, name: str, sku: str, size: int, option: str, kind: str, **extra: Any) -> dict[str, Any]:
         return {"name": name, "sku": sku, "size_gib": size / GIB, "size_bytes": size,
                 "state": DiskState.UNATTACHED.value, "create_option": option,
                 "vhd_type": kind, "created": time.time(), "attached_to": None, "lun": None, **extra}
 
+    def _performance(self, sku: str, size: int, iops: int | None = None, mbps: int | None = None,
+                     tier: str | None = None) -> dict[str, Any]:
+        """A new disk's performance fields: the IOPS and MB/s of an Ultra or
+        Premium SSD v2 disk (asked for, or the defaults), or the tier of a
+        tiered one (asked for, or its baseline); the rules' error otherwise."""
+        size_gib = max(size, 1) / GIB
+        if sku in perf.PROVISIONED_SKUS:
+            if tier is not None:
+                raise InvalidParameter(f"{sku} disks take no performance tier: set --disk-iops-read-write and "
+                                       "--disk-mbps-read-write instead")
+            iops, mbps = perf.provisioned(sku, size_gib, iops, mbps)
+            changes = [self.clock()] if perf.rules(sku).creation_counts else []
+            return {"disk_iops_read_write": iops, "disk_mbps_read_write": mbps, "tier": None,
+                    "performance_changes": changes, "performance_version": 0}
+        if iops is not None or mbps is not None:
+            raise InvalidParameter(f"IOPS and MB/s are only settable for UltraSSD_LRS and PremiumV2_LRS disks; a "
+                                   f"{sku} disk performs as its tier" +
+                                   (" (give Premium_LRS a higher one with --tier)" if sku == "Premium_LRS" else ""))
+        base = perf.baseline_tier(sku, size_gib)
+        return {"tier": base if tier is None else perf.check_tier(sku, size_gib, tier), "baseline_tier": base,
+                "tier_downgraded": None, "performance_version": 0}
+
     def _new_blob(self, blob: str, size: int = 0) -> None:
         self.blobs.create(blob, size, limit=MAX_DISK_BLOB)
 
     def create_empty(self, name: str, size_gib: int, sku: str = "Premium_LRS",
-                     size_bytes: int | None = None) -> dict[str, Any]:
+                     size_bytes: int | None = None, *, iops: int | None = None, mbps: int | None = None,
+                     tier: str | None = None) -> dict[str, Any]:
         """An empty disk: a fixed VHD page blob, sparse until written. `size_bytes`
-        (a multiple of 1 MiB) instead of whole GiB: a restored disk keeps its size."""
+        (a multiple of 1 MiB) instead of whole GiB: a restored disk keeps its size.
+        `iops` and `mbps` for Ultra and Premium SSD v2, `tier` for Premium SSD
+        (performance.py has the rules)."""
         size = size_gib * GIB if size_bytes is None else size_bytes
         if size % MIB:
             raise StampError(f"a disk's size is a multiple of 1 MiB, not {size} bytes")
         self._check_sku(sku, size / GIB)
-        record = self._record(name, sku, size, "Empty", "fixed")
+        record = self._record(name, sku, size, "Empty", "fixed", **self._performance(sku, size, iops, mbps, tier))
         with self._creating("disk", record) as blob:
             self._new_blob(blob)
             create_fixed(PageBlobFile(self.stamp, blob), size)
         return record
 
     def create_from_image(self, name: str, image: str, size_gib: int | None = None,
-                          sku: str = "Premium_LRS") -> dict[str, Any]:
+                          sku: str = "Premium_LRS", *, iops: int | None = None, mbps: int | None = None,
+                          tier: str | None = None) -> dict[str, Any]:
         """A differencing VHD over the image's blob; only what the VM writes is stored."""
         img = self.image(image)
         size = img["size_bytes"] if size_gib is None else size_gib * GIB
         if size < img["size_bytes"]:
             raise StampError(f"disk size {size_gib} GiB is smaller than image {image!r}")
         self._check_sku(sku, size / GIB)
-        record = self._record(name, sku, size, "FromImage", "differencing", source={"image": image})
+        record = self._record(name, sku, size, "FromImage", "differencing", source={"image": image},
+                              **self._performance(sku, size, iops, mbps, tier))
         with self._creating("disk", record, needs=(("image", image, str(img["blob"])),)) as blob:
             self._new_blob(blob)
             parent = (uuid.UUID(img["vhd_uuid"]), int(img["vhd_timestamp"]), str(img["blob"]))
@@ -321,14 +378,15 @@ class Disks:
                           dh.DEFAULT_BLOCK_SIZE, parent, [], True, None)
         return record
 
-    def import_vhd(self, name: str, path: str, sku: str = "Premium_LRS", convert: bool = False) -> dict[str, Any]:
+    def import_vhd(self, name: str, path: str, sku: str = "Premium_LRS", convert: bool = False, *,
+                   iops: int | None = None, mbps: int | None = None, tier: str | None = None) -> dict[str, Any]:
         """A disk from a local VHD that passes the upload rules (or, with
         convert, any VHD or raw image, made fixed and rounded up to 1 MiB)."""
         record = self._record(name, sku, 0, "Import", "fixed", source={"file": os.path.abspath(path)})
         with self._creating("disk", record) as blob:
             size, _ = self._load_vhd(path, blob, convert)
             self._check_sku(sku, size / GIB if size >= GIB else 1)
-            record.update(size_bytes=size, size_gib=size / GIB)
+            record.update(size_bytes=size, size_gib=size / GIB, **self._performance(sku, size, iops, mbps, tier))
         return record
 
     def _load_vhd(self, path: str, blob: str, convert: bool) -> tuple[int, ft.Footer]:
@@ -359,7 +417,8 @@ class Disks:
         return size, footer
 
     def create_copy(self, name: str, source_disk: str | None = None, source_snapshot: str | None = None,
-                    sku: str | None = None) -> dict[str, Any]:
+                    sku: str | None = None, *, iops: int | None = None, mbps: int | None = None,
+                    tier: str | None = None) -> dict[str, Any]:
         """A new disk with the content of a disk or snapshot (sharing extents)."""
         if (source_disk is None) == (source_snapshot is None):
             raise StampError("copy needs exactly one source: a disk or a snapshot")
@@ -372,7 +431,8 @@ class Disks:
             blob, snap, kind = src["blob"], src.get("blob_snapshot") or None, src["vhd_type"]
             source = {"snapshot": str(source_snapshot)}
         self._check_sku(sku or src["sku"], src["size_bytes"] / GIB)
-        record = self._record(name, sku or src["sku"], src["size_bytes"], "Copy", kind, source=source)
+        record = self._record(name, sku or src["sku"], src["size_bytes"], "Copy", kind, source=source,
+                              **self._performance(sku or src["sku"], src["size_bytes"], iops, mbps, tier))
         if "source" in src and "image" in src.get("source", {}):
             record["source"] = {**source, "image": src["source"]["image"]}
         needs = (("disk", source_disk, str(blob)),) if source_disk is not None else \
@@ -386,8 +446,9 @@ class Disks:
         if upload_bytes % MIB != 512 or upload_bytes < 20 * MIB + 512:
             raise StampError("upload size is the fixed VHD's file size: a multiple of 1 MiB plus 512, "
                              "at least 20 MiB + 512")
+        self._check_sku(sku, (upload_bytes - 512) / GIB if upload_bytes - 512 >= GIB else 1)
         record = self._record(name, sku, upload_bytes - 512, "Upload", "fixed",
-                              state=DiskState.READY_TO_UPLOAD.value)
+                              state=DiskState.READY_TO_UPLOAD.value, **self._performance(sku, upload_bytes - 512))
         with self._creating("disk", record) as blob:
             self._new_blob(blob, upload_bytes)
         return record
@@ -402,6 +463,117 @@ class Disks:
         obj["state"] = DiskState.UNATTACHED.value
         self._put("disk", obj)
         return obj
+
+    # -- changing a disk's performance ------------------------------------------------------
+
+    def update_disk(self, name: str, *, iops: int | None = None, mbps: int | None = None,
+                    tier: str | None = None, size_gib: int | None = None) -> dict[str, Any]:
+        """Change a disk's provisioned IOPS and MB/s (Ultra, Premium SSD v2: the
+        one not given stays, if the other still allows it) or its performance
+        tier (Premium SSD), attached or not, in one transaction; its
+        `performance_version` moves on, so a host serving it takes the new
+        limits. The rules' error (performance.py) when a value is out of range
+        or the change comes too soon. `size_gib` grows the disk (grow_disk)."""
+        if iops is None and mbps is None and tier is None and size_gib is None:
+            raise StampError("nothing to change: give --disk-iops-read-write, --disk-mbps-read-write, --tier or "
+                             "--size-gib")
+        self._settle("disk", name)
+        if size_gib is not None:
+            self._grow(name, size_gib, iops, mbps, tier)
+        key = f"disk/{name}".encode()
+        with self.meta.write() as txn:
+            obj = self.meta.get_json(txn, "resources", key)
+            if obj is None:
+                raise ResourceNotFound(f"no disk named {name!r}")
+            if obj.get("state") == CREATING:
+                raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
+            obj = dict(obj)
+            if size_gib is not None:
+                obj.update(size_bytes=size_gib * GIB, size_gib=float(size_gib))
+            obj.update(self._changed(obj, iops, mbps, tier, self.clock()))
+            obj["performance_version"] = int(obj.get("performance_version", 0)) + 1
+            self.meta.put_json(txn, "resources", key, obj)
+        return obj
+
+    def _grow(self, name: str, size_gib: int, iops: int | None, mbps: int | None, tier: str | None) -> None:
+        """Grow a disk's fixed VHD to `size_gib` (the platform: only larger, and
+        not while attached to a running VM), after checking that the record
+        with the new size passes the rules. Order: the VHD in the blob (data
+        region, then the footer at the new end, as vhd's resize), then the
+        record (update_disk's transaction): a process killed in between leaves
+        the record's size behind the VHD's, and the same update again
+        finishes it."""
+        obj = self.record(name)
+        if isinstance(size_gib, bool) or not isinstance(size_gib, int):
+            raise StampError(f"a disk's new size is a whole number of GiB, not {size_gib!r}")
+        if obj["state"] == DiskState.ATTACHED.value:
+            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
+                                      "grows only while unattached or its VM is deallocated")
+        if size_gib * GIB < int(obj["size_bytes"]):
+            raise OperationNotAllowed(f"a disk can only grow: {name!r} is {obj['size_gib']:g} GiB, not more than "
+                                      f"{size_gib} GiB")
+        if obj["vhd_type"] != "fixed" or obj["state"] == DiskState.READY_TO_UPLOAD.value:
+            raise StampError(f"disk {name!r} holds a {obj['vhd_type']} VHD"
+                             + (" waiting for its upload" if obj["state"] == DiskState.READY_TO_UPLOAD.value else "")
+                             + ": only a disk holding a fixed VHD grows here (the emulator's limit)")
+        self._check_sku(str(obj["sku"]), float(size_gib))
+        self._changed({**obj, "size_bytes": size_gib * GIB}, iops, mbps, tier, self.clock())  # refused: nothing grew
+        lease = self.blobs.acquire_writer_lease(str(obj["blob"]))
+        try:
+            img = open_image(PageBlobFile(self.stamp, str(obj["blob"]), lease=lease), writable=True)
+            try:
+                if not isinstance(img, FixedImage):
+                    raise StampError(f"disk {name!r}'s blob does not hold a fixed VHD: check it (stamp disk check)")
+                if img.size < size_gib * GIB:
+                    _grow_fixed(img, size_gib * GIB)
+            finally:
+                img.close()
+        finally:
+            self.blobs.release_lease(str(obj["blob"]), lease)
+
+    def _changed(self, obj: dict[str, Any], iops: int | None, mbps: int | None, tier: str | None,
+                 now: float) -> dict[str, Any]:
+        """The fields a performance change sets on record `obj` (a size change
+        included: its size is the new one), checked by the rules."""
+        sku, size_gib = str(obj["sku"]), float(obj["size_bytes"]) / GIB
+        if sku in perf.PROVISIONED_SKUS:
+            if tier is not None:
+                raise InvalidParameter(f"{sku} disks take no performance tier: change --disk-iops-read-write "
+                                       "and --disk-mbps-read-write instead")
+            was = self._provisioned_now(obj)
+            new_iops = was[0] if iops is None else iops
+            try:
+                new_iops, new_mbps = perf.provisioned(sku, size_gib, new_iops, was[1] if mbps is None else mbps)
+            except BadRequest as e:
+                if mbps is None and "diskMBpsReadWrite" in str(e):  # the MB/s it has are too many for the new IOPS
+                    raise BadRequest(f"{str(e).removeprefix('BadRequest: ')} (the disk has {was[1]} MB/s: "
+                                     "give --disk-mbps-read-write too)") from None
+                raise
+            changes = perf.check_change_allowed(sku, list(obj.get("performance_changes") or []), now)
+            return {"disk_iops_read_write": new_iops, "disk_mbps_read_write": new_mbps,
+                    "performance_changes": changes}
+        if iops is not None or mbps is not None:
+            raise InvalidParameter(f"IOPS and MB/s are only settable for UltraSSD_LRS and PremiumV2_LRS disks; a "
+                                   f"{sku} disk performs as its tier" +
+                                   (" (give it a higher one with --tier)" if sku == "Premium_LRS" else ""))
+        base = perf.baseline_tier(sku, size_gib)
+        old = str(obj.get("tier") or base)
+        if tier is None:  # a size change: the tier it had, unless the new size's own is higher
+            known = old in [n for n, _ in perf.TIERS[sku]]
+            tier = base if not known or perf.tier_rank(sku, base) > perf.tier_rank(sku, old) else old
+        new = perf.check_tier(sku, size_gib, tier)
+        out: dict[str, Any] = {"tier": new, "baseline_tier": base}
+        if perf.check_downgrade(sku, old, new, obj.get("tier_downgraded"), now):
+            out["tier_downgraded"] = now
+        return out
+
+    @staticmethod
+    def _provisioned_now(obj: dict[str, Any]) -> tuple[int, int]:
+        """An Ultra or Premium SSD v2 record's IOPS and MB/s (one made before
+        they were recorded has the defaults)."""
+        if obj.get("disk_iops_read_write") is not None:
+            return int(obj["disk_iops_read_write"]), int(obj["disk_mbps_read_write"])
+        return perf.provisioned(str(obj["sku"]), float(obj["size_bytes"]) / GIB)
 
     # -- images and snapshots ---------------------------------------------------------------
 
@@ -587,8 +759,7 @@ class Disks:
         if held is None:
             return None
         lease, props = held
-        pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
-        if host == socket.gethostname() and pid and not pid_alive(pid):
+        if holder_died(props):
             return lease
         raise ResourceInUse(f"disk {name!r} is open for writing by {props.get('lease_holder', 'another holder')}: "
                             "close it first")

@@ -151,3 +151,33 @@ class CorruptStamp(StampError):
 
 class MetadataFull(StampError):
     """The disk holding the stamp's metadata has no space for it to grow."""
+
+
+class DiskRequestError(StampError):
+    """A disk setting the compute platform's disk API would refuse (stamp/performance.py);
+    `code` is its error code, and the message starts with it."""
+
+    code = "BadRequest"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{self.code}: {message}")
+
+
+class BadRequest(DiskRequestError):
+    """Provisioned IOPS or MB/s out of the range the disk's type and size allow."""
+
+    code = "BadRequest"
+
+
+class InvalidParameter(DiskRequestError):
+    """A setting the disk's type does not take (a tier on an Ultra disk, IOPS on a
+    Premium SSD), or a tier the disk's size does not allow."""
+
+    code = "InvalidParameter"
+
+
+class OperationNotAllowed(DiskRequestError):
+    """A change made too soon: a tier downgrade within 12 hours of the last, a
+    fifth performance change of an Ultra or Premium SSD v2 disk in 24 hours."""
+
+    code = "OperationNotAllowed"

@@ -181,17 +181,16 @@ def main() -> int:
         disks.create_image("img", path=os.path.join(work, "img.vhd"))
         for name in a.tiers:
             sku, size, iops, mbps = TIERS[name]
-            disks.create_empty(f"d-{name}", size, sku)
+            disks.create_empty(f"d-{name}", size, sku, iops=iops, mbps=mbps)  # the record holds the provisioning
         st.close()
         host = Host.create(os.path.join(work, "host"), os.path.join(work, "st"))
         host.create_vm("vm", a.vm, "img")
         for lun, name in enumerate(a.tiers):
             host.attach("vm", f"d-{name}", lun, "None")
         for lun, name in enumerate(a.tiers):
-            sku, size, p_iops, p_mbps = TIERS[name]
-            lim = disk_limits(sku, size, iops=p_iops, mbps=p_mbps)
+            sku = TIERS[name][0]
             t = host.throttle("vm")
-            t.disks[str(lun)] = type(t.disks[str(lun)])(lim, start=t.clock.now())
+            lim = t.disks[str(lun)].limits  # from the disk's record, as attach made it
             disk = host.open_disk("vm", lun)
             chunk = os.urandom(4 * MIB)
             with disk.lock:
