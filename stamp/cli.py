@@ -173,13 +173,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=_number)
     p.set_defaults(intermixed=p)  # `bitflip --extent 1 node-00`, the order the help shows, parses too
     sub.add_parser("scrub", help="verify every record on every replica; heal bad copies")
-    p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones")
-    p.add_argument("--compact-below", type=float, default=0.5,
+    p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones",
+                       description="One round of space reclamation; with --watch, rounds run until "
+                       "interrupted (SIGINT or SIGTERM), each when the stamp's extents hold more than "
+                       "--trigger x the bytes its index references, compacting the emptiest extents "
+                       "down to --target x. Writers and readers, in this process or any other, go on "
+                       "meanwhile. `hostcache serve` runs the same reclaimer in its own process.",
+                       epilog="examples:\n  stamp gc                             one round\n"
+                       "  stamp gc --watch &                   a companion of a long benchmark\n"
+                       "  stamp gc --watch --target 1.3 --min-free-mib 2048",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compact-below", type=_share, default=0.5,
                    help="compact sealed extents whose live share is below this (default 0.5)")
+    p.add_argument("--watch", action="store_true",
+                   help="keep reclaiming; print one JSON line per round that freed or moved bytes")
+    p.add_argument("--target", type=_ratio, default=1.5,
+                   help="with --watch: compact down to this x the live bytes (default 1.5)")
+    p.add_argument("--trigger", type=_ratio, default=None,
+                   help="with --watch: a round is due above this x the live bytes (default: target + 0.1)")
+    p.add_argument("--interval", type=_seconds, default=0.25,
+                   help="with --watch: seconds between rounds, at least (default 0.25)")
+    p.add_argument("--max-move-mib", type=_positive, default=256,
+                   help="with --watch: MiB copied per round, at most (default 256)")
+    p.add_argument("--min-free-mib", type=_positive, default=0,
+                   help="with --watch: below this free on the file system, compact every partly dead "
+                   "extent under --compact-below (default 0: off)")
     sub.add_parser("repair", help="re-replicate extents that lost a replica, then scrub")
     p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
     p.add_argument("--quick", action="store_true", help="skip reading every record")
     return top
+
+
+def _float(text: str, low: float, high: float, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+
+def _share(text: str) -> float:
+    return _float(text, 0.01, 1.0, "a share from 0.01 to 1")
+
+
+def _ratio(text: str) -> float:
+    return _float(text, 1.01, 100.0, "a ratio from 1.01 to 100")
+
+
+def _seconds(text: str) -> float:
+    return _float(text, 0.0, 3600.0, "a number of seconds from 0 to 3600")
+
+
+def _positive(text: str) -> int:
+    value = int(_float(text, 0, 2 ** 40, "a number from 0 to 2**40"))
+    return value
 
 
 PERFORMANCE_HELP = """UltraSSD_LRS and PremiumV2_LRS disks take provisioned IOPS and MB/s
@@ -314,6 +363,8 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
         _print(report.to_json())
         return 0 if not report.problems else 1
     elif cmd == "gc":
+        if a.watch:
+            return _watch(st, a)
         _print(collect(st, a.compact_below).to_json())
     elif cmd == "repair":
         made = st.stream.rereplicate()
@@ -382,6 +433,29 @@ def vault_action(v: Any, disks: Disks | None, a: argparse.Namespace) -> int:
 
 class UsageError(StampError):
     pass
+
+
+def _watch(st: Stamp, a: argparse.Namespace) -> int:
+    """`stamp gc --watch`: rounds until SIGINT or SIGTERM, a JSON line per round that did something."""
+    import signal
+
+    from .reclaim import Policy, Reclaimer
+
+    trigger = a.trigger if a.trigger is not None else a.target + 0.1
+    if trigger < a.target:
+        raise UsageError(f"--trigger ({trigger}) must not be below --target ({a.target})")
+    policy = Policy(target=a.target, trigger=trigger, compact_below=a.compact_below,
+                    max_move=max(a.max_move_mib, 1) << 20, interval=a.interval, min_free=a.min_free_mib << 20)
+    r = Reclaimer(st, policy)
+    signal.signal(signal.SIGTERM, lambda *_: r.stop_soon())
+    try:
+        for report in r.rounds():
+            if report.bytes_freed or report.bytes_moved or report.skipped:
+                print(json.dumps({**report.to_json(), "live_bytes": r.stats.live_bytes}), flush=True)
+    except KeyboardInterrupt:
+        pass
+    _print(r.stats.to_json())
+    return 0
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

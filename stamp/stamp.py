@@ -223,7 +223,7 @@ class Stamp:
         and (deep) every record of every replica."""
         report = CheckReport()
         self.stream.recover()  # as an open does: a writer that died since this process opened the stamp
-        extents = {e.id: e for e in self.stream.all_extents()}
+        extents = {e.id: e for e in self.stream.all_extents(dying=True)}  # dying: gc is deciding
         nodes = self.stream.nodes
         for e in extents.values():
             if e.state == "open" and not owner_alive(e):  # recovery waits for a down replica
