@@ -151,3 +151,29 @@ class CorruptStamp(StampError):
 
 class MetadataFull(StampError):
     """The disk holding the stamp's metadata has no space for it to grow."""
+
+
+class ComputeError(StampError):
+    """A request the Azure Compute (managed disk) API would refuse; `code` and
+    `status` are its error code and HTTP status."""
+
+    code = "BadRequest"
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(f"{self.code}: {message}")
+
+
+class InvalidVhd(ComputeError):
+    """An uploaded disk whose blob is not a fixed VHD of the declared size."""
+
+    code = "InvalidVhd"
+
+
+class OperationNotAllowed(ComputeError):
+    """A disk operation its state forbids (a grant on an attached disk, an
+    attach or a delete while a SAS is active)."""
+
+    code = "OperationNotAllowed"
+    status = 409
