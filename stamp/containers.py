@@ -87,8 +87,10 @@ class Containers:
         return dict(obj)
 
     def update(self, name: str, metadata: dict[str, str] | None = None,
-               public_access: str | bool | None = False) -> dict[str, Any]:
-        """Replace the metadata (when given) and the public access (when not False)."""
+               public_access: str | bool | None = False,
+               policies: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+        """Replace the metadata and the stored access policies (when given)
+        and the public access (when not False)."""
         if name in SYSTEM:
             raise AuthorizationFailure(f"container {name!r} is the stamp's own: its properties are fixed")
         if public_access is not False and public_access not in PUBLIC_ACCESS:
@@ -99,6 +101,8 @@ class Containers:
                 obj["metadata"] = metadata
             if public_access is not False:
                 obj["public_access"] = public_access
+            if policies is not None:
+                obj["policies"] = policies
             obj["modified"], obj["rev"] = time.time(), int(obj["rev"]) + 1
             self.meta.put_json(txn, "containers", name.encode(), obj)
         return obj
