@@ -126,14 +126,16 @@ class Containers:
         `limit`, in name order, and the marker of the next page (None: done)."""
         out: list[dict[str, Any]] = []
         with self.meta.read() as txn:
-            start = max(prefix, marker).encode()
-            for key, raw in self.meta.items(txn, "containers", start):
-                name = key.decode()
+            cur = txn.cursor(db=self.db)
+            if not cur.set_range(max(prefix, marker).encode()):
+                return out, None
+            for key, raw in cur:
+                name = bytes(key).decode()
                 if not name.startswith(prefix):
                     break
                 if len(out) == limit:
                     return out, name
-                out.append(loads(raw))
+                out.append(loads(bytes(raw)))
         return out, None
 
     def blob_names(self, container: str, prefix: str = "", marker: str = "") -> list[str]:

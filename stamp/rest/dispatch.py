@@ -196,9 +196,7 @@ class Endpoint:
         return record.get("public_access"), policies
 
     def _error(self, request: web.Request, e: RestError, rid: str) -> web.Response:
-        headers = {"x-ms-error-code": e.code}
-        if e.code == "InvalidRange" and e.status == 416:
-            headers["Content-Range"] = "bytes */*"
+        headers = {"x-ms-error-code": e.code, **e.headers}
         if request.method == "HEAD" or e.status == 304:
             return web.Response(status=e.status, headers=headers)
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")

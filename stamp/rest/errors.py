@@ -71,6 +71,7 @@ class RestError(Exception):
         self.status, self.code = status, code
         self.message = message or MESSAGES.get(code, code)
         self.extra = extra
+        self.headers: dict[str, str] = {}  # extra response headers (Content-Range of a 416)
         super().__init__(f"{status} {code}: {self.message}")
 
 

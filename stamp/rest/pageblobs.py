@@ -418,7 +418,9 @@ async def get_blob(svc: Service, c: Call) -> web.StreamResponse:
     if window is not None:
         _, start, end = window
         if start >= info.size:
-            raise RestError(416, "InvalidRange")
+            err = RestError(416, "InvalidRange")
+            err.headers["Content-Range"] = f"bytes */{info.size}"
+            raise err
         length = (min(end, info.size - 1) if end is not None else info.size - 1) - start + 1
         status = 206
         headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{info.size}"
