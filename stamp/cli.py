@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=256,
                    help="requests served at once; more are answered 503 ServerBusy (default 256)")
     p.add_argument("--threads", type=int, default=8, help="stamp calls run at once (default 8)")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="drop a client that stalls this many seconds mid-body (default 30)")
     return top
 
 
@@ -221,10 +223,11 @@ def run(a: argparse.Namespace) -> int:
     if a.cmd == "serve":
         from .rest import Limits, serve
 
-        if a.max_inflight_mib < 8 or a.max_requests < 1 or a.threads < 1 or not 0 <= a.port <= 65535:
+        if a.max_inflight_mib < 8 or a.max_requests < 1 or a.threads < 1 or not 0 <= a.port <= 65535 \
+                or not 0 < a.stall_timeout <= 3600:
             raise UsageError("--max-inflight-mib is at least 8; --max-requests and --threads at least 1; "
-                             "--port 0 to 65535")
-        limits = Limits(a.max_inflight_mib << 20, a.max_requests, a.threads)
+                             "--port 0 to 65535; --stall-timeout above 0, at most 3600")
+        limits = Limits(a.max_inflight_mib << 20, a.max_requests, a.threads, a.stall_timeout)
         return serve(a.stamp, a.host, a.port, a.account, a.cert, a.key, limits)
     with Stamp.open(a.stamp) as st:
         return dispatch(st, Disks(st), a)

@@ -10,7 +10,10 @@ start and commit there), and the byte budget that bounds memory:
   (and its client with it: TCP backpressure) while the budget is spent;
 - one request takes at most MAX_CHUNK bytes at a time (a Put Page body or
   a 4 MiB piece of a Get Blob), so the budget bounds the data in flight
-  whatever the number of clients.
+  whatever the number of clients;
+- a client that stalls while sending a body or reading an answer for
+  `stall_timeout` seconds gives its share back (408 RequestTimeout, or the
+  connection is dropped), so stalled clients cannot hold the budget.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from aiohttp import web
 
 from ..stamp import Stamp
 from .auth import Accounts
+from .errors import RestError
 
 T = TypeVar("T")
 MAX_CHUNK = 4 * 1024 * 1024
@@ -56,6 +60,7 @@ class Limits:
     inflight_bytes: int = 64 * 1024 * 1024  # request and response data held at once (all clients)
     max_requests: int = 256  # requests being served at once; more are answered 503 ServerBusy
     threads: int = 8  # stamp calls at once
+    stall_timeout: float = 30.0  # seconds a client may stall mid-body (sending or receiving) before it is dropped
 
 
 @dataclass
@@ -70,6 +75,21 @@ class Service:
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="stamp")
         self.budget = Budget(self.limits.inflight_bytes)
+
+    async def read_body(self, request: web.Request, n: int) -> bytes:
+        """Exactly n body bytes; a client that stalls for stall_timeout is 408."""
+        try:
+            return await asyncio.wait_for(request.content.readexactly(n), self.limits.stall_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            raise RestError(408, "RequestTimeout", "The client did not send the request body in time.") \
+                from None
+
+    async def send(self, resp: web.StreamResponse, data: bytes) -> None:
+        """Write a chunk out; a client that stops reading for stall_timeout is dropped."""
+        try:
+            await asyncio.wait_for(resp.write(data), self.limits.stall_timeout)
+        except TimeoutError:
+            raise ConnectionResetError("the client stopped reading") from None
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking stamp call on the pool."""

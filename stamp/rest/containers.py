@@ -95,7 +95,7 @@ async def set_acl(svc: Service, c: Call) -> web.StreamResponse:
         raise RestError(411, "MissingContentLengthHeader", "Content-Length HTTP header is missing.")
     if n and n > xmlbody.MAX_XML:
         raise RestError(413, "RequestBodyTooLarge", MaxLimit=str(xmlbody.MAX_XML))
-    body = await c.request.content.readexactly(n) if n else b""
+    body = await svc.read_body(c.request, n) if n else b""
     policies = xmlbody.parse_signed_identifiers(body)
     record = await svc.run(svc.stamp.containers.update, c.container, None, access, policies)
     return web.Response(status=200, headers=_headers(record))

@@ -52,6 +52,7 @@ MESSAGES = {
     "OutOfRangeInput": "One of the request inputs is out of range.",
     "PreviousSnapshotOperationNotSupported": "The operation is not supported on the previous snapshot.",
     "RequestBodyTooLarge": "The request body is too large and exceeds the maximum permissible limit.",
+    "RequestTimeout": "The client did not send the request body in time.",
     "ResourceNotFound": "The specified resource does not exist.",
     "SequenceNumberConditionNotMet": "The sequence number condition specified was not met.",
     "SequenceNumberIncrementTooLarge": "The sequence number increment cannot be performed because it would "

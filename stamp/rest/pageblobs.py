@@ -285,7 +285,7 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
     else:
         await svc.budget.take(length)
         try:
-            data = await c.request.content.readexactly(length)
+            data = await svc.read_body(c.request, length)
             md5 = c.headers.get("Content-MD5")
             if md5 is not None:
                 if base64.b64encode(hashlib.md5(data).digest()).decode() != md5.strip():
@@ -437,7 +437,7 @@ async def get_blob(svc: Service, c: Call) -> web.StreamResponse:
         data = await svc.run(svc.stamp.blobs.read, name, start, length, c.snapshot)
         resp.headers["Content-MD5"] = base64.b64encode(hashlib.md5(data).digest()).decode()
         await resp.prepare(c.request)
-        await resp.write(data)
+        await svc.send(resp, data)
         return resp
     await resp.prepare(c.request)
     await stream(svc, resp, lambda o, n: svc.stamp.blobs.read(name, o, n, c.snapshot), start, length)
@@ -453,7 +453,7 @@ async def stream(svc: Service, resp: web.StreamResponse, read: Callable[[int, in
         await svc.budget.take(n)
         try:
             data = await svc.run(read, start + done, n)
-            await resp.write(data)
+            await svc.send(resp, data)
         finally:
             await svc.budget.give(n)
         done += n
