@@ -131,7 +131,7 @@ class Endpoint:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 1024 * 1024 + 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)  # any path, newlines too
         app.on_response_prepare.append(self._common)
         return app
 
