@@ -179,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("repair", help="re-replicate extents that lost a replica, then scrub")
     p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
     p.add_argument("--quick", action="store_true", help="skip reading every record")
+    p = sub.add_parser("serve", help="serve the stamp over the Azure Blob REST protocol (page blobs)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SERVE_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=10000, help="TCP port (default 10000, Azurite's; 0: any free one)")
+    p.add_argument("--account", action="append", default=[], metavar="NAME:BASE64KEY",
+                   help="another account and its key (repeatable); also read from STAMP/accounts.json")
+    p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve https")
+    p.add_argument("--key", help="TLS private key (PEM)")
+    p.add_argument("--max-inflight-mib", type=int, default=64,
+                   help="request and response data held at once, all clients together (default 64)")
+    p.add_argument("--max-requests", type=int, default=256,
+                   help="requests served at once; more are answered 503 ServerBusy (default 256)")
+    p.add_argument("--threads", type=int, default=8, help="stamp calls run at once (default 8)")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="drop a client that stalls this many seconds mid-body (default 30)")
     return top
 
 
@@ -233,6 +248,18 @@ def _grant(disks: Disks, kind: str, a: argparse.Namespace) -> None:
         print(got["accessSAS"])
 
 
+SERVE_HELP = """Serve the stamp's page blobs over the Blob REST protocol, path style:
+http://HOST:PORT/ACCOUNT/CONTAINER/BLOB. The account devstoreaccount1 has its
+published key, so the connection string UseDevelopmentStorage=true works as it is:
+
+  stamp serve &
+  python -c 'from azure.storage.blob import BlobServiceClient as S; \
+    S.from_connection_string("UseDevelopmentStorage=true").create_container("vhds")'
+
+Prints one JSON line when listening; SIGTERM or Ctrl-C stops it. Several
+servers may share one stamp folder (each on its own port)."""
+
+
 def _number(text: str) -> int:
     """An extent id or byte offset: 0 to 2**63 - 1."""
     value = int(text)
@@ -261,6 +288,15 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "backup":
         return backup_command(a)
+    if a.cmd == "serve":
+        from .rest import Limits, serve
+
+        if a.max_inflight_mib < 8 or a.max_requests < 1 or a.threads < 1 or not 0 <= a.port <= 65535 \
+                or not 0 < a.stall_timeout <= 3600:
+            raise UsageError("--max-inflight-mib is at least 8; --max-requests and --threads at least 1; "
+                             "--port 0 to 65535; --stall-timeout above 0, at most 3600")
+        limits = Limits(a.max_inflight_mib << 20, a.max_requests, a.threads, a.stall_timeout)
+        return serve(a.stamp, a.host, a.port, a.account, a.cert, a.key, limits)
     with Stamp.open(a.stamp) as st:
         return dispatch(st, Disks(st), a)
 

@@ -177,3 +177,43 @@ class OperationNotAllowed(ComputeError):
 
     code = "OperationNotAllowed"
     status = 409
+
+
+class ContainerNotFound(AzureError):
+    code = "ContainerNotFound"
+    status = 404
+
+
+class ContainerAlreadyExists(AzureError):
+    code = "ContainerAlreadyExists"
+    status = 409
+
+
+class InvalidContainerName(AzureError):
+    """A container name that is not 3 to 63 lower-case letters, digits and
+    single hyphens, starting and ending with a letter or digit."""
+
+    code = "InvalidResourceName"
+
+
+class AuthorizationFailure(AzureError):
+    """An operation the stamp keeps for itself: creating, deleting or
+    listing the blobs of the managed-disk resources' containers."""
+
+    code = "AuthorizationFailure"
+    status = 403
+
+
+class LeaseIsBreakingAndCannotBeAcquired(AzureError):
+    code = "LeaseIsBreakingAndCannotBeAcquired"
+    status = 409
+
+
+class LeaseIsBreakingAndCannotBeChanged(AzureError):
+    code = "LeaseIsBreakingAndCannotBeChanged"
+    status = 409
+
+
+class LeaseIsBrokenAndCannotBeRenewed(AzureError):
+    code = "LeaseIsBrokenAndCannotBeRenewed"
+    status = 409

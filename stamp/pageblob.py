@@ -35,11 +35,13 @@ unreferenced record bytes.
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -59,6 +61,9 @@ from .errors import (
     LeaseIdMismatch,
     LeaseIdMismatchWithLeaseOperation,
     LeaseIdMissing,
+    LeaseIsBreakingAndCannotBeAcquired,
+    LeaseIsBreakingAndCannotBeChanged,
+    LeaseIsBrokenAndCannotBeRenewed,
     LeaseLost,
     LeaseNotPresentWithBlobOperation,
     LeaseNotPresentWithLeaseOperation,
@@ -126,6 +131,46 @@ class BlobState:
 
     def lease_held(self, now: float) -> bool:
         return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
+
+
+class LeaseState(enum.Enum):
+    """A blob's lease, as the service reports it (x-ms-lease-state). The
+    machine: available -acquire-> leased -break-> breaking -(period)-> broken
+    -acquire-> leased; leased -(duration)-> expired -acquire-> leased;
+    release from leased, expired or broken -> available."""
+
+    AVAILABLE = "available"
+    LEASED = "leased"
+    EXPIRED = "expired"
+    BREAKING = "breaking"
+    BROKEN = "broken"
+
+
+def lease_state(st: BlobState, obj: dict[str, Any], now: float) -> LeaseState:
+    """The state of the blob's lease, from its state record and blob record."""
+    if st.lease == NO_LEASE:
+        return LeaseState.AVAILABLE
+    broken = bool(obj.get("properties", {}).get("lease_broken"))
+    if st.lease_held(now):
+        return LeaseState.BREAKING if broken else LeaseState.LEASED
+    return LeaseState.BROKEN if broken else LeaseState.EXPIRED
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the Blob service reports of a blob (or one of its snapshots)."""
+
+    name: str
+    id: int
+    size: int
+    created: float
+    properties: dict[str, Any]
+    version: int  # moves on with every change of the live pages (PageBlobs.version)
+    lease: LeaseState
+    lease_id: str | None
+    lease_expiry: float
+    snapshots: int
+    snapshot: str | None = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +359,97 @@ class PageBlobs:
             obj.setdefault("properties", {}).update(props)
             self.meta.put_json(txn, "blobs", blob_key(name), obj)
 
+    def update_properties(self, name: str, change: Callable[[dict[str, Any]], None],
+                          lease: str | None | bool = False) -> dict[str, Any]:
+        """Change the blob's properties with `change(props)` in one transaction
+        (a read, modify and write no other process can come between); with
+        `lease` (not False) the lease rules of a write apply first."""
+        with self.meta.write() as txn:
+            _, obj, st = self._blob(txn, name)
+            if lease is not False:
+                self._check_lease(st, lease if isinstance(lease, str) else None)
+            props = obj.setdefault("properties", {})
+            change(props)
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        return dict(props)
+
+    def describe(self, name: str, snapshot: str | None = None) -> BlobInfo:
+        """The blob's (or snapshot's) size, properties, content version and
+        lease, from one read transaction. A snapshot's properties are those
+        recorded in its metadata under "properties"."""
+        now = time.time()
+        with self.meta.read() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            raw = txn.get(_version_key(blob_id), db=self.db["counters"])
+            version = U64.unpack(raw)[0] if raw else 0
+            count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
+            state = lease_state(st, obj, now)
+            lease_id = None if st.lease == NO_LEASE else str(uuid.UUID(bytes=st.lease))
+            if snapshot is None:
+                return BlobInfo(name, blob_id, st.size, float(obj["created"]), dict(obj.get("properties", {})),
+                                version, state, lease_id, st.lease_expiry, count)
+            info = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
+            if info is None:
+                raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
+            rec = loads(bytes(info))
+        props = dict(rec.get("metadata", {}).get("properties", {}))
+        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]),
+                        LeaseState.AVAILABLE, None, 0, count, snapshot)
+
+    def recreate(self, name: str, size: int, properties: dict[str, Any], lease: str | None = None) -> bool:
+        """Put Blob: a blob of `size` bytes with no data and `properties`. An
+        existing blob is emptied and resized in place (its snapshots and lease
+        stay, its properties other than the lease's are replaced), in one
+        transaction. Returns True if the blob was new."""
+        with self.meta.write() as txn:
+            key = blob_key(name)
+            if txn.get(key, db=self.db["blobs"]) is None:
+                self._check_size(size)
+                blob_id = self.meta.next_id(txn, "blob")
+                self.meta.put_json(txn, "blobs", key, {"id": blob_id, "name": name, "created": time.time(),
+                                                       "limit": MAX_BLOB, "properties": properties})
+                txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
+                return True
+            blob_id, obj, st = self._blob(txn, name)
+            self._check_size(size, int(obj.get("limit", MAX_BLOB)))
+            self._check_lease(st, lease)
+            if st.size:
+                self._replace(txn, blob_id, st.latest, st.epoch, 0, st.size // PAGE, None)
+            st.size = size
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            kept = {k: v for k, v in obj.get("properties", {}).items() if k.startswith("lease_")}
+            obj["properties"] = {**properties, **kept}
+            self.meta.put_json(txn, "blobs", key, obj)
+        return False
+
+    def copy_into(self, source: str, target: str, snapshot: str | None = None, since: str | None = None,
+                  lease: str | None = None) -> None:
+        """Make the existing blob `target` hold what `source` (or its
+        `snapshot`) holds, size included, sharing its extents: an index
+        change, no data copied. With `since` (an older snapshot of the
+        source), only the pages changed between the two are replaced (an
+        incremental copy). The target's snapshots keep what they saw."""
+        with self.meta.write() as txn:
+            src_id, _, src_st = self._blob(txn, source)
+            epoch = self._snapshot_epoch(txn, src_id, source, snapshot)
+            size = src_st.size if snapshot is None else self._snapshot_size(txn, src_id, snapshot, src_st)
+            tid, tobj, tst = self._blob(txn, target)
+            self._check_size(size, int(tobj.get("limit", MAX_BLOB)))
+            self._check_lease(tst, lease)
+            if since is None:
+                changed = [(0, max(size, tst.size) // PAGE)]
+            else:
+                d = self._diff_in(txn, source, src_id, src_st, since, snapshot)
+                changed = rg.merge_ranges([(o // PAGE, (o + n) // PAGE) for o, n in d.written + d.cleared])
+                if tst.size > size:
+                    changed = rg.merge_ranges(changed + [(size // PAGE, tst.size // PAGE)])
+            for s, e in changed:
+                self._replace(txn, tid, tst.latest, tst.epoch, s, e, None)
+                for p in self._resolve(txn, src_id, epoch, s, min(e, size // PAGE)):
+                    self._replace(txn, tid, tst.latest, tst.epoch, p.start, p.end, p._replace(gen=tst.epoch).pack())
+            tst.size = size
+            txn.put(U64.pack(tid), tst.pack(), db=self.db["blobstate"])
+
     def size(self, name: str) -> int:
         with self.meta.read() as txn:
             return self._blob(txn, name)[2].size
@@ -387,18 +523,86 @@ class PageBlobs:
             raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
 
     def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
-        """Take the blob's lease (for `duration` seconds, -1 forever); returns its id."""
+        """Take the blob's lease (for `duration` seconds, -1 forever); returns its id.
+        The holder may acquire again (a renewal with a new duration); a
+        breaking lease cannot be acquired until it is broken."""
         if duration != -1 and not 15 <= duration <= 60:
             raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
         new = uuid.UUID(bytes=lease_bytes(lease)) if lease else uuid.uuid4()
         now = time.time()
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            if st.lease_held(now) and st.lease != new.bytes:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.BREAKING:
+                raise LeaseIsBreakingAndCannotBeAcquired(f"blob {name!r}: its lease is breaking")
+            if state is LeaseState.LEASED and st.lease != new.bytes:
                 raise LeaseAlreadyPresent(f"blob {name!r} is leased by someone else")
             st.lease, st.lease_expiry = new.bytes, 0 if duration == -1 else now + duration
-            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            self._put_lease(txn, blob_id, name, obj, st, duration=duration, broken=False)
         return str(new)
+
+    def _put_lease(self, txn: lmdb.Transaction, blob_id: int, name: str, obj: dict[str, Any], st: BlobState,
+                   **lease: Any) -> None:
+        txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        props = obj.setdefault("properties", {})
+        for k, v in lease.items():
+            props[f"lease_{k}"] = v
+        self.meta.put_json(txn, "blobs", blob_key(name), obj)
+
+    def renew_lease(self, name: str, lease: str) -> None:
+        """Start the lease's duration again; an expired lease nobody took since renews too."""
+        given = lease_bytes(lease)
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state in (LeaseState.BREAKING, LeaseState.BROKEN):
+                raise LeaseIsBrokenAndCannotBeRenewed(f"blob {name!r}: its lease was broken")
+            self._check_lease_operation(st, lease)
+            duration = float(obj.get("properties", {}).get("lease_duration", -1))
+            st.lease, st.lease_expiry = given, 0 if duration == -1 else now + duration
+            self._put_lease(txn, blob_id, name, obj, st)
+
+    def change_lease(self, name: str, lease: str, proposed: str) -> str:
+        """Give the held lease another id (the holder's, or the proposed one again)."""
+        new = lease_bytes(proposed)
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.BREAKING:
+                raise LeaseIsBreakingAndCannotBeChanged(f"blob {name!r}: its lease is breaking")
+            if state is not LeaseState.LEASED:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to change")
+            if st.lease not in (lease_bytes(lease), new):
+                raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
+            st.lease = new
+            self._put_lease(txn, blob_id, name, obj, st)
+        return str(uuid.UUID(bytes=new))
+
+    def break_lease_after(self, name: str, period: float | None = None) -> int:
+        """Break the lease, at once (period 0) or after `period` seconds
+        (None: at once for an infinite lease, at its end for a fixed one);
+        meanwhile it is breaking and the holder may still write. Returns the
+        whole seconds until it is broken (the service's x-ms-lease-time)."""
+        if period is not None and not 0 <= period <= 60:
+            raise InvalidHeaderValue(f"lease break period {period}: use 0 to 60 seconds")
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.AVAILABLE:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
+            if state in (LeaseState.BROKEN, LeaseState.EXPIRED):
+                end = now
+            else:
+                left = float("inf") if st.lease_expiry == 0 else st.lease_expiry - now
+                if state is LeaseState.LEASED and period is None:
+                    period = 0 if st.lease_expiry == 0 else left
+                end = now + min(left, period if period is not None else left)
+            st.lease_expiry = max(end, 1e-9)  # a broken lease keeps its id: a write naming it is LeaseLost
+            self._put_lease(txn, blob_id, name, obj, st, broken=True)
+        return max(0, int(-(-(end - now) // 1)))
 
     def acquire_writer_lease(self, name: str) -> str:
         """The lease a process takes to write a blob: it records who holds it,
@@ -823,32 +1027,36 @@ class PageBlobs:
         (a later snapshot, or the live blob when None)."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            try:
-                k = self._snapshot_epoch(txn, blob_id, name, base)
-            except SnapshotNotFound:
-                raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
-            m = self._snapshot_epoch(txn, blob_id, name, target)
-            last = st.epoch if m is None else m
-            assert k is not None
-            if last < k:
-                raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
-            changed: list[tuple[int, int]] = []
-            cur = txn.cursor(db=self.db["changes"])
-            start = BLOB_EPOCH.pack(blob_id, k + 1)
-            if cur.set_range(start):
-                for key, raw in cur:
-                    key = bytes(key)
-                    b, epoch, page = BLOB_EPOCH_PAGE.unpack(key)
-                    if b != blob_id or epoch > last:
-                        break
-                    changed.append((page, rg.END.unpack(bytes(raw))[0]))
-            changed = rg.merge_ranges(changed)
-            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
-            pages = size // PAGE
-            changed = [(s, min(e, pages)) for s, e in changed if s < pages]
-            written: list[tuple[int, int]] = []
-            for s, e in changed:
-                written += [(p.start, p.end) for p in self._resolve(txn, blob_id, m, s, e)]
-            written = rg.merge_ranges(written)
-            cleared = rg.subtract(changed, written)
+            return self._diff_in(txn, name, blob_id, st, base, target)
+
+    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                 target: str | None) -> Diff:
+        try:
+            k = self._snapshot_epoch(txn, blob_id, name, base)
+        except SnapshotNotFound:
+            raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
+        m = self._snapshot_epoch(txn, blob_id, name, target)
+        last = st.epoch if m is None else m
+        assert k is not None
+        if last < k:
+            raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
+        changed: list[tuple[int, int]] = []
+        cur = txn.cursor(db=self.db["changes"])
+        start = BLOB_EPOCH.pack(blob_id, k + 1)
+        if cur.set_range(start):
+            for key, raw in cur:
+                key = bytes(key)
+                b, epoch, page = BLOB_EPOCH_PAGE.unpack(key)
+                if b != blob_id or epoch > last:
+                    break
+                changed.append((page, rg.END.unpack(bytes(raw))[0]))
+        changed = rg.merge_ranges(changed)
+        size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+        pages = size // PAGE
+        changed = [(s, min(e, pages)) for s, e in changed if s < pages]
+        written: list[tuple[int, int]] = []
+        for s, e in changed:
+            written += [(p.start, p.end) for p in self._resolve(txn, blob_id, m, s, e)]
+        written = rg.merge_ranges(written)
+        cleared = rg.subtract(changed, written)
         return Diff(_bytes(written), _bytes(cleared))

@@ -1,0 +1,93 @@
+"""A VHD made by `vhd create` goes up through the SDK's asyncio client
+(azure.storage.blob.aio, over aiohttp), is snapshotted, changed, diffed and
+downloaded; qemu-img (an outside oracle) compares the download with the
+local file that had the same changes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+
+from azure.storage.blob.aio import BlobServiceClient
+
+from tests.conftest import run
+
+MIB = 1 << 20
+
+
+def test_vhd_upload_snapshot_diff_download_with_aio_sdk(server, tmp_path):
+    local = tmp_path / "disk.vhd"
+    vhd_cli = [sys.executable, "-m", "vhd"]
+    subprocess.run([*vhd_cli, "create", str(local), "--size", "24M", "--type", "fixed"], check=True)
+    for off, pattern, n in (("1M", "0xab", "3M"), ("13M", "0x5c", "64K")):
+        subprocess.run([*vhd_cli, "write", str(local), "--offset", off, "--pattern", pattern, "--length", n],
+                       check=True, capture_output=True)
+    size = os.path.getsize(local)
+    data_size = size - 512  # the footer stays as vhd wrote it
+    rnd = random.Random(7)
+    changes: list[tuple[int, int, bytes | None]] = []
+    for _ in range(40):
+        off = rnd.randrange(0, (data_size - 32 * 1024) // 512) * 512
+        n = rnd.randrange(1, 64) * 512
+        changes.append((off, n, None if rnd.random() < 0.3 else rnd.randbytes(n)))
+
+    async def flow() -> tuple[list[tuple[int, int]], list[tuple[int, int]], bytes, str]:
+        async with BlobServiceClient.from_connection_string(server.connection_string) as svc:
+            cc = await svc.create_container("vhd-aio")
+            blob = cc.get_blob_client("disk.vhd")
+            with open(local, "rb") as f:
+                await blob.upload_blob(f, length=size, blob_type="PageBlob", max_concurrency=4)
+            snap = (await blob.create_snapshot())["snapshot"]
+            for off, n, data in changes:
+                if data is None:
+                    await blob.clear_page(offset=off, length=n)
+                else:
+                    await blob.upload_page(data, offset=off, length=n)
+            written: list[tuple[int, int]] = []
+            cleared: list[tuple[int, int]] = []
+            async for r in blob.list_page_ranges(previous_snapshot=snap, results_per_page=7):
+                (cleared if r.cleared else written).append((r.start, r.end + 1))
+            downloaded = await (await blob.download_blob()).readall()
+            at_snap = cc.get_blob_client("disk.vhd", snapshot=snap)
+            snap_data = await (await at_snap.download_blob()).readall()
+            assert snap_data == local.read_bytes()  # the snapshot is the upload, byte for byte
+            return written, cleared, downloaded, snap
+
+    written, cleared, downloaded, _ = asyncio.run(flow())
+    with open(local, "r+b") as f:  # the same changes, locally
+        for off, n, data in changes:
+            f.seek(off)
+            f.write(bytes(n) if data is None else data)
+    out = tmp_path / "down.vhd"
+    out.write_bytes(downloaded)
+    run("qemu-img", "compare", "-f", "vpc", "-F", "vpc", str(local), str(out))
+    # the diff is the change log, exactly: every changed page, split by what it holds now
+    touched = sorted((off, off + n) for off, n, _ in changes)
+    merged: list[tuple[int, int]] = []
+    for s, e in touched:
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    got = sorted(written + cleared)
+    coalesced: list[tuple[int, int]] = []
+    for s, e in got:
+        if coalesced and s <= coalesced[-1][1]:
+            coalesced[-1] = (coalesced[-1][0], max(coalesced[-1][1], e))
+        else:
+            coalesced.append((s, e))
+    assert coalesced == merged
+    now = out.read_bytes()
+    for s, e in cleared:
+        assert now[s:e] == bytes(e - s)
+    last = {}
+    for off, n, data in changes:
+        for p in range(off, off + n, 512):
+            last[p] = data is not None
+    for s, e in written:
+        assert all(last[p] for p in range(s, e, 512))
+    for s, e in cleared:
+        assert not any(last[p] for p in range(s, e, 512))
