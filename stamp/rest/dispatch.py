@@ -33,8 +33,8 @@ from aiohttp import web
 from .. import sas
 from ..errors import StampError
 from . import containers as ct
+from . import managed, xmlbody
 from . import pageblobs as pb
-from . import xmlbody
 from .auth import Op, Request, authorize
 from .call import Call, Service
 from .errors import RestError, from_stamp, query_error
@@ -175,6 +175,8 @@ class Endpoint:
         call = Call(request, account, container, blob, query, ver)
         areq = Request(request.method, raw_path, list(request.query.items()), request.headers, account,
                        container, blob, query.get("snapshot"), request.remote or "", request.secure)
+        if managed.is_managed(container):  # a managed disk's grant (stamp disk grant-access)
+            return await managed.serve(self.svc, call, handler, areq, op)
         public, policies = await self._container_rules(call, areq)
         call.auth = authorize(areq, self.svc.accounts, op, public, policies)
         return await handler(self.svc, call)
