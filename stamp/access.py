@@ -25,7 +25,11 @@ Rules kept (as the platform does; messages quoted from it where marked):
   'conectix'." [platform text]), checksum, disk type fixed, and virtual size
   = upload size - 512 (InvalidVhd, our words). A refused revoke leaves the
   disk ActiveUpload with its SAS working, so the upload can be fixed and the
-  revoke tried again (or the disk deleted).
+  revoke tried again (or the disk deleted);
+- a grant past its expiry refuses requests (its policy's window ends), but
+  the state changes only by revoke-access (the platform also ends it by
+  itself at expiry: not modelled); a revoke takes the SAS away before it
+  checks the upload, so no new write lands while the footer is read.
 """
 
 from __future__ import annotations
