@@ -53,8 +53,8 @@ def test_upload_by_sas_then_download_equals_the_vhd(server, tmp_path):
         piece = raw[off:off + CHUNK]
         if piece.strip(b"\0"):
             blob.upload_page(piece, offset=off, length=len(piece))
-    ranges, _ = blob.get_page_ranges()
-    assert ranges and ranges[-1]["end"] == len(raw) - 1  # the footer page is there
+    ranges = list(blob.list_page_ranges())
+    assert ranges and ranges[-1].end == len(raw) - 1  # the footer page is there
     for refused in (blob.create_snapshot, lambda: blob.delete_blob(), lambda: blob.resize_blob(len(raw) + 512)):
         with pytest.raises(HttpResponseError) as e:
             refused()
@@ -132,3 +132,23 @@ def test_managed_disk_diff_between_snapshot_grants_is_in_guest_offsets(server, t
     assert e.value.error_code == "PreviousSnapshotNotFound"
     for snap in (f"{name}-s1", f"{name}-s2"):
         stamp_cli(server, "snapshot", "revoke-access", snap)
+
+
+def test_a_grant_s_container_answers_its_sas_only(server):
+    stamp_cli(server, "disk", "create", "only", "--size-gib", "1")
+    url = grant(server, "disk", "only")
+    container = url.split("/")[4]
+    svc = server.service()  # Shared Key
+    with pytest.raises(HttpResponseError) as e:
+        svc.get_blob_client(container, "abcd").get_blob_properties()
+    assert e.value.status_code == 403
+    with pytest.raises(HttpResponseError) as e:
+        BlobClient.from_blob_url(url.replace("/abcd?", "/other?")).get_blob_properties()
+    assert e.value.status_code == 404
+    with pytest.raises(HttpResponseError) as e:  # a container operation
+        list(svc.get_container_client(container).list_blobs())
+    assert e.value.status_code == 403
+    with pytest.raises(ResourceNotFoundError):
+        BlobClient.from_blob_url(url.replace("/md-", "/md-z")).get_blob_properties()
+    assert BlobClient.from_blob_url(url).get_blob_properties().size == (1 << 30) + 512
+    stamp_cli(server, "disk", "revoke-access", "only")
