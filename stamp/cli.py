@@ -208,7 +208,8 @@ example (a direct upload):
   vhd create disk.vhd --size 1G --type fixed
   stamp disk create up1 --upload-size-bytes $(stat -c %s disk.vhd)
   URL=$(stamp disk grant-access up1 --access Write --duration 3600)
-  python -c "..."     # any Blob client: BlobClient.from_blob_url(URL).upload_page(...)
+  # write it with any Blob client, e.g. the Python SDK, 4 MiB at a time (all-zero chunks may be skipped):
+  #   BlobClient.from_blob_url(URL).upload_page(chunk, offset=off, length=len(chunk))
   stamp disk revoke-access up1                 # checks the footer; the disk becomes Unattached"""
 
 
