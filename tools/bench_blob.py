@@ -24,7 +24,8 @@ Azurite is the npm package installed by tools/run.sh (.venv/azurite), run with
 --skipApiVersionCheck (the SDK's x-ms-version is newer than its allow-list)
 and --inMemoryPersistence off, in a temporary folder. The stamp's server is
 started with `python -m stamp --stamp DIR serve --port N` when that command
-exists. The machine is shared: figures are medians of --repeat runs.
+exists. The machine is shared: the endpoints take turns, round after round, and
+figures are medians of --repeat rounds.
 """
 
 from __future__ import annotations
@@ -276,21 +277,38 @@ def bench_diff(svc, container: str, seed: int, ops: int = 300) -> dict:
     return {"checks": checks, "wrong": len(wrong), "problems": wrong}
 
 
-def measure(ep: Endpoint, vhd_path: Path, want: str, a: argparse.Namespace, folder: Path) -> dict[str, Any]:
+def measure_once(ep: Endpoint, vhd_path: Path, want: str, a: argparse.Namespace, folder: Path,
+                 runs: dict[str, list[float]]) -> None:
+    """One round of the three rates on one endpoint, in a container of its own."""
     svc = service(ep.url)
     container = f"bench{random.randrange(10 ** 8)}"
     svc.create_container(container)
-    runs: dict[str, list[float]] = {"upload": [], "put-page": [], "download": []}
-    for _ in range(a.repeat):
-        up, name = bench_upload(svc, container, vhd_path)
-        runs["upload"].append(up)
-        runs["download"].append(bench_download(svc, container, name, vhd_path.stat().st_size, want, folder))
-        runs["put-page"].append(bench_put_page(svc, ep.url, container, a.clients, a.seconds))
-    result: dict[str, object] = {k: statistics.median(v) for k, v in runs.items()}
-    result["runs"] = runs
-    result["diff"] = bench_diff(svc, container, a.seed)
+    up, name = bench_upload(svc, container, vhd_path)
+    runs.setdefault("upload", []).append(up)
+    runs.setdefault("download", []).append(bench_download(svc, container, name, vhd_path.stat().st_size, want,
+                                                          folder))
+    runs.setdefault("put-page", []).append(bench_put_page(svc, ep.url, container, a.clients, a.seconds))
     svc.delete_container(container)
-    return result
+
+
+def measure(endpoints: list[Endpoint], vhd_path: Path, want: str, a: argparse.Namespace,
+            folder: Path) -> dict[str, dict[str, Any]]:
+    """The endpoints take turns, round after round (the machine's load drifts:
+    each round puts both under the same load); medians of the rounds."""
+    runs: dict[str, dict[str, list[float]]] = {ep.name: {} for ep in endpoints}
+    for i in range(a.repeat):
+        for ep in endpoints:
+            print(f"bench_blob: round {i + 1} of {a.repeat}: {ep.name} at {ep.url}", file=sys.stderr)
+            measure_once(ep, vhd_path, want, a, folder, runs[ep.name])
+    results: dict[str, dict[str, Any]] = {}
+    for ep in endpoints:
+        svc = service(ep.url)
+        container = f"diff{random.randrange(10 ** 8)}"
+        svc.create_container(container)
+        results[ep.name] = {**{k: statistics.median(v) for k, v in runs[ep.name].items()},
+                            "runs": runs[ep.name], "diff": bench_diff(svc, container, a.seed)}
+        svc.delete_container(container)
+    return results
 
 
 def table(results: dict[str, dict], a: argparse.Namespace) -> list[dict]:
@@ -324,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.size % MIB or a.size < 20 * MIB:
         p.error("--size is a multiple of 1 MiB, at least 20M")
     given = dict(e.split("=", 1) for e in a.endpoint)
-    results: dict[str, dict] = {}
     with ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-blob-")))
         endpoints = [Endpoint(n, u) for n, u in given.items()]
@@ -342,9 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("bench_blob: this checkout has no `stamp serve`: the stamp is not measured", file=sys.stderr)
         vhd_path = folder / "disk.vhd"
         want = make_vhd(vhd_path, a.size, a.seed)
-        for ep in endpoints:
-            print(f"bench_blob: measuring {ep.name} at {ep.url}", file=sys.stderr)
-            results[ep.name] = measure(ep, vhd_path, want, a, folder)
+        results = measure(endpoints, vhd_path, want, a, folder)
         shutil.rmtree(folder / "azurite", ignore_errors=True)
     rows = table(results, a)
     if a.json:
