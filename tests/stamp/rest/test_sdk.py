@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -182,12 +183,9 @@ def test_conditions(cc):
     b = cc.get_blob_client("cond")
     b.create_page_blob(MIB)
     etag = b.get_blob_properties().etag
-    b.upload_page(b"1" * 512, offset=0, length=512, etag=etag, match_condition=__import__(
-        "azure.core", fromlist=["MatchConditions"]).MatchConditions.IfNotModified)
+    b.upload_page(b"1" * 512, offset=0, length=512, etag=etag, match_condition=MatchConditions.IfNotModified)
     with pytest.raises(ResourceModifiedError):  # the ETag moved on with the write
-        b.upload_page(b"2" * 512, offset=0, length=512, etag=etag,
-                      match_condition=__import__("azure.core", fromlist=["MatchConditions"]).MatchConditions
-                      .IfNotModified)
+        b.upload_page(b"2" * 512, offset=0, length=512, etag=etag, match_condition=MatchConditions.IfNotModified)
     future = datetime.now(UTC) + timedelta(hours=1)
     with pytest.raises(ResourceModifiedError):
         b.upload_page(b"3" * 512, offset=0, length=512, if_unmodified_since=datetime(2000, 1, 1, tzinfo=UTC))
