@@ -69,6 +69,10 @@ def test_malformed_headers_ranges_and_bodies(server):
         assert body.startswith(b"\xef\xbb\xbf<?xml") and f"<Code>{code}</Code>".encode() in body
         if named:
             assert f"<HeaderName>{named}</HeaderName>".encode() in body
+    resp, body = raw("PUT", "/devstoreaccount1/bad/b", {"x-ms-page-write": "update", "x-ms-range": "bytes=0-511",
+                                                       "Content-MD5": "AAAAAAAAAAAAAAAAAAAAAA=="}, b"m" * 512,
+                     query="comp=page")
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "Md5Mismatch")
     resp, body = raw("GET", "/devstoreaccount1/bad/b", {"x-ms-range": "bytes=2000000-"})
     assert resp.status == 416 and resp.getheader("Content-Range") == f"bytes */{MIB}"
     resp, body = raw("HEAD", "/devstoreaccount1/bad/missing")

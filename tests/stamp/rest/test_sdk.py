@@ -362,3 +362,11 @@ def test_several_servers_share_one_stamp(server, cc):
         assert b.download_blob(offset=512, length=512).readall() == b"2" * 512
     finally:
         assert "Traceback" not in stop_server(other)
+
+
+def test_transactional_md5_both_ways(cc):
+    b = cc.get_blob_client("md5")
+    data = os.urandom(3 * MIB)
+    b.upload_blob(data, blob_type="PageBlob", validate_content=True)  # Content-MD5 on every Put Page, echoed back
+    got = b.download_blob(offset=MIB, length=MIB, validate_content=True).readall()  # x-ms-range-get-content-md5
+    assert got == data[MIB:2 * MIB]
