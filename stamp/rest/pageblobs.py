@@ -84,11 +84,15 @@ def _props(info: BlobInfo) -> dict[str, Any]:
 
 
 async def describe(svc: Service, c: Call, snapshot: str | None = None) -> BlobInfo:
-    """The blob (or snapshot), or BlobNotFound (also for a missing snapshot)."""
+    """The blob (or snapshot), or BlobNotFound (also for a missing snapshot),
+    or ContainerNotFound when its container is missing, as the service says."""
     try:
         return await svc.run(svc.stamp.blobs.describe, stamp_name(c), snapshot)
     except SnapshotNotFound:
         raise RestError(404, "BlobNotFound") from None
+    except BlobNotFound:
+        await container_exists(svc, c)
+        raise
 
 
 async def describe_or_none(svc: Service, c: Call) -> BlobInfo | None:

@@ -370,3 +370,11 @@ def test_transactional_md5_both_ways(cc):
     b.upload_blob(data, blob_type="PageBlob", validate_content=True)  # Content-MD5 on every Put Page, echoed back
     got = b.download_blob(offset=MIB, length=MIB, validate_content=True).readall()  # x-ms-range-get-content-md5
     assert got == data[MIB:2 * MIB]
+
+
+def test_a_missing_container_is_named(server):
+    b = server.service().get_container_client("never-made").get_blob_client("b")
+    with pytest.raises(ResourceNotFoundError) as e:
+        b.get_blob_properties()
+    assert e.value.error_code == "ContainerNotFound"
+    assert not b.exists()
