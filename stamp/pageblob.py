@@ -133,6 +133,14 @@ class BlobState:
         return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
 
 
+Hook = Callable[[dict[str, Any], int, int, int], None]
+"""A write's or clear's hook: called as hook(properties, blob id, size,
+content version) inside the index transaction, before the pages change. It
+may raise to refuse (nothing changes) or change `properties` in place (they
+are stored in the same commit), so a check of the blob's state and the
+change it guards are one atomic step, across processes too."""
+
+
 class LeaseState(enum.Enum):
     """A blob's lease, as the service reports it (x-ms-lease-state). The
     machine: available -acquire-> leased -break-> breaking -(period)-> broken
@@ -659,8 +667,11 @@ class PageBlobs:
 
     # -- writes ----------------------------------------------------------------------
 
-    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
-        """Put pages: offset and length multiples of 512, at most 4 MiB."""
+    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None,
+              hook: Hook | None = None) -> None:
+        """Put pages: offset and length multiples of 512, at most 4 MiB.
+        `hook`, if given, runs inside the index transaction before the pages
+        change (see Hook): it may refuse the write or change the properties."""
         # Alignment and length are checked before the data is stored; the blob's
         # existence and size inside the transaction (a refused write leaves only
         # unreferenced record bytes, which gc reclaims).
@@ -675,11 +686,12 @@ class PageBlobs:
         e = s + n // PAGE
         for _ in range(3):
             loc = self.stream.append(data)  # data on 3 replicas before the index points at it
-            if self._point(name, offset, n, lease, s, e, loc):
+            if self._point(name, offset, n, lease, s, e, loc, hook):
                 return
         raise CorruptStamp("gc deleted the extent of every fresh copy of this write (3 times)")
 
-    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location) -> bool:
+    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location,
+               hook: Hook | None = None) -> bool:
         """The index transaction of a write: pages [s, e) now point at `loc`.
         False if the extent holding it is gone: the record was appended just
         before its extent was sealed, and gc (any process) found the sealed
@@ -697,6 +709,8 @@ class PageBlobs:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
+            if hook is not None:
+                self._run_hook(txn, name, blob_id, size, hook)
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
         except BaseException:
             txn.abort()
@@ -704,12 +718,14 @@ class PageBlobs:
         txn.commit()
         return True
 
-    def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
-        """Clear pages: afterwards they read as zeros and hold no data."""
+    def clear(self, name: str, offset: int, length: int, lease: str | None = None, hook: Hook | None = None) -> None:
+        """Clear pages: afterwards they read as zeros and hold no data (`hook` as for write)."""
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, length, st.size, limit=None)
+            if hook is not None:
+                self._run_hook(txn, name, blob_id, st.size, hook)
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
 
@@ -724,6 +740,13 @@ class PageBlobs:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def _run_hook(self, txn: lmdb.Transaction, name: str, blob_id: int, size: int, hook: Hook) -> None:
+        obj = self.meta.get_json(txn, "blobs", blob_key(name))
+        raw = txn.get(_version_key(blob_id), db=self.db["counters"])
+        props = obj.setdefault("properties", {})
+        hook(props, blob_id, size, U64.unpack(raw)[0] if raw else 0)
+        self.meta.put_json(txn, "blobs", blob_key(name), obj)
 
     def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
                  new: bytes | None) -> None:

@@ -12,9 +12,12 @@ snapshot records the same, frozen, in its metadata. Rules:
   grants them; Get Blob sends 4 MiB at a time, each read when the budget
   allows and given back once written to the client;
 - conditions (If-*, sequence numbers, leases) are checked against the state
-  read just before the operation; the stamp checks the lease again inside
-  its write transaction, the other conditions are not atomic with the write
-  across processes (two clients racing with If-Match may both pass);
+  read before the operation (so a failing one refuses before any body is
+  read); for Put Page they are checked again inside the stamp's write
+  transaction (a PageBlobs hook), which also sets Last-Modified, so the
+  check and the write are one atomic step even across processes; for the
+  other writes (properties, metadata, lease, snapshot, delete) only the
+  lease is checked again inside the stamp;
 - blob types other than PageBlob are refused with 409 InvalidBlobType
   before any body is read; an incremental copy's destination refuses writes
   (409 OperationNotAllowedOnIncrementalCopyBlob).
@@ -69,8 +72,11 @@ def etag(info: BlobInfo) -> str:
     """The blob's ETag (a snapshot keeps the one its blob had when taken)."""
     if info.snapshot is not None:
         return str(info.properties.get("etag", '"0x0"'))
-    rev = int(rest_props(info).get("rev", 0))
-    digest = hashlib.blake2b(f"{info.id}:{info.size}:{info.version}:{rev}".encode(), digest_size=7).hexdigest()
+    return etag_of(info.id, info.size, info.version, int(rest_props(info).get("rev", 0)))
+
+
+def etag_of(blob_id: int, size: int, version: int, rev: int) -> str:
+    digest = hashlib.blake2b(f"{blob_id}:{size}:{version}:{rev}".encode(), digest_size=7).hexdigest()
     return f'"0x8{digest.upper()}"'
 
 
@@ -284,8 +290,9 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
     lease = hd.lease_id(c.headers)
     name = stamp_name(c)
     extra: dict[str, str] = {}
+    hook = _page_hook(c)
     if action == "clear":
-        await svc.run(_clear, svc, name, offset, length, lease)
+        await svc.run(svc.stamp.blobs.clear, name, offset, length, lease, hook)
     else:
         await svc.budget.take(length)
         try:
@@ -295,7 +302,7 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
                 if base64.b64encode(hashlib.md5(data).digest()).decode() != md5.strip():
                     raise RestError(400, "Md5Mismatch")
                 extra["Content-MD5"] = md5.strip()
-            await svc.run(_write, svc, name, offset, data, lease)
+            await svc.run(svc.stamp.blobs.write, name, offset, data, lease, hook)
         finally:
             await svc.budget.give(length)
         extra["x-ms-request-server-encrypted"] = "true"
@@ -303,18 +310,19 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
     return _response(201, info, **{"x-ms-blob-sequence-number": str(rest_props(info).get("seq", 0)), **extra})
 
 
-def _touch(props: dict[str, Any]) -> None:
-    props.setdefault("rest", {})["mod"] = time.time()
-
-
-def _write(svc: Service, name: str, offset: int, data: bytes, lease: str | None) -> None:
-    svc.stamp.blobs.write(name, offset, data, lease)
-    svc.stamp.blobs.update_properties(name, _touch)
-
-
-def _clear(svc: Service, name: str, offset: int, length: int, lease: str | None) -> None:
-    svc.stamp.blobs.clear(name, offset, length, lease)
-    svc.stamp.blobs.update_properties(name, _touch)
+def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int], None]:
+    """The conditions of a Put Page, checked again inside the stamp's write
+    transaction (so no other writer comes between the check and the write),
+    and Last-Modified set in the same commit."""
+    def hook(props: dict[str, Any], blob_id: int, size: int, version: int) -> None:
+        rest = props.setdefault("rest", {})
+        if rest.get("inc"):
+            raise RestError(409, "OperationNotAllowedOnIncrementalCopyBlob")
+        conditions.check(c.headers, etag_of(blob_id, size, version, int(rest.get("rev", 0))),
+                         float(rest.get("mod", 0)))
+        conditions.check_sequence(c.headers, int(rest.get("seq", 0)))
+        rest["mod"] = time.time()
+    return hook
 
 
 # -- Get Page Ranges --------------------------------------------------------------------------

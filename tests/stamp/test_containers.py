@@ -188,3 +188,27 @@ def test_copy_into_full_and_incremental_against_a_model(st):
     change(5)
     st.blobs.copy_into("src", "dst")  # from the live source, full
     assert st.blobs.read("dst", 0, len(model)) == bytes(model)
+
+
+def test_a_write_hook_refuses_atomically_and_its_changes_commit_with_the_write(st):
+    st.blobs.create("b", 4096)
+    seen = []
+
+    def refuse(props, blob_id, size, version):
+        seen.append((blob_id, size, version))
+        raise ValueError("condition failed")
+
+    version = st.blobs.describe("b").version
+    with pytest.raises(ValueError):
+        st.blobs.write("b", 0, b"x" * 512, hook=refuse)
+    with pytest.raises(ValueError):
+        st.blobs.clear("b", 0, 512, hook=refuse)
+    assert st.blobs.read("b", 0, 512) == bytes(512) and st.blobs.describe("b").version == version
+    assert seen == [(st.blobs.blob_id("b"), 4096, version)] * 2
+
+    def stamp_it(props, blob_id, size, version):
+        props["stamped"] = version
+
+    st.blobs.write("b", 0, b"y" * 512, hook=stamp_it)
+    info = st.blobs.describe("b")
+    assert info.properties["stamped"] == version and info.version == version + 1

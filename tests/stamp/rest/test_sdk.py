@@ -378,3 +378,41 @@ def test_a_missing_container_is_named(server):
         b.get_blob_properties()
     assert e.value.error_code == "ContainerNotFound"
     assert not b.exists()
+
+
+def test_if_match_races_let_one_writer_through(server, cc):
+    """Two servers, two clients, one ETag: never both writes (the condition is
+    checked again inside the stamp's write transaction)."""
+    import threading
+
+    from azure.core import MatchConditions
+
+    from .conftest import start_server, stop_server
+
+    other = start_server(server.stamp)
+    try:
+        b = cc.get_blob_client("race")
+        b.create_page_blob(MIB)
+        clients = [b, BlobClient.from_connection_string(other.connection_string, cc.container_name, "race")]
+        for _ in range(25):
+            etag = b.get_blob_properties().etag
+            results: list[str] = []
+            gate = threading.Barrier(2)
+
+            def put(client, byte: bytes) -> None:
+                gate.wait()
+                try:
+                    client.upload_page(byte * 512, offset=0, length=512, etag=etag,
+                                       match_condition=MatchConditions.IfNotModified)
+                    results.append("ok")
+                except ResourceModifiedError:
+                    results.append("412")
+
+            threads = [threading.Thread(target=put, args=(c, bytes([65 + i]))) for i, c in enumerate(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(results) == ["412", "ok"], results
+    finally:
+        assert "Traceback" not in stop_server(other)
