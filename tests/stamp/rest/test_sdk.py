@@ -399,7 +399,7 @@ def test_if_match_races_let_one_writer_through(server, cc):
             results: list[str] = []
             gate = threading.Barrier(2)
 
-            def put(client, byte: bytes) -> None:
+            def put(client, byte: bytes, gate=gate, etag=etag, results=results) -> None:
                 gate.wait()
                 try:
                     client.upload_page(byte * 512, offset=0, length=512, etag=etag,
@@ -416,3 +416,49 @@ def test_if_match_races_let_one_writer_through(server, cc):
             assert sorted(results) == ["412", "ok"], results
     finally:
         assert "Traceback" not in stop_server(other)
+
+
+def test_stored_access_policy_and_its_sas(server, cc):
+    from azure.storage.blob import AccessPolicy, ContainerSasPermissions
+
+    cc.get_blob_client("p").create_page_blob(512)
+    policy = AccessPolicy(permission=ContainerSasPermissions(read=True, list=True),
+                          expiry=datetime.now(UTC) + timedelta(hours=1))
+    cc.set_container_access_policy({"readers": policy})
+    got = cc.get_container_access_policy()
+    assert [s.id for s in got["signed_identifiers"]] == ["readers"]
+    token = generate_container_sas(DEVSTORE_ACCOUNT, cc.container_name, account_key=DEVSTORE_KEY, policy_id="readers")
+    reader = ContainerClient(server.endpoint, cc.container_name, credential=token)
+    assert [b.name for b in reader.list_blobs()] == ["p"]
+    with pytest.raises(HttpResponseError) as e:
+        reader.get_blob_client("p").upload_page(b"x" * 512, offset=0, length=512)
+    assert e.value.error_code == "AuthorizationPermissionMismatch"
+    cc.set_container_access_policy({})  # the policy gone, its SAS opens nothing
+    with pytest.raises(HttpResponseError):
+        list(reader.list_blobs())
+
+
+def test_managed_disk_blobs_in_the_system_containers(server):
+    from stamp import Stamp
+    from stamp.disks import Disks
+
+    with Stamp.open(server.stamp) as st:
+        disk = Disks(st).create_empty("d1", 1)
+        blob = st.blobs.names()
+    name = next(n for n in blob if n.startswith("disks/"))
+    assert disk["name"] == "d1"
+    client = server.service().get_blob_client("disks", name[len("disks/"):])
+    props = client.get_blob_properties()
+    assert props.size == (1 << 30) + 512
+    footer = client.download_blob(offset=props.size - 512, length=512).readall()
+    assert footer.startswith(b"conectix")  # the fixed VHD's footer, as the disk holds it
+    client.upload_page(b"w" * 512, offset=0, length=512)  # a granted upload writes it
+    with pytest.raises(HttpResponseError) as e:
+        client.delete_blob()
+    assert e.value.error_code == "AuthorizationFailure"
+    with pytest.raises(HttpResponseError) as e:
+        server.service().get_blob_client("disks", "new").create_page_blob(512)
+    assert e.value.error_code == "AuthorizationFailure"
+    with pytest.raises(HttpResponseError) as e:
+        server.service().delete_container("disks")
+    assert e.value.error_code == "AuthorizationFailure"
