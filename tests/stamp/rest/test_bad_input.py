@@ -73,6 +73,10 @@ def test_malformed_headers_ranges_and_bodies(server):
                                                        "Content-MD5": "AAAAAAAAAAAAAAAAAAAAAA=="}, b"m" * 512,
                      query="comp=page")
     assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "Md5Mismatch")
+    resp, body = raw("GET", "/devstoreaccount1/bad/b", {"Range": "bytes=0-99"})  # the standard header works too
+    assert resp.status == 206 and resp.getheader("Content-Range") == f"bytes 0-99/{MIB}" and len(body) == 100
+    resp, body = raw("GET", "/devstoreaccount1/bad/b", {"Range": "bytes=0-99", "x-ms-range": "bytes=0-9"})
+    assert len(body) == 10  # x-ms-range wins
     resp, body = raw("GET", "/devstoreaccount1/bad/b", {"x-ms-range": "bytes=2000000-"})
     assert resp.status == 416 and resp.getheader("Content-Range") == f"bytes */{MIB}"
     resp, body = raw("HEAD", "/devstoreaccount1/bad/missing")

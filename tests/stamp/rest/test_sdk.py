@@ -97,6 +97,8 @@ def test_page_ranges_paging_and_diff_paging(cc):
         b.upload_page(b"p" * 512, offset=i * 4096, length=512)
     pages = list(b.list_page_ranges(results_per_page=3).by_page())
     assert [len(list(p)) for p in pages] == [3, 3, 3, 1]
+    window, _ = b.get_page_ranges(offset=8192, length=12288)  # x-ms-range clips the list to the window
+    assert window == [{"start": 8192, "end": 8703}, {"start": 16384, "end": 16895}]
     diff = [r for r in b.list_page_ranges(previous_snapshot=snap, results_per_page=4)]
     assert [(r.start, r.cleared) for r in diff] == [(i * 4096, False) for i in range(0, 20, 2)]
     # the service's own recorded example: the diff reports pages cleared since, even if empty before
