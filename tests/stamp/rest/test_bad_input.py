@@ -126,15 +126,26 @@ def test_huge_bodies_are_refused_before_they_are_read(server):
 def test_a_stalled_body_is_dropped(tmp_path):
     path = str(tmp_path / "st")
     Stamp.create(path).close()
-    srv = start_server(path, "--stall-timeout", "1")
+    srv = start_server(path, "--stall-timeout", "2", "--max-requests", "1")
     try:
         raw = Raw(srv)
         raw("PUT", "/devstoreaccount1/stall", {"Content-Length": "0"}, query="restype=container")
         raw("PUT", "/devstoreaccount1/stall/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(MIB),
                                                  "Content-Length": "0"})
+        answers: list[tuple[int, str | None]] = []
+
+        def busy() -> None:  # while the stalled request holds the only slot: 503 ServerBusy at once
+            time.sleep(0.5)
+            resp, _ = raw("GET", "/devstoreaccount1/stall/b")
+            answers.append((resp.status, resp.getheader("x-ms-error-code")))
+
+        other = threading.Thread(target=busy)
+        other.start()
         status, code, took = _headers_only(srv, "/devstoreaccount1/stall/b", {
             "Content-Length": "4096", "x-ms-page-write": "update", "x-ms-range": "bytes=0-4095"}, "comp=page")
+        other.join()
         assert (status, code) == (408, "RequestTimeout") and took < 20
+        assert answers == [(503, "ServerBusy")]
         assert raw("GET", "/devstoreaccount1/stall/b")[0].status == 200
     finally:
         assert "Traceback" not in stop_server(srv)
