@@ -11,13 +11,13 @@ snapshot records the same, frozen, in its metadata. Rules:
 - Put Page bodies are at most 4 MiB and read only after the byte budget
   grants them; Get Blob sends 4 MiB at a time, each read when the budget
   allows and given back once written to the client;
-- conditions (If-*, sequence numbers, leases) are checked against the state
-  read before the operation (so a failing one refuses before any body is
-  read); for Put Page they are checked again inside the stamp's write
-  transaction (a PageBlobs hook), which also sets Last-Modified, so the
-  check and the write are one atomic step even across processes; for the
-  other writes (properties, metadata, lease, snapshot, delete) only the
-  lease is checked again inside the stamp;
+- a Put Page's conditions (If-*, sequence numbers, lease) are checked
+  inside the stamp's write transaction (a PageBlobs hook), which also sets
+  Last-Modified, so the check and the write are one atomic step even across
+  processes; the write and the state its answer reports take one pool call;
+  the other writes (properties, metadata, lease, snapshot, delete) check
+  their conditions against the state read just before, and only the lease
+  again inside the stamp;
 - blob types other than PageBlob are refused with 409 InvalidBlobType
   before any body is read; an incremental copy's destination refuses writes
   (409 OperationNotAllowedOnIncrementalCopyBlob).
@@ -283,16 +283,22 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
             raise header_error("Content-Length", str(body_len))
     elif body_len not in (None, 0):
         raise header_error("Content-Length", str(body_len))
-    info = await describe(svc, c)
-    refuse_incremental(info)
-    check(c, info)
-    conditions.check_sequence(c.headers, int(rest_props(info).get("seq", 0)))
     lease = hd.lease_id(c.headers)
     name = stamp_name(c)
     extra: dict[str, str] = {}
     hook = _page_hook(c)
+    blobs = svc.stamp.blobs
+
+    def clear() -> BlobInfo:
+        blobs.clear(name, offset, length, lease, hook)
+        return blobs.describe(name)
+
+    def write(data: bytes) -> BlobInfo:
+        blobs.write(name, offset, data, lease, hook)
+        return blobs.describe(name)
+
     if action == "clear":
-        await svc.run(svc.stamp.blobs.clear, name, offset, length, lease, hook)
+        info = await _on_blob(svc, c, clear)
     else:
         await svc.budget.take(length)
         try:
@@ -302,12 +308,20 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
                 if base64.b64encode(hashlib.md5(data).digest()).decode() != md5.strip():
                     raise RestError(400, "Md5Mismatch")
                 extra["Content-MD5"] = md5.strip()
-            await svc.run(svc.stamp.blobs.write, name, offset, data, lease, hook)
+            info = await _on_blob(svc, c, write, data)
         finally:
             await svc.budget.give(length)
         extra["x-ms-request-server-encrypted"] = "true"
-    info = await describe(svc, c)
     return _response(201, info, **{"x-ms-blob-sequence-number": str(rest_props(info).get("seq", 0)), **extra})
+
+
+async def _on_blob(svc: Service, c: Call, fn: Callable[..., BlobInfo], *args: Any) -> BlobInfo:
+    """One pool call on the blob; a missing blob of a missing container is ContainerNotFound."""
+    try:
+        return await svc.run(fn, *args)
+    except BlobNotFound:
+        await container_exists(svc, c)
+        raise
 
 
 def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int], None]:
