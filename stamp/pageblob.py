@@ -39,6 +39,7 @@ import enum
 import hashlib
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -133,12 +134,14 @@ class BlobState:
         return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
 
 
-Hook = Callable[[dict[str, Any], int, int, int], None]
+Hook = Callable[[dict[str, Any], int, int, int, float], None]
 """A write's or clear's hook: called as hook(properties, blob id, size,
-content version) inside the index transaction, before the pages change. It
+content version, time of the last hooked write) inside the index transaction, before the pages change. It
 may raise to refuse (nothing changes) or change `properties` in place (they
 are stored in the same commit), so a check of the blob's state and the
-change it guards are one atomic step, across processes too."""
+change it guards are one atomic step, across processes too. A hooked write
+also records its time (BlobInfo.touched)."""
+TIME = struct.Struct("<d")
 
 
 class LeaseState(enum.Enum):
@@ -174,6 +177,7 @@ class BlobInfo:
     created: float
     properties: dict[str, Any]
     version: int  # moves on with every change of the live pages (PageBlobs.version)
+    touched: float  # when a write or clear with a hook last changed it (0: never)
     lease: LeaseState
     lease_id: str | None
     lease_expiry: float
@@ -264,6 +268,12 @@ def lease_bytes(lease: str) -> bytes:
 def _version_key(blob_id: int) -> bytes:
     """The blob's version counter, in the counters table (see PageBlobs.version)."""
     return f"version/{blob_id}".encode()
+
+
+def _touched_key(blob_id: int) -> bytes:
+    """When a hooked write or clear last changed the blob (a double, in the
+    counters table beside the version: a page the write dirties anyway)."""
+    return f"version/{blob_id}/t".encode()
 
 
 def snapshot_id(now: float) -> str:
@@ -390,18 +400,20 @@ class PageBlobs:
             blob_id, obj, st = self._blob(txn, name)
             raw = txn.get(_version_key(blob_id), db=self.db["counters"])
             version = U64.unpack(raw)[0] if raw else 0
+            raw = txn.get(_touched_key(blob_id), db=self.db["counters"])
+            touched = TIME.unpack(raw)[0] if raw else 0.0
             count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
             state = lease_state(st, obj, now)
             lease_id = None if st.lease == NO_LEASE else str(uuid.UUID(bytes=st.lease))
             if snapshot is None:
                 return BlobInfo(name, blob_id, st.size, float(obj["created"]), dict(obj.get("properties", {})),
-                                version, state, lease_id, st.lease_expiry, count)
+                                version, touched, state, lease_id, st.lease_expiry, count)
             info = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
             if info is None:
                 raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
             rec = loads(bytes(info))
         props = dict(rec.get("metadata", {}).get("properties", {}))
-        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]),
+        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]), 0.0,
                         LeaseState.AVAILABLE, None, 0, count, snapshot)
 
     def recreate(self, name: str, size: int, properties: dict[str, Any], lease: str | None = None) -> bool:
@@ -501,6 +513,7 @@ class PageBlobs:
                 self.delete_snapshot_in(txn, name, snap.id)
             return
         txn.delete(_version_key(blob_id), db=self.db["counters"])
+        txn.delete(_touched_key(blob_id), db=self.db["counters"])
         for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
@@ -742,11 +755,18 @@ class PageBlobs:
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
     def _run_hook(self, txn: lmdb.Transaction, name: str, blob_id: int, size: int, hook: Hook) -> None:
+        """Run a write's hook; store the properties only if it changed them,
+        and the time of the write beside the blob's version (cheap: that
+        page is dirtied by the write anyway, the blob record's is not)."""
         obj = self.meta.get_json(txn, "blobs", blob_key(name))
         raw = txn.get(_version_key(blob_id), db=self.db["counters"])
         props = obj.setdefault("properties", {})
-        hook(props, blob_id, size, U64.unpack(raw)[0] if raw else 0)
-        self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        before = dumps(props)
+        touched = txn.get(_touched_key(blob_id), db=self.db["counters"])
+        hook(props, blob_id, size, U64.unpack(raw)[0] if raw else 0, TIME.unpack(touched)[0] if touched else 0.0)
+        if dumps(props) != before:
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        txn.put(_touched_key(blob_id), TIME.pack(time.time()), db=self.db["counters"])
 
     def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
                  new: bytes | None) -> None:

@@ -81,8 +81,10 @@ def etag_of(blob_id: int, size: int, version: int, rev: int) -> str:
 
 
 def modified(info: BlobInfo) -> float:
-    return float(rest_props(info).get("mod", info.created) if info.snapshot is None
-                 else info.properties.get("mod", info.created))
+    """Last-Modified: the later of the properties' last change and the last page write through this endpoint."""
+    if info.snapshot is not None:
+        return float(info.properties.get("mod", info.created))
+    return max(float(rest_props(info).get("mod", info.created)), info.touched)
 
 
 def _props(info: BlobInfo) -> dict[str, Any]:
@@ -324,18 +326,17 @@ async def _on_blob(svc: Service, c: Call, fn: Callable[..., BlobInfo], *args: An
         raise
 
 
-def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int], None]:
-    """The conditions of a Put Page, checked again inside the stamp's write
-    transaction (so no other writer comes between the check and the write),
-    and Last-Modified set in the same commit."""
-    def hook(props: dict[str, Any], blob_id: int, size: int, version: int) -> None:
-        rest = props.setdefault("rest", {})
+def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None]:
+    """The conditions of a Put Page, checked inside the stamp's write
+    transaction (so no other writer comes between the check and the write);
+    the stamp records the write's time there too (Last-Modified)."""
+    def hook(props: dict[str, Any], blob_id: int, size: int, version: int, touched: float) -> None:
+        rest = props.get("rest") or {}
         if rest.get("inc"):
             raise RestError(409, "OperationNotAllowedOnIncrementalCopyBlob")
         conditions.check(c.headers, etag_of(blob_id, size, version, int(rest.get("rev", 0))),
-                         float(rest.get("mod", 0)))
+                         max(float(rest.get("mod", 0)), touched))
         conditions.check_sequence(c.headers, int(rest.get("seq", 0)))
-        rest["mod"] = time.time()
     return hook
 
 
