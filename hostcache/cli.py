@@ -19,7 +19,8 @@ import lmdb
 
 from stamp import StampError
 from vhd.cli import _connection_opts, standard_streams
-from vhd.errors import VhdError
+from vhd.errors import UsageError, VhdError
+from vhd.ops import parse_size
 
 from .errors import HostError
 from .host import MAX_CACHE_BYTES, Host
@@ -74,13 +75,11 @@ POSITIVE = _number(float, 0, True, "more than 0")
 
 
 def _bytes_arg(text: str) -> int:
+    """Bytes from 512, 4K, 64M, 1.5G (binary units), read as the vhd CLI reads sizes."""
     try:
-        value = _size(text)
-    except HostError as e:
+        return parse_size(text)
+    except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is too small: more than 0 bytes")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,16 +308,6 @@ def serve(a: argparse.Namespace) -> object:
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
         run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
     return {"stopped": a.name}
-
-
-def _size(text: str) -> int:
-    """Bytes from 512, 4K, 64M, 10G, 1T (binary units; "KiB", "MB" read the same)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
-    except ValueError:
-        raise HostError(f"cannot read the size {text!r}: use a number of bytes or 4K, 64M, 10G") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

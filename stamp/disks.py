@@ -63,9 +63,9 @@ from . import ranges as rg
 from .blobfile import PageBlobFile
 from .errors import PreviousSnapshotCannotBeNewer, PreviousSnapshotNotFound, StampError
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, holder_died
 from .stamp import Stamp
-from .stream import pid_alive
+from .stream import own_start, pid_alive
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
 PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
@@ -93,6 +93,14 @@ class ResourceExists(StampError):
 
 class ResourceInUse(StampError):
     """A delete or change that a dependent resource forbids."""
+
+
+def _creator_died(intent: dict[str, Any]) -> bool:
+    """Did the process that began a create (its pid, start time and host in
+    the intent) die on this host? Intents from before the start time was
+    recorded are judged by the pid alone."""
+    return intent["host"] == socket.gethostname() and \
+        not pid_alive(int(intent["pid"]), int(intent.get("started", 0) or 0))
 
 
 class Disks:
@@ -205,7 +213,7 @@ class Disks:
             raise StampError(f"{kind} name {record['name']!r}: 1 to 80 letters, digits, '_', '.' or '-', "
                              "starting with a letter or digit and ending with a letter, digit or '_'")
         key = f"{kind}/{record['name']}".encode()
-        creator = {"pid": os.getpid(), "host": socket.gethostname()}
+        creator = {"pid": os.getpid(), "started": own_start(), "host": socket.gethostname()}
         self._settle(kind, str(record["name"]))
         with self.meta.write() as txn:
             had = self.meta.get_json(txn, "resources", key)
@@ -239,7 +247,7 @@ class Disks:
         roll_back_dead_creates for it); True if it did."""
         with self.meta.read() as txn:
             intent = self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode())
-        if intent is None or intent["host"] != socket.gethostname() or pid_alive(int(intent["pid"])):
+        if intent is None or not _creator_died(intent):
             return False
         self._roll_back(kind, name)
         return True
@@ -269,7 +277,7 @@ class Disks:
         """Roll back the creates whose process died on this host (run on open)."""
         with self.meta.read() as txn:
             intents = [loads(v) for _, v in self.meta.items(txn, "resources", PENDING.encode())]
-        dead = [i for i in intents if i["host"] == socket.gethostname() and not pid_alive(int(i["pid"]))]
+        dead = [i for i in intents if _creator_died(i)]
         for i in dead:
             self._roll_back(i["kind"], i["name"])
         return [f"{i['kind']}/{i['name']}" for i in dead]
@@ -587,8 +595,7 @@ class Disks:
         if held is None:
             return None
         lease, props = held
-        pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
-        if host == socket.gethostname() and pid and not pid_alive(pid):
+        if holder_died(props):
             return lease
         raise ResourceInUse(f"disk {name!r} is open for writing by {props.get('lease_holder', 'another holder')}: "
                             "close it first")

@@ -75,7 +75,7 @@ from .errors import (
     SnapshotsPresent,
 )
 from .meta import BLOB_CELL_EPOCH_PAGE, BLOB_EPOCH, BLOB_EPOCH_PAGE, PIECE, STATE, U64, Meta, dumps, loads
-from .stream import Location, StreamLayer, pid_alive
+from .stream import Location, StreamLayer, own_start, pid_alive
 
 PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
@@ -279,6 +279,16 @@ def _touched_key(blob_id: int) -> bytes:
 def snapshot_id(now: float) -> str:
     t = datetime.datetime.fromtimestamp(now, datetime.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}0Z"
+
+
+def holder_died(props: dict[str, Any]) -> bool:
+    """Did the process that took a writer lease (its pid, start time and host
+    in the blob's properties) die on this host? A pid alone is not enough: a
+    later process may have been given it. Leases taken before the start time
+    was recorded are judged by the pid."""
+    pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
+    started = int(props.get("lease_started", 0) or 0)
+    return host == socket.gethostname() and pid > 0 and not pid_alive(pid, started)
 
 
 class PageBlobs:
@@ -632,8 +642,7 @@ class PageBlobs:
             lease = self.acquire_lease(name)
         except LeaseAlreadyPresent:
             props = self.properties(name)
-            pid, host = int(props.get("lease_pid", 0) or 0), props.get("lease_host")
-            if host == socket.gethostname() and pid and not pid_alive(pid):
+            if holder_died(props):
                 try:
                     self.break_lease(name)  # its holder died: the lease is stale
                 except LeaseNotPresentWithLeaseOperation:
@@ -643,7 +652,7 @@ class PageBlobs:
                 holder = props.get("lease_holder", "another holder")
                 raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by {holder}") from None
         self.set_properties(name, lease_holder=f"pid {os.getpid()} on {socket.gethostname()}",
-                            lease_pid=os.getpid(), lease_host=socket.gethostname())
+                            lease_pid=os.getpid(), lease_started=own_start(), lease_host=socket.gethostname())
         return lease
 
     def release_lease(self, name: str, lease: str) -> None:

@@ -41,6 +41,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from vhd.process import own_start, pid_alive, process_start  # noqa: F401 (the stamp names them here too)
+
 from . import record as rec
 from .errors import CorruptStamp, DataLost, NotEnoughNodes
 from .meta import U32, U64, Meta, loads
@@ -119,40 +121,6 @@ def owner_alive(e: Extent) -> bool:
 
 def _read_replica(node: Node, extent_id: int, length: int, offset: int) -> bytes:
     return node.read(extent_id, length, offset)
-
-
-def process_start(pid: int) -> int:
-    """When process `pid` started (clock ticks after boot: field 22 of
-    /proc/PID/stat), 0 if that cannot be read. A pid is reused once its
-    process is gone; the pid and its start time together name one process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-        return int(raw.rsplit(b")", 1)[1].split()[19])  # fields after the command name start at 3
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def own_start() -> int:
-    """This process's start time (see process_start)."""
-    return process_start(os.getpid())
-
-
-def pid_alive(pid: int, started: int = 0) -> bool:
-    """Is process `pid` alive and, if `started` is known, the one that started
-    then (not a later process given the same pid)?"""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if not started:
-        return True
-    now = process_start(pid)
-    return now in (0, started)  # 0: unreadable (gone meanwhile, or no /proc): keep it, as before
 
 
 class StreamLayer:

@@ -33,6 +33,7 @@ from .errors import UsageError, VhdError
 from .nbd import export_name
 from .ops import open_device
 from .partition import partitions
+from .process import process_start
 
 RUNTIME = os.environ.get("DISKSTAMP_RUNTIME", "/run/diskstamp" if os.geteuid() == 0 else "/tmp/diskstamp")
 WAIT = 15.0
@@ -265,15 +266,8 @@ def _links(pid: str) -> list[str]:
 
 
 def started(pid: int) -> int | None:
-    """When process `pid` started (clock ticks since boot, /proc/PID/stat), or
-    None if there is none: with its pid it names one process, never a later one
-    that reuses the pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold anything
-        return int(fields[19])  # field 22, starttime
-    except (OSError, IndexError, ValueError):
-        return None
+    """When process `pid` started (vhd.process), or None if there is none."""
+    return process_start(pid) or None
 
 
 def _stop(pid: int, sig: int, start: int | None = None) -> None:

@@ -1,8 +1,10 @@
 """Whole-image operations: info, convert, merge, compact, resize.
 
 Each works on paths and leaves the image valid if interrupted:
-- convert writes a new file (never over an existing one) and removes it on
-  failure; the result is synced before convert returns;
+- convert writes a new file (never over an existing one) as PATH.partial-PID
+  and links it to PATH only when it is whole and synced, so PATH never names
+  a half-written file; a failure removes the partial file, and one a killed
+  convert left is removed by the next convert to the same PATH;
 - merge writes the child's sectors into its parent and syncs the parent
   before it empties the child, so the chain reads the same at every instant;
   the parent then gets a new timestamp, recorded in the merged child, so
@@ -47,6 +49,7 @@ from .image import (
     open_image,
     pin_parent_mtime,
 )
+from .process import pid_alive
 from .progress import Progress
 
 T = TypeVar("T")
@@ -240,25 +243,62 @@ def convert_device(src: BlockDevice, dst_path: str, to: str, *, block_size: int 
 def write_new_file(path: str, to: str, size: int, fill: Callable[[BlockDevice], T], *,
                    block_size: int = dh.DEFAULT_BLOCK_SIZE, sync: bool = True) -> T:
     """Create a new raw, fixed or dynamic file of `size` bytes, let `fill`
-    write it, then sync it once; the file is removed if anything fails, so a
-    half-written file is never left behind. Returns what `fill` returned."""
+    write it, then sync it once. It is built as PATH.partial-PID and linked
+    to PATH only when whole, so PATH never names a half-written file, not
+    even after kill -9; a failure removes the partial file, and one a killed
+    process left is removed by the next write of the same PATH. Returns what
+    `fill` returned."""
     if to not in FORMATS:
         raise UsageError(f"unknown target format {to!r}: use one of {', '.join(FORMATS)}")
-    if os.path.exists(path):
+    if os.path.lexists(path):
         raise UsageError(f"{path} already exists (refusing to overwrite)")
-    dst = _create_target(path, to, size, block_size)
+    remove_stale_partials(path)
+    tmp = f"{path}.partial-{os.getpid()}"
+    dst = _create_target(tmp, to, size, block_size)
     try:
         result = fill(dst)
         if sync:
             dst.flush()
         elif isinstance(dst, (FixedImage, SparseImage)):
             dst.sync_on_close = False
+        dst.close()
+        _publish(tmp, path, sync)
     except BaseException:
         dst.close()
-        os.unlink(path)
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
         raise
-    dst.close()
     return result
+
+
+def _publish(tmp: str, path: str, sync: bool) -> None:
+    """Give the finished file `tmp` its real name, never over a file that
+    appeared there meanwhile (a hard link fails if the name exists)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists (refusing to overwrite)") from None
+    except OSError:  # a filesystem without hard links: re-check, then rename
+        if os.path.lexists(path):
+            raise UsageError(f"{path} already exists (refusing to overwrite)") from None
+        os.rename(tmp, path)
+    else:
+        os.unlink(tmp)
+    if sync:
+        _sync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Remove PATH.partial-PID files whose writer is gone (killed while
+    building PATH); a live writer's file is left alone."""
+    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.partial-([0-9]+)")
+    gone = []
+    for name in glob.glob(glob.escape(path) + ".partial-*"):
+        m = pattern.fullmatch(os.path.basename(name))
+        if m and os.path.isfile(name) and not pid_alive(int(m.group(1))):
+            os.unlink(name)
+            gone.append(name)
+    return gone
 
 
 def _data_bytes(dev: BlockDevice) -> int:

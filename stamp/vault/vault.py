@@ -187,6 +187,7 @@ class Vault:
         if name not in (bad or ()) and os.path.exists(self._chunk_path(name)):
             self._dirty.add(os.path.dirname(self._chunk_path(name)))  # its writer may not have synced it yet
             report.chunks_reused += 1
+            writer.refresh()  # a backup that stores nothing new still shows it is alive
             return name
         was_bad = bad is not None and name in bad
         report.new_bytes_stored += self._store(name, data, writer, was_bad)
@@ -428,9 +429,9 @@ class Vault:
             raise VaultError(f"restore to a fixed, dynamic or raw file, not {fmt!r}")
         if os.path.exists(path):
             raise VaultError(f"{path} already exists (refusing to overwrite)")
-        with self._lock("restore"):
+        with self._lock("restore") as held:
             m, pieces = self.pieces(point)
-            write_new_file(path, fmt, m["size"], lambda target: self._write_pieces(pieces, m["size"], target))
+            write_new_file(path, fmt, m["size"], lambda target: self._write_pieces(pieces, m["size"], target, held))
         return {"point": point, "path": path, "format": fmt, "size": m["size"]}
 
     def restore_to_disk(self, point: str, disks: Disks, name: str, sku: str | None = None,
@@ -439,7 +440,7 @@ class Vault:
         the point. The data goes to a new disk first, is read back against the chunk
         names, and only then takes the name: on failure the target is untouched."""
         temp = f"vault.restoring-{self.id}-{uuid.uuid4().hex[:8]}"  # never longer than a name may be
-        with self._lock("restore", restoring=temp):
+        with self._lock("restore", restoring=temp) as held:
             m, pieces = self.pieces(point)
             source.check_target(disks, name, overwrite)
             size = -(-m["size"] // MIB) * MIB  # a disk is a whole number of MiB
@@ -447,19 +448,22 @@ class Vault:
             try:
                 with disks.open_virtual(temp, writable=True) as v:
                     digests: list[bytes] = []
-                    self._write_pieces(pieces, m["size"], v, digests)
+                    self._write_pieces(pieces, m["size"], v, held, digests)
                     v.flush()
-                    self._read_back(pieces, digests, m["size"], v)
+                    self._read_back(pieces, digests, m["size"], v, held)
                 rec = disks.replace_disk(name, temp, overwrite=overwrite, restored_from=point)
             except BaseException:
                 disks.delete_disk(temp)
                 raise
         return {"point": point, "disk": name, "size_bytes": rec["size_bytes"], "size_gib": rec["size_gib"]}
 
-    def _write_pieces(self, pieces: list[tuple[int, Any]], size: int, target: Any,
+    def _write_pieces(self, pieces: list[tuple[int, Any]], size: int, target: Any, held: lk.Lock,
                       digests: list[bytes] | None = None) -> None:
-        """Write every piece; with `digests`, append their SHA-256 there, for a read-back."""
+        """Write every piece; with `digests`, append their SHA-256 there, for a
+        read-back. The lock is refreshed as it goes: a long restore must not
+        look abandoned to another host (which could then gc its chunks)."""
         for offset, entry in pieces:
+            held.refresh()
             try:
                 data = self._piece(entry, min(ck.CHUNK, size - offset))  # verified: authenticated, sized, named by its content
             except ChunkError as e:
@@ -470,8 +474,10 @@ class Vault:
             if digests is not None:
                 digests.append(hashlib.sha256(data).digest())
 
-    def _read_back(self, pieces: list[tuple[int, Any]], digests: list[bytes], size: int, target: Any) -> None:
+    def _read_back(self, pieces: list[tuple[int, Any]], digests: list[bytes], size: int, target: Any,
+                   held: lk.Lock) -> None:
         for (offset, _), digest in zip(pieces, digests, strict=True):
+            held.refresh()
             if hashlib.sha256(target.read(offset, min(ck.CHUNK, size - offset))).digest() != digest:
                 raise VaultError(f"restore: bytes {offset} of the new disk read back wrong; the target is untouched")
 
@@ -552,7 +558,7 @@ class Vault:
     def verify(self) -> dict[str, Any]:
         """Re-read every chunk a recovery point names; report bad ones and whom
         they hurt, and record them, so no backup reuses them."""
-        with self._lock("verify"):
+        with self._lock("verify") as held:
             self.sync_index()
             bad: dict[str, list[str]] = {}
             checked: set[str] = set()
@@ -566,6 +572,7 @@ class Vault:
                     if name in bad:
                         bad[name].append(p["id"])
                     elif name not in checked:
+                        held.refresh()
                         checked.add(name)
                         try:
                             self.get(name)

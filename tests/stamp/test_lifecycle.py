@@ -12,6 +12,7 @@ import pytest
 import vhd
 from stamp import Stamp
 from stamp.disks import Disks, ResourceInUse, ResourceNotFound
+from stamp.meta import loads
 from stamp.pageblob import PageBlobs
 
 MIB = 1 << 20
@@ -323,3 +324,37 @@ def test_an_incremental_snapshot_survives_its_predecessor_being_deleted_meanwhil
     snap = disks.create_snapshot("s3", "d")
     assert deleted and snap["previous"] == "s1" and snap["changed_bytes"] == 2 * 512
     assert read(disks, "d", MIB, 4, snapshot="s3") == b"two!"
+
+
+def test_a_dead_writer_whose_pid_a_live_process_took_is_still_dead(tmp_path):
+    """A writer lease was judged by its pid alone: once the dead writer's pid
+    belonged to a live process (pids are reused), the disk stayed 'open for
+    writing' for good. The lease now records the holder's start time too."""
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        d.create_empty("d", 1)
+        assert subprocess.run([sys.executable, "-c", DIES_WRITING, path, ROOT], timeout=120).returncode == 9
+        blob = d.disk("d")["blob"]
+        props = d.blobs.properties(blob)
+        assert int(props["lease_started"])  # the dead writer's start time
+        d.blobs.set_properties(blob, lease_pid=os.getpid())  # its pid, now a live process's
+        d.delete_disk("d")
+        assert d.disks() == [] and st.check().ok
+
+
+def test_a_dead_create_whose_pid_a_live_process_took_is_rolled_back(tmp_path):
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        before = state_of(Disks(st))
+    proc = subprocess.run([sys.executable, "-c", CHILD, path, "empty", ROOT], timeout=120)
+    assert proc.returncode == 9
+    with Stamp.open(path) as st:
+        meta = st.meta
+        with meta.write() as txn:
+            for key, value in list(meta.items(txn, "resources", b"pending/")):
+                intent = loads(value)
+                assert int(intent["started"])  # the dead creator's start time
+                meta.put_json(txn, "resources", key, {**intent, "pid": os.getpid()})  # its pid, now live
+    with Stamp.open(path) as st:
+        assert state_of(Disks(st)) == before

@@ -259,7 +259,7 @@ RESTORE_KILLED = textwrap.dedent("""
     from stamp import Stamp
     from stamp.disks import Disks
     from stamp.vault import Vault
-    def write_then_die(self, pieces, size, target, digests=None):
+    def write_then_die(self, pieces, size, target, held, digests=None):
         target.write(0, b"half" * 128)
         os._exit(9)  # killed midway through the restore
     Vault._write_pieces = write_then_die

@@ -754,3 +754,32 @@ def test_a_reused_chunks_folder_is_synced_before_the_manifest(env, monkeypatch):
     assert report.chunks_reused > 0 and report.chunks_written == 0
     names = [nm for entry in vault.manifest(report.point)["chunks"].values() for nm in ([entry] if isinstance(entry, str) else entry) if nm]
     assert {os.path.dirname(vault._chunk_path(nm)) for nm in names} <= set(synced)
+
+
+def test_long_restores_verifies_and_unchanged_backups_keep_their_lock_fresh(env, monkeypatch):
+    """Restores and verify never refreshed their lock, nor did a backup that
+    stored nothing new: past lock.STALE_AFTER another host took them for
+    abandoned, and its gc could delete the chunks a running restore reads."""
+    from stamp.vault import lock as lk
+
+    tmp, disks = env
+    disks.create_from_image("vm1", "base")
+    disks.create_from_image("vm2", "base")
+    vault = Vault.create(str(tmp / "vault"))
+    vault.backup(disks, "vm1")
+    point = vault.points()[0]["id"]
+    writes: list[str] = []
+    real = lk.Lock._write
+
+    def counted(self: lk.Lock) -> None:
+        writes.append(self.op)
+        real(self)
+
+    monkeypatch.setattr(lk, "REFRESH", 0.0)  # every chance to refresh is taken
+    monkeypatch.setattr(lk.Lock, "_write", counted)
+    vault.restore_to_file(point, str(tmp / "r.vhd"))
+    vault.restore_to_disk(point, disks, "r")
+    vault.verify()
+    vault.backup(disks, "vm2")  # the same data as vm1: every chunk is reused, none stored
+    for op in ("restore", "verify", "backup"):
+        assert writes.count(op) > {"restore": 2}.get(op, 1), (op, writes)

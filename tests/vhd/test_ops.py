@@ -235,3 +235,34 @@ def test_resize_refuses_a_fixed_image_past_the_largest_fixed_size(tmp_path):
     err = r.stderr.decode()
     assert r.returncode == 2 and "larger than" in err and "Traceback" not in err, err
     assert open(path, "rb").read() == before
+
+
+@pytest.mark.parametrize("to", ["raw", "fixed", "dynamic"])
+def test_a_convert_killed_midway_leaves_nothing_under_the_real_name(tmp_path, to):
+    """convert used to build its output under the real name and remove it
+    on failure: a kill -9 midway left a half-written image there, which a
+    script would then take for a finished one."""
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(os.urandom(8 * MIB))
+    out = tmp_path / "a.out"
+    killer = (
+        "import os, signal, sys\n"
+        "from vhd import ops\n"
+        "def fill(dst):\n"
+        "    src = ops.open_device(sys.argv[1])\n"
+        "    dst.write(0, src.read(0, 4 << 20))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "ops.write_new_file(sys.argv[2], sys.argv[3], 8 << 20, fill)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", killer, str(raw), str(out), to], capture_output=True)
+    assert r.returncode == -9, r.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("a.out.partial-")]
+    r = cli("convert", str(raw), str(out), "--to", to)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.out", "a.raw"]  # the killed one's is gone
+    dev = vhd.ops.open_device(str(out), fmt="raw" if to == "raw" else "auto")
+    try:
+        assert dev.read(0, dev.size) == raw.read_bytes()
+    finally:
+        dev.close()

@@ -1,0 +1,45 @@
+"""Process identity: a pid and the time its process started.
+
+A pid is reused once its process is gone, so a pid alone cannot say whether
+the process that wrote a lock, a lease or a state file still runs. The pid
+and its start time together name one process, never a later one given the
+same pid. Linux only (/proc/PID/stat); where the start time cannot be read
+the answer falls back to the pid alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks after boot: field 22 of
+    /proc/PID/stat), 0 if that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        return int(raw.rsplit(b")", 1)[1].split()[19])  # after the command name, which may hold anything
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def own_start() -> int:
+    """This process's start time (see process_start)."""
+    return process_start(os.getpid())
+
+
+def pid_alive(pid: int, started: int = 0) -> bool:
+    """Is process `pid` alive and, if `started` is known, the one that started
+    then (not a later process given the same pid)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if not started:
+        return True
+    now = process_start(pid)
+    return now in (0, started)  # 0: unreadable (gone meanwhile, or no /proc): keep it
