@@ -39,6 +39,7 @@ import enum
 import hashlib
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -133,6 +134,16 @@ class BlobState:
         return self.lease != NO_LEASE and (self.lease_expiry == 0 or self.lease_expiry > now)
 
 
+Hook = Callable[[dict[str, Any], int, int, int, float], None]
+"""A write's or clear's hook: called as hook(properties, blob id, size,
+content version, time of the last hooked write) inside the index transaction, before the pages change. It
+may raise to refuse (nothing changes) or change `properties` in place (they
+are stored in the same commit), so a check of the blob's state and the
+change it guards are one atomic step, across processes too. A hooked write
+also records its time (BlobInfo.touched)."""
+TIME = struct.Struct("<d")
+
+
 class LeaseState(enum.Enum):
     """A blob's lease, as the service reports it (x-ms-lease-state). The
     machine: available -acquire-> leased -break-> breaking -(period)-> broken
@@ -166,6 +177,7 @@ class BlobInfo:
     created: float
     properties: dict[str, Any]
     version: int  # moves on with every change of the live pages (PageBlobs.version)
+    touched: float  # when a write or clear with a hook last changed it (0: never)
     lease: LeaseState
     lease_id: str | None
     lease_expiry: float
@@ -256,6 +268,12 @@ def lease_bytes(lease: str) -> bytes:
 def _version_key(blob_id: int) -> bytes:
     """The blob's version counter, in the counters table (see PageBlobs.version)."""
     return f"version/{blob_id}".encode()
+
+
+def _touched_key(blob_id: int) -> bytes:
+    """When a hooked write or clear last changed the blob (a double, in the
+    counters table beside the version: a page the write dirties anyway)."""
+    return f"version/{blob_id}/t".encode()
 
 
 def snapshot_id(now: float) -> str:
@@ -392,18 +410,20 @@ class PageBlobs:
             blob_id, obj, st = self._blob(txn, name)
             raw = txn.get(_version_key(blob_id), db=self.db["counters"])
             version = U64.unpack(raw)[0] if raw else 0
+            raw = txn.get(_touched_key(blob_id), db=self.db["counters"])
+            touched = TIME.unpack(raw)[0] if raw else 0.0
             count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
             state = lease_state(st, obj, now)
             lease_id = None if st.lease == NO_LEASE else str(uuid.UUID(bytes=st.lease))
             if snapshot is None:
                 return BlobInfo(name, blob_id, st.size, float(obj["created"]), dict(obj.get("properties", {})),
-                                version, state, lease_id, st.lease_expiry, count)
+                                version, touched, state, lease_id, st.lease_expiry, count)
             info = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
             if info is None:
                 raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
             rec = loads(bytes(info))
         props = dict(rec.get("metadata", {}).get("properties", {}))
-        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]),
+        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]), 0.0,
                         LeaseState.AVAILABLE, None, 0, count, snapshot)
 
     def recreate(self, name: str, size: int, properties: dict[str, Any], lease: str | None = None) -> bool:
@@ -503,6 +523,7 @@ class PageBlobs:
                 self.delete_snapshot_in(txn, name, snap.id)
             return
         txn.delete(_version_key(blob_id), db=self.db["counters"])
+        txn.delete(_touched_key(blob_id), db=self.db["counters"])
         for table in ("pages", "frozen", "history", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
@@ -668,8 +689,11 @@ class PageBlobs:
 
     # -- writes ----------------------------------------------------------------------
 
-    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
-        """Put pages: offset and length multiples of 512, at most 4 MiB."""
+    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None,
+              hook: Hook | None = None) -> None:
+        """Put pages: offset and length multiples of 512, at most 4 MiB.
+        `hook`, if given, runs inside the index transaction before the pages
+        change (see Hook): it may refuse the write or change the properties."""
         # Alignment and length are checked before the data is stored; the blob's
         # existence and size inside the transaction (a refused write leaves only
         # unreferenced record bytes, which gc reclaims).
@@ -684,11 +708,12 @@ class PageBlobs:
         e = s + n // PAGE
         for _ in range(3):
             loc = self.stream.append(data)  # data on 3 replicas before the index points at it
-            if self._point(name, offset, n, lease, s, e, loc):
+            if self._point(name, offset, n, lease, s, e, loc, hook):
                 return
         raise CorruptStamp("gc deleted the extent of every fresh copy of this write (3 times)")
 
-    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location) -> bool:
+    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location,
+               hook: Hook | None = None) -> bool:
         """The index transaction of a write: pages [s, e) now point at `loc`.
         False if the extent holding it is gone: the record was appended just
         before its extent was sealed, and gc (any process) found the sealed
@@ -706,6 +731,8 @@ class PageBlobs:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
+            if hook is not None:
+                self._run_hook(txn, name, blob_id, size, hook)
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
         except BaseException:
             txn.abort()
@@ -713,12 +740,14 @@ class PageBlobs:
         txn.commit()
         return True
 
-    def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
-        """Clear pages: afterwards they read as zeros and hold no data."""
+    def clear(self, name: str, offset: int, length: int, lease: str | None = None, hook: Hook | None = None) -> None:
+        """Clear pages: afterwards they read as zeros and hold no data (`hook` as for write)."""
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, length, st.size, limit=None)
+            if hook is not None:
+                self._run_hook(txn, name, blob_id, st.size, hook)
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
 
@@ -733,6 +762,20 @@ class PageBlobs:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def _run_hook(self, txn: lmdb.Transaction, name: str, blob_id: int, size: int, hook: Hook) -> None:
+        """Run a write's hook; store the properties only if it changed them,
+        and the time of the write beside the blob's version (cheap: that
+        page is dirtied by the write anyway, the blob record's is not)."""
+        obj = self.meta.get_json(txn, "blobs", blob_key(name))
+        raw = txn.get(_version_key(blob_id), db=self.db["counters"])
+        props = obj.setdefault("properties", {})
+        before = dumps(props)
+        touched = txn.get(_touched_key(blob_id), db=self.db["counters"])
+        hook(props, blob_id, size, U64.unpack(raw)[0] if raw else 0, TIME.unpack(touched)[0] if touched else 0.0)
+        if dumps(props) != before:
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        txn.put(_touched_key(blob_id), TIME.pack(time.time()), db=self.db["counters"])
 
     def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
                  new: bytes | None) -> None:

@@ -43,7 +43,7 @@ if [ "$(cat .venv/.diskstamp-installed 2>/dev/null)" != "$want" ]; then
   echo "setup: installing diskstamp and its test tools into .venv"
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import vhd, pyvhdi, pytest, hypothesis" 
+  .venv/bin/python -c "import vhd, pyvhdi, pytest, hypothesis, aiohttp, azure.storage.blob.aio"
   echo "$want" > .venv/.diskstamp-installed
 fi
 

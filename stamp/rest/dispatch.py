@@ -111,12 +111,10 @@ def route(method: str, container: str | None, blob: str | None, query: dict[str,
         raise RestError(400, "InvalidUri", "A container operation needs ?restype=container; a blob needs a name.")
     found = ROUTES.get((method, level, restype, comp))
     if found is None:
-        if (method, level, restype, None) not in ROUTES and not any(k[:3] == (method, level, restype)
-                                                                    for k in ROUTES):
-            raise RestError(405 if method not in ("GET", "HEAD", "PUT", "DELETE") else 400,
-                            "UnsupportedHttpVerb" if method not in ("GET", "HEAD", "PUT", "DELETE")
-                            else "InvalidQueryParameterValue")
-        raise query_error("comp", comp or "", "This operation is not supported by this endpoint.")
+        if method not in ("GET", "HEAD", "PUT", "DELETE"):
+            raise RestError(405, "UnsupportedHttpVerb")
+        name, value = ("comp", comp or "") if comp is not None or restype is None else ("restype", restype)
+        raise query_error(name, value, "This operation is not supported by this endpoint.")
     handler, op = found
     if handler is pb.put_blob:
         handler = _copy_or_put

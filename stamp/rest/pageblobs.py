@@ -11,10 +11,13 @@ snapshot records the same, frozen, in its metadata. Rules:
 - Put Page bodies are at most 4 MiB and read only after the byte budget
   grants them; Get Blob sends 4 MiB at a time, each read when the budget
   allows and given back once written to the client;
-- conditions (If-*, sequence numbers, leases) are checked against the state
-  read just before the operation; the stamp checks the lease again inside
-  its write transaction, the other conditions are not atomic with the write
-  across processes (two clients racing with If-Match may both pass);
+- a Put Page's conditions (If-*, sequence numbers, lease) are checked
+  inside the stamp's write transaction (a PageBlobs hook), which also sets
+  Last-Modified, so the check and the write are one atomic step even across
+  processes; the write and the state its answer reports take one pool call;
+  the other writes (properties, metadata, lease, snapshot, delete) check
+  their conditions against the state read just before, and only the lease
+  again inside the stamp;
 - blob types other than PageBlob are refused with 409 InvalidBlobType
   before any body is read; an incremental copy's destination refuses writes
   (409 OperationNotAllowedOnIncrementalCopyBlob).
@@ -69,14 +72,19 @@ def etag(info: BlobInfo) -> str:
     """The blob's ETag (a snapshot keeps the one its blob had when taken)."""
     if info.snapshot is not None:
         return str(info.properties.get("etag", '"0x0"'))
-    rev = int(rest_props(info).get("rev", 0))
-    digest = hashlib.blake2b(f"{info.id}:{info.size}:{info.version}:{rev}".encode(), digest_size=7).hexdigest()
+    return etag_of(info.id, info.size, info.version, int(rest_props(info).get("rev", 0)))
+
+
+def etag_of(blob_id: int, size: int, version: int, rev: int) -> str:
+    digest = hashlib.blake2b(f"{blob_id}:{size}:{version}:{rev}".encode(), digest_size=7).hexdigest()
     return f'"0x8{digest.upper()}"'
 
 
 def modified(info: BlobInfo) -> float:
-    return float(rest_props(info).get("mod", info.created) if info.snapshot is None
-                 else info.properties.get("mod", info.created))
+    """Last-Modified: the later of the properties' last change and the last page write through this endpoint."""
+    if info.snapshot is not None:
+        return float(info.properties.get("mod", info.created))
+    return max(float(rest_props(info).get("mod", info.created)), info.touched)
 
 
 def _props(info: BlobInfo) -> dict[str, Any]:
@@ -84,11 +92,15 @@ def _props(info: BlobInfo) -> dict[str, Any]:
 
 
 async def describe(svc: Service, c: Call, snapshot: str | None = None) -> BlobInfo:
-    """The blob (or snapshot), or BlobNotFound (also for a missing snapshot)."""
+    """The blob (or snapshot), or BlobNotFound (also for a missing snapshot),
+    or ContainerNotFound when its container is missing, as the service says."""
     try:
         return await svc.run(svc.stamp.blobs.describe, stamp_name(c), snapshot)
     except SnapshotNotFound:
         raise RestError(404, "BlobNotFound") from None
+    except BlobNotFound:
+        await container_exists(svc, c)
+        raise
 
 
 async def describe_or_none(svc: Service, c: Call) -> BlobInfo | None:
@@ -273,15 +285,22 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
             raise header_error("Content-Length", str(body_len))
     elif body_len not in (None, 0):
         raise header_error("Content-Length", str(body_len))
-    info = await describe(svc, c)
-    refuse_incremental(info)
-    check(c, info)
-    conditions.check_sequence(c.headers, int(rest_props(info).get("seq", 0)))
     lease = hd.lease_id(c.headers)
     name = stamp_name(c)
     extra: dict[str, str] = {}
+    hook = _page_hook(c)
+    blobs = svc.stamp.blobs
+
+    def clear() -> BlobInfo:
+        blobs.clear(name, offset, length, lease, hook)
+        return blobs.describe(name)
+
+    def write(data: bytes) -> BlobInfo:
+        blobs.write(name, offset, data, lease, hook)
+        return blobs.describe(name)
+
     if action == "clear":
-        await svc.run(_clear, svc, name, offset, length, lease)
+        info = await _on_blob(svc, c, clear)
     else:
         await svc.budget.take(length)
         try:
@@ -291,26 +310,34 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
                 if base64.b64encode(hashlib.md5(data).digest()).decode() != md5.strip():
                     raise RestError(400, "Md5Mismatch")
                 extra["Content-MD5"] = md5.strip()
-            await svc.run(_write, svc, name, offset, data, lease)
+            info = await _on_blob(svc, c, write, data)
         finally:
             await svc.budget.give(length)
         extra["x-ms-request-server-encrypted"] = "true"
-    info = await describe(svc, c)
     return _response(201, info, **{"x-ms-blob-sequence-number": str(rest_props(info).get("seq", 0)), **extra})
 
 
-def _touch(props: dict[str, Any]) -> None:
-    props.setdefault("rest", {})["mod"] = time.time()
+async def _on_blob(svc: Service, c: Call, fn: Callable[..., BlobInfo], *args: Any) -> BlobInfo:
+    """One pool call on the blob; a missing blob of a missing container is ContainerNotFound."""
+    try:
+        return await svc.run(fn, *args)
+    except BlobNotFound:
+        await container_exists(svc, c)
+        raise
 
 
-def _write(svc: Service, name: str, offset: int, data: bytes, lease: str | None) -> None:
-    svc.stamp.blobs.write(name, offset, data, lease)
-    svc.stamp.blobs.update_properties(name, _touch)
-
-
-def _clear(svc: Service, name: str, offset: int, length: int, lease: str | None) -> None:
-    svc.stamp.blobs.clear(name, offset, length, lease)
-    svc.stamp.blobs.update_properties(name, _touch)
+def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None]:
+    """The conditions of a Put Page, checked inside the stamp's write
+    transaction (so no other writer comes between the check and the write);
+    the stamp records the write's time there too (Last-Modified)."""
+    def hook(props: dict[str, Any], blob_id: int, size: int, version: int, touched: float) -> None:
+        rest = props.get("rest") or {}
+        if rest.get("inc"):
+            raise RestError(409, "OperationNotAllowedOnIncrementalCopyBlob")
+        conditions.check(c.headers, etag_of(blob_id, size, version, int(rest.get("rev", 0))),
+                         max(float(rest.get("mod", 0)), touched))
+        conditions.check_sequence(c.headers, int(rest.get("seq", 0)))
+    return hook
 
 
 # -- Get Page Ranges --------------------------------------------------------------------------

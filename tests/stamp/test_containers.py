@@ -188,3 +188,30 @@ def test_copy_into_full_and_incremental_against_a_model(st):
     change(5)
     st.blobs.copy_into("src", "dst")  # from the live source, full
     assert st.blobs.read("dst", 0, len(model)) == bytes(model)
+
+
+def test_a_write_hook_refuses_atomically_and_its_changes_commit_with_the_write(st):
+    st.blobs.create("b", 4096)
+    seen = []
+
+    def refuse(props, blob_id, size, version, touched):
+        seen.append((blob_id, size, version, touched))
+        raise ValueError("condition failed")
+
+    version = st.blobs.describe("b").version
+    with pytest.raises(ValueError):
+        st.blobs.write("b", 0, b"x" * 512, hook=refuse)
+    with pytest.raises(ValueError):
+        st.blobs.clear("b", 0, 512, hook=refuse)
+    assert st.blobs.read("b", 0, 512) == bytes(512) and st.blobs.describe("b").version == version
+    assert seen == [(st.blobs.blob_id("b"), 4096, version, 0.0)] * 2
+    assert st.blobs.describe("b").touched == 0.0
+
+    def stamp_it(props, blob_id, size, version, touched):
+        props["stamped"] = version
+
+    before = time.time()
+    st.blobs.write("b", 0, b"y" * 512, hook=stamp_it)
+    info = st.blobs.describe("b")
+    assert info.properties["stamped"] == version and info.version == version + 1
+    assert before <= info.touched <= time.time()

@@ -69,6 +69,14 @@ def test_malformed_headers_ranges_and_bodies(server):
         assert body.startswith(b"\xef\xbb\xbf<?xml") and f"<Code>{code}</Code>".encode() in body
         if named:
             assert f"<HeaderName>{named}</HeaderName>".encode() in body
+    resp, body = raw("PUT", "/devstoreaccount1/bad/b", {"x-ms-page-write": "update", "x-ms-range": "bytes=0-511",
+                                                       "Content-MD5": "AAAAAAAAAAAAAAAAAAAAAA=="}, b"m" * 512,
+                     query="comp=page")
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "Md5Mismatch")
+    resp, body = raw("GET", "/devstoreaccount1/bad/b", {"Range": "bytes=0-99"})  # the standard header works too
+    assert resp.status == 206 and resp.getheader("Content-Range") == f"bytes 0-99/{MIB}" and len(body) == 100
+    resp, body = raw("GET", "/devstoreaccount1/bad/b", {"Range": "bytes=0-99", "x-ms-range": "bytes=0-9"})
+    assert len(body) == 10  # x-ms-range wins
     resp, body = raw("GET", "/devstoreaccount1/bad/b", {"x-ms-range": "bytes=2000000-"})
     assert resp.status == 416 and resp.getheader("Content-Range") == f"bytes */{MIB}"
     resp, body = raw("HEAD", "/devstoreaccount1/bad/missing")
@@ -118,15 +126,26 @@ def test_huge_bodies_are_refused_before_they_are_read(server):
 def test_a_stalled_body_is_dropped(tmp_path):
     path = str(tmp_path / "st")
     Stamp.create(path).close()
-    srv = start_server(path, "--stall-timeout", "1")
+    srv = start_server(path, "--stall-timeout", "2", "--max-requests", "1")
     try:
         raw = Raw(srv)
         raw("PUT", "/devstoreaccount1/stall", {"Content-Length": "0"}, query="restype=container")
         raw("PUT", "/devstoreaccount1/stall/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(MIB),
                                                  "Content-Length": "0"})
+        answers: list[tuple[int, str | None]] = []
+
+        def busy() -> None:  # while the stalled request holds the only slot: 503 ServerBusy at once
+            time.sleep(0.5)
+            resp, _ = raw("GET", "/devstoreaccount1/stall/b")
+            answers.append((resp.status, resp.getheader("x-ms-error-code")))
+
+        other = threading.Thread(target=busy)
+        other.start()
         status, code, took = _headers_only(srv, "/devstoreaccount1/stall/b", {
             "Content-Length": "4096", "x-ms-page-write": "update", "x-ms-range": "bytes=0-4095"}, "comp=page")
+        other.join()
         assert (status, code) == (408, "RequestTimeout") and took < 20
+        assert answers == [(503, "ServerBusy")]
         assert raw("GET", "/devstoreaccount1/stall/b")[0].status == 200
     finally:
         assert "Traceback" not in stop_server(srv)

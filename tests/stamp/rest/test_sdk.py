@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -96,6 +97,8 @@ def test_page_ranges_paging_and_diff_paging(cc):
         b.upload_page(b"p" * 512, offset=i * 4096, length=512)
     pages = list(b.list_page_ranges(results_per_page=3).by_page())
     assert [len(list(p)) for p in pages] == [3, 3, 3, 1]
+    window, _ = b.get_page_ranges(offset=8192, length=12288)  # x-ms-range clips the list to the window
+    assert window == [{"start": 8192, "end": 8703}, {"start": 16384, "end": 16895}]
     diff = [r for r in b.list_page_ranges(previous_snapshot=snap, results_per_page=4)]
     assert [(r.start, r.cleared) for r in diff] == [(i * 4096, False) for i in range(0, 20, 2)]
     # the service's own recorded example: the diff reports pages cleared since, even if empty before
@@ -182,12 +185,9 @@ def test_conditions(cc):
     b = cc.get_blob_client("cond")
     b.create_page_blob(MIB)
     etag = b.get_blob_properties().etag
-    b.upload_page(b"1" * 512, offset=0, length=512, etag=etag, match_condition=__import__(
-        "azure.core", fromlist=["MatchConditions"]).MatchConditions.IfNotModified)
+    b.upload_page(b"1" * 512, offset=0, length=512, etag=etag, match_condition=MatchConditions.IfNotModified)
     with pytest.raises(ResourceModifiedError):  # the ETag moved on with the write
-        b.upload_page(b"2" * 512, offset=0, length=512, etag=etag,
-                      match_condition=__import__("azure.core", fromlist=["MatchConditions"]).MatchConditions
-                      .IfNotModified)
+        b.upload_page(b"2" * 512, offset=0, length=512, etag=etag, match_condition=MatchConditions.IfNotModified)
     future = datetime.now(UTC) + timedelta(hours=1)
     with pytest.raises(ResourceModifiedError):
         b.upload_page(b"3" * 512, offset=0, length=512, if_unmodified_since=datetime(2000, 1, 1, tzinfo=UTC))
@@ -364,3 +364,103 @@ def test_several_servers_share_one_stamp(server, cc):
         assert b.download_blob(offset=512, length=512).readall() == b"2" * 512
     finally:
         assert "Traceback" not in stop_server(other)
+
+
+def test_transactional_md5_both_ways(cc):
+    b = cc.get_blob_client("md5")
+    data = os.urandom(3 * MIB)
+    b.upload_blob(data, blob_type="PageBlob", validate_content=True)  # Content-MD5 on every Put Page, echoed back
+    got = b.download_blob(offset=MIB, length=MIB, validate_content=True).readall()  # x-ms-range-get-content-md5
+    assert got == data[MIB:2 * MIB]
+
+
+def test_a_missing_container_is_named(server):
+    b = server.service().get_container_client("never-made").get_blob_client("b")
+    with pytest.raises(ResourceNotFoundError) as e:
+        b.get_blob_properties()
+    assert e.value.error_code == "ContainerNotFound"
+    assert not b.exists()
+
+
+def test_if_match_races_let_one_writer_through(server, cc):
+    """Two servers, two clients, one ETag: never both writes (the condition is
+    checked again inside the stamp's write transaction)."""
+    import threading
+
+    from azure.core import MatchConditions
+
+    from .conftest import start_server, stop_server
+
+    other = start_server(server.stamp)
+    try:
+        b = cc.get_blob_client("race")
+        b.create_page_blob(MIB)
+        clients = [b, BlobClient.from_connection_string(other.connection_string, cc.container_name, "race")]
+        for _ in range(25):
+            etag = b.get_blob_properties().etag
+            results: list[str] = []
+            gate = threading.Barrier(2)
+
+            def put(client, byte: bytes, gate=gate, etag=etag, results=results) -> None:
+                gate.wait()
+                try:
+                    client.upload_page(byte * 512, offset=0, length=512, etag=etag,
+                                       match_condition=MatchConditions.IfNotModified)
+                    results.append("ok")
+                except ResourceModifiedError:
+                    results.append("412")
+
+            threads = [threading.Thread(target=put, args=(c, bytes([65 + i]))) for i, c in enumerate(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(results) == ["412", "ok"], results
+    finally:
+        assert "Traceback" not in stop_server(other)
+
+
+def test_stored_access_policy_and_its_sas(server, cc):
+    from azure.storage.blob import AccessPolicy, ContainerSasPermissions
+
+    cc.get_blob_client("p").create_page_blob(512)
+    policy = AccessPolicy(permission=ContainerSasPermissions(read=True, list=True),
+                          expiry=datetime.now(UTC) + timedelta(hours=1))
+    cc.set_container_access_policy({"readers": policy})
+    got = cc.get_container_access_policy()
+    assert [s.id for s in got["signed_identifiers"]] == ["readers"]
+    token = generate_container_sas(DEVSTORE_ACCOUNT, cc.container_name, account_key=DEVSTORE_KEY, policy_id="readers")
+    reader = ContainerClient(server.endpoint, cc.container_name, credential=token)
+    assert [b.name for b in reader.list_blobs()] == ["p"]
+    with pytest.raises(HttpResponseError) as e:
+        reader.get_blob_client("p").upload_page(b"x" * 512, offset=0, length=512)
+    assert e.value.error_code == "AuthorizationPermissionMismatch"
+    cc.set_container_access_policy({})  # the policy gone, its SAS opens nothing
+    with pytest.raises(HttpResponseError):
+        list(reader.list_blobs())
+
+
+def test_managed_disk_blobs_in_the_system_containers(server):
+    from stamp import Stamp
+    from stamp.disks import Disks
+
+    with Stamp.open(server.stamp) as st:
+        disk = Disks(st).create_empty("d1", 1)
+        blob = st.blobs.names()
+    name = next(n for n in blob if n.startswith("disks/"))
+    assert disk["name"] == "d1"
+    client = server.service().get_blob_client("disks", name[len("disks/"):])
+    props = client.get_blob_properties()
+    assert props.size == (1 << 30) + 512
+    footer = client.download_blob(offset=props.size - 512, length=512).readall()
+    assert footer.startswith(b"conectix")  # the fixed VHD's footer, as the disk holds it
+    client.upload_page(b"w" * 512, offset=0, length=512)  # a granted upload writes it
+    with pytest.raises(HttpResponseError) as e:
+        client.delete_blob()
+    assert e.value.error_code == "AuthorizationFailure"
+    with pytest.raises(HttpResponseError) as e:
+        server.service().get_blob_client("disks", "new").create_page_blob(512)
+    assert e.value.error_code == "AuthorizationFailure"
+    with pytest.raises(HttpResponseError) as e:
+        server.service().delete_container("disks")
+    assert e.value.error_code == "AuthorizationFailure"

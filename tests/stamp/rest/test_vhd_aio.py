@@ -91,3 +91,62 @@ def test_vhd_upload_snapshot_diff_download_with_aio_sdk(server, tmp_path):
         assert all(last[p] for p in range(s, e, 512))
     for s, e in cleared:
         assert not any(last[p] for p in range(s, e, 512))
+
+
+def test_readme_example_runs(server, tmp_path, monkeypatch):
+    """The README's "Speak Blob REST" Python example, as written, against the server."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "README.md")).read()
+    section = readme[readme.index("## Speak Blob REST"):]
+    code = section[section.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "vhd", "create", "disk.vhd", "--size", "64M", "--type", "fixed"],
+                   check=True, capture_output=True)
+    env: dict = {}
+    exec(code.replace('"UseDevelopmentStorage=true"', repr(server.connection_string)), env)
+    assert env["blob"].get_page_ranges(previous_snapshot_diff=env["snap"]) == ([{"start": 0, "end": 511}], [])
+    local = (tmp_path / "disk.vhd").read_bytes()
+    assert env["data"] == b"x" * 512 + local[512:]
+
+
+def test_aio_client_drives_the_other_operations(server):
+    from azure.core.exceptions import HttpResponseError, ResourceModifiedError
+
+    async def flow() -> None:
+        async with BlobServiceClient.from_connection_string(server.connection_string) as svc:
+            cc = await svc.create_container("aio-ops", metadata={"a": "1"})
+            assert (await cc.get_container_properties()).metadata == {"a": "1"}
+            b = cc.get_blob_client("b")
+            await b.create_page_blob(MIB, sequence_number=3)
+            etag = (await b.get_blob_properties()).etag
+            await b.upload_page(b"1" * 512, offset=0, length=512)
+            try:
+                await b.upload_page(b"2" * 512, offset=0, length=512, if_match=etag)
+                raise AssertionError("a stale If-Match passed")
+            except ResourceModifiedError:
+                pass
+            lease = await b.acquire_lease()
+            await b.set_blob_metadata({"k": "v"}, lease=lease)
+            await b.resize_blob(2 * MIB, lease=lease)
+            await b.set_sequence_number("increment", lease=lease)
+            props = await b.get_blob_properties()
+            assert (props.size, props.metadata, props.page_blob_sequence_number) == (2 * MIB, {"k": "v"}, 4)
+            await lease.release()
+            snap = (await b.create_snapshot())["snapshot"]
+            await b.clear_page(offset=0, length=512)
+            ranges, cleared = await b.get_page_ranges(previous_snapshot_diff=snap)
+            assert (ranges, cleared) == ([], [{"start": 0, "end": 511}])
+            c = cc.get_blob_client("c")
+            await c.start_copy_from_url(f"{b.url}?snapshot={snap}")
+            assert (await (await c.download_blob(offset=0, length=512)).readall()) == b"1" * 512
+            names = [(x.name, x.snapshot is not None) async for x in cc.list_blobs(include=["snapshots"])]
+            assert names == [("b", True), ("b", False), ("c", False)]
+            try:
+                await b.delete_blob()
+                raise AssertionError("deleted a blob with snapshots")
+            except HttpResponseError as e:
+                assert e.error_code == "SnapshotsPresent"
+            await b.delete_blob(delete_snapshots="include")
+            await cc.delete_container()
+
+    asyncio.run(flow())
