@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -36,13 +37,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from aiohttp import web
 
 from ..containers import SYSTEM, blob_name
-from ..errors import BlobNotFound, SnapshotNotFound
+from ..errors import BlobNotFound, SnapshotNotFound, StampError
 from ..pageblob import MAX_BLOB, MAX_WRITE, BlobInfo, LeaseState
 from . import auth, conditions, xmlbody
 from . import headers as hd
 from .call import MAX_CHUNK, Call, Service
 from .errors import RestError, header_error, missing_header, query_error
 
+log = logging.getLogger("stamp.rest")
 SEQ_MAX = 2 ** 63 - 1
 CONTENT = {  # header -> property
     "x-ms-blob-content-type": "content_type", "x-ms-blob-content-encoding": "content_encoding",
@@ -473,7 +475,10 @@ async def get_blob(svc: Service, c: Call) -> web.StreamResponse:
 
 async def stream(svc: Service, resp: web.StreamResponse, read: Callable[[int, int], bytes], start: int,
                  length: int) -> None:
-    """Send [start, start+length) in chunks, each held only while the budget allows."""
+    """Send [start, start+length) in chunks, each held only while the budget
+    allows. The status line is sent already: a stamp error on a later chunk
+    (data lost, nodes down) drops the connection, so the client sees a short
+    body (and retries) rather than a wrong one."""
     done = 0
     while done < length:
         n = min(MAX_CHUNK, length - done)
@@ -481,6 +486,9 @@ async def stream(svc: Service, resp: web.StreamResponse, read: Callable[[int, in
         try:
             data = await svc.run(read, start + done, n)
             await svc.send(resp, data)
+        except StampError as e:
+            log.warning("read of %s failed after its answer began: %s; the connection is dropped", resp, e)
+            raise ConnectionResetError(str(e)) from None
         finally:
             await svc.budget.give(n)
         done += n
