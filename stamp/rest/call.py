@@ -106,6 +106,7 @@ class Call:
     query: dict[str, str]
     version: str
     auth: str = ""
+    granted: bool = False  # reached through a managed disk's grant (rest/managed.py), not its own container
 
     @property
     def headers(self) -> Any:

@@ -72,6 +72,7 @@ async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Gr
                           "A managed disk's grant serves one blob; diffs take x-ms-previous-snapshot-url.")
     call.auth = auth.authorize(areq, svc.accounts, op, None, grant.policies)
     call.container, _, call.blob = grant.stamp_blob.partition("/")
+    call.granted = True
     if grant.snapshot is not None:
         call.query["snapshot"] = grant.snapshot
     return grant

@@ -205,9 +205,13 @@ def _response(status: int, info: BlobInfo | None = None, **headers: str) -> web.
 
 
 def refuse_system_write(c: Call) -> None:
-    if c.container in SYSTEM:
-        raise RestError(403, "AuthorizationFailure", "Blobs in the stamp's own containers are created and "
-                        "deleted by its managed-disk commands only.")
+    """The stamp's own containers (disks, images, snapshots) are read-only
+    here: a write, resize, lease or snapshot behind the managed-disk layer's
+    back would break what it keeps (a disk's footer, an image its disks are
+    made from, a host's cache); a direct upload goes through grant-access."""
+    if c.container in SYSTEM and not c.granted:
+        raise RestError(403, "AuthorizationFailure", "Blobs in the stamp's own containers are read-only over "
+                        "REST: the managed-disk commands change them (an upload goes through grant-access).")
 
 
 def refuse_snapshot(c: Call) -> None:
@@ -267,6 +271,7 @@ async def container_exists(svc: Service, c: Call) -> dict[str, Any]:
 # -- Put Page ---------------------------------------------------------------------------------
 
 async def put_page(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_system_write(c)
     refuse_snapshot(c)
     if "x-ms-copy-source" in c.headers:
         raise RestError(400, "UnsupportedHeader", "Put Page From URL is not supported by this endpoint.",
@@ -516,6 +521,7 @@ async def get_metadata(svc: Service, c: Call) -> web.StreamResponse:
 # -- Set properties / metadata ----------------------------------------------------------------
 
 async def set_properties(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_system_write(c)
     refuse_snapshot(c)
     info = await describe(svc, c)
     check(c, info)
@@ -561,6 +567,7 @@ async def set_properties(svc: Service, c: Call) -> web.StreamResponse:
 
 
 async def set_metadata(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_system_write(c)
     refuse_snapshot(c)
     meta = hd.metadata(c.headers)
     info = await describe(svc, c)
@@ -578,6 +585,7 @@ async def set_metadata(svc: Service, c: Call) -> web.StreamResponse:
 # -- leases -----------------------------------------------------------------------------------
 
 async def lease(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_system_write(c)
     refuse_snapshot(c)
     action = c.headers.get("x-ms-lease-action")
     if action is None:
@@ -620,6 +628,7 @@ async def lease(svc: Service, c: Call) -> web.StreamResponse:
 # -- snapshots, delete ------------------------------------------------------------------------
 
 async def snapshot(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_system_write(c)
     refuse_snapshot(c)
     info = await describe(svc, c)
     check_snapshot_lease(c, info)

@@ -454,10 +454,17 @@ def test_managed_disk_blobs_in_the_system_containers(server):
     assert props.size == (1 << 30) + 512
     footer = client.download_blob(offset=props.size - 512, length=512).readall()
     assert footer.startswith(b"conectix")  # the fixed VHD's footer, as the disk holds it
-    client.upload_page(b"w" * 512, offset=0, length=512)  # a granted upload writes it
-    with pytest.raises(HttpResponseError) as e:
-        client.delete_blob()
-    assert e.value.error_code == "AuthorizationFailure"
+    for change in (lambda: client.upload_page(b"w" * 512, offset=0, length=512),  # (a footer overwritten)
+                   lambda: client.clear_page(offset=0, length=512),
+                   lambda: client.resize_blob(512),  # the disk's footer cut off
+                   lambda: client.set_blob_metadata({"a": "b"}),
+                   lambda: client.acquire_lease(),  # would lock the disk's host out
+                   lambda: client.create_snapshot(),  # a snapshot the disk layer knows nothing of
+                   client.delete_blob):
+        with pytest.raises(HttpResponseError) as e:
+            change()
+        assert e.value.error_code == "AuthorizationFailure"
+    assert client.download_blob(offset=0, length=512).readall() == bytes(512)
     with pytest.raises(HttpResponseError) as e:
         server.service().get_blob_client("disks", "new").create_page_blob(512)
     assert e.value.error_code == "AuthorizationFailure"
