@@ -49,6 +49,7 @@ import datetime
 import hashlib
 import os
 import socket
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -656,8 +657,19 @@ class PageBlobs:
             e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
             for p in range(s, e):
                 want[BLOB_PAGE_EPOCH.pack(blob_id, p, epoch)] = PLACE.pack(s, e, gen)
-        have = dict(self.meta.items(txn, "pagehist"))
+        have: dict[bytes, bytes] = {}
         problems = []
+        for key, raw in self.meta.items(txn, "pagehist"):
+            if len(key) != BLOB_PAGE_EPOCH.size:
+                problems.append(f"history index: damaged key {key.hex()} ({len(key)} bytes, not "
+                                f"{BLOB_PAGE_EPOCH.size})")
+            elif len(raw) != PLACE.size:
+                blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
+                problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch}: damaged entry "
+                                f"({len(raw)} bytes, not {PLACE.size})")
+                want.pop(key, None)  # reported: not also as missing
+            else:
+                have[key] = raw
         for key in sorted(set(want) ^ set(have))[:100]:
             blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
             what = "is missing" if key in want else "names no frozen piece"
@@ -709,7 +721,12 @@ class PageBlobs:
             if not cur.set_range(key(blob_id, p, epoch)):
                 rest.append((p, e))
                 break
-            b, q, j = unpack(cur.key())
+            try:
+                b, q, j = unpack(cur.key())
+                ps, pe, gen = PLACE.unpack(cur.value())
+            except struct.error:
+                raise CorruptStamp(f"blob {blob_id}: the history index has a damaged entry near page {p} "
+                                   "(stamp check names it)") from None
             if b != blob_id or q >= e:
                 rest.append((p, e))
                 break
@@ -718,7 +735,6 @@ class PageBlobs:
                 p = q
                 if j < epoch:
                     continue  # seek again, at (q, epoch)
-            ps, pe, gen = PLACE.unpack(cur.value())
             if gen > epoch:  # written after the snapshot: page p was empty then
                 p += 1
                 continue

@@ -215,3 +215,25 @@ def test_snapshot_create_delete_cycles_beside_a_kept_snapshot_keep_the_change_lo
     assert st.check().ok
     st.close()
 
+
+def test_check_and_snapshot_reads_report_a_history_entry_of_the_wrong_size(many):
+    """A damaged pagehist entry (a value or key cut short) is a problem that
+    check names and a snapshot read's CorruptStamp, never a struct.error
+    traceback from `stamp check`."""
+    st, snaps = many
+    db = st.meta.db["pagehist"]
+    with st.meta.write() as txn:
+        key, raw = next(st.meta.items(txn, "pagehist"))
+        txn.put(key, raw[:3], db=db)
+        txn.put(key[:5], raw, db=db)
+    problems = st.check().problems
+    assert any("history index" in p and "damaged" in p and "3 bytes" in p for p in problems), problems
+    assert any("history index" in p and "damaged" in p and "key" in p for p in problems), problems
+    blob_id, page, epoch = struct.unpack(">QQI", key)
+    snap = next(s for s in st.blobs.snapshots("d") if s.epoch == epoch)
+    with pytest.raises(stamp.CorruptStamp, match="damaged"):
+        st.blobs.read("d", page * 512, 512, snapshot=snap.id)
+    with st.meta.write() as txn:
+        txn.put(key, raw, db=db)
+        txn.delete(key[:5], db=db)
+    assert st.check().ok
