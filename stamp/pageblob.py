@@ -34,7 +34,9 @@ epochs k+1..m, split by the target's state into written and cleared ranges:
 cost proportional to what changed.
 
 Deleting snapshot k moves each piece of frozen(k) that the previous surviving
-snapshot k' can see (gen <= k') to frozen(k') and drops the rest.
+snapshot k' can see (gen <= k') to frozen(k') and drops the rest; the change
+logs of the epochs from k'+1 to the next surviving snapshot (or the current
+epoch) are merged into that last one, as no diff reads them apart any more.
 
 Write order: data is appended to 3 replicas (stream layer) before the index
 transaction that points at it commits; a crash in between leaves only
@@ -915,8 +917,19 @@ class PageBlobs:
             e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
             for p in range(s, e):
                 want[BLOB_PAGE_EPOCH.pack(blob_id, p, epoch)] = PLACE.pack(s, e, gen)
-        have = dict(self.meta.items(txn, "pagehist"))
+        have: dict[bytes, bytes] = {}
         problems = []
+        for key, raw in self.meta.items(txn, "pagehist"):
+            if len(key) != BLOB_PAGE_EPOCH.size:
+                problems.append(f"history index: damaged key {key.hex()} ({len(key)} bytes, not "
+                                f"{BLOB_PAGE_EPOCH.size})")
+            elif len(raw) != PLACE.size:
+                blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
+                problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch}: damaged entry "
+                                f"({len(raw)} bytes, not {PLACE.size})")
+                want.pop(key, None)  # reported: not also as missing
+            else:
+                have[key] = raw
         for key in sorted(set(want) ^ set(have))[:100]:
             blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
             what = "is missing" if key in want else "names no frozen piece"
@@ -968,7 +981,12 @@ class PageBlobs:
             if not cur.set_range(key(blob_id, p, epoch)):
                 rest.append((p, e))
                 break
-            b, q, j = unpack(cur.key())
+            try:
+                b, q, j = unpack(cur.key())
+                ps, pe, gen = PLACE.unpack(cur.value())
+            except struct.error:
+                raise CorruptStamp(f"blob {blob_id}: the history index has a damaged entry near page {p} "
+                                   "(stamp check names it)") from None
             if b != blob_id or q >= e:
                 rest.append((p, e))
                 break
@@ -977,7 +995,6 @@ class PageBlobs:
                 p = q
                 if j < epoch:
                     continue  # seek again, at (q, epoch)
-            ps, pe, gen = PLACE.unpack(cur.value())
             if gen > epoch:  # written after the snapshot: page p was empty then
                 p += 1
                 continue
@@ -1145,8 +1162,31 @@ class PageBlobs:
         if st.latest == k:
             st.latest = prev
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        if prev >= 0:  # no diff starts or ends at k any more: its epochs and the next one's are read as one
+            self._merge_changes(txn, blob_id, prev, min([j for j in epochs if j > k], default=st.epoch))
         oldest = min([j for j in epochs if j != k], default=None)
         self._prune_changes(txn, blob_id, oldest)
+
+    def _merge_changes(self, txn: lmdb.Transaction, blob_id: int, after: int, upto: int) -> None:
+        """Put the change logs of epochs (after, upto] under epoch `upto`, merged.
+        A diff reads either all of them or none once no surviving snapshot lies
+        between (a diff runs from one snapshot to a later one, or live), so
+        create-write-delete cycles beside a kept snapshot leave what changed,
+        not one entry per cycle."""
+        changes = self.db["changes"]
+        keys, found = [], []
+        cur = txn.cursor(db=changes)
+        if cur.set_range(BLOB_EPOCH.pack(blob_id, after + 1)):
+            for key, raw in cur:
+                b, epoch, page = BLOB_EPOCH_PAGE.unpack(bytes(key))
+                if b != blob_id or epoch > upto:
+                    break
+                keys.append(bytes(key))
+                found.append((page, rg.END.unpack(bytes(raw))[0]))
+        for key in keys:
+            txn.delete(key, db=changes)
+        for s, e in rg.merge_ranges(found):
+            txn.put(BLOB_EPOCH_PAGE.pack(blob_id, upto, s), rg.END.pack(e), db=changes)
 
     def _prune_changes(self, txn: lmdb.Transaction, blob_id: int, oldest: int | None) -> None:
         """Change logs of epochs no diff can start before are not needed."""

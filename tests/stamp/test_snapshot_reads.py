@@ -184,3 +184,56 @@ class HotPageMachine(PageBlobMachine):
 def test_the_model_holds_with_hot_pages_across_many_snapshots():
     run_state_machine_as_test(HotPageMachine, settings=settings(
         max_examples=60 if SLOW else 10, stateful_step_count=60 if SLOW else 40, deadline=None))
+
+
+def test_snapshot_create_delete_cycles_beside_a_kept_snapshot_keep_the_change_log_bounded(tmp_path):
+    """A backup schedule's pattern: one snapshot kept, and many taken, written
+    after and deleted. Each cycle used to leave a change-log entry under its
+    own epoch (3,000 cycles over 8 pages: 3,001 entries, and a diff from the
+    kept snapshot reading them all); a deleted snapshot's epochs are merged
+    into the next one's, so the log holds what changed, not how often."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 1 << 20)
+    keep = st.blobs.snapshot("d")
+    for i in range(300):
+        s = st.blobs.snapshot("d")
+        st.blobs.write("d", (i % 8) * 4 * KIB, page_data(4 * KIB, i))
+        st.blobs.delete_snapshot("d", s.id)
+    newer = st.blobs.snapshot("d")  # the newest deleted last: its epochs merge into the live one
+    st.blobs.write("d", 64 * KIB, page_data(4 * KIB, 1))
+    mid = st.blobs.snapshot("d")
+    st.blobs.write("d", 128 * KIB, page_data(4 * KIB, 2))
+    st.blobs.delete_snapshot("d", newer.id)
+    with st.meta.read() as txn:
+        entries = txn.stat(st.meta.db["changes"])["entries"]
+    assert entries <= 8, entries
+    assert st.blobs.diff("d", keep.id).to_json()["written"] == [
+        {"offset": 0, "length": 32 * KIB}, {"offset": 64 * KIB, "length": 4 * KIB},
+        {"offset": 128 * KIB, "length": 4 * KIB}]
+    assert st.blobs.diff("d", keep.id, mid.id).written == [(0, 32 * KIB), (64 * KIB, 4 * KIB)]
+    assert st.blobs.diff("d", mid.id).written == [(128 * KIB, 4 * KIB)]
+    assert st.check().ok
+    st.close()
+
+
+def test_check_and_snapshot_reads_report_a_history_entry_of_the_wrong_size(many):
+    """A damaged pagehist entry (a value or key cut short) is a problem that
+    check names and a snapshot read's CorruptStamp, never a struct.error
+    traceback from `stamp check`."""
+    st, snaps = many
+    db = st.meta.db["pagehist"]
+    with st.meta.write() as txn:
+        key, raw = next(st.meta.items(txn, "pagehist"))
+        txn.put(key, raw[:3], db=db)
+        txn.put(key[:5], raw, db=db)
+    problems = st.check().problems
+    assert any("history index" in p and "damaged" in p and "3 bytes" in p for p in problems), problems
+    assert any("history index" in p and "damaged" in p and "key" in p for p in problems), problems
+    blob_id, page, epoch = struct.unpack(">QQI", key)
+    snap = next(s for s in st.blobs.snapshots("d") if s.epoch == epoch)
+    with pytest.raises(stamp.CorruptStamp, match="damaged"):
+        st.blobs.read("d", page * 512, 512, snapshot=snap.id)
+    with st.meta.write() as txn:
+        txn.put(key, raw, db=db)
+        txn.delete(key[:5], db=db)
+    assert st.check().ok
