@@ -347,7 +347,7 @@ class PageBlobs:
                     old = txn.get(_version_key(U64.unpack(key)[0]), db=counters)
                     word = (U64.unpack(old)[0] if old else 0) << 1 | 1
                     txn.put(key, raw + WORD.pack(word), db=self.db["blobstate"])
-                    txn.delete(_version_key(U64.unpack(key)[0]), db=counters)
+            rg.delete_prefix(txn, counters, b"version/")  # every old counter, deleted blobs' too
             txn.put(STATE_WORD_BUILT, U64.pack(1), db=counters)
 
     def _build_history(self) -> None:
