@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket as socketlib
 import stat
@@ -501,10 +502,13 @@ class NbdServer:
                 except BaseException:
                     budget.give(ticket)
                     raise
-                task = asyncio.ensure_future(self._request(writer, lock, conn, ticket, export, flags, kind, cookie,
+                task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
                                                            offset, length, payload))
                 conn.pending.add(task)
                 task.add_done_callback(conn.pending.discard)
+                # the budget is given back when the task ends, however: a task cancelled before it
+                # started (requests pipelined behind a client that broke off) runs none of its code
+                task.add_done_callback(functools.partial(_give, budget, ticket))
                 continue
             # A device that answers at once (a file): served inline, in order, no task, no lock; one
             # request at a time, so the shared pool is all there is to check (requests the hot path
@@ -628,12 +632,13 @@ class NbdServer:
             dev.flush()
         return b""
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, ticket: Ticket,
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection,
                        export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
                        payload: bytes) -> None:
         """A request to a device that waits (its read and write are coroutines):
         data commands are awaited here; every other command is served as _serve
-        does. Its budget is given back once the reply has left, or if it fails."""
+        does. Its budget is given back when its task ends (once the reply has
+        left, or it failed or was cancelled: _transmission's done callback)."""
         try:
             waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
             error = self._refuse(conn, export, flags, kind, offset, length)
@@ -651,8 +656,6 @@ class NbdServer:
                 await send(writer, head, data)
         except ConnectionError as e:
             e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
-        finally:
-            self.budget.give(ticket)
 
     def _refuse(self, conn: Connection, export: Export, flags: int, kind: int, offset: int, length: int) -> int:
         """The error a request gets before it reaches the device, or 0."""
@@ -696,6 +699,11 @@ class NbdServer:
         if kind == CMD_BLOCK_STATUS:
             return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_BLOCK_STATUS, cookie, len(status)) + status, b""
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
+
+
+def _give(budget: Budget, ticket: Ticket, _task: asyncio.Task[None]) -> None:
+    """A request task's done callback: its budget back (_transmission)."""
+    budget.give(ticket)
 
 
 def export_name(path: str) -> str:

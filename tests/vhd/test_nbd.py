@@ -855,3 +855,41 @@ def test_small_reads_and_writes_call_no_helper_and_answer_as_serve_does(tmp_path
     finally:
         for img in images:
             img.close()
+
+
+def settled_budget(server: nbd.NbdServer, most: float = 20.0) -> dict[str, int]:
+    """The budget's statistics once it stops moving (a wait for the server's loop, not a timing check)."""
+    last, still, deadline = None, 0, time.monotonic() + most
+    while still < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = server.budget.statistics()
+        still, last = (still + 1, last) if now == last else (0, now)
+    return server.budget.statistics()
+
+
+@pytest.mark.parametrize("ending", ["bad magic", "a write over the maximum", "cut mid-request", "cut mid-data"])
+def test_requests_queued_behind_a_broken_connection_give_their_budget_back(tmp_path, ending):
+    """On a device that waits (hostcache serve), requests already in the socket
+    buffer are each given a task before any runs; a client that then broke the
+    protocol or vanished had those tasks cancelled before they started, so their
+    budget was never given back: 5 pipelined 1 MiB reads leaked 5 MiB a
+    connection, and a few dozen such clients left the server no budget."""
+    sock = str(tmp_path / "w.sock")
+    srv = ServerThread(nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}), sock)  # type: ignore[arg-type]
+    try:
+        read = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1, 0, MIB)
+        huge = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 2, 0, nbd.MAX_REQUEST + 1)
+        tail = {"bad magic": bytes(nbd._REQUEST.size), "a write over the maximum": huge, "cut mid-request": read[:11],
+                "cut mid-data": struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 2, 0, 4096) + b"w" * 99}
+        for _ in range(4):
+            c = Client(sock, "w")
+            c.s.sendall(read * 5 + tail[ending])
+            c.s.shutdown(socket.SHUT_WR)
+            c.s.close()
+        stats = settled_budget(srv.server)
+        assert (stats["used"], stats["reserve_used"]) == (0, 0), stats
+        c = Client(sock, "w")  # and the server goes on
+        assert c.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+    finally:
+        srv.close()
+
