@@ -28,7 +28,8 @@ back once its reply has left (but for at most SEND_PIECE per connection still
 buffered: large replies go out a piece at a time, so asyncio never copies more
 than about two pieces of one). Out of budget, a connection stops reading
 requests (backpressure). A large read from a file is read a piece at a time,
-letting other connections in between; so is a large WRITE_ZEROES with NO_HOLE.
+letting other connections in between; so is a large WRITE_ZEROES or TRIM (a
+discard writes zeros on a fixed or differencing image).
 A client that goes away has its pending
 work cancelled and its buffer dropped; the error's traceback is cut so no
 reference cycle keeps its data until gc. A block status reply describes at
@@ -523,8 +524,8 @@ class NbdServer:
                     payload = await self._payload(reader, length)
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
-                elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
-                    head, data = await self._large_zeroes(conn, export, flags, cookie, offset, length)
+                elif kind in (CMD_WRITE_ZEROES, CMD_TRIM) and length > ZERO_CHUNK:
+                    head, data = await self._large_zeroes(conn, export, flags, kind, cookie, offset, length)
                 else:
                     head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
                 payload = b""
@@ -579,22 +580,35 @@ class NbdServer:
             return self._reply(conn, CMD_READ, cookie, offset, self._error(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
 
-    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
-                            length: int) -> tuple[bytes, bytes]:
-        """A WRITE_ZEROES with NO_HOLE larger than ZERO_CHUNK (up to 4 GiB) on a
-        device that does not wait, written a chunk at a time with the loop let
-        go in between: it does not stop every other client for seconds."""
-        error = self._refuse(conn, export, flags, CMD_WRITE_ZEROES, offset, length)
+    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int,
+                            offset: int, length: int) -> tuple[bytes, bytes]:
+        """A WRITE_ZEROES or TRIM larger than ZERO_CHUNK (up to 4 GiB) on a device
+        that does not wait, done a piece at a time with the loop let go in
+        between: it does not stop every other client for seconds (a discard
+        writes zeros on a fixed or differencing image: 4 GiB took 3 s and 12 s).
+        With NO_HOLE zeros are written, a ZERO_CHUNK at a time; otherwise the
+        device discards pieces that end on multiples of its block size (never
+        less than ZERO_CHUNK), so no block is split and whole blocks are still
+        unallocated."""
+        error = self._refuse(conn, export, flags, kind, offset, length)
         if not error:
+            device, end = export.device, offset + length
+            piece = ZERO_CHUNK if flags & CMDF_NO_HOLE else max(ZERO_CHUNK, getattr(device, "block_size", 0))
             try:
-                for at in range(offset, offset + length, ZERO_CHUNK):
-                    write_zeros(export.device, at, min(ZERO_CHUNK, offset + length - at))
+                at = offset
+                while at < end:
+                    n = min(end, at - at % piece + piece) - at
+                    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+                        write_zeros(device, at, n)
+                    else:
+                        device.discard(at, n)  # reads as zeros afterwards (the block device contract)
+                    at += n
                     await asyncio.sleep(0)
                 if flags & CMDF_FUA:
-                    export.device.flush()
+                    device.flush()
             except Exception as e:  # any failure of the device gets a reply (_errno), never none
-                error = self._error(e, CMD_WRITE_ZEROES)
-        return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
+                error = self._error(e, kind)
+        return self._reply(conn, kind, cookie, offset, error, b"", b"")
 
     @staticmethod
     def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
