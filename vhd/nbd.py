@@ -187,7 +187,7 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
-async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
+async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes, stall: float) -> None:
     """Send a reply SEND_PIECE at a time, waiting while more than a piece is
     buffered: the transport never holds a copy of more than about two pieces."""
     writer.write(head)
@@ -197,9 +197,23 @@ async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
             raise ConnectionResetError("the client went away")
         writer.write(view[at:at + SEND_PIECE])
         if writer.transport.get_write_buffer_size() > SEND_PIECE:
-            await writer.drain()
+            await drain(writer, stall)
     if not data and writer.transport.get_write_buffer_size() > SEND_PIECE:
-        await writer.drain()  # replies with no data (FLUSH, a block status) pile up too
+        await drain(writer, stall)  # replies with no data (FLUSH, a block status) pile up too
+
+
+async def drain(writer: asyncio.StreamWriter, stall: float) -> None:
+    """Wait until the client has taken its replies down to SEND_PIECE. One that
+    takes nothing for `stall` seconds is closed: its replies hold their budget
+    until they leave, so a few clients that never read (5 with unread 32 MiB
+    reads) would hold the whole budget, and starve every other client's larger
+    requests, for as long as they stayed connected."""
+    try:
+        async with asyncio.timeout(stall):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        raise ConnectionResetError(f"the client took no reply for {stall:g} s") from None
 
 
 def request_cost(kind: int, flags: int, length: int) -> int:
@@ -485,7 +499,7 @@ class NbdServer:
                         transport.write(head + data if data else head)  # one send
                         payload = data = b""
                         if transport.get_write_buffer_size() > SEND_PIECE:
-                            await writer.drain()  # the client reads slower than it asks: wait for it
+                            await drain(writer, self.stall_timeout)  # the client reads slower than it asks: wait for it
                     finally:
                         budget.give_back(cost)
                     continue
@@ -533,9 +547,9 @@ class NbdServer:
                     writer.write(head + data if data else head)  # a small reply: one send
                     head = data = b""
                     if transport.get_write_buffer_size() > SEND_PIECE:
-                        await writer.drain()  # the client reads slower than it asks: wait for it
+                        await drain(writer, self.stall_timeout)  # the client reads slower than it asks: wait for it
                 else:
-                    await send(writer, head, data)
+                    await send(writer, head, data, self.stall_timeout)
             finally:
                 if taken is None:
                     budget.give_back(cost)
@@ -667,7 +681,7 @@ class NbdServer:
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
             payload = b""
             async with lock:
-                await send(writer, head, data)
+                await send(writer, head, data, self.stall_timeout)
         except ConnectionError as e:
             e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
 

@@ -951,3 +951,39 @@ def test_a_large_discard_of_a_dynamic_image_still_unallocates_whole_blocks(tmp_p
         c.s.close()
     finally:
         srv.close()
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_clients_that_never_take_their_replies_are_closed_after_the_stall_timeout(tmp_path, waits):
+    """5 connections each sending 32 MiB reads and reading no reply held the
+    whole budget for as long as they stayed: nbdcopy (256 KiB requests) and
+    qemu-img convert beside them waited for ever. A reply the client takes
+    nothing of for stall_timeout now closes its connection, freeing its budget;
+    a client that does read is served."""
+    if waits:
+        device = WaitingDevice()
+    else:
+        with vhd.create(tmp_path / "g.vhd", 64 * MIB, type="fixed"):
+            pass
+        device = vhd.open(tmp_path / "g.vhd", writable=True)
+    sock = str(tmp_path / "g.sock")
+    srv = ServerThread(nbd.NbdServer({"g": nbd.Export("g", device)}, stall_timeout=1.0), sock)  # type: ignore[arg-type]
+    try:
+        hogs = []
+        for _ in range(5):
+            h = Client(sock, "g")
+            h.s.sendall(b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, k, 0, 32 * MIB)
+                                 for k in range(4)))
+            hogs.append(h)
+        reader = Client(sock, "g")
+        reader.s.settimeout(60)  # a guard: served once the hogs are closed, or never
+        assert reader.request(nbd.CMD_READ, 0, MIB) == (0, bytes(MIB))
+        deadline = time.monotonic() + 60  # a guard: the hogs are closed (reading them would make them readers)
+        while srv.server.active > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.active == 1, f"{srv.server.active - 1} clients that take no replies still served"
+        stats = settled_budget(srv.server)
+        assert (stats["used"], stats["reserve_used"]) == (0, 0), stats
+        assert reader.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))  # the reader is not closed
+    finally:
+        srv.close()
