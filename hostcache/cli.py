@@ -456,11 +456,13 @@ def serve_worker(a: argparse.Namespace, budget: Any) -> object:
     import signal
     import socket as socketlib
 
+    from vhd.budget import fixed_mmap_threshold
     from vhd.nbd import Export, NbdServer
 
     from .host import AsyncDisk
     from .workers import READY, worker_fds
 
+    fixed_mmap_threshold()  # as run_server does: freed buffers go back to the system
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops its workers
     leases = dict(item.split("=", 1) for item in a.worker_lease)
     control = socketlib.socket(fileno=a.worker_control)

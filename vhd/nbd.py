@@ -59,7 +59,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
-from .budget import Account, Budget, Ticket
+from .budget import Account, Budget, Ticket, fixed_mmap_threshold
 from .errors import RangeError, ReadOnlyError, UsageError, VhdError
 
 NBDMAGIC = 0x4E42444D41474943
@@ -799,6 +799,8 @@ def run_server(server: NbdServer, socket: str | None = None, bind: str = "127.0.
     removed on the way out."""
     import json
     import signal
+
+    fixed_mmap_threshold()
 
     async def main() -> None:
         if socket:

@@ -13,8 +13,6 @@ stamp folder at once (each on its own port): the stamp is multi-process.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -23,6 +21,8 @@ import sys
 from typing import Any
 
 from aiohttp import web
+
+from vhd.budget import fixed_mmap_threshold
 
 from ..errors import StampError
 from ..stamp import Stamp
@@ -106,24 +106,12 @@ async def _serve(st: Stamp, host: str, port: int, accounts: Accounts, limits: Li
         svc.pool.shutdown(wait=True)
 
 
-def _fixed_mmap_threshold() -> None:
-    """Large buffers (request bodies, reads) straight from mmap, returned at
-    free: glibc otherwise raises its mmap threshold after the first 4 MiB
-    buffer is freed and keeps later ones in per-thread heaps, so memory
-    would grow with the threads instead of staying within the budget."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed at 256 KiB
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator has its own policy
-
-
 def serve(stamp_path: str, host: str = "127.0.0.1", port: int = 10000, accounts: list[str] | None = None,
           cert: str | None = None, key: str | None = None, limits: Limits | None = None) -> int:
     """Serve the stamp folder until SIGTERM or SIGINT."""
     acc = load_accounts(stamp_path, accounts or [])
     tls = tls_context(cert, key)
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()
     with Stamp.open(stamp_path) as st:
         asyncio.run(_serve(st, host, port, acc, limits or Limits(), tls))
     print(json.dumps({"stopped": True}), file=sys.stderr, flush=True)
