@@ -377,3 +377,32 @@ def test_a_growth_killed_before_its_record_is_finished_by_the_same_update(disks)
     with disks.open_virtual("p") as v:
         assert v.size == 6 * GIB
     assert disks.check_disk("p").ok
+
+
+def test_a_disk_grows_only_while_nothing_else_has_it(disks, monkeypatch):
+    """Growth is refused while a grant is out (a download reading the blob, an
+    upload writing it), with the platform's code, and when the disk was
+    attached to a running VM between the check and the record (another
+    process's attach): the record keeps its size."""
+    from stamp.disks import DiskState
+    disks.create_empty("p", 4, "Premium_LRS")
+    disks.grant_access("disk", "p", "Read", 600)
+    with pytest.raises(OperationNotAllowed, match="ActiveSAS"):
+        disks.update_disk("p", size_gib=6)
+    assert disks.record("p")["size_bytes"] == 4 * GIB
+    with disks.open_virtual("p") as v:
+        assert v.size == 4 * GIB
+    disks.create_for_upload("u", GIB + 512)
+    disks.grant_access("disk", "u", "Write", 600)
+    with pytest.raises(OperationNotAllowed, match="ActiveUpload"):
+        disks.update_disk("u", size_gib=2)
+    disks.create_empty("q", 4, "Premium_LRS")
+    grow = disks._grow
+
+    def attached_meanwhile(*args: object) -> None:
+        grow(*args)
+        disks.set_state("q", DiskState.ATTACHED, attached_to="vm1", lun=0)
+    monkeypatch.setattr(disks, "_grow", attached_meanwhile)
+    with pytest.raises(OperationNotAllowed, match="attached to running VM vm1"):
+        disks.update_disk("q", size_gib=6)
+    assert disks.record("q")["size_bytes"] == 4 * GIB
