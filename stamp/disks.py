@@ -758,7 +758,11 @@ class Disks:
                     raise BadRequest(f"{str(e).removeprefix('BadRequest: ')} (the disk has {was[1]} MB/s: "
                                      "give --disk-mbps-read-write too)") from None
                 raise
-            changes = perf.check_change_allowed(sku, list(obj.get("performance_changes") or []), now)
+            changes = list(obj.get("performance_changes") or [])
+            if iops is None and mbps is None:  # a growth alone: no performance change, none of the 4 in 24 hours
+                changes = perf.recent_changes(changes, now)
+            else:
+                changes = perf.check_change_allowed(sku, changes, now)
             return {"disk_iops_read_write": new_iops, "disk_mbps_read_write": new_mbps,
                     "performance_changes": changes}
         if iops is not None or mbps is not None:

@@ -406,3 +406,17 @@ def test_a_disk_grows_only_while_nothing_else_has_it(disks, monkeypatch):
     with pytest.raises(OperationNotAllowed, match="attached to running VM vm1"):
         disks.update_disk("q", size_gib=6)
     assert disks.record("q")["size_bytes"] == 4 * GIB
+
+
+def test_growing_a_provisioned_disk_is_no_performance_change(disks):
+    """The 4-in-24-hours rule counts changes of IOPS and MB/s: a growth alone
+    neither uses one up nor is refused when the four are spent."""
+    disks.create_empty("u", 8, "UltraSSD_LRS", iops=1000, mbps=100)
+    for size in (9, 10, 11, 12, 13):
+        assert disks.update_disk("u", size_gib=size)["performance_changes"] == []
+    for iops in (1001, 1002, 1003, 1004):
+        disks.update_disk("u", iops=iops)
+    u = disks.update_disk("u", size_gib=16)
+    assert (u["size_bytes"], u["disk_iops_read_write"], len(u["performance_changes"])) == (16 * GIB, 1004, 4)
+    with pytest.raises(OperationNotAllowed, match="at most 4 times in 24 hours"):
+        disks.update_disk("u", size_gib=20, iops=1005)
