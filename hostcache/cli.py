@@ -444,7 +444,7 @@ def _listen(a: argparse.Namespace) -> Any:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise HostError(f"{a.socket} is already in use: stop that server, or choose another --socket") from None
-        raise
+        raise HostError(f"cannot listen on {a.socket} ({e.strerror or e}): choose another --socket") from None
     sock.listen(128)
     return sock
 
