@@ -462,8 +462,14 @@ def serve_worker(a: argparse.Namespace, budget: Any) -> object:
     from .workers import READY, worker_fds
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops its workers
-    leases = dict(item.split("=", 1) for item in a.worker_lease)
-    control = socketlib.socket(fileno=a.worker_control)
+    leases = dict(item.split("=", 1) for item in a.worker_lease if "=" in item)
+    try:
+        control = socketlib.socket(fileno=a.worker_control)
+        if control.family != socketlib.AF_UNIX or any(str(lun) not in leases for lun in a.lun):
+            raise OSError(errno.EINVAL, "not a supervisor's")
+    except OSError:
+        raise HostError("--worker-control and --worker-lease are for the workers hostcache serve --workers starts; "
+                        "serve with --workers N") from None
     with Host(a.host) as h:
         exports = {}
         for lun in a.lun:

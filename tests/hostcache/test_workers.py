@@ -258,3 +258,11 @@ def test_a_socket_that_cannot_be_made_is_a_clear_error_and_leaves_nothing_held(t
     with Host(host) as h:  # nothing was left held
         h.open_disk("vm", 0).close()
 
+
+def test_a_workers_own_options_given_by_hand_are_a_clear_error(tmp_path):
+    host = setup_host(tmp_path)
+    for extra in (["--worker-control", "99"], ["--worker-control", "1"], ["--worker-control", "0", "--worker-lease=0"]):
+        out = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--lun", "0", *extra],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "serve with --workers N" in out.stderr, out.stderr
