@@ -97,7 +97,7 @@ GRANTS = "grant/"  # resources key prefix: grant container -> {kind, name} of th
 CREATING = "Creating"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-SKUS = {"Standard_LRS": 32 * 1024, "StandardSSD_LRS": 32 * 1024, "Premium_LRS": 32 * 1024,
+SKUS = {"Standard_LRS": 32767, "StandardSSD_LRS": 32767, "Premium_LRS": 32767,  # P80, E80, S80
         "PremiumV2_LRS": 64 * 1024, "UltraSSD_LRS": 64 * 1024}  # max size in GiB
 MIN_GIB = {"UltraSSD_LRS": 4}  # the smallest size, where it is not 1 GiB
 

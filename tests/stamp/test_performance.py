@@ -420,3 +420,14 @@ def test_growing_a_provisioned_disk_is_no_performance_change(disks):
     assert (u["size_bytes"], u["disk_iops_read_write"], len(u["performance_changes"])) == (16 * GIB, 1004, 4)
     with pytest.raises(OperationNotAllowed, match="at most 4 times in 24 hours"):
         disks.update_disk("u", size_gib=20, iops=1005)
+
+
+@pytest.mark.parametrize("sku", ["Premium_LRS", "StandardSSD_LRS", "Standard_LRS"])
+def test_the_largest_tiered_disk_is_the_largest_tiers_size(disks, sku):
+    """The size check and the tiers agree: 32,767 GiB (P80, E80, S80), not 32,768."""
+    with pytest.raises(StampError, match="1 GiB to 32767 GiB; asked for 32768"):
+        disks.create_empty("big", 32768, sku)
+    disks.create_empty("p", 100, sku)
+    with pytest.raises(StampError, match="1 GiB to 32767 GiB; asked for 32768"):
+        disks.update_disk("p", size_gib=32768)
+    assert perf.baseline_tier(sku, 32767)[1:] == "80"
