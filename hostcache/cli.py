@@ -444,7 +444,7 @@ def _listen(a: argparse.Namespace) -> Any:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise HostError(f"{a.socket} is already in use: stop that server, or choose another --socket") from None
-        raise
+        raise HostError(f"cannot listen on {a.socket} ({e.strerror or e}): choose another --socket") from None
     sock.listen(128)
     return sock
 
@@ -464,8 +464,14 @@ def serve_worker(a: argparse.Namespace, budget: Any) -> object:
 
     fixed_mmap_threshold()  # as run_server does: freed buffers go back to the system
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops its workers
-    leases = dict(item.split("=", 1) for item in a.worker_lease)
-    control = socketlib.socket(fileno=a.worker_control)
+    leases = dict(item.split("=", 1) for item in a.worker_lease if "=" in item)
+    try:
+        control = socketlib.socket(fileno=a.worker_control)
+        if control.family != socketlib.AF_UNIX or any(str(lun) not in leases for lun in a.lun):
+            raise OSError(errno.EINVAL, "not a supervisor's")
+    except OSError:
+        raise HostError("--worker-control and --worker-lease are for the workers hostcache serve --workers starts; "
+                        "serve with --workers N") from None
     with Host(a.host) as h:
         exports = {}
         for lun in a.lun:

@@ -97,7 +97,7 @@ GRANTS = "grant/"  # resources key prefix: grant container -> {kind, name} of th
 CREATING = "Creating"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-SKUS = {"Standard_LRS": 32 * 1024, "StandardSSD_LRS": 32 * 1024, "Premium_LRS": 32 * 1024,
+SKUS = {"Standard_LRS": 32767, "StandardSSD_LRS": 32767, "Premium_LRS": 32767,  # P80, E80, S80
         "PremiumV2_LRS": 64 * 1024, "UltraSSD_LRS": 64 * 1024}  # max size in GiB
 MIN_GIB = {"UltraSSD_LRS": 4}  # the smallest size, where it is not 1 GiB
 
@@ -687,6 +687,7 @@ class Disks:
                 raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
             obj = dict(obj)
             if size_gib is not None:
+                self._check_growable(obj)  # again: another process may have attached or granted it meanwhile
                 obj.update(size_bytes=size_gib * GIB, size_gib=float(size_gib))
             obj.update(self._changed(obj, iops, mbps, tier, self.clock()))
             obj["performance_version"] = int(obj.get("performance_version", 0)) + 1
@@ -704,9 +705,7 @@ class Disks:
         obj = self.record(name)
         if isinstance(size_gib, bool) or not isinstance(size_gib, int):
             raise StampError(f"a disk's new size is a whole number of GiB, not {size_gib!r}")
-        if obj["state"] == DiskState.ATTACHED.value:
-            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
-                                      "grows only while unattached or its VM is deallocated")
+        self._check_growable(obj)
         if size_gib * GIB < int(obj["size_bytes"]):
             raise OperationNotAllowed(f"a disk can only grow: {name!r} is {obj['size_gib']:g} GiB, not more than "
                                       f"{size_gib} GiB")
@@ -729,6 +728,18 @@ class Disks:
         finally:
             self.blobs.release_lease(str(obj["blob"]), lease)
 
+    @staticmethod
+    def _check_growable(obj: dict[str, Any]) -> None:
+        """A disk grows only unattached or Reserved (its VM deallocated): not
+        attached to a running VM, nor while a grant is out (a download reading
+        the blob, an upload writing it: the platform's OperationNotAllowed)."""
+        name, state = str(obj["name"]), str(obj["state"])
+        if state == DiskState.ATTACHED.value:
+            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
+                                      "grows only while unattached or its VM is deallocated")
+        if state in (DiskState.ACTIVE_SAS.value, DiskState.ACTIVE_UPLOAD.value):
+            raise ac.not_allowed("resize", "disk", name, state)
+
     def _changed(self, obj: dict[str, Any], iops: int | None, mbps: int | None, tier: str | None,
                  now: float) -> dict[str, Any]:
         """The fields a performance change sets on record `obj` (a size change
@@ -747,7 +758,11 @@ class Disks:
                     raise BadRequest(f"{str(e).removeprefix('BadRequest: ')} (the disk has {was[1]} MB/s: "
                                      "give --disk-mbps-read-write too)") from None
                 raise
-            changes = perf.check_change_allowed(sku, list(obj.get("performance_changes") or []), now)
+            changes = list(obj.get("performance_changes") or [])
+            if iops is None and mbps is None:  # a growth alone: no performance change, none of the 4 in 24 hours
+                changes = perf.recent_changes(changes, now)
+            else:
+                changes = perf.check_change_allowed(sku, changes, now)
             return {"disk_iops_read_write": new_iops, "disk_mbps_read_write": new_mbps,
                     "performance_changes": changes}
         if iops is not None or mbps is not None:

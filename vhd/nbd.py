@@ -769,13 +769,24 @@ def server_budget(mib: int, max_connections: int = MAX_CONNECTIONS) -> Budget:
                   small=RESERVED)
 
 
+MAX_SOCKET_PATH = 108  # bytes: sockaddr_un's sun_path on Linux
+
+
 def claim_socket(path: str) -> None:
     """Make way for a server on unix socket `path`: refuse if a live server
     answers there (binding would silently take it over, orphaning that server
-    and its image lock); remove a stale socket file left by a dead one."""
+    and its image lock); remove a stale socket file left by a dead one. A path
+    no socket can have (its folder missing, too long) is refused here, before
+    the server opens anything."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(f"{path} is too long for a unix socket (at most {MAX_SOCKET_PATH} bytes): choose a "
+                         "shorter --socket")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise UsageError(f"the folder of {path} does not exist: create it, or choose another --socket") from None
         return
     if not stat.S_ISSOCK(mode):
         raise UsageError(f"{path} exists and is not a socket: choose another --socket")
