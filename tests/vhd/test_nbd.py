@@ -384,7 +384,8 @@ def hostile_load(sock: str, pid: int, greedy_export: str, light_export: str, con
                  budget: int) -> None:
     """Greedy clients beside a light one: the server's memory stays within its
     budget (plus slack) and goes back when they leave; the light client's p99
-    stays within 50x its idle p99 (best of 3 tries: the machine is shared)."""
+    stays within 50x its idle p99, or 25 ms (best of 3 tries: the machine is
+    shared); a starved one waits behind the greedy clients' 32 MiB reads."""
     light = Client(sock, light_export)
     idle = p99(light, 0, 500)
     base = rss(pid)
@@ -394,7 +395,8 @@ def hostile_load(sock: str, pid: int, greedy_export: str, light_export: str, con
         last, highest = settle(pid, bound)
         assert highest <= bound, f"RSS grew by {(highest - base) >> 20} MiB under greedy clients"
         busy = min(p99(light, 0, 500) for _ in range(3))
-        assert busy <= 50 * idle, f"light client p99 {busy * 1e3:.2f} ms beside greedy ones, {idle * 1e3:.2f} ms idle"
+        allowed = max(50 * idle, 0.025)  # 25 ms at least: a shared machine's scheduler alone can cost a few ms
+        assert busy <= allowed, f"light client p99 {busy * 1e3:.2f} ms beside greedy ones, {idle * 1e3:.2f} ms idle"
     finally:
         for h in hogs:
             h.s.close()
