@@ -117,7 +117,8 @@ def test_a_writer_and_reclaimer_rounds_keep_disk_use_under_twice_the_live_data(t
 def test_a_reclaimer_thread_beside_a_writer_keeps_disk_use_bounded(tmp_path):
     """The same with the reclaimer in its own thread, as `hostcache serve`
     runs it: the writer is never paused for it, and disk use stays bounded
-    (the allowance is larger: the writer may get ahead of a round)."""
+    (the allowance is larger: nothing holds the writer back, so on a loaded
+    machine it may get a few rounds ahead of the thread)."""
     path = str(tmp_path / "st")
     st = Stamp.create(path, extent_size=MIB)
     st.blobs.create("d", SIZE)
@@ -127,7 +128,7 @@ def test_a_reclaimer_thread_beside_a_writer_keeps_disk_use_bounded(tmp_path):
             overwrite(st, rng, model)
             if i % 16 == 0:
                 used, live = node_bytes(path), st.blobs.used_bytes("d")
-                assert used <= 2 * 3 * live + 2 * ALLOWANCE, (i, used, live, r.stats.to_json())
+                assert used <= 2 * 3 * live + 4 * ALLOWANCE, (i, used, live, r.stats.to_json())
     r.step()  # the writer stopped: one more round brings it under the trigger
     assert node_bytes(path) <= 3 * (1.6 * SIZE + 2 * MIB)
     assert r.stats.errors == 0 and r.stats.total.bytes_freed > 50 * MIB

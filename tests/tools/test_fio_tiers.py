@@ -84,8 +84,9 @@ def test_a_short_run_measures_the_ceiling_and_the_tiers(tmp_path):
     for r in e1:  # a new E1 bursts to 600 IOPS; the throttle lets no more through
         assert r["verdict"] in VERDICTS and r["measures"].startswith("burst")
         assert 0 < r["iops"] <= 600 * 1.1 and r["limit_iops"] == 600
-    v2 = [r for r in rows["tiers"] if r["tier"] == "V2-20000"]
-    assert len(v2) == 4 and all(r["iops"] is None and r["verdict"].startswith("skipped") for r in v2)
+    v2 = [r for r in rows["tiers"] if r["tier"] == "V2-20000"]  # provisioned above its baseline of 3,000
+    assert len(v2) == 4 and all(r["iops"] and r["verdict"] in VERDICTS for r in v2)
+    assert [round(r["limit_iops"]) for r in v2] == [20000, 20000, round(500e6 / 65536), round(500e6 / 65536)]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
