@@ -225,3 +225,38 @@ def test_a_copy_made_while_an_extent_is_dying_keeps_it(tmp_path):
     assert [e.id for e in st.stream.all_extents()] == [extent]
     assert st.blobs.read("dst", 0, len(data)) == data and st.check(deep=True).ok
     st.close()
+
+
+def test_a_reader_whose_pieces_move_twice_while_it_waits_still_reads_them(tmp_path):
+    """A reader resolves its pieces, then loses the CPU while gc in another
+    process compacts their extent and deletes it; its retry resolves the
+    copies, and loses the CPU again while another round moves those too. A
+    live page must still read: only a resolution that fails twice the same
+    way is a loss."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    want = b"\x07" * 4096
+    st.blobs.write("b", 0, want)
+    for i in range(300):  # the extent holding page 0 fills, is sealed and is mostly dead
+        st.blobs.write("b", 8192, bytes([i % 256]) * 4096)
+    st.close()
+    st = Stamp.open(path)  # a reader with no replica file open yet
+    read, rounds = st.stream.read, []
+
+    def preempted(*args):
+        if len(rounds) < 2:  # gc in another process runs before each of the reader's first two reads
+            gc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", path, "gc", "--compact-below", "1.0"],
+                                capture_output=True, text=True)
+            rounds.append(gc.returncode)
+        return read(*args)
+
+    st.stream.read = preempted
+    assert st.blobs.read("b", 0, 4096) == want
+    assert rounds == [0, 0]
+    st.stream.read = read
+    assert st.check().ok
+    st.close()
