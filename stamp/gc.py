@@ -30,7 +30,8 @@ COMPACT_BATCH pieces or by the extents it names).
      their replica files are deleted (after the commit: a crash in between
      leaves orphan files, which scrub removes).
 A round killed after step 3 leaves `dying` records: the next round (in any
-process) verifies and finishes them, and two rounds finishing one extent at
+process), or `stamp repair` (which re-replicates only extents in `extents`),
+verifies and finishes them, and two rounds finishing one extent at
 once agree (each verified after its doom). Readers that resolved a piece
 just before it moved re-resolve (pageblob). On a full disk compaction cannot
 append and is skipped; deleting dead extents goes on (its transactions may
@@ -199,6 +200,13 @@ def _compact(stamp: Stamp, pieces: list[Ref], report: GcReport | None = None) ->
                 if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
                     txn.put(key, new_raw, db=stamp.meta.db[table])
     return moved
+
+
+def finish_dying(stamp: Stamp) -> dict[int, bool]:
+    """Finish what rounds killed after their doom left in `dying` (verify,
+    then delete or put back): `stamp repair` does it first, so an extent put
+    back is re-replicated with the others. Returns {id: deleted}."""
+    return _delete_unreferenced(stamp, [])
 
 
 def _moved(stamp: Stamp, table: str, key: bytes, raw: bytes) -> bool:

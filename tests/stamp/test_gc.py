@@ -296,3 +296,36 @@ def test_two_rounds_in_two_processes_compacting_one_extent_both_succeed(tmp_path
     assert st.blobs.read("b", 0, 4096) == want
     assert st.check().ok
     st.close()
+
+
+def test_repair_after_a_round_killed_after_dooming_and_a_lost_node_checks_clean(tmp_path, capsys):
+    """gc killed -9 right after its doom leaves a `dying` record; a node holding
+    one of its replicas is then lost. check names the lost replica and says
+    `stamp repair` re-makes it: repair must finish the half round (delete the
+    extent if unreferenced, else put it back and re-replicate it) so that
+    check is clean after it."""
+    from stamp.cli import main
+    from stamp.gc import _doom, census, references
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    st.blobs.write("b", 0, b"\x07" * 4096)  # live: in the first extent with the dead ones below
+    for i in range(800):  # extents 2 and on: dead but the last
+        st.blobs.write("b", 8192, bytes([i % 256]) * 4096)
+    st.stream.seal_current()
+    uses = census(st, references(st))
+    dead = [u.id for u in uses if u.sealed and u.live == 0]
+    live = next(u.id for u in uses if u.sealed and u.live > 0)
+    assert sorted(_doom(st, [*dead, live])) == sorted([*dead, live])  # the round dies here
+    name = st.stream.nodes[st.stream.extent(live, refresh=True).nodes[0]].name
+    st.close()
+    assert main(["--stamp", path, "fault", "node-lost", name]) == 0
+    assert main(["--stamp", path, "repair"]) == 0
+    capsys.readouterr()
+    assert main(["--stamp", path, "check"]) == 0, capsys.readouterr().out
+    st = Stamp.open(path)
+    assert st.blobs.read("b", 0, 4096) == b"\x07" * 4096
+    assert live in {e.id for e in st.stream.all_extents()}  # back, on 3 replicas
+    assert not set(dead) & {e.id for e in st.stream.all_extents(dying=True)}  # gone
+    st.close()
