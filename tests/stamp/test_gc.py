@@ -3,6 +3,7 @@ nothing a blob or snapshot can read changes."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -328,4 +329,36 @@ def test_repair_after_a_round_killed_after_dooming_and_a_lost_node_checks_clean(
     assert st.blobs.read("b", 0, 4096) == b"\x07" * 4096
     assert live in {e.id for e in st.stream.all_extents()}  # back, on 3 replicas
     assert not set(dead) & {e.id for e in st.stream.all_extents(dying=True)}  # gone
+    st.close()
+
+
+def test_a_slow_recovery_does_not_bring_back_an_extent_gc_deleted(tmp_path):
+    """A writer dies (kill -9) with an open extent holding a record nobody
+    points at. This process's recovery walks it; meanwhile another process
+    opens the stamp (its recovery seals the extent) and gc deletes it as
+    unreferenced, files and all. Sealing it now must not put its record
+    back: check would report its replicas missing and data lost, for ever."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "st")
+    Stamp.create(path, extent_size=MIB).close()
+    st = Stamp.open(path)
+    subprocess.run([sys.executable, "-c", f"import os; from stamp import Stamp; st = Stamp.open({path!r}); "
+                    "st.stream.append(b'x' * 4096); os.kill(os.getpid(), 9)"], check=False)
+    walk, others = st.stream._walk, []
+
+    def walk_then_another_process(*args, **kwargs):
+        out = walk(*args, **kwargs)
+        if not others:
+            gc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", path, "gc"], capture_output=True, text=True)
+            others.append(json.loads(gc.stdout)["extents_deleted"])
+        return out
+
+    st.stream._walk = walk_then_another_process
+    assert st.stream.recover() == []  # the other process recovered it first
+    st.stream._walk = walk
+    assert others == [1]
+    report = st.check()
+    assert report.ok, report.problems
     st.close()
