@@ -362,3 +362,42 @@ def test_a_slow_recovery_does_not_bring_back_an_extent_gc_deleted(tmp_path):
     report = st.check()
     assert report.ok, report.problems
     st.close()
+
+
+def test_a_reader_thread_never_reads_another_extent_through_a_descriptor_gc_closed(tmp_path, monkeypatch):
+    """In `hostcache serve` the reclaimer thread deletes an extent whose
+    replica descriptor a reader thread was just handed; if it closed the
+    descriptor, the next file any thread opens may get its number, and the
+    reader's pread reads that file. Records are checksummed by offset, not
+    by extent, so a record of the same length at the same offset in another
+    extent verifies: the reader would return another page's bytes."""
+    import stamp.node
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    want = b"\x07" * 65536
+    st.blobs.write("b", 0, want)  # extent 1, its first record
+    for i in range(40):  # 64 KiB records: extent 2 has a record of the same length at the same offset
+        st.blobs.write("b", 65536, bytes([i + 1]) * 65536)
+    st.stream.seal_current()
+    other = st.stream.extent(2)
+    other_fd = os.open(st.stream.nodes[other.nodes[0]].extent_path(2), os.O_RDONLY)
+    real_pread, moved = os.pread, []
+
+    def pread_after_gc(fd, n, offset):  # the reader lost the CPU between fd() and its pread
+        if not moved and fd in {node._fds.get(1) for node in st.stream.nodes.values()}:  # a replica of extent 1
+            moved.append(0)
+            moved[0] = collect(st, compact_below=1.0).extents_deleted  # the reclaimer thread
+            try:
+                os.fstat(fd)
+            except OSError:  # closed: another thread's open may be given its number
+                os.dup2(other_fd, fd)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(stamp.node.os, "pread", pread_after_gc)
+    got = st.blobs.read("b", 0, 65536)
+    monkeypatch.undo()
+    assert moved and moved[0] >= 1
+    assert got == want
+    os.close(other_fd)
+    st.close()
