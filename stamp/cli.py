@@ -22,7 +22,7 @@ from vhd.ops import parse_size
 from . import access as ac
 from .disks import SKUS, Disks
 from .errors import StampError
-from .gc import collect
+from .gc import collect, finish_dying
 from .stamp import DURABILITY, Stamp
 
 EPILOG = """examples:
@@ -484,6 +484,7 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
             return _watch(st, a)
         _print(collect(st, a.compact_below).to_json())
     elif cmd == "repair":
+        finish_dying(st)  # a gc round killed after its doom: its extents are re-replicated only once back
         made = st.stream.rereplicate()
         report = st.stream.scrub()
         _print({"rereplicated": [{"extent": e, "from_node": a_, "to_node": b} for e, a_, b in made],

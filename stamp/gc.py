@@ -13,7 +13,8 @@ COMPACT_BATCH pieces or by the extents it names).
   2. compact the extents `choose` names: each piece's bytes are appended
      anew (3 replicas, as any write) and the pieces are switched to them in
      batches with a compare-and-swap, so a concurrent overwrite wins and
-     nothing it wrote is lost;
+     nothing it wrote is lost; a piece whose extent another round (any
+     process) compacted and deleted since the census is left to it;
   3. doom the extents that now look unreferenced: one write transaction
      moves their records from `extents` to `dying`. From then on no new
      pointer to them can be committed: a write whose record went to a
@@ -29,7 +30,8 @@ COMPACT_BATCH pieces or by the extents it names).
      their replica files are deleted (after the commit: a crash in between
      leaves orphan files, which scrub removes).
 A round killed after step 3 leaves `dying` records: the next round (in any
-process) verifies and finishes them, and two rounds finishing one extent at
+process), or `stamp repair` (which re-replicates only extents in `extents`),
+verifies and finishes them, and two rounds finishing one extent at
 once agree (each verified after its doom). Readers that resolved a piece
 just before it moved re-resolve (pageblob). On a full disk compaction cannot
 append and is skipped; deleting dead extents goes on (its transactions may
@@ -48,7 +50,7 @@ from typing import Any
 import lmdb
 
 from . import record as rec
-from .errors import MetadataFull, NotEnoughNodes
+from .errors import CorruptStamp, DataLost, MetadataFull, NotEnoughNodes
 from .meta import PIECE, U64, loads
 from .node import NodeState
 from .pageblob import PAGE, Piece
@@ -180,7 +182,12 @@ def _compact(stamp: Stamp, pieces: list[Ref], report: GcReport | None = None) ->
     for table, key, raw in pieces:
         p = Piece.unpack(_start(key), raw)
         n = (p.end - p.start) * PAGE
-        data = stamp.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, n)
+        try:
+            data = stamp.stream.read(p.extent, p.rec_off, p.rec_len, p.inner, n)
+        except (CorruptStamp, DataLost):
+            if _moved(stamp, table, key, raw):
+                continue  # another round (any process) moved it and deleted its extent: nothing to copy
+            raise
         loc = stamp.stream.append(data)  # on 3 replicas before any pointer moves
         new = Piece(p.start, p.end, loc.extent, loc.offset, loc.length, 0, p.gen)
         updates.append((table, key, raw, new.pack(), loc.extent))
@@ -193,6 +200,19 @@ def _compact(stamp: Stamp, pieces: list[Ref], report: GcReport | None = None) ->
                 if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
                     txn.put(key, new_raw, db=stamp.meta.db[table])
     return moved
+
+
+def finish_dying(stamp: Stamp) -> dict[int, bool]:
+    """Finish what rounds killed after their doom left in `dying` (verify,
+    then delete or put back): `stamp repair` does it first, so an extent put
+    back is re-replicated with the others. Returns {id: deleted}."""
+    return _delete_unreferenced(stamp, [])
+
+
+def _moved(stamp: Stamp, table: str, key: bytes, raw: bytes) -> bool:
+    """Is the piece at `key` no longer `raw` (moved, overwritten or gone)?"""
+    with stamp.meta.read() as txn:
+        return txn.get(key, db=stamp.meta.db[table]) != raw
 
 
 def _delete_if_unreferenced(stamp: Stamp, extent_id: int) -> bool:

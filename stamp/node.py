@@ -31,6 +31,17 @@ from typing import Any
 MAX_OPEN = 64
 
 
+_DEVNULL = -1
+
+
+def _devnull() -> int:
+    """A descriptor of /dev/null, opened once per process (see Node.drop)."""
+    global _DEVNULL
+    if _DEVNULL < 0:
+        _DEVNULL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _DEVNULL
+
+
 class NodeState(enum.Enum):
     UP = "up"
     DOWN = "down"
@@ -124,10 +135,20 @@ class Node:
         return os.fstat(self.fd(extent_id)).st_size
 
     def drop(self, extent_id: int) -> None:
-        """Forget (close) and delete a replica file."""
+        """Forget and delete a replica file. Its descriptor is not closed at
+        once: another thread may have just been handed it (a reader in
+        `hostcache serve` beside the reclaimer's thread), and a number closed
+        now may be given to the next file opened, whose record of the same
+        length at the same offset would verify (records are checksummed by
+        offset, not extent). It is pointed at /dev/null instead (the file's
+        space is freed; such a pread reads nothing, a bad copy, and the read
+        resolves again) and closed as a retired one is."""
         fd = self._fds.pop(extent_id, None)
         if fd is not None:
-            os.close(fd)
+            os.dup2(_devnull(), fd, inheritable=False)
+            self._stale.append(fd)
+            while len(self._stale) > MAX_OPEN:
+                os.close(self._stale.pop(0))
         try:
             os.unlink(self.extent_path(extent_id))
         except FileNotFoundError:

@@ -1029,7 +1029,8 @@ class PageBlobs:
         """Bytes [offset, offset+length) (Get Blob: any offset and length; zeros
         where nothing is written). A range that ends past the blob is cut at
         its end; one that starts at or past it is InvalidRange."""
-        for attempt in range(2):
+        failed: list[Piece] | None = None
+        while True:
             with self.meta.read() as txn:
                 blob_id, st = self._state(txn, name)
                 epoch, size = (None, st.size) if snapshot is None else \
@@ -1040,11 +1041,13 @@ class PageBlobs:
                 data = self._assemble(pieces, lo, hi - lo)
                 return data if (lo, hi) == (offset, offset + length) else data[offset - lo:offset - lo + length]
             except (CorruptStamp, DataLost):
-                if attempt:
+                if pieces == failed:
                     raise
+                failed = pieces
                 # gc may have moved these pieces and deleted their extent since we
-                # resolved them: resolve again (a real loss fails twice)
-        raise AssertionError("unreachable")
+                # resolved them, and again after each retry's resolve (a slow reader,
+                # rounds in another process): resolve again while the pieces keep
+                # moving; a real loss fails twice with the same pieces
 
     def _snapshot_size(self, txn: lmdb.Transaction, blob_id: int, snapshot: str, st: BlobState) -> int:
         raw = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])

@@ -13,7 +13,10 @@ Rules (pure: `plan` and `due` take plain values):
   free, or `recount` seconds after the last census (a deleted blob or
   snapshot lowers the live bytes without adding extent bytes); the cheap
   check reads only the extents table, the census scans the index (in a read
-  transaction: no writer waits);
+  transaction: no writer waits); a round that freed and moved nothing (every
+  extent above `compact_below`, say) is not run again over the trigger until
+  the extent bytes grow (or the recount, or short of space): an idle stamp is
+  not scanned at every interval for nothing;
 - dead sealed extents are always deleted (that costs no copy);
 - partly dead sealed extents are compacted emptiest first (the least to copy
   for the most freed), only those whose live share is below
@@ -80,12 +83,16 @@ def plan(uses: list[ExtentUse], policy: Policy, free: int | None = None) -> list
     return chosen
 
 
-def due(total: int, live: int | None, free: int | None, since_census: float, policy: Policy) -> bool:
-    """Is a round due? `total`: extent bytes now; `live`: what the last census found (None: none yet)."""
+def due(total: int, live: int | None, free: int | None, since_census: float, policy: Policy,
+        futile: int | None = None) -> bool:
+    """Is a round due? `total`: extent bytes now; `live`: what the last census found (None: none yet);
+    `futile`: the extent bytes when the last round freed and moved nothing (None: it did something)."""
     if live is None or since_census >= policy.recount:
         return True
     if free is not None and free < policy.min_free:
         return True
+    if futile is not None and total <= futile:
+        return False  # the same round would find the same nothing to do
     return total > policy.trigger * max(live, 1)
 
 
@@ -114,6 +121,7 @@ class Reclaimer:
         self.stats = Statistics()
         self._live: int | None = None
         self._census_at = 0.0
+        self._futile: int | None = None  # extent bytes when the last round did nothing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -131,9 +139,10 @@ class Reclaimer:
         """One round if one is due (None if not)."""
         total = self.stats.extent_bytes = self.extent_bytes()
         free = self._free()
-        if not due(total, self._live, free, time.monotonic() - self._census_at, self.policy):
+        if not due(total, self._live, free, time.monotonic() - self._census_at, self.policy, self._futile):
             return None
         report = collect(self.stamp, choose=self._choose)
+        self._futile = total if not (report.bytes_freed or report.bytes_moved) else None
         self.stats.rounds += 1
         self.stats.total.add(report)
         return report

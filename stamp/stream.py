@@ -411,10 +411,25 @@ class StreamLayer:
                 # append. Nothing can point into it, so it goes, with its files.
                 self._drop_empty(e)
                 continue
-            self._seal(e, length)
+            if not self._seal_recovered(e, length):
+                continue  # another process recovered it first (and gc may have deleted it since)
             self._extents[e.id] = e
             sealed.append(e.id)
         return sealed
+
+    def _seal_recovered(self, e: Extent, length: int) -> bool:
+        """Seal e, an open extent whose owner died, if it is still that: the
+        walk ran outside any transaction, and meanwhile another process's
+        recovery may have sealed it and gc (any process) found it unreferenced
+        and deleted it with its files; an unconditional put would bring back
+        a record whose replicas are gone (check: data lost, for ever)."""
+        with self.meta.write() as txn:
+            raw = txn.get(U64.pack(e.id), db=self.meta.db["extents"])
+            if raw is None or loads(bytes(raw))["state"] != "open":
+                return False
+            e.state, e.length = "sealed", length
+            self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+        return True
 
     def down_members(self, e: Extent) -> list[str]:
         """The down (not lost) nodes holding a replica of e."""

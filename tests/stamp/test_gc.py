@@ -3,6 +3,7 @@ nothing a blob or snapshot can read changes."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -224,4 +225,179 @@ def test_a_copy_made_while_an_extent_is_dying_keeps_it(tmp_path):
     assert _delete_unreferenced(st, []) == {extent: False}  # the round, resumed: kept
     assert [e.id for e in st.stream.all_extents()] == [extent]
     assert st.blobs.read("dst", 0, len(data)) == data and st.check(deep=True).ok
+    st.close()
+
+
+def test_a_reader_whose_pieces_move_twice_while_it_waits_still_reads_them(tmp_path):
+    """A reader resolves its pieces, then loses the CPU while gc in another
+    process compacts their extent and deletes it; its retry resolves the
+    copies, and loses the CPU again while another round moves those too. A
+    live page must still read: only a resolution that fails twice the same
+    way is a loss."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    want = b"\x07" * 4096
+    st.blobs.write("b", 0, want)
+    for i in range(300):  # the extent holding page 0 fills, is sealed and is mostly dead
+        st.blobs.write("b", 8192, bytes([i % 256]) * 4096)
+    st.close()
+    st = Stamp.open(path)  # a reader with no replica file open yet
+    read, rounds = st.stream.read, []
+
+    def preempted(*args):
+        if len(rounds) < 2:  # gc in another process runs before each of the reader's first two reads
+            gc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", path, "gc", "--compact-below", "1.0"],
+                                capture_output=True, text=True)
+            rounds.append(gc.returncode)
+        return read(*args)
+
+    st.stream.read = preempted
+    assert st.blobs.read("b", 0, 4096) == want
+    assert rounds == [0, 0]
+    st.stream.read = read
+    assert st.check().ok
+    st.close()
+
+
+def test_two_rounds_in_two_processes_compacting_one_extent_both_succeed(tmp_path):
+    """Two reclaimers (`stamp gc --watch` beside a serve's thread) census the
+    same partly dead extent; the other process compacts and deletes it while
+    this round is about to copy it. This round must not fail with
+    CorruptStamp (nor report corruption): the pieces moved, nothing is lost."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    want = b"\x07" * 4096
+    st.blobs.write("b", 0, want)
+    for i in range(300):
+        st.blobs.write("b", 8192, bytes([i % 256]) * 4096)
+    st.close()
+    st = Stamp.open(path)
+    read, rounds = st.stream.read, []
+
+    def other_round_first(*args):
+        if not rounds:
+            gc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", path, "gc", "--compact-below", "1.0"],
+                                capture_output=True, text=True)
+            rounds.append(gc.returncode)
+        return read(*args)
+
+    st.stream.read = other_round_first
+    report = collect(st, compact_below=1.0)
+    st.stream.read = read
+    assert rounds == [0]
+    assert report.bytes_moved == 0  # the other round moved it all
+    assert st.blobs.read("b", 0, 4096) == want
+    assert st.check().ok
+    st.close()
+
+
+def test_repair_after_a_round_killed_after_dooming_and_a_lost_node_checks_clean(tmp_path, capsys):
+    """gc killed -9 right after its doom leaves a `dying` record; a node holding
+    one of its replicas is then lost. check names the lost replica and says
+    `stamp repair` re-makes it: repair must finish the half round (delete the
+    extent if unreferenced, else put it back and re-replicate it) so that
+    check is clean after it."""
+    from stamp.cli import main
+    from stamp.gc import _doom, census, references
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    st.blobs.write("b", 0, b"\x07" * 4096)  # live: in the first extent with the dead ones below
+    for i in range(800):  # extents 2 and on: dead but the last
+        st.blobs.write("b", 8192, bytes([i % 256]) * 4096)
+    st.stream.seal_current()
+    uses = census(st, references(st))
+    dead = [u.id for u in uses if u.sealed and u.live == 0]
+    live = next(u.id for u in uses if u.sealed and u.live > 0)
+    assert sorted(_doom(st, [*dead, live])) == sorted([*dead, live])  # the round dies here
+    name = st.stream.nodes[st.stream.extent(live, refresh=True).nodes[0]].name
+    st.close()
+    assert main(["--stamp", path, "fault", "node-lost", name]) == 0
+    assert main(["--stamp", path, "repair"]) == 0
+    capsys.readouterr()
+    assert main(["--stamp", path, "check"]) == 0, capsys.readouterr().out
+    st = Stamp.open(path)
+    assert st.blobs.read("b", 0, 4096) == b"\x07" * 4096
+    assert live in {e.id for e in st.stream.all_extents()}  # back, on 3 replicas
+    assert not set(dead) & {e.id for e in st.stream.all_extents(dying=True)}  # gone
+    st.close()
+
+
+def test_a_slow_recovery_does_not_bring_back_an_extent_gc_deleted(tmp_path):
+    """A writer dies (kill -9) with an open extent holding a record nobody
+    points at. This process's recovery walks it; meanwhile another process
+    opens the stamp (its recovery seals the extent) and gc deletes it as
+    unreferenced, files and all. Sealing it now must not put its record
+    back: check would report its replicas missing and data lost, for ever."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "st")
+    Stamp.create(path, extent_size=MIB).close()
+    st = Stamp.open(path)
+    subprocess.run([sys.executable, "-c", f"import os; from stamp import Stamp; st = Stamp.open({path!r}); "
+                    "st.stream.append(b'x' * 4096); os.kill(os.getpid(), 9)"], check=False)
+    walk, others = st.stream._walk, []
+
+    def walk_then_another_process(*args, **kwargs):
+        out = walk(*args, **kwargs)
+        if not others:
+            gc = subprocess.run([sys.executable, "-m", "stamp", "--stamp", path, "gc"], capture_output=True, text=True)
+            others.append(json.loads(gc.stdout)["extents_deleted"])
+        return out
+
+    st.stream._walk = walk_then_another_process
+    assert st.stream.recover() == []  # the other process recovered it first
+    st.stream._walk = walk
+    assert others == [1]
+    report = st.check()
+    assert report.ok, report.problems
+    st.close()
+
+
+def test_a_reader_thread_never_reads_another_extent_through_a_descriptor_gc_closed(tmp_path, monkeypatch):
+    """In `hostcache serve` the reclaimer thread deletes an extent whose
+    replica descriptor a reader thread was just handed; if it closed the
+    descriptor, the next file any thread opens may get its number, and the
+    reader's pread reads that file. Records are checksummed by offset, not
+    by extent, so a record of the same length at the same offset in another
+    extent verifies: the reader would return another page's bytes."""
+    import stamp.node
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("b", 8 * MIB)
+    want = b"\x07" * 65536
+    st.blobs.write("b", 0, want)  # extent 1, its first record
+    for i in range(40):  # 64 KiB records: extent 2 has a record of the same length at the same offset
+        st.blobs.write("b", 65536, bytes([i + 1]) * 65536)
+    st.stream.seal_current()
+    other = st.stream.extent(2)
+    other_fd = os.open(st.stream.nodes[other.nodes[0]].extent_path(2), os.O_RDONLY)
+    real_pread, moved = os.pread, []
+
+    def pread_after_gc(fd, n, offset):  # the reader lost the CPU between fd() and its pread
+        if not moved and fd in {node._fds.get(1) for node in st.stream.nodes.values()}:  # a replica of extent 1
+            moved.append(0)
+            moved[0] = collect(st, compact_below=1.0).extents_deleted  # the reclaimer thread
+            try:
+                os.fstat(fd)
+            except OSError:  # closed: another thread's open may be given its number
+                os.dup2(other_fd, fd)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(stamp.node.os, "pread", pread_after_gc)
+    got = st.blobs.read("b", 0, 65536)
+    monkeypatch.undo()
+    assert moved and moved[0] >= 1
+    assert got == want
+    os.close(other_fd)
     st.close()
