@@ -29,7 +29,13 @@ Rules kept (as the platform does; messages quoted from it where marked):
 - a grant past its expiry refuses requests (its policy's window ends), but
   the state changes only by revoke-access (the platform also ends it by
   itself at expiry: not modelled); a revoke takes the SAS away before it
-  checks the upload, so no new write lands while the footer is read.
+  checks the upload, so no new write lands while the footer is read;
+- every later step of a grant or revoke changes the record only if it still
+  holds that grant (its id; for a revoke, the revoke's own mark), in the
+  step's transaction: a revoke, delete or new disk of the name made by
+  another process meanwhile is never undone (the old SAS never reaches a
+  new disk), and a mark a killed revoke left is cleared by the next revoke
+  (refused or not) or grant.
 """
 
 from __future__ import annotations

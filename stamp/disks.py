@@ -486,8 +486,9 @@ class Disks:
             self._check_grantable(kind, obj, access)
         policy = ac.new_policy(access, duration, now or datetime.now(UTC))
         if grant is not None and grant["access"] == access and grant.get("ready"):
-            grant = {**grant, "start": policy.start, "expiry": policy.expiry}  # a new SAS, the same blob
-            self._update_grant(kind, name, grant)
+            # a new SAS, the same blob; one a killed revoke left refusing requests works again
+            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry}
+            self._update_grant(kind, name, str(obj["blob"]), grant)
         else:
             grant = self._new_grant(kind, obj, access, policy)
         return {"accessSAS": ac.sas_url(endpoint, key, grant["container"], grant["id"]),
@@ -530,11 +531,11 @@ class Disks:
         if view:
             try:
                 self._build_view(kind, obj, str(grant["export_blob"]))
+                self._update_grant(kind, name, str(obj["blob"]), {**grant, "ready": True})
             except BaseException:
-                self.revoke_access(kind, name)
+                self._drop_read(kind, name, grant, str(obj["blob"]))
                 raise
             grant["ready"] = True
-            self._update_grant(kind, name, grant)
         return grant
 
     @staticmethod
@@ -561,9 +562,31 @@ class Disks:
             obj.pop("state", None)
         self.meta.put_json(txn, "resources", key, obj)
 
-    def _update_grant(self, kind: str, name: str, grant: dict[str, Any]) -> None:
+    def _update_grant(self, kind: str, name: str, blob: str, grant: dict[str, Any],
+                      revoking: str | None = None) -> None:
+        """Rewrite the grant of a record, if the record (same blob) still
+        holds that grant (same id; with `revoking`, still marked by that
+        revoke): a revoke, delete or name reuse by another process in between
+        is never undone (else an old SAS would reach a new disk of the name)."""
         with self.meta.write() as txn:
+            if not self._holds(txn, kind, name, blob, grant["id"], revoking):
+                raise ac.OperationNotAllowed(f"{kind} {name!r} changed while its access was being changed (by "
+                                             "another process); try again")
             self._write_grant(txn, kind, name, grant, self._granted_state(kind, grant["access"]))
+
+    def _holds(self, txn: lmdb.Transaction, kind: str, name: str, blob: str, grant_id: str | None,
+               revoking: str | None = None) -> bool:
+        """Does record `kind/name`, still on `blob`, hold grant `grant_id`
+        (with `revoking`, marked by that revoke)? With None: no grant, and (a
+        disk) still ReadyToUpload."""
+        now = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if now is None or now.get("blob") != blob or now.get("state") == CREATING:
+            return False
+        grant = now.get("access")
+        if grant_id is None:
+            return grant is None and now.get("state") == DiskState.READY_TO_UPLOAD.value
+        return grant is not None and grant["id"] == grant_id and \
+            (revoking is None or grant.get("revoking") == revoking)
 
     def _build_view(self, kind: str, obj: dict[str, Any], blob: str) -> None:
         """The fixed VHD a Read grant of a disk from an image serves: the
@@ -627,27 +650,42 @@ class Disks:
         if grant is None and obj.get("state") != DiskState.READY_TO_UPLOAD.value:
             return obj
         if grant is not None and grant["access"] == "Read":
-            return self._end_read(kind, name, grant)
+            return self._end_read(kind, name, obj, grant)
         return self._end_upload(name, obj, grant)
 
-    def _end_read(self, kind: str, name: str, grant: dict[str, Any]) -> dict[str, Any]:
+    def _end_read(self, kind: str, name: str, obj: dict[str, Any], grant: dict[str, Any]) -> dict[str, Any]:
+        self._drop_read(kind, name, grant, str(obj["blob"]))
+        return self._get(kind, name)
+
+    def _drop_read(self, kind: str, name: str, grant: dict[str, Any], blob: str) -> None:
+        """End Read grant `grant` in one transaction, if the record (on `blob`)
+        still holds it (a revoke that lost a race to another revoke must not set
+        the state back over an attach made since), and delete its VHD view."""
         with self.meta.write() as txn:
-            self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
+            if self._holds(txn, kind, name, blob, grant["id"]):
+                self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
             export = grant.get("export_blob")
             if export and self.blobs.exists_in(txn, export):
                 self.blobs.delete_in(txn, export, snapshots="include")
-        return self._get(kind, name)
 
     def _end_upload(self, name: str, obj: dict[str, Any], grant: dict[str, Any] | None) -> dict[str, Any]:
+        blob, token = str(obj["blob"]), uuid.uuid4().hex
         if grant is not None:  # new requests of the SAS are refused while the blob is checked
-            self._update_grant("disk", name, {**grant, "revoking": True})
+            self._update_grant("disk", name, blob, {**grant, "revoking": token})
         try:
             self._check_upload(obj)
         except BaseException:
-            if grant is not None:
-                self._update_grant("disk", name, grant)
+            if grant is not None:  # the SAS works again, unless the grant changed meanwhile
+                try:
+                    self._update_grant("disk", name, blob, _open(grant), revoking=token)
+                except OperationNotAllowed:
+                    pass
             raise
-        with self.meta.write() as txn:
+        with self.meta.write() as txn:  # the upload checked is still the disk's, its grant untouched
+            if not self._holds(txn, "disk", name, blob, None if grant is None else grant["id"],
+                               None if grant is None else token):
+                raise ac.OperationNotAllowed(f"disk {name!r} changed while revoke-access checked its upload (by "
+                                             "another process); try again")
             self._write_grant(txn, "disk", name, None, DiskState.UNATTACHED.value)
         return self._get("disk", name)
 
@@ -1016,6 +1054,11 @@ class Disks:
         """Delete a disk's blob that no disk and no snapshot names any more."""
         if not self._users_of_blob(txn, blob, "disk") and not self._users_of_blob(txn, blob, "snapshot"):
             self.blobs.delete_in(txn, blob, snapshots="include")
+
+
+def _open(grant: dict[str, Any]) -> dict[str, Any]:
+    """A grant without a revoke's mark: its SAS works."""
+    return {k: v for k, v in grant.items() if k != "revoking"}
 
 
 def _not_uploading(operation: str, disk: dict[str, Any]) -> None:
