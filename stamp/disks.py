@@ -87,7 +87,7 @@ from .errors import (
     StampError,
 )
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, holder_died
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, blob_key, holder_died
 from .stamp import Stamp
 from .stream import own_start, pid_alive
 
@@ -561,6 +561,26 @@ class Disks:
         elif kind == "snapshot":
             obj.pop("state", None)
         self.meta.put_json(txn, "resources", key, obj)
+        if kind == "disk":
+            self._mark_upload(txn, str(obj["blob"]), grant)
+
+    def _mark_upload(self, txn: lmdb.Transaction, blob: str, grant: dict[str, Any] | None) -> None:
+        """Keep the blob's mark of the Write grant whose SAS may write it now
+        (`ac.UPLOAD_MARK`: the grant's id while it is open; none once a revoke
+        began): a Put Page checks it inside its own transaction, so a write the
+        endpoint let in before the revoke cannot land after the check."""
+        key = blob_key(blob)
+        record = self.meta.get_json(txn, "blobs", key)
+        if record is None:
+            return
+        props = record.setdefault("properties", {})
+        mark = grant["id"] if grant is not None and grant["access"] == "Write" and not grant.get("revoking") else None
+        if props.get(ac.UPLOAD_MARK) != mark:
+            if mark is None:
+                props.pop(ac.UPLOAD_MARK, None)
+            else:
+                props[ac.UPLOAD_MARK] = mark
+            self.meta.put_json(txn, "blobs", key, record)
 
     def _update_grant(self, kind: str, name: str, blob: str, grant: dict[str, Any],
                       revoking: str | None = None) -> None:
