@@ -42,7 +42,8 @@ change moves on: a host serving the disk compares it to rebuild its
 throttle's limits without a re-attach. A change (update_disk) is one
 transaction that reads the record, checks the rules and writes it back,
 attached or not. Growing a disk (a fixed VHD only, not while attached to a
-running VM) grows its VHD first, then writes the record.
+running VM, nor while a grant of it is out) grows its VHD first, then writes
+the record.
 """
 
 from __future__ import annotations
@@ -753,7 +754,7 @@ class Disks:
 
     def _grow(self, name: str, size_gib: int, iops: int | None, mbps: int | None, tier: str | None) -> None:
         """Grow a disk's fixed VHD to `size_gib` (the platform: only larger, and
-        not while attached to a running VM), after checking that the record
+        not while attached to a running VM, nor while a grant serves it), after checking that the record
         with the new size passes the rules. Order: the VHD in the blob (data
         region, then the footer at the new end, as vhd's resize), then the
         record (update_disk's transaction): a process killed in between leaves
@@ -765,6 +766,8 @@ class Disks:
         if obj["state"] == DiskState.ATTACHED.value:
             raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
                                       "grows only while unattached or its VM is deallocated")
+        if obj["state"] in (DiskState.ACTIVE_SAS.value, DiskState.ACTIVE_UPLOAD.value):  # a grant serves its blob
+            raise ac.not_allowed("resize", "disk", name, str(obj["state"]))
         if size_gib * GIB < int(obj["size_bytes"]):
             raise OperationNotAllowed(f"a disk can only grow: {name!r} is {obj['size_gib']:g} GiB, not more than "
                                       f"{size_gib} GiB")

@@ -409,3 +409,21 @@ def test_a_revoke_that_lost_a_race_does_not_unattach_a_disk_attached_since(tmp_p
     monkeypatch.setattr(Disks, "_drop_read", meanwhile)
     assert disks.revoke_access("disk", "d")["state"] == "Attached"
     assert disks.record("d")["attached_to"] == "vm1" and disks.grant_for(g.container) is None
+
+
+def test_a_disk_being_uploaded_or_downloaded_does_not_grow(tmp_path, disks):
+    # Growing was refused only for ReadyToUpload: during a download (ActiveSAS) the served blob changed size
+    # under the client; during an upload it failed with a FormatError from the half-uploaded VHD, or, with the
+    # footer already up, grew it past the declared size, so every revoke after refused the upload.
+    raw = fixed_vhd(tmp_path / "u.vhd")
+    disks.create_for_upload("u", len(raw))
+    g, _ = grant(disks, "disk", "u", "Write")
+    upload(disks, g, raw)
+    disks.create_empty("d", 1)
+    grant(disks, "disk", "d", "Read")
+    for name, state in (("u", "ActiveUpload"), ("d", "ActiveSAS")):
+        with pytest.raises(OperationNotAllowed, match=f"since the disk is in '{state}' state"):
+            disks.update_disk(name, size_gib=2)
+    assert disks.revoke_access("disk", "u")["size_bytes"] == 20 * MIB
+    assert disks.revoke_access("disk", "d")["size_bytes"] == 1 << 30
+    assert disks.update_disk("d", size_gib=2)["size_bytes"] == 2 << 30
