@@ -27,7 +27,9 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
   last step writes the finished record and drops the intent in another. A
   create that fails is rolled back at once; one whose process died is rolled
   back by the next Disks on the stamp, or by one already open when it meets
-  the name (the intent names what to delete);
+  the name (the intent names what to delete; its token must still be the
+  one judged dead, so a live create of the name since is left alone, and a
+  create finishes only while its own intent is there);
 - a restore over a disk is built as a disk of its own and swapped in by
   one transaction (replace_disk), so the old disk stays whole until the
   new one is;
@@ -227,14 +229,19 @@ class Disks:
         replaces the reservation; on any failure the reservation and what the
         body made are rolled back."""
         blob = self._reserve(kind, record, blob, needs)
+        token = self._intent(kind, str(record["name"]))["token"]
         try:
             yield blob
             key = f"{kind}/{record['name']}".encode()
             with self.meta.write() as txn:
+                intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
+                if intent is None or intent["token"] != token:  # rolled back by another process (judged dead)
+                    raise ResourceInUse(f"the create of {kind} {record['name']!r} was rolled back meanwhile by "
+                                        "another process; try again")
                 self.meta.put_json(txn, "resources", key, record)
                 txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
         except BaseException:
-            self._roll_back(kind, str(record["name"]))
+            self._roll_back(kind, str(record["name"]), token)
             raise
 
     def _reserve(self, kind: str, record: dict[str, Any], blob: str | None,
@@ -274,24 +281,26 @@ class Disks:
     def _settle(self, kind: str, name: str) -> bool:
         """Roll back the create of `kind/name` if its process died on this
         host (a process that opened the stamp before the death never ran
-        roll_back_dead_creates for it); True if it did."""
+        roll_back_dead_creates for it); True if it did (False if another
+        process did it first)."""
         with self.meta.read() as txn:
             intent = self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode())
         if intent is None or not _creator_died(intent):
             return False
-        self._roll_back(kind, name)
-        return True
+        return self._roll_back(kind, name, intent["token"])
 
-    def _roll_back(self, kind: str, name: str) -> None:
+    def _roll_back(self, kind: str, name: str, token: int | None = None) -> bool:
         """Undo an unfinished create in one transaction: its blob (if it made
         one) or the blob snapshot it tagged (and the blob, if the disk was
         deleted meanwhile and nothing else keeps it), its reservation, its
-        intent."""
+        intent. With `token`, only the create of that token (the one judged
+        dead): by the time the transaction starts, another process may have
+        rolled it back and a live create reserved the name again."""
         key = f"{kind}/{name}".encode()
         with self.meta.write() as txn:
             intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
-            if intent is None:
-                return
+            if intent is None or (token is not None and intent["token"] != token):
+                return False
             blob = str(intent["blob"])
             txn.delete(key, db=self.meta.db["resources"])
             txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
@@ -302,6 +311,7 @@ class Disks:
                     if snap.metadata.get("token") == intent["token"]:
                         self.blobs.delete_snapshot_in(txn, blob, snap.id)
                 self._drop_if_unused(txn, blob)
+        return True
 
     def roll_back_dead_creates(self) -> list[str]:
         """Roll back the creates whose process died on this host (run on open)."""
@@ -309,7 +319,7 @@ class Disks:
             intents = [loads(v) for _, v in self.meta.items(txn, "resources", PENDING.encode())]
         dead = [i for i in intents if _creator_died(i)]
         for i in dead:
-            self._roll_back(i["kind"], i["name"])
+            self._roll_back(i["kind"], i["name"], i["token"])
         return [f"{i['kind']}/{i['name']}" for i in dead]
 
     # -- creating disks -----------------------------------------------------------------
