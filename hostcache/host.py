@@ -78,6 +78,7 @@ from stamp import Stamp
 from stamp.blobfile import PageBlobFile
 from stamp.disks import Disks, DiskState, ResourceInUse, VirtualDisk, open_recovered
 from stamp.errors import LeaseAlreadyPresent
+from stamp.errors import OperationNotAllowed as StampNotAllowed
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
 from vhd.image import Image, SparseImage, open_image
@@ -343,7 +344,9 @@ class Host:
     def create_vm(self, name: str, size: str, image: str, os_sku: str = "Premium_LRS",
                   os_caching: str = "ReadWrite", os_size_gib: int | None = None) -> dict[str, Any]:
         """A VM whose OS disk is made from `image`. Every rule is checked
-        first; if anything fails after the OS disk is made, it is deleted."""
+        first; if anything fails after the OS disk is made, it is deleted
+        (unless another process granted access to it meanwhile: the create
+        is then refused, and the disk stays, ActiveSAS, for its revoke)."""
         with self._serialized():
             return self._create_vm(name, size, image, os_sku, os_caching, os_size_gib)
 
@@ -368,12 +371,18 @@ class Host:
                   "os_disk": {"disk": os_disk, "caching": caching}, "data_disks": {}}
             self._put(vm)
             self._size_cache()
-            self.disks.set_state(os_disk, DiskState.ATTACHED, attached_to=name, lun=OS_LUN)
+            try:  # only from Unattached: another process may have granted access to the new disk meanwhile
+                self.disks.set_state(os_disk, DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to=name,
+                                     lun=OS_LUN)
+            except ResourceInUse:
+                raise _attached_elsewhere(self.disks.record(os_disk)) from None
         except BaseException:
             with self.env.begin(write=True) as txn:
                 txn.delete(name.encode(), db=self.vms_db)
-            self.disks.set_state(os_disk, DiskState.UNATTACHED, attached_to=None, lun=None)
-            self.disks.delete_disk(os_disk)
+            try:  # (never attached: that is the try's last step)
+                self.disks.delete_disk(os_disk)
+            except StampNotAllowed:  # a grant another process took holds it (ActiveSAS): its revoke ends it
+                pass
             raise
         return vm
 

@@ -29,7 +29,17 @@ Rules kept (as the platform does; messages quoted from it where marked):
 - a grant past its expiry refuses requests (its policy's window ends), but
   the state changes only by revoke-access (the platform also ends it by
   itself at expiry: not modelled); a revoke takes the SAS away before it
-  checks the upload, so no new write lands while the footer is read.
+  checks the upload, so no write lands while the footer is read: the
+  blob's properties hold the open Write grant's id (UPLOAD_MARK), which the
+  revoke's first transaction drops and every Put Page through a grant
+  checks inside its own transaction (one let in before the revoke, its body
+  still coming, is refused too);
+- every later step of a grant or revoke changes the record only if it still
+  holds that grant (its id; for a revoke, the revoke's own mark), in the
+  step's transaction: a revoke, delete or new disk of the name made by
+  another process meanwhile is never undone (the old SAS never reaches a
+  new disk), and a mark a killed revoke left is cleared by the next revoke
+  (refused or not) or grant.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ UPLOAD_MAX = 32767 * (1 << 30) + FOOTER  # 35,183,298,347,520: the platform's "3
 MAX_DURATION = 2 ** 31 - 1  # durationInSeconds is an int32
 BLOB = "abcd"  # the blob name of every grant, as the platform's SAS URLs have it
 CONTAINER_PREFIX = "md-"
+UPLOAD_MARK = "upload_grant"  # blob property: the id of the Write grant whose SAS may write the blob now
 PERMISSION = {"Read": "r", "Write": "rw"}
 DEFAULT_ENDPOINT = "http://127.0.0.1:10000/devstoreaccount1"
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="

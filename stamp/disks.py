@@ -27,7 +27,9 @@ Lifecycle rules (a name is reusable once deleted; nothing is half-made):
   last step writes the finished record and drops the intent in another. A
   create that fails is rolled back at once; one whose process died is rolled
   back by the next Disks on the stamp, or by one already open when it meets
-  the name (the intent names what to delete);
+  the name (the intent names what to delete; its token must still be the
+  one judged dead, so a live create of the name since is left alone, and a
+  create finishes only while its own intent is there);
 - a restore over a disk is built as a disk of its own and swapped in by
   one transaction (replace_disk), so the old disk stays whole until the
   new one is;
@@ -42,7 +44,8 @@ change moves on: a host serving the disk compares it to rebuild its
 throttle's limits without a re-attach. A change (update_disk) is one
 transaction that reads the record, checks the rules and writes it back,
 attached or not. Growing a disk (a fixed VHD only, not while attached to a
-running VM) grows its VHD first, then writes the record.
+running VM, nor while a grant of it is out) grows its VHD first, then writes
+the record.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ from .errors import (
     StampError,
 )
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, holder_died
+from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, blob_key, holder_died
 from .stamp import Stamp
 from .stream import own_start, pid_alive
 
@@ -226,14 +229,19 @@ class Disks:
         replaces the reservation; on any failure the reservation and what the
         body made are rolled back."""
         blob = self._reserve(kind, record, blob, needs)
+        token = self._intent(kind, str(record["name"]))["token"]
         try:
             yield blob
             key = f"{kind}/{record['name']}".encode()
             with self.meta.write() as txn:
+                intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
+                if intent is None or intent["token"] != token:  # rolled back by another process (judged dead)
+                    raise ResourceInUse(f"the create of {kind} {record['name']!r} was rolled back meanwhile by "
+                                        "another process; try again")
                 self.meta.put_json(txn, "resources", key, record)
                 txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
         except BaseException:
-            self._roll_back(kind, str(record["name"]))
+            self._roll_back(kind, str(record["name"]), token)
             raise
 
     def _reserve(self, kind: str, record: dict[str, Any], blob: str | None,
@@ -273,24 +281,26 @@ class Disks:
     def _settle(self, kind: str, name: str) -> bool:
         """Roll back the create of `kind/name` if its process died on this
         host (a process that opened the stamp before the death never ran
-        roll_back_dead_creates for it); True if it did."""
+        roll_back_dead_creates for it); True if it did (False if another
+        process did it first)."""
         with self.meta.read() as txn:
             intent = self.meta.get_json(txn, "resources", f"{PENDING}{kind}/{name}".encode())
         if intent is None or not _creator_died(intent):
             return False
-        self._roll_back(kind, name)
-        return True
+        return self._roll_back(kind, name, intent["token"])
 
-    def _roll_back(self, kind: str, name: str) -> None:
+    def _roll_back(self, kind: str, name: str, token: int | None = None) -> bool:
         """Undo an unfinished create in one transaction: its blob (if it made
         one) or the blob snapshot it tagged (and the blob, if the disk was
         deleted meanwhile and nothing else keeps it), its reservation, its
-        intent."""
+        intent. With `token`, only the create of that token (the one judged
+        dead): by the time the transaction starts, another process may have
+        rolled it back and a live create reserved the name again."""
         key = f"{kind}/{name}".encode()
         with self.meta.write() as txn:
             intent = self.meta.get_json(txn, "resources", PENDING.encode() + key)
-            if intent is None:
-                return
+            if intent is None or (token is not None and intent["token"] != token):
+                return False
             blob = str(intent["blob"])
             txn.delete(key, db=self.meta.db["resources"])
             txn.delete(PENDING.encode() + key, db=self.meta.db["resources"])
@@ -301,6 +311,7 @@ class Disks:
                     if snap.metadata.get("token") == intent["token"]:
                         self.blobs.delete_snapshot_in(txn, blob, snap.id)
                 self._drop_if_unused(txn, blob)
+        return True
 
     def roll_back_dead_creates(self) -> list[str]:
         """Roll back the creates whose process died on this host (run on open)."""
@@ -308,7 +319,7 @@ class Disks:
             intents = [loads(v) for _, v in self.meta.items(txn, "resources", PENDING.encode())]
         dead = [i for i in intents if _creator_died(i)]
         for i in dead:
-            self._roll_back(i["kind"], i["name"])
+            self._roll_back(i["kind"], i["name"], i["token"])
         return [f"{i['kind']}/{i['name']}" for i in dead]
 
     # -- creating disks -----------------------------------------------------------------
@@ -486,8 +497,9 @@ class Disks:
             self._check_grantable(kind, obj, access)
         policy = ac.new_policy(access, duration, now or datetime.now(UTC))
         if grant is not None and grant["access"] == access and grant.get("ready"):
-            grant = {**grant, "start": policy.start, "expiry": policy.expiry}  # a new SAS, the same blob
-            self._update_grant(kind, name, grant)
+            # a new SAS, the same blob; one a killed revoke left refusing requests works again
+            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry}
+            self._update_grant(kind, name, str(obj["blob"]), grant)
         else:
             grant = self._new_grant(kind, obj, access, policy)
         return {"accessSAS": ac.sas_url(endpoint, key, grant["container"], grant["id"]),
@@ -530,11 +542,11 @@ class Disks:
         if view:
             try:
                 self._build_view(kind, obj, str(grant["export_blob"]))
+                self._update_grant(kind, name, str(obj["blob"]), {**grant, "ready": True})
             except BaseException:
-                self.revoke_access(kind, name)
+                self._drop_read(kind, name, grant, str(obj["blob"]))
                 raise
             grant["ready"] = True
-            self._update_grant(kind, name, grant)
         return grant
 
     @staticmethod
@@ -560,10 +572,52 @@ class Disks:
         elif kind == "snapshot":
             obj.pop("state", None)
         self.meta.put_json(txn, "resources", key, obj)
+        if kind == "disk":
+            self._mark_upload(txn, str(obj["blob"]), grant)
 
-    def _update_grant(self, kind: str, name: str, grant: dict[str, Any]) -> None:
+    def _mark_upload(self, txn: lmdb.Transaction, blob: str, grant: dict[str, Any] | None) -> None:
+        """Keep the blob's mark of the Write grant whose SAS may write it now
+        (`ac.UPLOAD_MARK`: the grant's id while it is open; none once a revoke
+        began): a Put Page checks it inside its own transaction, so a write the
+        endpoint let in before the revoke cannot land after the check."""
+        key = blob_key(blob)
+        record = self.meta.get_json(txn, "blobs", key)
+        if record is None:
+            return
+        props = record.setdefault("properties", {})
+        mark = grant["id"] if grant is not None and grant["access"] == "Write" and not grant.get("revoking") else None
+        if props.get(ac.UPLOAD_MARK) != mark:
+            if mark is None:
+                props.pop(ac.UPLOAD_MARK, None)
+            else:
+                props[ac.UPLOAD_MARK] = mark
+            self.meta.put_json(txn, "blobs", key, record)
+
+    def _update_grant(self, kind: str, name: str, blob: str, grant: dict[str, Any],
+                      revoking: str | None = None) -> None:
+        """Rewrite the grant of a record, if the record (same blob) still
+        holds that grant (same id; with `revoking`, still marked by that
+        revoke): a revoke, delete or name reuse by another process in between
+        is never undone (else an old SAS would reach a new disk of the name)."""
         with self.meta.write() as txn:
+            if not self._holds(txn, kind, name, blob, grant["id"], revoking):
+                raise ac.OperationNotAllowed(f"{kind} {name!r} changed while its access was being changed (by "
+                                             "another process); try again")
             self._write_grant(txn, kind, name, grant, self._granted_state(kind, grant["access"]))
+
+    def _holds(self, txn: lmdb.Transaction, kind: str, name: str, blob: str, grant_id: str | None,
+               revoking: str | None = None) -> bool:
+        """Does record `kind/name`, still on `blob`, hold grant `grant_id`
+        (with `revoking`, marked by that revoke)? With None: no grant, and (a
+        disk) still ReadyToUpload."""
+        now = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if now is None or now.get("blob") != blob or now.get("state") == CREATING:
+            return False
+        grant = now.get("access")
+        if grant_id is None:
+            return grant is None and now.get("state") == DiskState.READY_TO_UPLOAD.value
+        return grant is not None and grant["id"] == grant_id and \
+            (revoking is None or grant.get("revoking") == revoking)
 
     def _build_view(self, kind: str, obj: dict[str, Any], blob: str) -> None:
         """The fixed VHD a Read grant of a disk from an image serves: the
@@ -627,27 +681,42 @@ class Disks:
         if grant is None and obj.get("state") != DiskState.READY_TO_UPLOAD.value:
             return obj
         if grant is not None and grant["access"] == "Read":
-            return self._end_read(kind, name, grant)
+            return self._end_read(kind, name, obj, grant)
         return self._end_upload(name, obj, grant)
 
-    def _end_read(self, kind: str, name: str, grant: dict[str, Any]) -> dict[str, Any]:
+    def _end_read(self, kind: str, name: str, obj: dict[str, Any], grant: dict[str, Any]) -> dict[str, Any]:
+        self._drop_read(kind, name, grant, str(obj["blob"]))
+        return self._get(kind, name)
+
+    def _drop_read(self, kind: str, name: str, grant: dict[str, Any], blob: str) -> None:
+        """End Read grant `grant` in one transaction, if the record (on `blob`)
+        still holds it (a revoke that lost a race to another revoke must not set
+        the state back over an attach made since), and delete its VHD view."""
         with self.meta.write() as txn:
-            self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
+            if self._holds(txn, kind, name, blob, grant["id"]):
+                self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
             export = grant.get("export_blob")
             if export and self.blobs.exists_in(txn, export):
                 self.blobs.delete_in(txn, export, snapshots="include")
-        return self._get(kind, name)
 
     def _end_upload(self, name: str, obj: dict[str, Any], grant: dict[str, Any] | None) -> dict[str, Any]:
+        blob, token = str(obj["blob"]), uuid.uuid4().hex
         if grant is not None:  # new requests of the SAS are refused while the blob is checked
-            self._update_grant("disk", name, {**grant, "revoking": True})
+            self._update_grant("disk", name, blob, {**grant, "revoking": token})
         try:
             self._check_upload(obj)
         except BaseException:
-            if grant is not None:
-                self._update_grant("disk", name, grant)
+            if grant is not None:  # the SAS works again, unless the grant changed meanwhile
+                try:
+                    self._update_grant("disk", name, blob, _open(grant), revoking=token)
+                except OperationNotAllowed:
+                    pass
             raise
-        with self.meta.write() as txn:
+        with self.meta.write() as txn:  # the upload checked is still the disk's, its grant untouched
+            if not self._holds(txn, "disk", name, blob, None if grant is None else grant["id"],
+                               None if grant is None else token):
+                raise ac.OperationNotAllowed(f"disk {name!r} changed while revoke-access checked its upload (by "
+                                             "another process); try again")
             self._write_grant(txn, "disk", name, None, DiskState.UNATTACHED.value)
         return self._get("disk", name)
 
@@ -696,7 +765,7 @@ class Disks:
 
     def _grow(self, name: str, size_gib: int, iops: int | None, mbps: int | None, tier: str | None) -> None:
         """Grow a disk's fixed VHD to `size_gib` (the platform: only larger, and
-        not while attached to a running VM), after checking that the record
+        not while attached to a running VM, nor while a grant serves it), after checking that the record
         with the new size passes the rules. Order: the VHD in the blob (data
         region, then the footer at the new end, as vhd's resize), then the
         record (update_disk's transaction): a process killed in between leaves
@@ -1031,6 +1100,11 @@ class Disks:
         """Delete a disk's blob that no disk and no snapshot names any more."""
         if not self._users_of_blob(txn, blob, "disk") and not self._users_of_blob(txn, blob, "snapshot"):
             self.blobs.delete_in(txn, blob, snapshots="include")
+
+
+def _open(grant: dict[str, Any]) -> dict[str, Any]:
+    """A grant without a revoke's mark: its SAS works."""
+    return {k: v for k, v in grant.items() if k != "revoking"}
 
 
 def _not_uploading(operation: str, disk: dict[str, Any]) -> None:

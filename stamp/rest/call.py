@@ -107,6 +107,7 @@ class Call:
     version: str
     auth: str = ""
     granted: bool = False  # reached through a managed disk's grant (rest/managed.py), not its own container
+    grant_id: str | None = None  # that grant's id (a Put Page lands only while the blob's mark names it)
 
     @property
     def headers(self) -> Any:

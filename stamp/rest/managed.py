@@ -14,7 +14,10 @@ Rules kept:
   for a Write grant, Put Page (update and clear). Anything else is 403
   AuthorizationPermissionMismatch, before any body is read;
 - the request is then the page blob operation on the stamp blob the grant
-  names (at its snapshot for an incremental snapshot's grant).
+  names (at its snapshot for an incremental snapshot's grant); a Put Page
+  lands only if the blob's UPLOAD_MARK still names the grant, checked in
+  the write's transaction (a revoke that began after the request was let
+  in refuses it: 404 ContainerNotFound, as a revoked grant's).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Gr
     call.auth = auth.authorize(areq, svc.accounts, op, None, grant.policies)
     call.container, _, call.blob = grant.stamp_blob.partition("/")
     call.granted = True
+    call.grant_id = grant.policy_id
     if grant.snapshot is not None:
         call.query["snapshot"] = grant.snapshot
     return grant

@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from aiohttp import web
 
+from ..access import UPLOAD_MARK
 from ..containers import SYSTEM, blob_name
 from ..errors import BlobNotFound, SnapshotNotFound, StampError
 from ..pageblob import MAX_BLOB, MAX_WRITE, BlobInfo, LeaseState
@@ -338,6 +339,8 @@ def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None
     transaction (so no other writer comes between the check and the write);
     the stamp records the write's time there too (Last-Modified)."""
     def hook(props: dict[str, Any], blob_id: int, size: int, version: int, touched: float) -> None:
+        if c.granted and props.get(UPLOAD_MARK) != c.grant_id:  # its grant was revoked since it was let in
+            raise RestError(404, "ContainerNotFound")
         rest = props.get("rest") or {}
         if rest.get("inc"):
             raise RestError(409, "OperationNotAllowedOnIncrementalCopyBlob")

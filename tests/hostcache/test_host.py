@@ -376,3 +376,25 @@ def test_two_disks_of_one_tier_keep_their_own_statistics(host):
     stats = host.throttle_stats("vm1")["limiters"]
     assert {"disk lun0 P10 IOPS", "disk lun1 P10 IOPS", "disk os P1 IOPS"} <= set(stats)
     assert stats["disk lun0 P10 IOPS"]["requests"] == 0 and stats["disk lun1 P10 IOPS"]["requests"] == 1
+
+
+def test_a_read_grant_taken_on_a_new_os_disk_before_its_vm_attaches_it_refuses_the_create(host, monkeypatch):
+    # create_vm made the OS disk, then marked it Attached without looking at its state: a grant-access from
+    # another process in between (the disk is Unattached for a moment) was overwritten, and the disk ran
+    # Attached to the VM with a download's grant (its SAS, its VHD view) still out.
+    size_cache = Host._size_cache
+
+    def meanwhile(self):
+        monkeypatch.setattr(Host, "_size_cache", size_cache)
+        Disks(self.stamp).grant_access("disk", "vm1-osdisk", "Read", 600)  # another process
+        return size_cache(self)
+
+    monkeypatch.setattr(Host, "_size_cache", meanwhile)
+    with pytest.raises(OperationNotAllowed, match="ActiveSAS"):
+        host.create_vm("vm1", "D2s_v3", "mbr")
+    rec = host.disks.record("vm1-osdisk")
+    assert rec["state"] == "ActiveSAS" and rec["attached_to"] is None and rec["access"]["ready"]
+    assert host.vms() == []
+    host.disks.revoke_access("disk", "vm1-osdisk")
+    host.disks.delete_disk("vm1-osdisk")
+    assert host.create_vm("vm1", "D2s_v3", "mbr")["os_disk"]["disk"] == "vm1-osdisk"

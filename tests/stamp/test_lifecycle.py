@@ -358,3 +358,33 @@ def test_a_dead_create_whose_pid_a_live_process_took_is_rolled_back(tmp_path):
                 meta.put_json(txn, "resources", key, {**intent, "pid": os.getpid()})  # its pid, now live
     with Stamp.open(path) as st:
         assert state_of(Disks(st)) == before
+
+
+def test_a_roll_back_of_a_dead_create_leaves_a_live_create_of_the_name_alone(tmp_path, monkeypatch):
+    # _settle judged the intent it read dead, then _roll_back read the intent again in its own transaction and
+    # undid whatever it found: if another process had rolled the dead create back and a live create had
+    # reserved the name meanwhile, the live one lost its reservation and blob, then wrote its finished record
+    # anyway: a disk naming a deleted blob (found by four processes creating, granting and deleting two names).
+    st = Stamp.create(str(tmp_path / "st"))
+    d = Disks(st)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    d._reserve("disk", {"name": "d0"}, None)
+    key = b"pending/disk/d0"
+    with d.meta.write() as txn:  # the intent of a create whose process died
+        intent = d.meta.get_json(txn, "resources", key)
+        d.meta.put_json(txn, "resources", key, {**intent, "pid": int(dead.stdout), "started": 0})
+    roll_back = Disks._roll_back
+    live: list[str] = []
+
+    def meanwhile(self, *a, **kw):
+        monkeypatch.setattr(Disks, "_roll_back", roll_back)
+        Disks(st)  # another process rolls the dead create back, and a live create reserves the name
+        live.append(d._reserve("disk", {"name": "d0"}, None))
+        return roll_back(self, *a, **kw)
+
+    monkeypatch.setattr(Disks, "_roll_back", meanwhile)
+    with pytest.raises(ResourceInUse, match="being created"):
+        d.record("d0")
+    with d.meta.read() as txn:
+        assert d.meta.get_json(txn, "resources", key)["blob"] == live[0]  # the live create's reservation stays
+    st.close()

@@ -17,7 +17,7 @@ import pytest
 
 import vhd
 from stamp import Stamp, access, sas
-from stamp.disks import Disks
+from stamp.disks import Disks, DiskState
 from stamp.errors import ComputeError, InvalidVhd, OperationNotAllowed, PreviousSnapshotNotFound
 from stamp.sas import SasError
 
@@ -328,3 +328,102 @@ def test_cli_upload_flow(tmp_path):
     assert cli("snapshot", "revoke-access", "s", stamp_dir=st).returncode == 0
     helped = cli("disk", "grant-access", "--help", stamp_dir=st)
     assert "stored access policy" in helped.stdout and "--upload-size-bytes" in helped.stdout
+
+
+KILLED_MID_REVOKE = """
+import os, signal, sys
+from stamp import Stamp
+from stamp.disks import Disks, DiskState
+Disks._check_upload = lambda self, obj: os.kill(os.getpid(), signal.SIGKILL)  # killed while it checks
+Disks(Stamp.open(sys.argv[1])).revoke_access("disk", "u")
+"""
+
+
+def test_a_revoke_killed_midway_leaves_a_grant_that_works_again(tmp_path):
+    # A revoke marks the grant (its SAS refused) while it checks: a kill -9 there left the mark for good, and
+    # the failed revoke after it put the marked grant back: the SAS never worked again, nor a new grant's.
+    raw = bytearray(fixed_vhd(tmp_path / "u.vhd"))
+    path = str(tmp_path / "st")
+    with Stamp.create(path) as st:
+        d = Disks(st)
+        d.create_for_upload("u", len(raw))
+        g, _ = grant(d, "disk", "u", "Write")
+    got = subprocess.run([sys.executable, "-c", KILLED_MID_REVOKE, path], capture_output=True, text=True)
+    assert got.returncode == -9, got.stderr
+    with Stamp.open(path) as st:
+        d = Disks(st)
+        assert d.record("u")["state"] == "ActiveUpload" and d.grant_for(g.container) is None
+        with pytest.raises(InvalidVhd):  # nothing uploaded yet: refused, and the SAS works again
+            d.revoke_access("disk", "u")
+        assert d.grant_for(g.container) == g
+        subprocess.run([sys.executable, "-c", KILLED_MID_REVOKE, path], capture_output=True, text=True)
+        again, _ = grant(d, "disk", "u", "Write")  # a new SAS after a killed revoke works too
+        assert again.container == g.container
+        upload(d, again, bytes(raw))
+        assert d.revoke_access("disk", "u")["state"] == "Unattached"
+        assert st.check(deep=False).ok
+
+
+def test_a_disk_deleted_and_made_again_while_its_upload_is_checked_never_gets_the_old_grant(tmp_path, disks,
+                                                                                         monkeypatch):
+    # The revoke put its grant back (check failed) or wrote Unattached (check passed) over whatever record had
+    # the name by then: a new disk of the name got the old grant, and the old SAS URL wrote into it.
+    raw = fixed_vhd(tmp_path / "u.vhd")
+    for uploaded in (False, True):
+        disks.create_for_upload("u", len(raw))
+        g, _ = grant(disks, "disk", "u", "Write")
+        if uploaded:
+            upload(disks, g, raw)
+        check = Disks._check_upload
+
+        def meanwhile(self, obj, check=check):
+            try:
+                return check(self, obj)
+            finally:  # another process, as the check ends: delete, and a new disk of the name
+                other = Disks(self.stamp)
+                other.delete_disk("u")
+                other.create_for_upload("u", len(raw))
+
+        monkeypatch.setattr(Disks, "_check_upload", meanwhile)
+        with pytest.raises(OperationNotAllowed if uploaded else InvalidVhd):
+            disks.revoke_access("disk", "u")
+        new = disks.record("u")
+        assert new["state"] == "ReadyToUpload" and "access" not in new and disks.grant_for(g.container) is None
+        disks.delete_disk("u")
+
+
+def test_a_revoke_that_lost_a_race_does_not_unattach_a_disk_attached_since(tmp_path, disks, monkeypatch):
+    # Two revokes of one Read grant at once: the later one wrote the state it read before (Unattached) over an
+    # attach made in between, so a disk attached to a VM read as Unattached, free to attach elsewhere.
+    disks.create_empty("d", 1)
+    g, _ = grant(disks, "disk", "d", "Read")
+    drop = Disks._drop_read
+
+    def meanwhile(self, *a, **kw):
+        monkeypatch.setattr(Disks, "_drop_read", drop)
+        other = Disks(self.stamp)
+        other.revoke_access("disk", "d")
+        other.set_state("d", DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to="vm1")
+        return drop(self, *a, **kw)
+
+    monkeypatch.setattr(Disks, "_drop_read", meanwhile)
+    assert disks.revoke_access("disk", "d")["state"] == "Attached"
+    assert disks.record("d")["attached_to"] == "vm1" and disks.grant_for(g.container) is None
+
+
+def test_a_disk_being_uploaded_or_downloaded_does_not_grow(tmp_path, disks):
+    # Growing was refused only for ReadyToUpload: during a download (ActiveSAS) the served blob changed size
+    # under the client; during an upload it failed with a FormatError from the half-uploaded VHD, or, with the
+    # footer already up, grew it past the declared size, so every revoke after refused the upload.
+    raw = fixed_vhd(tmp_path / "u.vhd")
+    disks.create_for_upload("u", len(raw))
+    g, _ = grant(disks, "disk", "u", "Write")
+    upload(disks, g, raw)
+    disks.create_empty("d", 1)
+    grant(disks, "disk", "d", "Read")
+    for name, state in (("u", "ActiveUpload"), ("d", "ActiveSAS")):
+        with pytest.raises(OperationNotAllowed, match=f"since the disk is in '{state}' state"):
+            disks.update_disk(name, size_gib=2)
+    assert disks.revoke_access("disk", "u")["size_bytes"] == 20 * MIB
+    assert disks.revoke_access("disk", "d")["size_bytes"] == 1 << 30
+    assert disks.update_disk("d", size_gib=2)["size_bytes"] == 2 << 30

@@ -7,8 +7,11 @@ get_page_range_diff_for_managed_disk in guest offsets."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+from email.utils import formatdate
+from urllib.parse import urlsplit
 
 import pytest
 from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
@@ -152,3 +155,30 @@ def test_a_grant_s_container_answers_its_sas_only(server):
         BlobClient.from_blob_url(url.replace("/md-", "/md-z")).get_blob_properties()
     assert BlobClient.from_blob_url(url).get_blob_properties().size == (1 << 30) + 512
     stamp_cli(server, "disk", "revoke-access", "only")
+
+
+def test_a_put_page_let_in_before_the_revoke_cannot_land_after_its_check(server, tmp_path):
+    # The endpoint checked the grant once, when the request's headers came: a client that sent the headers of
+    # a Put Page at the footer, waited for revoke-access to check the footer and make the disk Unattached, then
+    # sent the body, changed the footer of a disk now in use (201 Created), behind the check.
+    src = tmp_path / "late.vhd"
+    with vhd.create(src, 20 * MIB, type="fixed"):
+        pass
+    raw = src.read_bytes()
+    stamp_cli(server, "disk", "create", "late", "--upload-size-bytes", str(len(raw)))
+    url = grant(server, "disk", "late", "Write")
+    BlobClient.from_blob_url(url).upload_page(raw[-512:], offset=len(raw) - 512, length=512)
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=60) as s:
+        s.sendall(f"PUT {parts.path}?{parts.query}&comp=page HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                  f"x-ms-version: 2021-08-06\r\nx-ms-date: {formatdate(usegmt=True)}\r\n"
+                  f"x-ms-page-write: update\r\nx-ms-range: bytes={len(raw) - 512}-{len(raw) - 1}\r\n"
+                  "Content-Length: 512\r\n\r\n".encode())
+        s.sendall(b"\xee" * 100)  # the server has read the headers and let the request in: its body is coming
+        assert json.loads(stamp_cli(server, "disk", "revoke-access", "late"))["state"] == "Unattached"
+        s.sendall(b"\xee" * 412)
+        assert s.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 404 Not Found"
+    with Stamp.open(server.stamp) as st:
+        disks = Disks(st)
+        blob = disks.record("late")["blob"]
+        assert st.blobs.read(blob, len(raw) - 512, 512) == raw[-512:]  # what the revoke checked
