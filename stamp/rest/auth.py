@@ -15,7 +15,12 @@ public access and stored policies first. Rules:
 - a bad signature is 403 AuthenticationFailed whose detail quotes the string
   to sign, as the service does; every key of the account is tried;
 - SAS (a `sig` parameter) is verified by stamp.sas (service and account SAS,
-  time window, IP range, protocol, permission);
+  time window, IP range, protocol, permission); an operation names the SAS
+  kinds that may call it at all (`Op.sas`): a container's ACL (its public
+  access and stored policies) is the account owner's only, and creating,
+  deleting or setting the metadata of a container takes an account SAS (a
+  service SAS on a container opens its blobs and listing, not the container
+  itself); any other is 403 AuthorizationPermissionMismatch;
 - no credentials: allowed only for reads where the container's public access
   says so (`blob`: blob reads; `container`: also the container's properties
   and listing); otherwise 404 ResourceNotFound for reads (the service does not
@@ -47,12 +52,14 @@ STANDARD = ("Content-Encoding", "Content-Language", "Content-Length", "Content-M
 class Op:
     """What an operation needs: its level (service, container or object), the
     SAS permission letters any one of which allows it, and whether public
-    access can allow it (`public`: "blob" or "container" level reads)."""
+    access can allow it (`public`: "blob" or "container" level reads), and
+    the SAS kinds that may call it (`sas`: "service", "account")."""
 
     name: str
     level: str
     permission: str
     public: str | None = None
+    sas: tuple[str, ...] = ("service", "account")
 
 
 @dataclass
@@ -174,7 +181,7 @@ def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, 
     error: StampError | None = None
     for key in keys:
         try:
-            return sas.verify(query, account=req.account, key=key, permission=op.permission,
+            found = sas.verify(query, account=req.account, key=key, permission=op.permission,
                               container=req.container if op.level != "service" else None,
                               blob=req.blob if op.level == "object" else None, snapshot=req.snapshot,
                               client_ip=req.client_ip, https=req.https, now=now or datetime.now(UTC),
@@ -182,6 +189,11 @@ def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, 
         except sas.SasError as e:
             if e.code != "AuthenticationFailed" or error is None:
                 error = e
+            continue
+        if found.kind not in op.sas:
+            raise RestError(403, "AuthorizationPermissionMismatch", f"{op.name} cannot be called with a "
+                            f"{found.kind} SAS.")
+        return found
     assert error is not None
     raise from_stamp(error)
 

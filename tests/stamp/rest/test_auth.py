@@ -86,3 +86,47 @@ def test_unknown_account_and_missing_credentials(server):
     assert resp.status == 401 and resp.getheader("x-ms-error-code") == "NoAuthenticationInformation"
     resp, _ = _raw(server, "HEAD", "/devstoreaccount1/anon-c/blob", {})
     assert resp.status == 404 and resp.getheader("x-ms-error-code") == "ResourceNotFound"
+
+
+def test_a_sas_cannot_open_a_container_to_the_public_or_delete_it(server):
+    """A container's ACL is its owner's (Shared Key) only, and a service SAS on a
+    container opens its blobs, not the container: a holder of a container SAS
+    with w could make the container public (anyone could then list and read
+    it), one with d could delete the container and every blob in it."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import (
+        AccountSasPermissions,
+        ContainerSasPermissions,
+        ResourceTypes,
+        generate_account_sas,
+        generate_container_sas,
+    )
+
+    svc = server.service()
+    name = "sas-acl"
+    svc.create_container(name)
+    expiry = datetime.now(UTC) + timedelta(hours=1)
+    every = ContainerSasPermissions(read=True, write=True, delete=True, list=True)
+    csas = generate_container_sas("devstoreaccount1", name, account_key=DEVSTORE_KEY, permission=every, expiry=expiry)
+    asas = generate_account_sas("devstoreaccount1", DEVSTORE_KEY, ResourceTypes(container=True, object=True),
+                                AccountSasPermissions(read=True, write=True, delete=True, list=True), expiry=expiry)
+    path = f"/devstoreaccount1/{name}?restype=container"
+    acl = b"<?xml version='1.0' encoding='utf-8'?><SignedIdentifiers />"
+    for token in (csas, asas):
+        resp, _ = _raw(server, "PUT", f"{path}&comp=acl&{token}", {"x-ms-blob-public-access": "container"}, acl)
+        assert resp.status == 403 and resp.getheader("x-ms-error-code") == "AuthorizationPermissionMismatch"
+        resp, _ = _raw(server, "GET", f"{path}&comp=acl&{token}", {})
+        assert resp.status == 403 and resp.getheader("x-ms-error-code") == "AuthorizationPermissionMismatch"
+    resp, _ = _raw(server, "GET", f"{path}&comp=list", {})
+    assert resp.status == 404  # still private
+    for method, query in (("DELETE", ""), ("PUT", "&comp=metadata")):
+        resp, _ = _raw(server, method, f"{path}{query}&{csas}", {"x-ms-meta-a": "b"})
+        assert resp.status == 403 and resp.getheader("x-ms-error-code") == "AuthorizationPermissionMismatch"
+    resp, _ = _raw(server, "GET", f"{path}&comp=list&{csas}", {})
+    assert resp.status == 200  # what a container SAS is for
+    resp, _ = _raw(server, "PUT", f"{path}&comp=metadata&{asas}", {"x-ms-meta-a": "b"})
+    assert resp.status == 200  # an account SAS manages containers
+    resp, _ = _raw(server, "DELETE", f"{path}&{asas}", {})
+    assert resp.status == 202
+

@@ -1,10 +1,15 @@
 """Bad input gets the service's errors, never a traceback or a hang: raw
-HTTP requests (authorized by an account SAS the SDK made) with malformed
+HTTP requests (authorized by an account SAS the SDK made, or Shared Key
+for a container's ACL, which no SAS may set) with malformed
 headers, ranges, XML and bodies; a Hypothesis fuzz of requests; and the
 server's memory while huge uploads arrive."""
 
 from __future__ import annotations
 
+import base64
+import email.utils
+import hashlib
+import hmac
 import http.client
 import socket
 import threading
@@ -15,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stamp import Stamp
+from stamp.rest import DEVSTORE_KEY
 
 from .conftest import start_server, stop_server
 
@@ -29,8 +35,18 @@ class Raw:
         self.host, self.port = u.hostname, u.port
 
     def __call__(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None,
-                 query: str = "", sas: bool = True):
-        q = "&".join(x for x in (query, self.sas if sas else "") if x)
+                 query: str = "", sas: bool = True, shared_key: bool = False):
+        q = "&".join(x for x in (query, self.sas if sas and not shared_key else "") if x)
+        if shared_key:  # the documented string to sign, for a request with Content-Length and no other header
+            headers = {**(headers or {}), "x-ms-date": email.utils.formatdate(usegmt=True),
+                       "x-ms-version": "2026-10-06"}
+            length = headers.get("Content-Length", "")
+            resource = f"/devstoreaccount1{path}" + "".join(f"\n{k}:{v}" for k, v in
+                                                            sorted(x.split("=", 1) for x in q.split("&") if x))
+            text = (f"{method}\n\n\n{'' if length == '0' else length}\n\n\n\n\n\n\n\n\n"
+                    f"x-ms-date:{headers['x-ms-date']}\nx-ms-version:2026-10-06\n{resource}")
+            mac = hmac.new(base64.b64decode(DEVSTORE_KEY), text.encode(), hashlib.sha256).digest()
+            headers["Authorization"] = f"SharedKey devstoreaccount1:{base64.b64encode(mac).decode()}"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         conn.request(method, path + (f"?{q}" if q else ""), body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -89,7 +105,7 @@ def test_malformed_headers_ranges_and_bodies(server):
                        "InvalidXmlDocument"),
                       (b"<SignedIdentifiers>" + b" " * (70 * 1024) + b"</SignedIdentifiers>", "RequestBodyTooLarge")):
         resp, body = raw("PUT", "/devstoreaccount1/bad", {"Content-Length": str(len(xml))}, xml,
-                         query="restype=container&comp=acl")
+                         query="restype=container&comp=acl", shared_key=True)
         assert resp.getheader("x-ms-error-code") == code
     resp, _ = raw("PUT", "/devstoreaccount1/bad/b", {"Content-Length": "0", "x-ms-blob-type": "BlockBlob"})
     assert (resp.status, resp.getheader("x-ms-error-code")) == (409, "InvalidBlobType")
