@@ -14,6 +14,10 @@ public access and stored policies first. Rules:
   and `/ACCOUNT/path` plus `?comp=` when present;
 - a bad signature is 403 AuthenticationFailed whose detail quotes the string
   to sign, as the service does; every key of the account is tried;
+- a signed request is good for 15 minutes either side of its date (x-ms-date,
+  else Date), as the service's: else a request anyone saw (a log, a proxy)
+  could be sent again forever, a delete or a page clear included; a date
+  that does not parse or lies outside is 403 AuthenticationFailed;
 - SAS (a `sig` parameter) is verified by stamp.sas (service and account SAS,
   time window, IP range, protocol, permission); an operation names the SAS
   kinds that may call it at all (`Op.sas`): a container's ACL (its public
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
@@ -44,6 +49,7 @@ from .errors import RestError, from_stamp
 DEVSTORE_ACCOUNT = "devstoreaccount1"
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
+MAX_CLOCK_SKEW = 15 * 60  # seconds a Shared Key request's date may differ from the server's clock
 STANDARD = ("Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
             "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range")
 
@@ -172,6 +178,22 @@ def verify_shared_key(req: Request, accounts: Accounts) -> str:
                   f"signature. Server used following string to sign: '{texts[0]}'.")
 
 
+def check_date(req: Request, now: datetime | None = None) -> None:
+    """A Shared Key request's date is within MAX_CLOCK_SKEW of `now`."""
+    name = "x-ms-date" if "x-ms-date" in req.headers else "Date"
+    value = req.headers.get(name, "")
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        when = None
+    if when is None or when.tzinfo is None:
+        raise _failed(f"The {name} header {value[:64]!r} is not an RFC 1123 date.")
+    skew = (when - (now or datetime.now(UTC))).total_seconds()
+    if abs(skew) > MAX_CLOCK_SKEW:
+        raise _failed(f"Request date header too {'old' if skew < 0 else 'far in the future'}: {value!r} "
+                      f"(a request is good for {MAX_CLOCK_SKEW // 60} minutes either side of its date).")
+
+
 def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, sas.AccessPolicy] | None,
                now: datetime | None = None) -> sas.Sas:
     keys = accounts.keys.get(req.account)
@@ -203,7 +225,9 @@ def authorize(req: Request, accounts: Accounts, op: Op, public_access: str | Non
     """How the request is allowed ("SharedKey", "SharedKeyLite", "sas",
     "anonymous"), or the service's error."""
     if "Authorization" in req.headers:
-        return verify_shared_key(req, accounts)
+        scheme = verify_shared_key(req, accounts)
+        check_date(req)
+        return scheme
     if any(k == "sig" for k, _ in req.query):
         verify_sas(req, accounts, op, policies)
         return "sas"
