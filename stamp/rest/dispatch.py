@@ -12,8 +12,10 @@ Every request goes through `handle`, in this order:
    stored policies looked up only when needed (anonymous requests, `si`);
 6. the operation; its RestError, or a StampError mapped by errors.from_stamp,
    becomes the service's error answer (header x-ms-error-code, XML body,
-   none for HEAD); anything else is logged and answered 500 InternalError,
-   never a traceback to the client.
+   none for HEAD); a client that went away (or an answer that cannot be
+   finished: a read failed after its first bytes) closes the connection,
+   with nothing logged; anything else is logged and answered 500
+   InternalError, never a traceback to the client.
 Every answer carries x-ms-request-id, x-ms-version, Date, Server and the
 client's x-ms-client-request-id.
 """
@@ -147,8 +149,10 @@ class Endpoint:
             resp = self._error(request, e, rid)
         except StampError as e:
             resp = self._error(request, from_stamp(e), rid)
-        except (ConnectionResetError, web.HTTPException):
+        except web.HTTPException:
             raise
+        except ConnectionError:  # the client went away, or an answer already begun cannot be finished
+            return self._drop(request)
         except Exception as e:  # a bug: logged here, a clean 500 to the client
             log.exception("request %s %s failed", request.method, request.rel_url)
             resp = self._error(request, RestError(500, "InternalError", f"The server encountered an internal "
@@ -156,6 +160,17 @@ class Endpoint:
         finally:
             self.svc.active -= 1
         return resp
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.StreamResponse:
+        """Close the connection, quietly: what was sent of an answer stays
+        short (never followed by a pipelined answer), and aiohttp, finding
+        the transport closed when it finishes the answer, neither writes nor
+        logs anything (a ConnectionError raised here would be logged with a
+        traceback and answered 500 into the closed socket)."""
+        if request.transport is not None:
+            request.transport.close()
+        return web.StreamResponse(status=500)
 
     @staticmethod
     async def _common(request: web.Request, resp: web.StreamResponse) -> None:

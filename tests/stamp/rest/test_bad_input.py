@@ -268,3 +268,36 @@ def test_fuzzed_requests_get_service_errors(server, method, container, blob, hea
         if method != "HEAD":
             assert b"<Error><Code>" in data
     assert server.alive()
+
+
+def test_a_client_that_goes_away_mid_download_leaves_no_traceback(tmp_path):
+    """Clients that close (or reset) their connection while a large Get Blob
+    streams, some with more requests pipelined behind it: the server drops
+    those connections quietly (no traceback, no 500 written into a closed
+    socket) and answers the next client."""
+    import socket
+    import struct
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path)
+    try:
+        raw = Raw(srv)
+        raw("PUT", "/devstoreaccount1/gone", {"Content-Length": "0"}, query="restype=container")
+        size = 32 * MIB
+        raw("PUT", "/devstoreaccount1/gone/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(size),
+                                                "Content-Length": "0"})
+        request = (f"GET /devstoreaccount1/gone/b?{raw.sas} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+        for reset in (False, True) * 3:
+            s = socket.create_connection((raw.host, raw.port))
+            s.sendall(request * 2)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            if reset:  # RST rather than FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(1)
+        resp, data = raw("GET", "/devstoreaccount1/gone/b", {"x-ms-range": "bytes=0-511"})
+        assert resp.status == 206 and data == bytes(512)
+    finally:
+        err = stop_server(srv)
+        assert "Traceback" not in err, err[-3000:]
