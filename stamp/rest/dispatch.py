@@ -9,7 +9,8 @@ Every request goes through `handle`, in this order:
    an unknown one is the service's error, decided before any body is read;
 4. `x-ms-version` (any date from 2009-09-19 on; echoed);
 5. authorization (auth.authorize) with the container's public access and
-   stored policies looked up only when needed (anonymous requests, `si`);
+   stored policies looked up only when needed (anonymous requests, `si`),
+   then the container's account (another account's is 404, containers.py);
 6. the operation; its RestError, or a StampError mapped by errors.from_stamp,
    becomes the service's error answer (header x-ms-error-code, XML body,
    none for HEAD); a client that went away (or an answer that cannot be
@@ -195,6 +196,8 @@ class Endpoint:
             return await managed.serve(self.svc, call, handler, areq, op)
         public, policies = await self._container_rules(call, areq)
         call.auth = authorize(areq, self.svc.accounts, op, public, policies)
+        if container is not None:
+            await ct.check_owner(self.svc, account, container)
         return await handler(self.svc, call)
 
     async def _container_rules(self, call: Call, areq: Request) -> tuple[str | None, dict[str, Any] | None]:

@@ -156,3 +156,48 @@ def test_a_signed_request_cannot_be_sent_again_long_after_its_date(server, age):
     assert resp.status == 403 and resp.getheader("x-ms-error-code") == "AuthenticationFailed"
     assert send("PUT", now).status == 409  # still there
     assert send("DELETE", now - 60).status == 202  # a minute's skew is fine
+
+
+def test_an_account_cannot_reach_another_accounts_containers(tmp_path):
+    """Two accounts on one server: each lists, reads, writes, deletes and
+    copies from its own containers only, even with a good signature of its
+    own key and the other's container public."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+    from azure.storage.blob import BlobServiceClient
+
+    from stamp import Stamp
+
+    from .conftest import start_server, stop_server
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    other_key = base64.b64encode(b"another account's key").decode()
+    srv = start_server(path, "--account", f"other:{other_key}")
+    try:
+        mine = srv.service()
+        theirs = BlobServiceClient(f"{srv.url}/other", credential={"account_name": "other", "account_key": other_key})
+        cc = mine.create_container("private")
+        cc.get_blob_client("b").create_page_blob(1024)
+        cc.get_blob_client("b").upload_page(b"s" * 512, 0, 512)
+        theirs.create_container("theirs")
+        assert [c.name for c in theirs.list_containers()] == ["theirs"]
+        assert [c.name for c in mine.list_containers()] == ["private"]
+        stolen = theirs.get_blob_client("private", "b")
+        for attempt in (stolen.download_blob, stolen.delete_blob, stolen.get_blob_properties,
+                        lambda: stolen.upload_page(b"x" * 512, 0, 512),
+                        lambda: theirs.get_container_client("private").get_container_properties(),
+                        lambda: list(theirs.get_container_client("private").list_blobs()),
+                        lambda: theirs.get_container_client("private").delete_container()):
+            with pytest.raises(ResourceNotFoundError):
+                attempt()
+        copy = theirs.get_blob_client("theirs", "copy")
+        with pytest.raises(HttpResponseError) as e:
+            copy.start_copy_from_url(f"{srv.url}/other/private/b")
+        assert e.value.status_code == 404
+        assert not copy.exists()
+        cc.set_container_access_policy({}, public_access="container")
+        resp, _ = _raw(srv, "GET", "/other/private/b", {})  # anonymous, through the other account's name
+        assert resp.status == 404
+        assert cc.get_blob_client("b").download_blob().readall()[:512] == b"s" * 512
+    finally:
+        assert "Traceback" not in stop_server(srv)
