@@ -8,6 +8,9 @@ or {"NAME": ["KEY1", "KEY2"]}) and those given on the command line. Prints
 one JSON line when it listens; SIGTERM and SIGINT stop it cleanly (requests
 in flight finish, then the stamp is closed). Several processes may serve one
 stamp folder at once (each on its own port): the stamp is multi-process.
+A request aiohttp cannot parse (a header line over 8 KiB, a bad request
+line) is the client's error: aiohttp answers it 400, and it is logged in
+one line, never with a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import json
+import logging
 import os
 import signal
 import ssl
@@ -23,6 +27,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import StampError
 from ..stamp import Stamp
@@ -31,6 +36,18 @@ from .call import Limits, Service
 from .dispatch import Endpoint
 
 ACCOUNTS_FILE = "accounts.json"
+
+
+class _ClientErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with the parser's traceback:
+    keep the line (who, and what was wrong), drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = f"{record.getMessage()}: {exc}"[:300], ()
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def load_accounts(stamp_path: str, extra: list[str]) -> Accounts:
@@ -81,6 +98,7 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 async def _serve(st: Stamp, host: str, port: int, accounts: Accounts, limits: Limits,
                  tls: ssl.SSLContext | None) -> None:
     svc = Service(st, accounts, limits)
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrors())
     runner = web.AppRunner(Endpoint(svc).app(), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=128)

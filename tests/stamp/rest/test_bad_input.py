@@ -301,3 +301,28 @@ def test_a_client_that_goes_away_mid_download_leaves_no_traceback(tmp_path):
     finally:
         err = stop_server(srv)
         assert "Traceback" not in err, err[-3000:]
+
+
+def test_requests_aiohttp_cannot_parse_are_answered_without_a_traceback(tmp_path):
+    import socket
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path)
+    try:
+        u = urlsplit(srv.url)
+        for request in (b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nx-ms-meta-a: " + b"a" * MIB + b"\r\n\r\n",
+                        b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\n" + b"x-ms-a: b\r\n" * 70000 + b"\r\n",
+                        b"GET /devstoreaccount1/" + b"c" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+            with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+                try:
+                    s.sendall(request)
+                except ConnectionError:
+                    pass  # the server answered and closed before it had it all
+                answer = s.recv(100)
+            assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), answer
+        assert Raw(srv)("GET", "/devstoreaccount1/c/b")[0].status == 404
+    finally:
+        err = stop_server(srv)
+        assert "Traceback" not in err, err[-3000:]
