@@ -326,3 +326,34 @@ def test_requests_aiohttp_cannot_parse_are_answered_without_a_traceback(tmp_path
     finally:
         err = stop_server(srv)
         assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_connection_that_trickles_its_request_head_is_closed(tmp_path):
+    """Slowloris: connections that never finish their first request's head are
+    closed after the stall timeout, not kept (each holds a file descriptor)."""
+    import socket
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path, "--stall-timeout", "2")
+    try:
+        u = urlsplit(srv.url)
+        slow = []
+        for _ in range(20):
+            s = socket.create_connection((u.hostname, u.port), timeout=30)
+            s.sendall(b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nx-ms-a: ")
+            slow.append(s)
+        time.sleep(1)
+        for s in slow:
+            s.sendall(b"b")  # still trickling
+        closed = 0
+        for s in slow:
+            try:
+                closed += s.recv(100) == b""  # the server closed it (no answer: there was no request)
+            except ConnectionError:
+                closed += 1
+            s.close()
+        assert closed == 20
+        assert Raw(srv)("GET", "/devstoreaccount1/c/b")[0].status == 404
+    finally:
+        assert "Traceback" not in stop_server(srv)
