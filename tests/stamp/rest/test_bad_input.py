@@ -357,3 +357,16 @@ def test_a_connection_that_trickles_its_request_head_is_closed(tmp_path):
         assert Raw(srv)("GET", "/devstoreaccount1/c/b")[0].status == 404
     finally:
         assert "Traceback" not in stop_server(srv)
+
+
+def test_a_blob_name_of_1024_characters_is_a_name(server):
+    """The service's limit is 1,024 characters for the blob's name, not for the
+    container's and the blob's together (the stamp's name of a REST blob)."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/longnames", {"Content-Length": "0"}, query="restype=container")
+    make = {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "512", "Content-Length": "0"}
+    resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1024, make)
+    assert resp.status == 201
+    assert raw("GET", "/devstoreaccount1/longnames/" + "n" * 1024)[0].status == 200
+    resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1025, make)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "InvalidResourceName")
