@@ -1,7 +1,9 @@
 """Containers: named name spaces of page blobs, as the Blob service has them.
 
 A container is a record in the `containers` table (name -> JSON {name,
-created, modified, rev, metadata, public_access}); the page blobs in it are
+created, modified, rev, metadata, public_access} and, when the REST
+endpoint created it for an account other than its default one, `account`);
+the page blobs in it are
 the stamp's blobs named `CONTAINER/BLOB`. Rules:
 - a container name is 3 to 63 characters of lower-case letters, digits and
   single hyphens, starting and ending with a letter or digit (Azure's rule),
@@ -58,8 +60,8 @@ class Containers:
         return {"name": name, "created": 0.0, "modified": 0.0, "rev": 0, "metadata": {},
                 "public_access": None, "system": True}
 
-    def create(self, name: str, metadata: dict[str, str] | None = None, public_access: str | None = None
-               ) -> dict[str, Any]:
+    def create(self, name: str, metadata: dict[str, str] | None = None, public_access: str | None = None,
+               account: str | None = None) -> dict[str, Any]:
         check_name(name)
         if public_access not in PUBLIC_ACCESS:
             raise InvalidContainerName(f"public access {public_access!r}: blob, container or none")
@@ -68,6 +70,8 @@ class Containers:
         now = time.time()
         record = {"name": name, "created": now, "modified": now, "rev": 1, "metadata": metadata or {},
                   "public_access": public_access}
+        if account is not None:
+            record["account"] = account
         with self.meta.write() as txn:
             if txn.get(name.encode(), db=self.db) is not None:
                 raise ContainerAlreadyExists(f"container {name!r} already exists")
@@ -174,4 +178,6 @@ class Containers:
                     problems.append(f"container {name!r}: its record names another container")
                 elif obj.get("public_access") not in PUBLIC_ACCESS or not isinstance(obj.get("metadata"), dict):
                     problems.append(f"container {name!r}: bad public access or metadata")
+                elif not isinstance(obj.get("account", ""), str):
+                    problems.append(f"container {name!r}: bad account")
         return problems

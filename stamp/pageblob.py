@@ -105,7 +105,8 @@ PAGE = 512
 MAX_WRITE = 4 * 1024 * 1024
 MAX_BLOB = 8 * 1024 ** 4  # the page blob API's limit
 MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of data and the VHD footer
-MAX_NAME = 1024  # characters in a blob name (Azure's limit)
+MAX_NAME = 1024  # characters in a blob name (Azure's limit), after its container's name and "/" if it has one
+MAX_CONTAINER = 63  # characters in a container name (containers.NAME): "C/B" may be 63 + 1 + 1,024 long
 SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
 HISTORY_BUILT = b"history-index"  # counters key of the legacy per-cell index (removed on upgrade)
@@ -260,9 +261,12 @@ def blob_key(name: str) -> bytes:
     """A blob's key in the `blobs` table: its UTF-8 name, or for a name too
     long for an LMDB key, 0xFF and the name's SHA-256 (0xFF starts no UTF-8
     text, so the two kinds never meet; the record then holds the name)."""
-    if not name or len(name) > MAX_NAME or "\0" in name:
+    container, slash, rest = name.partition("/")
+    own = rest if slash and 0 < len(container) <= MAX_CONTAINER else name  # the REST blob name of C/B is B
+    if not name or len(own) > MAX_NAME or "\0" in name:
         raise InvalidResourceName(f"blob name {name[:40]!r}{'...' if len(name) > 40 else ''} ({len(name)} "
-                                  f"characters): a name is 1 to {MAX_NAME} characters, without NUL")
+                                  f"characters): a name is 1 to {MAX_NAME} characters (after its container's "
+                                  "name and '/'), without NUL")
     raw = name.encode("utf-8", "surrogatepass")
     return raw if len(raw) <= SHORT_KEY else b"\xff" + hashlib.sha256(raw).digest()
 

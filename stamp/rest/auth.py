@@ -14,8 +14,17 @@ public access and stored policies first. Rules:
   and `/ACCOUNT/path` plus `?comp=` when present;
 - a bad signature is 403 AuthenticationFailed whose detail quotes the string
   to sign, as the service does; every key of the account is tried;
+- a signed request is good for 15 minutes either side of its date (x-ms-date,
+  else Date), as the service's: else a request anyone saw (a log, a proxy)
+  could be sent again forever, a delete or a page clear included; a date
+  that does not parse or lies outside is 403 AuthenticationFailed;
 - SAS (a `sig` parameter) is verified by stamp.sas (service and account SAS,
-  time window, IP range, protocol, permission);
+  time window, IP range, protocol, permission); an operation names the SAS
+  kinds that may call it at all (`Op.sas`): a container's ACL (its public
+  access and stored policies) is the account owner's only, and creating,
+  deleting or setting the metadata of a container takes an account SAS (a
+  service SAS on a container opens its blobs and listing, not the container
+  itself); any other is 403 AuthorizationPermissionMismatch;
 - no credentials: allowed only for reads where the container's public access
   says so (`blob`: blob reads; `container`: also the container's properties
   and listing); otherwise 404 ResourceNotFound for reads (the service does not
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
@@ -39,6 +49,7 @@ from .errors import RestError, from_stamp
 DEVSTORE_ACCOUNT = "devstoreaccount1"
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
+MAX_CLOCK_SKEW = 15 * 60  # seconds a Shared Key request's date may differ from the server's clock
 STANDARD = ("Content-Encoding", "Content-Language", "Content-Length", "Content-MD5", "Content-Type", "Date",
             "If-Modified-Since", "If-Match", "If-None-Match", "If-Unmodified-Since", "Range")
 
@@ -47,12 +58,14 @@ STANDARD = ("Content-Encoding", "Content-Language", "Content-Length", "Content-M
 class Op:
     """What an operation needs: its level (service, container or object), the
     SAS permission letters any one of which allows it, and whether public
-    access can allow it (`public`: "blob" or "container" level reads)."""
+    access can allow it (`public`: "blob" or "container" level reads), and
+    the SAS kinds that may call it (`sas`: "service", "account")."""
 
     name: str
     level: str
     permission: str
     public: str | None = None
+    sas: tuple[str, ...] = ("service", "account")
 
 
 @dataclass
@@ -165,6 +178,22 @@ def verify_shared_key(req: Request, accounts: Accounts) -> str:
                   f"signature. Server used following string to sign: '{texts[0]}'.")
 
 
+def check_date(req: Request, now: datetime | None = None) -> None:
+    """A Shared Key request's date is within MAX_CLOCK_SKEW of `now`."""
+    name = "x-ms-date" if "x-ms-date" in req.headers else "Date"
+    value = req.headers.get(name, "")
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        when = None
+    if when is None or when.tzinfo is None:
+        raise _failed(f"The {name} header {value[:64]!r} is not an RFC 1123 date.")
+    skew = (when - (now or datetime.now(UTC))).total_seconds()
+    if abs(skew) > MAX_CLOCK_SKEW:
+        raise _failed(f"Request date header too {'old' if skew < 0 else 'far in the future'}: {value!r} "
+                      f"(a request is good for {MAX_CLOCK_SKEW // 60} minutes either side of its date).")
+
+
 def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, sas.AccessPolicy] | None,
                now: datetime | None = None) -> sas.Sas:
     keys = accounts.keys.get(req.account)
@@ -174,7 +203,7 @@ def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, 
     error: StampError | None = None
     for key in keys:
         try:
-            return sas.verify(query, account=req.account, key=key, permission=op.permission,
+            found = sas.verify(query, account=req.account, key=key, permission=op.permission,
                               container=req.container if op.level != "service" else None,
                               blob=req.blob if op.level == "object" else None, snapshot=req.snapshot,
                               client_ip=req.client_ip, https=req.https, now=now or datetime.now(UTC),
@@ -182,6 +211,11 @@ def verify_sas(req: Request, accounts: Accounts, op: Op, policies: Mapping[str, 
         except sas.SasError as e:
             if e.code != "AuthenticationFailed" or error is None:
                 error = e
+            continue
+        if found.kind not in op.sas:
+            raise RestError(403, "AuthorizationPermissionMismatch", f"{op.name} cannot be called with a "
+                            f"{found.kind} SAS.")
+        return found
     assert error is not None
     raise from_stamp(error)
 
@@ -191,7 +225,9 @@ def authorize(req: Request, accounts: Accounts, op: Op, public_access: str | Non
     """How the request is allowed ("SharedKey", "SharedKeyLite", "sas",
     "anonymous"), or the service's error."""
     if "Authorization" in req.headers:
-        return verify_shared_key(req, accounts)
+        scheme = verify_shared_key(req, accounts)
+        check_date(req)
+        return scheme
     if any(k == "sig" for k, _ in req.query):
         verify_sas(req, accounts, op, policies)
         return "sas"

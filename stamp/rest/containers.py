@@ -8,6 +8,12 @@ snapshots are listed just before it, oldest first, and a page never splits a
 blob from its snapshots unless they alone fill it; with `delimiter`, names
 with the delimiter past the prefix fold into one BlobPrefix each. Container
 leases are not supported (a clear error).
+
+Accounts: a container belongs to the account that created it (the record's
+`account`; none: the default account, devstoreaccount1). Another account
+neither lists it nor reaches it or its blobs (404 ContainerNotFound, checked
+after authorization: `check_owner`), though names stay unique across the
+stamp: creating a name another account holds is 409 ContainerAlreadyExists.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import BlobNotFound
+from ..errors import BlobNotFound, ContainerNotFound
 from . import headers as hd
 from . import pageblobs, xmlbody
+from .auth import DEVSTORE_ACCOUNT
 from .call import Call, Service
 from .errors import RestError, header_error, query_error
 
@@ -43,8 +50,28 @@ def public_access(c: Call) -> str | None:
     return value
 
 
+def owner(record: dict[str, Any]) -> str:
+    """The account a container belongs to: the one that created it (records
+    without one, the system containers' included, are the default account's)."""
+    return str(record.get("account") or DEVSTORE_ACCOUNT)
+
+
+async def check_owner(svc: Service, account: str, container: str) -> None:
+    """404 ContainerNotFound unless `container` (if it exists) is `account`'s.
+    Free while the server knows one account only."""
+    if list(svc.accounts.keys) == [account]:
+        return
+    try:
+        record = await svc.run(svc.stamp.containers.get, container)
+    except ContainerNotFound:
+        return
+    if owner(record) != account:
+        raise RestError(404, "ContainerNotFound")
+
+
 async def create(svc: Service, c: Call) -> web.StreamResponse:
-    record = await svc.run(svc.stamp.containers.create, c.container, hd.metadata(c.headers), public_access(c))
+    record = await svc.run(svc.stamp.containers.create, c.container, hd.metadata(c.headers), public_access(c),
+                           None if c.account == DEVSTORE_ACCOUNT else c.account)
     return web.Response(status=201, headers=_headers(record))
 
 
@@ -124,6 +151,8 @@ async def list_containers(svc: Service, c: Call) -> web.StreamResponse:
     records, next_marker = await svc.run(svc.stamp.containers.names, prefix, marker, limit)
     out = []
     for r in records:
+        if owner(r) != c.account:
+            continue
         props = {"Last-Modified": hd.http_date(r["modified"]), "Etag": container_etag(r).strip('"'),
                  "LeaseStatus": "unlocked", "LeaseState": "available"}
         if r.get("public_access"):

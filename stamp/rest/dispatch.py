@@ -9,11 +9,14 @@ Every request goes through `handle`, in this order:
    an unknown one is the service's error, decided before any body is read;
 4. `x-ms-version` (any date from 2009-09-19 on; echoed);
 5. authorization (auth.authorize) with the container's public access and
-   stored policies looked up only when needed (anonymous requests, `si`);
+   stored policies looked up only when needed (anonymous requests, `si`),
+   then the container's account (another account's is 404, containers.py);
 6. the operation; its RestError, or a StampError mapped by errors.from_stamp,
    becomes the service's error answer (header x-ms-error-code, XML body,
-   none for HEAD); anything else is logged and answered 500 InternalError,
-   never a traceback to the client.
+   none for HEAD); a client that went away (or an answer that cannot be
+   finished: a read failed after its first bytes) closes the connection,
+   with nothing logged; anything else is logged and answered 500
+   InternalError, never a traceback to the client.
 Every answer carries x-ms-request-id, x-ms-version, Date, Server and the
 client's x-ms-client-request-id.
 """
@@ -50,8 +53,10 @@ ROUTES: dict[tuple[str, str, str | None, str | None], tuple[Handler, Op]] = {
     ("GET", "service", None, "list"): (ct.list_containers, Op("ListContainers", "service", "l")),
     ("GET", "service", "account", "properties"): (ct.account_info, Op("GetAccountInfo", "service", "r")),
     ("HEAD", "service", "account", "properties"): (ct.account_info, Op("GetAccountInfo", "service", "r")),
-    ("PUT", "container", "container", None): (ct.create, Op("CreateContainer", "container", "cw")),
-    ("DELETE", "container", "container", None): (ct.delete, Op("DeleteContainer", "container", "d")),
+    ("PUT", "container", "container", None): (ct.create, Op("CreateContainer", "container", "cw",
+                                                                sas=("account",))),
+    ("DELETE", "container", "container", None): (ct.delete, Op("DeleteContainer", "container", "d",
+                                                                   sas=("account",))),
     ("GET", "container", "container", None): (ct.properties, Op("GetContainerProperties", "container", "r",
                                                                 "container")),
     ("HEAD", "container", "container", None): (ct.properties, Op("GetContainerProperties", "container", "r",
@@ -60,10 +65,11 @@ ROUTES: dict[tuple[str, str, str | None, str | None], tuple[Handler, Op]] = {
                                                                       "container")),
     ("HEAD", "container", "container", "metadata"): (ct.properties, Op("GetContainerMetadata", "container", "r",
                                                                        "container")),
-    ("PUT", "container", "container", "metadata"): (ct.set_metadata, Op("SetContainerMetadata", "container", "w")),
-    ("GET", "container", "container", "acl"): (ct.get_acl, Op("GetContainerACL", "container", "r")),
-    ("HEAD", "container", "container", "acl"): (ct.get_acl, Op("GetContainerACL", "container", "r")),
-    ("PUT", "container", "container", "acl"): (ct.set_acl, Op("SetContainerACL", "container", "w")),
+    ("PUT", "container", "container", "metadata"): (ct.set_metadata, Op("SetContainerMetadata", "container",
+                                                                          "w", sas=("account",))),
+    ("GET", "container", "container", "acl"): (ct.get_acl, Op("GetContainerACL", "container", "r", sas=())),
+    ("HEAD", "container", "container", "acl"): (ct.get_acl, Op("GetContainerACL", "container", "r", sas=())),
+    ("PUT", "container", "container", "acl"): (ct.set_acl, Op("SetContainerACL", "container", "w", sas=())),
     ("GET", "container", "container", "list"): (ct.list_blobs, Op("ListBlobs", "container", "l", "container")),
     ("PUT", "blob", None, None): (pb.put_blob, Op("PutBlob", "object", "cw")),
     ("PUT", "blob", None, "page"): (pb.put_page, Op("PutPage", "object", "w")),
@@ -144,8 +150,10 @@ class Endpoint:
             resp = self._error(request, e, rid)
         except StampError as e:
             resp = self._error(request, from_stamp(e), rid)
-        except (ConnectionResetError, web.HTTPException):
+        except web.HTTPException:
             raise
+        except ConnectionError:  # the client went away, or an answer already begun cannot be finished
+            return self._drop(request)
         except Exception as e:  # a bug: logged here, a clean 500 to the client
             log.exception("request %s %s failed", request.method, request.rel_url)
             resp = self._error(request, RestError(500, "InternalError", f"The server encountered an internal "
@@ -153,6 +161,17 @@ class Endpoint:
         finally:
             self.svc.active -= 1
         return resp
+
+    @staticmethod
+    def _drop(request: web.Request) -> web.StreamResponse:
+        """Close the connection, quietly: what was sent of an answer stays
+        short (never followed by a pipelined answer), and aiohttp, finding
+        the transport closed when it finishes the answer, neither writes nor
+        logs anything (a ConnectionError raised here would be logged with a
+        traceback and answered 500 into the closed socket)."""
+        if request.transport is not None:
+            request.transport.close()
+        return web.StreamResponse(status=500)
 
     @staticmethod
     async def _common(request: web.Request, resp: web.StreamResponse) -> None:
@@ -177,6 +196,8 @@ class Endpoint:
             return await managed.serve(self.svc, call, handler, areq, op)
         public, policies = await self._container_rules(call, areq)
         call.auth = authorize(areq, self.svc.accounts, op, public, policies)
+        if container is not None:
+            await ct.check_owner(self.svc, account, container)
         return await handler(self.svc, call)
 
     async def _container_rules(self, call: Call, areq: Request) -> tuple[str | None, dict[str, Any] | None]:

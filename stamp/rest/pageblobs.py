@@ -442,6 +442,16 @@ def authorize_source(svc: Service, c: Call, src: auth.Request, url: str) -> None
     raise RestError(403, "CannotVerifyCopySource", f"The copy source {url[:200]} cannot be read: give it a SAS.")
 
 
+async def source_owner(svc: Service, src: auth.Request) -> None:
+    """A copy source in another account's container does not exist for this one."""
+    from .containers import check_owner  # containers imports this module
+
+    try:
+        await check_owner(svc, src.account, src.container or "")
+    except RestError:
+        raise RestError(404, "CannotVerifyCopySource", "The specified blob does not exist.") from None
+
+
 # -- Get Blob / properties --------------------------------------------------------------------
 
 async def get_blob(svc: Service, c: Call) -> web.StreamResponse:
@@ -669,6 +679,7 @@ async def copy(svc: Service, c: Call) -> web.StreamResponse:
     src = source_of(c, url, "x-ms-copy-source")
     authorize_source(svc, c, src, url)
     await container_exists(svc, c)
+    await source_owner(svc, src)
     source_name = blob_name(src.container or "", src.blob or "")
     try:
         src_info = await svc.run(svc.stamp.blobs.describe, source_name, src.snapshot)
@@ -712,6 +723,7 @@ async def incremental_copy(svc: Service, c: Call) -> web.StreamResponse:
         raise RestError(409, "IncrementalCopySourceMustBeSnapshot")
     authorize_source(svc, c, src, url)
     await container_exists(svc, c)
+    await source_owner(svc, src)
     source_name = blob_name(src.container or "", src.blob or "")
     try:
         src_info = await svc.run(svc.stamp.blobs.describe, source_name, src.snapshot)

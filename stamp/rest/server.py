@@ -8,12 +8,20 @@ or {"NAME": ["KEY1", "KEY2"]}) and those given on the command line. Prints
 one JSON line when it listens; SIGTERM and SIGINT stop it cleanly (requests
 in flight finish, then the stamp is closed). Several processes may serve one
 stamp folder at once (each on its own port): the stamp is multi-process.
+A request aiohttp cannot parse (a header line over 8 KiB, a bad request
+line) is the client's error: aiohttp answers it 400, and it is logged in
+one line, never with a traceback. A connection must send its first
+request's head within the stall timeout and may then idle (or be slow in a
+later head) IDLE_TIMEOUT seconds: aiohttp alone keeps a connection that
+trickles a head forever, so a few thousand such clients (slowloris) would
+take every file descriptor and lock everyone else out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import ssl
@@ -21,6 +29,7 @@ import sys
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vhd.budget import fixed_mmap_threshold
 
@@ -31,6 +40,27 @@ from .call import Limits, Service
 from .dispatch import Endpoint
 
 ACCOUNTS_FILE = "accounts.json"
+IDLE_TIMEOUT = 120.0  # seconds a connection may sit between requests (or in the head of a later one)
+
+
+class _ClientErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with the parser's traceback:
+    keep the line (who, and what was wrong), drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = f"{record.getMessage()}: {exc}"[:300], ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _no_request_yet(protocol: Any) -> None:
+    """Close a connection that has not sent one whole request head since it
+    opened (aiohttp itself waits for it forever)."""
+    transport = getattr(protocol, "transport", None)
+    if getattr(protocol, "_request_count", 1) == 0 and transport is not None and not transport.is_closing():
+        transport.close()
 
 
 def load_accounts(stamp_path: str, extra: list[str]) -> Accounts:
@@ -81,27 +111,36 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 async def _serve(st: Stamp, host: str, port: int, accounts: Accounts, limits: Limits,
                  tls: ssl.SSLContext | None) -> None:
     svc = Service(st, accounts, limits)
-    runner = web.AppRunner(Endpoint(svc).app(), access_log=None, handle_signals=False)
+    logging.getLogger("aiohttp.server").addFilter(_ClientErrors())
+    runner = web.AppRunner(Endpoint(svc).app(), access_log=None, handle_signals=False,
+                           keepalive_timeout=IDLE_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls, backlog=128)
+    loop = asyncio.get_running_loop()
+    web_server = runner.server
+    assert web_server is not None
+
+    def connection() -> Any:  # aiohttp's protocol, with a deadline for the first request's head
+        protocol = web_server()
+        loop.call_later(limits.stall_timeout, _no_request_yet, protocol)
+        return protocol
+
     try:
-        await site.start()
+        server = await loop.create_server(connection, host, port, ssl=tls, backlog=128)
     except OSError as e:
         await runner.cleanup()
         raise StampError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    server: Any = site._server
-    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+    bound = server.sockets[0].getsockname()[1] if server.sockets else port
     scheme = "https" if tls else "http"
     shown = f"[{host}]" if ":" in host else host
     print(json.dumps({"listening": f"{scheme}://{shown}:{bound}", "stamp": st.path, "accounts": sorted(accounts.keys),
                       "blob_endpoint": f"{scheme}://{shown}:{bound}/{DEVSTORE_ACCOUNT}"}), flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        server.close()
         await runner.cleanup()
         svc.pool.shutdown(wait=True)
 

@@ -1,10 +1,15 @@
 """Bad input gets the service's errors, never a traceback or a hang: raw
-HTTP requests (authorized by an account SAS the SDK made) with malformed
+HTTP requests (authorized by an account SAS the SDK made, or Shared Key
+for a container's ACL, which no SAS may set) with malformed
 headers, ranges, XML and bodies; a Hypothesis fuzz of requests; and the
 server's memory while huge uploads arrive."""
 
 from __future__ import annotations
 
+import base64
+import email.utils
+import hashlib
+import hmac
 import http.client
 import socket
 import threading
@@ -15,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stamp import Stamp
+from stamp.rest import DEVSTORE_KEY
 
 from .conftest import start_server, stop_server
 
@@ -29,8 +35,18 @@ class Raw:
         self.host, self.port = u.hostname, u.port
 
     def __call__(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None,
-                 query: str = "", sas: bool = True):
-        q = "&".join(x for x in (query, self.sas if sas else "") if x)
+                 query: str = "", sas: bool = True, shared_key: bool = False):
+        q = "&".join(x for x in (query, self.sas if sas and not shared_key else "") if x)
+        if shared_key:  # the documented string to sign, for a request with Content-Length and no other header
+            headers = {**(headers or {}), "x-ms-date": email.utils.formatdate(usegmt=True),
+                       "x-ms-version": "2026-10-06"}
+            length = headers.get("Content-Length", "")
+            resource = f"/devstoreaccount1{path}" + "".join(f"\n{k}:{v}" for k, v in
+                                                            sorted(x.split("=", 1) for x in q.split("&") if x))
+            text = (f"{method}\n\n\n{'' if length == '0' else length}\n\n\n\n\n\n\n\n\n"
+                    f"x-ms-date:{headers['x-ms-date']}\nx-ms-version:2026-10-06\n{resource}")
+            mac = hmac.new(base64.b64decode(DEVSTORE_KEY), text.encode(), hashlib.sha256).digest()
+            headers["Authorization"] = f"SharedKey devstoreaccount1:{base64.b64encode(mac).decode()}"
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
         conn.request(method, path + (f"?{q}" if q else ""), body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -89,7 +105,7 @@ def test_malformed_headers_ranges_and_bodies(server):
                        "InvalidXmlDocument"),
                       (b"<SignedIdentifiers>" + b" " * (70 * 1024) + b"</SignedIdentifiers>", "RequestBodyTooLarge")):
         resp, body = raw("PUT", "/devstoreaccount1/bad", {"Content-Length": str(len(xml))}, xml,
-                         query="restype=container&comp=acl")
+                         query="restype=container&comp=acl", shared_key=True)
         assert resp.getheader("x-ms-error-code") == code
     resp, _ = raw("PUT", "/devstoreaccount1/bad/b", {"Content-Length": "0", "x-ms-blob-type": "BlockBlob"})
     assert (resp.status, resp.getheader("x-ms-error-code")) == (409, "InvalidBlobType")
@@ -252,3 +268,105 @@ def test_fuzzed_requests_get_service_errors(server, method, container, blob, hea
         if method != "HEAD":
             assert b"<Error><Code>" in data
     assert server.alive()
+
+
+def test_a_client_that_goes_away_mid_download_leaves_no_traceback(tmp_path):
+    """Clients that close (or reset) their connection while a large Get Blob
+    streams, some with more requests pipelined behind it: the server drops
+    those connections quietly (no traceback, no 500 written into a closed
+    socket) and answers the next client."""
+    import socket
+    import struct
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path)
+    try:
+        raw = Raw(srv)
+        raw("PUT", "/devstoreaccount1/gone", {"Content-Length": "0"}, query="restype=container")
+        size = 32 * MIB
+        raw("PUT", "/devstoreaccount1/gone/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": str(size),
+                                                "Content-Length": "0"})
+        request = (f"GET /devstoreaccount1/gone/b?{raw.sas} HTTP/1.1\r\nHost: x\r\n\r\n").encode()
+        for reset in (False, True) * 3:
+            s = socket.create_connection((raw.host, raw.port))
+            s.sendall(request * 2)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            if reset:  # RST rather than FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        time.sleep(1)
+        resp, data = raw("GET", "/devstoreaccount1/gone/b", {"x-ms-range": "bytes=0-511"})
+        assert resp.status == 206 and data == bytes(512)
+    finally:
+        err = stop_server(srv)
+        assert "Traceback" not in err, err[-3000:]
+
+
+def test_requests_aiohttp_cannot_parse_are_answered_without_a_traceback(tmp_path):
+    import socket
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path)
+    try:
+        u = urlsplit(srv.url)
+        for request in (b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nx-ms-meta-a: " + b"a" * MIB + b"\r\n\r\n",
+                        b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\n" + b"x-ms-a: b\r\n" * 70000 + b"\r\n",
+                        b"GET /devstoreaccount1/" + b"c" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                        b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+            with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+                try:
+                    s.sendall(request)
+                except ConnectionError:
+                    pass  # the server answered and closed before it had it all
+                answer = s.recv(100)
+            assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), answer
+        assert Raw(srv)("GET", "/devstoreaccount1/c/b")[0].status == 404
+    finally:
+        err = stop_server(srv)
+        assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_connection_that_trickles_its_request_head_is_closed(tmp_path):
+    """Slowloris: connections that never finish their first request's head are
+    closed after the stall timeout, not kept (each holds a file descriptor)."""
+    import socket
+
+    path = str(tmp_path / "st")
+    Stamp.create(path).close()
+    srv = start_server(path, "--stall-timeout", "2")
+    try:
+        u = urlsplit(srv.url)
+        slow = []
+        for _ in range(20):
+            s = socket.create_connection((u.hostname, u.port), timeout=30)
+            s.sendall(b"GET /devstoreaccount1/c/b HTTP/1.1\r\nHost: x\r\nx-ms-a: ")
+            slow.append(s)
+        time.sleep(1)
+        for s in slow:
+            s.sendall(b"b")  # still trickling
+        closed = 0
+        for s in slow:
+            try:
+                closed += s.recv(100) == b""  # the server closed it (no answer: there was no request)
+            except ConnectionError:
+                closed += 1
+            s.close()
+        assert closed == 20
+        assert Raw(srv)("GET", "/devstoreaccount1/c/b")[0].status == 404
+    finally:
+        assert "Traceback" not in stop_server(srv)
+
+
+def test_a_blob_name_of_1024_characters_is_a_name(server):
+    """The service's limit is 1,024 characters for the blob's name, not for the
+    container's and the blob's together (the stamp's name of a REST blob)."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/longnames", {"Content-Length": "0"}, query="restype=container")
+    make = {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "512", "Content-Length": "0"}
+    resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1024, make)
+    assert resp.status == 201
+    assert raw("GET", "/devstoreaccount1/longnames/" + "n" * 1024)[0].status == 200
+    resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1025, make)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "InvalidResourceName")
