@@ -23,6 +23,7 @@ from stamp.testing import PageBlobMachine, page_data
 
 SLOW = bool(os.environ.get("DISKSTAMP_SLOW"))
 KIB = 1024
+MIB = 1024 * KIB
 
 
 def test_the_model_holds_with_snapshot_reads_through_the_page_index():
@@ -323,4 +324,23 @@ def test_a_page_and_its_run_each_decide_where_their_epoch_is_least(tmp_path):
         assert st.blobs.read("d", 32 * KIB, 32 * KIB, snapshot=snap) == want
         assert st.blobs.read("d", 70 * 512, 512, snapshot=snap) == want[page * 512:(page + 1) * 512]
     assert st.check().ok
+    st.close()
+
+
+def test_a_read_past_an_older_kept_piece_looks_at_an_entry_per_run(tmp_path, monkeypatch):
+    """A 4 MiB piece kept by snapshot 0, then 100 more snapshots: a 1 MiB
+    read of a later snapshot passes the piece's older entries at one per
+    32 KiB run (the per-page index: one or two per page)."""
+    st = Stamp.create(str(tmp_path / "s"))
+    st.blobs.create("d", 8 << 20)
+    st.blobs.write("d", 0, b"A" * (4 << 20))
+    snaps = [st.blobs.snapshot("d").id]
+    st.blobs.write("d", 0, b"B" * (4 << 20))
+    snaps += [st.blobs.snapshot("d").id for _ in range(100)]
+    counting = CountingKey()
+    monkeypatch.setattr(stamp.pageblob, "BLOB_PAGE_EPOCH", counting)
+    for k, want in ((0, b"A"), (1, b"B"), (100, b"B")):
+        counting.seen = 0
+        assert st.blobs.read("d", MIB, MIB, snapshot=snaps[k]) == want * MIB
+        assert counting.seen <= MIB // (32 * KIB) + 2, (k, counting.seen)
     st.close()
