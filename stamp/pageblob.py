@@ -17,7 +17,8 @@ then epoch), each entry naming the frozen piece's start, end and gen. A
 frozen piece [s, e) has one `runhist` entry per aligned run it covers whole
 and one `pagehist` entry per page outside those runs (its head and tail:
 under 2 * RUN), so freezing a 4 MiB piece puts 128 entries, not 8,192 (a
-RUN-aligned one; at most 126 + 2 * 63 for any). Every page of a frozen
+RUN-aligned one; 191 at most: head and tail pages add up to 64, beside 127
+whole runs). Every page of a frozen
 piece is covered by exactly one of its entries. For one page, the pieces
 frozen over time lived in disjoint epoch intervals [gen, frozen epoch] (a
 page has one live piece at a time, and a piece is frozen in the latest
@@ -30,11 +31,15 @@ the least of each, and the lesser of the two decides. (Two entries for one
 page at one epoch cannot be: frozen(epoch) pieces do not overlap and a
 piece covers a page by one entry.) When that piece was live at k (gen <= k),
 it decides every page it holds (no other piece of those pages was live at
-k), and the read skips to its end; when gen > k, the page was empty at k.
+k), and the read skips to its end; when gen > k, the page was empty at k
+(and when that entry was its run's, so were the pages after p with no entry
+of their own at or after k: the run's entry is their least too).
 A seek that lands past p says the pages in between have no entry at or
 after k in that table, and its answer is kept for them: so a read costs two
 seeks per run of pages, whatever the number of snapshots or how often a
-neighbouring page was rewritten between them. Freezing a piece costs
+neighbouring page was rewritten between them, plus one for each page (or
+run) passed whose entries are all older than k (a read of a snapshot newer
+than a big kept piece: one per RUN pages of it). Freezing a piece costs
 O(pieces + pages / RUN) index entries, at most once per page written per
 snapshot.
 
