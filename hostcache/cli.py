@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-control", type=int, help=argparse.SUPPRESS)  # a worker: its supervisor's socket
     p.add_argument("--worker-lease", action="append", default=[], help=argparse.SUPPRESS)  # LUN=LEASE
     _connection_opts(p)
+    p.add_argument("--no-reclaim", action="store_true",
+                   help="do not reclaim the stamp's space while serving (default: a thread runs "
+                   "`stamp gc --watch`'s rounds, so a long benchmark does not fill the disk)")
     p = sub.add_parser("mount", help="an attached disk as DIR/disk through FUSE (and its filesystem), root only",
                        description="Serve one of a VM's disks (through cache and throttle) and expose it "
                        "as DIR/disk with nbdfuse; --fs MNT also loop-mounts its filesystem. "
@@ -304,6 +307,7 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def serve(a: argparse.Namespace) -> object:
+    from stamp.reclaim import Reclaimer
     from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
@@ -323,8 +327,13 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
-    return {"stopped": a.name}
+        reclaimer = None if a.no_reclaim else Reclaimer(h.stamp).start()
+        try:
+            run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
+        finally:
+            if reclaimer is not None:
+                reclaimer.stop()  # before the stamp closes: a round under way ends first
+    return {"stopped": a.name, **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
 
 
 def _worker_luns(h: Host, a: argparse.Namespace) -> dict[int, dict[str, Any]]:
@@ -355,6 +364,7 @@ def serve_workers(a: argparse.Namespace) -> object:
     """The supervisor of `serve --workers N` (workers.py): the leases, the socket, the workers."""
     import socket as socketlib
 
+    from stamp.reclaim import Reclaimer
     from vhd.nbd import claim_socket
 
     from .workers import Supervisor
@@ -379,7 +389,12 @@ def serve_workers(a: argparse.Namespace) -> object:
                 where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
                 print(json.dumps({"serving": [_export(lun) for lun in disks], "at": where,
                                   "workers": [w.pid for w in sup.workers]}), flush=True)
-                sup.run()
+                reclaimer = None if a.no_reclaim else Reclaimer(h.stamp).start()  # one for all the workers
+                try:
+                    sup.run()
+                finally:
+                    if reclaimer is not None:
+                        reclaimer.stop()
             finally:
                 listener.close()
                 if a.socket and listener.family == socketlib.AF_UNIX:
@@ -390,7 +405,8 @@ def serve_workers(a: argparse.Namespace) -> object:
         finally:
             for lun, lease in leases.items():
                 _settle(h, disks[lun]["blob"], lease)
-    return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts}
+    return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts,
+            **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
 
 
 def _settle(h: Host, blob: str, lease: str) -> None:
@@ -428,7 +444,7 @@ def _listen(a: argparse.Namespace) -> Any:
         sock.close()
         if e.errno == errno.EADDRINUSE:
             raise HostError(f"{a.socket} is already in use: stop that server, or choose another --socket") from None
-        raise
+        raise HostError(f"cannot listen on {a.socket} ({e.strerror or e}): choose another --socket") from None
     sock.listen(128)
     return sock
 
@@ -440,14 +456,22 @@ def serve_worker(a: argparse.Namespace, budget: Any) -> object:
     import signal
     import socket as socketlib
 
+    from vhd.budget import fixed_mmap_threshold
     from vhd.nbd import Export, NbdServer
 
     from .host import AsyncDisk
     from .workers import READY, worker_fds
 
+    fixed_mmap_threshold()  # as run_server does: freed buffers go back to the system
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which stops its workers
-    leases = dict(item.split("=", 1) for item in a.worker_lease)
-    control = socketlib.socket(fileno=a.worker_control)
+    leases = dict(item.split("=", 1) for item in a.worker_lease if "=" in item)
+    try:
+        control = socketlib.socket(fileno=a.worker_control)
+        if control.family != socketlib.AF_UNIX or any(str(lun) not in leases for lun in a.lun):
+            raise OSError(errno.EINVAL, "not a supervisor's")
+    except OSError:
+        raise HostError("--worker-control and --worker-lease are for the workers hostcache serve --workers starts; "
+                        "serve with --workers N") from None
     with Host(a.host) as h:
         exports = {}
         for lun in a.lun:

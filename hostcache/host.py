@@ -144,7 +144,12 @@ def _vm_key(vm: dict[str, Any]) -> str:
     return f"vm {vm['name']} {vm.get('created', 0)}"
 
 
-def _attached_elsewhere(rec: dict[str, Any]) -> ConflictingUserInput:
+def _attached_elsewhere(rec: dict[str, Any]) -> HostRuleError:
+    if rec["state"] in (DiskState.READY_TO_UPLOAD.value, DiskState.ACTIVE_UPLOAD.value,
+                        DiskState.ACTIVE_SAS.value):  # an upload or a download is under way
+        return OperationNotAllowed(f"Operation 'attachDisk' is not allowed on disk '{rec['name']}' since the disk "
+                                   f"is in '{rec['state']}' state: finish the upload or download and revoke "
+                                   "access first (stamp disk revoke-access)")
     where = rec.get("attached_to")
     return ConflictingUserInput("A disk can be attached to only one VM at a time: "
                                 f"disk {rec['name']} is {rec['state']}" + (f" to VM {where}" if where else "")

@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 a problem (a failed check, a refused request), 2 usage.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from vhd.cli import standard_streams
 from vhd.errors import VhdError
 from vhd.ops import parse_size
 
+from . import access as ac
 from .disks import SKUS, Disks
 from .errors import StampError
 from .gc import collect
@@ -35,6 +37,8 @@ EPILOG = """examples:
   stamp snapshot create s1 --disk os1               incremental (--full for a full copy)
   stamp snapshot diff s1                            ranges changed since s1 (JSON)
   stamp disk export os1 os1.vhd --format dynamic
+  stamp disk create up1 --upload-size-bytes 1073742336   a direct upload: then grant-access --access Write
+  stamp disk grant-access up1 --access Write --duration 3600
   stamp fault node-down node-02 && stamp check && stamp fault node-up node-02
   stamp repair                                      re-replicate and scrub"""
 
@@ -68,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--import", dest="import_file", metavar="FILE", help="a local VHD (fixed, 1 MiB multiple)")
     src.add_argument("--copy-of", metavar="DISK")
     src.add_argument("--from-snapshot", metavar="SNAPSHOT")
+    src.add_argument("--upload-size-bytes", type=int, metavar="N",
+                     help="a disk waiting for a direct upload of a fixed VHD file of N bytes (its virtual size, "
+                     "a multiple of 1 MiB, plus the 512-byte footer): then grant-access --access Write")
     p.add_argument("--convert", action="store_true", help="with --import: accept any VHD or raw image")
     p = disk.add_parser("update", help="change a disk's provisioned IOPS and MB/s, its performance tier, or "
                         "grow it", description="Change a disk's performance, attached or not: a host serving it "
@@ -89,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--repair", action="store_true", help="rewrite damaged footer and header copies "
                    "from the good ones (the disk must not be attached)")
+    p = disk.add_parser("grant-access", help="a SAS URL for a direct upload (Write) or download (Read)",
+                        description=GRANT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _grant_options(p, ("Read", "Write"))
+    p = disk.add_parser("revoke-access", help="end a grant: its SAS stops working; an upload is checked "
+                        "(a fixed VHD of the declared size) and the disk becomes Unattached")
+    p.add_argument("name")
     p = disk.add_parser("export", help="write a disk (or a snapshot) to a local VHD")
     p.add_argument("name")
     p.add_argument("path")
@@ -119,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", help="a later snapshot of the same disk (default: the disk now)")
     p.add_argument("--blob", action="store_true",
                    help="the page blob's ranges instead (for a disk from an image: offsets in its VHD file)")
+    p = snap.add_parser("grant-access", help="a SAS URL to download the snapshot (Read)",
+                        description=GRANT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _grant_options(p, ("Read",))
+    snap.add_parser("revoke-access", help="end a grant: its SAS stops working").add_argument("name")
     p = snap.add_parser("export", help="write a snapshot to a local VHD")
     p.add_argument("name")
     p.add_argument("path")
@@ -173,13 +190,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=_number)
     p.set_defaults(intermixed=p)  # `bitflip --extent 1 node-00`, the order the help shows, parses too
     sub.add_parser("scrub", help="verify every record on every replica; heal bad copies")
-    p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones")
-    p.add_argument("--compact-below", type=float, default=0.5,
+    p = sub.add_parser("gc", help="reclaim space: delete dead extents, compact partly dead ones",
+                       description="One round of space reclamation; with --watch, rounds run until "
+                       "interrupted (SIGINT or SIGTERM), each when the stamp's extents hold more than "
+                       "--trigger x the bytes its index references, compacting the emptiest extents "
+                       "down to --target x. Writers and readers, in this process or any other, go on "
+                       "meanwhile. `hostcache serve` runs the same reclaimer in its own process.",
+                       epilog="examples:\n  stamp gc                             one round\n"
+                       "  stamp gc --watch &                   a companion of a long benchmark\n"
+                       "  stamp gc --watch --target 1.3 --min-free-mib 2048",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compact-below", type=_share, default=0.5,
                    help="compact sealed extents whose live share is below this (default 0.5)")
+    p.add_argument("--watch", action="store_true",
+                   help="keep reclaiming; print one JSON line per round that freed or moved bytes")
+    p.add_argument("--target", type=_ratio, default=1.5,
+                   help="with --watch: compact down to this x the live bytes (default 1.5)")
+    p.add_argument("--trigger", type=_ratio, default=None,
+                   help="with --watch: a round is due above this x the live bytes (default: target + 0.1)")
+    p.add_argument("--interval", type=_seconds, default=0.25,
+                   help="with --watch: seconds between rounds, at least (default 0.25)")
+    p.add_argument("--max-move-mib", type=_positive, default=256,
+                   help="with --watch: MiB copied per round, at most (default 256)")
+    p.add_argument("--min-free-mib", type=_positive, default=0,
+                   help="with --watch: below this free on the file system, compact every partly dead "
+                   "extent under --compact-below (default 0: off)")
     sub.add_parser("repair", help="re-replicate extents that lost a replica, then scrub")
     p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
     p.add_argument("--quick", action="store_true", help="skip reading every record")
+    p = sub.add_parser("serve", help="serve the stamp over the Azure Blob REST protocol (page blobs)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=SERVE_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=10000, help="TCP port (default 10000, Azurite's; 0: any free one)")
+    p.add_argument("--account", action="append", default=[], metavar="NAME:BASE64KEY",
+                   help="another account and its key (repeatable); also read from STAMP/accounts.json")
+    p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve https")
+    p.add_argument("--key", help="TLS private key (PEM)")
+    p.add_argument("--max-inflight-mib", type=int, default=64,
+                   help="request and response data held at once, all clients together (default 64)")
+    p.add_argument("--max-requests", type=int, default=256,
+                   help="requests served at once; more are answered 503 ServerBusy (default 256)")
+    p.add_argument("--threads", type=int, default=8, help="stamp calls run at once (default 8)")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="drop a client that stalls this many seconds mid-body (default 30)")
     return top
+
+
+def _float(text: str, low: float, high: float, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
+    return value
+
+
+def _share(text: str) -> float:
+    return _float(text, 0.01, 1.0, "a share from 0.01 to 1")
+
+
+def _ratio(text: str) -> float:
+    return _float(text, 1.01, 100.0, "a ratio from 1.01 to 100")
+
+
+def _seconds(text: str) -> float:
+    return _float(text, 0.0, 3600.0, "a number of seconds from 0 to 3600")
+
+
+def _positive(text: str) -> int:
+    value = int(_float(text, 0, 2 ** 40, "a number from 0 to 2**40"))
+    return value
 
 
 PERFORMANCE_HELP = """UltraSSD_LRS and PremiumV2_LRS disks take provisioned IOPS and MB/s
@@ -212,6 +293,70 @@ def _performance_options(p: argparse.ArgumentParser) -> None:
                    "size's own)")
 
 
+GRANT_HELP = """A SAS URL to the resource's page blob on the stamp's Blob endpoint (`stamp serve`), as
+`az disk grant-access` gives: a container md-... of its own and the blob abcd, with a SAS that names a
+stored access policy the stamp keeps, so revoke-access ends it at once. Write is for a disk made with
+--upload-size-bytes (ReadyToUpload -> ActiveUpload); Read for an unattached disk (-> ActiveSAS) or a
+snapshot. The SAS is signed with the endpoint account's key: $DISKSTAMP_ACCOUNT_KEY (base64), or the
+development account's published key.
+
+example (a direct upload):
+  vhd create disk.vhd --size 1G --type fixed
+  stamp disk create up1 --upload-size-bytes $(stat -c %s disk.vhd)
+  URL=$(stamp disk grant-access up1 --access Write --duration 3600)
+  # write it with any Blob client, e.g. the Python SDK, 4 MiB at a time (all-zero chunks may be skipped):
+  #   BlobClient.from_blob_url(URL).upload_page(chunk, offset=off, length=len(chunk))
+  stamp disk revoke-access up1                 # checks the footer; the disk becomes Unattached"""
+
+
+def _grant_options(p: argparse.ArgumentParser, access: tuple[str, ...]) -> None:
+    p.add_argument("name")
+    p.add_argument("--access", choices=access, default=None if len(access) > 1 else access[0],
+                   required=len(access) > 1)
+    p.add_argument("--duration", type=_duration, required=True, metavar="SECONDS",
+                   help="how long the SAS works (durationInSeconds)")
+    p.add_argument("--endpoint", default=ac.DEFAULT_ENDPOINT,
+                   help=f"the Blob endpoint the URL names, path style (default {ac.DEFAULT_ENDPOINT})")
+    p.add_argument("--json", action="store_true", help='print {"accessSAS": URL, "grant": {...}} instead of the URL')
+
+
+def _duration(text: str) -> int:
+    value = int(text)
+    if not 0 < value <= ac.MAX_DURATION:
+        raise argparse.ArgumentTypeError(f"{text} is not a duration in seconds from 1 to {ac.MAX_DURATION}")
+    return value
+
+
+def _account_key() -> bytes | None:
+    text = os.environ.get("DISKSTAMP_ACCOUNT_KEY")
+    if not text:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise UsageError("$DISKSTAMP_ACCOUNT_KEY is not base64 (an account key as Azure gives it)") from None
+
+
+def _grant(disks: Disks, kind: str, a: argparse.Namespace) -> None:
+    got = disks.grant_access(kind, a.name, a.access, a.duration, endpoint=a.endpoint, key=_account_key())
+    if a.json:
+        _print(got)
+    else:
+        print(got["accessSAS"])
+
+
+SERVE_HELP = """Serve the stamp's page blobs over the Blob REST protocol, path style:
+http://HOST:PORT/ACCOUNT/CONTAINER/BLOB. The account devstoreaccount1 has its
+published key, so the connection string UseDevelopmentStorage=true works as it is:
+
+  stamp serve &
+  python -c 'from azure.storage.blob import BlobServiceClient as S; \
+    S.from_connection_string("UseDevelopmentStorage=true").create_container("vhds")'
+
+Prints one JSON line when listening; SIGTERM or Ctrl-C stops it. Several
+servers may share one stamp folder (each on its own port)."""
+
+
 def _number(text: str) -> int:
     """An extent id or byte offset: 0 to 2**63 - 1."""
     value = int(text)
@@ -240,6 +385,15 @@ def run(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "backup":
         return backup_command(a)
+    if a.cmd == "serve":
+        from .rest import Limits, serve
+
+        if a.max_inflight_mib < 8 or a.max_requests < 1 or a.threads < 1 or not 0 <= a.port <= 65535 \
+                or not 0 < a.stall_timeout <= 3600:
+            raise UsageError("--max-inflight-mib is at least 8; --max-requests and --threads at least 1; "
+                             "--port 0 to 65535; --stall-timeout above 0, at most 3600")
+        limits = Limits(a.max_inflight_mib << 20, a.max_requests, a.threads, a.stall_timeout)
+        return serve(a.stamp, a.host, a.port, a.account, a.cert, a.key, limits)
     with Stamp.open(a.stamp) as st:
         return dispatch(st, Disks(st), a)
 
@@ -255,13 +409,21 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
                 _print(disks.import_vhd(a.name, a.import_file, a.sku, convert=a.convert, **perf))
             elif a.copy_of or a.from_snapshot:
                 _print(disks.create_copy(a.name, a.copy_of, a.from_snapshot, a.sku, **perf))
+            elif a.upload_size_bytes is not None:
+                if a.size_gib:
+                    raise UsageError("--upload-size-bytes gives the size: leave out --size-gib")
+                _print(disks.create_for_upload(a.name, a.upload_size_bytes, a.sku, **perf))
             elif a.size_gib:
                 _print(disks.create_empty(a.name, a.size_gib, a.sku, **perf))
             else:
                 raise UsageError("say what the disk is made from: --size-gib, --from-image, --import, "
-                                 "--copy-of or --from-snapshot")
+                                 "--copy-of, --from-snapshot or --upload-size-bytes")
         elif action == "update":
             _print(disks.update_disk(a.name, iops=a.iops, mbps=a.mbps, tier=a.tier, size_gib=a.size_gib))
+        elif action == "grant-access":
+            _grant(disks, "disk", a)
+        elif action == "revoke-access":
+            _print(disks.revoke_access("disk", a.name))
         elif action == "list":
             _print(disks.disks())
         elif action == "show":
@@ -297,6 +459,10 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
             _print({"deleted": a.name})
         elif action == "diff":
             _print(disks.blob_diff(a.base, a.target) if a.blob else disks.diff(a.base, a.target))
+        elif action == "grant-access":
+            _grant(disks, "snapshot", a)
+        elif action == "revoke-access":
+            _print(disks.revoke_access("snapshot", a.name))
         elif action == "export":
             snap = disks.snapshot(a.name)
             _print(disks.export(snap["disk"], a.path, a.format, snapshot=a.name))
@@ -314,6 +480,8 @@ def dispatch(st: Stamp, disks: Disks, a: argparse.Namespace) -> int:
         _print(report.to_json())
         return 0 if not report.problems else 1
     elif cmd == "gc":
+        if a.watch:
+            return _watch(st, a)
         _print(collect(st, a.compact_below).to_json())
     elif cmd == "repair":
         made = st.stream.rereplicate()
@@ -382,6 +550,29 @@ def vault_action(v: Any, disks: Disks | None, a: argparse.Namespace) -> int:
 
 class UsageError(StampError):
     pass
+
+
+def _watch(st: Stamp, a: argparse.Namespace) -> int:
+    """`stamp gc --watch`: rounds until SIGINT or SIGTERM, a JSON line per round that did something."""
+    import signal
+
+    from .reclaim import Policy, Reclaimer
+
+    trigger = a.trigger if a.trigger is not None else a.target + 0.1
+    if trigger < a.target:
+        raise UsageError(f"--trigger ({trigger}) must not be below --target ({a.target})")
+    policy = Policy(target=a.target, trigger=trigger, compact_below=a.compact_below,
+                    max_move=max(a.max_move_mib, 1) << 20, interval=a.interval, min_free=a.min_free_mib << 20)
+    r = Reclaimer(st, policy)
+    signal.signal(signal.SIGTERM, lambda *_: r.stop_soon())
+    try:
+        for report in r.rounds():
+            if report.bytes_freed or report.bytes_moved or report.skipped:
+                print(json.dumps({**report.to_json(), "live_bytes": r.stats.live_bytes}), flush=True)
+    except KeyboardInterrupt:
+        pass
+    _print(r.stats.to_json())
+    return 0
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -47,6 +47,7 @@ running VM) grows its VHD first, then writes the record.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import enum
 import os
@@ -56,6 +57,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import lmdb
@@ -70,11 +72,14 @@ from vhd.fileio import RawFile
 from vhd.image import FixedImage, SparseImage, _write_sparse, create_fixed, open_image, read_footer
 from vhd.ops import _grow_fixed
 
+from . import access as ac
 from . import performance as perf
 from . import ranges as rg
+from . import sas
 from .blobfile import PageBlobFile
 from .errors import (
     BadRequest,
+    ComputeError,
     InvalidParameter,
     OperationNotAllowed,
     PreviousSnapshotCannotBeNewer,
@@ -88,10 +93,11 @@ from .stream import own_start, pid_alive
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
 PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
+GRANTS = "grant/"  # resources key prefix: grant container -> {kind, name} of the granted resource
 CREATING = "Creating"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-SKUS = {"Standard_LRS": 32 * 1024, "StandardSSD_LRS": 32 * 1024, "Premium_LRS": 32 * 1024,
+SKUS = {"Standard_LRS": 32767, "StandardSSD_LRS": 32767, "Premium_LRS": 32767,  # P80, E80, S80
         "PremiumV2_LRS": 64 * 1024, "UltraSSD_LRS": 64 * 1024}  # max size in GiB
 MIN_GIB = {"UltraSSD_LRS": 4}  # the smallest size, where it is not 1 GiB
 
@@ -101,6 +107,8 @@ class DiskState(enum.Enum):
     ATTACHED = "Attached"
     RESERVED = "Reserved"  # attached to a stopped (deallocated) VM
     READY_TO_UPLOAD = "ReadyToUpload"
+    ACTIVE_UPLOAD = "ActiveUpload"  # a Write grant is out: the upload is under way
+    ACTIVE_SAS = "ActiveSAS"  # a Read grant is out: the disk is being downloaded
 
 
 class ResourceNotFound(StampError):
@@ -424,6 +432,7 @@ class Disks:
             raise StampError("copy needs exactly one source: a disk or a snapshot")
         if source_disk is not None:
             src = self._get("disk", source_disk)
+            _not_uploading("copy", src)
             blob, snap, kind = src["blob"], None, src["vhd_type"]
             source = {"disk": source_disk}
         else:
@@ -441,28 +450,217 @@ class Disks:
             self.blobs.copy(blob, target, snapshot=snap)
         return record
 
-    def create_for_upload(self, name: str, upload_bytes: int, sku: str = "Premium_LRS") -> dict[str, Any]:
-        """A disk waiting for a fixed VHD to be written into its blob page by page."""
-        if upload_bytes % MIB != 512 or upload_bytes < 20 * MIB + 512:
-            raise StampError("upload size is the fixed VHD's file size: a multiple of 1 MiB plus 512, "
-                             "at least 20 MiB + 512")
-        self._check_sku(sku, (upload_bytes - 512) / GIB if upload_bytes - 512 >= GIB else 1)
+    def create_for_upload(self, name: str, upload_bytes: int, sku: str = "Premium_LRS", *, iops: int | None = None,
+                          mbps: int | None = None, tier: str | None = None) -> dict[str, Any]:
+        """A disk waiting for a fixed VHD of `upload_bytes` (its file size: the
+        virtual size plus the 512-byte footer) to be written into its blob
+        through a Write grant (grant_access), then checked by revoke_access."""
+        ac.check_upload_size(upload_bytes)
+        self._check_sku(sku, (upload_bytes - 512) / GIB)
         record = self._record(name, sku, upload_bytes - 512, "Upload", "fixed",
-                              state=DiskState.READY_TO_UPLOAD.value, **self._performance(sku, upload_bytes - 512))
+                              state=DiskState.READY_TO_UPLOAD.value, upload_size_bytes=upload_bytes,
+                              **self._performance(sku, upload_bytes - 512, iops, mbps, tier))
         with self._creating("disk", record) as blob:
             self._new_blob(blob, upload_bytes)
         return record
 
     def finish_upload(self, name: str) -> dict[str, Any]:
-        obj = self._get("disk", name)
-        if obj["state"] != DiskState.READY_TO_UPLOAD.value:
-            raise StampError(f"disk {name!r} is not waiting for an upload")
-        report = vhd.check(PageBlobFile(self.stamp, obj["blob"], writable=False), azure=True)
+        """End an upload written into the blob directly (without a grant) or
+        through one: as revoke_access."""
+        return self.revoke_access("disk", name)
+
+    # -- direct upload and download: grants (rules in stamp.access) -------------------------
+
+    def grant_access(self, kind: str, name: str, access: str, duration: int, *,
+                     endpoint: str = ac.DEFAULT_ENDPOINT, key: bytes | None = None,
+                     now: datetime | None = None) -> dict[str, Any]:
+        """A SAS URL to the disk's (or snapshot's) blob on `endpoint`, signed
+        with the account `key` (default: the development account's): Write for
+        an upload, Read for a download. Returns {"accessSAS": URL, "grant": ...}."""
+        ac.check_access(access, duration)
+        key = base64.b64decode(ac.DEVSTORE_KEY) if key is None else key
+        ac.account_of(endpoint)
+        obj = self._get(kind, name)
+        grant = obj.get("access")
+        if grant is None or grant["access"] != access or not grant.get("ready"):
+            self._check_grantable(kind, obj, access)
+        policy = ac.new_policy(access, duration, now or datetime.now(UTC))
+        if grant is not None and grant["access"] == access and grant.get("ready"):
+            grant = {**grant, "start": policy.start, "expiry": policy.expiry}  # a new SAS, the same blob
+            self._update_grant(kind, name, grant)
+        else:
+            grant = self._new_grant(kind, obj, access, policy)
+        return {"accessSAS": ac.sas_url(endpoint, key, grant["container"], grant["id"]),
+                "grant": self._grant_view(grant)}
+
+    def _check_grantable(self, kind: str, obj: dict[str, Any], access: str) -> None:
+        name, state = str(obj["name"]), str(obj.get("state", ""))
+        if kind == "snapshot":
+            if access == "Write":
+                raise ComputeError(f"snapshot {name!r}: snapshots take Read access only")
+            if obj.get("access"):
+                raise ac.not_allowed("beginGetAccess", kind, name, DiskState.ACTIVE_SAS.value)
+            return
+        if state in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
+            raise ac.OperationNotAllowed(f"Access not permitted because disk {name} is currently attached to "
+                                         f"running VM {obj.get('attached_to')}.")
+        want = DiskState.READY_TO_UPLOAD.value if access == "Write" else DiskState.UNATTACHED.value
+        if state != want and obj.get("access"):
+            raise ac.not_allowed("beginGetAccess", kind, name, state)
+        if state != want:
+            raise ComputeError(f"disk {name!r} is {state}: {access} access is granted to a disk in state {want}"
+                               + (" (create it with --upload-size-bytes)" if access == "Write" else ""))
+
+    def _new_grant(self, kind: str, obj: dict[str, Any], access: str, policy: sas.AccessPolicy) -> dict[str, Any]:
+        """Reserve the grant (state changed, policy stored, container indexed) in
+        one transaction; a Read of a disk from an image then builds its fixed
+        VHD view (`export_blob`) and marks the grant ready: a crash before
+        leaves it not ready, and revoke_access removes what it made."""
+        name = str(obj["name"])
+        view = access == "Read" and obj["vhd_type"] != "fixed"
+        grant = {"id": str(uuid.uuid4()), "container": ac.new_container(), "access": access, "start": policy.start,
+                 "expiry": policy.expiry, "ready": not view, "state_before": obj.get("state"),
+                 "export_blob": f"{obj['blob']}-export-{uuid.uuid4().hex[:8]}" if view else None}
+        with self.meta.write() as txn:
+            now = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+            if now is None or now.get("blob") != obj.get("blob") or now.get("state") != obj.get("state") \
+                    or now.get("access"):
+                raise ac.OperationNotAllowed(f"{kind} {name!r} changed while access was being granted; try again")
+            self._write_grant(txn, kind, name, grant, self._granted_state(kind, access))
+        if view:
+            try:
+                self._build_view(kind, obj, str(grant["export_blob"]))
+            except BaseException:
+                self.revoke_access(kind, name)
+                raise
+            grant["ready"] = True
+            self._update_grant(kind, name, grant)
+        return grant
+
+    @staticmethod
+    def _granted_state(kind: str, access: str) -> str:
+        return DiskState.ACTIVE_UPLOAD.value if access == "Write" else DiskState.ACTIVE_SAS.value
+
+    def _write_grant(self, txn: lmdb.Transaction, kind: str, name: str, grant: dict[str, Any] | None,
+                     state: str | None) -> None:
+        """Set (or, with None, drop) the grant of a record and its container index."""
+        key = f"{kind}/{name}".encode()
+        obj = self.meta.get_json(txn, "resources", key)
+        old = obj.get("access")
+        if old is not None:
+            txn.delete(f"{GRANTS}{old['container']}".encode(), db=self.meta.db["resources"])
+        if grant is None:
+            obj.pop("access", None)
+        else:
+            obj["access"] = grant
+            self.meta.put_json(txn, "resources", f"{GRANTS}{grant['container']}".encode(),
+                               {"kind": kind, "name": name})
+        if state is not None:
+            obj["state"] = state
+        elif kind == "snapshot":
+            obj.pop("state", None)
+        self.meta.put_json(txn, "resources", key, obj)
+
+    def _update_grant(self, kind: str, name: str, grant: dict[str, Any]) -> None:
+        with self.meta.write() as txn:
+            self._write_grant(txn, kind, name, grant, self._granted_state(kind, grant["access"]))
+
+    def _build_view(self, kind: str, obj: dict[str, Any], blob: str) -> None:
+        """The fixed VHD a Read grant of a disk from an image serves: the
+        guest's data (sparse) and a footer, in a blob of its own."""
+        disk, snap = (obj["disk"], obj["name"]) if kind == "snapshot" else (obj["name"], None)
+        with self.open_virtual(disk, snapshot=snap) as src:
+            self._new_blob(blob)
+            vhd.copy_data(src, create_fixed(PageBlobFile(self.stamp, blob), src.size))
+
+    @staticmethod
+    def _grant_view(grant: dict[str, Any]) -> dict[str, Any]:
+        return {k: grant[k] for k in ("access", "container", "start", "expiry")}
+
+    def grant_for(self, container: str) -> ac.Grant | None:
+        """The active, ready grant served as `container`/abcd, or None: for the
+        REST endpoint, which then checks the request's SAS against its policy."""
+        with self.meta.read() as txn:
+            where = self.meta.get_json(txn, "resources", f"{GRANTS}{container}".encode())
+            if where is None:
+                return None
+            obj = self.meta.get_json(txn, "resources", f"{where['kind']}/{where['name']}".encode())
+        grant = None if obj is None else obj.get("access")
+        if obj is None or grant is None or grant["container"] != container or not grant.get("ready") \
+                or grant.get("revoking"):
+            return None
+        blob, snapshot = str(obj["blob"]), obj.get("blob_snapshot") or None
+        if grant.get("export_blob"):
+            blob, snapshot = str(grant["export_blob"]), None
+        return ac.Grant(kind=where["kind"], name=where["name"], access=grant["access"], container=container,
+                        policy_id=grant["id"], policy=sas.AccessPolicy(grant["start"], grant["expiry"],
+                                                                       ac.PERMISSION[grant["access"]]),
+                        stamp_blob=blob, snapshot=snapshot, size=self.blobs.size(blob))
+
+    def grant_diff(self, target: ac.Grant, previous: ac.Grant) -> dict[str, Any]:
+        """Get Page Ranges with x-ms-previous-snapshot-url between two grants:
+        what changed in guest offsets from incremental snapshot `previous` to
+        `target` (a later snapshot of the same disk, or the disk itself), as
+        Disks.diff ("written" are PageRanges, "cleared" ClearRanges)."""
+        if previous.kind != "snapshot":
+            raise PreviousSnapshotNotFound(f"the previous snapshot URL names disk {previous.name!r}, not a snapshot")
+        base = self.snapshot(previous.name)
+        if not base.get("blob_snapshot"):
+            raise PreviousSnapshotNotFound(f"snapshot {previous.name!r} is a full snapshot: diffs are between "
+                                           "incremental snapshots of one disk")
+        if target.kind == "snapshot":
+            if self.snapshot(target.name).get("blob") != base["blob"]:
+                raise PreviousSnapshotNotFound(f"snapshot {previous.name!r} is not of the disk {target.name!r} "
+                                               "was taken of")
+            return self.diff(previous.name, target.name)
+        if self._blob_of_disk(target.name) != base["blob"]:
+            raise PreviousSnapshotNotFound(f"snapshot {previous.name!r} is not a snapshot of disk {target.name!r}")
+        return self.diff(previous.name)
+
+    def revoke_access(self, kind: str, name: str) -> dict[str, Any]:
+        """End a grant: its SAS stops working at once. An upload's blob must
+        then hold a fixed VHD of the declared size (else InvalidVhd, and the
+        disk stays ActiveUpload with its SAS working); the disk becomes
+        Unattached. A disk or snapshot without a grant is left as it is."""
+        obj = self._get(kind, name)
+        grant = obj.get("access")
+        if grant is None and obj.get("state") != DiskState.READY_TO_UPLOAD.value:
+            return obj
+        if grant is not None and grant["access"] == "Read":
+            return self._end_read(kind, name, grant)
+        return self._end_upload(name, obj, grant)
+
+    def _end_read(self, kind: str, name: str, grant: dict[str, Any]) -> dict[str, Any]:
+        with self.meta.write() as txn:
+            self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
+            export = grant.get("export_blob")
+            if export and self.blobs.exists_in(txn, export):
+                self.blobs.delete_in(txn, export, snapshots="include")
+        return self._get(kind, name)
+
+    def _end_upload(self, name: str, obj: dict[str, Any], grant: dict[str, Any] | None) -> dict[str, Any]:
+        if grant is not None:  # new requests of the SAS are refused while the blob is checked
+            self._update_grant("disk", name, {**grant, "revoking": True})
+        try:
+            self._check_upload(obj)
+        except BaseException:
+            if grant is not None:
+                self._update_grant("disk", name, grant)
+            raise
+        with self.meta.write() as txn:
+            self._write_grant(txn, "disk", name, None, DiskState.UNATTACHED.value)
+        return self._get("disk", name)
+
+    def _check_upload(self, obj: dict[str, Any]) -> None:
+        blob, upload = str(obj["blob"]), int(obj.get("upload_size_bytes", obj["size_bytes"] + 512))
+        size = self.blobs.size(blob)
+        raw = self.blobs.read(blob, size - 512, 512) if size >= 512 else b""
+        where = f"{obj['access']['container']}/{ac.BLOB}" if obj.get("access") else blob
+        ac.check_uploaded_footer(raw, size, upload, str(obj["name"]), where)
+        report = vhd.check(PageBlobFile(self.stamp, blob, writable=False), azure=True)
         if not report.ok:
-            raise StampError(f"the uploaded VHD is not valid: {'; '.join(str(p) for p in report.problems)}")
-        obj["state"] = DiskState.UNATTACHED.value
-        self._put("disk", obj)
-        return obj
+            raise ac.InvalidVhd(f"The VHD uploaded to disk '{obj['name']}' is not valid: "
+                                f"{'; '.join(str(p) for p in report.problems)}")
 
     # -- changing a disk's performance ------------------------------------------------------
 
@@ -489,6 +687,7 @@ class Disks:
                 raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
             obj = dict(obj)
             if size_gib is not None:
+                self._check_growable(obj)  # again: another process may have attached or granted it meanwhile
                 obj.update(size_bytes=size_gib * GIB, size_gib=float(size_gib))
             obj.update(self._changed(obj, iops, mbps, tier, self.clock()))
             obj["performance_version"] = int(obj.get("performance_version", 0)) + 1
@@ -506,9 +705,7 @@ class Disks:
         obj = self.record(name)
         if isinstance(size_gib, bool) or not isinstance(size_gib, int):
             raise StampError(f"a disk's new size is a whole number of GiB, not {size_gib!r}")
-        if obj["state"] == DiskState.ATTACHED.value:
-            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
-                                      "grows only while unattached or its VM is deallocated")
+        self._check_growable(obj)
         if size_gib * GIB < int(obj["size_bytes"]):
             raise OperationNotAllowed(f"a disk can only grow: {name!r} is {obj['size_gib']:g} GiB, not more than "
                                       f"{size_gib} GiB")
@@ -531,6 +728,18 @@ class Disks:
         finally:
             self.blobs.release_lease(str(obj["blob"]), lease)
 
+    @staticmethod
+    def _check_growable(obj: dict[str, Any]) -> None:
+        """A disk grows only unattached or Reserved (its VM deallocated): not
+        attached to a running VM, nor while a grant is out (a download reading
+        the blob, an upload writing it: the platform's OperationNotAllowed)."""
+        name, state = str(obj["name"]), str(obj["state"])
+        if state == DiskState.ATTACHED.value:
+            raise OperationNotAllowed(f"disk {name!r} is attached to running VM {obj.get('attached_to')}: a disk "
+                                      "grows only while unattached or its VM is deallocated")
+        if state in (DiskState.ACTIVE_SAS.value, DiskState.ACTIVE_UPLOAD.value):
+            raise ac.not_allowed("resize", "disk", name, state)
+
     def _changed(self, obj: dict[str, Any], iops: int | None, mbps: int | None, tier: str | None,
                  now: float) -> dict[str, Any]:
         """The fields a performance change sets on record `obj` (a size change
@@ -549,7 +758,11 @@ class Disks:
                     raise BadRequest(f"{str(e).removeprefix('BadRequest: ')} (the disk has {was[1]} MB/s: "
                                      "give --disk-mbps-read-write too)") from None
                 raise
-            changes = perf.check_change_allowed(sku, list(obj.get("performance_changes") or []), now)
+            changes = list(obj.get("performance_changes") or [])
+            if iops is None and mbps is None:  # a growth alone: no performance change, none of the 4 in 24 hours
+                changes = perf.recent_changes(changes, now)
+            else:
+                changes = perf.check_change_allowed(sku, changes, now)
             return {"disk_iops_read_write": new_iops, "disk_mbps_read_write": new_mbps,
                     "performance_changes": changes}
         if iops is not None or mbps is not None:
@@ -599,6 +812,7 @@ class Disks:
 
     def create_snapshot(self, name: str, disk: str, incremental: bool = True) -> dict[str, Any]:
         src = self._get("disk", disk)
+        _not_uploading("snapshot", src)
         record: dict[str, Any] = {"name": name, "disk": disk, "incremental": incremental, "created": time.time(),
                                   "sku": src["sku"], "size_bytes": src["size_bytes"], "vhd_type": src["vhd_type"],
                                   "source": src.get("source", {})}
@@ -744,6 +958,10 @@ class Disks:
             obj = self._take(txn, "disk", name)
             if obj["state"] in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
                 raise ResourceInUse(f"disk {name!r} is attached to {obj.get('attached_to')}: detach it first")
+            if obj["state"] == DiskState.ACTIVE_SAS.value:  # a download is under way: revoke-access first
+                raise ac.not_allowed("delete", "disk", name, obj["state"])
+            if obj.get("access"):  # an upload's grant goes with the disk
+                txn.delete(f"{GRANTS}{obj['access']['container']}".encode(), db=self.meta.db["resources"])
             lease = self._stale_writer_lease(txn, name, str(obj["blob"]))
             if not self._users_of_blob(txn, obj["blob"], "snapshot"):
                 # (else its incremental snapshots keep the blob alive)
@@ -801,6 +1019,8 @@ class Disks:
         self._settle("snapshot", name)
         with self.meta.write() as txn:
             snap = self._take(txn, "snapshot", name)
+            if snap.get("access"):
+                raise ac.not_allowed("delete", "snapshot", name, DiskState.ACTIVE_SAS.value)
             if not snap.get("blob_snapshot"):
                 self.blobs.delete_in(txn, snap["blob"], snapshots="include")
                 return
@@ -811,6 +1031,12 @@ class Disks:
         """Delete a disk's blob that no disk and no snapshot names any more."""
         if not self._users_of_blob(txn, blob, "disk") and not self._users_of_blob(txn, blob, "snapshot"):
             self.blobs.delete_in(txn, blob, snapshots="include")
+
+
+def _not_uploading(operation: str, disk: dict[str, Any]) -> None:
+    """A disk whose upload is not finished has no content to snapshot or copy."""
+    if disk.get("state") in (DiskState.READY_TO_UPLOAD.value, DiskState.ACTIVE_UPLOAD.value):
+        raise ac.not_allowed(operation, "disk", str(disk["name"]), str(disk["state"]))
 
 
 def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = None) -> list[tuple[int, int]]:

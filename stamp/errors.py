@@ -153,31 +153,86 @@ class MetadataFull(StampError):
     """The disk holding the stamp's metadata has no space for it to grow."""
 
 
-class DiskRequestError(StampError):
-    """A disk setting the compute platform's disk API would refuse (stamp/performance.py);
-    `code` is its error code, and the message starts with it."""
+class ComputeError(StampError):
+    """A request the Azure Compute (managed disk) API would refuse; `code` and
+    `status` are its error code and HTTP status, and the message starts with
+    the code."""
 
     code = "BadRequest"
+    status = 400
 
     def __init__(self, message: str) -> None:
+        self.message = message
         super().__init__(f"{self.code}: {message}")
 
 
-class BadRequest(DiskRequestError):
+DiskRequestError = ComputeError  # the name stamp/performance.py's callers know
+
+
+class BadRequest(ComputeError):
     """Provisioned IOPS or MB/s out of the range the disk's type and size allow."""
 
     code = "BadRequest"
 
 
-class InvalidParameter(DiskRequestError):
+class InvalidParameter(ComputeError):
     """A setting the disk's type does not take (a tier on an Ultra disk, IOPS on a
     Premium SSD), or a tier the disk's size does not allow."""
 
     code = "InvalidParameter"
 
 
-class OperationNotAllowed(DiskRequestError):
-    """A change made too soon: a tier downgrade within 12 hours of the last, a
-    fifth performance change of an Ultra or Premium SSD v2 disk in 24 hours."""
+class InvalidVhd(ComputeError):
+    """An uploaded disk whose blob is not a fixed VHD of the declared size."""
+
+    code = "InvalidVhd"
+
+
+class OperationNotAllowed(ComputeError):
+    """A disk operation its state forbids (a grant on an attached disk, an
+    attach or a delete while a SAS is active), or a change made too soon (a
+    tier downgrade within 12 hours of the last, a fifth performance change of
+    an Ultra or Premium SSD v2 disk in 24 hours)."""
 
     code = "OperationNotAllowed"
+    status = 409
+
+
+class ContainerNotFound(AzureError):
+    code = "ContainerNotFound"
+    status = 404
+
+
+class ContainerAlreadyExists(AzureError):
+    code = "ContainerAlreadyExists"
+    status = 409
+
+
+class InvalidContainerName(AzureError):
+    """A container name that is not 3 to 63 lower-case letters, digits and
+    single hyphens, starting and ending with a letter or digit."""
+
+    code = "InvalidResourceName"
+
+
+class AuthorizationFailure(AzureError):
+    """An operation the stamp keeps for itself: creating, deleting or
+    listing the blobs of the managed-disk resources' containers."""
+
+    code = "AuthorizationFailure"
+    status = 403
+
+
+class LeaseIsBreakingAndCannotBeAcquired(AzureError):
+    code = "LeaseIsBreakingAndCannotBeAcquired"
+    status = 409
+
+
+class LeaseIsBreakingAndCannotBeChanged(AzureError):
+    code = "LeaseIsBreakingAndCannotBeChanged"
+    status = 409
+
+
+class LeaseIsBrokenAndCannotBeRenewed(AzureError):
+    code = "LeaseIsBrokenAndCannotBeRenewed"
+    status = 409

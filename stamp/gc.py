@@ -1,41 +1,63 @@
-"""Space reclamation: delete dead extents, compact partly dead ones.
+"""Space reclamation: delete dead extents, compact partly dead ones (one round).
 
 Record bytes are dead when no index piece (live, or frozen for a snapshot)
 points at them: overwritten or cleared data no snapshot can see, deleted
 blobs, deleted snapshots. Only sealed extents are touched (open ones are
-still being appended to, possibly by another process).
+still being appended to, possibly by another process). No index scan runs
+inside a write transaction: scans use read transactions, which hold no
+writer back, and every write transaction of a round is small (bounded by
+COMPACT_BATCH pieces or by the extents it names).
 
-  1. count, per sealed extent, the bytes its pieces reference;
-  2. an extent with none is deleted;
-  3. an extent whose live share is below `compact_below` is compacted: each
-     piece's bytes are appended anew (3 replicas, as any write) and the piece
-     is switched to them with a compare-and-swap, so a concurrent overwrite
-     wins and nothing it wrote is lost;
-  4. an extent is deleted only when a scan inside a write transaction finds
-     no piece pointing at it (the transaction keeps new pointers out); one
-     scan serves every extent gc deletes, since a scan of a large index
-     holds every writer back while it runs. A
-     write whose record was appended just before its extent was sealed finds
-     the extent gone in its own index transaction and appends again; a
-     compaction whose copy another gc deleted leaves that piece where it was.
-Readers that resolved a piece just before it moved re-resolve (pageblob).
-On a full disk compaction cannot append and is skipped; deleting dead
-extents goes on (its transactions may use the metadata's spare blocks).
+  1. census: count, per sealed extent, the bytes its pieces reference (one
+     read transaction);
+  2. compact the extents `choose` names: each piece's bytes are appended
+     anew (3 replicas, as any write) and the pieces are switched to them in
+     batches with a compare-and-swap, so a concurrent overwrite wins and
+     nothing it wrote is lost;
+  3. doom the extents that now look unreferenced: one write transaction
+     moves their records from `extents` to `dying`. From then on no new
+     pointer to them can be committed: a write whose record went to a
+     dying extent (appended just before it was sealed) finds it missing
+     from `extents` in its own index transaction and appends again;
+     compaction only points at open extents; copies and snapshot moves only
+     copy pointers that already exist. Readers still find a dying extent;
+  4. verify: one read transaction begun after the doom scans the index. An
+     extent it finds no pointer to can never be pointed at again (by the
+     rule above, any later pointer would copy one it would have seen);
+  5. finish: one write transaction deletes the `dying` records of the
+     unreferenced extents and puts the others back in `extents`; then
+     their replica files are deleted (after the commit: a crash in between
+     leaves orphan files, which scrub removes).
+A round killed after step 3 leaves `dying` records: the next round (in any
+process) verifies and finishes them, and two rounds finishing one extent at
+once agree (each verified after its doom). Readers that resolved a piece
+just before it moved re-resolve (pageblob). On a full disk compaction cannot
+append and is skipped; deleting dead extents goes on (its transactions may
+use the metadata's spare blocks).
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import lmdb
+
 from . import record as rec
 from .errors import MetadataFull, NotEnoughNodes
-from .meta import PIECE, U64
+from .meta import PIECE, U64, loads
 from .node import NodeState
 from .pageblob import PAGE, Piece
 from .stamp import Stamp
 from .stream import Extent
+
+COMPACT_BATCH = 64  # pieces switched per write transaction (well under a millisecond on an idle core)
+
+Ref = tuple[str, bytes, bytes]  # (table, key, piece bytes)
 
 
 @dataclass
@@ -44,15 +66,55 @@ class GcReport:
     extents_compacted: int = 0
     bytes_freed: int = 0
     bytes_moved: int = 0
+    longest_txn_ms: float = 0.0  # the longest write transaction of the round: what a writer may wait
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    def add(self, other: GcReport) -> None:
+        self.extents_deleted += other.extents_deleted
+        self.extents_compacted += other.extents_compacted
+        self.bytes_freed += other.bytes_freed
+        self.bytes_moved += other.bytes_moved
+        self.longest_txn_ms = max(self.longest_txn_ms, other.longest_txn_ms)
+        self.skipped += other.skipped
 
-def references(stamp: Stamp) -> dict[int, list[tuple[str, bytes, bytes]]]:
-    """extent id -> [(table, key, piece bytes)] for every piece in the index."""
-    refs: dict[int, list[tuple[str, bytes, bytes]]] = defaultdict(list)
+
+class _Timed:
+    """A write transaction of a round, timed into its report."""
+
+    def __init__(self, stamp: Stamp, report: GcReport | None) -> None:
+        self.stamp, self.report = stamp, report
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        with self.stamp.meta.write() as txn:
+            began = time.perf_counter()
+            yield txn
+        if self.report is not None:
+            ms = (time.perf_counter() - began) * 1000
+            self.report.longest_txn_ms = max(self.report.longest_txn_ms, round(ms, 3))
+
+
+@dataclass(frozen=True)
+class ExtentUse:
+    """An extent's size (record bytes, file header excluded) and the bytes pieces reference in it."""
+
+    id: int
+    size: int
+    live: int
+    sealed: bool = True
+
+    @property
+    def ratio(self) -> float:
+        return self.live / self.size if self.size > 0 else 0.0
+
+
+def references(stamp: Stamp) -> dict[int, list[Ref]]:
+    """extent id -> [(table, key, piece bytes)] for every piece in the index
+    (one read transaction: writers go on)."""
+    refs: dict[int, list[Ref]] = defaultdict(list)
     with stamp.meta.read() as txn:
         for table in ("pages", "frozen"):
             for key, raw in stamp.meta.items(txn, table):
@@ -60,43 +122,59 @@ def references(stamp: Stamp) -> dict[int, list[tuple[str, bytes, bytes]]]:
     return refs
 
 
-def collect(stamp: Stamp, compact_below: float = 0.5) -> GcReport:
+def census(stamp: Stamp, refs: dict[int, list[Ref]]) -> list[ExtentUse]:
+    """The use of every extent (open ones too: their length is their owner's last sealed view)."""
+    return [ExtentUse(e.id, e.length - rec.FILE_HEADER, _live(refs.get(e.id, [])), e.state == "sealed")
+            for e in stamp.stream.all_extents()]
+
+
+def below(compact_below: float) -> Callable[[list[ExtentUse]], list[int]]:
+    """The plain policy of `stamp gc`: compact every partly dead sealed extent
+    whose live share is below `compact_below`."""
+    return lambda uses: [u.id for u in uses if u.sealed and 0 < u.live and u.ratio < compact_below]
+
+
+def collect(stamp: Stamp, compact_below: float = 0.5,
+            choose: Callable[[list[ExtentUse]], list[int]] | None = None) -> GcReport:
+    """One round: delete every dead sealed extent and compact those `choose`
+    names, given every extent's use (default: sealed ones whose live share is
+    below `compact_below`)."""
     report = GcReport()
     refs = references(stamp)
-    can_move = True
-    dead: list[Extent] = []
-    for e in stamp.stream.all_extents():
-        if e.state != "sealed":
-            continue
-        size = e.length - rec.FILE_HEADER
-        pieces = refs.get(e.id, [])
-        live = sum((PIECE.unpack(raw)[0] - _start(key)) * PAGE for _, key, raw in pieces)
-        if can_move and pieces and size > 0 and live / size < compact_below:
-            try:
-                report.bytes_moved += _compact(stamp, pieces)
-            except (NotEnoughNodes, MetadataFull) as err:  # a full disk: deleting goes on, moving waits
-                report.skipped.append(f"compaction stopped at extent {e.id} ({err})")
-                can_move = False
-                continue
-            report.extents_compacted += 1
-            pieces = []  # moved, unless something raced: the delete below rescans
-        if not pieces:
-            dead.append(e)
-    deleted = set(_delete_unreferenced(stamp, [e.id for e in dead]))
-    for e in dead:
-        if e.id in deleted:
+    uses = census(stamp, refs)
+    dead = [u.id for u in uses if u.sealed and u.live == 0]
+    sealed = {u.id for u in uses if u.sealed}
+    for extent_id in (choose or below(compact_below))(uses):
+        if extent_id not in sealed:
+            raise ValueError(f"extent {extent_id} is not sealed: only sealed extents are compacted")
+        try:
+            report.bytes_moved += _compact(stamp, refs.get(extent_id, []), report)
+        except (NotEnoughNodes, MetadataFull) as err:  # a full disk: deleting goes on, moving waits
+            report.skipped.append(f"compaction stopped at extent {extent_id} ({err})")
+            break
+        report.extents_compacted += 1
+        dead.append(extent_id)  # moved, unless something raced: the verify scan says
+    sizes = {u.id: u.size + rec.FILE_HEADER for u in uses}
+    for extent_id, deleted in _delete_unreferenced(stamp, dead, report).items():
+        if deleted:
             report.extents_deleted += 1
-            report.bytes_freed += e.length
-        else:
-            report.skipped.append(f"extent {e.id}: still referenced after compaction (a write raced)")
+            report.bytes_freed += sizes.get(extent_id, 0)
+        elif extent_id in sizes:
+            report.skipped.append(f"extent {extent_id}: still referenced (a write or a copy raced)")
     return report
+
+
+def _live(pieces: Iterable[Ref]) -> int:
+    return sum((PIECE.unpack(raw)[0] - _start(key)) * PAGE for _, key, raw in pieces)
 
 
 def _start(key: bytes) -> int:
     return int.from_bytes(key[-8:], "big")
 
 
-def _compact(stamp: Stamp, pieces: list[tuple[str, bytes, bytes]]) -> int:
+def _compact(stamp: Stamp, pieces: list[Ref], report: GcReport | None = None) -> int:
+    """Copy each piece's bytes to the open extent, then switch the pieces to
+    the copies, COMPACT_BATCH at a time (a short transaction each)."""
     moved = 0
     updates = []
     for table, key, raw in pieces:
@@ -107,43 +185,81 @@ def _compact(stamp: Stamp, pieces: list[tuple[str, bytes, bytes]]) -> int:
         new = Piece(p.start, p.end, loc.extent, loc.offset, loc.length, 0, p.gen)
         updates.append((table, key, raw, new.pack(), loc.extent))
         moved += n
-    with stamp.meta.write() as txn:
-        for table, key, old, new_raw, extent in updates:
-            if txn.get(U64.pack(extent), db=stamp.meta.db["extents"]) is None:
-                continue  # another gc deleted the copy's extent: the piece stays where it was
-            if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
-                txn.put(key, new_raw, db=stamp.meta.db[table])
+    for i in range(0, len(updates), COMPACT_BATCH):
+        with _Timed(stamp, report).write() as txn:
+            for table, key, old, new_raw, extent in updates[i:i + COMPACT_BATCH]:
+                if txn.get(U64.pack(extent), db=stamp.meta.db["extents"]) is None:
+                    continue  # another gc deleted the copy's extent: the piece stays where it was
+                if txn.get(key, db=stamp.meta.db[table]) == old:  # compare-and-swap
+                    txn.put(key, new_raw, db=stamp.meta.db[table])
     return moved
 
 
 def _delete_if_unreferenced(stamp: Stamp, extent_id: int) -> bool:
-    return bool(_delete_unreferenced(stamp, [extent_id]))
+    return _delete_unreferenced(stamp, [extent_id]).get(extent_id, False)
 
 
-def _delete_unreferenced(stamp: Stamp, ids: list[int]) -> list[int]:
-    """Delete those of the extents `ids` that no piece points at, found by one
-    scan of the index and deleted in the same write transaction; then drop
-    their replica files (on the nodes that transaction saw). Returns the
-    deleted ids."""
-    if not ids:
-        return []
-    wanted = set(ids)
-    gone = []
-    with stamp.meta.write() as txn:
-        for table in ("pages", "frozen"):
-            for _, raw in stamp.meta.items(txn, table):
-                wanted.discard(PIECE.unpack(raw)[1])
-                if not wanted:
-                    return []
-        for extent_id in sorted(wanted):
-            obj = stamp.meta.get_json(txn, "extents", U64.pack(extent_id))
-            if obj is not None:  # else another gc deleted it
-                txn.delete(U64.pack(extent_id), db=stamp.meta.db["extents"])
-                gone.append(Extent.from_json(extent_id, obj))
+def _delete_unreferenced(stamp: Stamp, ids: list[int], report: GcReport | None = None) -> dict[int, bool]:
+    """Delete those of the sealed extents `ids` (and of any left dying by a
+    killed round) that no piece points at: doom, verify, finish (the header's
+    steps 3 to 5). Returns {id: deleted} for every extent it looked at."""
+    doomed = _doom(stamp, ids, report)
+    if not doomed:
+        return {}
+    referenced = _referenced(stamp, set(doomed))
+    gone = _finish(stamp, doomed, referenced, report)
     for e in gone:
         for n in e.nodes:
             node = stamp.stream.nodes.get(n)
             if node is not None and node.state is not NodeState.LOST:
                 node.drop(e.id)
         stamp.stream.forget_extent(e.id)
-    return [e.id for e in gone]
+    return {extent_id: extent_id not in referenced for extent_id in doomed}
+
+
+def _doom(stamp: Stamp, ids: list[int], report: GcReport | None = None) -> list[int]:
+    """Move the sealed extents `ids` from `extents` to `dying` (one short
+    write transaction); returns them with those already dying."""
+    extents, dying = stamp.meta.db["extents"], stamp.meta.db["dying"]
+    out = []
+    with _Timed(stamp, report).write() as txn:
+        for extent_id in ids:
+            key = U64.pack(extent_id)
+            raw = txn.get(key, db=extents)
+            if raw is None or loads(bytes(raw))["state"] != "sealed":
+                continue  # another gc deleted it
+            txn.put(key, raw, db=dying)
+            txn.delete(key, db=extents)
+        out = [U64.unpack(k)[0] for k, _ in stamp.meta.items(txn, "dying")]
+    return out
+
+
+def _referenced(stamp: Stamp, wanted: set[int]) -> set[int]:
+    """Those of `wanted` some piece points at (a read transaction)."""
+    found: set[int] = set()
+    with stamp.meta.read() as txn:
+        for table in ("pages", "frozen"):
+            for _, raw in stamp.meta.items(txn, table):
+                extent_id = PIECE.unpack(raw)[1]
+                if extent_id in wanted:
+                    found.add(extent_id)
+    return found
+
+
+def _finish(stamp: Stamp, doomed: list[int], referenced: set[int], report: GcReport | None = None) -> list[Extent]:
+    """Delete the dying records of unreferenced extents, restore the others
+    (one short write transaction); returns the deleted extents."""
+    extents, dying = stamp.meta.db["extents"], stamp.meta.db["dying"]
+    gone = []
+    with _Timed(stamp, report).write() as txn:
+        for extent_id in doomed:
+            key = U64.pack(extent_id)
+            raw = txn.get(key, db=dying)
+            if raw is None:
+                continue  # another round finished it
+            if extent_id in referenced:
+                txn.put(key, raw, db=extents)
+            else:
+                gone.append(Extent.from_json(extent_id, loads(bytes(raw))))
+            txn.delete(key, db=dying)
+    return gone

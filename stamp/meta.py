@@ -27,6 +27,8 @@ Tables
   nodes      u32 node id            -> JSON {name, fault_domain, state, slow_ms, full, generation}
   extents    u64 extent id          -> JSON {nodes: [3 ids], state: open|sealed, length, owner, token,
                                              started, copy (while a replica is re-made)}
+  dying      u64 extent id          -> the same JSON, for a sealed extent gc is proving unreferenced
+                                       (moved out of `extents` so no new pointer to it commits; see gc)
   counters   name                   -> u64
   blobs      name (utf-8)           -> JSON {id, created, properties...}
   blobstate  u64 blob id            -> STATE (epoch, latest snapshot epoch, size, lease, version word:
@@ -42,6 +44,8 @@ Tables
   history    legacy (the older, per-cell index of frozen): emptied when a stamp is opened
   changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
   resources  "disk/NAME", "image/NAME", "snapshot/NAME" -> JSON (managed disks, images, snapshots)
+  containers name (utf-8)           -> JSON {name, created, modified, rev, metadata, public_access}
+                                       (the blobs of container C are the blobs named "C/...")
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from .errors import MetadataFull
 
 TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
           "resources",
-          "changes", "history", "pagehist", "runhist")
+          "changes", "history", "pagehist", "runhist", "dying", "containers")
 MAP_SIZE = 1 << 36  # 64 GiB: the metadata's limit, and data.mdb's apparent (sparse) size
 RESERVE_MIN = 8 << 20  # blocks taken ahead of use: at least this, or an eighth of what is used
 SPARE = 1 << 20  # on a full disk, management transactions stop this far from the blocks taken

@@ -51,7 +51,9 @@ epochs k+1..m, split by the target's state into written and cleared ranges:
 cost proportional to what changed.
 
 Deleting snapshot k moves each piece of frozen(k) that the previous surviving
-snapshot k' can see (gen <= k') to frozen(k') and drops the rest.
+snapshot k' can see (gen <= k') to frozen(k') and drops the rest; the change
+logs of the epochs from k'+1 to the next surviving snapshot (or the current
+epoch) are merged into that last one, as no diff reads them apart any more.
 
 Write order: data is appended to 3 replicas (stream layer) before the index
 transaction that points at it commits; a crash in between leaves only
@@ -61,11 +63,14 @@ unreferenced record bytes.
 from __future__ import annotations
 
 import datetime
+import enum
 import hashlib
 import os
 import socket
+import struct
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -85,6 +90,9 @@ from .errors import (
     LeaseIdMismatch,
     LeaseIdMismatchWithLeaseOperation,
     LeaseIdMissing,
+    LeaseIsBreakingAndCannotBeAcquired,
+    LeaseIsBreakingAndCannotBeChanged,
+    LeaseIsBrokenAndCannotBeRenewed,
     LeaseLost,
     LeaseNotPresentWithBlobOperation,
     LeaseNotPresentWithLeaseOperation,
@@ -178,6 +186,57 @@ def moved_on(word: int) -> int:
     return (word >> 1) + 1 << 1 if word & 1 else word
 
 
+Hook = Callable[[dict[str, Any], int, int, int, float], None]
+"""A write's or clear's hook: called as hook(properties, blob id, size,
+content version, time of the last hooked write) inside the index transaction, before the pages change. It
+may raise to refuse (nothing changes) or change `properties` in place (they
+are stored in the same commit), so a check of the blob's state and the
+change it guards are one atomic step, across processes too. A hooked write
+also records its time (BlobInfo.touched)."""
+TIME = struct.Struct("<d")
+
+
+class LeaseState(enum.Enum):
+    """A blob's lease, as the service reports it (x-ms-lease-state). The
+    machine: available -acquire-> leased -break-> breaking -(period)-> broken
+    -acquire-> leased; leased -(duration)-> expired -acquire-> leased;
+    release from leased, expired or broken -> available."""
+
+    AVAILABLE = "available"
+    LEASED = "leased"
+    EXPIRED = "expired"
+    BREAKING = "breaking"
+    BROKEN = "broken"
+
+
+def lease_state(st: BlobState, obj: dict[str, Any], now: float) -> LeaseState:
+    """The state of the blob's lease, from its state record and blob record."""
+    if st.lease == NO_LEASE:
+        return LeaseState.AVAILABLE
+    broken = bool(obj.get("properties", {}).get("lease_broken"))
+    if st.lease_held(now):
+        return LeaseState.BREAKING if broken else LeaseState.LEASED
+    return LeaseState.BROKEN if broken else LeaseState.EXPIRED
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the Blob service reports of a blob (or one of its snapshots)."""
+
+    name: str
+    id: int
+    size: int
+    created: float
+    properties: dict[str, Any]
+    version: int  # moves on with every change of the live pages (PageBlobs.version)
+    touched: float  # when a write or clear with a hook last changed it (0: never)
+    lease: LeaseState
+    lease_id: str | None
+    lease_expiry: float
+    snapshots: int
+    snapshot: str | None = None
+
+
 @dataclass(frozen=True)
 class Snapshot:
     blob: str
@@ -269,6 +328,12 @@ def _version_key(blob_id: int) -> bytes:
     return f"version/{blob_id}".encode()
 
 
+def _touched_key(blob_id: int) -> bytes:
+    """When a hooked write or clear last changed the blob (a double, in the
+    counters table beside the version: a page the write dirties anyway)."""
+    return f"version/{blob_id}/t".encode()
+
+
 def snapshot_id(now: float) -> str:
     t = datetime.datetime.fromtimestamp(now, datetime.UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}0Z"
@@ -284,6 +349,27 @@ def holder_died(props: dict[str, Any]) -> bool:
     return host == socket.gethostname() and pid > 0 and not pid_alive(pid, started)
 
 
+def _history_entries(items: Iterable[tuple[bytes, bytes]], table: str, unit: str, problems: list[str]
+                     ) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """The well-formed entries of history index `table` (pagehist or
+    runhist), and the keys of those whose value has the wrong size; every
+    entry of the wrong size (key or value) is added to `problems`."""
+    have: dict[bytes, bytes] = {}
+    damaged: set[bytes] = set()
+    for key, raw in items:
+        if len(key) != BLOB_PAGE_EPOCH.size:
+            problems.append(f"history index ({table}): damaged key {key.hex()} ({len(key)} bytes, not "
+                            f"{BLOB_PAGE_EPOCH.size})")
+        elif len(raw) != PLACE.size:
+            blob_id, u, epoch = BLOB_PAGE_EPOCH.unpack(key)
+            problems.append(f"history index ({table}): blob {blob_id} {unit} {u} snapshot epoch {epoch}: "
+                            f"damaged entry ({len(raw)} bytes, not {PLACE.size})")
+            damaged.add(key)
+        else:
+            have[key] = raw
+    return have, damaged
+
+
 class _Seeker:
     """Seeks in one history index (pagehist or runhist) of one blob for one
     snapshot epoch: first(u) is the first unit (page or run) q >= u below
@@ -291,8 +377,8 @@ class _Seeker:
     or None. An answer holds for every unit from where it was asked up to q,
     so it is kept and a read seeks once per stretch of units."""
 
-    def __init__(self, cur: lmdb.Cursor, blob_id: int, epoch: int, limit: int) -> None:
-        self.cur, self.blob_id, self.epoch, self.limit = cur, blob_id, epoch, limit
+    def __init__(self, cur: lmdb.Cursor, table: str, blob_id: int, epoch: int, limit: int) -> None:
+        self.cur, self.table, self.blob_id, self.epoch, self.limit = cur, table, blob_id, epoch, limit
         self.lo, self.hi = 0, -1  # the units the kept answer holds for: [lo, hi]
         self.answer: tuple[int, int, bytes] | None = None
 
@@ -305,16 +391,29 @@ class _Seeker:
             if not self.cur.set_range(key(self.blob_id, at, self.epoch)):
                 answer = None
                 break
-            b, q, j = unpack(self.cur.key())
+            try:
+                b, q, j = unpack(self.cur.key())
+            except struct.error:
+                raise self._damaged(at) from None
             if b != self.blob_id or q >= self.limit:
                 answer = None
                 break
+            value = bytes(self.cur.value())
+            if len(value) != PLACE.size:
+                raise self._damaged(q)
             if j >= self.epoch:
-                answer = (q, j, bytes(self.cur.value()))
+                answer = (q, j, value)
                 break
             at = q  # q's first entry is older than `epoch`: seek again at (q, epoch)
         self.lo, self.hi, self.answer = u, self.limit if answer is None else answer[0], answer
         return answer
+
+    def _damaged(self, u: int) -> CorruptStamp:
+        """A read's error for an entry of the wrong size (key or value) at or
+        after unit `u`: what check_history reports, never a struct.error."""
+        unit = "page" if self.table == "pagehist" else "run"
+        return CorruptStamp(f"blob {self.blob_id}: the history index ({self.table}) has a damaged entry near "
+                            f"{unit} {u} (stamp check names it)")
 
 
 class PageBlobs:
@@ -344,7 +443,7 @@ class PageBlobs:
                     old = txn.get(_version_key(U64.unpack(key)[0]), db=counters)
                     word = (U64.unpack(old)[0] if old else 0) << 1 | 1
                     txn.put(key, raw + WORD.pack(word), db=self.db["blobstate"])
-                    txn.delete(_version_key(U64.unpack(key)[0]), db=counters)
+            rg.delete_prefix(txn, counters, b"version/")  # every old counter, deleted blobs' too
             txn.put(STATE_WORD_BUILT, U64.pack(1), db=counters)
 
     def _build_history(self) -> None:
@@ -446,6 +545,112 @@ class PageBlobs:
             obj.setdefault("properties", {}).update(props)
             self.meta.put_json(txn, "blobs", blob_key(name), obj)
 
+    def update_properties(self, name: str, change: Callable[[dict[str, Any]], None],
+                          lease: str | None | bool = False) -> dict[str, Any]:
+        """Change the blob's properties with `change(props)` in one transaction
+        (a read, modify and write no other process can come between); with
+        `lease` (not False) the lease rules of a write apply first."""
+        with self.meta.write() as txn:
+            _, obj, st = self._blob(txn, name)
+            if lease is not False:
+                self._check_lease(st, lease if isinstance(lease, str) else None)
+            props = obj.setdefault("properties", {})
+            change(props)
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        return dict(props)
+
+    def describe(self, name: str, snapshot: str | None = None) -> BlobInfo:
+        """The blob's (or snapshot's) size, properties, content version and
+        lease, from one transaction. A snapshot's properties are those
+        recorded in its metadata under "properties". The version reported is
+        observed (as version() does): the next change of the live pages moves
+        it on, so a client holding it (an ETag) sees every change."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            if st.version & 1:
+                return self._describe(txn, name, snapshot)
+        with self.meta.write() as txn:  # unobserved: mark it in the transaction that reports it
+            blob_id, _, st = self._blob(txn, name)
+            if not st.version & 1:
+                st.version |= 1
+                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            return self._describe(txn, name, snapshot)
+
+    def _describe(self, txn: lmdb.Transaction, name: str, snapshot: str | None) -> BlobInfo:
+        blob_id, obj, st = self._blob(txn, name)
+        raw = txn.get(_touched_key(blob_id), db=self.db["counters"])
+        touched = TIME.unpack(raw)[0] if raw else 0.0
+        count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
+        if snapshot is None:
+            lease_id = None if st.lease == NO_LEASE else str(uuid.UUID(bytes=st.lease))
+            return BlobInfo(name, blob_id, st.size, float(obj["created"]), dict(obj.get("properties", {})),
+                            st.version >> 1, touched, lease_state(st, obj, time.time()), lease_id, st.lease_expiry,
+                            count)
+        info = txn.get(snap_key(blob_id, snapshot), db=self.db["snapnames"])
+        if info is None:
+            raise SnapshotNotFound(f"blob {name!r} has no snapshot {snapshot}")
+        rec = loads(bytes(info))
+        props = dict(rec.get("metadata", {}).get("properties", {}))
+        return BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, int(rec["epoch"]), 0.0,
+                        LeaseState.AVAILABLE, None, 0, count, snapshot)
+
+    def recreate(self, name: str, size: int, properties: dict[str, Any], lease: str | None = None) -> bool:
+        """Put Blob: a blob of `size` bytes with no data and `properties`. An
+        existing blob is emptied and resized in place (its snapshots and lease
+        stay, its properties other than the lease's are replaced), in one
+        transaction. Returns True if the blob was new."""
+        with self.meta.write() as txn:
+            key = blob_key(name)
+            if txn.get(key, db=self.db["blobs"]) is None:
+                self._check_size(size)
+                blob_id = self.meta.next_id(txn, "blob")
+                self.meta.put_json(txn, "blobs", key, {"id": blob_id, "name": name, "created": time.time(),
+                                                       "limit": MAX_BLOB, "properties": properties})
+                txn.put(U64.pack(blob_id), BlobState(0, -1, size, NO_LEASE, 0).pack(), db=self.db["blobstate"])
+                return True
+            blob_id, obj, st = self._blob(txn, name)
+            self._check_size(size, int(obj.get("limit", MAX_BLOB)))
+            self._check_lease(st, lease)
+            if st.size:
+                self._replace(txn, blob_id, st.latest, st.epoch, 0, st.size // PAGE, None)
+                st.version = moved_on(st.version)
+            st.size = size
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            kept = {k: v for k, v in obj.get("properties", {}).items() if k.startswith("lease_")}
+            obj["properties"] = {**properties, **kept}
+            self.meta.put_json(txn, "blobs", key, obj)
+        return False
+
+    def copy_into(self, source: str, target: str, snapshot: str | None = None, since: str | None = None,
+                  lease: str | None = None) -> None:
+        """Make the existing blob `target` hold what `source` (or its
+        `snapshot`) holds, size included, sharing its extents: an index
+        change, no data copied. With `since` (an older snapshot of the
+        source), only the pages changed between the two are replaced (an
+        incremental copy). The target's snapshots keep what they saw."""
+        with self.meta.write() as txn:
+            src_id, _, src_st = self._blob(txn, source)
+            epoch = self._snapshot_epoch(txn, src_id, source, snapshot)
+            size = src_st.size if snapshot is None else self._snapshot_size(txn, src_id, snapshot, src_st)
+            tid, tobj, tst = self._blob(txn, target)
+            self._check_size(size, int(tobj.get("limit", MAX_BLOB)))
+            self._check_lease(tst, lease)
+            if since is None:
+                changed = [(0, max(size, tst.size) // PAGE)]
+            else:
+                d = self._diff_in(txn, source, src_id, src_st, since, snapshot)
+                changed = rg.merge_ranges([(o // PAGE, (o + n) // PAGE) for o, n in d.written + d.cleared])
+                if tst.size > size:
+                    changed = rg.merge_ranges(changed + [(size // PAGE, tst.size // PAGE)])
+            for s, e in changed:
+                self._replace(txn, tid, tst.latest, tst.epoch, s, e, None)
+                for p in self._resolve(txn, src_id, epoch, s, min(e, size // PAGE)):
+                    self._replace(txn, tid, tst.latest, tst.epoch, p.start, p.end, p._replace(gen=tst.epoch).pack())
+            if changed:
+                tst.version = moved_on(tst.version)
+            tst.size = size
+            txn.put(U64.pack(tid), tst.pack(), db=self.db["blobstate"])
+
     def size(self, name: str) -> int:
         with self.meta.read() as txn:
             return self._blob(txn, name)[2].size
@@ -499,6 +704,7 @@ class PageBlobs:
             for snap in self.snapshots_in(txn, name):
                 self.delete_snapshot_in(txn, name, snap.id)
             return
+        txn.delete(_touched_key(blob_id), db=self.db["counters"])
         for table in ("pages", "frozen", "pagehist", "runhist", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
@@ -529,18 +735,86 @@ class PageBlobs:
             raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
 
     def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
-        """Take the blob's lease (for `duration` seconds, -1 forever); returns its id."""
+        """Take the blob's lease (for `duration` seconds, -1 forever); returns its id.
+        The holder may acquire again (a renewal with a new duration); a
+        breaking lease cannot be acquired until it is broken."""
         if duration != -1 and not 15 <= duration <= 60:
             raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
         new = uuid.UUID(bytes=lease_bytes(lease)) if lease else uuid.uuid4()
         now = time.time()
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            if st.lease_held(now) and st.lease != new.bytes:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.BREAKING:
+                raise LeaseIsBreakingAndCannotBeAcquired(f"blob {name!r}: its lease is breaking")
+            if state is LeaseState.LEASED and st.lease != new.bytes:
                 raise LeaseAlreadyPresent(f"blob {name!r} is leased by someone else")
             st.lease, st.lease_expiry = new.bytes, 0 if duration == -1 else now + duration
-            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            self._put_lease(txn, blob_id, name, obj, st, duration=duration, broken=False)
         return str(new)
+
+    def _put_lease(self, txn: lmdb.Transaction, blob_id: int, name: str, obj: dict[str, Any], st: BlobState,
+                   **lease: Any) -> None:
+        txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        props = obj.setdefault("properties", {})
+        for k, v in lease.items():
+            props[f"lease_{k}"] = v
+        self.meta.put_json(txn, "blobs", blob_key(name), obj)
+
+    def renew_lease(self, name: str, lease: str) -> None:
+        """Start the lease's duration again; an expired lease nobody took since renews too."""
+        given = lease_bytes(lease)
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state in (LeaseState.BREAKING, LeaseState.BROKEN):
+                raise LeaseIsBrokenAndCannotBeRenewed(f"blob {name!r}: its lease was broken")
+            self._check_lease_operation(st, lease)
+            duration = float(obj.get("properties", {}).get("lease_duration", -1))
+            st.lease, st.lease_expiry = given, 0 if duration == -1 else now + duration
+            self._put_lease(txn, blob_id, name, obj, st)
+
+    def change_lease(self, name: str, lease: str, proposed: str) -> str:
+        """Give the held lease another id (the holder's, or the proposed one again)."""
+        new = lease_bytes(proposed)
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.BREAKING:
+                raise LeaseIsBreakingAndCannotBeChanged(f"blob {name!r}: its lease is breaking")
+            if state is not LeaseState.LEASED:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to change")
+            if st.lease not in (lease_bytes(lease), new):
+                raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
+            st.lease = new
+            self._put_lease(txn, blob_id, name, obj, st)
+        return str(uuid.UUID(bytes=new))
+
+    def break_lease_after(self, name: str, period: float | None = None) -> int:
+        """Break the lease, at once (period 0) or after `period` seconds
+        (None: at once for an infinite lease, at its end for a fixed one);
+        meanwhile it is breaking and the holder may still write. Returns the
+        whole seconds until it is broken (the service's x-ms-lease-time)."""
+        if period is not None and not 0 <= period <= 60:
+            raise InvalidHeaderValue(f"lease break period {period}: use 0 to 60 seconds")
+        now = time.time()
+        with self.meta.write() as txn:
+            blob_id, obj, st = self._blob(txn, name)
+            state = lease_state(st, obj, now)
+            if state is LeaseState.AVAILABLE:
+                raise LeaseNotPresentWithLeaseOperation(f"blob {name!r} has no lease to break")
+            if state in (LeaseState.BROKEN, LeaseState.EXPIRED):
+                end = now
+            else:
+                left = float("inf") if st.lease_expiry == 0 else st.lease_expiry - now
+                if state is LeaseState.LEASED and period is None:
+                    period = 0 if st.lease_expiry == 0 else left
+                end = now + min(left, period if period is not None else left)
+            st.lease_expiry = max(end, 1e-9)  # a broken lease keeps its id: a write naming it is LeaseLost
+            self._put_lease(txn, blob_id, name, obj, st, broken=True)
+        return max(0, int(-(-(end - now) // 1)))
 
     def acquire_writer_lease(self, name: str) -> str:
         """The lease a process takes to write a blob: it records who holds it,
@@ -596,8 +870,11 @@ class PageBlobs:
 
     # -- writes ----------------------------------------------------------------------
 
-    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None) -> None:
-        """Put pages: offset and length multiples of 512, at most 4 MiB."""
+    def write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None,
+              hook: Hook | None = None) -> None:
+        """Put pages: offset and length multiples of 512, at most 4 MiB.
+        `hook`, if given, runs inside the index transaction before the pages
+        change (see Hook): it may refuse the write or change the properties."""
         # Alignment and length are checked before the data is stored; the blob's
         # existence and size inside the transaction (a refused write leaves only
         # unreferenced record bytes, which gc reclaims).
@@ -612,11 +889,12 @@ class PageBlobs:
         e = s + n // PAGE
         for _ in range(3):
             loc = self.stream.append(data)  # data on 3 replicas before the index points at it
-            if self._point(name, offset, n, lease, s, e, loc):
+            if self._point(name, offset, n, lease, s, e, loc, hook):
                 return
         raise CorruptStamp("gc deleted the extent of every fresh copy of this write (3 times)")
 
-    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location) -> bool:
+    def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location,
+               hook: Hook | None = None) -> bool:
         """The index transaction of a write: pages [s, e) now point at `loc`.
         False if the extent holding it is gone: the record was appended just
         before its extent was sealed, and gc (any process) found the sealed
@@ -634,6 +912,8 @@ class PageBlobs:
                 self._check_lease(BlobState.unpack(raw), lease)
             if offset + n > size:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
+            if hook is not None:  # before the version moves: the hook judges the state before the write
+                self._run_hook(txn, name, blob_id, size, word >> 1, hook)
             if word & 1:  # someone read the version since it last moved: move it on
                 txn.put(U64.pack(blob_id), raw[:-WORD.size] + WORD.pack(moved_on(word)), db=self.db["blobstate"])
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
@@ -643,12 +923,14 @@ class PageBlobs:
         txn.commit()
         return True
 
-    def clear(self, name: str, offset: int, length: int, lease: str | None = None) -> None:
-        """Clear pages: afterwards they read as zeros and hold no data."""
+    def clear(self, name: str, offset: int, length: int, lease: str | None = None, hook: Hook | None = None) -> None:
+        """Clear pages: afterwards they read as zeros and hold no data (`hook` as for write)."""
         with self.meta.write() as txn:
             blob_id, _, st = self._blob(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, length, st.size, limit=None)
+            if hook is not None:
+                self._run_hook(txn, name, blob_id, st.size, st.version >> 1, hook)
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
                 if st.version & 1:
@@ -667,6 +949,21 @@ class PageBlobs:
                 st.version = moved_on(st.version)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+
+    def _run_hook(self, txn: lmdb.Transaction, name: str, blob_id: int, size: int, version: int,
+                  hook: Hook) -> None:
+        """Run a write's hook with the blob's content version before the write;
+        store the properties only if it changed them, and the time of the write
+        (cheap: that page is dirtied by the write anyway, the blob record's is
+        not)."""
+        obj = self.meta.get_json(txn, "blobs", blob_key(name))
+        props = obj.setdefault("properties", {})
+        before = dumps(props)
+        touched = txn.get(_touched_key(blob_id), db=self.db["counters"])
+        hook(props, blob_id, size, version, TIME.unpack(touched)[0] if touched else 0.0)
+        if dumps(props) != before:
+            self.meta.put_json(txn, "blobs", blob_key(name), obj)
+        txn.put(_touched_key(blob_id), TIME.pack(time.time()), db=self.db["counters"])
 
     def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
                  new: bytes | None) -> None:
@@ -734,9 +1031,10 @@ class PageBlobs:
             for table, units in (("pagehist", pages), ("runhist", runs)):
                 for u in units:
                     want[table][BLOB_PAGE_EPOCH.pack(blob_id, u, epoch)] = PLACE.pack(s, e, gen)
-        problems = []
+        problems: list[str] = []
         for table, unit in (("pagehist", "page"), ("runhist", "run")):
-            need, have = want[table], dict(self.meta.items(txn, table))
+            have, damaged = _history_entries(self.meta.items(txn, table), table, unit, problems)
+            need = {key: place for key, place in want[table].items() if key not in damaged}  # not also missing
             for key in sorted(set(need) ^ set(have))[:100]:
                 blob_id, u, epoch = BLOB_PAGE_EPOCH.unpack(key)
                 what = "is missing" if key in need else "names no frozen piece"
@@ -781,8 +1079,8 @@ class PageBlobs:
         at `epoch` decides all its pages."""
         found: list[Piece] = []
         rest: list[tuple[int, int]] = []
-        pages = _Seeker(txn.cursor(db=self.db["pagehist"]), blob_id, epoch, e)
-        runs = _Seeker(txn.cursor(db=self.db["runhist"]), blob_id, epoch, -(-e // RUN))
+        pages = _Seeker(txn.cursor(db=self.db["pagehist"]), "pagehist", blob_id, epoch, e)
+        runs = _Seeker(txn.cursor(db=self.db["runhist"]), "runhist", blob_id, epoch, -(-e // RUN))
         frozen = self.db["frozen"]
         p = s
         while p < e:
@@ -967,8 +1265,31 @@ class PageBlobs:
         if st.latest == k:
             st.latest = prev
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        if prev >= 0:  # no diff starts or ends at k any more: its epochs and the next one's are read as one
+            self._merge_changes(txn, blob_id, prev, min([j for j in epochs if j > k], default=st.epoch))
         oldest = min([j for j in epochs if j != k], default=None)
         self._prune_changes(txn, blob_id, oldest)
+
+    def _merge_changes(self, txn: lmdb.Transaction, blob_id: int, after: int, upto: int) -> None:
+        """Put the change logs of epochs (after, upto] under epoch `upto`, merged.
+        A diff reads either all of them or none once no surviving snapshot lies
+        between (a diff runs from one snapshot to a later one, or live), so
+        create-write-delete cycles beside a kept snapshot leave what changed,
+        not one entry per cycle."""
+        changes = self.db["changes"]
+        keys, found = [], []
+        cur = txn.cursor(db=changes)
+        if cur.set_range(BLOB_EPOCH.pack(blob_id, after + 1)):
+            for key, raw in cur:
+                b, epoch, page = BLOB_EPOCH_PAGE.unpack(bytes(key))
+                if b != blob_id or epoch > upto:
+                    break
+                keys.append(bytes(key))
+                found.append((page, rg.END.unpack(bytes(raw))[0]))
+        for key in keys:
+            txn.delete(key, db=changes)
+        for s, e in rg.merge_ranges(found):
+            txn.put(BLOB_EPOCH_PAGE.pack(blob_id, upto, s), rg.END.pack(e), db=changes)
 
     def _prune_changes(self, txn: lmdb.Transaction, blob_id: int, oldest: int | None) -> None:
         """Change logs of epochs no diff can start before are not needed."""
@@ -992,32 +1313,36 @@ class PageBlobs:
         (a later snapshot, or the live blob when None)."""
         with self.meta.read() as txn:
             blob_id, _, st = self._blob(txn, name)
-            try:
-                k = self._snapshot_epoch(txn, blob_id, name, base)
-            except SnapshotNotFound:
-                raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
-            m = self._snapshot_epoch(txn, blob_id, name, target)
-            last = st.epoch if m is None else m
-            assert k is not None
-            if last < k:
-                raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
-            changed: list[tuple[int, int]] = []
-            cur = txn.cursor(db=self.db["changes"])
-            start = BLOB_EPOCH.pack(blob_id, k + 1)
-            if cur.set_range(start):
-                for key, raw in cur:
-                    key = bytes(key)
-                    b, epoch, page = BLOB_EPOCH_PAGE.unpack(key)
-                    if b != blob_id or epoch > last:
-                        break
-                    changed.append((page, rg.END.unpack(bytes(raw))[0]))
-            changed = rg.merge_ranges(changed)
-            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
-            pages = size // PAGE
-            changed = [(s, min(e, pages)) for s, e in changed if s < pages]
-            written: list[tuple[int, int]] = []
-            for s, e in changed:
-                written += [(p.start, p.end) for p in self._resolve(txn, blob_id, m, s, e)]
-            written = rg.merge_ranges(written)
-            cleared = rg.subtract(changed, written)
+            return self._diff_in(txn, name, blob_id, st, base, target)
+
+    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                 target: str | None) -> Diff:
+        try:
+            k = self._snapshot_epoch(txn, blob_id, name, base)
+        except SnapshotNotFound:
+            raise PreviousSnapshotNotFound(f"blob {name!r} has no snapshot {base} to diff from") from None
+        m = self._snapshot_epoch(txn, blob_id, name, target)
+        last = st.epoch if m is None else m
+        assert k is not None
+        if last < k:
+            raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
+        changed: list[tuple[int, int]] = []
+        cur = txn.cursor(db=self.db["changes"])
+        start = BLOB_EPOCH.pack(blob_id, k + 1)
+        if cur.set_range(start):
+            for key, raw in cur:
+                key = bytes(key)
+                b, epoch, page = BLOB_EPOCH_PAGE.unpack(key)
+                if b != blob_id or epoch > last:
+                    break
+                changed.append((page, rg.END.unpack(bytes(raw))[0]))
+        changed = rg.merge_ranges(changed)
+        size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+        pages = size // PAGE
+        changed = [(s, min(e, pages)) for s, e in changed if s < pages]
+        written: list[tuple[int, int]] = []
+        for s, e in changed:
+            written += [(p.start, p.end) for p in self._resolve(txn, blob_id, m, s, e)]
+        written = rg.merge_ranges(written)
+        cleared = rg.subtract(changed, written)
         return Diff(_bytes(written), _bytes(cleared))

@@ -18,7 +18,7 @@ billing, performance tiers):
   1,000 per GiB); MB/s 1 to min(10,000, 0.25 per provisioned IOPS). Not
   given: the size's maximum IOPS, and the most MB/s those IOPS allow (our
   choice; the platform assigns "a default based on the size"). At most 4
-  performance changes in 24 hours.
+  performance changes in 24 hours (of IOPS or MB/s: a growth alone is none).
 - Premium SSD v2 (PremiumV2_LRS): 1 to 65,536 GiB; IOPS 3,000 to
   min(80,000, max(3,000, 500 per GiB)); MB/s 125 to min(2,000, 0.25 per
   provisioned IOPS). Not given: the free baseline, 3,000 IOPS and 125 MB/s.

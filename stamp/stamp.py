@@ -20,6 +20,7 @@ from typing import Any
 from vhd.blockdev import Alloc, Extent, align_write, check_range, ranges_to_extents
 
 from . import record as rec
+from .containers import Containers
 from .errors import StampError
 from .meta import PIECE, U32, U64, Meta
 from .node import NodeState
@@ -60,6 +61,7 @@ class Stamp:
         self.meta = Meta(os.path.join(path, "meta"), sync=self.fsync)
         self.stream = StreamLayer(path, self.meta, self.fsync, config.get("extent_size", DEFAULT_EXTENT_SIZE))
         self.blobs = PageBlobs(self.meta, self.stream)
+        self.containers = Containers(self.meta, self.blobs)
         self.stream.recover()
 
     @classmethod
@@ -223,7 +225,7 @@ class Stamp:
         and (deep) every record of every replica."""
         report = CheckReport()
         self.stream.recover()  # as an open does: a writer that died since this process opened the stamp
-        extents = {e.id: e for e in self.stream.all_extents()}
+        extents = {e.id: e for e in self.stream.all_extents(dying=True)}  # dying: gc is deciding
         nodes = self.stream.nodes
         for e in extents.values():
             if e.state == "open" and not owner_alive(e):  # recovery waits for a down replica
@@ -274,6 +276,7 @@ class Stamp:
                 if st.latest != (max(snaps) if snaps else -1):
                     report.problems.append(f"blob {U64.unpack(key)[0]}: latest snapshot epoch {st.latest} "
                                            f"but snapshots are {snaps}")
+        report.problems += self.containers.check()
         if deep:
             scrub = self.stream.scrub(heal=False)
             report.problems += scrub.problems

@@ -200,6 +200,8 @@ class StreamLayer:
         if e is None or refresh or e.state == "open" and e is not self._current:
             with self.meta.read() as txn:
                 obj = self.meta.get_json(txn, "extents", U64.pack(extent_id))
+                if obj is None:  # gc may be proving it unreferenced: its replicas are still there
+                    obj = self.meta.get_json(txn, "dying", U64.pack(extent_id))
             if obj is None:
                 raise CorruptStamp(f"extent {extent_id} is not in the metadata")
             e = Extent.from_json(extent_id, obj)
@@ -428,10 +430,12 @@ class StreamLayer:
             txn.delete(U64.pack(e.id), db=self.meta.db["extents"])
         self.forget_extent(e.id)
 
-    def all_extents(self) -> list[Extent]:
+    def all_extents(self, dying: bool = False) -> list[Extent]:
+        """Every extent (with `dying`, also those gc is about to delete or restore)."""
+        tables = ("extents", "dying") if dying else ("extents",)
         with self.meta.read() as txn:
             return [Extent.from_json(U64.unpack(k)[0], loads(v))
-                    for k, v in self.meta.items(txn, "extents")]
+                    for table in tables for k, v in self.meta.items(txn, table)]
 
     def rereplicate(self) -> list[tuple[int, int, int]]:
         """Give every sealed extent 3 replicas again: make a new one on a
@@ -615,7 +619,7 @@ class StreamLayer:
             except FileNotFoundError:
                 continue
             listed += [(node, int(name[:16], 16)) for name in names if _REPLICA_NAME.fullmatch(name)]
-        known = {e.id: e for e in self.all_extents()}
+        known = {e.id: e for e in self.all_extents(dying=True)}
         for node, extent_id in listed:
             e = known.get(extent_id)
             if e is None or not e.holds(node.id):

@@ -19,12 +19,16 @@ clients do. Rules kept:
 - a connection that serves one request at a time (the NBD server's inline
   path) is within its share by construction: `take_nowait`/`give_back` check
   and count only the shared pool, two integers per request.
-asyncio only: one event loop, no locks.
+asyncio only: one event loop, no locks. A server process also fixes glibc's
+mmap threshold (fixed_mmap_threshold), so the buffers the budget admits go
+back to the system when freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,3 +123,16 @@ class Budget:
 
     def statistics(self) -> dict[str, int]:
         return {"limit": self.limit, "used": self.used, "reserve_used": self.reserve_used, "waits": self.waits}
+
+
+def fixed_mmap_threshold() -> None:
+    """Large buffers (request data, replies) straight from mmap, returned to
+    the system at free: glibc otherwise raises its mmap threshold after the
+    first large buffer is freed and keeps later ones in its heaps, so a
+    server's memory could stay above what its budget admits after the
+    clients that used it left. Call once, in a server process."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD: fixed at 256 KiB
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy

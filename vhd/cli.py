@@ -411,8 +411,9 @@ def _connection_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=_int_in(1, 10_000, "1 to 10000"), default=MAX_CONNECTIONS,
                    help=f"clients served at once (default {MAX_CONNECTIONS}); one more is closed at once")
     p.add_argument("--stall-timeout", type=_int_in(1, 3600, "1 to 3600 seconds"), default=int(STALL_TIMEOUT),
-                   help=f"seconds a client may take to finish its handshake, or to send the data of a "
-                   f"large write (default {STALL_TIMEOUT:.0f}); a slower one is closed")
+                   help=f"seconds a client may take to finish its handshake, to send the data of a "
+                   f"large write, or to take some of its replies (default {STALL_TIMEOUT:.0f}); a slower one "
+                   "is closed")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

@@ -28,7 +28,8 @@ back once its reply has left (but for at most SEND_PIECE per connection still
 buffered: large replies go out a piece at a time, so asyncio never copies more
 than about two pieces of one). Out of budget, a connection stops reading
 requests (backpressure). A large read from a file is read a piece at a time,
-letting other connections in between; so is a large WRITE_ZEROES with NO_HOLE.
+letting other connections in between; so is a large WRITE_ZEROES or TRIM (a
+discard writes zeros on a fixed or differencing image).
 A client that goes away has its pending
 work cancelled and its buffer dropped; the error's traceback is cut so no
 reference cycle keeps its data until gc. A block status reply describes at
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import socket as socketlib
 import stat
@@ -57,7 +59,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .blockdev import ZERO_CHUNK, Alloc, BlockDevice, write_zeros
-from .budget import Account, Budget, Ticket
+from .budget import Account, Budget, Ticket, fixed_mmap_threshold
 from .errors import RangeError, ReadOnlyError, UsageError, VhdError
 
 NBDMAGIC = 0x4E42444D41474943
@@ -185,7 +187,7 @@ def parse_meta_request(data: bytes) -> tuple[str, list[str]]:
     return name, queries
 
 
-async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
+async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes, stall: float) -> None:
     """Send a reply SEND_PIECE at a time, waiting while more than a piece is
     buffered: the transport never holds a copy of more than about two pieces."""
     writer.write(head)
@@ -195,9 +197,23 @@ async def send(writer: asyncio.StreamWriter, head: bytes, data: bytes) -> None:
             raise ConnectionResetError("the client went away")
         writer.write(view[at:at + SEND_PIECE])
         if writer.transport.get_write_buffer_size() > SEND_PIECE:
-            await writer.drain()
+            await drain(writer, stall)
     if not data and writer.transport.get_write_buffer_size() > SEND_PIECE:
-        await writer.drain()  # replies with no data (FLUSH, a block status) pile up too
+        await drain(writer, stall)  # replies with no data (FLUSH, a block status) pile up too
+
+
+async def drain(writer: asyncio.StreamWriter, stall: float) -> None:
+    """Wait until the client has taken its replies down to SEND_PIECE. One that
+    takes nothing for `stall` seconds is closed: its replies hold their budget
+    until they leave, so a few clients that never read (5 with unread 32 MiB
+    reads) would hold the whole budget, and starve every other client's larger
+    requests, for as long as they stayed connected."""
+    try:
+        async with asyncio.timeout(stall):
+            await writer.drain()
+    except TimeoutError:
+        writer.transport.abort()
+        raise ConnectionResetError(f"the client took no reply for {stall:g} s") from None
 
 
 def request_cost(kind: int, flags: int, length: int) -> int:
@@ -492,7 +508,7 @@ class NbdServer:
                         transport.write(head + data if data else head)  # one send
                         payload = data = b""
                         if transport.get_write_buffer_size() > SEND_PIECE:
-                            await writer.drain()  # the client reads slower than it asks: wait for it
+                            await drain(writer, self.stall_timeout)  # the client reads slower than it asks: wait for it
                     finally:
                         budget.give_back(cost)
                     continue
@@ -510,10 +526,13 @@ class NbdServer:
                 except BaseException:
                     budget.give(ticket)
                     raise
-                task = asyncio.ensure_future(self._request(writer, lock, conn, ticket, export, flags, kind, cookie,
+                task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
                                                            offset, length, payload))
                 conn.pending.add(task)
                 task.add_done_callback(conn.pending.discard)
+                # the budget is given back when the task ends, however: a task cancelled before it
+                # started (requests pipelined behind a client that broke off) runs none of its code
+                task.add_done_callback(functools.partial(_give, budget, ticket))
                 continue
             # A device that answers at once (a file): served inline, in order, no task, no lock; one
             # request at a time, so the shared pool is all there is to check (requests the hot path
@@ -528,8 +547,8 @@ class NbdServer:
                     payload = await self._payload(reader, length)
                 if kind == CMD_READ and length > SEND_PIECE:
                     head, data = await self._large_read(conn, export, flags, cookie, offset, length)
-                elif kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE and length > ZERO_CHUNK:
-                    head, data = await self._large_zeroes(conn, export, flags, cookie, offset, length)
+                elif kind in (CMD_WRITE_ZEROES, CMD_TRIM) and length > ZERO_CHUNK:
+                    head, data = await self._large_zeroes(conn, export, flags, kind, cookie, offset, length)
                 else:
                     head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
                 payload = b""
@@ -537,9 +556,9 @@ class NbdServer:
                     writer.write(head + data if data else head)  # a small reply: one send
                     head = data = b""
                     if transport.get_write_buffer_size() > SEND_PIECE:
-                        await writer.drain()  # the client reads slower than it asks: wait for it
+                        await drain(writer, self.stall_timeout)  # the client reads slower than it asks: wait for it
                 else:
-                    await send(writer, head, data)
+                    await send(writer, head, data, self.stall_timeout)
             finally:
                 if taken is None:
                     budget.give_back(cost)
@@ -584,22 +603,35 @@ class NbdServer:
             return self._reply(conn, CMD_READ, cookie, offset, self._error(e, CMD_READ), b"", b"")
         return self._reply(conn, CMD_READ, cookie, offset, 0, buf, b"")  # type: ignore[arg-type]
 
-    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, cookie: int, offset: int,
-                            length: int) -> tuple[bytes, bytes]:
-        """A WRITE_ZEROES with NO_HOLE larger than ZERO_CHUNK (up to 4 GiB) on a
-        device that does not wait, written a chunk at a time with the loop let
-        go in between: it does not stop every other client for seconds."""
-        error = self._refuse(conn, export, flags, CMD_WRITE_ZEROES, offset, length)
+    async def _large_zeroes(self, conn: Connection, export: Export, flags: int, kind: int, cookie: int,
+                            offset: int, length: int) -> tuple[bytes, bytes]:
+        """A WRITE_ZEROES or TRIM larger than ZERO_CHUNK (up to 4 GiB) on a device
+        that does not wait, done a piece at a time with the loop let go in
+        between: it does not stop every other client for seconds (a discard
+        writes zeros on a fixed or differencing image: 4 GiB took 3 s and 12 s).
+        With NO_HOLE zeros are written, a ZERO_CHUNK at a time; otherwise the
+        device discards pieces that end on multiples of its block size (never
+        less than ZERO_CHUNK), so no block is split and whole blocks are still
+        unallocated."""
+        error = self._refuse(conn, export, flags, kind, offset, length)
         if not error:
+            device, end = export.device, offset + length
+            piece = ZERO_CHUNK if flags & CMDF_NO_HOLE else max(ZERO_CHUNK, getattr(device, "block_size", 0))
             try:
-                for at in range(offset, offset + length, ZERO_CHUNK):
-                    write_zeros(export.device, at, min(ZERO_CHUNK, offset + length - at))
+                at = offset
+                while at < end:
+                    n = min(end, at - at % piece + piece) - at
+                    if kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE:
+                        write_zeros(device, at, n)
+                    else:
+                        device.discard(at, n)  # reads as zeros afterwards (the block device contract)
+                    at += n
                     await asyncio.sleep(0)
                 if flags & CMDF_FUA:
-                    export.device.flush()
+                    device.flush()
             except Exception as e:  # any failure of the device gets a reply (_errno), never none
-                error = self._error(e, CMD_WRITE_ZEROES)
-        return self._reply(conn, CMD_WRITE_ZEROES, cookie, offset, error, b"", b"")
+                error = self._error(e, kind)
+        return self._reply(conn, kind, cookie, offset, error, b"", b"")
 
     @staticmethod
     def _execute(dev: BlockDevice, flags: int, kind: int, offset: int, length: int,
@@ -637,12 +669,13 @@ class NbdServer:
             dev.flush()
         return b""
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection, ticket: Ticket,
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection,
                        export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
                        payload: bytes) -> None:
         """A request to a device that waits (its read and write are coroutines):
         data commands are awaited here; every other command is served as _serve
-        does. Its budget is given back once the reply has left, or if it fails."""
+        does. Its budget is given back when its task ends (once the reply has
+        left, or it failed or was cancelled: _transmission's done callback)."""
         try:
             waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
             error = self._refuse(conn, export, flags, kind, offset, length)
@@ -657,11 +690,9 @@ class NbdServer:
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
             payload = b""
             async with lock:
-                await send(writer, head, data)
+                await send(writer, head, data, self.stall_timeout)
         except ConnectionError as e:
             e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
-        finally:
-            self.budget.give(ticket)
 
     def _refuse(self, conn: Connection, export: Export, flags: int, kind: int, offset: int, length: int) -> int:
         """The error a request gets before it reaches the device, or 0."""
@@ -707,6 +738,11 @@ class NbdServer:
         return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, CHUNK_DONE, CHUNK_NONE, cookie, 0), b""
 
 
+def _give(budget: Budget, ticket: Ticket, _task: asyncio.Task[None]) -> None:
+    """A request task's done callback: its budget back (_transmission)."""
+    budget.give(ticket)
+
+
 def export_name(path: str) -> str:
     """The export name of an image file: its name without the extension, as
     UTF-8 text (NBD names are UTF-8; a file name byte that is not, kept by
@@ -733,13 +769,24 @@ def server_budget(mib: int, max_connections: int = MAX_CONNECTIONS) -> Budget:
                   small=RESERVED)
 
 
+MAX_SOCKET_PATH = 108  # bytes: sockaddr_un's sun_path on Linux
+
+
 def claim_socket(path: str) -> None:
     """Make way for a server on unix socket `path`: refuse if a live server
     answers there (binding would silently take it over, orphaning that server
-    and its image lock); remove a stale socket file left by a dead one."""
+    and its image lock); remove a stale socket file left by a dead one. A path
+    no socket can have (its folder missing, too long) is refused here, before
+    the server opens anything."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(f"{path} is too long for a unix socket (at most {MAX_SOCKET_PATH} bytes): choose a "
+                         "shorter --socket")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):
+            raise UsageError(f"the folder of {path} does not exist: create it, or choose another --socket") from None
         return
     if not stat.S_ISSOCK(mode):
         raise UsageError(f"{path} exists and is not a socket: choose another --socket")
@@ -763,6 +810,8 @@ def run_server(server: NbdServer, socket: str | None = None, bind: str = "127.0.
     removed on the way out."""
     import json
     import signal
+
+    fixed_mmap_threshold()
 
     async def main() -> None:
         if socket:

@@ -221,3 +221,21 @@ def test_an_attach_or_detach_killed_between_its_two_writes_is_settled_by_the_nex
                          host=os.path.abspath(host.path))  # as attach leaves it before the VM's record
     host.attach("vm1", "data1", 3)  # settled first, then attached where asked
     assert host.disks.record("data1")["lun"] == 3 and host.disks.record("data2")["lun"] == 1
+
+
+def test_a_disk_being_uploaded_or_downloaded_cannot_be_attached(host):  # noqa: F811
+    """The platform's rule: a disk with a SAS out (ActiveSAS, ActiveUpload) or
+    waiting for its upload is attached only after revoke-access."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    d = Disks(host.stamp)
+    d.create_for_upload("up", 20 * MIB + 512)
+    d.grant_access("disk", "data1", "Read", 60)
+    for disk, state in (("up", "ReadyToUpload"), ("data1", "ActiveSAS")):
+        with pytest.raises(OperationNotAllowed, match=f"not allowed on disk '{disk}' since the disk is in "
+                           f"'{state}' state: .*revoke"):
+            host.attach("vm1", disk, 0)
+    d.revoke_access("disk", "data1")
+    host.attach("vm1", "data1", 0)
+    with pytest.raises(Exception, match="Access not permitted because disk data1 is currently attached to running "
+                       "VM vm1"):
+        d.grant_access("disk", "data1", "Read", 60)

@@ -8,6 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
+
+import pytest
 
 import vhd
 from hostcache.boot import make_boot_sector
@@ -182,3 +185,64 @@ def test_a_second_server_on_the_same_socket_is_refused_and_the_socket_goes_with_
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     assert not os.path.exists(sock)
+
+
+def node_bytes(stamp: str) -> int:
+    total = 0
+    for root, _, files in os.walk(os.path.join(stamp, "nodes")):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass  # deleted since the listing
+    return total
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_reclaims_the_space_of_overwritten_data_by_itself(tmp_path, workers):
+    """hostcache serve runs the stamp's reclaimer: 4 MiB overwritten 12 times
+    through NBD (cache None: every write reaches the stamp) leaves about one
+    copy's worth of replicas on disk, without any `stamp gc`; --no-reclaim
+    leaves all twelve. With --workers the supervisor runs it, once for all
+    (it ran in none of them)."""
+    with vhd.create(tmp_path / "img.vhd", 32 * MIB, type="fixed") as img:
+        img.write(0, make_boot_sector(2048, 60000))
+    stamp = str(tmp_path / "st")
+    with Stamp.create(stamp, extent_size=MIB) as st:
+        d = Disks(st)
+        d.create_image("img", path=str(tmp_path / "img.vhd"))
+        d.create_empty("p10", 128, "Premium_LRS")
+    host = str(tmp_path / "host")
+    with Host.create(host, stamp) as h:
+        h.create_vm("vm", "D8s_v3", "img")
+        h.attach("vm", "p10", 0, "None")
+    sock = str(tmp_path / "s.sock")
+    results = {}
+    for flags in ([], ["--no-reclaim"]):
+        luns = [] if workers == 1 else ["--lun", "0", "--workers", str(workers)]  # the OS disk: one process only
+        proc = subprocess.Popen([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock,
+                                 *luns, *flags], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["serving"] == (["os", "lun0"] if workers == 1 else ["lun0"])
+        base = node_bytes(stamp)
+        for i in range(12):
+            src = tmp_path / "in.raw"
+            src.write_bytes(bytes([i + 1]) * (4 * MIB))
+            run("nbdcopy", str(src), f"nbd+unix:///lun0?socket={sock}")
+        for _ in range(600):  # rounds are paced: give them time (a busy machine is slow), not a deadline
+            if flags or node_bytes(stamp) - base < 3 * 2 * 4 * MIB:
+                break
+            time.sleep(0.05)
+        grown = node_bytes(stamp) - base
+        proc.send_signal(signal.SIGTERM)
+        out = json.loads(proc.stdout.read())
+        proc.wait(timeout=20)
+        results[bool(flags)] = (grown, out)
+    grown, out = results[False]
+    assert grown < 3 * 2 * 4 * MIB and out["reclaimed"]["bytes_freed"] > 3 * 4 * MIB, results
+    grown, out = results[True]
+    assert grown > 3 * 11 * 4 * MIB and "reclaimed" not in out, results
+    with Stamp.open(stamp) as st:
+        assert st.check(deep=True).ok
+    with Host(host) as h:
+        assert h.open_disk("vm", 0).read(0, 4096) == bytes([12]) * 4096

@@ -243,3 +243,26 @@ def test_a_differencing_disk_is_refused_with_what_to_do(tmp_path):
     assert not os.path.exists(tmp_path / "s.sock")
     with Host(host) as h:  # nothing was left held
         h.open_disk("vm", 0).close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_socket_that_cannot_be_made_is_a_clear_error_and_leaves_nothing_held(tmp_path, workers):
+    host = setup_host(tmp_path)
+    for sock, words in [(str(tmp_path / "no" / "such" / "s.sock"), "does not exist"),
+                        (str(tmp_path / ("x" * 120)), "too long")]:
+        out = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--lun", "0",
+                              "--workers", str(workers), "--socket", sock], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert words in out.stderr and "--socket" in out.stderr, out.stderr
+    with Host(host) as h:  # nothing was left held
+        h.open_disk("vm", 0).close()
+
+
+def test_a_workers_own_options_given_by_hand_are_a_clear_error(tmp_path):
+    host = setup_host(tmp_path)
+    for extra in (["--worker-control", "99"], ["--worker-control", "1"], ["--worker-control", "0", "--worker-lease=0"]):
+        out = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, "serve", "vm", "--lun", "0", *extra],
+                             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "serve with --workers N" in out.stderr, out.stderr

@@ -65,3 +65,19 @@ def test_a_fault_out_of_range_is_refused_clearly_and_changes_nothing(stamp_dir, 
     assert main(["--stamp", stamp_dir, "fault", *args]) == 1
     assert says in capsys.readouterr().err
     assert main(["--stamp", stamp_dir, "check"]) == 0  # the node still serves: nothing was recorded
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--target", "0.5"], "--target: 0.5 is not a ratio from 1.01 to 100"),
+    (["--target", "nan"], "--target: nan is not a ratio"),
+    (["--compact-below", "2"], "--compact-below: 2 is not a share"),
+    (["--interval", "-1"], "--interval: -1 is not a number of seconds"),
+    (["--watch", "--target", "2", "--trigger", "1.5"], "--trigger (1.5) must not be below --target (2.0)"),
+])
+def test_gc_options_out_of_range_are_usage_errors(stamp_dir, capsys, args, says):
+    try:
+        code = main(["--stamp", stamp_dir, "gc", *args])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err, err

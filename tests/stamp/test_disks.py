@@ -163,6 +163,6 @@ def test_cli_end_to_end(tmp_path):
     r = cli("disk", "delete", "nope", stamp_dir=st)
     assert r.returncode == 1 and "no disk named 'nope'" in r.stderr and "Traceback" not in r.stderr
     r = cli("disk", "create", "x", "--size-gib", "99999", stamp_dir=st)
-    assert r.returncode == 1 and "Premium_LRS disks are 1 GiB to 32768 GiB" in r.stderr
+    assert r.returncode == 1 and "Premium_LRS disks are 1 GiB to 32767 GiB" in r.stderr
     r = cli("disk", "list", stamp_dir=str(tmp_path / "none"))
     assert r.returncode == 1 and "stamp init" in r.stderr

@@ -377,3 +377,57 @@ def test_a_growth_killed_before_its_record_is_finished_by_the_same_update(disks)
     with disks.open_virtual("p") as v:
         assert v.size == 6 * GIB
     assert disks.check_disk("p").ok
+
+
+def test_a_disk_grows_only_while_nothing_else_has_it(disks, monkeypatch):
+    """Growth is refused while a grant is out (a download reading the blob, an
+    upload writing it), with the platform's code, and when the disk was
+    attached to a running VM between the check and the record (another
+    process's attach): the record keeps its size."""
+    from stamp.disks import DiskState
+    disks.create_empty("p", 4, "Premium_LRS")
+    disks.grant_access("disk", "p", "Read", 600)
+    with pytest.raises(OperationNotAllowed, match="ActiveSAS"):
+        disks.update_disk("p", size_gib=6)
+    assert disks.record("p")["size_bytes"] == 4 * GIB
+    with disks.open_virtual("p") as v:
+        assert v.size == 4 * GIB
+    disks.create_for_upload("u", GIB + 512)
+    disks.grant_access("disk", "u", "Write", 600)
+    with pytest.raises(OperationNotAllowed, match="ActiveUpload"):
+        disks.update_disk("u", size_gib=2)
+    disks.create_empty("q", 4, "Premium_LRS")
+    grow = disks._grow
+
+    def attached_meanwhile(*args: object) -> None:
+        grow(*args)
+        disks.set_state("q", DiskState.ATTACHED, attached_to="vm1", lun=0)
+    monkeypatch.setattr(disks, "_grow", attached_meanwhile)
+    with pytest.raises(OperationNotAllowed, match="attached to running VM vm1"):
+        disks.update_disk("q", size_gib=6)
+    assert disks.record("q")["size_bytes"] == 4 * GIB
+
+
+def test_growing_a_provisioned_disk_is_no_performance_change(disks):
+    """The 4-in-24-hours rule counts changes of IOPS and MB/s: a growth alone
+    neither uses one up nor is refused when the four are spent."""
+    disks.create_empty("u", 8, "UltraSSD_LRS", iops=1000, mbps=100)
+    for size in (9, 10, 11, 12, 13):
+        assert disks.update_disk("u", size_gib=size)["performance_changes"] == []
+    for iops in (1001, 1002, 1003, 1004):
+        disks.update_disk("u", iops=iops)
+    u = disks.update_disk("u", size_gib=16)
+    assert (u["size_bytes"], u["disk_iops_read_write"], len(u["performance_changes"])) == (16 * GIB, 1004, 4)
+    with pytest.raises(OperationNotAllowed, match="at most 4 times in 24 hours"):
+        disks.update_disk("u", size_gib=20, iops=1005)
+
+
+@pytest.mark.parametrize("sku", ["Premium_LRS", "StandardSSD_LRS", "Standard_LRS"])
+def test_the_largest_tiered_disk_is_the_largest_tiers_size(disks, sku):
+    """The size check and the tiers agree: 32,767 GiB (P80, E80, S80), not 32,768."""
+    with pytest.raises(StampError, match="1 GiB to 32767 GiB; asked for 32768"):
+        disks.create_empty("big", 32768, sku)
+    disks.create_empty("p", 100, sku)
+    with pytest.raises(StampError, match="1 GiB to 32767 GiB; asked for 32768"):
+        disks.update_disk("p", size_gib=32768)
+    assert perf.baseline_tier(sku, 32767)[1:] == "80"

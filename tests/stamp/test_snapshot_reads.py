@@ -327,6 +327,36 @@ def test_a_page_and_its_run_each_decide_where_their_epoch_is_least(tmp_path):
     st.close()
 
 
+def test_snapshot_create_delete_cycles_beside_a_kept_snapshot_keep_the_change_log_bounded(tmp_path):
+    """A backup schedule's pattern: one snapshot kept, and many taken, written
+    after and deleted. Each cycle used to leave a change-log entry under its
+    own epoch (3,000 cycles over 8 pages: 3,001 entries, and a diff from the
+    kept snapshot reading them all); a deleted snapshot's epochs are merged
+    into the next one's, so the log holds what changed, not how often."""
+    st = Stamp.create(str(tmp_path / "st"))
+    st.blobs.create("d", 1 << 20)
+    keep = st.blobs.snapshot("d")
+    for i in range(300):
+        s = st.blobs.snapshot("d")
+        st.blobs.write("d", (i % 8) * 4 * KIB, page_data(4 * KIB, i))
+        st.blobs.delete_snapshot("d", s.id)
+    newer = st.blobs.snapshot("d")  # the newest deleted last: its epochs merge into the live one
+    st.blobs.write("d", 64 * KIB, page_data(4 * KIB, 1))
+    mid = st.blobs.snapshot("d")
+    st.blobs.write("d", 128 * KIB, page_data(4 * KIB, 2))
+    st.blobs.delete_snapshot("d", newer.id)
+    with st.meta.read() as txn:
+        entries = txn.stat(st.meta.db["changes"])["entries"]
+    assert entries <= 8, entries
+    assert st.blobs.diff("d", keep.id).to_json()["written"] == [
+        {"offset": 0, "length": 32 * KIB}, {"offset": 64 * KIB, "length": 4 * KIB},
+        {"offset": 128 * KIB, "length": 4 * KIB}]
+    assert st.blobs.diff("d", keep.id, mid.id).written == [(0, 32 * KIB), (64 * KIB, 4 * KIB)]
+    assert st.blobs.diff("d", mid.id).written == [(128 * KIB, 4 * KIB)]
+    assert st.check().ok
+    st.close()
+
+
 def test_a_read_past_an_older_kept_piece_looks_at_an_entry_per_run(tmp_path, monkeypatch):
     """A 4 MiB piece kept by snapshot 0, then 100 more snapshots: a 1 MiB
     read of a later snapshot passes the piece's older entries at one per
@@ -343,4 +373,69 @@ def test_a_read_past_an_older_kept_piece_looks_at_an_entry_per_run(tmp_path, mon
         counting.seen = 0
         assert st.blobs.read("d", MIB, MIB, snapshot=snaps[k]) == want * MIB
         assert counting.seen <= MIB // (32 * KIB) + 2, (k, counting.seen)
+    st.close()
+
+
+def test_check_and_snapshot_reads_report_a_history_entry_of_the_wrong_size(many):
+    """A damaged pagehist entry (a value or key cut short) is a problem that
+    check names and a snapshot read's CorruptStamp, never a struct.error
+    traceback from `stamp check`."""
+    st, snaps = many
+    db = st.meta.db["pagehist"]
+    with st.meta.write() as txn:
+        key, raw = next(st.meta.items(txn, "pagehist"))
+        txn.put(key, raw[:3], db=db)
+        txn.put(key[:5], raw, db=db)
+    problems = st.check().problems
+    assert any("history index" in p and "damaged" in p and "3 bytes" in p for p in problems), problems
+    assert any("history index" in p and "damaged" in p and "key" in p for p in problems), problems
+    blob_id, page, epoch = struct.unpack(">QQI", key)
+    snap = next(s for s in st.blobs.snapshots("d") if s.epoch == epoch)
+    with pytest.raises(stamp.CorruptStamp, match="damaged"):
+        st.blobs.read("d", page * 512, 512, snapshot=snap.id)
+    with st.meta.write() as txn:
+        txn.put(key, raw, db=db)
+        txn.delete(key[:5], db=db)
+    assert st.check().ok
+
+
+def test_check_and_snapshot_reads_report_a_run_history_entry_of_the_wrong_size(tmp_path):
+    """The same for the run index: a runhist value cut short, a key cut
+    short, or a key of the wrong length where the run's entry should be, is
+    a problem check names (as runhist's) and a snapshot read's CorruptStamp,
+    never a struct.error."""
+    st = Stamp.create(str(tmp_path / "s"))
+    st.blobs.create("d", 1 << 20)
+    st.blobs.write("d", 64 * KIB, b"A" * 32 * KIB)  # run 2 (pages 128-191), whole
+    snap = st.blobs.snapshot("d")
+    st.blobs.write("d", 64 * KIB, b"B" * 32 * KIB)  # freezes run 4 whole: one runhist entry
+    db = st.meta.db["runhist"]
+    with st.meta.read() as txn:
+        [(key, raw)] = list(st.meta.items(txn, "runhist"))
+    assert struct.unpack(">QQI", key)[1:] == (2, snap.epoch)
+
+    with st.meta.write() as txn:
+        txn.put(key, raw[:3], db=db)
+        txn.put(key[:19], raw, db=db)
+    problems = st.check().problems
+    assert any("(runhist)" in p and "run 2 " in p and "damaged entry (3 bytes" in p for p in problems), problems
+    assert any("(runhist)" in p and "damaged key" in p and "19 bytes" in p for p in problems), problems
+    assert not any("is missing" in p for p in problems), problems  # the damaged entry, once
+    with pytest.raises(stamp.CorruptStamp, match=r"damaged entry near run 2"):
+        st.blobs.read("d", 64 * KIB, 4 * KIB, snapshot=snap.id)
+
+    with st.meta.write() as txn:  # the run's entry under a key one byte too long
+        txn.delete(key, db=db)
+        txn.delete(key[:19], db=db)
+        txn.put(key + b"\0", raw, db=db)
+    problems = st.check().problems
+    assert any("(runhist)" in p and "damaged key" in p and "21 bytes" in p for p in problems), problems
+    with pytest.raises(stamp.CorruptStamp, match=r"runhist.*damaged"):
+        st.blobs.read("d", 64 * KIB, 4 * KIB, snapshot=snap.id)
+
+    with st.meta.write() as txn:
+        txn.delete(key + b"\0", db=db)
+        txn.put(key, raw, db=db)
+    assert st.check().ok
+    assert st.blobs.read("d", 64 * KIB, 32 * KIB, snapshot=snap.id) == b"A" * 32 * KIB
     st.close()

@@ -3,7 +3,8 @@ Ceph's thrash tests.
 
 Each round runs, in separate processes, 3 writers (one blob each, journaled:
 tests/stamp/thrash.py), a snapshotter (snapshots, diffs checked against
-their contents, deletion) and a collector (gc), on a stamp in a small tmpfs, while this process injects at
+their contents, deletion) and a collector (continuous reclamation, stamp.reclaim, and gc rounds), on a
+stamp in a small tmpfs, while this process injects at
 random moments: kill -9 of any of them (restarted at once), bit flips at any
 byte of any replica file (file headers, record headers, checksums, data,
 tails; at most one replica of an extent per round, so that a good copy is

@@ -171,6 +171,7 @@ def test_a_stamp_with_version_counters_opens_and_keeps_its_versions(st):
         raw = bytes(txn.get(key, db=st.meta.db["blobstate"]))
         txn.put(key, raw[:STATE_V1.size], db=st.meta.db["blobstate"])
         txn.put(stamp.pageblob._version_key(blob_id), U64.pack(7), db=st.meta.db["counters"])
+        txn.put(stamp.pageblob._version_key(blob_id + 99), U64.pack(3), db=st.meta.db["counters"])  # a deleted blob's
         txn.delete(stamp.pageblob.STATE_WORD_BUILT, db=st.meta.db["counters"])
     path = st.path
     st.close()
@@ -180,5 +181,6 @@ def test_a_stamp_with_version_counters_opens_and_keeps_its_versions(st):
         assert again.blobs.version("d")[1] == f"{size}.8"
         assert again.blobs.read("d", 0, 512) == b"b" * 512
         with again.meta.read() as txn:
-            assert txn.get(stamp.pageblob._version_key(blob_id), db=again.meta.db["counters"]) is None
+            for gone in (blob_id, blob_id + 99):  # the deleted blob's counter too: it leaked
+                assert txn.get(stamp.pageblob._version_key(gone), db=again.meta.db["counters"]) is None
         assert again.check().ok

@@ -10,7 +10,7 @@ The snapshotter takes snapshots, saves each one's contents as read right
 after taking it (then journals `S blob id`), checks the diff from the
 previous one against both contents (`X ...` for each thing it gets wrong)
 and deletes old ones (`D blob id` once the call returned); the collector
-runs gc. Anything
+runs continuous reclamation (stamp.reclaim) and plain gc rounds. Anything
 but a StampError ends a process with a traceback: the campaign fails it.
 
     python -m tests.stamp.thrash writer STAMP INDEX SEED JOURNAL
@@ -20,6 +20,7 @@ but a StampError ends a process with a traceback: the campaign fails it.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -29,6 +30,7 @@ import time
 from stamp import Stamp, StampError
 from stamp.gc import collect
 from stamp.pageblob import Diff
+from stamp.reclaim import Policy, Reclaimer
 
 PAGE = 512
 PAGES = 2048  # each writer's blob: 1 MiB
@@ -121,13 +123,21 @@ def snapshotter(path: str, seed: int, journal: str, snapdir: str, blobs: list[st
 
 
 def collector(path: str) -> None:
+    """Continuous reclamation (stamp.reclaim), with a policy far more eager
+    than the default: nearly every partly dead extent is compacted, rounds
+    run back to back, and every other round is a plain `stamp gc` round."""
     st = Stamp.open(path)
-    while True:
+    r = Reclaimer(st, Policy(target=1.02, trigger=1.02, compact_below=0.9, max_move=2 << 20, interval=0,
+                             recount=0.1))
+    for n in itertools.count():
         try:
-            collect(st)
+            if n % 2:
+                collect(st)
+            else:
+                r.step()
         except StampError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def main(argv: list[str]) -> None:

@@ -384,7 +384,8 @@ def hostile_load(sock: str, pid: int, greedy_export: str, light_export: str, con
                  budget: int) -> None:
     """Greedy clients beside a light one: the server's memory stays within its
     budget (plus slack) and goes back when they leave; the light client's p99
-    stays within 50x its idle p99 (best of 3 tries: the machine is shared)."""
+    stays within 50x its idle p99, or 25 ms (best of 3 tries: the machine is
+    shared); a starved one waits behind the greedy clients' 32 MiB reads."""
     light = Client(sock, light_export)
     idle = p99(light, 0, 500)
     base = rss(pid)
@@ -394,7 +395,8 @@ def hostile_load(sock: str, pid: int, greedy_export: str, light_export: str, con
         last, highest = settle(pid, bound)
         assert highest <= bound, f"RSS grew by {(highest - base) >> 20} MiB under greedy clients"
         busy = min(p99(light, 0, 500) for _ in range(3))
-        assert busy <= 50 * idle, f"light client p99 {busy * 1e3:.2f} ms beside greedy ones, {idle * 1e3:.2f} ms idle"
+        allowed = max(50 * idle, 0.025)  # 25 ms at least: a shared machine's scheduler alone can cost a few ms
+        assert busy <= allowed, f"light client p99 {busy * 1e3:.2f} ms beside greedy ones, {idle * 1e3:.2f} ms idle"
     finally:
         for h in hogs:
             h.s.close()
@@ -855,3 +857,135 @@ def test_small_reads_and_writes_call_no_helper_and_answer_as_serve_does(tmp_path
     finally:
         for img in images:
             img.close()
+
+
+def settled_budget(server: nbd.NbdServer, most: float = 20.0) -> dict[str, int]:
+    """The budget's statistics once it stops moving (a wait for the server's loop, not a timing check)."""
+    last, still, deadline = None, 0, time.monotonic() + most
+    while still < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = server.budget.statistics()
+        still, last = (still + 1, last) if now == last else (0, now)
+    return server.budget.statistics()
+
+
+@pytest.mark.parametrize("ending", ["bad magic", "a write over the maximum", "cut mid-request", "cut mid-data"])
+def test_requests_queued_behind_a_broken_connection_give_their_budget_back(tmp_path, ending):
+    """On a device that waits (hostcache serve), requests already in the socket
+    buffer are each given a task before any runs; a client that then broke the
+    protocol or vanished had those tasks cancelled before they started, so their
+    budget was never given back: 5 pipelined 1 MiB reads leaked 5 MiB a
+    connection, and a few dozen such clients left the server no budget."""
+    sock = str(tmp_path / "w.sock")
+    srv = ServerThread(nbd.NbdServer({"w": nbd.Export("w", WaitingDevice())}), sock)  # type: ignore[arg-type]
+    try:
+        read = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 1, 0, MIB)
+        huge = struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 2, 0, nbd.MAX_REQUEST + 1)
+        tail = {"bad magic": bytes(nbd._REQUEST.size), "a write over the maximum": huge, "cut mid-request": read[:11],
+                "cut mid-data": struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 2, 0, 4096) + b"w" * 99}
+        for _ in range(4):
+            c = Client(sock, "w")
+            c.s.sendall(read * 5 + tail[ending])
+            c.s.shutdown(socket.SHUT_WR)
+            c.s.close()
+        stats = settled_budget(srv.server)
+        assert (stats["used"], stats["reserve_used"]) == (0, 0), stats
+        c = Client(sock, "w")  # and the server goes on
+        assert c.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("command", ["TRIM", "WRITE_ZEROES without NO_HOLE"])
+@pytest.mark.parametrize("kind", ["fixed", "differencing"])
+def test_a_huge_trim_does_not_hold_up_another_client(tmp_path, kind, command):
+    """TRIM and WRITE_ZEROES without NO_HOLE take up to 4 GiB too, and on a fixed
+    or differencing image a discard writes zeros: done in one call it stopped
+    every client (4 GiB: 3 s on a fixed image, 12 s on a differencing one). A
+    light client's read sent while it runs is answered before it (an order,
+    not a time), and the range reads as zeros afterwards."""
+    import select
+
+    if kind == "fixed":
+        with vhd.create(tmp_path / "z.vhd", 2 << 30, type="fixed") as img:
+            img.write(0, b"\x77" * 4096)
+    else:
+        with vhd.create(tmp_path / "p.vhd", 2 << 30) as img:
+            img.write(0, b"\x77" * 4096)
+        with vhd.create(tmp_path / "z.vhd", parent=tmp_path / "p.vhd"):
+            pass
+    sock = str(tmp_path / "z.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "vhd", "serve", str(tmp_path / "z.vhd"), "--socket", sock],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()  # type: ignore[union-attr]
+        greedy, light = Client(sock, "z"), Client(sock, "z")
+        greedy.s.settimeout(120)
+        cmd = nbd.CMD_TRIM if command == "TRIM" else nbd.CMD_WRITE_ZEROES
+        greedy.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, cmd, 7, 0, 1 << 30))
+        time.sleep(0.3)  # the server has started it
+        assert light.request(nbd.CMD_READ, (1 << 30) + 4096, 4096) == (0, bytes(4096))
+        answered, _, _ = select.select([greedy.s], [], [], 0)
+        assert not answered, "the discard was finished before a 4 KiB read sent after it was served"
+        assert struct.unpack(">IIQ", greedy.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, 0, 7)
+        assert light.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_large_discard_of_a_dynamic_image_still_unallocates_whole_blocks(tmp_path):
+    """A discard served a piece at a time never splits a block: the dynamic
+    image's blocks in the range are unallocated, not filled with zeros."""
+    with vhd.create(tmp_path / "d.vhd", 64 * MIB) as img:
+        img.write(0, b"\x77" * 64 * MIB)
+    srv = ServerThread(nbd.NbdServer({"d": nbd.Export("d", vhd.open(tmp_path / "d.vhd", writable=True))}),
+                       str(tmp_path / "d.sock"))
+    try:
+        c = Client(str(tmp_path / "d.sock"), "d")
+        assert c.request(nbd.CMD_TRIM, 3 * MIB, 40 * MIB)[0] == 0
+        assert c.request(nbd.CMD_READ, 3 * MIB, 4096) == (0, bytes(4096))
+        assert c.request(nbd.CMD_READ, 2 * MIB, 4096) == (0, b"\x77" * 4096)
+        dev = srv.server.exports["d"].device
+        zero = [(e.offset, e.length) for e in dev.allocation(0, 64 * MIB) if e.state is vhd.Alloc.ZERO]
+        assert zero == [(4 * MIB, 38 * MIB)]  # blocks 2 to 20; the partial ones hold written zeros
+        assert sum(1 for b in dev.bat if b != 0xFFFFFFFF) == 32 - 19
+        c.s.close()
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_clients_that_never_take_their_replies_are_closed_after_the_stall_timeout(tmp_path, waits):
+    """5 connections each sending 32 MiB reads and reading no reply held the
+    whole budget for as long as they stayed: nbdcopy (256 KiB requests) and
+    qemu-img convert beside them waited for ever. A reply the client takes
+    nothing of for stall_timeout now closes its connection, freeing its budget;
+    a client that does read is served."""
+    if waits:
+        device = WaitingDevice()
+    else:
+        with vhd.create(tmp_path / "g.vhd", 64 * MIB, type="fixed"):
+            pass
+        device = vhd.open(tmp_path / "g.vhd", writable=True)
+    sock = str(tmp_path / "g.sock")
+    srv = ServerThread(nbd.NbdServer({"g": nbd.Export("g", device)}, stall_timeout=1.0), sock)  # type: ignore[arg-type]
+    try:
+        hogs = []
+        for _ in range(5):
+            h = Client(sock, "g")
+            h.s.sendall(b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, k, 0, 32 * MIB)
+                                 for k in range(4)))
+            hogs.append(h)
+        reader = Client(sock, "g")
+        reader.s.settimeout(60)  # a guard: served once the hogs are closed, or never
+        assert reader.request(nbd.CMD_READ, 0, MIB) == (0, bytes(MIB))
+        deadline = time.monotonic() + 60  # a guard: the hogs are closed (reading them would make them readers)
+        while srv.server.active > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.active == 1, f"{srv.server.active - 1} clients that take no replies still served"
+        stats = settled_budget(srv.server)
+        assert (stats["used"], stats["reserve_used"]) == (0, 0), stats
+        assert reader.request(nbd.CMD_READ, 0, 4096) == (0, bytes(4096))  # the reader is not closed
+    finally:
+        srv.close()

@@ -1,0 +1,192 @@
+"""Continuous space reclamation: when to run a gc round, what it compacts, how fast.
+
+Extents are never rewritten in place, so a disk overwritten at a steady rate
+fills the stamp's nodes at three times that rate. A Reclaimer keeps the
+stamp's extent bytes under `target` x the bytes the index references (plus
+the open extents and one round's work), by running gc rounds (gc.collect)
+by itself: in a thread of the serving process (`hostcache serve`), or of any
+Python program (`Reclaimer(stamp).start()`), or as `stamp gc --watch`.
+
+Rules (pure: `plan` and `due` take plain values):
+- a round is due when the extent bytes exceed `trigger` x the live bytes the
+  last census found, when the file system has less than `min_free` bytes
+  free, or `recount` seconds after the last census (a deleted blob or
+  snapshot lowers the live bytes without adding extent bytes); the cheap
+  check reads only the extents table, the census scans the index (in a read
+  transaction: no writer waits);
+- dead sealed extents are always deleted (that costs no copy);
+- partly dead sealed extents are compacted emptiest first (the least to copy
+  for the most freed), only those whose live share is below
+  `compact_below`, until the extent bytes would be at or under `target` x
+  the live bytes (with less than `min_free` free: all of them);
+- pacing: one round copies at most `max_move` bytes, and rounds are at least
+  `interval` seconds apart, so a writer sharing the process and the disk
+  keeps most of both; every write transaction of a round is short (gc);
+- a StampError in a round (a full disk, too few nodes) is reported in the
+  statistics and the next round tries again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import record as rec
+from .errors import StampError
+from .gc import ExtentUse, GcReport, collect
+from .stamp import Stamp
+
+
+@dataclass(frozen=True)
+class Policy:
+    target: float = 1.5  # extent bytes kept at or under this x live bytes
+    trigger: float = 1.6  # a round is due above this x live bytes
+    compact_below: float = 0.5  # never compact an extent more alive than this
+    max_move: int = 256 << 20  # bytes copied per round
+    interval: float = 0.25  # seconds between rounds, at least
+    recount: float = 10.0  # seconds between censuses when nothing else calls one
+    min_free: int = 0  # bytes: below this free on the file system, compact every candidate
+
+    def __post_init__(self) -> None:
+        if not 1.0 < self.target <= self.trigger:
+            raise ValueError(f"need 1 < target <= trigger (target {self.target}, trigger {self.trigger})")
+        if not 0.0 < self.compact_below <= 1.0:
+            raise ValueError(f"compact_below must be in (0, 1], not {self.compact_below}")
+        if self.max_move <= 0 or self.interval < 0 or self.recount <= 0 or self.min_free < 0:
+            raise ValueError("max_move and recount must be positive, interval and min_free not negative")
+
+
+def plan(uses: list[ExtentUse], policy: Policy, free: int | None = None) -> list[int]:
+    """The sealed extents to compact this round, emptiest first."""
+    live = sum(u.live for u in uses)
+    total = sum(u.size for u in uses if u.live or not u.sealed)  # dead ones go anyway
+    pressed = free is not None and free < policy.min_free
+    chosen: list[int] = []
+    moved = 0
+    for u in sorted((u for u in uses if u.sealed and 0 < u.live and u.ratio < policy.compact_below),
+                    key=lambda u: (u.ratio, u.id)):
+        if not pressed and total <= policy.target * live:
+            break
+        if chosen and moved + u.live > policy.max_move:
+            break
+        chosen.append(u.id)
+        moved += u.live
+        total -= u.size - u.live
+    return chosen
+
+
+def due(total: int, live: int | None, free: int | None, since_census: float, policy: Policy) -> bool:
+    """Is a round due? `total`: extent bytes now; `live`: what the last census found (None: none yet)."""
+    if live is None or since_census >= policy.recount:
+        return True
+    if free is not None and free < policy.min_free:
+        return True
+    return total > policy.trigger * max(live, 1)
+
+
+@dataclass
+class Statistics:
+    rounds: int = 0
+    censuses: int = 0
+    live_bytes: int = 0  # at the last census
+    extent_bytes: int = 0  # at the last check (one replica's worth)
+    total: GcReport = field(default_factory=GcReport)
+    errors: int = 0
+    last_error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "censuses": self.censuses, "live_bytes": self.live_bytes,
+                "extent_bytes": self.extent_bytes, "errors": self.errors, "last_error": self.last_error,
+                **{k: v for k, v in self.total.to_json().items() if k != "skipped"}}
+
+
+class Reclaimer:
+    """Runs gc rounds on `stamp` as `policy` says: `step()` once, or `start()`
+    a thread that steps until `stop()`."""
+
+    def __init__(self, stamp: Stamp, policy: Policy | None = None) -> None:
+        self.stamp, self.policy = stamp, policy or Policy()
+        self.stats = Statistics()
+        self._live: int | None = None
+        self._census_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _free(self) -> int | None:
+        if not self.policy.min_free:
+            return None
+        st = os.statvfs(self.stamp.path)
+        return st.f_bavail * st.f_frsize
+
+    def extent_bytes(self) -> int:
+        """Record bytes in every extent (one replica's worth): the extents table only."""
+        return sum(max(e.length - rec.FILE_HEADER, 0) for e in self.stamp.stream.all_extents(dying=True))
+
+    def step(self) -> GcReport | None:
+        """One round if one is due (None if not)."""
+        total = self.stats.extent_bytes = self.extent_bytes()
+        free = self._free()
+        if not due(total, self._live, free, time.monotonic() - self._census_at, self.policy):
+            return None
+        report = collect(self.stamp, choose=self._choose)
+        self.stats.rounds += 1
+        self.stats.total.add(report)
+        return report
+
+    def _choose(self, uses: list[ExtentUse]) -> list[int]:
+        self._live = self.stats.live_bytes = sum(u.live for u in uses)
+        self._census_at = time.monotonic()
+        self.stats.censuses += 1
+        return plan(uses, self.policy, self._free())
+
+    def rounds(self) -> Iterator[GcReport]:
+        """Step until stop() or stop_soon(), yielding each round's report;
+        errors are counted (and said on stderr), not raised."""
+        while not self._stop.is_set():
+            report = None
+            try:
+                report = self.step()
+            except StampError as e:  # a full disk, too few nodes: try again next round
+                self._error(e)
+            except Exception as e:  # noqa: BLE001 -- the reclaimer outlives a bad round; it says why
+                self._error(e)
+                print(f"stamp reclaimer: a round failed: {type(e).__name__}: {e}", file=sys.stderr)
+            if report is not None:
+                yield report
+            self._stop.wait(self.policy.interval)
+
+    def run(self) -> None:
+        for _ in self.rounds():
+            pass
+
+    def stop_soon(self) -> None:
+        """Ask the rounds to end after the one under way (safe from a signal handler)."""
+        self._stop.set()
+
+    def _error(self, e: BaseException) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = f"{type(e).__name__}: {e}"
+
+    def start(self) -> Reclaimer:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self.run, name="stamp-reclaimer", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop after the round under way (its transactions are short; its copy is at most max_move)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Reclaimer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,121 @@
+"""One request as the operations see it, and the server state they share.
+
+`Call` holds the parsed request (account, container, blob, snapshot, query,
+headers) and the aiohttp request for its body. `Service` holds the stamp,
+the thread pool that runs stamp calls (the stamp's I/O blocks: LMDB and
+extent files; each call runs whole on one pool thread, so its transactions
+start and commit there), and the byte budget that bounds memory:
+- every body byte read and every response chunk held is taken from the
+  budget first and given back when written out or stored; a request waits
+  (and its client with it: TCP backpressure) while the budget is spent;
+- one request takes at most MAX_CHUNK bytes at a time (a Put Page body or
+  a 4 MiB piece of a Get Blob), so the budget bounds the data in flight
+  whatever the number of clients;
+- a client that stalls while sending a body or reading an answer for
+  `stall_timeout` seconds gives its share back (408 RequestTimeout, or the
+  connection is dropped), so stalled clients cannot hold the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from ..stamp import Stamp
+from .auth import Accounts
+from .errors import RestError
+
+T = TypeVar("T")
+MAX_CHUNK = 4 * 1024 * 1024
+
+
+class Budget:
+    """Bytes in flight, shared by all requests; take() waits while spent."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def take(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+
+    async def give(self, n: int) -> None:
+        n = min(n, self.limit)
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+@dataclass
+class Limits:
+    inflight_bytes: int = 64 * 1024 * 1024  # request and response data held at once (all clients)
+    max_requests: int = 256  # requests being served at once; more are answered 503 ServerBusy
+    threads: int = 8  # stamp calls at once
+    stall_timeout: float = 30.0  # seconds a client may stall mid-body (sending or receiving) before it is dropped
+
+
+@dataclass
+class Service:
+    stamp: Stamp
+    accounts: Accounts
+    limits: Limits = field(default_factory=Limits)
+    pool: ThreadPoolExecutor = field(init=False)
+    budget: Budget = field(init=False)
+    active: int = 0
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(self.limits.threads, thread_name_prefix="stamp")
+        self.budget = Budget(self.limits.inflight_bytes)
+
+    async def read_body(self, request: web.Request, n: int) -> bytes:
+        """Exactly n body bytes; a client that stalls for stall_timeout is 408."""
+        try:
+            return await asyncio.wait_for(request.content.readexactly(n), self.limits.stall_timeout)
+        except (TimeoutError, asyncio.IncompleteReadError):
+            raise RestError(408, "RequestTimeout", "The client did not send the request body in time.") \
+                from None
+
+    async def send(self, resp: web.StreamResponse, data: bytes) -> None:
+        """Write a chunk out; a client that stops reading for stall_timeout is dropped."""
+        try:
+            await asyncio.wait_for(resp.write(data), self.limits.stall_timeout)
+        except TimeoutError:
+            raise ConnectionResetError("the client stopped reading") from None
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking stamp call on the pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
+
+@dataclass
+class Call:
+    request: web.Request
+    account: str
+    container: str | None
+    blob: str | None
+    query: dict[str, str]
+    version: str
+    auth: str = ""
+    granted: bool = False  # reached through a managed disk's grant (rest/managed.py), not its own container
+
+    @property
+    def headers(self) -> Any:
+        return self.request.headers
+
+    @property
+    def snapshot(self) -> str | None:
+        return self.query.get("snapshot")
+
+    @property
+    def method(self) -> str:
+        return self.request.method

@@ -1,0 +1,182 @@
+"""Container and service operations of the Blob REST protocol, over
+stamp.Containers: create, delete, properties, metadata, access policy, list
+containers, list blobs, account information.
+
+Rules: listings page with `marker` (the name to start from, returned as
+NextMarker) and `maxresults` (1 to 5,000; default 5,000); a blob's
+snapshots are listed just before it, oldest first, and a page never splits a
+blob from its snapshots unless they alone fill it; with `delimiter`, names
+with the delimiter past the prefix fold into one BlobPrefix each. Container
+leases are not supported (a clear error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import BlobNotFound
+from . import headers as hd
+from . import pageblobs, xmlbody
+from .call import Call, Service
+from .errors import RestError, header_error, query_error
+
+MAX_LIST = 5000
+
+
+def container_etag(record: dict[str, Any]) -> str:
+    digest = hashlib.blake2b(f"{record['name']}:{record['created']}:{record['rev']}".encode(),
+                             digest_size=7).hexdigest()
+    return f'"0x8{digest.upper()}"'
+
+
+def _headers(record: dict[str, Any]) -> dict[str, str]:
+    return {"ETag": container_etag(record), "Last-Modified": hd.http_date(record["modified"])}
+
+
+def public_access(c: Call) -> str | None:
+    value = c.headers.get("x-ms-blob-public-access")
+    if value is not None and value not in ("blob", "container"):
+        raise header_error("x-ms-blob-public-access", value)
+    return value
+
+
+async def create(svc: Service, c: Call) -> web.StreamResponse:
+    record = await svc.run(svc.stamp.containers.create, c.container, hd.metadata(c.headers), public_access(c))
+    return web.Response(status=201, headers=_headers(record))
+
+
+async def delete(svc: Service, c: Call) -> web.StreamResponse:
+    if "x-ms-lease-id" in c.headers:
+        raise RestError(400, "UnsupportedHeader", "Container leases are not supported by this endpoint.",
+                        HeaderName="x-ms-lease-id")
+    record = await svc.run(svc.stamp.containers.get, c.container)
+    pageblobs.conditions.check(c.headers, None, record["modified"])
+    await svc.run(svc.stamp.containers.delete, c.container)
+    return web.Response(status=202)
+
+
+async def properties(svc: Service, c: Call) -> web.StreamResponse:
+    record = await svc.run(svc.stamp.containers.get, c.container)
+    out = _headers(record)
+    out.update({f"x-ms-meta-{k}": v for k, v in record["metadata"].items()})
+    out.update({"x-ms-lease-state": "available", "x-ms-lease-status": "unlocked",
+                "x-ms-has-immutability-policy": "false", "x-ms-has-legal-hold": "false",
+                "x-ms-default-encryption-scope": "$account-encryption-key",
+                "x-ms-deny-encryption-scope-override": "false"})
+    if record.get("public_access"):
+        out["x-ms-blob-public-access"] = record["public_access"]
+    return web.Response(status=200, headers=out)
+
+
+async def set_metadata(svc: Service, c: Call) -> web.StreamResponse:
+    meta = hd.metadata(c.headers)
+    record = await svc.run(svc.stamp.containers.get, c.container)
+    pageblobs.conditions.check(c.headers, None, record["modified"])
+    record = await svc.run(svc.stamp.containers.update, c.container, meta)
+    return web.Response(status=200, headers=_headers(record))
+
+
+async def get_acl(svc: Service, c: Call) -> web.StreamResponse:
+    record = await svc.run(svc.stamp.containers.get, c.container)
+    out = _headers(record)
+    if record.get("public_access"):
+        out["x-ms-blob-public-access"] = record["public_access"]
+    body = xmlbody.signed_identifiers(record.get("policies", {}))
+    return web.Response(status=200, body=body, content_type="application/xml", headers=out)
+
+
+async def set_acl(svc: Service, c: Call) -> web.StreamResponse:
+    access = public_access(c)
+    n = c.request.content_length
+    if n is None and c.request.body_exists:
+        raise RestError(411, "MissingContentLengthHeader", "Content-Length HTTP header is missing.")
+    if n and n > xmlbody.MAX_XML:
+        raise RestError(413, "RequestBodyTooLarge", MaxLimit=str(xmlbody.MAX_XML))
+    body = await svc.read_body(c.request, n) if n else b""
+    policies = xmlbody.parse_signed_identifiers(body)
+    record = await svc.run(svc.stamp.containers.update, c.container, None, access, policies)
+    return web.Response(status=200, headers=_headers(record))
+
+
+async def account_info(svc: Service, c: Call) -> web.StreamResponse:
+    return web.Response(status=200, headers={"x-ms-sku-name": "Standard_LRS", "x-ms-account-kind": "StorageV2",
+                                             "x-ms-is-hns-enabled": "false"})
+
+
+def _limit(c: Call) -> int:
+    limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
+    return MAX_LIST if limit is None else min(limit, MAX_LIST)
+
+
+def _includes(c: Call) -> set[str]:
+    return {s.strip().lower() for s in c.query.get("include", "").split(",") if s.strip()}
+
+
+def endpoint(c: Call) -> str:
+    return f"{c.request.scheme}://{c.request.host}/{c.account}/"
+
+
+async def list_containers(svc: Service, c: Call) -> web.StreamResponse:
+    prefix, marker, limit = c.query.get("prefix", ""), c.query.get("marker", ""), _limit(c)
+    records, next_marker = await svc.run(svc.stamp.containers.names, prefix, marker, limit)
+    out = []
+    for r in records:
+        props = {"Last-Modified": hd.http_date(r["modified"]), "Etag": container_etag(r).strip('"'),
+                 "LeaseStatus": "unlocked", "LeaseState": "available"}
+        if r.get("public_access"):
+            props["PublicAccess"] = r["public_access"]
+        props.update({"HasImmutabilityPolicy": "false", "HasLegalHold": "false"})
+        out.append({"name": r["name"], "properties": props, "metadata": r["metadata"]})
+    body = xmlbody.container_list(endpoint(c), prefix, marker, limit if "maxresults" in c.query else None, out,
+                                  "metadata" in _includes(c), next_marker)
+    return web.Response(status=200, body=body, content_type="application/xml")
+
+
+async def list_blobs(svc: Service, c: Call) -> web.StreamResponse:
+    prefix, marker, limit = c.query.get("prefix", ""), c.query.get("marker", ""), _limit(c)
+    delimiter = c.query.get("delimiter", "")
+    include = _includes(c)
+    known = {"snapshots", "metadata", "copy", "deleted", "uncommittedblobs", "tags", "versions", "immutabilitypolicy",
+             "legalhold", "deletedwithversions", "permissions"}
+    if include - known:
+        raise query_error("include", c.query.get("include", ""))
+    names = await svc.run(svc.stamp.containers.blob_names, c.container, prefix, marker)
+    entries, prefixes, next_marker = await svc.run(_page, svc, c, names, prefix, delimiter, limit, include)
+    body = xmlbody.blob_list(endpoint(c), c.container or "", prefix, marker,
+                             limit if "maxresults" in c.query else None, delimiter, entries, prefixes, next_marker)
+    return web.Response(status=200, body=body, content_type="application/xml")
+
+
+def _page(svc: Service, c: Call, names: list[str], prefix: str, delimiter: str, limit: int,
+          include: set[str]) -> tuple[list[dict[str, Any]], list[str], str | None]:
+    """One page of a blob listing (runs on the pool: it reads each blob)."""
+    entries: list[dict[str, Any]] = []
+    prefixes: list[str] = []
+    count = 0
+    blobs = svc.stamp.blobs
+    for name in names:
+        if delimiter:
+            cut = name.find(delimiter, len(prefix))
+            if cut >= 0:
+                folder = name[:cut + len(delimiter)]
+                if prefixes and prefixes[-1] == folder:
+                    continue
+                if count == limit:
+                    return entries, prefixes, name
+                prefixes.append(folder)
+                count += 1
+                continue
+        full = f"{c.container}/{name}"
+        try:
+            snaps = blobs.snapshots(full) if "snapshots" in include else []
+            group = [blobs.describe(full, s.id) for s in snaps] + [blobs.describe(full)]
+        except BlobNotFound:
+            continue  # deleted since the names were read
+        if count and count + len(group) > limit:
+            return entries, prefixes, name
+        entries += [pageblobs.list_entry(info, name, "metadata" in include, "copy" in include) for info in group]
+        count += len(group)
+    return entries, prefixes, None

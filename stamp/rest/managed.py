@@ -1,0 +1,135 @@
+"""Managed-disk grants over the Blob REST endpoint: `grant-access` hands out
+URLs to /ACCOUNT/md-XXXXXXXXXXXX/abcd (stamp.access); this module serves them.
+
+Rules kept:
+- a container named `md-...` is a grant's (stamp.disks.Disks.grant_for); one
+  no grant holds (never made, or revoked) is 404 ContainerNotFound, as is
+  any blob other than `abcd`;
+- only the SAS the grant handed out opens it (its stored policy is the
+  grant's): no Shared Key, no anonymous access; revoking the grant drops the
+  policy, so the next request is refused;
+- only what an upload or a download needs: Get Blob, Get Blob Properties,
+  Get Page Ranges (a diff only by x-ms-previous-snapshot-url, between two
+  grants of one disk's snapshots, in guest offsets: Disks.grant_diff) and,
+  for a Write grant, Put Page (update and clear). Anything else is 403
+  AuthorizationPermissionMismatch, before any body is read;
+- the request is then the page blob operation on the stamp blob the grant
+  names (at its snapshot for an incremental snapshot's grant).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from aiohttp import web
+
+from ..access import BLOB, CONTAINER_PREFIX, Grant
+from ..disks import Disks
+from . import auth, xmlbody
+from . import headers as hd
+from . import pageblobs as pb
+from .call import Call, Service
+from .errors import RestError, header_error, query_error
+
+ALLOWED = {"GetBlob": False, "GetBlobProperties": False, "GetPageRanges": False, "PutPage": True}  # -> writes
+
+
+def is_managed(container: str | None) -> bool:
+    return container is not None and container.startswith(CONTAINER_PREFIX)
+
+
+def _disks(svc: Service) -> Disks:
+    disks = getattr(svc, "_disks", None)
+    if disks is None:
+        disks = Disks(svc.stamp)
+        svc._disks = disks  # type: ignore[attr-defined]
+    return disks
+
+
+async def grant_of(svc: Service, container: str) -> Grant:
+    grant = await svc.run(_disks(svc).grant_for, container)
+    if grant is None:
+        raise RestError(404, "ContainerNotFound")
+    return grant
+
+
+async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Grant:
+    """Check a request to a grant's container and point `call` at the stamp
+    blob it serves (raises the service's error otherwise)."""
+    assert call.container is not None
+    if op.name not in ALLOWED:
+        raise RestError(403, "AuthorizationPermissionMismatch")
+    grant = await grant_of(svc, call.container)
+    if call.blob != BLOB:
+        raise RestError(404, "BlobNotFound")
+    if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers:
+        raise RestError(403, "AuthenticationFailed", AuthenticationErrorDetail="A managed disk's blob is reached "
+                        "with the SAS its grant-access gave, and nothing else.")
+    if "snapshot" in call.query or "prevsnapshot" in call.query:
+        raise query_error("snapshot" if "snapshot" in call.query else "prevsnapshot",
+                          call.query.get("snapshot", call.query.get("prevsnapshot", "")),
+                          "A managed disk's grant serves one blob; diffs take x-ms-previous-snapshot-url.")
+    call.auth = auth.authorize(areq, svc.accounts, op, None, grant.policies)
+    call.container, _, call.blob = grant.stamp_blob.partition("/")
+    call.granted = True
+    if grant.snapshot is not None:
+        call.query["snapshot"] = grant.snapshot
+    return grant
+
+
+async def serve(svc: Service, call: Call, handler: Any, areq: auth.Request, op: auth.Op) -> web.StreamResponse:
+    grant = await admit(svc, call, areq, op)
+    if op.name == "GetPageRanges" and "x-ms-previous-snapshot-url" in call.headers:
+        return await managed_diff(svc, call, grant)
+    return await handler(svc, call)
+
+
+async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamResponse:
+    """Get Page Ranges between the grant of an older snapshot (the header's
+    URL, its SAS checked) and this grant: guest offsets, as Disks.grant_diff."""
+    url = c.headers["x-ms-previous-snapshot-url"]
+    previous = await _previous_grant(svc, c, url)
+    d = await svc.run(_disks(svc).grant_diff, target, previous)
+    limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
+    marker = c.query.get("marker", "")
+    if marker and not marker.isdigit():
+        raise query_error("marker", marker)
+    info = await pb.describe(svc, c, c.snapshot)
+    lo, hi = 0, target.size
+    window = hd.parse_range(c.headers)
+    if window is not None:
+        _, start, end = window
+        lo, hi = start, min(target.size, (end + 1) if end is not None else target.size)
+    entries = sorted([(r["offset"], r["length"], False) for r in d["written"]]
+                     + [(r["offset"], r["length"], True) for r in d["cleared"]])
+    entries = pb.clip(entries, max(lo, int(marker or 0)), hi)
+    next_marker = None
+    if limit is not None and len(entries) > limit:
+        next_marker, entries = str(entries[limit][0]), entries[:limit]
+    return web.Response(status=200, body=xmlbody.page_list(entries, next_marker), content_type="application/xml",
+                        headers={"ETag": pb.etag(info), "Last-Modified": hd.http_date(pb.modified(info)),
+                                 "x-ms-blob-content-length": str(info.size)})
+
+
+async def _previous_grant(svc: Service, c: Call, url: str) -> Grant:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise header_error("x-ms-previous-snapshot-url", url) from None
+    segments = parts.path.split("/", 3)
+    if parts.scheme not in ("http", "https") or len(segments) < 4 or not is_managed(unquote(segments[2])):
+        raise RestError(409, "PreviousSnapshotOperationNotSupported",
+                        "x-ms-previous-snapshot-url names the grant URL of an earlier snapshot of the same disk.")
+    container, blob = unquote(segments[2]), unquote(segments[3])
+    try:
+        previous = await grant_of(svc, container)
+    except RestError:
+        raise RestError(409, "PreviousSnapshotNotFound") from None
+    if blob != BLOB:
+        raise RestError(409, "PreviousSnapshotNotFound")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    src = auth.Request("GET", parts.path, query, {}, unquote(segments[1]), container, blob, None,
+                       c.request.remote or "", parts.scheme == "https")
+    auth.verify_sas(src, svc.accounts, auth.Op("GetPageRanges", "object", "r", "blob"), previous.policies)
+    return previous

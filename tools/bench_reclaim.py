@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Sustained large writes through hostcache serve, with space reclaimed as they run.
+
+  .venv/bin/python tools/bench_reclaim.py [--minutes 10] [--tier P40] [--region-gib 4] [--qd 64]
+                                          [--sample 10] [--no-reclaim] [--json F]
+
+A disk of the tier (Premium_LRS, cache None) is attached to a VM whose own
+limits do not cap it (D16s_v3: 384 MiB/s uncached) and served by `hostcache
+serve` (which reclaims space by itself unless --no-reclaim). fio writes 64
+KiB blocks at random over the first --region-gib GiB of it (the "disk" of the
+measurement: its live data), time-based, for --minutes. Every --sample
+seconds the tool takes:
+  - the stamp's disk use (blocks held by every file under its folder:
+    replicas and metadata), beside the bound 2 x (live data x 3 replicas) +
+    ALLOWANCE_EXTENTS extents x 3 replicas (live data: the bytes its blobs
+    hold, read from the stamp);
+  - fio's write rate in that interval (its bandwidth log), beside the
+    tier's published MB/s (in the catalog's unit: MiB/s for Premium).
+It prints a table and a summary (peak use over the bound, median and worst
+rates as a share of the published one). Not a test: nothing asserts. The
+work folder goes under /var/tmp (the stamp may reach 2 x 3 x region plus the
+allowance: 24 GiB and more at the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from fio_tiers import start, stop  # noqa: E402
+
+import vhd  # noqa: E402
+from hostcache.boot import make_boot_sector  # noqa: E402
+from hostcache.host import Host  # noqa: E402
+from hostcache.tiers import disk_limits  # noqa: E402
+from stamp import Stamp  # noqa: E402
+from stamp.disks import Disks  # noqa: E402
+from stamp.stream import DEFAULT_EXTENT_SIZE  # noqa: E402
+
+MIB, GIB = 1 << 20, 1 << 30
+PY = sys.executable
+TIERS = {"P30": 1024, "P40": 2048, "P50": 4096}  # Premium_LRS sizes in GiB
+VM = "D16s_v3"
+ALLOWANCE_EXTENTS = 4  # the open extent, one sealed since the last round, a round's copies, one in flight
+
+
+def disk_use(path: str) -> int:
+    """Bytes of disk blocks held by every file under `path` (files deleted meanwhile count 0)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def live_bytes(st: Stamp) -> int:
+    return sum(st.blobs.used_bytes(name) for name in st.blobs.names())
+
+
+def setup(work: str, tier: str) -> str:
+    """A stamp, a host and a VM with the tier's disk at LUN 0; returns the host folder."""
+    with vhd.create(os.path.join(work, "img.vhd"), 32 * MIB, type="fixed") as img:
+        img.write(0, make_boot_sector(2048, 60000))
+    with Stamp.create(os.path.join(work, "st")) as st:
+        d = Disks(st)
+        d.create_image("img", path=os.path.join(work, "img.vhd"))
+        d.create_empty("data", TIERS[tier], "Premium_LRS")
+    host = os.path.join(work, "host")
+    with Host.create(host, os.path.join(work, "st")) as h:
+        h.create_vm("vm", VM, "img")
+        h.attach("vm", "data", 0, "None")
+    return host
+
+
+def fio_cmd(uri: str, a: argparse.Namespace, log: str) -> list[str]:
+    return ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
+            f"--iodepth={a.qd}", f"--size={a.region_gib}G", f"--runtime={int(a.minutes * 60)}", "--time_based",
+            f"--write_bw_log={log}", f"--log_avg_msec={int(a.sample * 1000)}", "--output-format=json"]
+
+
+def rates(log: str) -> list[tuple[float, float]]:
+    """(seconds, MiB/s) per interval from fio's bandwidth log (KiB/s)."""
+    out = []
+    path = f"{log}_bw.1.log"
+    if not os.path.exists(path):
+        return out
+    for line in open(path):
+        fields = [x.strip() for x in line.split(",")]
+        if len(fields) >= 2:
+            out.append((int(fields[0]) / 1000, int(fields[1]) / 1024))
+    return out
+
+
+def measure(work: str, a: argparse.Namespace) -> dict:
+    host = setup(work, a.tier)
+    sock = f"{work}/h.sock"
+    serve = [PY, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock]
+    proc = start(serve + (["--no-reclaim"] if a.no_reclaim else []), sock)
+    log = os.path.join(work, "fio")
+    samples = []
+    stamp_dir = os.path.join(work, "st")
+    allowance = ALLOWANCE_EXTENTS * DEFAULT_EXTENT_SIZE * 3
+    try:
+        fio = subprocess.Popen(fio_cmd(f"nbd+unix:///lun0?socket={sock}", a, log), stdout=subprocess.PIPE,
+                               text=True)
+        t0 = time.monotonic()
+        with Stamp.open(stamp_dir) as st:
+            while fio.poll() is None:
+                time.sleep(a.sample)
+                used, live = disk_use(stamp_dir), live_bytes(st)
+                samples.append({"t": round(time.monotonic() - t0, 1), "disk_use": used, "live": live,
+                                "bound": 2 * 3 * live + allowance})
+                print(f"  {samples[-1]['t']:7.1f} s  use {used / GIB:6.2f} GiB  bound {samples[-1]['bound'] / GIB:6.2f}"
+                      f" GiB  live {live / GIB:5.2f} GiB", file=sys.stderr, flush=True)
+        out = fio.communicate()[0]
+    finally:
+        stop(proc)
+    served = proc.stdout.read() if proc.stdout is not None else ""
+    reclaimed = json.loads(served).get("reclaimed", {}) if served.strip().startswith("{") else {}
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    published = disk_limits("Premium_LRS", TIERS[a.tier]).mbps
+    return {"tier": a.tier, "published_mibps": published, "reclaim": not a.no_reclaim,
+            "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed,
+            "samples": samples, "rates": rates(log),
+            "allowance": allowance, "args": {k: v for k, v in vars(a).items() if k != "json"}}
+
+
+def table(result: dict) -> str:
+    pub = result["published_mibps"]
+    rates_ = result["rates"]
+    lines = [f"{result['tier']} 64 KiB randwrite QD{result['args']['qd']} over {result['args']['region_gib']} GiB "
+             f"through hostcache serve ({'reclaiming' if result['reclaim'] else 'no reclamation'}); "
+             f"published {pub:g} MiB/s",
+             f"{'time s':>8} {'use GiB':>8} {'bound GiB':>9} {'use/bound':>9} {'MiB/s':>7} {'x pub':>6}"]
+    for s in result["samples"]:
+        r = [mb for t, mb in rates_ if abs(t - s["t"]) <= result["args"]["sample"] / 2 + 0.5]
+        rate = f"{r[0]:7.1f} {r[0] / pub:6.3f}" if r else f"{'':>7} {'':>6}"
+        lines.append(f"{s['t']:8.1f} {s['disk_use'] / GIB:8.2f} {s['bound'] / GIB:9.2f} "
+                     f"{s['disk_use'] / max(s['bound'], 1):9.2f} {rate}")
+    steady = [mb for t, mb in rates_[1:]]  # the first interval includes fio's start
+    worst = max((s["disk_use"] / max(s["bound"], 1) for s in result["samples"]), default=0.0)
+    lines.append(f"whole run: {result['fio_mibps']:.1f} MiB/s = {result['fio_mibps'] / pub:.3f} x published; "
+                 f"intervals: median {statistics.median(steady) / pub if steady else 0:.3f} x, "
+                 f"lowest {min(steady) / pub if steady else 0:.3f} x; peak use/bound {worst:.2f} "
+                 f"(allowance {result['allowance'] / GIB:.2f} GiB)")
+    r = result["reclaimed"]
+    if r:
+        lines.append(f"reclaimer: {r['rounds']} rounds, {r['bytes_freed'] / GIB:.1f} GiB freed, "
+                     f"{r['bytes_moved'] / GIB:.2f} GiB copied ({r['bytes_moved'] / max(result['written'], 1):.2f} "
+                     f"x what fio wrote), longest write transaction {r['longest_txn_ms']:.1f} ms, "
+                     f"{r['errors']} failed rounds")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=10, help="fio's run time (default 10)")
+    ap.add_argument("--tier", choices=list(TIERS), default="P40")
+    ap.add_argument("--region-gib", type=int, default=4, help="GiB of the disk fio writes over (default 4)")
+    ap.add_argument("--qd", type=int, default=64)
+    ap.add_argument("--sample", type=float, default=10, help="seconds between samples (default 10)")
+    ap.add_argument("--no-reclaim", action="store_true", help="serve without reclaiming (for comparison)")
+    ap.add_argument("--json", help="write the samples and rates here")
+    a = ap.parse_args()
+    if shutil.which("fio") is None:
+        print("bench_reclaim: fio is missing (bash tools/run.sh test installs it)", file=sys.stderr)
+        return 1
+    if a.minutes <= 0 or a.region_gib <= 0 or a.qd <= 0 or a.sample <= 0:
+        print("bench_reclaim: --minutes, --region-gib, --qd and --sample must be positive", file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="bench-reclaim-", dir="/var/tmp")
+    try:
+        result = measure(work, a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
