@@ -38,7 +38,9 @@ Tables
   pages      u64 blob id, u64 page  -> PIECE (the live index)
   frozen     u64 blob id, u32 epoch, u64 page -> PIECE (kept for snapshot `epoch`)
   pagehist   u64 blob id, u64 page, u32 epoch -> PLACE (frozen's index by place: one entry per page
-                                             of each frozen piece, naming the piece)
+                                             of a frozen piece outside the whole runs it covers)
+  runhist    u64 blob id, u64 run, u32 epoch -> PLACE (the same, one entry per run of 64 aligned pages
+                                             a frozen piece covers whole)
   history    legacy (the older, per-cell index of frozen): emptied when a stamp is opened
   changes    u64 blob id, u32 epoch, u64 page -> u64 end page (pages changed in epoch)
   resources  "disk/NAME", "image/NAME", "snapshot/NAME" -> JSON (managed disks, images, snapshots)
@@ -63,7 +65,7 @@ from .errors import MetadataFull
 
 TABLES = ("nodes", "extents", "counters", "blobs", "blobstate", "snaps", "snapnames", "pages", "frozen",
           "resources",
-          "changes", "history", "pagehist", "dying", "containers")
+          "changes", "history", "pagehist", "runhist", "dying", "containers")
 MAP_SIZE = 1 << 36  # 64 GiB: the metadata's limit, and data.mdb's apparent (sparse) size
 RESERVE_MIN = 8 << 20  # blocks taken ahead of use: at least this, or an eighth of what is used
 SPARE = 1 << 20  # on a full disk, management transactions stop this far from the blocks taken

@@ -11,19 +11,36 @@ a write or clear covers a piece that the latest surviving snapshot L can see
 dropped. Reading snapshot k takes, page by page, the first of frozen(j) for
 surviving snapshots j >= k in ascending order, then the live index. Live
 reads and writes never look at snapshots, so they cost the same with 500.
-The frozen tables are indexed by place (`pagehist`: page, then epoch ->
-the frozen piece's start, end and gen; a piece has an entry for every page
-it holds). For one page, the pieces frozen over time lived in disjoint
-epoch intervals [gen, frozen epoch] (a page has one live piece at a time,
-and a piece is frozen in the latest snapshot before the epoch that replaced
-it), so one seek at (page, k) finds the piece that decides the page at
-snapshot k. When that piece was live at k (gen <= k), it decides every page
-it holds, for the same reason, and the read skips to its end; pages with no
-entry at or after k are skipped to the next indexed page by the same seek.
-So a read costs a seek per run of pages, whatever the number of snapshots
-or how often a neighbouring page was rewritten between them: the oldest of
-1,000 snapshots reads as fast as the newest. The price: freezing a piece
-puts one index entry per page it holds, at most once per page written per
+The frozen tables are indexed by place, in two tables of the same shape:
+`pagehist` (page, then epoch) and `runhist` (run of RUN = 64 aligned pages,
+then epoch), each entry naming the frozen piece's start, end and gen. A
+frozen piece [s, e) has one `runhist` entry per aligned run it covers whole
+and one `pagehist` entry per page outside those runs (its head and tail:
+under 2 * RUN), so freezing a 4 MiB piece puts 128 entries, not 8,192 (a
+RUN-aligned one; 191 at most: head and tail pages add up to 64, beside 127
+whole runs). Every page of a frozen
+piece is covered by exactly one of its entries. For one page, the pieces
+frozen over time lived in disjoint epoch intervals [gen, frozen epoch] (a
+page has one live piece at a time, and a piece is frozen in the latest
+snapshot before the epoch that replaced it; a snapshot's delete moves it to
+an earlier snapshot, which only shortens its interval), so the piece that
+decides page p at snapshot k is, among the entries covering p (its own in
+`pagehist`, its run's in `runhist`) at epochs >= k, the one of least epoch:
+a seek at (p, k) in `pagehist` and one at (p // RUN, k) in `runhist` find
+the least of each, and the lesser of the two decides. (Two entries for one
+page at one epoch cannot be: frozen(epoch) pieces do not overlap and a
+piece covers a page by one entry.) When that piece was live at k (gen <= k),
+it decides every page it holds (no other piece of those pages was live at
+k), and the read skips to its end; when gen > k, the page was empty at k
+(and when that entry was its run's, so were the pages after p with no entry
+of their own at or after k: the run's entry is their least too).
+A seek that lands past p says the pages in between have no entry at or
+after k in that table, and its answer is kept for them: so a read costs two
+seeks per run of pages, whatever the number of snapshots or how often a
+neighbouring page was rewritten between them, plus one for each page (or
+run) passed whose entries are all older than k (a read of a snapshot newer
+than a big kept piece: one per RUN pages of it). Freezing a piece costs
+O(pieces + pages / RUN) index entries, at most once per page written per
 snapshot.
 
 While a blob has snapshots, every write and clear adds its range to the
@@ -53,7 +70,7 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -111,7 +128,9 @@ SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer o
 NO_LEASE = bytes(16)
 HISTORY_BUILT = b"history-index"  # counters key of the legacy per-cell index (removed on upgrade)
 STATE_WORD_BUILT = b"state-version-word"  # counters key: every state record holds its version word
-PAGE_HISTORY_BUILT = b"page-history-index"  # counters key: the pagehist index covers every frozen piece
+PAGE_HISTORY_BUILT = b"page-history-index"  # counters key of the per-page-only layout (removed on upgrade)
+RUN_HISTORY_BUILT = b"run-history-index"  # counters key: pagehist + runhist cover every frozen piece
+RUN = 64  # pages in a runhist run (32 KiB): a frozen piece indexes its whole aligned runs, not their pages
 
 
 class Piece(NamedTuple):
@@ -245,6 +264,16 @@ def _bytes(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s * PAGE, (e - s) * PAGE) for s, e in ranges]
 
 
+def index_places(s: int, e: int) -> tuple[list[int], range]:
+    """How frozen piece [s, e) is indexed: the pages it gets `pagehist`
+    entries for, and the runs (of RUN aligned pages) it gets `runhist`
+    entries for: every run it covers whole, and each page outside them."""
+    first, last = -(-s // RUN), e // RUN  # runs [first, last) lie whole inside [s, e)
+    if first >= last:
+        return list(range(s, e)), range(0)
+    return [*range(s, first * RUN), *range(last * RUN, e)], range(first, last)
+
+
 def check_pages(offset: int, length: int, size: int, limit: int | None = MAX_WRITE) -> None:
     """The Azure rules for a page range; violations raise their error code."""
     if length <= 0 and limit is not None:
@@ -324,6 +353,73 @@ def holder_died(props: dict[str, Any]) -> bool:
     return host == socket.gethostname() and pid > 0 and not pid_alive(pid, started)
 
 
+def _history_entries(items: Iterable[tuple[bytes, bytes]], table: str, unit: str, problems: list[str]
+                     ) -> tuple[dict[bytes, bytes], set[bytes]]:
+    """The well-formed entries of history index `table` (pagehist or
+    runhist), and the keys of those whose value has the wrong size; every
+    entry of the wrong size (key or value) is added to `problems`."""
+    have: dict[bytes, bytes] = {}
+    damaged: set[bytes] = set()
+    for key, raw in items:
+        if len(key) != BLOB_PAGE_EPOCH.size:
+            problems.append(f"history index ({table}): damaged key {key.hex()} ({len(key)} bytes, not "
+                            f"{BLOB_PAGE_EPOCH.size})")
+        elif len(raw) != PLACE.size:
+            blob_id, u, epoch = BLOB_PAGE_EPOCH.unpack(key)
+            problems.append(f"history index ({table}): blob {blob_id} {unit} {u} snapshot epoch {epoch}: "
+                            f"damaged entry ({len(raw)} bytes, not {PLACE.size})")
+            damaged.add(key)
+        else:
+            have[key] = raw
+    return have, damaged
+
+
+class _Seeker:
+    """Seeks in one history index (pagehist or runhist) of one blob for one
+    snapshot epoch: first(u) is the first unit (page or run) q >= u below
+    `limit` with an entry at an epoch >= `epoch`, as (q, that epoch, place),
+    or None. An answer holds for every unit from where it was asked up to q,
+    so it is kept and a read seeks once per stretch of units."""
+
+    def __init__(self, cur: lmdb.Cursor, table: str, blob_id: int, epoch: int, limit: int) -> None:
+        self.cur, self.table, self.blob_id, self.epoch, self.limit = cur, table, blob_id, epoch, limit
+        self.lo, self.hi = 0, -1  # the units the kept answer holds for: [lo, hi]
+        self.answer: tuple[int, int, bytes] | None = None
+
+    def first(self, u: int) -> tuple[int, int, bytes] | None:
+        if self.lo <= u <= self.hi:
+            return self.answer
+        key, unpack = BLOB_PAGE_EPOCH.pack, BLOB_PAGE_EPOCH.unpack
+        at = u
+        while True:
+            if not self.cur.set_range(key(self.blob_id, at, self.epoch)):
+                answer = None
+                break
+            try:
+                b, q, j = unpack(self.cur.key())
+            except struct.error:
+                raise self._damaged(at) from None
+            if b != self.blob_id or q >= self.limit:
+                answer = None
+                break
+            value = bytes(self.cur.value())
+            if len(value) != PLACE.size:
+                raise self._damaged(q)
+            if j >= self.epoch:
+                answer = (q, j, value)
+                break
+            at = q  # q's first entry is older than `epoch`: seek again at (q, epoch)
+        self.lo, self.hi, self.answer = u, self.limit if answer is None else answer[0], answer
+        return answer
+
+    def _damaged(self, u: int) -> CorruptStamp:
+        """A read's error for an entry of the wrong size (key or value) at or
+        after unit `u`: what check_history reports, never a struct.error."""
+        unit = "page" if self.table == "pagehist" else "run"
+        return CorruptStamp(f"blob {self.blob_id}: the history index ({self.table}) has a damaged entry near "
+                            f"{unit} {u} (stamp check names it)")
+
+
 class PageBlobs:
     """All page blobs of one stamp."""
 
@@ -355,22 +451,31 @@ class PageBlobs:
             txn.put(STATE_WORD_BUILT, U64.pack(1), db=counters)
 
     def _build_history(self) -> None:
-        """Index the frozen pieces of a stamp made before the pagehist index
-        existed (with the legacy per-cell `history` index, or none), once: a
-        counter says it is done. The legacy index and its counter go."""
+        """Index the frozen pieces of a stamp made before this layout of the
+        index (per-page `pagehist` only, the legacy per-cell `history`, or no
+        index), once: a counter says it is done. The older counters go, so a
+        stamp opened by older code since (which rebuilds its own layout and
+        puts its counter back) is indexed again."""
+        counters = self.db["counters"]
+
+        def built(txn: lmdb.Transaction) -> bool:
+            return txn.get(RUN_HISTORY_BUILT, db=counters) is not None and \
+                txn.get(PAGE_HISTORY_BUILT, db=counters) is None
+
         with self.meta.read() as txn:
-            if txn.get(PAGE_HISTORY_BUILT, db=self.db["counters"]) is not None:
+            if built(txn):
                 return
         with self.meta.write() as txn:
-            if txn.get(PAGE_HISTORY_BUILT, db=self.db["counters"]) is not None:
+            if built(txn):
                 return
-            rg.delete_prefix(txn, self.db["history"], b"")
-            rg.delete_prefix(txn, self.db["pagehist"], b"")  # nothing, unless a stamp was downgraded
+            for table in ("history", "pagehist", "runhist"):
+                rg.delete_prefix(txn, self.db[table], b"")
             for key, raw in self.meta.items(txn, "frozen"):
                 blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
                 self._index(txn, blob_id, epoch, U64.unpack(key[BLOB_EPOCH.size:])[0], raw)
-            txn.delete(HISTORY_BUILT, db=self.db["counters"])
-            txn.put(PAGE_HISTORY_BUILT, U64.pack(1), db=self.db["counters"])
+            txn.delete(HISTORY_BUILT, db=counters)
+            txn.delete(PAGE_HISTORY_BUILT, db=counters)
+            txn.put(RUN_HISTORY_BUILT, U64.pack(1), db=counters)
 
     # -- blob records -------------------------------------------------------------
 
@@ -604,7 +709,7 @@ class PageBlobs:
                 self.delete_snapshot_in(txn, name, snap.id)
             return
         txn.delete(_touched_key(blob_id), db=self.db["counters"])
-        for table in ("pages", "frozen", "pagehist", "changes", "snaps", "snapnames"):
+        for table in ("pages", "frozen", "pagehist", "runhist", "changes", "snaps", "snapnames"):
             rg.delete_prefix(txn, self.db[table], prefix)
         txn.delete(prefix, db=self.db["blobstate"])
         txn.delete(blob_key(name), db=self.db["blobs"])
@@ -895,54 +1000,55 @@ class PageBlobs:
 
     def _freeze(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int, raw: bytes) -> None:
         """Keep the piece of pages [s, e) for snapshot `epoch`: in frozen(epoch)
-        and, by place, in the pagehist index."""
+        and, by place, in the pagehist and runhist indexes."""
         txn.put(BLOB_EPOCH.pack(blob_id, epoch) + U64.pack(s), raw, db=self.db["frozen"])
         self._index(txn, blob_id, epoch, s, raw)
 
     def _index(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, raw: bytes) -> None:
-        """The pagehist entries of frozen piece (epoch, s), packed `raw`."""
+        """The index entries of frozen piece (epoch, s), packed `raw`."""
         e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
         place = PLACE.pack(s, e, gen)
         key = BLOB_PAGE_EPOCH.pack
-        txn.cursor(db=self.db["pagehist"]).putmulti([(key(blob_id, p, epoch), place) for p in range(s, e)])
+        pages, runs = index_places(s, e)
+        if pages:
+            txn.cursor(db=self.db["pagehist"]).putmulti([(key(blob_id, p, epoch), place) for p in pages])
+        if runs:
+            txn.cursor(db=self.db["runhist"]).putmulti([(key(blob_id, r, epoch), place) for r in runs])
 
     def _unindex(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int) -> None:
-        db = self.db["pagehist"]
-        for p in range(s, e):
-            txn.delete(BLOB_PAGE_EPOCH.pack(blob_id, p, epoch), db=db)
+        pages, runs = index_places(s, e)
+        for table, units in (("pagehist", pages), ("runhist", runs)):
+            db = self.db[table]
+            for u in units:
+                txn.delete(BLOB_PAGE_EPOCH.pack(blob_id, u, epoch), db=db)
 
     def check_history(self, txn: lmdb.Transaction) -> list[str]:
-        """Problems with the pagehist index: it must hold exactly one entry per
-        page of every frozen piece, naming the piece (start, end, gen)."""
-        want: dict[bytes, bytes] = {}
+        """Problems with the pagehist and runhist indexes: they must hold
+        exactly the entries of every frozen piece (index_places), each naming
+        the piece (start, end, gen)."""
+        want: dict[str, dict[bytes, bytes]] = {"pagehist": {}, "runhist": {}}
         for key, raw in self.meta.items(txn, "frozen"):
             blob_id, epoch = BLOB_EPOCH.unpack(key[:BLOB_EPOCH.size])
             s = U64.unpack(key[BLOB_EPOCH.size:])[0]
             e, gen = PIECE.unpack(raw)[0], PIECE.unpack(raw)[5]
-            for p in range(s, e):
-                want[BLOB_PAGE_EPOCH.pack(blob_id, p, epoch)] = PLACE.pack(s, e, gen)
-        have: dict[bytes, bytes] = {}
-        problems = []
-        for key, raw in self.meta.items(txn, "pagehist"):
-            if len(key) != BLOB_PAGE_EPOCH.size:
-                problems.append(f"history index: damaged key {key.hex()} ({len(key)} bytes, not "
-                                f"{BLOB_PAGE_EPOCH.size})")
-            elif len(raw) != PLACE.size:
-                blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
-                problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch}: damaged entry "
-                                f"({len(raw)} bytes, not {PLACE.size})")
-                want.pop(key, None)  # reported: not also as missing
-            else:
-                have[key] = raw
-        for key in sorted(set(want) ^ set(have))[:100]:
-            blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
-            what = "is missing" if key in want else "names no frozen piece"
-            problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch} {what}")
-        for key in sorted(want.keys() & have.keys()):
-            if want[key] != have[key]:
-                blob_id, p, epoch = BLOB_PAGE_EPOCH.unpack(key)
-                problems.append(f"history index: blob {blob_id} page {p} snapshot epoch {epoch}: names another "
-                                f"piece {PLACE.unpack(have[key])} than its frozen piece {PLACE.unpack(want[key])}")
+            pages, runs = index_places(s, e)
+            for table, units in (("pagehist", pages), ("runhist", runs)):
+                for u in units:
+                    want[table][BLOB_PAGE_EPOCH.pack(blob_id, u, epoch)] = PLACE.pack(s, e, gen)
+        problems: list[str] = []
+        for table, unit in (("pagehist", "page"), ("runhist", "run")):
+            have, damaged = _history_entries(self.meta.items(txn, table), table, unit, problems)
+            need = {key: place for key, place in want[table].items() if key not in damaged}  # not also missing
+            for key in sorted(set(need) ^ set(have))[:100]:
+                blob_id, u, epoch = BLOB_PAGE_EPOCH.unpack(key)
+                what = "is missing" if key in need else "names no frozen piece"
+                problems.append(f"history index ({table}): blob {blob_id} {unit} {u} snapshot epoch {epoch} {what}")
+            for key in sorted(need.keys() & have.keys()):
+                if need[key] != have[key]:
+                    blob_id, u, epoch = BLOB_PAGE_EPOCH.unpack(key)
+                    problems.append(f"history index ({table}): blob {blob_id} {unit} {u} snapshot epoch {epoch}: "
+                                    f"names another piece {PLACE.unpack(have[key])} than its frozen piece "
+                                    f"{PLACE.unpack(need[key])}")
         if next(self.meta.items(txn, "history"), None) is not None:
             problems.append("legacy history index: not empty after the upgrade")
         return problems
@@ -971,36 +1077,33 @@ class PageBlobs:
     def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
                         ) -> tuple[list[Piece], list[tuple[int, int]]]:
         """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
-        the pages none decides. One seek at (page, epoch) finds the piece that
-        decides a page (see the header); a piece live at `epoch` decides all
-        its pages, and a page with no entry at or after `epoch` is skipped to
-        the next page that has entries."""
+        the pages none decides. Of the entries covering a page at epochs >=
+        `epoch` (its own in pagehist, its run's in runhist), the one of least
+        epoch names the piece that decides it (see the header); a piece live
+        at `epoch` decides all its pages."""
         found: list[Piece] = []
         rest: list[tuple[int, int]] = []
-        cur = txn.cursor(db=self.db["pagehist"])
+        pages = _Seeker(txn.cursor(db=self.db["pagehist"]), "pagehist", blob_id, epoch, e)
+        runs = _Seeker(txn.cursor(db=self.db["runhist"]), "runhist", blob_id, epoch, -(-e // RUN))
         frozen = self.db["frozen"]
-        key, unpack = BLOB_PAGE_EPOCH.pack, BLOB_PAGE_EPOCH.unpack
         p = s
         while p < e:
-            if not cur.set_range(key(blob_id, p, epoch)):
-                rest.append((p, e))
-                break
-            try:
-                b, q, j = unpack(cur.key())
-                ps, pe, gen = PLACE.unpack(cur.value())
-            except struct.error:
-                raise CorruptStamp(f"blob {blob_id}: the history index has a damaged entry near page {p} "
-                                   "(stamp check names it)") from None
-            if b != blob_id or q >= e:
-                rest.append((p, e))
-                break
-            if q > p:  # pages [p, q) have nothing frozen since `epoch`; q has entries, maybe older
-                rest.append((p, q))
-                p = q
-                if j < epoch:
-                    continue  # seek again, at (q, epoch)
-            if gen > epoch:  # written after the snapshot: page p was empty then
-                p += 1
+            a, b = pages.first(p), runs.first(p // RUN)
+            a_at = a[0] if a else e  # the first page at or after p with an entry >= epoch
+            b_at = max(p, b[0] * RUN) if b else e  # the first page in a run with one
+            here = [c for c, at in ((a, a_at), (b, b_at)) if c is not None and at == p]
+            if not here:  # pages [p, next) have nothing frozen since `epoch`
+                nxt = min(a_at, b_at, e)
+                rest.append((p, nxt))
+                p = nxt
+                continue
+            _, j, place = min(here, key=lambda c: c[1])
+            ps, pe, gen = PLACE.unpack(place)
+            if gen > epoch:  # written after the snapshot: the page was empty then
+                if a_at > p:  # decided by its run's entry, as are the next pages with none of their own
+                    p = min(a_at, (p // RUN + 1) * RUN, e)
+                else:
+                    p += 1
                 continue
             raw = txn.get(BLOB_EPOCH.pack(blob_id, j) + U64.pack(ps), db=frozen)
             if raw is None:

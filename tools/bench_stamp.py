@@ -21,6 +21,9 @@ Rows (goals from issue 3):
   the same reads of the live blob, 4 KiB and 1 MiB (each >= 0.34x: within 3x);
   and the worst case, a hot page rewritten between each of the 1,000
   snapshots: 4 KiB reads of its neighbours and 1 MiB reads over it
+- freeze: the first 4 MiB overwrite after a snapshot of data it keeps (the write
+  freezes the 4 MiB it replaces, and indexes it) vs the same overwrite with
+  no snapshot (>= 0.8x)
 - diff between adjacent snapshots against the bytes changed between them
 The durability mode is "os" unless a row says fsync. Files go to --dir
 (default: a temporary folder in /var/tmp). Not a test: nothing asserts.
@@ -292,6 +295,25 @@ def old_snapshot_rows(work: str, ops: int) -> list[dict]:
     return rows + hot_page_rows(work, ops)
 
 
+def freeze_rows(work: str, rounds: int = 7) -> list[dict]:
+    """64 MiB overwritten in 4 MiB writes on two blobs of one stamp, both
+    written the same way first; one takes a snapshot (not timed) before each
+    round, so each of its writes freezes the 4 MiB piece it replaces."""
+    st = Stamp.create(os.path.join(work, "freeze"))
+    blobs, span, buf = st.blobs, 64 * MIB, os.urandom(4 * MIB)
+    for name in ("kept", "none"):
+        blobs.create(name, span)
+        for o in range(0, span, 4 * MIB):
+            blobs.write(name, o, buf)
+    t_kept, t_none = best_pair((lambda: blobs.snapshot("kept"),
+                                lambda _: [blobs.write("kept", o, buf) for o in range(0, span, 4 * MIB)]),
+                               lambda: [blobs.write("none", o, buf) for o in range(0, span, 4 * MIB)], rounds)
+    st.close()
+    n = span // (4 * MIB)
+    return [row("4M overwrite, first after a snapshot vs none", n / t_kept, n / t_none, "no snapshot", "IOPS",
+                0.8)]
+
+
 def hot_page_rows(work: str, ops: int) -> list[dict]:
     """The worst case for old snapshots: one page (page 5 of every 1 MiB)
     rewritten between each of 1,000 snapshots, its neighbours written once
@@ -322,7 +344,7 @@ def hot_page_rows(work: str, ops: int) -> list[dict]:
     return rows
 
 
-GROUPS = ("io", "recycled", "fsync", "snapshots", "old-snapshots", "snapshot-create", "diff")
+GROUPS = ("io", "recycled", "fsync", "snapshots", "old-snapshots", "freeze", "snapshot-create", "diff")
 
 
 def diff_rows(work: str) -> list[dict]:
@@ -360,7 +382,7 @@ def main() -> int:
     groups: dict[str, Callable[[], list[dict]]] = {
         "io": lambda: io_rows(work, a.ops), "recycled": lambda: recycled_rows(work),
         "fsync": lambda: fsync_rows(work, a.ops), "snapshots": lambda: many_snapshot_rows(work, a.ops // 4),
-        "old-snapshots": lambda: old_snapshot_rows(work, a.ops // 4),
+        "old-snapshots": lambda: old_snapshot_rows(work, a.ops // 4), "freeze": lambda: freeze_rows(work),
         "snapshot-create": lambda: snapshot_rows(work, a.big_gib), "diff": lambda: diff_rows(work)}
     try:
         rows = [r for name in GROUPS if not a.only or name in a.only for r in groups[name]()]
