@@ -672,19 +672,25 @@ async def delete(svc: Service, c: Call) -> web.StreamResponse:
 
 # -- copies -----------------------------------------------------------------------------------
 
-async def copy(svc: Service, c: Call) -> web.StreamResponse:
-    refuse_snapshot(c)
-    refuse_system_write(c)
-    url = c.headers["x-ms-copy-source"]
-    src = source_of(c, url, "x-ms-copy-source")
+async def copy_source(svc: Service, c: Call, src: auth.Request, url: str) -> tuple[str, BlobInfo]:
+    """A copy's source, checked as the service does (its SAS or account, the
+    target's container, the source's owner): its stamp name and description."""
     authorize_source(svc, c, src, url)
     await container_exists(svc, c)
     await source_owner(svc, src)
     source_name = blob_name(src.container or "", src.blob or "")
     try:
-        src_info = await svc.run(svc.stamp.blobs.describe, source_name, src.snapshot)
+        return source_name, await svc.run(svc.stamp.blobs.describe, source_name, src.snapshot)
     except (BlobNotFound, SnapshotNotFound):
         raise RestError(404, "CannotVerifyCopySource", "The specified blob does not exist.") from None
+
+
+async def copy(svc: Service, c: Call) -> web.StreamResponse:
+    refuse_snapshot(c)
+    refuse_system_write(c)
+    url = c.headers["x-ms-copy-source"]
+    src = source_of(c, url, "x-ms-copy-source")
+    source_name, src_info = await copy_source(svc, c, src, url)
     info = await describe_or_none(svc, c)
     if info is not None and c.headers.get("If-None-Match", "").strip() == "*":
         raise RestError(409, "BlobAlreadyExists")
@@ -721,14 +727,7 @@ async def incremental_copy(svc: Service, c: Call) -> web.StreamResponse:
     src = source_of(c, url, "x-ms-copy-source")
     if src.snapshot is None:
         raise RestError(409, "IncrementalCopySourceMustBeSnapshot")
-    authorize_source(svc, c, src, url)
-    await container_exists(svc, c)
-    await source_owner(svc, src)
-    source_name = blob_name(src.container or "", src.blob or "")
-    try:
-        src_info = await svc.run(svc.stamp.blobs.describe, source_name, src.snapshot)
-    except (BlobNotFound, SnapshotNotFound):
-        raise RestError(404, "CannotVerifyCopySource", "The specified blob does not exist.") from None
+    source_name, src_info = await copy_source(svc, c, src, url)
     if _props(src_info).get("inc"):
         raise RestError(409, "CopySourceCannotBeIncrementalCopyBlob")
     origin = url.split("?")[0]
