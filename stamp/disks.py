@@ -155,6 +155,16 @@ class Disks:
             raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
         return dict(obj)
 
+    def _finished(self, txn: lmdb.Transaction, kind: str, name: str) -> dict[str, Any]:
+        """A finished record, read in the caller's transaction: ResourceNotFound
+        if there is none, ResourceInUse while its create runs."""
+        obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is None:
+            raise ResourceNotFound(f"no {kind} named {name!r}")
+        if obj.get("state") == CREATING:
+            raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
+        return dict(obj)
+
     def _put(self, kind: str, obj: dict[str, Any], new: bool = False) -> None:
         key = f"{kind}/{obj['name']}".encode()
         with self.meta.write() as txn:
@@ -204,11 +214,7 @@ class Disks:
         state is ResourceInUse."""
         key = f"disk/{name}".encode()
         with self.meta.write() as txn:
-            obj = self.meta.get_json(txn, "resources", key)
-            if obj is None:
-                raise ResourceNotFound(f"no disk named {name!r}")
-            if obj.get("state") == CREATING:
-                raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
+            obj = self._finished(txn, "disk", name)
             if expect is not None and obj.get("state") != expect.value:
                 raise ResourceInUse(f"disk {name!r} is {obj.get('state')}, not {expect.value}")
             obj["state"] = state.value
@@ -749,12 +755,7 @@ class Disks:
             self._grow(name, size_gib, iops, mbps, tier)
         key = f"disk/{name}".encode()
         with self.meta.write() as txn:
-            obj = self.meta.get_json(txn, "resources", key)
-            if obj is None:
-                raise ResourceNotFound(f"no disk named {name!r}")
-            if obj.get("state") == CREATING:
-                raise ResourceInUse(f"disk {name!r} is still being created (by {obj.get('creator')}); try later")
-            obj = dict(obj)
+            obj = self._finished(txn, "disk", name)
             if size_gib is not None:
                 self._check_growable(obj)  # again: another process may have attached or granted it meanwhile
                 obj.update(size_bytes=size_gib * GIB, size_gib=float(size_gib))
@@ -1012,14 +1013,9 @@ class Disks:
 
     def _take(self, txn: lmdb.Transaction, kind: str, name: str) -> dict[str, Any]:
         """Read and delete a finished record inside a write transaction."""
-        key = f"{kind}/{name}".encode()
-        obj = self.meta.get_json(txn, "resources", key)
-        if obj is None:
-            raise ResourceNotFound(f"no {kind} named {name!r}")
-        if obj.get("state") == CREATING:
-            raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
-        txn.delete(key, db=self.meta.db["resources"])
-        return dict(obj)
+        obj = self._finished(txn, kind, name)
+        txn.delete(f"{kind}/{name}".encode(), db=self.meta.db["resources"])
+        return obj
 
     def delete_disk(self, name: str) -> None:
         self._settle("disk", name)
