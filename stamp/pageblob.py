@@ -570,18 +570,14 @@ class PageBlobs:
         observed (as version() does): the next change of the live pages moves
         it on, so a client holding it (an ETag) sees every change."""
         with self.meta.read() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            if st.version & 1:
-                return self._describe(txn, name, snapshot)
+            found = self._blob(txn, name)
+            if found[2].version & 1:
+                return self._describe(txn, name, snapshot, *found)
         with self.meta.write() as txn:  # unobserved: mark it in the transaction that reports it
-            blob_id, _, st = self._blob(txn, name)
-            if not st.version & 1:
-                st.version |= 1
-                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
-            return self._describe(txn, name, snapshot)
+            return self._describe(txn, name, snapshot, *self._observed(txn, name))
 
-    def _describe(self, txn: lmdb.Transaction, name: str, snapshot: str | None) -> BlobInfo:
-        blob_id, obj, st = self._blob(txn, name)
+    def _describe(self, txn: lmdb.Transaction, name: str, snapshot: str | None, blob_id: int,
+                  obj: dict[str, Any], st: BlobState) -> BlobInfo:
         raw = txn.get(_touched_key(blob_id), db=self.db["counters"])
         touched = TIME.unpack(raw)[0] if raw else 0.0
         count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
@@ -681,10 +677,17 @@ class PageBlobs:
             blob_id, _, st = self._blob(txn, name)
         if not st.version & 1:
             with self.meta.write() as txn:
-                blob_id, _, st = self._blob(txn, name)
-                st.version |= 1
-                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+                blob_id, _, st = self._observed(txn, name)
         return blob_id, f"{st.size}.{st.version >> 1}"
+
+    def _observed(self, txn: lmdb.Transaction, name: str) -> tuple[int, dict[str, Any], BlobState]:
+        """The blob, read in write transaction `txn` with its version marked
+        observed (set here if it was not): the next change moves it on."""
+        blob_id, obj, st = self._blob(txn, name)
+        if not st.version & 1:
+            st.version |= 1
+            txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+        return blob_id, obj, st
 
     def delete(self, name: str, lease: str | None = None, snapshots: str | None = None) -> None:
         """Delete a blob (their space is reclaimed by gc). A blob with snapshots
