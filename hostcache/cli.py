@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lmdb
@@ -306,8 +307,19 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
     return {"deleted": a.name}
 
 
-def serve(a: argparse.Namespace) -> object:
+def _reclaiming(a: argparse.Namespace, stamp: Any) -> AbstractContextManager[Any]:
+    """The stamp's reclaimer thread for as long as a serve runs (none with
+    --no-reclaim): a round under way ends before the context does."""
     from stamp.reclaim import Reclaimer
+
+    return nullcontext() if a.no_reclaim else Reclaimer(stamp)
+
+
+def _reclaimed(reclaimer: Any) -> dict[str, Any]:
+    return {} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()}
+
+
+def serve(a: argparse.Namespace) -> object:
     from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
@@ -327,13 +339,9 @@ def serve(a: argparse.Namespace) -> object:
             name = "os" if lun == OS_LUN else f"lun{lun}"
             disk = h.open_disk(a.name, lun)
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
-        reclaimer = None if a.no_reclaim else Reclaimer(h.stamp).start()
-        try:
+        with _reclaiming(a, h.stamp) as reclaimer:  # stopped before the stamp closes
             run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
-        finally:
-            if reclaimer is not None:
-                reclaimer.stop()  # before the stamp closes: a round under way ends first
-    return {"stopped": a.name, **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
+    return {"stopped": a.name, **_reclaimed(reclaimer)}
 
 
 def _worker_luns(h: Host, a: argparse.Namespace) -> dict[int, dict[str, Any]]:
@@ -364,7 +372,6 @@ def serve_workers(a: argparse.Namespace) -> object:
     """The supervisor of `serve --workers N` (workers.py): the leases, the socket, the workers."""
     import socket as socketlib
 
-    from stamp.reclaim import Reclaimer
     from vhd.nbd import claim_socket
 
     from .workers import Supervisor
@@ -389,12 +396,8 @@ def serve_workers(a: argparse.Namespace) -> object:
                 where = f"unix socket {a.socket}" if a.socket else f"{a.bind}:{a.port}"
                 print(json.dumps({"serving": [_export(lun) for lun in disks], "at": where,
                                   "workers": [w.pid for w in sup.workers]}), flush=True)
-                reclaimer = None if a.no_reclaim else Reclaimer(h.stamp).start()  # one for all the workers
-                try:
+                with _reclaiming(a, h.stamp) as reclaimer:  # one for all the workers
                     sup.run()
-                finally:
-                    if reclaimer is not None:
-                        reclaimer.stop()
             finally:
                 listener.close()
                 if a.socket and listener.family == socketlib.AF_UNIX:
@@ -405,8 +408,7 @@ def serve_workers(a: argparse.Namespace) -> object:
         finally:
             for lun, lease in leases.items():
                 _settle(h, disks[lun]["blob"], lease)
-    return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts,
-            **({} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()})}
+    return {"stopped": a.name, "workers": a.workers, "restarted": sup.restarts, **_reclaimed(reclaimer)}
 
 
 def _settle(h: Host, blob: str, lease: str) -> None:
