@@ -291,11 +291,16 @@ def _publish(tmp: str, path: str, sync: bool) -> None:
 def remove_stale_partials(path: str) -> list[str]:
     """Remove PATH.partial-PID files whose writer is gone (killed while
     building PATH); a live writer's file is left alone."""
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.partial-([0-9]+)")
+    return _remove_leftovers(path, "partial", lambda pid: not pid_alive(pid))
+
+
+def _remove_leftovers(path: str, kind: str, stale: Callable[[int], bool]) -> list[str]:
+    """Remove the files PATH.KIND-PID that are regular files and `stale(PID)`."""
+    pattern = re.compile(re.escape(os.path.basename(path)) + rf"\.{kind}-([0-9]+)")
     gone = []
-    for name in glob.glob(glob.escape(path) + ".partial-*"):
+    for name in glob.glob(glob.escape(path) + f".{kind}-*"):
         m = pattern.fullmatch(os.path.basename(name))
-        if m and os.path.isfile(name) and not pid_alive(int(m.group(1))):
+        if m and os.path.isfile(name) and stale(int(m.group(1))):
             os.unlink(name)
             gone.append(name)
     return gone
@@ -439,14 +444,7 @@ def compact(path: str, *, allow_dirs: Sequence[str] | None = None,
 def remove_stale_rewrites(path: str) -> list[str]:
     """Remove PATH.rewrite-PID files a killed compact or resize left. Call
     only while holding the image's write lock: then no rewrite of it runs."""
-    path = os.path.realpath(path)  # where _rewrite puts them
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.rewrite-[0-9]+")
-    gone = []
-    for name in glob.glob(glob.escape(path) + ".rewrite-*"):
-        if pattern.fullmatch(os.path.basename(name)) and os.path.isfile(name):
-            os.unlink(name)
-            gone.append(name)
-    return gone
+    return _remove_leftovers(os.path.realpath(path), "rewrite", lambda pid: True)  # where _rewrite puts them
 
 
 def _rewrite(img: SparseImage, size: int, drop_empty: bool,
