@@ -62,9 +62,9 @@ from typing import Any
 import lmdb
 import xxhash
 
-from stamp import Stamp
 from stamp.blobfile import PageBlobFile
 from stamp.errors import BlobNotFound
+from stamp.hosted import HostStamp as Stamp
 from stamp.ranges import merge_ranges
 from vhd.blockdev import align_write
 

@@ -31,6 +31,8 @@ from .tiers import EDITIONS, SKUS, DiskLimits, catalog, disk_limits, vm_limits, 
 
 EPILOG = """examples:
   hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
+  hostcache init --stamp http://127.0.0.1:10000/devstoreaccount1
+                                                   a host over a stamp served elsewhere (`stamp serve`)
   hostcache vm create vm1 --size D8s_v3 --image ubuntu
   hostcache vm attach vm1 data1 --lun 0 --caching ReadOnly
   hostcache vm boot vm1                            boot reads through cache and throttle, timed
@@ -92,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--host", default=os.environ.get("DISKSTAMP_HOST", "host"),
                      help="the host folder (default: $DISKSTAMP_HOST or ./host)")
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    p = sub.add_parser("init", help="create a host folder over a stamp")
-    p.add_argument("--stamp", required=True)
+    p = sub.add_parser("init", help="create a host folder over a stamp (a folder, or a `stamp serve` URL)")
+    p.add_argument("--stamp", required=True,
+                   help="the stamp folder, or the URL of its Blob endpoint, http://HOST:PORT/ACCOUNT as `stamp serve` "
+                        "prints it (a host over the network: its disks' pages and records go over HTTP, the cache "
+                        "and the throttle stay here)")
+    p.add_argument("--account-key", help="with a URL: the account's key (base64), kept in HOST/host.json (mode 600); "
+                   "default $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstoreaccount1 key")
     p.add_argument("--cache-mib", type=_number(int, 1, False, "at least 1, at most 16,777,216 (16 TiB)", MAX_CACHE_BYTES >> 20),
                    help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
     p.add_argument("--cache-scale", type=_number(float, 0, True, "more than 0, at most 1", 1), default=1 / 1024,
@@ -215,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(a: argparse.Namespace) -> object:
     if a.cmd == "init":
         with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib is not None else None,
-                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale) as h:
-            return {"host": h.path, **h.config}
+                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale, account_key=a.account_key) as h:
+            return {"host": h.path, **{k: ("(kept)" if k == "account_key" else v) for k, v in h.config.items()}}
     if a.cmd == "serve":
         return serve(a)
     if a.cmd == "mount":
@@ -309,10 +316,13 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 def _reclaiming(a: argparse.Namespace, stamp: Any) -> AbstractContextManager[Any]:
     """The stamp's reclaimer thread for as long as a serve runs (none with
-    --no-reclaim): a round under way ends before the context does."""
+    --no-reclaim, nor over the network: the stamp's space is reclaimed where
+    it is served, `stamp gc --watch`): a round under way ends before the
+    context does."""
+    from stamp.hosted import is_remote
     from stamp.reclaim import Reclaimer
 
-    return nullcontext() if a.no_reclaim else Reclaimer(stamp)
+    return nullcontext() if a.no_reclaim or is_remote(stamp) else Reclaimer(stamp)
 
 
 def _reclaimed(reclaimer: Any) -> dict[str, Any]:

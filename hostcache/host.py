@@ -1,6 +1,8 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
-    HOST/host.json    {"stamp": path of the stamp folder, "cache_bytes", "cache_scale", "ram_bytes"}
+    HOST/host.json    {"stamp": path of the stamp folder, or the URL of a `stamp serve` (a host over
+                      the network: stamp.remote), "account_key" (if given), "cache_bytes",
+                      "cache_scale", "ram_bytes"}
     HOST/host.lock    held (flock) by a compute call, whatever the process: one at a time
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
@@ -74,11 +76,11 @@ from typing import Any
 
 import lmdb
 
-from stamp import Stamp
 from stamp.blobfile import PageBlobFile
-from stamp.disks import Disks, DiskState, ResourceInUse, VirtualDisk, open_recovered
+from stamp.disks import DiskState, ResourceInUse, VirtualDisk, open_recovered
 from stamp.errors import LeaseAlreadyPresent
 from stamp.errors import OperationNotAllowed as StampNotAllowed
+from stamp.hosted import is_remote, is_url, open_for_host
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
 from vhd.image import Image, SparseImage, open_image
@@ -100,6 +102,13 @@ HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
 # How often an attached disk's I/O looks at its stamp record for a performance change (one read each
 # time): a change takes effect within this much of the host's clock, at a bounded cost per I/O.
 PERFORMANCE_LOOK_SECONDS = 0.05
+ACCOUNT_KEY_ENV = "DISKSTAMP_ACCOUNT_KEY"
+
+
+def key_of(config: dict[str, Any]) -> str | None:
+    """The key a host over the network signs with: $DISKSTAMP_ACCOUNT_KEY, else
+    the one given to `hostcache init`, else None (the devstore account's key)."""
+    return os.environ.get(ACCOUNT_KEY_ENV) or config.get("account_key")
 
 
 def _unmake(path: str, made: bool, there: set[str]) -> None:
@@ -202,8 +211,7 @@ class Host:
         except FileNotFoundError:
             raise HostError(f"{path} is not a host folder (no host.json): create one with `hostcache init`") from None
         self.path = path
-        self.stamp = Stamp.open(self.config["stamp"])
-        self.disks = Disks(self.stamp)
+        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config))
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
@@ -220,9 +228,12 @@ class Host:
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
-               cache_scale: float = 1 / 1024, **kw: Any) -> Host:
-        """A host over a stamp. cache_bytes None: sized from its VMs' cache
-        sizes times cache_scale (starting at 64 MiB)."""
+               cache_scale: float = 1 / 1024, account_key: str | None = None, **kw: Any) -> Host:
+        """A host over a stamp: its folder, or the URL of a `stamp serve`
+        (http://HOST:PORT/ACCOUNT, signed with `account_key`, else
+        $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstore key).
+        cache_bytes None: sized from its VMs' cache sizes times cache_scale
+        (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
             raise HostError(f"{path} already holds a host")
         if cache_bytes is not None and not 1 << 20 <= cache_bytes <= MAX_CACHE_BYTES:
@@ -230,13 +241,18 @@ class Host:
         if not 0 < cache_scale <= 1 or ram_bytes < 0:
             raise HostError("cache_scale must be more than 0 and at most 1 (the sizes' own cache), "
                             "and ram_bytes 0 or more")
-        Stamp.open(stamp_path).close()  # a clear error now if it is not a stamp
+        config = {"stamp": stamp_path if is_url(stamp_path) else os.path.abspath(stamp_path),
+                  "cache_bytes": cache_bytes or 64 * 1024 * 1024, "cache_scale": None if cache_bytes else cache_scale,
+                  "ram_bytes": ram_bytes}
+        if account_key is not None:
+            config["account_key"] = account_key
+        open_for_host(stamp_path, key_of(config))[0].close()  # a clear error now if it is not a stamp
         made = not os.path.exists(path)
         there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "host.json"), "w") as f:
-            json.dump({"stamp": os.path.abspath(stamp_path), "cache_bytes": cache_bytes or 64 * 1024 * 1024,
-                       "cache_scale": None if cache_bytes else cache_scale, "ram_bytes": ram_bytes}, f, indent=2)
+        fd = os.open(os.path.join(path, "host.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a key may be in it
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f, indent=2)
         try:
             return cls(path, **kw)
         except BaseException as e:  # a host that cannot open is not left behind
@@ -633,6 +649,9 @@ class Host:
     def backup(self, vm_name: str, lun: int, vault: Any, show_progress: bool | None = None) -> dict[str, Any]:
         """Back up an attached disk (quiesced first, so the recovery point holds
         every acknowledged write) into a stamp.vault.Vault."""
+        if is_remote(self.stamp):
+            raise HostError(f"this host reaches its stamp over the network ({self.stamp.path}): vault backups "
+                            "are made where the stamp is (`stamp vault backup`), after a flush or detach here")
         vm = self.vm(vm_name)
         entry = _entry(vm, lun)
         if entry is None:

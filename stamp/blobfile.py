@@ -12,14 +12,18 @@ the stamp durable against power loss.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vhd.blockdev import align_write
 
 from .pageblob import MAX_WRITE, PAGE
-from .stamp import Stamp
+
+if TYPE_CHECKING:
+    from .hosted import HostStamp
 
 
 class PageBlobFile:
-    def __init__(self, stamp: Stamp, blob: str, lease: str | None = None, writable: bool = True) -> None:
+    def __init__(self, stamp: HostStamp, blob: str, lease: str | None = None, writable: bool = True) -> None:
         self.stamp, self.blob, self.lease, self.writable = stamp, blob, lease, writable
         self.name = f"blob:{blob}"
         self._size = stamp.blobs.size(blob)

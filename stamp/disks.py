@@ -61,7 +61,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
@@ -90,9 +90,12 @@ from .errors import (
     StampError,
 )
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, PageBlobs, blob_key, holder_died
+from .pageblob import MAX_DISK_BLOB, Diff, blob_key, holder_died
 from .stamp import Stamp
 from .stream import own_start, pid_alive
+
+if TYPE_CHECKING:
+    from .hosted import HostBlobs
 
 NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,78}[A-Za-z0-9_])?")  # Azure's rule for disk names
 PENDING = "pending/"  # resources key prefix of the intents of unfinished creates
@@ -1156,6 +1159,8 @@ def _bitmap_changes(image: Any, base: Any, b: int) -> list[tuple[int, int]]:
 class SnapshotFile(PageBlobFile):
     """A read-only RawFile over a snapshot of a page blob."""
 
+    stamp: Stamp  # a local stamp: snapshots are not part of what a host over the network reads
+
     def __init__(self, stamp: Stamp, blob: str, snapshot: str) -> None:
         self.stamp, self.blob, self.snapshot, self.lease, self.writable = stamp, blob, snapshot, None, False
         self.name = f"blob:{blob}@{snapshot}"
@@ -1201,7 +1206,7 @@ class VirtualDisk:
     """A disk's virtual disk: the vhd image over its blob(s) as a block
     device; a writable one holds the disk blob's lease until closed."""
 
-    def __init__(self, image: vhd.Image, blobs: PageBlobs, blob: str, lease: str | None) -> None:
+    def __init__(self, image: vhd.Image, blobs: HostBlobs, blob: str, lease: str | None) -> None:
         self.image, self.blobs, self.blob, self.lease = image, blobs, blob, lease
         self.size = image.size
         self.readonly = image.readonly

@@ -343,6 +343,19 @@ def snapshot_id(now: float) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond:06d}0Z"
 
 
+HOLDER_KEYS = ("lease_holder", "lease_pid", "lease_started", "lease_host")
+
+
+def this_holder() -> dict[str, Any]:
+    """This process as a writer lease's holder (the blob properties it records)."""
+    return {"lease_holder": f"pid {os.getpid()} on {socket.gethostname()}", "lease_pid": os.getpid(),
+            "lease_started": own_start(), "lease_host": socket.gethostname()}
+
+
+def _holder_of(props: dict[str, Any]) -> dict[str, Any]:
+    return {k: props[k] for k in HOLDER_KEYS if k in props}
+
+
 def holder_died(props: dict[str, Any]) -> bool:
     """Did the process that took a writer lease (its pid, start time and host
     in the blob's properties) die on this host? A pid alone is not enough: a
@@ -823,25 +836,34 @@ class PageBlobs:
             self._put_lease(txn, blob_id, name, obj, st, broken=True)
         return max(0, int(-(-(end - now) // 1)))
 
-    def acquire_writer_lease(self, name: str) -> str:
-        """The lease a process takes to write a blob: it records who holds it,
-        and a lease left by a process that died on this host is broken."""
+    def acquire_writer_lease(self, name: str, holder: dict[str, Any] | None = None, lease: str | None = None,
+                             stale: dict[str, Any] | None = None) -> str:
+        """The lease a process takes to write a blob: it records who holds it
+        (`holder`: the lease_* properties of a process elsewhere, a host over
+        the network; by default this process), and a lease left by a process
+        that died on this host is broken, as is one whose holder is exactly
+        `stale` (a remote host found that process dead on its own machine).
+        `lease` proposes the id, so a retried acquire is the same acquire."""
+        who = holder or this_holder()
         try:
-            lease = self.acquire_lease(name)
+            got = self.acquire_lease(name, lease=lease)
         except LeaseAlreadyPresent:
             props = self.properties(name)
-            if holder_died(props):
+            if holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)):
                 try:
                     self.break_lease(name)  # its holder died: the lease is stale
                 except LeaseNotPresentWithLeaseOperation:
                     pass  # released meanwhile
-                lease = self.acquire_lease(name)
+                got = self.acquire_lease(name, lease=lease)
             else:
-                holder = props.get("lease_holder", "another holder")
-                raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by {holder}") from None
-        self.set_properties(name, lease_holder=f"pid {os.getpid()} on {socket.gethostname()}",
-                            lease_pid=os.getpid(), lease_started=own_start(), lease_host=socket.gethostname())
-        return lease
+                raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by "
+                                          f"{props.get('lease_holder', 'another holder')}") from None
+        self.set_properties(name, **{k: who[k] for k in HOLDER_KEYS if k in who})
+        return got
+
+    def writer_of(self, name: str) -> dict[str, Any]:
+        """Who holds the blob's writer lease (its lease_* properties; empty if nobody recorded)."""
+        return _holder_of(self.properties(name))
 
     def release_lease(self, name: str, lease: str) -> None:
         with self.meta.write() as txn:

@@ -4,7 +4,8 @@ Every request goes through `handle`, in this order:
 1. admission: more than `max_requests` at once is 503 ServerBusy (clients
    retry it), never a queue that grows without bound;
 2. the path, path-style: /ACCOUNT[/CONTAINER[/BLOB]], the blob name
-   percent-decoded (the raw path is kept for Shared Key);
+   percent-decoded (the raw path is kept for Shared Key); /ACCOUNT/$diskstamp/...
+   is the host API (hostapi.py: diskstamp's own, Shared Key only);
 3. the route: verb, level, `restype` and `comp` name one operation (`ROUTES`);
    an unknown one is the service's error, decided before any body is read;
 4. `x-ms-version` (any date from 2009-09-19 on; echoed);
@@ -36,7 +37,7 @@ from aiohttp import web
 from .. import sas
 from ..errors import StampError
 from . import containers as ct
-from . import managed, xmlbody
+from . import hostapi, managed, xmlbody
 from . import pageblobs as pb
 from .auth import Op, Request, authorize
 from .call import Call, Service
@@ -187,6 +188,10 @@ class Endpoint:
         raw_path = request.rel_url.raw_path
         account, container, blob = split_path(raw_path)
         query = {k: v for k, v in request.query.items()}
+        if hostapi.is_host_api(container):  # diskstamp's own API for hosts over the network
+            areq = Request(request.method, raw_path, list(request.query.items()), request.headers, account,
+                           container, blob, None, request.remote or "", request.secure)
+            return await hostapi.serve(self.svc, request, areq, blob or "")
         handler, op = route(request.method, container, blob, query)
         ver = version(request.headers) or DEFAULT_VERSION
         call = Call(request, account, container, blob, query, ver)

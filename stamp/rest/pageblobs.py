@@ -47,6 +47,8 @@ from .errors import RestError, header_error, missing_header, query_error
 
 log = logging.getLogger("stamp.rest")
 SEQ_MAX = 2 ** 63 - 1
+ID_HEADER, VERSION_HEADER = "x-diskstamp-blob-id", "x-diskstamp-content-version"
+DISKS = "disks"  # the container of managed disks' blobs (a host writes them under its writer lease)
 CONTENT = {  # header -> property
     "x-ms-blob-content-type": "content_type", "x-ms-blob-content-encoding": "content_encoding",
     "x-ms-blob-content-language": "content_language", "x-ms-blob-content-md5": "content_md5",
@@ -147,6 +149,7 @@ def blob_headers(info: BlobInfo, *, content: bool = True) -> dict[str, str]:
                 out[header] = str(props[key])
     if info.snapshot is None:
         out.update(lease_headers(info))
+        out.update(identity_headers(info))
     for k, v in props.get("meta", {}).items():
         out[f"x-ms-meta-{k}"] = str(v)
     cp = props.get("copy")
@@ -158,6 +161,15 @@ def blob_headers(info: BlobInfo, *, content: bool = True) -> dict[str, str]:
     if props.get("inc"):
         out["x-ms-incremental-copy"] = "true"
     return out
+
+
+def identity_headers(info: BlobInfo) -> dict[str, str]:
+    """diskstamp's own headers (not the service's; clients ignore them): the
+    blob's id (a blob made again under its name has another) and its content
+    version as PageBlobs.version() reports it, observed: a host's cache over
+    the network (stamp.remote) keys its lines by the one and checks them
+    against the other, as it does in-process."""
+    return {ID_HEADER: str(info.id), VERSION_HEADER: f"{info.size}.{info.version}"}
 
 
 def lease_headers(info: BlobInfo) -> dict[str, str]:
@@ -205,11 +217,18 @@ def _response(status: int, info: BlobInfo | None = None, **headers: str) -> web.
     return web.Response(status=status, headers={**out, **headers})
 
 
-def refuse_system_write(c: Call) -> None:
+def refuse_system_write(c: Call, host_write: bool = False) -> None:
     """The stamp's own containers (disks, images, snapshots) are read-only
     here: a write, resize, lease or snapshot behind the managed-disk layer's
     back would break what it keeps (a disk's footer, an image its disks are
-    made from, a host's cache); a direct upload goes through grant-access."""
+    made from, a host's cache); a direct upload goes through grant-access.
+    One exception, a host over the network (`host_write`: Put Page and a
+    resize): a disk's blob takes the account owner's (Shared Key) writes
+    that name its writer lease, which only the host API hands out (to the
+    host the disk is attached to) and the stamp checks in the write's own
+    transaction."""
+    if host_write and c.container == DISKS and c.auth.startswith("SharedKey") and hd.lease_id(c.headers):
+        return
     if c.container in SYSTEM and not c.granted:
         raise RestError(403, "AuthorizationFailure", "Blobs in the stamp's own containers are read-only over "
                         "REST: the managed-disk commands change them (an upload goes through grant-access).")
@@ -272,7 +291,7 @@ async def container_exists(svc: Service, c: Call) -> dict[str, Any]:
 # -- Put Page ---------------------------------------------------------------------------------
 
 async def put_page(svc: Service, c: Call) -> web.StreamResponse:
-    refuse_system_write(c)
+    refuse_system_write(c, host_write=True)
     refuse_snapshot(c)
     if "x-ms-copy-source" in c.headers:
         raise RestError(400, "UnsupportedHeader", "Put Page From URL is not supported by this endpoint.",
@@ -534,7 +553,7 @@ async def get_metadata(svc: Service, c: Call) -> web.StreamResponse:
 # -- Set properties / metadata ----------------------------------------------------------------
 
 async def set_properties(svc: Service, c: Call) -> web.StreamResponse:
-    refuse_system_write(c)
+    refuse_system_write(c, host_write="x-ms-blob-content-length" in c.headers)
     refuse_snapshot(c)
     info = await describe(svc, c)
     check(c, info)

@@ -1,0 +1,181 @@
+"""The host API: diskstamp's own JSON API (not Azure's) for hosts over the network.
+
+The Blob protocol carries a disk's pages but not its managed-disk record; a
+host (`hostcache init --stamp URL`, stamp.remote) needs the records too.
+Everything lives under /ACCOUNT/$diskstamp/ (no container can be named so):
+
+    GET    disks                      {"disks": [record, ...]}
+    GET    disks/NAME                 the disk's record
+    PUT    disks/NAME                 create from an image: {"image", "size_gib"?, "sku"?}; 201 and the record
+    DELETE disks/NAME                 delete the disk (not while attached: 409 ResourceInUse)
+    POST   disks/NAME/state           {"state", "expect"?, "fields"?}: compare-and-set; the record
+    GET    images/NAME                the image's record
+    POST   writer-lease/BLOB          {"action": "acquire", "lease", "holder", "stale"?} -> {"lease"};
+                                      {"action": "release", "lease"}; {"action": "holder"} -> {"holder"}
+    POST   flush                      {"shared": bool}: the stamp durable (Stamp.flush / flush_shared)
+
+Rules kept:
+- every request is signed with the account's Shared Key (as any Blob
+  request, over the raw path); SAS and anonymous requests are refused;
+- bodies are JSON objects of at most MAX_BODY bytes, read only after the
+  length is checked (413 RequestBodyTooLarge above it);
+- errors are the service's (status, x-ms-error-code, XML body): a stamp
+  error keeps its code (LeaseAlreadyPresent, BlobNotFound, OperationNotAllowed,
+  InvalidParameter...), and the managed-disk layer's own ones are
+  404 ResourceNotFound, 409 ResourceExists, 409 ResourceInUse (a state
+  transition whose expected state is not the disk's: two hosts cannot both
+  attach one disk), 400 InvalidInput;
+- a state transition sets the state and the host's fields (attached_to,
+  lun, host, throttle_credits) only; nothing else of the record;
+- the writer lease is held forever until released; an acquire with the id
+  the client proposed is the same acquire (a retry after a lost answer gets
+  the lease, not a refusal); a release of a lease already gone is done.
+Not offered: creating disks other than from an image, images, snapshots,
+grants, performance changes, vault backups (the `stamp` command does those
+where the stamp is).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..disks import DiskState, ResourceExists, ResourceInUse, ResourceNotFound
+from ..errors import ComputeError, LeaseNotPresentWithLeaseOperation, StampError
+from . import auth
+from .call import Service
+from .errors import RestError
+from .managed import _disks
+
+ROOT = "$diskstamp"
+MAX_BODY = 64 * 1024
+HOST_FIELDS = ("attached_to", "lun", "host", "throttle_credits")
+
+
+def is_host_api(container: str | None) -> bool:
+    return container == ROOT
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=json.dumps(data).encode(), content_type="application/json")
+
+
+async def _body(svc: Service, request: web.Request) -> dict[str, Any]:
+    n = request.content_length or 0
+    if n > MAX_BODY:
+        raise RestError(413, "RequestBodyTooLarge", MaxLimit=str(MAX_BODY))
+    raw = await svc.read_body(request, n) if n else b"{}"
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RestError(400, "InvalidInput", "The body is not JSON.") from None
+    if not isinstance(body, dict):
+        raise RestError(400, "InvalidInput", "The body is a JSON object.")
+    return body
+
+
+def _stamp_error(e: StampError) -> RestError:
+    """The answer for a stamp error the managed-disk layer raised (its own have no code)."""
+    for cls, status, code in ((ResourceNotFound, 404, "ResourceNotFound"), (ResourceExists, 409, "ResourceExists"),
+                              (ResourceInUse, 409, "ResourceInUse")):
+        if isinstance(e, cls):
+            return RestError(status, code, str(e))
+    if isinstance(e, ComputeError):
+        return RestError(e.status, e.code, str(e).removeprefix(f"{e.code}: "))
+    if type(e) is StampError:
+        return RestError(400, "InvalidInput", str(e))
+    raise e  # an AzureError (its own code) or a node down: the endpoint's answer
+
+
+def _state(value: Any, what: str) -> DiskState:
+    try:
+        return DiskState(value)
+    except ValueError:
+        raise RestError(400, "InvalidInput", f"{what} {value!r} is not a disk state") from None
+
+
+async def serve(svc: Service, request: web.Request, areq: auth.Request, rest: str) -> web.StreamResponse:
+    """One host API request; `rest` is the path after /ACCOUNT/$diskstamp/, decoded."""
+    if "Authorization" not in areq.headers:
+        raise RestError(403, "AuthorizationFailure", "The host API takes the account's Shared Key only.")
+    auth.verify_shared_key(areq, svc.accounts)
+    auth.check_date(areq)
+    kind, _, name = rest.partition("/")
+    try:
+        return await _route(svc, request, request.method, kind, name)
+    except StampError as e:
+        raise _stamp_error(e) from None
+
+
+async def _route(svc: Service, request: web.Request, method: str, kind: str, name: str) -> web.StreamResponse:
+    disks = _disks(svc)
+    if kind == "flush" and method == "POST" and not name:
+        body = await _body(svc, request)
+        await svc.run(svc.stamp.flush_shared if body.get("shared") else svc.stamp.flush)
+        return _json({})
+    if kind == "images" and method == "GET" and name:
+        return _json(await svc.run(disks.image, name))
+    if kind == "writer-lease" and method == "POST" and name:
+        return await _writer_lease(svc, name, await _body(svc, request))
+    if kind != "disks":
+        raise RestError(400, "InvalidUri", f"The host API has no {method} {kind or '/'}.")
+    disk, _, action = name.partition("/")
+    if not disk:
+        if method != "GET":
+            raise RestError(405, "UnsupportedHttpVerb")
+        return _json({"disks": await svc.run(disks.disks)})
+    if action == "state" and method == "POST":
+        return _json(await _set_state(svc, disk, await _body(svc, request)))
+    if action:
+        raise RestError(400, "InvalidUri", f"The host API has no {method} disks/NAME/{action}.")
+    if method == "GET":
+        return _json(await svc.run(disks.record, disk))
+    if method == "PUT":
+        return _json(await _create(svc, disk, await _body(svc, request)), 201)
+    if method == "DELETE":
+        await svc.run(disks.delete_disk, disk)
+        return _json({}, 200)
+    raise RestError(405, "UnsupportedHttpVerb")
+
+
+async def _set_state(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, Any]:
+    state = _state(body.get("state"), "state")
+    expect = None if body.get("expect") is None else _state(body["expect"], "expect")
+    fields = body.get("fields") or {}
+    if not isinstance(fields, dict) or set(fields) - set(HOST_FIELDS):
+        raise RestError(400, "InvalidInput", f"fields are some of {', '.join(HOST_FIELDS)}")
+    result: dict[str, Any] = await svc.run(_disks(svc).set_state, disk, state, expect, **fields)
+    return result
+
+
+async def _create(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, Any]:
+    image, size_gib, sku = body.get("image"), body.get("size_gib"), body.get("sku", "Premium_LRS")
+    if not isinstance(image, str) or not isinstance(sku, str) or \
+            (size_gib is not None and (isinstance(size_gib, bool) or not isinstance(size_gib, int))):
+        raise RestError(400, "InvalidInput", "a disk is made from {\"image\": NAME, \"size_gib\": N or null, "
+                        "\"sku\": SKU}")
+    result: dict[str, Any] = await svc.run(_disks(svc).create_from_image, disk, image, size_gib, sku)
+    return result
+
+
+async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.StreamResponse:
+    blobs, action, lease = svc.stamp.blobs, body.get("action"), body.get("lease")
+    if action == "holder":
+        return _json({"holder": await svc.run(blobs.writer_of, blob)})
+    if not isinstance(lease, str):
+        raise RestError(400, "InvalidInput", "a writer lease request names its lease id (\"lease\")")
+    if action == "acquire":
+        holder, stale = body.get("holder"), body.get("stale")
+        if not isinstance(holder, dict) or (stale is not None and not isinstance(stale, dict)):
+            raise RestError(400, "InvalidInput", "an acquire names its holder (lease_holder, lease_pid, "
+                            "lease_started, lease_host)")
+        return _json({"lease": await svc.run(blobs.acquire_writer_lease, blob, holder, lease, stale)}, 201)
+    if action == "release":
+        try:
+            await svc.run(blobs.release_lease, blob, lease)
+        except LeaseNotPresentWithLeaseOperation:
+            pass  # released already (a retry whose first answer was lost)
+        return _json({})
+    raise RestError(400, "InvalidInput", "action is acquire, release or holder")
