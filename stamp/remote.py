@@ -33,6 +33,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -54,7 +55,8 @@ API_VERSION = "2021-08-06"
 CONNECT_TIMEOUT = 5.0
 ANSWER_TIMEOUT = 120.0  # a 4 MiB write on a loaded stamp; a server that stops answering fails after this
 IDLE_REUSE = 4.0  # seconds a connection may have sat idle and still carry a request that is not retried
-DEFAULT_RETRY_SECONDS = 30.0
+DEFAULT_RETRY_SECONDS = 30.0  # a server restarting (kill -9, then up again) within this loses nothing in flight
+RETRY_ENV = "DISKSTAMP_REMOTE_RETRY_SECONDS"
 RETRIED_STATUS = (503,)  # ServerBusy (too many requests, the stamp's nodes down): transient
 # error code -> the stamp's exception (what the host catches by class)
 CODES: dict[str, type[se.StampError]] = {
@@ -141,7 +143,7 @@ class Endpoint:
     """Signed HTTP requests to one account of a `stamp serve`, one keep-alive
     connection per thread."""
 
-    def __init__(self, url: str, key: str | None = None, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None) -> None:
         self.where = Location.parse(url)
         accounts = auth.Accounts()
         try:
@@ -149,7 +151,7 @@ class Endpoint:
         except ValueError:
             raise se.StampError("the account key is not base64 (as the portal and `stamp serve` give it)") from None
         self.key = accounts.keys[self.where.account][0]
-        self.retry_seconds = retry_seconds
+        self.retry_seconds = retry_seconds if retry_seconds is not None else _retry_seconds()
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -250,6 +252,16 @@ class Endpoint:
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}
         return self.request(method, f"{ROOT}/{path}", headers=headers, body=data, idempotent=idempotent).json()
+
+
+def _retry_seconds() -> float:
+    """How long requests are retried: $DISKSTAMP_REMOTE_RETRY_SECONDS, else DEFAULT_RETRY_SECONDS."""
+    raw = os.environ.get(RETRY_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise se.StampError(f"{RETRY_ENV}={raw!r}: give a number of seconds") from None
+    return min(max(value, 0.0), 3600.0)
 
 
 def _why(e: BaseException) -> str:
@@ -397,7 +409,7 @@ class RemoteDisks:
 class RemoteStamp:
     """A stamp served by `stamp serve` at `url` (http://HOST:PORT/ACCOUNT)."""
 
-    def __init__(self, url: str, key: str | None = None, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
+    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None) -> None:
         self.endpoint = Endpoint(url, key, retry_seconds)
         self.path = self.endpoint.where.url
         self.blobs = RemoteBlobs(self.endpoint)

@@ -1,0 +1,276 @@
+"""Hosts over the network: two host folders over one stamp reached only
+through `stamp serve` (a subprocess on a free port), as hosts on other
+machines would share it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from hostcache.cache import CachedBlob, CacheMode
+from hostcache.errors import ConflictingUserInput, HostError
+from hostcache.host import OS_LUN, Host
+from hostcache.throttle import FakeClock
+from stamp import Stamp
+from stamp.disks import Disks
+from stamp.remote import RemoteStamp
+from stamp.rest import DEVSTORE_KEY
+from tests.hostcache.test_host import make_image
+from tests.stamp.rest.conftest import Server, start_server, stop_server
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def served(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"))
+    d = Disks(st)
+    d.create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
+    d.create_empty("data1", 128, "Premium_LRS")
+    d.create_empty("data2", 128, "Premium_LRS")
+    st.close()
+    server = start_server(str(tmp_path / "st"))
+    yield server
+    if server.alive():
+        stop_server(server)
+
+
+def host(tmp_path, server: Server, name: str) -> Host:
+    return Host.create(str(tmp_path / name), server.endpoint, cache_bytes=32 * MIB, clock=FakeClock())
+
+
+def test_a_disk_attached_by_one_host_cannot_be_attached_by_another(tmp_path, served):
+    a, b = host(tmp_path, served, "a"), host(tmp_path, served, "b")
+    with a, b:
+        a.create_vm("vm1", "D8s_v3", "mbr")
+        b.create_vm("vm2", "D8s_v3", "mbr")
+        a.attach("vm1", "data1", 0, "ReadOnly")
+        with pytest.raises(ConflictingUserInput, match="attached to only one VM.*vm1"):
+            b.attach("vm2", "data1", 0, "ReadOnly")
+        assert "0" not in b.vm("vm2")["data_disks"]
+        a.detach("vm1", 0)
+        b.attach("vm2", "data1", 0, "ReadOnly")  # free again
+        assert b.disks.record("data1")["attached_to"] == "vm2"
+
+
+def test_two_hosts_racing_to_attach_one_disk_one_wins(tmp_path, served):
+    """The state moves Unattached -> Attached by compare-and-set in the stamp."""
+    hosts = [host(tmp_path, served, f"h{i}") for i in range(4)]
+    for i, h in enumerate(hosts):
+        h.create_vm(f"vm{i}", "D8s_v3", "mbr")
+    won, lost = [], []
+
+    def attach(i: int) -> None:
+        try:
+            hosts[i].attach(f"vm{i}", "data2", 0)
+            won.append(i)
+        except ConflictingUserInput:
+            lost.append(i)
+    threads = [threading.Thread(target=attach, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 3
+    for h in hosts:
+        h.close()
+
+
+@pytest.mark.parametrize("caching", ["ReadWrite", "None"])
+def test_what_one_host_wrote_another_reads_exactly(tmp_path, served, caching):
+    a, b = host(tmp_path, served, "a"), host(tmp_path, served, "b")
+    with a, b:
+        a.create_vm("vm1", "D8s_v3", "mbr")
+        b.create_vm("vm2", "D8s_v3", "mbr")
+        a.attach("vm1", "data1", 0, caching)
+        disk = a.open_disk("vm1", 0)
+        data = os.urandom(5 * MIB + 512)  # more than one 4 MiB Put Page
+        disk.write(3 * 512, data)
+        disk.write(100 * MIB, b"end".ljust(4096, b"\0"))
+        a.detach("vm1", 0)  # flushes what the cache holds dirty
+        b.attach("vm2", "data1", 0, "ReadOnly")
+        got = b.open_disk("vm2", 0)
+        assert got.read(3 * 512, len(data)) == data
+        assert got.read(100 * MIB, 3) == b"end"
+        assert got.read(0, 512) == bytes(512)
+
+
+def test_a_host_does_not_serve_cached_lines_another_host_rewrote(tmp_path, served):
+    """The version contract across hosts: b keeps its clean lines of a blob
+    across opens only while the stamp's version is the one b recorded, and
+    a write by a (another process, over its own connection) moves it on.
+    (Detach drops a disk's lines anyway: here b reads the blob through its
+    cache as it reads an image under its disks.)"""
+    a, b = host(tmp_path, served, "a"), host(tmp_path, served, "b")
+    with a, b:
+        a.create_vm("vm1", "D8s_v3", "mbr")
+        a.attach("vm1", "data1", 0, "ReadWrite")
+        a.open_disk("vm1", 0).write(0, b"old" * 20000)
+        a.detach("vm1", 0)
+        blob = b.disks.record("data1")["blob"]
+
+        def read_through_b() -> tuple[bytes, int]:
+            before = b.cache.stats.read_misses
+            f = CachedBlob(b.cache, b.stamp, blob, CacheMode.READONLY, writable=False)
+            try:
+                return f.pread(60000, 0), b.cache.stats.read_misses - before  # a fixed VHD: guest offsets
+            finally:
+                f.close()
+        assert read_through_b() == (b"old" * 20000, 118)  # sectors missed
+        assert read_through_b() == (b"old" * 20000, 0)  # unchanged: b's cached line is served
+        a.attach("vm1", "data1", 0, "ReadWrite")
+        a.open_disk("vm1", 0).write(4096, b"new" * 1000)
+        a.detach("vm1", 0)
+        want = bytearray(b"old" * 20000)
+        want[4096:7096] = b"new" * 1000
+        assert read_through_b() == (want, 118)  # read again from the stamp
+
+
+def test_a_disk_made_again_under_its_name_never_shows_the_old_bytes(tmp_path, served):
+    a, b = host(tmp_path, served, "a"), host(tmp_path, served, "b")
+    with a, b:
+        a.create_vm("vm1", "D8s_v3", "mbr", os_caching="ReadWrite")
+        osd = a.open_disk("vm1", OS_LUN)
+        image_bytes = osd.read(40 * MIB, 4096)
+        osd.write(40 * MIB, b"secret".ljust(4096, b"\0"))
+        assert osd.read(40 * MIB, 6) == b"secret"  # in a's cache, and (after the delete's flush) the stamp
+        old_id = a.stamp.blobs.blob_id(a.disks.record("vm1-osdisk")["blob"])
+        a.delete_vm("vm1", delete_os_disk=True)
+        b.create_vm("vm1", "D8s_v3", "mbr", os_caching="ReadWrite")  # another host makes a disk of that name
+        b.open_disk("vm1", OS_LUN).write(40 * MIB, b"other".ljust(4096, b"\0"))
+        b.delete_vm("vm1", delete_os_disk=True)
+        a.create_vm("vm1", "D8s_v3", "mbr", os_caching="ReadWrite")
+        assert a.stamp.blobs.blob_id(a.disks.record("vm1-osdisk")["blob"]) != old_id
+        assert a.open_disk("vm1", OS_LUN).read(40 * MIB, 4096) == image_bytes
+
+
+def _write_until_stopped(h: Host, acked: list[int], stop: threading.Event, errors: list[BaseException]) -> None:
+    disk = h.open_disk("vm1", 0)
+    i = 0
+    try:
+        while not stop.is_set() and i < 2000:
+            disk.write(i * 8192, i.to_bytes(4, "big") * 2048)
+            disk.flush()  # acknowledged: from here it must survive
+            acked.append(i)
+            i += 1
+    except BaseException as e:  # noqa: BLE001 (reported by the test)
+        errors.append(e)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("caching", ["ReadWrite", "None"])
+def test_kill_9_of_the_server_while_a_host_writes_loses_no_flushed_write(tmp_path, caching):
+    st = Stamp.create(str(tmp_path / "st"))
+    d = Disks(st)
+    d.create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
+    d.create_empty("data1", 128, "Premium_LRS")
+    st.close()
+    port = _free_port()
+    server = start_server(str(tmp_path / "st"), "--port", str(port))
+    h = host(tmp_path, server, "a")
+    h.create_vm("vm1", "D8s_v3", "mbr")
+    h.attach("vm1", "data1", 0, caching)
+    acked: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_until_stopped, args=(h, acked, stop, errors))
+    writer.start()
+    try:
+        for _ in range(2):  # twice: each time the host retries into the next server
+            while len(acked) < 20 and writer.is_alive():
+                time.sleep(0.01)
+            seen = len(acked)
+            server.proc.send_signal(signal.SIGKILL)
+            server.proc.wait()
+            time.sleep(0.3)
+            server = start_server(str(tmp_path / "st"), "--port", str(port))
+            while len(acked) < seen + 20 and writer.is_alive():
+                time.sleep(0.01)
+            assert len(acked) >= seen + 20, errors
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors
+    h.detach("vm1", 0)
+    h.close()
+    stop_server(server)
+    with Stamp.open(str(tmp_path / "st")) as st:  # the stamp itself, no server in between
+        blob = Disks(st).record("data1")["blob"]
+        from stamp.blobfile import PageBlobFile
+        from vhd.image import open_image
+        img = open_image(PageBlobFile(st, blob, writable=False))
+        for i in acked:
+            assert img.read(i * 8192, 8192) == i.to_bytes(4, "big") * 2048, i
+        assert st.check().ok
+
+
+def test_a_server_that_is_down_is_a_clear_error(tmp_path, served):
+    h = host(tmp_path, served, "a")
+    h.create_vm("vm1", "D8s_v3", "mbr")
+    h.close()
+    stop_server(served)
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "hostcache", "--host", str(tmp_path / "a"), "vm", "attach", "vm1",
+                          "data1", "--lun", "0"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DISKSTAMP_REMOTE_RETRY_SECONDS": "1"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "did not answer" in out.stderr and "connection refused" in out.stderr
+    assert time.monotonic() - start < 60
+
+
+def _init(tmp_path, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hostcache", "--host", str(tmp_path / name), "init", *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DISKSTAMP_REMOTE_RETRY_SECONDS": "1"})
+
+
+def test_init_over_a_url_and_its_clear_errors(tmp_path, served):
+    ok = _init(tmp_path, "a", "--stamp", served.endpoint)
+    assert ok.returncode == 0, ok.stderr
+    assert '"stamp": "' + served.endpoint in ok.stdout
+    wrong_key = DEVSTORE_KEY[:-8] + "AAAAAAA="
+    bad = _init(tmp_path, "b", "--stamp", served.endpoint, "--account-key", wrong_key)
+    assert bad.returncode == 1 and "refused the account key (403 AuthenticationFailed)" in bad.stderr
+    assert not os.path.exists(tmp_path / "b" / "host.json")
+    bad = _init(tmp_path, "c", "--stamp", "http://127.0.0.1:10000")
+    assert bad.returncode == 1 and "http://HOST:PORT/ACCOUNT" in bad.stderr
+    bad = _init(tmp_path, "d", "--stamp", served.endpoint, "--account-key", "not base64!")
+    assert bad.returncode == 1 and "not base64" in bad.stderr
+    bad = _init(tmp_path, "e", "--stamp", f"http://127.0.0.1:{_free_port()}/devstoreaccount1")
+    assert bad.returncode == 1 and "did not answer" in bad.stderr
+    for r in (ok, bad):
+        assert "Traceback" not in r.stderr
+    with open(tmp_path / "a" / "host.json") as f:
+        assert "account_key" not in f.read()  # the default key is not written down
+    keyed = _init(tmp_path, "f", "--stamp", served.endpoint, "--account-key", DEVSTORE_KEY)
+    assert keyed.returncode == 0 and DEVSTORE_KEY not in keyed.stdout
+    assert os.stat(tmp_path / "f" / "host.json").st_mode & 0o077 == 0
+
+
+def test_a_vault_backup_of_a_remote_hosts_disk_is_a_clear_refusal(tmp_path, served):
+    with host(tmp_path, served, "a") as h:
+        h.create_vm("vm1", "D8s_v3", "mbr")
+        with pytest.raises(HostError, match="vault backups are made where the stamp is"):
+            h.backup("vm1", OS_LUN, vault=None)
+
+
+def test_the_host_api_takes_the_account_key_only(served):
+    with pytest.raises(Exception, match="refused the account key"):
+        RemoteStamp(served.endpoint, DEVSTORE_KEY[:-8] + "AAAAAAA=")
+    import urllib.error
+    import urllib.request
+    with pytest.raises(urllib.error.HTTPError) as e:  # no credentials at all
+        urllib.request.urlopen(f"{served.endpoint}/$diskstamp/disks", timeout=10)
+    assert e.value.code == 403 and e.value.headers["x-ms-error-code"] == "AuthorizationFailure"
