@@ -30,6 +30,11 @@ when a row is "over" or "missed".
 With --ceiling, instead: the uncapped 4 KiB ceiling of hostcache serve at 1
 and 2 worker processes (measure_workers), alternated --rounds times, medians:
   .venv/bin/python tools/fio_tiers.py --ceiling [--seconds 5] [--rounds 3] [--jobs 4]
+With --remote, instead: the same uncapped 4 KiB ceiling (one worker) of a
+host whose stamp is a folder beside one whose stamp it reaches only over
+HTTP (`hostcache init --stamp URL` against `stamp serve` on 127.0.0.1),
+alternated --rounds times, medians, with the ratio remote / local:
+  .venv/bin/python tools/fio_tiers.py --remote [--seconds 5] [--rounds 3] [--jobs 4]
 """
 
 from __future__ import annotations
@@ -385,7 +390,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--check", action="store_true", help="exit 1 if a row is 'over' or 'missed'")
     ap.add_argument("--ceiling", action="store_true", help="only the uncapped 4 KiB ceiling at 1 and 2 workers")
     ap.add_argument("--rounds", type=int, default=3, help="with --ceiling: 1 and 2 workers alternated this often")
-    ap.add_argument("--jobs", type=int, default=4, help="with --ceiling: fio jobs (NBD connections)")
+    ap.add_argument("--jobs", type=int, default=4, help="with --ceiling or --remote: fio jobs (NBD connections)")
+    ap.add_argument("--remote", action="store_true", help="only the uncapped 4 KiB ceiling of a host over a local "
+                    "stamp beside one over `stamp serve` (hostcache init --stamp URL), alternated --rounds times")
     a = ap.parse_args(argv)
     if a.tiers == ["all"]:
         a.tiers = list(ALL)
@@ -414,7 +421,8 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int = 16) -> dict[str, float]:
+def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int = 16,
+                    remote: bool = False) -> dict[str, float]:
     """The uncapped 4 KiB ceiling of `hostcache serve --workers N`: IOPS of fio
     randwrite then randread with `jobs` jobs (one NBD connection each, on 64 MiB
     regions of their own) at queue depth `qd`, on an Ultra disk (cache None) of
@@ -422,8 +430,11 @@ def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int
     throttle, is what is measured. A fresh stamp and host in a folder of its own.
     Also, per rw: the serving processes' CPU microseconds per I/O and the cores
     they kept busy (CPU seconds per second), which a shared machine's load does
-    not move as it moves IOPS."""
+    not move as it moves IOPS. `remote`: the host reaches the stamp only over
+    HTTP (`stamp serve` on a free port of 127.0.0.1, `hostcache init --stamp
+    URL`); the server's CPU is counted with the host's."""
     work = tempfile.mkdtemp(prefix="fio-ceiling-", dir="/var/tmp")
+    server = None
     try:
         with vhd.create(os.path.join(work, "img.vhd"), 32 * MIB, type="fixed") as img:
             img.write(0, make_boot_sector(2048, 60000))
@@ -431,8 +442,12 @@ def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int
             d = Disks(st)
             d.create_image("img", path=os.path.join(work, "img.vhd"))
             d.create_empty("ultra", CEILING_DISK[1], CEILING_DISK[0])
-        host = os.path.join(work, "host")
-        with Host.create(host, os.path.join(work, "st")) as h:
+        host, location = os.path.join(work, "host"), os.path.join(work, "st")
+        if remote:
+            server = subprocess.Popen([PY, "-m", "stamp", "--stamp", location, "serve", "--port", "0"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            location = json.loads(server.stdout.readline())["listening"] + "/devstoreaccount1"  # type: ignore[union-attr]
+        with Host.create(host, location) as h:
             h.create_vm("vm", CEILING_VM, "img")
             h.attach("vm", "ultra", 0, "None")
         sock = f"{work}/c.sock"
@@ -440,7 +455,7 @@ def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int
                                  str(workers), "--socket", sock], stdout=subprocess.PIPE, text=True)
         try:
             ready = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
-            pids = ready.get("workers", [proc.pid])
+            pids = ready.get("workers", [proc.pid]) + ([server.pid] if server is not None else [])
             out = {}
             for rw in ("randwrite", "randread"):  # written first: the reads find data
                 cpu, t0 = _cpu_seconds(pids), time.monotonic()
@@ -459,7 +474,28 @@ def measure_workers(workers: int = 1, seconds: float = 5, jobs: int = 4, qd: int
         finally:
             stop(proc)
     finally:
+        if server is not None:
+            stop(server)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remote_rows(a: argparse.Namespace) -> list[dict]:
+    """A host over a local stamp and one over `stamp serve`, alternated a.rounds times (the machine is shared): medians."""
+    import statistics
+
+    got: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+    for _ in range(a.rounds):
+        for remote in (False, True):
+            got[remote].append(measure_workers(1, a.seconds, a.jobs, remote=remote))
+    rows = []
+    for rw in ("randread", "randwrite"):
+        local, over = (statistics.median(r[rw] for r in got[w]) for w in (False, True))
+        rows.append({"test": f"hostcache serve 4K {rw}, {a.jobs} fio jobs QD16, stamp over HTTP", "ours": over,
+                     "peer": local, "peer_name": "stamp in-process", "unit": "IOPS", "ratio": over / local,
+                     "goal": None})
+        local, over = (statistics.median(r[f"{rw}_cpu_us_per_io"] for r in got[w]) for w in (False, True))
+        print(f"{rw:>10} CPU per I/O (host and server): in-process {local:.0f} us, over HTTP {over:.0f} us")
+    return rows
 
 
 def worker_rows(a: argparse.Namespace) -> list[dict]:
@@ -486,8 +522,8 @@ def main() -> int:
     from benchtable import show
 
     a = parse()
-    if a.ceiling:
-        rows = worker_rows(a)
+    if a.ceiling or a.remote:
+        rows = remote_rows(a) if a.remote else worker_rows(a)
         show(rows)
         if a.json:
             with open(a.json, "w") as f:

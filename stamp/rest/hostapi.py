@@ -20,7 +20,7 @@ Rules kept:
 - bodies are JSON objects of at most MAX_BODY bytes, read only after the
   length is checked (413 RequestBodyTooLarge above it);
 - errors are the service's (status, x-ms-error-code, XML body): a stamp
-  error keeps its code (LeaseAlreadyPresent, BlobNotFound, OperationNotAllowed,
+  error keeps its code and its message (LeaseAlreadyPresent, BlobNotFound, OperationNotAllowed,
   InvalidParameter...), and the managed-disk layer's own ones are
   404 ResourceNotFound, 409 ResourceExists, 409 ResourceInUse (a state
   transition whose expected state is not the disk's: two hosts cannot both
@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from ..disks import DiskState, ResourceExists, ResourceInUse, ResourceNotFound
-from ..errors import ComputeError, LeaseNotPresentWithLeaseOperation, StampError
+from ..errors import AzureError, ComputeError, LeaseNotPresentWithLeaseOperation, StampError
 from . import auth
 from .call import Service
 from .errors import RestError
@@ -82,11 +82,11 @@ def _stamp_error(e: StampError) -> RestError:
                               (ResourceInUse, 409, "ResourceInUse")):
         if isinstance(e, cls):
             return RestError(status, code, str(e))
-    if isinstance(e, ComputeError):
+    if isinstance(e, ComputeError | AzureError):  # the stamp's own message (who holds a lease, say)
         return RestError(e.status, e.code, str(e).removeprefix(f"{e.code}: "))
     if type(e) is StampError:
         return RestError(400, "InvalidInput", str(e))
-    raise e  # an AzureError (its own code) or a node down: the endpoint's answer
+    raise e  # a node down, a full disk: the endpoint's answer (503 ServerBusy)
 
 
 def _state(value: Any, what: str) -> DiskState:

@@ -4,6 +4,7 @@ machines would share it."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -13,6 +14,9 @@ import threading
 import time
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from hostcache.cache import CachedBlob, CacheMode
 from hostcache.errors import ConflictingUserInput, HostError
@@ -20,22 +24,25 @@ from hostcache.host import OS_LUN, Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
 from stamp.disks import Disks
+from stamp.errors import LeaseAlreadyPresent
 from stamp.remote import RemoteStamp
 from stamp.rest import DEVSTORE_KEY
+from tests.conftest import run
 from tests.hostcache.test_host import make_image
 from tests.stamp.rest.conftest import Server, start_server, stop_server
 
 MIB = 1 << 20
+SLOW = bool(os.environ.get("DISKSTAMP_SLOW"))
 
 
 @pytest.fixture
 def served(tmp_path):
-    st = Stamp.create(str(tmp_path / "st"))
-    d = Disks(st)
+    stamp = Stamp.create(str(tmp_path / "st"))
+    d = Disks(stamp)
     d.create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
     d.create_empty("data1", 128, "Premium_LRS")
     d.create_empty("data2", 128, "Premium_LRS")
-    st.close()
+    stamp.close()
     server = start_server(str(tmp_path / "st"))
     yield server
     if server.alive():
@@ -172,11 +179,11 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("caching", ["ReadWrite", "None"])
 def test_kill_9_of_the_server_while_a_host_writes_loses_no_flushed_write(tmp_path, caching):
-    st = Stamp.create(str(tmp_path / "st"))
-    d = Disks(st)
+    stamp = Stamp.create(str(tmp_path / "st"))
+    d = Disks(stamp)
     d.create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
     d.create_empty("data1", 128, "Premium_LRS")
-    st.close()
+    stamp.close()
     port = _free_port()
     server = start_server(str(tmp_path / "st"), "--port", str(port))
     h = host(tmp_path, server, "a")
@@ -206,14 +213,14 @@ def test_kill_9_of_the_server_while_a_host_writes_loses_no_flushed_write(tmp_pat
     h.detach("vm1", 0)
     h.close()
     stop_server(server)
-    with Stamp.open(str(tmp_path / "st")) as st:  # the stamp itself, no server in between
-        blob = Disks(st).record("data1")["blob"]
+    with Stamp.open(str(tmp_path / "st")) as stamp:  # the stamp itself, no server in between
+        blob = Disks(stamp).record("data1")["blob"]
         from stamp.blobfile import PageBlobFile
         from vhd.image import open_image
-        img = open_image(PageBlobFile(st, blob, writable=False))
+        img = open_image(PageBlobFile(stamp, blob, writable=False))
         for i in acked:
             assert img.read(i * 8192, 8192) == i.to_bytes(4, "big") * 2048, i
-        assert st.check().ok
+        assert stamp.check().ok
 
 
 def test_a_server_that_is_down_is_a_clear_error(tmp_path, served):
@@ -274,3 +281,158 @@ def test_the_host_api_takes_the_account_key_only(served):
     with pytest.raises(urllib.error.HTTPError) as e:  # no credentials at all
         urllib.request.urlopen(f"{served.endpoint}/$diskstamp/disks", timeout=10)
     assert e.value.code == 403 and e.value.headers["x-ms-error-code"] == "AuthorizationFailure"
+
+
+REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
+
+
+class RemoteDiskMachine(RuleBasedStateMachine):
+    """A disk attached over the network, against a bytearray: writes, reads,
+    flushes, and moves between two hosts (detach from one, attach to the
+    other), with each host's cache checked after every step."""
+
+    def __init__(self, server: Server, work: str, mode: str, n: int) -> None:
+        super().__init__()
+        self.name = f"m{n}"
+        with Stamp.open(server.stamp) as stamp:  # another process of the stamp: the server is one
+            Disks(stamp).create_empty(self.name, 1, "Premium_LRS")
+        self.hosts = [Host.create(os.path.join(work, f"{self.name}-{i}"), server.endpoint, cache_bytes=2 * MIB,
+                                  clock=FakeClock()) for i in range(2)]
+        for i, h in enumerate(self.hosts):
+            h.create_vm(f"{self.name}vm{i}", "D8s_v3", "mbr", os_caching="ReadOnly")
+        self.mode, self.at = mode, 0
+        self.model = bytearray(REGION)
+        self._attach()
+
+    def _attach(self) -> None:
+        h = self.hosts[self.at]
+        h.attach(f"{self.name}vm{self.at}", self.name, 0, self.mode)
+        self.disk = h.open_disk(f"{self.name}vm{self.at}", 0)
+
+    @rule(sector=st.integers(0, REGION // 512 - 1), count=st.integers(1, 200), value=st.integers(1, 255))
+    def write(self, sector, count, value):
+        count = min(count, REGION // 512 - sector)
+        data = bytes([value]) * (count * 512)
+        self.disk.write(sector * 512, data)
+        self.model[sector * 512:(sector + count) * 512] = data
+
+    @rule(offset=st.integers(0, REGION - 1), length=st.integers(1, 3 * 65536))
+    def read(self, offset, length):
+        length = min(length, REGION - offset)
+        assert self.disk.read(offset, length) == bytes(self.model[offset:offset + length])
+
+    @rule()
+    def flush(self):
+        self.disk.flush()
+        other = self.hosts[1 - self.at]  # a fixed VHD: the blob's bytes are the guest's
+        blob = other.disks.record(self.name)["blob"]
+        assert other.stamp.blobs.read(blob, 0, REGION) == bytes(self.model)
+
+    @rule()
+    def move_to_the_other_host(self):
+        self.hosts[self.at].detach(f"{self.name}vm{self.at}", 0)
+        self.at = 1 - self.at
+        self._attach()
+
+    @invariant()
+    def caches_check(self):
+        for h in self.hosts:
+            assert h.cache.check() == []
+
+    def teardown(self):
+        self.hosts[self.at].detach(f"{self.name}vm{self.at}", 0)
+        blob = self.hosts[0].disks.record(self.name)["blob"]
+        assert self.hosts[0].stamp.blobs.read(blob, 0, REGION) == bytes(self.model)
+        for h in self.hosts:
+            h.close()
+
+
+@pytest.mark.parametrize("mode", ["ReadWrite", "ReadOnly", "None"])
+def test_a_remote_attached_disk_against_a_model(tmp_path, served, mode):
+    count = itertools.count()
+    run_state_machine_as_test(lambda: RemoteDiskMachine(served, str(tmp_path), mode, next(count)),
+                              settings=settings(max_examples=60 if SLOW else 6, stateful_step_count=25,
+                                                deadline=None))
+
+
+def _cli(host: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "hostcache", "--host", host, *args], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
+    return r.stdout
+
+
+def _serve(host: str, vm: str, sock: str, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "hostcache", "--host", host, "serve", vm, "--socket", sock, *args],
+                            stdout=subprocess.PIPE, text=True)
+    assert "serving" in proc.stdout.readline()  # type: ignore[union-attr]
+    return proc
+
+
+def test_every_host_command_over_the_network_and_nbd_between_two_hosts(tmp_path, served):
+    """init, vm create, attach, boot, stop, start, serve (nbdcopy in), kill -9
+    of the server (its writer lease left behind: the next command, in another
+    process, finds its holder dead on this machine and takes it over), detach
+    (writes back what the ReadWrite cache held), then another host: attach,
+    serve (nbdcopy out), mount."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _cli(a, "init", "--stamp", served.endpoint)
+    _cli(b, "init", "--stamp", served.endpoint)
+    _cli(a, "vm", "create", "vma", "--size", "D8s_v3", "--image", "mbr")
+    _cli(b, "vm", "create", "vmb", "--size", "D8s_v3", "--image", "mbr")
+    _cli(a, "vm", "attach", "vma", "data1", "--lun", "0", "--caching", "ReadWrite")
+    assert '"reads"' in _cli(a, "vm", "boot", "vma")
+    _cli(a, "vm", "stop", "vma")
+    _cli(a, "vm", "start", "vma")
+    src = tmp_path / "in.raw"
+    src.write_bytes(os.urandom(4 * MIB))
+    proc = _serve(a, "vma", str(tmp_path / "a.sock"))
+    run("nbdcopy", str(src), f"nbd+unix:///lun0?socket={tmp_path / 'a.sock'}")
+    proc.kill()  # no flush; the lease stays with a dead holder
+    proc.wait()
+    _cli(a, "vm", "detach", "vma", "--lun", "0")
+    _cli(b, "vm", "attach", "vmb", "data1", "--lun", "0", "--caching", "ReadOnly")
+    proc = _serve(b, "vmb", str(tmp_path / "b.sock"))
+    try:
+        run("nbdcopy", f"nbd+unix:///lun0?socket={tmp_path / 'b.sock'}", str(tmp_path / "out.raw"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    with open(tmp_path / "out.raw", "rb") as f:
+        assert f.read(4 * MIB) == src.read_bytes()
+    (tmp_path / "m").mkdir()
+    try:
+        _cli(b, "mount", "vmb", str(tmp_path / "m"), "--lun", "0")
+        with open(tmp_path / "m" / "disk", "rb") as f:
+            assert f.read(4 * MIB) == src.read_bytes()
+    finally:
+        subprocess.run([sys.executable, "-m", "hostcache", "--host", b, "umount", str(tmp_path / "m")],
+                       capture_output=True)
+
+
+def test_a_writer_lease_is_taken_over_only_from_the_holder_named_stale(served):
+    """A holder on another machine is judged by the client on its own machine:
+    the server breaks the lease only if its holder is exactly the one named."""
+    import uuid
+
+    with RemoteStamp(served.endpoint) as remote:
+        blob = remote.records().record("data1")["blob"]
+        elsewhere = {"lease_holder": "pid 4242 on far", "lease_pid": 4242, "lease_started": 7, "lease_host": "far"}
+        first = str(uuid.uuid4())
+        path = f"writer-lease/{blob}"
+        assert remote.endpoint.api("POST", path, {"action": "acquire", "lease": first, "holder": elsewhere}) \
+            == {"lease": first}
+        assert remote.endpoint.api("POST", path, {"action": "acquire", "lease": first, "holder": elsewhere}) \
+            == {"lease": first}  # the same acquire again (a retry): the same lease
+        with pytest.raises(LeaseAlreadyPresent, match="pid 4242 on far"):
+            remote.blobs.acquire_writer_lease(blob)  # alive as far as anyone here can tell
+        other = {**elsewhere, "lease_started": 8}  # the pid reused by a later process there
+        mine = str(uuid.uuid4())
+        with pytest.raises(LeaseAlreadyPresent):
+            remote.endpoint.api("POST", path, {"action": "acquire", "lease": mine, "holder": elsewhere,
+                                                "stale": other})
+        assert remote.endpoint.api("POST", path, {"action": "holder"})["holder"] == elsewhere
+        assert remote.endpoint.api("POST", path, {"action": "acquire", "lease": mine, "holder": other,
+                                                  "stale": elsewhere}) == {"lease": mine}
+        remote.blobs.release_lease(blob, mine)
+        remote.blobs.release_lease(blob, mine)  # released already: done
