@@ -65,6 +65,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -261,6 +262,13 @@ class Host:
                 raise HostError(f"cannot make the host in {path}: {e.strerror or e}") from None
             raise
 
+    def identity(self) -> str:
+        """How this host names itself in the disk records it attaches: its
+        folder, and over the network also its machine (two machines may
+        use one folder path)."""
+        here = os.path.abspath(self.path)
+        return f"{socket.gethostname()}:{here}" if is_remote(self.stamp) else here
+
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""
         scale = self.config.get("cache_scale")
@@ -452,7 +460,7 @@ class Host:
         does not give it (attach marks the disk first, detach unmarks it last)
         is attached to nothing. Only disks this host attached (a VM of that name
         on another host over the stamp is another VM)."""
-        here = os.path.abspath(self.path)
+        here = self.identity()
         for rec in self.disks.disks():
             lun = rec.get("lun")
             if rec.get("host") != here or rec.get("attached_to") != vm["name"] or lun is None or lun == OS_LUN:
@@ -482,7 +490,7 @@ class Host:
         state = DiskState.RESERVED if vm["state"] == "Deallocated" else DiskState.ATTACHED
         try:  # only from Unattached: another host may have taken it since the check
             self.disks.set_state(disk, state, expect=DiskState.UNATTACHED, attached_to=vm_name, lun=lun,
-                                 host=os.path.abspath(self.path))
+                                 host=self.identity())
         except ResourceInUse:
             raise _attached_elsewhere(self.disks.record(disk)) from None
         vm["data_disks"][str(lun)] = {"disk": disk, "caching": mode}

@@ -25,7 +25,9 @@ Ranges); the records, the writer lease and flush are the host API
   a StampError naming the URL, never a traceback;
 - a Put Page is answered only once the stamp's write is acknowledged (the
   stamp's durability: survives a kill of the server); flush() asks the
-  server to make the stamp durable as its own flush() does.
+  server to make the stamp durable as its own flush() does, or, after a
+  connection failed (the server may have restarted: its flush would not
+  cover what the process before it acknowledged), as flush_shared() does.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class Endpoint:
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self.requests = 0  # sent, retries included (for tests and measurements)
+        self.interrupted = False  # a connection failed since the last flush: the server may be another process
 
     def close(self) -> None:
         with self._lock:
@@ -223,6 +226,7 @@ class Endpoint:
                 answer = self._once(method, target, signed, data, fresh=not idempotent)
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
+                self.interrupted = True
                 reached = not isinstance(e, ConnectionRefusedError)
                 if (reached and not idempotent) or time.monotonic() + delay > deadline:
                     raise Unreachable(f"the stamp at {self.where.url} did not answer ({_why(e)})"
@@ -419,7 +423,15 @@ class RemoteStamp:
         return RemoteDisks(self.endpoint)
 
     def flush(self) -> None:
-        self.endpoint.api("POST", "flush", {"shared": False})
+        """The stamp durable: what this server process acknowledged (Stamp.flush);
+        after a connection failed, what every process did (flush_shared), since
+        the writes before it may have gone to a server process that is gone."""
+        shared, self.endpoint.interrupted = self.endpoint.interrupted, False
+        try:
+            self.endpoint.api("POST", "flush", {"shared": shared})
+        except BaseException:
+            self.endpoint.interrupted = True
+            raise
 
     def flush_shared(self) -> None:
         self.endpoint.api("POST", "flush", {"shared": True})

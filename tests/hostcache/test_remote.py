@@ -59,6 +59,8 @@ def test_a_disk_attached_by_one_host_cannot_be_attached_by_another(tmp_path, ser
         a.create_vm("vm1", "D8s_v3", "mbr")
         b.create_vm("vm2", "D8s_v3", "mbr")
         a.attach("vm1", "data1", 0, "ReadOnly")
+        # two machines may have host folders of one path: the record names the machine too
+        assert a.disks.record("data1")["host"] == f"{socket.gethostname()}:{tmp_path / 'a'}"
         with pytest.raises(ConflictingUserInput, match="attached to only one VM.*vm1"):
             b.attach("vm2", "data1", 0, "ReadOnly")
         assert "0" not in b.vm("vm2")["data_disks"]
