@@ -438,3 +438,30 @@ def test_a_writer_lease_is_taken_over_only_from_the_holder_named_stale(served):
                                                   "stale": elsewhere}) == {"lease": mine}
         remote.blobs.release_lease(blob, mine)
         remote.blobs.release_lease(blob, mine)  # released already: done
+
+
+def test_two_serve_workers_over_the_network_write_what_is_read_back(tmp_path, served):
+    """`hostcache serve --workers 2` over a URL: the supervisor takes the
+    writer lease over the host API, both workers write under it (ReadWrite,
+    one shared host cache), and what nbdcopy wrote over 4 connections is in
+    the stamp after detach."""
+    host_dir = str(tmp_path / "a")
+    with host(tmp_path, served, "a") as h:
+        h.create_vm("vm1", "D8s_v3", "mbr")
+        h.attach("vm1", "data1", 0, "ReadWrite")
+    src = tmp_path / "in.raw"
+    src.write_bytes(os.urandom(8 * MIB))
+    sock = str(tmp_path / "w.sock")
+    proc = _serve(host_dir, "vm1", sock, "--lun", "0", "--workers", "2")
+    try:
+        run("nbdcopy", "--connections=4", str(src), f"nbd+unix:///lun0?socket={sock}")
+        run("nbdcopy", "--connections=4", f"nbd+unix:///lun0?socket={sock}", str(tmp_path / "out.raw"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    with open(tmp_path / "out.raw", "rb") as f:
+        assert f.read(8 * MIB) == src.read_bytes()
+    with Host(host_dir) as h:
+        h.detach("vm1", 0)
+    with Stamp.open(served.stamp) as stamp, Disks(stamp).open_virtual("data1") as v:
+        assert v.read(0, 8 * MIB) == src.read_bytes()
