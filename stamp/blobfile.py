@@ -36,6 +36,8 @@ class PageBlobFile:
             return None
         rest = self.blob[len("disks/"):]
         disk = rest.rpartition("/")[0] or rest  # disks/NAME/N (disks/NAME in a stamp made before)
+        if "://" in self.stamp.path:  # a stamp over the network: repaired where it is
+            return f"stamp --stamp STAMP-FOLDER disk check --repair {disk} (where {self.stamp.path} is served)"
         return f"stamp --stamp {self.stamp.path} disk check --repair {disk}"
 
     def size(self) -> int:

@@ -47,7 +47,7 @@ from ..errors import AzureError, ComputeError, LeaseNotPresentWithLeaseOperation
 from . import auth
 from .call import Service
 from .errors import RestError
-from .managed import _disks
+from .managed import disks_of
 
 ROOT = "$diskstamp"
 MAX_BODY = 64 * 1024
@@ -110,7 +110,7 @@ async def serve(svc: Service, request: web.Request, areq: auth.Request, rest: st
 
 
 async def _route(svc: Service, request: web.Request, method: str, kind: str, name: str) -> web.StreamResponse:
-    disks = _disks(svc)
+    disks = disks_of(svc)
     if kind == "flush" and method == "POST" and not name:
         body = await _body(svc, request)
         await svc.run(svc.stamp.flush_shared if body.get("shared") else svc.stamp.flush)
@@ -146,7 +146,7 @@ async def _set_state(svc: Service, disk: str, body: dict[str, Any]) -> dict[str,
     fields = body.get("fields") or {}
     if not isinstance(fields, dict) or set(fields) - set(HOST_FIELDS):
         raise RestError(400, "InvalidInput", f"fields are some of {', '.join(HOST_FIELDS)}")
-    result: dict[str, Any] = await svc.run(_disks(svc).set_state, disk, state, expect, **fields)
+    result: dict[str, Any] = await svc.run(disks_of(svc).set_state, disk, state, expect, **fields)
     return result
 
 
@@ -156,7 +156,7 @@ async def _create(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, An
             (size_gib is not None and (isinstance(size_gib, bool) or not isinstance(size_gib, int))):
         raise RestError(400, "InvalidInput", "a disk is made from {\"image\": NAME, \"size_gib\": N or null, "
                         "\"sku\": SKU}")
-    result: dict[str, Any] = await svc.run(_disks(svc).create_from_image, disk, image, size_gib, sku)
+    result: dict[str, Any] = await svc.run(disks_of(svc).create_from_image, disk, image, size_gib, sku)
     return result
 
 

@@ -42,7 +42,8 @@ def is_managed(container: str | None) -> bool:
     return container is not None and container.startswith(CONTAINER_PREFIX)
 
 
-def _disks(svc: Service) -> Disks:
+def disks_of(svc: Service) -> Disks:
+    """The server's Disks (one per process, made on first use: it rolls back dead creates)."""
     disks = getattr(svc, "_disks", None)
     if disks is None:
         disks = Disks(svc.stamp)
@@ -51,7 +52,7 @@ def _disks(svc: Service) -> Disks:
 
 
 async def grant_of(svc: Service, container: str) -> Grant:
-    grant = await svc.run(_disks(svc).grant_for, container)
+    grant = await svc.run(disks_of(svc).grant_for, container)
     if grant is None:
         raise RestError(404, "ContainerNotFound")
     return grant
@@ -94,7 +95,7 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     URL, its SAS checked) and this grant: guest offsets, as Disks.grant_diff."""
     url = c.headers["x-ms-previous-snapshot-url"]
     previous = await _previous_grant(svc, c, url)
-    d = await svc.run(_disks(svc).grant_diff, target, previous)
+    d = await svc.run(disks_of(svc).grant_diff, target, previous)
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
     if marker and not marker.isdigit():
