@@ -465,3 +465,30 @@ def test_two_serve_workers_over_the_network_write_what_is_read_back(tmp_path, se
         h.detach("vm1", 0)
     with Stamp.open(served.stamp) as stamp, Disks(stamp).open_virtual("data1") as v:
         assert v.read(0, 8 * MIB) == src.read_bytes()
+
+
+def test_after_a_connection_failed_a_flush_covers_every_server_process(tmp_path):
+    """The server's flush syncs what its own process appended: once a
+    connection failed (the server may have restarted), the next flush asks
+    for every process's writes (flush_shared), then plain flushes again."""
+    Stamp.create(str(tmp_path / "st")).close()
+    port = _free_port()
+    server = start_server(str(tmp_path / "st"), "--port", str(port))
+    sent: list[object] = []
+    with RemoteStamp(server.endpoint) as remote:
+        real = remote.endpoint.api
+
+        def api(method: str, path: str, body: dict | None = None, idempotent: bool = True) -> object:
+            if path == "flush":
+                sent.append(body)
+            return real(method, path, body, idempotent)
+        remote.endpoint.api = api  # type: ignore[method-assign]
+        remote.flush()
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        server = start_server(str(tmp_path / "st"), "--port", str(port))
+        assert remote.records().disks() == []  # its connection was dropped: retried on a new one
+        remote.flush()
+        remote.flush()
+    stop_server(server)
+    assert sent == [{"shared": False}, {"shared": True}, {"shared": False}]
