@@ -44,6 +44,7 @@ from aiohttp import web
 
 from ..disks import DiskState, ResourceExists, ResourceInUse, ResourceNotFound
 from ..errors import AzureError, ComputeError, LeaseNotPresentWithLeaseOperation, StampError
+from ..pageblob import HOLDER_KEYS
 from . import auth
 from .call import Service
 from .errors import RestError
@@ -160,6 +161,15 @@ async def _create(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, An
     return result
 
 
+def _is_holder(value: Any) -> bool:
+    """A writer lease's holder as PageBlobs records it (stamp.pageblob.this_holder)."""
+    if not isinstance(value, dict) or set(value) != set(HOLDER_KEYS):
+        return False
+    return all(isinstance(value[k], str) and len(value[k]) <= 256 for k in ("lease_holder", "lease_host")) and \
+        all(isinstance(value[k], int) and not isinstance(value[k], bool) and value[k] >= 0
+            for k in ("lease_pid", "lease_started"))
+
+
 async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.StreamResponse:
     blobs, action, lease = svc.stamp.blobs, body.get("action"), body.get("lease")
     if action == "holder":
@@ -168,9 +178,9 @@ async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.St
         raise RestError(400, "InvalidInput", "a writer lease request names its lease id (\"lease\")")
     if action == "acquire":
         holder, stale = body.get("holder"), body.get("stale")
-        if not isinstance(holder, dict) or (stale is not None and not isinstance(stale, dict)):
-            raise RestError(400, "InvalidInput", "an acquire names its holder (lease_holder, lease_pid, "
-                            "lease_started, lease_host)")
+        if not _is_holder(holder) or (stale is not None and not _is_holder(stale)):
+            raise RestError(400, "InvalidInput", "an acquire names its holder: {\"lease_holder\": TEXT, "
+                            "\"lease_pid\": N, \"lease_started\": N, \"lease_host\": TEXT}")
         return _json({"lease": await svc.run(blobs.acquire_writer_lease, blob, holder, lease, stale)}, 201)
     if action == "release":
         try:

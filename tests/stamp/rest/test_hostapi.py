@@ -56,6 +56,10 @@ def test_bad_requests_get_the_services_errors(remote):
     with pytest.raises(Exception) as e:
         ep.api("POST", "disks/hd1/state", {"state": "Sideways"})
     assert "is not a disk state" in str(e.value)
+    with pytest.raises(Exception) as e:  # a holder the stamp could not judge later
+        ep.api("POST", "writer-lease/disks/x/1", {"action": "acquire", "lease": "6f2b1a8e-0c1d-4e5f-8a9b-0c1d2e3f4a5b",
+                                                  "holder": {"lease_pid": "abc"}})
+    assert "an acquire names its holder" in str(e.value)
     with pytest.raises(Exception) as e:
         ep.api("GET", "nothing")
     assert "InvalidUri" in str(e.value)
