@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create a host folder over a stamp (a folder, or a `stamp serve` URL)")
     p.add_argument("--stamp", required=True,
-                   help="the stamp folder, or the URL of its Blob endpoint, http://HOST:PORT/ACCOUNT as `stamp serve` "
-                        "prints it (a host over the network: its disks' pages and records go over HTTP, the cache "
-                        "and the throttle stay here)")
+                   help="the stamp folder, or the URL of its Blob endpoint, http://HOST:PORT/ACCOUNT (the address "
+                        "`stamp serve` prints, then the account: /devstoreaccount1); a host over the network: its "
+                        "disks' pages and records go over HTTP, the cache and the throttle stay here")
     p.add_argument("--account-key", help="with a URL: the account's key (base64), kept in HOST/host.json (mode 600); "
                    "default $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstoreaccount1 key")
     p.add_argument("--cache-mib", type=_number(int, 1, False, "at least 1, at most 16,777,216 (16 TiB)", MAX_CACHE_BYTES >> 20),

@@ -99,7 +99,7 @@ class Location:
         if parts.scheme not in ("http", "https") or not parts.hostname or not account or "/" in account \
                 or port == -1 or parts.query:
             raise se.StampError(f"{url!r} is not a stamp endpoint: give http://HOST:PORT/ACCOUNT "
-                                "(e.g. http://127.0.0.1:10000/devstoreaccount1, as `stamp serve` prints)")
+                                "(e.g. http://127.0.0.1:10000/devstoreaccount1: the address `stamp serve` prints, then the account)")
         return cls(parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), account)
 
     @property
