@@ -64,7 +64,7 @@ import xxhash
 
 from stamp.blobfile import PageBlobFile
 from stamp.errors import BlobNotFound
-from stamp.hosted import HostStamp as Stamp
+from stamp.hosted import HostStamp
 from stamp.ranges import merge_ranges
 from vhd.blockdev import align_write
 
@@ -433,7 +433,7 @@ class BlobCache:
 
     # -- blobs: identity and version ------------------------------------------------------
 
-    def open_blob(self, stamp: Stamp, name: str, writable: bool, lease: str | None = None,
+    def open_blob(self, stamp: HostStamp, name: str, writable: bool, lease: str | None = None,
                   keep_clean: bool = True) -> int:
         """Start using blob `name`; returns its id. Clean lines survive only if
         the blob's version is the one recorded at its last close (else it was
@@ -454,7 +454,7 @@ class BlobCache:
             self._register(blob_id, {"name": name, "version": None if writable else version, "lease": lease})
         return blob_id
 
-    def close_blob(self, stamp: Stamp, blob_id: int) -> None:
+    def close_blob(self, stamp: HostStamp, blob_id: int) -> None:
         """Done writing the blob (after its flush): record the version its clean
         lines match, and forget the writer's lease (it is being released: a
         later write-back must name none, or the stamp refuses it)."""
@@ -499,7 +499,7 @@ class BlobCache:
             line = Line(slot, _i(valid), _i(dirty))
             self.legacy[key] = (key[:-9].decode(), int.from_bytes(key[-8:], "big"), line)
 
-    def _adopt_legacy(self, stamp: Stamp) -> None:
+    def _adopt_legacy(self, stamp: HostStamp) -> None:
         """Re-key the legacy lines by blob id: dirty sectors are acknowledged
         writes and are kept (their checksums taken from the slot), clean ones go."""
         for old_key, (name, index, line) in list(self.legacy.items()):
@@ -521,7 +521,7 @@ class BlobCache:
             self.lru.touch((blob_id, index))
             self._commit((blob_id, index), line)
 
-    def prune(self, stamp: Stamp) -> None:
+    def prune(self, stamp: HostStamp) -> None:
         """Drop the lines of blobs deleted from the stamp (their data went with
         them); adopt the lines of an older index."""
         with self.lock:
@@ -635,14 +635,14 @@ class BlobCache:
             n = os.pwrite(self.fd, view, at)
             view, at = view[n:], at + n
 
-    def _allocate(self, key: Key, stamp: Stamp | None) -> Line:
+    def _allocate(self, key: Key, stamp: HostStamp | None) -> Line:
         if not self.free:
             self._evict(stamp)
         line = Line(self.free.pop())
         self.lines[key] = line
         return line
 
-    def _evict(self, stamp: Stamp | None) -> None:
+    def _evict(self, stamp: HostStamp | None) -> None:
         for victim in self.lru.victims():
             line = self.lines[victim]
             if line.dirty:
@@ -663,7 +663,7 @@ class BlobCache:
 
     # -- reads and writes (CachedBlob calls these) ----------------------------------------
 
-    def read(self, stamp: Stamp, blob_id: int, offset: int, length: int, fill: bool) -> bytes:
+    def read(self, stamp: HostStamp, blob_id: int, offset: int, length: int, fill: bool) -> bytes:
         """Sector-aligned read through the cache; misses come from the stamp and,
         with fill, are kept."""
         with self.lock:
@@ -676,7 +676,7 @@ class BlobCache:
                 pos += n
             return bytes(out)
 
-    def _read_line(self, stamp: Stamp, blob_id: int, index: int, first: int, count: int, fill: bool) -> bytes:
+    def _read_line(self, stamp: HostStamp, blob_id: int, index: int, first: int, count: int, fill: bool) -> bytes:
         key = (blob_id, index)
         line = self.lines.get(key)
         want = bits(first, count)
@@ -696,7 +696,7 @@ class BlobCache:
                 return data
         return self._miss(stamp, key, line, first, count, fill)
 
-    def _miss(self, stamp: Stamp, key: Key, line: Line | None, first: int, count: int, fill: bool) -> bytes:
+    def _miss(self, stamp: HostStamp, key: Key, line: Line | None, first: int, count: int, fill: bool) -> bytes:
         """Read the line's span from the stamp; our dirty sectors are newer and
         win. With fill, the sectors the line lacks are kept (slot, then index)."""
         self.stats.read_misses += count
@@ -754,7 +754,7 @@ class BlobCache:
                     self._commit(key, line)
                 pos += n
 
-    def update(self, stamp: Stamp, blob_id: int, offset: int, data: bytes | bytearray | memoryview,
+    def update(self, stamp: HostStamp, blob_id: int, offset: int, data: bytes | bytearray | memoryview,
                dirty: bool) -> None:
         """Put sector-aligned data in the cache: dirty (ReadWrite: the stamp has
         not got it yet) or clean (ReadOnly: the stamp already has it)."""
@@ -845,7 +845,7 @@ class BlobCache:
 
     # -- write-back ------------------------------------------------------------------
 
-    def _write_back(self, stamp: Stamp, key: Key, line: Line) -> None:
+    def _write_back(self, stamp: HostStamp, key: Key, line: Line) -> None:
         blob_id, index = key
         name = self.known.get(blob_id, {}).get("name")
         try:
@@ -868,7 +868,7 @@ class BlobCache:
         line.dirty = 0  # only after the stamp acknowledged every run
         self._commit(key, line)
 
-    def _write_run(self, stamp: Stamp, name: str, key: Key, line: Line, s: int, n: int, size: int,
+    def _write_run(self, stamp: HostStamp, name: str, key: Key, line: Line, s: int, n: int, size: int,
                    data: bytes | None = None) -> None:
         at = key[1] * LINE + s * SECTOR
         nbytes = min(n * SECTOR, max(0, size - at))
@@ -878,7 +878,7 @@ class BlobCache:
             stamp.blobs.write(name, at, data[:nbytes], lease=self.known.get(key[0], {}).get("lease"))
             self.stats.written_back += nbytes
 
-    def flush(self, stamp: Stamp, blob: str | int, lease: str | None = None) -> int:
+    def flush(self, stamp: HostStamp, blob: str | int, lease: str | None = None) -> int:
         """Write back every dirty sector of a blob (by id, or every id known
         under a name), under `lease` if given (the blob's writer lease, taken
         anew: its last writer died); returns the bytes written."""
@@ -957,7 +957,7 @@ class CachedBlob(PageBlobFile):
     outside ReadWrite, dirty sectors a dead process left are written back
     first, since this mode will not look at them."""
 
-    def __init__(self, cache: BlobCache, stamp: Stamp, blob: str, mode: CacheMode,
+    def __init__(self, cache: BlobCache, stamp: HostStamp, blob: str, mode: CacheMode,
                  lease: str | None = None, writable: bool = True, shared: bool = False) -> None:
         super().__init__(stamp, blob, lease=lease, writable=writable)
         self.cache, self.mode = cache, mode
