@@ -72,7 +72,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
@@ -195,6 +195,7 @@ are stored in the same commit), so a check of the blob's state and the
 change it guards are one atomic step, across processes too. A hooked write
 also records its time (BlobInfo.touched)."""
 TIME = struct.Struct("<d")
+T = TypeVar("T")
 
 
 class LeaseState(enum.Enum):
@@ -569,12 +570,30 @@ class PageBlobs:
         recorded in its metadata under "properties". The version reported is
         observed (as version() does): the next change of the live pages moves
         it on, so a client holding it (an ETag) sees every change."""
+        held = self.meta.held()
+        if held is not None:  # inside atomic(): what it changed so far
+            return self._describe(held, name, snapshot, *self._observed(held, name))
         with self.meta.read() as txn:
             found = self._blob(txn, name)
             if found[2].version & 1:
                 return self._describe(txn, name, snapshot, *found)
         with self.meta.write() as txn:  # unobserved: mark it in the transaction that reports it
             return self._describe(txn, name, snapshot, *self._observed(txn, name))
+
+    def atomically(self, name: str, fn: Callable[[BlobInfo | None], T], snapshot: str | None = None,
+                   missing_ok: bool = False) -> T:
+        """fn(the blob's description, or None if missing_ok and there is no
+        blob) and every change fn makes through this stamp, in one write
+        transaction: a check of the blob's state (an If-Match) and the change
+        it guards are one step, across processes too."""
+        with self.meta.atomic() as txn:
+            try:
+                info: BlobInfo | None = self._describe(txn, name, snapshot, *self._observed(txn, name))
+            except BlobNotFound:
+                if not missing_ok:
+                    raise
+                info = None
+            return fn(info)
 
     def _describe(self, txn: lmdb.Transaction, name: str, snapshot: str | None, blob_id: int,
                   obj: dict[str, Any], st: BlobState) -> BlobInfo:
