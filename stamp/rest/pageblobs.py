@@ -85,7 +85,7 @@ def etag_of(blob_id: int, size: int, version: int, rev: int) -> str:
 
 
 def modified(info: BlobInfo) -> float:
-    """Last-Modified: the later of the properties' last change and the last page write through this endpoint."""
+    """Last-Modified: the later of the properties' last change and the last change of the pages or size."""
     if info.snapshot is not None:
         return float(info.properties.get("mod", info.created))
     return max(float(rest_props(info).get("mod", info.created)), info.touched)
@@ -370,7 +370,7 @@ async def _on_blob(svc: Service, c: Call, fn: Callable[..., BlobInfo], *args: An
 def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None]:
     """The conditions of a Put Page, checked inside the stamp's write
     transaction (so no other writer comes between the check and the write);
-    the stamp records the write's time there too (Last-Modified)."""
+    the stamp records the write's time there too (Last-Modified, as for any write)."""
     def hook(props: dict[str, Any], blob_id: int, size: int, version: int, touched: float) -> None:
         if c.granted and props.get(UPLOAD_MARK) != c.grant_id:  # its grant was revoked since it was let in
             raise RestError(404, "ContainerNotFound")

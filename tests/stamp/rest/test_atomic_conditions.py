@@ -71,7 +71,7 @@ def test_if_match_lets_one_writer_through_across_servers(pair, op):
     a.create_page_blob(4096)
     for _ in range(ROUNDS):
         etag = a.get_blob_properties().etag
-        got = race([lambda c=c, i=i: OPERATIONS[op](c, etag, i) for i, c in enumerate((a, b))])
+        got = race([lambda c=c, i=i, etag=etag: OPERATIONS[op](c, etag, i) for i, c in enumerate((a, b))])
         assert got == ["412", "ok"], got
 
 
@@ -83,11 +83,15 @@ def test_if_match_on_lease_and_delete_lets_one_through(pair):
     a.create_page_blob(4096)
     for i in range(ROUNDS):
         etag = a.get_blob_properties().etag
-        change = lambda: b.set_blob_metadata({"r": str(i)}, etag=etag, match_condition=IF_MATCH)  # noqa: E731
-        if i % 2:
-            act = lambda: a.acquire_lease(15, etag=etag, match_condition=IF_MATCH)  # noqa: E731
-        else:
-            act = lambda: a.delete_blob(delete_snapshots="include", etag=etag, match_condition=IF_MATCH)  # noqa: E731
+        def change(i: int = i, etag: str = etag) -> None:
+            b.set_blob_metadata({"r": str(i)}, etag=etag, match_condition=IF_MATCH)
+
+        def act(i: int = i, etag: str = etag) -> None:
+            if i % 2:
+                a.acquire_lease(15, etag=etag, match_condition=IF_MATCH)
+            else:
+                a.delete_blob(delete_snapshots="include", etag=etag, match_condition=IF_MATCH)
+
         got = race([act, change])
         assert got.count("ok") == 1, (i, got)
         props = _props_or_none(a)
