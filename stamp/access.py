@@ -9,7 +9,10 @@ Rules kept (as the platform does; messages quoted from it where marked):
   this case) must be a multiple of MiB." [platform text];
 - a grant is a SAS on a blob of its own: container `md-` plus 12 random
   lower-case letters and digits, blob `abcd` (the platform's shape), signed
-  with the endpoint's account key and naming a stored access policy (`si`)
+  with the key of the endpoint's account, which the grant records: only
+  that account's URL serves it (another account's, even with a SAS its own
+  key signed naming the grant's policy, finds no such container), and
+  naming a stored access policy (`si`)
   that the stamp keeps with the resource: revoking the grant removes the
   policy, so the SAS stops working at once, as the platform's does. The
   policy holds the window (start, expiry) and the permission: `r` for Read,
@@ -66,6 +69,7 @@ CONTAINER_PREFIX = "md-"
 UPLOAD_MARK = "upload_grant"  # blob property: the id of the Write grant whose SAS may write the blob now
 PERMISSION = {"Read": "r", "Write": "rw"}
 DEFAULT_ENDPOINT = "http://127.0.0.1:10000/devstoreaccount1"
+DEFAULT_ACCOUNT = "devstoreaccount1"  # the account of grants made before grants recorded theirs
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
@@ -81,6 +85,7 @@ class Grant:
     kind: str  # "disk" or "snapshot"
     name: str
     access: str  # "Read" or "Write"
+    account: str  # the account whose key signed its SAS: only its URL serves the grant
     container: str
     policy_id: str
     policy: sas.AccessPolicy

@@ -495,8 +495,12 @@ class Disks:
         with the account `key` (default: the development account's): Write for
         an upload, Read for a download. Returns {"accessSAS": URL, "grant": ...}."""
         ac.check_access(access, duration)
+        account = ac.account_of(endpoint)
+        if key is None and account != ac.DEFAULT_ACCOUNT:
+            raise ComputeError(f"the SAS of a grant on account {account!r} is signed with that account's key: "
+                               "give it (the development account's published key is the default only for "
+                               f"{ac.DEFAULT_ACCOUNT})")
         key = base64.b64decode(ac.DEVSTORE_KEY) if key is None else key
-        ac.account_of(endpoint)
         obj = self._get(kind, name)
         grant = obj.get("access")
         if grant is None or grant["access"] != access or not grant.get("ready"):
@@ -504,10 +508,10 @@ class Disks:
         policy = ac.new_policy(access, duration, now or datetime.now(UTC))
         if grant is not None and grant["access"] == access and grant.get("ready"):
             # a new SAS, the same blob; one a killed revoke left refusing requests works again
-            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry}
+            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry, "account": account}
             self._update_grant(kind, name, str(obj["blob"]), grant)
         else:
-            grant = self._new_grant(kind, obj, access, policy)
+            grant = self._new_grant(kind, obj, access, policy, account)
         return {"accessSAS": ac.sas_url(endpoint, key, grant["container"], grant["id"]),
                 "grant": self._grant_view(grant)}
 
@@ -529,14 +533,16 @@ class Disks:
             raise ComputeError(f"disk {name!r} is {state}: {access} access is granted to a disk in state {want}"
                                + (" (create it with --upload-size-bytes)" if access == "Write" else ""))
 
-    def _new_grant(self, kind: str, obj: dict[str, Any], access: str, policy: sas.AccessPolicy) -> dict[str, Any]:
+    def _new_grant(self, kind: str, obj: dict[str, Any], access: str, policy: sas.AccessPolicy,
+                   account: str) -> dict[str, Any]:
         """Reserve the grant (state changed, policy stored, container indexed) in
         one transaction; a Read of a disk from an image then builds its fixed
         VHD view (`export_blob`) and marks the grant ready: a crash before
         leaves it not ready, and revoke_access removes what it made."""
         name = str(obj["name"])
         view = access == "Read" and obj["vhd_type"] != "fixed"
-        grant = {"id": str(uuid.uuid4()), "container": ac.new_container(), "access": access, "start": policy.start,
+        grant = {"id": str(uuid.uuid4()), "container": ac.new_container(), "access": access, "account": account,
+                 "start": policy.start,
                  "expiry": policy.expiry, "ready": not view, "state_before": obj.get("state"),
                  "export_blob": f"{obj['blob']}-export-{uuid.uuid4().hex[:8]}" if view else None}
         with self.meta.write() as txn:
@@ -635,7 +641,8 @@ class Disks:
 
     @staticmethod
     def _grant_view(grant: dict[str, Any]) -> dict[str, Any]:
-        return {k: grant[k] for k in ("access", "container", "start", "expiry")}
+        return {"account": grant.get("account", ac.DEFAULT_ACCOUNT),
+                **{k: grant[k] for k in ("access", "container", "start", "expiry")}}
 
     def grant_for(self, container: str) -> ac.Grant | None:
         """The active, ready grant served as `container`/abcd, or None: for the
@@ -652,7 +659,8 @@ class Disks:
         blob, snapshot = str(obj["blob"]), obj.get("blob_snapshot") or None
         if grant.get("export_blob"):
             blob, snapshot = str(grant["export_blob"]), None
-        return ac.Grant(kind=where["kind"], name=where["name"], access=grant["access"], container=container,
+        return ac.Grant(kind=where["kind"], name=where["name"], access=grant["access"],
+                        account=str(grant.get("account", ac.DEFAULT_ACCOUNT)), container=container,
                         policy_id=grant["id"], policy=sas.AccessPolicy(grant["start"], grant["expiry"],
                                                                        ac.PERMISSION[grant["access"]]),
                         stamp_blob=blob, snapshot=snapshot, size=self.blobs.size(blob))

@@ -8,6 +8,11 @@ Rules kept:
 - only the SAS the grant handed out opens it (its stored policy is the
   grant's): no Shared Key, no anonymous access; revoking the grant drops the
   policy, so the next request is refused;
+- only as the account the grant was issued for (its SAS signed with that
+  account's key): under another account's URL the container does not exist
+  (404 ContainerNotFound, as another account's containers), so no other
+  account's key can sign a SAS that opens it; an x-ms-previous-snapshot-url
+  names the same account's grant;
 - only what an upload or a download needs: Get Blob, Get Blob Properties,
   Get Page Ranges (a diff only by x-ms-previous-snapshot-url, between two
   grants of one disk's snapshots, in guest offsets: Disks.grant_diff) and,
@@ -50,9 +55,10 @@ def _disks(svc: Service) -> Disks:
     return disks
 
 
-async def grant_of(svc: Service, container: str) -> Grant:
+async def grant_of(svc: Service, account: str, container: str) -> Grant:
+    """The grant served as `account`/`container`, or 404 ContainerNotFound."""
     grant = await svc.run(_disks(svc).grant_for, container)
-    if grant is None:
+    if grant is None or grant.account != account:
         raise RestError(404, "ContainerNotFound")
     return grant
 
@@ -63,7 +69,7 @@ async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Gr
     assert call.container is not None
     if op.name not in ALLOWED:
         raise RestError(403, "AuthorizationPermissionMismatch")
-    grant = await grant_of(svc, call.container)
+    grant = await grant_of(svc, call.account, call.container)
     if call.blob != BLOB:
         raise RestError(404, "BlobNotFound")
     if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers:
@@ -127,7 +133,7 @@ async def _previous_grant(svc: Service, c: Call, url: str) -> Grant:
                         "x-ms-previous-snapshot-url names the grant URL of an earlier snapshot of the same disk.")
     container, blob = unquote(segments[2]), unquote(segments[3])
     try:
-        previous = await grant_of(svc, container)
+        previous = await grant_of(svc, c.account, container)
     except RestError:
         raise RestError(409, "PreviousSnapshotNotFound") from None
     if blob != BLOB:
