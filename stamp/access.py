@@ -19,9 +19,13 @@ Rules kept (as the platform does; messages quoted from it where marked):
   `rw` for Write (an upload client reads the page list, then writes);
 - Write is granted only to a disk waiting for its upload (ReadyToUpload ->
   ActiveUpload; again on ActiveUpload gives a new SAS); Read to an
-  unattached disk (-> ActiveSAS) or a snapshot; a disk attached to a VM is
-  refused (409 OperationNotAllowed "Access not permitted because disk NAME is
-  currently attached to running VM VM." [platform text]);
+  unattached disk (-> ActiveSAS), to a disk of a deallocated VM (Reserved ->
+  ActiveSAS, as the platform allows: the VM cannot start until access is
+  revoked, which gives the disk back its Reserved state; a detach meanwhile
+  leaves it Unattached after the revoke) or a snapshot; a disk attached to a
+  running (or stopped, not deallocated) VM is refused (409
+  OperationNotAllowed "Access not permitted because disk NAME is currently
+  attached to running VM VM." [platform text]);
 - revoking an upload checks the blob's footer: cookie (400 InvalidVhd "The
   specified cookie value in VHD footer indicates that disk 'NAME' with blob
   URL is not a supported VHD. Disk is expected to have cookie value
@@ -29,9 +33,14 @@ Rules kept (as the platform does; messages quoted from it where marked):
   = upload size - 512 (InvalidVhd, our words). A refused revoke leaves the
   disk ActiveUpload with its SAS working, so the upload can be fixed and the
   revoke tried again (or the disk deleted);
-- a grant past its expiry refuses requests (its policy's window ends), but
-  the state changes only by revoke-access (the platform also ends it by
-  itself at expiry: not modelled); a revoke takes the SAS away before it
+- a grant past its expiry refuses requests (its policy's window ends) and
+  ends, as the platform ends it by itself when its duration is over: here
+  lazily, when the record is next read or used (stamp.disks._end_expired:
+  a read, an attach, a VM start, a grant, the endpoint meeting its URL), no
+  timer; a Read grant's disk gets its state back (Unattached or Reserved),
+  an expired upload's disk is ReadyToUpload again with what was uploaded
+  kept ("if the SAS expires during the upload, get a new one with
+  grant-access", as the platform's guide says); a revoke takes the SAS away before it
   checks the upload, so no write lands while the footer is read: the
   blob's properties hold the open Write grant's id (UPLOAD_MARK), which the
   revoke's first transaction drops and every Put Page through a grant

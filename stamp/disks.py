@@ -147,6 +147,9 @@ class Disks:
     def _get(self, kind: str, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is not None and self._expired(obj):
+            with self.meta.write() as txn:
+                obj = self._end_expired(txn, kind, name)
         if obj is not None and obj.get("state") == CREATING and self._settle(kind, name):
             obj = None  # its creator had died: rolled back now
         if obj is None:
@@ -159,11 +162,43 @@ class Disks:
         """A finished record, read in the caller's transaction: ResourceNotFound
         if there is none, ResourceInUse while its create runs."""
         obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is not None and self._expired(obj):
+            obj = self._end_expired(txn, kind, name)
         if obj is None:
             raise ResourceNotFound(f"no {kind} named {name!r}")
         if obj.get("state") == CREATING:
             raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
         return dict(obj)
+
+    def _expired(self, obj: dict[str, Any]) -> bool:
+        """Does the record hold a grant whose duration is over (and that no
+        revoke is ending, nor a grant still building)?"""
+        grant = obj.get("access")
+        return grant is not None and grant.get("ready", True) and not grant.get("revoking") and \
+            sas.parse_time(str(grant["expiry"]), "expiry").timestamp() <= self.clock()
+
+    def _end_expired(self, txn: lmdb.Transaction, kind: str, name: str) -> dict[str, Any] | None:
+        """End the record's grant if its duration is over, in write transaction
+        `txn`, as the platform does by itself at expiry (here when the record
+        is next read or used: no timer): a Read grant's disk goes back to the
+        state it had (Unattached, or Reserved), its VHD view is deleted; a
+        Write grant's disk goes back to ReadyToUpload, what was uploaded kept
+        (grant Write again for a new SAS, or revoke-access to check it).
+        Returns the record as it is now."""
+        key = f"{kind}/{name}".encode()
+        obj = self.meta.get_json(txn, "resources", key)
+        if obj is None or not self._expired(obj):
+            return obj
+        grant = obj["access"]
+        if grant["access"] == "Write":
+            state: str | None = DiskState.READY_TO_UPLOAD.value
+        else:
+            state = grant.get("state_before") if kind == "disk" else None
+        self._write_grant(txn, kind, name, None, state)
+        export = grant.get("export_blob")
+        if export and self.blobs.exists_in(txn, export):
+            self.blobs.delete_in(txn, export, snapshots="include")
+        return self.meta.get_json(txn, "resources", key)
 
     def _put(self, kind: str, obj: dict[str, Any], new: bool = False) -> None:
         key = f"{kind}/{obj['name']}".encode()
@@ -174,7 +209,12 @@ class Disks:
 
     def _list(self, kind: str) -> list[dict[str, Any]]:
         with self.meta.read() as txn:
-            return [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
+            found = [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
+        for i, obj in enumerate(found):
+            if self._expired(obj):  # its grant ends now (see _end_expired)
+                with self.meta.write() as txn:
+                    found[i] = self._end_expired(txn, kind, str(obj["name"])) or obj
+        return found
 
     def _users_of_blob(self, txn: lmdb.Transaction, blob: str, kind: str) -> list[str]:
         """Names of the resources of `kind` whose records name `blob`."""
@@ -217,7 +257,14 @@ class Disks:
             obj = self._finished(txn, "disk", name)
             if expect is not None and obj.get("state") != expect.value:
                 raise ResourceInUse(f"disk {name!r} is {obj.get('state')}, not {expect.value}")
-            obj["state"] = state.value
+            grant = obj.get("access")
+            if grant is not None and grant["access"] == "Read":  # a download: see _check_grantable
+                if state is DiskState.ATTACHED:
+                    raise OperationNotAllowed(f"Disk {name} has an active SAS (grant-access): its VM cannot run "
+                                              f"until access is revoked (stamp disk revoke-access {name}).")
+                obj["access"] = {**grant, "state_before": state.value}  # what revoke-access returns it to
+            else:
+                obj["state"] = state.value
             obj.update(fields)
             self.meta.put_json(txn, "resources", key, obj)
         return dict(obj)
@@ -505,7 +552,7 @@ class Disks:
         grant = obj.get("access")
         if grant is None or grant["access"] != access or not grant.get("ready"):
             self._check_grantable(kind, obj, access)
-        policy = ac.new_policy(access, duration, now or datetime.now(UTC))
+        policy = ac.new_policy(access, duration, now or datetime.fromtimestamp(self.clock(), UTC))
         if grant is not None and grant["access"] == access and grant.get("ready"):
             # a new SAS, the same blob; one a killed revoke left refusing requests works again
             grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry, "account": account}
@@ -523,9 +570,11 @@ class Disks:
             if obj.get("access"):
                 raise ac.not_allowed("beginGetAccess", kind, name, DiskState.ACTIVE_SAS.value)
             return
-        if state in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
+        if state == DiskState.ATTACHED.value or (state == DiskState.RESERVED.value and access == "Write"):
             raise ac.OperationNotAllowed(f"Access not permitted because disk {name} is currently attached to "
                                          f"running VM {obj.get('attached_to')}.")
+        if state == DiskState.RESERVED.value:
+            return  # its VM is deallocated: Read is granted, and the VM cannot start until it is revoked
         want = DiskState.READY_TO_UPLOAD.value if access == "Write" else DiskState.UNATTACHED.value
         if state != want and obj.get("access"):
             raise ac.not_allowed("beginGetAccess", kind, name, state)
@@ -656,6 +705,10 @@ class Disks:
         if obj is None or grant is None or grant["container"] != container or not grant.get("ready") \
                 or grant.get("revoking"):
             return None
+        if self._expired(obj):  # its duration is over: it ends now
+            with self.meta.write() as txn:
+                self._end_expired(txn, where["kind"], where["name"])
+            return None
         blob, snapshot = str(obj["blob"]), obj.get("blob_snapshot") or None
         if grant.get("export_blob"):
             blob, snapshot = str(grant["export_blob"]), None
@@ -707,8 +760,9 @@ class Disks:
         still holds it (a revoke that lost a race to another revoke must not set
         the state back over an attach made since), and delete its VHD view."""
         with self.meta.write() as txn:
-            if self._holds(txn, kind, name, blob, grant["id"]):
-                self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
+            if self._holds(txn, kind, name, blob, grant["id"]):  # its state_before as now (a detach since moves it)
+                now = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())["access"]
+                self._write_grant(txn, kind, name, None, now["state_before"] if kind == "disk" else None)
             export = grant.get("export_blob")
             if export and self.blobs.exists_in(txn, export):
                 self.blobs.delete_in(txn, export, snapshots="include")
