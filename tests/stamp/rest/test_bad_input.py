@@ -16,6 +16,7 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -370,3 +371,37 @@ def test_a_blob_name_of_1024_characters_is_a_name(server):
     assert raw("GET", "/devstoreaccount1/longnames/" + "n" * 1024)[0].status == 200
     resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1025, make)
     assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "InvalidResourceName")
+
+
+@pytest.mark.parametrize("case, code, header", [
+    ("Content-Length: abc", "InvalidHeaderValue", "Content-Length"),
+    ("Content-Length: 512, 512", "InvalidHeaderValue", "Content-Length"),
+    ("Content-Length: -5", "InvalidHeaderValue", "Content-Length"),
+    ("Transfer-Encoding: chunked\r\nContent-Length: 512", "InvalidHeaderValue", "Content-Length"),
+    ("Transfer-Encoding: gzip", "InvalidHeaderValue", "Transfer-Encoding"),
+    ("Transfer-Encoding: chunked\r\n\r\nzz\r\nabc", "InvalidInput", None),  # a bad chunk size
+    ("Bad header line", "InvalidInput", None),
+])
+def test_a_put_page_aiohttp_cannot_parse_gets_the_service_s_error(server, case, code, header):
+    """Malformed HTTP on the Put Page path: 400 with x-ms-error-code, the XML
+    error body and x-ms-request-id, as the service answers (not aiohttp's
+    plain text), then the connection is closed; the server serves on."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/malformed", {"Content-Length": "0"}, query="restype=container")
+    raw("PUT", "/devstoreaccount1/malformed/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "4096",
+                                                 "Content-Length": "0"})
+    request = (f"PUT /devstoreaccount1/malformed/b?comp=page&{raw.sas} HTTP/1.1\r\nHost: x\r\n"
+               f"x-ms-page-write: update\r\nx-ms-range: bytes=0-511\r\n{case}\r\n\r\n").encode() + b"x" * 512
+    with socket.create_connection((raw.host, raw.port), timeout=30) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):  # read to the end: the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+    assert lines[0].split()[1] == "400" and fields["x-ms-error-code"] == code, answer[:500]
+    assert fields["x-ms-request-id"] and f"<Code>{code}</Code>".encode() in body
+    if header:
+        assert f"<HeaderName>{header}</HeaderName>".encode() in body
+    assert raw("GET", "/devstoreaccount1/malformed/b", {"x-ms-range": "bytes=0-511"})[1] == bytes(512)
