@@ -664,7 +664,11 @@ def _lease_action(svc: Service, c: Call, action: str) -> tuple[int, str, Callabl
     if held is None:
         raise missing_header("x-ms-lease-id")
     if action == "renew":
-        return 200, "x-ms-lease-id", lambda: (blobs.renew_lease(name, held), held)[1]
+        def renew() -> str:
+            blobs.renew_lease(name, held)
+            return held
+
+        return 200, "x-ms-lease-id", renew
     if action == "release":
         return 200, "", lambda: blobs.release_lease(name, held)
     proposed = hd.lease_id(c.headers, "x-ms-proposed-lease-id")
