@@ -103,7 +103,7 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     d = await svc.run(_disks(svc).grant_diff, target, previous)
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
-    if marker and not marker.isdigit():
+    if marker and not hd.digits(marker):
         raise query_error("marker", marker)
     info = await pb.describe(svc, c, c.snapshot)
     lo, hi = 0, target.size

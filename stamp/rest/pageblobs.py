@@ -388,7 +388,7 @@ def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None
 async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
-    if marker and not marker.isdigit():
+    if marker and not hd.digits(marker):
         raise query_error("marker", marker)
     info = await describe(svc, c, c.snapshot)
     check_snapshot_lease(c, info)

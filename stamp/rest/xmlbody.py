@@ -5,13 +5,18 @@ stored access policies). Pure functions over plain values.
 Shapes follow the service's own answers: a UTF-8 byte order mark, then
 `<?xml version="1.0" encoding="utf-8"?>`; page lists interleave PageRange and
 ClearRange in offset order with inclusive Start/End; listings carry RFC 1123
-dates and unquoted Etags. A request body is parsed only when it is at most
+dates and unquoted Etags. Text taken from a request (a header's value in an
+error, a Host, a prefix) may hold what XML 1.0 cannot carry (control
+characters, the lone surrogates a non-UTF-8 header decodes to): each such
+character is written as U+FFFD, and quotes are escaped, so a body is always
+well-formed XML. A request body is parsed only when it is at most
 MAX_XML bytes and holds no DOCTYPE (so no entity tricks), and a malformed one
 is InvalidXmlDocument.
 """
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import Any
@@ -21,12 +26,19 @@ from .errors import RestError
 
 HEAD = "\ufeff<?xml version=\"1.0\" encoding=\"utf-8\"?>"
 MAX_XML = 64 * 1024  # bytes of a request's XML body (five stored policies need under 2 KiB)
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")  # what XML 1.0 cannot hold
+
+
+def text(value: Any) -> str:
+    """`value` as XML text or attribute content: escaped, quotes too, and
+    characters XML cannot hold replaced by U+FFFD."""
+    return escape(NOT_XML.sub("\ufffd", str(value)), {'"': "&quot;"})
 
 
 def _el(name: str, value: Any) -> str:
     if value is None or value == "":
         return f"<{name} />"
-    return f"<{name}>{escape(str(value))}</{name}>"
+    return f"<{name}>{text(value)}</{name}>"
 
 
 def error(code: str, message: str, request_id: str, time: str, extra: dict[str, str]) -> bytes:
@@ -51,7 +63,7 @@ def _metadata(meta: dict[str, str]) -> str:
 
 def container_list(endpoint: str, prefix: str, marker: str, limit: int | None,
                    containers: list[dict[str, Any]], with_metadata: bool, next_marker: str | None) -> bytes:
-    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{escape(endpoint)}">']
+    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{text(endpoint)}">']
     parts += [_el("Prefix", prefix), _el("Marker", marker)]
     if limit is not None:
         parts.append(_el("MaxResults", limit))
@@ -67,8 +79,8 @@ def container_list(endpoint: str, prefix: str, marker: str, limit: int | None,
 def blob_list(endpoint: str, container: str, prefix: str, marker: str, limit: int | None, delimiter: str,
               blobs: list[dict[str, Any]], prefixes: list[str], next_marker: str | None) -> bytes:
     """blobs: {name, snapshot?, properties: {element: value}, metadata?}, in listing order."""
-    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{escape(endpoint)}" '
-                   f'ContainerName="{escape(container)}">']
+    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{text(endpoint)}" '
+                   f'ContainerName="{text(container)}">']
     parts += [_el("Prefix", prefix), _el("Marker", marker)]
     if limit is not None:
         parts.append(_el("MaxResults", limit))

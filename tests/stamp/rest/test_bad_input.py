@@ -405,3 +405,34 @@ def test_a_put_page_aiohttp_cannot_parse_gets_the_service_s_error(server, case, 
     if header:
         assert f"<HeaderName>{header}</HeaderName>".encode() in body
     assert raw("GET", "/devstoreaccount1/malformed/b", {"x-ms-range": "bytes=0-511"})[1] == bytes(512)
+
+
+@pytest.mark.parametrize("method, path, headers, query, status, code", [
+    ("GET", "/hostile", {}, "restype=container&comp=list&maxresults=%C2%B2", 400, "InvalidQueryParameterValue"),
+    ("GET", "/hostile/b", {}, "comp=pagelist&marker=%C2%B2", 400, "InvalidQueryParameterValue"),
+    ("GET", "/hostile", {}, "restype=container&comp=list&maxresults=%00%01", 400, "InvalidQueryParameterValue"),
+    ("PUT", "/hostile/b", {"x-ms-page-write": "clear", "x-ms-range": "bytes=0-511",
+                           "x-ms-if-sequence-number-le": "\u00b2"}, "comp=page", 400, "InvalidHeaderValue"),
+    ("PUT", "/hostile/b", {"x-ms-lease-action": "acquire", "x-ms-lease-duration": "\u00b9\u00b2"}, "comp=lease", 400,
+     "InvalidHeaderValue"),
+    ("GET", "/hostile/b", {"x-ms-range": "bytes=0-\u00b2"}, "", 400, "InvalidHeaderValue"),
+    ("PUT", "/hostile/b2", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "\u00b2"}, "", 400,
+     "InvalidHeaderValue"),
+    ("PUT", "/hostile/b", {"x-ms-meta-a": "caf\u00e9"}, "comp=metadata", 400, "InvalidMetadata"),
+    ("GET", "/hostile", {"Host": 'x"><y z="'}, "restype=container&comp=list", 200, None),
+])
+def test_hostile_values_get_well_formed_answers(server, method, path, headers, query, status, code):
+    """Digits that are not ASCII ("²"), header bytes that are not UTF-8, control
+    characters and quotes: the service's error (never a 500), and an XML body
+    that parses (the value echoed with what XML cannot hold replaced)."""
+    import xml.etree.ElementTree as ET
+
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/hostile", {"Content-Length": "0"}, query="restype=container")
+    raw("PUT", "/devstoreaccount1/hostile/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "4096",
+                                               "Content-Length": "0"})
+    send = {"Content-Length": "0", **headers} if method == "PUT" else dict(headers)
+    resp, data = raw(method, "/devstoreaccount1" + path, send, query=query)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (status, code), data[:300]
+    ET.fromstring(data.decode("utf-8-sig"))  # well-formed
+    assert server.alive()
