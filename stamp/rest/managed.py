@@ -5,9 +5,10 @@ Rules kept:
 - a container named `md-...` is a grant's (stamp.disks.Disks.grant_for); one
   no grant holds (never made, or revoked) is 404 ContainerNotFound, as is
   any blob other than `abcd`;
-- only the SAS the grant handed out opens it (its stored policy is the
-  grant's): no Shared Key, no anonymous access; revoking the grant drops the
-  policy, so the next request is refused;
+- only the SAS the grant handed out opens it (one naming the grant's stored
+  policy, `si`): no Shared Key, no other SAS the account's key signs (an
+  account SAS, a service SAS of its own window), no anonymous access;
+  revoking the grant drops the policy, so the next request is refused;
 - only as the account the grant was issued for (its SAS signed with that
   account's key): under another account's URL the container does not exist
   (404 ContainerNotFound, as another account's containers), so no other
@@ -72,7 +73,8 @@ async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Gr
     grant = await grant_of(svc, call.account, call.container)
     if call.blob != BLOB:
         raise RestError(404, "BlobNotFound")
-    if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers:
+    if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers or \
+            [v for k, v in areq.query if k == "si"] != [grant.policy_id]:  # not another SAS the account key signed
         raise RestError(403, "AuthenticationFailed", AuthenticationErrorDetail="A managed disk's blob is reached "
                         "with the SAS its grant-access gave, and nothing else.")
     if "snapshot" in call.query or "prevsnapshot" in call.query:
@@ -139,6 +141,9 @@ async def _previous_grant(svc: Service, c: Call, url: str) -> Grant:
     if blob != BLOB:
         raise RestError(409, "PreviousSnapshotNotFound")
     query = parse_qsl(parts.query, keep_blank_values=True)
+    if [v for k, v in query if k == "si"] != [previous.policy_id]:
+        raise RestError(403, "AuthenticationFailed", AuthenticationErrorDetail="x-ms-previous-snapshot-url takes "
+                        "the URL its grant-access gave, its SAS included.")
     src = auth.Request("GET", parts.path, query, {}, unquote(segments[1]), container, blob, None,
                        c.request.remote or "", parts.scheme == "https")
     auth.verify_sas(src, svc.accounts, auth.Op("GetPageRanges", "object", "r", "blob"), previous.policies)

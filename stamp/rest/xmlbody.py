@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 from xml.sax.saxutils import escape
 
+from .. import sas
 from .errors import RestError
 
 HEAD = "\ufeff<?xml version=\"1.0\" encoding=\"utf-8\"?>"
@@ -110,6 +111,21 @@ def signed_identifiers(policies: dict[str, dict[str, str]]) -> bytes:
     return ("".join(parts) + "</SignedIdentifiers>").encode()
 
 
+def _check_policy(policy: dict[str, str]) -> None:
+    """A stored policy's times are SAS times and its permission letters a
+    container's, each once (else 400 InvalidXmlNodeValue, as the service)."""
+    for key, element in (("start", "Start"), ("expiry", "Expiry")):
+        if policy[key]:
+            try:
+                sas.parse_time(policy[key], element)
+            except sas.SasError:
+                raise RestError(400, "InvalidXmlNodeValue", XmlNodeName=element,
+                                XmlNodeValue=policy[key][:64]) from None
+    letters = policy["permission"]
+    if len(set(letters)) != len(letters) or not set(letters) <= set(sas.CONTAINER_PERMISSIONS):
+        raise RestError(400, "InvalidXmlNodeValue", XmlNodeName="Permission", XmlNodeValue=letters[:64])
+
+
 def parse_signed_identifiers(body: bytes) -> dict[str, dict[str, str]]:
     """A Set Container ACL body: at most 5 policies {id: {start, expiry, permission}}."""
     if not body.strip():
@@ -129,9 +145,12 @@ def parse_signed_identifiers(body: bytes) -> dict[str, dict[str, str]]:
         pid = (si.findtext("Id") or "").strip()
         if si.tag != "SignedIdentifier" or not pid or len(pid) > 64:
             raise RestError(400, "InvalidXmlDocument")
+        if pid in out:
+            raise RestError(400, "InvalidXmlDocument", f"The stored access policy {pid[:64]} is given twice.")
         ap = si.find("AccessPolicy")
         fields = {"start": "Start", "expiry": "Expiry", "permission": "Permission"}
         out[pid] = {k: (ap.findtext(v) or "").strip() if ap is not None else "" for k, v in fields.items()}
+        _check_policy(out[pid])
     if len(out) > 5:
         raise RestError(400, "InvalidXmlDocument", "At most 5 stored access policies are allowed.")
     return out

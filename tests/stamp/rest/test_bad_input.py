@@ -436,3 +436,28 @@ def test_hostile_values_get_well_formed_answers(server, method, path, headers, q
     assert (resp.status, resp.getheader("x-ms-error-code")) == (status, code), data[:300]
     ET.fromstring(data.decode("utf-8-sig"))  # well-formed
     assert server.alive()
+
+
+def _policy(pid: str, permission: str = "r", expiry: str = "2099-01-01T00:00:00Z") -> bytes:
+    return (f"<SignedIdentifier><Id>{pid}</Id><AccessPolicy><Expiry>{expiry}</Expiry>"
+            f"<Permission>{permission}</Permission></AccessPolicy></SignedIdentifier>").encode()
+
+
+@pytest.mark.parametrize("policies, code", [
+    (_policy("a") + _policy("a"), "InvalidXmlDocument"),  # one id twice
+    (_policy("a", permission="zz"), "InvalidXmlNodeValue"),
+    (_policy("a", permission="rr"), "InvalidXmlNodeValue"),
+    (_policy("a", expiry="99999-1"), "InvalidXmlNodeValue"),
+    (b"".join(_policy(str(i)) for i in range(6)), "InvalidXmlDocument"),
+])
+def test_stored_access_policies_the_service_refuses_are_refused(server, policies, code):
+    """A stored policy that no SAS could use (a bad time, permission letters not
+    a container's), or an id given twice, is refused when set, not stored."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/acls", {"Content-Length": "0"}, query="restype=container")
+    body = b"<SignedIdentifiers>" + policies + b"</SignedIdentifiers>"
+    resp, data = raw("PUT", "/devstoreaccount1/acls", {"Content-Length": str(len(body))}, body,
+                     query="restype=container&comp=acl", shared_key=True)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, code), data[:300]
+    resp, data = raw("GET", "/devstoreaccount1/acls", query="restype=container&comp=acl", shared_key=True)
+    assert resp.status == 200 and b"<SignedIdentifier>" not in data

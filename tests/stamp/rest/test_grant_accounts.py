@@ -87,3 +87,28 @@ def test_a_grant_for_an_account_without_a_key_is_refused_clearly(two_accounts):
         from stamp.disks import Disks
 
         assert Disks(st).record("nokey")["state"] == "Unattached"
+
+
+def test_only_the_grant_s_own_sas_opens_it_not_another_the_account_key_signs(two_accounts):
+    """Shared Key is refused on a grant's container; so is any SAS but the
+    one naming the grant's policy: an account SAS or a service SAS of its own
+    window, though the account's key signed them, as the platform's grants
+    (whose storage account's key the customer never has)."""
+    from datetime import UTC, datetime, timedelta
+
+    from azure.storage.blob import AccountSasPermissions, BlobSasPermissions, ResourceTypes, generate_account_sas
+
+    url = grant(two_accounts, "own", DEVSTORE_ACCOUNT)
+    parts = urlsplit(url)
+    _, account, container, blob = parts.path.split("/")
+    expiry = datetime.now(UTC) + timedelta(hours=1)
+    tokens = [generate_blob_sas(account, container, blob, account_key=DEVSTORE_KEY, expiry=expiry,
+                                permission=BlobSasPermissions(read=True, write=True)),
+              generate_account_sas(account, DEVSTORE_KEY, ResourceTypes(object=True),
+                                   AccountSasPermissions(read=True, write=True), expiry=expiry)]
+    for token in tokens:
+        other = BlobClient.from_blob_url(f"{parts.scheme}://{parts.netloc}{parts.path}?{token}")
+        with pytest.raises(HttpResponseError) as e:
+            other.get_blob_properties()
+        assert e.value.status_code == 403
+    assert BlobClient.from_blob_url(url).get_blob_properties().size == (1 << 30) + 512
