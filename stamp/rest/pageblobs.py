@@ -640,10 +640,8 @@ async def lease(svc: Service, c: Call) -> web.StreamResponse:
     info = await describe(svc, c)
     check(c, info)
     status, key, act = _lease_action(svc, c, action)
-    out = {key: str(await guarded(svc, c, lambda _: act()))}
-    if action == "release":
-        out = {}
-    return _response(status, info, **out)
+    got = await guarded(svc, c, lambda _: act())
+    return _response(status, info, **({key: str(got)} if key else {}))
 
 
 def _lease_action(svc: Service, c: Call, action: str) -> tuple[int, str, Callable[[], Any]]:
