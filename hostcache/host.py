@@ -586,8 +586,19 @@ class Host:
 
     def _start(self, vm_name: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
-        for lun, disk in self._luns(vm):
-            self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+        luns = self._luns(vm)
+        for _, disk in luns:  # every disk first: one being downloaded refuses before any state changes
+            if self.disks.record(disk)["state"] == DiskState.ACTIVE_SAS.value:
+                raise OperationNotAllowed(f"Operation 'start' is not allowed on VM '{vm_name}' since its disk "
+                                          f"'{disk}' is in 'ActiveSAS' state: revoke its access first (stamp disk "
+                                          f"revoke-access {disk})")
+        for i, (lun, disk) in enumerate(luns):
+            try:  # refused in the state's own transaction if a grant came since the check
+                self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+            except StampNotAllowed:
+                for lun0, disk0 in luns[:i] if vm["state"] == "Deallocated" else []:
+                    self.disks.set_state(disk0, DiskState.RESERVED, attached_to=vm_name, lun=lun0)
+                raise
         if vm["state"] != "Running":
             self._any_throttle(vm).resume([str(lun) for lun, _ in self._luns(vm)], vm=True)
         vm["state"] = "Running"

@@ -9,16 +9,23 @@ Rules kept (as the platform does; messages quoted from it where marked):
   this case) must be a multiple of MiB." [platform text];
 - a grant is a SAS on a blob of its own: container `md-` plus 12 random
   lower-case letters and digits, blob `abcd` (the platform's shape), signed
-  with the endpoint's account key and naming a stored access policy (`si`)
+  with the key of the endpoint's account, which the grant records: only
+  that account's URL serves it (another account's, even with a SAS its own
+  key signed naming the grant's policy, finds no such container), and
+  naming a stored access policy (`si`)
   that the stamp keeps with the resource: revoking the grant removes the
   policy, so the SAS stops working at once, as the platform's does. The
   policy holds the window (start, expiry) and the permission: `r` for Read,
   `rw` for Write (an upload client reads the page list, then writes);
 - Write is granted only to a disk waiting for its upload (ReadyToUpload ->
   ActiveUpload; again on ActiveUpload gives a new SAS); Read to an
-  unattached disk (-> ActiveSAS) or a snapshot; a disk attached to a VM is
-  refused (409 OperationNotAllowed "Access not permitted because disk NAME is
-  currently attached to running VM VM." [platform text]);
+  unattached disk (-> ActiveSAS), to a disk of a deallocated VM (Reserved ->
+  ActiveSAS, as the platform allows: the VM cannot start until access is
+  revoked, which gives the disk back its Reserved state; a detach meanwhile
+  leaves it Unattached after the revoke) or a snapshot; a disk attached to a
+  running (or stopped, not deallocated) VM is refused (409
+  OperationNotAllowed "Access not permitted because disk NAME is currently
+  attached to running VM VM." [platform text]);
 - revoking an upload checks the blob's footer: cookie (400 InvalidVhd "The
   specified cookie value in VHD footer indicates that disk 'NAME' with blob
   URL is not a supported VHD. Disk is expected to have cookie value
@@ -26,9 +33,14 @@ Rules kept (as the platform does; messages quoted from it where marked):
   = upload size - 512 (InvalidVhd, our words). A refused revoke leaves the
   disk ActiveUpload with its SAS working, so the upload can be fixed and the
   revoke tried again (or the disk deleted);
-- a grant past its expiry refuses requests (its policy's window ends), but
-  the state changes only by revoke-access (the platform also ends it by
-  itself at expiry: not modelled); a revoke takes the SAS away before it
+- a grant past its expiry refuses requests (its policy's window ends) and
+  ends, as the platform ends it by itself when its duration is over: here
+  lazily, when the record is next read or used (stamp.disks._end_expired:
+  a read, an attach, a VM start, a grant, the endpoint meeting its URL), no
+  timer; a Read grant's disk gets its state back (Unattached or Reserved),
+  an expired upload's disk is ReadyToUpload again with what was uploaded
+  kept ("if the SAS expires during the upload, get a new one with
+  grant-access", as the platform's guide says); a revoke takes the SAS away before it
   checks the upload, so no write lands while the footer is read: the
   blob's properties hold the open Write grant's id (UPLOAD_MARK), which the
   revoke's first transaction drops and every Put Page through a grant
@@ -66,6 +78,7 @@ CONTAINER_PREFIX = "md-"
 UPLOAD_MARK = "upload_grant"  # blob property: the id of the Write grant whose SAS may write the blob now
 PERMISSION = {"Read": "r", "Write": "rw"}
 DEFAULT_ENDPOINT = "http://127.0.0.1:10000/devstoreaccount1"
+DEFAULT_ACCOUNT = "devstoreaccount1"  # the account of grants made before grants recorded theirs
 DEVSTORE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
@@ -81,6 +94,7 @@ class Grant:
     kind: str  # "disk" or "snapshot"
     name: str
     access: str  # "Read" or "Write"
+    account: str  # the account whose key signed its SAS: only its URL serves the grant
     container: str
     policy_id: str
     policy: sas.AccessPolicy

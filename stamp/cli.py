@@ -297,8 +297,9 @@ GRANT_HELP = """A SAS URL to the resource's page blob on the stamp's Blob endpoi
 `az disk grant-access` gives: a container md-... of its own and the blob abcd, with a SAS that names a
 stored access policy the stamp keeps, so revoke-access ends it at once. Write is for a disk made with
 --upload-size-bytes (ReadyToUpload -> ActiveUpload); Read for an unattached disk (-> ActiveSAS) or a
-snapshot. The SAS is signed with the endpoint account's key: $DISKSTAMP_ACCOUNT_KEY (base64), or the
-development account's published key.
+snapshot. The SAS is signed with the key of the endpoint's account (the one in its path):
+$DISKSTAMP_ACCOUNT_KEY (base64) if set, else that account's first key in STAMP/accounts.json (as `stamp
+serve` reads it), else for devstoreaccount1 its published key; only that account's URL serves the grant.
 
 example (a direct upload):
   vhd create disk.vhd --size 1G --type fixed
@@ -327,10 +328,20 @@ def _duration(text: str) -> int:
     return value
 
 
-def _account_key() -> bytes | None:
+def _account_key(stamp_path: str, endpoint: str) -> bytes | None:
+    """The key that signs a grant on `endpoint`'s account: $DISKSTAMP_ACCOUNT_KEY,
+    else the account's first key in STAMP/accounts.json, else None (the
+    development account's published key, for that account only)."""
     text = os.environ.get("DISKSTAMP_ACCOUNT_KEY")
     if not text:
-        return None
+        from .rest.server import load_accounts  # the file `stamp serve` reads, read the same way
+
+        account = ac.account_of(endpoint)
+        keys = load_accounts(stamp_path, []).keys.get(account)
+        if account != ac.DEFAULT_ACCOUNT and not keys:
+            raise UsageError(f"no key for account {account!r}: add it to {stamp_path}/accounts.json "
+                             "({\"NAME\": \"BASE64KEY\"}) or set $DISKSTAMP_ACCOUNT_KEY")
+        return keys[0] if keys else None
     try:
         return base64.b64decode(text, validate=True)
     except ValueError:
@@ -338,7 +349,8 @@ def _account_key() -> bytes | None:
 
 
 def _grant(disks: Disks, kind: str, a: argparse.Namespace) -> None:
-    got = disks.grant_access(kind, a.name, a.access, a.duration, endpoint=a.endpoint, key=_account_key())
+    key = _account_key(disks.stamp.path, a.endpoint)
+    got = disks.grant_access(kind, a.name, a.access, a.duration, endpoint=a.endpoint, key=key)
     if a.json:
         _print(got)
     else:

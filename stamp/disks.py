@@ -150,6 +150,9 @@ class Disks:
     def _get(self, kind: str, name: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is not None and self._expired(obj):
+            with self.meta.write() as txn:
+                obj = self._end_expired(txn, kind, name)
         if obj is not None and obj.get("state") == CREATING and self._settle(kind, name):
             obj = None  # its creator had died: rolled back now
         if obj is None:
@@ -162,11 +165,43 @@ class Disks:
         """A finished record, read in the caller's transaction: ResourceNotFound
         if there is none, ResourceInUse while its create runs."""
         obj = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())
+        if obj is not None and self._expired(obj):
+            obj = self._end_expired(txn, kind, name)
         if obj is None:
             raise ResourceNotFound(f"no {kind} named {name!r}")
         if obj.get("state") == CREATING:
             raise ResourceInUse(f"{kind} {name!r} is still being created (by {obj.get('creator')}); try later")
         return dict(obj)
+
+    def _expired(self, obj: dict[str, Any]) -> bool:
+        """Does the record hold a grant whose duration is over (and that no
+        revoke is ending, nor a grant still building)?"""
+        grant = obj.get("access")
+        return grant is not None and grant.get("ready", True) and not grant.get("revoking") and \
+            sas.parse_time(str(grant["expiry"]), "expiry").timestamp() <= self.clock()
+
+    def _end_expired(self, txn: lmdb.Transaction, kind: str, name: str) -> dict[str, Any] | None:
+        """End the record's grant if its duration is over, in write transaction
+        `txn`, as the platform does by itself at expiry (here when the record
+        is next read or used: no timer): a Read grant's disk goes back to the
+        state it had (Unattached, or Reserved), its VHD view is deleted; a
+        Write grant's disk goes back to ReadyToUpload, what was uploaded kept
+        (grant Write again for a new SAS, or revoke-access to check it).
+        Returns the record as it is now."""
+        key = f"{kind}/{name}".encode()
+        obj = self.meta.get_json(txn, "resources", key)
+        if obj is None or not self._expired(obj):
+            return obj
+        grant = obj["access"]
+        if grant["access"] == "Write":
+            state: str | None = DiskState.READY_TO_UPLOAD.value
+        else:
+            state = grant.get("state_before") if kind == "disk" else None
+        self._write_grant(txn, kind, name, None, state)
+        export = grant.get("export_blob")
+        if export and self.blobs.exists_in(txn, export):
+            self.blobs.delete_in(txn, export, snapshots="include")
+        return self.meta.get_json(txn, "resources", key)
 
     def _put(self, kind: str, obj: dict[str, Any], new: bool = False) -> None:
         key = f"{kind}/{obj['name']}".encode()
@@ -177,7 +212,12 @@ class Disks:
 
     def _list(self, kind: str) -> list[dict[str, Any]]:
         with self.meta.read() as txn:
-            return [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
+            found = [dict(loads(v)) for _, v in self.meta.items(txn, "resources", f"{kind}/".encode())]
+        for i, obj in enumerate(found):
+            if self._expired(obj):  # its grant ends now (see _end_expired)
+                with self.meta.write() as txn:
+                    found[i] = self._end_expired(txn, kind, str(obj["name"])) or obj
+        return found
 
     def _users_of_blob(self, txn: lmdb.Transaction, blob: str, kind: str) -> list[str]:
         """Names of the resources of `kind` whose records name `blob`."""
@@ -220,7 +260,14 @@ class Disks:
             obj = self._finished(txn, "disk", name)
             if expect is not None and obj.get("state") != expect.value:
                 raise ResourceInUse(f"disk {name!r} is {obj.get('state')}, not {expect.value}")
-            obj["state"] = state.value
+            grant = obj.get("access")
+            if grant is not None and grant["access"] == "Read":  # a download: see _check_grantable
+                if state is DiskState.ATTACHED:
+                    raise OperationNotAllowed(f"Disk {name} has an active SAS (grant-access): its VM cannot run "
+                                              f"until access is revoked (stamp disk revoke-access {name}).")
+                obj["access"] = {**grant, "state_before": state.value}  # what revoke-access returns it to
+            else:
+                obj["state"] = state.value
             obj.update(fields)
             self.meta.put_json(txn, "resources", key, obj)
         return dict(obj)
@@ -498,19 +545,23 @@ class Disks:
         with the account `key` (default: the development account's): Write for
         an upload, Read for a download. Returns {"accessSAS": URL, "grant": ...}."""
         ac.check_access(access, duration)
+        account = ac.account_of(endpoint)
+        if key is None and account != ac.DEFAULT_ACCOUNT:
+            raise ComputeError(f"the SAS of a grant on account {account!r} is signed with that account's key: "
+                               "give it (the development account's published key is the default only for "
+                               f"{ac.DEFAULT_ACCOUNT})")
         key = base64.b64decode(ac.DEVSTORE_KEY) if key is None else key
-        ac.account_of(endpoint)
         obj = self._get(kind, name)
         grant = obj.get("access")
         if grant is None or grant["access"] != access or not grant.get("ready"):
             self._check_grantable(kind, obj, access)
-        policy = ac.new_policy(access, duration, now or datetime.now(UTC))
+        policy = ac.new_policy(access, duration, now or datetime.fromtimestamp(self.clock(), UTC))
         if grant is not None and grant["access"] == access and grant.get("ready"):
             # a new SAS, the same blob; one a killed revoke left refusing requests works again
-            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry}
+            grant = {**_open(grant), "start": policy.start, "expiry": policy.expiry, "account": account}
             self._update_grant(kind, name, str(obj["blob"]), grant)
         else:
-            grant = self._new_grant(kind, obj, access, policy)
+            grant = self._new_grant(kind, obj, access, policy, account)
         return {"accessSAS": ac.sas_url(endpoint, key, grant["container"], grant["id"]),
                 "grant": self._grant_view(grant)}
 
@@ -522,9 +573,11 @@ class Disks:
             if obj.get("access"):
                 raise ac.not_allowed("beginGetAccess", kind, name, DiskState.ACTIVE_SAS.value)
             return
-        if state in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
+        if state == DiskState.ATTACHED.value or (state == DiskState.RESERVED.value and access == "Write"):
             raise ac.OperationNotAllowed(f"Access not permitted because disk {name} is currently attached to "
                                          f"running VM {obj.get('attached_to')}.")
+        if state == DiskState.RESERVED.value:
+            return  # its VM is deallocated: Read is granted, and the VM cannot start until it is revoked
         want = DiskState.READY_TO_UPLOAD.value if access == "Write" else DiskState.UNATTACHED.value
         if state != want and obj.get("access"):
             raise ac.not_allowed("beginGetAccess", kind, name, state)
@@ -532,14 +585,16 @@ class Disks:
             raise ComputeError(f"disk {name!r} is {state}: {access} access is granted to a disk in state {want}"
                                + (" (create it with --upload-size-bytes)" if access == "Write" else ""))
 
-    def _new_grant(self, kind: str, obj: dict[str, Any], access: str, policy: sas.AccessPolicy) -> dict[str, Any]:
+    def _new_grant(self, kind: str, obj: dict[str, Any], access: str, policy: sas.AccessPolicy,
+                   account: str) -> dict[str, Any]:
         """Reserve the grant (state changed, policy stored, container indexed) in
         one transaction; a Read of a disk from an image then builds its fixed
         VHD view (`export_blob`) and marks the grant ready: a crash before
         leaves it not ready, and revoke_access removes what it made."""
         name = str(obj["name"])
         view = access == "Read" and obj["vhd_type"] != "fixed"
-        grant = {"id": str(uuid.uuid4()), "container": ac.new_container(), "access": access, "start": policy.start,
+        grant = {"id": str(uuid.uuid4()), "container": ac.new_container(), "access": access, "account": account,
+                 "start": policy.start,
                  "expiry": policy.expiry, "ready": not view, "state_before": obj.get("state"),
                  "export_blob": f"{obj['blob']}-export-{uuid.uuid4().hex[:8]}" if view else None}
         with self.meta.write() as txn:
@@ -638,7 +693,8 @@ class Disks:
 
     @staticmethod
     def _grant_view(grant: dict[str, Any]) -> dict[str, Any]:
-        return {k: grant[k] for k in ("access", "container", "start", "expiry")}
+        return {"account": grant.get("account", ac.DEFAULT_ACCOUNT),
+                **{k: grant[k] for k in ("access", "container", "start", "expiry")}}
 
     def grant_for(self, container: str) -> ac.Grant | None:
         """The active, ready grant served as `container`/abcd, or None: for the
@@ -652,10 +708,15 @@ class Disks:
         if obj is None or grant is None or grant["container"] != container or not grant.get("ready") \
                 or grant.get("revoking"):
             return None
+        if self._expired(obj):  # its duration is over: it ends now
+            with self.meta.write() as txn:
+                self._end_expired(txn, where["kind"], where["name"])
+            return None
         blob, snapshot = str(obj["blob"]), obj.get("blob_snapshot") or None
         if grant.get("export_blob"):
             blob, snapshot = str(grant["export_blob"]), None
-        return ac.Grant(kind=where["kind"], name=where["name"], access=grant["access"], container=container,
+        return ac.Grant(kind=where["kind"], name=where["name"], access=grant["access"],
+                        account=str(grant.get("account", ac.DEFAULT_ACCOUNT)), container=container,
                         policy_id=grant["id"], policy=sas.AccessPolicy(grant["start"], grant["expiry"],
                                                                        ac.PERMISSION[grant["access"]]),
                         stamp_blob=blob, snapshot=snapshot, size=self.blobs.size(blob))
@@ -702,8 +763,9 @@ class Disks:
         still holds it (a revoke that lost a race to another revoke must not set
         the state back over an attach made since), and delete its VHD view."""
         with self.meta.write() as txn:
-            if self._holds(txn, kind, name, blob, grant["id"]):
-                self._write_grant(txn, kind, name, None, grant["state_before"] if kind == "disk" else None)
+            if self._holds(txn, kind, name, blob, grant["id"]):  # its state_before as now (a detach since moves it)
+                now = self.meta.get_json(txn, "resources", f"{kind}/{name}".encode())["access"]
+                self._write_grant(txn, kind, name, None, now["state_before"] if kind == "disk" else None)
             export = grant.get("export_blob")
             if export and self.blobs.exists_in(txn, export):
                 self.blobs.delete_in(txn, export, snapshots="include")

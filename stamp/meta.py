@@ -16,7 +16,10 @@ partition layers share one definition. Rules:
   RESERVE_MIN / 2 minus 15 small transactions of taken blocks; management
   transactions (deletes, gc, sealing) may use those down to SPARE, so a
   stamp on a full disk still opens, lists, checks, deletes and collects;
-- no nested transactions (LMDB does not allow them with writemap);
+- no nested transactions (LMDB does not allow them with writemap): a
+  `write()` opened on a thread that already holds one joins it (no commit of
+  its own), so a check and the change it guards can run as one transaction
+  (`atomic()`), the change's own `write()` included;
 - a process killed inside a read transaction leaves its reader slot behind,
   and LMDB keeps every page that reader could see: each later write takes
   new pages. Stale slots are cleared (`reader_check`) on open and whenever
@@ -100,6 +103,7 @@ def loads(raw: bytes) -> Any:
 # folder in one process share it (counted, closed with the last one).
 _OPEN: dict[str, tuple[lmdb.Environment, int]] = {}
 _OPEN_LOCK = threading.Lock()
+_HELD = threading.local()  # .txns: {environment key: the write transaction this thread holds}
 
 
 class Meta:
@@ -174,9 +178,35 @@ class Meta:
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed at the end; inside atomic() on this
+        thread, atomic()'s own (committed, or aborted on an error, by it)."""
+        held = self.held()
+        if held is not None:
+            yield held
+            return
         self.reserve()
         with self.env.begin(write=True) as txn:
             yield txn
+
+    def held(self) -> lmdb.Transaction | None:
+        """The atomic() transaction this thread is in, if any (a read in it
+        must use it to see its changes)."""
+        return getattr(_HELD, "txns", {}).get(self.key)
+
+    @contextmanager
+    def atomic(self) -> Iterator[lmdb.Transaction]:
+        """One write transaction that every write() on this thread joins
+        until it ends: a check and the change it guards commit together."""
+        txns = _HELD.__dict__.setdefault("txns", {})
+        if self.key in txns:
+            yield txns[self.key]
+            return
+        with self.write() as txn:
+            txns[self.key] = txn
+            try:
+                yield txn
+            finally:
+                del txns[self.key]
 
     def next_id(self, txn: lmdb.Transaction, name: str) -> int:
         key = name.encode()

@@ -72,7 +72,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import lmdb
 
@@ -192,9 +192,10 @@ Hook = Callable[[dict[str, Any], int, int, int, float], None]
 content version, time of the last hooked write) inside the index transaction, before the pages change. It
 may raise to refuse (nothing changes) or change `properties` in place (they
 are stored in the same commit), so a check of the blob's state and the
-change it guards are one atomic step, across processes too. A hooked write
-also records its time (BlobInfo.touched)."""
+change it guards are one atomic step, across processes too. Every write
+records its time (BlobInfo.touched, to the second)."""
 TIME = struct.Struct("<d")
+T = TypeVar("T")
 
 
 class LeaseState(enum.Enum):
@@ -230,7 +231,7 @@ class BlobInfo:
     created: float
     properties: dict[str, Any]
     version: int  # moves on with every change of the live pages (PageBlobs.version)
-    touched: float  # when a write or clear with a hook last changed it (0: never)
+    touched: float  # when a write, clear, resize or copy last changed it, to the second (0: never)
     lease: LeaseState
     lease_id: str | None
     lease_expiry: float
@@ -582,12 +583,30 @@ class PageBlobs:
         recorded in its metadata under "properties". The version reported is
         observed (as version() does): the next change of the live pages moves
         it on, so a client holding it (an ETag) sees every change."""
+        held = self.meta.held()
+        if held is not None:  # inside atomic(): what it changed so far
+            return self._describe(held, name, snapshot, *self._observed(held, name))
         with self.meta.read() as txn:
             found = self._blob(txn, name)
             if found[2].version & 1:
                 return self._describe(txn, name, snapshot, *found)
         with self.meta.write() as txn:  # unobserved: mark it in the transaction that reports it
             return self._describe(txn, name, snapshot, *self._observed(txn, name))
+
+    def atomically(self, name: str, fn: Callable[[BlobInfo | None], T], snapshot: str | None = None,
+                   missing_ok: bool = False) -> T:
+        """fn(the blob's description, or None if missing_ok and there is no
+        blob) and every change fn makes through this stamp, in one write
+        transaction: a check of the blob's state (an If-Match) and the change
+        it guards are one step, across processes too."""
+        with self.meta.atomic() as txn:
+            try:
+                info: BlobInfo | None = self._describe(txn, name, snapshot, *self._observed(txn, name))
+            except BlobNotFound:
+                if not missing_ok:
+                    raise
+                info = None
+            return fn(info)
 
     def _describe(self, txn: lmdb.Transaction, name: str, snapshot: str | None, blob_id: int,
                   obj: dict[str, Any], st: BlobState) -> BlobInfo:
@@ -627,6 +646,7 @@ class PageBlobs:
             if st.size:
                 self._replace(txn, blob_id, st.latest, st.epoch, 0, st.size // PAGE, None)
                 st.version = moved_on(st.version)
+            self._touch(txn, blob_id)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
             kept = {k: v for k, v in obj.get("properties", {}).items() if k.startswith("lease_")}
@@ -661,6 +681,7 @@ class PageBlobs:
                     self._replace(txn, tid, tst.latest, tst.epoch, p.start, p.end, p._replace(gen=tst.epoch).pack())
             if changed:
                 tst.version = moved_on(tst.version)
+                self._touch(txn, tid)
             tst.size = size
             txn.put(U64.pack(tid), tst.pack(), db=self.db["blobstate"])
 
@@ -945,6 +966,7 @@ class PageBlobs:
                 self._run_hook(txn, name, blob_id, size, word >> 1, hook)
             if word & 1:  # someone read the version since it last moved: move it on
                 txn.put(U64.pack(blob_id), raw[:-WORD.size] + WORD.pack(moved_on(word)), db=self.db["blobstate"])
+            self._touch(txn, blob_id)
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
         except BaseException:
             txn.abort()
@@ -962,6 +984,7 @@ class PageBlobs:
                 self._run_hook(txn, name, blob_id, st.size, st.version >> 1, hook)
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
+                self._touch(txn, blob_id)
                 if st.version & 1:
                     st.version = moved_on(st.version)
                     txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
@@ -976,15 +999,16 @@ class PageBlobs:
             if size < st.size:
                 self._replace(txn, blob_id, st.latest, st.epoch, size // PAGE, st.size // PAGE, None)
                 st.version = moved_on(st.version)
+            if size != st.size:
+                self._touch(txn, blob_id)
             st.size = size
             txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
 
     def _run_hook(self, txn: lmdb.Transaction, name: str, blob_id: int, size: int, version: int,
                   hook: Hook) -> None:
         """Run a write's hook with the blob's content version before the write;
-        store the properties only if it changed them, and the time of the write
-        (cheap: that page is dirtied by the write anyway, the blob record's is
-        not)."""
+        store the properties only if it changed them (the write's time is
+        recorded by the write itself: _touch)."""
         obj = self.meta.get_json(txn, "blobs", blob_key(name))
         props = obj.setdefault("properties", {})
         before = dumps(props)
@@ -992,7 +1016,19 @@ class PageBlobs:
         hook(props, blob_id, size, version, TIME.unpack(touched)[0] if touched else 0.0)
         if dumps(props) != before:
             self.meta.put_json(txn, "blobs", blob_key(name), obj)
-        txn.put(_touched_key(blob_id), TIME.pack(time.time()), db=self.db["counters"])
+
+    def _touch(self, txn: lmdb.Transaction, blob_id: int) -> None:
+        """Record that the blob's pages or size change now (BlobInfo.touched,
+        the Last-Modified of the REST endpoint), whoever changes them: at most
+        once a second per blob, the precision of an HTTP date, so a stream of
+        writes reads one small counter each and writes it once a second (the
+        version word's observed bit is no help here: a change after an
+        observation would be dated, later ones in that window not)."""
+        now = time.time()
+        key = _touched_key(blob_id)
+        raw = txn.get(key, db=self.db["counters"])
+        if raw is None or int(TIME.unpack(raw)[0]) < int(now):
+            txn.put(key, TIME.pack(now), db=self.db["counters"])
 
     def _replace(self, txn: lmdb.Transaction, blob_id: int, latest: int, epoch: int, s: int, e: int,
                  new: bytes | None) -> None:

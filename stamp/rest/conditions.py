@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .errors import RestError, header_error
-from .headers import parse_date
+from .headers import digits, parse_date
 
 SEQ_MAX = 2 ** 63 - 1
 
@@ -59,7 +59,7 @@ def check_sequence(headers: Mapping[str, str], seq: int) -> None:
         value = headers.get(name)
         if value is None:
             continue
-        if not value.strip().isdigit() or int(value) > SEQ_MAX:
+        if not digits(value.strip()) or int(value) > SEQ_MAX:
             raise header_error(name, value)
         if not ok(int(value)):
             raise RestError(412, "SequenceNumberConditionNotMet")

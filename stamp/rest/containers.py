@@ -7,7 +7,9 @@ NextMarker) and `maxresults` (1 to 5,000; default 5,000); a blob's
 snapshots are listed just before it, oldest first, and a page never splits a
 blob from its snapshots unless they alone fill it; with `delimiter`, names
 with the delimiter past the prefix fold into one BlobPrefix each. Container
-leases are not supported (a clear error).
+leases are not supported (a clear error). A conditional change (set
+metadata, delete) checks its If-(Un)Modified-Since again in the transaction
+that makes it (`guarded`), so two servers on one stamp cannot both pass.
 
 Accounts: a container belongs to the account that created it (the record's
 `account`; none: the default account, devstoreaccount1). Another account
@@ -19,7 +21,8 @@ stamp: creating a name another account holds is 409 ContainerAlreadyExists.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -31,6 +34,7 @@ from .call import Call, Service
 from .errors import RestError, header_error, query_error
 
 MAX_LIST = 5000
+T = TypeVar("T")
 
 
 def container_etag(record: dict[str, Any]) -> str:
@@ -75,13 +79,27 @@ async def create(svc: Service, c: Call) -> web.StreamResponse:
     return web.Response(status=201, headers=_headers(record))
 
 
+async def guarded(svc: Service, c: Call, act: Callable[[], T]) -> T:
+    """act() after the container's conditions are checked, in one stamp
+    transaction with what act changes (as pageblobs.guarded for blobs)."""
+    assert c.container is not None
+    name = c.container
+
+    def run() -> T:
+        with svc.stamp.meta.atomic() as txn:
+            pageblobs.conditions.check(c.headers, None, svc.stamp.containers.get_in(txn, name)["modified"])
+            return act()
+
+    return await svc.run(run)
+
+
 async def delete(svc: Service, c: Call) -> web.StreamResponse:
     if "x-ms-lease-id" in c.headers:
         raise RestError(400, "UnsupportedHeader", "Container leases are not supported by this endpoint.",
                         HeaderName="x-ms-lease-id")
     record = await svc.run(svc.stamp.containers.get, c.container)
     pageblobs.conditions.check(c.headers, None, record["modified"])
-    await svc.run(svc.stamp.containers.delete, c.container)
+    await guarded(svc, c, lambda: svc.stamp.containers.delete(c.container or ""))
     return web.Response(status=202)
 
 
@@ -102,7 +120,7 @@ async def set_metadata(svc: Service, c: Call) -> web.StreamResponse:
     meta = hd.metadata(c.headers)
     record = await svc.run(svc.stamp.containers.get, c.container)
     pageblobs.conditions.check(c.headers, None, record["modified"])
-    record = await svc.run(svc.stamp.containers.update, c.container, meta)
+    record = await guarded(svc, c, lambda: svc.stamp.containers.update(c.container or "", meta))
     return web.Response(status=200, headers=_headers(record))
 
 

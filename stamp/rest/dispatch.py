@@ -95,6 +95,16 @@ async def _copy_or_put(svc: Service, c: Call) -> web.StreamResponse:
     return await (pb.copy(svc, c) if "x-ms-copy-source" in c.headers else pb.put_blob(svc, c))
 
 
+def error_response(method: str, e: RestError, rid: str) -> web.Response:
+    """The service's answer for `e`: its status, x-ms-error-code and XML body (none for HEAD or a 304)."""
+    headers = {"x-ms-error-code": e.code, **e.headers}
+    if method == "HEAD" or e.status == 304:
+        return web.Response(status=e.status, headers=headers)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+    body = xmlbody.error(e.code, e.message, rid, now, e.extra)
+    return web.Response(status=e.status, body=body, content_type="application/xml", headers=headers)
+
+
 def split_path(raw: str) -> tuple[str, str | None, str | None]:
     """/ACCOUNT[/CONTAINER[/BLOB]] of a raw path: (account, container, blob), decoded."""
     parts = raw.split("/", 3)
@@ -222,12 +232,7 @@ class Endpoint:
         return record.get("public_access"), policies
 
     def _error(self, request: web.Request, e: RestError, rid: str) -> web.Response:
-        headers = {"x-ms-error-code": e.code, **e.headers}
-        if request.method == "HEAD" or e.status == 304:
-            return web.Response(status=e.status, headers=headers)
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
-        body = xmlbody.error(e.code, e.message, rid, now, e.extra)
-        resp = web.Response(status=e.status, body=body, content_type="application/xml", headers=headers)
+        resp = error_response(request.method, e, rid)
         if request.can_read_body and request.content_length and request.content_length > 64 * 1024:
             resp.force_close()  # a large body we did not read: close rather than drain it
         return resp

@@ -40,6 +40,7 @@ MESSAGES = {
     "InvalidResourceName": "The specifed resource name contains invalid characters.",
     "InvalidUri": "The requested URI does not represent any resource on the server.",
     "InvalidXmlDocument": "XML specified is not syntactically valid.",
+    "InvalidXmlNodeValue": "The value for one of the XML nodes is not in the correct format.",
     "Md5Mismatch": "The MD5 value specified in the request did not match with the MD5 value calculated by "
                    "the server.",
     "MetadataTooLarge": "The size of the specified metadata exceeds the maximum size permitted.",

@@ -8,7 +8,10 @@ HeaderValue, InvalidQueryParameterValue, MissingRequiredHeader). Rules:
 - dates are RFC 1123 (`Sat, 21 Nov 2026 22:42:00 GMT`);
 - `x-ms-version` is any date from 2009-09-19 on (echoed, never refused for
   being new);
-- metadata names are C# identifiers (the service's rule), values printable.
+- metadata names are C# identifiers (the service's rule), values printable
+  ASCII (a header's other bytes do not survive the way back);
+- numbers are ASCII digits (str.isdigit also takes "²" and "٥", which int()
+  refuses or reads).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from collections.abc import Mapping
 
 from .errors import header_error, missing_header, query_error
 
-RANGE = re.compile(r"^bytes=(\d{1,20})-(\d{0,20})$")
-VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-META_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RANGE = re.compile(r"^bytes=(\d{1,20})-(\d{0,20})$", re.ASCII)
+VERSION = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
+META_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$", re.ASCII)
 MAX_METADATA = 8 * 1024  # bytes of names and values together (the service's limit)
-GUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+GUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$", re.ASCII)
 
 
 def http_date(t: float) -> str:
@@ -86,16 +89,25 @@ def integer(headers: Mapping[str, str], name: str, lo: int, hi: int, default: in
         n = int(value.strip())
     except ValueError:
         raise header_error(name, value) from None
-    if not lo <= n <= hi or not value.strip().lstrip("-").isdigit():
+    if not lo <= n <= hi or not digits(value.strip().lstrip("-")):
         raise header_error(name, value)
     return n
+
+
+def digits(value: str) -> bool:
+    """A whole number in ASCII digits (not "", "²" or "٥")."""
+    return value.isascii() and value.isdigit()
+
+
+def _printable(value: str) -> bool:
+    return value.isascii() and (value.isprintable() or all(ch.isprintable() or ch == "\t" for ch in value))
 
 
 def query_int(query: Mapping[str, str], name: str, lo: int, hi: int) -> int | None:
     value = query.get(name)
     if value is None:
         return None
-    if not value.isdigit() or not lo <= int(value) <= hi:
+    if not digits(value) or not lo <= int(value) <= hi:
         raise query_error(name, value)
     return int(value)
 
@@ -108,7 +120,7 @@ def metadata(headers: Mapping[str, str]) -> dict[str, str]:
         if not key.lower().startswith("x-ms-meta-"):
             continue
         name = key[len("x-ms-meta-"):]
-        if not META_NAME.match(name) or name.lower() in (k.lower() for k in out):
+        if not META_NAME.match(name) or name.lower() in (k.lower() for k in out) or not _printable(value):
             raise header_error(key, value, "InvalidMetadata")
         total += len(name) + len(value)
         if total > MAX_METADATA:

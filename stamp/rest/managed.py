@@ -5,9 +5,15 @@ Rules kept:
 - a container named `md-...` is a grant's (stamp.disks.Disks.grant_for); one
   no grant holds (never made, or revoked) is 404 ContainerNotFound, as is
   any blob other than `abcd`;
-- only the SAS the grant handed out opens it (its stored policy is the
-  grant's): no Shared Key, no anonymous access; revoking the grant drops the
-  policy, so the next request is refused;
+- only the SAS the grant handed out opens it (one naming the grant's stored
+  policy, `si`): no Shared Key, no other SAS the account's key signs (an
+  account SAS, a service SAS of its own window), no anonymous access;
+  revoking the grant drops the policy, so the next request is refused;
+- only as the account the grant was issued for (its SAS signed with that
+  account's key): under another account's URL the container does not exist
+  (404 ContainerNotFound, as another account's containers), so no other
+  account's key can sign a SAS that opens it; an x-ms-previous-snapshot-url
+  names the same account's grant;
 - only what an upload or a download needs: Get Blob, Get Blob Properties,
   Get Page Ranges (a diff only by x-ms-previous-snapshot-url, between two
   grants of one disk's snapshots, in guest offsets: Disks.grant_diff) and,
@@ -51,9 +57,10 @@ def disks_of(svc: Service) -> Disks:
     return disks
 
 
-async def grant_of(svc: Service, container: str) -> Grant:
+async def grant_of(svc: Service, account: str, container: str) -> Grant:
+    """The grant served as `account`/`container`, or 404 ContainerNotFound."""
     grant = await svc.run(disks_of(svc).grant_for, container)
-    if grant is None:
+    if grant is None or grant.account != account:
         raise RestError(404, "ContainerNotFound")
     return grant
 
@@ -64,10 +71,11 @@ async def admit(svc: Service, call: Call, areq: auth.Request, op: auth.Op) -> Gr
     assert call.container is not None
     if op.name not in ALLOWED:
         raise RestError(403, "AuthorizationPermissionMismatch")
-    grant = await grant_of(svc, call.container)
+    grant = await grant_of(svc, call.account, call.container)
     if call.blob != BLOB:
         raise RestError(404, "BlobNotFound")
-    if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers:
+    if not any(k == "sig" for k, _ in areq.query) or "Authorization" in areq.headers or \
+            [v for k, v in areq.query if k == "si"] != [grant.policy_id]:  # not another SAS the account key signed
         raise RestError(403, "AuthenticationFailed", AuthenticationErrorDetail="A managed disk's blob is reached "
                         "with the SAS its grant-access gave, and nothing else.")
     if "snapshot" in call.query or "prevsnapshot" in call.query:
@@ -98,7 +106,7 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     d = await svc.run(disks_of(svc).grant_diff, target, previous)
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
-    if marker and not marker.isdigit():
+    if marker and not hd.digits(marker):
         raise query_error("marker", marker)
     info = await pb.describe(svc, c, c.snapshot)
     lo, hi = 0, target.size
@@ -128,12 +136,15 @@ async def _previous_grant(svc: Service, c: Call, url: str) -> Grant:
                         "x-ms-previous-snapshot-url names the grant URL of an earlier snapshot of the same disk.")
     container, blob = unquote(segments[2]), unquote(segments[3])
     try:
-        previous = await grant_of(svc, container)
+        previous = await grant_of(svc, c.account, container)
     except RestError:
         raise RestError(409, "PreviousSnapshotNotFound") from None
     if blob != BLOB:
         raise RestError(409, "PreviousSnapshotNotFound")
     query = parse_qsl(parts.query, keep_blank_values=True)
+    if [v for k, v in query if k == "si"] != [previous.policy_id]:
+        raise RestError(403, "AuthenticationFailed", AuthenticationErrorDetail="x-ms-previous-snapshot-url takes "
+                        "the URL its grant-access gave, its SAS included.")
     src = auth.Request("GET", parts.path, query, {}, unquote(segments[1]), container, blob, None,
                        c.request.remote or "", parts.scheme == "https")
     auth.verify_sas(src, svc.accounts, auth.Op("GetPageRanges", "object", "r", "blob"), previous.policies)

@@ -15,9 +15,9 @@ snapshot records the same, frozen, in its metadata. Rules:
   inside the stamp's write transaction (a PageBlobs hook), which also sets
   Last-Modified, so the check and the write are one atomic step even across
   processes; the write and the state its answer reports take one pool call;
-  the other writes (properties, metadata, lease, snapshot, delete) check
-  their conditions against the state read just before, and only the lease
-  again inside the stamp;
+  every other conditional write (Put Blob, properties, metadata, leases,
+  snapshot, delete, copy destinations) checks its conditions again inside
+  the transaction that makes the change (`guarded`, PageBlobs.atomically);
 - blob types other than PageBlob are refused with 409 InvalidBlobType
   before any body is read; an incremental copy's destination refuses writes
   (409 OperationNotAllowedOnIncrementalCopyBlob).
@@ -31,7 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from aiohttp import web
@@ -46,6 +46,7 @@ from .call import MAX_CHUNK, Call, Service
 from .errors import RestError, header_error, missing_header, query_error
 
 log = logging.getLogger("stamp.rest")
+T = TypeVar("T")
 SEQ_MAX = 2 ** 63 - 1
 ID_HEADER, VERSION_HEADER = "x-diskstamp-blob-id", "x-diskstamp-content-version"
 DISKS = "disks"  # the container of managed disks' blobs (a host writes them under its writer lease)
@@ -86,7 +87,7 @@ def etag_of(blob_id: int, size: int, version: int, rev: int) -> str:
 
 
 def modified(info: BlobInfo) -> float:
-    """Last-Modified: the later of the properties' last change and the last page write through this endpoint."""
+    """Last-Modified: the later of the properties' last change and the last change of the pages or size."""
     if info.snapshot is not None:
         return float(info.properties.get("mod", info.created))
     return max(float(rest_props(info).get("mod", info.created)), info.touched)
@@ -118,6 +119,35 @@ async def describe_or_none(svc: Service, c: Call) -> BlobInfo | None:
 def check(c: Call, info: BlobInfo | None, read: bool = False) -> None:
     conditions.check(c.headers, None if info is None else etag(info), None if info is None else modified(info),
                      read=read)
+
+
+def check_write(c: Call, info: BlobInfo | None, creates: bool = False) -> None:
+    """The conditions of a write: If-None-Match * on a blob that exists is
+    409 BlobAlreadyExists for an operation that `creates` it (Put Blob, Copy
+    Blob), then the If-* headers."""
+    if creates and info is not None and c.headers.get("If-None-Match", "").strip() == "*":
+        raise RestError(409, "BlobAlreadyExists")
+    check(c, info)
+
+
+async def guarded(svc: Service, c: Call, act: Callable[[BlobInfo | None], T], snapshot: str | None = None,
+                  missing_ok: bool = False, creates: bool = False) -> T:
+    """act(the blob's state) after its conditions are checked again, in one
+    stamp transaction with what act changes (PageBlobs.atomically): no other
+    writer, in any process, comes between an If-Match and the change it
+    guards. `missing_ok`: the blob may be missing (act gets None);
+    `creates`: as check_write's."""
+    def fn(info: BlobInfo | None) -> T:
+        check_write(c, info, creates)
+        return act(info)
+
+    try:
+        return await svc.run(svc.stamp.blobs.atomically, stamp_name(c), fn, snapshot, missing_ok or creates)
+    except SnapshotNotFound:
+        raise RestError(404, "BlobNotFound") from None
+    except BlobNotFound:
+        await container_exists(svc, c)
+        raise
 
 
 def refuse_incremental(info: BlobInfo) -> None:
@@ -273,12 +303,15 @@ async def put_blob(svc: Service, c: Call) -> web.StreamResponse:
     props = new_properties(c)
     await container_exists(svc, c)
     info = await describe_or_none(svc, c)
-    if info is not None and c.headers.get("If-None-Match", "").strip() == "*":
-        raise RestError(409, "BlobAlreadyExists")
-    check(c, info)
-    if info is not None:
-        refuse_incremental(info)
-    await svc.run(svc.stamp.blobs.recreate, stamp_name(c), size, {"rest": props}, hd.lease_id(c.headers))
+    check_write(c, info, creates=True)
+    lease = hd.lease_id(c.headers)
+
+    def act(now: BlobInfo | None) -> None:
+        if now is not None:
+            refuse_incremental(now)
+        svc.stamp.blobs.recreate(stamp_name(c), size, {"rest": props}, lease)
+
+    await guarded(svc, c, act, creates=True)
     info = await describe(svc, c)
     return _response(201, info, **{"x-ms-request-server-encrypted": "true"})
 
@@ -356,7 +389,7 @@ async def _on_blob(svc: Service, c: Call, fn: Callable[..., BlobInfo], *args: An
 def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None]:
     """The conditions of a Put Page, checked inside the stamp's write
     transaction (so no other writer comes between the check and the write);
-    the stamp records the write's time there too (Last-Modified)."""
+    the stamp records the write's time there too (Last-Modified, as for any write)."""
     def hook(props: dict[str, Any], blob_id: int, size: int, version: int, touched: float) -> None:
         if c.granted and props.get(UPLOAD_MARK) != c.grant_id:  # its grant was revoked since it was let in
             raise RestError(404, "ContainerNotFound")
@@ -374,7 +407,7 @@ def _page_hook(c: Call) -> Callable[[dict[str, Any], int, int, int, float], None
 async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
-    if marker and not marker.isdigit():
+    if marker and not hd.digits(marker):
         raise query_error("marker", marker)
     info = await describe(svc, c, c.snapshot)
     check_snapshot_lease(c, info)
@@ -588,12 +621,12 @@ async def set_properties(svc: Service, c: Call) -> web.StreamResponse:
                 rest[k] = v or ""
         rest["mod"], rest["rev"] = time.time(), int(rest.get("rev", 0)) + 1
 
-    def apply() -> None:
+    def apply(_: BlobInfo | None) -> None:
         if size is not None:
             svc.stamp.blobs.resize(stamp_name(c), size, lease)
         svc.stamp.blobs.update_properties(stamp_name(c), change, lease)
 
-    await svc.run(apply)
+    await guarded(svc, c, apply)
     info = await describe(svc, c)
     return _response(200, info, **{"x-ms-blob-sequence-number": str(rest_props(info).get("seq", 0))})
 
@@ -609,7 +642,8 @@ async def set_metadata(svc: Service, c: Call) -> web.StreamResponse:
         rest = props.setdefault("rest", {})
         rest["meta"], rest["mod"], rest["rev"] = meta, time.time(), int(rest.get("rev", 0)) + 1
 
-    await svc.run(svc.stamp.blobs.update_properties, stamp_name(c), change, hd.lease_id(c.headers))
+    lease = hd.lease_id(c.headers)
+    await guarded(svc, c, lambda _: svc.stamp.blobs.update_properties(stamp_name(c), change, lease))
     info = await describe(svc, c)
     return _response(200, info, **{"x-ms-request-server-encrypted": "true"})
 
@@ -624,37 +658,40 @@ async def lease(svc: Service, c: Call) -> web.StreamResponse:
         raise missing_header("x-ms-lease-action")
     info = await describe(svc, c)
     check(c, info)
+    status, key, act = _lease_action(svc, c, action)
+    got = await guarded(svc, c, lambda _: act())
+    return _response(status, info, **({key: str(got)} if key else {}))
+
+
+def _lease_action(svc: Service, c: Call, action: str) -> tuple[int, str, Callable[[], Any]]:
+    """A lease request's (status, answer header, stamp call), its headers checked."""
     blobs, name = svc.stamp.blobs, stamp_name(c)
-    out: dict[str, str] = {}
     if action == "acquire":
         duration = hd.integer(c.headers, "x-ms-lease-duration", -1, 60, required=True)
         if duration is None or (duration != -1 and duration < 15):
             raise header_error("x-ms-lease-duration", c.headers.get("x-ms-lease-duration", ""))
         proposed = hd.lease_id(c.headers, "x-ms-proposed-lease-id")
-        out["x-ms-lease-id"] = await svc.run(blobs.acquire_lease, name, duration, proposed)
-        status = 201
-    elif action in ("renew", "release", "change"):
-        held = hd.lease_id(c.headers)
-        if held is None:
-            raise missing_header("x-ms-lease-id")
-        status = 200
-        if action == "renew":
-            await svc.run(blobs.renew_lease, name, held)
-            out["x-ms-lease-id"] = held
-        elif action == "release":
-            await svc.run(blobs.release_lease, name, held)
-        else:
-            proposed = hd.lease_id(c.headers, "x-ms-proposed-lease-id")
-            if proposed is None:
-                raise missing_header("x-ms-proposed-lease-id")
-            out["x-ms-lease-id"] = await svc.run(blobs.change_lease, name, held, proposed)
-    elif action == "break":
+        return 201, "x-ms-lease-id", lambda: blobs.acquire_lease(name, duration, proposed)
+    if action == "break":
         period = hd.integer(c.headers, "x-ms-lease-break-period", 0, 60)
-        out["x-ms-lease-time"] = str(await svc.run(blobs.break_lease_after, name, period))
-        status = 202
-    else:
+        return 202, "x-ms-lease-time", lambda: blobs.break_lease_after(name, period)
+    if action not in ("renew", "release", "change"):
         raise header_error("x-ms-lease-action", action)
-    return _response(status, info, **out)
+    held = hd.lease_id(c.headers)
+    if held is None:
+        raise missing_header("x-ms-lease-id")
+    if action == "renew":
+        def renew() -> str:
+            blobs.renew_lease(name, held)
+            return held
+
+        return 200, "x-ms-lease-id", renew
+    if action == "release":
+        return 200, "", lambda: blobs.release_lease(name, held)
+    proposed = hd.lease_id(c.headers, "x-ms-proposed-lease-id")
+    if proposed is None:
+        raise missing_header("x-ms-proposed-lease-id")
+    return 200, "x-ms-lease-id", lambda: blobs.change_lease(name, held, proposed)
 
 
 # -- snapshots, delete ------------------------------------------------------------------------
@@ -666,11 +703,17 @@ async def snapshot(svc: Service, c: Call) -> web.StreamResponse:
     check_snapshot_lease(c, info)
     check(c, info)
     meta = hd.metadata(c.headers)
-    frozen = {**rest_props(info), "etag": etag(info), "mod": modified(info)}
-    if meta:
-        frozen["meta"] = meta
-    snap = await svc.run(svc.stamp.blobs.snapshot, stamp_name(c), {"properties": frozen})
-    return _response(201, info, **{"x-ms-snapshot": snap.id, "x-ms-request-server-encrypted": "false"})
+
+    def act(now: BlobInfo | None) -> tuple[BlobInfo, str]:
+        assert now is not None
+        check_snapshot_lease(c, now)
+        frozen = {**rest_props(now), "etag": etag(now), "mod": modified(now)}
+        if meta:
+            frozen["meta"] = meta
+        return now, svc.stamp.blobs.snapshot(stamp_name(c), {"properties": frozen}).id
+
+    info, snap_id = await guarded(svc, c, act)
+    return _response(201, info, **{"x-ms-snapshot": snap_id, "x-ms-request-server-encrypted": "false"})
 
 
 async def delete(svc: Service, c: Call) -> web.StreamResponse:
@@ -680,12 +723,14 @@ async def delete(svc: Service, c: Call) -> web.StreamResponse:
     which = c.headers.get("x-ms-delete-snapshots")
     if which not in (None, "include", "only"):
         raise header_error("x-ms-delete-snapshots", which)
+    blobs, name, lease = svc.stamp.blobs, stamp_name(c), hd.lease_id(c.headers)
     if c.snapshot is not None:
         if which is not None:
             raise header_error("x-ms-delete-snapshots", which)
-        await svc.run(svc.stamp.blobs.delete_snapshot, stamp_name(c), c.snapshot)
+        snap = c.snapshot
+        await guarded(svc, c, lambda _: blobs.delete_snapshot(name, snap), snapshot=snap)
     else:
-        await svc.run(svc.stamp.blobs.delete, stamp_name(c), hd.lease_id(c.headers), which)
+        await guarded(svc, c, lambda _: blobs.delete(name, lease, which))
     return web.Response(status=202, headers={"x-ms-delete-type-permanent": "true"})
 
 
@@ -711,9 +756,7 @@ async def copy(svc: Service, c: Call) -> web.StreamResponse:
     src = source_of(c, url, "x-ms-copy-source")
     source_name, src_info = await copy_source(svc, c, src, url)
     info = await describe_or_none(svc, c)
-    if info is not None and c.headers.get("If-None-Match", "").strip() == "*":
-        raise RestError(409, "BlobAlreadyExists")
-    check(c, info)
+    check_write(c, info, creates=True)
     if info is not None:
         refuse_incremental(info)
     meta = hd.metadata(c.headers)
@@ -727,12 +770,14 @@ async def copy(svc: Service, c: Call) -> web.StreamResponse:
                      "progress": f"{src_info.size}/{src_info.size}", "time": time.time()}
     lease_id = hd.lease_id(c.headers)
 
-    def apply() -> None:
+    def apply(now: BlobInfo | None) -> None:
         blobs, name = svc.stamp.blobs, stamp_name(c)
+        if now is not None:
+            refuse_incremental(now)
         blobs.recreate(name, 0, {"rest": props}, lease_id)
         blobs.copy_into(source_name, name, src.snapshot, lease=lease_id)
 
-    await svc.run(apply)
+    await guarded(svc, c, apply, creates=True)
     info = await describe(svc, c)
     return _response(202, info, **{"x-ms-copy-id": copy_id, "x-ms-copy-status": "success"})
 
@@ -752,22 +797,16 @@ async def incremental_copy(svc: Service, c: Call) -> web.StreamResponse:
     origin = url.split("?")[0]
     info = await describe_or_none(svc, c)
     check(c, info)
-    since: str | None = None
-    if info is not None:
-        inc = rest_props(info).get("inc")
-        if not inc or inc.get("source") != origin:
-            raise RestError(409, "IncrementalCopyBlobMismatch")
-        if src.snapshot <= inc["last"]:
-            raise RestError(409, "IncrementalCopyOfEarlierVersionSnapshotNotAllowed")
-        since = inc["last"]
-    copy_id = str(uuid.uuid4())
-    name, blobs = stamp_name(c), svc.stamp.blobs
     assert src.snapshot is not None
     snap_id = src.snapshot
+    if info is not None:
+        _since(info, origin, snap_id)
+    copy_id = str(uuid.uuid4())
+    name, blobs = stamp_name(c), svc.stamp.blobs
 
-    def apply() -> str:
-        base = since
-        if info is None:
+    def apply(now: BlobInfo | None) -> str:
+        base = None if now is None else _since(now, origin, snap_id)
+        if now is None:
             props = {k: v for k, v in _props(src_info).items() if k not in ("etag", "copy")}
             props.update(seq=0, mod=time.time(), rev=1, inc={"source": origin, "last": snap_id})
             blobs.recreate(name, 0, {"rest": props})
@@ -796,9 +835,20 @@ async def incremental_copy(svc: Service, c: Call) -> web.StreamResponse:
         blobs.update_properties(name, mark)
         return snap.id
 
-    await svc.run(apply)
+    await guarded(svc, c, apply, missing_ok=True)
     info = await describe(svc, c)
     return _response(202, info, **{"x-ms-copy-id": copy_id, "x-ms-copy-status": "success"})
+
+
+def _since(info: BlobInfo, origin: str, snapshot: str) -> str:
+    """The snapshot an incremental copy's destination last copied from `origin`
+    (refused if it copies another source, or `snapshot` is not later)."""
+    inc = rest_props(info).get("inc")
+    if not inc or inc.get("source") != origin:
+        raise RestError(409, "IncrementalCopyBlobMismatch")
+    if snapshot <= inc["last"]:
+        raise RestError(409, "IncrementalCopyOfEarlierVersionSnapshotNotAllowed")
+    return str(inc["last"])
 
 
 async def abort_copy(svc: Service, c: Call) -> web.StreamResponse:

@@ -9,8 +9,11 @@ one JSON line when it listens; SIGTERM and SIGINT stop it cleanly (requests
 in flight finish, then the stamp is closed). Several processes may serve one
 stamp folder at once (each on its own port): the stamp is multi-process.
 A request aiohttp cannot parse (a header line over 8 KiB, a bad request
-line) is the client's error: aiohttp answers it 400, and it is logged in
-one line, never with a traceback. A connection must send its first
+line, a bad Content-Length or Transfer-Encoding, a bad chunk) is the
+client's error: answered as the service answers one (400 with
+x-ms-error-code and an XML body: InvalidHeaderValue naming Content-Length
+or Transfer-Encoding, else InvalidInput; `_parse_error`), the connection
+closed, and logged in one line, never with a traceback. A connection must send its first
 request's head within the stall timeout and may then idle (or be slow in a
 later head) IDLE_TIMEOUT seconds: aiohttp alone keeps a connection that
 trickles a head forever, so a few thousand such clients (slowloris) would
@@ -23,13 +26,17 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
+import time
+import uuid
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
 
 from vhd.budget import fixed_mmap_threshold
 
@@ -37,7 +44,9 @@ from ..errors import StampError
 from ..stamp import Stamp
 from .auth import DEVSTORE_ACCOUNT, Accounts
 from .call import Limits, Service
-from .dispatch import Endpoint
+from .dispatch import DEFAULT_VERSION, SERVER, Endpoint, error_response
+from .errors import RestError, header_error
+from .headers import http_date
 
 ACCOUNTS_FILE = "accounts.json"
 IDLE_TIMEOUT = 120.0  # seconds a connection may sit between requests (or in the head of a later one)
@@ -53,6 +62,38 @@ class _ClientErrors(logging.Filter):
             record.msg, record.args = f"{record.getMessage()}: {exc}"[:300], ()
             record.exc_info = record.exc_text = None
         return True
+
+
+def _parse_error(exc: HttpProcessingError) -> RestError:
+    """The service's error for a request aiohttp's parser refused."""
+    text = str(exc.message or exc)
+    for name in ("Content-Length", "Transfer-Encoding"):
+        if name in text:
+            found = re.search(rf"{name}: ([^'\n]*)", text)
+            return header_error(name, found.group(1) if found else "")
+    if isinstance(exc, LineTooLong):
+        return RestError(400, "InvalidInput", "A request line or header line is longer than 8190 bytes, or the "
+                         "headers are too many.")
+    return RestError(400, "InvalidInput", f"The request is not valid HTTP/1.1: {text.splitlines()[0][:200]}")
+
+
+class _Handler(RequestHandler):
+    """aiohttp's protocol, answering a request its parser refused as the
+    service does (aiohttp's own answer is a plain-text 400)."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status != 400 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was begun: the connection is dropped")
+        rid = str(uuid.uuid4())
+        resp = error_response("", _parse_error(exc), rid)
+        resp.headers.update({"x-ms-request-id": rid, "x-ms-version": DEFAULT_VERSION, "Date": http_date(time.time()),
+                             "Server": SERVER})
+        resp.force_close()
+        return resp
 
 
 def _no_request_yet(protocol: Any) -> None:
@@ -119,8 +160,8 @@ async def _serve(st: Stamp, host: str, port: int, accounts: Accounts, limits: Li
     web_server = runner.server
     assert web_server is not None
 
-    def connection() -> Any:  # aiohttp's protocol, with a deadline for the first request's head
-        protocol = web_server()
+    def connection() -> Any:  # aiohttp's protocol (ours), with a deadline for the first request's head
+        protocol = _Handler(web_server, loop=loop, **web_server._kwargs)
         loop.call_later(limits.stall_timeout, _no_request_yet, protocol)
         return protocol
 

@@ -5,28 +5,41 @@ stored access policies). Pure functions over plain values.
 Shapes follow the service's own answers: a UTF-8 byte order mark, then
 `<?xml version="1.0" encoding="utf-8"?>`; page lists interleave PageRange and
 ClearRange in offset order with inclusive Start/End; listings carry RFC 1123
-dates and unquoted Etags. A request body is parsed only when it is at most
+dates and unquoted Etags. Text taken from a request (a header's value in an
+error, a Host, a prefix) may hold what XML 1.0 cannot carry (control
+characters, the lone surrogates a non-UTF-8 header decodes to): each such
+character is written as U+FFFD, and quotes are escaped, so a body is always
+well-formed XML. A request body is parsed only when it is at most
 MAX_XML bytes and holds no DOCTYPE (so no entity tricks), and a malformed one
 is InvalidXmlDocument.
 """
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import Any
 from xml.sax.saxutils import escape
 
+from .. import sas
 from .errors import RestError
 
 HEAD = "\ufeff<?xml version=\"1.0\" encoding=\"utf-8\"?>"
 MAX_XML = 64 * 1024  # bytes of a request's XML body (five stored policies need under 2 KiB)
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")  # what XML 1.0 cannot hold
+
+
+def text(value: Any) -> str:
+    """`value` as XML text or attribute content: escaped, quotes too, and
+    characters XML cannot hold replaced by U+FFFD."""
+    return escape(NOT_XML.sub("\ufffd", str(value)), {'"': "&quot;"})
 
 
 def _el(name: str, value: Any) -> str:
     if value is None or value == "":
         return f"<{name} />"
-    return f"<{name}>{escape(str(value))}</{name}>"
+    return f"<{name}>{text(value)}</{name}>"
 
 
 def error(code: str, message: str, request_id: str, time: str, extra: dict[str, str]) -> bytes:
@@ -51,7 +64,7 @@ def _metadata(meta: dict[str, str]) -> str:
 
 def container_list(endpoint: str, prefix: str, marker: str, limit: int | None,
                    containers: list[dict[str, Any]], with_metadata: bool, next_marker: str | None) -> bytes:
-    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{escape(endpoint)}">']
+    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{text(endpoint)}">']
     parts += [_el("Prefix", prefix), _el("Marker", marker)]
     if limit is not None:
         parts.append(_el("MaxResults", limit))
@@ -67,8 +80,8 @@ def container_list(endpoint: str, prefix: str, marker: str, limit: int | None,
 def blob_list(endpoint: str, container: str, prefix: str, marker: str, limit: int | None, delimiter: str,
               blobs: list[dict[str, Any]], prefixes: list[str], next_marker: str | None) -> bytes:
     """blobs: {name, snapshot?, properties: {element: value}, metadata?}, in listing order."""
-    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{escape(endpoint)}" '
-                   f'ContainerName="{escape(container)}">']
+    parts = [HEAD, f'<EnumerationResults ServiceEndpoint="{text(endpoint)}" '
+                   f'ContainerName="{text(container)}">']
     parts += [_el("Prefix", prefix), _el("Marker", marker)]
     if limit is not None:
         parts.append(_el("MaxResults", limit))
@@ -98,6 +111,21 @@ def signed_identifiers(policies: dict[str, dict[str, str]]) -> bytes:
     return ("".join(parts) + "</SignedIdentifiers>").encode()
 
 
+def _check_policy(policy: dict[str, str]) -> None:
+    """A stored policy's times are SAS times and its permission letters a
+    container's, each once (else 400 InvalidXmlNodeValue, as the service)."""
+    for key, element in (("start", "Start"), ("expiry", "Expiry")):
+        if policy[key]:
+            try:
+                sas.parse_time(policy[key], element)
+            except sas.SasError:
+                raise RestError(400, "InvalidXmlNodeValue", XmlNodeName=element,
+                                XmlNodeValue=policy[key][:64]) from None
+    letters = policy["permission"]
+    if len(set(letters)) != len(letters) or not set(letters) <= set(sas.CONTAINER_PERMISSIONS):
+        raise RestError(400, "InvalidXmlNodeValue", XmlNodeName="Permission", XmlNodeValue=letters[:64])
+
+
 def parse_signed_identifiers(body: bytes) -> dict[str, dict[str, str]]:
     """A Set Container ACL body: at most 5 policies {id: {start, expiry, permission}}."""
     if not body.strip():
@@ -117,9 +145,12 @@ def parse_signed_identifiers(body: bytes) -> dict[str, dict[str, str]]:
         pid = (si.findtext("Id") or "").strip()
         if si.tag != "SignedIdentifier" or not pid or len(pid) > 64:
             raise RestError(400, "InvalidXmlDocument")
+        if pid in out:
+            raise RestError(400, "InvalidXmlDocument", f"The stored access policy {pid[:64]} is given twice.")
         ap = si.find("AccessPolicy")
         fields = {"start": "Start", "expiry": "Expiry", "permission": "Permission"}
         out[pid] = {k: (ap.findtext(v) or "").strip() if ap is not None else "" for k, v in fields.items()}
+        _check_policy(out[pid])
     if len(out) > 5:
         raise RestError(400, "InvalidXmlDocument", "At most 5 stored access policies are allowed.")
     return out

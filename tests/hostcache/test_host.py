@@ -398,3 +398,22 @@ def test_a_read_grant_taken_on_a_new_os_disk_before_its_vm_attaches_it_refuses_t
     host.disks.revoke_access("disk", "vm1-osdisk")
     host.disks.delete_disk("vm1-osdisk")
     assert host.create_vm("vm1", "D2s_v3", "mbr")["os_disk"]["disk"] == "vm1-osdisk"
+
+
+def test_a_deallocated_vm_s_disk_can_be_downloaded_and_the_vm_starts_after_revoke(host):
+    """The platform grants Read access to a disk of a deallocated VM (Reserved);
+    the VM cannot start until access is revoked, and no disk of it changes state."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0)
+    host.stop("vm1")
+    disks = Disks(host.stamp)
+    disks.grant_access("disk", "data1", "Read", 600)
+    with pytest.raises(OperationNotAllowed, match="'data1' is in 'ActiveSAS' state"):
+        host.start("vm1")
+    assert host.vm("vm1")["state"] == "Deallocated"
+    assert disks.record("vm1-osdisk")["state"] == "Reserved" and disks.record("data1")["state"] == "ActiveSAS"
+    assert disks.revoke_access("disk", "data1")["state"] == "Reserved"
+    host.start("vm1")
+    assert host.vm("vm1")["state"] == "Running" and disks.record("data1")["state"] == "Attached"
+    with pytest.raises(Exception, match="attached to running VM vm1"):  # a running VM's disk: refused
+        disks.grant_access("disk", "data1", "Read", 600)

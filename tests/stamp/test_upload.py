@@ -31,7 +31,9 @@ NOW = datetime(2026, 12, 1, 1, 0, 0, tzinfo=UTC)
 @pytest.fixture
 def disks(tmp_path):
     st = Stamp.create(str(tmp_path / "st"))
-    yield Disks(st)
+    d = Disks(st)
+    d.clock = NOW.timestamp  # grants made at NOW are not over by the clock that ends them (Disks._end_expired)
+    yield d
     st.close()
 
 
@@ -64,7 +66,7 @@ def verify(grant: access.Grant, query: dict[str, str], permission: str, now: dat
 
 
 def grant(disks: Disks, kind: str, name: str, access_: str, duration: int = 3600) -> tuple[access.Grant, dict]:
-    got = disks.grant_access(kind, name, access_, duration, now=NOW)
+    got = disks.grant_access(kind, name, access_, duration)  # at the Disks' clock: NOW, but for a real-time one
     container, query = container_of(got["accessSAS"])
     g = disks.grant_for(container)
     assert g is not None and g.access == access_ and g.name == name
@@ -87,7 +89,8 @@ def test_write_grant_upload_revoke(tmp_path, disks):
     raw = fixed_vhd(tmp_path / "u.vhd")
     rec = disks.create_for_upload("u", len(raw))
     got = disks.grant_access("disk", "u", "Write", 3600, now=NOW)
-    assert set(got["grant"]) == {"access", "container", "start", "expiry"}
+    assert set(got["grant"]) == {"access", "account", "container", "start", "expiry"}
+    assert got["grant"]["account"] == "devstoreaccount1"
     assert disks.record("u")["state"] == "ActiveUpload"
     container, query = container_of(got["accessSAS"])
     assert set(query) == {"si", "sr", "sv", "sig"} and query["sr"] == "b"  # the platform's layout: a policy
@@ -427,3 +430,76 @@ def test_a_disk_being_uploaded_or_downloaded_does_not_grow(tmp_path, disks):
     assert disks.revoke_access("disk", "u")["size_bytes"] == 20 * MIB
     assert disks.revoke_access("disk", "d")["size_bytes"] == 1 << 30
     assert disks.update_disk("d", size_gib=2)["size_bytes"] == 2 << 30
+
+
+def _raw_record(disks: Disks, name: str) -> dict:
+    """The disk's record as stored, read without settling anything."""
+    with disks.meta.read() as txn:
+        return disks.meta.get_json(txn, "resources", f"disk/{name}".encode())
+
+
+def test_an_expired_read_grant_ends_when_next_used_and_the_disk_attaches_again(tmp_path, disks):
+    disks.create_empty("d", 1)
+    g, _ = grant(disks, "disk", "d", "Read", duration=60)
+    assert disks.record("d")["state"] == "ActiveSAS"
+    disks.clock = lambda: NOW.timestamp() + 61  # the grant's duration is over
+    assert _raw_record(disks, "d")["state"] == "ActiveSAS"  # nothing ends it until the disk is next used
+    disks.set_state("d", DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to="vm1", lun=0)  # an attach
+    rec = disks.record("d")
+    assert rec["state"] == "Attached" and "access" not in rec and disks.grant_for(g.container) is None
+    with disks.meta.read() as txn:
+        assert list(disks.meta.items(txn, "resources", b"grant/")) == []
+
+
+def test_an_expired_grant_ends_on_a_read_of_the_disk_the_view_deleted(tmp_path, disks):
+    base = tmp_path / "base.vhd"
+    fixed_vhd(base, 32 * MIB)
+    disks.create_image("img", path=str(base))
+    disks.create_from_image("os", "img", size_gib=1)
+    g, _ = grant(disks, "disk", "os", "Read", duration=60)
+    assert disks.blobs.exists(g.stamp_blob)
+    disks.clock = lambda: NOW.timestamp() + 61
+    assert [r["state"] for r in disks.disks() if r["name"] == "os"] == ["Unattached"]
+    assert not disks.blobs.exists(g.stamp_blob) and "access" not in _raw_record(disks, "os")
+    disks.grant_access("disk", "os", "Read", 60)  # a new grant, as the platform allows after expiry
+    assert disks.record("os")["state"] == "ActiveSAS"
+    assert disks.stamp.check().ok
+
+
+def test_an_expired_upload_grant_is_ready_to_upload_again_with_its_data(tmp_path, disks):
+    raw = fixed_vhd(tmp_path / "u.vhd")
+    disks.create_for_upload("u", len(raw))
+    g, _ = grant(disks, "disk", "u", "Write", duration=60)
+    disks.blobs.write(g.stamp_blob, 0, raw[:4 * MIB])  # part of the upload, through the grant's blob
+    disks.clock = lambda: NOW.timestamp() + 61
+    assert disks.grant_for(g.container) is None  # the endpoint meeting its URL ends it
+    rec = _raw_record(disks, "u")
+    assert rec["state"] == "ReadyToUpload" and "access" not in rec
+    assert disks.blobs.properties(rec["blob"]).get(access.UPLOAD_MARK) is None  # no write lands through it
+    again, _ = grant(disks, "disk", "u", "Write", duration=60)
+    assert again.container != g.container
+    upload(disks, again, raw)
+    assert disks.revoke_access("disk", "u")["state"] == "Unattached"
+    with disks.open_virtual("u") as v:
+        assert v.read(5 * MIB, 4096) == b"up" * 2048
+
+
+def test_a_disk_of_a_deallocated_vm_can_be_read_granted_and_its_vm_waits(tmp_path, disks):
+    disks.create_empty("r", 1)
+    disks.set_state("r", DiskState.RESERVED, attached_to="vm1", lun=0)
+    with pytest.raises(OperationNotAllowed, match="attached to running VM vm1"):
+        disks.grant_access("disk", "r", "Write", 60)
+    g, _ = grant(disks, "disk", "r", "Read")
+    rec = disks.record("r")
+    assert rec["state"] == "ActiveSAS" and rec["attached_to"] == "vm1" and g.size == (1 << 30) + 512
+    with pytest.raises(OperationNotAllowed, match="active SAS"):  # the VM cannot start
+        disks.set_state("r", DiskState.ATTACHED, attached_to="vm1", lun=0)
+    assert disks.revoke_access("disk", "r")["state"] == "Reserved"
+    disks.set_state("r", DiskState.ATTACHED, attached_to="vm1", lun=0)  # now it starts
+    disks.set_state("r", DiskState.RESERVED, attached_to="vm1", lun=0)
+    grant(disks, "disk", "r", "Read", duration=60)
+    disks.set_state("r", DiskState.UNATTACHED, attached_to=None, lun=None)  # detached while downloaded
+    assert disks.record("r")["state"] == "ActiveSAS"
+    disks.clock = lambda: NOW.timestamp() + 61  # expired: back to what it is now, Unattached
+    rec = disks.record("r")
+    assert rec["state"] == "Unattached" and rec["attached_to"] is None

@@ -16,6 +16,7 @@ import threading
 import time
 from urllib.parse import quote, urlsplit
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -370,3 +371,93 @@ def test_a_blob_name_of_1024_characters_is_a_name(server):
     assert raw("GET", "/devstoreaccount1/longnames/" + "n" * 1024)[0].status == 200
     resp, _ = raw("PUT", "/devstoreaccount1/longnames/" + "n" * 1025, make)
     assert (resp.status, resp.getheader("x-ms-error-code")) == (400, "InvalidResourceName")
+
+
+@pytest.mark.parametrize("case, code, header", [
+    ("Content-Length: abc", "InvalidHeaderValue", "Content-Length"),
+    ("Content-Length: 512, 512", "InvalidHeaderValue", "Content-Length"),
+    ("Content-Length: -5", "InvalidHeaderValue", "Content-Length"),
+    ("Transfer-Encoding: chunked\r\nContent-Length: 512", "InvalidHeaderValue", "Content-Length"),
+    ("Transfer-Encoding: gzip", "InvalidHeaderValue", "Transfer-Encoding"),
+    ("Transfer-Encoding: chunked\r\n\r\nzz\r\nabc", "InvalidInput", None),  # a bad chunk size
+    ("Bad header line", "InvalidInput", None),
+])
+def test_a_put_page_aiohttp_cannot_parse_gets_the_service_s_error(server, case, code, header):
+    """Malformed HTTP on the Put Page path: 400 with x-ms-error-code, the XML
+    error body and x-ms-request-id, as the service answers (not aiohttp's
+    plain text), then the connection is closed; the server serves on."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/malformed", {"Content-Length": "0"}, query="restype=container")
+    raw("PUT", "/devstoreaccount1/malformed/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "4096",
+                                                 "Content-Length": "0"})
+    request = (f"PUT /devstoreaccount1/malformed/b?comp=page&{raw.sas} HTTP/1.1\r\nHost: x\r\n"
+               f"x-ms-page-write: update\r\nx-ms-range: bytes=0-511\r\n{case}\r\n\r\n").encode() + b"x" * 512
+    with socket.create_connection((raw.host, raw.port), timeout=30) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):  # read to the end: the server closes the connection
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+    assert lines[0].split()[1] == "400" and fields["x-ms-error-code"] == code, answer[:500]
+    assert fields["x-ms-request-id"] and f"<Code>{code}</Code>".encode() in body
+    if header:
+        assert f"<HeaderName>{header}</HeaderName>".encode() in body
+    assert raw("GET", "/devstoreaccount1/malformed/b", {"x-ms-range": "bytes=0-511"})[1] == bytes(512)
+
+
+@pytest.mark.parametrize("method, path, headers, query, status, code", [
+    ("GET", "/hostile", {}, "restype=container&comp=list&maxresults=%C2%B2", 400, "InvalidQueryParameterValue"),
+    ("GET", "/hostile/b", {}, "comp=pagelist&marker=%C2%B2", 400, "InvalidQueryParameterValue"),
+    ("GET", "/hostile", {}, "restype=container&comp=list&maxresults=%00%01", 400, "InvalidQueryParameterValue"),
+    ("PUT", "/hostile/b", {"x-ms-page-write": "clear", "x-ms-range": "bytes=0-511",
+                           "x-ms-if-sequence-number-le": "\u00b2"}, "comp=page", 400, "InvalidHeaderValue"),
+    ("PUT", "/hostile/b", {"x-ms-lease-action": "acquire", "x-ms-lease-duration": "\u00b9\u00b2"}, "comp=lease", 400,
+     "InvalidHeaderValue"),
+    ("GET", "/hostile/b", {"x-ms-range": "bytes=0-\u00b2"}, "", 400, "InvalidHeaderValue"),
+    ("PUT", "/hostile/b2", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "\u00b2"}, "", 400,
+     "InvalidHeaderValue"),
+    ("PUT", "/hostile/b", {"x-ms-meta-a": "caf\u00e9"}, "comp=metadata", 400, "InvalidMetadata"),
+    ("GET", "/hostile", {"Host": 'x"><y z="'}, "restype=container&comp=list", 200, None),
+])
+def test_hostile_values_get_well_formed_answers(server, method, path, headers, query, status, code):
+    """Digits that are not ASCII ("²"), header bytes that are not UTF-8, control
+    characters and quotes: the service's error (never a 500), and an XML body
+    that parses (the value echoed with what XML cannot hold replaced)."""
+    import xml.etree.ElementTree as ET
+
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/hostile", {"Content-Length": "0"}, query="restype=container")
+    raw("PUT", "/devstoreaccount1/hostile/b", {"x-ms-blob-type": "PageBlob", "x-ms-blob-content-length": "4096",
+                                               "Content-Length": "0"})
+    send = {"Content-Length": "0", **headers} if method == "PUT" else dict(headers)
+    resp, data = raw(method, "/devstoreaccount1" + path, send, query=query)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (status, code), data[:300]
+    ET.fromstring(data.decode("utf-8-sig"))  # well-formed
+    assert server.alive()
+
+
+def _policy(pid: str, permission: str = "r", expiry: str = "2099-01-01T00:00:00Z") -> bytes:
+    return (f"<SignedIdentifier><Id>{pid}</Id><AccessPolicy><Expiry>{expiry}</Expiry>"
+            f"<Permission>{permission}</Permission></AccessPolicy></SignedIdentifier>").encode()
+
+
+@pytest.mark.parametrize("policies, code", [
+    (_policy("a") + _policy("a"), "InvalidXmlDocument"),  # one id twice
+    (_policy("a", permission="zz"), "InvalidXmlNodeValue"),
+    (_policy("a", permission="rr"), "InvalidXmlNodeValue"),
+    (_policy("a", expiry="99999-1"), "InvalidXmlNodeValue"),
+    (b"".join(_policy(str(i)) for i in range(6)), "InvalidXmlDocument"),
+])
+def test_stored_access_policies_the_service_refuses_are_refused(server, policies, code):
+    """A stored policy that no SAS could use (a bad time, permission letters not
+    a container's), or an id given twice, is refused when set, not stored."""
+    raw = Raw(server)
+    raw("PUT", "/devstoreaccount1/acls", {"Content-Length": "0"}, query="restype=container")
+    body = b"<SignedIdentifiers>" + policies + b"</SignedIdentifiers>"
+    resp, data = raw("PUT", "/devstoreaccount1/acls", {"Content-Length": str(len(body))}, body,
+                     query="restype=container&comp=acl", shared_key=True)
+    assert (resp.status, resp.getheader("x-ms-error-code")) == (400, code), data[:300]
+    resp, data = raw("GET", "/devstoreaccount1/acls", query="restype=container&comp=acl", shared_key=True)
+    assert resp.status == 200 and b"<SignedIdentifier>" not in data

@@ -182,3 +182,24 @@ def test_a_put_page_let_in_before_the_revoke_cannot_land_after_its_check(server,
         disks = Disks(st)
         blob = disks.record("late")["blob"]
         assert st.blobs.read(blob, len(raw) - 512, 512) == raw[-512:]  # what the revoke checked
+
+
+def test_a_grant_past_its_duration_ends_and_the_disk_is_unattached_again(server):
+    """As the platform: a grant ends by itself when its duration is over. The
+    endpoint meeting its URL then ends it (no timer), and the disk is
+    Unattached again, ready for an attach or a new grant."""
+    import time
+
+    stamp_cli(server, "disk", "create", "brief", "--size-gib", "1")
+    url = stamp_cli(server, "disk", "grant-access", "brief", "--access", "Read", "--duration", "2", "--endpoint",
+                    server.endpoint).strip()
+    blob = BlobClient.from_blob_url(url)
+    assert blob.get_blob_properties().size == (1 << 30) + 512
+    time.sleep(3)
+    with pytest.raises(ResourceNotFoundError):
+        blob.get_blob_properties()
+    with Stamp.open(server.stamp) as st, st.meta.read() as txn:  # ended by that request, not by this read
+        record = st.meta.get_json(txn, "resources", b"disk/brief")
+    assert record["state"] == "Unattached" and "access" not in record
+    assert json.loads(stamp_cli(server, "disk", "grant-access", "brief", "--access", "Read", "--duration", "60",
+                                "--json"))["grant"]["access"] == "Read"
