@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Sequence
@@ -780,7 +781,13 @@ def _open_parent(path: str | None, file: RawFile, footer: ft.Footer, header: dh.
             dev = got
             pf = getattr(dev, "footer", None)
             if pf is not None:
-                _check_parent_identity(file.name, "resolver", header, pf, opts.ignore_timestamp)
+                try:
+                    _check_parent_identity(file.name, "resolver", header, pf, opts.ignore_timestamp)
+                    if not opts.ignore_timestamp and isinstance(dev, (FixedImage, SparseImage)):
+                        _check_parent_unmodified(file.name, footer, dev)  # a regular file's mtime, as below
+                except ParentMismatchError:
+                    dev.close()  # type: ignore[attr-defined]
+                    raise
             return dev  # type: ignore[return-value]
     notes: list[str] = []
     if path is not None:
@@ -849,8 +856,13 @@ def made_ns(footer: ft.Footer) -> int:
 
 
 def file_mtime_ns(file: RawFile) -> int | None:
+    """A regular file's modification time; None for anything else (a page
+    blob, a block device: writes to a device leave its node's time alone)."""
     fd = getattr(file, "fd", None)
-    return None if fd is None else os.fstat(fd).st_mtime_ns
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None
 
 
 def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
@@ -984,6 +996,7 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
     """A differencing VHD over `parent_path`, with W2ru and W2ku locators."""
     _check_block_size(block_size)
     path, ppath = os.fspath(target), os.path.abspath(os.fspath(parent_path))
+    _refuse_block_parent(ppath)
     parent = open_image(ppath, allow_dirs=allow_dirs)
     try:
         if len(parent.chain()) >= MAX_CHAIN_DEPTH:
@@ -1009,6 +1022,23 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
         raise
     img.parent = parent
     return img
+
+
+def _refuse_block_parent(ppath: str) -> None:
+    """A parent must be a regular file: a child detects writes to its parent by
+    the parent's mtime, and a write to a block device changes neither its
+    node's time nor the VHD footer on it (UUID and timestamp stay), so nothing
+    a child can check tells a changed device from the one it was made over.
+    Opening refuses block-device parents anyway (a child of one could never
+    be opened by its locators)."""
+    try:
+        mode = os.stat(ppath).st_mode
+    except OSError:
+        return  # open_image says what is wrong with the path
+    if stat.S_ISBLK(mode):
+        raise UsageError(f"{ppath} is a block device: a differencing image's parent must be a regular file "
+                         "(writes to a device leave no trace a child can check); copy it to a file first "
+                         "(vhd convert DEVICE base.vhd --to dynamic) and make the child over that")
 
 
 def _check_block_size(block_size: int) -> None:
