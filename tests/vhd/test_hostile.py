@@ -283,3 +283,51 @@ def test_a_2040_gib_image_of_4_kib_blocks_opens_reads_and_writes_in_bounded_memo
                                      "state": "zero"}]
     r = _limited("check", path, limit=limit)
     assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def _declaring(path: str, what: str) -> None:
+    """A small image (a differencing one for the locator cases) with one
+    declared size changed to what the file cannot hold, checksums fixed."""
+    import dataclasses
+
+    folder = os.path.dirname(path)
+    if what == "a fixed disk's current size of 2**62":
+        vhd.create(path, MIB, type="fixed").close()
+        with open(path, "r+b") as f:
+            f.seek(-512, os.SEEK_END)
+            footer = vhd.Footer.unpack(f.read(512))
+            f.seek(-512, os.SEEK_END)
+            f.write(dataclasses.replace(footer, current_size=1 << 62).pack())
+        return
+    vhd.create(os.path.join(folder, "p.vhd"), 4 * MIB).close()
+    vhd.create(path, parent=os.path.join(folder, "p.vhd")).close()
+    with open(path, "r+b") as f:
+        f.seek(512)
+        header = dh.DynamicHeader.unpack(f.read(dh.SIZE), 512)
+        loc = header.locators[0]
+        changed = {
+            "a BAT offset of 2**63": dataclasses.replace(header, table_offset=1 << 63),
+            "2**32-1 table entries": dataclasses.replace(header, max_table_entries=0xFFFFFFFF),
+            "a locator length of 2**31": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_length=1 << 31, data_space=1 << 31),) + header.locators[1:]),
+            "a locator offset of 2**63": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_offset=1 << 63),) + header.locators[1:]),
+            "a locator space of 2**32-1 sectors": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_space=0xFFFFFFFF),) + header.locators[1:]),
+        }[what]
+        f.seek(512)
+        f.write(changed.pack())
+
+
+@pytest.mark.parametrize("what", ["a fixed disk's current size of 2**62", "a BAT offset of 2**63",
+                                  "2**32-1 table entries", "a locator length of 2**31",
+                                  "a locator offset of 2**63", "a locator space of 2**32-1 sectors"])
+def test_a_declared_size_the_file_cannot_have_is_a_clear_error_in_bounded_memory(tmp_path, what):
+    path = str(tmp_path / "d.vhd")
+    _declaring(path, what)
+    for cmd in ("info", "check", "map"):
+        r = _limited(cmd, path, limit=400 << 20)
+        assert "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
+        assert r.returncode in (0, 1), (cmd, r.returncode, r.stderr)
+        if cmd == "check":
+            assert r.returncode == 1, (what, r.stdout)
