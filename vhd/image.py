@@ -29,7 +29,7 @@ A kill then loses no acknowledged write; flush() still syncs for power loss.
 Memory: what an open sparse image holds grows with its allocated blocks,
 never with its virtual size (an outsider's 2040 GiB image of 4 KiB blocks
 has 534M entries): the BAT and the read fast path are paged tables
-(bat.Table, bat.Paged: at most about 1.6 KB per allocated block, 12 bytes
+(bat.Table, bat.Paged: at most about 1.7 KB per allocated block, 12 bytes
 per block when they are dense), a partly present block's bitmap is kept
 only once it is read or written, and opening reads and checks the BAT a
 chunk at a time. Checking that no two blocks overlap sorts the allocated
@@ -374,7 +374,10 @@ class SparseImage:
 
     def discard(self, offset: int, length: int) -> None:
         """Afterwards the range reads as zeros. Dynamic: whole blocks are
-        unallocated (their space is reclaimed by compact); differencing:
+        unallocated (the file keeps their place until compact, but their
+        data is punched out where the file can: fileio.punch_hole), and
+        a part of a block is punched out, else zeros are written (a punched
+        sector reads as zeros whether its bit is set or not); differencing:
         zeros are written, since a clear bit would show the parent."""
         if self.readonly:
             raise ReadOnlyError(f"{self.file.name}: opened read-only")
@@ -383,14 +386,19 @@ class SparseImage:
             write_zeros(self, offset, length)
             return
         bs = self.block_size
+        punch = getattr(self.file, "punch_hole", None)
         pos, end = offset, offset + length
         while pos < end:
             b, inb = divmod(pos, bs)
             n = min(bs - inb, end - pos)
-            if self.bat[b] != batlib.UNALLOCATED:
+            entry = self.bat[b]
+            if entry != batlib.UNALLOCATED:
+                data_at = entry * SECTOR + self.bitmap_size
                 if n == bs or (inb == 0 and b == len(self.bat) - 1 and pos + n == self.size):
                     self._unallocate(b)
-                else:
+                    if punch is not None:
+                        punch(data_at, bs)  # before the BAT says so, the block reads as zeros: a discard's result
+                elif punch is None or not punch(data_at + inb, n):
                     write_zeros(self, pos, n)
             pos += n
         if self.write_through:
