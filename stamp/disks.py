@@ -1184,7 +1184,7 @@ def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = Non
     if not isinstance(image, SparseImage):
         return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
     bs, bm = image.block_size, image.bitmap_size
-    blocks = sorted((entry * 512, b) for b, entry in enumerate(image.bat) if entry != 0xFFFFFFFF)
+    blocks = sorted((entry * 512, b) for b, entry in image.bat.items())
     starts = [start for start, _ in blocks]
     out: list[tuple[int, int]] = []
     for off, n in blob_ranges:

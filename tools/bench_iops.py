@@ -3,6 +3,10 @@
 
   .venv/bin/python tools/bench_iops.py [--seconds 3] [--qd 16] [--tiers S10 E10 P10 P30 v2 ultra] [--json F]
 
+Any selection of tiers works; the cached-against-uncached rows use P10, else
+the first chosen tier that may have host caching (none: Ultra and Premium
+SSD v2 may not), and are skipped when there is none.
+
 For each tier a disk of that tier is attached (caching None) to a VM and
 read and written at random, 4 KiB and 64 KiB, at a queue depth (threads), for
 a few seconds of wall time through the VHD, the host's throttle and the
@@ -30,7 +34,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import vhd  # noqa: E402
 from hostcache.boot import make_boot_sector  # noqa: E402
 from hostcache.host import Host  # noqa: E402
-from hostcache.tiers import MIB, Burst, VmLimits, disk_limits  # noqa: E402
+from hostcache.tiers import MIB, ULTRA_SKUS, Burst, VmLimits, disk_limits  # noqa: E402
 from stamp import Stamp  # noqa: E402
 from stamp.disks import Disks  # noqa: E402
 
@@ -125,10 +129,24 @@ def qd_sweep(host: Host, a: argparse.Namespace) -> dict[str, list[float]]:
     return out
 
 
+def cached_tier(tiers: list[str], vm_caches: bool) -> str | None:
+    """The tier cached_rows measures: P10 if chosen, else the first chosen tier
+    that may have host caching (not Ultra or Premium SSD v2), else None
+    (none may, or the VM size has no host cache)."""
+    cacheable = [n for n in tiers if TIERS[n][0] not in ULTRA_SKUS]
+    if not vm_caches or not cacheable:
+        return None
+    return "P10" if "P10" in cacheable else cacheable[0]
+
+
 def cached_rows(host: Host, a: argparse.Namespace) -> list[dict]:
-    """The same P-disk, uncached and with ReadOnly caching once its pages are in
-    the host cache: hits count against the VM's cached limit only."""
-    name = "P10" if "P10" in a.tiers else a.tiers[0]
+    """The same disk (P10 by preference), uncached and with ReadOnly caching once
+    its pages are in the host cache: hits count against the VM's cached limit only."""
+    name = cached_tier(a.tiers, host.throttle("vm").vm.limits.host_caching)
+    if name is None:
+        print("cached vs uncached: skipped (no chosen tier may have host caching: Ultra and "
+              "Premium SSD v2 may not, nor may a VM size without a host cache)")
+        return []
     lun = a.tiers.index(name)
     disk_name = f"d-{name}"
     rows = []
@@ -161,14 +179,19 @@ def chart(rows: list[dict], path: str) -> str:
 
 
 def main() -> int:
+    global WARMUP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--warmup", type=float, default=WARMUP,
+                    help=f"seconds of each run not counted (default {WARMUP}: the limiters' start-up allowance)")
     ap.add_argument("--qd", type=int, default=16)
     ap.add_argument("--tiers", nargs="+", default=list(TIERS), choices=list(TIERS))
     ap.add_argument("--vm", default="D8s_v3")
     ap.add_argument("--json", help="also write the rows here, with fio's field names")
     ap.add_argument("--png", help="also draw a chart of IOPS by tier here (needs matplotlib)")
     a = ap.parse_args()
+    a.tiers = list(dict.fromkeys(a.tiers))  # each tier once: one disk per tier
+    WARMUP = a.warmup
     work = tempfile.mkdtemp(prefix="bench-iops-", dir="/var/tmp")
     rows: list[dict] = []
     sweeps: dict[str, list[float]] = {}

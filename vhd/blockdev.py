@@ -161,8 +161,14 @@ class FileDevice:
             self.file.sync()
 
     def discard(self, offset: int, length: int) -> None:
+        """The range's space is freed where the file can punch holes
+        (fileio.punch_hole), else zeros are written: it reads as zeros."""
+        if self.readonly:
+            raise ReadOnlyError(f"{self.file.name}: opened read-only")
         check_range(self.size, offset, length)
-        write_zeros(self, offset, length)
+        punch = getattr(self.file, "punch_hole", None)
+        if punch is None or not punch(offset, length):
+            write_zeros(self, offset, length)
 
     def allocation(self, offset: int, length: int) -> list[Extent]:
         check_range(self.size, offset, length)

@@ -36,7 +36,7 @@ from . import footer as ft
 from .errors import FormatError, VhdError
 from .fileio import OsFile, RawFile
 from .geometry import MAX_CHS_SECTORS, chs_for_size
-from .image import SECTOR, open_image, too_many_blocks
+from .image import SECTOR, load_table, open_image
 
 MIB = 1024 * 1024
 AZURE_MIN = 20 * MIB
@@ -358,7 +358,6 @@ def _walk_sparse(w: _Walk, size: int) -> None:
         w.report.add("error", "dynamic header table offset", hoff + 16, "the BAT does not fit in the file")
         return
     used = min(needed, h.max_table_entries)
-    table = batlib.unpack_table(w.file.pread(4 * used, h.table_offset), used)
     _entries_past_the_disk(w, h, used)
     regions = [(0, ft.SIZE, "footer mirror"), (hoff, dh.SIZE, "dynamic header"),
                (h.table_offset, batlib.table_bytes(h.max_table_entries), "BAT")]
@@ -366,13 +365,11 @@ def _walk_sparse(w: _Walk, size: int) -> None:
         _check_locators(w, h, end, regions)
     span = batlib.bitmap_bytes(h.block_size) + h.block_size
     try:
-        too_many_blocks(table, span, end, h.table_offset)
+        table = load_table(w.file, h.table_offset, used, span, end)
     except FormatError as e:
         w.report.add("error", "BAT", e.offset, e.detail)
         return
-    for b, entry in enumerate(table):
-        if entry == batlib.UNALLOCATED:
-            continue
+    for b, entry in table.items():
         start = entry * 512
         if start + span > end:
             w.report.add("error", f"BAT entry {b}", h.table_offset + 4 * b,

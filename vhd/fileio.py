@@ -11,14 +11,21 @@ a stamp page blob later. Rules kept here:
 - OsFile opens regular files only (block devices when the caller allows
   them): a FIFO, a directory or a socket is a FileTypeError at once, never a
   hang, and any other OSError of opening is a VhdError naming the path.
+- `punch_hole` (optional: OsFile has it, other RawFiles need not) frees a
+  range's space and leaves it reading as zeros, or returns False where the
+  filesystem cannot (then the caller writes zeros); the file's size stays.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import stat
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from .errors import BusyError, FileTypeError, VhdError
@@ -106,6 +113,15 @@ class OsFile:
             os.close(self.fd)
             self.fd = -1
 
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Free [offset, offset+length) (fallocate PUNCH_HOLE | KEEP_SIZE): it
+        reads as zeros afterwards, the size is kept. False, having changed
+        nothing, on a block device or where the filesystem or C library
+        cannot punch; another failure (EIO) is raised."""
+        if self._block or length <= 0:
+            return False
+        return punch_hole(self.fd, offset, length)
+
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Ask the filesystem where holes are (SEEK_DATA/SEEK_HOLE)."""
         end = offset + length
@@ -127,6 +143,38 @@ class OsFile:
         except OSError:
             return [(offset, length)]
         return out
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+# a filesystem (or kernel) that cannot punch: the caller writes zeros instead
+_CANNOT_PUNCH = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EPERM}
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's fallocate, or None where this C library has none."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate64 if hasattr(libc, "fallocate64") else libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """fallocate(fd, PUNCH_HOLE | KEEP_SIZE, offset, length) through libc
+    (os has no fallocate; os.posix_fallocate only allocates). True if done."""
+    fallocate = _fallocate()
+    if fallocate is None:
+        return False
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _CANNOT_PUNCH:
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 # errors of opening that say what the path is (a symlink loop, a socket, a

@@ -25,6 +25,15 @@ write is not acknowledged until its metadata is in the file too, in this
 order and without a sync: data, then the block's bitmap, then its BAT sector
 (step 1's sync is skipped as well: the file keeps the order of its writes).
 A kill then loses no acknowledged write; flush() still syncs for power loss.
+
+Memory: what an open sparse image holds grows with its allocated blocks,
+never with its virtual size (an outsider's 2040 GiB image of 4 KiB blocks
+has 534M entries): the BAT and the read fast path are paged tables
+(bat.Table, bat.Paged: at most about 1.7 KB per allocated block, 12 bytes
+per block when they are dense), a partly present block's bitmap is kept
+only once it is read or written, and opening reads and checks the BAT a
+chunk at a time. Checking that no two blocks overlap sorts the allocated
+entries (about 40 bytes each, while opening).
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import stat
 import time
 import uuid as uuidlib
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -74,7 +83,7 @@ MAX_CHAIN_DEPTH = 256
 MAX_DYNAMIC_SIZE = 2040 * 1024 ** 3
 MAX_FIXED_SIZE = 64 * 1024 ** 4  # the largest managed disk (Ultra, PremiumV2)
 
-_UNKNOWN, _FULL, _PARTIAL = 0, 1, 2
+_FULL, _PARTIAL = 1, 2
 
 
 def fast_pread(file: RawFile) -> Callable[[int, int], bytes]:
@@ -144,7 +153,7 @@ class SparseImage:
     """A dynamic or differencing VHD (see the module comment for the rules)."""
 
     def __init__(self, file: RawFile, footer: ft.Footer, header: dh.DynamicHeader,
-                 table: array[int], readonly: bool, path: str | None,
+                 table: batlib.Table, readonly: bool, path: str | None,
                  parent: BlockDevice | None = None, durable: bool = True) -> None:
         self.file, self.footer, self.header, self.bat = file, footer, header, table
         self.readonly, self.path, self.parent, self.durable = readonly, path, parent, durable
@@ -160,9 +169,11 @@ class SparseImage:
         self._mask = self.block_size - 1
         self._footer_raw = footer.pack()
         self._data_end = file.size() - ft.SIZE  # where the footer sits; next block goes here
-        self._state = bytearray(len(table))  # per block: _UNKNOWN, _FULL or _PARTIAL
-        # per block: file offset of the data of a _FULL block, else -1 (the read fast path)
-        self._fast = array("q", [-1]) * len(table)
+        # A block's state: _FULL when it has a _fast entry (the file offset of
+        # its data: the read fast path), _PARTIAL when its bitmap is in
+        # _bitmaps, not yet known otherwise.
+        self._fast = batlib.Paged(len(table), "q", -1)
+        self._fast_pages = self._fast.pages
         self._pread = fast_pread(file)
         self._pwrite = fast_pwrite(file)
         self._bitmaps: dict[int, bytearray] = {}
@@ -179,18 +190,17 @@ class SparseImage:
     # -- bitmaps -----------------------------------------------------------
 
     def _block_state(self, b: int) -> int:
-        st = self._state[b]
-        if st == _UNKNOWN:
-            raw = self.file.pread(self.bitmap_size, self.bat[b] * SECTOR)
-            bm = bytearray(raw.ljust(self.bitmap_size, b"\0"))
-            if batlib.all_set(bm, self.sectors_per_block):
-                st = _FULL
-                self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
-            else:
-                st = _PARTIAL
-                self._bitmaps[b] = bm
-            self._state[b] = st
-        return st
+        if self._fast[b] >= 0:
+            return _FULL
+        if b in self._bitmaps:
+            return _PARTIAL
+        raw = self.file.pread(self.bitmap_size, self.bat[b] * SECTOR)
+        bm = bytearray(raw.ljust(self.bitmap_size, b"\0"))
+        if batlib.all_set(bm, self.sectors_per_block):
+            self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
+            return _FULL
+        self._bitmaps[b] = bm
+        return _PARTIAL
 
     def _bitmap(self, b: int) -> bytearray:
         if self._block_state(b) == _FULL:
@@ -215,8 +225,9 @@ class SparseImage:
             check_range(self.size, offset, length)
         inb = offset & self._mask
         if inb + length <= self.block_size:  # inside one fully present block: the common case, kept short
-            at = self._fast[offset >> self._shift]
-            if at >= 0:
+            b = offset >> self._shift
+            page = self._fast_pages.get(b >> 7)
+            if page is not None and (at := page[b & 127]) >= 0:
                 data = self._pread(length, at + inb)
                 if len(data) == length:
                     return data
@@ -259,8 +270,9 @@ class SparseImage:
             check_range(self.size, offset, length)
         inb = offset & self._mask
         if not (offset | length) & 511 and inb + length <= self.block_size:
-            at = self._fast[offset >> self._shift]
-            if at >= 0:  # sectors of a fully present block: one pwrite, no metadata
+            b = offset >> self._shift
+            page = self._fast_pages.get(b >> 7)
+            if page is not None and (at := page[b & 127]) >= 0:  # sectors of a fully present block: one pwrite, no metadata
                 done = self._pwrite(data, at + inb)
                 if done < length:
                     self.file.pwrite(memoryview(data)[done:], at + inb + done)
@@ -295,7 +307,6 @@ class SparseImage:
     def _bitmap_changed(self, b: int) -> None:
         bm = self._bitmaps[b]
         if batlib.all_set(bm, self.sectors_per_block):
-            self._state[b] = _FULL
             self._fast[b] = self.bat[b] * SECTOR + self.bitmap_size
             del self._bitmaps[b]
             bm = bytearray(b"\xff" * self.bitmap_size)
@@ -315,11 +326,9 @@ class SparseImage:
             self.file.sync()
         if self.parent is None:
             self.file.pwrite(b"\xff" * self.bitmap_size, at)
-            self._state[b] = _FULL
             self._fast[b] = at + self.bitmap_size
         else:
             self.file.pwrite(bytes(self.bitmap_size), at)
-            self._state[b] = _PARTIAL
             self._bitmaps[b] = bytearray(self.bitmap_size)
         self._data_end = new_end
         self.bat[b] = at // SECTOR
@@ -354,7 +363,7 @@ class SparseImage:
         for sector in sorted({b // per_sector for b in self._dirty_bat}):
             first = sector * per_sector
             count = min(per_sector, len(self.bat) - first)
-            self.file.pwrite(batlib.pack_entries(self.bat, first, count),
+            self.file.pwrite(self.bat.pack_entries(first, count),
                              self.header.table_offset + sector * SECTOR)
         if sync:
             self.file.sync()  # 5. pointers durable
@@ -365,7 +374,10 @@ class SparseImage:
 
     def discard(self, offset: int, length: int) -> None:
         """Afterwards the range reads as zeros. Dynamic: whole blocks are
-        unallocated (their space is reclaimed by compact); differencing:
+        unallocated (the file keeps their place until compact, but their
+        data is punched out where the file can: fileio.punch_hole), and
+        a part of a block is punched out, else zeros are written (a punched
+        sector reads as zeros whether its bit is set or not); differencing:
         zeros are written, since a clear bit would show the parent."""
         if self.readonly:
             raise ReadOnlyError(f"{self.file.name}: opened read-only")
@@ -374,14 +386,19 @@ class SparseImage:
             write_zeros(self, offset, length)
             return
         bs = self.block_size
+        punch = getattr(self.file, "punch_hole", None)
         pos, end = offset, offset + length
         while pos < end:
             b, inb = divmod(pos, bs)
             n = min(bs - inb, end - pos)
-            if self.bat[b] != batlib.UNALLOCATED:
+            entry = self.bat[b]
+            if entry != batlib.UNALLOCATED:
+                data_at = entry * SECTOR + self.bitmap_size
                 if n == bs or (inb == 0 and b == len(self.bat) - 1 and pos + n == self.size):
                     self._unallocate(b)
-                else:
+                    if punch is not None:
+                        punch(data_at, bs)  # before the BAT says so, the block reads as zeros: a discard's result
+                elif punch is None or not punch(data_at + inb, n):
                     write_zeros(self, pos, n)
             pos += n
         if self.write_through:
@@ -389,7 +406,6 @@ class SparseImage:
 
     def _unallocate(self, b: int) -> None:
         self.bat[b] = batlib.UNALLOCATED
-        self._state[b] = _UNKNOWN
         self._fast[b] = -1
         self._bitmaps.pop(b, None)
         self._dirty_bitmaps.discard(b)
@@ -408,7 +424,6 @@ class SparseImage:
             data = src.file.pread(piece, src_at + off)
             if data and not is_zero(data):
                 self.file.pwrite(data, at + self.bitmap_size + off)
-        self._state[b] = _UNKNOWN
         self._fast[b] = -1
         self._bitmaps.pop(b, None)
 
@@ -417,8 +432,7 @@ class SparseImage:
         underneath (merge's emptying); nothing may be dirty."""
         assert not (self._dirty_bat or self._dirty_bitmaps), "reload with unflushed metadata"
         self._data_end = self.file.size() - ft.SIZE
-        self._state = bytearray(len(self.bat))
-        self._fast = array("q", [-1]) * len(self.bat)
+        self._fast.clear()
         self._bitmaps.clear()
         self._uncommitted.clear()
 
@@ -458,10 +472,7 @@ class SparseImage:
 
     def _unallocated_until(self, b: int, end: int) -> int:
         """Where the run of unallocated blocks from block b ends (at most `end`)."""
-        last = (end - 1) // self.block_size
-        bat, c = self.bat, b
-        while c <= last and bat[c] == batlib.UNALLOCATED:
-            c += 1
+        c = self.bat.next_allocated(b, (end - 1) // self.block_size + 1)
         return min(c * self.block_size, end)
 
     def _partial_allocation(self, b: int, inb: int, n: int) -> list[Extent]:
@@ -478,7 +489,7 @@ class SparseImage:
         return out
 
     def allocated_blocks(self) -> list[int]:
-        return [b for b, e in enumerate(self.bat) if e != batlib.UNALLOCATED]
+        return [b for b, _ in self.bat.items()]
 
     def chain(self) -> list[BlockDevice]:
         members: list[BlockDevice] = [self]
@@ -585,7 +596,7 @@ def damaged_vhd_reason(file: RawFile) -> str | None:
     return None
 
 
-def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHeader, array[int]]:
+def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHeader, batlib.Table]:
     size = file.size()
     end = size - ft.SIZE
     hoff = footer.data_offset
@@ -602,7 +613,8 @@ def _read_sparse_layout(file: RawFile, footer: ft.Footer) -> tuple[dh.DynamicHea
                           f"BAT of {tbytes} bytes at {header.table_offset} does not fit in the file")
     # Only the entries the disk size needs are read: the rest map nothing, and
     # a hostile table may claim 2**32 of them.
-    table = batlib.unpack_table(file.pread(needed * 4, header.table_offset), needed)
+    span = batlib.bitmap_bytes(header.block_size) + header.block_size
+    table = load_table(file, header.table_offset, needed, span, end)
     _validate_table(table, header, end, _metadata_regions(footer, header))
     return header, table
 
@@ -618,23 +630,25 @@ def _metadata_regions(footer: ft.Footer, header: dh.DynamicHeader) -> list[tuple
     return regions
 
 
-def _validate_table(table: array[int], header: dh.DynamicHeader, end: int,
+def _validate_table(table: batlib.Table, header: dh.DynamicHeader, end: int,
                     regions: list[tuple[int, int, str]]) -> None:
     """Every allocated block lies in the file and overlaps no other block and
     no metadata region (a write there would overwrite the header, the BAT or
     a parent locator)."""
     span = batlib.bitmap_bytes(header.block_size) + header.block_size
-    for b, e in enumerate(table):  # each entry alone first: nothing is kept per entry
-        if e != batlib.UNALLOCATED:
-            _validate_entry(b, e * SECTOR, span, header.table_offset + 4 * b, end, regions)
-    too_many_blocks(table, span, end, header.table_offset)  # before a list of them all is built
-    used = sorted((e * SECTOR, b) for b, e in enumerate(table) if e != batlib.UNALLOCATED)
-    prev_end, prev_b = 0, -1
-    for start, b in used:
-        at = header.table_offset + 4 * b
-        if start < prev_end:
-            raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps block {prev_b}")
-        prev_end, prev_b = start + span, b
+    for b, e in table.items():  # each entry alone first: nothing is kept per entry
+        _validate_entry(b, e * SECTOR, span, header.table_offset + 4 * b, end, regions)
+    starts = sorted(e for _, e in table.items())  # sector numbers: one int each
+    for prev, start in zip(starts, starts[1:], strict=False):
+        if (start - prev) * SECTOR < span:
+            b, other = _blocks_at(table, start), _blocks_at(table, prev)
+            raise FormatError("BAT", f"entry {b}", header.table_offset + 4 * b,
+                              f"block at {start * SECTOR} overlaps block {other}")
+
+
+def _blocks_at(table: batlib.Table, sector: int) -> int:
+    """The block whose entry is `sector` (one exists): found again only to name it in an error."""
+    return next(b for b, e in table.items() if e == sector)
 
 
 def _validate_entry(b: int, start: int, span: int, at: int, end: int,
@@ -646,14 +660,29 @@ def _validate_entry(b: int, start: int, span: int, at: int, end: int,
             raise FormatError("BAT", f"entry {b}", at, f"block at {start} overlaps {what}")
 
 
-def too_many_blocks(table: array[int], span: int, end: int, table_offset: int) -> None:
-    """FormatError if more blocks are allocated than the file can hold: a
-    count at C speed before any walk entry by entry (a zeroed table of
-    millions of entries would otherwise cost gigabytes)."""
-    allocated = len(table) - table.count(batlib.UNALLOCATED)
-    if allocated * span > end:
-        raise FormatError("BAT", "entries", table_offset,
-                          f"{allocated} allocated blocks of {span} bytes cannot fit before the footer at {end}")
+def load_table(file: RawFile, table_offset: int, entries: int, span: int, end: int) -> batlib.Table:
+    """The BAT's first `entries` entries (bat.Table.load); FormatError as soon
+    as more blocks are allocated than the file can hold, before the pages of
+    a zeroed table of millions of entries are built."""
+    try:
+        return batlib.Table.load(file.pread, table_offset, entries, end // span)
+    except batlib.TooManyAllocated as e:
+        counted, read = e.args
+    _entry_past_the_end(file, table_offset, read, span, end)  # names the entry, when one is
+    raise FormatError("BAT", "entries", table_offset,
+                      f"{counted} or more allocated blocks of {span} bytes cannot fit before the footer at {end}")
+
+
+def _entry_past_the_end(file: RawFile, table_offset: int, entries: int, span: int, end: int) -> None:
+    """FormatError naming the first of `entries` whose block runs past the
+    footer, if one does; read a chunk at a time, nothing kept."""
+    per_chunk = batlib.READ_CHUNK // 4
+    for first in range(0, entries, per_chunk):
+        n = min(per_chunk, entries - first)
+        i = batlib.first_above(file.pread(4 * n, table_offset + 4 * first), (end - span) // SECTOR)
+        if i is not None:
+            b = first + i
+            raise FormatError("BAT", f"entry {b}", table_offset + 4 * b, f"its block runs past the footer at {end}")
 
 
 Seen = list[tuple[tuple[int, int] | None, uuidlib.UUID]]
@@ -760,7 +789,13 @@ def _open_parent(path: str | None, file: RawFile, footer: ft.Footer, header: dh.
             dev = got
             pf = getattr(dev, "footer", None)
             if pf is not None:
-                _check_parent_identity(file.name, "resolver", header, pf, opts.ignore_timestamp)
+                try:
+                    _check_parent_identity(file.name, "resolver", header, pf, opts.ignore_timestamp)
+                    if not opts.ignore_timestamp and isinstance(dev, (FixedImage, SparseImage)):
+                        _check_parent_unmodified(file.name, footer, dev)  # a regular file's mtime, as below
+                except ParentMismatchError:
+                    dev.close()  # type: ignore[attr-defined]
+                    raise
             return dev  # type: ignore[return-value]
     notes: list[str] = []
     if path is not None:
@@ -829,8 +864,13 @@ def made_ns(footer: ft.Footer) -> int:
 
 
 def file_mtime_ns(file: RawFile) -> int | None:
+    """A regular file's modification time; None for anything else (a page
+    blob, a block device: writes to a device leave its node's time alone)."""
     fd = getattr(file, "fd", None)
-    return None if fd is None else os.fstat(fd).st_mtime_ns
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return st.st_mtime_ns if stat.S_ISREG(st.st_mode) else None
 
 
 def pin_parent_mtime(parent: Image, child_footer: ft.Footer) -> None:
@@ -964,6 +1004,7 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
     """A differencing VHD over `parent_path`, with W2ru and W2ku locators."""
     _check_block_size(block_size)
     path, ppath = os.fspath(target), os.path.abspath(os.fspath(parent_path))
+    _refuse_block_parent(ppath)
     parent = open_image(ppath, allow_dirs=allow_dirs)
     try:
         if len(parent.chain()) >= MAX_CHAIN_DEPTH:
@@ -989,6 +1030,23 @@ def create_differencing(target: str | os.PathLike[str], parent_path: str | os.Pa
         raise
     img.parent = parent
     return img
+
+
+def _refuse_block_parent(ppath: str) -> None:
+    """A parent must be a regular file: a child detects writes to its parent by
+    the parent's mtime, and a write to a block device changes neither its
+    node's time nor the VHD footer on it (UUID and timestamp stay), so nothing
+    a child can check tells a changed device from the one it was made over.
+    Opening refuses block-device parents anyway (a child of one could never
+    be opened by its locators)."""
+    try:
+        mode = os.stat(ppath).st_mode
+    except OSError:
+        return  # open_image says what is wrong with the path
+    if stat.S_ISBLK(mode):
+        raise UsageError(f"{ppath} is a block device: a differencing image's parent must be a regular file "
+                         "(writes to a device leave no trace a child can check); copy it to a file first "
+                         "(vhd convert DEVICE base.vhd --to dynamic) and make the child over that")
 
 
 def _check_block_size(block_size: int) -> None:
@@ -1017,10 +1075,11 @@ def _write_sparse(file: RawFile, path: str | None, disk_type: ft.DiskType, size:
     puuid, pts, pname = parent if parent else (uuidlib.UUID(int=0), 0, "")
     header = dh.DynamicHeader(table_offset, entries, block_size, puuid, pts, pname, tuple(locs))
     footer = new_footer(disk_type, size, ft.SIZE, unique_id, timestamp)
-    table = array("I", [batlib.UNALLOCATED]) * entries
+    table = batlib.Table(entries)
     if file.size():
         file.truncate(0)  # only when reusing a file: on ext4 a truncate to 0 makes close() flush
-    file.pwrite(footer.pack() + header.pack() + batlib.pack_table(table), 0)
+    file.pwrite(footer.pack() + header.pack(), 0)
+    batlib.write_empty(file.pwrite, table_offset, entries)
     for at, raw in payloads:
         file.pwrite(raw, at)
     if durable:

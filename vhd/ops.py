@@ -403,9 +403,8 @@ def _own_runs(img: SparseImage) -> list[tuple[int, int]]:
 def _empty(img: SparseImage) -> None:
     """Unallocate every block, then move the footer down and cut the file."""
     img.flush()
-    for b in img.allocated_blocks():
-        img.bat[b] = batlib.UNALLOCATED
-    img.file.pwrite(batlib.pack_table(img.bat), img.header.table_offset)
+    img.bat.clear()
+    batlib.write_empty(img.file.pwrite, img.header.table_offset, len(img.bat))
     img.file.sync()  # BAT empty: the chain now reads from the parent alone
     end = _metadata_end(img.header, img.file.size() - ft.SIZE)
     img.file.pwrite(img.footer.pack(), end)
@@ -552,7 +551,7 @@ def _grow_sparse(img: SparseImage, new_size: int) -> str:
         raise UsageError(f"{new_size} is beyond the 2040 GiB a dynamic VHD may hold")
     entries = -(-new_size // img.block_size)
     h = img.header
-    first_used = min([e * 512 for e in img.bat if e != batlib.UNALLOCATED] + [img.file.size() - ft.SIZE]
+    first_used = min([e * 512 for _, e in img.bat.items()] + [img.file.size() - ft.SIZE]
                      + [loc.data_offset for loc in h.locators if loc.platform != dh.PLATFORM_NONE])
     if h.table_offset + entries * 4 > first_used:
         remove_stale_rewrites(img.path or "")

@@ -15,7 +15,7 @@ import vhd
 from vhd import dynamic_header as dh
 from vhd import footer as vhd_footer
 from vhd import image as vhd_image
-from vhd.errors import ParentLoopError, ParentMismatchError, ParentNotFoundError, ParentOutsideError
+from vhd.errors import ParentLoopError, ParentMismatchError, ParentNotFoundError, ParentOutsideError, UsageError
 
 from ..conftest import run
 
@@ -293,3 +293,45 @@ def test_a_child_refused_for_an_existing_name_lets_go_of_its_parent(tmp_path):
     with pytest.raises(vhd.VhdError, match="already exists"):
         vhd.create(child, parent=base)
     vhd.open(base, writable=True).close()
+
+
+def test_a_write_to_a_parent_a_resolver_opened_is_detected(tmp_path):
+    """A resolver that returns an opened image (not a path) had only its UUID
+    and footer timestamp checked, which writes do not change: a write to it
+    after the child was made went unseen. Its file's mtime is checked too."""
+    paths = make_chain(tmp_path, 1)
+
+    def resolver(child, header):
+        return vhd.open(paths[0])
+    with vhd.open(paths[1], resolver=resolver) as child:
+        before = child.read(0, 8192)
+    with vhd.open(paths[0], writable=True) as p:
+        p.write(0, b"X" * 512)
+    with pytest.raises(ParentMismatchError, match="modified"):
+        vhd.open(paths[1], resolver=resolver)
+    with vhd.open(paths[1], resolver=resolver, ignore_timestamp=True) as child:
+        assert child.read(0, 8192) != before
+
+
+def test_a_block_device_is_refused_as_a_parent(tmp_path):
+    """A write to a block device changes neither its node's mtime nor the VHD
+    footer on it, so a child could not detect it: a child of a device is
+    refused when it would be made (it could never be opened by its locators
+    either), with the way out in the message."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup for a loop device")
+    vhd.create(tmp_path / "base.vhd", 8 * MIB, type="fixed").close()
+    r = subprocess.run(["losetup", "-f", "--show", str(tmp_path / "base.vhd")], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"no loop device: {r.stderr.strip()}")
+    loop = r.stdout.strip()
+    try:
+        with pytest.raises(UsageError, match="block device.*regular file"):
+            vhd.create(tmp_path / "child.vhd", parent=loop)
+        assert not (tmp_path / "child.vhd").exists()
+        cli = _vhd_cli("create", str(tmp_path / "child.vhd"), "--parent", loop)
+        assert cli.returncode == 2 and "vhd convert" in cli.stderr and "Traceback" not in cli.stderr
+        with vhd.open(loop) as dev:  # the device itself still opens, named by the user
+            assert dev.size == 8 * MIB and vhd_image.file_mtime_ns(dev.file) is None
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)

@@ -252,3 +252,82 @@ def test_the_map_of_a_big_empty_image_with_small_blocks_fits_in_bounded_memory(t
     assert json.loads(r.stdout) == [{"offset": 0, "length": 5 << 30, "state": "zero"},
                                     {"offset": 5 << 30, "length": 4096, "state": "data"},
                                     {"offset": (5 << 30) + 4096, "length": (11 << 30) - 4096, "state": "zero"}]
+
+
+def test_a_2040_gib_image_of_4_kib_blocks_opens_reads_and_writes_in_bounded_memory(tmp_path):
+    """The largest dynamic image the specification allows, with its smallest
+    blocks: 534M BAT entries (a 2 GiB table on disk). Opening it built an
+    array of the whole table plus per-block state, about 7 GB, in `vhd info`,
+    `check`, `map`, `read` and `write` alike; now what is held grows with the
+    allocated blocks only."""
+    path = str(tmp_path / "huge.vhd")
+    size = 2040 << 30
+    vhd.create(path, size, block_size=4096).close()
+    limit = 400 << 20
+    r = _limited("write", path, "--offset", str(1000 << 30), "--pattern", "0xab", "--length", "8K", limit=limit)
+    assert r.returncode == 0, r.stderr
+    r = _limited("info", path, limit=limit)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["virtual_size"] == size and info["allocated_blocks"] == 2
+    out = tmp_path / "out"
+    r = _limited("read", path, "--offset", str((1000 << 30) - 4096), "--length", "16K", "-o", str(out),
+                 limit=limit)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == bytes(4096) + b"\xab" * 8192 + bytes(4096)
+    r = _limited("map", path, limit=limit)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [{"offset": 0, "length": 1000 << 30, "state": "zero"},
+                                    {"offset": 1000 << 30, "length": 8192, "state": "data"},
+                                    {"offset": (1000 << 30) + 8192, "length": (1040 << 30) - 8192,
+                                     "state": "zero"}]
+    r = _limited("check", path, limit=limit)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def _declaring(path: str, what: str) -> None:
+    """A small image (a differencing one for the locator cases) with one
+    declared size changed to what the file cannot hold, checksums fixed."""
+    import dataclasses
+
+    folder = os.path.dirname(path)
+    if what == "a fixed disk's current size of 2**62":
+        vhd.create(path, MIB, type="fixed").close()
+        with open(path, "r+b") as f:
+            f.seek(-512, os.SEEK_END)
+            footer = vhd.Footer.unpack(f.read(512))
+            f.seek(-512, os.SEEK_END)
+            f.write(dataclasses.replace(footer, current_size=1 << 62).pack())
+        return
+    vhd.create(os.path.join(folder, "p.vhd"), 4 * MIB).close()
+    vhd.create(path, parent=os.path.join(folder, "p.vhd")).close()
+    with open(path, "r+b") as f:
+        f.seek(512)
+        header = dh.DynamicHeader.unpack(f.read(dh.SIZE), 512)
+        loc = header.locators[0]
+        changed = {
+            "a BAT offset of 2**63": dataclasses.replace(header, table_offset=1 << 63),
+            "2**32-1 table entries": dataclasses.replace(header, max_table_entries=0xFFFFFFFF),
+            "a locator length of 2**31": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_length=1 << 31, data_space=1 << 31),) + header.locators[1:]),
+            "a locator offset of 2**63": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_offset=1 << 63),) + header.locators[1:]),
+            "a locator space of 2**32-1 sectors": dataclasses.replace(header, locators=(
+                dataclasses.replace(loc, data_space=0xFFFFFFFF),) + header.locators[1:]),
+        }[what]
+        f.seek(512)
+        f.write(changed.pack())
+
+
+@pytest.mark.parametrize("what", ["a fixed disk's current size of 2**62", "a BAT offset of 2**63",
+                                  "2**32-1 table entries", "a locator length of 2**31",
+                                  "a locator offset of 2**63", "a locator space of 2**32-1 sectors"])
+def test_a_declared_size_the_file_cannot_have_is_a_clear_error_in_bounded_memory(tmp_path, what):
+    path = str(tmp_path / "d.vhd")
+    _declaring(path, what)
+    for cmd in ("info", "check", "map"):
+        r = _limited(cmd, path, limit=400 << 20)
+        assert "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
+        assert r.returncode in (0, 1), (cmd, r.returncode, r.stderr)
+        if cmd == "check":
+            assert r.returncode == 1, (what, r.stdout)

@@ -175,3 +175,37 @@ def test_huge_sizes_do_not_allocate_memory():
         struct.pack_into(">I", raw, at + 64, ft.checksum(raw[at:at + 512]))
     with pytest.raises(FormatError, match="max table entries"):
         open_image(MemFile(bytes(raw)))
+
+
+def test_a_paged_table_keeps_only_pages_with_allocated_entries():
+    t = bat.Table(534_773_760)  # 2040 GiB of 4 KiB blocks
+    assert t[534_773_759] == bat.UNALLOCATED and t.pages == {}
+    t[5], t[300], t[1000] = 7, 9, 11
+    assert sorted(t.pages) == [0, 2, 7] and list(t.items()) == [(5, 7), (300, 9), (1000, 11)]
+    assert t.allocated() == 3 and t.next_allocated(6, 2000) == 300 and t.next_allocated(1001, 5000) == 5000
+    t[300] = bat.UNALLOCATED
+    assert sorted(t.pages) == [0, 7]  # a page back to all unallocated goes
+    assert t.pack_entries(4, 2) == b"\xff\xff\xff\xff\x00\x00\x00\x07"
+    assert t.pack_entries(256, 3) == b"\xff" * 12
+    with pytest.raises(IndexError):
+        t[534_773_760] = 1
+    small = bat.Table(130)
+    small[129] = 3
+    assert list(small)[127:] == [bat.UNALLOCATED, bat.UNALLOCATED, 3] and len(list(small)) == 130
+
+
+def test_a_table_is_read_a_chunk_at_a_time_and_refused_past_what_the_file_holds():
+    raw = bytearray(b"\xff" * 4 * 600_000)
+    for b, e in ((0, 3), (299_999, 9), (599_999, 12)):
+        struct.pack_into(">I", raw, 4 * b, e)
+    reads = []
+
+    def pread(n, at):
+        reads.append(n)
+        return bytes(raw[at - 512:at - 512 + n])
+    t = bat.Table.load(pread, 512, 600_000, max_allocated=3)
+    assert list(t.items()) == [(0, 3), (299_999, 9), (599_999, 12)] and max(reads) <= bat.READ_CHUNK
+    with pytest.raises(bat.TooManyAllocated) as e:
+        bat.Table.load(pread, 512, 600_000, max_allocated=2)
+    assert e.value.args == (3, 600_000)
+    assert bat.first_above(bytes(raw[:8]), 5) is None and bat.first_above(bytes(raw), 10) == 599_999
