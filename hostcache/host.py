@@ -611,6 +611,12 @@ class Host:
 
     def _delete_vm(self, vm_name: str, delete_os_disk: bool) -> None:
         vm = self.vm(vm_name)
+        os_disk = vm["os_disk"]["disk"]
+        if delete_os_disk and self.disks.record(os_disk)["state"] == DiskState.ACTIVE_SAS.value:
+            # refused before anything changes: the disk delete at the end would be, leaving the VM gone
+            raise OperationNotAllowed(f"Operation 'delete' is not allowed on VM '{vm_name}' with its OS disk since "
+                                      f"'{os_disk}' is in 'ActiveSAS' state: revoke its access first (stamp disk "
+                                      f"revoke-access {os_disk}), or delete the VM without its OS disk")
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk, drop=True)
         if vm["state"] == "Running":
@@ -622,7 +628,7 @@ class Host:
             txn.delete(vm_name.encode(), db=self.vms_db)
         self.throttles.pop(vm_name, None)
         if delete_os_disk:
-            self.disks.delete_disk(vm["os_disk"]["disk"])
+            self.disks.delete_disk(os_disk)
         self._prune_buckets()
 
     def _prune_buckets(self) -> None:

@@ -417,3 +417,21 @@ def test_a_deallocated_vm_s_disk_can_be_downloaded_and_the_vm_starts_after_revok
     assert host.vm("vm1")["state"] == "Running" and disks.record("data1")["state"] == "Attached"
     with pytest.raises(Exception, match="attached to running VM vm1"):  # a running VM's disk: refused
         disks.grant_access("disk", "data1", "Read", 600)
+
+
+def test_deleting_a_vm_with_its_os_disk_under_download_changes_nothing(host):
+    """The OS disk of a deallocated VM under a Read grant cannot be deleted; deleting
+    the VM with its OS disk is refused before the VM or any disk changes, not
+    half done (the VM record gone, the disk delete then refused)."""
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0)
+    host.stop("vm1")
+    disks = Disks(host.stamp)
+    disks.grant_access("disk", "vm1-osdisk", "Read", 600)
+    with pytest.raises(OperationNotAllowed, match="'vm1-osdisk' is in 'ActiveSAS' state"):
+        host.delete_vm("vm1", delete_os_disk=True)
+    assert host.vm("vm1")["state"] == "Deallocated"
+    assert disks.record("data1")["state"] == "Reserved" and disks.record("data1")["attached_to"] == "vm1"
+    disks.revoke_access("disk", "vm1-osdisk")
+    host.delete_vm("vm1", delete_os_disk=True)
+    assert "vm1-osdisk" not in [r["name"] for r in disks.disks()] and disks.record("data1")["state"] == "Unattached"
