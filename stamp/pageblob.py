@@ -116,6 +116,7 @@ from .meta import (
     dumps,
     loads,
 )
+from .pressure import Gate
 from .stream import Location, StreamLayer, own_start, pid_alive
 
 PAGE = 512
@@ -426,6 +427,7 @@ class PageBlobs:
     def __init__(self, meta: Meta, stream: StreamLayer) -> None:
         self.meta, self.stream = meta, stream
         self.db = meta.db
+        self.pressure = Gate(stream)  # a writer faster than the reclaimer waits for it (pressure.py)
         self._ids: dict[str, int] = {}
         self._snap_infos: dict[bytes, tuple[int, int]] = {}
         self._upgrade_states()
@@ -892,6 +894,7 @@ class PageBlobs:
             with self.meta.read() as txn:
                 self._state(txn, name)  # BlobNotFound before storing anything
         self.meta.before_small_write()  # MetadataFull before anything is stored
+        self.pressure.admit(n)  # nearly always at once; waits while the reclaimer is far behind
         s = offset // PAGE
         e = s + n // PAGE
         for _ in range(3):
