@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import hashlib
 import os
 import socket
@@ -322,9 +323,14 @@ def snap_key(blob_id: int, snapshot: str) -> bytes:
 
 def lease_bytes(lease: str) -> bytes:
     try:
-        return uuid.UUID(lease).bytes
+        return _lease_uuid(lease)
     except (ValueError, TypeError, AttributeError):
         raise InvalidHeaderValue(f"lease id {lease!r} is not a GUID") from None
+
+
+@functools.lru_cache(maxsize=256)  # every write of a leased blob names its lease: each is parsed once
+def _lease_uuid(lease: str) -> bytes:
+    return uuid.UUID(lease).bytes
 
 
 def _version_key(blob_id: int) -> bytes:
