@@ -20,7 +20,8 @@ seconds the tool takes:
   - fio's write rate in that interval (its bandwidth log), beside the
     tier's published MB/s (in the catalog's unit: MiB/s for Premium).
 It prints a table and a summary (peak use over the bound, median and worst
-rates as a share of the published one). Not a test: nothing asserts. The
+rates as a share of the published one, the serving processes' CPU time per
+write: what one core can serve at most). Not a test: nothing asserts. The
 work folder goes under /var/tmp (the stamp may reach 2 x 3 x region plus the
 allowance: 24 GiB and more at the defaults).
 """
@@ -67,6 +68,19 @@ def disk_use(path: str) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and its children now alive (the workers of
+    `hostcache serve --workers N`): what serving costs, apart from fio's share of the cores."""
+    total = 0.0
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except (OSError, ValueError, IndexError):
+        return total
+    return total + sum(cpu_seconds(int(c)) for c in children)
 
 
 def live_bytes(st: Stamp) -> int:
@@ -127,7 +141,7 @@ def measure(work: str, a: argparse.Namespace) -> dict:
     try:
         fio = subprocess.Popen(fio_cmd(f"nbd+unix:///lun0?socket={sock}", a, log), stdout=subprocess.PIPE,
                                text=True)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), cpu_seconds(proc.pid)
         with Stamp.open(stamp_dir) as st:
             while fio.poll() is None:
                 time.sleep(a.sample)
@@ -137,6 +151,7 @@ def measure(work: str, a: argparse.Namespace) -> dict:
                 print(f"  {samples[-1]['t']:7.1f} s  use {used / GIB:6.2f} GiB  bound {samples[-1]['bound'] / GIB:6.2f}"
                       f" GiB  live {live / GIB:5.2f} GiB", file=sys.stderr, flush=True)
         out = fio.communicate()[0]
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
     served = proc.stdout.read() if proc.stdout is not None else ""
@@ -146,6 +161,7 @@ def measure(work: str, a: argparse.Namespace) -> dict:
     published = disk_limits("Premium_LRS", TIERS[a.tier]).mbps
     return {"tier": a.tier, "published_mibps": published, "reclaim": not a.no_reclaim,
             "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed, "writers_held": held,
+            "serve_cpu_us_per_write": round(1e6 * cpu / max(job["total_ios"], 1), 1),
             "samples": samples, "rates": rates(log, a.workers),
             "allowance": allowance, "args": {k: v for k, v in vars(a).items() if k != "json"}}
 
@@ -170,6 +186,10 @@ def table(result: dict) -> str:
                  f"intervals: median {statistics.median(steady) / pub if steady else 0:.3f} x, "
                  f"lowest {min(steady) / pub if steady else 0:.3f} x; peak use/bound {worst:.2f} "
                  f"(allowance {result['allowance'] / GIB:.2f} GiB)")
+    if "serve_cpu_us_per_write" in result:
+        per = result["serve_cpu_us_per_write"]
+        lines.append(f"serving processes: {per:.0f} us of CPU per write (the reclaimer's included): one core "
+                     f"serves at most {1e6 / max(per, 1) * 64 / 1024:.0f} MiB/s")
     r = result["reclaimed"]
     if r:
         lines.append(f"reclaimer: {r['rounds']} rounds, {r['bytes_freed'] / GIB:.1f} GiB freed, "
