@@ -4,7 +4,8 @@ Extents are never rewritten in place, so a writer that overwrites faster
 than the reclaimer (stamp.reclaim) compacts would take the stamp's disk use
 up without limit. A reclaimer (in any process) publishes what its last
 census found in STAMP/reclaim.state; every writer of page data
-(PageBlobs.write) looks at it every CHECK_BYTES it appends and, while the
+(PageBlobs.write) looks at it every CHECK_BYTES it appends (less often while
+far under the limit: a quarter of the room left) and, while the
 extents hold more than the published ceiling, waits in small steps for the
 reclaimer's rounds to bring them back under.
 
@@ -191,8 +192,7 @@ class Gate:
             return
         with self._lock:
             if self._due <= 0:
-                self._due = self.every
-                self._check()
+                self._due = max(self.every, self._check() // 4)
 
     def published(self) -> Published | None:
         if self._fd < 0:
@@ -205,11 +205,19 @@ class Gate:
         except OSError:
             return None
 
-    def _check(self) -> None:
+    def _check(self) -> int:
+        """Wait while pressed; returns the room left under the limit (bytes): far
+        under it, the next check comes later (a quarter of the room, so that
+        up to four writing processes together cannot pass the limit by more
+        than `every` each before they look again), and the extents table, read
+        at each check, is read less often on a large stamp."""
         self.stats.checks += 1
         p = self.published()
-        if p is None or not alive(p) or not pressed(self.stream.extent_bytes(), p, True):
-            return
+        if p is None or not alive(p):
+            return 0
+        total = self.stream.extent_bytes()
+        if not pressed(total, p, True):
+            return max(int(p.limit()) - total, 0)
         began = self.clock()
         progress, since = p.progress, began
         while True:
@@ -229,6 +237,7 @@ class Gate:
         self.stats.waits += 1
         self.stats.waited += took
         self.stats.longest = max(self.stats.longest, took)
+        return 0
 
     def close(self) -> None:
         if self._fd >= 0:
