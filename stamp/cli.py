@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One round of space reclamation; with --watch, rounds run until "
                        "interrupted (SIGINT or SIGTERM), each when the stamp's extents hold more than "
                        "--trigger x the bytes its index references, compacting the emptiest extents "
-                       "down to --target x. Writers and readers, in this process or any other, go on "
-                       "meanwhile. `hostcache serve` runs the same reclaimer in its own process.",
+                       "down to --target x. Readers, in this process or any other, go on meanwhile; "
+                       "so do writers, unless they outrun it past --ceiling (then they wait for its "
+                       "rounds, in small steps). `hostcache serve` runs the same reclaimer in its own "
+                       "process.",
                        epilog="examples:\n  stamp gc                             one round\n"
                        "  stamp gc --watch &                   a companion of a long benchmark\n"
                        "  stamp gc --watch --target 1.3 --min-free-mib 2048",
@@ -215,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free-mib", type=_positive, default=0,
                    help="with --watch: below this free on the file system, compact every partly dead "
                    "extent under --compact-below (default 0: off)")
+    p.add_argument("--ceiling", type=_ratio, default=None,
+                   help="with --watch: writers (any process) wait while the extents hold more than this x "
+                   "the live bytes plus two extents, as long as the rounds make progress (default: 2, or "
+                   "the trigger, or 1 / --compact-below, whichever is largest)")
     sub.add_parser("repair", help="re-replicate extents that lost a replica, then scrub")
     p = sub.add_parser("check", help="walk everything: placement, index vs extents, checksums")
     p.add_argument("--quick", action="store_true", help="skip reading every record")
@@ -574,8 +580,13 @@ def _watch(st: Stamp, a: argparse.Namespace) -> int:
     trigger = a.trigger if a.trigger is not None else a.target + 0.1
     if trigger < a.target:
         raise UsageError(f"--trigger ({trigger}) must not be below --target ({a.target})")
+    ceiling = a.ceiling
+    if ceiling is not None and (ceiling < trigger or ceiling * a.compact_below < 1):
+        raise UsageError(f"--ceiling ({ceiling}) must be at least --trigger ({trigger}) and 1 / --compact-below "
+                         f"({1 / a.compact_below:g}): below that, writers could wait for rounds with nothing to do")
     policy = Policy(target=a.target, trigger=trigger, compact_below=a.compact_below,
-                    max_move=max(a.max_move_mib, 1) << 20, interval=a.interval, min_free=a.min_free_mib << 20)
+                    max_move=max(a.max_move_mib, 1) << 20, interval=a.interval, min_free=a.min_free_mib << 20,
+                    ceiling=ceiling)
     r = Reclaimer(st, policy)
     signal.signal(signal.SIGTERM, lambda *_: r.stop_soon())
     try:

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import functools
 import hashlib
 import os
 import socket
@@ -116,6 +117,7 @@ from .meta import (
     dumps,
     loads,
 )
+from .pressure import Gate
 from .stream import Location, StreamLayer, own_start, pid_alive
 
 PAGE = 512
@@ -322,9 +324,14 @@ def snap_key(blob_id: int, snapshot: str) -> bytes:
 
 def lease_bytes(lease: str) -> bytes:
     try:
-        return uuid.UUID(lease).bytes
+        return _lease_uuid(lease)
     except (ValueError, TypeError, AttributeError):
         raise InvalidHeaderValue(f"lease id {lease!r} is not a GUID") from None
+
+
+@functools.lru_cache(maxsize=256)  # every write of a leased blob names its lease: each is parsed once
+def _lease_uuid(lease: str) -> bytes:
+    return uuid.UUID(lease).bytes
 
 
 def _version_key(blob_id: int) -> bytes:
@@ -440,6 +447,7 @@ class PageBlobs:
     def __init__(self, meta: Meta, stream: StreamLayer) -> None:
         self.meta, self.stream = meta, stream
         self.db = meta.db
+        self.pressure = Gate(stream)  # a writer faster than the reclaimer waits for it (pressure.py)
         self._ids: dict[str, int] = {}
         self._snap_infos: dict[bytes, tuple[int, int]] = {}
         self._upgrade_states()
@@ -935,6 +943,7 @@ class PageBlobs:
             with self.meta.read() as txn:
                 self._state(txn, name)  # BlobNotFound before storing anything
         self.meta.before_small_write()  # MetadataFull before anything is stored
+        self.pressure.admit(n)  # nearly always at once; waits while the reclaimer is far behind
         s = offset // PAGE
         e = s + n // PAGE
         for _ in range(3):

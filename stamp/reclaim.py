@@ -26,7 +26,14 @@ Rules (pure: `plan` and `due` take plain values):
   `interval` seconds apart, so a writer sharing the process and the disk
   keeps most of both; every write transaction of a round is short (gc);
 - a StampError in a round (a full disk, too few nodes) is reported in the
-  statistics and the next round tries again.
+  statistics and the next round tries again;
+- backpressure (pressure.py): a running reclaimer (a thread, `rounds()`, or
+  one made with publish=True) publishes its census and progress in the
+  stamp's folder, and writers (any process) wait in small steps while the
+  extents hold more than `ceiling` x the live bytes plus `slack_extents`
+  extents, as long as its rounds make progress (PATIENCE at most without).
+  `ceiling` is at least the trigger and 1 / compact_below, so over it a
+  round always has something to do.
 """
 
 from __future__ import annotations
@@ -35,13 +42,13 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import record as rec
 from .errors import StampError
 from .gc import ExtentUse, GcReport, collect
+from .pressure import Publisher
 from .stamp import Stamp
 
 
@@ -54,12 +61,23 @@ class Policy:
     interval: float = 0.25  # seconds between rounds, at least
     recount: float = 10.0  # seconds between censuses when nothing else calls one
     min_free: int = 0  # bytes: below this free on the file system, compact every candidate
+    # writers wait while the extents hold more than this x live bytes (None: 2, or the trigger, or
+    # 1 / compact_below, whichever is largest) ...
+    ceiling: float | None = None
+    slack_extents: int = 2  # ... plus this many extents (an open one, one in flight)
 
     def __post_init__(self) -> None:
         if not 1.0 < self.target <= self.trigger:
             raise ValueError(f"need 1 < target <= trigger (target {self.target}, trigger {self.trigger})")
         if not 0.0 < self.compact_below <= 1.0:
             raise ValueError(f"compact_below must be in (0, 1], not {self.compact_below}")
+        if self.ceiling is None:
+            object.__setattr__(self, "ceiling", max(2.0, self.trigger, 1 / self.compact_below))
+        assert self.ceiling is not None
+        if self.ceiling < self.trigger or self.ceiling * self.compact_below < 1.0 or self.slack_extents < 1:
+            raise ValueError(f"need ceiling >= trigger and >= 1 / compact_below, slack_extents >= 1 (ceiling "
+                             f"{self.ceiling}, trigger {self.trigger}, compact_below {self.compact_below}, "
+                             f"slack_extents {self.slack_extents})")
         if self.max_move <= 0 or self.interval < 0 or self.recount <= 0 or self.min_free < 0:
             raise ValueError("max_move and recount must be positive, interval and min_free not negative")
 
@@ -100,6 +118,7 @@ def due(total: int, live: int | None, free: int | None, since_census: float, pol
 class Statistics:
     rounds: int = 0
     censuses: int = 0
+    progress: int = 0  # rounds that freed or moved something
     live_bytes: int = 0  # at the last census
     extent_bytes: int = 0  # at the last check (one replica's worth)
     total: GcReport = field(default_factory=GcReport)
@@ -107,7 +126,7 @@ class Statistics:
     last_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "censuses": self.censuses, "live_bytes": self.live_bytes,
+        return {"rounds": self.rounds, "progress": self.progress, "censuses": self.censuses, "live_bytes": self.live_bytes,
                 "extent_bytes": self.extent_bytes, "errors": self.errors, "last_error": self.last_error,
                 **{k: v for k, v in self.total.to_json().items() if k != "skipped"}}
 
@@ -116,7 +135,10 @@ class Reclaimer:
     """Runs gc rounds on `stamp` as `policy` says: `step()` once, or `start()`
     a thread that steps until `stop()`."""
 
-    def __init__(self, stamp: Stamp, policy: Policy | None = None) -> None:
+    def __init__(self, stamp: Stamp, policy: Policy | None = None, publish: bool = False) -> None:
+        """`publish`: hold writers back from the first step (a thread or
+        `rounds()` always does); a reclaimer stepped by hand now and then
+        without it holds nobody."""
         self.stamp, self.policy = stamp, policy or Policy()
         self.stats = Statistics()
         self._live: int | None = None
@@ -124,6 +146,9 @@ class Reclaimer:
         self._futile: int | None = None  # extent bytes when the last round did nothing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.publish = publish
+        self._publisher = Publisher(stamp.path)
+        self.pace: Callable[[], None] | None = None  # a test hook: called before each round
 
     def _free(self) -> int | None:
         if not self.policy.min_free:
@@ -133,7 +158,7 @@ class Reclaimer:
 
     def extent_bytes(self) -> int:
         """Record bytes in every extent (one replica's worth): the extents table only."""
-        return sum(max(e.length - rec.FILE_HEADER, 0) for e in self.stamp.stream.all_extents(dying=True))
+        return self.stamp.stream.extent_bytes()
 
     def step(self) -> GcReport | None:
         """One round if one is due (None if not)."""
@@ -141,33 +166,55 @@ class Reclaimer:
         free = self._free()
         if not due(total, self._live, free, time.monotonic() - self._census_at, self.policy, self._futile):
             return None
+        if self.pace is not None:
+            self.pace()
         report = collect(self.stamp, choose=self._choose)
-        self._futile = total if not (report.bytes_freed or report.bytes_moved) else None
+        useful = bool(report.bytes_freed or report.bytes_moved)
+        self._futile = None if useful else total
         self.stats.rounds += 1
+        self.stats.progress += useful
         self.stats.total.add(report)
+        self._tell_writers()
         return report
 
     def _choose(self, uses: list[ExtentUse]) -> list[int]:
         self._live = self.stats.live_bytes = sum(u.live for u in uses)
         self._census_at = time.monotonic()
         self.stats.censuses += 1
+        self._tell_writers()  # live data may have grown: writers held for it go on at once
         return plan(uses, self.policy, self._free())
+
+    def _tell_writers(self) -> None:
+        """Publish the census and progress for writers (pressure.py)."""
+        if self.publish and self._live is not None:
+            p = self.policy
+            self._publisher.publish(self._live, p.ceiling or 2.0, p.slack_extents * self.stamp.stream.extent_size,
+                                    self.stats.progress, self._futile or 0)
 
     def rounds(self) -> Iterator[GcReport]:
         """Step until stop() or stop_soon(), yielding each round's report;
-        errors are counted (and said on stderr), not raised."""
-        while not self._stop.is_set():
-            report = None
-            try:
-                report = self.step()
-            except StampError as e:  # a full disk, too few nodes: try again next round
-                self._error(e)
-            except Exception as e:  # noqa: BLE001 -- the reclaimer outlives a bad round; it says why
-                self._error(e)
-                print(f"stamp reclaimer: a round failed: {type(e).__name__}: {e}", file=sys.stderr)
-            if report is not None:
-                yield report
-            self._stop.wait(self.policy.interval)
+        errors are counted (and said on stderr), not raised. Writers wait
+        for these rounds while the extents are over the ceiling (pressure.py)."""
+        self.publish = True
+        try:
+            while not self._stop.is_set():
+                report = None
+                try:
+                    report = self.step()
+                except StampError as e:  # a full disk, too few nodes: try again next round
+                    self._error(e)
+                except Exception as e:  # noqa: BLE001 -- the reclaimer outlives a bad round; it says why
+                    self._error(e)
+                    print(f"stamp reclaimer: a round failed: {type(e).__name__}: {e}", file=sys.stderr)
+                if report is not None:
+                    yield report
+                self._stop.wait(self.policy.interval)
+        finally:
+            self.withdraw()
+
+    def withdraw(self) -> None:
+        """Writers stop waiting for this reclaimer (stop() and the end of rounds() do it)."""
+        self._publisher.withdraw()
 
     def run(self) -> None:
         for _ in self.rounds():
@@ -193,6 +240,7 @@ class Reclaimer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.withdraw()
 
     def __enter__(self) -> Reclaimer:
         return self.start()

@@ -110,6 +110,7 @@ class Stamp:
         return cls(path, config)
 
     def close(self) -> None:
+        self.blobs.pressure.close()
         self.stream.close()
         self.meta.close()
 

@@ -452,6 +452,18 @@ class StreamLayer:
             return [Extent.from_json(U64.unpack(k)[0], loads(v))
                     for table in tables for k, v in self.meta.items(txn, table)]
 
+    def extent_bytes(self) -> int:
+        """Record bytes in every extent, dying ones too (one replica's worth):
+        the extents table, with the length this process has appended to its
+        own open extent (another process's open extent counts its header only
+        until it is sealed)."""
+        cur = self._current
+        total = 0
+        for e in self.all_extents(dying=True):
+            length = cur.length if cur is not None and cur.id == e.id else e.length
+            total += max(length - rec.FILE_HEADER, 0)
+        return total
+
     def rereplicate(self) -> list[tuple[int, int, int]]:
         """Give every sealed extent 3 replicas again: make a new one on a
         healthy node in a fault domain the extent is not on, each record taken

@@ -2,13 +2,16 @@
 """Sustained large writes through hostcache serve, with space reclaimed as they run.
 
   .venv/bin/python tools/bench_reclaim.py [--minutes 10] [--tier P40] [--region-gib 4] [--qd 64]
-                                          [--sample 10] [--no-reclaim] [--json F]
+                                          [--workers N] [--sample 10] [--no-reclaim] [--json F]
 
 A disk of the tier (Premium_LRS, cache None) is attached to a VM whose own
 limits do not cap it (D16s_v3: 384 MiB/s uncached) and served by `hostcache
 serve` (which reclaims space by itself unless --no-reclaim). fio writes 64
 KiB blocks at random over the first --region-gib GiB of it (the "disk" of the
-measurement: its live data), time-based, for --minutes. Every --sample
+measurement: its live data), time-based, for --minutes. With --workers N the
+disk is served by N processes (`hostcache serve --workers N`, one throttle
+shared) and fio runs N jobs of --qd / N each (one connection each, dealt to
+the workers in turn), the same queue depth in all. Every --sample
 seconds the tool takes:
   - the stamp's disk use (blocks held by every file under its folder:
     replicas and metadata), beside the bound 2 x (live data x 3 replicas) +
@@ -17,7 +20,8 @@ seconds the tool takes:
   - fio's write rate in that interval (its bandwidth log), beside the
     tier's published MB/s (in the catalog's unit: MiB/s for Premium).
 It prints a table and a summary (peak use over the bound, median and worst
-rates as a share of the published one). Not a test: nothing asserts. The
+rates as a share of the published one, the serving processes' CPU time per
+write: what one core can serve at most). Not a test: nothing asserts. The
 work folder goes under /var/tmp (the stamp may reach 2 x 3 x region plus the
 allowance: 24 GiB and more at the defaults).
 """
@@ -66,6 +70,19 @@ def disk_use(path: str) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process `pid` and its children now alive (the workers of
+    `hostcache serve --workers N`): what serving costs, apart from fio's share of the cores."""
+    total = 0.0
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except (OSError, ValueError, IndexError):
+        return total
+    return total + sum(cpu_seconds(int(c)) for c in children)
+
+
 def live_bytes(st: Stamp) -> int:
     return sum(st.blobs.used_bytes(name) for name in st.blobs.names())
 
@@ -87,28 +104,36 @@ def setup(work: str, tier: str) -> str:
 
 def fio_cmd(uri: str, a: argparse.Namespace, log: str) -> list[str]:
     return ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
-            f"--iodepth={a.qd}", f"--size={a.region_gib}G", f"--runtime={int(a.minutes * 60)}", "--time_based",
+            f"--iodepth={max(a.qd // a.workers, 1)}", f"--numjobs={a.workers}", "--group_reporting",
+            f"--size={a.region_gib}G", f"--runtime={int(a.minutes * 60)}", "--time_based",
             f"--write_bw_log={log}", f"--log_avg_msec={int(a.sample * 1000)}", "--output-format=json"]
 
 
-def rates(log: str) -> list[tuple[float, float]]:
-    """(seconds, MiB/s) per interval from fio's bandwidth log (KiB/s)."""
-    out = []
-    path = f"{log}_bw.1.log"
-    if not os.path.exists(path):
-        return out
-    for line in open(path):
-        fields = [x.strip() for x in line.split(",")]
-        if len(fields) >= 2:
-            out.append((int(fields[0]) / 1000, int(fields[1]) / 1024))
-    return out
+def rates(log: str, jobs: int = 1) -> list[tuple[float, float]]:
+    """(seconds, MiB/s) per interval from fio's bandwidth logs (KiB/s), the jobs' summed
+    (each job's n-th interval ends at nearly the same time: the first job's is taken)."""
+    per_job = []
+    for j in range(1, jobs + 1):
+        path = f"{log}_bw.{j}.log"
+        if not os.path.exists(path):
+            continue
+        rows = []
+        for line in open(path):
+            fields = [x.strip() for x in line.split(",")]
+            if len(fields) >= 2:
+                rows.append((int(fields[0]) / 1000, int(fields[1]) / 1024))
+        per_job.append(rows)
+    if not per_job:
+        return []
+    n = min(len(rows) for rows in per_job)
+    return [(per_job[0][i][0], sum(rows[i][1] for rows in per_job)) for i in range(n)]
 
 
 def measure(work: str, a: argparse.Namespace) -> dict:
     host = setup(work, a.tier)
     sock = f"{work}/h.sock"
-    serve = [PY, "-m", "hostcache", "--host", host, "serve", "vm", "--socket", sock]
-    proc = start(serve + (["--no-reclaim"] if a.no_reclaim else []), sock)
+    serve = [PY, "-m", "hostcache", "--host", host, "serve", "vm", "--lun", "0", "--socket", sock]
+    proc = start(serve + (["--no-reclaim"] if a.no_reclaim else []) + ["--workers", str(a.workers)], sock)
     log = os.path.join(work, "fio")
     samples = []
     stamp_dir = os.path.join(work, "st")
@@ -116,7 +141,7 @@ def measure(work: str, a: argparse.Namespace) -> dict:
     try:
         fio = subprocess.Popen(fio_cmd(f"nbd+unix:///lun0?socket={sock}", a, log), stdout=subprocess.PIPE,
                                text=True)
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), cpu_seconds(proc.pid)
         with Stamp.open(stamp_dir) as st:
             while fio.poll() is None:
                 time.sleep(a.sample)
@@ -126,23 +151,28 @@ def measure(work: str, a: argparse.Namespace) -> dict:
                 print(f"  {samples[-1]['t']:7.1f} s  use {used / GIB:6.2f} GiB  bound {samples[-1]['bound'] / GIB:6.2f}"
                       f" GiB  live {live / GIB:5.2f} GiB", file=sys.stderr, flush=True)
         out = fio.communicate()[0]
+        cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop(proc)
     served = proc.stdout.read() if proc.stdout is not None else ""
-    reclaimed = json.loads(served).get("reclaimed", {}) if served.strip().startswith("{") else {}
+    final = json.loads(served) if served.strip().startswith("{") else {}
+    reclaimed, held = final.get("reclaimed", {}), final.get("writers_held", {})
     job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     published = disk_limits("Premium_LRS", TIERS[a.tier]).mbps
     return {"tier": a.tier, "published_mibps": published, "reclaim": not a.no_reclaim,
-            "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed,
-            "samples": samples, "rates": rates(log),
+            "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed, "writers_held": held,
+            "serve_cpu_us_per_write": round(1e6 * cpu / max(job["total_ios"], 1), 1),
+            "samples": samples, "rates": rates(log, a.workers),
             "allowance": allowance, "args": {k: v for k, v in vars(a).items() if k != "json"}}
 
 
 def table(result: dict) -> str:
     pub = result["published_mibps"]
     rates_ = result["rates"]
+    workers = result["args"].get("workers", 1)
     lines = [f"{result['tier']} 64 KiB randwrite QD{result['args']['qd']} over {result['args']['region_gib']} GiB "
-             f"through hostcache serve ({'reclaiming' if result['reclaim'] else 'no reclamation'}); "
+             f"through hostcache serve --workers {workers} "
+             f"({'reclaiming' if result['reclaim'] else 'no reclamation'}); "
              f"published {pub:g} MiB/s",
              f"{'time s':>8} {'use GiB':>8} {'bound GiB':>9} {'use/bound':>9} {'MiB/s':>7} {'x pub':>6}"]
     for s in result["samples"]:
@@ -156,12 +186,20 @@ def table(result: dict) -> str:
                  f"intervals: median {statistics.median(steady) / pub if steady else 0:.3f} x, "
                  f"lowest {min(steady) / pub if steady else 0:.3f} x; peak use/bound {worst:.2f} "
                  f"(allowance {result['allowance'] / GIB:.2f} GiB)")
+    if "serve_cpu_us_per_write" in result:
+        per = result["serve_cpu_us_per_write"]
+        lines.append(f"serving processes: {per:.0f} us of CPU per write (the reclaimer's included): one core "
+                     f"serves at most {1e6 / max(per, 1) * 64 / 1024:.0f} MiB/s")
     r = result["reclaimed"]
     if r:
         lines.append(f"reclaimer: {r['rounds']} rounds, {r['bytes_freed'] / GIB:.1f} GiB freed, "
                      f"{r['bytes_moved'] / GIB:.2f} GiB copied ({r['bytes_moved'] / max(result['written'], 1):.2f} "
                      f"x what fio wrote), longest write transaction {r['longest_txn_ms']:.1f} ms, "
                      f"{r['errors']} failed rounds")
+    h = result.get("writers_held")
+    if h:
+        lines.append(f"writers held back: {h['waits']} times, {h['waited']:.1f} s in all, longest {h['longest']:.2f} s, "
+                     f"{h['gave_up']} gave up (--workers 1 only: workers keep theirs)")
     return "\n".join(lines)
 
 
@@ -170,7 +208,9 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10, help="fio's run time (default 10)")
     ap.add_argument("--tier", choices=list(TIERS), default="P40")
     ap.add_argument("--region-gib", type=int, default=4, help="GiB of the disk fio writes over (default 4)")
-    ap.add_argument("--qd", type=int, default=64)
+    ap.add_argument("--qd", type=int, default=64, help="queue depth in all (default 64)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="serving processes, and fio jobs of --qd / N each (default 1)")
     ap.add_argument("--sample", type=float, default=10, help="seconds between samples (default 10)")
     ap.add_argument("--no-reclaim", action="store_true", help="serve without reclaiming (for comparison)")
     ap.add_argument("--json", help="write the samples and rates here")
@@ -178,8 +218,9 @@ def main() -> int:
     if shutil.which("fio") is None:
         print("bench_reclaim: fio is missing (bash tools/run.sh test installs it)", file=sys.stderr)
         return 1
-    if a.minutes <= 0 or a.region_gib <= 0 or a.qd <= 0 or a.sample <= 0:
-        print("bench_reclaim: --minutes, --region-gib, --qd and --sample must be positive", file=sys.stderr)
+    if a.minutes <= 0 or a.region_gib <= 0 or a.qd <= 0 or a.sample <= 0 or not 1 <= a.workers <= a.qd:
+        print("bench_reclaim: --minutes, --region-gib, --qd and --sample must be positive, --workers from 1 to "
+              "--qd", file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="bench-reclaim-", dir="/var/tmp")
     try:

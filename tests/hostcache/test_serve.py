@@ -240,6 +240,7 @@ def test_serve_reclaims_the_space_of_overwritten_data_by_itself(tmp_path, worker
         results[bool(flags)] = (grown, out)
     grown, out = results[False]
     assert grown < 3 * 2 * 4 * MIB and out["reclaimed"]["bytes_freed"] > 3 * 4 * MIB, results
+    assert ("writers_held" in out) == (workers == 1), out  # how long writes waited for it (workers keep theirs)
     grown, out = results[True]
     assert grown > 3 * 11 * 4 * MIB and "reclaimed" not in out, results
     with Stamp.open(stamp) as st:

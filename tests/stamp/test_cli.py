@@ -73,6 +73,8 @@ def test_a_fault_out_of_range_is_refused_clearly_and_changes_nothing(stamp_dir, 
     (["--compact-below", "2"], "--compact-below: 2 is not a share"),
     (["--interval", "-1"], "--interval: -1 is not a number of seconds"),
     (["--watch", "--target", "2", "--trigger", "1.5"], "--trigger (1.5) must not be below --target (2.0)"),
+    (["--watch", "--ceiling", "1.2"], "--ceiling (1.2) must be at least --trigger (1.6)"),
+    (["--watch", "--ceiling", "1.9", "--compact-below", "0.4"], "and 1 / --compact-below (2.5)"),
 ])
 def test_gc_options_out_of_range_are_usage_errors(stamp_dir, capsys, args, says):
     try:

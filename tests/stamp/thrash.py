@@ -128,7 +128,7 @@ def collector(path: str) -> None:
     run back to back, and every other round is a plain `stamp gc` round."""
     st = Stamp.open(path)
     r = Reclaimer(st, Policy(target=1.02, trigger=1.02, compact_below=0.9, max_move=2 << 20, interval=0,
-                             recount=0.1))
+                             recount=0.1), publish=True)  # writers wait for it (pressure.py)
     for n in itertools.count():
         try:
             if n % 2:
