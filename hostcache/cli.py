@@ -351,7 +351,8 @@ def serve(a: argparse.Namespace) -> object:
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
         with _reclaiming(a, h.stamp) as reclaimer:  # stopped before the stamp closes
             run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
-        held = h.stamp.blobs.pressure.stats.to_json()  # how long writes waited for the reclaimer
+    # how long writes waited for the reclaimer (a local stamp's; over the network none runs here)
+    held = reclaimer.stamp.blobs.pressure.stats.to_json() if reclaimer else None
     return {"stopped": a.name, **_reclaimed(reclaimer), **({"writers_held": held} if reclaimer else {})}
 
 
