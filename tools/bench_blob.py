@@ -170,8 +170,9 @@ def stamp_serve_exists() -> bool:
 
 
 @contextmanager
-def stamp_serve(folder: Path) -> Iterator[Endpoint]:
-    subprocess.run([sys.executable, "-m", "stamp", "init", str(folder)], check=True, capture_output=True, cwd=ROOT)
+def stamp_serve(folder: Path, durability: str = "os") -> Iterator[Endpoint]:
+    subprocess.run([sys.executable, "-m", "stamp", "init", str(folder), "--durability", durability], check=True,
+                   capture_output=True, cwd=ROOT)
     port = free_port()
     url = f"http://127.0.0.1:{port}/{ACCOUNT}"
     cmd = [sys.executable, "-m", "stamp", "--stamp", str(folder), "serve", "--port", str(port)]
@@ -469,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-azurite", action="store_true")
     p.add_argument("--no-stamp", action="store_true")
     p.add_argument("--no-ceiling", action="store_true", help="skip the reference endpoint that stores nothing")
+    p.add_argument("--durability", choices=("os", "fsync"), default="os",
+                   help="of the stamp this starts (stamp init --durability: fsync syncs every write before its answer)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     if a.size % MIB or a.size < 20 * MIB:
@@ -486,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 endpoints.append(stack.enter_context(azurite(folder / "azurite")))
         if "stamp" not in given and not a.no_stamp:
             if stamp_serve_exists():
-                endpoints.append(stack.enter_context(stamp_serve(folder / "stamp")))
+                endpoints.append(stack.enter_context(stamp_serve(folder / "stamp", a.durability)))
             else:
                 print("bench_blob: this checkout has no `stamp serve`: the stamp is not measured", file=sys.stderr)
         vhd_path = folder / "disk.vhd"
