@@ -933,6 +933,20 @@ class PageBlobs:
         """Put pages: offset and length multiples of 512, at most 4 MiB.
         `hook`, if given, runs inside the index transaction before the pages
         change (see Hook): it may refuse the write or change the properties."""
+        self._write(name, offset, data, lease, hook, None)
+
+    def write_described(self, name: str, offset: int, data: bytes | memoryview, lease: str | None = None,
+                        hook: Hook | None = None) -> BlobInfo:
+        """write(), and the blob as describe() reports it just after, from
+        the write's own transaction: the version reported is marked observed
+        there (the next change moves it on), so a server answering the write
+        with its ETag needs no second transaction."""
+        told: list[BlobInfo] = []
+        self._write(name, offset, data, lease, hook, told)
+        return told[0]
+
+    def _write(self, name: str, offset: int, data: bytes | memoryview, lease: str | None, hook: Hook | None,
+               told: list[BlobInfo] | None) -> None:
         # Alignment and length are checked before the data is stored; the blob's
         # existence and size inside the transaction (a refused write leaves only
         # unreferenced record bytes, which gc reclaims).
@@ -948,12 +962,12 @@ class PageBlobs:
         e = s + n // PAGE
         for _ in range(3):
             loc = self.stream.append(data)  # data on 3 replicas before the index points at it
-            if self._point(name, offset, n, lease, s, e, loc, hook):
+            if self._point(name, offset, n, lease, s, e, loc, hook, told):
                 return
         raise CorruptStamp("gc deleted the extent of every fresh copy of this write (3 times)")
 
     def _point(self, name: str, offset: int, n: int, lease: str | None, s: int, e: int, loc: Location,
-               hook: Hook | None = None) -> bool:
+               hook: Hook | None = None, told: list[BlobInfo] | None = None) -> bool:
         """The index transaction of a write: pages [s, e) now point at `loc`.
         False if the extent holding it is gone: the record was appended just
         before its extent was sealed, and gc (any process) found the sealed
@@ -973,10 +987,15 @@ class PageBlobs:
                 check_pages(offset, n, size)  # the blob may have shrunk meanwhile
             if hook is not None:  # before the version moves: the hook judges the state before the write
                 self._run_hook(txn, name, blob_id, size, word >> 1, hook)
-            if word & 1:  # someone read the version since it last moved: move it on
-                txn.put(U64.pack(blob_id), raw[:-WORD.size] + WORD.pack(moved_on(word)), db=self.db["blobstate"])
+            after = moved_on(word) | (told is not None)  # moved on if it was read; observed if reported now
+            if after != word:
+                raw = raw[:-WORD.size] + WORD.pack(after)
+                txn.put(U64.pack(blob_id), raw, db=self.db["blobstate"])
             self._touch(txn, blob_id)
             self._replace(txn, blob_id, latest, epoch, s, e, PIECE.pack(e, loc.extent, loc.offset, loc.length, 0, epoch))
+            if told is not None:
+                obj = self.meta.get_json(txn, "blobs", blob_key(name))
+                told.append(self._describe(txn, name, None, blob_id, obj, BlobState.unpack(raw)))
         except BaseException:
             txn.abort()
             raise
@@ -985,18 +1004,37 @@ class PageBlobs:
 
     def clear(self, name: str, offset: int, length: int, lease: str | None = None, hook: Hook | None = None) -> None:
         """Clear pages: afterwards they read as zeros and hold no data (`hook` as for write)."""
+        self._clear(name, offset, length, lease, hook, False)
+
+    def clear_described(self, name: str, offset: int, length: int, lease: str | None = None,
+                        hook: Hook | None = None) -> BlobInfo:
+        """clear(), and the blob as describe() reports it just after, from
+        the same transaction (as write_described)."""
+        info = self._clear(name, offset, length, lease, hook, True)
+        assert info is not None
+        return info
+
+    def _clear(self, name: str, offset: int, length: int, lease: str | None, hook: Hook | None,
+               report: bool) -> BlobInfo | None:
         with self.meta.write() as txn:
-            blob_id, _, st = self._blob(txn, name)
+            blob_id, obj, st = self._blob(txn, name)
             self._check_lease(st, lease)
             check_pages(offset, length, st.size, limit=None)
             if hook is not None:
                 self._run_hook(txn, name, blob_id, st.size, st.version >> 1, hook)
+            before = st.version
             if length:
                 self._replace(txn, blob_id, st.latest, st.epoch, offset // PAGE, (offset + length) // PAGE, None)
                 self._touch(txn, blob_id)
-                if st.version & 1:
-                    st.version = moved_on(st.version)
-                    txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+                st.version = moved_on(st.version)
+            st.version |= report  # reported now: observed (the next change moves it on)
+            if st.version != before:
+                txn.put(U64.pack(blob_id), st.pack(), db=self.db["blobstate"])
+            if not report:
+                return None
+            if hook is not None:  # the hook may have changed the properties
+                obj = self.meta.get_json(txn, "blobs", blob_key(name))
+            return self._describe(txn, name, None, blob_id, obj, st)
 
     def resize(self, name: str, size: int, lease: str | None = None) -> None:
         """Grow or shrink; pages cut off are cleared (snapshots keep theirs).

@@ -352,12 +352,10 @@ async def put_page(svc: Service, c: Call) -> web.StreamResponse:
     blobs = svc.stamp.blobs
 
     def clear() -> BlobInfo:
-        blobs.clear(name, offset, length, lease, hook)
-        return blobs.describe(name)
+        return blobs.clear_described(name, offset, length, lease, hook)
 
     def write(data: bytes) -> BlobInfo:
-        blobs.write(name, offset, data, lease, hook)
-        return blobs.describe(name)
+        return blobs.write_described(name, offset, data, lease, hook)
 
     if action == "clear":
         info = await _on_blob(svc, c, clear)

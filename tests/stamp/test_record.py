@@ -94,3 +94,23 @@ def test_one_chunk_reads_check_their_chunk():
         wrong = rec.span(4096, len(data), inner - 4096, length)  # the chunk before: another seed
         with pytest.raises(rec.RecordError):
             rec.verify_span(part, 4096, wrong._replace(file_length=len(part)), length)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 517, 1023])
+def test_a_corrupt_chunk_of_a_large_read_is_named(chunk):
+    """A read of many chunks (checked in one pass) names the chunk that
+    fails, whether its checksum or its data was damaged, and reads that
+    start past it are not troubled by it."""
+    data = os.urandom(rec.MAX_RECORD)
+    raw = rec.pack_record(data, 8192)
+    sp = rec.span(8192, len(data), 4096, len(data) - 4096)  # from chunk 1: no header
+    place = 16 + chunk * (rec.CHUNK + rec.CHECK)
+    for at in (place, place + rec.CHECK + 100):
+        bad = bytearray(raw)
+        bad[at] ^= 1
+        window = bytes(bad[sp.file_offset - 8192:sp.file_offset - 8192 + sp.file_length])
+        if chunk == 0:  # outside the span: it reads back whole
+            assert rec.verify_span(window, 8192, sp, len(data) - 4096) == data[4096:]
+            continue
+        with pytest.raises(rec.RecordError, match=f"chunk {chunk} fails"):
+            rec.verify_span(window, 8192, sp, len(data) - 4096)

@@ -80,6 +80,21 @@ class VersionMachine(RuleBasedStateMachine):
             self.handles[h].blobs.clear("d", page * 512, 512)
             self.change()
 
+    @rule(h=st.integers(0, 1), page=st.integers(0, 63), clear=st.booleans())
+    def change_described(self, h: int, page: int, clear: bool) -> None:
+        """A write or clear that reports the blob (a REST Put Page's ETag):
+        a change, and an observation by h of the version after it."""
+        if page * 512 >= self.size:
+            return
+        blobs = self.handles[h].blobs
+        info = blobs.clear_described("d", page * 512, 512) if clear else \
+            blobs.write_described("d", page * 512, b"w" * 512)
+        self.change()
+        got = f"{info.size}.{info.version}"
+        assert got != self.last[h] and got == blobs.version("d")[1]
+        assert info == blobs.describe("d")
+        self.last[h], self.changed[h] = got, False
+
     @rule(h=st.integers(0, 1), size=st.sampled_from([MIB // 64, MIB // 32, 4 * MIB]))
     def resize(self, h: int, size: int) -> None:
         self.handles[h].blobs.resize("d", size)
@@ -143,6 +158,32 @@ CHILD = textwrap.dedent("""
 def child(folder: str, *args: str) -> str:
     out = subprocess.run([sys.executable, "-c", CHILD, folder, *args], capture_output=True, text=True, check=True)
     return out.stdout.strip()
+
+
+def test_a_write_that_reports_the_blob_takes_one_transaction(st, monkeypatch):
+    """write_described and clear_described answer what describe() would,
+    from the change's own transaction (a Put Page's ETag costs no second
+    one), and the next change moves the version they reported on."""
+    st.blobs.write("d", 0, b"a" * 512)
+    writes: list[bool] = []
+    env = st.meta.env
+
+    class Counting:  # the environment, counting the transactions begun
+        def __getattr__(self, name: str) -> object:
+            return getattr(env, name)
+
+        def begin(self, **kw: object) -> object:
+            writes.append(bool(kw.get("write")))
+            return env.begin(**kw)
+
+    monkeypatch.setattr(st.meta, "env", Counting())
+    info = st.blobs.write_described("d", 4096, b"b" * 4096)
+    cleared = st.blobs.clear_described("d", 0, 512)
+    assert writes.count(True) == 2
+    monkeypatch.undo()
+    assert cleared.version != info.version and cleared == st.blobs.describe("d")
+    assert st.blobs.write_described("d", 0, b"c" * 512).version != cleared.version
+    assert st.check().ok
 
 
 def test_a_change_made_in_another_process_moves_the_version_seen_in_this_one(st):
