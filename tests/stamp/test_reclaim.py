@@ -116,9 +116,9 @@ def test_a_writer_and_reclaimer_rounds_keep_disk_use_under_twice_the_live_data(t
 
 def test_a_reclaimer_thread_beside_a_writer_keeps_disk_use_bounded(tmp_path):
     """The same with the reclaimer in its own thread, as `hostcache serve`
-    runs it: the writer is never paused for it, and disk use stays bounded
-    (the allowance is larger: nothing holds the writer back, so on a loaded
-    machine it may get a few rounds ahead of the thread)."""
+    runs it: disk use stays bounded (the allowance is larger: the writer is
+    held back (stamp.pressure) only past the ceiling, so on a loaded machine
+    it may get a few rounds ahead of the thread)."""
     path = str(tmp_path / "st")
     st = Stamp.create(path, extent_size=MIB)
     st.blobs.create("d", SIZE)
