@@ -641,14 +641,16 @@ def _validate_table(table: batlib.Table, header: dh.DynamicHeader, end: int,
     starts = sorted(e for _, e in table.items())  # sector numbers: one int each
     for prev, start in zip(starts, starts[1:], strict=False):
         if (start - prev) * SECTOR < span:
-            b, other = _blocks_at(table, start), _blocks_at(table, prev)
+            other = _block_at(table, prev)
+            b = _block_at(table, start, other if start == prev else -1)  # two entries of one place: the later
             raise FormatError("BAT", f"entry {b}", header.table_offset + 4 * b,
                               f"block at {start * SECTOR} overlaps block {other}")
 
 
-def _blocks_at(table: batlib.Table, sector: int) -> int:
-    """The block whose entry is `sector` (one exists): found again only to name it in an error."""
-    return next(b for b, e in table.items() if e == sector)
+def _block_at(table: batlib.Table, sector: int, skip: int = -1) -> int:
+    """The first block but `skip` whose entry is `sector` (one exists): found
+    again only to name it in an error."""
+    return next(b for b, e in table.items() if e == sector and b != skip)
 
 
 def _validate_entry(b: int, start: int, span: int, at: int, end: int,
