@@ -30,8 +30,9 @@ Memory: what an open sparse image holds grows with its allocated blocks,
 never with its virtual size (an outsider's 2040 GiB image of 4 KiB blocks
 has 534M entries): the BAT and the read fast path are paged tables
 (bat.Table, bat.Paged: at most about 1.7 KB per allocated block, 12 bytes
-per block when they are dense), a partly present block's bitmap is kept
-only once it is read or written, and opening reads and checks the BAT a
+per block when they are dense), a partly present block's bitmap (1/4096
+of the block: more than that bound for blocks over 2 MiB) is kept only
+once it is read or written, and opening reads and checks the BAT a
 chunk at a time. Checking that no two blocks overlap sorts the allocated
 entries (about 40 bytes each, while opening).
 """
