@@ -357,3 +357,25 @@ def test_an_image_of_scattered_blocks_too_large_for_the_memory_limit_is_a_clear_
         r = _limited(cmd, path, limit=100 << 20)
         assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
         assert "out of memory" in r.stderr and path in r.stderr, (cmd, r.stderr)
+
+
+def test_check_counts_a_hole_of_a_table_claiming_2_to_the_32_entries_without_reading_it(tmp_path):
+    """A header claiming 2**32 - 1 entries over a 16 GiB hole (zeros: every
+    entry "allocated") cost `vhd check` 16 GiB of reads (100 s); a hole's
+    entries are counted from its length, and its data is never read."""
+    from vhd.fileio import OsFile
+
+    path = str(tmp_path / "t.vhd")
+    _hostile_table(path, 8 * MIB, 2 * MIB, 0xFFFFFFFF)
+
+    class Counting(OsFile):
+        read = 0
+
+        def pread(self, length: int, offset: int) -> bytes:
+            Counting.read += length
+            return super().pread(length, offset)
+
+    report = vhd.check(Counting(path))
+    assert Counting.read < 64 * MIB, Counting.read
+    warned = [p for p in report.problems if "entries past the 4" in p.message]
+    assert warned and str(0xFFFFFFFF - 4) in warned[0].message, report.problems
