@@ -507,6 +507,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vhd {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:  # a valid image of many scattered blocks, under a memory limit (ulimit -v)
+        named = getattr(args, "path", None) or getattr(args, "source", None) or " ".join(getattr(args, "paths", []))
+        print(f"vhd {args.cmd}: out of memory{' with ' + named if named else ''}: an open image holds up to "
+              "about 1.7 KB per allocated block (docs/formats/vhd.md, \"Memory\"); allow more (ulimit -v)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ Memory: what an open sparse image holds grows with its allocated blocks,
 never with its virtual size (an outsider's 2040 GiB image of 4 KiB blocks
 has 534M entries): the BAT and the read fast path are paged tables
 (bat.Table, bat.Paged: at most about 1.7 KB per allocated block, 12 bytes
-per block when they are dense), a partly present block's bitmap is kept
-only once it is read or written, and opening reads and checks the BAT a
+per block when they are dense), a partly present block's bitmap (1/4096
+of the block: more than that bound for blocks over 2 MiB) is kept only
+once it is read or written, and opening reads and checks the BAT a
 chunk at a time. Checking that no two blocks overlap sorts the allocated
 entries (about 40 bytes each, while opening).
 """
@@ -641,14 +642,16 @@ def _validate_table(table: batlib.Table, header: dh.DynamicHeader, end: int,
     starts = sorted(e for _, e in table.items())  # sector numbers: one int each
     for prev, start in zip(starts, starts[1:], strict=False):
         if (start - prev) * SECTOR < span:
-            b, other = _blocks_at(table, start), _blocks_at(table, prev)
+            other = _block_at(table, prev)
+            b = _block_at(table, start, other if start == prev else -1)  # two entries of one place: the later
             raise FormatError("BAT", f"entry {b}", header.table_offset + 4 * b,
                               f"block at {start * SECTOR} overlaps block {other}")
 
 
-def _blocks_at(table: batlib.Table, sector: int) -> int:
-    """The block whose entry is `sector` (one exists): found again only to name it in an error."""
-    return next(b for b, e in table.items() if e == sector)
+def _block_at(table: batlib.Table, sector: int, skip: int = -1) -> int:
+    """The first block but `skip` whose entry is `sector` (one exists): found
+    again only to name it in an error."""
+    return next(b for b, e in table.items() if e == sector and b != skip)
 
 
 def _validate_entry(b: int, start: int, span: int, at: int, end: int,

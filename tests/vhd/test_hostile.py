@@ -331,3 +331,51 @@ def test_a_declared_size_the_file_cannot_have_is_a_clear_error_in_bounded_memory
         assert r.returncode in (0, 1), (cmd, r.returncode, r.stderr)
         if cmd == "check":
             assert r.returncode == 1, (what, r.stdout)
+
+
+def test_an_image_of_scattered_blocks_too_large_for_the_memory_limit_is_a_clear_error(tmp_path):
+    """One allocated entry in each BAT page (64 GiB of 4 KiB blocks: 131072
+    pages, about 80 MB kept) is a valid image, held at its documented bound;
+    with less address space than that, every command says it ran out of
+    memory, never a MemoryError traceback."""
+    path = str(tmp_path / "t.vhd")
+    size, block = 64 << 30, 4096
+    entries = size // block
+    header = dh.DynamicHeader(1536, entries, block)
+    footer = vhd.Footer(vhd.DiskType.DYNAMIC, size, size, vhd.chs_for_size(size),
+                        __import__("uuid").uuid4(), 0, 512)
+    first = (1536 + entries * 4) // 512
+    table = bytearray(b"\xff" * (entries * 4))
+    for n, b in enumerate(range(0, entries, 128)):
+        struct.pack_into(">I", table, 4 * b, first + n * 9)  # a 512-byte bitmap and 4 KiB of data each
+    with open(path, "wb") as f:
+        f.write(footer.pack() + header.pack() + table)
+        f.truncate((first + entries // 128 * 9) * 512)
+        f.seek(0, os.SEEK_END)
+        f.write(footer.pack())
+    for cmd in ("info", "check", "map"):
+        r = _limited(cmd, path, limit=100 << 20)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and "MemoryError" not in r.stderr, (cmd, r.stderr)
+        assert "out of memory" in r.stderr and path in r.stderr, (cmd, r.stderr)
+
+
+def test_check_counts_a_hole_of_a_table_claiming_2_to_the_32_entries_without_reading_it(tmp_path):
+    """A header claiming 2**32 - 1 entries over a 16 GiB hole (zeros: every
+    entry "allocated") cost `vhd check` 16 GiB of reads (100 s); a hole's
+    entries are counted from its length, and its data is never read."""
+    from vhd.fileio import OsFile
+
+    path = str(tmp_path / "t.vhd")
+    _hostile_table(path, 8 * MIB, 2 * MIB, 0xFFFFFFFF)
+
+    class Counting(OsFile):
+        read = 0
+
+        def pread(self, length: int, offset: int) -> bytes:
+            Counting.read += length
+            return super().pread(length, offset)
+
+    report = vhd.check(Counting(path))
+    assert Counting.read < 64 * MIB, Counting.read
+    warned = [p for p in report.problems if "entries past the 4" in p.message]
+    assert warned and str(0xFFFFFFFF - 4) in warned[0].message, report.problems

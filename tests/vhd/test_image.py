@@ -179,6 +179,22 @@ def test_bat_entries_past_the_end_or_overlapping_are_refused(tmp_path):
     assert not vhd.check(str(tmp_path / "overlap.vhd")).ok
 
 
+def test_two_bat_entries_naming_one_block_are_refused_naming_both(tmp_path):
+    """A duplicate entry names the other block, not itself ("entry 2 ...
+    overlaps block 2" sent the reader looking for a block that is fine)."""
+    import struct
+
+    img = vhd.create(tmp_path / "d.vhd", 4 * MIB, block_size=BS)
+    img.write(0, b"x" * (3 * BS))
+    img.close()
+    raw = bytearray((tmp_path / "d.vhd").read_bytes())
+    struct.pack_into(">I", raw, 1536 + 4 * 2, struct.unpack(">I", raw[1536:1540])[0])  # entry 2: block 0's place
+    (tmp_path / "dup.vhd").write_bytes(raw)
+    with pytest.raises(FormatError, match="overlaps") as e:
+        vhd.open(tmp_path / "dup.vhd")
+    assert "entry 2" in str(e.value) and "overlaps block 0" in str(e.value), str(e.value)
+
+
 def _can_punch(folder) -> bool:
     """Whether the filesystem of `folder` punches holes (util-linux fallocate -p)."""
     import shutil
