@@ -356,6 +356,14 @@ def _holder_of(props: dict[str, Any]) -> dict[str, Any]:
     return {k: props[k] for k in HOLDER_KEYS if k in props}
 
 
+def _may_judge(claimant: dict[str, Any], stale: dict[str, Any]) -> bool:
+    """May `claimant` (a process elsewhere) say that `stale` died? Only from
+    stale's own machine, and never of a holder on this one: holders here are
+    judged here (holder_died), whatever a client claims."""
+    host = stale.get("lease_host")
+    return host != socket.gethostname() and claimant.get("lease_host") == host
+
+
 def holder_died(props: dict[str, Any]) -> bool:
     """Did the process that took a writer lease (its pid, start time and host
     in the blob's properties) die on this host? A pid alone is not enough: a
@@ -842,14 +850,16 @@ class PageBlobs:
         (`holder`: the lease_* properties of a process elsewhere, a host over
         the network; by default this process), and a lease left by a process
         that died on this host is broken, as is one whose holder is exactly
-        `stale` (a remote host found that process dead on its own machine).
+        `stale` (a remote host found that process dead on its own machine:
+        only a claimant on that machine, never of a holder on this one).
         `lease` proposes the id, so a retried acquire is the same acquire."""
         who = holder or this_holder()
         try:
             got = self.acquire_lease(name, lease=lease)
         except LeaseAlreadyPresent:
             props = self.properties(name)
-            if holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)):
+            if holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)
+                                       and _may_judge(who, stale)):
                 try:
                     self.break_lease(name)  # its holder died: the lease is stale
                 except LeaseNotPresentWithLeaseOperation:

@@ -440,6 +440,35 @@ def test_a_writer_lease_is_taken_over_only_from_the_holder_named_stale(served):
         remote.blobs.release_lease(blob, mine)  # released already: done
 
 
+def test_a_live_holder_is_not_taken_over_by_a_client_naming_it_stale(served):
+    """Only the holder's own machine may say it died: a holder on the server's
+    machine is judged there (alive here: kept), and a client on one machine
+    cannot declare a holder on a third one dead."""
+    import uuid
+
+    from stamp.pageblob import this_holder
+
+    with RemoteStamp(served.endpoint) as remote:
+        blob = remote.records().record("data1")["blob"]
+        path = f"writer-lease/{blob}"
+        live = remote.blobs.acquire_writer_lease(blob)  # this process, alive, on the server's machine
+        holder = remote.endpoint.api("POST", path, {"action": "holder"})["holder"]
+        for claimant in ({**this_holder(), "lease_pid": 1}, {**this_holder(), "lease_host": "far"}):
+            with pytest.raises(LeaseAlreadyPresent):
+                remote.endpoint.api("POST", path, {"action": "acquire", "lease": str(uuid.uuid4()),
+                                                   "holder": claimant, "stale": holder})
+        remote.blobs.write(blob, 0, b"x" * 512, live)  # still the writer
+        remote.blobs.release_lease(blob, live)
+        far = {"lease_holder": "pid 4242 on far", "lease_pid": 4242, "lease_started": 7, "lease_host": "far"}
+        first = str(uuid.uuid4())
+        remote.endpoint.api("POST", path, {"action": "acquire", "lease": first, "holder": far})
+        near = {"lease_holder": "pid 9 on near", "lease_pid": 9, "lease_started": 1, "lease_host": "near"}
+        with pytest.raises(LeaseAlreadyPresent):  # "near" cannot judge a process on "far"
+            remote.endpoint.api("POST", path, {"action": "acquire", "lease": str(uuid.uuid4()), "holder": near,
+                                               "stale": far})
+        remote.blobs.release_lease(blob, first)
+
+
 def test_two_serve_workers_over_the_network_write_what_is_read_back(tmp_path, served):
     """`hostcache serve --workers 2` over a URL: the supervisor takes the
     writer lease over the host API, both workers write under it (ReadWrite,
