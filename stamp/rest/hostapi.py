@@ -16,7 +16,9 @@ Everything lives under /ACCOUNT/$diskstamp/ (no container can be named so):
 
 Rules kept:
 - every request is signed with the account's Shared Key (as any Blob
-  request, over the raw path); SAS and anonymous requests are refused;
+  request, over the raw path); SAS and anonymous requests are refused, and
+  so is another account than the one the stamp's disks belong to (the
+  default account's, as the Blob endpoint has them);
 - bodies are JSON objects of at most MAX_BODY bytes, read only after the
   length is checked (413 RequestBodyTooLarge above it);
 - errors are the service's (status, x-ms-error-code, XML body): a stamp
@@ -103,6 +105,11 @@ async def serve(svc: Service, request: web.Request, areq: auth.Request, rest: st
         raise RestError(403, "AuthorizationFailure", "The host API takes the account's Shared Key only.")
     auth.verify_shared_key(areq, svc.accounts)
     auth.check_date(areq)
+    if areq.account != auth.DEVSTORE_ACCOUNT and list(svc.accounts.keys) != [areq.account]:
+        # the stamp's disks are the default account's (containers.owner): over Blob REST another
+        # account's key cannot even read them, so it must not create, delete or attach them here
+        raise RestError(403, "AuthorizationFailure", f"The host API serves the account the stamp's disks "
+                        f"belong to ({auth.DEVSTORE_ACCOUNT}), not {areq.account}.")
     kind, _, name = rest.partition("/")
     try:
         return await _route(svc, request, request.method, kind, name)

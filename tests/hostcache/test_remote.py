@@ -285,6 +285,29 @@ def test_the_host_api_takes_the_account_key_only(served):
     assert e.value.code == 403 and e.value.headers["x-ms-error-code"] == "AuthorizationFailure"
 
 
+
+def test_the_host_api_refuses_another_account_than_the_disks_owner(tmp_path, served):
+    """The stamp's disks are the default account's: over Blob REST another
+    account of the same server cannot read them, nor may it list, create,
+    delete or attach them over the host API."""
+    import base64
+
+    from stamp.errors import AuthorizationFailure
+
+    stop_server(served)
+    other_key = base64.b64encode(b"k" * 32).decode()
+    server = start_server(served.stamp, "--account", f"other:{other_key}")
+    try:
+        other = server.url + "/other"
+        with pytest.raises(AuthorizationFailure, match="devstoreaccount1"):
+            RemoteStamp(other, other_key)
+        out = _init(tmp_path, "o", "--stamp", other, "--account-key", other_key)
+        assert out.returncode == 1 and "AuthorizationFailure" in out.stderr and "Traceback" not in out.stderr
+        with RemoteStamp(server.endpoint) as owner:
+            assert "data1" in [d["name"] for d in owner.records().disks()]
+    finally:
+        stop_server(server)
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
