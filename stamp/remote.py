@@ -22,7 +22,9 @@ Ranges); the records, the writer lease and flush are the host API
   `retry_seconds`, the others only when they never reached the server
   (connection refused) and are sent on a fresh connection if theirs sat idle;
 - every wait is bounded (connect, each answer); a server that is down is
-  a StampError naming the URL, never a traceback;
+  a StampError naming the URL, never a traceback; so is an answer that is
+  not what `stamp serve` sends (not JSON, a header missing or not a number,
+  a range of other bytes than asked: a broken or foreign server);
 - a Put Page is answered only once the stamp's write is acknowledged (the
   stamp's durability: survives a kill of the server); flush() asks the
   server to make the stamp durable as its own flush() does, or, after a
@@ -41,7 +43,8 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -107,14 +110,15 @@ class Location:
         return f"{self.scheme}://{self.host}:{self.port}/{self.account}"
 
 
+class Malformed(se.StampError):
+    """The server's answer is not what `stamp serve` sends."""
+
+
 @dataclass
 class Answer:
     status: int
     headers: http.client.HTTPMessage
     body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"{}")
 
 
 def _error(answer: Answer, where: str) -> se.StampError:
@@ -252,10 +256,24 @@ class Endpoint:
         return Answer(resp.status, resp.headers, data)
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None, idempotent: bool = True) -> Any:
-        """A host API call: JSON in, JSON out."""
+        """A host API call: JSON in, a JSON object out."""
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        return self.request(method, f"{ROOT}/{path}", headers=headers, body=data, idempotent=idempotent).json()
+        answer = self.request(method, f"{ROOT}/{path}", headers=headers, body=data, idempotent=idempotent)
+        with self.parsing(f"{method} {path}"):
+            out = json.loads(answer.body or b"{}")
+            if not isinstance(out, dict):
+                raise ValueError("not a JSON object")
+            return out
+
+    @contextmanager
+    def parsing(self, what: str) -> Iterator[None]:
+        """Reading an answer: what is not as `stamp serve` sends it is a Malformed error, not a traceback."""
+        try:
+            yield
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, ET.ParseError) as e:
+            raise Malformed(f"the stamp at {self.where.url} answered {what} with what `stamp serve` does not send "
+                            f"({type(e).__name__}: {str(e)[:100]}): is it a stamp endpoint?") from None
 
 
 def _retry_seconds() -> float:
@@ -298,7 +316,8 @@ class RemoteBlobs:
 
     def version(self, name: str) -> tuple[int, str]:
         h = self._properties(name).headers
-        return int(h[ID_HEADER]), str(h[VERSION_HEADER])
+        with self.ep.parsing(f"the properties of {name}"):
+            return int(h[ID_HEADER]), str(h[VERSION_HEADER])
 
     def blob_id(self, name: str) -> int:
         return self.version(name)[0]
@@ -307,12 +326,24 @@ class RemoteBlobs:
         known = self._sizes.get(name)
         if known is not None:
             return known
-        return int(self._properties(name).headers["Content-Length"])
+        return self._length(name)
+
+    def _length(self, name: str) -> int:
+        h = self._properties(name).headers
+        with self.ep.parsing(f"the properties of {name}"):
+            return int(h["Content-Length"])
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
         answer = self.ep.request("GET", _split(name), headers={"x-ms-range": f"bytes={offset}-{offset + length - 1}"})
+        with self.ep.parsing(f"a read of {name}"):  # the bytes asked for (up to the blob's end), and only them
+            span, _, total = answer.headers["Content-Range"].removeprefix("bytes ").partition("/")
+            start, end = (int(x) for x in span.split("-"))
+            n = len(answer.body)
+            if start != offset or end - start + 1 != n or n > length or (n < length and end + 1 != int(total)):
+                raise ValueError(f"Content-Range {answer.headers['Content-Range']} with {len(answer.body)} bytes "
+                                 f"for {length} at {offset}")
         return answer.body
 
     def write(self, name: str, offset: int, data: bytes | bytearray | memoryview, lease: str | None = None) -> None:
@@ -345,14 +376,16 @@ class RemoteBlobs:
         marker = ""
         while True:
             query = {"comp": "pagelist", **({"marker": marker} if marker else {})}
-            root = ET.fromstring(self.ep.request("GET", _split(name), query).body)
-            for r in root.iter("PageRange"):
-                start, end = int(r.findtext("Start") or 0), int(r.findtext("End") or -1)
-                if out and out[-1][0] + out[-1][1] == start:
-                    out[-1] = (out[-1][0], out[-1][1] + end - start + 1)
-                else:
-                    out.append((start, end - start + 1))
-            marker = root.findtext("NextMarker") or ""
+            body = self.ep.request("GET", _split(name), query).body
+            with self.ep.parsing(f"the page ranges of {name}"):
+                root = ET.fromstring(body)
+                for r in root.iter("PageRange"):
+                    start, end = int(r.findtext("Start") or 0), int(r.findtext("End") or -1)
+                    if out and out[-1][0] + out[-1][1] == start:
+                        out[-1] = (out[-1][0], out[-1][1] + end - start + 1)
+                    else:
+                        out.append((start, end - start + 1))
+                marker = root.findtext("NextMarker") or ""
             if not marker:
                 return out
 
@@ -363,16 +396,23 @@ class RemoteBlobs:
         this machine (the server cannot tell: it is not here) is taken over."""
         lease, holder = str(uuid.uuid4()), this_holder()
         body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder}
+        path = f"writer-lease/{name}"
         try:
-            got = str(self.ep.api("POST", f"writer-lease/{name}", body)["lease"])
+            got = self.ep.api("POST", path, body)
         except se.LeaseAlreadyPresent:
-            stale = self.ep.api("POST", f"writer-lease/{name}", {"action": "holder"})["holder"]
-            if not holder_died(stale):
+            stale = self.ep.api("POST", path, {"action": "holder"})
+            with self.ep.parsing(f"POST {path}"):
+                stale = dict(stale["holder"])
+                died = holder_died(stale)
+            if not died:
                 raise
-            got = str(self.ep.api("POST", f"writer-lease/{name}", {**body, "stale": stale})["lease"])
-        self._leases[name] = got
-        self._sizes[name] = int(self._properties(name).headers["Content-Length"])
-        return got
+            got = self.ep.api("POST", path, {**body, "stale": stale})
+        with self.ep.parsing(f"POST {path}"):
+            if got["lease"] != lease:
+                raise ValueError(f"lease {got['lease']!r}, not the {lease!r} proposed")
+        self._leases[name] = lease
+        self._sizes[name] = self._length(name)
+        return lease
 
     def release_lease(self, name: str, lease: str) -> None:
         self._sizes.pop(name, None)
@@ -390,7 +430,9 @@ class RemoteDisks:
         return dict(self.ep.api("GET", f"disks/{quote(name, safe='')}"))
 
     def disks(self) -> list[dict[str, Any]]:
-        return list(self.ep.api("GET", "disks")["disks"])
+        answer = self.ep.api("GET", "disks")
+        with self.ep.parsing("GET disks"):
+            return [dict(d) for d in answer["disks"]]
 
     def image(self, name: str) -> dict[str, Any]:
         return dict(self.ep.api("GET", f"images/{quote(name, safe='')}"))

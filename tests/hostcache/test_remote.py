@@ -308,6 +308,84 @@ def test_the_host_api_refuses_another_account_than_the_disks_owner(tmp_path, ser
     finally:
         stop_server(server)
 
+
+class _Foreign:
+    """An HTTP server that answers every request 200 with `answers[kind]`
+    (headers, body): a broken server, or not a stamp at all."""
+
+    def __init__(self, answers: dict[str, tuple[dict[str, str], bytes]]) -> None:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                kind = "api" if "$diskstamp" in self.path else \
+                    "ranges" if "comp=pagelist" in self.path else self.command
+                headers, body = outer.answers.get(kind, ({}, b""))
+                self.send_response(200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.answers = answers
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/devstoreaccount1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_broken_or_foreign_server_is_a_clear_error_never_a_traceback(tmp_path):
+    from stamp.errors import StampError
+    from stamp.remote import Malformed
+
+    foreign = _Foreign({"api": ({}, b"<html>not a stamp</html>")})
+    try:
+        with pytest.raises(Malformed, match="does not send"):
+            RemoteStamp(foreign.url, retry_seconds=0)
+        out = _init(tmp_path, "x", "--stamp", foreign.url)
+        assert out.returncode == 1 and "does not send" in out.stderr and "Traceback" not in out.stderr
+        assert not os.path.exists(tmp_path / "x")
+        foreign.answers["api"] = ({}, b'{"disks": 5, "lease": null, "holder": 7}')
+        remote = RemoteStamp(foreign.url, retry_seconds=0)
+        with pytest.raises(Malformed):
+            remote.records().disks()
+        with pytest.raises(Malformed):
+            remote.blobs.acquire_writer_lease("disks/d")  # no lease in the answer
+        foreign.answers["HEAD"] = ({"Content-Length": "0"}, b"")  # no x-diskstamp-* headers
+        with pytest.raises(Malformed):
+            remote.blobs.version("disks/d")
+        foreign.answers["GET"] = ({"Content-Range": "bytes 0-3/10"}, b"abcd")  # not the bytes asked for
+        for offset, n in ((4, 4), (0, 2), (0, 8)):
+            with pytest.raises(Malformed):
+                remote.blobs.read("disks/d", offset, n)
+        foreign.answers["GET"] = ({}, b"abcd")  # no Content-Range
+        with pytest.raises(Malformed):
+            remote.blobs.read("disks/d", 0, 4)
+        foreign.answers["ranges"] = ({}, b"<PageList><PageRange><Start>x</Start>")
+        with pytest.raises(StampError):
+            remote.blobs.page_ranges("disks/d")
+        remote.close()
+    finally:
+        foreign.close()
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
