@@ -15,7 +15,8 @@ Ranges); the records, the writer lease and flush are the host API
   and its observed content version (every change after it moves it on);
 - every request is signed with the account's Shared Key (auth.py's string
   to sign, ordinal header order); a 403 is a StampError saying the key is wrong;
-- one keep-alive HTTP connection per thread; a connection the server
+- one keep-alive HTTP connection per thread, closed once its thread has
+  ended (when another connection is opened); a connection the server
   dropped is opened again; idempotent requests (reads, Put Page: the same
   bytes to the same place, a resize to a size, a lease acquire with the
   id the client chose, a release) are retried with backoff for
@@ -159,7 +160,7 @@ class Endpoint:
         self.key = accounts.keys[self.where.account][0]
         self.retry_seconds = retry_seconds if retry_seconds is not None else _retry_seconds()
         self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
+        self._all: dict[http.client.HTTPConnection, threading.Thread] = {}  # each connection's thread
         self._lock = threading.Lock()
         self.requests = 0  # sent, retries included (for tests and measurements)
         self.interrupted = False  # a connection failed since the last flush: the server may be another process
@@ -190,7 +191,10 @@ class Endpoint:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn, self._local.used = conn, time.monotonic()
             with self._lock:
-                self._all.append(conn)
+                for old in [c for c, t in self._all.items() if not t.is_alive()]:
+                    old.close()  # its thread ended: nobody else uses it (a thread each: no leak)
+                    del self._all[old]
+                self._all[conn] = threading.current_thread()
         return conn
 
     def _drop(self) -> None:
@@ -198,8 +202,7 @@ class Endpoint:
         if conn is not None:
             conn.close()
             with self._lock:
-                if conn in self._all:
-                    self._all.remove(conn)
+                self._all.pop(conn, None)
         self._local.conn = None
 
     # -- requests -----------------------------------------------------------------------

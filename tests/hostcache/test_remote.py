@@ -386,6 +386,21 @@ def test_a_broken_or_foreign_server_is_a_clear_error_never_a_traceback(tmp_path)
     finally:
         foreign.close()
 
+
+def test_connections_of_threads_that_ended_are_closed(served):
+    """One connection per thread, and a thread that ended leaves none open:
+    a long run of short-lived threads (a boot, a caller's own threads) does
+    not grow the client's sockets, nor the server's."""
+    with RemoteStamp(served.endpoint) as remote:
+        blob = remote.records().record("data1")["blob"]
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(100):
+            t = threading.Thread(target=remote.blobs.read, args=(blob, 0, 512))
+            t.start()
+            t.join()
+        assert len(os.listdir("/proc/self/fd")) <= before + 2
+        assert len(remote.endpoint._all) <= 2
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
