@@ -228,6 +228,6 @@ class Endpoint:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
         body = xmlbody.error(e.code, e.message, rid, now, e.extra)
         resp = web.Response(status=e.status, body=body, content_type="application/xml", headers=headers)
-        if request.can_read_body and request.content_length and request.content_length > 64 * 1024:
-            resp.force_close()  # a large body we did not read: close rather than drain it
+        if request.can_read_body and (request.content_length is None or request.content_length > 64 * 1024):
+            resp.force_close()  # a large (or chunked) body we did not read: close rather than drain it
         return resp

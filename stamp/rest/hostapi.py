@@ -20,7 +20,8 @@ Rules kept:
   so is another account than the one the stamp's disks belong to (the
   default account's, as the Blob endpoint has them);
 - bodies are JSON objects of at most MAX_BODY bytes, read only after the
-  length is checked (413 RequestBodyTooLarge above it);
+  length is checked (413 RequestBodyTooLarge above it; 411 without a
+  Content-Length, and the connection is closed rather than drained);
 - errors are the service's (status, x-ms-error-code, XML body): a stamp
   error keeps its code and its message (LeaseAlreadyPresent, BlobNotFound, OperationNotAllowed,
   InvalidParameter...), and the managed-disk layer's own ones are
@@ -66,6 +67,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def _body(svc: Service, request: web.Request) -> dict[str, Any]:
+    if request.content_length is None and request.body_exists:  # chunked: its size is not known before it is read
+        raise RestError(411, "MissingContentLengthHeader", "Content-Length HTTP header is missing.")
     n = request.content_length or 0
     if n > MAX_BODY:
         raise RestError(413, "RequestBodyTooLarge", MaxLimit=str(MAX_BODY))

@@ -401,6 +401,31 @@ def test_connections_of_threads_that_ended_are_closed(served):
         assert len(os.listdir("/proc/self/fd")) <= before + 2
         assert len(remote.endpoint._all) <= 2
 
+
+def test_a_host_api_body_without_a_length_is_refused_not_drained(served):
+    """A chunked body (no Content-Length) is not taken for an empty one, nor
+    read to its end: 411, and the connection is closed."""
+    import http.client
+
+    with RemoteStamp(served.endpoint) as remote:
+        target, headers = remote.endpoint._signed("POST", "$diskstamp/flush", {}, {}, b"")
+        del headers["Content-Length"]
+        conn = http.client.HTTPConnection(served.url.split("//")[1], timeout=30)
+
+        def endless():
+            yield b'{"shared": true}'
+            for _ in range(1024):  # 64 MiB: more than the server may read
+                yield b" " * 65536
+
+        try:
+            conn.request("POST", target, body=endless(), headers=headers, encode_chunked=True)
+        except OSError:
+            pass  # the server closed the connection while the body was sent
+        answer = conn.getresponse()
+        assert answer.status == 411 and answer.getheader("x-ms-error-code") == "MissingContentLengthHeader"
+        assert answer.will_close
+        conn.close()
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
