@@ -22,7 +22,8 @@ Ranges); the records, the writer lease and flush are the host API
   id the client chose, a release) are retried with backoff for
   `retry_seconds`, the others only when they never reached the server
   (connection refused) and are sent on a fresh connection if theirs sat idle;
-- every wait is bounded (connect, each answer); a server that is down is
+- every wait is bounded (connect; each whole answer, however slowly it
+  trickles: a watchdog shuts the socket; and its size); a server that is down is
   a StampError naming the URL, never a traceback; so is an answer that is
   not what `stamp serve` sends (not JSON, a header missing or not a number,
   a range of other bytes than asked: a broken or foreign server);
@@ -59,7 +60,8 @@ from .rest.pageblobs import ID_HEADER, VERSION_HEADER
 
 API_VERSION = "2021-08-06"
 CONNECT_TIMEOUT = 5.0
-ANSWER_TIMEOUT = 120.0  # a 4 MiB write on a loaded stamp; a server that stops answering fails after this
+ANSWER_TIMEOUT = 120.0  # a 4 MiB write on a loaded stamp; a whole answer not come by then fails (a watchdog)
+MAX_ANSWER = 64 << 20  # bytes of an answer body (a read is 4 MiB at most): a longer one is not read
 IDLE_REUSE = 4.0  # seconds a connection may have sat idle and still carry a request that is not retried
 DEFAULT_RETRY_SECONDS = 30.0  # a server restarting (kill -9, then up again) within this loses nothing in flight
 RETRY_ENV = "DISKSTAMP_REMOTE_RETRY_SECONDS"
@@ -162,6 +164,9 @@ class Endpoint:
         self._local = threading.local()
         self._all: dict[http.client.HTTPConnection, threading.Thread] = {}  # each connection's thread
         self._lock = threading.Lock()
+        self._due: dict[int, tuple[float, socket.socket]] = {}  # thread -> its request's deadline, its socket
+        self._watchdog: threading.Thread | None = None
+        self._late: set[int] = set()  # threads whose request the watchdog cut
         self.requests = 0  # sent, retries included (for tests and measurements)
         self.interrupted = False  # a connection failed since the last flush: the server may be another process
 
@@ -235,8 +240,12 @@ class Endpoint:
                 self._drop()
                 self.interrupted = True
                 reached = not isinstance(e, ConnectionRefusedError)
+                with self._lock:
+                    late = threading.get_ident() in self._late
+                    self._late.discard(threading.get_ident())
+                why = f"no whole answer in {ANSWER_TIMEOUT:g} s" if late else _why(e)
                 if (reached and not idempotent) or time.monotonic() + delay > deadline:
-                    raise Unreachable(f"the stamp at {self.where.url} did not answer ({_why(e)})"
+                    raise Unreachable(f"the stamp at {self.where.url} did not answer ({why})"
                                       + ("" if idempotent else ": the request may or may not have been done")
                                       ) from None
             else:
@@ -250,13 +259,55 @@ class Endpoint:
     def _once(self, method: str, target: str, headers: dict[str, str], body: bytes, fresh: bool) -> Answer:
         conn = self._connection(fresh)
         self.requests += 1
-        conn.request(method, target, body=body or None, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+        self._watch(conn.sock)
+        try:
+            conn.request(method, target, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            if resp.length is not None and resp.length > MAX_ANSWER:
+                raise http.client.HTTPException(f"an answer of {resp.length} bytes (at most {MAX_ANSWER})")
+            data = resp.read(MAX_ANSWER + 1)
+            if len(data) > MAX_ANSWER:
+                raise http.client.HTTPException(f"an answer of more than {MAX_ANSWER} bytes")
+        finally:
+            self._watch(None)
+        if threading.get_ident() in self._late:  # what was read before the watchdog shut the socket: not an answer
+            raise TimeoutError("the answer did not come whole in time")
         self._local.used = time.monotonic()
         if resp.will_close:
             self._drop()
         return Answer(resp.status, resp.headers, data)
+
+    def _watch(self, sock: socket.socket | None) -> None:
+        """Give this thread's request ANSWER_TIMEOUT for its whole answer (None: it came)."""
+        with self._lock:
+            if sock is None:
+                self._due.pop(threading.get_ident(), None)
+                return
+            self._late.discard(threading.get_ident())
+            self._due[threading.get_ident()] = (time.monotonic() + ANSWER_TIMEOUT, sock)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._expire, name="stamp-remote-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _expire(self) -> None:
+        """The watchdog: shuts the socket of a request whose answer is late (a
+        server trickling it a byte at a time defeats the socket's own timeout,
+        which bounds each wait only); it ends when no request is in flight."""
+        while True:
+            time.sleep(min(1.0, ANSWER_TIMEOUT / 4))
+            with self._lock:
+                if not self._due:
+                    self._watchdog = None
+                    return
+                now = time.monotonic()
+                for ident, (due, sock) in list(self._due.items()):
+                    if now > due:
+                        del self._due[ident]
+                        self._late.add(ident)
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)  # its reader gets an error at once
+                        except OSError:
+                            pass
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None, idempotent: bool = True) -> Any:
         """A host API call: JSON in, a JSON object out."""
@@ -339,6 +390,10 @@ class RemoteBlobs:
     def read(self, name: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
+        if length > MAX_ANSWER:  # an answer the client takes whole
+            parts = [self.read(name, at, min(MAX_WRITE, offset + length - at))
+                     for at in range(offset, offset + length, MAX_WRITE)]
+            return b"".join(parts)
         answer = self.ep.request("GET", _split(name), headers={"x-ms-range": f"bytes={offset}-{offset + length - 1}"})
         with self.ep.parsing(f"a read of {name}"):  # the bytes asked for (up to the blob's end), and only them
             span, _, total = answer.headers["Content-Range"].removeprefix("bytes ").partition("/")

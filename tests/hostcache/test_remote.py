@@ -426,6 +426,56 @@ def test_a_host_api_body_without_a_length_is_refused_not_drained(served):
         assert answer.will_close
         conn.close()
 
+
+def test_a_server_trickling_or_flooding_its_answer_is_cut_never_waited_for_forever(monkeypatch):
+    """A byte every 0.2 s keeps the socket's own timeout from ever firing;
+    the whole answer is bounded all the same (ANSWER_TIMEOUT), and an answer
+    far larger than any the stamp sends is not read."""
+    import stamp.remote
+    from stamp.remote import Unreachable
+
+    monkeypatch.setattr(stamp.remote, "ANSWER_TIMEOUT", 1.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    mode = ["trickle"]
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if mode[0] == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(300):
+                        conn.sendall(b"x")
+                        time.sleep(0.2)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n" + b"{" * 65536)
+                    time.sleep(5)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/devstoreaccount1"
+    try:
+        start = time.monotonic()
+        with pytest.raises(Unreachable, match="no whole answer in 1.5 s"):
+            RemoteStamp(url, retry_seconds=0)
+        assert time.monotonic() - start < 15
+        mode[0] = "flood"
+        start = time.monotonic()
+        with pytest.raises(Unreachable, match="1099511627776 bytes"):
+            RemoteStamp(url, retry_seconds=0)
+        assert time.monotonic() - start < 4
+    finally:
+        listener.close()
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
