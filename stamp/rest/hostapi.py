@@ -29,7 +29,8 @@ Rules kept:
   transition whose expected state is not the disk's: two hosts cannot both
   attach one disk), 400 InvalidInput;
 - a state transition sets the state and the host's fields (attached_to,
-  lun, host, throttle_credits) only; nothing else of the record;
+  lun, host, throttle_credits) only, each of its type (what every host
+  reads back); nothing else of the record;
 - the writer lease is held forever until released; an acquire with the id
   the client proposed is the same acquire (a retry after a lost answer gets
   the lease, not a refusal); a release of a lease already gone is done.
@@ -41,6 +42,7 @@ where the stamp is).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -157,6 +159,9 @@ async def _set_state(svc: Service, disk: str, body: dict[str, Any]) -> dict[str,
     fields = body.get("fields") or {}
     if not isinstance(fields, dict) or set(fields) - set(HOST_FIELDS):
         raise RestError(400, "InvalidInput", f"fields are some of {', '.join(HOST_FIELDS)}")
+    for key, value in fields.items():
+        if value is not None and not _FIELD_OK[key](value):
+            raise RestError(400, "InvalidInput", f"{key} {str(value)[:64]!r}: {_FIELD_RULE[key]} (or null)")
     result: dict[str, Any] = await svc.run(disks_of(svc).set_state, disk, state, expect, **fields)
     return result
 
@@ -169,6 +174,22 @@ async def _create(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, An
                         "\"sku\": SKU}")
     result: dict[str, Any] = await svc.run(disks_of(svc).create_from_image, disk, image, size_gib, sku)
     return result
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# what a host's field holds in a disk record (hostcache.host), checked before the stamp keeps it: every
+# host over the stamp reads them back (a lun that is not a number, credits that are not: its traceback)
+_FIELD_OK = {
+    "attached_to": lambda v: isinstance(v, str) and len(v) <= 1024,
+    "host": lambda v: isinstance(v, str) and len(v) <= 4096,
+    "lun": lambda v: isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 1024,
+    "throttle_credits": lambda v: isinstance(v, list) and len(v) <= 16 and all(_is_number(x) and x >= 0 for x in v),
+}
+_FIELD_RULE = {"attached_to": "a VM's name", "host": "a host's identity", "lun": "a LUN (-1 for the OS disk)",
+               "throttle_credits": "a list of numbers, 0 or more"}
 
 
 def _is_holder(value: Any) -> bool:

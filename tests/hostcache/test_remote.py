@@ -476,6 +476,27 @@ def test_a_server_trickling_or_flooding_its_answer_is_cut_never_waited_for_forev
     finally:
         listener.close()
 
+
+def test_a_state_change_keeps_only_fields_of_their_type(tmp_path, served):
+    """A host's fields go into the disk record every other host reads: one
+    that is not of its type (a hostile or broken client) is refused, never
+    kept to make another host's attach a traceback."""
+    from stamp.disks import DiskState
+    from stamp.errors import StampError
+
+    with RemoteStamp(served.endpoint) as remote:
+        disks = remote.records()
+        for fields in ({"throttle_credits": ["x"]}, {"throttle_credits": [float("nan")]}, {"lun": "0"},
+                       {"lun": True}, {"attached_to": {"a": 1}}, {"host": 7}, {"throttle_credits": 3}):
+            with pytest.raises(StampError, match="InvalidInput"):
+                disks.set_state("data1", DiskState.UNATTACHED, None, **fields)
+        assert disks.record("data1").get("throttle_credits") is None
+        disks.set_state("data1", DiskState.UNATTACHED, None, throttle_credits=[1.5, 0], lun=None)
+    h = host(tmp_path, served, "a")
+    h.create_vm("vm1", "D8s_v3", "mbr")
+    h.attach("vm1", "data1", 0)
+    h.close()
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
