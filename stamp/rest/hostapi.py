@@ -31,7 +31,9 @@ Rules kept:
 - a state transition sets the state and the host's fields (attached_to,
   lun, host, throttle_credits) only, each of its type (what every host
   reads back); nothing else of the record;
-- the writer lease is held forever until released; an acquire with the id
+- the writer lease is a disk's blob's only (disks/...: an image's, held
+  forever by a holder elsewhere, could not be deleted); it is held forever
+  until released; an acquire with the id
   the client proposed is the same acquire (a retry after a lost answer gets
   the lease, not a refusal); a release of a lease already gone is done.
 Not offered: creating disks other than from an image, images, snapshots,
@@ -54,6 +56,7 @@ from . import auth
 from .call import Service
 from .errors import RestError
 from .managed import disks_of
+from .pageblobs import DISKS
 
 ROOT = "$diskstamp"
 MAX_BODY = 64 * 1024
@@ -203,6 +206,8 @@ def _is_holder(value: Any) -> bool:
 
 async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.StreamResponse:
     blobs, action, lease = svc.stamp.blobs, body.get("action"), body.get("lease")
+    if not blob.startswith(DISKS + "/"):  # an image's or a user's blob leased forever by a holder elsewhere
+        raise RestError(403, "AuthorizationFailure", "The host API's writer lease is a disk's (disks/...) only.")
     if action == "holder":
         return _json({"holder": await svc.run(blobs.writer_of, blob)})
     if not isinstance(lease, str):

@@ -497,6 +497,24 @@ def test_a_state_change_keeps_only_fields_of_their_type(tmp_path, served):
     h.attach("vm1", "data1", 0)
     h.close()
 
+
+def test_the_host_apis_writer_lease_is_for_disk_blobs_only(tmp_path, served):
+    """An image's blob leased forever by a holder on another machine could
+    never be deleted (LeaseIdMissing, and nobody here may break it)."""
+    import uuid
+
+    from stamp.errors import AuthorizationFailure
+
+    far = {"lease_holder": "pid 4242 on far", "lease_pid": 4242, "lease_started": 7, "lease_host": "far"}
+    with RemoteStamp(served.endpoint) as remote:
+        image = remote.records().image("mbr")["blob"]
+        for action in ({"action": "acquire", "lease": str(uuid.uuid4()), "holder": far}, {"action": "holder"}):
+            with pytest.raises(AuthorizationFailure, match="disk"):
+                remote.endpoint.api("POST", f"writer-lease/{image}", action)
+    stop_server(served)
+    with Stamp.open(served.stamp) as stamp:
+        Disks(stamp).delete_image("mbr")
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
