@@ -364,6 +364,14 @@ def _holder_of(props: dict[str, Any]) -> dict[str, Any]:
     return {k: props[k] for k in HOLDER_KEYS if k in props}
 
 
+def _may_judge(claimant: dict[str, Any], stale: dict[str, Any]) -> bool:
+    """May `claimant` (a process elsewhere) say that `stale` died? Only from
+    stale's own machine, and never of a holder on this one: holders here are
+    judged here (holder_died), whatever a client claims."""
+    host = stale.get("lease_host")
+    return host != socket.gethostname() and claimant.get("lease_host") == host
+
+
 def holder_died(props: dict[str, Any]) -> bool:
     """Did the process that took a writer lease (its pid, start time and host
     in the blob's properties) die on this host? A pid alone is not enough: a
@@ -783,10 +791,15 @@ class PageBlobs:
         if lease_bytes(lease) != st.lease:
             raise LeaseIdMismatchWithLeaseOperation("the lease named is not the blob's lease")
 
-    def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None) -> str:
+    def acquire_lease(self, name: str, duration: float = -1, lease: str | None = None,
+                      holder: dict[str, Any] | None = None,
+                      stale: Callable[[dict[str, Any]], bool] | None = None) -> str:
         """Take the blob's lease (for `duration` seconds, -1 forever); returns its id.
         The holder may acquire again (a renewal with a new duration); a
-        breaking lease cannot be acquired until it is broken."""
+        breaking lease cannot be acquired until it is broken. A writer lease
+        (acquire_writer_lease) records its `holder` in the same transaction,
+        and takes a lease held by another over only if `stale(properties)`
+        says its holder died, judged in that transaction too."""
         if duration != -1 and not 15 <= duration <= 60:
             raise InvalidHeaderValue(f"lease duration {duration}: use -1 or 15 to 60 seconds")
         new = uuid.UUID(bytes=lease_bytes(lease)) if lease else uuid.uuid4()
@@ -797,9 +810,15 @@ class PageBlobs:
             if state is LeaseState.BREAKING:
                 raise LeaseIsBreakingAndCannotBeAcquired(f"blob {name!r}: its lease is breaking")
             if state is LeaseState.LEASED and st.lease != new.bytes:
-                raise LeaseAlreadyPresent(f"blob {name!r} is leased by someone else")
+                props = obj.get("properties", {})
+                if holder is None:
+                    raise LeaseAlreadyPresent(f"blob {name!r} is leased by someone else")
+                if stale is None or not stale(props):
+                    raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by "
+                                              f"{props.get('lease_holder', 'another holder')}")
             st.lease, st.lease_expiry = new.bytes, 0 if duration == -1 else now + duration
-            self._put_lease(txn, blob_id, name, obj, st, duration=duration, broken=False)
+            who = {k.removeprefix("lease_"): holder[k] for k in HOLDER_KEYS if k in holder} if holder else {}
+            self._put_lease(txn, blob_id, name, obj, st, duration=duration, broken=False, **who)
         return str(new)
 
     def _put_lease(self, txn: lmdb.Transaction, blob_id: int, name: str, obj: dict[str, Any], st: BlobState,
@@ -871,24 +890,18 @@ class PageBlobs:
         (`holder`: the lease_* properties of a process elsewhere, a host over
         the network; by default this process), and a lease left by a process
         that died on this host is broken, as is one whose holder is exactly
-        `stale` (a remote host found that process dead on its own machine).
+        `stale` (a remote host found that process dead on its own machine:
+        only a claimant on that machine, never of a holder on this one).
         `lease` proposes the id, so a retried acquire is the same acquire."""
         who = holder or this_holder()
-        try:
-            got = self.acquire_lease(name, lease=lease)
-        except LeaseAlreadyPresent:
-            props = self.properties(name)
-            if holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)):
-                try:
-                    self.break_lease(name)  # its holder died: the lease is stale
-                except LeaseNotPresentWithLeaseOperation:
-                    pass  # released meanwhile
-                got = self.acquire_lease(name, lease=lease)
-            else:
-                raise LeaseAlreadyPresent(f"blob {name!r} is open for writing by "
-                                          f"{props.get('lease_holder', 'another holder')}") from None
-        self.set_properties(name, **{k: who[k] for k in HOLDER_KEYS if k in who})
-        return got
+
+        def died(props: dict[str, Any]) -> bool:  # the lease is stale: taken over
+            return holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)
+                                          and _may_judge(who, stale))
+
+        # one transaction: nobody comes between the judgement and the take-over, nor between the
+        # lease and its holder's record (a taker meanwhile would judge the holder before it)
+        return self.acquire_lease(name, lease=lease, holder=who, stale=died)
 
     def writer_of(self, name: str) -> dict[str, Any]:
         """Who holds the blob's writer lease (its lease_* properties; empty if nobody recorded)."""

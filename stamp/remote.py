@@ -15,14 +15,18 @@ Ranges); the records, the writer lease and flush are the host API
   and its observed content version (every change after it moves it on);
 - every request is signed with the account's Shared Key (auth.py's string
   to sign, ordinal header order); a 403 is a StampError saying the key is wrong;
-- one keep-alive HTTP connection per thread; a connection the server
+- one keep-alive HTTP connection per thread, closed once its thread has
+  ended (when another connection is opened); a connection the server
   dropped is opened again; idempotent requests (reads, Put Page: the same
   bytes to the same place, a resize to a size, a lease acquire with the
   id the client chose, a release) are retried with backoff for
   `retry_seconds`, the others only when they never reached the server
   (connection refused) and are sent on a fresh connection if theirs sat idle;
-- every wait is bounded (connect, each answer); a server that is down is
-  a StampError naming the URL, never a traceback;
+- every wait is bounded (connect; each whole answer, however slowly it
+  trickles: a watchdog shuts the socket; and its size); a server that is down is
+  a StampError naming the URL, never a traceback; so is an answer that is
+  not what `stamp serve` sends (not JSON, a header missing or not a number,
+  a range of other bytes than asked: a broken or foreign server);
 - a Put Page is answered only once the stamp's write is acknowledged (the
   stamp's durability: survives a kill of the server); flush() asks the
   server to make the stamp durable as its own flush() does, or, after a
@@ -41,7 +45,8 @@ import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -55,7 +60,8 @@ from .rest.pageblobs import ID_HEADER, VERSION_HEADER
 
 API_VERSION = "2021-08-06"
 CONNECT_TIMEOUT = 5.0
-ANSWER_TIMEOUT = 120.0  # a 4 MiB write on a loaded stamp; a server that stops answering fails after this
+ANSWER_TIMEOUT = 120.0  # a 4 MiB write on a loaded stamp; a whole answer not come by then fails (a watchdog)
+MAX_ANSWER = 64 << 20  # bytes of an answer body (a read is 4 MiB at most): a longer one is not read
 IDLE_REUSE = 4.0  # seconds a connection may have sat idle and still carry a request that is not retried
 DEFAULT_RETRY_SECONDS = 30.0  # a server restarting (kill -9, then up again) within this loses nothing in flight
 RETRY_ENV = "DISKSTAMP_REMOTE_RETRY_SECONDS"
@@ -107,14 +113,15 @@ class Location:
         return f"{self.scheme}://{self.host}:{self.port}/{self.account}"
 
 
+class Malformed(se.StampError):
+    """The server's answer is not what `stamp serve` sends."""
+
+
 @dataclass
 class Answer:
     status: int
     headers: http.client.HTTPMessage
     body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body or b"{}")
 
 
 def _error(answer: Answer, where: str) -> se.StampError:
@@ -155,8 +162,11 @@ class Endpoint:
         self.key = accounts.keys[self.where.account][0]
         self.retry_seconds = retry_seconds if retry_seconds is not None else _retry_seconds()
         self._local = threading.local()
-        self._all: list[http.client.HTTPConnection] = []
+        self._all: dict[http.client.HTTPConnection, threading.Thread] = {}  # each connection's thread
         self._lock = threading.Lock()
+        self._due: dict[int, tuple[float, socket.socket]] = {}  # thread -> its request's deadline, its socket
+        self._watchdog: threading.Thread | None = None
+        self._late: set[int] = set()  # threads whose request the watchdog cut
         self.requests = 0  # sent, retries included (for tests and measurements)
         self.interrupted = False  # a connection failed since the last flush: the server may be another process
 
@@ -186,7 +196,10 @@ class Endpoint:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn, self._local.used = conn, time.monotonic()
             with self._lock:
-                self._all.append(conn)
+                for old in [c for c, t in self._all.items() if not t.is_alive()]:
+                    old.close()  # its thread ended: nobody else uses it (a thread each: no leak)
+                    del self._all[old]
+                self._all[conn] = threading.current_thread()
         return conn
 
     def _drop(self) -> None:
@@ -194,8 +207,7 @@ class Endpoint:
         if conn is not None:
             conn.close()
             with self._lock:
-                if conn in self._all:
-                    self._all.remove(conn)
+                self._all.pop(conn, None)
         self._local.conn = None
 
     # -- requests -----------------------------------------------------------------------
@@ -228,8 +240,12 @@ class Endpoint:
                 self._drop()
                 self.interrupted = True
                 reached = not isinstance(e, ConnectionRefusedError)
+                with self._lock:
+                    late = threading.get_ident() in self._late
+                    self._late.discard(threading.get_ident())
+                why = f"no whole answer in {ANSWER_TIMEOUT:g} s" if late else _why(e)
                 if (reached and not idempotent) or time.monotonic() + delay > deadline:
-                    raise Unreachable(f"the stamp at {self.where.url} did not answer ({_why(e)})"
+                    raise Unreachable(f"the stamp at {self.where.url} did not answer ({why})"
                                       + ("" if idempotent else ": the request may or may not have been done")
                                       ) from None
             else:
@@ -243,19 +259,75 @@ class Endpoint:
     def _once(self, method: str, target: str, headers: dict[str, str], body: bytes, fresh: bool) -> Answer:
         conn = self._connection(fresh)
         self.requests += 1
-        conn.request(method, target, body=body or None, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+        self._watch(conn.sock)
+        try:
+            conn.request(method, target, body=body or None, headers=headers)
+            resp = conn.getresponse()
+            if resp.length is not None and resp.length > MAX_ANSWER:
+                raise http.client.HTTPException(f"an answer of {resp.length} bytes (at most {MAX_ANSWER})")
+            data = resp.read(MAX_ANSWER + 1)
+            if len(data) > MAX_ANSWER:
+                raise http.client.HTTPException(f"an answer of more than {MAX_ANSWER} bytes")
+        finally:
+            self._watch(None)
+        if threading.get_ident() in self._late:  # what was read before the watchdog shut the socket: not an answer
+            raise TimeoutError("the answer did not come whole in time")
         self._local.used = time.monotonic()
         if resp.will_close:
             self._drop()
         return Answer(resp.status, resp.headers, data)
 
+    def _watch(self, sock: socket.socket | None) -> None:
+        """Give this thread's request ANSWER_TIMEOUT for its whole answer (None: it came)."""
+        with self._lock:
+            if sock is None:
+                self._due.pop(threading.get_ident(), None)
+                return
+            self._late.discard(threading.get_ident())
+            self._due[threading.get_ident()] = (time.monotonic() + ANSWER_TIMEOUT, sock)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._expire, name="stamp-remote-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _expire(self) -> None:
+        """The watchdog: shuts the socket of a request whose answer is late (a
+        server trickling it a byte at a time defeats the socket's own timeout,
+        which bounds each wait only); it ends when no request is in flight."""
+        while True:
+            time.sleep(min(1.0, ANSWER_TIMEOUT / 4))
+            with self._lock:
+                if not self._due:
+                    self._watchdog = None
+                    return
+                now = time.monotonic()
+                for ident, (due, sock) in list(self._due.items()):
+                    if now > due:
+                        del self._due[ident]
+                        self._late.add(ident)
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)  # its reader gets an error at once
+                        except OSError:
+                            pass
+
     def api(self, method: str, path: str, body: dict[str, Any] | None = None, idempotent: bool = True) -> Any:
-        """A host API call: JSON in, JSON out."""
+        """A host API call: JSON in, a JSON object out."""
         data = json.dumps(body).encode() if body is not None else b""
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        return self.request(method, f"{ROOT}/{path}", headers=headers, body=data, idempotent=idempotent).json()
+        answer = self.request(method, f"{ROOT}/{path}", headers=headers, body=data, idempotent=idempotent)
+        with self.parsing(f"{method} {path}"):
+            out = json.loads(answer.body or b"{}")
+            if not isinstance(out, dict):
+                raise ValueError("not a JSON object")
+            return out
+
+    @contextmanager
+    def parsing(self, what: str) -> Iterator[None]:
+        """Reading an answer: what is not as `stamp serve` sends it is a Malformed error, not a traceback."""
+        try:
+            yield
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, ET.ParseError) as e:
+            raise Malformed(f"the stamp at {self.where.url} answered {what} with what `stamp serve` does not send "
+                            f"({type(e).__name__}: {str(e)[:100]}): is it a stamp endpoint?") from None
 
 
 def _retry_seconds() -> float:
@@ -298,7 +370,8 @@ class RemoteBlobs:
 
     def version(self, name: str) -> tuple[int, str]:
         h = self._properties(name).headers
-        return int(h[ID_HEADER]), str(h[VERSION_HEADER])
+        with self.ep.parsing(f"the properties of {name}"):
+            return int(h[ID_HEADER]), str(h[VERSION_HEADER])
 
     def blob_id(self, name: str) -> int:
         return self.version(name)[0]
@@ -307,12 +380,28 @@ class RemoteBlobs:
         known = self._sizes.get(name)
         if known is not None:
             return known
-        return int(self._properties(name).headers["Content-Length"])
+        return self._length(name)
+
+    def _length(self, name: str) -> int:
+        h = self._properties(name).headers
+        with self.ep.parsing(f"the properties of {name}"):
+            return int(h["Content-Length"])
 
     def read(self, name: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
+        if length > MAX_ANSWER:  # an answer the client takes whole
+            parts = [self.read(name, at, min(MAX_WRITE, offset + length - at))
+                     for at in range(offset, offset + length, MAX_WRITE)]
+            return b"".join(parts)
         answer = self.ep.request("GET", _split(name), headers={"x-ms-range": f"bytes={offset}-{offset + length - 1}"})
+        with self.ep.parsing(f"a read of {name}"):  # the bytes asked for (up to the blob's end), and only them
+            span, _, total = answer.headers["Content-Range"].removeprefix("bytes ").partition("/")
+            start, end = (int(x) for x in span.split("-"))
+            n = len(answer.body)
+            if start != offset or end - start + 1 != n or n > length or (n < length and end + 1 != int(total)):
+                raise ValueError(f"Content-Range {answer.headers['Content-Range']} with {len(answer.body)} bytes "
+                                 f"for {length} at {offset}")
         return answer.body
 
     def write(self, name: str, offset: int, data: bytes | bytearray | memoryview, lease: str | None = None) -> None:
@@ -345,14 +434,16 @@ class RemoteBlobs:
         marker = ""
         while True:
             query = {"comp": "pagelist", **({"marker": marker} if marker else {})}
-            root = ET.fromstring(self.ep.request("GET", _split(name), query).body)
-            for r in root.iter("PageRange"):
-                start, end = int(r.findtext("Start") or 0), int(r.findtext("End") or -1)
-                if out and out[-1][0] + out[-1][1] == start:
-                    out[-1] = (out[-1][0], out[-1][1] + end - start + 1)
-                else:
-                    out.append((start, end - start + 1))
-            marker = root.findtext("NextMarker") or ""
+            body = self.ep.request("GET", _split(name), query).body
+            with self.ep.parsing(f"the page ranges of {name}"):
+                root = ET.fromstring(body)
+                for r in root.iter("PageRange"):
+                    start, end = int(r.findtext("Start") or 0), int(r.findtext("End") or -1)
+                    if out and out[-1][0] + out[-1][1] == start:
+                        out[-1] = (out[-1][0], out[-1][1] + end - start + 1)
+                    else:
+                        out.append((start, end - start + 1))
+                marker = root.findtext("NextMarker") or ""
             if not marker:
                 return out
 
@@ -363,16 +454,23 @@ class RemoteBlobs:
         this machine (the server cannot tell: it is not here) is taken over."""
         lease, holder = str(uuid.uuid4()), this_holder()
         body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder}
+        path = f"writer-lease/{name}"
         try:
-            got = str(self.ep.api("POST", f"writer-lease/{name}", body)["lease"])
+            got = self.ep.api("POST", path, body)
         except se.LeaseAlreadyPresent:
-            stale = self.ep.api("POST", f"writer-lease/{name}", {"action": "holder"})["holder"]
-            if not holder_died(stale):
+            stale = self.ep.api("POST", path, {"action": "holder"})
+            with self.ep.parsing(f"POST {path}"):
+                stale = dict(stale["holder"])
+                died = holder_died(stale)
+            if not died:
                 raise
-            got = str(self.ep.api("POST", f"writer-lease/{name}", {**body, "stale": stale})["lease"])
-        self._leases[name] = got
-        self._sizes[name] = int(self._properties(name).headers["Content-Length"])
-        return got
+            got = self.ep.api("POST", path, {**body, "stale": stale})
+        with self.ep.parsing(f"POST {path}"):
+            if got["lease"] != lease:
+                raise ValueError(f"lease {got['lease']!r}, not the {lease!r} proposed")
+        self._leases[name] = lease
+        self._sizes[name] = self._length(name)
+        return lease
 
     def release_lease(self, name: str, lease: str) -> None:
         self._sizes.pop(name, None)
@@ -390,7 +488,9 @@ class RemoteDisks:
         return dict(self.ep.api("GET", f"disks/{quote(name, safe='')}"))
 
     def disks(self) -> list[dict[str, Any]]:
-        return list(self.ep.api("GET", "disks")["disks"])
+        answer = self.ep.api("GET", "disks")
+        with self.ep.parsing("GET disks"):
+            return [dict(d) for d in answer["disks"]]
 
     def image(self, name: str) -> dict[str, Any]:
         return dict(self.ep.api("GET", f"images/{quote(name, safe='')}"))

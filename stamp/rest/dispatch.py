@@ -233,6 +233,6 @@ class Endpoint:
 
     def _error(self, request: web.Request, e: RestError, rid: str) -> web.Response:
         resp = error_response(request.method, e, rid)
-        if request.can_read_body and request.content_length and request.content_length > 64 * 1024:
-            resp.force_close()  # a large body we did not read: close rather than drain it
+        if request.can_read_body and (request.content_length is None or request.content_length > 64 * 1024):
+            resp.force_close()  # a large (or chunked) body we did not read: close rather than drain it
         return resp

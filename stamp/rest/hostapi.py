@@ -16,9 +16,12 @@ Everything lives under /ACCOUNT/$diskstamp/ (no container can be named so):
 
 Rules kept:
 - every request is signed with the account's Shared Key (as any Blob
-  request, over the raw path); SAS and anonymous requests are refused;
+  request, over the raw path); SAS and anonymous requests are refused, and
+  so is another account than the one the stamp's disks belong to (the
+  default account's, as the Blob endpoint has them);
 - bodies are JSON objects of at most MAX_BODY bytes, read only after the
-  length is checked (413 RequestBodyTooLarge above it);
+  length is checked (413 RequestBodyTooLarge above it; 411 without a
+  Content-Length, and the connection is closed rather than drained);
 - errors are the service's (status, x-ms-error-code, XML body): a stamp
   error keeps its code and its message (LeaseAlreadyPresent, BlobNotFound, OperationNotAllowed,
   InvalidParameter...), and the managed-disk layer's own ones are
@@ -26,8 +29,11 @@ Rules kept:
   transition whose expected state is not the disk's: two hosts cannot both
   attach one disk), 400 InvalidInput;
 - a state transition sets the state and the host's fields (attached_to,
-  lun, host, throttle_credits) only; nothing else of the record;
-- the writer lease is held forever until released; an acquire with the id
+  lun, host, throttle_credits) only, each of its type (what every host
+  reads back); nothing else of the record;
+- the writer lease is a disk's blob's only (disks/...: an image's, held
+  forever by a holder elsewhere, could not be deleted); it is held forever
+  until released; an acquire with the id
   the client proposed is the same acquire (a retry after a lost answer gets
   the lease, not a refusal); a release of a lease already gone is done.
 Not offered: creating disks other than from an image, images, snapshots,
@@ -38,6 +44,7 @@ where the stamp is).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -49,6 +56,7 @@ from . import auth
 from .call import Service
 from .errors import RestError
 from .managed import disks_of
+from .pageblobs import DISKS
 
 ROOT = "$diskstamp"
 MAX_BODY = 64 * 1024
@@ -64,6 +72,8 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def _body(svc: Service, request: web.Request) -> dict[str, Any]:
+    if request.content_length is None and request.body_exists:  # chunked: its size is not known before it is read
+        raise RestError(411, "MissingContentLengthHeader", "Content-Length HTTP header is missing.")
     n = request.content_length or 0
     if n > MAX_BODY:
         raise RestError(413, "RequestBodyTooLarge", MaxLimit=str(MAX_BODY))
@@ -103,6 +113,11 @@ async def serve(svc: Service, request: web.Request, areq: auth.Request, rest: st
         raise RestError(403, "AuthorizationFailure", "The host API takes the account's Shared Key only.")
     auth.verify_shared_key(areq, svc.accounts)
     auth.check_date(areq)
+    if areq.account != auth.DEVSTORE_ACCOUNT and list(svc.accounts.keys) != [areq.account]:
+        # the stamp's disks are the default account's (containers.owner): over Blob REST another
+        # account's key cannot even read them, so it must not create, delete or attach them here
+        raise RestError(403, "AuthorizationFailure", f"The host API serves the account the stamp's disks "
+                        f"belong to ({auth.DEVSTORE_ACCOUNT}), not {areq.account}.")
     kind, _, name = rest.partition("/")
     try:
         return await _route(svc, request, request.method, kind, name)
@@ -147,6 +162,9 @@ async def _set_state(svc: Service, disk: str, body: dict[str, Any]) -> dict[str,
     fields = body.get("fields") or {}
     if not isinstance(fields, dict) or set(fields) - set(HOST_FIELDS):
         raise RestError(400, "InvalidInput", f"fields are some of {', '.join(HOST_FIELDS)}")
+    for key, value in fields.items():
+        if value is not None and not _FIELD_OK[key](value):
+            raise RestError(400, "InvalidInput", f"{key} {str(value)[:64]!r}: {_FIELD_RULE[key]} (or null)")
     result: dict[str, Any] = await svc.run(disks_of(svc).set_state, disk, state, expect, **fields)
     return result
 
@@ -161,6 +179,22 @@ async def _create(svc: Service, disk: str, body: dict[str, Any]) -> dict[str, An
     return result
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# what a host's field holds in a disk record (hostcache.host), checked before the stamp keeps it: every
+# host over the stamp reads them back (a lun that is not a number, credits that are not: its traceback)
+_FIELD_OK = {
+    "attached_to": lambda v: isinstance(v, str) and len(v) <= 1024,
+    "host": lambda v: isinstance(v, str) and len(v) <= 4096,
+    "lun": lambda v: isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 1024,
+    "throttle_credits": lambda v: isinstance(v, list) and len(v) <= 16 and all(_is_number(x) and x >= 0 for x in v),
+}
+_FIELD_RULE = {"attached_to": "a VM's name", "host": "a host's identity", "lun": "a LUN (-1 for the OS disk)",
+               "throttle_credits": "a list of numbers, 0 or more"}
+
+
 def _is_holder(value: Any) -> bool:
     """A writer lease's holder as PageBlobs records it (stamp.pageblob.this_holder)."""
     if not isinstance(value, dict) or set(value) != set(HOLDER_KEYS):
@@ -172,6 +206,8 @@ def _is_holder(value: Any) -> bool:
 
 async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.StreamResponse:
     blobs, action, lease = svc.stamp.blobs, body.get("action"), body.get("lease")
+    if not blob.startswith(DISKS + "/"):  # an image's or a user's blob leased forever by a holder elsewhere
+        raise RestError(403, "AuthorizationFailure", "The host API's writer lease is a disk's (disks/...) only.")
     if action == "holder":
         return _json({"holder": await svc.run(blobs.writer_of, blob)})
     if not isinstance(lease, str):

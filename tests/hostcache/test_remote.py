@@ -285,6 +285,236 @@ def test_the_host_api_takes_the_account_key_only(served):
     assert e.value.code == 403 and e.value.headers["x-ms-error-code"] == "AuthorizationFailure"
 
 
+
+def test_the_host_api_refuses_another_account_than_the_disks_owner(tmp_path, served):
+    """The stamp's disks are the default account's: over Blob REST another
+    account of the same server cannot read them, nor may it list, create,
+    delete or attach them over the host API."""
+    import base64
+
+    from stamp.errors import AuthorizationFailure
+
+    stop_server(served)
+    other_key = base64.b64encode(b"k" * 32).decode()
+    server = start_server(served.stamp, "--account", f"other:{other_key}")
+    try:
+        other = server.url + "/other"
+        with pytest.raises(AuthorizationFailure, match="devstoreaccount1"):
+            RemoteStamp(other, other_key)
+        out = _init(tmp_path, "o", "--stamp", other, "--account-key", other_key)
+        assert out.returncode == 1 and "AuthorizationFailure" in out.stderr and "Traceback" not in out.stderr
+        with RemoteStamp(server.endpoint) as owner:
+            assert "data1" in [d["name"] for d in owner.records().disks()]
+    finally:
+        stop_server(server)
+
+
+class _Foreign:
+    """An HTTP server that answers every request 200 with `answers[kind]`
+    (headers, body): a broken server, or not a stamp at all."""
+
+    def __init__(self, answers: dict[str, tuple[dict[str, str], bytes]]) -> None:
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                kind = "api" if "$diskstamp" in self.path else \
+                    "ranges" if "comp=pagelist" in self.path else self.command
+                headers, body = outer.answers.get(kind, ({}, b""))
+                self.send_response(200)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _any
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.answers = answers
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/devstoreaccount1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_broken_or_foreign_server_is_a_clear_error_never_a_traceback(tmp_path):
+    from stamp.errors import StampError
+    from stamp.remote import Malformed
+
+    foreign = _Foreign({"api": ({}, b"<html>not a stamp</html>")})
+    try:
+        with pytest.raises(Malformed, match="does not send"):
+            RemoteStamp(foreign.url, retry_seconds=0)
+        out = _init(tmp_path, "x", "--stamp", foreign.url)
+        assert out.returncode == 1 and "does not send" in out.stderr and "Traceback" not in out.stderr
+        assert not os.path.exists(tmp_path / "x")
+        foreign.answers["api"] = ({}, b'{"disks": 5, "lease": null, "holder": 7}')
+        remote = RemoteStamp(foreign.url, retry_seconds=0)
+        with pytest.raises(Malformed):
+            remote.records().disks()
+        with pytest.raises(Malformed):
+            remote.blobs.acquire_writer_lease("disks/d")  # no lease in the answer
+        foreign.answers["HEAD"] = ({"Content-Length": "0"}, b"")  # no x-diskstamp-* headers
+        with pytest.raises(Malformed):
+            remote.blobs.version("disks/d")
+        foreign.answers["GET"] = ({"Content-Range": "bytes 0-3/10"}, b"abcd")  # not the bytes asked for
+        for offset, n in ((4, 4), (0, 2), (0, 8)):
+            with pytest.raises(Malformed):
+                remote.blobs.read("disks/d", offset, n)
+        foreign.answers["GET"] = ({}, b"abcd")  # no Content-Range
+        with pytest.raises(Malformed):
+            remote.blobs.read("disks/d", 0, 4)
+        foreign.answers["ranges"] = ({}, b"<PageList><PageRange><Start>x</Start>")
+        with pytest.raises(StampError):
+            remote.blobs.page_ranges("disks/d")
+        remote.close()
+    finally:
+        foreign.close()
+
+
+def test_connections_of_threads_that_ended_are_closed(served):
+    """One connection per thread, and a thread that ended leaves none open:
+    a long run of short-lived threads (a boot, a caller's own threads) does
+    not grow the client's sockets, nor the server's."""
+    with RemoteStamp(served.endpoint) as remote:
+        blob = remote.records().record("data1")["blob"]
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(100):
+            t = threading.Thread(target=remote.blobs.read, args=(blob, 0, 512))
+            t.start()
+            t.join()
+        assert len(os.listdir("/proc/self/fd")) <= before + 2
+        assert len(remote.endpoint._all) <= 2
+
+
+def test_a_host_api_body_without_a_length_is_refused_not_drained(served):
+    """A chunked body (no Content-Length) is not taken for an empty one, nor
+    read to its end: 411, and the connection is closed."""
+    import http.client
+
+    with RemoteStamp(served.endpoint) as remote:
+        target, headers = remote.endpoint._signed("POST", "$diskstamp/flush", {}, {}, b"")
+        del headers["Content-Length"]
+        conn = http.client.HTTPConnection(served.url.split("//")[1], timeout=30)
+
+        def endless():
+            yield b'{"shared": true}'
+            for _ in range(1024):  # 64 MiB: more than the server may read
+                yield b" " * 65536
+
+        try:
+            conn.request("POST", target, body=endless(), headers=headers, encode_chunked=True)
+        except OSError:
+            pass  # the server closed the connection while the body was sent
+        answer = conn.getresponse()
+        assert answer.status == 411 and answer.getheader("x-ms-error-code") == "MissingContentLengthHeader"
+        assert answer.will_close
+        conn.close()
+
+
+def test_a_server_trickling_or_flooding_its_answer_is_cut_never_waited_for_forever(monkeypatch):
+    """A byte every 0.2 s keeps the socket's own timeout from ever firing;
+    the whole answer is bounded all the same (ANSWER_TIMEOUT), and an answer
+    far larger than any the stamp sends is not read."""
+    import stamp.remote
+    from stamp.remote import Unreachable
+
+    monkeypatch.setattr(stamp.remote, "ANSWER_TIMEOUT", 1.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    mode = ["trickle"]
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if mode[0] == "trickle":
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(300):
+                        conn.sendall(b"x")
+                        time.sleep(0.2)
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n" + b"{" * 65536)
+                    time.sleep(5)
+            except OSError:
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/devstoreaccount1"
+    try:
+        start = time.monotonic()
+        with pytest.raises(Unreachable, match="no whole answer in 1.5 s"):
+            RemoteStamp(url, retry_seconds=0)
+        assert time.monotonic() - start < 15
+        mode[0] = "flood"
+        start = time.monotonic()
+        with pytest.raises(Unreachable, match="1099511627776 bytes"):
+            RemoteStamp(url, retry_seconds=0)
+        assert time.monotonic() - start < 4
+    finally:
+        listener.close()
+
+
+def test_a_state_change_keeps_only_fields_of_their_type(tmp_path, served):
+    """A host's fields go into the disk record every other host reads: one
+    that is not of its type (a hostile or broken client) is refused, never
+    kept to make another host's attach a traceback."""
+    from stamp.disks import DiskState
+    from stamp.errors import StampError
+
+    with RemoteStamp(served.endpoint) as remote:
+        disks = remote.records()
+        for fields in ({"throttle_credits": ["x"]}, {"throttle_credits": [float("nan")]}, {"lun": "0"},
+                       {"lun": True}, {"attached_to": {"a": 1}}, {"host": 7}, {"throttle_credits": 3}):
+            with pytest.raises(StampError, match="InvalidInput"):
+                disks.set_state("data1", DiskState.UNATTACHED, None, **fields)
+        assert disks.record("data1").get("throttle_credits") is None
+        disks.set_state("data1", DiskState.UNATTACHED, None, throttle_credits=[1.5, 0], lun=None)
+    h = host(tmp_path, served, "a")
+    h.create_vm("vm1", "D8s_v3", "mbr")
+    h.attach("vm1", "data1", 0)
+    h.close()
+
+
+def test_the_host_apis_writer_lease_is_for_disk_blobs_only(tmp_path, served):
+    """An image's blob leased forever by a holder on another machine could
+    never be deleted (LeaseIdMissing, and nobody here may break it)."""
+    import uuid
+
+    from stamp.errors import AuthorizationFailure
+
+    far = {"lease_holder": "pid 4242 on far", "lease_pid": 4242, "lease_started": 7, "lease_host": "far"}
+    with RemoteStamp(served.endpoint) as remote:
+        image = remote.records().image("mbr")["blob"]
+        for action in ({"action": "acquire", "lease": str(uuid.uuid4()), "holder": far}, {"action": "holder"}):
+            with pytest.raises(AuthorizationFailure, match="disk"):
+                remote.endpoint.api("POST", f"writer-lease/{image}", action)
+    stop_server(served)
+    with Stamp.open(served.stamp) as stamp:
+        Disks(stamp).delete_image("mbr")
+
 REGION = 256 * 1024  # the part of the disk the model covers (4 cache lines)
 
 
@@ -438,6 +668,35 @@ def test_a_writer_lease_is_taken_over_only_from_the_holder_named_stale(served):
                                                   "stale": elsewhere}) == {"lease": mine}
         remote.blobs.release_lease(blob, mine)
         remote.blobs.release_lease(blob, mine)  # released already: done
+
+
+def test_a_live_holder_is_not_taken_over_by_a_client_naming_it_stale(served):
+    """Only the holder's own machine may say it died: a holder on the server's
+    machine is judged there (alive here: kept), and a client on one machine
+    cannot declare a holder on a third one dead."""
+    import uuid
+
+    from stamp.pageblob import this_holder
+
+    with RemoteStamp(served.endpoint) as remote:
+        blob = remote.records().record("data1")["blob"]
+        path = f"writer-lease/{blob}"
+        live = remote.blobs.acquire_writer_lease(blob)  # this process, alive, on the server's machine
+        holder = remote.endpoint.api("POST", path, {"action": "holder"})["holder"]
+        for claimant in ({**this_holder(), "lease_pid": 1}, {**this_holder(), "lease_host": "far"}):
+            with pytest.raises(LeaseAlreadyPresent):
+                remote.endpoint.api("POST", path, {"action": "acquire", "lease": str(uuid.uuid4()),
+                                                   "holder": claimant, "stale": holder})
+        remote.blobs.write(blob, 0, b"x" * 512, live)  # still the writer
+        remote.blobs.release_lease(blob, live)
+        far = {"lease_holder": "pid 4242 on far", "lease_pid": 4242, "lease_started": 7, "lease_host": "far"}
+        first = str(uuid.uuid4())
+        remote.endpoint.api("POST", path, {"action": "acquire", "lease": first, "holder": far})
+        near = {"lease_holder": "pid 9 on near", "lease_pid": 9, "lease_started": 1, "lease_host": "near"}
+        with pytest.raises(LeaseAlreadyPresent):  # "near" cannot judge a process on "far"
+            remote.endpoint.api("POST", path, {"action": "acquire", "lease": str(uuid.uuid4()), "holder": near,
+                                               "stale": far})
+        remote.blobs.release_lease(blob, first)
 
 
 def test_two_serve_workers_over_the_network_write_what_is_read_back(tmp_path, served):

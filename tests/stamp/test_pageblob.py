@@ -295,3 +295,42 @@ def test_the_version_changes_with_the_live_pages_only_and_costs_no_index_walk(st
     st.blobs.delete("d", snapshots="include")
     st.blobs.create("d", 64 * MIB)
     assert st.blobs.version("d")[0] != blob_id
+
+
+def test_a_writer_lease_and_its_holder_are_taken_in_one_step(st, monkeypatch):
+    """A new writer's lease is recorded with its holder at once: another
+    taker meanwhile sees the new holder (alive), never the dead one before
+    it, so it cannot break the lease just taken (two writers, one losing
+    its writes)."""
+    import threading
+
+    from stamp.pageblob import PageBlobs, this_holder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    gone = {**this_holder(), "lease_pid": int(dead), "lease_started": 1, "lease_holder": f"pid {dead}"}
+    st.blobs.release_lease("d", st.blobs.acquire_writer_lease("d", gone))  # its holder recorded, then gone
+    paused, go = threading.Event(), threading.Event()
+    real = PageBlobs.set_properties
+
+    def slow(self, name, **props):  # the first taker, between its lease and its holder's record
+        if not paused.is_set():
+            paused.set()
+            go.wait(10)
+        real(self, name, **props)
+
+    monkeypatch.setattr(PageBlobs, "set_properties", slow)
+    got: list[str] = []
+    first = threading.Thread(target=lambda: got.append(st.blobs.acquire_writer_lease("d", this_holder())))
+    first.start()
+    for _ in range(500):
+        if paused.is_set() or got:
+            break
+        time.sleep(0.01)
+    try:
+        with pytest.raises(stamp.LeaseAlreadyPresent, match=f"pid {os.getpid()}"):
+            st.blobs.acquire_writer_lease("d", {**this_holder(), "lease_holder": "the second"})
+    finally:
+        go.set()
+        first.join(10)
+    st.blobs.write("d", 0, b"x" * 512, got[0])  # the first taker still holds it
