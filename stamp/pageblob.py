@@ -66,12 +66,13 @@ import datetime
 import enum
 import functools
 import hashlib
+import heapq
 import os
 import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -132,6 +133,7 @@ HISTORY_BUILT = b"history-index"  # counters key of the legacy per-cell index (r
 STATE_WORD_BUILT = b"state-version-word"  # counters key: every state record holds its version word
 PAGE_HISTORY_BUILT = b"page-history-index"  # counters key of the per-page-only layout (removed on upgrade)
 RUN_HISTORY_BUILT = b"run-history-index"  # counters key: pagehist + runhist cover every frozen piece
+WINDOW = 1 << 16  # pages a lazy listing of a snapshot resolves at a time (at most this many pieces held)
 RUN = 64  # pages in a runhist run (32 KiB): a frozen piece indexes its whole aligned runs, not their pages
 
 
@@ -1292,6 +1294,35 @@ class PageBlobs:
             pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE))
         return _bytes(rg.merge_ranges([(p.start, p.end) for p in pieces]))
 
+    def iter_page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
+                         length: int | None = None) -> Iterator[tuple[int, int]]:
+        """page_ranges, lazily: the merged byte ranges from `offset` on, in
+        order, read from the index as they are taken (the live index by one
+        cursor walk, a snapshot WINDOW pages at a time), all in one read
+        transaction held until the iterator ends or is closed. A listing of
+        a blob in millions of pieces holds a window of them, not all."""
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+            end = size if length is None else min(offset + length, size)
+            for rs, re_ in self._runs(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE)):
+                yield rs * PAGE, (re_ - rs) * PAGE
+
+    def _runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int
+              ) -> Iterator[tuple[int, int]]:
+        """The merged page runs that hold data in [s, e) at `epoch` (None:
+        live), lazily: the live index by one cursor walk, a snapshot WINDOW
+        pages at a time."""
+        if epoch is None:
+            runs = rg.walk(txn, self.db["pages"], U64.pack(blob_id), s, e)
+        else:
+            runs = ((p.start, p.end) for w in range(s, e, WINDOW)
+                    for p in self._resolve(txn, blob_id, epoch, w, min(w + WINDOW, e)))
+        return rg.merge_sorted(runs)
+
     def copy(self, source: str, target: str, snapshot: str | None = None,
              properties: dict[str, Any] | None = None) -> None:
         """Make `target` a new blob with the content of `source` (or of one of
@@ -1430,8 +1461,51 @@ class PageBlobs:
             blob_id, _, st = self._blob(txn, name)
             return self._diff_in(txn, name, blob_id, st, base, target)
 
-    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
-                 target: str | None) -> Diff:
+    def iter_diff(self, name: str, base: str, target: str | None = None, offset: int = 0,
+                  length: int | None = None) -> Iterator[tuple[int, int, bool]]:
+        """diff, lazily and cut to [offset, offset+length) (page-aligned
+        outward): (offset, length, cleared) byte ranges in offset order,
+        written and cleared interleaved, as a Get Page Ranges diff lists
+        them. The change logs of the epochs since `base` are merged by one
+        cursor each and each changed run resolved as it is reached, in one
+        read transaction held until the iterator ends or is closed: a diff
+        of millions of ranges holds a window of them, not all."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
+            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+            end = size if length is None else min(offset + length, size)
+            lo, hi = offset // PAGE, min(size // PAGE, -(-end // PAGE))
+            logs = [self._change_log(txn, blob_id, epoch) for epoch in range(k + 1, last + 1)]
+            for cs, ce in rg.merge_sorted(heapq.merge(*logs)):
+                cs, ce = max(cs, lo), min(ce, hi)
+                if cs >= hi:
+                    return
+                if cs >= ce:
+                    continue
+                pos = cs
+                for ws, we in self._runs(txn, blob_id, m, cs, ce):
+                    if ws > pos:
+                        yield pos * PAGE, (ws - pos) * PAGE, True
+                    yield ws * PAGE, (we - ws) * PAGE, False
+                    pos = we
+                if pos < ce:
+                    yield pos * PAGE, (ce - pos) * PAGE, True
+
+    def _change_log(self, txn: lmdb.Transaction, blob_id: int, epoch: int) -> Iterator[tuple[int, int]]:
+        """(start, end) pages of the changes logged in `epoch`, by start."""
+        cur = txn.cursor(db=self.db["changes"])
+        if not cur.set_range(BLOB_EPOCH.pack(blob_id, epoch)):
+            return
+        for key, raw in cur:
+            b, e, page = BLOB_EPOCH_PAGE.unpack(bytes(key))
+            if b != blob_id or e != epoch:
+                return
+            yield page, rg.END.unpack(bytes(raw))[0]
+
+    def _diff_epochs(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                     target: str | None) -> tuple[int, int | None, int]:
+        """A diff's base epoch, target epoch (None: live) and last epoch."""
         try:
             k = self._snapshot_epoch(txn, blob_id, name, base)
         except SnapshotNotFound:
@@ -1441,6 +1515,11 @@ class PageBlobs:
         assert k is not None
         if last < k:
             raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
+        return k, m, last
+
+    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                 target: str | None) -> Diff:
+        k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
         changed: list[tuple[int, int]] = []
         cur = txn.cursor(db=self.db["changes"])
         start = BLOB_EPOCH.pack(blob_id, k + 1)

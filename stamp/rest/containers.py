@@ -204,7 +204,7 @@ def _names(svc: Service, c: Call, prefix: str, marker: str, limit: int,
     the folder the page has already rolled up (its other names add nothing)."""
     start = marker
     while True:
-        names = svc.stamp.containers.blob_names(c.container, prefix, start, limit + 1)
+        names = svc.stamp.containers.blob_names(c.container or "", prefix, start, limit + 1)
         yield from names
         if len(names) <= limit:
             return
