@@ -133,7 +133,6 @@ HISTORY_BUILT = b"history-index"  # counters key of the legacy per-cell index (r
 STATE_WORD_BUILT = b"state-version-word"  # counters key: every state record holds its version word
 PAGE_HISTORY_BUILT = b"page-history-index"  # counters key of the per-page-only layout (removed on upgrade)
 RUN_HISTORY_BUILT = b"run-history-index"  # counters key: pagehist + runhist cover every frozen piece
-WINDOW = 1 << 16  # pages a lazy listing of a snapshot resolves at a time (at most this many pieces held)
 RUN = 64  # pages in a runhist run (32 KiB): a frozen piece indexes its whole aligned runs, not their pages
 
 
@@ -1187,12 +1186,24 @@ class PageBlobs:
     def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
                         ) -> tuple[list[Piece], list[tuple[int, int]]]:
         """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
-        the pages none decides. Of the entries covering a page at epochs >=
-        `epoch` (its own in pagehist, its run's in runhist), the one of least
-        epoch names the piece that decides it (see the header); a piece live
-        at `epoch` decides all its pages."""
+        the pages none decides."""
         found: list[Piece] = []
         rest: list[tuple[int, int]] = []
+        for x in self._frozen_walk(txn, blob_id, epoch, s, e):
+            if isinstance(x, Piece):
+                found.append(x)
+            else:
+                rest.append(x)
+        return found, rg.merge_ranges(rest)
+
+    def _frozen_walk(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                     ) -> Iterator[Piece | tuple[int, int]]:
+        """In page order, over [s, e) at snapshot `epoch`: each frozen Piece
+        that decides pages, and each (start, end) run of pages none decides.
+        Of the entries covering a page at epochs >= `epoch` (its own in
+        pagehist, its run's in runhist), the one of least epoch names the
+        piece that decides it (see the header); a piece live at `epoch`
+        decides all its pages."""
         pages = _Seeker(txn.cursor(db=self.db["pagehist"]), "pagehist", blob_id, epoch, e)
         runs = _Seeker(txn.cursor(db=self.db["runhist"]), "runhist", blob_id, epoch, -(-e // RUN))
         frozen = self.db["frozen"]
@@ -1204,7 +1215,7 @@ class PageBlobs:
             here = [c for c, at in ((a, a_at), (b, b_at)) if c is not None and at == p]
             if not here:  # pages [p, next) have nothing frozen since `epoch`
                 nxt = min(a_at, b_at, e)
-                rest.append((p, nxt))
+                yield p, nxt
                 p = nxt
                 continue
             _, j, place = min(here, key=lambda c: c[1])
@@ -1219,9 +1230,9 @@ class PageBlobs:
             if raw is None:
                 raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
                                    "which is missing")
-            found.append(Piece.unpack(ps, bytes(raw)).cut(p, e))
+            yield Piece.unpack(ps, bytes(raw)).cut(p, e)
             p = min(pe, e)
-        return found, rg.merge_ranges(rest)
+
 
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
         return None if snapshot is None else self._snapshot_info(txn, blob_id, name, snapshot)[0]
@@ -1297,8 +1308,7 @@ class PageBlobs:
     def iter_page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
                          length: int | None = None) -> Iterator[tuple[int, int]]:
         """page_ranges, lazily: the merged byte ranges from `offset` on, in
-        order, read from the index as they are taken (the live index by one
-        cursor walk, a snapshot WINDOW pages at a time), all in one read
+        order, read from the index as they are taken (cursor walks), all in one read
         transaction held until the iterator ends or is closed. A listing of
         a blob in millions of pieces holds a window of them, not all."""
         if offset < 0 or (length is not None and length < 0):
@@ -1314,14 +1324,26 @@ class PageBlobs:
     def _runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int
               ) -> Iterator[tuple[int, int]]:
         """The merged page runs that hold data in [s, e) at `epoch` (None:
-        live), lazily: the live index by one cursor walk, a snapshot WINDOW
-        pages at a time."""
+        live), lazily, by cursor walks over the indexes."""
+        pages, prefix = self.db["pages"], U64.pack(blob_id)
         if epoch is None:
-            runs = rg.walk(txn, self.db["pages"], U64.pack(blob_id), s, e)
+            runs: Iterator[tuple[int, int]] = ((ps, pe) for ps, pe, _ in rg.walk(txn, pages, prefix, s, e))
         else:
-            runs = ((p.start, p.end) for w in range(s, e, WINDOW)
-                    for p in self._resolve(txn, blob_id, epoch, w, min(w + WINDOW, e)))
+            runs = self._snapshot_runs(txn, blob_id, epoch, s, e)
         return rg.merge_sorted(runs)
+
+    def _snapshot_runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                       ) -> Iterator[tuple[int, int]]:
+        """_resolve at a snapshot, lazily and in order: the frozen pieces as the
+        walk meets them, and in the pages none decides, the live pieces that
+        were there then (gen <= epoch)."""
+        pages, prefix = self.db["pages"], U64.pack(blob_id)
+        for x in self._frozen_walk(txn, blob_id, epoch, s, e):
+            if isinstance(x, Piece):
+                yield x.start, x.end
+            else:
+                yield from ((ps, pe) for ps, pe, raw in rg.walk(txn, pages, prefix, x[0], x[1])
+                            if PIECE.unpack(raw)[5] <= epoch)
 
     def copy(self, source: str, target: str, snapshot: str | None = None,
              properties: dict[str, Any] | None = None) -> None:

@@ -48,10 +48,10 @@ def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start:
 
 
 def walk(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int
-         ) -> Iterator[tuple[int, int]]:
-    """(start, end) of the ranges under `prefix` overlapping [start, end),
-    cut to it, in order, one at a time (overlapping's lazy form: a walk over
-    millions of ranges holds one)."""
+         ) -> Iterator[tuple[int, int, bytes]]:
+    """(start, end, value) of the ranges under `prefix` overlapping [start,
+    end), start and end cut to it, in order, one at a time (overlapping's
+    lazy form: a walk over millions of ranges holds one)."""
     cur = txn.cursor(db=db)
     if cur.set_range(prefix + U64.pack(start)):
         cur.prev()  # the range before start may reach into it
@@ -67,9 +67,10 @@ def walk(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, e
         s = U64.unpack_from(k, plen)[0]
         if s >= end:
             return
-        e = END.unpack_from(bytes(raw_value))[0]
+        v = bytes(raw_value)
+        e = END.unpack_from(v)[0]
         if e > start:
-            yield max(s, start), min(e, end)
+            yield max(s, start), min(e, end), v
 
 
 def merge_sorted(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
