@@ -36,6 +36,12 @@ def _take(source: Iterator[Entry], n: int) -> list[Entry]:
     return list(itertools.islice(source, n))
 
 
+def _open(open_source: Callable[[], Source], n: int) -> tuple[Source, list[Entry]]:
+    """Open the source and take its first piece: one hop to the pool."""
+    source = open_source()
+    return source, _take(source, n)
+
+
 def aligned(lo: int, hi: int) -> tuple[int, int]:
     """The byte window [lo, hi) widened to whole pages, as (offset, length)."""
     lo -= lo % 512
@@ -47,22 +53,20 @@ async def answer(svc: Service, request: web.Request, open_source: Callable[[], S
                  limit: int | None, headers: dict[str, str]) -> web.StreamResponse:
     """Stream the page list of `open_source()` (run on the pool), at most
     `limit` ranges and the NextMarker after them."""
-    source = await svc.run(open_source)
+    source: Source | None = None
     resp: web.StreamResponse | None = None
+    exhausted = False
     try:
         sent, next_marker = 0, None
         while True:
             want = CHUNK if limit is None else min(CHUNK, limit - sent + 1)  # + 1: the next marker's range
             await svc.budget.take(want * ENTRY_BYTES)
             try:
-                try:
-                    batch = await svc.run(_take, source, want)
-                except StampError as e:
-                    if resp is None:
-                        raise  # nothing sent yet: the error's own answer
-                    log.warning("a page list failed after its answer began: %s; the connection is dropped", e)
-                    raise ConnectionResetError(str(e)) from None
-                done = len(batch) < want
+                if source is None:  # an error here (no such blob or snapshot) is the answer
+                    source, batch = await svc.run(_open, open_source, want)
+                else:
+                    batch = await _next(svc, source, want)
+                exhausted = done = len(batch) < want
                 if limit is not None and sent + len(batch) > limit:
                     next_marker, batch, done = str(batch[limit - sent][0]), batch[:limit - sent], True
                 if resp is None:
@@ -79,4 +83,14 @@ async def answer(svc: Service, request: web.Request, open_source: Callable[[], S
         await resp.write_eof()
         return resp
     finally:
-        await svc.run(source.close)  # ends its read transaction
+        if source is not None and not exhausted:
+            await svc.run(source.close)  # ends its read transaction (an exhausted source has ended it)
+
+
+async def _next(svc: Service, source: Source, n: int) -> list[Entry]:
+    """The next piece; the answer has begun, so a stamp error drops the connection."""
+    try:
+        return await svc.run(_take, source, n)
+    except StampError as e:
+        log.warning("a page list failed after its answer began: %s; the connection is dropped", e)
+        raise ConnectionResetError(str(e)) from None
