@@ -13,4 +13,3 @@ SLOW = bool(os.environ.get("DISKSTAMP_SLOW"))
 TestPageBlob = PageBlobMachine.TestCase
 TestPageBlob.settings = settings(max_examples=200 if SLOW else 20, stateful_step_count=40 if SLOW else 30,
                                  deadline=None)
-
