@@ -22,8 +22,11 @@ the stamp's blobs named `CONTAINER/BLOB`. Rules:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lmdb
@@ -142,24 +145,43 @@ class Containers:
                 out.append(loads(bytes(raw)))
         return out, None
 
-    def blob_names(self, container: str, prefix: str = "", marker: str = "") -> list[str]:
-        """The names (within the container) of its blobs, sorted, from `marker` on."""
+    def blob_names(self, container: str, prefix: str = "", marker: str = "", limit: int | None = None
+                   ) -> list[str]:
+        """The names (within the container) of its blobs that start with
+        `prefix`, sorted, from `marker` on: at most `limit` of them, read in
+        order from the index (a listing holds one page, not the container)."""
         with self.meta.read() as txn:
             self.get_in(txn, container)
             if container in SYSTEM:
                 raise AuthorizationFailure(f"container {container!r} is the stamp's own: list its disks instead")
-            return [n for n in self._blob_names(txn, container, prefix) if n >= marker]
+            return self._blob_names(txn, container, prefix, marker, limit)
 
-    def _blob_names(self, txn: lmdb.Transaction, container: str, prefix: str = "") -> list[str]:
+    def _blob_names(self, txn: lmdb.Transaction, container: str, prefix: str = "", marker: str = "",
+                    limit: int | None = None) -> list[str]:
         head = blob_name(container, "")
-        names = []
-        for key, _ in self.meta.items(txn, "blobs", (head + prefix).encode("utf-8", "surrogatepass")):
-            names.append(key.decode("utf-8", "surrogatepass")[len(head):])
-        for _, raw in self.meta.items(txn, "blobs", b"\xff"):  # names too long for a key (blob_key)
-            name = str(loads(raw).get("name", ""))
-            if name.startswith(head + prefix):
-                names.append(name[len(head):])
-        return sorted(names)
+        within = (head + prefix).encode("utf-8", "surrogatepass")
+        keyed = (key.decode("utf-8", "surrogatepass")[len(head):]
+                 for key in self._keys_from(txn, within, (head + max(prefix, marker)).encode("utf-8", "surrogatepass")))
+        long = (name[len(head):] for name in self._long_names(txn) if name.startswith(head + prefix)
+                and name[len(head):] >= marker)
+        merged = heapq.merge(keyed, sorted(long) if limit is None else heapq.nsmallest(limit, long))
+        return list(merged if limit is None else itertools.islice(merged, limit))
+
+    def _keys_from(self, txn: lmdb.Transaction, within: bytes, start: bytes) -> Iterator[bytes]:
+        """Keys of the blobs table from `start` on while they begin with `within`."""
+        cur = txn.cursor(db=self.meta.db["blobs"])
+        if not cur.set_range(start):
+            return
+        for key in cur.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(within):
+                return
+            yield key
+
+    def _long_names(self, txn: lmdb.Transaction) -> Iterator[str]:
+        """Names too long for a key (blob_key): their records hold them."""
+        for _, raw in self.meta.items(txn, "blobs", b"\xff"):
+            yield str(loads(raw).get("name", ""))
 
     def check(self) -> list[str]:
         """Problems with the container records."""

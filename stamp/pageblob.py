@@ -66,12 +66,13 @@ import datetime
 import enum
 import functools
 import hashlib
+import heapq
 import os
 import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -1198,12 +1199,24 @@ class PageBlobs:
     def _resolve_frozen(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
                         ) -> tuple[list[Piece], list[tuple[int, int]]]:
         """The frozen pieces that decide pages [s, e) at snapshot `epoch`, and
-        the pages none decides. Of the entries covering a page at epochs >=
-        `epoch` (its own in pagehist, its run's in runhist), the one of least
-        epoch names the piece that decides it (see the header); a piece live
-        at `epoch` decides all its pages."""
+        the pages none decides."""
         found: list[Piece] = []
         rest: list[tuple[int, int]] = []
+        for x in self._frozen_walk(txn, blob_id, epoch, s, e):
+            if isinstance(x, Piece):
+                found.append(x)
+            else:
+                rest.append(x)
+        return found, rg.merge_ranges(rest)
+
+    def _frozen_walk(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                     ) -> Iterator[Piece | tuple[int, int]]:
+        """In page order, over [s, e) at snapshot `epoch`: each frozen Piece
+        that decides pages, and each (start, end) run of pages none decides.
+        Of the entries covering a page at epochs >= `epoch` (its own in
+        pagehist, its run's in runhist), the one of least epoch names the
+        piece that decides it (see the header); a piece live at `epoch`
+        decides all its pages."""
         pages = _Seeker(txn.cursor(db=self.db["pagehist"]), "pagehist", blob_id, epoch, e)
         runs = _Seeker(txn.cursor(db=self.db["runhist"]), "runhist", blob_id, epoch, -(-e // RUN))
         frozen = self.db["frozen"]
@@ -1215,7 +1228,7 @@ class PageBlobs:
             here = [c for c, at in ((a, a_at), (b, b_at)) if c is not None and at == p]
             if not here:  # pages [p, next) have nothing frozen since `epoch`
                 nxt = min(a_at, b_at, e)
-                rest.append((p, nxt))
+                yield p, nxt
                 p = nxt
                 continue
             _, j, place = min(here, key=lambda c: c[1])
@@ -1230,9 +1243,9 @@ class PageBlobs:
             if raw is None:
                 raise CorruptStamp(f"blob {blob_id}: the history index names frozen piece {j}/{ps}, "
                                    "which is missing")
-            found.append(Piece.unpack(ps, bytes(raw)).cut(p, e))
+            yield Piece.unpack(ps, bytes(raw)).cut(p, e)
             p = min(pe, e)
-        return found, rg.merge_ranges(rest)
+
 
     def _snapshot_epoch(self, txn: lmdb.Transaction, blob_id: int, name: str, snapshot: str | None) -> int | None:
         return None if snapshot is None else self._snapshot_info(txn, blob_id, name, snapshot)[0]
@@ -1304,6 +1317,46 @@ class PageBlobs:
             end = size if length is None else min(offset + length, size)
             pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE))
         return _bytes(rg.merge_ranges([(p.start, p.end) for p in pieces]))
+
+    def iter_page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
+                         length: int | None = None) -> Iterator[tuple[int, int]]:
+        """page_ranges, lazily: the merged byte ranges from `offset` on, in
+        order, read from the index as they are taken (cursor walks), all in one read
+        transaction held until the iterator ends or is closed. A listing of
+        a blob in millions of pieces holds a window of them, not all."""
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+            end = size if length is None else min(offset + length, size)
+            for rs, re_ in self._runs(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE)):
+                yield rs * PAGE, (re_ - rs) * PAGE
+
+    def _runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int
+              ) -> Iterator[tuple[int, int]]:
+        """The merged page runs that hold data in [s, e) at `epoch` (None:
+        live), lazily, by cursor walks over the indexes."""
+        pages, prefix = self.db["pages"], U64.pack(blob_id)
+        if epoch is None:
+            runs: Iterator[tuple[int, int]] = ((ps, pe) for ps, pe, _ in rg.walk(txn, pages, prefix, s, e))
+        else:
+            runs = self._snapshot_runs(txn, blob_id, epoch, s, e)
+        return rg.merge_sorted(runs)
+
+    def _snapshot_runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int, s: int, e: int
+                       ) -> Iterator[tuple[int, int]]:
+        """_resolve at a snapshot, lazily and in order: the frozen pieces as the
+        walk meets them, and in the pages none decides, the live pieces that
+        were there then (gen <= epoch)."""
+        pages, prefix = self.db["pages"], U64.pack(blob_id)
+        for x in self._frozen_walk(txn, blob_id, epoch, s, e):
+            if isinstance(x, Piece):
+                yield x.start, x.end
+            else:
+                yield from ((ps, pe) for ps, pe, raw in rg.walk(txn, pages, prefix, x[0], x[1])
+                            if PIECE.unpack(raw)[5] <= epoch)
 
     def copy(self, source: str, target: str, snapshot: str | None = None,
              properties: dict[str, Any] | None = None) -> None:
@@ -1443,8 +1496,51 @@ class PageBlobs:
             blob_id, _, st = self._blob(txn, name)
             return self._diff_in(txn, name, blob_id, st, base, target)
 
-    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
-                 target: str | None) -> Diff:
+    def iter_diff(self, name: str, base: str, target: str | None = None, offset: int = 0,
+                  length: int | None = None) -> Iterator[tuple[int, int, bool]]:
+        """diff, lazily and cut to [offset, offset+length) (page-aligned
+        outward): (offset, length, cleared) byte ranges in offset order,
+        written and cleared interleaved, as a Get Page Ranges diff lists
+        them. The change logs of the epochs since `base` are merged by one
+        cursor each and each changed run resolved as it is reached, in one
+        read transaction held until the iterator ends or is closed: a diff
+        of millions of ranges holds a window of them, not all."""
+        with self.meta.read() as txn:
+            blob_id, _, st = self._blob(txn, name)
+            k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
+            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+            end = size if length is None else min(offset + length, size)
+            lo, hi = offset // PAGE, min(size // PAGE, -(-end // PAGE))
+            logs = [self._change_log(txn, blob_id, epoch) for epoch in range(k + 1, last + 1)]
+            for cs, ce in rg.merge_sorted(heapq.merge(*logs)):
+                cs, ce = max(cs, lo), min(ce, hi)
+                if cs >= hi:
+                    return
+                if cs >= ce:
+                    continue
+                pos = cs
+                for ws, we in self._runs(txn, blob_id, m, cs, ce):
+                    if ws > pos:
+                        yield pos * PAGE, (ws - pos) * PAGE, True
+                    yield ws * PAGE, (we - ws) * PAGE, False
+                    pos = we
+                if pos < ce:
+                    yield pos * PAGE, (ce - pos) * PAGE, True
+
+    def _change_log(self, txn: lmdb.Transaction, blob_id: int, epoch: int) -> Iterator[tuple[int, int]]:
+        """(start, end) pages of the changes logged in `epoch`, by start."""
+        cur = txn.cursor(db=self.db["changes"])
+        if not cur.set_range(BLOB_EPOCH.pack(blob_id, epoch)):
+            return
+        for key, raw in cur:
+            b, e, page = BLOB_EPOCH_PAGE.unpack(bytes(key))
+            if b != blob_id or e != epoch:
+                return
+            yield page, rg.END.unpack(bytes(raw))[0]
+
+    def _diff_epochs(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                     target: str | None) -> tuple[int, int | None, int]:
+        """A diff's base epoch, target epoch (None: live) and last epoch."""
         try:
             k = self._snapshot_epoch(txn, blob_id, name, base)
         except SnapshotNotFound:
@@ -1454,6 +1550,11 @@ class PageBlobs:
         assert k is not None
         if last < k:
             raise PreviousSnapshotCannotBeNewer(f"the base snapshot {base} is newer than {target}")
+        return k, m, last
+
+    def _diff_in(self, txn: lmdb.Transaction, name: str, blob_id: int, st: BlobState, base: str,
+                 target: str | None) -> Diff:
+        k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
         changed: list[tuple[int, int]] = []
         cur = txn.cursor(db=self.db["changes"])
         start = BLOB_EPOCH.pack(blob_id, k + 1)

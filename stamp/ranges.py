@@ -47,6 +47,46 @@ def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start:
     return out
 
 
+def walk(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int
+         ) -> Iterator[tuple[int, int, bytes]]:
+    """(start, end, value) of the ranges under `prefix` overlapping [start,
+    end), start and end cut to it, in order, one at a time (overlapping's
+    lazy form: a walk over millions of ranges holds one)."""
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix + U64.pack(start)):
+        cur.prev()  # the range before start may reach into it
+    elif not cur.last():
+        return
+    plen = len(prefix)
+    for raw_key, raw_value in cur:
+        k = bytes(raw_key)
+        if k[:plen] != prefix:
+            if k[:plen] < prefix:
+                continue
+            return
+        s = U64.unpack_from(k, plen)[0]
+        if s >= end:
+            return
+        v = bytes(raw_value)
+        e = END.unpack_from(v)[0]
+        if e > start:
+            yield max(s, start), min(e, end), v
+
+
+def merge_sorted(ranges: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """merge_ranges of ranges sorted by start, lazily."""
+    s0 = e0 = None
+    for s, e in ranges:
+        if e0 is not None and s <= e0:
+            e0 = max(e0, e)
+            continue
+        if s0 is not None and e0 is not None:
+            yield s0, e0
+        s0, e0 = s, e
+    if s0 is not None and e0 is not None:
+        yield s0, e0
+
+
 def all_ranges(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes) -> list[tuple[int, int, bytes]]:
     out: list[tuple[int, int, bytes]] = []
     plen = len(prefix)

@@ -139,6 +139,8 @@ class PageBlobMachine(RuleBasedStateMachine):
         length = min(length, len(self.data) - offset)
         if length > 0:
             assert self.stamp.blobs.read(BLOB, offset, length) == bytes(self.data[offset:offset + length])
+            want = self.stamp.blobs.page_ranges(BLOB, offset=offset, length=length)
+            assert list(self.stamp.blobs.iter_page_ranges(BLOB, offset=offset, length=length)) == want
 
     @precondition(lambda self: self.snaps)
     @rule(i=st.integers(0, 10**6))
@@ -147,6 +149,10 @@ class PageBlobMachine(RuleBasedStateMachine):
         assert self.stamp.blobs.read(BLOB, 0, len(snap.data), snapshot=snap.id) == snap.data
         ranges = self.stamp.blobs.page_ranges(BLOB, snapshot=snap.id)
         assert ranges == _runs(snap.alloc)
+        assert list(self.stamp.blobs.iter_page_ranges(BLOB, snapshot=snap.id)) == ranges
+        cut = (i % (len(snap.alloc) + 1)) * PAGE  # the lazy form from an offset: the same ranges, cut there
+        want = [(max(o, cut), o + n - max(o, cut)) for o, n in ranges if o + n > cut]
+        assert list(self.stamp.blobs.iter_page_ranges(BLOB, snapshot=snap.id, offset=cut)) == want
 
     @precondition(lambda self: self.snaps)
     @rule(i=st.integers(0, 10**6), j=st.integers(0, 10**6), live=st.booleans())
@@ -166,6 +172,11 @@ class PageBlobMachine(RuleBasedStateMachine):
         got = self.stamp.blobs.diff(BLOB, base.id, target)
         assert got.written == want_written, (got.written, want_written)
         assert got.cleared == want_cleared, (got.cleared, want_cleared)
+        both = sorted([(o, n, False) for o, n in got.written] + [(o, n, True) for o, n in got.cleared])
+        assert list(self.stamp.blobs.iter_diff(BLOB, base.id, target)) == both
+        cut = (j % (len(target_alloc) + 1)) * PAGE
+        want = [(max(o, cut), o + n - max(o, cut), c) for o, n, c in both if o + n > cut]
+        assert list(self.stamp.blobs.iter_diff(BLOB, base.id, target, offset=cut)) == want
 
     @rule(threshold=st.sampled_from([0.3, 0.9, 1.01]))
     def gc(self, threshold: float) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,34 +38,46 @@ MAX_CHUNK = 4 * 1024 * 1024
 
 class Budget:
     """Bytes in flight, shared by all requests; take() waits while spent.
+    First come, first served: a take waits behind every earlier waiter, so
+    a large take is not overtaken forever by small ones that would fit.
     All on the event loop's thread: a take that fits while nobody waits
-    returns at once, and a give with nobody waiting wakes nobody (no lock,
-    no notification: the common case of a 4 KiB Put Page); otherwise the
-    take waits on the condition until its bytes fit."""
+    returns at once, and a give with nobody waiting wakes nobody (the
+    common case of a 4 KiB Put Page); otherwise waiters queue in order and
+    each give grants the head of the queue while its bytes fit."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
-        self._cond = asyncio.Condition()
-        self._waiting = 0
+        self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def take(self, n: int) -> None:
         n = min(n, self.limit)
-        if not self._waiting and self.used + n <= self.limit:
+        if not self._queue and self.used + n <= self.limit:
             self.used += n
             return
-        self._waiting += 1
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self._queue.append(entry)
         try:
-            async with self._cond:
-                await self._cond.wait_for(lambda: self.used + n <= self.limit)
-                self.used += n
-        finally:
-            self._waiting -= 1
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.used -= n  # granted as it was cancelled: give it back
+            else:
+                self._queue.remove(entry)
+            self._grant()  # the queue's head may have changed
+            raise
 
     async def give(self, n: int) -> None:
         self.used -= min(n, self.limit)
-        if self._waiting:
-            async with self._cond:
-                self._cond.notify_all()
+        if self._queue:
+            self._grant()
+
+    def _grant(self) -> None:
+        """Grant waiters in order while the head's bytes fit."""
+        while self._queue and self.used + self._queue[0][0] <= self.limit:
+            n, fut = self._queue.popleft()
+            self.used += n
+            fut.set_result(None)
 
 
 @dataclass

@@ -21,7 +21,7 @@ stamp: creating a name another account holds is 409 ContainerAlreadyExists.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -190,21 +190,39 @@ async def list_blobs(svc: Service, c: Call) -> web.StreamResponse:
              "legalhold", "deletedwithversions", "permissions"}
     if include - known:
         raise query_error("include", c.query.get("include", ""))
-    names = await svc.run(svc.stamp.containers.blob_names, c.container, prefix, marker)
-    entries, prefixes, next_marker = await svc.run(_page, svc, c, names, prefix, delimiter, limit, include)
+    entries, prefixes, next_marker = await svc.run(_page, svc, c, prefix, marker, delimiter, limit, include)
     body = xmlbody.blob_list(endpoint(c), c.container or "", prefix, marker,
                              limit if "maxresults" in c.query else None, delimiter, entries, prefixes, next_marker)
     return web.Response(status=200, body=body, content_type="application/xml")
 
 
-def _page(svc: Service, c: Call, names: list[str], prefix: str, delimiter: str, limit: int,
+def _names(svc: Service, c: Call, prefix: str, marker: str, limit: int,
+           skip: Callable[[], str]) -> Iterator[str]:
+    """Blob names from `marker` on, read `limit` + 1 at a time (one page's
+    worth: the listing never holds the container's names); each batch
+    after the first starts past the last name read and past `skip()`,
+    the folder the page has already rolled up (its other names add nothing)."""
+    start = marker
+    while True:
+        names = svc.stamp.containers.blob_names(c.container or "", prefix, start, limit + 1)
+        yield from names
+        if len(names) <= limit:
+            return
+        start = max(names[-1] + "\0", skip())  # no name holds a NUL: the first name after the last one read
+
+
+def _page(svc: Service, c: Call, prefix: str, marker: str, delimiter: str, limit: int,
           include: set[str]) -> tuple[list[dict[str, Any]], list[str], str | None]:
     """One page of a blob listing (runs on the pool: it reads each blob)."""
     entries: list[dict[str, Any]] = []
     prefixes: list[str] = []
     count = 0
     blobs = svc.stamp.blobs
-    for name in names:
+
+    def skip() -> str:  # past every name in the last folder rolled up (U+10FFFF is the last code point)
+        return prefixes[-1] + "\U0010ffff" if prefixes else ""
+
+    for name in _names(svc, c, prefix, marker, limit, skip):
         if delimiter:
             cut = name.find(delimiter, len(prefix))
             if cut >= 0:

@@ -35,7 +35,7 @@ from aiohttp import web
 
 from ..access import BLOB, CONTAINER_PREFIX, Grant
 from ..disks import Disks
-from . import auth, xmlbody
+from . import auth, pagelist
 from . import headers as hd
 from . import pageblobs as pb
 from .call import Call, Service
@@ -117,12 +117,13 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     entries = sorted([(r["offset"], r["length"], False) for r in d["written"]]
                      + [(r["offset"], r["length"], True) for r in d["cleared"]])
     entries = pb.clip(entries, max(lo, int(marker or 0)), hi)
-    next_marker = None
-    if limit is not None and len(entries) > limit:
-        next_marker, entries = str(entries[limit][0]), entries[:limit]
-    return web.Response(status=200, body=xmlbody.page_list(entries, next_marker), content_type="application/xml",
-                        headers={"ETag": pb.etag(info), "Last-Modified": hd.http_date(pb.modified(info)),
-                                 "x-ms-blob-content-length": str(info.size)})
+
+    def source() -> pagelist.Source:
+        yield from entries
+
+    return await pagelist.answer(svc, c.request, source, limit, {
+        "ETag": pb.etag(info), "Last-Modified": hd.http_date(pb.modified(info)),
+        "x-ms-blob-content-length": str(info.size)})
 
 
 async def _previous_grant(svc: Service, c: Call, url: str) -> Grant:

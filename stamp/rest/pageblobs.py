@@ -40,7 +40,7 @@ from ..access import UPLOAD_MARK
 from ..containers import SYSTEM, blob_name
 from ..errors import BlobNotFound, SnapshotNotFound, StampError
 from ..pageblob import MAX_BLOB, MAX_WRITE, BlobInfo, LeaseState
-from . import auth, conditions, xmlbody
+from . import auth, conditions, pagelist
 from . import headers as hd
 from .call import MAX_CHUNK, Call, Service
 from .errors import RestError, header_error, missing_header, query_error
@@ -415,23 +415,17 @@ async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
     if window is not None:
         _, start, end = window
         lo, hi = start, min(info.size, (end + 1) if end is not None else info.size)
-    lo = max(lo, int(marker or 0))
+    offset, length = pagelist.aligned(max(lo, int(marker or 0)), hi)
     prev = await previous_snapshot(svc, c)
-    name = stamp_name(c)
-    entries: list[tuple[int, int, bool]]
-    if prev is None:
-        ranges = await svc.run(svc.stamp.blobs.page_ranges, name, c.snapshot, lo, max(0, hi - lo))
-        entries = [(o, n, False) for o, n in ranges]
-    else:
-        d = await svc.run(svc.stamp.blobs.diff, name, prev, c.snapshot)
-        entries = sorted([(o, n, False) for o, n in d.written] + [(o, n, True) for o, n in d.cleared])
-    entries = clip(entries, lo, hi)
-    next_marker = None
-    if limit is not None and len(entries) > limit:
-        next_marker = str(entries[limit][0])
-        entries = entries[:limit]
-    body = xmlbody.page_list(entries, next_marker)
-    return web.Response(status=200, body=body, content_type="application/xml", headers={
+    name, blobs = stamp_name(c), svc.stamp.blobs
+
+    def source() -> pagelist.Source:  # lazily, from the marker on (pagelist.answer stops at maxresults)
+        if prev is None:
+            yield from ((o, n, False) for o, n in blobs.iter_page_ranges(name, c.snapshot, offset, length))
+        else:
+            yield from blobs.iter_diff(name, prev, c.snapshot, offset, length)
+
+    return await pagelist.answer(svc, c.request, source, limit, {
         "ETag": etag(info), "Last-Modified": hd.http_date(modified(info)),
         "x-ms-blob-content-length": str(info.size)})
 

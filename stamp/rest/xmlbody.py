@@ -50,12 +50,25 @@ def error(code: str, message: str, request_id: str, time: str, extra: dict[str, 
 
 def page_list(entries: Iterable[tuple[int, int, bool]], next_marker: str | None) -> bytes:
     """entries: (offset, length, cleared) in offset order."""
-    parts = [HEAD, "<PageList>"]
+    return page_list_head() + page_entries(entries) + page_list_tail(next_marker)
+
+
+def page_list_head() -> bytes:
+    return (HEAD + "<PageList>").encode()
+
+
+def page_entries(entries: Iterable[tuple[int, int, bool]]) -> bytes:
+    """The PageRange and ClearRange elements of a page list, in the order given
+    (a streamed page list is its head, these piece by piece, then its tail)."""
+    parts = []
     for off, n, cleared in entries:
         tag = "ClearRange" if cleared else "PageRange"
         parts.append(f"<{tag}><Start>{off}</Start><End>{off + n - 1}</End></{tag}>")
-    parts.append(_el("NextMarker", next_marker) + "</PageList>")
     return "".join(parts).encode()
+
+
+def page_list_tail(next_marker: str | None) -> bytes:
+    return (_el("NextMarker", next_marker) + "</PageList>").encode()
 
 
 def _metadata(meta: dict[str, str]) -> str:

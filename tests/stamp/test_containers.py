@@ -72,6 +72,11 @@ def test_a_container_holds_its_blobs_and_its_delete_takes_them(st):
     assert st.containers.blob_names("vhds") == sorted(["a/x", "a/y", "b", long_name])
     assert st.containers.blob_names("vhds", prefix="a/") == ["a/x", "a/y"]
     assert st.containers.blob_names("vhds", marker="b") == ["b", long_name]
+    # at most `limit`, the long name (kept apart from the keys) merged in order
+    assert st.containers.blob_names("vhds", limit=2) == ["a/x", "a/y"]
+    assert st.containers.blob_names("vhds", marker="a/y", limit=2) == ["a/y", "b"]
+    assert st.containers.blob_names("vhds", marker="b\0", limit=2) == [long_name]
+    assert st.containers.blob_names("vhds", marker="m", limit=1) == [long_name]
     st.containers.delete("vhds")
     with pytest.raises(ContainerNotFound):
         st.containers.get("vhds")
