@@ -61,7 +61,10 @@ all; the open disks live in the process that serves them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -84,7 +87,7 @@ from stamp.errors import OperationNotAllowed as StampNotAllowed
 from stamp.hosted import is_remote, is_url, open_for_host
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
-from vhd.image import Image, SparseImage, open_image
+from vhd.image import FixedImage, Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
 from .boot import boot_trace, find_boot_partition, load_trace
@@ -92,6 +95,7 @@ from .bootsector import BANNER, first_change, is_ours, recorded_digest
 from .buckets import BucketStore
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
+from .overlap import POOL_THREADS, Overlapped
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, vm_limits
 
@@ -226,6 +230,7 @@ class Host:
         self.open_disks: dict[tuple[str, int], AttachedDisk] = {}
         self._call_lock = threading.RLock()
         self._call_fd = -1  # HOST/host.lock while a compute call of this process holds it
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # overlapped remote I/O (overlap.py)
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
@@ -261,6 +266,14 @@ class Host:
             if isinstance(e, OSError):
                 raise HostError(f"cannot make the host in {path}: {e.strerror or e}") from None
             raise
+
+    def io_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads that run the overlapped I/O of this host's remote disks
+        (overlap.py): one pool for every disk, so threads and their connections
+        to the stamp are bounded by POOL_THREADS however many disks are open."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="remote-io")
+        return self._pool
 
     def identity(self) -> str:
         """How this host names itself in the disk records it attaches: its
@@ -311,6 +324,9 @@ class Host:
         except lmdb.Error as e:  # the host's disk is full, say: the cache file keeps what was not flushed
             raise HostError(f"the host's state in {self.path} could not be written: {e}") from e
         finally:  # whatever failed, nothing stays open
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
             self.buckets.close()
             self.cache.close()
             self.env.close()
@@ -876,7 +892,13 @@ class AttachedDisk:
         self.readonly = False
         self.throttle = host.throttle(vm)
         self.sleep = Sleeper(host.clock)
-        self.lock = threading.Lock()  # the VHD and cache data path, one I/O at a time; throttle waits overlap
+        # A remote stamp, no cache and a fixed VHD: nothing of the data path is in the process, so I/Os
+        # overlap (overlap.py: ordered where they touch a common page); else the VHD and cache data
+        # path, one I/O at a time (throttle waits overlap)
+        concurrent_io = is_remote(host.stamp) and mode is CacheMode.NONE and isinstance(image_dev, FixedImage)
+        self.overlapped = Overlapped(host.io_pool()) if concurrent_io else None
+        self.lock: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext() if concurrent_io else threading.Lock())
         self.performance_version = rec.get("performance_version", 0)
         self.next_look = host.clock.now() + PERFORMANCE_LOOK_SECONDS
 
@@ -956,6 +978,8 @@ class AttachedDisk:
         return self.virtual.allocation(offset, length)
 
     def close(self) -> None:
+        if self.overlapped is not None:
+            self.overlapped.drain()  # no I/O of a client that went away still runs on the closed disk
         if self.shared:
             self.flush()
         self.virtual.close()  # releases the blob's lease (the cache forgets it: later write-back names none)
@@ -972,6 +996,7 @@ class AsyncDisk:
         self.size = disk.size
         self.readonly = False
         self.reads = self.writes = self.bytes_read = 0  # what the client asked for
+        self.overlapped = disk.overlapped  # a remote disk's I/Os run in the host's pool, ordered where they conflict
 
     async def _until(self, t: float) -> None:
         delay = t - self.disk.host.clock.now()
@@ -981,22 +1006,35 @@ class AsyncDisk:
     async def read(self, offset: int, length: int) -> bytes:
         self.reads += 1
         self.bytes_read += length
-        data, done = self.disk.read_now(offset, length)
+        if self.overlapped is None:
+            data, done = self.disk.read_now(offset, length)
+        else:
+            data, done = await self.overlapped.run(offset, length, False,
+                                                   functools.partial(self.disk.read_now, offset, length))
         await self._until(done)
         return data
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.writes += 1
-        await self._until(self.disk.write_now(offset, data))
+        if self.overlapped is None:
+            done = self.disk.write_now(offset, data)
+        else:
+            done = await self.overlapped.run(offset, len(data), True, functools.partial(self.disk.write_now, offset, data))
+        await self._until(done)
 
     def flush(self) -> None:
-        self.disk.flush()
+        self.disk.flush()  # covers what was acknowledged: every such write's data path has returned
 
     def discard(self, offset: int, length: int) -> None:
-        self.disk.discard(offset, length)
+        if self.overlapped is None:
+            self.disk.discard(offset, length)
+        else:  # after the earlier I/Os it touches
+            self.overlapped.now(offset, length, True, functools.partial(self.disk.discard, offset, length))
 
     def allocation(self, offset: int, length: int) -> list[Extent]:
-        return self.disk.allocation(offset, length)
+        if self.overlapped is None:
+            return self.disk.allocation(offset, length)
+        return self.overlapped.now(offset, length, False, functools.partial(self.disk.allocation, offset, length))
 
     def close(self) -> None:
         self.disk.close()
