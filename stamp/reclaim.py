@@ -168,7 +168,12 @@ class Reclaimer:
             return None
         if self.pace is not None:
             self.pace()
-        report = collect(self.stamp, choose=self._choose)
+        try:
+            report = collect(self.stamp, choose=self._choose)
+        except StampError:  # a full filesystem, too few nodes: this round freed nothing, and
+            self._futile = total  # writers must not wait for it (they go on, refused if the disk is full)
+            self._tell_writers()
+            raise
         useful = bool(report.bytes_freed or report.bytes_moved)
         self._futile = None if useful else total
         self.stats.rounds += 1
@@ -180,8 +185,8 @@ class Reclaimer:
     def _choose(self, uses: list[ExtentUse]) -> list[int]:
         self._live = self.stats.live_bytes = sum(u.live for u in uses)
         self._census_at = time.monotonic()
-        self.stats.censuses += 1
         self._tell_writers()  # live data may have grown: writers held for it go on at once
+        self.stats.censuses += 1  # after publishing: a census counted is one writers can see
         return plan(uses, self.policy, self._free())
 
     def _tell_writers(self) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from stamp import Stamp
 from stamp.pressure import RECORD_SIZE, Published, alive, pressed
 from stamp.reclaim import Policy, Reclaimer
@@ -184,4 +186,39 @@ def test_writers_in_another_process_see_the_reclaimer_and_its_death(tmp_path):
         overwrite(st, rng, model)
     assert gate.stats.waits == held  # a dead reclaimer holds nobody
     assert st.blobs.read("d", 0, SIZE) == bytes(model) and st.check(deep=True).ok
+    st.close()
+
+
+def test_a_reclaimer_whose_round_failed_holds_nobody(tmp_path, monkeypatch):
+    """A round that fails (a full filesystem: compaction cannot append; too
+    few nodes) frees nothing: writers must not wait the patience for it at
+    every check. On a full filesystem they go on and are refused at once, as
+    without a reclaimer (the stamp's thrash suite kills writers held longer
+    than a round). Once the extents grow past where it failed, it runs again."""
+    import stamp.reclaim as reclaim
+    from stamp.errors import StampError
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("d", SIZE)
+    rng, model = random.Random(13), bytearray(SIZE)
+    r = Reclaimer(st, Policy(interval=0), publish=True)
+    r.step()  # a census (nothing written yet): published
+    gate = st.blobs.pressure
+    gate.patience = 0.0  # the writes below must not wait for the round that never comes
+    for _ in range(8 * SIZE // WRITE):
+        overwrite(st, rng, model)
+    r.step()  # a real round: it compacts; the census sees the live bytes
+    for _ in range(8 * SIZE // WRITE):
+        overwrite(st, rng, model)
+    extents = st.stream.extent_bytes()
+    assert pressed(extents, gate.published(), alive=True)  # far over: a working reclaimer holds writers
+
+    def fails(stamp: Stamp, choose: object) -> None:
+        raise StampError("No space left on device")
+
+    monkeypatch.setattr(reclaim, "collect", fails)
+    with pytest.raises(StampError):
+        r.step()
+    assert not pressed(extents, gate.published(), alive=True)  # it can do nothing: nobody waits for it
+    assert pressed(extents + 1, gate.published(), alive=True)  # grown since: it runs again
     st.close()

@@ -125,16 +125,23 @@ def flip_somewhere(c: Campaign, flipped: set[int]) -> None:
 def node_fault(c: Campaign, st: Stamp, kind: str, mnt: str) -> str | None:
     """Apply one node fault; returns the node touched (None for a full filesystem)."""
     if kind == "full":
-        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-        with open(os.path.join(mnt, "ballast"), "wb") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, max(free, 4096))
-            except OSError:
-                pass
+        fill(mnt)
         return None
     node = f"node-{c.rng.randrange(6):02d}"
     st.inject("node-down" if kind == "down" else "node-lost", node)
     return node
+
+
+def fill(mnt: str) -> None:
+    """Take every free byte of the filesystem into the ballast file (again:
+    the collector frees space as it reclaims, and the filesystem must stay
+    full for the round, so that writers are refused)."""
+    free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+    with open(os.path.join(mnt, "ballast"), "ab") as f:
+        try:
+            os.posix_fallocate(f.fileno(), f.tell(), max(free, 4096))
+        except OSError:
+            pass
 
 
 def undo_fault(st: Stamp, kind: str, node: str | None, mnt: str) -> None:
@@ -170,7 +177,10 @@ def run_round(c: Campaign, mnt: str, rnd: int) -> None:
                     node = node_fault(c, st, kind, mnt)
                     c.faults.append(f"round {rnd}: {kind} {node or ''}".strip())
                 sizes = [_size(j) for j in journals]
-            elif c.rng.random() < 0.4:
+                continue
+            if applied and kind == "full":
+                fill(mnt)  # what the collector freed meanwhile
+            if c.rng.random() < 0.4:
                 victim = c.rng.choice(names)
                 c.kill(victim)
                 c.start(victim)
