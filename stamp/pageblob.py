@@ -1308,14 +1308,9 @@ class PageBlobs:
     def page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
                     length: int | None = None) -> list[tuple[int, int]]:
         """(offset, length) byte ranges that hold data, merged."""
-        if offset < 0 or (length is not None and length < 0):
-            raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
         with self.meta.read() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
-            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
-            end = size if length is None else min(offset + length, size)
-            pieces = self._resolve(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE))
+            blob_id, epoch, s, e = self._listed(txn, name, snapshot, offset, length)
+            pieces = self._resolve(txn, blob_id, epoch, s, e)
         return _bytes(rg.merge_ranges([(p.start, p.end) for p in pieces]))
 
     def iter_page_ranges(self, name: str, snapshot: str | None = None, offset: int = 0,
@@ -1324,15 +1319,21 @@ class PageBlobs:
         order, read from the index as they are taken (cursor walks), all in one read
         transaction held until the iterator ends or is closed. A listing of
         a blob in millions of pieces holds a window of them, not all."""
+        with self.meta.read() as txn:
+            blob_id, epoch, s, e = self._listed(txn, name, snapshot, offset, length)
+            for rs, re_ in self._runs(txn, blob_id, epoch, s, e):
+                yield rs * PAGE, (re_ - rs) * PAGE
+
+    def _listed(self, txn: lmdb.Transaction, name: str, snapshot: str | None, offset: int,
+                length: int | None) -> tuple[int, int | None, int, int]:
+        """A page listing's blob id, epoch (None: live) and pages [s, e), the range cut to the blob's size."""
         if offset < 0 or (length is not None and length < 0):
             raise InvalidRange(f"range {offset}+{length}: offset and length must not be negative")
-        with self.meta.read() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
-            size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
-            end = size if length is None else min(offset + length, size)
-            for rs, re_ in self._runs(txn, blob_id, epoch, offset // PAGE, -(-end // PAGE)):
-                yield rs * PAGE, (re_ - rs) * PAGE
+        blob_id, _, st = self._blob(txn, name)
+        epoch = self._snapshot_epoch(txn, blob_id, name, snapshot)
+        size = st.size if snapshot is None else self._snapshot_size(txn, blob_id, snapshot, st)
+        end = size if length is None else min(offset + length, size)
+        return blob_id, epoch, offset // PAGE, -(-end // PAGE)
 
     def _runs(self, txn: lmdb.Transaction, blob_id: int, epoch: int | None, s: int, e: int
               ) -> Iterator[tuple[int, int]]:
