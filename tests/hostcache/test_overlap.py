@@ -266,7 +266,8 @@ def test_a_long_run_grows_no_threads_no_connections_and_forgets_every_io(tmp_pat
         threads, conns = asyncio.run(run(3))
         started = time.monotonic()
         later = asyncio.run(run(30))
-        assert later == (threads, conns), (threads, conns, later, time.monotonic() - started)
+        # no growth (fewer is no leak: a thread of something else, asyncio.run's executor say, may have ended)
+        assert later[0] <= threads and later[1] <= conns, (threads, conns, later, time.monotonic() - started)
         assert conns <= POOL_THREADS + 1  # the pool's threads and the caller's
         assert len(disk.overlapped.inflight) == 0
         assert asyncio.run(disk.read(0, len(model))) == bytes(model)
