@@ -604,10 +604,7 @@ class Host:
         vm = self.vm(vm_name)
         luns = self._luns(vm)
         for _, disk in luns:  # every disk first: one being downloaded refuses before any state changes
-            if self.disks.record(disk)["state"] == DiskState.ACTIVE_SAS.value:
-                raise OperationNotAllowed(f"Operation 'start' is not allowed on VM '{vm_name}' since its disk "
-                                          f"'{disk}' is in 'ActiveSAS' state: revoke its access first (stamp disk "
-                                          f"revoke-access {disk})")
+            self._refuse_if_downloaded("start", vm_name, disk)
         for i, (lun, disk) in enumerate(luns):
             try:  # refused in the state's own transaction if a grant came since the check
                 self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
@@ -621,6 +618,13 @@ class Host:
         self._put(vm)
         return vm
 
+    def _refuse_if_downloaded(self, operation: str, vm_name: str, disk: str, other_way: str = "") -> None:
+        """A VM operation is refused while one of its disks is being downloaded (ActiveSAS)."""
+        if self.disks.record(disk)["state"] == DiskState.ACTIVE_SAS.value:
+            raise OperationNotAllowed(f"Operation '{operation}' is not allowed on VM '{vm_name}' since its disk "
+                                      f"'{disk}' is in 'ActiveSAS' state: revoke its access first (stamp disk "
+                                      f"revoke-access {disk}){other_way}")
+
     def delete_vm(self, vm_name: str, delete_os_disk: bool = False) -> None:
         with self._serialized():
             self._delete_vm(vm_name, delete_os_disk)
@@ -628,11 +632,8 @@ class Host:
     def _delete_vm(self, vm_name: str, delete_os_disk: bool) -> None:
         vm = self.vm(vm_name)
         os_disk = vm["os_disk"]["disk"]
-        if delete_os_disk and self.disks.record(os_disk)["state"] == DiskState.ACTIVE_SAS.value:
-            # refused before anything changes: the disk delete at the end would be, leaving the VM gone
-            raise OperationNotAllowed(f"Operation 'delete' is not allowed on VM '{vm_name}' with its OS disk since "
-                                      f"'{os_disk}' is in 'ActiveSAS' state: revoke its access first (stamp disk "
-                                      f"revoke-access {os_disk}), or delete the VM without its OS disk")
+        if delete_os_disk:  # refused before anything changes: the disk delete at the end would be, leaving the VM gone
+            self._refuse_if_downloaded("delete", vm_name, os_disk, ", or delete the VM without its OS disk")
         for lun, disk in self._luns(vm):  # every disk first: one open elsewhere refuses before any state changes
             self._flush_disk(vm_name, lun, disk, drop=True)
         if vm["state"] == "Running":

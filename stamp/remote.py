@@ -54,6 +54,7 @@ from urllib.parse import quote, urlsplit
 from . import errors as se
 from .disks import DiskState, ResourceExists, ResourceInUse, ResourceNotFound
 from .pageblob import MAX_WRITE, holder_died, this_holder
+from .ranges import merge_ranges
 from .rest import auth
 from .rest.hostapi import ROOT
 from .rest.pageblobs import ID_HEADER, VERSION_HEADER
@@ -430,22 +431,18 @@ class RemoteBlobs:
             self._sizes[name] = size
 
     def page_ranges(self, name: str) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
+        spans: list[tuple[int, int]] = []  # [start, end) of each PageRange, merged at the end
         marker = ""
         while True:
             query = {"comp": "pagelist", **({"marker": marker} if marker else {})}
             body = self.ep.request("GET", _split(name), query).body
             with self.ep.parsing(f"the page ranges of {name}"):
                 root = ET.fromstring(body)
-                for r in root.iter("PageRange"):
-                    start, end = int(r.findtext("Start") or 0), int(r.findtext("End") or -1)
-                    if out and out[-1][0] + out[-1][1] == start:
-                        out[-1] = (out[-1][0], out[-1][1] + end - start + 1)
-                    else:
-                        out.append((start, end - start + 1))
+                spans += [(int(r.findtext("Start") or 0), int(r.findtext("End") or -1) + 1)
+                          for r in root.iter("PageRange")]
                 marker = root.findtext("NextMarker") or ""
             if not marker:
-                return out
+                return [(s, e - s) for s, e in merge_ranges(spans)]
 
     # -- the writer lease (host API) ------------------------------------------------------
 
