@@ -66,6 +66,11 @@ case "$what" in
   test)
     echo "== ruff"; .venv/bin/ruff check vhd stamp hostcache tests tools
     echo "== mypy"; .venv/bin/mypy
+    tmp="${TMPDIR:-/tmp}"
+    free_gib=$(( $(df -Pk "$tmp" | awk 'NR==2 {print $4}') / 1048576 ))
+    if [ "$free_gib" -lt 10 ]; then
+      echo "WARNING: $tmp has $free_gib GiB free; the tests write images and stamps there and need about 10 GiB" >&2
+    fi
     echo "== pytest"; exec .venv/bin/python -m pytest "$@" ;;
   *)
     echo "usage: bash tools/run.sh demo|test [args for the demo or pytest]" >&2; exit 2 ;;
