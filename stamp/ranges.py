@@ -7,14 +7,16 @@ A key is prefix + u64 big-endian start page; the value starts with the u64
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterator
-from typing import cast
+from collections.abc import Callable, Iterator
+from typing import TypeVar, cast
 
 import lmdb
 
 U64 = struct.Struct(">Q")
 END = struct.Struct("<Q")
+T = TypeVar("T")
 
 
 def overlapping(txn: lmdb.Transaction, db: lmdb._Database, prefix: bytes, start: int, end: int,
@@ -142,3 +144,26 @@ def subtract(ranges: list[tuple[int, int]], taken: list[tuple[int, int]]) -> lis
         if pos < e:
             out.append((pos, e))
     return out
+
+
+def resumed(open_at: Callable[[int], Iterator[T]], start: int, chunk: int) -> Iterator[T]:
+    """The items of open_at(start) (each an (offset, length, ...) tuple, in
+    offset order), read `chunk` at a time: each chunk from its own iterator,
+    opened at the end of the last item taken and closed before the chunk is
+    handed out. A lazy listing that holds an LMDB read transaction while it
+    runs holds it for one chunk, so a consumer that pauses between items
+    (a client reading slowly) pins no pages and no reader slot meanwhile."""
+    pos = start
+    while True:
+        it = open_at(pos)
+        try:
+            batch = list(itertools.islice(it, chunk))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        yield from batch
+        if len(batch) < chunk:
+            return
+        last = cast(tuple[int, int], batch[-1])
+        pos = last[0] + last[1]

@@ -419,11 +419,14 @@ async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
     prev = await previous_snapshot(svc, c)
     name, blobs = stamp_name(c), svc.stamp.blobs
 
+    end = offset + length
+
     def source() -> pagelist.Source:  # lazily, from the marker on (pagelist.answer stops at maxresults)
         if prev is None:
-            yield from ((o, n, False) for o, n in blobs.iter_page_ranges(name, c.snapshot, offset, length))
+            yield from ((o, n, False) for o, n in pagelist.short_reads(
+                lambda at: blobs.iter_page_ranges(name, c.snapshot, at, end - at), offset))
         else:
-            yield from blobs.iter_diff(name, prev, c.snapshot, offset, length)
+            yield from pagelist.short_reads(lambda at: blobs.iter_diff(name, prev, c.snapshot, at, end - at), offset)
 
     return await pagelist.answer(svc, c.request, source, limit, {
         "ETag": etag(info), "Last-Modified": hd.http_date(modified(info)),

@@ -8,9 +8,19 @@ range, and so does this, streamed (chunked transfer encoding). The first
 piece is taken before the status line is sent, so an error in opening the
 blob is a normal error answer; a stamp error after the answer began drops
 the connection (a short body, never a wrong one). Each piece is held only
-while the endpoint's byte budget allows, and the source (which holds one
-LMDB read transaction, a consistent view for the whole answer) is closed on
-a pool thread when the answer ends, whole or not.
+while the endpoint's byte budget allows, and the source is closed on a pool
+thread when the answer ends, whole or not.
+
+A source reads the stamp through `short_reads`: CHUNK ranges from one short
+LMDB read transaction, the next CHUNK from another that resumes at the end
+of the last range taken. Nothing is held between pieces, so a client that
+reads slowly pins no metadata pages (writers keep reusing freed ones) and
+no reader slot. What that guarantees: a snapshot's listing, and a diff
+between two snapshots, never change, so the answer is exactly theirs; a
+live blob's (and a diff to the live blob) is each piece as of the moment it
+was read, in order, its ranges never overlapping (a write landing between
+two pieces shows in the later one only; two touching ranges may then be
+listed apart).
 """
 
 from __future__ import annotations
@@ -18,9 +28,11 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
 
 from aiohttp import web
 
+from .. import ranges as rg
 from ..errors import StampError
 from . import xmlbody
 from .call import Service
@@ -29,7 +41,14 @@ log = logging.getLogger("stamp.rest")
 Entry = tuple[int, int, bool]  # offset, length, cleared
 Source = Generator[Entry, None, None]
 CHUNK = 4096  # ranges per piece of an answer
+T = TypeVar("T")
 ENTRY_BYTES = 96  # an upper bound on one range's XML (two 20-digit numbers and the ClearRange tags)
+
+
+def short_reads(open_at: Callable[[int], Iterator[T]], start: int) -> Iterator[T]:
+    """The ranges of open_at(start), CHUNK at a time, each chunk from its own
+    iterator (its own read transaction) opened where the last one stopped."""
+    return rg.resumed(open_at, start, CHUNK)
 
 
 def _take(source: Iterator[Entry], n: int) -> list[Entry]:
