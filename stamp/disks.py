@@ -66,7 +66,6 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 
 import vhd
-from vhd import bat as batlib
 from vhd import dynamic_header as dh
 from vhd import footer as ft
 from vhd.chain import Resolver
@@ -76,9 +75,9 @@ from vhd.image import FixedImage, SparseImage, _write_sparse, create_fixed, open
 from vhd.ops import _grow_fixed
 
 from . import access as ac
+from . import guestdiff, sas
 from . import performance as perf
 from . import ranges as rg
-from . import sas
 from .blobfile import PageBlobFile
 from .errors import (
     BadRequest,
@@ -726,6 +725,11 @@ class Disks:
         what changed in guest offsets from incremental snapshot `previous` to
         `target` (a later snapshot of the same disk, or the disk itself), as
         Disks.diff ("written" are PageRanges, "cleared" ClearRanges)."""
+        return self.diff(*self.grant_diff_ends(target, previous))
+
+    def grant_diff_ends(self, target: ac.Grant, previous: ac.Grant) -> tuple[str, str | None]:
+        """The (base, target) snapshot names of grant_diff (target None: the
+        disk itself), or the error grant_diff raises."""
         if previous.kind != "snapshot":
             raise PreviousSnapshotNotFound(f"the previous snapshot URL names disk {previous.name!r}, not a snapshot")
         base = self.snapshot(previous.name)
@@ -736,10 +740,10 @@ class Disks:
             if self.snapshot(target.name).get("blob") != base["blob"]:
                 raise PreviousSnapshotNotFound(f"snapshot {previous.name!r} is not of the disk {target.name!r} "
                                                "was taken of")
-            return self.diff(previous.name, target.name)
+            return previous.name, target.name
         if self._blob_of_disk(target.name) != base["blob"]:
             raise PreviousSnapshotNotFound(f"snapshot {previous.name!r} is not a snapshot of disk {target.name!r}")
-        return self.diff(previous.name)
+        return previous.name, None
 
     def revoke_access(self, kind: str, name: str) -> dict[str, Any]:
         """End a grant: its SAS stops working at once. An upload's blob must
@@ -1001,6 +1005,19 @@ class Disks:
                 "written": [{"offset": s, "length": e - s} for s, e in written],
                 "cleared": [{"offset": s, "length": e - s} for s, e in cleared]}
 
+    def iter_diff(self, base: str, target: str | None = None, offset: int = 0,
+                  length: int | None = None) -> Iterator[tuple[int, int, bool]]:
+        """diff, lazily, as (offset, length, cleared) guest byte ranges in
+        offset order, cut to [offset, offset+length) page-aligned outward
+        (stamp.guestdiff): it holds one VHD block's ranges, not the diff, and
+        no read transaction between the ranges it yields."""
+        b, t = self._diff_ends(base, target)
+        with self.open_virtual(b["disk"], snapshot=target) as v, \
+                self.open_virtual(b["disk"], snapshot=base) as was:
+            yield from guestdiff.iter_guest_diff(self.blobs, b["blob"], b["blob_snapshot"],
+                                                 t["blob_snapshot"] if t else None, v.image, was.image,
+                                                 offset, length)
+
     def blob_diff(self, base: str, target: str | None = None) -> dict[str, Any]:
         """The same diff in the disk's page blob's bytes (for a disk from an
         image: offsets in its differencing VHD file)."""
@@ -1008,6 +1025,11 @@ class Disks:
         return {"base": base, "target": target or b["disk"], "unit": "blob bytes", **d.to_json()}
 
     def _blob_diff(self, base: str, target: str | None) -> tuple[dict[str, Any], Diff]:
+        b, t = self._diff_ends(base, target)
+        return b, self.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
+
+    def _diff_ends(self, base: str, target: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The records of a diff's base and target snapshots (None: the disk), checked."""
         b = self.snapshot(base)
         if not b.get("blob_snapshot"):
             raise StampError(f"{base} is a full snapshot: diffs are between incremental snapshots")
@@ -1017,7 +1039,7 @@ class Disks:
         if t is None and self._blob_of_disk(b["disk"]) != b["blob"]:
             raise StampError(f"disk {b['disk']!r} is no longer the disk {base} was taken of: name a later "
                              "snapshot of it as the target")
-        return b, self.blobs.diff(b["blob"], b["blob_snapshot"], t["blob_snapshot"] if t else None)
+        return b, t
 
     def _blob_of_disk(self, name: str) -> str | None:
         with self.meta.read() as txn:
@@ -1179,11 +1201,10 @@ def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = Non
     layout: a fixed VHD's data is the blob's first `size` bytes; a sparse
     one's block b is its bitmap then its data at the BAT's offset. A changed
     bitmap changes how the sectors whose bits differ read: with `base` (the
-    image as it was) exactly those, else the whole block."""
+    image as it was) exactly those, else the whole block (guestdiff.in_block)."""
     size = image.size
     if not isinstance(image, SparseImage):
         return [(o, min(n, size - o)) for o, n in blob_ranges if o < size]
-    bs, bm = image.block_size, image.bitmap_size
     blocks = sorted((entry * 512, b) for b, entry in image.bat.items())
     starts = [start for start, _ in blocks]
     out: list[tuple[int, int]] = []
@@ -1193,29 +1214,8 @@ def guest_ranges(image: Any, blob_ranges: list[tuple[int, int]], base: Any = Non
         for start, b in blocks[i:]:
             if start >= end:
                 break
-            lo, hi = max(off, start), min(end, start + bm + bs)
-            if lo >= hi:
-                continue
-            if lo < start + bm:
-                out += _bitmap_changes(image, base, b)
-                lo = start + bm
-            if lo < hi:
-                g0 = b * bs + lo - start - bm
-                out.append((g0, min(hi - lo, size - g0)))
-    return [(o, n) for o, n in out if n > 0]
-
-
-def _bitmap_changes(image: Any, base: Any, b: int) -> list[tuple[int, int]]:
-    """Guest ranges of block b whose sector bits differ between `base` (a
-    block it had not allocated has no bits set) and `image`."""
-    bs, size = image.block_size, image.size
-    if base is None:
-        return [(b * bs, min(bs, size - b * bs))]
-    new = image.block_bitmap(b)
-    old = base.block_bitmap(b) if b < len(base.bat) and base.bat[b] != 0xFFFFFFFF else bytes(len(new))
-    xor = (int.from_bytes(new, "big") ^ int.from_bytes(old, "big")).to_bytes(len(new), "big")
-    return [(b * bs + first * 512, min(count * 512, size - b * bs - first * 512))
-            for changed, first, count in batlib.runs(xor, 0, bs // 512) if changed]
+            out += guestdiff.in_block(image, base, b, start, off, end)
+    return out
 
 
 class SnapshotFile(PageBlobFile):

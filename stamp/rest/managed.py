@@ -16,7 +16,8 @@ Rules kept:
   names the same account's grant;
 - only what an upload or a download needs: Get Blob, Get Blob Properties,
   Get Page Ranges (a diff only by x-ms-previous-snapshot-url, between two
-  grants of one disk's snapshots, in guest offsets: Disks.grant_diff) and,
+  grants of one disk's snapshots, in guest offsets: Disks.grant_diff, streamed by
+  Disks.iter_diff) and,
   for a Write grant, Put Page (update and clear). Anything else is 403
   AuthorizationPermissionMismatch, before any body is read;
 - the request is then the page blob operation on the stamp blob the grant
@@ -103,7 +104,8 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     URL, its SAS checked) and this grant: guest offsets, as Disks.grant_diff."""
     url = c.headers["x-ms-previous-snapshot-url"]
     previous = await _previous_grant(svc, c, url)
-    d = await svc.run(disks_of(svc).grant_diff, target, previous)
+    disks = disks_of(svc)
+    base, later = await svc.run(disks.grant_diff_ends, target, previous)
     limit = hd.query_int(c.query, "maxresults", 1, 2 ** 31)
     marker = c.query.get("marker", "")
     if marker and not hd.digits(marker):
@@ -114,12 +116,10 @@ async def managed_diff(svc: Service, c: Call, target: Grant) -> web.StreamRespon
     if window is not None:
         _, start, end = window
         lo, hi = start, min(target.size, (end + 1) if end is not None else target.size)
-    entries = sorted([(r["offset"], r["length"], False) for r in d["written"]]
-                     + [(r["offset"], r["length"], True) for r in d["cleared"]])
-    entries = pb.clip(entries, max(lo, int(marker or 0)), hi)
+    offset, length = pagelist.aligned(max(lo, int(marker or 0)), hi)
 
-    def source() -> pagelist.Source:
-        yield from entries
+    def source() -> pagelist.Source:  # lazily, in guest order (stamp.guestdiff), from the marker on
+        yield from disks.iter_diff(base, later, offset, length)
 
     return await pagelist.answer(svc, c.request, source, limit, {
         "ETag": pb.etag(info), "Last-Modified": hd.http_date(pb.modified(info)),

@@ -433,18 +433,6 @@ async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
         "x-ms-blob-content-length": str(info.size)})
 
 
-def clip(entries: list[tuple[int, int, bool]], lo: int, hi: int) -> list[tuple[int, int, bool]]:
-    """Entries cut to the byte window [lo, hi), page-aligned outward."""
-    lo -= lo % 512
-    hi = -(-hi // 512) * 512
-    out = []
-    for o, n, cleared in entries:
-        s, e = max(o, lo), min(o + n, hi)
-        if s < e:
-            out.append((s, e - s, cleared))
-    return out
-
-
 async def previous_snapshot(svc: Service, c: Call) -> str | None:
     """The base of a diff: `prevsnapshot`, or the snapshot named by the
     x-ms-previous-snapshot-url header (a URL of the same blob, its SAS checked)."""

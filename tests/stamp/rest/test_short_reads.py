@@ -127,13 +127,13 @@ def test_a_client_stalled_mid_listing_pins_no_pages_while_others_write(tmp_path)
                 st.blobs.write("ccc/b", (2 * p + 1) * 512, b"y" * 512)
             grown = (_used_pages(st) - used) * 4096
             assert held == 0, st.meta.env.readers()  # no read transaction open while the client stalls
-            assert grown < 4 * MIB, grown  # a pinned reader: every commit's pages are new (~100 MiB here)
+            assert grown < 4 * MIB, grown  # a pinned reader: every commit takes new pages (76 MiB here before)
             got = _ranges(_dechunk(_read_rest(sock, head)))
             after = st.blobs.page_ranges("ccc/b")
             if query:
                 assert got == frozen  # a snapshot's listing is exact
             else:  # a live one: sorted, disjoint, between the blob before and after the writes
-                assert all(a[1] <= b[0] for a, b in zip(got, got[1:]))
+                assert all(a[1] <= b[0] for a, b in zip(got, got[1:], strict=False))
                 union = rg.merge_ranges(got)
                 assert rg.subtract([(o, o + k) for o, k in before], union) == []
                 assert rg.subtract(union, [(o, o + k) for o, k in after]) == []
