@@ -1416,6 +1416,28 @@ class PageBlobs:
             out.append(Snapshot(name, info["snapshot"], info["epoch"], info["time"], info.get("metadata", {})))
         return out
 
+    def describe_snapshots(self, name: str, epoch: int = 0, limit: int = 1) -> list[tuple[int, BlobInfo]]:
+        """(epoch, description) of the blob's snapshots from `epoch` on, oldest
+        first, at most `limit` of them, read from one short read transaction
+        (a listing page, whatever the number of snapshots); as describe() of
+        each, which would count the blob's snapshots once per snapshot."""
+        with self.meta.read() as txn:
+            blob_id, obj, _ = self._blob(txn, name)
+            count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
+            out = []
+            cur = txn.cursor(db=self.db["snaps"])
+            if not cur.set_range(BLOB_EPOCH.pack(blob_id, min(epoch, 0xFFFFFFFF))):
+                return out
+            for key, raw in cur:
+                b, e = BLOB_EPOCH.unpack(bytes(key))
+                if b != blob_id or len(out) == limit:
+                    break
+                rec = loads(bytes(raw))
+                props = dict(rec.get("metadata", {}).get("properties", {}))
+                out.append((e, BlobInfo(name, blob_id, int(rec["size"]), float(obj["created"]), props, e, 0.0,
+                                        LeaseState.AVAILABLE, None, 0, count, str(rec["snapshot"]))))
+            return out
+
     def snapshot_metadata(self, name: str, snapshot: str) -> dict[str, Any]:
         with self.meta.read() as txn:
             blob_id = self._blob(txn, name)[0]

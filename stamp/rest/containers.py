@@ -3,9 +3,12 @@ stamp.Containers: create, delete, properties, metadata, access policy, list
 containers, list blobs, account information.
 
 Rules: listings page with `marker` (the name to start from, returned as
-NextMarker) and `maxresults` (1 to 5,000; default 5,000); a blob's
-snapshots are listed just before it, oldest first, and a page never splits a
-blob from its snapshots unless they alone fill it; with `delimiter`, names
+NextMarker) and `maxresults` (1 to 5,000; default 5,000), and a page holds
+at most `maxresults` entries; a blob's snapshots are listed just before it,
+oldest first, and a page never splits a blob from its snapshots unless they
+alone overflow it: then the page is the first of them and its NextMarker
+points into the blob's snapshot list (`snapshot_marker`, opaque as the
+service's), so a blob with 100,000 snapshots is listed a page at a time; with `delimiter`, names
 with the delimiter past the prefix fold into one BlobPrefix each. Container
 leases are not supported (a clear error). A conditional change (set
 metadata, delete) checks its If-(Un)Modified-Since again in the transaction
@@ -20,7 +23,9 @@ stamp: creating a name another account holds is 409 ContainerAlreadyExists.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -34,6 +39,7 @@ from .call import Call, Service
 from .errors import RestError, header_error, query_error
 
 MAX_LIST = 5000
+_B64 = re.compile(r"[A-Za-z0-9_-]+=*")
 T = TypeVar("T")
 
 
@@ -211,18 +217,47 @@ def _names(svc: Service, c: Call, prefix: str, marker: str, limit: int,
         start = max(names[-1] + "\0", skip())  # no name holds a NUL: the first name after the last one read
 
 
+def snapshot_marker(name: str, epoch: int) -> str:
+    """The NextMarker of a page that ends inside blob `name`'s snapshots: the
+    next page lists it from its snapshot of `epoch` on (then the blob). As
+    the service's, opaque: "2!" + the length + "!" + base64 of "EPOCH!NAME"."""
+    payload = base64.urlsafe_b64encode(f"{epoch}!{name}".encode("utf-8", "surrogatepass")).decode()
+    return f"2!{len(payload)}!{payload}"
+
+
+def parse_marker(marker: str) -> tuple[str, int]:
+    """A marker's blob name and the epoch its snapshots are listed from (0:
+    all); a marker that is not snapshot_marker's is a blob name. (A blob
+    named exactly as a valid snapshot marker would be read as one.)"""
+    head, _, payload = marker.partition("!")
+    length, _, payload = payload.partition("!")
+    if head != "2" or not hd.digits(length) or int(length) != len(payload) or not _B64.fullmatch(payload):
+        return marker, 0
+    try:
+        epoch, bang, name = base64.urlsafe_b64decode(payload).decode("utf-8", "surrogatepass").partition("!")
+    except (ValueError, UnicodeDecodeError):
+        return marker, 0
+    if not bang or not hd.digits(epoch) or not name:
+        return marker, 0
+    return name, int(epoch)
+
+
 def _page(svc: Service, c: Call, prefix: str, marker: str, delimiter: str, limit: int,
           include: set[str]) -> tuple[list[dict[str, Any]], list[str], str | None]:
-    """One page of a blob listing (runs on the pool: it reads each blob)."""
+    """One page of a blob listing, at most `limit` entries (runs on the pool:
+    it reads each blob, and at most `limit` + 1 of a blob's snapshots)."""
     entries: list[dict[str, Any]] = []
     prefixes: list[str] = []
     count = 0
     blobs = svc.stamp.blobs
+    start, since = parse_marker(marker)
+    listed = lambda info, name: pageblobs.list_entry(info, name, "metadata" in include,  # noqa: E731
+                                                     "copy" in include)
 
     def skip() -> str:  # past every name in the last folder rolled up (U+10FFFF is the last code point)
         return prefixes[-1] + "\U0010ffff" if prefixes else ""
 
-    for name in _names(svc, c, prefix, marker, limit, skip):
+    for name in _names(svc, c, prefix, start, limit, skip):
         if delimiter:
             cut = name.find(delimiter, len(prefix))
             if cut >= 0:
@@ -234,14 +269,19 @@ def _page(svc: Service, c: Call, prefix: str, marker: str, delimiter: str, limit
                 prefixes.append(folder)
                 count += 1
                 continue
-        full = f"{c.container}/{name}"
+        full, room = f"{c.container}/{name}", limit - count
+        epoch = since if name == start else 0
         try:
-            snaps = blobs.snapshots(full) if "snapshots" in include else []
-            group = [blobs.describe(full, s.id) for s in snaps] + [blobs.describe(full)]
+            snaps = blobs.describe_snapshots(full, epoch, room + 1) if "snapshots" in include else []
+            info = blobs.describe(full)
         except BlobNotFound:
             continue  # deleted since the names were read
-        if count and count + len(group) > limit:
+        if len(snaps) + 1 <= room:
+            entries += [listed(s, name) for _, s in snaps] + [listed(info, name)]
+            count += len(snaps) + 1
+            continue
+        if count:  # a blob and its snapshots start a page of their own, unless they alone overflow one
             return entries, prefixes, name
-        entries += [pageblobs.list_entry(info, name, "metadata" in include, "copy" in include) for info in group]
-        count += len(group)
+        entries += [listed(s, name) for _, s in snaps[:room]]
+        return entries, prefixes, snapshot_marker(name, snaps[room][0] if len(snaps) > room else snaps[-1][0] + 1)
     return entries, prefixes, None

@@ -8,7 +8,7 @@ import asyncio
 import tracemalloc
 import xml.etree.ElementTree as ET
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from aiohttp.test_utils import TestServer
@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from stamp import Stamp
 from stamp.disks import Disks
 from stamp.rest import Accounts, Endpoint, Limits, Service
+from stamp.rest.containers import parse_marker
 
 
 def _serve(st: Stamp, paths: list[str]) -> list[bytes]:
@@ -45,13 +46,19 @@ def _parse(body: bytes) -> tuple[list[tuple[str, str | None]], list[str], str | 
     return blobs, prefixes, root.findtext("NextMarker") or None
 
 
-def _model(names: list[str], snaps: dict[str, list[str]], prefix: str, marker: str, delimiter: str,
-           limit: int) -> tuple[list[tuple[str, str | None]], list[str], str | None]:
-    """One page over the whole sorted name list, as the service pages."""
+Position = str | tuple[str, int]  # a blob name, or (name, entries of its group already listed)
+
+
+def _model(names: list[str], snaps: dict[str, list[str]], prefix: str, marker: Position, delimiter: str,
+           limit: int) -> tuple[list[tuple[str, str | None]], list[str], Position | None]:
+    """One page over the whole sorted name list, as the service pages: at
+    most `limit` entries, a blob's group (its snapshots, then it) kept whole
+    unless it alone overflows a page."""
+    start, done = (marker, 0) if isinstance(marker, str) else marker
     blobs: list[tuple[str, str | None]] = []
     prefixes: list[str] = []
     count = 0
-    for name in sorted(n for n in names if n.startswith(prefix) and n >= marker):
+    for name in sorted(n for n in names if n.startswith(prefix) and n >= start):
         cut = name.find(delimiter, len(prefix)) if delimiter else -1
         if cut >= 0:
             folder = name[:cut + len(delimiter)]
@@ -63,10 +70,14 @@ def _model(names: list[str], snaps: dict[str, list[str]], prefix: str, marker: s
             count += 1
             continue
         group = [(name, s) for s in snaps.get(name, [])] + [(name, None)]
-        if count and count + len(group) > limit:
+        group = group[done if name == start else 0:]
+        if count + len(group) <= limit:
+            blobs += group
+            count += len(group)
+            continue
+        if count:
             return blobs, prefixes, name
-        blobs += group
-        count += len(group)
+        return blobs + group[:limit], prefixes, (name, (done if name == start else 0) + limit)
     return blobs, prefixes, None
 
 
@@ -79,8 +90,8 @@ def test_list_blobs_reads_one_page_of_names_and_pages_as_the_model(tmp_path):
     for n in names:
         st.blobs.create(f"ccc/{n}", 512)
     snaps: dict[str, list[str]] = {}
-    for n in ("a/005", "top010", "top011"):
-        snaps[n] = [st.blobs.snapshot(f"ccc/{n}").id for _ in range(3)]
+    for n, k in (("a/005", 3), ("top010", 3), ("top011", 3), ("top012", 11)):
+        snaps[n] = [st.blobs.snapshot(f"ccc/{n}").id for _ in range(k)]
     read: list[int] = []
     real = st.containers.blob_names
 
@@ -95,19 +106,26 @@ def test_list_blobs_reads_one_page_of_names_and_pages_as_the_model(tmp_path):
     for prefix, marker, delimiter, limit in cases:
         include = "snapshots" if limit != 3 else ""
         want_snaps = snaps if include else {}
-        pages, m, paths_done = [], marker, 0
+        pages, m, at = [], marker, marker
         while True:  # walk every page by NextMarker, each request checked against the model
-            q = f"restype=container&comp=list&prefix={prefix}&marker={m}&delimiter={delimiter}&maxresults={limit}"
-            q += f"&include={include}" if include else ""
+            q = f"restype=container&comp=list&prefix={prefix}&marker={quote(m)}&delimiter={delimiter}"
+            q += f"&maxresults={limit}" + (f"&include={include}" if include else "")
             read.clear()
             got = _parse(_serve(st, [f"/devstoreaccount1/ccc?{q}"])[0])
-            assert got == _model(names, want_snaps, prefix, m, delimiter, limit), (prefix, m, delimiter, limit)
+            want = _model(names, want_snaps, prefix, at, delimiter, limit)
+            assert got[:2] == want[:2], (prefix, m, delimiter, limit)
+            assert len(got[0]) + len(got[1]) <= limit
             assert read and max(read) <= limit + 1, read  # never more than one page of names at a time
             pages.append(got)
-            paths_done += 1
-            if got[2] is None:
+            if isinstance(want[2], tuple):  # the page ends inside a blob's snapshots: the marker says where
+                name, k = want[2]
+                epochs = [s.epoch for s in st.blobs.snapshots(f"ccc/{name}")]
+                assert got[2] and parse_marker(got[2]) == (name, epochs[k] if k < len(epochs) else epochs[-1] + 1)
+            else:
+                assert got[2] == want[2], (prefix, m, delimiter, limit)
+            if got[2] is None or want[2] is None:
                 break
-            m = got[2]
+            m, at = got[2], want[2]
         whole = _model(names, want_snaps, prefix, marker, delimiter, 10 ** 6)
         assert [b for p in pages for b in p[0]] == whole[0]
         assert [x for p in pages for x in p[1]] == whole[1]
@@ -252,3 +270,60 @@ def test_a_managed_disk_diff_in_very_many_ranges_holds_a_bounded_amount_of_memor
     assert count == 2 * n + 1  # and the rest of the last 4 MiB write
     assert peak < 4 << 20, peak  # the whole diff built first peaked at 29 MB
     st.close()
+
+
+def _peak_of_page(st: Stamp, path: str) -> tuple[int, bytes]:
+    async def run() -> tuple[int, bytes]:
+        svc = Service(st, Accounts.default(), Limits())
+        server = TestServer(Endpoint(svc).app())
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+                tracemalloc.start()
+                try:
+                    async with s.get(server.make_url(path)) as resp:
+                        assert resp.status == 200, await resp.text()
+                        body = await resp.read()
+                    return tracemalloc.get_traced_memory()[1], body
+                finally:
+                    tracemalloc.stop()
+        finally:
+            await server.close()
+            svc.pool.shutdown()
+    return asyncio.run(run())
+
+
+def test_a_page_of_a_blob_with_thousands_of_snapshots_holds_that_page(tmp_path):
+    st = Stamp.create(str(tmp_path / "st"))
+    st.containers.create("ccc")
+    st.containers.update("ccc", public_access="container")
+    st.blobs.create("ccc/b", 4096)
+    ids = [st.blobs.snapshot("ccc/b").id for _ in range(5000)]
+    st.blobs.create("ccc/c", 512)
+    marker, got = "", []
+    for _ in range(3):
+        path = "/devstoreaccount1/ccc?restype=container&comp=list&include=snapshots&maxresults=40"
+        peak, body = _peak_of_page(st, path + (f"&marker={quote(marker)}" if marker else ""))
+        page = _parse(body)
+        assert len(page[0]) == 40 and page[2]
+        assert peak < 1 << 20, peak  # one page; the code before read all 5,000 (counting them again for each): over 120 s a page
+        got += page[0]
+        marker = page[2]
+    assert got == [("b", s) for s in ids[:120]]
+    st.close()
+
+
+def test_the_sdk_pager_lists_every_snapshot_a_page_at_a_time(server):
+    cc = server.service().get_container_client("snappaged")
+    cc.create_container()
+    cc.get_blob_client("a").create_page_blob(512)
+    b = cc.get_blob_client("b")
+    b.create_page_blob(4096)
+    ids = [b.create_snapshot()["snapshot"] for _ in range(23)]
+    cc.get_blob_client("c").create_page_blob(512)
+    want = [("a", None)] + [("b", s) for s in ids] + [("b", None), ("c", None)]
+    for per_page in (1, 5, 24, 25, 5000):
+        pages = [list(page) for page in cc.list_blobs(include=["snapshots"], results_per_page=per_page).by_page()]
+        assert [(p.name, p.snapshot) for page in pages for p in page] == want, per_page
+        assert max(len(page) for page in pages) <= per_page and len(pages) >= len(want) // per_page
+    cc.delete_container()
