@@ -1424,7 +1424,7 @@ class PageBlobs:
         with self.meta.read() as txn:
             blob_id, obj, _ = self._blob(txn, name)
             count = sum(1 for _ in self.meta.items(txn, "snaps", U64.pack(blob_id)))
-            out = []
+            out: list[tuple[int, BlobInfo]] = []
             cur = txn.cursor(db=self.db["snaps"])
             if not cur.set_range(BLOB_EPOCH.pack(blob_id, min(epoch, 0xFFFFFFFF))):
                 return out
