@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from ..errors import BlobNotFound, ContainerNotFound
+from ..pageblob import BlobInfo
 from . import headers as hd
 from . import pageblobs, xmlbody
 from .auth import DEVSTORE_ACCOUNT
@@ -251,8 +252,9 @@ def _page(svc: Service, c: Call, prefix: str, marker: str, delimiter: str, limit
     count = 0
     blobs = svc.stamp.blobs
     start, since = parse_marker(marker)
-    listed = lambda info, name: pageblobs.list_entry(info, name, "metadata" in include,  # noqa: E731
-                                                     "copy" in include)
+
+    def listed(info: BlobInfo, name: str) -> dict[str, Any]:
+        return pageblobs.list_entry(info, name, "metadata" in include, "copy" in include)
 
     def skip() -> str:  # past every name in the last folder rolled up (U+10FFFF is the last code point)
         return prefixes[-1] + "\U0010ffff" if prefixes else ""

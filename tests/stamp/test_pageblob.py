@@ -334,3 +334,16 @@ def test_a_writer_lease_and_its_holder_are_taken_in_one_step(st, monkeypatch):
         go.set()
         first.join(10)
     st.blobs.write("d", 0, b"x" * 512, got[0])  # the first taker still holds it
+
+
+def test_describe_snapshots_is_describe_of_each_a_page_at_a_time(st):
+    snaps = []
+    for i in range(7):
+        st.blobs.write("d", i * 4096, b"s" * 512)
+        snaps.append(st.blobs.snapshot("d", {"properties": {"n": i}}))
+    epochs = [s.epoch for s in snaps]
+    for start in (0, epochs[2], epochs[2] + 1, epochs[-1], epochs[-1] + 1):
+        for limit in (1, 3, 100):
+            got = st.blobs.describe_snapshots("d", start, limit)
+            want = [(s.epoch, st.blobs.describe("d", s.id)) for s in snaps if s.epoch >= start][:limit]
+            assert got == want, (start, limit)

@@ -40,3 +40,27 @@ def test_overlapping_equals_a_linear_scan(tmp_path_factory, table, prefix, start
     env.close()
     lo, hi = (start - 1, start + length + 1) if touching else (start, start + length)
     assert got == [(s, e) for s, e in table[prefix] if s < hi and e > lo]
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5)), max_size=40), st.integers(1, 7),
+       st.integers(0, 60))
+def test_resumed_lists_what_one_iterator_does_each_chunk_from_its_own(gaps, chunk, start):
+    """resumed() over a fixed list of ranges: the same ranges from `start`,
+    every iterator it opened closed before the next one opens."""
+    ranges, pos = [], 0
+    for gap, n in gaps:
+        ranges.append((pos + gap, n))
+        pos += gap + n
+    opened: list[dict[str, bool]] = []
+
+    def open_at(at: int):
+        state = {"closed": False}
+        assert all(o["closed"] for o in opened)  # nothing is held between chunks
+        opened.append(state)
+        try:
+            yield from (r for r in ranges if r[0] >= at)
+        finally:
+            state["closed"] = True
+
+    assert list(rg.resumed(open_at, start, chunk)) == [r for r in ranges if r[0] >= start]
+    assert all(o["closed"] for o in opened) and len(opened) >= 1
