@@ -3,6 +3,8 @@ prefix, found by cursor. Pure of policy: pageblob decides what ranges mean.
 
 A key is prefix + u64 big-endian start page; the value starts with the u64
 (little-endian) end page. Invariant: ranges under one prefix never overlap.
+`resumed` reads a lazy listing in chunks, each from its own iterator (its
+own read transaction), so nothing is held between chunks.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ async def answer(svc: Service, request: web.Request, open_source: Callable[[], S
         return resp
     finally:
         if source is not None and not exhausted:
-            await svc.run(source.close)  # ends its read transaction (an exhausted source has ended it)
+            await svc.run(source.close)  # on the pool: a source that holds a transaction ends it there
 
 
 async def _next(svc: Service, source: Source, n: int) -> list[Entry]:
