@@ -1235,8 +1235,8 @@ class SnapshotFile(PageBlobFile):
         return self.stamp.blobs.read(self.blob, offset, end - offset, snapshot=self.snapshot)
 
     def data_ranges(self, offset: int, length: int) -> list[tuple[int, int]]:
-        out = []
-        for o, n in self.stamp.blobs.page_ranges(self.blob, snapshot=self.snapshot):
+        out = []  # the ranges of [offset, offset+length) only: an allocation map asked piece by piece stays linear
+        for o, n in self.stamp.blobs.page_ranges(self.blob, snapshot=self.snapshot, offset=offset, length=length):
             s, e = max(o, offset), min(o + n, offset + length)
             if e > s:
                 out.append((s, e - s))
