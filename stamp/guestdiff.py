@@ -16,8 +16,8 @@ offset+length) page-aligned outward. It never holds the diff:
   BAT), then each changed block, in guest order, is diffed alone (its bitmap
   and data in the blob) and mapped through the layout, so what is held is
   one block's ranges.
-The blob is read by `ranges.resumed`: short read transactions, none held
-while the answer waits for its client.
+The blob's diff is read in short read transactions (PageBlobs.iter_diff
+with `chunk`), none held while the answer waits for its client.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def iter_guest_diff(blobs: PageBlobs, blob: str, base: str, target: str | None, 
     if lo >= hi:
         return
     if not isinstance(image, SparseImage):  # the guest's bytes are the blob's first `size`
-        yield from rg.resumed(lambda at: blobs.iter_diff(blob, base, target, at, hi - at), lo, CHUNK)
+        yield from blobs.iter_diff(blob, base, target, lo, hi - lo, chunk=CHUNK)
         return
     yield from _joined(_sparse(blobs, blob, base, target, image, was, lo, hi))
 
@@ -66,7 +66,7 @@ def _sparse(blobs: PageBlobs, blob: str, base: str, target: str | None, image: S
 def _blob_diff(blobs: PageBlobs, blob: str, base: str, target: str | None, lo: int, hi: int
                ) -> list[tuple[int, int]]:
     """The blob's changed (offset, length) ranges in [lo, hi): one block's."""
-    return [(o, n) for o, n, _ in rg.resumed(lambda at: blobs.iter_diff(blob, base, target, at, hi - at), lo, CHUNK)]
+    return [(o, n) for o, n, _ in blobs.iter_diff(blob, base, target, lo, hi - lo, chunk=CHUNK)]
 
 
 def _changed_blocks(blobs: PageBlobs, blob: str, base: str, target: str | None, image: SparseImage
@@ -76,7 +76,7 @@ def _changed_blocks(blobs: PageBlobs, blob: str, base: str, target: str | None, 
     starts = [start for start, _ in placed]
     span = image.bitmap_size + image.block_size
     touched: set[int] = set()
-    for o, n, _ in rg.resumed(lambda at: blobs.iter_diff(blob, base, target, at), 0, CHUNK):
+    for o, n, _ in blobs.iter_diff(blob, base, target, chunk=CHUNK):
         i = max(0, bisect.bisect_right(starts, o) - 1)
         while i < len(placed) and placed[i][0] < o + n:
             if placed[i][0] + span > o:

@@ -67,12 +67,13 @@ import enum
 import functools
 import hashlib
 import heapq
+import itertools
 import os
 import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -1520,40 +1521,80 @@ class PageBlobs:
             return self._diff_in(txn, name, blob_id, st, base, target)
 
     def iter_diff(self, name: str, base: str, target: str | None = None, offset: int = 0,
-                  length: int | None = None) -> Iterator[tuple[int, int, bool]]:
+                  length: int | None = None, chunk: int | None = None) -> Iterator[tuple[int, int, bool]]:
         """diff, lazily and cut to [offset, offset+length) (page-aligned
         outward): (offset, length, cleared) byte ranges in offset order,
         written and cleared interleaved, as a Get Page Ranges diff lists
         them. The change logs of the epochs since `base` are merged by one
-        cursor each and each changed run resolved as it is reached, in one
-        read transaction held until the iterator ends or is closed: a diff
-        of millions of ranges holds a window of them, not all."""
-        with self.meta.read() as txn:
-            blob_id, _, st = self._blob(txn, name)
-            k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
-            size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
-            end = size if length is None else min(offset + length, size)
-            lo, hi = offset // PAGE, min(size // PAGE, -(-end // PAGE))
-            logs = [self._change_log(txn, blob_id, epoch) for epoch in range(k + 1, last + 1)]
-            for cs, ce in rg.merge_sorted(heapq.merge(*logs)):
-                cs, ce = max(cs, lo), min(ce, hi)
-                if cs >= hi:
-                    return
-                if cs >= ce:
-                    continue
-                pos = cs
-                for ws, we in self._runs(txn, blob_id, m, cs, ce):
-                    if ws > pos:
-                        yield pos * PAGE, (ws - pos) * PAGE, True
-                    yield ws * PAGE, (we - ws) * PAGE, False
-                    pos = we
-                if pos < ce:
-                    yield pos * PAGE, (ce - pos) * PAGE, True
+        cursor each and each changed run resolved as it is reached: a diff
+        of millions of ranges holds a window of them, not all.
 
-    def _change_log(self, txn: lmdb.Transaction, blob_id: int, epoch: int) -> Iterator[tuple[int, int]]:
-        """(start, end) pages of the changes logged in `epoch`, by start."""
+        With `chunk` None, all in one read transaction held until the
+        iterator ends or is closed. With a number, `chunk` ranges at a time,
+        each chunk from its own short read transaction, none held between
+        chunks (a slow consumer pins no pages): the next chunk seeks the
+        change logs where the last one stopped and carries over the rest of
+        the changed run it was in (every logged change that starts before
+        that point ends within that run). A diff between two snapshots comes
+        out exactly as in one transaction; a diff to the live blob is each
+        chunk as of its own moment (a change logged meanwhile behind the
+        point reached is not listed)."""
+        if chunk is None:
+            with self.meta.read() as txn:
+                yield from self._diff_walk(txn, name, base, target, offset, length, None, [0])
+            return
+        end = None if length is None else offset + length
+        pos, carry = offset, None
+        while True:
+            reached = [0]
+            with self.meta.read() as txn:
+                walk = self._diff_walk(txn, name, base, target, pos, None if end is None else end - pos, carry,
+                                       reached)
+                batch = list(itertools.islice(walk, chunk))
+                walk.close()
+            yield from batch
+            if len(batch) < chunk:
+                return
+            pos, carry = batch[-1][0] + batch[-1][1], reached[0]
+
+    def _diff_walk(self, txn: lmdb.Transaction, name: str, base: str, target: str | None, offset: int,
+                   length: int | None, carry: int | None, reached: list[int]
+                   ) -> Generator[tuple[int, int, bool], None, None]:
+        """iter_diff in `txn`. `carry` None: the change logs are read from
+        their start (a changed run may begin before `offset`); else they are
+        sought at `offset` and pages [offset, carry) are changed too (the rest
+        of the run the last chunk was in). reached[0]: the end page of the
+        changed run being listed."""
+        blob_id, _, st = self._blob(txn, name)
+        k, m, last = self._diff_epochs(txn, name, blob_id, st, base, target)
+        size = st.size if target is None else self._snapshot_size(txn, blob_id, target, st)
+        end = size if length is None else min(offset + length, size)
+        lo, hi = offset // PAGE, min(size // PAGE, -(-end // PAGE))
+        logs = [self._change_log(txn, blob_id, epoch, 0 if carry is None else lo) for epoch in range(k + 1, last + 1)]
+        if carry is not None and carry > lo:
+            logs.append(iter([(lo, carry)]))
+        for cs, ce in rg.merge_sorted(heapq.merge(*logs)):
+            reached[0] = ce
+            cs, ce = max(cs, lo), min(ce, hi)
+            if cs >= hi:
+                return
+            if cs >= ce:
+                continue
+            pos = cs
+            for ws, we in self._runs(txn, blob_id, m, cs, ce):
+                if ws > pos:
+                    yield pos * PAGE, (ws - pos) * PAGE, True
+                yield ws * PAGE, (we - ws) * PAGE, False
+                pos = we
+            if pos < ce:
+                yield pos * PAGE, (ce - pos) * PAGE, True
+
+    def _change_log(self, txn: lmdb.Transaction, blob_id: int, epoch: int, start: int = 0
+                    ) -> Iterator[tuple[int, int]]:
+        """(start, end) pages of the changes logged in `epoch`, by start, from
+        the first that starts at or after page `start`."""
         cur = txn.cursor(db=self.db["changes"])
-        if not cur.set_range(BLOB_EPOCH.pack(blob_id, epoch)):
+        if not cur.set_range(BLOB_EPOCH_PAGE.pack(blob_id, epoch, start)):
             return
         for key, raw in cur:
             b, e, page = BLOB_EPOCH_PAGE.unpack(bytes(key))

@@ -426,7 +426,7 @@ async def get_page_ranges(svc: Service, c: Call) -> web.StreamResponse:
             yield from ((o, n, False) for o, n in pagelist.short_reads(
                 lambda at: blobs.iter_page_ranges(name, c.snapshot, at, end - at), offset))
         else:
-            yield from pagelist.short_reads(lambda at: blobs.iter_diff(name, prev, c.snapshot, at, end - at), offset)
+            yield from blobs.iter_diff(name, prev, c.snapshot, offset, length, chunk=pagelist.CHUNK)  # short reads
 
     return await pagelist.answer(svc, c.request, source, limit, {
         "ETag": etag(info), "Last-Modified": hd.http_date(modified(info)),

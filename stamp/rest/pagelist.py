@@ -11,7 +11,8 @@ the connection (a short body, never a wrong one). Each piece is held only
 while the endpoint's byte budget allows, and the source is closed on a pool
 thread when the answer ends, whole or not.
 
-A source reads the stamp through `short_reads`: CHUNK ranges from one short
+A source reads the stamp in short reads (`short_reads` for page listings,
+PageBlobs.iter_diff with `chunk` for diffs): CHUNK ranges from one short
 LMDB read transaction, the next CHUNK from another that resumes at the end
 of the last range taken. Nothing is held between pieces, so a client that
 reads slowly pins no metadata pages (writers keep reusing freed ones) and

@@ -347,3 +347,23 @@ def test_describe_snapshots_is_describe_of_each_a_page_at_a_time(st):
             got = st.blobs.describe_snapshots("d", start, limit)
             want = [(s.epoch, st.blobs.describe("d", s.id)) for s in snaps if s.epoch >= start][:limit]
             assert got == want, (start, limit)
+
+
+def test_iter_diff_in_chunks_carries_a_changed_run_across_chunks(st):
+    """A chunk that ends inside a changed run (one logged change, cleared in
+    places since): the next chunk seeks the logs past the change's start and
+    still lists the rest of the run."""
+    base = st.blobs.snapshot("d").id
+    st.blobs.write("d", 0, b"w" * (64 * 512))  # one change: pages 0-63
+    for p in (1, 5, 6, 40):
+        st.blobs.clear("d", p * 512, 512)
+    st.blobs.write("d", 100 * 512, b"v" * 512)
+    later = st.blobs.snapshot("d").id
+    st.blobs.write("d", 200 * 512, b"u" * 512)
+    for target in (later, None):
+        whole = list(st.blobs.iter_diff("d", base, target))
+        assert len(whole) == (8 if target else 9)
+        for chunk in (1, 2, 3, 4, 100):
+            assert list(st.blobs.iter_diff("d", base, target, chunk=chunk)) == whole, (target, chunk)
+            assert list(st.blobs.iter_diff("d", base, target, 3 * 512, 50 * 512, chunk=chunk)) == \
+                list(st.blobs.iter_diff("d", base, target, 3 * 512, 50 * 512)), (target, chunk)
