@@ -8,8 +8,9 @@ at most `maxresults` entries; a blob's snapshots are listed just before it,
 oldest first, and a page never splits a blob from its snapshots unless they
 alone overflow it: then the page is the first of them and its NextMarker
 points into the blob's snapshot list (`snapshot_marker`, opaque as the
-service's), so a blob with 100,000 snapshots is listed a page at a time; with `delimiter`, names
-with the delimiter past the prefix fold into one BlobPrefix each. Container
+service's), so a blob with 100,000 snapshots is listed a page at a time;
+with `delimiter`, names with the delimiter past the prefix fold into one
+BlobPrefix each. Container
 leases are not supported (a clear error). A conditional change (set
 metadata, delete) checks its If-(Un)Modified-Since again in the transaction
 that makes it (`guarded`), so two servers on one stamp cannot both pass.

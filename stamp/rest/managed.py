@@ -16,9 +16,9 @@ Rules kept:
   names the same account's grant;
 - only what an upload or a download needs: Get Blob, Get Blob Properties,
   Get Page Ranges (a diff only by x-ms-previous-snapshot-url, between two
-  grants of one disk's snapshots, in guest offsets: Disks.grant_diff, streamed by
-  Disks.iter_diff) and,
-  for a Write grant, Put Page (update and clear). Anything else is 403
+  grants of one disk's snapshots, in guest offsets: Disks.grant_diff's
+  answer, streamed by Disks.iter_diff) and, for a Write grant, Put Page
+  (update and clear). Anything else is 403
   AuthorizationPermissionMismatch, before any body is read;
 - the request is then the page blob operation on the stamp blob the grant
   names (at its snapshot for an incremental snapshot's grant); a Put Page

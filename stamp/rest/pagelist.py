@@ -20,8 +20,8 @@ no reader slot. What that guarantees: a snapshot's listing, and a diff
 between two snapshots, never change, so the answer is exactly theirs; a
 live blob's (and a diff to the live blob) is each piece as of the moment it
 was read, in order, its ranges never overlapping (a write landing between
-two pieces shows in the later one only; two touching ranges may then be
-listed apart).
+two pieces may show in the later one, never in an earlier one; two
+touching ranges may then be listed apart).
 """
 
 from __future__ import annotations
