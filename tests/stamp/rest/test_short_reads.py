@@ -3,7 +3,8 @@ streamed Get Page Ranges comes from its own short LMDB read transaction,
 resumed at the last range taken, so a client that stalls mid-body lets
 writers reuse the pages they free (the metadata map does not grow) and holds
 no slot of the reader table; what it reads in the end is well-formed (a
-snapshot's listing exactly; a live blob's with each range as of some moment)."""
+snapshot's listing and a diff between snapshots exactly; a live blob's with
+each range as of some moment)."""
 
 from __future__ import annotations
 
@@ -104,34 +105,47 @@ def _readers(st: Stamp) -> int:
     return sum(1 for line in lines if line.split() and line.split()[-1] != "-")
 
 
+def _wait_until_stalled(st: Stamp, quiet: float = 1.0, limit: float = 15.0) -> None:
+    """Wait until the server has filled the socket buffers and waits for the
+    client: no read transaction seen for `quiet` seconds (it reads a piece
+    while the buffers take more). A server that holds one all along is
+    left to the test's assertions after `limit` seconds."""
+    deadline, since = time.monotonic() + limit, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet:
+        if _readers(st):
+            since = time.monotonic()
+        time.sleep(0.01)
+
+
 def test_a_client_stalled_mid_listing_pins_no_pages_while_others_write(tmp_path):
     st = Stamp.create(str(tmp_path / "st"))
     st.containers.create("ccc")
     st.containers.update("ccc", public_access="container")
     n = 150_000  # ~9 MiB of XML: more than the socket buffers hold, so the server waits mid-body
     st.blobs.create("ccc/b", 2 * n * 512)
+    empty = st.blobs.snapshot("ccc/b").id
     for p in range(n):  # alternate pages: n ranges
         st.blobs.write("ccc/b", 2 * p * 512, b"x" * 512)
     snap = st.blobs.snapshot("ccc/b").id
     frozen = [(o, o + k) for o, k in st.blobs.page_ranges("ccc/b", snapshot=snap)]
     st.blobs.create("ccc/w", 4 * MIB)
     with served(st) as port:
-        for query in (f"&snapshot={snap}", ""):
+        for query in (f"&snapshot={snap}", f"&snapshot={snap}&prevsnapshot={empty}", ""):
             before = st.blobs.page_ranges("ccc/b")
             sock, head = _stalled_get(port, f"/devstoreaccount1/ccc/b?comp=pagelist{query}")
-            time.sleep(0.5)  # the server fills the socket buffers and waits for the client
-            used, held = _used_pages(st), _readers(st)
+            _wait_until_stalled(st)
+            used = _used_pages(st)
             for i in range(3000):  # overwrites elsewhere: each commit frees the pages the last one wrote
                 st.blobs.write("ccc/w", (i % 64) * 65536, bytes([i % 251]) * 65536)
             for p in range(n - 1, n - 200, -1):  # and fill holes in the blob being listed, near its end
                 st.blobs.write("ccc/b", (2 * p + 1) * 512, b"y" * 512)
-            grown = (_used_pages(st) - used) * 4096
+            grown, held = (_used_pages(st) - used) * 4096, _readers(st)
             assert held == 0, st.meta.env.readers()  # no read transaction open while the client stalls
             assert grown < 4 * MIB, grown  # a pinned reader: every commit takes new pages (76 MiB here before)
             got = _ranges(_dechunk(_read_rest(sock, head)))
             after = st.blobs.page_ranges("ccc/b")
             if query:
-                assert got == frozen  # a snapshot's listing is exact
+                assert got == frozen  # a snapshot's listing, and a diff between snapshots, are exact
             else:  # a live one: sorted, disjoint, between the blob before and after the writes
                 assert all(a[1] <= b[0] for a, b in zip(got, got[1:], strict=False))
                 union = rg.merge_ranges(got)
