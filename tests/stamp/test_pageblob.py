@@ -334,3 +334,31 @@ def test_a_writer_lease_and_its_holder_are_taken_in_one_step(st, monkeypatch):
         go.set()
         first.join(10)
     st.blobs.write("d", 0, b"x" * 512, got[0])  # the first taker still holds it
+
+
+def test_a_long_lived_process_holds_no_memory_for_every_blob_name_it_ever_used(st):
+    """A server (`stamp serve`) whose clients make, write, read and delete
+    blobs under ever new names (a name per backup, per upload) kept each
+    name's id in its name -> id cache for good: memory grew with every
+    name the process ever saw, deleted ones included (1 KiB names: about
+    1 MiB per thousand)."""
+    import tracemalloc
+
+    def cycle(i: int) -> None:
+        name = f"{i:06d}" + "n" * 1018
+        st.blobs.create(name, 4096)
+        st.blobs.write(name, 0, b"x" * 512)
+        assert st.blobs.read(name, 0, 512) == b"x" * 512
+        st.blobs.delete(name)
+
+    for i in range(200):  # warm: what the first names cost once
+        cycle(i)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200, 4200):
+            cycle(i)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 3 << 20, f"{grown / (1 << 20):.1f} MiB held after 4,000 blobs made and deleted"
