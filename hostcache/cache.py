@@ -13,7 +13,10 @@ and the blob's version when its clean lines were last known to match it).
 Modes, per attached disk (CachedBlob):
   NONE       every read and write goes to the stamp
   READONLY   reads fill and use the cache; a write first takes the sectors
-             out of the index, then goes to the stamp, then refreshes them
+             out of the index, then goes to the stamp, then refreshes them,
+             all under the lock: two write-throughs of one sector (workers
+             of `hostcache serve`) would otherwise refresh it in another
+             order than the stamp took them, leaving the cache the older
   READWRITE  a write is acknowledged once it is in the cache file and the
              index marks it dirty; dirty sectors are written back on flush,
              on detach and when their line is evicted: stamp write
@@ -987,9 +990,17 @@ class CachedBlob(PageBlobFile):
             self.truncate(-(-(offset + n) // SECTOR) * SECTOR)
         offset, data = align_write(lambda o, k: self.pread(k, o).ljust(k, b"\0"), offset, data, SECTOR)
         if self.mode is CacheMode.READONLY:
-            self.cache.invalidate(self.blob_id, offset, len(data))  # out of the cache, then the stamp
-            super().pwrite(data, offset)  # the stamp first: writes go through
-            self.cache.update(self.stamp, self.blob_id, offset, data, dirty=False)
+            failed: BaseException | None = None
+            with self.cache.lock:  # no other write-through (any process) between the stamp write and the refresh
+                self.cache.invalidate(self.blob_id, offset, len(data))  # out of the cache, then the stamp
+                try:
+                    super().pwrite(data, offset)  # the stamp first: writes go through
+                except BaseException as e:  # the stamp's error, raised as it is (not as the cache's)
+                    failed = e
+                else:
+                    self.cache.update(self.stamp, self.blob_id, offset, data, dirty=False)
+            if failed is not None:
+                raise failed
         else:
             self.cache.update(self.stamp, self.blob_id, offset, data, dirty=True)
 

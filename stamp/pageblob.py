@@ -127,6 +127,7 @@ MAX_WRITE = 4 * 1024 * 1024
 MAX_BLOB = 8 * 1024 ** 4  # the page blob API's limit
 MAX_DISK_BLOB = 64 * 1024 ** 4 + 512  # a managed disk's blob: up to 64 TiB of data and the VHD footer
 MAX_NAME = 1024  # characters in a blob name (Azure's limit), after its container's name and "/" if it has one
+NAME_CACHE = 1024  # blob names whose ids a process keeps (PageBlobs._state_raw): a long-lived one sees ever new ones
 MAX_CONTAINER = 63  # characters in a container name (containers.NAME): "C/B" may be 63 + 1 + 1,024 long
 SHORT_KEY = 400  # a name's UTF-8 bytes up to this are its `blobs` key; longer ones are hashed
 NO_LEASE = bytes(16)
@@ -527,7 +528,8 @@ class PageBlobs:
 
     def _state_raw(self, txn: lmdb.Transaction, name: str) -> tuple[int, bytes]:
         """A blob's id and packed state. Ids never change, so name -> id is
-        cached; a blob deleted (and perhaps re-created) elsewhere has no state
+        cached (NAME_CACHE names at most: a long-lived server sees ever new
+        names); a blob deleted (and perhaps re-created) elsewhere has no state
         under the cached id, which sends us back to the name."""
         blob_id = self._ids.get(name)
         if blob_id is not None:
@@ -535,6 +537,8 @@ class PageBlobs:
             if raw is not None:
                 return blob_id, bytes(raw)
         blob_id, _, st = self._blob(txn, name)
+        if len(self._ids) >= NAME_CACHE:  # names of blobs deleted long ago (by any process) go too
+            self._ids.clear()
         self._ids[name] = blob_id
         return blob_id, st.pack()
 

@@ -268,3 +268,38 @@ def test_an_index_from_before_blob_ids_keeps_its_dirty_data(stamp, tmp_path):
     f.sync()
     assert stamp.blobs.read("d", LINE, 1024) == b"o" * 1024
     assert cache.check() == []
+
+
+def test_overlapping_write_throughs_from_two_processes_leave_the_cache_as_the_stamp(stamp, tmp_path, monkeypatch):
+    """ReadOnly caching in `hostcache serve --workers 2`: worker 1's write of
+    X reached the stamp, then worker 2's write of Y to the same sectors ran
+    whole (invalidate, stamp, refresh), then worker 1 refreshed the cache
+    with X. The stamp held Y, the cache X: every read served X, until the
+    line was evicted and the disk changed by itself to Y (a backup, which
+    reads the stamp, held Y all along)."""
+    import threading
+
+    cache = BlobCache(str(tmp_path / "host"), capacity=8 * LINE)  # its lock excludes threads as processes
+    f1 = CachedBlob(cache, stamp, "d", CacheMode.READONLY)  # worker 1 (a thread here)
+    f2 = CachedBlob(cache, stamp, "d", CacheMode.READONLY)  # worker 2
+    assert f2.pread(LINE, 0) == b"s" * LINE  # the line is cached: a write-through refreshes it
+    landed, go_on = threading.Event(), threading.Event()
+    real = type(stamp.blobs).write
+
+    def write(self, name, offset, data, lease=None):
+        real(self, name, offset, data, lease=lease)
+        if bytes(data[:1]) == b"X":
+            landed.set()
+            go_on.wait(30)  # worker 1 is descheduled between its stamp write and its refresh
+    monkeypatch.setattr(type(stamp.blobs), "write", write)
+    t1 = threading.Thread(target=f1.pwrite, args=(b"X" * 4096, 0))
+    t1.start()
+    assert landed.wait(30)
+    t2 = threading.Thread(target=f2.pwrite, args=(b"Y" * 4096, 0))
+    t2.start()
+    t2.join(5)  # done at once, or held until worker 1 is done
+    go_on.set()
+    t1.join(30)
+    t2.join(30)
+    assert stamp.blobs.read("d", 0, 4096) == f2.pread(4096, 0) == f1.pread(4096, 0)
+    assert cache.check() == []

@@ -367,3 +367,31 @@ def test_iter_diff_in_chunks_carries_a_changed_run_across_chunks(st):
             assert list(st.blobs.iter_diff("d", base, target, chunk=chunk)) == whole, (target, chunk)
             assert list(st.blobs.iter_diff("d", base, target, 3 * 512, 50 * 512, chunk=chunk)) == \
                 list(st.blobs.iter_diff("d", base, target, 3 * 512, 50 * 512)), (target, chunk)
+
+
+def test_a_long_lived_process_holds_no_memory_for_every_blob_name_it_ever_used(st):
+    """A server (`stamp serve`) whose clients make, write, read and delete
+    blobs under ever new names (a name per backup, per upload) kept each
+    name's id in its name -> id cache for good: memory grew with every
+    name the process ever saw, deleted ones included (1 KiB names: about
+    1 MiB per thousand)."""
+    import tracemalloc
+
+    def cycle(i: int) -> None:
+        name = f"{i:06d}" + "n" * 1018
+        st.blobs.create(name, 4096)
+        st.blobs.write(name, 0, b"x" * 512)
+        assert st.blobs.read(name, 0, 512) == b"x" * 512
+        st.blobs.delete(name)
+
+    for i in range(200):  # warm: what the first names cost once
+        cycle(i)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200, 4200):
+            cycle(i)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 3 << 20, f"{grown / (1 << 20):.1f} MiB held after 4,000 blobs made and deleted"
