@@ -315,21 +315,23 @@ def host_command(h: Host, a: argparse.Namespace) -> object:
 
 
 def _reclaiming(a: argparse.Namespace, stamp: Any) -> AbstractContextManager[Any]:
-    """The stamp's reclaimer thread for as long as a serve runs (none with
-    --no-reclaim, nor over the network: the stamp's space is reclaimed where
-    it is served, `stamp gc --watch`): a round under way ends before the
-    context does."""
+    """The stamp's reclaimer, a companion process (stamp.reclaim.Companion:
+    not a thread, which would share the event loop's GIL), for as long as a
+    serve runs (none with --no-reclaim, nor over the network: the stamp's
+    space is reclaimed where it is served, `stamp gc --watch`): a round under
+    way ends before the context does."""
     from stamp.hosted import is_remote
-    from stamp.reclaim import Reclaimer
+    from stamp.reclaim import Companion
 
-    return nullcontext() if a.no_reclaim or is_remote(stamp) else Reclaimer(stamp)
+    return nullcontext() if a.no_reclaim or is_remote(stamp) else Companion(stamp.path)
 
 
 def _reclaimed(reclaimer: Any) -> dict[str, Any]:
-    return {} if reclaimer is None else {"reclaimed": reclaimer.stats.to_json()}
+    return {} if reclaimer is None else {"reclaimed": reclaimer.stats}
 
 
 def serve(a: argparse.Namespace) -> object:
+    from stamp.pageblob import PageBlobs
     from vhd.nbd import Export, NbdServer, claim_socket, run_server, server_budget
 
     from .host import OS_LUN, AsyncDisk
@@ -351,8 +353,9 @@ def serve(a: argparse.Namespace) -> object:
             exports[name] = Export(name, AsyncDisk(disk), f"{a.name} {disk.name} ({disk.mode.value})")  # type: ignore[arg-type]
         with _reclaiming(a, h.stamp) as reclaimer:  # stopped before the stamp closes
             run_server(NbdServer(exports, budget, a.max_connections, a.stall_timeout), a.socket, a.bind, a.port)
-    # how long writes waited for the reclaimer (a local stamp's; over the network none runs here)
-    held = reclaimer.stamp.blobs.pressure.stats.to_json() if reclaimer else None
+        # how long writes waited for the reclaimer (a local stamp's; over the network none runs)
+        blobs = h.stamp.blobs
+        held = blobs.pressure.stats.to_json() if reclaimer and isinstance(blobs, PageBlobs) else None
     return {"stopped": a.name, **_reclaimed(reclaimer), **({"writers_held": held} if reclaimer else {})}
 
 

@@ -85,6 +85,8 @@ from stamp.disks import DiskState, ResourceInUse, VirtualDisk, open_recovered
 from stamp.errors import LeaseAlreadyPresent
 from stamp.errors import OperationNotAllowed as StampNotAllowed
 from stamp.hosted import is_remote, is_url, open_for_host
+from stamp.pageblob import PageBlobs
+from stamp.pressure import Gate
 from vhd.blockdev import Extent
 from vhd.check import check as check_vhd
 from vhd.image import FixedImage, Image, SparseImage, open_image
@@ -902,6 +904,9 @@ class AttachedDisk:
             contextlib.nullcontext() if concurrent_io else threading.Lock())
         self.performance_version = rec.get("performance_version", 0)
         self.next_look = host.clock.now() + PERFORMANCE_LOOK_SECONDS
+        # a local stamp's writer backpressure (stamp.pressure): AsyncDisk waits for it by coroutine
+        blobs = host.stamp.blobs
+        self.pressure: Gate | None = blobs.pressure if isinstance(blobs, PageBlobs) else None
 
     def _look_for_performance_change(self) -> None:
         """At most every PERFORMANCE_LOOK_SECONDS of I/O: read the disk's record
@@ -990,7 +995,9 @@ class AttachedDisk:
 class AsyncDisk:
     """An attached disk for an asyncio server (the NBD export): the data path
     runs at once, then the coroutine sleeps until the throttle's completion
-    time, so many I/Os wait at once and queue depth matters as on the platform."""
+    time, so many I/Os wait at once and queue depth matters as on the platform.
+    A write the stamp's reclaimer holds back (stamp.pressure) waits by
+    coroutine too: the loop's reads and other disks go on meanwhile."""
 
     def __init__(self, disk: AttachedDisk) -> None:
         self.disk = disk
@@ -1017,7 +1024,12 @@ class AsyncDisk:
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.writes += 1
-        if self.overlapped is None:
+        gate = self.disk.pressure
+        if gate is not None:  # held back for the reclaimer by coroutine: the loop's reads go on meanwhile
+            await gate.admit_async()
+            with gate.prepaid():  # no await inside: the stamp's writes count, and never sleep the loop
+                done = self.disk.write_now(offset, data)
+        elif self.overlapped is None:
             done = self.disk.write_now(offset, data)
         else:
             done = await self.overlapped.run(offset, len(data), True, functools.partial(self.disk.write_now, offset, data))

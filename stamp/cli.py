@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--trigger x the bytes its index references, compacting the emptiest extents "
                        "down to --target x. Readers, in this process or any other, go on meanwhile; "
                        "so do writers, unless they outrun it past --ceiling (then they wait for its "
-                       "rounds, in small steps). `hostcache serve` runs the same reclaimer in its own "
-                       "process.",
+                       "rounds, in small steps). `hostcache serve` runs the same reclaimer as a "
+                       "companion process (stamp.reclaim.Companion).",
                        epilog="examples:\n  stamp gc                             one round\n"
                        "  stamp gc --watch &                   a companion of a long benchmark\n"
                        "  stamp gc --watch --target 1.3 --min-free-mib 2048",
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free-mib", type=_positive, default=0,
                    help="with --watch: below this free on the file system, compact every partly dead "
                    "extent under --compact-below (default 0: off)")
+    p.add_argument("--until-eof", action="store_true",
+                   help="with --watch: also stop when standard input closes (a companion process: its "
+                   "parent's end closes the pipe, however that parent ends)")
     p.add_argument("--ceiling", type=_ratio, default=None,
                    help="with --watch: writers (any process) wait while the extents hold more than this x "
                    "the live bytes plus two extents, as long as the rounds make progress (default: 2, or "
@@ -589,6 +593,11 @@ def _watch(st: Stamp, a: argparse.Namespace) -> int:
                     ceiling=ceiling)
     r = Reclaimer(st, policy)
     signal.signal(signal.SIGTERM, lambda *_: r.stop_soon())
+    if a.until_eof:
+        def eof() -> None:
+            sys.stdin.buffer.read()
+            r.stop_soon()
+        threading.Thread(target=eof, name="stamp-gc-eof", daemon=True).start()
     try:
         for report in r.rounds():
             if report.bytes_freed or report.bytes_moved or report.skipped:

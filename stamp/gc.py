@@ -40,6 +40,7 @@ use the metadata's spare blocks).
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,16 @@ class GcReport:
     bytes_freed: int = 0
     bytes_moved: int = 0
     longest_txn_ms: float = 0.0  # the longest write transaction of the round: what a writer may wait
+    # that transaction's parts: its changes (body) and its commit; and the longest wait for the write lock
+    # (what a writer holding it made the round wait: not time the round held anyone)
+    longest_body_ms: float = 0.0
+    longest_commit_ms: float = 0.0
+    longest_lock_wait_ms: float = 0.0
+    # and what its thread met meanwhile: page faults that read the disk, times it was preempted (the
+    # machine's other work), times it blocked (a lock, the GIL, I/O)
+    longest_major_faults: int = 0
+    longest_preempted: int = 0
+    longest_blocked: int = 0
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,24 +90,47 @@ class GcReport:
         self.extents_compacted += other.extents_compacted
         self.bytes_freed += other.bytes_freed
         self.bytes_moved += other.bytes_moved
-        self.longest_txn_ms = max(self.longest_txn_ms, other.longest_txn_ms)
+        if other.longest_txn_ms > self.longest_txn_ms:
+            for k in ("longest_txn_ms", "longest_body_ms", "longest_commit_ms", "longest_major_faults",
+                      "longest_preempted", "longest_blocked"):
+                setattr(self, k, getattr(other, k))
+        self.longest_lock_wait_ms = max(self.longest_lock_wait_ms, other.longest_lock_wait_ms)
         self.skipped += other.skipped
 
 
 class _Timed:
-    """A write transaction of a round, timed into its report."""
+    """A write transaction of a round, timed into its report: the wait for
+    the write lock, the changes, the commit."""
 
     def __init__(self, stamp: Stamp, report: GcReport | None) -> None:
         self.stamp, self.report = stamp, report
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
+        asked = time.perf_counter()
         with self.stamp.meta.write() as txn:
             began = time.perf_counter()
+            before = _thread_usage()
             yield txn
-        if self.report is not None:
-            ms = (time.perf_counter() - began) * 1000
-            self.report.longest_txn_ms = max(self.report.longest_txn_ms, round(ms, 3))
+            body_end = time.perf_counter()
+        ended = time.perf_counter()
+        after = _thread_usage()
+        r = self.report
+        if r is not None:
+            ms = (ended - began) * 1000
+            r.longest_lock_wait_ms = max(r.longest_lock_wait_ms, round((began - asked) * 1000, 3))
+            if ms > r.longest_txn_ms:
+                r.longest_txn_ms = round(ms, 3)
+                r.longest_body_ms = round((body_end - began) * 1000, 3)
+                r.longest_commit_ms = round((ended - body_end) * 1000, 3)
+                r.longest_major_faults, r.longest_preempted, r.longest_blocked = (
+                    a - b for a, b in zip(after, before, strict=True))
+
+
+def _thread_usage() -> tuple[int, int, int]:
+    """This thread's major page faults, involuntary and voluntary context switches so far."""
+    u = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    return u.ru_majflt, u.ru_nivcsw, u.ru_nvcsw
 
 
 @dataclass(frozen=True)

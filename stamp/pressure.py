@@ -35,16 +35,22 @@ Rules (pure: `pressed` takes plain values):
 - readers never wait, and neither do the reclaimer's own appends
   (compaction appends to the stream directly): a reclaimer never waits
   for itself;
+- a writer in an event loop (hostcache serve) waits by coroutine
+  (admit_async, then the write inside prepaid()), so the loop's readers
+  and other disks go on while it is held; a held write holds the loop's
+  later writes with it (they would be held too);
 - a damaged or torn record reads as "no reclaimer": writers go on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -123,6 +129,15 @@ def _open(root: str) -> int:
     return os.open(os.path.join(root, STATE_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 
+def _run(checks: Generator[float, None, int], sleep: Callable[[float], None]) -> int:
+    """Run a check to its end, sleeping each step it yields; its result."""
+    try:
+        while True:
+            sleep(next(checks))
+    except StopIteration as done:
+        return int(done.value)
+
+
 class Publisher:
     """A reclaimer's side: registers, publishes after each census and round, withdraws."""
 
@@ -171,7 +186,10 @@ class GateStats:
 
 
 class Gate:
-    """A writer's side: `admit(n)` before appending n bytes of page data."""
+    """A writer's side: `admit(n)` before appending n bytes of page data; in
+    an event loop, `await admit_async()` first, then the write inside
+    `prepaid()`: a held write then waits without holding up the loop's other
+    work (reads, other disks), where admit() would sleep the whole thread."""
 
     def __init__(self, stream: StreamLayer, every: int | None = None, step: float = STEP,
                  patience: float = PATIENCE, clock: Callable[[], float] = time.monotonic,
@@ -184,15 +202,48 @@ class Gate:
         self._due = 0  # bytes until the next check
         self._fd = -1
         self._lock = threading.Lock()  # one check at a time; the others wait with it
+        self._checking = False  # an admit_async's check is under way (its loop's other admits wait for it)
+        self._prepaid = threading.local()  # .depth: inside prepaid() on this thread
 
     def admit(self, n: int) -> None:
-        """Return when `n` more bytes may be appended (at once, nearly always)."""
+        """Return when `n` more bytes may be appended (at once, nearly always).
+        Inside prepaid() the bytes are counted but a check falls due instead
+        of running: the next admit_async runs it."""
         self._due -= n
-        if self._due > 0:
+        if self._due > 0 or getattr(self._prepaid, "depth", 0) > 0:
             return
         with self._lock:
             if self._due <= 0:
-                self._due = max(self.every, self._check() // 4)
+                self._due = max(self.every, _run(self._check(), self.sleep) // 4)
+
+    async def admit_async(self) -> None:
+        """For a coroutine of an event loop, before a write it then makes
+        inside prepaid() (no await in between): runs the check that fell due
+        (the bytes written so far counted, as admit() counts them), its
+        waits in asyncio.sleep."""
+        while self._checking:  # another write of this loop is held: this one waits with it
+            await asyncio.sleep(self.step)
+        if self._due > 0:
+            return
+        self._checking = True
+        try:
+            checks = self._check()
+            try:
+                while True:
+                    await asyncio.sleep(next(checks))
+            except StopIteration as done:
+                self._due = max(self.every, done.value // 4)
+        finally:
+            self._checking = False
+
+    @contextmanager
+    def prepaid(self) -> Iterator[None]:
+        """admit() on this thread counts the bytes but never waits inside (admit_async does)."""
+        self._prepaid.depth = getattr(self._prepaid, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            self._prepaid.depth -= 1
 
     def published(self) -> Published | None:
         if self._fd < 0:
@@ -205,8 +256,9 @@ class Gate:
         except OSError:
             return None
 
-    def _check(self) -> int:
-        """Wait while pressed; returns the room left under the limit (bytes): far
+    def _check(self) -> Generator[float, None, int]:
+        """Wait while pressed (yields each step to sleep: the caller sleeps, by
+        thread or by coroutine); returns the room left under the limit (bytes): far
         under it, the next check comes later (a quarter of the room, so that
         up to four writing processes together cannot pass the limit by more
         than `every` each before they look again), and the extents table, read
@@ -223,7 +275,7 @@ class Gate:
         while True:
             if self.on_wait is not None:
                 self.on_wait()
-            self.sleep(self.step)
+            yield self.step
             p = self.published()
             if p is None or not pressed(self.stream.extent_bytes(), p, alive(p)):
                 break

@@ -4,8 +4,9 @@ Extents are never rewritten in place, so a disk overwritten at a steady rate
 fills the stamp's nodes at three times that rate. A Reclaimer keeps the
 stamp's extent bytes under `target` x the bytes the index references (plus
 the open extents and one round's work), by running gc rounds (gc.collect)
-by itself: in a thread of the serving process (`hostcache serve`), or of any
-Python program (`Reclaimer(stamp).start()`), or as `stamp gc --watch`.
+by itself: in a thread of any Python program (`Reclaimer(stamp).start()`),
+or as `stamp gc --watch`, which `hostcache serve` starts as a companion
+process (Companion: a thread would share the serving event loop's GIL).
 
 Rules (pure: `plan` and `due` take plain values):
 - a round is due when the extent bytes exceed `trigger` x the live bytes the
@@ -38,7 +39,9 @@ Rules (pure: `plan` and `due` take plain values):
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -248,6 +251,71 @@ class Reclaimer:
         self.withdraw()
 
     def __enter__(self) -> Reclaimer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Companion:
+    """A reclaimer in a process of its own (`stamp gc --watch --until-eof`),
+    for as long as the context lasts: what `hostcache serve` runs. A
+    Reclaimer thread would share the serving process's GIL: its census, a
+    Python scan of the whole index (tens of ms of CPU on a 4 GiB disk written
+    in 64 KiB blocks), then holds the GIL for a switch interval (5 ms) each
+    time the event loop gives it up at a system call, and every reader and
+    writer of the process waits for it. In a process of its own only the
+    machine's scheduler stands between them. The companion ends with its
+    parent however that ends (its standard input closes); writers of a dead
+    one are not held (pressure.py)."""
+
+    def __init__(self, stamp_path: str) -> None:
+        self.stamp_path = stamp_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.stats: dict[str, Any] = {}  # its Statistics, once stopped
+        self._last = ""
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> Companion:
+        self.proc = subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", self.stamp_path, "gc", "--watch",
+                                      "--until-eof"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, name="stamp-gc-companion", daemon=True)
+        self._reader.start()  # its lines are read as they come: a full pipe would stop its rounds
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:  # a line per round, then the statistics, indented (stamp's JSON)
+            if line.strip() == "{":
+                self._last = line
+            elif self._last:
+                self._last += line
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any]:
+        """End it after the round under way; its statistics (as Statistics.to_json)."""
+        if self.proc is None:
+            return self.stats
+        proc, self.proc = self.proc, None
+        assert proc.stdin is not None
+        try:
+            proc.stdin.close()  # --until-eof: it stops
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait()
+        if self._reader is not None:
+            self._reader.join()
+        try:
+            last = json.loads(self._last)
+        except ValueError:
+            last = {}
+        self.stats = last if isinstance(last, dict) and "rounds" in last else {}
+        return self.stats
+
+    def __enter__(self) -> Companion:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -2,7 +2,8 @@
 """Sustained large writes through hostcache serve, with space reclaimed as they run.
 
   .venv/bin/python tools/bench_reclaim.py [--minutes 10] [--tier P40] [--region-gib 4] [--qd 64]
-                                          [--workers N] [--sample 10] [--no-reclaim] [--json F]
+                                          [--workers N] [--sample 10] [--no-reclaim | --compare]
+                                          [--json F]
 
 A disk of the tier (Premium_LRS, cache None) is attached to a VM whose own
 limits do not cap it (D16s_v3: 384 MiB/s uncached) and served by `hostcache
@@ -21,7 +22,13 @@ seconds the tool takes:
     tier's published MB/s (in the catalog's unit: MiB/s for Premium).
 It prints a table and a summary (peak use over the bound, median and worst
 rates as a share of the published one, the serving processes' CPU time per
-write: what one core can serve at most). Not a test: nothing asserts. The
+write: what one core can serve at most, and fio's write completion latency:
+its 99th and 99.9th percentiles and its longest, what a writer of the disk
+waited, mostly queueing at that depth; and of a probe: 4 KiB reads and
+writes at QD1, --probe-iops a second, over PROBE_MIB MiB past the region,
+what one reader or writer waits). --compare runs it twice in one sitting, without reclamation and
+then with it, each on a fresh stamp, and prints both and what reclamation
+added to the latency. Not a test: nothing asserts. The
 work folder goes under /var/tmp (the stamp may reach 2 x 3 x region plus the
 allowance: 24 GiB and more at the defaults).
 """
@@ -55,6 +62,7 @@ MIB, GIB = 1 << 20, 1 << 30
 PY = sys.executable
 TIERS = {"P30": 1024, "P40": 2048, "P50": 4096}  # Premium_LRS sizes in GiB
 VM = "D16s_v3"
+PROBE_MIB = 64  # the probe's area, just past the region
 ALLOWANCE_EXTENTS = 4  # the open extent, one sealed since the last round, a round's copies, one in flight
 
 
@@ -103,10 +111,24 @@ def setup(work: str, tier: str) -> str:
 
 
 def fio_cmd(uri: str, a: argparse.Namespace, log: str) -> list[str]:
-    return ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
-            f"--iodepth={max(a.qd // a.workers, 1)}", f"--numjobs={a.workers}", "--group_reporting",
-            f"--size={a.region_gib}G", f"--runtime={int(a.minutes * 60)}", "--time_based",
-            f"--write_bw_log={log}", f"--log_avg_msec={int(a.sample * 1000)}", "--output-format=json"]
+    runtime = f"--runtime={int(a.minutes * 60)}"
+    cmd = ["fio", "--output-format=json", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
+           f"--iodepth={max(a.qd // a.workers, 1)}", f"--numjobs={a.workers}", "--group_reporting",
+           f"--size={a.region_gib}G", runtime, "--time_based",
+           f"--write_bw_log={log}", f"--log_avg_msec={int(a.sample * 1000)}"]
+    if a.probe_iops:  # a reader and writer at QD1 beside the load, in a group of its own: what one I/O waits
+        cmd += ["--name=probe", "--new_group", "--ioengine=nbd", f"--uri={uri}", "--rw=randrw", "--bs=4k",
+                "--iodepth=1", f"--rate_iops={a.probe_iops}", f"--offset={a.region_gib}G",
+                f"--size={PROBE_MIB}M", runtime, "--time_based"]
+    return cmd
+
+
+def latency(side: dict) -> dict[str, float]:
+    """fio's completion latency of one direction of a job (ms): mean, 99th and 99.9th percentiles, longest."""
+    clat = side.get("clat_ns", {})
+    pct = clat.get("percentile", {})
+    return {"mean": round(clat.get("mean", 0) / 1e6, 3), "p99": round(pct.get("99.000000", 0) / 1e6, 3),
+            "p99.9": round(pct.get("99.900000", 0) / 1e6, 3), "max": round(clat.get("max", 0) / 1e6, 3)}
 
 
 def rates(log: str, jobs: int = 1) -> list[tuple[float, float]]:
@@ -157,11 +179,16 @@ def measure(work: str, a: argparse.Namespace) -> dict:
     served = proc.stdout.read() if proc.stdout is not None else ""
     final = json.loads(served) if served.strip().startswith("{") else {}
     reclaimed, held = final.get("reclaimed", {}), final.get("writers_held", {})
-    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    jobs = json.loads(out[out.index("{"):])["jobs"]
+    job = jobs[0]["write"]
+    probe = [j for j in jobs if j["jobname"] == "probe"]
     published = disk_limits("Premium_LRS", TIERS[a.tier]).mbps
     return {"tier": a.tier, "published_mibps": published, "reclaim": not a.no_reclaim,
             "fio_mibps": job["bw_bytes"] / MIB, "written": job["io_bytes"], "reclaimed": reclaimed, "writers_held": held,
             "serve_cpu_us_per_write": round(1e6 * cpu / max(job["total_ios"], 1), 1),
+            "write_clat_ms": latency(job),
+            **({"probe_clat_ms": {"read": latency(probe[0]["read"]), "write": latency(probe[0]["write"])}}
+               if probe else {}),
             "samples": samples, "rates": rates(log, a.workers),
             "allowance": allowance, "args": {k: v for k, v in vars(a).items() if k != "json"}}
 
@@ -190,11 +217,22 @@ def table(result: dict) -> str:
         per = result["serve_cpu_us_per_write"]
         lines.append(f"serving processes: {per:.0f} us of CPU per write (the reclaimer's included): one core "
                      f"serves at most {1e6 / max(per, 1) * 64 / 1024:.0f} MiB/s")
+    c = result.get("write_clat_ms")
+    if c:
+        lines.append(f"fio write completion latency: mean {c['mean']:.2f} ms, 99th percentile {c['p99']:.2f} ms, "
+                     f"99.9th {c['p99.9']:.2f} ms, longest {c['max']:.2f} ms (queueing at QD{result['args']['qd']})")
+    for side, c in result.get("probe_clat_ms", {}).items():
+        lines.append(f"probe {side}s (4 KiB, QD1): mean {c['mean']:.2f} ms, 99th percentile {c['p99']:.2f} ms, "
+                     f"99.9th {c['p99.9']:.2f} ms, longest {c['max']:.2f} ms")
     r = result["reclaimed"]
     if r:
         lines.append(f"reclaimer: {r['rounds']} rounds, {r['bytes_freed'] / GIB:.1f} GiB freed, "
                      f"{r['bytes_moved'] / GIB:.2f} GiB copied ({r['bytes_moved'] / max(result['written'], 1):.2f} "
-                     f"x what fio wrote), longest write transaction {r['longest_txn_ms']:.1f} ms, "
+                     f"x what fio wrote), longest write transaction {r['longest_txn_ms']:.1f} ms "
+                     f"({r.get('longest_body_ms', 0):.1f} changing, {r.get('longest_commit_ms', 0):.1f} committing; "
+                     f"{r.get('longest_major_faults', 0)} major faults, preempted {r.get('longest_preempted', 0)} and "
+                     f"blocked {r.get('longest_blocked', 0)} times; "
+                     f"longest wait for the write lock {r.get('longest_lock_wait_ms', 0):.1f} ms), "
                      f"{r['errors']} failed rounds")
     h = result.get("writers_held")
     if h:
@@ -212,26 +250,49 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1,
                     help="serving processes, and fio jobs of --qd / N each (default 1)")
     ap.add_argument("--sample", type=float, default=10, help="seconds between samples (default 10)")
-    ap.add_argument("--no-reclaim", action="store_true", help="serve without reclaiming (for comparison)")
+    ap.add_argument("--probe-iops", type=int, default=50,
+                    help="a 4 KiB reader and writer at QD1 beside the load, this many I/Os a second each way "
+                         "(0: none); their latency is what one I/O waits (default 50)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--no-reclaim", action="store_true", help="serve without reclaiming (for comparison)")
+    how.add_argument("--compare", action="store_true",
+                     help="run twice, without reclamation and then with it, and compare fio's write latency")
     ap.add_argument("--json", help="write the samples and rates here")
     a = ap.parse_args()
     if shutil.which("fio") is None:
         print("bench_reclaim: fio is missing (bash tools/run.sh test installs it)", file=sys.stderr)
         return 1
-    if a.minutes <= 0 or a.region_gib <= 0 or a.qd <= 0 or a.sample <= 0 or not 1 <= a.workers <= a.qd:
-        print("bench_reclaim: --minutes, --region-gib, --qd and --sample must be positive, --workers from 1 to "
-              "--qd", file=sys.stderr)
+    if (a.minutes <= 0 or a.region_gib <= 0 or a.qd <= 0 or a.sample <= 0 or a.probe_iops < 0
+            or not 1 <= a.workers <= a.qd):
+        print("bench_reclaim: --minutes, --region-gib, --qd and --sample must be positive, --probe-iops not "
+              "negative, --workers from 1 to --qd", file=sys.stderr)
         return 2
-    work = tempfile.mkdtemp(prefix="bench-reclaim-", dir="/var/tmp")
-    try:
-        result = measure(work, a)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(table(result))
+    results = []
+    for no_reclaim in ([True, False] if a.compare else [a.no_reclaim]):
+        work = tempfile.mkdtemp(prefix="bench-reclaim-", dir="/var/tmp")
+        try:
+            results.append(measure(work, argparse.Namespace(**{**vars(a), "no_reclaim": no_reclaim})))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(table(results[-1]), flush=True)
+    if a.compare:
+        print(compare(results[0], results[1]))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(results if a.compare else results[0], f, indent=2)
     return 0
+
+
+def compare(off: dict, on: dict) -> str:
+    """What reclamation added to a writer's wait: fio's write latency without and with it."""
+    lines = [f"without -> with reclamation: MiB/s {off['fio_mibps']:.1f} -> {on['fio_mibps']:.1f}"]
+    pairs = [("load's writes", off["write_clat_ms"], on["write_clat_ms"])]
+    pairs += [(f"probe {side}s", off["probe_clat_ms"][side], on["probe_clat_ms"][side])
+              for side in on.get("probe_clat_ms", {}) if side in off.get("probe_clat_ms", {})]
+    for what, a, b in pairs:
+        lines.append(f"  {what}: 99.9th percentile {a['p99.9']:.2f} -> {b['p99.9']:.2f} ms, "
+                     f"longest {a['max']:.2f} -> {b['max']:.2f} ms")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -435,3 +435,44 @@ def test_deleting_a_vm_with_its_os_disk_under_download_changes_nothing(host):
     disks.revoke_access("disk", "vm1-osdisk")
     host.delete_vm("vm1", delete_os_disk=True)
     assert "vm1-osdisk" not in [r["name"] for r in disks.disks()] and disks.record("data1")["state"] == "Unattached"
+
+
+def test_a_write_held_for_the_reclaimer_leaves_reads_of_its_disk_answered(host):
+    """In one serving process (hostcache serve without --workers) a write
+    held back by the stamp's writer backpressure waits by coroutine: a read
+    of the same disk issued meanwhile is answered while the write is still
+    held, and the write completes, stored, once the reclaimer lets it go."""
+    import asyncio
+
+    from hostcache.host import AsyncDisk
+    from stamp.pressure import Publisher
+
+    host.create_vm("vm1", "D8s_v3", "mbr")
+    host.attach("vm1", "data1", 0, "None")
+    disk = AsyncDisk(host.open_disk("vm1", 0))
+    gate = host.stamp.blobs.pressure
+    assert host.stamp.stream.extent_bytes() > 0
+    reclaimer = Publisher(host.stamp.path)  # a live reclaimer whose ceiling (0 x live + 0) every extent passes
+    reclaimer.publish(live=0, ceiling=2.0, slack=0, progress=0, futile_at=0)
+    held = asyncio.Event()
+    gate.on_wait = held.set
+    gate._due = 0  # the next write checks, as it would after `gate.every` bytes
+    data = os.urandom(64 << 10)
+
+    async def scenario() -> tuple[bool, bytes]:
+        write = asyncio.create_task(disk.write(1 << 20, data))
+        await asyncio.wait_for(held.wait(), 30)  # the write is held
+        answered = await disk.read(0, 4096)
+        still_held = not write.done()
+        reclaimer.withdraw()  # the reclaimer stops: the write goes on
+        await asyncio.wait_for(write, 30)
+        return still_held, answered
+
+    try:
+        still_held, answered = asyncio.run(scenario())
+    finally:
+        reclaimer.withdraw()
+    assert still_held, "the read waited for the held write"
+    assert len(answered) == 4096 and gate.stats.waits == 1 and gate.stats.gave_up == 0, gate.stats
+    assert asyncio.run(disk.read(1 << 20, len(data))) == data
+    disk.close()

@@ -401,3 +401,25 @@ def test_a_reader_thread_never_reads_another_extent_through_a_descriptor_gc_clos
     assert got == want
     os.close(other_fd)
     st.close()
+
+
+def test_a_round_says_where_its_longest_write_transaction_went(tmp_path):
+    """The longest transaction's parts (changes, commit) add up to it, and the
+    round's report and the sum of reports keep the parts of the same one."""
+    from stamp.gc import GcReport
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    st.blobs.create("b", 4 * MIB)
+    for _ in range(8):
+        st.blobs.write("b", 0, os.urandom(2 * MIB))
+    st.stream.seal_current()
+    report = collect(st, compact_below=0.9)
+    assert report.extents_deleted > 0 and report.longest_txn_ms > 0
+    parts = report.longest_body_ms + report.longest_commit_ms
+    assert abs(parts - report.longest_txn_ms) <= 0.01, report
+    assert min(report.longest_major_faults, report.longest_preempted, report.longest_blocked) >= 0
+    total = GcReport(longest_txn_ms=report.longest_txn_ms / 2, longest_body_ms=99.0, longest_lock_wait_ms=1e6)
+    total.add(report)
+    assert (total.longest_txn_ms, total.longest_body_ms) == (report.longest_txn_ms, report.longest_body_ms)
+    assert total.longest_lock_wait_ms == 1e6
+    st.close()

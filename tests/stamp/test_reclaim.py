@@ -16,7 +16,7 @@ import pytest
 
 from stamp import Stamp
 from stamp.gc import ExtentUse, collect
-from stamp.reclaim import Policy, Reclaimer, due, plan
+from stamp.reclaim import Companion, Policy, Reclaimer, due, plan
 from tests.stamp import thrash
 
 from .test_thrash import replay
@@ -211,3 +211,66 @@ def test_an_idle_stamp_no_round_can_improve_is_not_scanned_again_and_again(tmp_p
     r._census_at -= Policy().recount  # the recount still comes
     assert r.step() is not None and r.stats.censuses == 3
     st.close()
+
+
+PARENT = """
+import sys, time
+from stamp.reclaim import Companion
+c = Companion(sys.argv[1]).start()
+print(c.proc.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _overwritten(path: str) -> int:
+    """A stamp of 1 MiB extents whose 2 MiB blob was written 6 times: its extent bytes."""
+    with Stamp.create(path, extent_size=MIB) as st:
+        st.blobs.create("d", 2 * MIB)
+        for i in range(6):
+            st.blobs.write("d", 0, bytes([i + 1]) * (2 * MIB))
+        return st.stream.extent_bytes()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: it ended
+    except FileNotFoundError:
+        return True
+
+
+def test_a_companion_reclaims_then_says_what_it_did_when_stopped(tmp_path):
+    """`hostcache serve`'s reclaimer: a process of its own, stopped through its standard input."""
+    path = str(tmp_path / "st")
+    before = _overwritten(path)
+    with Companion(path) as c:
+        with Stamp.open(path) as st:
+            for _ in range(600):  # its start-up and first round take a while on a busy machine
+                if st.stream.extent_bytes() < before / 2:
+                    break
+                time.sleep(0.05)
+            after = st.stream.extent_bytes()
+    assert after < before / 2 and c.stats["rounds"] >= 1 and c.stats["bytes_freed"] > 0, (before, after, c.stats)
+    with Stamp.open(path) as st:
+        assert st.blobs.read("d", 0, 2 * MIB) == bytes([6]) * (2 * MIB) and st.check(deep=True).ok
+
+
+def test_a_companion_ends_with_its_parent_however_the_parent_ends(tmp_path):
+    """kill -9 of the serving process: its companion's standard input closes and it stops
+    (it would otherwise reclaim, and hold writers, for nobody)."""
+    path = str(tmp_path / "st")
+    _overwritten(path)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, path], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert not _gone(child)
+    parent.kill()
+    parent.wait()
+    for _ in range(600):
+        if _gone(child):
+            break
+        time.sleep(0.05)
+    assert _gone(child)
+    with Stamp.open(path) as st:
+        assert st.check(deep=True).ok
