@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-
 from stamp import Stamp
 
 from .conftest import start_server, stop_server
@@ -18,14 +16,6 @@ def _used(st: Stamp) -> int:
     return (int(st.meta.env.info()["last_pgno"]) + 1) * int(st.meta.env.stat()["psize"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a streamed Get Page Ranges holds one LMDB read transaction for its whole answer (pagelist.py: a "
-    "consistent view), and a client that keeps reading, slowly, never trips --stall-timeout: while it "
-    "reads, no page freed by any process's later write is reused, so the metadata grows with every "
-    "write of every process for as long as the client likes (64 GiB map, then MetadataFull). A fix "
-    "must choose between the answer's consistency and the transaction's length (end the answer with "
-    "a NextMarker once its transaction is old, or re-open the source from the last range sent, which "
-    "costs iter_diff a scan of the change logs from their start at each re-open)"))
 def test_a_slow_reader_of_a_page_list_does_not_make_the_metadata_grow_with_other_writes(tmp_path):
     path = str(tmp_path / "st")
     st = Stamp.create(path)
@@ -56,4 +46,6 @@ def test_a_slow_reader_of_a_page_list_does_not_make_the_metadata_grow_with_other
         client.close()
         stop_server(srv)
         st.close()
-    assert grown < 8 * MIB, f"the metadata grew by {grown / MIB:.1f} MiB over 4,000 overwrites of 4 KiB"
+    # Without the reader 4,000 overwrites grow it by a few MiB (up to ~10 on a loaded machine: a
+    # piece's short read transaction may be open at a commit); a held one grew it by ~94 MiB.
+    assert grown < 24 * MIB, f"the metadata grew by {grown / MIB:.1f} MiB over 4,000 overwrites of 4 KiB"
