@@ -147,7 +147,9 @@ class StreamLayer:
         self._synced: dict[int, int] = {}
         self._fast: tuple[Extent, list[int]] | None = None  # see _fast_fds
         self._opened: list[tuple[int, int]] = []  # (node, extent) of files opened since release_gone (all nodes)
-        self._gone_seen = -1  # GONE as of the last release_gone (-1: none yet)
+        self._gone_seen = -1  # GONE as of the last release_gone (-1: none yet) ...
+        self._gone_raw: bytes | None = b"?"  # ... as stored (None: never bumped; b"?": no release_gone yet)
+        self._counters = meta.db["counters"]
         self._release_lock = threading.Lock()
         self.token = uuid.uuid4().hex
         _LIVE_TOKENS.add(self.token)
@@ -187,10 +189,7 @@ class StreamLayer:
     def gone_moved(self, txn: Any) -> bool:
         """Does release_gone have work: did GONE move, or were files opened
         since it last ran? (One get in a transaction the caller holds.)"""
-        if self._opened:
-            return True
-        raw = txn.get(_GONE_KEY, db=self.meta.db["counters"])
-        return (U64.unpack(raw)[0] if raw is not None else 0) != self._gone_seen
+        return bool(self._opened) or txn.get(_GONE_KEY, db=self._counters) != self._gone_raw
 
     def release_gone(self, txn: Any = None) -> int:
         """Let go of the descriptors of replica files whose extent is gone or
@@ -230,7 +229,7 @@ class StreamLayer:
             if gone:
                 released += node.release(gone)
         del self._opened[:taken]  # one C call: files opened meanwhile stay listed
-        self._gone_seen = gone_now
+        self._gone_seen, self._gone_raw = gone_now, None if raw is None else bytes(raw)
         if released:
             self._fast = None
             for extent_id, e in found.items():
