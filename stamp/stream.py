@@ -35,7 +35,9 @@ Rules (WAS stream layer, simplified to one data stream):
   and lets go of those no longer there (node.Node.release). A file opened
   before its deletion is looked up in a transaction that either lacks it or
   saw a GONE the deletion's bump moves past, so no descriptor of a deleted
-  file outlives the process's next read or write.
+  file outlives the process's next read or write; nor RELEASE_EVERY while
+  it does neither: once it has done one, a thread of its own runs
+  release_gone at that interval (a read transaction and a get).
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
@@ -48,6 +50,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -62,6 +65,7 @@ from .node import Node, NodeDown, NodeState
 REPLICAS = 3
 GONE = "gone"  # counters: bumped by each transaction deleting an extent or moving a replica (see the header)
 _GONE_KEY = GONE.encode()
+RELEASE_EVERY = 1.0  # seconds: how long a process that neither reads nor writes may hold files deleted elsewhere
 READ_RECHECK = 0.05  # seconds: how stale a reading process's node states may get (see read)
 DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
 
@@ -151,6 +155,8 @@ class StreamLayer:
         self._gone_raw: bytes | None = b"?"  # ... as stored (None: never bumped; b"?": no release_gone yet)
         self._counters = meta.db["counters"]
         self._release_lock = threading.Lock()
+        self._idle_stop = threading.Event()
+        self._idle_thread: threading.Thread | None = None  # see _watch_idle
         self.token = uuid.uuid4().hex
         _LIVE_TOKENS.add(self.token)
         self._epoch_fd = open_node_epoch(root)
@@ -197,6 +203,8 @@ class StreamLayer:
         the caller's files were opened; None: one of its own). Looks up every
         held extent when GONE moved, else only the files opened since the last
         call. Returns how many descriptors were let go."""
+        if self._idle_thread is None and not self._idle_stop.is_set():
+            self._watch_idle()
         if not self._release_lock.acquire(blocking=False):
             return 0  # another thread is at it: files it misses stay listed for the next call
         try:
@@ -206,6 +214,27 @@ class StreamLayer:
                 return self._release_in(own)
         finally:
             self._release_lock.release()
+
+    def _watch_idle(self) -> None:
+        """Start the thread that runs release_gone every RELEASE_EVERY, for
+        when this process goes idle holding files (a worker whose client
+        stopped, beside a writer and its reclaimer). It holds the layer only
+        weakly, and ends with close() or when the layer is gone."""
+        ref, stop = weakref.ref(self), self._idle_stop
+
+        def run() -> None:
+            while not stop.wait(RELEASE_EVERY):
+                layer = ref()
+                if layer is None:
+                    return
+                try:
+                    layer.release_gone()
+                except Exception:  # noqa: BLE001 (the stamp closing under it, say: the next tick or op tries again)
+                    pass
+                del layer
+
+        self._idle_thread = threading.Thread(target=run, name="stamp-release-gone", daemon=True)
+        self._idle_thread.start()
 
     def _release_in(self, txn: Any) -> int:
         raw = txn.get(_GONE_KEY, db=self.meta.db["counters"])
@@ -788,6 +817,9 @@ class StreamLayer:
                 self._seal(self._current, self._current.length)
 
     def close(self) -> None:
+        self._idle_stop.set()
+        if self._idle_thread is not None and self._idle_thread is not threading.current_thread():
+            self._idle_thread.join()
         self.seal_current()
         _LIVE_TOKENS.discard(self.token)
         with self._lock:  # no append holds a descriptor about to close

@@ -17,6 +17,7 @@ import time
 
 from stamp import Stamp
 from stamp.gc import collect
+from stamp.stream import RELEASE_EVERY
 from tests.stamp.holder import MIB, pattern
 
 from ..conftest import tmpfs
@@ -121,6 +122,32 @@ def test_a_process_lets_go_of_replica_files_gc_deleted_in_another(tmp_path):
             finally:
                 holder.close()
             assert st.check(deep=True).ok
+
+
+def test_an_idle_process_lets_go_within_a_bounded_time(tmp_path):
+    """The holder reads the blob, then does nothing more; gc here deletes its
+    extents. Within a few RELEASE_EVERY it holds none of their files and the
+    tmpfs has their bytes back, though it never read or wrote again."""
+    with tmpfs(tmp_path / "fs", 160, "this test") as mnt:
+        path = os.path.join(mnt, "st")
+        with Stamp.create(path, extent_size=MIB) as st:
+            st.blobs.create("b", BLOB_MIB * MIB)
+            overwrite(st, 1)
+            holder = Holder(path, "b")
+            try:
+                holder.do("read 1")
+                overwrite(st, 2)
+                collect(st)
+                held = deleted_held(holder.proc.pid, path)
+                before = free_bytes(mnt)
+                deadline = time.monotonic() + 5 * RELEASE_EVERY + 5
+                while deleted_held(holder.proc.pid, path) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert deleted_held(holder.proc.pid, path) == {}, held
+                assert free_bytes(mnt) - before >= sum(held.values()) - MIB
+                holder.do("read 2")
+            finally:
+                holder.close()
 
 
 def test_a_long_lived_process_beside_a_reclaimer_killed_and_restarted_keeps_no_deleted_file(tmp_path):
