@@ -9,6 +9,7 @@ test owns, so no other program moves it)."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -153,10 +154,13 @@ def test_an_idle_process_lets_go_within_a_bounded_time(tmp_path):
 def test_a_long_lived_process_beside_a_reclaimer_killed_and_restarted_keeps_no_deleted_file(tmp_path):
     """`stamp gc --watch` killed -9 and started again, four times, while this
     process overwrites the blob and a long-lived holder reads and writes it
-    after every overwrite. At the end the holder holds no deleted file after
-    its next read, and the file system's used bytes are what the stamp's
-    folder holds (on the old code they grew by every extent it had read)."""
-    with tmpfs(tmp_path / "fs", 200, "this test") as mnt:
+    after every overwrite; each reclaimer is killed at a random moment after
+    it reported a round that freed something. At the end the holder holds no
+    deleted file after its next read, and the file system's used bytes are
+    what the stamp's folder holds (on the old code they grew by every extent
+    it had read)."""
+    rng = random.Random(5)
+    with tmpfs(tmp_path / "fs", 320, "this test") as mnt:
         path = os.path.join(mnt, "st")
         with Stamp.create(path, extent_size=MIB) as st:
             st.blobs.create("b", BLOB_MIB * MIB)
@@ -167,16 +171,23 @@ def test_a_long_lived_process_beside_a_reclaimer_killed_and_restarted_keeps_no_d
         seed = 0
         try:
             with Stamp.open(path) as st:
-                for _ in range(4):
-                    gc = subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", path, "gc", "--watch",
-                                           "--target", "1.02", "--trigger", "1.02", "--compact-below", "0.9",
-                                           "--interval", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+                for k in range(4):
+                    out = str(tmp_path / f"gc.{k}.out")
+                    with open(out, "wb") as f:
+                        gc = subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", path, "gc", "--watch",
+                                               "--target", "1.02", "--trigger", "1.02", "--compact-below", "0.9",
+                                               "--interval", "0"], cwd=ROOT, env=env, stdout=f)
                     for _ in range(3):
                         seed += 1
                         overwrite(st, seed)
                         holder.do(f"read {seed}")
                         holder.do(f"write {seed} {seed % BLOB_MIB}")
-                        time.sleep(0.2)
+                    for _ in range(1200):  # until it reported a round (its start-up is slow on a busy machine)
+                        if os.path.getsize(out) or gc.poll() is not None:
+                            break
+                        time.sleep(0.05)
+                    time.sleep(rng.uniform(0, 0.3))  # then somewhere in the rounds that follow
+                    assert gc.poll() is None and os.path.getsize(out)
                     gc.send_signal(signal.SIGKILL)
                     gc.wait()
                 collect(st)  # what the last kill left (a doomed round, dead extents)
