@@ -28,7 +28,7 @@ Rules (WAS stream layer, simplified to one data stream):
 - Replica files deleted by another process (gc, re-replication) are let go
   here too, or their space would stay taken for as long as this process
   lives: every transaction that deletes an extent or moves a replica bumps
-  the counter GONE (before the files are unlinked), and the page layer
+  the counter GONE (in the transaction that removes it), and the page layer
   reads it in the transactions its reads and writes open anyway
   (`gone_moved`); when it moved, or when files were opened since the last
   check, `release_gone` looks the held extents up in one read transaction
@@ -44,6 +44,7 @@ layer keeps these in its index.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -203,11 +204,11 @@ class StreamLayer:
         the caller's files were opened; None: one of its own). Looks up every
         held extent when GONE moved, else only the files opened since the last
         call. Returns how many descriptors were let go."""
-        if self._idle_thread is None and not self._idle_stop.is_set():
-            self._watch_idle()
         if not self._release_lock.acquire(blocking=False):
             return 0  # another thread is at it: files it misses stay listed for the next call
         try:
+            if self._idle_thread is None and not self._idle_stop.is_set():
+                self._watch_idle()
             if txn is not None:
                 return self._release_in(txn)
             with self.meta.read() as own:
@@ -235,6 +236,12 @@ class StreamLayer:
 
         self._idle_thread = threading.Thread(target=run, name="stamp-release-gone", daemon=True)
         self._idle_thread.start()
+        _WATCHED.add(self)
+
+    def _stop_watching(self) -> None:
+        self._idle_stop.set()
+        if self._idle_thread is not None and self._idle_thread is not threading.current_thread():
+            self._idle_thread.join()
 
     def _release_in(self, txn: Any) -> int:
         raw = txn.get(_GONE_KEY, db=self.meta.db["counters"])
@@ -243,7 +250,7 @@ class StreamLayer:
             return 0  # an older snapshot than the last check's: a later call does it
         taken = len(self._opened)
         if gone_now != self._gone_seen:
-            wanted = {node.id: node.held() for node in self.nodes.values()}
+            wanted = {node.id: node.held() for node in list(self.nodes.values())}
         else:
             wanted = {}
             for node_id, extent_id in self._opened[:taken]:
@@ -817,9 +824,7 @@ class StreamLayer:
                 self._seal(self._current, self._current.length)
 
     def close(self) -> None:
-        self._idle_stop.set()
-        if self._idle_thread is not None and self._idle_thread is not threading.current_thread():
-            self._idle_thread.join()
+        self._stop_watching()
         self.seal_current()
         _LIVE_TOKENS.discard(self.token)
         with self._lock:  # no append holds a descriptor about to close
@@ -829,6 +834,17 @@ class StreamLayer:
             if self._epoch_fd >= 0:  # closing twice is allowed
                 os.close(self._epoch_fd)
                 self._epoch_fd = -1
+
+
+_WATCHED: weakref.WeakSet[StreamLayer] = weakref.WeakSet()  # layers whose release thread runs
+
+
+@atexit.register
+def _stop_all_watching() -> None:
+    """At exit, stop the release threads of layers never closed, before the
+    interpreter tears down what they use (LMDB environments)."""
+    for layer in list(_WATCHED):
+        layer._stop_watching()
 
 
 def open_node_epoch(root: str) -> int:
