@@ -28,7 +28,10 @@ COMPACT_BATCH pieces or by the extents it names).
   5. finish: one write transaction deletes the `dying` records of the
      unreferenced extents and puts the others back in `extents`; then
      their replica files are deleted (after the commit: a crash in between
-     leaves orphan files, which scrub removes).
+     leaves orphan files, which scrub removes). The transaction bumps the
+     GONE counter, by which every other process sharing the stamp lets go of
+     its descriptors of those files (stream.release_gone), so their space
+     is freed, not only in this process.
 A round killed after step 3 leaves `dying` records: the next round (in any
 process), or `stamp repair` (which re-replicates only extents in `extents`),
 verifies and finishes them, and two rounds finishing one extent at
@@ -197,6 +200,7 @@ def collect(stamp: Stamp, compact_below: float = 0.5,
             report.bytes_freed += sizes.get(extent_id, 0)
         elif extent_id in sizes:
             report.skipped.append(f"extent {extent_id}: still referenced (a write or a copy raced)")
+    stamp.stream.release_gone()  # files other rounds (other processes) deleted, and those compaction read
     return report
 
 
@@ -316,4 +320,6 @@ def _finish(stamp: Stamp, doomed: list[int], referenced: set[int], report: GcRep
             else:
                 gone.append(Extent.from_json(extent_id, loads(bytes(raw))))
             txn.delete(key, db=dying)
+        if gone:
+            stamp.stream.mark_gone(txn)  # other processes let go of their files (stream's header)
     return gone

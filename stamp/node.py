@@ -12,6 +12,17 @@ fail with ENOSPC). Bit flips are made in the replica file itself.
 process that sees it change drops the descriptors it holds on the node,
 which name deleted files (lost and replaced between two of its appends, the
 state alone looks unchanged).
+
+Descriptors (one process's view): a replica file stays open while its
+extent is used, so another process deleting it (gc, re-replication) does not
+free its space; the stream layer tells the node which extents are gone
+elsewhere (`release`, see stream.StreamLayer.release_gone), and every file
+opened is listed in `opened` for the stream layer to check once. A
+descriptor is never closed while a thread may still pread it: it is pointed
+at /dev/null (its file's space is freed at once; such a pread reads nothing,
+which fails verification, and the read resolves again) and closed MAX_OPEN
+retirements later. Bookkeeping of `_fds` and `_stale` is under `_lock`
+(opens, retirements, releases); the hot path only reads `_fds`.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +75,12 @@ class Node:
     full: bool = False
     generation: int = 0
     _fds: dict[int, int] = field(default_factory=dict, repr=False)
-    _stale: list[int] = field(default_factory=list, repr=False)  # see abandon_files and MAX_OPEN
+    # retired descriptors (extent id, or -1 once pointed at /dev/null; fd), closed MAX_OPEN later
+    _stale: list[tuple[int, int]] = field(default_factory=list, repr=False)
     pinned: int = -1  # the extent this process appends to: its descriptors are never retired
+    # (node id, extent id) of every file opened, for the stream layer to check once (shared by its nodes)
+    opened: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
@@ -95,10 +111,15 @@ class Node:
         fd = self._fds.get(extent_id)
         if fd is None:
             flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-            fd = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
-            self._fds[extent_id] = fd
-            if len(self._fds) > MAX_OPEN:
-                self._retire_oldest()
+            mine = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
+            with self._lock:
+                fd = self._fds.setdefault(extent_id, mine)
+                if fd != mine:  # another thread opened it meanwhile: keep one (an extra would leak)
+                    os.close(mine)
+                    return fd
+                self.opened.append((self.id, extent_id))
+                if len(self._fds) > MAX_OPEN:
+                    self._retire_oldest()
         return fd
 
     def _retire_oldest(self) -> None:
@@ -106,10 +127,14 @@ class Node:
             if oldest != self.pinned:
                 fd = self._fds.pop(oldest, None)
                 if fd is not None:
-                    self._stale.append(fd)
+                    self._park(oldest, fd)
                 break
+
+    def _park(self, extent_id: int, fd: int) -> None:
+        """Retire fd (under _lock): closed after MAX_OPEN more are retired."""
+        self._stale.append((extent_id, fd))
         while len(self._stale) > MAX_OPEN:
-            os.close(self._stale.pop(0))
+            os.close(self._stale.pop(0)[1])
 
     def append(self, extent_id: int, data: bytes, offset: int) -> None:
         fd = self._fds.get(extent_id)
@@ -143,26 +168,46 @@ class Node:
         offset, not extent). It is pointed at /dev/null instead (the file's
         space is freed; such a pread reads nothing, a bad copy, and the read
         resolves again) and closed as a retired one is."""
-        fd = self._fds.pop(extent_id, None)
-        if fd is not None:
-            os.dup2(_devnull(), fd, inheritable=False)
-            self._stale.append(fd)
-            while len(self._stale) > MAX_OPEN:
-                os.close(self._stale.pop(0))
+        self.release({extent_id})
         try:
             os.unlink(self.extent_path(extent_id))
         except FileNotFoundError:
             pass
 
+    def release(self, gone: set[int]) -> int:
+        """Let go of the descriptors (open or retired) of the extents `gone`
+        (deleted, or moved off this node, maybe by another process), as drop
+        does: pointed at /dev/null, so their files' space is freed now.
+        Returns how many were let go."""
+        released = 0
+        with self._lock:
+            for extent_id in [x for x in self._fds if x in gone]:
+                fd = self._fds.pop(extent_id)
+                os.dup2(_devnull(), fd, inheritable=False)
+                self._park(-1, fd)
+                released += 1
+            for i, (extent_id, fd) in enumerate(self._stale):
+                if extent_id in gone:
+                    os.dup2(_devnull(), fd, inheritable=False)
+                    self._stale[i] = (-1, fd)
+                    released += 1
+        return released
+
+    def held(self) -> set[int]:
+        """The extents this node holds a descriptor of (open or retired)."""
+        with self._lock:
+            return {*self._fds, *(x for x, _ in self._stale if x >= 0)}
+
     def abandon_files(self) -> None:
         """Stop using the descriptors held (their files were deleted): later
-        operations open the files again. They are closed by forget(), not
-        here: another thread may be using one this instant."""
-        self._stale += self._fds.values()
-        self._fds.clear()
+        operations open the files again. They are pointed at /dev/null (the
+        space goes) and closed later, not here: another thread may be using
+        one this instant."""
+        self.release(self.held())
 
     def forget(self) -> None:
-        for fd in [*self._fds.values(), *self._stale]:
-            os.close(fd)
-        self._fds.clear()
-        self._stale.clear()
+        with self._lock:
+            for fd in [*self._fds.values(), *(fd for _, fd in self._stale)]:
+                os.close(fd)
+            self._fds.clear()
+            self._stale.clear()

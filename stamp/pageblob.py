@@ -998,6 +998,7 @@ class PageBlobs:
             if txn.get(U64.pack(loc.extent), db=self.db["extents"]) is None:
                 txn.abort()
                 return False
+            release = self.stream.gone_moved(txn)  # files deleted elsewhere: let go after the commit
             blob_id, raw = self._state_raw(txn, name)  # no BlobState built: this is the hot path
             epoch, latest, size, lease_id, _, word = STATE.unpack(raw)
             if lease_id != NO_LEASE or lease is not None:
@@ -1019,6 +1020,8 @@ class PageBlobs:
             txn.abort()
             raise
         txn.commit()
+        if release:
+            self.stream.release_gone()
         return True
 
     def clear(self, name: str, offset: int, length: int, lease: str | None = None, hook: Hook | None = None) -> None:
@@ -1283,6 +1286,8 @@ class PageBlobs:
                     self._snapshot_info(txn, blob_id, name, snapshot)
                 offset, length, lo, hi = _get_range(offset, length, size)
                 pieces = self._resolve(txn, blob_id, epoch, lo // PAGE, hi // PAGE)
+                if self.stream.gone_moved(txn):  # files deleted by another process: let go of them
+                    self.stream.release_gone(txn)
             try:
                 data = self._assemble(pieces, lo, hi - lo)
                 return data if (lo, hi) == (offset, offset + length) else data[offset - lo:offset - lo + length]

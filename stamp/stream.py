@@ -25,18 +25,33 @@ Rules (WAS stream layer, simplified to one data stream):
   appender by its next append: the change rewrites STAMP/nodes.epoch after
   its commit, and each append compares that file's 8 bytes first; a read
   compares them too if it is READ_RECHECK after the last such read.
+- Replica files deleted by another process (gc, re-replication) are let go
+  here too, or their space would stay taken for as long as this process
+  lives: every transaction that deletes an extent or moves a replica bumps
+  the counter GONE (in the transaction that removes it), and the page layer
+  reads it in the transactions its reads and writes open anyway
+  (`gone_moved`); when it moved, or when files were opened since the last
+  check, `release_gone` looks the held extents up in one read transaction
+  and lets go of those no longer there (node.Node.release). A file opened
+  before its deletion is looked up in a transaction that either lacks it or
+  saw a GONE the deletion's bump moves past, so no descriptor of a deleted
+  file outlives the process's next read or write; nor RELEASE_EVERY while
+  it does neither: once it has done one, a thread of its own runs
+  release_gone at that interval (a read transaction and a get).
 Location of data: (extent id, record offset, record length); the partition
 layer keeps these in its index.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -49,6 +64,9 @@ from .meta import U32, U64, Meta, loads
 from .node import Node, NodeDown, NodeState
 
 REPLICAS = 3
+GONE = "gone"  # counters: bumped by each transaction deleting an extent or moving a replica (see the header)
+_GONE_KEY = GONE.encode()
+RELEASE_EVERY = 1.0  # seconds: how long a process that neither reads nor writes may hold files deleted elsewhere
 READ_RECHECK = 0.05  # seconds: how stale a reading process's node states may get (see read)
 DEFAULT_EXTENT_SIZE = 256 * 1024 * 1024
 
@@ -133,6 +151,13 @@ class StreamLayer:
         self._sync_lock = threading.Lock()  # group commit
         self._synced: dict[int, int] = {}
         self._fast: tuple[Extent, list[int]] | None = None  # see _fast_fds
+        self._opened: list[tuple[int, int]] = []  # (node, extent) of files opened since release_gone (all nodes)
+        self._gone_seen = -1  # GONE as of the last release_gone (-1: none yet) ...
+        self._gone_raw: bytes | None = b"?"  # ... as stored (None: never bumped; b"?": no release_gone yet)
+        self._counters = meta.db["counters"]
+        self._release_lock = threading.Lock()
+        self._idle_stop = threading.Event()
+        self._idle_thread: threading.Thread | None = None  # see _watch_idle
         self.token = uuid.uuid4().hex
         _LIVE_TOKENS.add(self.token)
         self._epoch_fd = open_node_epoch(root)
@@ -152,12 +177,112 @@ class StreamLayer:
                 fresh = Node.from_json(node_id, self.root, loads(raw))
                 old = self.nodes.get(node_id)
                 if old is None:
+                    fresh.opened = self._opened
                     self.nodes[node_id] = fresh
                     continue
                 if old.generation != fresh.generation:  # lost since: the files held are deleted ones
                     old.abandon_files()
                 old.state, old.slow_ms, old.full, old.generation = (fresh.state, fresh.slow_ms, fresh.full,
                                                                      fresh.generation)
+
+    # -- files deleted elsewhere ---------------------------------------------------
+
+    def mark_gone(self, txn: Any) -> None:
+        """In a write transaction deleting an extent or moving a replica off a
+        node (its files are unlinked after the commit): every process holding
+        them lets go (see the header)."""
+        self.meta.next_id(txn, GONE)
+
+    def gone_moved(self, txn: Any) -> bool:
+        """Does release_gone have work: did GONE move, or were files opened
+        since it last ran? (One get in a transaction the caller holds.)"""
+        return bool(self._opened) or txn.get(_GONE_KEY, db=self._counters) != self._gone_raw
+
+    def release_gone(self, txn: Any = None) -> int:
+        """Let go of the descriptors of replica files whose extent is gone or
+        no longer on their node, as of `txn` (a read transaction begun after
+        the caller's files were opened; None: one of its own). Looks up every
+        held extent when GONE moved, else only the files opened since the last
+        call. Returns how many descriptors were let go."""
+        if not self._release_lock.acquire(blocking=False):
+            return 0  # another thread is at it: files it misses stay listed for the next call
+        try:
+            if self._idle_thread is None and not self._idle_stop.is_set():
+                self._watch_idle()
+            if txn is not None:
+                return self._release_in(txn)
+            with self.meta.read() as own:
+                return self._release_in(own)
+        finally:
+            self._release_lock.release()
+
+    def _watch_idle(self) -> None:
+        """Start the thread that runs release_gone every RELEASE_EVERY, for
+        when this process goes idle holding files (a worker whose client
+        stopped, beside a writer and its reclaimer). It holds the layer only
+        weakly, and ends with close() or when the layer is gone."""
+        ref, stop = weakref.ref(self), self._idle_stop
+
+        def run() -> None:
+            while not stop.wait(RELEASE_EVERY):
+                layer = ref()
+                if layer is None:
+                    return
+                try:
+                    layer.release_gone()
+                except Exception:  # noqa: BLE001 (the stamp closing under it, say: the next tick or op tries again)
+                    pass
+                del layer
+
+        self._idle_thread = threading.Thread(target=run, name="stamp-release-gone", daemon=True)
+        self._idle_thread.start()
+        _WATCHED.add(self)
+
+    def _stop_watching(self) -> None:
+        self._idle_stop.set()
+        if self._idle_thread is not None and self._idle_thread is not threading.current_thread():
+            self._idle_thread.join()
+
+    def _release_in(self, txn: Any) -> int:
+        raw = txn.get(_GONE_KEY, db=self.meta.db["counters"])
+        gone_now = U64.unpack(raw)[0] if raw is not None else 0
+        if gone_now < self._gone_seen:
+            return 0  # an older snapshot than the last check's: a later call does it
+        taken = len(self._opened)
+        if gone_now != self._gone_seen:
+            wanted = {node.id: node.held() for node in list(self.nodes.values())}
+        else:
+            wanted = {}
+            for node_id, extent_id in self._opened[:taken]:
+                wanted.setdefault(node_id, set()).add(extent_id)
+        found: dict[int, Extent | None] = {}
+        released = 0
+        for node_id, ids in wanted.items():
+            node = self.nodes.get(node_id)
+            if node is None:
+                continue
+            gone = {x for x in ids if not self._still_on(txn, found, x, node_id)}
+            if gone:
+                released += node.release(gone)
+        del self._opened[:taken]  # one C call: files opened meanwhile stay listed
+        self._gone_seen, self._gone_raw = gone_now, None if raw is None else bytes(raw)
+        if released:
+            self._fast = None
+            for extent_id, e in found.items():
+                if e is None and (self._current is None or self._current.id != extent_id):
+                    self._extents.pop(extent_id, None)
+        return released
+
+    def _still_on(self, txn: Any, found: dict[int, Extent | None], extent_id: int, node_id: int) -> bool:
+        """Is extent_id (in `extents` or `dying`, as of txn) kept on node_id?"""
+        if extent_id not in found:
+            key = U64.pack(extent_id)
+            raw = txn.get(key, db=self.meta.db["extents"])
+            if raw is None:
+                raw = txn.get(key, db=self.meta.db["dying"])
+            found[extent_id] = None if raw is None else Extent.from_json(extent_id, loads(bytes(raw)))
+        e = found[extent_id]
+        return e is not None and e.holds(node_id)
 
     def set_node(self, node_id: int, lost: bool = False, **changes: Any) -> Node:
         """Change a node's state or injected faults, durably, for every process;
@@ -443,6 +568,7 @@ class StreamLayer:
                 node.drop(e.id)
         with self.meta.write() as txn:
             txn.delete(U64.pack(e.id), db=self.meta.db["extents"])
+            self.mark_gone(txn)
         self.forget_extent(e.id)
 
     def all_extents(self, dying: bool = False) -> list[Extent]:
@@ -510,12 +636,14 @@ class StreamLayer:
         return made
 
     def _commit_extent(self, e: Extent, copy: dict[str, int] | None) -> bool:
-        """Store e (with `copy` as its copy marker); False if gc deleted it."""
+        """Store e (with `copy` as its copy marker); False if gc deleted it.
+        Marks GONE: a replica may have left a node (rare: no need to tell)."""
         e.copy = copy
         with self.meta.write() as txn:
             if txn.get(U64.pack(e.id), db=self.meta.db["extents"]) is None:
                 return False
             self.meta.put_json(txn, "extents", U64.pack(e.id), e.to_json())
+            self.mark_gone(txn)
         return True
 
     def _replica_ok(self, e: Extent, n: int) -> bool:
@@ -696,6 +824,7 @@ class StreamLayer:
                 self._seal(self._current, self._current.length)
 
     def close(self) -> None:
+        self._stop_watching()
         self.seal_current()
         _LIVE_TOKENS.discard(self.token)
         with self._lock:  # no append holds a descriptor about to close
@@ -705,6 +834,17 @@ class StreamLayer:
             if self._epoch_fd >= 0:  # closing twice is allowed
                 os.close(self._epoch_fd)
                 self._epoch_fd = -1
+
+
+_WATCHED: weakref.WeakSet[StreamLayer] = weakref.WeakSet()  # layers whose release thread runs
+
+
+@atexit.register
+def _stop_all_watching() -> None:
+    """At exit, stop the release threads of layers never closed, before the
+    interpreter tears down what they use (LMDB environments)."""
+    for layer in list(_WATCHED):
+        layer._stop_watching()
 
 
 def open_node_epoch(root: str) -> int:

@@ -14,8 +14,11 @@ disk is served by N processes (`hostcache serve --workers N`, one throttle
 shared) and fio runs N jobs of --qd / N each (one connection each, dealt to
 the workers in turn), the same queue depth in all. Every --sample
 seconds the tool takes:
-  - the stamp's disk use (blocks held by every file under its folder:
-    replicas and metadata), beside the bound 2 x (live data x 3 replicas) +
+  - the stamp's disk use: blocks held by every file under its folder
+    (replicas and metadata), plus those of files deleted from it that a
+    process still holds open (their space is not free until it lets go:
+    `du` alone would miss them, and report a bound kept while the disk
+    fills), beside the bound 2 x (live data x 3 replicas) +
     ALLOWANCE_EXTENTS extents x 3 replicas (live data: the bytes its blobs
     hold, read from the stamp);
   - fio's write rate in that interval (its bandwidth log), beside the
@@ -76,6 +79,31 @@ def disk_use(path: str) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def held_deleted(path: str) -> int:
+    """Bytes of disk blocks held by files deleted from under `path` that some process
+    (any, in /proc) still has open: each file counted once, however many hold it."""
+    seen: dict[tuple[int, int], int] = {}
+    prefix = path.rstrip("/") + "/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to look at
+        for name in names:
+            link = os.path.join(fd_dir, name)
+            try:
+                target = os.readlink(link)
+                if target.startswith(prefix) and target.endswith(" (deleted)"):
+                    st = os.stat(link)
+                    seen[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+            except OSError:
+                continue  # closed meanwhile
+    return sum(seen.values())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -167,11 +195,13 @@ def measure(work: str, a: argparse.Namespace) -> dict:
         with Stamp.open(stamp_dir) as st:
             while fio.poll() is None:
                 time.sleep(a.sample)
-                used, live = disk_use(stamp_dir), live_bytes(st)
-                samples.append({"t": round(time.monotonic() - t0, 1), "disk_use": used, "live": live,
-                                "bound": 2 * 3 * live + allowance})
-                print(f"  {samples[-1]['t']:7.1f} s  use {used / GIB:6.2f} GiB  bound {samples[-1]['bound'] / GIB:6.2f}"
-                      f" GiB  live {live / GIB:5.2f} GiB", file=sys.stderr, flush=True)
+                held = held_deleted(stamp_dir)
+                used, live = disk_use(stamp_dir) + held, live_bytes(st)
+                samples.append({"t": round(time.monotonic() - t0, 1), "disk_use": used, "held_deleted": held,
+                                "live": live, "bound": 2 * 3 * live + allowance})
+                print(f"  {samples[-1]['t']:7.1f} s  use {used / GIB:6.2f} GiB (deleted, held open: "
+                      f"{held / GIB:.2f})  bound {samples[-1]['bound'] / GIB:6.2f} GiB  live {live / GIB:5.2f} GiB",
+                      file=sys.stderr, flush=True)
         out = fio.communicate()[0]
         cpu = cpu_seconds(proc.pid) - cpu0
     finally:
@@ -201,18 +231,21 @@ def table(result: dict) -> str:
              f"through hostcache serve --workers {workers} "
              f"({'reclaiming' if result['reclaim'] else 'no reclamation'}); "
              f"published {pub:g} MiB/s",
-             f"{'time s':>8} {'use GiB':>8} {'bound GiB':>9} {'use/bound':>9} {'MiB/s':>7} {'x pub':>6}"]
+             f"{'time s':>8} {'use GiB':>8} {'held GiB':>8} {'bound GiB':>9} {'use/bound':>9} {'MiB/s':>7} "
+             f"{'x pub':>6}"]
     for s in result["samples"]:
         r = [mb for t, mb in rates_ if abs(t - s["t"]) <= result["args"]["sample"] / 2 + 0.5]
         rate = f"{r[0]:7.1f} {r[0] / pub:6.3f}" if r else f"{'':>7} {'':>6}"
-        lines.append(f"{s['t']:8.1f} {s['disk_use'] / GIB:8.2f} {s['bound'] / GIB:9.2f} "
+        lines.append(f"{s['t']:8.1f} {s['disk_use'] / GIB:8.2f} {s.get('held_deleted', 0) / GIB:8.2f} "
+                     f"{s['bound'] / GIB:9.2f} "
                      f"{s['disk_use'] / max(s['bound'], 1):9.2f} {rate}")
     steady = [mb for t, mb in rates_[1:]]  # the first interval includes fio's start
     worst = max((s["disk_use"] / max(s["bound"], 1) for s in result["samples"]), default=0.0)
     lines.append(f"whole run: {result['fio_mibps']:.1f} MiB/s = {result['fio_mibps'] / pub:.3f} x published; "
                  f"intervals: median {statistics.median(steady) / pub if steady else 0:.3f} x, "
                  f"lowest {min(steady) / pub if steady else 0:.3f} x; peak use/bound {worst:.2f} "
-                 f"(allowance {result['allowance'] / GIB:.2f} GiB)")
+                 f"(allowance {result['allowance'] / GIB:.2f} GiB); use counts the files deleted but held open "
+                 f"(held)")
     if "serve_cpu_us_per_write" in result:
         per = result["serve_cpu_us_per_write"]
         lines.append(f"serving processes: {per:.0f} us of CPU per write (the reclaimer's included): one core "
