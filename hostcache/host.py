@@ -90,6 +90,7 @@ from vhd.check import check as check_vhd
 from vhd.image import FixedImage, Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
+from . import hostfile
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, first_change, is_ours, recorded_digest
 from .buckets import BucketStore
@@ -215,6 +216,8 @@ class Host:
                 self.config = json.load(f)
         except FileNotFoundError:
             raise HostError(f"{path} is not a host folder (no host.json): create one with `hostcache init`") from None
+        except (ValueError, UnicodeDecodeError) as e:  # cut short by a writer before host.json was replaced whole
+            raise HostError(f"{path}/host.json is damaged ({e}): it is not JSON") from None
         self.path = path
         self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config))
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
@@ -256,10 +259,8 @@ class Host:
         made = not os.path.exists(path)
         there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, "host.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a key may be in it
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
         try:
+            hostfile.write_json(os.path.join(path, "host.json"), config)  # 0600 from its creation: a key may be in it
             return cls(path, **kw)
         except BaseException as e:  # a host that cannot open is not left behind
             _unmake(path, made, there)
@@ -292,8 +293,7 @@ class Host:
         if total > self.config["cache_bytes"]:
             self.cache.grow(int(total))
             self.config["cache_bytes"] = int(total)
-            with open(os.path.join(self.path, "host.json"), "w") as f:
-                json.dump(self.config, f, indent=2)
+            hostfile.write_json(os.path.join(self.path, "host.json"), self.config)  # whole, or not at all
 
     @contextmanager
     def _serialized(self) -> Iterator[None]:
