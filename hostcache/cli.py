@@ -33,6 +33,8 @@ EPILOG = """examples:
   hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
   hostcache init --stamp http://127.0.0.1:10000/devstoreaccount1
                                                    a host over a stamp served elsewhere (`stamp serve`)
+  hostcache init --stamp https://stamp1:10000/devstoreaccount1 --ca-file ca.pem --account-key-file key
+                                                   over TLS (`stamp serve --cert --key`), the key from a file
   hostcache vm create vm1 --size D8s_v3 --image ubuntu
   hostcache vm attach vm1 data1 --lun 0 --caching ReadOnly
   hostcache vm boot vm1                            boot reads through cache and throttle, timed
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stamp folder, or the URL of its Blob endpoint, http://HOST:PORT/ACCOUNT (the address "
                         "`stamp serve` prints, then the account: /devstoreaccount1); a host over the network: its "
                         "disks' pages and records go over HTTP, the cache and the throttle stay here")
+    p.add_argument("--ca-file", metavar="CERT",
+                   help="with an https:// URL: the PEM certificate of the CA that signed the stamp's certificate "
+                   "(for a self-signed `stamp serve --cert`, that certificate); copied into HOST/ca.pem, and the "
+                   "only CA this host then trusts for the stamp (default: the system's CAs)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--account-key-file", metavar="FILE",
                       help="with a URL: a file holding the account's key (base64), readable by you only (chmod 600: "
@@ -250,7 +256,8 @@ def run(a: argparse.Namespace) -> object:
     if a.cmd == "init":
         key = read_key_file(a.account_key_file) if a.account_key_file else a.account_key
         with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib is not None else None,
-                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale, account_key=key) as h:
+                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale, account_key=key,
+                         ca_file=a.ca_file) as h:
             return {"host": h.path, **{k: ("(kept)" if k == "account_key" else v) for k, v in h.config.items()}}
     if a.cmd == "serve":
         return serve(a)

@@ -104,7 +104,9 @@ OS_LUN = -1
 GIB = 1024 ** 3
 OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
 MAX_CACHE_BYTES = 16 << 40  # the largest file ext4 holds: the cache file is one
-HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
+HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle", "ca.pem")
+CA_FILE = "ca.pem"  # the CA an https stamp's certificate is verified with, copied in by `hostcache init --ca-file`
+MAX_CA_BYTES = 1 << 20
 # How often an attached disk's I/O looks at its stamp record for a performance change (one read each
 # time): a change takes effect within this much of the host's clock, at a bounded cost per I/O.
 PERFORMANCE_LOOK_SECONDS = 0.05
@@ -129,6 +131,17 @@ def _unmake(path: str, made: bool, there: set[str]) -> None:
             shutil.rmtree(where, ignore_errors=True)
         elif os.path.exists(where):
             os.unlink(where)
+
+
+def _read_ca(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CA_BYTES + 1)
+    except OSError as e:
+        raise HostError(f"cannot read the CA file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CA_BYTES:
+        raise HostError(f"the CA file {path} is over {MAX_CA_BYTES >> 20} MiB: give the CA's PEM certificate")
+    return data
 
 
 def _size_gib(rec: dict[str, Any]) -> float:
@@ -219,7 +232,8 @@ class Host:
         except (ValueError, UnicodeDecodeError) as e:  # cut short by a writer before host.json was replaced whole
             raise HostError(f"{path}/host.json is damaged ({e}): it is not JSON") from None
         self.path = path
-        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config))
+        ca = os.path.join(path, self.config["ca_file"]) if self.config.get("ca_file") else None
+        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config), ca)
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
@@ -237,10 +251,13 @@ class Host:
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
-               cache_scale: float = 1 / 1024, account_key: str | None = None, **kw: Any) -> Host:
+               cache_scale: float = 1 / 1024, account_key: str | None = None, ca_file: str | None = None,
+               **kw: Any) -> Host:
         """A host over a stamp: its folder, or the URL of a `stamp serve`
-        (http://HOST:PORT/ACCOUNT, signed with `account_key`, else
-        $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstore key).
+        (http(s)://HOST:PORT/ACCOUNT, signed with `account_key`, else
+        $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstore key;
+        an https one's certificate verified with the CA in `ca_file`, copied
+        into the host folder so every later command trusts that CA).
         cache_bytes None: sized from its VMs' cache sizes times cache_scale
         (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
@@ -255,11 +272,15 @@ class Host:
                   "ram_bytes": ram_bytes}
         if account_key is not None:
             config["account_key"] = account_key
-        open_for_host(stamp_path, key_of(config))[0].close()  # a clear error now if it is not a stamp
+        ca = _read_ca(ca_file) if ca_file else None
+        open_for_host(stamp_path, key_of(config), ca_file)[0].close()  # a clear error now if it is not a stamp
         made = not os.path.exists(path)
         there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
         try:
+            if ca is not None:  # the CA that was verified, as it was then (the file given may change)
+                hostfile.write_private(os.path.join(path, CA_FILE), ca)
+                config["ca_file"] = CA_FILE
             hostfile.write_json(os.path.join(path, "host.json"), config)  # 0600 from its creation: a key may be in it
             return cls(path, **kw)
         except BaseException as e:  # a host that cannot open is not left behind
