@@ -1,8 +1,11 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
-    HOST/host.json    {"stamp": path of the stamp folder, or the URL of a `stamp serve` (a host over
-                      the network: stamp.remote), "account_key" (if given), "cache_bytes",
-                      "cache_scale", "ram_bytes"}
+    HOST/host.json    {"id": the host's identity in the disk records its VMs have (a uuid; a folder
+                      made before ids has none: identity()), "stamp": path of the stamp folder, or
+                      the URL of a `stamp serve` (a host over the network: stamp.remote),
+                      "account_key" (if given), "ca_file" (if given: "ca.pem"), "cache_bytes",
+                      "cache_scale", "ram_bytes"}; mode 0600, replaced whole (hostfile.py)
+    HOST/ca.pem       the CA an https stamp's certificate is verified with (`init --ca-file`)
     HOST/host.lock    held (flock) by a compute call, whatever the process: one at a time
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
@@ -28,7 +31,7 @@ VM sizes), refused with the platform's error codes (errors.py):
   where; ConflictingUserInput); the state moves from Unattached to Attached
   in one stamp transaction, so two hosts attaching it at once cannot both win;
 - a LUN is a whole number (InvalidParameter);
-- attach marks the disk (with this host's path) before the VM's record
+- attach marks the disk (with this host's identity) before the VM's record
   lists it, detach unlists before unmarking: a process killed in between
   leaves a disk marked for a LUN its VM does not list, which the next attach
   or detach on that VM settles as unattached;
@@ -73,6 +76,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,7 +237,7 @@ class Host:
             raise HostError(f"{path}/host.json is damaged ({e}): it is not JSON") from None
         self.path = path
         ca = os.path.join(path, self.config["ca_file"]) if self.config.get("ca_file") else None
-        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config), ca)
+        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config), ca, self.identity())
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
@@ -267,7 +271,7 @@ class Host:
         if not 0 < cache_scale <= 1 or ram_bytes < 0:
             raise HostError("cache_scale must be more than 0 and at most 1 (the sizes' own cache), "
                             "and ram_bytes 0 or more")
-        config = {"stamp": stamp_path if is_url(stamp_path) else os.path.abspath(stamp_path),
+        config = {"id": str(uuid.uuid4()), "stamp": stamp_path if is_url(stamp_path) else os.path.abspath(stamp_path),
                   "cache_bytes": cache_bytes or 64 * 1024 * 1024, "cache_scale": None if cache_bytes else cache_scale,
                   "ram_bytes": ram_bytes}
         if account_key is not None:
@@ -298,11 +302,15 @@ class Host:
         return self._pool
 
     def identity(self) -> str:
-        """How this host names itself in the disk records it attaches: its
-        folder, and over the network also its machine (two machines may
-        use one folder path)."""
+        """How this host names itself in the disk records it attaches (and
+        in the writer leases it asks the host API for): the host folder's
+        id, made by `hostcache init` (it goes with the folder, which holds
+        the disks' dirty cache lines); a folder made before ids were, its
+        path, and over the network also its machine."""
+        if self.config.get("id"):
+            return str(self.config["id"])
         here = os.path.abspath(self.path)
-        return f"{socket.gethostname()}:{here}" if is_remote(self.stamp) else here
+        return f"{socket.gethostname()}:{here}" if is_url(self.config["stamp"]) else here
 
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""
@@ -434,7 +442,7 @@ class Host:
             self._size_cache()
             try:  # only from Unattached: another process may have granted access to the new disk meanwhile
                 self.disks.set_state(os_disk, DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to=name,
-                                     lun=OS_LUN)
+                                     lun=OS_LUN, host=self.identity())
             except ResourceInUse:
                 raise _attached_elsewhere(self.disks.record(os_disk)) from None
         except BaseException:
@@ -503,7 +511,7 @@ class Host:
             if rec.get("host") != here or rec.get("attached_to") != vm["name"] or lun is None or lun == OS_LUN:
                 continue
             if vm["data_disks"].get(str(lun), {}).get("disk") != rec["name"]:
-                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None)
+                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None, host=None)
 
     def _attach(self, vm_name: str, disk: str, lun: int, caching: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
@@ -534,7 +542,7 @@ class Host:
         try:
             self._put(vm)
         except BaseException:
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None, host=None)
             raise
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
@@ -563,7 +571,7 @@ class Host:
         live = self.throttles.get(vm_name)
         if live is not None:
             live.remove_disk(str(lun))
-        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None,
+        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None, host=None,
                              throttle_credits=credits)
         self._prune_buckets()
         return vm
@@ -611,7 +619,7 @@ class Host:
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
         for lun, disk in self._luns(vm) if deallocate else []:
-            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
+            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun, host=self.identity())
         vm["state"] = "Deallocated" if deallocate else "Stopped"
         self._put(vm)
         self.throttles.pop(vm_name, None)
@@ -628,7 +636,7 @@ class Host:
             self._refuse_if_downloaded("start", vm_name, disk)
         for i, (lun, disk) in enumerate(luns):
             try:  # refused in the state's own transaction if a grant came since the check
-                self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+                self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun, host=self.identity())
             except StampNotAllowed:
                 for lun0, disk0 in luns[:i] if vm["state"] == "Deallocated" else []:
                     self.disks.set_state(disk0, DiskState.RESERVED, attached_to=vm_name, lun=lun0)
@@ -660,7 +668,7 @@ class Host:
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
         for lun, disk in self._luns(vm):
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None,
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None, host=None,
                                  throttle_credits=self._disk_credits(vm, lun))
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)

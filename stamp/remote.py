@@ -415,8 +415,9 @@ def _split(name: str) -> str:
 class RemoteBlobs:
     """The page blobs a host uses, over the Blob REST protocol (see the module header)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, host: str | None = None) -> None:
         self.ep = endpoint
+        self.host = host  # the host folder this client acts for: the writer lease of a disk attached there
         self._sizes: dict[str, int] = {}  # blobs whose writer lease this client holds: nobody else resizes them
         self._leases: dict[str, str] = {}
 
@@ -504,7 +505,7 @@ class RemoteBlobs:
         """The blob's writer lease for this process; one whose holder died on
         this machine (the server cannot tell: it is not here) is taken over."""
         lease, holder = str(uuid.uuid4()), this_holder()
-        body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder}
+        body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder, "host": self.host}
         path = f"writer-lease/{name}"
         try:
             got = self.ep.api("POST", path, body)
@@ -565,10 +566,10 @@ class RemoteStamp:
     """A stamp served by `stamp serve` at `url` (http://HOST:PORT/ACCOUNT)."""
 
     def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, host: str | None = None) -> None:
         self.endpoint = Endpoint(url, key, retry_seconds, ca_file)
         self.path = self.endpoint.where.url
-        self.blobs = RemoteBlobs(self.endpoint)
+        self.blobs = RemoteBlobs(self.endpoint, host)
         self.endpoint.api("GET", "disks")  # a clear error now: unreachable, not a stamp, a wrong key
 
     def records(self) -> RemoteDisks:
