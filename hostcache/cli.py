@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--account-key-file", metavar="FILE",
                       help="with a URL: a file holding the account's key (base64), readable by you only (chmod 600: "
                       "refused otherwise, as ssh refuses a private key others can read); the key is kept in "
-                      "HOST/host.json, mode 600. Without it: $DISKSTAMP_ACCOUNT_KEY, read by every command that "
-                      "uses the host (not kept), else the devstoreaccount1 key")
+                      "HOST/host.json, mode 600. $DISKSTAMP_ACCOUNT_KEY, when set, is used instead by every command "
+                      "that uses the host (and not kept); with neither, the devstoreaccount1 key")
     keys.add_argument("--account-key", metavar="KEY",
                       help="the key itself, on the command line: avoid it, every user of the machine sees a "
                       "command line (ps, /proc/PID/cmdline) and it stays in your shell history; use "
