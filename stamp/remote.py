@@ -217,6 +217,7 @@ class Endpoint:
         self._late: set[int] = set()  # threads whose request the watchdog cut
         self.requests = 0  # sent, retries included (for tests and measurements)
         self.connects = 0  # connections opened (TCP, and over https a TLS handshake each)
+        self.answered = 0  # answers read whole
         self.interrupted = False  # a connection failed since the last flush: the server may be another process
 
     def close(self) -> None:
@@ -299,6 +300,8 @@ class Endpoint:
                     late = threading.get_ident() in self._late
                     self._late.discard(threading.get_ident())
                 why = f"no whole answer in {ANSWER_TIMEOUT:g} s" if late else _why(e)
+                if isinstance(e, http.client.RemoteDisconnected) and self.where.scheme == "http" and not self.answered:
+                    why += "; a server that speaks TLS closes a plain http request so: is the URL https://?"
                 if (reached and not idempotent) or time.monotonic() + delay > deadline:
                     raise Unreachable(f"the stamp at {self.where.url} did not answer ({why})"
                                       + ("" if idempotent else ": the request may or may not have been done")
@@ -328,6 +331,7 @@ class Endpoint:
         if threading.get_ident() in self._late:  # what was read before the watchdog shut the socket: not an answer
             raise TimeoutError("the answer did not come whole in time")
         self._local.used = time.monotonic()
+        self.answered += 1
         if resp.will_close:
             self._drop()
         return Answer(resp.status, resp.headers, data)

@@ -23,7 +23,7 @@ from hostcache.host import Host
 from hostcache.throttle import FakeClock
 from stamp import Stamp
 from stamp.disks import Disks
-from stamp.remote import RemoteStamp, Untrusted
+from stamp.remote import RemoteStamp, Unreachable, Untrusted
 from tests.hostcache.test_host import make_image
 from tests.stamp.rest.conftest import start_server, stop_server
 
@@ -118,6 +118,8 @@ def test_an_untrusted_certificate_or_another_name_is_a_one_line_error(tmp_path, 
     assert not os.path.exists(tmp_path / "a")
     with pytest.raises(Untrusted, match="does not trust"):
         RemoteStamp(url, retry_seconds=20)  # never retried: at once, not after 20 s of retries
+    with pytest.raises(Unreachable, match="is the URL https://"):  # plain http to it: a hint
+        RemoteStamp(url.replace("https://", "http://"), retry_seconds=1)
 
 
 def test_https_to_a_plain_http_server_says_it_does_not_speak_tls(tmp_path):
