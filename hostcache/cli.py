@@ -33,6 +33,8 @@ EPILOG = """examples:
   hostcache init --stamp ./st                      a host over a stamp (export DISKSTAMP_HOST=./host)
   hostcache init --stamp http://127.0.0.1:10000/devstoreaccount1
                                                    a host over a stamp served elsewhere (`stamp serve`)
+  hostcache init --stamp https://stamp1:10000/devstoreaccount1 --ca-file ca.pem --account-key-file key
+                                                   over TLS (`stamp serve --cert --key`), the key from a file
   hostcache vm create vm1 --size D8s_v3 --image ubuntu
   hostcache vm attach vm1 data1 --lun 0 --caching ReadOnly
   hostcache vm boot vm1                            boot reads through cache and throttle, timed
@@ -86,6 +88,25 @@ def _bytes_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def read_key_file(path: str) -> str:
+    """The account key in `path`, refused if anyone but its owner may read
+    or change the file (as ssh refuses such a private key)."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4097)
+    except OSError as e:
+        raise HostError(f"cannot read the account key file {path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise HostError(f"the account key file {path} is open to others (mode {mode & 0o777:04o}): a key others "
+                        f"can read is no secret; make it yours only (chmod 600 {path}) and run the command again")
+    key = raw.decode("ascii", "replace").strip()
+    if not key or len(raw) > 4096 or any(c.isspace() for c in key):
+        raise HostError(f"the account key file {path} does not hold one key (the base64 text the portal or "
+                        "`stamp serve` gives, alone in the file)")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="hostcache", description="The host in front of a stamp: VMs, disks "
                                   "attached at LUNs through a host cache, the throttle of each Azure disk "
@@ -99,8 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the stamp folder, or the URL of its Blob endpoint, http://HOST:PORT/ACCOUNT (the address "
                         "`stamp serve` prints, then the account: /devstoreaccount1); a host over the network: its "
                         "disks' pages and records go over HTTP, the cache and the throttle stay here")
-    p.add_argument("--account-key", help="with a URL: the account's key (base64), kept in HOST/host.json (mode 600); "
-                   "default $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstoreaccount1 key")
+    p.add_argument("--ca-file", metavar="CERT",
+                   help="with an https:// URL: the PEM certificate of the CA that signed the stamp's certificate "
+                   "(for a self-signed `stamp serve --cert`, that certificate); copied into HOST/ca.pem, and the "
+                   "only CA this host then trusts for the stamp (default: the system's CAs)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--account-key-file", metavar="FILE",
+                      help="with a URL: a file holding the account's key (base64), readable by you only (chmod 600: "
+                      "refused otherwise, as ssh refuses a private key others can read); the key is kept in "
+                      "HOST/host.json, mode 600. $DISKSTAMP_ACCOUNT_KEY, when set, is used instead by every command "
+                      "that uses the host (and not kept); with neither, the devstoreaccount1 key")
+    keys.add_argument("--account-key", metavar="KEY",
+                      help="the key itself, on the command line: avoid it, every user of the machine sees a "
+                      "command line (ps, /proc/PID/cmdline) and it stays in your shell history; use "
+                      "--account-key-file or $DISKSTAMP_ACCOUNT_KEY")
     p.add_argument("--cache-mib", type=_number(int, 1, False, "at least 1, at most 16,777,216 (16 TiB)", MAX_CACHE_BYTES >> 20),
                    help="a fixed host cache size (default: the VMs' cache sizes, scaled)")
     p.add_argument("--cache-scale", type=_number(float, 0, True, "more than 0, at most 1", 1), default=1 / 1024,
@@ -221,8 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(a: argparse.Namespace) -> object:
     if a.cmd == "init":
+        key = read_key_file(a.account_key_file) if a.account_key_file else a.account_key
         with Host.create(a.host, a.stamp, cache_bytes=a.cache_mib << 20 if a.cache_mib is not None else None,
-                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale, account_key=a.account_key) as h:
+                         ram_bytes=a.ram_mib << 20, cache_scale=a.cache_scale, account_key=key,
+                         ca_file=a.ca_file) as h:
             return {"host": h.path, **{k: ("(kept)" if k == "account_key" else v) for k, v in h.config.items()}}
     if a.cmd == "serve":
         return serve(a)

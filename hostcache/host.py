@@ -1,8 +1,11 @@
 """A physical host: VMs, their disks attached at LUNs, one BlobCache.
 
-    HOST/host.json    {"stamp": path of the stamp folder, or the URL of a `stamp serve` (a host over
-                      the network: stamp.remote), "account_key" (if given), "cache_bytes",
-                      "cache_scale", "ram_bytes"}
+    HOST/host.json    {"id": the host's identity in the disk records its VMs have (a uuid; a folder
+                      made before ids has none: identity()), "stamp": path of the stamp folder, or
+                      the URL of a `stamp serve` (a host over the network: stamp.remote),
+                      "account_key" (if given), "ca_file" (if given: "ca.pem"), "cache_bytes",
+                      "cache_scale", "ram_bytes"}; mode 0600, replaced whole (hostfile.py)
+    HOST/ca.pem       the CA an https stamp's certificate is verified with (`init --ca-file`)
     HOST/host.lock    held (flock) by a compute call, whatever the process: one at a time
     HOST/state/       LMDB: tables vms (name -> JSON) and throttle (name -> last statistics)
     HOST/cache/       the BlobCache (cache.dat and its index)
@@ -28,7 +31,7 @@ VM sizes), refused with the platform's error codes (errors.py):
   where; ConflictingUserInput); the state moves from Unattached to Attached
   in one stamp transaction, so two hosts attaching it at once cannot both win;
 - a LUN is a whole number (InvalidParameter);
-- attach marks the disk (with this host's path) before the VM's record
+- attach marks the disk (with this host's identity) before the VM's record
   lists it, detach unlists before unmarking: a process killed in between
   leaves a disk marked for a LUN its VM does not list, which the next attach
   or detach on that VM settles as unattached;
@@ -73,6 +76,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,6 +96,7 @@ from vhd.check import check as check_vhd
 from vhd.image import FixedImage, Image, SparseImage, open_image
 from vhd.nbd import Export, NbdServer
 
+from . import hostfile
 from .boot import boot_trace, find_boot_partition, load_trace
 from .bootsector import BANNER, first_change, is_ours, recorded_digest
 from .buckets import BucketStore
@@ -105,7 +110,9 @@ OS_LUN = -1
 GIB = 1024 ** 3
 OS_DISK_MAX_GIB = 4095  # managed_disk_limits.os_disk
 MAX_CACHE_BYTES = 16 << 40  # the largest file ext4 holds: the cache file is one
-HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle")
+HOST_FILES = ("host.json", "host.lock", "state", "cache", "throttle", "ca.pem")
+CA_FILE = "ca.pem"  # the CA an https stamp's certificate is verified with, copied in by `hostcache init --ca-file`
+MAX_CA_BYTES = 1 << 20
 # How often an attached disk's I/O looks at its stamp record for a performance change (one read each
 # time): a change takes effect within this much of the host's clock, at a bounded cost per I/O.
 PERFORMANCE_LOOK_SECONDS = 0.05
@@ -130,6 +137,17 @@ def _unmake(path: str, made: bool, there: set[str]) -> None:
             shutil.rmtree(where, ignore_errors=True)
         elif os.path.exists(where):
             os.unlink(where)
+
+
+def _read_ca(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CA_BYTES + 1)
+    except OSError as e:
+        raise HostError(f"cannot read the CA file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CA_BYTES:
+        raise HostError(f"the CA file {path} is over {MAX_CA_BYTES >> 20} MiB: give the CA's PEM certificate")
+    return data
 
 
 def _size_gib(rec: dict[str, Any]) -> float:
@@ -217,8 +235,11 @@ class Host:
                 self.config = json.load(f)
         except FileNotFoundError:
             raise HostError(f"{path} is not a host folder (no host.json): create one with `hostcache init`") from None
+        except (ValueError, UnicodeDecodeError) as e:  # cut short by a writer before host.json was replaced whole
+            raise HostError(f"{path}/host.json is damaged ({e}): it is not JSON") from None
         self.path = path
-        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config))
+        ca = os.path.join(path, self.config["ca_file"]) if self.config.get("ca_file") else None
+        self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config), ca, self.identity())
         self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
@@ -236,10 +257,13 @@ class Host:
 
     @classmethod
     def create(cls, path: str, stamp_path: str, cache_bytes: int | None = None, ram_bytes: int = 0,
-               cache_scale: float = 1 / 1024, account_key: str | None = None, **kw: Any) -> Host:
+               cache_scale: float = 1 / 1024, account_key: str | None = None, ca_file: str | None = None,
+               **kw: Any) -> Host:
         """A host over a stamp: its folder, or the URL of a `stamp serve`
-        (http://HOST:PORT/ACCOUNT, signed with `account_key`, else
-        $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstore key).
+        (http(s)://HOST:PORT/ACCOUNT, signed with `account_key`, else
+        $DISKSTAMP_ACCOUNT_KEY when the host is used, else the devstore key;
+        an https one's certificate verified with the CA in `ca_file`, copied
+        into the host folder so every later command trusts that CA).
         cache_bytes None: sized from its VMs' cache sizes times cache_scale
         (starting at 64 MiB)."""
         if os.path.exists(os.path.join(path, "host.json")):
@@ -249,19 +273,21 @@ class Host:
         if not 0 < cache_scale <= 1 or ram_bytes < 0:
             raise HostError("cache_scale must be more than 0 and at most 1 (the sizes' own cache), "
                             "and ram_bytes 0 or more")
-        config = {"stamp": stamp_path if is_url(stamp_path) else os.path.abspath(stamp_path),
+        config = {"id": str(uuid.uuid4()), "stamp": stamp_path if is_url(stamp_path) else os.path.abspath(stamp_path),
                   "cache_bytes": cache_bytes or 64 * 1024 * 1024, "cache_scale": None if cache_bytes else cache_scale,
                   "ram_bytes": ram_bytes}
         if account_key is not None:
             config["account_key"] = account_key
-        open_for_host(stamp_path, key_of(config))[0].close()  # a clear error now if it is not a stamp
+        ca = _read_ca(ca_file) if ca_file else None
+        open_for_host(stamp_path, key_of(config), ca_file)[0].close()  # a clear error now if it is not a stamp
         made = not os.path.exists(path)
         there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
         os.makedirs(path, exist_ok=True)
-        fd = os.open(os.path.join(path, "host.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a key may be in it
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
         try:
+            if ca is not None:  # the CA that was verified, as it was then (the file given may change)
+                hostfile.write_private(os.path.join(path, CA_FILE), ca)
+                config["ca_file"] = CA_FILE
+            hostfile.write_json(os.path.join(path, "host.json"), config)  # 0600 from its creation: a key may be in it
             return cls(path, **kw)
         except BaseException as e:  # a host that cannot open is not left behind
             _unmake(path, made, there)
@@ -278,11 +304,15 @@ class Host:
         return self._pool
 
     def identity(self) -> str:
-        """How this host names itself in the disk records it attaches: its
-        folder, and over the network also its machine (two machines may
-        use one folder path)."""
+        """How this host names itself in the disk records it attaches (and
+        in the writer leases it asks the host API for): the host folder's
+        id, made by `hostcache init` (it goes with the folder, which holds
+        the disks' dirty cache lines); a folder made before ids were, its
+        path, and over the network also its machine."""
+        if self.config.get("id"):
+            return str(self.config["id"])
         here = os.path.abspath(self.path)
-        return f"{socket.gethostname()}:{here}" if is_remote(self.stamp) else here
+        return f"{socket.gethostname()}:{here}" if is_url(self.config["stamp"]) else here
 
     def _size_cache(self) -> None:
         """Grow the cache to the scaled sum of the VMs' cache sizes."""
@@ -294,8 +324,7 @@ class Host:
         if total > self.config["cache_bytes"]:
             self.cache.grow(int(total))
             self.config["cache_bytes"] = int(total)
-            with open(os.path.join(self.path, "host.json"), "w") as f:
-                json.dump(self.config, f, indent=2)
+            hostfile.write_json(os.path.join(self.path, "host.json"), self.config)  # whole, or not at all
 
     @contextmanager
     def _serialized(self) -> Iterator[None]:
@@ -415,7 +444,7 @@ class Host:
             self._size_cache()
             try:  # only from Unattached: another process may have granted access to the new disk meanwhile
                 self.disks.set_state(os_disk, DiskState.ATTACHED, expect=DiskState.UNATTACHED, attached_to=name,
-                                     lun=OS_LUN)
+                                     lun=OS_LUN, host=self.identity())
             except ResourceInUse:
                 raise _attached_elsewhere(self.disks.record(os_disk)) from None
         except BaseException:
@@ -484,7 +513,7 @@ class Host:
             if rec.get("host") != here or rec.get("attached_to") != vm["name"] or lun is None or lun == OS_LUN:
                 continue
             if vm["data_disks"].get(str(lun), {}).get("disk") != rec["name"]:
-                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None)
+                self.disks.set_state(rec["name"], DiskState.UNATTACHED, attached_to=None, lun=None, host=None)
 
     def _attach(self, vm_name: str, disk: str, lun: int, caching: str) -> dict[str, Any]:
         vm = self.vm(vm_name)
@@ -515,7 +544,7 @@ class Host:
         try:
             self._put(vm)
         except BaseException:
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None)
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None, host=None)
             raise
         live = self.throttles.get(vm_name)
         if live is not None:  # a VM running in this process: its throttle learns the disk
@@ -544,7 +573,7 @@ class Host:
         live = self.throttles.get(vm_name)
         if live is not None:
             live.remove_disk(str(lun))
-        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None,
+        self.disks.set_state(entry["disk"], DiskState.UNATTACHED, attached_to=None, lun=None, host=None,
                              throttle_credits=credits)
         self._prune_buckets()
         return vm
@@ -592,7 +621,7 @@ class Host:
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)], vm=True)
         for lun, disk in self._luns(vm) if deallocate else []:
-            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun)
+            self.disks.set_state(disk, DiskState.RESERVED, attached_to=vm_name, lun=lun, host=self.identity())
         vm["state"] = "Deallocated" if deallocate else "Stopped"
         self._put(vm)
         self.throttles.pop(vm_name, None)
@@ -609,7 +638,7 @@ class Host:
             self._refuse_if_downloaded("start", vm_name, disk)
         for i, (lun, disk) in enumerate(luns):
             try:  # refused in the state's own transaction if a grant came since the check
-                self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun)
+                self.disks.set_state(disk, DiskState.ATTACHED, attached_to=vm_name, lun=lun, host=self.identity())
             except StampNotAllowed:
                 for lun0, disk0 in luns[:i] if vm["state"] == "Deallocated" else []:
                     self.disks.set_state(disk0, DiskState.RESERVED, attached_to=vm_name, lun=lun0)
@@ -641,7 +670,7 @@ class Host:
         if vm["state"] == "Running":
             self._any_throttle(vm).pause([str(lun) for lun, _ in self._luns(vm)])
         for lun, disk in self._luns(vm):
-            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None,
+            self.disks.set_state(disk, DiskState.UNATTACHED, attached_to=None, lun=None, host=None,
                                  throttle_credits=self._disk_credits(vm, lun))
         with self.env.begin(write=True) as txn:
             txn.delete(vm_name.encode(), db=self.vms_db)

@@ -89,7 +89,7 @@ from .errors import (
     StampError,
 )
 from .meta import loads
-from .pageblob import MAX_DISK_BLOB, Diff, blob_key, holder_died
+from .pageblob import MAX_DISK_BLOB, Diff, blob_key, holder_died, writer_stale
 from .stamp import Stamp
 from .stream import own_start, pid_alive
 
@@ -247,6 +247,36 @@ class Disks:
 
     def snapshots(self) -> list[dict[str, Any]]:
         return self._list("snapshot")
+
+    def acquire_writer_lease(self, blob: str, holder: dict[str, Any], lease: str | None = None,
+                             stale: dict[str, Any] | None = None, host: str | None = None) -> str:
+        """A disk blob's writer lease for a process of `host` (a host folder's
+        identity; None: a client that names none): PageBlobs.acquire_writer_lease,
+        refused (ResourceInUse) while the disk is attached to a VM of another
+        host (owner_host), unless the lease taken over is stale by the writer
+        lease's own rule, or is the one proposed (a retried acquire). The
+        owner is read and the lease taken in one transaction: a host
+        attaching the disk meanwhile comes before or after, never between."""
+        with self.meta.atomic() as txn:
+            rec = self._disk_of_blob(txn, blob) or {}
+            owner = owner_host(rec)
+            if owner is not None and owner != host:
+                held = self.blobs.held_lease_in(txn, blob)
+                retried = held is not None and lease is not None and held[0] == lease
+                if not retried and (held is None or not writer_stale(held[1], holder, stale)):
+                    raise ResourceInUse(f"disk {rec['name']!r} is attached to VM {rec.get('attached_to')} of another "
+                                        f"host ({owner}): its writer lease is that host's; detach it there first")
+            return self.blobs.acquire_writer_lease(blob, holder, lease, stale)
+
+    def _disk_of_blob(self, txn: lmdb.Transaction, blob: str) -> dict[str, Any] | None:
+        """The record of the disk whose blob is `blob` (disks/NAME/TOKEN), or None."""
+        parts = blob.split("/")
+        obj = self.meta.get_json(txn, "resources", f"disk/{parts[1]}".encode()) if len(parts) == 3 else None
+        if obj is not None and obj.get("blob") == blob:
+            return dict(obj)
+        for name in self._users_of_blob(txn, blob, "disk"):  # a blob named otherwise (replace_disk, say)
+            return dict(self.meta.get_json(txn, "resources", f"disk/{name}".encode()))
+        return None
 
     def set_state(self, name: str, state: DiskState, expect: DiskState | None = None,
                   **fields: Any) -> dict[str, Any]:
@@ -1183,6 +1213,17 @@ class Disks:
         """Delete a disk's blob that no disk and no snapshot names any more."""
         if not self._users_of_blob(txn, blob, "disk") and not self._users_of_blob(txn, blob, "snapshot"):
             self.blobs.delete_in(txn, blob, snapshots="include")
+
+
+def owner_host(rec: dict[str, Any]) -> str | None:
+    """The host a disk record says the disk is with: the one that attached it
+    to a VM (state Attached, or Reserved: its VM deallocated) and recorded
+    itself in `host`; None for a disk attached to no VM, or a record written
+    before hosts were recorded (no `host`: no owner, as then)."""
+    if rec.get("state") not in (DiskState.ATTACHED.value, DiskState.RESERVED.value):
+        return None
+    host = rec.get("host")
+    return str(host) if host else None
 
 
 def _open(grant: dict[str, Any]) -> dict[str, Any]:

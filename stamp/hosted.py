@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import StampError
+
 if TYPE_CHECKING:
     from .disks import DiskState
 
@@ -53,12 +55,19 @@ def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
-def open_for_host(location: str, account_key: str | None = None) -> tuple[HostStamp, DiskRecords]:
-    """The stamp at `location` (a folder, or http(s)://HOST:PORT/ACCOUNT) and its disk records."""
+def open_for_host(location: str, account_key: str | None = None, ca_file: str | None = None,
+                  host: str | None = None) -> tuple[HostStamp, DiskRecords]:
+    """The stamp at `location` (a folder, or http(s)://HOST:PORT/ACCOUNT,
+    an https one verified with the CA in `ca_file`) and its disk records;
+    `host` is the identity of the host folder using it, which the host API
+    checks a writer lease against (in-process, the host has the stamp
+    folder itself: nothing to check it against)."""
     if is_url(location):
         from .remote import RemoteStamp
-        remote = RemoteStamp(location, account_key)
+        remote = RemoteStamp(location, account_key, ca_file=ca_file, host=host)
         return remote, remote.records()
+    if ca_file:
+        raise StampError(f"a CA file is for an https:// stamp, not the folder {location}")
     from .disks import Disks
     from .stamp import Stamp
     local = Stamp.open(location)

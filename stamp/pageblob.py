@@ -375,6 +375,14 @@ def _may_judge(claimant: dict[str, Any], stale: dict[str, Any]) -> bool:
     return host != socket.gethostname() and claimant.get("lease_host") == host
 
 
+def writer_stale(props: dict[str, Any], claimant: dict[str, Any], stale: dict[str, Any] | None) -> bool:
+    """Is the writer lease whose holder `props` records stale for `claimant`:
+    its holder died on this host, or it is exactly `stale`, which the
+    claimant, on that holder's own machine, found dead there?"""
+    return holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)
+                                  and _may_judge(claimant, stale))
+
+
 def holder_died(props: dict[str, Any]) -> bool:
     """Did the process that took a writer lease (its pid, start time and host
     in the blob's properties) die on this host? A pid alone is not enough: a
@@ -902,8 +910,7 @@ class PageBlobs:
         who = holder or this_holder()
 
         def died(props: dict[str, Any]) -> bool:  # the lease is stale: taken over
-            return holder_died(props) or (stale is not None and _holder_of(props) == _holder_of(stale)
-                                          and _may_judge(who, stale))
+            return writer_stale(props, who, stale)
 
         # one transaction: nobody comes between the judgement and the take-over, nor between the
         # lease and its holder's record (a taker meanwhile would judge the holder before it)

@@ -22,6 +22,11 @@ Ranges); the records, the writer lease and flush are the host API
   id the client chose, a release) are retried with backoff for
   `retry_seconds`, the others only when they never reached the server
   (connection refused) and are sent on a fresh connection if theirs sat idle;
+- over https the server's certificate is verified against the CA file
+  given (only it), else the system's CAs, and its name against the URL's
+  host; a certificate not trusted, a name it does not hold, or a server
+  that does not speak TLS is a StampError at once (Untrusted), never
+  retried; connections are kept alive per thread as over http;
 - every wait is bounded (connect; each whole answer, however slowly it
   trickles: a watchdog shuts the socket; and its size); a server that is down is
   a StampError naming the URL, never a traceback; so is an answer that is
@@ -41,6 +46,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -114,6 +120,45 @@ class Location:
         return f"{self.scheme}://{self.host}:{self.port}/{self.account}"
 
 
+class Untrusted(se.StampError):
+    """The https endpoint's certificate is not trusted, or not for its name (or it does not speak TLS)."""
+
+
+def tls_context(where: Location, ca_file: str | None) -> ssl.SSLContext | None:
+    """The context an https endpoint is verified with: the CA file's
+    certificates only (the one a self-signed `stamp serve` uses), else the
+    system's; None over http, where a CA file is a mistake."""
+    if where.scheme != "https":
+        if ca_file:
+            raise se.StampError(f"a CA file is for an https:// stamp, not {where.url}")
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        raise se.StampError(f"the CA file {ca_file} does not exist") from None
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise se.StampError(f"the CA file {ca_file} holds no PEM certificate ({e}): give the certificate "
+                            "(-----BEGIN CERTIFICATE-----) of the CA that signed the stamp's, or the stamp's own "
+                            "if it is self-signed") from None
+
+
+def _untrusted(e: ssl.SSLError, where: Location) -> Untrusted | None:
+    """The error for a TLS failure that no retry mends (a certificate, a plain
+    http server), or None for a connection dropped mid-answer (retried)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        if e.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+            return Untrusted(f"the certificate of the stamp at {where.url} is not for {where.host} "
+                             f"({e.verify_message}): use a name the certificate holds in the URL, or serve one "
+                             f"made for {where.host}")
+        return Untrusted(f"the stamp at {where.url} presented a certificate this host does not trust "
+                         f"({e.verify_message}): give the CA that signed it (hostcache init --ca-file CERT; "
+                         "for a self-signed `stamp serve --cert`, that certificate)")
+    if e.reason in ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"):
+        return Untrusted(f"the server at {where.url} does not speak TLS ({e.reason}): is `stamp serve` running "
+                         "with --cert and --key? Else give an http:// URL")
+    return None
+
+
 class Malformed(se.StampError):
     """The server's answer is not what `stamp serve` sends."""
 
@@ -153,8 +198,10 @@ class Endpoint:
     """Signed HTTP requests to one account of a `stamp serve`, one keep-alive
     connection per thread."""
 
-    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None) -> None:
+    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None,
+                 ca_file: str | None = None) -> None:
         self.where = Location.parse(url)
+        self.tls = tls_context(self.where, ca_file)
         accounts = auth.Accounts()
         try:
             accounts.add(self.where.account, key or auth.DEVSTORE_KEY)
@@ -169,6 +216,8 @@ class Endpoint:
         self._watchdog: threading.Thread | None = None
         self._late: set[int] = set()  # threads whose request the watchdog cut
         self.requests = 0  # sent, retries included (for tests and measurements)
+        self.connects = 0  # connections opened (TCP, and over https a TLS handshake each)
+        self.answered = 0  # answers read whole
         self.interrupted = False  # a connection failed since the last flush: the server may be another process
 
     def close(self) -> None:
@@ -189,8 +238,12 @@ class Endpoint:
             self._drop()
             conn = None
         if conn is None:
-            cls = http.client.HTTPSConnection if self.where.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self.where.host, self.where.port, timeout=CONNECT_TIMEOUT)
+            if self.tls is not None:
+                conn = http.client.HTTPSConnection(self.where.host, self.where.port, timeout=CONNECT_TIMEOUT,
+                                                   context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(self.where.host, self.where.port, timeout=CONNECT_TIMEOUT)
+            self.connects += 1
             conn.connect()
             assert conn.sock is not None
             conn.sock.settimeout(ANSWER_TIMEOUT)
@@ -240,11 +293,15 @@ class Endpoint:
             except (OSError, http.client.HTTPException) as e:
                 self._drop()
                 self.interrupted = True
+                if isinstance(e, ssl.SSLError) and (untrusted := _untrusted(e, self.where)) is not None:
+                    raise untrusted from None
                 reached = not isinstance(e, ConnectionRefusedError)
                 with self._lock:
                     late = threading.get_ident() in self._late
                     self._late.discard(threading.get_ident())
                 why = f"no whole answer in {ANSWER_TIMEOUT:g} s" if late else _why(e)
+                if isinstance(e, http.client.RemoteDisconnected) and self.where.scheme == "http" and not self.answered:
+                    why += "; a server that speaks TLS closes a plain http request so: is the URL https://?"
                 if (reached and not idempotent) or time.monotonic() + delay > deadline:
                     raise Unreachable(f"the stamp at {self.where.url} did not answer ({why})"
                                       + ("" if idempotent else ": the request may or may not have been done")
@@ -274,6 +331,7 @@ class Endpoint:
         if threading.get_ident() in self._late:  # what was read before the watchdog shut the socket: not an answer
             raise TimeoutError("the answer did not come whole in time")
         self._local.used = time.monotonic()
+        self.answered += 1
         if resp.will_close:
             self._drop()
         return Answer(resp.status, resp.headers, data)
@@ -361,8 +419,9 @@ def _split(name: str) -> str:
 class RemoteBlobs:
     """The page blobs a host uses, over the Blob REST protocol (see the module header)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, host: str | None = None) -> None:
         self.ep = endpoint
+        self.host = host  # the host folder this client acts for: the writer lease of a disk attached there
         self._sizes: dict[str, int] = {}  # blobs whose writer lease this client holds: nobody else resizes them
         self._leases: dict[str, str] = {}
 
@@ -450,7 +509,7 @@ class RemoteBlobs:
         """The blob's writer lease for this process; one whose holder died on
         this machine (the server cannot tell: it is not here) is taken over."""
         lease, holder = str(uuid.uuid4()), this_holder()
-        body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder}
+        body: dict[str, Any] = {"action": "acquire", "lease": lease, "holder": holder, "host": self.host}
         path = f"writer-lease/{name}"
         try:
             got = self.ep.api("POST", path, body)
@@ -510,10 +569,11 @@ class RemoteDisks:
 class RemoteStamp:
     """A stamp served by `stamp serve` at `url` (http://HOST:PORT/ACCOUNT)."""
 
-    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None) -> None:
-        self.endpoint = Endpoint(url, key, retry_seconds)
+    def __init__(self, url: str, key: str | None = None, retry_seconds: float | None = None,
+                 ca_file: str | None = None, host: str | None = None) -> None:
+        self.endpoint = Endpoint(url, key, retry_seconds, ca_file)
         self.path = self.endpoint.where.url
-        self.blobs = RemoteBlobs(self.endpoint)
+        self.blobs = RemoteBlobs(self.endpoint, host)
         self.endpoint.api("GET", "disks")  # a clear error now: unreachable, not a stamp, a wrong key
 
     def records(self) -> RemoteDisks:

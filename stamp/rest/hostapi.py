@@ -32,7 +32,10 @@ Rules kept:
   lun, host, throttle_credits) only, each of its type (what every host
   reads back); nothing else of the record;
 - the writer lease is a disk's blob's only (disks/...: an image's, held
-  forever by a holder elsewhere, could not be deleted); it is held forever
+  forever by a holder elsewhere, could not be deleted); an acquire names
+  the host it is for (`host`: the host folder's identity) and is refused
+  (409 ResourceInUse) while the disk is attached to a VM of another host,
+  unless the lease it takes over is stale; it is held forever
   until released; an acquire with the id
   the client proposed is the same acquire (a retry after a lost answer gets
   the lease, not a refusal); a release of a lease already gone is done.
@@ -213,11 +216,15 @@ async def _writer_lease(svc: Service, blob: str, body: dict[str, Any]) -> web.St
     if not isinstance(lease, str):
         raise RestError(400, "InvalidInput", "a writer lease request names its lease id (\"lease\")")
     if action == "acquire":
-        holder, stale = body.get("holder"), body.get("stale")
+        holder, stale, host = body.get("holder"), body.get("stale"), body.get("host")
         if not _is_holder(holder) or (stale is not None and not _is_holder(stale)):
             raise RestError(400, "InvalidInput", "an acquire names its holder: {\"lease_holder\": TEXT, "
                             "\"lease_pid\": N, \"lease_started\": N, \"lease_host\": TEXT}")
-        return _json({"lease": await svc.run(blobs.acquire_writer_lease, blob, holder, lease, stale)}, 201)
+        if host is not None and not _FIELD_OK["host"](host):
+            raise RestError(400, "InvalidInput", f"host {str(host)[:64]!r}: {_FIELD_RULE['host']} (or null)")
+        # refused while the disk is attached to a VM of another host (Disks.acquire_writer_lease)
+        got = await svc.run(disks_of(svc).acquire_writer_lease, blob, holder, lease, stale, host)
+        return _json({"lease": got}, 201)
     if action == "release":
         try:
             await svc.run(blobs.release_lease, blob, lease)

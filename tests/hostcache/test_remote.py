@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 from hypothesis import settings
@@ -59,8 +60,8 @@ def test_a_disk_attached_by_one_host_cannot_be_attached_by_another(tmp_path, ser
         a.create_vm("vm1", "D8s_v3", "mbr")
         b.create_vm("vm2", "D8s_v3", "mbr")
         a.attach("vm1", "data1", 0, "ReadOnly")
-        # two machines may have host folders of one path: the record names the machine too
-        assert a.disks.record("data1")["host"] == f"{socket.gethostname()}:{tmp_path / 'a'}"
+        # the record names the host folder by its id (two machines may have host folders of one path)
+        assert a.disks.record("data1")["host"] == a.config["id"] != b.config["id"]
         with pytest.raises(ConflictingUserInput, match="attached to only one VM.*vm1"):
             b.attach("vm2", "data1", 0, "ReadOnly")
         assert "0" not in b.vm("vm2")["data_disks"]
@@ -751,3 +752,63 @@ def test_after_a_connection_failed_a_flush_covers_every_server_process(tmp_path)
         remote.flush()
     stop_server(server)
     assert sent == [{"shared": False}, {"shared": True}, {"shared": False}]
+
+
+def test_a_disk_attached_to_one_hosts_vm_gives_its_writer_lease_to_that_host_only(tmp_path, served):
+    """The record of a disk attached to a VM (OS disk or data disk, running or
+    deallocated) names the host folder that attached it, and the host API
+    gives its writer lease to that host only: another host, or a client that
+    names no host, is refused until the disk is detached, unless the lease
+    is stale (its holder judged dead by the existing rule)."""
+    from stamp.disks import ResourceInUse
+
+    a, b = host(tmp_path, served, "a"), host(tmp_path, served, "b")
+    with a, b, RemoteStamp(served.endpoint) as anonymous:
+        assert a.identity() != b.identity()
+        a.create_vm("vm1", "D8s_v3", "mbr")
+        a.attach("vm1", "data1", 0, "None")
+        os_blob = a.disks.record("vm1-osdisk")["blob"]
+        data_blob = a.disks.record("data1")["blob"]
+        assert a.disks.record("vm1-osdisk")["host"] == a.identity() == a.disks.record("data1")["host"]
+        for blob in (os_blob, data_blob):
+            for other in (b.stamp.blobs, anonymous.blobs):
+                with pytest.raises(ResourceInUse, match="attached to VM vm1 of another host"):
+                    other.acquire_writer_lease(blob)
+        a.stamp.blobs.release_lease(data_blob, a.stamp.blobs.acquire_writer_lease(data_blob))  # its own host: yes
+        a.stop("vm1")  # deallocated: Reserved, still vm1's
+        with pytest.raises(ResourceInUse):
+            b.stamp.blobs.acquire_writer_lease(os_blob)
+        a.start("vm1")
+        assert a.disks.record("vm1-osdisk")["host"] == a.identity()
+        a.detach("vm1", 0)
+        assert a.disks.record("data1").get("host") is None
+        b.stamp.blobs.release_lease(data_blob, b.stamp.blobs.acquire_writer_lease(data_blob))  # detached: free
+        # a lease left by a holder that died (on the server's machine: judged there) is taken over by anyone
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        from stamp.pageblob import own_start
+
+        holder = {"lease_holder": f"pid {dead.pid}", "lease_pid": dead.pid, "lease_started": own_start(),
+                  "lease_host": socket.gethostname()}
+        a.stamp.endpoint.api("POST", f"writer-lease/{os_blob}", {"action": "acquire", "lease": str(uuid.uuid4()),
+                                                                 "holder": holder, "host": a.identity()})
+        taken = b.stamp.blobs.acquire_writer_lease(os_blob)
+        b.stamp.blobs.release_lease(os_blob, taken)
+
+
+def test_a_disk_record_without_a_host_has_no_owner(tmp_path, served):
+    """Records written before disks named their host (an attached OS disk had
+    no host field) read as they did: attached, owned by no host, their
+    writer lease anyone's with the account key."""
+    with host(tmp_path, served, "a") as a:
+        a.create_vm("vm1", "D8s_v3", "mbr")
+        blob = a.disks.record("vm1-osdisk")["blob"]
+    with Stamp.open(served.stamp) as stamp:  # the record as an older version wrote it
+        d = Disks(stamp)
+        with stamp.meta.write() as txn:
+            rec = stamp.meta.get_json(txn, "resources", b"disk/vm1-osdisk")
+            del rec["host"]
+            stamp.meta.put_json(txn, "resources", b"disk/vm1-osdisk", rec)
+        assert d.record("vm1-osdisk")["state"] == "Attached"
+    with RemoteStamp(served.endpoint) as anyone:
+        anyone.blobs.release_lease(blob, anyone.blobs.acquire_writer_lease(blob))

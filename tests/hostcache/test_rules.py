@@ -218,7 +218,7 @@ def test_an_attach_or_detach_killed_between_its_two_writes_is_settled_by_the_nex
     assert host.disks.record("data1")["state"] == "Unattached"  # settled by that call
     host.attach("vm1", "data2", 1)
     host.disks.set_state("data1", DiskState.ATTACHED, attached_to="vm1", lun=0,
-                         host=os.path.abspath(host.path))  # as attach leaves it before the VM's record
+                         host=host.identity())  # as attach leaves it before the VM's record
     host.attach("vm1", "data1", 3)  # settled first, then attached where asked
     assert host.disks.record("data1")["lun"] == 3 and host.disks.record("data2")["lun"] == 1
 

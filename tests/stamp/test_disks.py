@@ -166,3 +166,39 @@ def test_cli_end_to_end(tmp_path):
     assert r.returncode == 1 and "Premium_LRS disks are 1 GiB to 32767 GiB" in r.stderr
     r = cli("disk", "list", stamp_dir=str(tmp_path / "none"))
     assert r.returncode == 1 and "stamp init" in r.stderr
+
+
+def test_the_writer_lease_of_an_attached_disk_is_its_hosts_only(disks):
+    """Disks.acquire_writer_lease (what the host API grants): the host named in
+    an Attached or Reserved record, or anyone once it is Unattached or when
+    the record names no host; a stale lease and a retried acquire pass."""
+    import uuid
+
+    from stamp.pageblob import this_holder
+
+    disks.create_empty("d", 1)
+    blob = disks.record("d")["blob"]
+    me = this_holder()
+    disks.set_state("d", DiskState.ATTACHED, attached_to="vm1", lun=0, host="host-a")
+    with pytest.raises(ResourceInUse, match="attached to VM vm1 of another host \\(host-a\\)"):
+        disks.acquire_writer_lease(blob, me, host="host-b")
+    with pytest.raises(ResourceInUse):
+        disks.acquire_writer_lease(blob, me)  # a client naming no host
+    lease = disks.acquire_writer_lease(blob, me, str(uuid.uuid4()), host="host-a")
+    assert disks.acquire_writer_lease(blob, me, lease, host="host-b") == lease  # the same acquire again: a retry
+    disks.blobs.release_lease(blob, lease)
+    far = {"lease_holder": "pid 7 on far", "lease_pid": 7, "lease_started": 1, "lease_host": "far"}
+    held = disks.acquire_writer_lease(blob, far, host="host-a")
+    with pytest.raises(ResourceInUse):  # far's holder is not ours to judge
+        disks.acquire_writer_lease(blob, me, host="host-b", stale=far)
+    near = {**far, "lease_holder": "pid 8 on far", "lease_pid": 8}  # a process on far's machine found it dead
+    taken = disks.acquire_writer_lease(blob, near, host="host-b", stale=far)
+    assert taken != held
+    disks.blobs.release_lease(blob, taken)
+    disks.set_state("d", DiskState.RESERVED, attached_to="vm1", lun=0)  # deallocated: still host-a's
+    with pytest.raises(ResourceInUse):
+        disks.acquire_writer_lease(blob, me, host="host-b")
+    disks.set_state("d", DiskState.RESERVED, host=None)  # a record naming no host: no owner
+    disks.blobs.release_lease(blob, disks.acquire_writer_lease(blob, me, host="host-b"))
+    disks.set_state("d", DiskState.UNATTACHED, attached_to=None, lun=None, host="host-a")  # detached: anyone's
+    disks.blobs.release_lease(blob, disks.acquire_writer_lease(blob, me, host="host-b"))
