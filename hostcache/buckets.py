@@ -153,7 +153,7 @@ class BucketStore:
     def fd(self, key: str) -> int:
         fd = self.fds.get(key)
         if fd is None:
-            fd = self.fds[key] = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self.fds[key] = os.open(self.path(key), os.O_RDWR | os.O_CREAT, 0o600)
         return fd
 
     def hold(self, buckets: dict[str, list[Limiter]], now: float) -> _Hold:

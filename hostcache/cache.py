@@ -291,7 +291,7 @@ class SharedLock:
 
     def _take(self) -> None:
         if self.pid != os.getpid():
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(self.fd).st_size < 8:
                 os.ftruncate(self.fd, 8)  # zeros: a race between two creators loses nothing
             self.counter = mmap.mmap(self.fd, 8)
@@ -334,13 +334,13 @@ class BlobCache:
         os.makedirs(folder, exist_ok=True)
         self.folder, self.fsync = folder, fsync
         self.slots = capacity // LINE
-        self.env = lmdb.open(os.path.join(folder, "cache-index"), map_size=1 << 34, max_dbs=4, sync=fsync,
+        self.env = lmdb.open(os.path.join(folder, "cache-index"), map_size=1 << 34, max_dbs=4, mode=0o700, sync=fsync,
                              metasync=fsync)
         self.db = self.env.open_db(b"lines")
         self.blobs_db = self.env.open_db(b"blobs")
         self.lost_db = self.env.open_db(b"lost")  # blob name -> [[offset, length]...]: kept until read
         path = os.path.join(folder, "cache.dat")
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self.lines: dict[Key, Line] = {}
         self.free = FreeSlots(self.slots, set())
         self.lru = _Segments(protected_max=max(1, self.slots * 4 // 5))

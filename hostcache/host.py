@@ -240,7 +240,7 @@ class Host:
         self.path = path
         ca = os.path.join(path, self.config["ca_file"]) if self.config.get("ca_file") else None
         self.stamp, self.disks = open_for_host(self.config["stamp"], key_of(self.config), ca, self.identity())
-        self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3)
+        self.env = lmdb.open(os.path.join(path, "state"), map_size=1 << 30, max_dbs=3, mode=0o700)
         self.vms_db = self.env.open_db(b"vms")
         self.stats_db = self.env.open_db(b"throttle")
         self.cache = BlobCache(os.path.join(path, "cache"), self.config["cache_bytes"],
@@ -282,7 +282,7 @@ class Host:
         open_for_host(stamp_path, key_of(config), ca_file)[0].close()  # a clear error now if it is not a stamp
         made = not os.path.exists(path)
         there = {n for n in HOST_FILES if os.path.exists(os.path.join(path, n))}
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # made here: private (its cache holds guests' data)
         try:
             if ca is not None:  # the CA that was verified, as it was then (the file given may change)
                 hostfile.write_private(os.path.join(path, CA_FILE), ca)
@@ -335,7 +335,7 @@ class Host:
         with self._call_lock:
             outer = self._call_fd < 0
             if outer:
-                fd = os.open(os.path.join(self.path, "host.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(os.path.join(self.path, "host.lock"), os.O_RDWR | os.O_CREAT, 0o600)
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 self._call_fd = fd
             try:

@@ -76,7 +76,7 @@ class Stamp:
             raise StampError("extent size must be at least 1 MiB")
         if os.path.exists(os.path.join(path, "stamp.json")):
             raise StampError(f"{path} already holds a stamp")
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # made here: private (its extents hold disks' data)
         config = {"version": 1, "durability": durability, "extent_size": extent_size,
                   "nodes": nodes, "fault_domains": fault_domains}
         meta = Meta(os.path.join(path, "meta"), sync=True)

@@ -160,3 +160,35 @@ def test_host_json_holding_a_key_is_created_0600_never_readable_first(tmp_path, 
     with open(os.path.join(folder, "host.json")) as f:
         assert json.load(f)["account_key"] == DEVSTORE_KEY
     assert os.stat(os.path.join(folder, "host.json")).st_mode & 0o777 == 0o600
+
+
+def test_guests_data_is_readable_by_its_owner_only(tmp_path):
+    """The stamp's extents and the host's cache file hold the guests' disk
+    data, and the bucket and lock files say what the VMs do: under the usual
+    umask (022) they were made 0644 in folders made 0755, so any user of the
+    machine could read every disk through them. Folders made by create are
+    0700 and the host's files 0600."""
+    old = os.umask(0o022)
+    try:
+        st = Stamp.create(str(tmp_path / "st"))
+        Disks(st).create_image("mbr", path=make_image(tmp_path / "mbr.vhd"))
+        Disks(st).create_empty("data1", 4)
+        st.close()
+        with Host.create(str(tmp_path / "h"), str(tmp_path / "st")) as h:
+            h.create_vm("vm1", "D8s_v3", "mbr")
+            h.attach("vm1", "data1", 0, "ReadWrite")
+            disk = h.open_disk("vm1", 0)
+            disk.write(4096, b"secret".ljust(4096, b"\0"))
+            assert disk.read(4096, 6) == b"secret"
+            h.detach("vm1", 0)
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "st", tmp_path / "h"):
+        assert os.stat(folder).st_mode & 0o077 == 0, (folder, oct(os.stat(folder).st_mode))
+    loose = []
+    for root, _, files in os.walk(tmp_path / "h"):
+        for name in files:
+            mode = os.stat(os.path.join(root, name)).st_mode & 0o077
+            if mode:
+                loose.append((name, oct(mode)))
+    assert not loose, loose
