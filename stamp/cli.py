@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=10000, help="TCP port (default 10000, Azurite's; 0: any free one)")
     p.add_argument("--account", action="append", default=[], metavar="NAME:BASE64KEY",
-                   help="another account and its key (repeatable); also read from STAMP/accounts.json")
+                   help="another account and its key (repeatable); a key given here is visible to every user in "
+                        "ps and /proc/PID/cmdline: prefer STAMP/accounts.json (keep it 0600), which is also read")
     p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve https")
     p.add_argument("--key", help="TLS private key (PEM)")
     p.add_argument("--max-inflight-mib", type=int, default=64,
