@@ -131,6 +131,7 @@ class Replies:
 
     def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
+        self.loop = asyncio.get_running_loop()  # once: each call checks the process id (a getpid syscall)
         self.parts: list[bytes] = []
         self.size = 0
         self.scheduled = False
@@ -143,7 +144,7 @@ class Replies:
             self.size += len(data)
         if not self.scheduled:
             self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.scheduled = False
