@@ -11,16 +11,25 @@ the file once for a run of I/Os instead:
   stood before the grant (so they are spaced exactly as the limiter would
   space them) and take their cost from the grant, with no file access;
 - it goes back to the file when an I/O costs more than a grant has left, or
-  arrives after the grant's end (the time the shared limiter reached when
-  it was paid: an older grant would be work saved up), and then first gives
+  arrives GRANT_LIFETIME after the grant was paid, and then first gives
   back what its grant has left (settle: also on statistics, pause, resume,
   a change of the disk's limits, and when the process closes the host).
 
 Rules kept:
 - the shared limiter is paid before a grant is spent, so the bucket never
-  holds less work than was admitted: limits hold across processes exactly as
-  without grants, plus at most one unspent grant per process, which the
-  others see as taken until it is given back;
+  holds less work than was admitted: limits hold across processes as
+  without grants, plus at most one grant per process (paid at one time,
+  spent at a later one: over any interval, each process may spend one
+  grant paid before it began), and an unspent grant is seen by the others
+  as taken until it is given back;
+- a grant lives by its units, not by the rate's time: a process below the
+  limit (serving 400 I/Os a second against a P40's 7,500, say) would
+  otherwise see 5 ms of its rate pass after two or three I/Os and go to the
+  file for nearly every one. GRANT_LIFETIME only bounds how stale a
+  process's copy of a limiter may grow. The I/Os spent on a grant count in
+  the bucket back to back from its payment, without the idle time between
+  them: a time in the past either way, which admits alike, and credits
+  earn the same (idle time is counted from the earlier time instead);
 - what is given back is the grant's unspent fraction of what paying it moved
   (its time and credits), so a grant not spent at all leaves the limiter as
   if it had never been taken (credits included: the time comes back idle,
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
     from .throttle import Limiter
 
 GRANT_SECONDS = 0.005  # of a limiter's rate: what one refresh pays for beyond its own I/O
+GRANT_LIFETIME = 1.0  # seconds after its payment a grant may still be spent
 
 
 @dataclass
@@ -51,7 +61,7 @@ class Grant:
     left: float  # units not yet spent
     moved_tat: float  # what paying moved the shared limiter's time on
     took_credits: float  # and took of its credits
-    until: float  # an I/O arriving after this is not admitted on the grant (its time is past)
+    until: float  # an I/O arriving after this is not admitted on the grant (too old)
 
     def covers(self, cost: float, arrival: float) -> bool:
         return cost <= self.left and arrival <= self.until
@@ -65,7 +75,7 @@ def take(lim: Limiter, t: float, seconds: float) -> Grant:
     units = seconds * lim.present_rate()
     lim.advance(t, units)
     tat1, credits1 = lim.state()
-    return Grant(local, units, units, tat1 - tat0, credits0 - credits1, tat1)
+    return Grant(local, units, units, tat1 - tat0, credits0 - credits1, t + GRANT_LIFETIME)
 
 
 def give_back(lim: Limiter, grant: Grant) -> None:
