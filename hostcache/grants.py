@@ -28,8 +28,10 @@ Rules kept:
   file for nearly every one. GRANT_LIFETIME only bounds how stale a
   process's copy of a limiter may grow. The I/Os spent on a grant count in
   the bucket back to back from its payment, without the idle time between
-  them: a time in the past either way, which admits alike, and credits
-  earn the same (idle time is counted from the earlier time instead);
+  them: the bucket's time is then earlier than the plain one only where
+  that limiter was idle (by at most the last I/O's own length, once it
+  has been given back), which admits alike inside its tolerance, and
+  credits earn the same (the idle time is counted from the earlier time);
 - what is given back is the grant's unspent fraction of what paying it moved
   (its time and credits), so a grant not spent at all leaves the limiter as
   if it had never been taken (credits included: the time comes back idle,
