@@ -9,11 +9,12 @@ CRC32 of everything before it):
     clock's epoch), then per limiter: tat (double, clock seconds), credits (double)
 
 Rules kept here:
-- a process reads a bucket, admits its I/O and writes the bucket back while
-  holding an exclusive flock on its file (and the store's lock, for its
-  other threads), so every process (`hostcache serve`, the CLI, Python)
-  draws on one bucket and no update is lost; files are locked in key
-  order, so two processes never deadlock;
+- a process reads a bucket, admits its I/O (or pays a grant for a run of
+  them: grants.py) and writes the bucket back while holding an exclusive
+  flock on its file (and the store's lock, for its other threads), so every
+  process (`hostcache serve`, the CLI, Python) draws on one bucket and no
+  update is lost; files are locked in key order, so two processes never
+  deadlock;
 - a bucket seen for the first time keeps the limiters' own start (credits
   full, as a new disk's); a damaged or torn record reads as drained (no
   credits, idle from now): a crash never refills a bucket. So does an

@@ -102,6 +102,7 @@ from .bootsector import BANNER, first_change, is_ours, recorded_digest
 from .buckets import BucketStore
 from .cache import BlobCache, CachedBlob, CacheMode
 from .errors import ConflictingUserInput, HostError, HostRuleError, InvalidParameter, OperationNotAllowed
+from .grants import GRANT_SECONDS
 from .overlap import POOL_THREADS, Overlapped
 from .throttle import Clock, MonotonicClock, Path, Throttle
 from .tiers import PREMIUM_SKUS, ULTRA_SKUS, DiskLimits, VmLimits, disk_limits, vm_limits
@@ -750,7 +751,8 @@ class Host:
         return t
 
     def _new_throttle(self, vm: dict[str, Any]) -> Throttle:
-        t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm))
+        t = Throttle(vm_limits(vm["size"]), self.clock, latency=self.latency, store=self.buckets, key=_vm_key(vm),
+                     grant=GRANT_SECONDS)
         for lun, disk in self._luns(vm):
             rec = self.disks.record(disk)
             t.add_disk(str(lun), _limits(rec), key=_disk_key(rec), label=_label(lun))

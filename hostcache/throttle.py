@@ -28,9 +28,11 @@ new provisioned IOPS or MB/s): Throttle.update_disk gives it new limiters
 that take over the old ones' state and statistics.
 
 Limiter state (when the next unit may go, credits left) can live in a
-BucketStore (buckets.py) shared by every process using a host: each admission
+BucketStore (buckets.py) shared by every process using a host: an admission
 then reads the buckets on its path, admits, and writes them back under their
-locks. Statistics stay in the process and take bounded space: counters, and
+locks; with grants (grants.py) it does so once for a run of I/Os, paying the
+shared limiters ahead for a few milliseconds of their rate and spending that
+locally. Statistics stay in the process and take bounded space: counters, and
 the last minute's use in one-second bins (METRIC_BINS of them), whatever the
 number of I/Os.
 """
@@ -47,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import HostError
+from .grants import Grant, give_back, take
 from .tiers import BURST_SECONDS, MB, ULTRA_SKUS, Burst, DiskLimits, VmLimits, io_units
 
 TOLERANCE = 0.05  # seconds of work a limiter admits at once
@@ -144,8 +147,16 @@ class RateLimiter:
         return max(t, self.tat - self.tolerance)
 
     def commit(self, t: float, cost: float) -> None:
-        self.tat = max(t, self.tat) + cost / self.rate
+        self.advance(t, cost)
         _record(self.stats, t, cost)
+
+    def advance(self, t: float, cost: float) -> None:
+        """Count `cost` at `t` in the limiter's state only (commit also records it in the statistics)."""
+        self.tat = max(t, self.tat) + cost / self.rate
+
+    def present_rate(self) -> float:
+        """Units per second the limiter admits now, with work waiting."""
+        return self.rate
 
     def consumed(self, now: float, window: float = METRIC_WINDOW) -> float:
         """Percent of the limit used over the last `window` seconds."""
@@ -182,6 +193,13 @@ class CreditLimiter:
         return max(t, self.tat - self.tolerance)
 
     def commit(self, t: float, cost: float) -> None:
+        self.advance(t, cost)
+        _record(self.stats, t, cost)
+
+    def present_rate(self) -> float:
+        return self.burst if self.credits > 0 else self.baseline
+
+    def advance(self, t: float, cost: float) -> None:
         start = max(t, self.tat)
         if start > self.tat:  # idle since tat: below the baseline, earning credits
             self.credits = min(self.bucket, self.credits + self.baseline * (start - self.tat))
@@ -194,7 +212,6 @@ class CreditLimiter:
             rest = cost - self.burst * can_burst
             self.tat = start + can_burst + rest / self.baseline
             self.credits = 0.0
-        _record(self.stats, t, cost)
 
     def credits_left(self, now: float) -> float:
         """Percent of the bucket, counting what idling until `now` earned."""
@@ -366,7 +383,8 @@ class Throttle:
     admission (under its keys: `key` for the VM, add_disk's for each disk)."""
 
     def __init__(self, vm: VmLimits, clock: Clock | None = None, latency: bool = True,
-                 vm_bursting: bool = True, store: Buckets | None = None, key: str | None = None) -> None:
+                 vm_bursting: bool = True, store: Buckets | None = None, key: str | None = None,
+                 grant: float = 0.0) -> None:
         self.clock = clock or MonotonicClock()
         self.vm = VmThrottle(vm, bursting=vm_bursting, start=self.clock.now())
         self.vm_limiters = self.vm.limiters()
@@ -375,6 +393,8 @@ class Throttle:
         self.disks: dict[str, DiskThrottle] = {}
         self.disk_keys: dict[str, str] = {}
         self.lock = threading.Lock()  # admissions from several threads (queue depth) happen one at a time
+        self.grant = grant if store is not None else 0.0  # seconds of a limiter's rate a grant pays for
+        self.grants: dict[Limiter, Grant] = {}  # by shared limiter: what this process paid for and has left
 
     def add_disk(self, name: str, limits: DiskLimits, key: str | None = None,
                  label: str | None = None) -> DiskThrottle:
@@ -387,8 +407,10 @@ class Throttle:
         """New limits for a disk already here (its performance was changed while
         attached): new limiters, which take over the old ones' state (when the
         next unit may go, credits; a limiter without credits gives none) and
-        statistics. With a store, the state comes from its bucket anyway."""
+        statistics. With a store, the state comes from its bucket anyway (the
+        old limiters' grants given back to it first)."""
         with self.lock:
+            self.settle([name], self.clock.now())
             old = self.disks[name]
             label = old.label
             new = DiskThrottle(limits, start=self.clock.now(), label=label)
@@ -399,7 +421,9 @@ class Throttle:
             return new
 
     def remove_disk(self, name: str) -> None:
-        self.disks.pop(name, None)
+        gone = self.disks.pop(name, None)
+        for lim in gone.limiters if gone is not None else []:
+            self.grants.pop(lim, None)
         self.disk_keys.pop(name, None)
 
     def shared(self, disks: list[str], now: float) -> AbstractContextManager[None]:
@@ -411,6 +435,25 @@ class Throttle:
         for d in disks:
             buckets[self.disk_keys[d]] = self.disks[d].limiters
         return self.store.hold(buckets, now)
+
+    def _held(self, disks: list[str]) -> list[Limiter]:
+        """The limiters shared(disks) loads."""
+        return self.vm_limiters + [lim for d in disks for lim in self.disks[d].limiters]
+
+    def _give_back(self, limiters: list[Limiter]) -> None:
+        """Inside shared(): what these limiters' grants have left goes back to the buckets."""
+        for lim in limiters:
+            grant = self.grants.pop(lim, None)
+            if grant is not None:
+                give_back(lim, grant)
+
+    def settle(self, disks: list[str] | None = None, now: float | None = None) -> None:
+        """Give back what the grants of the VM's limiters and these disks' (all,
+        by default) have left. Call with the lock held, or alone."""
+        names = list(self.disks) if disks is None else disks
+        if self.grants:
+            with self.shared(names, self.clock.now() if now is None else now):
+                self._give_back(self._held(names))
 
     def pause(self, disks: list[str], vm: bool = False, now: float | None = None) -> None:
         """These disks (and the VM's own limits, with vm) stop running, as on
@@ -426,6 +469,7 @@ class Throttle:
         with self.lock:
             t = self.clock.now() if now is None else now
             with self.shared(disks, t):
+                self._give_back(self._held(disks))
                 limiters = self.vm.limiters() if vm else []
                 for d in disks:
                     limiters += self.disks[d].limiters
@@ -451,9 +495,7 @@ class Throttle:
             arrival = self.clock.now() if now is None else now
             if path is not Path.UNCACHED and not self.vm.limits.host_caching:
                 raise HostError(f"VM size {self.vm.limits.name} has no host cache: an I/O cannot hit it")
-            steps = self.steps(disk, nbytes, path)
-            with self.shared([disk], arrival):
-                start = admit(steps, arrival)
+            start = self._admit(disk, self.steps(disk, nbytes, path), arrival)
         lim = self.disks[disk].limits
         service = 0.0
         if self.latency:
@@ -462,6 +504,36 @@ class Throttle:
             service = ms / 1000
         return Admission(arrival, start, start + service)
 
+    def _covered(self, steps: list[tuple[Limiter, float]], arrival: float) -> list[tuple[Grant, float]] | None:
+        """The grants that cover every step of an I/O arriving at `arrival`, or None."""
+        if not self.grant:
+            return None
+        covered = []
+        for lim, cost in steps:
+            g = self.grants.get(lim)
+            if g is None or not g.covers(cost, arrival):
+                return None
+            covered.append((g, cost))
+        return covered
+
+    def _admit(self, disk: str, steps: list[tuple[Limiter, float]], arrival: float) -> float:
+        """admit() against the shared buckets: on the grants where they cover the
+        I/O, else in the buckets (giving back what the grants there have left,
+        and taking new ones)."""
+        covered = self._covered(steps, arrival)
+        if covered is not None:
+            start = admit([(g.local, cost) for g, cost in covered], arrival)
+            for g, cost in covered:
+                g.left -= cost
+            return start
+        with self.shared([disk], arrival):
+            self._give_back(self._held([disk]))
+            start = admit(steps, arrival)
+            if self.grant:
+                for lim, _ in steps:
+                    self.grants[lim] = take(lim, start, self.grant)
+        return start
+
     def statistics(self, now: float | None = None, running: bool = True) -> dict[str, dict[str, float | None]]:
         """Per limiter: consumed percent (last minute), credits left, time throttled.
         Not running (a stopped VM): the time since its pause earns no credits."""
@@ -469,7 +541,8 @@ class Throttle:
         limiters = self.vm.limiters()
         for d in self.disks.values():
             limiters += d.limiters
-        with self.shared(list(self.disks), t):  # credits as the shared buckets hold them
+        with self.lock, self.shared(list(self.disks), t):  # credits as the shared buckets hold them
+            self._give_back(self._held(list(self.disks)))
             return {lim.name: {"consumed_percent": round(lim.consumed(t), 3),
                                "burst_credits_percent": lim.credits_left(t if running else min(t, lim.tat)),
                                "throttled_seconds": round(lim.stats.waited, 6),

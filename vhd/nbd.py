@@ -21,7 +21,8 @@ request (bad magic) or a client that vanishes closes only that connection;
 every connection's replies are written whole, one at a time; a write is
 acknowledged only after the device took it. Requests of one connection are
 served concurrently (as tasks), so a device whose I/O waits (a throttled disk)
-sees the client's queue depth.
+sees the client's queue depth; their small replies that are ready in one pass
+of the event loop leave in one send at the next pass (Replies).
 Memory (budget.py): every request takes its bytes from one budget shared by
 all connections before its payload is read or its work starts, and gives them
 back once its reply has left (but for at most SEND_PIECE per connection still
@@ -116,6 +117,46 @@ _OPT_REPLY = struct.Struct(">QIII")
 
 class ProtocolError(VhdError):
     """The client broke the protocol: its connection is closed."""
+
+
+class Replies:
+    """A connection's small replies that are ready, sent together: the first one
+    added in a pass of the event loop schedules a flush at the next pass, which
+    writes every reply added by then in one send. Under queue depth many waits
+    end in one pass (a throttled disk's I/Os due at once), and their replies
+    cost one syscall instead of one each; at queue depth 1 the reply waits one
+    pass (no timer, no I/O in between). Replies are added whole, never while a
+    large reply is being sent piece by piece (its sender flushes first, under
+    the connection's lock), so none is cut into another."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()  # once: each call checks the process id (a getpid syscall)
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.scheduled = False
+
+    def add(self, head: bytes, data: bytes = b"") -> None:
+        self.parts.append(head)
+        self.size += len(head)
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if not self.parts:
+            return
+        parts, self.parts, self.size = self.parts, [], 0
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(parts))
+
+    def buffered(self) -> int:
+        """Bytes of replies not yet taken by the client: here and in the transport."""
+        return self.size + self.transport.get_write_buffer_size()
 
 
 @dataclass
@@ -476,6 +517,8 @@ class NbdServer:
         waits = asyncio.iscoroutinefunction(getattr(device, "read", None))
         budget, transport, readexactly = self.budget, writer.transport, reader.readexactly
         writable, structured = not export.flags() & TF_READ_ONLY, conn.structured
+        # a device that waits answers from tasks: their small replies go one send per loop pass
+        replies = Replies(transport) if waits else None
         while True:
             magic, flags, kind, cookie, offset, length = _REQUEST.unpack(await readexactly(_REQUEST.size))
             if magic != REQUEST_MAGIC:
@@ -515,11 +558,13 @@ class NbdServer:
                     continue
             if kind == CMD_DISC:
                 await asyncio.gather(*conn.pending)  # proto.md: outstanding requests are handled first
+                if replies is not None:
+                    replies.flush()  # and answered, before the connection closes
                 return
             if kind == CMD_WRITE and length > MAX_REQUEST:
                 raise ProtocolError("write larger than the maximum block size")  # cannot skip safely
             cost = request_cost(kind, flags, length)
-            if waits:
+            if replies is not None:  # a device that waits
                 # no budget, no more requests read: the client's sends block (backpressure)
                 ticket = await budget.take(conn.account, cost)
                 try:
@@ -527,8 +572,8 @@ class NbdServer:
                 except BaseException:
                     budget.give(ticket)
                     raise
-                task = asyncio.ensure_future(self._request(writer, lock, conn, export, flags, kind, cookie,
-                                                           offset, length, payload))
+                task = asyncio.ensure_future(self._request(writer, lock, replies, conn, export, flags, kind,
+                                                           cookie, offset, length, payload))
                 conn.pending.add(task)
                 task.add_done_callback(conn.pending.discard)
                 # the budget is given back when the task ends, however: a task cancelled before it
@@ -672,13 +717,16 @@ class NbdServer:
             dev.flush()
         return b""
 
-    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, conn: Connection,
-                       export: Export, flags: int, kind: int, cookie: int, offset: int, length: int,
-                       payload: bytes) -> None:
+    async def _request(self, writer: asyncio.StreamWriter, lock: asyncio.Lock, replies: Replies,
+                       conn: Connection, export: Export, flags: int, kind: int, cookie: int, offset: int,
+                       length: int, payload: bytes) -> None:
         """A request to a device that waits (its read and write are coroutines):
         data commands are awaited here; every other command is served as _serve
-        does. Its budget is given back when its task ends (once the reply has
-        left, or it failed or was cancelled: _transmission's done callback)."""
+        does. A reply of up to SEND_PIECE joins the connection's Replies; a
+        larger one is sent a piece at a time under the lock. Its budget is given
+        back when its task ends (once the reply has left or joined the Replies,
+        which hold at most SEND_PIECE before they are sent and drained; or it
+        failed or was cancelled: _transmission's done callback)."""
         try:
             waits = kind in (CMD_READ, CMD_WRITE) or (kind == CMD_WRITE_ZEROES and flags & CMDF_NO_HOLE)
             error = self._refuse(conn, export, flags, kind, offset, length)
@@ -694,8 +742,17 @@ class NbdServer:
             else:
                 head, data = self._serve(conn, export, flags, kind, cookie, offset, length, payload)
             payload = b""
-            async with lock:
-                await send(writer, head, data, self.stall_timeout)
+            if len(data) <= SEND_PIECE and not lock.locked():
+                replies.add(head, data)
+                head = data = b""
+                if replies.buffered() > SEND_PIECE:
+                    async with lock:  # the client reads slower than it asks: wait for it
+                        replies.flush()
+                        await drain(writer, self.stall_timeout)
+            else:
+                async with lock:
+                    replies.flush()  # the replies ready before it go first
+                    await send(writer, head, data, self.stall_timeout)
         except ConnectionError as e:
             e.__traceback__ = None  # see _client; the client went away: _client cancels the rest of its work
 

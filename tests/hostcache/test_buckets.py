@@ -26,6 +26,7 @@ def drain(t: Throttle, lun: str) -> float:
     p10 = disk_limits("Premium_LRS", 128)
     t.admit(lun, False, int(p10.credit_iops / (p10.burst_iops - p10.iops) * p10.burst_iops) * 256 * KIB,
             now=t.clock.now())
+    t.settle()  # the grant taken beyond it given back: the limiter's time is the work's end
     return t.disks[lun].iops.tat
 
 
@@ -99,7 +100,11 @@ def test_two_processes_draw_on_one_bucket(host, tmp_path):  # noqa: F811
     with Host(host.path, clock=FakeClock(0.0)) as h:
         shared, one = h.throttle("vm1").statistics(now=0.0), alone.statistics(now=0.0)
     for name in (P10_IOPS, "VM Standard_D8s_v3 uncached IOPS"):  # the disk's bucket and the VM's
-        assert shared[name]["burst_credits_percent"] == one[name]["burst_credits_percent"] < 100
+        # equal within what the processes' grants (grants.py) make of the credits: paid and given back
+        # around idle time the bucket's cap cuts, each is at most 5 ms at the burst rate (17.5 I/Os on
+        # the P10, 0.0003% of its bucket); the 3,000 I/Os of one lost update are 0.05%
+        assert one[name]["burst_credits_percent"] < 100
+        assert shared[name]["burst_credits_percent"] == pytest.approx(one[name]["burst_credits_percent"], abs=1e-3)
 
 
 def test_a_damaged_record_reads_as_drained_and_another_epoch_keeps_the_credits(tmp_path):

@@ -20,7 +20,9 @@ import pytest
 import vhd
 from hostcache import buckets
 from hostcache.boot import make_boot_sector
+from hostcache.grants import GRANT_SECONDS
 from hostcache.host import Host
+from hostcache.throttle import TOLERANCE
 from stamp import Stamp
 from stamp.disks import Disks
 
@@ -156,6 +158,25 @@ def test_the_disk_limit_holds_across_two_workers_in_the_shared_bucket(tmp_path):
         start = time.monotonic()  # the throttle's clock: CLOCK_MONOTONIC, one timeline for every process
         on_both(a, b, per)
         assert shared_tat(host) >= start + 2 * per / S4_IOPS
+    finally:
+        served.stop()
+
+
+def test_two_workers_on_grants_together_stay_within_the_disk_limit(tmp_path):
+    # each worker admits runs of I/Os on grants (hostcache/grants.py) paid ahead in the shared bucket:
+    # 2 x 400 reads on an S4 (500 IOPS) take at least what the limit allows, less the tolerance's
+    # burst and one grant per worker, whatever the machine's speed (a slow one only takes longer)
+    host = setup_host(tmp_path, "None", "Standard_LRS", 32)
+    served = Served(host, str(tmp_path / "s.sock"))
+    try:
+        a, b = served.connect(), served.connect()
+        assert worker_pid(a) != worker_pid(b)
+        per = 400
+        start = time.monotonic()
+        on_both(a, b, per)
+        took = time.monotonic() - start
+        free = S4_IOPS * (TOLERANCE + 2 * GRANT_SECONDS)  # I/Os that may go without waiting
+        assert took >= (2 * per - free) / S4_IOPS / 1.03
     finally:
         served.stop()
 
