@@ -12,9 +12,18 @@ import bench_reclaim  # noqa: E402
 
 
 def test_n_workers_get_n_fio_jobs_sharing_the_queue_depth():
-    a = argparse.Namespace(qd=64, workers=2, region_gib=4, minutes=1, sample=10)
+    a = argparse.Namespace(qd=64, workers=2, region_gib=4, minutes=1, sample=10, probe_iops=0)
     cmd = bench_reclaim.fio_cmd("nbd+unix:///lun0?socket=s", a, "log")
     assert "--numjobs=2" in cmd and "--iodepth=32" in cmd and "--group_reporting" in cmd
+    assert "--name=probe" not in cmd
+
+
+def test_the_probe_is_a_qd1_job_of_its_own_past_the_loads_region():
+    a = argparse.Namespace(qd=64, workers=2, region_gib=4, minutes=1, sample=10, probe_iops=50)
+    cmd = bench_reclaim.fio_cmd("nbd+unix:///lun0?socket=s", a, "log")
+    probe = cmd[cmd.index("--name=probe"):]
+    assert "--new_group" in probe and "--iodepth=1" in probe and "--rate_iops=50" in probe
+    assert "--offset=4G" in probe  # after the load's 4 GiB: the probe reads and writes pages of its own
 
 
 def test_the_jobs_rates_are_summed_interval_by_interval(tmp_path):
