@@ -19,7 +19,9 @@ that command (or an unknown one) gets EINVAL; WRITE_ZEROES with NO_HOLE writes
 zeros (awaited on a device that waits), without it discards; a malformed
 request (bad magic) or a client that vanishes closes only that connection;
 every connection's replies are written whole, one at a time; a write is
-acknowledged only after the device took it. Requests of one connection are
+acknowledged only after the device took it. On DISC every outstanding request
+is answered and the connection closes once its replies have left (a client
+taking none for stall_timeout is closed then). Requests of one connection are
 served concurrently (as tasks), so a device whose I/O waits (a throttled disk)
 sees the client's queue depth; their small replies that are ready in one pass
 of the event loop leave in one send at the next pass (Replies).
@@ -560,6 +562,9 @@ class NbdServer:
                 await asyncio.gather(*conn.pending)  # proto.md: outstanding requests are handled first
                 if replies is not None:
                     replies.flush()  # and answered, before the connection closes
+                if transport.get_write_buffer_size():  # every reply leaves (the client may read them after
+                    transport.set_write_buffer_limits(high=0)  # its DISC), or it stalled: then closed
+                    await drain(writer, self.stall_timeout)
                 return
             if kind == CMD_WRITE and length > MAX_REQUEST:
                 raise ProtocolError("write larger than the maximum block size")  # cannot skip safely

@@ -1099,3 +1099,44 @@ def test_replies_ready_in_one_pass_of_the_loop_go_out_in_one_send():
             answered[cookie] = b""
     assert answered == {c: bytes([off // 4096 % 251]) * length if k == nbd.CMD_READ else b""
                         for c, (k, off, length) in enumerate(requests)}
+
+
+class FileLikeDevice(WaitingDevice):
+    """WaitingDevice's map, but a read and write that answer at once (as a file's)."""
+
+    def read(self, offset: int, length: int) -> bytes:  # type: ignore[override]
+        return bytes(length)
+
+    def write(self, offset: int, data: bytes) -> None:  # type: ignore[override]
+        pass
+
+
+@pytest.mark.parametrize("device", [FileLikeDevice, WaitingDevice])
+def test_a_client_that_disconnects_before_reading_its_replies_gets_them_all(tmp_path, device):
+    """NBD_CMD_DISC sent behind pipelined reads (libnbd's aio_disconnect with
+    commands in flight): proto.md has the server handle every outstanding
+    request first, so each reply reaches the client whole, however slowly it
+    reads them, before the server closes. The server aborted a connection whose
+    replies were still in its buffer, cutting the last one off."""
+    sock = str(tmp_path / "d.sock")
+    srv = ServerThread(nbd.NbdServer({"d": nbd.Export("d", device())}), sock)  # type: ignore[arg-type]
+    try:
+        c = Client(sock, "d")
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # what the server sends stays in its buffer
+        n, size = 4, 4 * MIB
+        for cookie in range(1, n + 1):
+            c.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, cookie, 0, size))
+        c.s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, n + 1, 0, 0))
+        cookies = []
+        for _ in range(n):
+            magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, error) == (nbd.SIMPLE_REPLY_MAGIC, 0)
+            for _piece in range(size // (64 * 1024)):  # a slow reader: the server's buffer stays full
+                c.recv(64 * 1024)
+                time.sleep(0.001)
+            cookies.append(cookie)
+        assert sorted(cookies) == list(range(1, n + 1))
+        assert c.s.recv(1) == b""  # then the server closes
+        c.s.close()
+    finally:
+        srv.close()
