@@ -300,3 +300,31 @@ def test_a_companion_killed_9_holds_no_writer_while_its_parent_goes_on(tmp_path)
             time.sleep(0.05)
         assert _gone(c.proc.pid) and not pressure.alive(p)
         gate.close()
+
+
+def test_a_companion_killed_by_a_signal_is_started_again(tmp_path):
+    """kill -9 (or the OOM killer) of the companion alone: the serve went on without any
+    reclaimer for the rest of its life, and the stamp filled. It is started again."""
+    path = str(tmp_path / "st")
+    Stamp.create(path, extent_size=MIB).close()
+    with Companion(path) as c:
+        assert c.proc is not None
+        first = c.proc.pid
+        os.kill(first, signal.SIGKILL)
+        for _ in range(600):
+            proc = c.proc
+            if proc is not None and proc.pid != first:
+                break
+            time.sleep(0.05)
+        assert proc is not None and proc.pid != first and not _gone(proc.pid) and c.restarts == 1
+        before = _overwritten(str(tmp_path / "other"))  # (the same writes as below, for their size)
+        with Stamp.open(path) as st:
+            st.blobs.create("d", 2 * MIB)
+            for i in range(6):
+                st.blobs.write("d", 0, bytes([i + 1]) * (2 * MIB))
+            for _ in range(600):  # the new one reclaims
+                if st.stream.extent_bytes() < before / 2:
+                    break
+                time.sleep(0.05)
+            assert st.stream.extent_bytes() < before / 2
+    assert _gone(proc.pid) and c.stats["rounds"] >= 1
