@@ -252,3 +252,45 @@ def test_readers_beside_deletions_elsewhere_never_fail_nor_read_a_wrong_file(tmp
     reader.close()
     assert writer.check(deep=True).ok
     writer.close()
+
+
+def test_a_reader_descheduled_between_its_descriptor_and_its_pread_never_reads_another_file(tmp_path, monkeypatch):
+    """A descriptor let go or retired is closed MAX_OPEN retirements later, on the guess that
+    a thread handed it has long finished its pread by then. A thread the scheduler (or the
+    GIL) takes away between taking the number and the pread's system call may still be
+    there: the number, closed and given to the next file opened, read that file's record at
+    the same offset, which verifies (records are checksummed by offset, not extent), and
+    the reader returned another blob's bytes. MAX_OPEN is made 1 here, to need fewer files."""
+    import stamp.node as node_mod
+
+    monkeypatch.setattr(node_mod, "MAX_OPEN", 1)
+    st = Stamp.create(str(tmp_path / "st"), nodes=3, extent_size=MIB)
+    for i, name in enumerate("abcdefgh"):
+        st.blobs.create(name, 64 * 1024)
+        st.blobs.write(name, 0, bytes([0xA0 + i]) * (64 * 1024))  # each in an extent of its own, same offset
+        st.stream.seal_current()
+    node = st.stream.nodes[0]
+    node.forget()
+    real_pread = os.pread
+    held, go, reader = threading.Event(), threading.Event(), []
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if threading.current_thread() is reader[0] and n >= 64 * 1024 and not held.is_set():
+            held.set()  # the reader has its number; it now loses the CPU until `go`
+            go.wait(30)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    out: list[bytes] = []
+    reader.append(threading.Thread(target=lambda: out.append(st.blobs.read("a", 0, 64 * 1024))))
+    reader[0].start()
+    assert held.wait(30)
+    fd = node._fds[next(iter(node._fds))]
+    for name in "bcdefgh":  # others read meanwhile: files opened, the reader's retired, then closed
+        st.blobs.read(name, 0, 64 * 1024)
+        if fd in node._fds.values():
+            break  # its number now names another extent's file
+    go.set()
+    reader[0].join(30)
+    st.close()
+    assert out == [b"\xa0" * (64 * 1024)]
