@@ -294,3 +294,35 @@ def test_a_reader_descheduled_between_its_descriptor_and_its_pread_never_reads_a
     reader[0].join(30)
     st.close()
     assert out == [b"\xa0" * (64 * 1024)]
+
+
+def test_a_writer_placing_a_new_extent_beside_threads_forgetting_extents_does_not_fail(tmp_path):
+    """place() walked the layer's known extents while other threads of the process (the
+    release thread letting go of files deleted elsewhere, a reclaimer thread forgetting the
+    extents it deleted) removed entries: a write opening a new extent failed with
+    'dictionary changed size during iteration' (seen beside a reclaimer thread)."""
+    from stamp.stream import Extent
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    for i in range(1, 20001):
+        st.stream._extents[10**6 + i] = Extent(10**6 + i, [0, 1, 2], "sealed", 4096, 0)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = 10**6 + (i % 20000) + 1
+            e = st.stream._extents.pop(key, None)  # as forget_extent and release_gone do
+            if e is not None:
+                st.stream._extents[key] = e
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(200):
+            st.stream.place()
+    finally:
+        stop.set()
+        t.join()
+        st.close()
