@@ -326,3 +326,34 @@ def test_a_writer_placing_a_new_extent_beside_threads_forgetting_extents_does_no
         stop.set()
         t.join()
         st.close()
+
+
+def test_stamp_check_beside_a_running_reclaimer_reports_no_problem(tmp_path):
+    """`stamp check` beside a serve (which reclaims by itself) walked extents, pieces and
+    files at different moments: every check made while rounds deleted extents reported
+    pieces pointing at missing extents, missing replicas and records with no good copy
+    ('data lost') on a healthy stamp."""
+    from stamp.reclaim import Policy, Reclaimer
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("d", 4 * MIB)
+    r = Reclaimer(st, Policy(interval=0.01)).start()
+    checks: list[subprocess.Popen[str]] = []
+    outs = []
+    i = 0
+    try:
+        while len(outs) < 4:
+            st.blobs.write("d", (i % 64) * 65536, bytes([i % 250 + 1]) * 65536)
+            i += 1
+            if i % 100 == 0 and len(checks) < 2:
+                checks.append(subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", path, "check"],
+                                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}))
+            for c in [c for c in checks if c.poll() is not None]:
+                checks.remove(c)
+                assert c.stdout is not None
+                outs.append((c.returncode, c.stdout.read()))
+    finally:
+        r.stop()
+        st.close()
+    assert [code for code, _ in outs] == [0] * 4, outs
