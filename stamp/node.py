@@ -21,8 +21,17 @@ opened is listed in `opened` for the stream layer to check once. A
 descriptor is never closed while a thread may still pread it: it is pointed
 at /dev/null (its file's space is freed at once; such a pread reads nothing,
 which fails verification, and the read resolves again) and closed MAX_OPEN
-retirements later. Bookkeeping of `_fds` and `_stale` is under `_lock`
-(opens, retirements, releases); the hot path only reads `_fds`.
+retirements later, and then only if no thread is using it: a thread taking
+a descriptor (read, append, sync, size) names it in `_busy` first, then
+checks it is still its extent's, and a retired one named there stays open
+until that thread is done. A count of retirements alone is no proof: a
+thread the scheduler takes away between taking the number and its system
+call may come back after the number was closed and given to another file,
+whose record at the same offset verifies (records are checksummed by
+offset, not extent): a read returned another blob's bytes, a heal would
+have written over another extent. Bookkeeping of `_fds` and `_stale` is
+under `_lock` (opens, retirements, releases); the hot path only reads
+`_fds` and sets and pops its own `_busy` entry (single dict operations).
 """
 
 from __future__ import annotations
@@ -81,6 +90,8 @@ class Node:
     # (node id, extent id) of every file opened, for the stream layer to check once (shared by its nodes)
     opened: list[tuple[int, int]] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # thread ident -> the descriptor it is using (see _take): never closed under it
+    _busy: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, node_id: int, root: str, obj: dict[str, Any]) -> Node:
@@ -106,14 +117,23 @@ class Node:
         if self.slow_ms:
             time.sleep(self.slow_ms / 1000)
 
-    def fd(self, extent_id: int, create: bool = False) -> int:
+    def fd(self, extent_id: int, create: bool = False, user: int | None = None) -> int:
+        """The descriptor of extent_id's file (opened if need be); with `user`
+        (a thread ident), named in _busy for that thread, so that it is not
+        closed under it (see _take)."""
         self._gate()
         fd = self._fds.get(extent_id)
+        if fd is not None and user is not None:
+            self._busy[user] = fd
+            if self._fds.get(extent_id) != fd:
+                fd = None  # retired before it was named (maybe closed since): taken again under the lock
         if fd is None:
             flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
             mine = os.open(self.extent_path(extent_id), flags | os.O_CLOEXEC, 0o644)
             with self._lock:
                 fd = self._fds.setdefault(extent_id, mine)
+                if user is not None:
+                    self._busy[user] = fd
                 if fd != mine:  # another thread opened it meanwhile: keep one (an extra would leak)
                     os.close(mine)
                     return fd
@@ -131,33 +151,62 @@ class Node:
                 break
 
     def _park(self, extent_id: int, fd: int) -> None:
-        """Retire fd (under _lock): closed after MAX_OPEN more are retired."""
+        """Retire fd (under _lock): closed after MAX_OPEN more are retired,
+        once no thread is using it (_busy)."""
         self._stale.append((extent_id, fd))
-        while len(self._stale) > MAX_OPEN:
-            os.close(self._stale.pop(0)[1])
+        over = len(self._stale) - MAX_OPEN
+        if over > 0:
+            busy = set(self._busy.values())
+            for entry in [x for x in self._stale if x[1] not in busy][:over]:
+                self._stale.remove(entry)
+                os.close(entry[1])
+
+    def _take(self, extent_id: int) -> int:
+        """The descriptor of extent_id's file, named in _busy for this thread
+        (so not closed under it) until _done(): named, then checked to be
+        still its extent's (one retired before it was named may be closed and
+        its number reused: then it is taken again, under the lock)."""
+        return self.fd(extent_id, user=threading.get_ident())
+
+    def _done(self) -> None:
+        self._busy.pop(threading.get_ident(), None)
 
     def append(self, extent_id: int, data: bytes, offset: int) -> None:
-        fd = self._fds.get(extent_id)
-        if fd is None or self.state is not NodeState.UP or self.slow_ms or self.full:
-            fd = self.fd(extent_id)  # the gate: down, lost, slow
-            if self.full:
-                raise OSError(errno.ENOSPC, f"node {self.name}: no space left (injected)")
-        n = os.pwrite(fd, data, offset)
-        if n < len(data):  # rare: finish a short write
-            view = memoryview(data)[n:]
-            offset += n
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view, offset = view[n:], offset + n
+        if self.full:
+            self._gate()  # down, lost, slow
+            raise OSError(errno.ENOSPC, f"node {self.name}: no space left (injected)")
+        fd = self._take(extent_id)
+        try:
+            n = os.pwrite(fd, data, offset)
+            if n < len(data):  # rare: finish a short write
+                view = memoryview(data)[n:]
+                offset += n
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+        finally:
+            self._done()
 
     def read(self, extent_id: int, length: int, offset: int) -> bytes:
-        return os.pread(self.fd(extent_id), length, offset)
+        fd = self._take(extent_id)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            self._done()
 
     def sync(self, extent_id: int) -> None:
-        os.fdatasync(self.fd(extent_id))
+        fd = self._take(extent_id)
+        try:
+            os.fdatasync(fd)
+        finally:
+            self._done()
 
     def size(self, extent_id: int) -> int:
-        return os.fstat(self.fd(extent_id)).st_size
+        fd = self._take(extent_id)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            self._done()
 
     def drop(self, extent_id: int) -> None:
         """Forget and delete a replica file. Its descriptor is not closed at

@@ -267,25 +267,51 @@ class Companion:
     writer of the process waits for it. In a process of its own only the
     machine's scheduler stands between them. The companion ends with its
     parent however that ends (its standard input closes); writers of a dead
-    one are not held (pressure.py)."""
+    one are not held (pressure.py). One killed by a signal while the context
+    lasts (kill -9, the OOM killer) is waited for and started again after
+    RESTART_AFTER: the serve would otherwise go on with no reclaimer, and the
+    stamp fill; one that ended with an error is not (it would fail again)."""
+
+    RESTART_AFTER = 1.0  # seconds
 
     def __init__(self, stamp_path: str) -> None:
         self.stamp_path = stamp_path
         self.proc: subprocess.Popen[str] | None = None
         self.stats: dict[str, Any] = {}  # its Statistics, once stopped
+        self.restarts = 0  # companions started again after a signal ended them
         self._last = ""
         self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()  # self.proc: replaced by the reader thread, taken by stop()
+        self._stopping = threading.Event()
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", self.stamp_path, "gc", "--watch",
+                                 "--until-eof"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def start(self) -> Companion:
-        self.proc = subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", self.stamp_path, "gc", "--watch",
-                                      "--until-eof"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._reader = threading.Thread(target=self._read, name="stamp-gc-companion", daemon=True)
+        self._stopping.clear()
+        self.proc = self._spawn()
+        self._reader = threading.Thread(target=self._run, args=(self.proc,), name="stamp-gc-companion", daemon=True)
         self._reader.start()  # its lines are read as they come: a full pipe would stop its rounds
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:  # a line per round, then the statistics, indented (stamp's JSON)
+    def _run(self, proc: subprocess.Popen[str]) -> None:
+        """Read each companion's lines; when one ends by a signal before
+        stop(), wait for it (a zombie otherwise) and start another."""
+        while True:
+            self._read(proc)
+            proc.wait()
+            if proc.returncode >= 0 or self._stopping.wait(self.RESTART_AFTER):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                proc = self.proc = self._spawn()
+                self.restarts += 1
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # a line per round, then the statistics, indented (stamp's JSON)
             if line.strip() == "{":
                 self._last = line
             elif self._last:
@@ -293,9 +319,11 @@ class Companion:
 
     def stop(self, timeout: float = 60.0) -> dict[str, Any]:
         """End it after the round under way; its statistics (as Statistics.to_json)."""
-        if self.proc is None:
+        with self._lock:
+            self._stopping.set()
+            proc, self.proc = self.proc, None
+        if proc is None:
             return self.stats
-        proc, self.proc = self.proc, None
         assert proc.stdin is not None
         try:
             proc.stdin.close()  # --until-eof: it stops

@@ -223,7 +223,21 @@ class Stamp:
 
     def check(self, deep: bool = True) -> CheckReport:
         """Walk the stamp: placement, extents, index vs extents, snapshot tables,
-        and (deep) every record of every replica."""
+        and (deep) every record of every replica. The walk is not one
+        snapshot: a reclaimer (any process: `hostcache serve` runs one) that
+        deletes or moves extents during it makes it see pieces pointing at
+        extents listed before as gone, and replicas it listed as missing or
+        lost. So a walk that found problems is made again, and only those
+        found both times are reported: what gc deleted during the first walk
+        is not listed in the second, a real problem stays."""
+        first = self._check_once(deep)
+        if first.ok:
+            return first
+        again = self._check_once(deep)
+        again.problems = [p for p in again.problems if p in set(first.problems)]
+        return again
+
+    def _check_once(self, deep: bool) -> CheckReport:
         report = CheckReport()
         self.stream.recover()  # as an open does: a writer that died since this process opened the stamp
         extents = {e.id: e for e in self.stream.all_extents(dying=True)}  # dying: gc is deciding

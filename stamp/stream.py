@@ -303,7 +303,7 @@ class StreamLayer:
               avoid_domains: Collection[int] = ()) -> list[int]:
         """`count` healthy nodes in distinct fault domains, least loaded first."""
         load: dict[int, int] = {n: 0 for n in self.nodes}
-        for e in self._extents.values():
+        for e in list(self._extents.values()):  # a copy: other threads forget extents (release_gone, gc)
             for n in e.nodes:
                 load[n] = load.get(n, 0) + 1
         chosen: list[int] = []

@@ -4,7 +4,8 @@ A pid is reused once its process is gone, so a pid alone cannot say whether
 the process that wrote a lock, a lease or a state file still runs. The pid
 and its start time together name one process, never a later one given the
 same pid. Linux only (/proc/PID/stat); where the start time cannot be read
-the answer falls back to the pid alone.
+the answer falls back to the pid alone. A zombie (ended, not yet waited
+for by its parent) is not alive.
 """
 
 from __future__ import annotations
@@ -12,15 +13,22 @@ from __future__ import annotations
 import os
 
 
-def process_start(pid: int) -> int:
-    """When process `pid` started (clock ticks after boot: field 22 of
-    /proc/PID/stat), 0 if that cannot be read."""
+def _stat(pid: int) -> tuple[bytes, int]:
+    """Process `pid`'s state letter and start time (clock ticks after boot:
+    fields 3 and 22 of /proc/PID/stat); (b"", 0) if they cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
-        return int(raw.rsplit(b")", 1)[1].split()[19])  # after the command name, which may hold anything
+        fields = raw.rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
-        return 0
+        return b"", 0
+
+
+def process_start(pid: int) -> int:
+    """When process `pid` started (clock ticks after boot: field 22 of
+    /proc/PID/stat), 0 if that cannot be read."""
+    return _stat(pid)[1]
 
 
 def own_start() -> int:
@@ -39,7 +47,12 @@ def pid_alive(pid: int, started: int = 0) -> bool:
         return False
     except PermissionError:
         pass
+    state, now = _stat(pid)
+    if state in (b"Z", b"X"):
+        # A zombie (killed, not yet waited for by its parent: a companion
+        # reclaimer killed -9 under a serve that goes on) answers kill(0) and
+        # keeps its start time, but it will never act again: it is dead.
+        return False
     if not started:
         return True
-    now = process_start(pid)
     return now in (0, started)  # 0: unreadable (gone meanwhile, or no /proc): keep it

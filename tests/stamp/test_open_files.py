@@ -252,3 +252,108 @@ def test_readers_beside_deletions_elsewhere_never_fail_nor_read_a_wrong_file(tmp
     reader.close()
     assert writer.check(deep=True).ok
     writer.close()
+
+
+def test_a_reader_descheduled_between_its_descriptor_and_its_pread_never_reads_another_file(tmp_path, monkeypatch):
+    """A descriptor let go or retired is closed MAX_OPEN retirements later, on the guess that
+    a thread handed it has long finished its pread by then. A thread the scheduler (or the
+    GIL) takes away between taking the number and the pread's system call may still be
+    there: the number, closed and given to the next file opened, read that file's record at
+    the same offset, which verifies (records are checksummed by offset, not extent), and
+    the reader returned another blob's bytes. MAX_OPEN is made 1 here, to need fewer files."""
+    import stamp.node as node_mod
+
+    monkeypatch.setattr(node_mod, "MAX_OPEN", 1)
+    st = Stamp.create(str(tmp_path / "st"), nodes=3, extent_size=MIB)
+    for i, name in enumerate("abcdefgh"):
+        st.blobs.create(name, 64 * 1024)
+        st.blobs.write(name, 0, bytes([0xA0 + i]) * (64 * 1024))  # each in an extent of its own, same offset
+        st.stream.seal_current()
+    node = st.stream.nodes[0]
+    node.forget()
+    real_pread = os.pread
+    held, go, reader = threading.Event(), threading.Event(), []
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        if threading.current_thread() is reader[0] and n >= 64 * 1024 and not held.is_set():
+            held.set()  # the reader has its number; it now loses the CPU until `go`
+            go.wait(30)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    out: list[bytes] = []
+    reader.append(threading.Thread(target=lambda: out.append(st.blobs.read("a", 0, 64 * 1024))))
+    reader[0].start()
+    assert held.wait(30)
+    fd = node._fds[next(iter(node._fds))]
+    for name in "bcdefgh":  # others read meanwhile: files opened, the reader's retired, then closed
+        st.blobs.read(name, 0, 64 * 1024)
+        if fd in node._fds.values():
+            break  # its number now names another extent's file
+    go.set()
+    reader[0].join(30)
+    st.close()
+    assert out == [b"\xa0" * (64 * 1024)]
+
+
+def test_a_writer_placing_a_new_extent_beside_threads_forgetting_extents_does_not_fail(tmp_path):
+    """place() walked the layer's known extents while other threads of the process (the
+    release thread letting go of files deleted elsewhere, a reclaimer thread forgetting the
+    extents it deleted) removed entries: a write opening a new extent failed with
+    'dictionary changed size during iteration' (seen beside a reclaimer thread)."""
+    from stamp.stream import Extent
+
+    st = Stamp.create(str(tmp_path / "st"), extent_size=MIB)
+    for i in range(1, 20001):
+        st.stream._extents[10**6 + i] = Extent(10**6 + i, [0, 1, 2], "sealed", 4096, 0)
+    stop = threading.Event()
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = 10**6 + (i % 20000) + 1
+            e = st.stream._extents.pop(key, None)  # as forget_extent and release_gone do
+            if e is not None:
+                st.stream._extents[key] = e
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(200):
+            st.stream.place()
+    finally:
+        stop.set()
+        t.join()
+        st.close()
+
+
+def test_stamp_check_beside_a_running_reclaimer_reports_no_problem(tmp_path):
+    """`stamp check` beside a serve (which reclaims by itself) walked extents, pieces and
+    files at different moments: every check made while rounds deleted extents reported
+    pieces pointing at missing extents, missing replicas and records with no good copy
+    ('data lost') on a healthy stamp."""
+    from stamp.reclaim import Policy, Reclaimer
+
+    path = str(tmp_path / "st")
+    st = Stamp.create(path, extent_size=MIB)
+    st.blobs.create("d", 4 * MIB)
+    r = Reclaimer(st, Policy(interval=0.01)).start()
+    checks: list[subprocess.Popen[str]] = []
+    outs = []
+    i = 0
+    try:
+        while len(outs) < 4:
+            st.blobs.write("d", (i % 64) * 65536, bytes([i % 250 + 1]) * 65536)
+            i += 1
+            if i % 100 == 0 and len(checks) < 2:
+                checks.append(subprocess.Popen([sys.executable, "-m", "stamp", "--stamp", path, "check"],
+                                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT}))
+            for c in [c for c in checks if c.poll() is not None]:
+                checks.remove(c)
+                assert c.stdout is not None
+                outs.append((c.returncode, c.stdout.read()))
+    finally:
+        r.stop()
+        st.close()
+    assert [code for code, _ in outs] == [0] * 4, outs

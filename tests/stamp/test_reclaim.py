@@ -274,3 +274,57 @@ def test_a_companion_ends_with_its_parent_however_the_parent_ends(tmp_path):
     assert _gone(child)
     with Stamp.open(path) as st:
         assert st.check(deep=True).ok
+
+
+def test_a_companion_killed_9_holds_no_writer_while_its_parent_goes_on(tmp_path):
+    """kill -9 of the companion alone: until its parent (the serve, going on) waits for it, it is a
+    zombie, which answers kill(0) and keeps its start time; writers over the ceiling took it for a
+    live reclaimer and waited the patience (5 s) at every check, for a reclaimer that was dead."""
+    from stamp import pressure
+
+    path = str(tmp_path / "st")
+    _overwritten(path)
+    with Companion(path) as c, Stamp.open(path) as st:
+        gate = pressure.Gate(st.stream)
+        assert c.proc is not None
+        for _ in range(600):  # its start-up takes a while on a busy machine
+            p = gate.published()
+            if p is not None and p.pid == c.proc.pid:
+                break
+            time.sleep(0.05)
+        assert p is not None and pressure.alive(p)
+        os.kill(c.proc.pid, signal.SIGKILL)
+        for _ in range(600):
+            if _gone(c.proc.pid):
+                break
+            time.sleep(0.05)
+        assert _gone(c.proc.pid) and not pressure.alive(p)
+        gate.close()
+
+
+def test_a_companion_killed_by_a_signal_is_started_again(tmp_path):
+    """kill -9 (or the OOM killer) of the companion alone: the serve went on without any
+    reclaimer for the rest of its life, and the stamp filled. It is started again."""
+    path = str(tmp_path / "st")
+    Stamp.create(path, extent_size=MIB).close()
+    with Companion(path) as c:
+        assert c.proc is not None
+        first = c.proc.pid
+        os.kill(first, signal.SIGKILL)
+        for _ in range(600):
+            proc = c.proc
+            if proc is not None and proc.pid != first:
+                break
+            time.sleep(0.05)
+        assert proc is not None and proc.pid != first and not _gone(proc.pid) and c.restarts == 1
+        before = _overwritten(str(tmp_path / "other"))  # (the same writes as below, for their size)
+        with Stamp.open(path) as st:
+            st.blobs.create("d", 2 * MIB)
+            for i in range(6):
+                st.blobs.write("d", 0, bytes([i + 1]) * (2 * MIB))
+            for _ in range(600):  # the new one reclaims
+                if st.stream.extent_bytes() < before / 2:
+                    break
+                time.sleep(0.05)
+            assert st.stream.extent_bytes() < before / 2
+    assert _gone(proc.pid) and c.stats["rounds"] >= 1
