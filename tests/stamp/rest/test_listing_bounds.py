@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 import xml.etree.ElementTree as ET
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -18,25 +19,19 @@ from stamp.disks import Disks
 from stamp.rest import Accounts, Endpoint, Limits, Service
 from stamp.rest.containers import parse_marker
 
+T = TypeVar("T")
+
 
 def _serve(st: Stamp, paths: list[str]) -> list[bytes]:
     """GET each path from an in-process endpoint; the bodies."""
-    async def run() -> list[bytes]:
-        svc = Service(st, Accounts.default(), Limits())
-        server = TestServer(Endpoint(svc).app())
-        await server.start_server()
-        try:
-            out = []
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
-                for path in paths:
-                    async with s.get(server.make_url(path)) as resp:
-                        assert resp.status == 200, await resp.text()
-                        out.append(await resp.read())
-            return out
-        finally:
-            await server.close()
-            svc.pool.shutdown()
-    return asyncio.run(run())
+    async def ask(s: aiohttp.ClientSession, url_of: Callable[[str], Any]) -> list[bytes]:
+        out = []
+        for path in paths:
+            async with s.get(url_of(path)) as resp:
+                assert resp.status == 200, await resp.text()
+                out.append(await resp.read())
+        return out
+    return _against_endpoint(st, ask)
 
 
 def _parse(body: bytes) -> tuple[list[tuple[str, str | None]], list[str], str | None]:
@@ -190,48 +185,47 @@ def test_get_page_ranges_and_diffs_page_as_the_model(tmp_path):
     st.close()
 
 
-def _serve_ranged(st: Stamp, path: str, lo: int, hi: int) -> bytes:
-    async def run() -> bytes:
-        svc = Service(st, Accounts.default(), Limits())
-        server = TestServer(Endpoint(svc).app())
-        await server.start_server()
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
-                async with s.get(server.make_url(path), headers={"x-ms-range": f"bytes={lo}-{hi - 1}"}) as resp:
-                    assert resp.status == 200, await resp.text()
-                    return await resp.read()
-        finally:
-            await server.close()
-            svc.pool.shutdown()
-    return asyncio.run(run())
-
-
-def _peak_of_listing(st: Stamp, path: str, headers: dict[str, str] | None = None) -> tuple[int, int]:
-    """(tracemalloc peak bytes while the endpoint answers `path`, ranges in
-    the answer); the client counts ranges as they come and keeps none."""
-    async def run() -> tuple[int, int]:
+def _against_endpoint(st: Stamp, ask: Callable[[aiohttp.ClientSession, Callable[[str], Any]], Awaitable[T]]) -> T:
+    """ask(session, url_of) run against an in-process endpoint serving `st`."""
+    async def run() -> T:
         svc = Service(st, Accounts.default(), Limits())
         server = TestServer(Endpoint(svc).app())
         await server.start_server()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
-                tracemalloc.start()
-                try:
-                    count, tail = 0, b""
-                    async with s.get(server.make_url(path), headers=headers or {}) as resp:
-                        assert resp.status == 200, await resp.text()
-                        async for chunk in resp.content.iter_chunked(1 << 16):
-                            text = tail + chunk
-                            count += text.count(b"</PageRange>") + text.count(b"</ClearRange>")
-                            cut = max(text.rfind(b"</PageRange>"), text.rfind(b"</ClearRange>"))
-                            tail = text[cut + 12:] if cut >= 0 else text  # both closing tags are 12 bytes
-                    return tracemalloc.get_traced_memory()[1], count
-                finally:
-                    tracemalloc.stop()
+                return await ask(s, server.make_url)
         finally:
             await server.close()
             svc.pool.shutdown()
     return asyncio.run(run())
+
+
+def _serve_ranged(st: Stamp, path: str, lo: int, hi: int) -> bytes:
+    async def ask(s: aiohttp.ClientSession, url_of: Callable[[str], Any]) -> bytes:
+        async with s.get(url_of(path), headers={"x-ms-range": f"bytes={lo}-{hi - 1}"}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+    return _against_endpoint(st, ask)
+
+
+def _peak_of_listing(st: Stamp, path: str, headers: dict[str, str] | None = None) -> tuple[int, int]:
+    """(tracemalloc peak bytes while the endpoint answers `path`, ranges in
+    the answer); the client counts ranges as they come and keeps none."""
+    async def ask(s: aiohttp.ClientSession, url_of: Callable[[str], Any]) -> tuple[int, int]:
+        tracemalloc.start()
+        try:
+            count, tail = 0, b""
+            async with s.get(url_of(path), headers=headers or {}) as resp:
+                assert resp.status == 200, await resp.text()
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    text = tail + chunk
+                    count += text.count(b"</PageRange>") + text.count(b"</ClearRange>")
+                    cut = max(text.rfind(b"</PageRange>"), text.rfind(b"</ClearRange>"))
+                    tail = text[cut + 12:] if cut >= 0 else text  # both closing tags are 12 bytes
+            return tracemalloc.get_traced_memory()[1], count
+        finally:
+            tracemalloc.stop()
+    return _against_endpoint(st, ask)
 
 
 def test_a_listing_of_a_blob_in_very_many_ranges_holds_a_bounded_amount_of_memory(tmp_path):
@@ -273,24 +267,16 @@ def test_a_managed_disk_diff_in_very_many_ranges_holds_a_bounded_amount_of_memor
 
 
 def _peak_of_page(st: Stamp, path: str) -> tuple[int, bytes]:
-    async def run() -> tuple[int, bytes]:
-        svc = Service(st, Accounts.default(), Limits())
-        server = TestServer(Endpoint(svc).app())
-        await server.start_server()
+    async def ask(s: aiohttp.ClientSession, url_of: Callable[[str], Any]) -> tuple[int, bytes]:
+        tracemalloc.start()
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
-                tracemalloc.start()
-                try:
-                    async with s.get(server.make_url(path)) as resp:
-                        assert resp.status == 200, await resp.text()
-                        body = await resp.read()
-                    return tracemalloc.get_traced_memory()[1], body
-                finally:
-                    tracemalloc.stop()
+            async with s.get(url_of(path)) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.read()
+            return tracemalloc.get_traced_memory()[1], body
         finally:
-            await server.close()
-            svc.pool.shutdown()
-    return asyncio.run(run())
+            tracemalloc.stop()
+    return _against_endpoint(st, ask)
 
 
 def test_a_page_of_a_blob_with_thousands_of_snapshots_holds_that_page(tmp_path):
