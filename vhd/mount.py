@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,6 +98,23 @@ def mount(image: str, mountpoint: str, *, readonly: bool = False, fs: str | None
                         partition=partition)
 
 
+def _clear_stale_socket(sock: str) -> None:
+    """Remove a socket file left by a mount killed before it wrote its state
+    (nobody listens on it); refuse if a server still does."""
+    if not os.path.exists(sock):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.settimeout(2)
+        probe.connect(sock)
+    except OSError:
+        os.unlink(sock)  # dead: the new server makes it again
+        return
+    finally:
+        probe.close()
+    raise UsageError(f"a server from an earlier mount still listens at {sock}: stop it, then mount again")
+
+
 def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, readonly: bool = False,
                  fs: str | None = None, partition: int | None = None) -> dict[str, Any]:
     """Start `server` (an NBD server command that takes --socket PATH and
@@ -116,6 +134,7 @@ def mount_served(server: list[str], export: str, what: str, mountpoint: str, *, 
         raise UsageError(f"{mountpoint} is already a vhd mount (vhd umount {mountpoint})")
     os.makedirs(state_dir, exist_ok=True)
     sock = os.path.join(state_dir, "nbd.sock")
+    _clear_stale_socket(sock)  # the server's socket appearing is how we know it is up
     server_log, fuse_log = os.path.join(state_dir, "server.log"), os.path.join(state_dir, "nbdfuse.log")
     with open(server_log, "w") as log:  # a file, not a pipe nobody reads (a full pipe would block the server)
         proc = subprocess.Popen(server + ["--socket", sock], stdout=subprocess.DEVNULL, stderr=log,

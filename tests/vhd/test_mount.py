@@ -190,3 +190,25 @@ def test_umount_after_nbdfuse_died_removes_its_dead_mount(dirs):
     r = cli("mount", str(img), str(dirs / "m"))  # the folder can be used again
     assert r.returncode == 0, r.stderr
     assert cli("umount", str(dirs / "m")).returncode == 0
+
+
+def test_a_socket_left_by_a_mount_killed_at_this_mountpoint_does_not_fail_the_next(dirs):
+    """A mount killed before it wrote its state (a crash, kill -9, a machine
+    reset) leaves the server's socket file in the mountpoint's state folder.
+    The next mount at the same path found the file, took the server as up,
+    and nbdfuse's connect to the dead socket was refused: the mount failed
+    until someone removed the file by hand."""
+    import socket
+
+    from vhd.mount import _state_path
+
+    img = dirs / "disk.vhd"
+    vhd.create(img, 64 * MIB).close()
+    state_dir = _state_path(str(dirs / "m"))
+    os.makedirs(state_dir, exist_ok=True)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(os.path.join(state_dir, "nbd.sock"))  # a socket file nobody listens on
+    dead.close()
+    r = cli("mount", str(img), str(dirs / "m"))
+    assert r.returncode == 0, r.stderr
+    assert cli("umount", str(dirs / "m")).returncode == 0
